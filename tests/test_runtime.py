@@ -1,0 +1,95 @@
+"""The service runtime: health, readiness and metrics over HTTP, the embedded default NATS, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import nats
+
+from kipvs.shared import config, runtime, topology
+from kipvs.shared.embedded_nats import EmbeddedNats
+from tests.helpers import eventually
+
+
+async def test_http_endpoints_follow_service_state(nats_url: str) -> None:
+    cfg = config.load(config.CommonConfig, {"nats_url": nats_url}, {})
+    stop = asyncio.Event()
+    seen: dict[str, tuple[int, str]] = {}
+
+    async def main(ctx: runtime.ServiceContext) -> None:
+        ctx.metrics.counter("kipvs_test_things_total", "things").inc(3)
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{ctx.http_port}"
+            for path in ("/healthz", "/readyz"):
+                async with http.get(base + path) as r:
+                    seen["before " + path] = (r.status, await r.text())
+            ctx.set_ready()
+            async with http.get(base + "/readyz") as r:
+                seen["after /readyz"] = (r.status, await r.text())
+            async with http.get(base + "/metrics") as r:
+                seen["/metrics"] = (r.status, await r.text())
+        await ctx.stop.wait()
+
+    task = asyncio.create_task(runtime.run_service("test", cfg, main, stop=stop))
+    await eventually(lambda: len(seen) >= 4)
+    stop.set()
+    await task
+    assert seen["before /healthz"] == (200, "ok\n")
+    assert seen["before /readyz"] == (503, "starting\n")
+    assert seen["after /readyz"] == (200, "ready\n")
+    assert "kipvs_test_things_total 3" in seen["/metrics"][1]
+
+
+async def test_embedded_default_starts_a_server_and_a_second_service_reuses_it(tmp_path: Path) -> None:
+    cfg = config.load(config.CommonConfig, {"state_dir": str(tmp_path), "http_listen": ""}, {})
+    stop = asyncio.Event()
+    urls: list[str] = []
+
+    async def main(ctx: runtime.ServiceContext) -> None:
+        urls.append(ctx.nc.connected_url.netloc)
+        info = await ctx.js.stream_info(topology.KUBE_STREAM)
+        assert info.config.name == topology.KUBE_STREAM
+        reused = EmbeddedNats.running_in(tmp_path)
+        assert reused is not None
+        urls.append(f"127.0.0.1:{reused.port}")
+        await ctx.stop.wait()
+
+    task = asyncio.create_task(runtime.run_service("test", cfg, main, stop=stop))
+    await eventually(lambda: len(urls) >= 2)
+    stop.set()
+    await task
+    assert urls[0] == urls[1]
+    assert EmbeddedNats.running_in(tmp_path) is None, "the embedded server outlived the service that started it"
+    assert (tmp_path / "jetstream").is_dir()
+
+
+def test_kipvs_nats_runs_jetstream_on_loopback_and_stops_on_sigterm(tmp_path: Path) -> None:
+    from kipvs.shared.embedded_nats import free_loopback_port
+
+    port = free_loopback_port()
+    exe = Path(sys.executable).parent / "kipvs"
+    proc = subprocess.Popen([str(exe), "nats", "--state-dir", str(tmp_path), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"listening on nats://127.0.0.1:{port}" in line
+
+        async def use() -> None:
+            nc = await nats.connect(f"nats://127.0.0.1:{port}")
+            js = nc.jetstream()
+            await js.add_stream(name="probe", subjects=["probe"])
+            ack = await js.publish("probe", b"x")
+            assert ack.seq == 1
+            await nc.close()
+
+        asyncio.run(use())
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0

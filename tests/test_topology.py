@@ -1,0 +1,79 @@
+"""Topology against a real nats-server: idempotent creation, refused and dropped config, version check."""
+
+from __future__ import annotations
+
+import nats
+import pytest
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from kipvs.shared import bus, topology
+
+
+async def test_setup_creates_every_stream_and_is_idempotent(nats_url: str) -> None:
+    nc = await bus.connect(nats_url, "test")
+    try:
+        specs = [topology.planner_consumer(), topology.applier_consumer("node-a.example")]
+        js = await bus.setup(nc, consumers=specs)
+        names = sorted(s.config.name for s in await js.streams_info())
+        assert names == sorted([topology.KUBE_STREAM, topology.PLAN_STREAM, topology.STATUS_STREAM,
+                                topology.PARKED_STREAM])
+        # A second service starting against the same server changes nothing and raises nothing.
+        await bus.setup(nc, consumers=specs)
+        info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a-example")
+        assert sorted(info.config.filter_subjects) == ["kipvs.plan.all", "kipvs.plan.node.node-a_example"]
+        kube = await js.stream_info(topology.KUBE_STREAM)
+        assert kube.config.duplicate_window == pytest.approx(topology.DUPLICATE_WINDOW_S)
+    finally:
+        await nc.close()
+
+
+async def test_stream_with_unchangeable_settings_is_refused_clearly(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=topology.KUBE_STREAM, subjects=["kipvs.kube.>"],
+                                         storage=StorageType.MEMORY))
+        with pytest.raises(topology.TopologyError, match="stream KIPVS_KUBE: the server refused"):
+            await topology.ensure_streams(js)
+    finally:
+        await nc.close()
+
+
+async def test_consumer_with_conflicting_config_is_refused_clearly(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        js = await bus.setup(nc)
+        await js.add_consumer(topology.KUBE_STREAM, ConsumerConfig(
+            durable_name=topology.PLANNER_CONSUMER, filter_subject="kipvs.kube.>", deliver_policy=DeliverPolicy.NEW))
+        with pytest.raises(topology.TopologyError, match="consumer planner on KIPVS_KUBE"):
+            await topology.ensure_consumer(js, topology.planner_consumer())
+    finally:
+        await nc.close()
+
+
+def test_echo_check_catches_a_server_that_drops_filter_subjects() -> None:
+    # What nats-server 2.9 echoes for a consumer asked for two filter subjects: no filter at all.
+    spec = topology.applier_consumer("n1")
+    echoed = ConsumerConfig(durable_name=spec.config.durable_name, ack_policy=spec.config.ack_policy,
+                            deliver_policy=spec.config.deliver_policy, max_deliver=-1, ack_wait=60.0,
+                            max_ack_pending=10_000)
+    diffs = topology._differences(spec.config, echoed, spec.checked_fields)
+    assert diffs == ["filter_subjects: asked for ['kipvs.plan.all', 'kipvs.plan.node.n1'], server has []"]
+
+
+def test_old_server_version_is_refused_with_the_reason() -> None:
+    with pytest.raises(topology.TopologyError, match=r"2\.9\.10; kipvs needs >= 2\.10\.0"):
+        topology.check_server_version((2, 9, 10))
+    topology.check_server_version((2, 10, 0))
+
+
+@pytest.mark.parametrize(("name", "tok"), [("web", "web"), ("node.example.com", "node_example_com")])
+def test_names_become_reversible_subject_tokens(name: str, tok: str) -> None:
+    assert topology.token(name) == tok
+    assert topology.untoken(tok) == name
+
+
+@pytest.mark.parametrize("bad", ["", "UPPER", "a b", "a*", "a>", "-x", "a_b"])
+def test_invalid_names_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid Kubernetes name"):
+        topology.token(bad)
