@@ -63,7 +63,8 @@ async def test_watch_from_version_with_bookmarks_and_timeout(sim: Simulator, tmp
     events = await _lines(resp, 3)
     assert [(e["type"], e["object"]["metadata"].get("name")) for e in events] == [
         ("ADDED", "b"), ("DELETED", "a"), ("BOOKMARK", None)]
-    assert int(events[2]["object"]["metadata"]["resourceVersion"]) >= int(events[1]["object"]["metadata"]["resourceVersion"])
+    bookmark_rv = int(events[2]["object"]["metadata"]["resourceVersion"])
+    assert bookmark_rv >= int(events[1]["object"]["metadata"]["resourceVersion"])
     async with asyncio.timeout(3):
         while await resp.content.readline():  # timeoutSeconds closes the stream
             pass
@@ -100,7 +101,8 @@ async def test_crud_and_custom_objects(sim: Simulator, tmp_path: Path) -> None:
         await core.read_node("node-a")
     assert err.value.status == 404
     discovery = client.DiscoveryV1Api(api_client)
-    await discovery.create_namespaced_endpoint_slice("default", kube.endpoint_slice("web-1", "web", [kube.endpoint("10.244.1.5")]))
+    eps = kube.endpoint_slice("web-1", "web", [kube.endpoint("10.244.1.5")])
+    await discovery.create_namespaced_endpoint_slice("default", eps)
     slices = await discovery.list_endpoint_slice_for_all_namespaces()
     assert slices.items[0].endpoints[0].addresses == ["10.244.1.5"]
     await api_client.close()

@@ -39,7 +39,7 @@ async def _serve(args: argparse.Namespace, scenario: scenarios.Scenario) -> int:
     sim = Simulator(bookmark_interval=args.bookmark_interval)
     await scenarios.load_objects(sim, scenario)
     await sim.start(port=args.port)
-    Path(args.kubeconfig_out).write_text(sim.kubeconfig())
+    Path(args.kubeconfig_out).write_text(sim.kubeconfig())  # noqa: ASYNC240 - once, tiny, at start
     print(f"Kubernetes API simulator at {sim.url} with {len(sim.store.objects)} objects; "
           f"kubeconfig: {args.kubeconfig_out}; Ctrl-C stops it", flush=True)
     stop = asyncio.Event()
