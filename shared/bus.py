@@ -6,6 +6,7 @@ Nothing here knows what a Service or an IPVS table is; the services hand it enve
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -99,8 +100,11 @@ async def park(js: JetStreamContext, service: str, msg: Msg | None, data: bytes,
             headers["Nats-Msg-Id"] = f"parked:{meta.stream}:{meta.sequence.stream}"
         except (ValueError, AttributeError, IndexError):
             pass  # not a JetStream message; no origin to record
-    elif subject:
+    else:
+        # Not from a stream (e.g. a malformed object off the Kubernetes API): the same bad input parked
+        # twice (two watchers, a restart) gets the same id, so it is parked once.
         headers[topology.PARK_SUBJECT] = subject
+        headers["Nats-Msg-Id"] = "parked:" + hashlib.sha256(subject.encode() + b"\0" + data).hexdigest()[:32]
     log.error("parked a message: %s", reason, extra={"service": service, "subject": headers.get(topology.PARK_SUBJECT)})
     await js.publish(topology.parked_subject(service), data, headers=headers)
 

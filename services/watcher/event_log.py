@@ -1,0 +1,155 @@
+"""The watcher's side of the Kubernetes event log: read back what is logged, append exactly once.
+
+Exactly once, even with two watchers at once or a watcher restarted after the duplicate window:
+
+* every event has a deterministic id, sent as ``Nats-Msg-Id`` (repeats within the window are dropped);
+* every append is conditional on the object's subject: ``Nats-Expected-Last-Subject-Sequence`` is the
+  sequence of the last record this watcher knows for the object. If another writer got there first the
+  server refuses; the watcher reads the subject's last record and appends only if its own event is still
+  newer. So the log of each object is a strictly ordered history with no repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
+
+from kipvs.shared import bus, events, topology
+
+from .objects import LoggedObject, Planned, resync_id, rv_newer, wire_line
+
+log = logging.getLogger("kipvs.watcher")
+
+
+def producer_name() -> str:
+    return f"watcher/{socket.gethostname()}"
+
+
+async def read_logged(js: JetStreamContext, kind: str) -> dict[str, LoggedObject]:
+    """The last record of every object of ``kind`` in the log, via an ephemeral last-per-subject consumer."""
+    logged: dict[str, LoggedObject] = {}
+    sub = await js.pull_subscribe(
+        topology.kube_kind_filter(kind), stream=topology.KUBE_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                              inactive_threshold=30.0, mem_storage=True))
+    try:
+        info = await sub.consumer_info()
+        remaining = info.num_pending
+        while remaining > 0:
+            try:
+                msgs = await sub.fetch(min(remaining, 1000), timeout=5)
+            except NatsTimeoutError:
+                break
+            for msg in msgs:
+                try:
+                    record = events.decode(msg.data).record
+                except events.ContractError as exc:
+                    log.warning("unreadable record at %s seq %d skipped while reading state: %s",
+                                msg.subject, msg.metadata.sequence.stream, exc.reason)
+                    continue
+                if isinstance(record, events.KubeEvent):
+                    logged[events.object_key(record.namespace, record.name)] = LoggedObject(
+                        alive=record.action != "DELETED", resource_version=record.resource_version,
+                        subject_seq=msg.metadata.sequence.stream, object=record.object)
+            remaining = msgs[-1].metadata.num_pending if msgs else 0
+    finally:
+        await sub.unsubscribe()
+    return logged
+
+
+class EventLog:
+    """Appends a kind's events to the log, keeping ``logged`` (the log's view of each object) current."""
+
+    def __init__(self, js: JetStreamContext, kind: str, logged: dict[str, LoggedObject],
+                 record_file: IO[str] | None = None, on_published: Any = None) -> None:
+        self.js = js
+        self.kind = kind
+        self.logged = logged
+        self.record_file = record_file
+        self.producer = producer_name()
+        self.on_published = on_published  # callback(action, seconds) for metrics
+        self.appended = 0
+        self.skipped = 0
+
+    async def append(self, event: Planned) -> bool:
+        """Append one event unless the log already has it or something newer. True if appended."""
+        key = event.ident.key
+        envelope = events.Envelope(id=event.id, time_ns=time.time_ns(), producer=self.producer, record=event.record)
+        for _ in range(10):
+            known = self.logged.get(key)
+            expected = known.subject_seq if known else 0
+            started = time.perf_counter()
+            try:
+                ack = await bus.publish(self.js, event.ident.subject, envelope, expected_last_subject_seq=expected)
+            except APIError as exc:
+                if not bus.is_wrong_last_sequence(exc):
+                    raise
+                if not await self._refresh(event):
+                    self.skipped += 1
+                    return False
+                continue
+            self._remember(event, ack.seq)
+            if ack.duplicate:
+                self.skipped += 1
+                return False
+            self.appended += 1
+            if self.on_published:
+                self.on_published(event.record.action, time.perf_counter() - started)
+            if self.record_file is not None:
+                self.record_file.write(json.dumps(wire_line(event.record), separators=(",", ":")) + "\n")
+                self.record_file.flush()
+            return True
+        raise RuntimeError(f"could not append {event.id}: the subject kept changing under us")
+
+    async def _refresh(self, event: Planned) -> bool:
+        """Another writer appended to this object's subject. Re-read its last record; is ours still news?"""
+        try:
+            raw = await self.js.get_last_msg(topology.KUBE_STREAM, event.ident.subject)
+        except NotFoundError:
+            self.logged.pop(event.ident.key, None)
+            return True
+        record = events.decode(raw.data).record
+        assert isinstance(record, events.KubeEvent)
+        self.logged[event.ident.key] = LoggedObject(record.action != "DELETED", record.resource_version,
+                                                    raw.seq, record.object)
+        ours = event.record
+        if record.resource_version == ours.resource_version and (record.action == "DELETED") == (
+                ours.action == "DELETED"):
+            return False  # the same change, logged by the other writer
+        return rv_newer(ours.resource_version, record.resource_version)
+
+    def _remember(self, event: Planned, seq: int) -> None:
+        r = event.record
+        self.logged[event.ident.key] = LoggedObject(r.action != "DELETED", r.resource_version, seq, r.object)
+
+    async def append_many(self, planned: list[Planned], concurrency: int = 128) -> int:
+        """Append events about distinct objects, pipelined (each object appears at most once)."""
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one(event: Planned) -> bool:
+            async with semaphore:
+                return await self.append(event)
+
+        results = await asyncio.gather(*(one(e) for e in planned))
+        return sum(results)
+
+    async def append_resync(self, resync: events.KubeResync) -> None:
+        envelope = events.Envelope(id=resync_id(self.kind, resync.resource_version), time_ns=time.time_ns(),
+                                   producer=self.producer, record=resync)
+        await bus.publish(self.js, topology.kube_resync_subject(self.kind), envelope)
+
+
+def open_record_file(path: str) -> IO[str] | None:
+    if not path:
+        return None
+    return Path(path).open("a", encoding="utf-8")

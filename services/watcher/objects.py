@@ -1,0 +1,182 @@
+"""The watcher's pure core: what to log for an object, and what a relist means against the log.
+
+No I/O here. ``LoggedObject`` is what the log says about one object (its last record and that record's
+stream sequence on the object's subject); :func:`reconcile` turns a fresh list into the events that bring
+the log to the truth, and :func:`event_id` names every event deterministically, so two watchers, or one
+watcher restarted, produce identical ids for the same change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kipvs.shared import events, topology
+
+NAMESPACED = {"Service": True, "EndpointSlice": True, "Pod": True, "Node": False, "FelixConfiguration": False}
+API_VERSIONS = {"Service": "v1", "Pod": "v1", "Node": "v1", "EndpointSlice": "discovery.k8s.io/v1",
+                "FelixConfiguration": "crd.projectcalico.org/v1"}
+
+# Dropped before logging: written by the API server for server-side apply bookkeeping and by kubectl for
+# three-way merges; no consumer reads them and they are often the larger part of an object.
+_DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+class InvalidObject(ValueError):
+    """An object the watcher will not log; the message is the parking reason."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    kind: str
+    namespace: str
+    name: str
+    resource_version: str
+
+    @property
+    def key(self) -> str:
+        return events.object_key(self.namespace, self.name)
+
+    @property
+    def subject(self) -> str:
+        return topology.kube_object_subject(self.kind, self.namespace, self.name)
+
+
+def identify(kind: str, obj: Any) -> Identity:
+    """Check that ``obj`` is a loggable ``kind`` object and say who it is; raise InvalidObject otherwise."""
+    if not isinstance(obj, dict):
+        raise InvalidObject(f"{kind}: object is a {type(obj).__name__}, not a JSON object")
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        raise InvalidObject(f"{kind}: object has no metadata")
+    name = meta.get("name")
+    namespace = meta.get("namespace") or ""
+    where = f"{kind} {namespace + '/' if namespace else ''}{name or '?'}"
+    if not isinstance(name, str) or not name:
+        raise InvalidObject(f"{where}: metadata.name is missing")
+    rv = meta.get("resourceVersion")
+    if not isinstance(rv, str) or not rv:
+        raise InvalidObject(f"{where}: metadata.resourceVersion is missing")
+    if NAMESPACED[kind] and not namespace:
+        raise InvalidObject(f"{where}: metadata.namespace is missing for a namespaced kind")
+    if not NAMESPACED[kind]:
+        namespace = ""
+    try:
+        topology.token(name)
+        if namespace:
+            topology.token(namespace)
+    except ValueError as exc:
+        raise InvalidObject(f"{where}: {exc}") from None
+    if obj.get("kind") not in (None, kind):
+        raise InvalidObject(f"{where}: kind is {obj.get('kind')!r} on a {kind} stream")
+    return Identity(kind, namespace, name, rv)
+
+
+def strip(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as logged: managedFields and last-applied dropped, kind/apiVersion filled in (lists omit
+    them on items). Everything an auditor needs (metadata, spec, status) is kept."""
+    meta = dict(obj["metadata"])
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and any(a in annotations for a in _DROPPED_ANNOTATIONS):
+        meta["annotations"] = {k: v for k, v in annotations.items() if k not in _DROPPED_ANNOTATIONS}
+    out = dict(obj)
+    out["metadata"] = meta
+    out["kind"] = kind
+    out.setdefault("apiVersion", API_VERSIONS[kind])
+    return out
+
+
+def event_id(ident: Identity, action: str, origin: str = "watch") -> str:
+    """Deterministic id. An object version (its resourceVersion) is one logical change whether a list or a
+    watch reported it; a deletion is its own change; a deletion inferred at resync is named by the list's
+    version, the moment the watcher learnt of it."""
+    base = f"{ident.kind}/{ident.key}"
+    if action == "DELETED":
+        return f"{base}@{ident.resource_version}/{'resync-deleted' if origin == 'resync' else 'deleted'}"
+    return f"{base}@{ident.resource_version}"
+
+
+def resync_id(kind: str, list_rv: str) -> str:
+    return f"{kind}/resync@{list_rv}"
+
+
+def rv_newer(a: str, b: str) -> bool:
+    """Is version ``a`` newer than ``b``? resourceVersions are etcd revisions: integers that grow. The API
+    calls them opaque; if either is not an integer we cannot order them and say 'not newer'."""
+    try:
+        return int(a) > int(b)
+    except ValueError:
+        return False
+
+
+@dataclass
+class LoggedObject:
+    """What the log holds for one object: its last record there."""
+
+    alive: bool
+    resource_version: str
+    subject_seq: int  # stream sequence of that record: the expected-last-subject-sequence of the next write
+    object: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """An event to log, with the object identity it is about."""
+
+    ident: Identity
+    record: events.KubeEvent
+
+    @property
+    def id(self) -> str:
+        return event_id(self.ident, self.record.action, self.record.origin)
+
+
+def plan_event(kind: str, action: str, obj: dict[str, Any], logged: LoggedObject | None,
+               origin: str) -> Planned | None:
+    """The event to log for one observed object state, or None if the log already has it."""
+    ident = identify(kind, obj)
+    if logged is not None:
+        if action == "DELETED" and not logged.alive:
+            return None
+        if action != "DELETED" and logged.alive and not rv_newer(ident.resource_version, logged.resource_version):
+            return None  # this version (or a newer one) is logged already
+    if action == "ADDED" and logged is not None and logged.alive:
+        action = "MODIFIED"
+    elif action == "MODIFIED" and (logged is None or not logged.alive):
+        action = "ADDED"
+    record = events.KubeEvent(kind=kind, action=action, namespace=ident.namespace, name=ident.name,
+                              resource_version=ident.resource_version, object=strip(kind, obj), origin=origin)
+    return Planned(ident, record)
+
+
+def reconcile(kind: str, listed: list[dict[str, Any]], logged: dict[str, LoggedObject],
+              list_rv: str) -> tuple[list[Planned], events.KubeResync]:
+    """What a fresh list means against the log: ADDED/MODIFIED for objects that appeared or changed,
+    DELETED (origin ``resync``) for logged objects that are gone, then the resync record with the live set.
+    ``listed`` must hold valid objects only (the caller parks the others)."""
+    planned: list[Planned] = []
+    live: dict[str, str] = {}
+    for obj in listed:
+        ident = identify(kind, obj)
+        live[ident.key] = ident.resource_version
+        event = plan_event(kind, "ADDED", obj, logged.get(ident.key), "list")
+        if event is not None:
+            planned.append(event)
+    for key in sorted(logged):
+        entry = logged[key]
+        if entry.alive and key not in live and not rv_newer(entry.resource_version, list_rv):
+            gone_obj = dict(entry.object)
+            meta = dict(gone_obj.get("metadata", {}))
+            meta["resourceVersion"] = list_rv
+            gone_obj["metadata"] = meta
+            ident = identify(kind, gone_obj)
+            planned.append(Planned(ident, events.KubeEvent(
+                kind=kind, action="DELETED", namespace=ident.namespace, name=ident.name,
+                resource_version=list_rv, object=gone_obj, origin="resync")))
+    return planned, events.KubeResync(kind=kind, resource_version=list_rv, live=live)
+
+
+def wire_line(record: events.KubeEvent) -> dict[str, Any]:
+    """The record as a Kubernetes watch event (what ``--record`` writes and ``kipvs plan`` reads)."""
+    return {"type": record.action, "object": record.object}

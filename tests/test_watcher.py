@@ -1,0 +1,259 @@
+"""The watcher against the simulator (real kubernetes-asyncio client) and a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import nats
+import pytest
+
+from kipvs.shared import config, events, runtime, topology
+from kipvs.simulator.server import Simulator
+from kipvs.watcher.main import WatcherConfig, watch
+from tests import kube
+from tests.helpers import eventually
+from tests.logread import read_stream
+
+
+@pytest.fixture
+async def sim() -> Simulator:
+    simulator = Simulator(bookmark_interval=0.3)
+    await simulator.start()
+    yield simulator
+    await simulator.stop()
+
+
+class RunningWatcher:
+    def __init__(self, task: asyncio.Task, stop: asyncio.Event) -> None:
+        self.task, self.stop = task, stop
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 15)
+
+
+def start_watcher(nats_url: str, kubeconfig: Path, **settings) -> RunningWatcher:
+    cfg = config.load(WatcherConfig, {"nats_url": nats_url, "kubeconfig": str(kubeconfig), "http_listen": "",
+                                      "read_timeout": 2.0, "watch_timeout": 30, **settings}, {})
+    stop = asyncio.Event()
+    return RunningWatcher(asyncio.create_task(runtime.run_service("watcher", cfg, watch, stop=stop)), stop)
+
+
+def kubeconfig_for(sim: Simulator, tmp_path: Path) -> Path:
+    path = tmp_path / "kubeconfig"
+    path.write_text(sim.kubeconfig())
+    return path
+
+
+async def kube_events(nats_url: str) -> list[events.KubeEvent]:
+    nc = await nats.connect(nats_url)
+    try:
+        return [env.record for _, env in await read_stream(nc.jetstream(), topology.KUBE_STREAM)
+                if isinstance(env.record, events.KubeEvent)]
+    except nats.js.errors.NotFoundError:
+        return []
+    finally:
+        await nc.close()
+
+
+def check_log(records: list[events.KubeEvent], sim: Simulator) -> None:
+    """Exactly once and complete: per object, versions strictly increase (no repeats, in order), and the
+    last record of every object is the cluster's truth (alive at its version, or deleted)."""
+    history: dict[tuple[str, str, str], list[events.KubeEvent]] = defaultdict(list)
+    for r in records:
+        history[(r.kind, r.namespace, r.name)].append(r)
+    for key, recs in history.items():
+        versions = [int(r.resource_version) for r in recs]
+        assert versions == sorted(set(versions)), f"{key}: repeated or out-of-order versions {versions}"
+        actions = [r.action for r in recs]
+        for before, after in itertools.pairwise(actions):
+            assert not (before == "DELETED" and after == "MODIFIED"), f"{key}: {actions}"
+            assert not (before != "DELETED" and after == "ADDED"), f"{key}: {actions}"
+    for key, recs in history.items():
+        obj = sim.store.objects.get(key)
+        if obj is None:
+            assert recs[-1].action == "DELETED", f"{key} is gone but the log says {recs[-1].action}"
+        else:
+            assert recs[-1].action != "DELETED" and recs[-1].resource_version == obj["metadata"]["resourceVersion"], key
+    missing = set(sim.store.objects) - set(history)
+    assert not missing, f"objects never logged: {missing}"
+
+
+async def logged_up_to_date(nats_url: str, sim: Simulator) -> bool:
+    try:
+        check_log(await kube_events(nats_url), sim)
+        return True
+    except AssertionError:
+        return False
+
+
+async def until_logged(nats_url: str, sim: Simulator, within: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await logged_up_to_date(nats_url, sim):
+        if asyncio.get_running_loop().time() > deadline:
+            check_log(await kube_events(nats_url), sim)  # raises with the reason
+        await asyncio.sleep(0.1)
+
+
+async def populate(sim: Simulator, n: int = 5) -> None:
+    await sim.apply(kube.node("node-a"))
+    for i in range(n):
+        await sim.apply(kube.service(f"web-{i}", cluster_ip=f"10.96.0.{i + 10}"))
+        await sim.apply(kube.endpoint_slice(f"web-{i}-abc", f"web-{i}", [kube.endpoint(f"10.244.1.{i + 10}")]))
+        await sim.apply(kube.pod(f"web-{i}-pod", ip=f"10.244.1.{i + 10}"))
+
+
+async def test_initial_list_and_live_changes_exactly_once_in_order(nats_url: str, sim: Simulator,
+                                                                    tmp_path: Path) -> None:
+    await populate(sim)
+    w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path), record=str(tmp_path / "rec.jsonl"))
+    await until_logged(nats_url, sim)
+    for i in range(3):
+        await sim.apply(kube.service("web-0", cluster_ip=f"10.96.1.{i}"))
+    await sim.delete("Pod", "default", "web-1-pod")
+    await sim.apply(kube.service("late"))
+    await until_logged(nats_url, sim)
+    await w.close()
+    records = await kube_events(nats_url)
+    web0 = [(r.action, r.origin) for r in records if r.name == "web-0" and r.kind == "Service"]
+    assert web0 == [("ADDED", "list"), ("MODIFIED", "watch"), ("MODIFIED", "watch"), ("MODIFIED", "watch")]
+    # The recorded file replays to the true state of the cluster.
+    state: dict[tuple[str, str, str], str] = {}
+    for line in (tmp_path / "rec.jsonl").read_text().splitlines():
+        ev = json.loads(line)
+        meta = ev["object"]["metadata"]
+        key = (ev["object"]["kind"], meta.get("namespace", ""), meta["name"])
+        if ev["type"] == "DELETED":
+            state.pop(key)
+        else:
+            state[key] = meta["resourceVersion"]
+    assert state == {k: o["metadata"]["resourceVersion"] for k, o in sim.store.objects.items()}
+
+
+async def test_dropped_connections_and_410_storm_lose_nothing(nats_url: str, sim: Simulator, tmp_path: Path) -> None:
+    await populate(sim)
+    w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path))
+    await until_logged(nats_url, sim)
+    for round_ in range(4):
+        sim.drop_watches()
+        await sim.apply(kube.service(f"web-{round_}", cluster_ip=f"10.96.2.{round_}"))
+        await sim.delete("EndpointSlice", "default", f"web-{round_}-abc")  # deleted during the outage
+        sim.compact()  # the watch cannot resume: 410, relist
+        await asyncio.sleep(0.2)
+    await until_logged(nats_url, sim)
+    await w.close()
+    records = await kube_events(nats_url)
+    deletes = sorted(r.name for r in records if r.action == "DELETED" and r.kind == "EndpointSlice")
+    assert deletes == ["web-0-abc", "web-1-abc", "web-2-abc", "web-3-abc"]
+    check_log(records, sim)
+
+
+async def test_half_open_stream_is_detected_and_resumed(nats_url: str, sim: Simulator, tmp_path: Path) -> None:
+    await populate(sim, 2)
+    sim.bookmark_interval = 30.0  # no bookmarks: only the read timeout can tell a stalled stream
+    w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path), read_timeout=1.0)
+    await until_logged(nats_url, sim)
+    await eventually(lambda: len(sim.watches) == 5, what="all five watches open")
+    assert sim.stall_watches() == 5
+    await sim.apply(kube.service("after-stall"))
+    await until_logged(nats_url, sim, within=15)
+    await w.close()
+
+
+async def test_two_watchers_at_once_never_duplicate(nats_url: str, sim: Simulator, tmp_path: Path) -> None:
+    await populate(sim)
+    kc = kubeconfig_for(sim, tmp_path)
+    a, b = start_watcher(nats_url, kc), start_watcher(nats_url, kc)
+    for i in range(10):
+        await sim.apply(kube.service("web-0", cluster_ip=f"10.96.3.{i}"))
+        if i == 5:
+            sim.drop_watches()
+    await sim.delete("Service", "default", "web-1")
+    await until_logged(nats_url, sim)
+    await asyncio.sleep(0.5)  # let the slower watcher catch up and try to append the same events
+    await a.close()
+    await b.close()
+    check_log(await kube_events(nats_url), sim)
+
+
+async def test_malformed_objects_and_lines_are_parked_not_fatal(nats_url: str, sim: Simulator,
+                                                               tmp_path: Path) -> None:
+    await populate(sim, 1)
+    sim.store.create({"kind": "Service", "metadata": {"namespace": "default"}, "spec": {}}, validate=False)
+    w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path), kinds=["Service"])
+    await eventually(lambda: len(sim.watches) == 1, what="the Service watch")
+    await sim.inject_watch_line("Service", "{this is not json")
+    await sim.inject_watch_line("Service", json.dumps({"type": "ADDED", "object": {"metadata": {"name": "x"}}}))
+    await sim.apply(kube.service("after-garbage"))
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+
+    async def parked_reasons() -> list[str]:
+        try:
+            info = await js.stream_info(topology.PARKED_STREAM)
+        except nats.js.errors.NotFoundError:
+            return []
+        reasons = []
+        for seq in range(1, info.state.last_seq + 1):
+            msg = await js.get_msg(topology.PARKED_STREAM, seq)
+            reasons.append(msg.headers[topology.PARK_REASON])
+        return reasons
+
+    for _ in range(100):
+        if len(await parked_reasons()) >= 3:
+            break
+        await asyncio.sleep(0.1)
+    reasons = await parked_reasons()
+    assert any("metadata.name is missing" in r for r in reasons), reasons
+    assert any("watch line is not valid JSON" in r for r in reasons), reasons
+    assert any("resourceVersion is missing" in r for r in reasons), reasons
+    names = []
+    for _ in range(50):
+        names = [r.name for r in await kube_events(nats_url) if r.kind == "Service"]
+        if "after-garbage" in names:
+            break
+        await asyncio.sleep(0.1)
+    assert "after-garbage" in names, "the watcher stopped after bad input"
+    await w.close()
+    await nc.close()
+
+
+async def test_sigkill_and_restart_resumes_from_the_log(nats_url: str, sim: Simulator, tmp_path: Path) -> None:
+    await populate(sim, 20)
+    kc = kubeconfig_for(sim, tmp_path)
+    exe = Path(sys.executable).parent / "kipvs"
+    cmd = [str(exe), "watcher", "--nats-url", nats_url, "--kubeconfig", str(kc), "--http-listen", "",
+           "--read-timeout", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await until_logged(nats_url, sim)
+        churn = asyncio.create_task(_churn(sim, 40))
+        await asyncio.sleep(0.15)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-burst
+        proc.wait(5)
+        await churn
+        for i in range(5):  # deleted while no watcher runs
+            await sim.delete("Pod", "default", f"web-{i}-pod")
+        sim.compact()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await until_logged(nats_url, sim)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, "the watcher did not stop cleanly on SIGTERM"
+    records = await kube_events(nats_url)
+    resync_deletes = [r.name for r in records if r.origin == "resync"]
+    assert sorted(resync_deletes) == sorted(f"web-{i}-pod" for i in range(5))
+
+
+async def _churn(sim: Simulator, n: int) -> None:
+    for i in range(n):
+        await sim.apply(kube.service(f"web-{i % 20}", cluster_ip=f"10.96.4.{i}"))
+        await asyncio.sleep(0.01)
