@@ -70,7 +70,126 @@ class KubeResync(Record, tag="kube.resync"):
     live: dict[str, str]  # key -> object resourceVersion
 
 
-AnyRecord = KubeEvent | KubeResync
+# --- The plan (stream PLAN), produced by the planner ------------------------------------------------
+#
+# The planner publishes *shared* state once, on kipvs.plan.all: Services (with every endpoint's node and
+# zone) and node facts. Each node's kernel state is a pure function of that shared state and the node's
+# own name (kipvs.planner.resolve), computed by the applier on the node and by `kipvs plan --node`.
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One backend of one Service port, with the facts per-node resolution needs."""
+
+    ip: str
+    port: int
+    node: str = ""
+    zone: str = ""
+    hints: tuple[str, ...] = ()  # zones this endpoint is hinted for (topology-aware routing)
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+class PortPlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One Service port and its endpoints (matched by port name and protocol, merged over slices)."""
+
+    name: str = ""
+    protocol: Protocol = "TCP"
+    port: int
+    node_port: int = 0
+    endpoints: tuple[Endpoint, ...] = ()
+
+
+class ServicePlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Everything about one Service that any node needs to program it."""
+
+    key: str  # namespace/name
+    cluster_ips: tuple[str, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()  # status ingress IPs, minus ipMode Proxy
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    scheduler: str = "rr"
+    persistence_timeout: int = 0  # seconds of ClientIP affinity; 0: none
+    external_policy_local: bool = False
+    internal_policy_local: bool = False
+    ports: tuple[PortPlan, ...] = ()
+
+
+class NodeFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What per-node resolution needs to know about a node, from its Node object."""
+
+    name: str
+    zone: str = ""
+    addresses: tuple[str, ...] = ()  # InternalIP addresses, every family
+
+
+class PlanWarning(msgspec.Struct, frozen=True, kw_only=True):
+    """Something in the cluster kipvs could not honour; it names the object. Cleared when fixed."""
+
+    id: str  # stable: kind/namespace/name[/code]
+    code: str  # e.g. invalid-service, invalid-endpointslice, invalid-scheduler
+    kind: str
+    object: str  # namespace/name (name for cluster-scoped)
+    message: str
+
+
+class SetService(msgspec.Struct, tag="set-service", tag_field="op", frozen=True):
+    service: ServicePlan
+
+
+class RemoveService(msgspec.Struct, tag="remove-service", tag_field="op", frozen=True):
+    key: str
+
+
+class SetNode(msgspec.Struct, tag="set-node", tag_field="op", frozen=True):
+    node: NodeFacts
+
+
+class RemoveNode(msgspec.Struct, tag="remove-node", tag_field="op", frozen=True):
+    name: str
+
+
+class SetWarning(msgspec.Struct, tag="set-warning", tag_field="op", frozen=True):
+    warning: PlanWarning
+
+
+class ClearWarning(msgspec.Struct, tag="clear-warning", tag_field="op", frozen=True):
+    id: str
+
+
+PlanOp = SetService | RemoveService | SetNode | RemoveNode | SetWarning | ClearWarning
+
+
+class PlanDelta(Record, tag="plan.delta"):
+    """The operations one input event caused on one plan subject.
+
+    ``seq`` counts deltas on the subject (1, 2, 3, ...): a consumer that sees a jump has missed one and
+    must re-bootstrap from a snapshot. ``source_seq`` is the KIPVS_KUBE stream sequence of the input event;
+    the envelope's causation holds its id.
+    """
+
+    scope: str  # "all", or a node name for node-specific state
+    seq: int
+    source_seq: int
+    ops: tuple[PlanOp, ...]
+
+
+class PlanSnapshot(Record, tag="plan.snapshot"):
+    """The whole shared plan after delta ``seq`` (published to the snapshot store, not the stream):
+    a new or lagging applier loads it, then applies deltas from ``seq + 1``."""
+
+    scope: str
+    seq: int
+    source_seq: int
+    plan_stream_seq: int  # KIPVS_PLAN stream sequence of delta ``seq``: consume from the next one
+    services: tuple[ServicePlan, ...]
+    nodes: tuple[NodeFacts, ...]
+    warnings: tuple[PlanWarning, ...]
+
+
+AnyRecord = KubeEvent | KubeResync | PlanDelta | PlanSnapshot
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,6 @@
+"""The planner's subcommands (imported by ``kipvs`` at start: keep this module import-light)."""
+
+COMMANDS = [
+    ("planner", "kipvs.planner.main", "consume the Kubernetes event log and publish plan deltas"),
+    ("plan", "kipvs.planner.replay", "replay watch events (a file) and print a node's desired state"),
+]

@@ -1,0 +1,240 @@
+"""The planner's core: a state machine from Kubernetes events to plan deltas. No I/O.
+
+``Planner.handle(envelope, source_seq)`` takes one record from the Kubernetes event log and returns the
+deltas it causes (usually one, or none). Deterministic: the same records in the same order give the same
+deltas, byte for byte (delta ids and times come from the input, never from the clock).
+
+Incremental: a Service or EndpointSlice event recomputes that one Service's plan; a Node event touches
+that node's facts. State is held once (not per node); per-node state is resolved from it by
+``resolve.py`` where it is needed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kipvs.shared import events
+from kipvs.shared.events import (
+    ClearWarning,
+    Endpoint,
+    NodeFacts,
+    PlanDelta,
+    PlanOp,
+    PlanSnapshot,
+    PlanWarning,
+    PortPlan,
+    RemoveNode,
+    RemoveService,
+    ServicePlan,
+    SetNode,
+    SetService,
+    SetWarning,
+)
+
+from . import parse
+
+SHARED_SCOPE = "all"
+PRODUCER = "planner"
+
+
+@dataclass
+class PlannerConfig:
+    default_scheduler: str = "rr"
+
+    def __post_init__(self) -> None:
+        if self.default_scheduler not in parse.SCHEDULERS:
+            raise ValueError(f"default scheduler {self.default_scheduler!r} is not an IPVS scheduler "
+                             f"({', '.join(sorted(parse.SCHEDULERS))})")
+
+
+def _rv_not_newer(rv: str, than: str) -> bool:
+    try:
+        return int(rv) <= int(than)
+    except ValueError:
+        return True
+
+
+@dataclass
+class Planner:
+    config: PlannerConfig = field(default_factory=PlannerConfig)
+    services: dict[str, parse.ServiceSpec] = field(default_factory=dict)
+    slices: dict[str, parse.SliceSpec] = field(default_factory=dict)
+    slices_by_service: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    versions: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, key) -> rv of what we hold
+    plans: dict[str, ServicePlan] = field(default_factory=dict)
+    nodes: dict[str, NodeFacts] = field(default_factory=dict)
+    warnings: dict[str, PlanWarning] = field(default_factory=dict)
+    seq: int = 0  # deltas emitted on the shared subject
+    source_seq: int = 0  # last input handled
+
+    # --- input --------------------------------------------------------------------------------
+
+    def handle(self, envelope: events.Envelope, source_seq: int) -> list[events.Envelope]:
+        """One record in, the delta envelopes it causes out."""
+        record = envelope.record
+        ops: list[PlanOp] = []
+        if isinstance(record, events.KubeEvent):
+            self._on_event(record.kind, record.action, record.object, record.resource_version, ops)
+        elif isinstance(record, events.KubeResync):
+            self._on_resync(record, ops)
+        self.source_seq = source_seq
+        if not ops:
+            return []
+        self.seq += 1
+        delta = PlanDelta(scope=SHARED_SCOPE, seq=self.seq, source_seq=source_seq, ops=tuple(ops))
+        return [events.Envelope(id=f"plan/{SHARED_SCOPE}/{self.seq}", time_ns=envelope.time_ns, producer=PRODUCER,
+                                causation=(envelope.id,), record=delta)]
+
+    def _on_event(self, kind: str, action: str, obj: dict[str, Any], rv: str, ops: list[PlanOp]) -> None:
+        key = parse.object_key(obj)
+        if action == "DELETED":
+            self.versions.pop((kind, key), None)
+        elif kind in ("Service", "EndpointSlice", "Node"):
+            self.versions[(kind, key)] = rv
+        if kind == "Service":
+            self._on_service(key, None if action == "DELETED" else obj, ops)
+        elif kind == "EndpointSlice":
+            self._on_slice(key, None if action == "DELETED" else obj, ops)
+        elif kind == "Node":
+            self._on_node(key, None if action == "DELETED" else obj, ops)
+        # Pods and FelixConfigurations feed node-specific state (endpoint marks), planned elsewhere.
+
+    def _on_resync(self, resync: events.KubeResync, ops: list[PlanOp]) -> None:
+        """Delete what we hold of the kind that the live set lacks (and that is not newer than the list)."""
+        gone = sorted(key for (kind, key), rv in self.versions.items()
+                      if kind == resync.kind and key not in resync.live and _rv_not_newer(rv, resync.resource_version))
+        for key in gone:
+            namespace, _, name = key.rpartition("/")
+            stub = {"metadata": {"name": name, **({"namespace": namespace} if namespace else {})}}
+            self._on_event(resync.kind, "DELETED", stub, resync.resource_version, ops)
+
+    def _on_service(self, key: str, obj: dict[str, Any] | None, ops: list[PlanOp]) -> None:
+        warning_id = f"Service/{key}"
+        spec = None
+        if obj is not None:
+            try:
+                spec = parse.service(obj, self.config.default_scheduler)
+            except parse.Invalid as exc:
+                self._warn(ops, warning_id, "invalid-service", "Service", key, f"Service {key} skipped: {exc}")
+                obj = None
+            else:
+                self._clear(ops, warning_id)
+        else:
+            self._clear(ops, warning_id)
+        scheduler_warning = f"Service/{key}/scheduler"
+        if spec is not None and spec.scheduler_problem:
+            self._warn(ops, scheduler_warning, "invalid-scheduler", "Service", key, spec.scheduler_problem)
+        else:
+            self._clear(ops, scheduler_warning)
+        if spec is None:
+            self.services.pop(key, None)
+        else:
+            self.services[key] = spec
+        self._replan(key, ops)
+
+    def _on_slice(self, key: str, obj: dict[str, Any] | None, ops: list[PlanOp]) -> None:
+        warning_id = f"EndpointSlice/{key}"
+        before = self.slices.pop(key, None)
+        if before is not None:
+            self.slices_by_service[before.service_key].discard(key)
+        spec = None
+        if obj is not None:
+            try:
+                spec = parse.endpoint_slice(obj)
+            except parse.Invalid as exc:
+                self._warn(ops, warning_id, "invalid-endpointslice", "EndpointSlice", key,
+                           f"EndpointSlice {key} skipped: {exc}")
+            else:
+                if spec is not None and spec.problems:
+                    self._warn(ops, warning_id, "invalid-endpointslice", "EndpointSlice", key,
+                               f"EndpointSlice {key}: skipped endpoints: " + "; ".join(spec.problems))
+                else:
+                    self._clear(ops, warning_id)
+        else:
+            self._clear(ops, warning_id)
+        if spec is not None:
+            self.slices[key] = spec
+            self.slices_by_service[spec.service_key].add(key)
+        affected = {s.service_key for s in (before, spec) if s is not None}
+        for service_key in sorted(affected):
+            self._replan(service_key, ops)
+
+    def _on_node(self, name: str, obj: dict[str, Any] | None, ops: list[PlanOp]) -> None:
+        warning_id = f"Node/{name}"
+        facts = None
+        if obj is not None:
+            facts, problems = parse.node(obj)
+            if problems:
+                self._warn(ops, warning_id, "invalid-node", "Node", name,
+                           f"Node {name}: skipped addresses: " + "; ".join(problems))
+            else:
+                self._clear(ops, warning_id)
+        else:
+            self._clear(ops, warning_id)
+        current = self.nodes.get(name)
+        if facts is None:
+            if current is not None:
+                del self.nodes[name]
+                ops.append(RemoveNode(name))
+        elif facts != current:
+            self.nodes[name] = facts
+            ops.append(SetNode(facts))
+
+    def _replan(self, key: str, ops: list[PlanOp]) -> None:
+        spec = self.services.get(key)
+        plan = None if spec is None else build_plan(spec, [self.slices[k] for k in sorted(self.slices_by_service[key])])
+        current = self.plans.get(key)
+        if plan is None:
+            if current is not None:
+                del self.plans[key]
+                ops.append(RemoveService(key))
+        elif plan != current:
+            self.plans[key] = plan
+            ops.append(SetService(plan))
+
+    def _warn(self, ops: list[PlanOp], id: str, code: str, kind: str, obj: str, message: str) -> None:
+        warning = PlanWarning(id=id, code=code, kind=kind, object=obj, message=message)
+        if self.warnings.get(id) != warning:
+            self.warnings[id] = warning
+            ops.append(SetWarning(warning))
+
+    def _clear(self, ops: list[PlanOp], id: str) -> None:
+        if self.warnings.pop(id, None) is not None:
+            ops.append(ClearWarning(id))
+
+    # --- output -------------------------------------------------------------------------------
+
+    def snapshot(self, plan_stream_seq: int = 0) -> PlanSnapshot:
+        return PlanSnapshot(scope=SHARED_SCOPE, seq=self.seq, source_seq=self.source_seq,
+                            plan_stream_seq=plan_stream_seq,
+                            services=tuple(self.plans[k] for k in sorted(self.plans)),
+                            nodes=tuple(self.nodes[k] for k in sorted(self.nodes)),
+                            warnings=tuple(self.warnings[k] for k in sorted(self.warnings)))
+
+
+def build_plan(spec: parse.ServiceSpec, slices: list[parse.SliceSpec]) -> ServicePlan:
+    """A Service's plan: its ports with their endpoints, matched by port name and protocol over every
+    slice (in slice-name order), each ip:port once."""
+    ports = []
+    for sp in spec.ports:
+        endpoints: dict[tuple[str, int], Endpoint] = {}
+        for sl in slices:
+            for slice_port in sl.ports:
+                if slice_port.name != sp.name or slice_port.protocol != sp.protocol:
+                    continue
+                for ep in sl.endpoints:
+                    endpoints.setdefault((ep.ip, slice_port.port), _with_port(ep, slice_port.port))
+        ports.append(PortPlan(name=sp.name, protocol=sp.protocol, port=sp.port, node_port=sp.node_port,
+                              endpoints=tuple(endpoints[k] for k in sorted(endpoints))))
+    return ServicePlan(key=spec.key, cluster_ips=spec.cluster_ips, external_ips=spec.external_ips,
+                       load_balancer_ips=spec.load_balancer_ips,
+                       load_balancer_source_ranges=spec.load_balancer_source_ranges, scheduler=spec.scheduler,
+                       persistence_timeout=spec.persistence_timeout, external_policy_local=spec.external_policy_local,
+                       internal_policy_local=spec.internal_policy_local, ports=tuple(ports))
+
+
+def _with_port(ep: Endpoint, port: int) -> Endpoint:
+    return Endpoint(ip=ep.ip, port=port, node=ep.node, zone=ep.zone, hints=ep.hints, ready=ep.ready,
+                    serving=ep.serving, terminating=ep.terminating)

@@ -1,0 +1,251 @@
+"""Kubernetes objects into the planner's validated inputs. Pure; every rejection says exactly why.
+
+Follows what kube-proxy reads (pkg/proxy/serviceport.go, endpointslicecache.go): which Services are
+ignored, defaults (protocol TCP, affinity timeout 10800 s), EndpointSlice conditions (nil ready means
+ready, nil serving means serving), only an endpoint's first address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from kipvs.shared.events import Endpoint, NodeFacts
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos"})
+SCHEDULER_ANNOTATION = "kipvs.io/scheduler"
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+DEFAULT_AFFINITY_TIMEOUT = 10800
+MAX_AFFINITY_TIMEOUT = 86400
+
+
+class Invalid(ValueError):
+    """The object cannot be planned; the message names the field and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    protocol: str
+    port: int
+    node_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """A Service kipvs proxies (never headless, ExternalName or owned by another proxy)."""
+
+    key: str
+    cluster_ips: tuple[str, ...]
+    external_ips: tuple[str, ...]
+    load_balancer_ips: tuple[str, ...]
+    load_balancer_source_ranges: tuple[str, ...]
+    scheduler: str
+    scheduler_problem: str  # why the annotation was not used; "" when fine
+    persistence_timeout: int
+    external_policy_local: bool
+    internal_policy_local: bool
+    ports: tuple[ServicePort, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    name: str
+    protocol: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSpec:
+    key: str  # namespace/name of the slice
+    service_key: str  # namespace/name of the Service it belongs to
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[Endpoint, ...]  # port 0: filled in per Service port by the planner
+    problems: tuple[str, ...]  # endpoints skipped and why
+
+
+def _ip(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"{field}: {value!r} is not an IP address")
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise Invalid(f"{field}: {value!r} is not an IP address") from None
+
+
+def _port(value: Any, field: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (0 if allow_zero else 1) <= value <= 65535:
+        raise Invalid(f"{field}: {value!r} is not a port number (1-65535)")
+    return value
+
+
+def _protocol(value: Any, field: str) -> str:
+    protocol = "TCP" if value is None else value
+    if protocol not in PROTOCOLS:
+        raise Invalid(f"{field}: unknown protocol {value!r} (TCP, UDP, SCTP)")
+    return protocol
+
+
+def _mapping(value: Any, field: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid(f"{field}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise Invalid(f"{field}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def object_key(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace") or ""
+    return f"{namespace}/{meta.get('name', '')}" if namespace else str(meta.get("name", ""))
+
+
+def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
+    """The Service as kipvs proxies it, None if kipvs must ignore it, Invalid if it is broken."""
+    meta = _mapping(obj.get("metadata"), "metadata")
+    if PROXY_NAME_LABEL in _mapping(meta.get("labels"), "metadata.labels"):
+        return None  # another proxy owns it
+    spec = _mapping(obj.get("spec"), "spec")
+    kind = spec.get("type") or "ClusterIP"
+    if kind == "ExternalName":
+        return None
+    if kind not in ("ClusterIP", "NodePort", "LoadBalancer"):
+        raise Invalid(f"spec.type: unknown Service type {kind!r}")
+    cluster_ip = spec.get("clusterIP")
+    if cluster_ip == "None":
+        return None  # headless
+    raw_ips = _list(spec.get("clusterIPs"), "spec.clusterIPs") or ([cluster_ip] if cluster_ip else [])
+    if not raw_ips:
+        raise Invalid("spec.clusterIP: missing (a proxied Service needs one)")
+    cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(raw_ips))
+    ports = []
+    seen: set[tuple[str, str]] = set()
+    for i, raw in enumerate(_list(spec.get("ports"), "spec.ports")):
+        p = _mapping(raw, f"spec.ports[{i}]")
+        name = p.get("name") or ""
+        protocol = _protocol(p.get("protocol"), f"spec.ports[{i}].protocol")
+        if (name, protocol) in seen:
+            raise Invalid(f"spec.ports[{i}]: duplicate port name {name!r} for {protocol}")
+        seen.add((name, protocol))
+        node_port = _port(p.get("nodePort") or 0, f"spec.ports[{i}].nodePort", allow_zero=True)
+        ports.append(ServicePort(name, protocol, _port(p.get("port"), f"spec.ports[{i}].port"),
+                                 node_port if kind in ("NodePort", "LoadBalancer") else 0))
+    external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(_list(spec.get("externalIPs"),
+                                                                                      "spec.externalIPs")))
+    lb_ips: list[str] = []
+    ranges: list[str] = []
+    if kind == "LoadBalancer":
+        status = _mapping(obj.get("status"), "status")
+        ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
+                        "status.loadBalancer.ingress")
+        for i, raw in enumerate(ingress):
+            entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
+            if entry.get("ip") and entry.get("ipMode") != "Proxy":
+                lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip"))
+        for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
+            try:
+                ranges.append(str(ipaddress.ip_network(str(cidr).strip(), strict=False)))
+            except ValueError:
+                raise Invalid(f"spec.loadBalancerSourceRanges[{i}]: {cidr!r} is not a CIDR") from None
+    persistence = 0
+    if spec.get("sessionAffinity") == "ClientIP":
+        config = _mapping(_mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
+                          "spec.sessionAffinityConfig.clientIP")
+        persistence = config.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT
+        if isinstance(persistence, bool) or not isinstance(persistence, int) or not (
+                1 <= persistence <= MAX_AFFINITY_TIMEOUT):
+            raise Invalid(f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {persistence!r} is not 1-86400")
+    elif spec.get("sessionAffinity") not in (None, "None"):
+        raise Invalid(f"spec.sessionAffinity: unknown value {spec.get('sessionAffinity')!r} (None, ClientIP)")
+    scheduler, problem = default_scheduler, ""
+    wanted = _mapping(meta.get("annotations"), "metadata.annotations").get(SCHEDULER_ANNOTATION)
+    if wanted is not None:
+        if wanted in SCHEDULERS:
+            scheduler = wanted
+        else:
+            problem = (f"annotation {SCHEDULER_ANNOTATION}={wanted!r} is not an IPVS scheduler "
+                       f"({', '.join(sorted(SCHEDULERS))}); using {default_scheduler!r}")
+    externally_accessible = bool(external_ips or lb_ips or any(p.node_port for p in ports))
+    return ServiceSpec(
+        key=object_key(obj), cluster_ips=cluster_ips, external_ips=external_ips,
+        load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(ranges), scheduler=scheduler,
+        scheduler_problem=problem, persistence_timeout=persistence,
+        external_policy_local=externally_accessible and spec.get("externalTrafficPolicy") == "Local",
+        internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports))
+
+
+def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
+    """The slice's ports and endpoints; None if no Service proxied by kipvs can use it (no service-name
+    label, FQDN addresses). Bad endpoints are skipped and listed in ``problems``."""
+    meta = _mapping(obj.get("metadata"), "metadata")
+    service_name = _mapping(meta.get("labels"), "metadata.labels").get(SERVICE_NAME_LABEL)
+    if not service_name:
+        return None
+    address_type = obj.get("addressType")
+    if address_type == "FQDN":
+        return None
+    if address_type not in ("IPv4", "IPv6"):
+        raise Invalid(f"addressType: unknown value {address_type!r} (IPv4, IPv6, FQDN)")
+    ports = []
+    for i, raw in enumerate(_list(obj.get("ports"), "ports")):
+        p = _mapping(raw, f"ports[{i}]")
+        if p.get("port") is None:
+            continue  # kube-proxy skips ports without a number
+        ports.append(SlicePort(p.get("name") or "", _protocol(p.get("protocol"), f"ports[{i}].protocol"),
+                               _port(p["port"], f"ports[{i}].port")))
+    endpoints, problems = [], []
+    for i, raw in enumerate(_list(obj.get("endpoints"), "endpoints")):
+        try:
+            ep = _mapping(raw, f"endpoints[{i}]")
+            addresses = _list(ep.get("addresses"), f"endpoints[{i}].addresses")
+            if not addresses:
+                raise Invalid(f"endpoints[{i}].addresses: empty")
+            ip = _ip(addresses[0], f"endpoints[{i}].addresses[0]")
+            if (":" in ip) != (address_type == "IPv6"):
+                raise Invalid(f"endpoints[{i}].addresses[0]: {ip} is not an {address_type} address")
+            conditions = _mapping(ep.get("conditions"), f"endpoints[{i}].conditions")
+            hints = _mapping(ep.get("hints"), f"endpoints[{i}].hints")
+            zones = tuple(sorted({str(_mapping(z, f"endpoints[{i}].hints.forZones").get("name", ""))
+                                  for z in _list(hints.get("forZones"), f"endpoints[{i}].hints.forZones")} - {""}))
+            endpoints.append(Endpoint(
+                ip=ip, port=0, node=str(ep.get("nodeName") or ""), zone=str(ep.get("zone") or ""), hints=zones,
+                ready=conditions.get("ready") is not False, serving=conditions.get("serving") is not False,
+                terminating=conditions.get("terminating") is True))
+        except Invalid as exc:
+            problems.append(str(exc))
+    namespace = meta.get("namespace") or ""
+    return SliceSpec(key=object_key(obj), service_key=f"{namespace}/{service_name}", ports=tuple(ports),
+                     endpoints=tuple(endpoints), problems=tuple(problems))
+
+
+def node(obj: dict[str, Any]) -> tuple[NodeFacts, tuple[str, ...]]:
+    """The node's facts and the problems found (addresses skipped)."""
+    meta = _mapping(obj.get("metadata"), "metadata")
+    labels = _mapping(meta.get("labels"), "metadata.labels")
+    status = _mapping(obj.get("status"), "status")
+    addresses, problems = [], []
+    for i, raw in enumerate(_list(status.get("addresses"), "status.addresses")):
+        entry = _mapping(raw, f"status.addresses[{i}]")
+        if entry.get("type") != "InternalIP":
+            continue
+        try:
+            ip = _ip(entry.get("address"), f"status.addresses[{i}].address")
+        except Invalid as exc:
+            problems.append(str(exc))
+            continue
+        if ip not in addresses:
+            addresses.append(ip)
+    return NodeFacts(name=str(meta.get("name", "")), zone=str(labels.get(ZONE_LABEL) or ""),
+                     addresses=tuple(addresses)), tuple(problems)

@@ -1,0 +1,57 @@
+"""A node's state for people and tools: ``ipvsadm -S -n`` syntax, or JSON (the documented schema)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from kipvs.shared.events import PlanWarning
+
+from .node_state import NodeState, VirtualService, sort_key_ip
+
+_PROTOCOL_FLAG = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
+
+
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _vs_order(vs: VirtualService) -> tuple[Any, ...]:
+    return (vs.protocol, sort_key_ip(vs.ip), vs.port)
+
+
+def ipvsadm(state: NodeState) -> str:
+    """The IPVS table as ``ipvsadm -S -n`` writes it, sorted: services by protocol, address, port; each
+    followed by its real servers by address and port. Masquerade forwarding (-m) throughout."""
+    lines = []
+    for vs in sorted(state.ipvs.values(), key=_vs_order):
+        flag = _PROTOCOL_FLAG[vs.protocol]
+        head = f"-A {flag} {_hostport(vs.ip, vs.port)} -s {vs.scheduler}"
+        if vs.persistence_timeout:
+            head += f" -p {vs.persistence_timeout}"
+        lines.append(head)
+        for (ip, port), weight in sorted(vs.reals.items(), key=lambda r: (sort_key_ip(r[0][0]), r[0][1])):
+            lines.append(f"-a {flag} {_hostport(vs.ip, vs.port)} -r {_hostport(ip, port)} -m -w {weight}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str) -> dict[str, Any]:
+    """The documented JSON form (docs/plan-format.md)."""
+    return {
+        "node": node,
+        "ipvs": [{
+            "protocol": vs.protocol, "address": vs.ip, "port": vs.port, "scheduler": vs.scheduler,
+            "persistence_timeout": vs.persistence_timeout, "service": vs.service,
+            "real_servers": [{"address": ip, "port": port, "weight": w, "forward": "masq"}
+                             for (ip, port), w in sorted(vs.reals.items(), key=lambda r: (sort_key_ip(r[0][0]), r[0][1]))],
+        } for vs in sorted(state.ipvs.values(), key=_vs_order)],
+        "addresses": sorted(state.addresses, key=sort_key_ip),
+        "ipsets": {name: sorted(entries) for name, entries in sorted(state.ipsets.items())},
+        "warnings": [{"kind": w.kind, "object": w.object, "code": w.code, "message": w.message}
+                     for w in sorted(warnings, key=lambda w: w.id)],
+    }
+
+
+def json_text(state: NodeState, warnings: Iterable[PlanWarning], node: str) -> str:
+    return json.dumps(as_json(state, warnings, node), indent=2) + "\n"

@@ -1,0 +1,45 @@
+"""Per-node resolution: the shared plan plus a node's name gives that node's kernel state. Pure.
+
+The one function both the applier (which knows its node) and ``kipvs plan --node`` use, so a node's
+state is never computed two ways. Shared state is published once for every node; what differs per node
+(NodePort addresses, Local traffic policies, topology hints, hairpin entries) is decided here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kipvs.shared.events import NodeFacts, ServicePlan
+
+from .endpoints import select
+from .node_state import Contribution, NodeState, family_of, ipset_name
+from .service_types import cluster_ip, external_ip, load_balancer, node_port
+
+
+def resolve_service(plan: ServicePlan, node: NodeFacts | None) -> Contribution:
+    """What one Service programs on one node (``node`` None: a node the plan has no facts for yet)."""
+    out = Contribution()
+    externally_accessible = bool(plan.external_ips or plan.load_balancer_ips or any(p.node_port for p in plan.ports))
+    families = sorted({family_of(ip) for ip in plan.cluster_ips})
+    for port in plan.ports:
+        for family in families:
+            endpoints = tuple(ep for ep in port.endpoints if family_of(ep.ip) == family)
+            chosen = select(endpoints, node, plan.internal_policy_local, plan.external_policy_local,
+                            externally_accessible)
+            cluster_ip.program(plan, port, family, chosen.internal, out)
+            node_port.program(plan, port, family, node, chosen.external, out)
+            external_ip.program(plan, port, family, node, chosen.external, out)
+            load_balancer.program(plan, port, family, node, chosen.external, out)
+            if node is not None:
+                for ep in endpoints:  # hairpin: a pod reaching itself through its Service is SNATed
+                    if ep.node == node.name:
+                        out.ipset_entries.add((ipset_name("KUBE-LOOP-BACK", family),
+                                               f"{ep.ip},{port.protocol.lower()}:{ep.port},{ep.ip}"))
+    return out
+
+
+def resolve_node(services: Iterable[ServicePlan], node: NodeFacts | None) -> NodeState:
+    state = NodeState()
+    for plan in sorted(services, key=lambda p: p.key):
+        state.add(resolve_service(plan, node))
+    return state.finish()

@@ -1,0 +1,35 @@
+"""LoadBalancer: one virtual service per ingress IP (ipMode Proxy entries were dropped when parsing),
+bound to kube-ipvs0; loadBalancerSourceRanges become the -FW / -SOURCE-CIDR / -SOURCE-IP sets the
+applier's firewall rules match, exactly as kube-proxy fills them."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from kipvs.shared.events import Endpoint, NodeFacts, PortPlan, ServicePlan
+
+from ..node_state import Contribution, family_of, ipset_name
+from .common import entry, virtual_service
+
+
+def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | None,
+            endpoints: tuple[Endpoint, ...], out: Contribution) -> None:
+    ranges = [ipaddress.ip_network(r) for r in plan.load_balancer_source_ranges]
+    node_ips = [ipaddress.ip_address(ip) for ip in (node.addresses if node else ())]
+    allow_from_node = any(ip in net for net in ranges for ip in node_ips if ip.version == net.version)
+    for ip in plan.load_balancer_ips:
+        if family_of(ip) != family:
+            continue
+        out.virtual_services.append(virtual_service(plan, port.protocol, ip, port.port, endpoints))
+        out.addresses.add(ip)
+        e = entry(ip, port.protocol, port.port)
+        out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER", family), e))
+        if plan.external_policy_local:
+            out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-LOCAL", family), e))
+        if ranges:
+            out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-FW", family), e))
+            for net in ranges:
+                if net.version == family:
+                    out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-SOURCE-CIDR", family), f"{e},{net}"))
+            if allow_from_node:
+                out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-SOURCE-IP", family), f"{e},{ip}"))
