@@ -21,6 +21,10 @@ def _vs_order(vs: VirtualService) -> tuple[Any, ...]:
     return (vs.protocol, sort_key_ip(vs.ip), vs.port)
 
 
+def _reals(vs: VirtualService) -> list[tuple[tuple[str, int], int]]:
+    return sorted(vs.reals.items(), key=lambda r: (sort_key_ip(r[0][0]), r[0][1]))
+
+
 def ipvsadm(state: NodeState) -> str:
     """The IPVS table as ``ipvsadm -S -n`` writes it, sorted: services by protocol, address, port; each
     followed by its real servers by address and port. Masquerade forwarding (-m) throughout."""
@@ -31,7 +35,7 @@ def ipvsadm(state: NodeState) -> str:
         if vs.persistence_timeout:
             head += f" -p {vs.persistence_timeout}"
         lines.append(head)
-        for (ip, port), weight in sorted(vs.reals.items(), key=lambda r: (sort_key_ip(r[0][0]), r[0][1])):
+        for (ip, port), weight in _reals(vs):
             lines.append(f"-a {flag} {_hostport(vs.ip, vs.port)} -r {_hostport(ip, port)} -m -w {weight}")
     return "\n".join(lines) + ("\n" if lines else "")
 
@@ -44,7 +48,7 @@ def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str) -> dic
             "protocol": vs.protocol, "address": vs.ip, "port": vs.port, "scheduler": vs.scheduler,
             "persistence_timeout": vs.persistence_timeout, "service": vs.service,
             "real_servers": [{"address": ip, "port": port, "weight": w, "forward": "masq"}
-                             for (ip, port), w in sorted(vs.reals.items(), key=lambda r: (sort_key_ip(r[0][0]), r[0][1]))],
+                             for (ip, port), w in _reals(vs)],
         } for vs in sorted(state.ipvs.values(), key=_vs_order)],
         "addresses": sorted(state.addresses, key=sort_key_ip),
         "ipsets": {name: sorted(entries) for name, entries in sorted(state.ipsets.items())},
