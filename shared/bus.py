@@ -145,6 +145,7 @@ class DurableConsumer:
         self.delivered = 0
         self.parked = 0
         self.caught_up = False
+        self.pending = 0  # messages left in the consumer after the last fetch (lag)
 
     def stop(self) -> None:
         self._stop.set()
@@ -161,7 +162,9 @@ class DurableConsumer:
                         await self.idle()
                     continue
                 await self._take(msgs)
-                self.caught_up = (msgs[-1].metadata.num_pending == 0) if msgs else self.caught_up
+                if msgs:
+                    self.pending = msgs[-1].metadata.num_pending
+                    self.caught_up = self.pending == 0
         finally:
             await sub.unsubscribe()
 

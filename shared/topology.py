@@ -28,6 +28,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -179,6 +180,14 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
     ]
 
 
+SNAPSHOT_BUCKET = "kipvs-snapshots"  # JetStream object store (stream OBJ_kipvs-snapshots)
+SHARED_SNAPSHOT = "plan-all"  # the object holding the latest PlanSnapshot of the shared plan
+
+
+def snapshot_object(scope: str) -> str:
+    return SHARED_SNAPSHOT if scope == "all" else f"plan-node-{token(scope)}"
+
+
 PLANNER_CONSUMER = "planner"
 
 
@@ -282,6 +291,8 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     for spec in streams(replicas):
         await ensure_stream(js, spec)
+    await js.create_object_store(SNAPSHOT_BUCKET, config=ObjectStoreConfig(
+        description="kipvs: the latest plan snapshot per scope", storage=StorageType.FILE, replicas=replicas))
 
 
 def check_server_version(version: tuple[int, int, int], server: str = "nats-server") -> None:

@@ -1,0 +1,187 @@
+"""``kipvs planner``: the planner's NATS shell around the pure core.
+
+Start: rebuild the core's state by replaying the Kubernetes event log up to the durable consumer's ack
+floor (deltas are recomputed, not published: they were published before those events were acked), and
+read the last delta sequence already in the plan stream. Then consume: each event goes through the core;
+the deltas go to an outbox that is flushed (pipelined publishes, deterministic ids) before the batch is
+acked. A delta whose sequence is already in the stream is never published again, so a crash at any point
+neither loses nor duplicates a delta, however long the planner was down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from typing import Annotated
+
+import msgspec
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from kipvs.shared import bus, config, events, runtime, topology
+from kipvs.shared.config import describe
+
+from . import parse
+from .core import SHARED_SCOPE, Planner, PlannerConfig
+
+log = logging.getLogger("kipvs.planner")
+
+
+class PlannerServiceConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
+    scheduler: Annotated[str, describe("cluster default IPVS scheduler (kube-proxy's --ipvs-scheduler)")] = "rr"
+    batch: Annotated[int, describe("events fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
+    snapshot_every: Annotated[int, describe("write a snapshot after this many deltas"), msgspec.Meta(ge=1)] = 2000
+    snapshot_interval: Annotated[float, describe("...or after this many seconds with changes"),
+                                 msgspec.Meta(gt=0)] = 30.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scheduler not in parse.SCHEDULERS:
+            known = ", ".join(sorted(parse.SCHEDULERS))
+            raise ValueError(f"scheduler {self.scheduler!r} is not an IPVS scheduler ({known})")
+
+
+async def replay_log(js: JetStreamContext, planner: Planner, upto: int) -> int:
+    """Feed the log's records 1..upto through the core, discarding the deltas. Returns records replayed."""
+    if upto <= 0:
+        return 0
+    sub = await js.pull_subscribe("kipvs.kube.>", stream=topology.KUBE_STREAM, config=ConsumerConfig(
+        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True))
+    count = 0
+    try:
+        while planner.source_seq < upto:
+            try:
+                msgs = await sub.fetch(1000, timeout=5)
+            except NatsTimeoutError:
+                break
+            for msg in msgs:
+                seq = msg.metadata.sequence.stream
+                if seq > upto:
+                    return count
+                try:
+                    envelope = events.decode(msg.data)
+                except events.ContractError:
+                    planner.source_seq = seq  # parked when it was first consumed
+                    continue
+                planner.handle(envelope, seq)
+                count += 1
+    finally:
+        await sub.unsubscribe()
+    return count
+
+
+async def last_published(js: JetStreamContext) -> tuple[int, int]:
+    """(delta seq, stream seq) of the last shared delta in the plan stream; (0, 0) if none."""
+    try:
+        raw = await js.get_last_msg(topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
+    except NotFoundError:
+        return 0, 0
+    record = events.decode(raw.data).record
+    assert isinstance(record, events.PlanDelta)
+    return record.seq, raw.seq
+
+
+class PlanPublisher:
+    """The outbox: deltas leave in order, exactly once."""
+
+    def __init__(self, js: JetStreamContext, published_seq: int, stream_seq: int) -> None:
+        self.js = js
+        self.published_seq = published_seq  # highest delta seq known to be in the stream
+        self.stream_seq = stream_seq  # its stream sequence
+        self.outbox: list[events.Envelope] = []
+
+    def add(self, deltas: list[events.Envelope]) -> None:
+        self.outbox.extend(d for d in deltas if d.record.seq > self.published_seq)  # type: ignore[union-attr]
+
+    async def flush(self) -> int:
+        if not self.outbox:
+            return 0
+        futures = [await self.js.publish_async(topology.PLAN_ALL_SUBJECT, events.encode(env),
+                                               headers=bus.msg_id_header(env)) for env in self.outbox]
+        try:
+            acks = await asyncio.gather(*futures)
+        except Exception as exc:
+            raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {exc}") from exc
+        sent = len(self.outbox)
+        self.published_seq = self.outbox[-1].record.seq  # type: ignore[union-attr]
+        self.stream_seq = acks[-1].seq
+        self.outbox.clear()
+        return sent
+
+
+async def plan(ctx: runtime.ServiceContext) -> None:
+    cfg = ctx.config
+    assert isinstance(cfg, PlannerServiceConfig)
+    m = ctx.metrics
+    processed = m.counter("kipvs_planner_events_total", "Kubernetes records planned")
+    published = m.counter("kipvs_planner_deltas_published_total", "plan deltas published")
+    planning = m.histogram("kipvs_planner_planning_seconds", "core time per record")
+    snapshots = m.counter("kipvs_planner_snapshots_total", "snapshots written")
+    planner = Planner(PlannerConfig(default_scheduler=cfg.scheduler))
+    info = await ctx.js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)
+    started = time.perf_counter()
+    replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
+    published_seq, stream_seq = await last_published(ctx.js)
+    log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d deltas in the plan stream",
+             replayed, time.perf_counter() - started, info.ack_floor.stream_seq, published_seq)
+    if planner.seq > published_seq:
+        log.error("the plan stream ends at delta %d but the log implies %d: deltas were lost (stream purged?); "
+                  "appliers will see the gap and re-bootstrap from the next snapshot", published_seq, planner.seq)
+    publisher = PlanPublisher(ctx.js, published_seq, stream_seq)
+    store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
+    snap_state = {"seq": -1, "at": 0.0}
+    m.gauge("kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
+
+    async def snapshot(force: bool = False) -> None:
+        due = planner.seq - snap_state["seq"] >= cfg.snapshot_every or (
+            planner.seq != snap_state["seq"] and time.monotonic() - snap_state["at"] >= cfg.snapshot_interval)
+        if not (force or due) or publisher.outbox:
+            return
+        snap = planner.snapshot(plan_stream_seq=publisher.stream_seq)
+        envelope = events.Envelope(id=f"snapshot/{SHARED_SCOPE}/{snap.seq}", time_ns=time.time_ns(),
+                                   producer="planner", record=snap)
+        await store.put(topology.snapshot_object(SHARED_SCOPE), events.encode(envelope))
+        snap_state.update(seq=planner.seq, at=time.monotonic())
+        snapshots.inc()
+
+    async def handle(batch: list[bus.Delivery]) -> None:
+        for d in batch:
+            seq = d.stream_sequence
+            if seq <= planner.source_seq:
+                continue  # redelivered: planned already, its deltas are in the outbox or the stream
+            t0 = time.perf_counter()
+            publisher.add(planner.handle(d.envelope, seq))
+            planning.observe(time.perf_counter() - t0)
+            processed.inc()
+        published.inc(await publisher.flush())
+        await snapshot()
+
+    async def idle() -> None:
+        ctx.set_ready()
+        await snapshot()
+
+    consumer = bus.DurableConsumer(ctx.js, topology.planner_consumer(), "planner", handle, batch=cfg.batch, idle=idle)
+    m.gauge("kipvs_planner_lag_events", "events in the log not yet planned", read=lambda: consumer.pending)
+    ctx.set_not_ready("catching up with the Kubernetes event log")
+    await snapshot(force=True)
+    runner = asyncio.create_task(consumer.run())
+    stopping = asyncio.create_task(ctx.stop.wait())
+    await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    consumer.stop()
+    await runner
+    stopping.cancel()
+    await snapshot(force=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_flags(parser, PlannerServiceConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config.load(PlannerServiceConfig, vars(args))
+    asyncio.run(runtime.run_service("planner", cfg, plan, consumers=[topology.planner_consumer()]))
+    return 0

@@ -1,0 +1,271 @@
+"""kube-proxy IPVS-mode parity, one behaviour per test, each checked through `kipvs plan` output."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kipvs.shared.cli import main as kipvs
+from tests import kube
+
+
+def added(*objs: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"type": "ADDED", "object": o} for o in objs]
+
+
+@pytest.fixture
+def plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    def run(events: list[dict[str, Any]], node: str = "node-a", fmt: str = "ipvsadm", *extra: str) -> Any:
+        f = tmp_path / "events.jsonl"
+        f.write_text("".join(json.dumps(e) + "\n" for e in events))
+        capsys.readouterr()
+        assert kipvs(["plan", "--events", str(f), "--node", node, "--format", fmt, *extra]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out) if fmt == "json" else out.splitlines()
+    return run
+
+
+def web(**spec: Any) -> dict[str, Any]:
+    return kube.service("web", cluster_ip="10.96.0.10", **spec)
+
+
+def slice_(*eps: dict[str, Any], name: str = "web-1", ports: list[dict] | None = None, family: str = "IPv4") -> dict:
+    return kube.endpoint_slice(name, "web", list(eps), ports=ports, family=family)
+
+
+NODES = (kube.node("node-a", "192.0.2.1", zone="z1"), kube.node("node-b", "192.0.2.2", zone="z2"))
+
+
+def test_cluster_ip_virtual_service_address_and_set(plan) -> None:
+    events = added(*NODES, web(), slice_(kube.endpoint("10.244.1.5"), kube.endpoint("10.244.2.5", "node-b")))
+    assert plan(events) == [
+        "-A -t 10.96.0.10:80 -s rr",
+        "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1",
+        "-a -t 10.96.0.10:80 -r 10.244.2.5:8080 -m -w 1",
+    ]
+    state = plan(events, fmt="json")
+    assert state["addresses"] == ["10.96.0.10"]
+    assert state["ipsets"]["KUBE-CLUSTER-IP"] == ["10.96.0.10,tcp:80"]
+    assert state["ipsets"]["KUBE-IPVS-IPS"] == ["10.96.0.10"]
+    assert state["ipsets"]["KUBE-LOOP-BACK"] == ["10.244.1.5,tcp:8080,10.244.1.5"]  # only the local endpoint
+    assert state["warnings"] == []
+
+
+def test_empty_service_keeps_its_virtual_service(plan) -> None:
+    assert plan(added(*NODES, web())) == ["-A -t 10.96.0.10:80 -s rr"]
+
+
+def test_node_port_on_every_internal_ip_of_the_node(plan) -> None:
+    node = kube.node("node-a", "192.0.2.1")
+    node["status"]["addresses"].append({"type": "InternalIP", "address": "192.0.2.101"})
+    node["status"]["addresses"].append({"type": "ExternalIP", "address": "203.0.113.1"})
+    svc = web(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}])
+    lines = plan(added(node, svc, slice_(kube.endpoint("10.244.1.5"))))
+    assert "-A -t 192.0.2.1:30080 -s rr" in lines and "-A -t 192.0.2.101:30080 -s rr" in lines
+    assert not any("203.0.113.1" in line for line in lines)
+    state = plan(added(node, svc), fmt="json")
+    assert state["addresses"] == ["10.96.0.10"], "node ports are not bound to kube-ipvs0"
+    assert state["ipsets"]["KUBE-NODE-PORT-TCP"] == ["30080"]
+
+
+def test_udp_and_sctp(plan) -> None:
+    svc = web(type="NodePort", ports=[{"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053},
+                                      {"name": "sig", "port": 3868, "protocol": "SCTP", "nodePort": 30868}])
+    sl = slice_(kube.endpoint("10.244.1.5"), ports=[{"name": "dns", "port": 5353, "protocol": "UDP"},
+                                                    {"name": "sig", "port": 3868, "protocol": "SCTP"}])
+    lines = plan(added(*NODES, svc, sl))
+    assert "-A -u 10.96.0.10:53 -s rr" in lines
+    assert "-a -u 10.96.0.10:53 -r 10.244.1.5:5353 -m -w 1" in lines
+    assert "-A --sctp-service 10.96.0.10:3868 -s rr" in lines
+    assert "-A --sctp-service 192.0.2.1:30868 -s rr" in lines
+    state = plan(added(*NODES, svc, sl), fmt="json")
+    assert state["ipsets"]["KUBE-NODE-PORT-UDP"] == ["30053"]
+    assert state["ipsets"]["KUBE-NODE-PORT-SCTP-HASH"] == ["192.0.2.1,sctp:30868"]
+
+
+def test_external_ips_bound_unless_the_node_owns_them(plan) -> None:
+    svc = web(externalIPs=["203.0.113.9", "192.0.2.1"])
+    state = plan(added(*NODES, svc, slice_(kube.endpoint("10.244.1.5"))), fmt="json")
+    vips = {(v["address"], v["port"]) for v in state["ipvs"]}
+    assert {("203.0.113.9", 80), ("192.0.2.1", 80)} <= vips
+    assert state["addresses"] == ["10.96.0.10", "203.0.113.9"]
+    assert state["ipsets"]["KUBE-EXTERNAL-IP"] == ["192.0.2.1,tcp:80", "203.0.113.9,tcp:80"]
+
+
+def test_load_balancer_ingress_and_source_ranges(plan) -> None:
+    svc = web(type="LoadBalancer", loadBalancerSourceRanges=["192.0.2.0/24", "198.51.100.0/25"],
+              ports=[{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.50"},
+                                                  {"ip": "203.0.113.51", "ipMode": "Proxy"},
+                                                  {"hostname": "lb.example"}]}}
+    state = plan(added(*NODES, svc, slice_(kube.endpoint("10.244.1.5"))), fmt="json")
+    assert ("203.0.113.50", 80) in {(v["address"], v["port"]) for v in state["ipvs"]}
+    assert all(v["address"] != "203.0.113.51" for v in state["ipvs"]), "ipMode Proxy is not programmed"
+    assert "203.0.113.50" in state["addresses"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.50,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == ["203.0.113.50,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-CIDR"] == [
+        "203.0.113.50,tcp:80,192.0.2.0/24", "203.0.113.50,tcp:80,198.51.100.0/25"]
+    # The node's own address is inside a source range: the node may reach the LB VIP (kube-proxy's allowFromNode).
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == ["203.0.113.50,tcp:80,203.0.113.50"]
+
+
+def test_dual_stack(plan) -> None:
+    svc = kube.service("web", cluster_ip="10.96.0.10")
+    svc["spec"]["clusterIPs"] = ["10.96.0.10", "fd00::a"]
+    v6 = slice_(kube.endpoint("fd00:244::5"), name="web-v6", family="IPv6")
+    lines = plan(added(*NODES, svc, slice_(kube.endpoint("10.244.1.5")), v6))
+    assert lines == [
+        "-A -t 10.96.0.10:80 -s rr",
+        "-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1",
+        "-A -t [fd00::a]:80 -s rr",
+        "-a -t [fd00::a]:80 -r [fd00:244::5]:8080 -m -w 1",
+    ]
+    state = plan(added(*NODES, svc), fmt="json")
+    assert state["ipsets"]["KUBE-6-CLUSTER-IP"] == ["fd00::a,tcp:80"]
+
+
+def test_ports_matched_by_name_slices_merged_duplicates_once(plan) -> None:
+    svc = web(ports=[{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "metrics", "port": 9090}])
+    s1 = slice_(kube.endpoint("10.244.1.5"), kube.endpoint("10.244.1.6"), name="web-1",
+                ports=[{"name": "http", "port": 8080}, {"name": "metrics", "port": 9100}])
+    s2 = slice_(kube.endpoint("10.244.1.6"), kube.endpoint("10.244.1.7"), name="web-2",
+                ports=[{"name": "http", "port": 8080}])
+    lines = plan(added(*NODES, svc, s1, s2))
+    assert [line for line in lines if ":80 -r" in line] == [
+        f"-a -t 10.96.0.10:80 -r 10.244.1.{i}:8080 -m -w 1" for i in (5, 6, 7)]
+    assert [line for line in lines if ":9090 -r" in line] == [
+        f"-a -t 10.96.0.10:9090 -r 10.244.1.{i}:9100 -m -w 1" for i in (5, 6)]
+
+
+def test_ready_endpoints_else_serving_terminating(plan) -> None:
+    eps = [kube.endpoint("10.244.1.5"), kube.endpoint("10.244.1.6", ready=False, serving=True, terminating=True),
+           kube.endpoint("10.244.1.7", ready=False, serving=False)]
+    assert plan(added(*NODES, web(), slice_(*eps)))[1:] == ["-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1"]
+    eps[0] = kube.endpoint("10.244.1.5", ready=False, serving=False, terminating=True)
+    assert plan(added(*NODES, web(), slice_(*eps)))[1:] == ["-a -t 10.96.0.10:80 -r 10.244.1.6:8080 -m -w 1"]
+
+
+def test_topology_hints(plan) -> None:
+    eps = [kube.endpoint("10.244.1.5", zone="z1", hints=["z1"]), kube.endpoint("10.244.2.5", "node-b", zone="z2",
+                                                                               hints=["z2"])]
+    assert plan(added(*NODES, web(), slice_(*eps)))[1:] == ["-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1"]
+    assert plan(added(*NODES, web(), slice_(*eps)), "node-b")[1:] == ["-a -t 10.96.0.10:80 -r 10.244.2.5:8080 -m -w 1"]
+    # One ready endpoint without hints: topology is ignored.
+    eps.append(kube.endpoint("10.244.3.5", "node-c"))
+    assert len(plan(added(*NODES, web(), slice_(*eps)))) == 4
+    # No endpoint for the node's zone: topology is ignored.
+    eps = [kube.endpoint("10.244.2.5", "node-b", hints=["z2"]), kube.endpoint("10.244.2.6", "node-b", hints=["z2"])]
+    assert len(plan(added(*NODES, web(), slice_(*eps)))) == 3
+
+
+def _local_service(**policy: str) -> dict:
+    return web(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}], **policy)
+
+
+def test_external_traffic_policy_local_with_ipvs_fallback(plan) -> None:
+    svc = _local_service(externalTrafficPolicy="Local")
+    eps = slice_(kube.endpoint("10.244.1.5", "node-a"), kube.endpoint("10.244.2.5", "node-b"))
+    a = plan(added(*NODES, svc, eps), "node-a")
+    assert [x for x in a if x.startswith("-a -t 192.0.2.1:30080")] == ["-a -t 192.0.2.1:30080 -r 10.244.1.5:8080 -m -w 1"]
+    assert len([x for x in a if x.startswith("-a -t 10.96.0.10:80")]) == 2, "the ClusterIP keeps every endpoint"
+    only_b = slice_(kube.endpoint("10.244.2.5", "node-b"))
+    a = plan(added(*NODES, svc, only_b), "node-a")
+    assert [x for x in a if x.startswith("-a -t 192.0.2.1:30080")] == [
+        "-a -t 192.0.2.1:30080 -r 10.244.2.5:8080 -m -w 1"], "IPVS mode falls back to cluster endpoints"
+    state = plan(added(*NODES, svc, only_b), "node-a", "json")
+    assert state["ipsets"]["KUBE-NODE-PORT-LOCAL-TCP"] == ["30080"]
+
+
+def test_internal_traffic_policy_local(plan) -> None:
+    svc = web(internalTrafficPolicy="Local")
+    eps = slice_(kube.endpoint("10.244.1.5", "node-a"), kube.endpoint("10.244.2.5", "node-b"))
+    assert plan(added(*NODES, svc, eps), "node-a")[1:] == ["-a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1"]
+    # No local endpoint and no external access: kube-proxy has no cluster endpoints to fall back to.
+    assert plan(added(*NODES, svc, eps), "node-c") == ["-A -t 10.96.0.10:80 -s rr"]
+
+
+def test_scheduler_default_flag_and_annotation(plan) -> None:
+    svc = web()
+    assert plan(added(svc), "node-a", "ipvsadm", "--scheduler", "lc") == ["-A -t 10.96.0.10:80 -s lc"]
+    svc["metadata"]["annotations"] = {"kipvs.io/scheduler": "sh"}
+    assert plan(added(svc)) == ["-A -t 10.96.0.10:80 -s sh"]
+    svc["metadata"]["annotations"] = {"kipvs.io/scheduler": "fastest"}
+    state = plan(added(svc), fmt="json")
+    assert state["ipvs"][0]["scheduler"] == "rr"
+    assert state["warnings"][0]["code"] == "invalid-scheduler" and "'fastest'" in state["warnings"][0]["message"]
+
+
+def test_session_affinity_is_persistence(plan) -> None:
+    svc = web(sessionAffinity="ClientIP")
+    assert plan(added(svc)) == ["-A -t 10.96.0.10:80 -s rr -p 10800"]
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 600}}
+    assert plan(added(svc)) == ["-A -t 10.96.0.10:80 -s rr -p 600"]
+
+
+def test_ignored_services(plan) -> None:
+    headless = kube.service("h", cluster_ip="None")
+    external_name = kube.service("e", type="ExternalName", externalName="db.example")
+    external_name["spec"].pop("clusterIP")
+    other = kube.service("o", cluster_ip="10.96.0.77")
+    other["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other-proxy"}
+    state = plan(added(headless, external_name, other), fmt="json")
+    assert state["ipvs"] == [] and state["warnings"] == []
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda s: s["spec"].update(clusterIP="10.96.0.999", clusterIPs=["10.96.0.999"]), "'10.96.0.999' is not an IP"),
+    (lambda s: s["spec"]["ports"][0].update(port=70000), "70000 is not a port number"),
+    (lambda s: s["spec"]["ports"][0].update(protocol="QUIC"), "unknown protocol 'QUIC'"),
+    (lambda s: s["spec"].pop("clusterIP") and s["spec"].pop("clusterIPs"), "spec.clusterIP: missing"),
+])
+def test_invalid_service_is_a_warning_and_does_not_poison_others(plan, mutate, message: str) -> None:
+    bad = kube.service("bad", cluster_ip="10.96.0.99")
+    mutate(bad)
+    state = plan(added(*NODES, bad, web(), slice_(kube.endpoint("10.244.1.5"))), fmt="json")
+    assert [v["address"] for v in state["ipvs"]] == ["10.96.0.10"]
+    (warning,) = state["warnings"]
+    assert warning["kind"] == "Service" and warning["object"] == "default/bad" and warning["code"] == "invalid-service"
+    assert message in warning["message"]
+
+
+def test_bad_endpoint_is_skipped_with_a_warning(plan) -> None:
+    eps = slice_(kube.endpoint("10.244.1.5"), kube.endpoint("not-an-ip"))
+    state = plan(added(*NODES, web(), eps), fmt="json")
+    assert [r["address"] for r in state["ipvs"][0]["real_servers"]] == ["10.244.1.5"]
+    assert state["warnings"][0]["object"] == "default/web-1" and "not-an-ip" in state["warnings"][0]["message"]
+
+
+def test_fixing_an_object_clears_its_warning(plan) -> None:
+    bad = web()
+    bad["spec"]["ports"][0]["port"] = 0
+    good = web()
+    good["metadata"]["resourceVersion"] = "9"
+    state = plan(added(bad) + [{"type": "MODIFIED", "object": good}], fmt="json")
+    assert state["warnings"] == [] and len(state["ipvs"]) == 1
+
+
+def test_deletes(plan) -> None:
+    sl = slice_(kube.endpoint("10.244.1.5"))
+    assert plan(added(web(), sl) + [{"type": "DELETED", "object": sl}]) == ["-A -t 10.96.0.10:80 -s rr"]
+    assert plan(added(web(), sl) + [{"type": "DELETED", "object": web()}]) == []
+
+
+def test_service_changes_apply_in_place(plan) -> None:
+    changed = copy.deepcopy(web())
+    changed["spec"]["ports"][0]["port"] = 8080
+    assert plan(added(web()) + [{"type": "MODIFIED", "object": changed}]) == ["-A -t 10.96.0.10:8080 -s rr"]
+
+
+def test_unreadable_input_is_a_precise_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "e.jsonl"
+    f.write_text(json.dumps({"type": "ADDED", "object": web()}) + "\n{oops\n")
+    assert kipvs(["plan", "--events", str(f), "--node", "n"]) == 2
+    assert f"{f}:2: not JSON" in capsys.readouterr().err
+    f.write_text(json.dumps({"type": "UPSERT", "object": web()}) + "\n")
+    assert kipvs(["plan", "--events", str(f), "--node", "n"]) == 2
+    assert "not a watch event" in capsys.readouterr().err
