@@ -171,7 +171,8 @@ def test_external_traffic_policy_local_with_ipvs_fallback(plan) -> None:
     svc = _local_service(externalTrafficPolicy="Local")
     eps = slice_(kube.endpoint("10.244.1.5", "node-a"), kube.endpoint("10.244.2.5", "node-b"))
     a = plan(added(*NODES, svc, eps), "node-a")
-    assert [x for x in a if x.startswith("-a -t 192.0.2.1:30080")] == ["-a -t 192.0.2.1:30080 -r 10.244.1.5:8080 -m -w 1"]
+    node_port = [x for x in a if x.startswith("-a -t 192.0.2.1:30080")]
+    assert node_port == ["-a -t 192.0.2.1:30080 -r 10.244.1.5:8080 -m -w 1"]
     assert len([x for x in a if x.startswith("-a -t 10.96.0.10:80")]) == 2, "the ClusterIP keeps every endpoint"
     only_b = slice_(kube.endpoint("10.244.2.5", "node-b"))
     a = plan(added(*NODES, svc, only_b), "node-a")
@@ -245,20 +246,20 @@ def test_fixing_an_object_clears_its_warning(plan) -> None:
     bad["spec"]["ports"][0]["port"] = 0
     good = web()
     good["metadata"]["resourceVersion"] = "9"
-    state = plan(added(bad) + [{"type": "MODIFIED", "object": good}], fmt="json")
+    state = plan([*added(bad), {"type": "MODIFIED", "object": good}], fmt="json")
     assert state["warnings"] == [] and len(state["ipvs"]) == 1
 
 
 def test_deletes(plan) -> None:
     sl = slice_(kube.endpoint("10.244.1.5"))
-    assert plan(added(web(), sl) + [{"type": "DELETED", "object": sl}]) == ["-A -t 10.96.0.10:80 -s rr"]
-    assert plan(added(web(), sl) + [{"type": "DELETED", "object": web()}]) == []
+    assert plan([*added(web(), sl), {"type": "DELETED", "object": sl}]) == ["-A -t 10.96.0.10:80 -s rr"]
+    assert plan([*added(web(), sl), {"type": "DELETED", "object": web()}]) == []
 
 
 def test_service_changes_apply_in_place(plan) -> None:
     changed = copy.deepcopy(web())
     changed["spec"]["ports"][0]["port"] = 8080
-    assert plan(added(web()) + [{"type": "MODIFIED", "object": changed}]) == ["-A -t 10.96.0.10:8080 -s rr"]
+    assert plan([*added(web()), {"type": "MODIFIED", "object": changed}]) == ["-A -t 10.96.0.10:8080 -s rr"]
 
 
 def test_unreadable_input_is_a_precise_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
