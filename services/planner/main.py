@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import msgspec
@@ -45,12 +46,15 @@ class PlannerServiceConfig(config.CommonConfig, kw_only=True, forbid_unknown_fie
             raise ValueError(f"scheduler {self.scheduler!r} is not an IPVS scheduler ({known})")
 
 
-async def replay_log(js: JetStreamContext, planner: Planner, upto: int) -> int:
-    """Feed the log's records 1..upto through the core, discarding the deltas. Returns records replayed."""
-    if upto <= 0:
+async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
+                     deltas: Callable[[list[events.Envelope]], None] | None = None) -> int:
+    """Feed the log's records after the planner's position up to ``upto`` through the core; hand the deltas
+    to ``deltas`` (None: discard them, they were published before). Returns the records replayed."""
+    if upto <= planner.source_seq:
         return 0
     sub = await js.pull_subscribe("kipvs.kube.>", stream=topology.KUBE_STREAM, config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True))
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=planner.source_seq + 1,
+        ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True))
     count = 0
     try:
         while planner.source_seq < upto:
@@ -67,7 +71,9 @@ async def replay_log(js: JetStreamContext, planner: Planner, upto: int) -> int:
                 except events.ContractError:
                     planner.source_seq = seq  # parked when it was first consumed
                     continue
-                planner.handle(envelope, seq)
+                produced = planner.handle(envelope, seq)
+                if deltas is not None:
+                    deltas(produced)
                 count += 1
     finally:
         await sub.unsubscribe()
@@ -132,6 +138,12 @@ async def plan(ctx: runtime.ServiceContext) -> None:
         log.error("the plan stream ends at delta %d but the log implies %d: deltas were lost (stream purged?); "
                   "appliers will see the gap and re-bootstrap from the next snapshot", published_seq, planner.seq)
     publisher = PlanPublisher(ctx.js, published_seq, stream_seq)
+    # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
+    # log order, and skip them when the durable consumer redelivers them.
+    if info.delivered.stream_seq > planner.source_seq:
+        caught = await replay_log(ctx.js, planner, info.delivered.stream_seq, publisher.add)
+        await publisher.flush()
+        log.info("planned %d events a previous instance had taken but not acked", caught)
     store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
     snap_state = {"seq": -1, "at": 0.0}
     m.gauge("kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
