@@ -78,8 +78,12 @@ class KubeResync(Record, tag="kube.resync"):
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
+# The plan structs below are gc=False: they hold only strings, numbers and tuples of other such structs,
+# so they cannot form reference cycles, and a planner holding 100k endpoints must not make the cyclic
+# garbage collector scan them all again and again.
 
-class Endpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """One backend of one Service port, with the facts per-node resolution needs."""
 
     ip: str
@@ -92,7 +96,7 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     terminating: bool = False
 
 
-class PortPlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class PortPlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """One Service port and its endpoints (matched by port name and protocol, merged over slices)."""
 
     name: str = ""
@@ -102,7 +106,7 @@ class PortPlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     endpoints: tuple[Endpoint, ...] = ()
 
 
-class ServicePlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ServicePlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """Everything about one Service that any node needs to program it."""
 
     key: str  # namespace/name
@@ -117,7 +121,7 @@ class ServicePlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     ports: tuple[PortPlan, ...] = ()
 
 
-class NodeFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class NodeFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """What per-node resolution needs to know about a node, from its Node object."""
 
     name: str

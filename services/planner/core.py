@@ -11,6 +11,7 @@ that node's facts. State is held once (not per node); per-node state is resolved
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,15 @@ class PlannerConfig:
         if self.default_scheduler not in parse.SCHEDULERS:
             raise ValueError(f"default scheduler {self.default_scheduler!r} is not an IPVS scheduler "
                              f"({', '.join(sorted(parse.SCHEDULERS))})")
+
+
+def tune_gc() -> None:
+    """The planner holds a large, long-lived, acyclic state (its structs are gc=False) and allocates many
+    short-lived dicts per event; collect the young generation less often and move what exists at start
+    (the rebuilt state) out of the collector's sight. Measured in `make bench`: about 1.3x more events/s."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _rv_not_newer(rv: str, than: str) -> bool:
@@ -225,7 +235,9 @@ def build_plan(spec: parse.ServiceSpec, slices: list[parse.SliceSpec]) -> Servic
                 if slice_port.name != sp.name or slice_port.protocol != sp.protocol:
                     continue
                 for ep in sl.endpoints:
-                    endpoints.setdefault((ep.ip, slice_port.port), _with_port(ep, slice_port.port))
+                    key = (ep.ip, slice_port.port)
+                    if key not in endpoints:
+                        endpoints[key] = ep if ep.port == slice_port.port else _with_port(ep, slice_port.port)
         ports.append(PortPlan(name=sp.name, protocol=sp.protocol, port=sp.port, node_port=sp.node_port,
                               endpoints=tuple(endpoints[k] for k in sorted(endpoints))))
     return ServicePlan(key=spec.key, cluster_ips=spec.cluster_ips, external_ips=spec.external_ips,

@@ -27,7 +27,7 @@ from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.shared.config import describe
 
 from . import parse
-from .core import SHARED_SCOPE, Planner, PlannerConfig
+from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
 
 log = logging.getLogger("kipvs.planner")
 
@@ -131,6 +131,7 @@ async def plan(ctx: runtime.ServiceContext) -> None:
     info = await ctx.js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)
     started = time.perf_counter()
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
+    tune_gc()
     published_seq, stream_seq = await last_published(ctx.js)
     log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d deltas in the plan stream",
              replayed, time.perf_counter() - started, info.ack_floor.stream_seq, published_seq)

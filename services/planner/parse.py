@@ -7,9 +7,12 @@ ready, nil serving means serving), only an endpoint's first address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from dataclasses import dataclass
+import socket
 from typing import Any
+
+import msgspec
 
 from kipvs.shared.events import Endpoint, NodeFacts
 
@@ -27,16 +30,14 @@ class Invalid(ValueError):
     """The object cannot be planned; the message names the field and the problem."""
 
 
-@dataclass(frozen=True, slots=True)
-class ServicePort:
+class ServicePort(msgspec.Struct, frozen=True, gc=False):
     name: str
     protocol: str
     port: int
     node_port: int
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceSpec:
+class ServiceSpec(msgspec.Struct, frozen=True, gc=False):
     """A Service kipvs proxies (never headless, ExternalName or owned by another proxy)."""
 
     key: str
@@ -52,15 +53,13 @@ class ServiceSpec:
     ports: tuple[ServicePort, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class SlicePort:
+class SlicePort(msgspec.Struct, frozen=True, gc=False):
     name: str
     protocol: str
     port: int
 
 
-@dataclass(frozen=True, slots=True)
-class SliceSpec:
+class SliceSpec(msgspec.Struct, frozen=True, gc=False):
     key: str  # namespace/name of the slice
     service_key: str  # namespace/name of the Service it belongs to
     ports: tuple[SlicePort, ...]
@@ -68,13 +67,22 @@ class SliceSpec:
     problems: tuple[str, ...]  # endpoints skipped and why
 
 
-def _ip(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise Invalid(f"{field}: {value!r} is not an IP address")
+@functools.lru_cache(maxsize=1 << 17)
+def canonical_ip(text: str) -> str | None:
+    """The canonical form of an IP address ('fd00:0::a' -> 'fd00::a'), None if it is not one.
+    C parsers and a cache: endpoint addresses are parsed on every slice change, the hot path."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        raise Invalid(f"{field}: {value!r} is not an IP address") from None
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except (OSError, ValueError):
+        return None
+
+
+def _ip(value: Any, field: str) -> str:
+    ip = canonical_ip(value.strip()) if isinstance(value, str) else None
+    if ip is None:
+        raise Invalid(f"{field}: {value!r} is not an IP address")
+    return ip
 
 
 def _port(value: Any, field: str, allow_zero: bool = False) -> int:
@@ -186,47 +194,87 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
         internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports))
 
 
+class _Conditions(msgspec.Struct):
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+
+
+class _ForZone(msgspec.Struct):
+    name: str = ""
+
+
+class _Hints(msgspec.Struct, rename="camel"):
+    for_zones: list[_ForZone] | None = None
+
+
+class _Endpoint(msgspec.Struct, rename="camel"):
+    addresses: list[str] | None = None
+    conditions: _Conditions | None = None
+    node_name: str | None = None
+    zone: str | None = None
+    hints: _Hints | None = None
+
+
+class _SlicePort(msgspec.Struct):
+    name: str | None = None
+    port: int | None = None
+    protocol: str | None = None
+
+
+class _Meta(msgspec.Struct):
+    name: str = ""
+    namespace: str = ""
+    labels: dict[str, str] | None = None
+
+
+class _Slice(msgspec.Struct, rename="camel"):
+    """The fields of an EndpointSlice kipvs reads; msgspec checks their types in C (the hot path)."""
+
+    metadata: _Meta
+    address_type: str | None = None
+    ports: list[_SlicePort] | None = None
+    endpoints: list[_Endpoint] | None = None
+
+
+_NO_CONDITIONS = _Conditions()
+
+
 def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
     """The slice's ports and endpoints; None if no Service proxied by kipvs can use it (no service-name
-    label, FQDN addresses). Bad endpoints are skipped and listed in ``problems``."""
-    meta = _mapping(obj.get("metadata"), "metadata")
-    service_name = _mapping(meta.get("labels"), "metadata.labels").get(SERVICE_NAME_LABEL)
-    if not service_name:
+    label, FQDN addresses). Endpoints with a bad address are skipped and listed in ``problems``."""
+    try:
+        sl = msgspec.convert(obj, _Slice)
+    except msgspec.ValidationError as exc:
+        raise Invalid(str(exc)) from None
+    service_name = (sl.metadata.labels or {}).get(SERVICE_NAME_LABEL)
+    if not service_name or sl.address_type == "FQDN":
         return None
-    address_type = obj.get("addressType")
-    if address_type == "FQDN":
-        return None
-    if address_type not in ("IPv4", "IPv6"):
-        raise Invalid(f"addressType: unknown value {address_type!r} (IPv4, IPv6, FQDN)")
+    if sl.address_type not in ("IPv4", "IPv6"):
+        raise Invalid(f"addressType: unknown value {sl.address_type!r} (IPv4, IPv6, FQDN)")
     ports = []
-    for i, raw in enumerate(_list(obj.get("ports"), "ports")):
-        p = _mapping(raw, f"ports[{i}]")
-        if p.get("port") is None:
+    for i, p in enumerate(sl.ports or ()):
+        if p.port is None:
             continue  # kube-proxy skips ports without a number
-        ports.append(SlicePort(p.get("name") or "", _protocol(p.get("protocol"), f"ports[{i}].protocol"),
-                               _port(p["port"], f"ports[{i}].port")))
+        ports.append(SlicePort(p.name or "", _protocol(p.protocol, f"ports[{i}].protocol"),
+                               _port(p.port, f"ports[{i}].port")))
+    first_port = ports[0].port if ports else 0  # endpoints carry it: reused as is for single-port slices
+    want_v6 = sl.address_type == "IPv6"
     endpoints, problems = [], []
-    for i, raw in enumerate(_list(obj.get("endpoints"), "endpoints")):
-        try:
-            ep = _mapping(raw, f"endpoints[{i}]")
-            addresses = _list(ep.get("addresses"), f"endpoints[{i}].addresses")
-            if not addresses:
-                raise Invalid(f"endpoints[{i}].addresses: empty")
-            ip = _ip(addresses[0], f"endpoints[{i}].addresses[0]")
-            if (":" in ip) != (address_type == "IPv6"):
-                raise Invalid(f"endpoints[{i}].addresses[0]: {ip} is not an {address_type} address")
-            conditions = _mapping(ep.get("conditions"), f"endpoints[{i}].conditions")
-            hints = _mapping(ep.get("hints"), f"endpoints[{i}].hints")
-            zones = tuple(sorted({str(_mapping(z, f"endpoints[{i}].hints.forZones").get("name", ""))
-                                  for z in _list(hints.get("forZones"), f"endpoints[{i}].hints.forZones")} - {""}))
-            endpoints.append(Endpoint(
-                ip=ip, port=0, node=str(ep.get("nodeName") or ""), zone=str(ep.get("zone") or ""), hints=zones,
-                ready=conditions.get("ready") is not False, serving=conditions.get("serving") is not False,
-                terminating=conditions.get("terminating") is True))
-        except Invalid as exc:
-            problems.append(str(exc))
-    namespace = meta.get("namespace") or ""
-    return SliceSpec(key=object_key(obj), service_key=f"{namespace}/{service_name}", ports=tuple(ports),
+    for i, ep in enumerate(sl.endpoints or ()):
+        if not ep.addresses:
+            problems.append(f"endpoints[{i}].addresses: missing or empty")
+            continue
+        ip = canonical_ip(ep.addresses[0].strip())
+        if ip is None or (":" in ip) != want_v6:
+            problems.append(f"endpoints[{i}].addresses[0]: {ep.addresses[0]!r} is not an {sl.address_type} address")
+            continue
+        c = ep.conditions or _NO_CONDITIONS
+        hints = tuple(sorted({z.name for z in ep.hints.for_zones or ()} - {""})) if ep.hints else ()
+        endpoints.append(Endpoint(ip=ip, port=first_port, node=ep.node_name or "", zone=ep.zone or "", hints=hints,
+                                  ready=c.ready is not False, serving=c.serving is not False,
+                                  terminating=c.terminating is True))
+    return SliceSpec(key=object_key(obj), service_key=f"{sl.metadata.namespace}/{service_name}", ports=tuple(ports),
                      endpoints=tuple(endpoints), problems=tuple(problems))
 
 
