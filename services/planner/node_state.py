@@ -32,9 +32,13 @@ def family_of(ip: str) -> int:
     return 6 if ":" in ip else 4
 
 
+IPSET_MAX_NAME = 31  # the kernel's IPSET_MAXNAMELEN (32) less the terminating NUL
+
+
 def ipset_name(base: str, family: int) -> str:
-    """kube-proxy's names: KUBE-CLUSTER-IP for IPv4, KUBE-6-CLUSTER-IP for IPv6."""
-    return base if family == 4 else base.replace("KUBE-", "KUBE-6-", 1)
+    """kube-proxy's names: KUBE-CLUSTER-IP for IPv4, KUBE-6-CLUSTER-IP for IPv6, truncated to 31
+    characters as kube-proxy does (KUBE-6-LOAD-BALANCER-SOURCE-CID)."""
+    return base if family == 4 else base.replace("KUBE-", "KUBE-6-", 1)[:IPSET_MAX_NAME]
 
 
 # The ipsets kube-proxy keeps in IPVS mode (a fixed set, whatever the number of Services), with their types.

@@ -1,0 +1,173 @@
+"""What the applier needs from a kernel, and the in-memory kernel model (``--backend memory``).
+
+``Backend`` is the seam between the applier's logic and the kernel: the netlink backend
+(``netlink_writer.py``) writes a real kernel; ``MemoryKernel`` models one for simulations, dry runs and
+differential tests (the same operations must leave both in the same state).
+
+Ownership: kipvs records every IPVS service it creates in the kernel itself, in the ipsets
+KIPVS-OWNED-VS / KIPVS-6-OWNED-VS (``ip,proto:port``), so that after any restart it knows which services
+are its own and never touches a foreign one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kipvs.planner.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
+
+from .ops import (
+    AddAddress,
+    AddEntry,
+    AddReal,
+    AddService,
+    DelAddress,
+    DelEntry,
+    DelReal,
+    DelService,
+    EditReal,
+    EditService,
+    Op,
+)
+
+LINK = "kube-ipvs0"
+OWNED_SETS = {4: "KIPVS-OWNED-VS", 6: "KIPVS-6-OWNED-VS"}
+
+
+def owned_entry(key: VSKey) -> str:
+    protocol, ip, port = key
+    return f"{ip},{protocol.lower()}:{port}"
+
+
+def parse_owned_entry(entry: str) -> VSKey:
+    ip, _, rest = entry.partition(",")
+    protocol, _, port = rest.partition(":")
+    return (protocol.upper(), ip, int(port))
+
+
+class CapabilityError(Exception):
+    """The kernel or the process cannot do what the applier needs; the message says what and how to fix it."""
+
+
+class KernelError(Exception):
+    """A kernel write failed; the message names the operation."""
+
+
+@dataclass
+class Observed:
+    """What was read back from the kernel."""
+
+    state: NodeState
+    owned: set[VSKey]
+    connections: dict[tuple[VSKey, RealKey], int] = field(default_factory=dict)  # active + inactive
+
+
+class Backend(Protocol):
+    label: str
+
+    async def check(self) -> None: ...
+
+    async def setup(self) -> None: ...
+
+    async def observe(self) -> Observed: ...
+
+    async def apply(self, ops: list[Op]) -> None: ...
+
+    async def cleanup(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class MemoryKernel:
+    """An in-memory model of the kernel objects kipvs writes. Clearly not a kernel: nothing is forwarded."""
+
+    label: str = "memory (simulated kernel: nothing is programmed)"
+    ipvs: dict[VSKey, VirtualService] = field(default_factory=dict)
+    link: bool = False
+    addresses: set[str] = field(default_factory=set)
+    ipsets: dict[str, set[str]] | None = None
+    connections: dict[tuple[VSKey, RealKey], int] = field(default_factory=dict)
+
+    async def check(self) -> None:
+        return None
+
+    async def setup(self) -> None:
+        self.link = True
+        if self.ipsets is None:
+            self.ipsets = {}
+        for name in (*ALL_IPSETS, *OWNED_SETS.values()):
+            self.ipsets.setdefault(name, set())
+
+    async def observe(self) -> Observed:
+        assert self.ipsets is not None, "setup() first"
+        state = NodeState()
+        state.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, v.persistence_timeout, dict(v.reals))
+                      for k, v in self.ipvs.items()}
+        state.addresses = set(self.addresses)
+        state.ipsets = {name: set(self.ipsets[name]) for name in ALL_IPSETS}
+        owned = {parse_owned_entry(e) for name in OWNED_SETS.values() for e in self.ipsets[name]}
+        return Observed(state, owned, dict(self.connections))
+
+    async def apply(self, ops: list[Op]) -> None:
+        assert self.ipsets is not None, "setup() first"
+        for op in ops:
+            self._apply(op)
+
+    def _apply(self, op: Op) -> None:
+        assert self.ipsets is not None
+        match op:
+            case AddAddress(ip):
+                self._absent(ip in self.addresses, f"address {ip} exists")
+                self.addresses.add(ip)
+            case DelAddress(ip):
+                self._present(ip in self.addresses, f"address {ip}")
+                self.addresses.discard(ip)
+            case AddService(key, scheduler, timeout):
+                self._absent(key in self.ipvs, f"service {key} exists")
+                self.ipvs[key] = VirtualService(key[0], key[1], key[2], scheduler, timeout)
+                self.ipsets[OWNED_SETS[family_of(key[1])]].add(owned_entry(key))
+            case EditService(key, scheduler, timeout):
+                self._present(key in self.ipvs, f"service {key}")
+                self.ipvs[key].scheduler, self.ipvs[key].persistence_timeout = scheduler, timeout
+            case DelService(key):
+                self._present(key in self.ipvs, f"service {key}")
+                del self.ipvs[key]
+                self.ipsets[OWNED_SETS[family_of(key[1])]].discard(owned_entry(key))
+            case AddReal(service, real, weight):
+                self._present(service in self.ipvs, f"service {service}")
+                self._absent(real in self.ipvs[service].reals, f"real server {real} exists")
+                self.ipvs[service].reals[real] = weight
+            case EditReal(service, real, weight):
+                self._present(real in self.ipvs.get(service, VirtualService("", "", 0, "")).reals, f"real {real}")
+                self.ipvs[service].reals[real] = weight
+            case DelReal(service, real):
+                self._present(real in self.ipvs.get(service, VirtualService("", "", 0, "")).reals, f"real {real}")
+                del self.ipvs[service].reals[real]
+                self.connections.pop((service, real), None)
+            case AddEntry(name, entry):
+                self.ipsets.setdefault(name, set()).add(entry)
+            case DelEntry(name, entry):
+                self.ipsets.setdefault(name, set()).discard(entry)
+
+    @staticmethod
+    def _absent(exists: bool, what: str) -> None:
+        if exists:
+            raise KernelError(f"{what} (EEXIST)")
+
+    @staticmethod
+    def _present(exists: bool, what: str) -> None:
+        if not exists:
+            raise KernelError(f"{what} does not exist (ENOENT)")
+
+    async def cleanup(self) -> None:
+        assert self.ipsets is not None
+        owned = {parse_owned_entry(e) for name in OWNED_SETS.values() for e in self.ipsets[name]}
+        for key in owned:
+            self.ipvs.pop(key, None)
+        self.addresses.clear()
+        self.link = False
+        self.ipsets = None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,306 @@
+"""The netlink writer: kipvs's kernel objects through pyroute2, async.
+
+- IPVS virtual services and real servers (generic netlink): masquerade forwarding, scheduler, persistence;
+  changed in place with ``set`` (never pyroute2's ``update``, which the kernel executes as a delete);
+- the ``kube-ipvs0`` dummy link and its /32 and /128 addresses (rtnetlink);
+- the ipsets the plan names, and kipvs's ownership sets (ipset netlink).
+
+Reads back everything it owns in one dump per object kind, for drift checks; it never dumps after a write.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from pyroute2 import AsyncIPRoute, AsyncIPVS
+from pyroute2.ipset import AsyncIPSet, PortEntry
+from pyroute2.ipvs import IPVSDest, IPVSService
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kipvs.planner.node_state import (
+    ALL_IPSETS,
+    IPSET_TYPES,
+    NodeState,
+    VirtualService,
+    VSKey,
+    family_of,
+    ipset_name,
+)
+
+from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
+from .ops import (
+    AddAddress,
+    AddEntry,
+    AddReal,
+    AddService,
+    DelAddress,
+    DelEntry,
+    DelReal,
+    DelService,
+    EditReal,
+    EditService,
+    Op,
+)
+
+log = logging.getLogger("kipvs.applier")
+
+PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
+PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
+MASQUERADE = 0  # IP_VS_CONN_F_MASQ
+SET_TYPES = dict(IPSET_TYPES)
+
+
+_TYPES_BY_NAME = {ipset_name(base, fam): kind for base, kind in SET_TYPES.items() for fam in (4, 6)}
+_TYPES_BY_NAME.update({OWNED_SETS[4]: "hash:ip,port", OWNED_SETS[6]: "hash:ip,port"})
+
+
+def _set_type(name: str) -> str:
+    return _TYPES_BY_NAME[name]
+
+
+def _set_family(name: str) -> int:
+    return socket.AF_INET6 if name.startswith(("KUBE-6-", "KIPVS-6-")) else socket.AF_INET
+
+
+def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService:
+    protocol, ip, port = key
+    v6 = family_of(ip) == 6
+    # af first: pyroute2 encodes the address according to the family attribute it has already seen.
+    return IPVSService(af=socket.AF_INET6 if v6 else socket.AF_INET, protocol=PROTOCOL_NUMBERS[protocol], addr=ip,
+                       port=port, sched_name=scheduler, timeout=timeout,
+                       flags={"flags": PERSISTENT if timeout else 0, "mask": 0xFFFFFFFF},
+                       netmask="0.0.0.128" if v6 else "255.255.255.255")
+
+
+def _dest(ip: str, port: int, weight: int) -> IPVSDest:
+    family = socket.AF_INET6 if family_of(ip) == 6 else socket.AF_INET
+    return IPVSDest(addr_family=family, addr=ip, port=port, weight=weight, fwd_method=MASQUERADE)
+
+
+def _entry_data(set_type: str, entry: str) -> tuple[Any, str]:
+    """kube-proxy's entry syntax ("10.96.0.10,tcp:80", "30080", ...) as pyroute2's (entry, etype)."""
+    if set_type == "bitmap:port":
+        return int(entry), "port"
+    if set_type == "hash:ip":
+        return entry, "ip"
+    parts = entry.split(",")
+    protocol, _, port = parts[1].partition(":")
+    port_entry = PortEntry(int(port), protocol=PROTOCOL_NUMBERS[protocol.upper()])
+    etype = set_type.split(" ")[0].removeprefix("hash:")
+    return (parts[0], port_entry, *parts[2:]), etype
+
+
+def _attrs(msg: Any) -> dict[str, Any]:
+    return dict(msg["attrs"])
+
+
+class NetlinkKernel:
+    label = "netlink (this host's kernel)"
+
+    def __init__(self) -> None:
+        self.ipvs: AsyncIPVS | None = None
+        self.ipr: AsyncIPRoute | None = None
+        self.ipset: AsyncIPSet | None = None
+        self.link_index = 0
+
+    async def _open(self) -> None:
+        if self.ipvs is None:
+            self.ipvs = AsyncIPVS()
+            await self.ipvs.setup_endpoint()  # binds the generic-netlink family; fails when ip_vs is not loaded
+            self.ipr = AsyncIPRoute()
+            await self.ipr.__aenter__()
+            self.ipset = AsyncIPSet()
+            await self.ipset.__aenter__()
+
+    async def check(self) -> None:
+        """Fail with the reason and the fix, before touching anything."""
+        try:
+            await self._open()
+            assert self.ipvs is not None
+            await self.ipvs.service("dump")
+        except NetlinkError as exc:
+            if exc.code == errno.EPERM:
+                raise CapabilityError(
+                    "no permission to program IPVS: run as root or with CAP_NET_ADMIN "
+                    "(in Kubernetes: securityContext.capabilities.add: [NET_ADMIN], hostNetwork)") from None
+            raise CapabilityError(f"IPVS is not usable: {exc}") from None
+        except Exception as exc:  # the generic-netlink family lookup fails when ip_vs is not loaded
+            raise CapabilityError(f"the kernel has no IPVS ({exc}): load it with 'modprobe ip_vs' and the "
+                                  "scheduler modules (ip_vs_rr, ...), or run with --backend memory") from None
+
+    async def setup(self) -> None:
+        await self._open()
+        assert self.ipr is not None and self.ipset is not None
+        found = await self.ipr.link_lookup(ifname=LINK)
+        if not found:
+            try:
+                await self.ipr.link("add", ifname=LINK, kind="dummy")
+            except NetlinkError as exc:
+                raise CapabilityError(f"cannot create the {LINK} dummy link ({exc}): load the dummy module") from None
+            found = await self.ipr.link_lookup(ifname=LINK)
+        self.link_index = found[0]
+        for name in (*ALL_IPSETS, *OWNED_SETS.values()):
+            kind = _set_type(name)
+            extra = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
+            family = _set_family(name)
+            try:
+                # pyroute2 asks the kernel for the newest revision of a type for IPv4 only; ask for the set's
+                # own family (IPv6 revisions can differ, and the wrong one is EINVAL).
+                self.ipset._attr_revision = (await self.ipset.get_supported_revisions(kind, family=family))[1]
+                await self.ipset.create(name, stype=kind, family=family, exclusive=False, **extra)
+            except NetlinkError as exc:
+                raise CapabilityError(f"cannot create ipset {name} ({kind}): {exc}; load ip_set and "
+                                      f"ip_set_{kind.replace(':', '_').replace(',', '')}") from None
+            finally:
+                self.ipset._attr_revision = None
+
+    async def observe(self) -> Observed:
+        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
+        state = NodeState()
+        connections = {}
+        for msg in await self.ipvs.service("dump"):
+            svc = _attrs(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))
+            if svc.get("IPVS_SVC_ATTR_FWMARK"):
+                continue  # fwmark services are never kipvs's
+            protocol = PROTOCOL_NAMES.get(svc["IPVS_SVC_ATTR_PROTOCOL"])
+            if protocol is None:
+                continue
+            key = (protocol, svc["IPVS_SVC_ATTR_ADDR"], svc["IPVS_SVC_ATTR_PORT"])
+            persistent = svc["IPVS_SVC_ATTR_FLAGS"]["flags"] & PERSISTENT
+            vs = VirtualService(protocol, key[1], key[2], svc["IPVS_SVC_ATTR_SCHED_NAME"],
+                                svc["IPVS_SVC_ATTR_TIMEOUT"] if persistent else 0)
+            for dmsg in await self.ipvs.dest("dump", service=_service(key)):
+                d = _attrs(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
+                real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
+                vs.reals[real] = d["IPVS_DEST_ATTR_WEIGHT"]
+                active, inactive = d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0), d.get("IPVS_DEST_ATTR_INACT_CONNS", 0)
+                connections[(key, real)] = active + inactive
+            state.ipvs[key] = vs
+        async for addr in await self.ipr.addr("dump", index=self.link_index):
+            state.addresses.add(addr.get_attr("IFA_ADDRESS"))
+        owned: set[VSKey] = set()
+        for name in (*ALL_IPSETS, *OWNED_SETS.values()):
+            entries = await self._members(name)
+            if name in OWNED_SETS.values():
+                owned |= {parse_owned_entry(e) for e in entries}
+            else:
+                state.ipsets[name] = entries
+        return Observed(state, owned, connections)
+
+    async def _members(self, name: str) -> set[str]:
+        assert self.ipset is not None
+        kind = _set_type(name)
+        out: set[str] = set()
+        async for msg in await self.ipset.list(name):
+            adt = msg.get_attr("IPSET_ATTR_ADT")
+            if not adt:
+                continue
+            for data in adt.get_attrs("IPSET_ATTR_DATA"):
+                out.add(_format_member(kind, data))
+        return out
+
+    async def apply(self, ops: list[Op]) -> None:
+        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
+        for op in ops:
+            try:
+                await self._apply(op)
+            except NetlinkError as exc:
+                raise KernelError(f"{op}: {exc}") from None
+
+    async def _apply(self, op: Op) -> None:
+        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
+        match op:
+            case AddAddress(ip):
+                await self.ipr.addr("add", index=self.link_index, address=ip, prefixlen=128 if ":" in ip else 32)
+            case DelAddress(ip):
+                await self.ipr.addr("del", index=self.link_index, address=ip, prefixlen=128 if ":" in ip else 32)
+            case AddService(key, scheduler, timeout):
+                await self.ipvs.service("add", service=_service(key, scheduler, timeout))
+                await self._set_member("add", OWNED_SETS[family_of(key[1])], owned_entry(key))
+            case EditService(key, scheduler, timeout):
+                await self.ipvs.service("set", service=_service(key, scheduler, timeout))
+            case DelService(key):
+                await self.ipvs.service("del", service=_service(key))
+                await self._set_member("del", OWNED_SETS[family_of(key[1])], owned_entry(key))
+            case AddReal(service, (ip, port), weight):
+                await self.ipvs.dest("add", service=_service(service), dest=_dest(ip, port, weight))
+            case EditReal(service, (ip, port), weight):
+                await self.ipvs.dest("set", service=_service(service), dest=_dest(ip, port, weight))
+            case DelReal(service, (ip, port)):
+                await self.ipvs.dest("del", service=_service(service), dest=_dest(ip, port, 0))
+            case AddEntry(name, entry):
+                await self._set_member("add", name, entry)
+            case DelEntry(name, entry):
+                await self._set_member("del", name, entry)
+
+    async def _set_member(self, action: str, name: str, entry: str) -> None:
+        assert self.ipset is not None
+        data, etype = _entry_data(_set_type(name), entry)
+        if action == "add":
+            await self.ipset.add(name, data, etype=etype, family=_set_family(name), exclusive=False)
+        else:
+            await self.ipset.delete(name, data, etype=etype, family=_set_family(name))
+
+    async def cleanup(self) -> None:
+        """Remove everything kipvs owns (its services, link and sets) and nothing else."""
+        await self._open()
+        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
+        owned: set[VSKey] = set()
+        for name in OWNED_SETS.values():
+            try:
+                owned |= {parse_owned_entry(e) for e in await self._members(name)}
+            except NetlinkError:
+                continue
+        for key in sorted(owned):
+            try:
+                await self.ipvs.service("del", service=_service(key))
+            except NetlinkError as exc:
+                if exc.code != errno.ESRCH and exc.code != errno.ENOENT:
+                    raise
+        if await self.ipr.link_lookup(ifname=LINK):
+            await self.ipr.link("del", ifname=LINK)
+        for name in (*ALL_IPSETS, *OWNED_SETS.values()):
+            try:
+                await self.ipset.destroy(name)
+            except NetlinkError as exc:
+                if exc.code != errno.ENOENT:
+                    log.warning("could not destroy ipset %s: %s", name, exc)
+
+    async def close(self) -> None:
+        for sock in (self.ipvs, self.ipr, self.ipset):
+            if sock is not None:
+                sock.close()
+        self.ipvs = self.ipr = self.ipset = None
+
+
+def _format_member(kind: str, data: Any) -> str:
+    """An ipset member in kube-proxy's entry syntax."""
+    attrs = dict(data["attrs"])
+    if kind == "bitmap:port":
+        return str(attrs["IPSET_ATTR_PORT_FROM"] if "IPSET_ATTR_PORT_FROM" in attrs else attrs["IPSET_ATTR_PORT"])
+    ip = _ip(attrs["IPSET_ATTR_IP_FROM"])
+    if kind == "hash:ip":
+        return ip
+    port = attrs.get("IPSET_ATTR_PORT_FROM", attrs.get("IPSET_ATTR_PORT"))
+    protocol = PROTOCOL_NAMES[attrs["IPSET_ATTR_PROTO"]].lower()
+    out = f"{ip},{protocol}:{port}"
+    if kind == "hash:ip,port,ip":
+        out += "," + _ip(attrs["IPSET_ATTR_IP2"])
+    elif kind == "hash:ip,port,net":
+        out += f",{_ip(attrs['IPSET_ATTR_IP2'])}/{attrs['IPSET_ATTR_CIDR2']}"
+    return out
+
+
+def _ip(nested: Any) -> str:
+    for _, value in nested["attrs"]:
+        return str(value)
+    raise KernelError("ipset member without an address")
+
+
+def all_owned_sets() -> Iterable[str]:
+    return (*ALL_IPSETS, *OWNED_SETS.values())

@@ -1,0 +1,200 @@
+"""Kernel operations and how to compute them. Pure: no netlink here.
+
+Two ways to get operations:
+
+- :func:`diff` compares a whole desired state with what was read back from the kernel (bootstrap and
+  drift repair). Only IPVS services kipvs owns are removed: ``owned`` is the set kipvs recorded in the
+  kernel when it created them (the KIPVS-OWNED-VS ipsets), so a foreign service is never touched.
+- :class:`DesiredState` keeps the desired state per Service (contributions, with reference counts for
+  addresses and ipset entries several Services share) and turns one Service's change into the few
+  operations it needs: work per delta is proportional to the change, not to the node's table.
+
+Operations are ordered so the data path never points at something missing: addresses and services
+before real servers and set entries that use them; removals in the reverse order.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from kipvs.planner.node_state import Contribution, NodeState, RealKey, VirtualService, VSKey, family_of, ipset_name
+
+
+@dataclass(frozen=True)
+class AddAddress:
+    ip: str
+
+
+@dataclass(frozen=True)
+class DelAddress:
+    ip: str
+
+
+@dataclass(frozen=True)
+class AddService:
+    key: VSKey
+    scheduler: str
+    persistence_timeout: int
+
+
+@dataclass(frozen=True)
+class EditService:
+    key: VSKey
+    scheduler: str
+    persistence_timeout: int
+
+
+@dataclass(frozen=True)
+class DelService:
+    key: VSKey
+
+
+@dataclass(frozen=True)
+class AddReal:
+    service: VSKey
+    real: RealKey
+    weight: int
+
+
+@dataclass(frozen=True)
+class EditReal:
+    service: VSKey
+    real: RealKey
+    weight: int
+
+
+@dataclass(frozen=True)
+class DelReal:
+    service: VSKey
+    real: RealKey
+
+
+@dataclass(frozen=True)
+class AddEntry:
+    set: str
+    entry: str
+
+
+@dataclass(frozen=True)
+class DelEntry:
+    set: str
+    entry: str
+
+
+Op = (AddAddress | DelAddress | AddService | EditService | DelService | AddReal | EditReal | DelReal
+      | AddEntry | DelEntry)
+
+_ORDER = {AddAddress: 0, AddService: 1, EditService: 2, AddReal: 3, EditReal: 4, AddEntry: 5,
+          DelEntry: 6, DelReal: 7, DelService: 8, DelAddress: 9}
+
+
+def ordered(ops: list[Op]) -> list[Op]:
+    return sorted(ops, key=lambda op: _ORDER[type(op)])
+
+
+def _service_ops(want: VirtualService | None, have: VirtualService | None) -> list[Op]:
+    ops: list[Op] = []
+    if want is None and have is not None:
+        return [DelService(have.key)]
+    assert want is not None
+    if have is None:
+        ops.append(AddService(want.key, want.scheduler, want.persistence_timeout))
+        have_reals: dict[RealKey, int] = {}
+    else:
+        if (have.scheduler, have.persistence_timeout) != (want.scheduler, want.persistence_timeout):
+            ops.append(EditService(want.key, want.scheduler, want.persistence_timeout))
+        have_reals = have.reals
+    for real, weight in want.reals.items():
+        if real not in have_reals:
+            ops.append(AddReal(want.key, real, weight))
+        elif have_reals[real] != weight:
+            ops.append(EditReal(want.key, real, weight))
+    for real in have_reals:
+        if real not in want.reals:
+            ops.append(DelReal(want.key, real))
+    return ops
+
+
+def diff(desired: NodeState, observed: NodeState, owned: set[VSKey]) -> list[Op]:
+    """Everything that must change for the kernel to hold ``desired``; foreign services are left alone."""
+    ops: list[Op] = []
+    for key, want in desired.ipvs.items():
+        ops.extend(_service_ops(want, observed.ipvs.get(key)))
+    for key in observed.ipvs:
+        if key not in desired.ipvs and key in owned:
+            ops.append(DelService(key))
+    ops.extend(AddAddress(ip) for ip in sorted(desired.addresses - observed.addresses))
+    ops.extend(DelAddress(ip) for ip in sorted(observed.addresses - desired.addresses))
+    for name, entries in desired.ipsets.items():
+        have = observed.ipsets.get(name, set())
+        ops.extend(AddEntry(name, e) for e in sorted(entries - have))
+        ops.extend(DelEntry(name, e) for e in sorted(have - entries))
+    return ordered(ops)
+
+
+@dataclass
+class DesiredState:
+    """The node's desired state, kept per Service so a change costs only what it touches."""
+
+    contributions: dict[str, Contribution] = field(default_factory=dict)
+    services: dict[VSKey, VirtualService] = field(default_factory=dict)
+    owners: dict[VSKey, str] = field(default_factory=dict)
+    address_refs: Counter[str] = field(default_factory=Counter)
+    entry_refs: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def update(self, service: str, new: Contribution | None) -> list[Op]:
+        """Replace one Service's contribution; the operations that turns the old into the new."""
+        old = self.contributions.pop(service, None)
+        if new is not None:
+            self.contributions[service] = new
+        ops: list[Op] = []
+        old_vs = {vs.key: vs for vs in (old.virtual_services if old else ()) if self.owners.get(vs.key) == service}
+        new_vs = {}
+        for vs in new.virtual_services if new else ():
+            owner = self.owners.get(vs.key)
+            if owner is None or owner == service or owner not in self.contributions:
+                new_vs[vs.key] = vs  # two Services on one VIP:port: the first keeps it
+        for key in old_vs.keys() | new_vs.keys():
+            want, have = new_vs.get(key), old_vs.get(key)
+            if want is not None:
+                self.services[key] = want
+                self.owners[key] = service
+            elif self.owners.get(key) == service:
+                del self.services[key]
+                del self.owners[key]
+            ops.extend(_service_ops(want, have))
+        for ip in (old.addresses if old else ()):
+            self.address_refs[ip] -= 1
+        for ip in (new.addresses if new else ()):
+            self.address_refs[ip] += 1
+        for ip in (old.addresses if old else set()) | (new.addresses if new else set()):
+            count = self.address_refs[ip]
+            if count <= 0:
+                del self.address_refs[ip]
+                if old and ip in old.addresses and not (new and ip in new.addresses):
+                    ops += [DelAddress(ip), DelEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+            elif count == 1 and new and ip in new.addresses and not (old and ip in old.addresses):
+                ops += [AddAddress(ip), AddEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+        for e in (old.ipset_entries if old else ()):
+            self.entry_refs[e] -= 1
+        for e in (new.ipset_entries if new else ()):
+            self.entry_refs[e] += 1
+        for e in (old.ipset_entries if old else set()) | (new.ipset_entries if new else set()):
+            count = self.entry_refs[e]
+            if count <= 0:
+                del self.entry_refs[e]
+                if old and e in old.ipset_entries and not (new and e in new.ipset_entries):
+                    ops.append(DelEntry(*e))
+            elif count == 1 and new and e in new.ipset_entries and not (old and e in old.ipset_entries):
+                ops.append(AddEntry(*e))
+        return ordered(ops)
+
+    def state(self) -> NodeState:
+        """The whole desired state (for drift checks and digests)."""
+        out = NodeState()
+        out.ipvs = dict(self.services)
+        out.addresses = set(self.address_refs)
+        for name, entry in self.entry_refs:
+            out.ipsets[name].add(entry)
+        return out.finish()

@@ -1,0 +1,130 @@
+"""Applier tests that need a real IPVS kernel. They run INSIDE the user-mode-Linux guest (tests/uml.py),
+driven by tests/test_kernel.py; on the host they would fail (no IPVS), so the host never collects them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.netlink_writer import NetlinkKernel
+from kipvs.applier.ops import DesiredState, Op, diff
+from kipvs.planner.core import Planner
+from kipvs.planner.render import ipvsadm
+from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.resolve import resolve_service
+from tests.golden.regenerate import EVENTS
+
+NODE = "node-a"
+
+
+def sh(command: str) -> str:
+    return subprocess.run(command, shell=True, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+async def kernel():
+    k = NetlinkKernel()
+    await k.cleanup()
+    sh("ipvsadm -C")
+    await k.check()
+    await k.setup()
+    yield k
+    await k.cleanup()
+    await k.close()
+
+
+def planned(events_file: Path = EVENTS) -> Planner:
+    with events_file.open() as f:
+        return plan_events(read_events(f, events_file.name), Planner().config)
+
+
+def desired_ops(planner: Planner, node: str = NODE) -> tuple[DesiredState, list[Op]]:
+    desired, ops = DesiredState(), []
+    facts = planner.nodes.get(node)
+    for key in sorted(planner.plans):
+        ops += desired.update(key, resolve_service(planner.plans[key], facts))
+    return desired, ops
+
+
+def kernel_table() -> list[str]:
+    return sorted(sh("ipvsadm -S -n").splitlines())
+
+
+async def test_applied_table_equals_kipvs_plan(kernel: NetlinkKernel) -> None:
+    planner = planned()
+    desired, ops = desired_ops(planner)
+    await kernel.apply(ops)
+    expected = ipvsadm(desired.state())
+    assert kernel_table() == sorted(expected.splitlines())
+    observed = await kernel.observe()
+    want = desired.state()
+    assert observed.state.addresses == want.addresses
+    assert observed.state.ipsets == want.ipsets
+    assert observed.owned == set(want.ipvs)
+    assert set(sh("ip -o addr show dev kube-ipvs0").split()) >= {f"{ip}/32" for ip in want.addresses}
+
+
+async def test_drift_is_repaired_and_foreign_services_are_left_alone(kernel: NetlinkKernel) -> None:
+    desired, ops = desired_ops(planned())
+    await kernel.apply(ops)
+    sh("ipvsadm -A -t 192.0.2.99:8443 -s wlc")  # someone else's service
+    sh("ipvsadm -D -t 10.96.0.10:80")  # ours, deleted behind our back
+    sh("ipvsadm -a -t 10.96.0.20:8080 -r 10.244.9.9:8080 -m -w 1")  # an intruder real server
+    sh("ip addr del 10.96.0.40/32 dev kube-ipvs0")
+    observed = await kernel.observe()
+    repair = diff(desired.state(), observed.state, observed.owned)
+    assert {type(op).__name__ for op in repair} == {"AddService", "AddReal", "DelReal", "AddAddress"}
+    await kernel.apply(repair)
+    table = kernel_table()
+    assert "-A -t 192.0.2.99:8443 -s wlc" in table
+    table.remove("-A -t 192.0.2.99:8443 -s wlc")
+    assert table == sorted(ipvsadm(desired.state()).splitlines())
+    again = await kernel.observe()
+    assert diff(desired.state(), again.state, again.owned) == []
+
+
+async def test_memory_backend_agrees_with_the_kernel(kernel: NetlinkKernel) -> None:
+    memory = MemoryKernel()
+    await memory.setup()
+    planner = planned()
+    desired, ops = desired_ops(planner)
+    # Then a few changes: a Service deleted, a node's view changed.
+    later = [desired.update("default/web", None), desired.update("default/api", None)]
+    for batch in (ops, *later):
+        await kernel.apply(batch)
+        await memory.apply(batch)
+        k, m = await kernel.observe(), await memory.observe()
+        assert k.state.ipvs == m.state.ipvs
+        assert k.state.addresses == m.state.addresses
+        assert k.state.ipsets == m.state.ipsets
+        assert k.owned == m.owned
+
+
+async def test_cleanup_removes_what_kipvs_owns_and_nothing_else(kernel: NetlinkKernel) -> None:
+    _, ops = desired_ops(planned())
+    await kernel.apply(ops)
+    sh("ipvsadm -A -u 192.0.2.99:53 -s rr")
+    await kernel.cleanup()
+    assert kernel_table() == ["-A -u 192.0.2.99:53 -s rr"]
+    assert "kube-ipvs0" not in sh("ip -o link")
+
+
+async def test_changes_apply_in_place(kernel: NetlinkKernel) -> None:
+    desired, ops = desired_ops(planned())
+    await kernel.apply(ops)
+    before = set(sh("ipvsadm -S -n").splitlines())
+    svc = planned().plans["default/session"]
+    from dataclasses import replace
+
+    import msgspec
+    changed = msgspec.structs.replace(svc, scheduler="sh", persistence_timeout=0)
+    _ = replace
+    step = desired.update("default/session", resolve_service(changed, planned().nodes[NODE]))
+    assert [type(op).__name__ for op in step] == ["EditService"]
+    await kernel.apply(step)
+    after = set(sh("ipvsadm -S -n").splitlines())
+    assert before - after == {"-A -t 10.96.0.40:80 -s rr -p 600"}
+    assert after - before == {"-A -t 10.96.0.40:80 -s sh"}

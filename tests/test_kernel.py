@@ -1,0 +1,55 @@
+"""The applier against a real IPVS kernel: tests/guest/kernel_applier.py, run inside user-mode Linux.
+
+The guest boots once for this module and runs every guest test; each is reported here as its own test.
+If the guest cannot run, every test here FAILS with the reason (a kernel test is never silently skipped).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.uml import GuestUnavailable, run_in_guest
+
+GUEST_FILE = Path(__file__).parent / "guest" / "kernel_applier.py"
+NAMES = [n.name for n in ast.parse(GUEST_FILE.read_text()).body
+         if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_")]
+pytestmark = pytest.mark.uml
+
+
+@pytest.fixture(scope="module")
+def guest_results() -> dict[str, tuple[str, str]]:
+    command = ("python -m pytest -q -p no:cacheprovider -o python_files='kernel_*.py' "
+               f"{GUEST_FILE.relative_to(Path.cwd()) if GUEST_FILE.is_relative_to(Path.cwd()) else GUEST_FILE} "
+               "--junitxml=/run/tmp/junit.xml > /run/tmp/pytest.log 2>&1; "
+               "echo JUNIT-BEGIN; cat /run/tmp/junit.xml; echo; echo JUNIT-END; tail -40 /run/tmp/pytest.log")
+    try:
+        run = run_in_guest(command, timeout=900)
+    except GuestUnavailable as exc:
+        pytest.fail(f"KERNEL TESTS COULD NOT RUN: {exc}", pytrace=False)
+    match = re.search(r"JUNIT-BEGIN\n(.*?)\nJUNIT-END", run.output, re.S)
+    if not match or not match.group(1).strip():
+        pytest.fail(f"KERNEL TESTS COULD NOT RUN: the guest produced no results:\n{run.output[-4000:]}", pytrace=False)
+    results: dict[str, tuple[str, str]] = {}
+    for case in ET.fromstring(match.group(1)).iter("testcase"):
+        problem = case.find("failure") or case.find("error")
+        skipped = case.find("skipped")
+        if problem is not None:
+            results[case.get("name", "")] = ("failed", (problem.get("message") or "") + "\n" + (problem.text or ""))
+        elif skipped is not None:
+            results[case.get("name", "")] = ("skipped", skipped.get("message") or "")
+        else:
+            results[case.get("name", "")] = ("passed", "")
+    results["__log__"] = ("log", run.output[-4000:])
+    return results
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_in_real_kernel(guest_results: dict[str, tuple[str, str]], name: str) -> None:
+    missing = ("missing", "the guest did not report it:\n" + guest_results["__log__"][1])
+    outcome, detail = guest_results.get(name, missing)
+    assert outcome == "passed", f"{name} {outcome} in the user-mode-Linux kernel:\n{detail}"
