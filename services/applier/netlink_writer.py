@@ -128,10 +128,16 @@ class NetlinkKernel:
                 raise CapabilityError(
                     "no permission to program IPVS: run as root or with CAP_NET_ADMIN "
                     "(in Kubernetes: securityContext.capabilities.add: [NET_ADMIN], hostNetwork)") from None
-            raise CapabilityError(f"IPVS is not usable: {exc}") from None
-        except Exception as exc:  # the generic-netlink family lookup fails when ip_vs is not loaded
-            raise CapabilityError(f"the kernel has no IPVS ({exc}): load it with 'modprobe ip_vs' and the "
-                                  "scheduler modules (ip_vs_rr, ...), or run with --backend memory") from None
+            if exc.code != errno.ENOENT:  # ENOENT: the generic-netlink family IPVS is not registered
+                raise CapabilityError(f"IPVS is not usable: {exc}") from None
+            raise self._no_ipvs(exc) from None
+        except (OSError, ValueError) as exc:
+            raise self._no_ipvs(exc) from None
+
+    @staticmethod
+    def _no_ipvs(exc: Exception) -> CapabilityError:
+        return CapabilityError(f"the kernel has no IPVS ({exc}): load it with 'modprobe ip_vs' and the scheduler "
+                               "modules (ip_vs_rr, ...), or run with --backend memory")
 
     async def setup(self) -> None:
         await self._open()

@@ -21,7 +21,7 @@ class VirtualService:
     scheduler: str
     persistence_timeout: int = 0
     reals: dict[RealKey, int] = field(default_factory=dict)  # -> weight
-    service: str = ""  # namespace/name that put it there (for audit; not a kernel attribute)
+    service: str = field(default="", compare=False)  # who put it there (audit only; not a kernel attribute)
 
     @property
     def key(self) -> VSKey:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from kipvs.applier.backend import MemoryKernel
@@ -119,7 +120,6 @@ async def test_changes_apply_in_place(kernel: NetlinkKernel) -> None:
     svc = planned().plans["default/session"]
     from dataclasses import replace
 
-    import msgspec
     changed = msgspec.structs.replace(svc, scheduler="sh", persistence_timeout=0)
     _ = replace
     step = desired.update("default/session", resolve_service(changed, planned().nodes[NODE]))
