@@ -6,6 +6,7 @@ Nothing here knows what a Service or an IPVS table is; the services hand it enve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -166,7 +167,8 @@ class DurableConsumer:
                     self.pending = msgs[-1].metadata.num_pending
                     self.caught_up = self.pending == 0
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
+                await sub.unsubscribe()
 
     async def _take(self, msgs: list[Msg]) -> None:
         deliveries: list[Delivery] = []

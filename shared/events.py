@@ -193,7 +193,36 @@ class PlanSnapshot(Record, tag="plan.snapshot"):
     warnings: tuple[PlanWarning, ...]
 
 
-AnyRecord = KubeEvent | KubeResync | PlanDelta | PlanSnapshot
+# --- Applier status (stream STATUS), produced by each node's applier ---------------------------------
+
+
+class ApplyReport(Record, tag="apply.report"):
+    """What one node applied for one batch of plan deltas.
+
+    ``desired_digest`` is a hash of the node's whole desired state after the batch; a drift check
+    publishes the digest of what it read back, so an auditor can tell a node is exactly in sync.
+    """
+
+    node: str
+    plan_seq: int  # the last shared delta applied
+    operations: int
+    duration_ms: float
+    errors: tuple[str, ...] = ()
+    desired_digest: str = ""
+
+
+class DriftReport(Record, tag="apply.drift"):
+    """A read-back of the kernel: what differed from the plan and what was done about it."""
+
+    node: str
+    plan_seq: int
+    found: tuple[str, ...]  # the repairs, one per kernel object ("add service TCP 10.96.0.10:80", ...)
+    repaired: bool
+    desired_digest: str
+    observed_digest: str  # after the repair
+
+
+AnyRecord = KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):

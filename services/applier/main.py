@@ -1,0 +1,247 @@
+"""``kipvs applier``: one per node. Plan deltas in, kernel writes out, reports back.
+
+    check the kernel (precise error and exit 2 if it cannot do IPVS) -> set up link and sets
+    bootstrap: the latest snapshot, resolved for this node; converge the kernel to it (diff after read-back)
+    consume kipvs.plan.all + kipvs.plan.node.<node> (one durable consumer, two filter subjects):
+        apply each delta to the shared plan (skip what the snapshot already had; a gap re-bootstraps)
+        re-resolve only the Services the batch touched (all of them if this node's facts changed)
+        write the operations, then ack; publish an apply report
+    every --drift-period (and on SIGUSR1): read the kernel back, repair any difference, report it
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+import sys
+import time
+from typing import Annotated, Literal
+
+import msgspec
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+from kipvs.planner.node_state import NodeState
+from kipvs.planner.plan_state import SequenceGap, SharedPlan
+from kipvs.planner.render import ipvsadm
+from kipvs.planner.resolve import resolve_service
+from kipvs.shared import bus, config, events, runtime, topology
+from kipvs.shared.config import describe
+
+from .backend import Backend, CapabilityError, KernelError, MemoryKernel
+from .ops import DesiredState, Op, diff
+
+log = logging.getLogger("kipvs.applier")
+
+
+class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
+    node: Annotated[str, describe("this node's name, as in its Node object (in Kubernetes: spec.nodeName)")] = ""
+    backend: Annotated[Literal["netlink", "memory"], describe(
+        "netlink: this host's kernel; memory: a simulated kernel for dry runs (programs nothing)")] = "netlink"
+    drift_period: Annotated[float, describe("seconds between kernel read-backs"), msgspec.Meta(gt=0)] = 60.0
+    batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
+    cleanup: Annotated[bool, describe("remove everything kipvs owns on this node, then exit")] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.node:
+            raise ValueError("node is required (--node, KIPVS_NODE): the name of this node's Node object")
+        topology.token(self.node)
+
+
+def digest(state: NodeState) -> str:
+    """A short hash of a node state: equal digests, equal kernels (for the parts kipvs owns)."""
+    h = hashlib.sha256(ipvsadm(state).encode())
+    h.update(repr(sorted(state.addresses)).encode())
+    h.update(repr(sorted((k, sorted(v)) for k, v in state.ipsets.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def describe_op(op: Op) -> str:
+    return f"{type(op).__name__} " + " ".join(str(v) for v in vars(op).values())
+
+
+class Applier:
+    """The applier's state and logic, with its kernel and the bus handed in."""
+
+    def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend) -> None:
+        self.ctx = ctx
+        self.node = node
+        self.kernel = kernel
+        self.plan = SharedPlan()
+        self.desired = DesiredState()
+        m = ctx.metrics
+        self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
+        self.apply_seconds = m.histogram("kipvs_applier_apply_seconds", "time to write one batch")
+        self.drift_repairs = m.counter("kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back")
+        m.gauge("kipvs_applier_plan_seq", "last shared delta applied", read=lambda: self.plan.seq)
+
+    async def bootstrap(self) -> None:
+        """Load the latest snapshot, resolve it for this node and make the kernel match (read-back + diff)."""
+        store = await self.ctx.js.object_store(topology.SNAPSHOT_BUCKET)
+        try:
+            raw = (await store.get(topology.snapshot_object("all"))).data
+            snap = events.decode(raw).record
+            assert isinstance(snap, events.PlanSnapshot)
+            self.plan = SharedPlan.from_snapshot(snap)
+        except (ObjectNotFoundError, NotFoundError):
+            self.plan = SharedPlan()  # no planner has written one yet: start from the first delta
+        self.desired = DesiredState()
+        facts = self.plan.nodes.get(self.node)
+        for key in sorted(self.plan.services):
+            self.desired.update(key, resolve_service(self.plan.services[key], facts))
+        found = await self.converge()
+        log.info("bootstrapped at plan delta %d: %d services, %d repairs to reach it", self.plan.seq,
+                 len(self.desired.services), len(found))
+
+    async def converge(self) -> list[str]:
+        observed = await self.kernel.observe()
+        ops = diff(self.desired.state(), observed.state, observed.owned)
+        if ops:
+            await self.kernel.apply(ops)
+            self.applied_ops.inc(len(ops))
+        return [describe_op(op) for op in ops]
+
+    async def handle(self, batch: list[bus.Delivery]) -> None:
+        started = time.perf_counter()
+        touched: set[str] = set()
+        facts_before = self.plan.nodes.get(self.node)
+        for d in batch:
+            record = d.envelope.record
+            if not isinstance(record, events.PlanDelta):
+                raise ValueError(f"{type(record).__name__} does not belong on a plan subject")
+            if record.scope != "all":
+                continue  # node-scoped deltas carry nothing this version plans for
+            try:
+                if not self.plan.apply(record):
+                    continue
+            except SequenceGap as exc:
+                log.warning("%s: re-bootstrapping from the latest snapshot", exc)
+                await self.bootstrap()
+                if record.seq > self.plan.seq + 1:
+                    raise bus.Retry(f"snapshot at {self.plan.seq} does not reach delta {record.seq} yet") from None
+                if not self.plan.apply(record):
+                    continue
+            touched |= {op.service.key if isinstance(op, events.SetService) else op.key
+                        for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
+        facts = self.plan.nodes.get(self.node)
+        if facts != facts_before:
+            touched = set(self.desired.contributions) | set(self.plan.services)
+        ops: list[Op] = []
+        for key in sorted(touched):
+            plan = self.plan.services.get(key)
+            ops += self.desired.update(key, resolve_service(plan, facts) if plan else None)
+        errors: list[str] = []
+        if ops:
+            try:
+                await self.kernel.apply(ops)
+            except KernelError as exc:
+                # The kernel is not what we thought (changed behind our back): read back and converge.
+                errors.append(str(exc))
+                log.warning("kernel write failed (%s); converging from a read-back", exc)
+                await self.converge()
+        self.applied_ops.inc(len(ops))
+        elapsed = time.perf_counter() - started
+        self.apply_seconds.observe(elapsed)
+        await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
+                                             duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
+                                             desired_digest=digest(self.desired.state())))
+
+    async def drift_check(self) -> None:
+        observed = await self.kernel.observe()
+        want = self.desired.state()
+        ops = diff(want, observed.state, observed.owned)
+        if ops:
+            await self.kernel.apply(ops)
+            self.drift_repairs.inc(len(ops))
+            log.warning("drift: repaired %d kernel objects", len(ops))
+            observed = await self.kernel.observe()
+        await self.report(events.DriftReport(
+            node=self.node, plan_seq=self.plan.seq, found=tuple(describe_op(op) for op in ops), repaired=True,
+            desired_digest=digest(want), observed_digest=digest(observed.state)))
+
+    async def report(self, record: events.ApplyReport | events.DriftReport) -> None:
+        what = "applied" if isinstance(record, events.ApplyReport) else "drift"
+        envelope = events.Envelope(id=f"{what}/{self.node}/{record.plan_seq}/{time.time_ns()}",
+                                   time_ns=time.time_ns(), producer=f"applier/{self.node}", record=record)
+        await bus.publish(self.ctx.js, topology.status_subject(self.node, what), envelope)
+
+
+async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend) -> None:
+    cfg = ctx.config
+    assert isinstance(cfg, ApplierConfig)
+    log.info("kernel backend: %s", kernel.label)
+    await kernel.setup()
+    applier = Applier(ctx, cfg.node, kernel)
+    ctx.set_not_ready("bootstrapping from the plan snapshot")
+    await applier.bootstrap()
+    drift_now = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drift_now.set)
+
+    async def idle() -> None:
+        ctx.set_ready()
+
+    spec = topology.applier_consumer(cfg.node)
+    consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
+                                   batch=cfg.batch, idle=idle)
+
+    async def drift_loop() -> None:
+        while not ctx.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
+            drift_now.clear()
+            if not ctx.stop.is_set():
+                await applier.drift_check()
+
+    runner = asyncio.create_task(consumer.run())
+    drifter = asyncio.create_task(drift_loop())
+    stopping = asyncio.create_task(ctx.stop.wait())
+    done, _ = await asyncio.wait({runner, drifter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    consumer.stop()
+    drifter.cancel()
+    await asyncio.gather(runner, drifter, return_exceptions=True)
+    stopping.cancel()
+    for task in done - {stopping}:
+        if task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    await kernel.close()
+
+
+def make_backend(cfg: ApplierConfig) -> Backend:
+    if cfg.backend == "memory":
+        return MemoryKernel()
+    from .netlink_writer import NetlinkKernel
+
+    return NetlinkKernel()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_flags(parser, ApplierConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config.load(ApplierConfig, vars(args))
+    kernel = make_backend(cfg)
+
+    async def main() -> int:
+        try:
+            await kernel.check()
+        except CapabilityError as exc:
+            print(f"kipvs applier: {exc}", file=sys.stderr)
+            return 2
+        if cfg.cleanup:
+            await kernel.cleanup()
+            await kernel.close()
+            print(f"kipvs applier: removed everything kipvs owned on this node ({kernel.label})")
+            return 0
+        if cfg.backend == "memory":
+            logging.getLogger("kipvs.applier").warning("--backend memory: a SIMULATED kernel, nothing is programmed")
+        await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel),
+                                  consumers=[topology.applier_consumer(cfg.node)])
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,90 @@
+"""Planner and applier services over a real nats-server; the applier on the memory kernel (the kernel
+itself is tested in user-mode Linux, tests/test_kernel.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan, digest
+from kipvs.planner.core import PlannerConfig
+from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.resolve import resolve_node
+from kipvs.shared import bus, config, events, runtime, topology
+from tests import kube
+from tests.golden.regenerate import EVENTS
+from tests.helpers import eventually
+from tests.logread import read_stream
+
+
+def _start(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
+    stop = asyncio.Event()
+    consumers = [topology.planner_consumer()] if name == "planner" else [topology.applier_consumer(cfg.node)]
+    return asyncio.create_task(runtime.run_service(name, cfg, main, consumers=consumers, stop=stop)), stop
+
+
+async def _publish_kube(js, lines: list[str], source: str) -> None:
+    for env in read_events(lines, source):  # the source names the ids: distinct per batch, or JetStream dedupes
+        r = env.record
+        await bus.publish(js, topology.kube_object_subject(r.kind, r.namespace, r.name), env)
+
+
+async def test_plan_reaches_the_node_and_a_late_node_bootstraps_from_the_snapshot(nats_url: str) -> None:
+    lines = EVENTS.read_text().splitlines()
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    await _publish_kube(js, lines[:12], "first")
+    common = {"nats_url": nats_url, "http_listen": ""}
+    planner_cfg = config.load(PlannerServiceConfig, {**common, "snapshot_every": "3"}, {})
+    planner_task, planner_stop = _start("planner", planner_cfg, plan)
+    kernel_a = MemoryKernel()
+    cfg_a = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "drift_period": "0.5"}, {})
+    applier_a, stop_a = _start("applier", cfg_a, lambda ctx: apply_plan(ctx, kernel_a))
+    await _publish_kube(js, lines[12:], "second")
+    # A Service added later, for node-a to pick up live.
+    extra = json.dumps({"type": "ADDED", "object": {**kube.service("late", cluster_ip="10.96.0.77"),
+                                                   "metadata": {"name": "late", "namespace": "default",
+                                                                "resourceVersion": "999"}}})
+    await _publish_kube(js, [extra], "extra")
+    expected_planner = plan_events(read_events([*lines, extra], "x"), PlannerConfig())
+    want = resolve_node(expected_planner.plans.values(), expected_planner.nodes["node-a"])
+
+    async def kernel_matches(kernel: MemoryKernel) -> bool:
+        got = await kernel.observe()
+        return got.state.ipvs == want.ipvs and got.state.addresses == want.addresses and got.state.ipsets == want.ipsets
+
+    for _ in range(200):
+        if kernel_a.ipsets is not None and await kernel_matches(kernel_a):
+            break
+        await asyncio.sleep(0.05)
+    assert await kernel_matches(kernel_a), "node-a never reached its planned state"
+
+    # node-b joins late: it starts from the planner's snapshot, not from the first delta.
+    kernel_b = MemoryKernel()
+    cfg_b = config.load(ApplierConfig, {**common, "node": "node-b", "backend": "memory"}, {})
+    applier_b, stop_b = _start("applier", cfg_b, lambda ctx: apply_plan(ctx, kernel_b))
+    want_b = resolve_node(expected_planner.plans.values(), expected_planner.nodes["node-b"])
+    await eventually(lambda: kernel_b.ipsets is not None and {k: v.reals for k, v in kernel_b.ipvs.items()} ==
+                     {k: v.reals for k, v in want_b.ipvs.items()}, what="node-b's kernel")
+
+    # Drift behind node-a's back is repaired by the periodic read-back and reported.
+    kernel_a.ipvs.pop(("TCP", "10.96.0.10", 80))
+    for _ in range(100):
+        if await kernel_matches(kernel_a):
+            break
+        await asyncio.sleep(0.05)
+    assert await kernel_matches(kernel_a), "drift was not repaired"
+
+    for stop in (stop_a, stop_b, planner_stop):
+        stop.set()
+    await asyncio.gather(applier_a, applier_b, planner_task)
+    status = [env.record for _, env in await read_stream(js, topology.STATUS_STREAM)]
+    reports = [r for r in status if isinstance(r, events.ApplyReport) and r.node == "node-a"]
+    assert reports and reports[-1].desired_digest == digest(want)
+    drift = [r for r in status if isinstance(r, events.DriftReport) and r.found]
+    assert any("AddService ('TCP', '10.96.0.10', 80)" in f for r in drift for f in r.found), drift
+    await nc.close()
