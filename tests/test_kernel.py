@@ -15,16 +15,17 @@ import pytest
 
 from tests.uml import GuestUnavailable, run_in_guest
 
-GUEST_FILE = Path(__file__).parent / "guest" / "kernel_applier.py"
-NAMES = [n.name for n in ast.parse(GUEST_FILE.read_text()).body
+GUEST_DIR = Path(__file__).parent / "guest"
+GUEST_FILES = sorted(GUEST_DIR.glob("kernel_*.py"))
+NAMES = [n.name for f in GUEST_FILES for n in ast.parse(f.read_text()).body
          if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_")]
 pytestmark = pytest.mark.uml
 
 
 @pytest.fixture(scope="module")
 def guest_results() -> dict[str, tuple[str, str]]:
-    command = ("python -m pytest -q -p no:cacheprovider -o python_files='kernel_*.py' "
-               f"{GUEST_FILE.relative_to(Path.cwd()) if GUEST_FILE.is_relative_to(Path.cwd()) else GUEST_FILE} "
+    files = " ".join(str(f) for f in GUEST_FILES)
+    command = (f"python -m pytest -q -p no:cacheprovider -o python_files='kernel_*.py' {files} "
                "--junitxml=/run/tmp/junit.xml > /run/tmp/pytest.log 2>&1; "
                "echo JUNIT-BEGIN; cat /run/tmp/junit.xml; echo; echo JUNIT-END; tail -40 /run/tmp/pytest.log")
     try:
@@ -36,7 +37,10 @@ def guest_results() -> dict[str, tuple[str, str]]:
         pytest.fail(f"KERNEL TESTS COULD NOT RUN: the guest produced no results:\n{run.output[-4000:]}", pytrace=False)
     results: dict[str, tuple[str, str]] = {}
     for case in ET.fromstring(match.group(1)).iter("testcase"):
-        problem = case.find("failure") or case.find("error")
+        # `is not None`, never truthiness: an Element without children is falsy.
+        problem = case.find("failure")
+        if problem is None:
+            problem = case.find("error")
         skipped = case.find("skipped")
         if problem is not None:
             results[case.get("name", "")] = ("failed", (problem.get("message") or "") + "\n" + (problem.text or ""))
