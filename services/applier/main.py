@@ -33,6 +33,7 @@ from kipvs.shared.config import describe
 
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .ops import DesiredState, Op, diff
+from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
 
@@ -44,6 +45,12 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     drift_period: Annotated[float, describe("seconds between kernel read-backs"), msgspec.Meta(gt=0)] = 60.0
     batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
     cleanup: Annotated[bool, describe("remove everything kipvs owns on this node, then exit")] = False
+    rules: Annotated[Literal["nftables", "none"], describe(
+        "nftables: masquerade, VIP port filter and source ranges in table inet kipvs; none: IPVS only")] = "nftables"
+    cluster_cidr: Annotated[list[str], describe(
+        "pod CIDRs: ClusterIP traffic from outside them is masqueraded (kube-proxy's --cluster-cidr)")] = []
+    masquerade_all: Annotated[bool, describe(
+        "masquerade all ClusterIP traffic (kube-proxy's --masquerade-all)")] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,10 +74,11 @@ def describe_op(op: Op) -> str:
 class Applier:
     """The applier's state and logic, with its kernel and the bus handed in."""
 
-    def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend) -> None:
+    def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend, rules: NftRules | None = None) -> None:
         self.ctx = ctx
         self.node = node
         self.kernel = kernel
+        self.rules = rules
         self.plan = SharedPlan()
         self.desired = DesiredState()
         m = ctx.metrics
@@ -94,6 +102,8 @@ class Applier:
         for key in sorted(self.plan.services):
             self.desired.update(key, resolve_service(self.plan.services[key], facts))
         found = await self.converge()
+        if self.rules is not None:
+            await self.rules.install(self.desired.state().ipsets)
         log.info("bootstrapped at plan delta %d: %d services, %d repairs to reach it", self.plan.seq,
                  len(self.desired.services), len(found))
 
@@ -138,11 +148,15 @@ class Applier:
         if ops:
             try:
                 await self.kernel.apply(ops)
+                if self.rules is not None:
+                    await self.rules.apply(ops)
             except KernelError as exc:
                 # The kernel is not what we thought (changed behind our back): read back and converge.
                 errors.append(str(exc))
                 log.warning("kernel write failed (%s); converging from a read-back", exc)
                 await self.converge()
+                if self.rules is not None:
+                    await self.rules.install(self.desired.state().ipsets)
         self.applied_ops.inc(len(ops))
         elapsed = time.perf_counter() - started
         self.apply_seconds.observe(elapsed)
@@ -154,13 +168,19 @@ class Applier:
         observed = await self.kernel.observe()
         want = self.desired.state()
         ops = diff(want, observed.state, observed.owned)
+        found = [describe_op(op) for op in ops]
         if ops:
             await self.kernel.apply(ops)
             self.drift_repairs.inc(len(ops))
             log.warning("drift: repaired %d kernel objects", len(ops))
             observed = await self.kernel.observe()
+        if self.rules is not None:
+            members = await self.rules.members()
+            if any(members.get(name, set()) != entries for name, entries in want.ipsets.items()):
+                found.append("nftables table inet kipvs: set members differed; table rewritten")
+                await self.rules.install(want.ipsets)
         await self.report(events.DriftReport(
-            node=self.node, plan_seq=self.plan.seq, found=tuple(describe_op(op) for op in ops), repaired=True,
+            node=self.node, plan_seq=self.plan.seq, found=tuple(found), repaired=True,
             desired_digest=digest(want), observed_digest=digest(observed.state)))
 
     async def report(self, record: events.ApplyReport | events.DriftReport) -> None:
@@ -170,12 +190,12 @@ class Applier:
         await bus.publish(self.ctx.js, topology.status_subject(self.node, what), envelope)
 
 
-async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend) -> None:
+async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRules | None = None) -> None:
     cfg = ctx.config
     assert isinstance(cfg, ApplierConfig)
-    log.info("kernel backend: %s", kernel.label)
+    log.info("kernel backend: %s; rules: %s", kernel.label, "nftables table inet kipvs" if rules else "none")
     await kernel.setup()
-    applier = Applier(ctx, cfg.node, kernel)
+    applier = Applier(ctx, cfg.node, kernel, rules)
     ctx.set_not_ready("bootstrapping from the plan snapshot")
     await applier.bootstrap()
     drift_now = asyncio.Event()
@@ -227,20 +247,28 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.load(ApplierConfig, vars(args))
     kernel = make_backend(cfg)
 
+    rules = None
+    if cfg.rules == "nftables" and cfg.backend == "netlink":
+        rules = NftRules(RulesConfig(cluster_cidrs=tuple(cfg.cluster_cidr), masquerade_all=cfg.masquerade_all))
+
     async def main() -> int:
         try:
             await kernel.check()
+            if rules is not None:
+                await rules.check()
         except CapabilityError as exc:
             print(f"kipvs applier: {exc}", file=sys.stderr)
             return 2
         if cfg.cleanup:
+            if rules is not None:
+                await rules.remove()
             await kernel.cleanup()
             await kernel.close()
             print(f"kipvs applier: removed everything kipvs owned on this node ({kernel.label})")
             return 0
         if cfg.backend == "memory":
             logging.getLogger("kipvs.applier").warning("--backend memory: a SIMULATED kernel, nothing is programmed")
-        await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel),
+        await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules),
                                   consumers=[topology.applier_consumer(cfg.node)])
         return 0
 

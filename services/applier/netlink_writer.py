@@ -14,6 +14,7 @@ import errno
 import logging
 import socket
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
@@ -47,6 +48,11 @@ from .ops import (
 )
 
 log = logging.getLogger("kipvs.applier")
+
+# The sysctls kube-proxy sets in IPVS mode: conntrack for IPVS connections (needed for masquerade), expire
+# connections to removed real servers and quiescent persistence templates, and forwarding.
+SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
+           "net.ipv4.vs.expire_quiescent_template": "1", "net.ipv4.ip_forward": "1"}
 
 PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
@@ -141,6 +147,12 @@ class NetlinkKernel:
 
     async def setup(self) -> None:
         await self._open()
+        for key, value in SYSCTLS.items():
+            path = Path("/proc/sys") / key.replace(".", "/")
+            try:
+                path.write_text(value)
+            except OSError as exc:
+                log.warning("could not set %s=%s (%s); kube-proxy sets it for IPVS mode", key, value, exc.strerror)
         assert self.ipr is not None and self.ipset is not None
         found = await self.ipr.link_lookup(ifname=LINK)
         if not found:

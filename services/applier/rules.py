@@ -1,0 +1,244 @@
+"""kipvs's packet rules: one nftables table, ``inet kipvs``, written in atomic transactions.
+
+kube-proxy's IPVS mode keeps a fixed set of iptables rules that match its ipsets. nftables cannot match
+ipsets, so kipvs's table holds nft sets with the same members as the KUBE-* ipsets (the ipsets are still
+kept, for parity and for tools that read them) and rules that do kube-proxy's jobs:
+
+- masquerade: traffic to a ClusterIP from outside the cluster CIDRs (or all of it with masquerade-all),
+  to an external IP or a load-balancer IP (unless its Service is externalTrafficPolicy Local) and to a
+  node port (same exception) is marked 0x4000 and masqueraded after IPVS; hairpin traffic (a pod reaching
+  itself through its Service: the KUBE-LOOP-BACK entries) is masqueraded;
+- the VIP port filter (KUBE-IPVS-FILTER's job, kubernetes#72236): a NEW connection to an address on
+  kube-ipvs0 on a port that is no Service port is rejected;
+- loadBalancerSourceRanges: traffic to a load-balancer VIP:port with source ranges is dropped unless
+  its source is in a range (or is the node itself: the -SOURCE-IP entries);
+- forwarding of marked and established traffic is accepted.
+
+The whole table is (re)written in one ``nft -f`` transaction (flush + define); member changes are one
+transaction per batch. kipvs never touches another table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kipvs.planner.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
+
+from .backend import CapabilityError, KernelError
+from .ops import AddEntry, DelEntry, Op
+
+TABLE = "kipvs"
+MASQ_MARK = 0x4000
+
+# ipset -> (nft set name, element type, needs interval flag)
+_ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+
+def _nft_type(set_type: str, family: int) -> tuple[str, bool]:
+    addr = _ADDR[family]
+    return {
+        "hash:ip": (addr, False),
+        "hash:ip,port": (f"{addr} . inet_proto . inet_service", False),
+        "hash:ip,port,ip": (f"{addr} . inet_proto . inet_service . {addr}", False),
+        "hash:ip,port,net": (f"{addr} . inet_proto . inet_service . {addr}", True),
+        "bitmap:port": ("inet_service", False),
+    }[set_type]
+
+
+@dataclass(frozen=True)
+class NftSet:
+    ipset: str  # the KUBE-* ipset it mirrors
+    name: str  # nft set name: lowercase, family suffixed
+    family: int
+    type: str
+    interval: bool
+
+
+def _sets() -> dict[str, NftSet]:
+    out = {}
+    for base, set_type in IPSET_TYPES.items():
+        for family in (4, 6):
+            ipset = ipset_name(base, family)
+            nft_type, interval = _nft_type(set_type, family)
+            name = base.removeprefix("KUBE-").lower().replace("-", "_") + str(family)
+            out[ipset] = NftSet(ipset, name, family, nft_type, interval)
+    return out
+
+
+SETS = _sets()
+assert set(SETS) == set(ALL_IPSETS)
+
+
+def element(set_type: str, entry: str) -> str:
+    """A kube-proxy ipset entry as an nft set element: ``10.96.0.10,tcp:80`` -> ``10.96.0.10 . tcp . 80``."""
+    if set_type in ("bitmap:port", "hash:ip"):
+        return entry
+    parts = entry.split(",")
+    protocol, _, port = parts[1].partition(":")
+    return " . ".join([parts[0], protocol, port, *parts[2:]])
+
+
+def _set_type(ipset: str) -> str:
+    return IPSET_TYPES[ipset.replace("KUBE-6-", "KUBE-", 1)] if ipset in SETS else ""
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    cluster_cidrs: tuple[str, ...] = ()  # pod CIDRs: ClusterIP traffic from elsewhere is masqueraded
+    masquerade_all: bool = False
+
+
+def ruleset(config: RulesConfig, members: dict[str, set[str]]) -> str:
+    """The whole table, as one transaction: make sure it exists, delete it, define it again with every set
+    member (``flush table`` would keep old set members)."""
+    lines = [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
+    for s in SETS.values():
+        flags = " flags interval;" if s.interval else ""
+        elems = sorted(element(_set_type(s.ipset), e) for e in members.get(s.ipset, ()))
+        body = f" elements = {{ {', '.join(elems)} }};" if elems else ""
+        lines.append(f"  set {s.name} {{ type {s.type};{flags}{body} }}")
+    lines += _chains(config)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _dst(family: int) -> str:
+    return f"{'ip' if family == 4 else 'ip6'} daddr . meta l4proto . th dport"
+
+
+def _saddr(family: int) -> str:
+    return f"{'ip' if family == 4 else 'ip6'} saddr"
+
+
+def _chains(config: RulesConfig) -> list[str]:
+    s = {k: v.name for k, v in SETS.items()}
+    services, lb, firewall, vip_filter, postrouting = [], [], [], [], []
+    for fam in (4, 6):
+        n = ipset_name
+        dst, src = _dst(fam), _saddr(fam)
+        services.append(f"    {dst} @{s[n('KUBE-LOAD-BALANCER', fam)]} jump load_balancer")
+        if config.masquerade_all:
+            services.append(f"    {dst} @{s[n('KUBE-CLUSTER-IP', fam)]} jump mark_masq")
+        else:
+            cidrs = [c for c in config.cluster_cidrs if (":" in c) == (fam == 6)]
+            if cidrs:
+                services.append(f"    {dst} @{s[n('KUBE-CLUSTER-IP', fam)]} {src} != {{ {', '.join(cidrs)} }} "
+                                "jump mark_masq")
+        services.append(f"    {dst} @{s[n('KUBE-EXTERNAL-IP-LOCAL', fam)]} return")
+        services.append(f"    {dst} @{s[n('KUBE-EXTERNAL-IP', fam)]} jump mark_masq")
+        lb.append(f"    {dst} @{s[n('KUBE-LOAD-BALANCER-LOCAL', fam)]} return")
+        firewall.append(f"    {dst} . {src} @{s[n('KUBE-LOAD-BALANCER-SOURCE-CIDR', fam)]} return")
+        firewall.append(f"    {dst} . {src} @{s[n('KUBE-LOAD-BALANCER-SOURCE-IP', fam)]} return")
+        firewall.append(f"    {dst} @{s[n('KUBE-LOAD-BALANCER-FW', fam)]} drop")
+        for base in ("KUBE-LOAD-BALANCER", "KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP", "KUBE-EXTERNAL-IP-LOCAL"):
+            vip_filter.append(f"    {dst} @{s[n(base, fam)]} return")
+        addr = "ip" if fam == 4 else "ip6"
+        vip_filter.append(f"    ct state new {addr} daddr @{s[n('KUBE-IPVS-IPS', fam)]} reject")
+        loop_back = s[n("KUBE-LOOP-BACK", fam)]
+        postrouting.append(f"    {addr} daddr . meta l4proto . th dport . {src} @{loop_back} masquerade")
+    node_port = []
+    for proto in ("tcp", "udp"):
+        node_port.append(f"    meta l4proto {proto} th dport @{s['KUBE-NODE-PORT-LOCAL-' + proto.upper()]} return")
+        node_port.append(f"    meta l4proto {proto} th dport @{s['KUBE-NODE-PORT-' + proto.upper()]} jump mark_masq")
+    for fam in (4, 6):
+        dst = _dst(fam)
+        node_port.append(f"    {dst} @{s[ipset_name('KUBE-NODE-PORT-LOCAL-SCTP-HASH', fam)]} return")
+        node_port.append(f"    {dst} @{s[ipset_name('KUBE-NODE-PORT-SCTP-HASH', fam)]} jump mark_masq")
+    return [
+        "  chain mark_masq {", f"    meta mark set meta mark | {MASQ_MARK:#x}", "  }",
+        "  chain services {", *services, "    fib daddr type local jump node_port", "  }",
+        "  chain node_port {", *node_port, "  }",
+        "  chain load_balancer {", *lb, "    jump mark_masq", "  }",
+        "  chain nat_prerouting {", "    type nat hook prerouting priority dstnat; policy accept;",
+        "    jump services", "  }",
+        "  chain nat_output {", "    type nat hook output priority -100; policy accept;", "    jump services", "  }",
+        "  chain nat_postrouting {", "    type nat hook postrouting priority srcnat; policy accept;", *postrouting,
+        f"    meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} meta mark set meta mark & {~MASQ_MARK & 0xFFFFFFFF:#x} "
+        "masquerade fully-random", "  }",
+        "  chain source_ranges {", *firewall, "  }",
+        "  chain vip_filter {", *vip_filter, "  }",
+        "  chain filter_input {", "    type filter hook input priority filter; policy accept;",
+        "    jump source_ranges", "    jump vip_filter", "  }",
+        "  chain filter_forward {", "    type filter hook forward priority filter; policy accept;",
+        f"    meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} accept", "    ct state related,established accept", "  }",
+    ]
+
+
+def member_changes(ops: Iterable[Op]) -> str:
+    """The nft set changes for the ipset entry operations in ``ops``: one transaction."""
+    lines = []
+    for op in ops:
+        if isinstance(op, AddEntry | DelEntry) and op.set in SETS:
+            verb = "add" if isinstance(op, AddEntry) else "delete"
+            member = element(_set_type(op.set), op.entry)
+            lines.append(f"{verb} element inet {TABLE} {SETS[op.set].name} {{ {member} }}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+class NftRules:
+    """The ``nft`` adapter: atomic transactions through ``nft -f -``."""
+
+    def __init__(self, config: RulesConfig, netns: str | None = None) -> None:
+        self.config = config
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
+
+    async def _nft(self, *args: str, script: str | None = None) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *self.prefix, "nft", *args, stdin=asyncio.subprocess.PIPE if script is not None else None,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate(script.encode() if script is not None else None)
+        if proc.returncode != 0:
+            raise KernelError(f"nft {' '.join(args)}: {err.decode().strip()}")
+        return out.decode()
+
+    async def check(self) -> None:
+        if shutil.which("nft") is None:
+            raise CapabilityError("the nft command is missing: install nftables (Debian: apt-get install nftables)")
+        try:
+            await self._nft("-c", "-f", "-", script=ruleset(self.config, {}))
+        except KernelError as exc:
+            raise CapabilityError(f"this kernel cannot hold kipvs's nftables table: {exc}") from None
+
+    async def install(self, members: dict[str, set[str]]) -> None:
+        await self._nft("-f", "-", script=ruleset(self.config, members))
+
+    async def apply(self, ops: list[Op]) -> None:
+        script = member_changes(ops)
+        if script:
+            await self._nft("-f", "-", script=script)
+
+    async def members(self) -> dict[str, set[str]]:
+        """The nft sets' members, in ipset entry syntax (for drift checks)."""
+        doc = json.loads(await self._nft("-j", "list", "table", "inet", TABLE))
+        by_name = {s.name: s for s in SETS.values()}
+        out: dict[str, set[str]] = {s.ipset: set() for s in SETS.values()}
+        for item in doc.get("nftables", []):
+            nft_set = item.get("set")
+            if not nft_set or nft_set.get("name") not in by_name:
+                continue
+            spec = by_name[nft_set["name"]]
+            for elem in nft_set.get("elem", []):
+                out[spec.ipset].add(_entry_from_json(_set_type(spec.ipset), elem))
+        return out
+
+    async def remove(self) -> None:
+        try:
+            await self._nft("delete", "table", "inet", TABLE)
+        except KernelError as exc:
+            if "No such file" not in str(exc):
+                raise
+
+
+def _entry_from_json(set_type: str, elem: object) -> str:
+    if isinstance(elem, dict) and "concat" in elem:
+        parts = [p["prefix"]["addr"] + "/" + str(p["prefix"]["len"]) if isinstance(p, dict) and "prefix" in p
+                 else str(p) for p in elem["concat"]]
+        out = f"{parts[0]},{parts[1]}:{parts[2]}"
+        return out + ("," + parts[3] if len(parts) > 3 else "")
+    if isinstance(elem, dict) and "prefix" in elem:
+        return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
+    return str(elem)
