@@ -73,6 +73,8 @@ class Backend(Protocol):
 
     async def apply(self, ops: list[Op]) -> None: ...
 
+    async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]: ...
+
     async def cleanup(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -87,7 +89,7 @@ class MemoryKernel:
     link: bool = False
     addresses: set[str] = field(default_factory=set)
     ipsets: dict[str, set[str]] | None = None
-    connections: dict[tuple[VSKey, RealKey], int] = field(default_factory=dict)
+    conns: dict[tuple[VSKey, RealKey], int] = field(default_factory=dict)  # set by tests: open connections
 
     async def check(self) -> None:
         return None
@@ -107,7 +109,10 @@ class MemoryKernel:
         state.addresses = set(self.addresses)
         state.ipsets = {name: set(self.ipsets[name]) for name in ALL_IPSETS}
         owned = {parse_owned_entry(e) for name in OWNED_SETS.values() for e in self.ipsets[name]}
-        return Observed(state, owned, dict(self.connections))
+        return Observed(state, owned, dict(self.conns))
+
+    async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
+        return {k: v for k, v in self.conns.items() if k[0] in services}
 
     async def apply(self, ops: list[Op]) -> None:
         assert self.ipsets is not None, "setup() first"
@@ -144,7 +149,7 @@ class MemoryKernel:
             case DelReal(service, real):
                 self._present(real in self.ipvs.get(service, VirtualService("", "", 0, "")).reals, f"real {real}")
                 del self.ipvs[service].reals[real]
-                self.connections.pop((service, real), None)
+                self.conns.pop((service, real), None)
             case AddEntry(name, entry):
                 self.ipsets.setdefault(name, set()).add(entry)
             case DelEntry(name, entry):

@@ -32,6 +32,7 @@ from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.shared.config import describe
 
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
+from .drain import Drainer
 from .ops import DesiredState, Op, diff
 from .rules import NftRules, RulesConfig
 
@@ -44,6 +45,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "netlink: this host's kernel; memory: a simulated kernel for dry runs (programs nothing)")] = "netlink"
     drift_period: Annotated[float, describe("seconds between kernel read-backs"), msgspec.Meta(gt=0)] = 60.0
     batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
+    drain_timeout: Annotated[float, describe(
+        "seconds a removed TCP real server may drain (weight 0) before deletion; 0: at once"),
+        msgspec.Meta(ge=0)] = 300.0
     cleanup: Annotated[bool, describe("remove everything kipvs owns on this node, then exit")] = False
     rules: Annotated[Literal["nftables", "none"], describe(
         "nftables: masquerade, VIP port filter and source ranges in table inet kipvs; none: IPVS only")] = "nftables"
@@ -74,8 +78,10 @@ def describe_op(op: Op) -> str:
 class Applier:
     """The applier's state and logic, with its kernel and the bus handed in."""
 
-    def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend, rules: NftRules | None = None) -> None:
+    def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend, rules: NftRules | None = None,
+                 drain_timeout: float = 300.0) -> None:
         self.ctx = ctx
+        self.drainer = Drainer(drain_timeout)
         self.node = node
         self.kernel = kernel
         self.rules = rules
@@ -86,6 +92,8 @@ class Applier:
         self.apply_seconds = m.histogram("kipvs_applier_apply_seconds", "time to write one batch")
         self.drift_repairs = m.counter("kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back")
         m.gauge("kipvs_applier_plan_seq", "last shared delta applied", read=lambda: self.plan.seq)
+        m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
+                read=lambda: len(self.drainer.deadlines))
 
     async def bootstrap(self) -> None:
         """Load the latest snapshot, resolve it for this node and make the kernel match (read-back + diff)."""
@@ -109,11 +117,21 @@ class Applier:
 
     async def converge(self) -> list[str]:
         observed = await self.kernel.observe()
-        ops = diff(self.desired.state(), observed.state, observed.owned)
+        ops = self.drainer.keep_draining(diff(self.desired.state(), observed.state, observed.owned))
         if ops:
             await self.kernel.apply(ops)
             self.applied_ops.inc(len(ops))
         return [describe_op(op) for op in ops]
+
+    async def drain(self) -> None:
+        """Delete drained real servers: no connections left, or past the drain timeout."""
+        if not self.drainer.deadlines:
+            return
+        connections = await self.kernel.connections(self.drainer.services())
+        done = self.drainer.due(connections, time.monotonic())
+        if done:
+            await self.kernel.apply(done)
+            self.applied_ops.inc(len(done))
 
     async def handle(self, batch: list[bus.Delivery]) -> None:
         started = time.perf_counter()
@@ -144,6 +162,7 @@ class Applier:
         for key in sorted(touched):
             plan = self.plan.services.get(key)
             ops += self.desired.update(key, resolve_service(plan, facts) if plan else None)
+        ops = self.drainer.rewrite(ops, time.monotonic())
         errors: list[str] = []
         if ops:
             try:
@@ -167,7 +186,7 @@ class Applier:
     async def drift_check(self) -> None:
         observed = await self.kernel.observe()
         want = self.desired.state()
-        ops = diff(want, observed.state, observed.owned)
+        ops = self.drainer.keep_draining(diff(want, observed.state, observed.owned))
         found = [describe_op(op) for op in ops]
         if ops:
             await self.kernel.apply(ops)
@@ -195,7 +214,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     assert isinstance(cfg, ApplierConfig)
     log.info("kernel backend: %s; rules: %s", kernel.label, "nftables table inet kipvs" if rules else "none")
     await kernel.setup()
-    applier = Applier(ctx, cfg.node, kernel, rules)
+    applier = Applier(ctx, cfg.node, kernel, rules, cfg.drain_timeout)
     ctx.set_not_ready("bootstrapping from the plan snapshot")
     await applier.bootstrap()
     drift_now = asyncio.Event()
@@ -217,13 +236,20 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             if not ctx.stop.is_set():
                 await applier.drift_check()
 
+    async def drain_loop() -> None:
+        while not ctx.stop.is_set():
+            await asyncio.sleep(1.0)
+            await applier.drain()
+
     runner = asyncio.create_task(consumer.run())
     drifter = asyncio.create_task(drift_loop())
+    drainer = asyncio.create_task(drain_loop())
     stopping = asyncio.create_task(ctx.stop.wait())
-    done, _ = await asyncio.wait({runner, drifter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({runner, drifter, drainer, stopping}, return_when=asyncio.FIRST_COMPLETED)
     consumer.stop()
     drifter.cancel()
-    await asyncio.gather(runner, drifter, return_exceptions=True)
+    drainer.cancel()
+    await asyncio.gather(runner, drifter, drainer, return_exceptions=True)
     stopping.cancel()
     for task in done - {stopping}:
         if task.exception() is not None:

@@ -26,6 +26,7 @@ from kipvs.planner.node_state import (
     ALL_IPSETS,
     IPSET_TYPES,
     NodeState,
+    RealKey,
     VirtualService,
     VSKey,
     family_of,
@@ -209,6 +210,21 @@ class NetlinkKernel:
             else:
                 state.ipsets[name] = entries
         return Observed(state, owned, connections)
+
+    async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
+        """Active + inactive connections per real server of the given services (one dump per service)."""
+        assert self.ipvs is not None
+        out = {}
+        for key in services:
+            try:
+                dests = await self.ipvs.dest("dump", service=_service(key))
+            except NetlinkError:
+                continue  # the service is gone: nothing left to drain
+            for dmsg in dests:
+                d = _attrs(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
+                real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
+                out[(key, real)] = d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0) + d.get("IPVS_DEST_ATTR_INACT_CONNS", 0)
+        return out
 
     async def _members(self, name: str) -> set[str]:
         assert self.ipset is not None

@@ -3,13 +3,18 @@ driven by tests/test_kernel.py; on the host they would fail (no IPVS), so the ho
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.drain import Drainer
 from kipvs.applier.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import DesiredState, Op, diff
 from kipvs.planner.core import Planner
@@ -128,3 +133,44 @@ async def test_changes_apply_in_place(kernel: NetlinkKernel) -> None:
     after = set(sh("ipvsadm -S -n").splitlines())
     assert before - after == {"-A -t 10.96.0.40:80 -s rr -p 600"}
     assert after - before == {"-A -t 10.96.0.40:80 -s sh"}
+
+
+async def test_removed_tcp_real_server_drains_then_is_deleted_within_the_bound(kernel: NetlinkKernel,
+                                                                               tmp_path: Path) -> None:
+
+
+    desired, ops = desired_ops(planned())
+    await kernel.apply(ops)
+    vip = ("TCP", "10.96.0.40", 80)  # default/session -> 10.244.2.41:8080 (one real server)
+    real = ("10.244.2.41", 8080)
+    sh("sysctl -qw net.ipv4.vs.conntrack=1; ip netns add pod; ip link add v-pod type veth peer name eth0 netns pod;"
+       "ip -n pod addr add 10.244.2.41/32 dev eth0; ip -n pod link set eth0 up; ip -n pod link set lo up;"
+       "ip -n pod route add default dev eth0; ip link set v-pod up; ip route add 10.244.2.41/32 dev v-pod")
+    server = subprocess.Popen(["ip", "netns", "exec", "pod", sys.executable, "-c",
+                               "import socket,time\ns=socket.socket();s.bind(('10.244.2.41',8080));s.listen()\n"
+                               "print('ready',flush=True)\nc,_=s.accept();time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        held = socket.create_connection(("10.96.0.40", 80), timeout=10)  # an open connection to the pod
+        drainer = Drainer(timeout=3)
+        session = planned().plans["default/session"]  # its one endpoint leaves; the Service stays
+        no_endpoints = msgspec.structs.replace(
+            session, ports=tuple(msgspec.structs.replace(p, endpoints=()) for p in session.ports))
+        removal = desired.update("default/session", resolve_service(no_endpoints, planned().nodes[NODE]))
+        step = drainer.rewrite([op for op in removal if type(op).__name__ == "DelReal"], time.monotonic())
+        assert [type(op).__name__ for op in step] == ["EditReal"]
+        await kernel.apply(step)
+        assert "-a -t 10.96.0.40:80 -r 10.244.2.41:8080 -m -w 0" in sh("ipvsadm -S -n")
+        connections = await kernel.connections({vip})
+        assert connections[(vip, real)] >= 1
+        assert drainer.due(connections, time.monotonic()) == [], "deleted while a connection is open"
+        await asyncio.sleep(3.1)
+        done = drainer.due(await kernel.connections({vip}), time.monotonic())
+        assert [type(op).__name__ for op in done] == ["DelReal"], "the drain is bounded"
+        await kernel.apply(done)
+        assert "10.244.2.41" not in sh("ipvsadm -S -n")
+        held.close()
+    finally:
+        server.kill()
+        sh("ip netns del pod")
