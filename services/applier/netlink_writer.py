@@ -20,7 +20,10 @@ from typing import Any
 from pyroute2 import AsyncIPRoute, AsyncIPVS
 from pyroute2.ipset import AsyncIPSet, PortEntry
 from pyroute2.ipvs import IPVSDest, IPVSService
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
+from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset_msg
 
 from kipvs.planner.node_state import (
     ALL_IPSETS,
@@ -33,6 +36,7 @@ from kipvs.planner.node_state import (
     ipset_name,
 )
 
+from . import ipvs_wire
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
 from .ops import (
     AddAddress,
@@ -54,6 +58,10 @@ log = logging.getLogger("kipvs.applier")
 # connections to removed real servers and quiescent persistence templates, and forwarding.
 SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
            "net.ipv4.vs.expire_quiescent_template": "1", "net.ipv4.ip_forward": "1"}
+
+BATCH = 256  # netlink messages per send: well under the socket's send buffer
+IPSET_ERR_EXIST = 4103  # IPSET_ERR_PRIVATE + 7: "element already exists" / "element does not exist"
+IPSET_BENIGN = {errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST}
 
 PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
@@ -102,6 +110,14 @@ def _entry_data(set_type: str, entry: str) -> tuple[Any, str]:
     return (parts[0], port_entry, *parts[2:]), etype
 
 
+def _kind(op: Op) -> str:
+    if isinstance(op, AddAddress | DelAddress):
+        return "address"
+    if isinstance(op, AddEntry | DelEntry):
+        return "ipset"
+    return "ipvs"
+
+
 def _attrs(msg: Any) -> dict[str, Any]:
     return dict(msg["attrs"])
 
@@ -113,12 +129,14 @@ class NetlinkKernel:
         self.ipvs: AsyncIPVS | None = None
         self.ipr: AsyncIPRoute | None = None
         self.ipset: AsyncIPSet | None = None
+        self.writer: ipvs_wire.IPVSWriter | None = None
         self.link_index = 0
 
     async def _open(self) -> None:
         if self.ipvs is None:
             self.ipvs = AsyncIPVS()
             await self.ipvs.setup_endpoint()  # binds the generic-netlink family; fails when ip_vs is not loaded
+            self.writer = ipvs_wire.IPVSWriter(self.ipvs.prid)
             self.ipr = AsyncIPRoute()
             await self.ipr.__aenter__()
             self.ipset = AsyncIPSet()
@@ -239,38 +257,112 @@ class NetlinkKernel:
         return out
 
     async def apply(self, ops: list[Op]) -> None:
-        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
-        for op in ops:
-            try:
-                await self._apply(op)
-            except NetlinkError as exc:
-                raise KernelError(f"{op}: {exc}") from None
+        """Write ``ops`` in order, batched: each run of IPVS operations goes out as multi-message netlink
+        sends, each run of ipset member changes likewise; addresses one by one (there are few).
 
-    async def _apply(self, op: Op) -> None:
-        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
+        A service's ownership marker is written before the service exists and removed after it is gone,
+        so a crash in between never leaves a kipvs service that kipvs would not recognise as its own."""
+        owned_first = [AddEntry(OWNED_SETS[family_of(op.key[1])], owned_entry(op.key))
+                       for op in ops if isinstance(op, AddService)]
+        owned_last = [DelEntry(OWNED_SETS[family_of(op.key[1])], owned_entry(op.key))
+                      for op in ops if isinstance(op, DelService)]
+        await self._ipset_batch(owned_first)
+        run: list[Op] = []
+        kind = ""
+        for op in ops:
+            op_kind = _kind(op)
+            if op_kind != kind and run:
+                await self._flush(kind, run)
+                run = []
+            kind = op_kind
+            run.append(op)
+        if run:
+            await self._flush(kind, run)
+        await self._ipset_batch(owned_last)
+
+    async def _flush(self, kind: str, ops: list[Op]) -> None:
+        if kind == "ipvs":
+            await self._ipvs_batch(ops)
+        elif kind == "ipset":
+            await self._ipset_batch(ops)  # type: ignore[arg-type]
+        else:
+            for op in ops:
+                try:
+                    await self._address(op)
+                except NetlinkError as exc:
+                    raise KernelError(f"{op}: {exc}") from None
+
+    async def _address(self, op: Op) -> None:
+        assert self.ipr is not None
+        if isinstance(op, AddAddress | DelAddress):
+            command = "add" if isinstance(op, AddAddress) else "del"
+            await self.ipr.addr(command, index=self.link_index, address=op.ip, prefixlen=128 if ":" in op.ip else 32)
+
+    async def _ipvs_batch(self, ops: list[Op]) -> None:
+        assert self.writer is not None
+        for start in range(0, len(ops), BATCH):
+            chunk = ops[start:start + BATCH]
+            first = self.writer.next_seq()
+            messages = [self._ipvs_message(op, first + i) for i, op in enumerate(chunk)]
+            self.writer.seq = (first + len(chunk) - 1) & 0xFFFFFFFF
+            try:
+                await self.writer.send(messages, first)
+            except ipvs_wire.BatchError as exc:
+                raise KernelError(f"{chunk[exc.index]}: {exc}") from None
+
+    def _ipvs_message(self, op: Op, seq: int) -> bytes:
+        assert self.writer is not None
+        family = self.writer.family_id
         match op:
-            case AddAddress(ip):
-                await self.ipr.addr("add", index=self.link_index, address=ip, prefixlen=128 if ":" in ip else 32)
-            case DelAddress(ip):
-                await self.ipr.addr("del", index=self.link_index, address=ip, prefixlen=128 if ":" in ip else 32)
-            case AddService(key, scheduler, timeout):
-                await self.ipvs.service("add", service=_service(key, scheduler, timeout))
-                await self._set_member("add", OWNED_SETS[family_of(key[1])], owned_entry(key))
-            case EditService(key, scheduler, timeout):
-                await self.ipvs.service("set", service=_service(key, scheduler, timeout))
+            case AddService(key, scheduler, timeout) | EditService(key, scheduler, timeout):
+                cmd = ipvs_wire.CMD_NEW_SERVICE if isinstance(op, AddService) else ipvs_wire.CMD_SET_SERVICE
+                svc = ipvs_wire.service_full(PROTOCOL_NUMBERS[key[0]], key[1], key[2], scheduler, timeout)
+                return ipvs_wire.message(family, seq, cmd, svc)
             case DelService(key):
-                await self.ipvs.service("del", service=_service(key))
-                await self._set_member("del", OWNED_SETS[family_of(key[1])], owned_entry(key))
-            case AddReal(service, (ip, port), weight):
-                await self.ipvs.dest("add", service=_service(service), dest=_dest(ip, port, weight))
-            case EditReal(service, (ip, port), weight):
-                await self.ipvs.dest("set", service=_service(service), dest=_dest(ip, port, weight))
+                svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[key[0]], key[1], key[2])
+                return ipvs_wire.message(family, seq, ipvs_wire.CMD_DEL_SERVICE, svc)
+            case AddReal(service, (ip, port), weight) | EditReal(service, (ip, port), weight):
+                cmd = ipvs_wire.CMD_NEW_DEST if isinstance(op, AddReal) else ipvs_wire.CMD_SET_DEST
+                svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
+                return ipvs_wire.message(family, seq, cmd, svc, ipvs_wire.dest(ip, port, weight))
             case DelReal(service, (ip, port)):
-                await self.ipvs.dest("del", service=_service(service), dest=_dest(ip, port, 0))
-            case AddEntry(name, entry):
-                await self._set_member("add", name, entry)
-            case DelEntry(name, entry):
-                await self._set_member("del", name, entry)
+                svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
+                return ipvs_wire.message(family, seq, ipvs_wire.CMD_DEL_DEST, svc, ipvs_wire.dest(ip, port, None))
+        raise KernelError(f"{op} is not an IPVS operation")
+
+    async def _ipset_batch(self, ops: list[AddEntry | DelEntry]) -> None:
+        """Member changes, many per send. Adding a present member or deleting an absent one is not an
+        error (the member is as wanted); anything else is."""
+        assert self.ipset is not None
+        messages = []
+        for op in ops:
+            data, etype = _entry_data(_set_type(op.set), op.entry)
+            version = self.ipset._family_to_version(_set_family(op.set))
+            msg = ipset_msg()
+            msg["attrs"] = [["IPSET_ATTR_PROTOCOL", self.ipset._proto_version], ["IPSET_ATTR_SETNAME", op.set],
+                            ["IPSET_ATTR_DATA", {"attrs": self.ipset._entry_to_data_attrs(data, etype, version)}]]
+            msg["nfgen_family"] = self.ipset._nfgen_family
+            cmd = IPSET_CMD_ADD if isinstance(op, AddEntry) else IPSET_CMD_DEL
+            msg["header"]["type"] = cmd | (NFNL_SUBSYS_IPSET << 8)
+            msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+            messages.append(msg)
+        for start in range(0, len(messages), BATCH):
+            try:
+                async for _ in self.ipset.nlm_request_batch(messages[start:start + BATCH]):
+                    pass
+            except NetlinkError as exc:
+                if exc.code not in IPSET_BENIGN:
+                    raise KernelError(f"ipset batch starting with {ops[start]}: {exc}") from None
+                # A benign error stops pyroute2's reading of that batch: write the rest one by one.
+                for op in ops[start:start + BATCH]:
+                    await self._set_member_tolerant(op)
+
+    async def _set_member_tolerant(self, op: AddEntry | DelEntry) -> None:
+        try:
+            await self._set_member("add" if isinstance(op, AddEntry) else "del", op.set, op.entry)
+        except NetlinkError as exc:
+            if exc.code not in IPSET_BENIGN:
+                raise KernelError(f"{op}: {exc}") from None
 
     async def _set_member(self, action: str, name: str, entry: str) -> None:
         assert self.ipset is not None
@@ -306,10 +398,10 @@ class NetlinkKernel:
                     log.warning("could not destroy ipset %s: %s", name, exc)
 
     async def close(self) -> None:
-        for sock in (self.ipvs, self.ipr, self.ipset):
+        for sock in (self.ipvs, self.ipr, self.ipset, self.writer):
             if sock is not None:
                 sock.close()
-        self.ipvs = self.ipr = self.ipset = None
+        self.ipvs = self.ipr = self.ipset = self.writer = None
 
 
 def _format_member(kind: str, data: Any) -> str:
