@@ -71,6 +71,31 @@ async def test_plan_reaches_the_node_and_a_late_node_bootstraps_from_the_snapsho
     await eventually(lambda: kernel_b.ipsets is not None and {k: v.reals for k, v in kernel_b.ipvs.items()} ==
                      {k: v.reals for k, v in want_b.ipvs.items()}, what="node-b's kernel")
 
+    # Poison on node-a's plan subjects is parked with the reason; node-a keeps serving.
+    await js.publish(topology.plan_node_subject("node-a"), b"\x00garbage")
+    wrong = events.Envelope(id="wrong-1", time_ns=1, producer="test",
+                            record=events.KubeResync(kind="Pod", resource_version="1", live={}))
+    await bus.publish(js, topology.plan_node_subject("node-a"), wrong)
+
+    async def parked() -> list[str]:
+        try:
+            info = await js.stream_info(topology.PARKED_STREAM, subjects_filter="kipvs.parked.>")
+        except nats.js.errors.NotFoundError:
+            return []
+        out = []
+        for seq in range(1, info.state.last_seq + 1):
+            msg = await js.get_msg(topology.PARKED_STREAM, seq)
+            out.append(msg.headers[topology.PARK_REASON])
+        return out
+
+    for _ in range(100):
+        if len(await parked()) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    reasons = await parked()
+    assert any("not a kipvs envelope" in r for r in reasons), reasons
+    assert any("KubeResync does not belong on a plan subject" in r for r in reasons), reasons
+
     # Drift behind node-a's back is repaired by the periodic read-back and reported.
     kernel_a.ipvs.pop(("TCP", "10.96.0.10", 80))
     for _ in range(100):

@@ -46,7 +46,9 @@ def service_key(protocol: int, ip: str, port: int) -> bytes:
 
 def service_full(protocol: int, ip: str, port: int, scheduler: str, timeout: int) -> bytes:
     family, _ = _addr(ip)
-    netmask = struct.pack("!I", 128) if family == socket.AF_INET6 else b"\xff\xff\xff\xff"
+    # For IPv6 the kernel reads this be32 attribute's raw bytes as a host-order prefix length (as ipvsadm
+    # writes it with nla_put_u32): pack 128 natively, not in network order.
+    netmask = struct.pack("=I", 128) if family == socket.AF_INET6 else b"\xff\xff\xff\xff"
     return (service_key(protocol, ip, port) + _attr(SVC_SCHED, scheduler.encode() + b"\0")
             + _attr(SVC_FLAGS, struct.pack("=II", PERSISTENT if timeout else 0, 0xFFFFFFFF))
             + _attr(SVC_TIMEOUT, struct.pack("=I", timeout)) + _attr(SVC_NETMASK, netmask))

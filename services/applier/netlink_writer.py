@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ log = logging.getLogger("kipvs.applier")
 SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
            "net.ipv4.vs.expire_quiescent_template": "1", "net.ipv4.ip_forward": "1"}
 
+# The kernel reads the netmask attribute's raw bytes as a host-order prefix length for IPv6 (see ipvs_wire).
+V6_NETMASK = socket.inet_ntoa(struct.pack("=I", 128))
 BATCH = 256  # netlink messages per send: well under the socket's send buffer
 IPSET_ERR_EXIST = 4103  # IPSET_ERR_PRIVATE + 7: "element already exists" / "element does not exist"
 IPSET_BENIGN = {errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST}
@@ -89,7 +92,7 @@ def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService
     return IPVSService(af=socket.AF_INET6 if v6 else socket.AF_INET, protocol=PROTOCOL_NUMBERS[protocol], addr=ip,
                        port=port, sched_name=scheduler, timeout=timeout,
                        flags={"flags": PERSISTENT if timeout else 0, "mask": 0xFFFFFFFF},
-                       netmask="0.0.0.128" if v6 else "255.255.255.255")
+                       netmask=V6_NETMASK if v6 else "255.255.255.255")
 
 
 def _dest(ip: str, port: int, weight: int) -> IPVSDest:

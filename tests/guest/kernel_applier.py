@@ -16,7 +16,7 @@ import pytest
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.drain import Drainer
 from kipvs.applier.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import DesiredState, Op, diff
+from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
 from kipvs.planner.core import Planner
 from kipvs.planner.render import ipvsadm
 from kipvs.planner.replay import plan_events, read_events
@@ -174,3 +174,19 @@ async def test_removed_tcp_real_server_drains_then_is_deleted_within_the_bound(k
     finally:
         server.kill()
         sh("ip netns del pod")
+
+
+async def test_ipv6_services_real_servers_addresses_and_sets(kernel: NetlinkKernel) -> None:
+    svc = ("TCP", "fd00::a", 80)
+    ops = [AddAddress("fd00::a"), AddService(svc, "rr", 600), AddReal(svc, ("fd00:244::5", 8080), 1),
+           AddEntry("KUBE-6-CLUSTER-IP", "fd00::a,tcp:80"), AddEntry("KUBE-6-LOAD-BALANCER-SOURCE-CID",
+                                                                    "fd00::b,tcp:80,2001:db8::/64")]
+    sh("ip -6 route add fd00:244::/64 dev lo")  # a masquerade real server needs a route
+    await kernel.apply(ops)
+    table = sh("ipvsadm -S -n")
+    assert "-A -t [fd00::a]:80 -s rr -p 600" in table
+    assert "-a -t [fd00::a]:80 -r [fd00:244::5]:8080 -m -w 1" in table
+    observed = await kernel.observe()
+    assert "fd00::a" in observed.state.addresses and svc in observed.owned
+    assert observed.state.ipsets["KUBE-6-CLUSTER-IP"] == {"fd00::a,tcp:80"}
+    assert observed.state.ipsets["KUBE-6-LOAD-BALANCER-SOURCE-CID"] == {"fd00::b,tcp:80,2001:db8::/64"}
