@@ -113,3 +113,26 @@ async def test_plan_reaches_the_node_and_a_late_node_bootstraps_from_the_snapsho
     drift = [r for r in status if isinstance(r, events.DriftReport) and r.found]
     assert any("AddService ('TCP', '10.96.0.10', 80)" in f for r in drift for f in r.found), drift
     await nc.close()
+
+
+async def test_node_ports_on_the_hosts_own_addresses_follow_them(nats_url: str) -> None:
+    """--node-addresses interfaces: NodePort virtual services on the node's own addresses (as kube-proxy),
+    re-resolved when an address comes or goes."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    await _publish_kube(js, EVENTS.read_text().splitlines(), "log")
+    common = {"nats_url": nats_url, "http_listen": ""}
+    planner_task, planner_stop = _start("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    kernel = MemoryKernel(interface_addresses=("192.0.2.77",))
+    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "drift_period": "0.3",
+                                      "node_addresses": "interfaces"}, {})
+    applier, stop = _start("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    await eventually(lambda: ("TCP", "192.0.2.77", 30080) in kernel.ipvs, what="NodePort on the host's address")
+    assert not any(key[1] == "192.168.50.11" for key in kernel.ipvs), "the Node object's InternalIP was used"
+    kernel.interface_addresses = ("192.0.2.78",)
+    await eventually(lambda: ("TCP", "192.0.2.78", 30080) in kernel.ipvs and ("TCP", "192.0.2.77", 30080)
+                     not in kernel.ipvs, what="NodePorts to follow the address change")
+    stop.set()
+    planner_stop.set()
+    await asyncio.gather(applier, planner_task)
+    await nc.close()

@@ -75,6 +75,8 @@ class Backend(Protocol):
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]: ...
 
+    async def node_addresses(self) -> tuple[str, ...]: ...
+
     async def cleanup(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -90,6 +92,10 @@ class MemoryKernel:
     addresses: set[str] = field(default_factory=set)
     ipsets: dict[str, set[str]] | None = None
     conns: dict[tuple[VSKey, RealKey], int] = field(default_factory=dict)  # set by tests: open connections
+    interface_addresses: tuple[str, ...] = ()  # the simulated node's own addresses
+
+    async def node_addresses(self) -> tuple[str, ...]:
+        return self.interface_addresses
 
     async def check(self) -> None:
         return None

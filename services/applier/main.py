@@ -49,6 +49,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "seconds a removed TCP real server may drain (weight 0) before deletion; 0: at once"),
         msgspec.Meta(ge=0)] = 300.0
     cleanup: Annotated[bool, describe("remove everything kipvs owns on this node, then exit")] = False
+    node_addresses: Annotated[Literal["node", "interfaces"], describe(
+        "NodePort addresses: node = the InternalIPs of the Node object (as kipvs plan --node), interfaces = "
+        "this host's own addresses, as kube-proxy does")] = "node"
     rules: Annotated[Literal["nftables", "none"], describe(
         "nftables: masquerade, VIP port filter and source ranges in table inet kipvs; none: IPVS only")] = "nftables"
     cluster_cidr: Annotated[list[str], describe(
@@ -79,8 +82,10 @@ class Applier:
     """The applier's state and logic, with its kernel and the bus handed in."""
 
     def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend, rules: NftRules | None = None,
-                 drain_timeout: float = 300.0) -> None:
+                 drain_timeout: float = 300.0, interface_addresses: bool = False) -> None:
         self.ctx = ctx
+        self.use_interfaces = interface_addresses
+        self.local_addresses: tuple[str, ...] = ()
         self.drainer = Drainer(drain_timeout)
         self.node = node
         self.kernel = kernel
@@ -106,7 +111,9 @@ class Applier:
         except (ObjectNotFoundError, NotFoundError):
             self.plan = SharedPlan()  # no planner has written one yet: start from the first delta
         self.desired = DesiredState()
-        facts = self.plan.nodes.get(self.node)
+        if self.use_interfaces:
+            self.local_addresses = await self.kernel.node_addresses()
+        facts = self.facts()
         for key in sorted(self.plan.services):
             self.desired.update(key, resolve_service(self.plan.services[key], facts))
         found = await self.converge()
@@ -114,6 +121,14 @@ class Applier:
             await self.rules.install(self.desired.state().ipsets)
         log.info("bootstrapped at plan delta %d: %d services, %d repairs to reach it", self.plan.seq,
                  len(self.desired.services), len(found))
+
+    def facts(self) -> events.NodeFacts | None:
+        """This node's facts from the plan; with --node-addresses interfaces, its addresses are its own."""
+        facts = self.plan.nodes.get(self.node)
+        if not self.use_interfaces:
+            return facts
+        base = facts or events.NodeFacts(name=self.node)
+        return msgspec.structs.replace(base, addresses=self.local_addresses)
 
     async def converge(self) -> list[str]:
         observed = await self.kernel.observe()
@@ -136,7 +151,7 @@ class Applier:
     async def handle(self, batch: list[bus.Delivery]) -> None:
         started = time.perf_counter()
         touched: set[str] = set()
-        facts_before = self.plan.nodes.get(self.node)
+        facts_before = self.facts()
         for d in batch:
             record = d.envelope.record
             if not isinstance(record, events.PlanDelta):
@@ -155,7 +170,7 @@ class Applier:
                     continue
             touched |= {op.service.key if isinstance(op, events.SetService) else op.key
                         for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
-        facts = self.plan.nodes.get(self.node)
+        facts = self.facts()
         if facts != facts_before:
             touched = set(self.desired.contributions) | set(self.plan.services)
         ops: list[Op] = []
@@ -184,6 +199,18 @@ class Applier:
                                              desired_digest=digest(self.desired.state())))
 
     async def drift_check(self) -> None:
+        if self.use_interfaces:
+            addresses = await self.kernel.node_addresses()
+            if addresses != self.local_addresses:  # an interface address came or went: NodePorts follow
+                self.local_addresses = addresses
+                facts = self.facts()
+                ops: list[Op] = []
+                for key in sorted(self.plan.services):
+                    ops += self.desired.update(key, resolve_service(self.plan.services[key], facts))
+                ops = self.drainer.rewrite(ops, time.monotonic())
+                await self.kernel.apply(ops)
+                if self.rules is not None:
+                    await self.rules.apply(ops)
         observed = await self.kernel.observe()
         want = self.desired.state()
         ops = self.drainer.keep_draining(diff(want, observed.state, observed.owned))
@@ -214,7 +241,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     assert isinstance(cfg, ApplierConfig)
     log.info("kernel backend: %s; rules: %s", kernel.label, "nftables table inet kipvs" if rules else "none")
     await kernel.setup()
-    applier = Applier(ctx, cfg.node, kernel, rules, cfg.drain_timeout)
+    applier = Applier(ctx, cfg.node, kernel, rules, cfg.drain_timeout, cfg.node_addresses == "interfaces")
     ctx.set_not_ready("bootstrapping from the plan snapshot")
     await applier.bootstrap()
     drift_now = asyncio.Event()

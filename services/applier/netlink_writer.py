@@ -11,6 +11,7 @@ Reads back everything it owns in one dump per object kind, for drift checks; it 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import struct
@@ -246,6 +247,21 @@ class NetlinkKernel:
                 real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
                 out[(key, real)] = d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0) + d.get("IPVS_DEST_ATTR_INACT_CONNS", 0)
         return out
+
+    async def node_addresses(self) -> tuple[str, ...]:
+        """This node's own addresses, as kube-proxy takes them for NodePorts: every local address except
+        those on kube-ipvs0, loopback and IPv6 link-local."""
+        assert self.ipr is not None
+        out = []
+        async for addr in await self.ipr.addr("dump"):
+            ip = addr.get_attr("IFA_ADDRESS")
+            if not ip or addr["index"] == self.link_index:
+                continue
+            parsed = ipaddress.ip_address(ip)
+            if parsed.is_loopback or (parsed.version == 6 and parsed.is_link_local):
+                continue
+            out.append(str(parsed))
+        return tuple(sorted(set(out), key=lambda a: (":" in a, a)))
 
     async def _members(self, name: str) -> set[str]:
         assert self.ipset is not None

@@ -190,3 +190,16 @@ async def test_ipv6_services_real_servers_addresses_and_sets(kernel: NetlinkKern
     assert "fd00::a" in observed.state.addresses and svc in observed.owned
     assert observed.state.ipsets["KUBE-6-CLUSTER-IP"] == {"fd00::a,tcp:80"}
     assert observed.state.ipsets["KUBE-6-LOAD-BALANCER-SOURCE-CID"] == {"fd00::b,tcp:80,2001:db8::/64"}
+
+
+async def test_node_addresses_are_the_hosts_own_minus_kube_ipvs0_loopback_and_link_local(
+        kernel: NetlinkKernel) -> None:
+    await kernel.apply([AddAddress("10.96.0.10")])
+    sh("ip link add nic0 type dummy; ip link set nic0 up; ip addr add 192.168.50.11/24 dev nic0;"
+       "ip addr add 2001:db8::11/64 dev nic0")
+    try:
+        got = await kernel.node_addresses()
+        assert "192.168.50.11" in got and "2001:db8::11" in got
+        assert "10.96.0.10" not in got and "127.0.0.1" not in got and not any(a.startswith("fe80") for a in got)
+    finally:
+        sh("ip link del nic0")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,15 @@ def nats_url(tmp_path: Path):
     port = free_loopback_port()
     proc = subprocess.Popen([server_binary(), "-js", "-sd", str(tmp_path / "js"), "-a", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60  # the guest is slow to start a process on a loaded machine
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("nats-server did not start in the guest") from None
+            time.sleep(0.1)
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
