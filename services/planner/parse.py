@@ -71,9 +71,11 @@ class SliceSpec(msgspec.Struct, frozen=True, gc=False):
 def canonical_ip(text: str) -> str | None:
     """The canonical form of an IP address ('fd00:0::a' -> 'fd00::a'), None if it is not one.
     C parsers and a cache: endpoint addresses are parsed on every slice change, the hot path."""
-    family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
-        return socket.inet_ntop(family, socket.inet_pton(family, text))
+        if ":" not in text:
+            socket.inet_pton(socket.AF_INET, text)  # glibc accepts only canonical dotted quads (no leading 0)
+            return text
+        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
     except (OSError, ValueError):
         return None
 
@@ -237,7 +239,6 @@ class _Slice(msgspec.Struct, rename="camel"):
     endpoints: list[_Endpoint] | None = None
 
 
-_NO_CONDITIONS = _Conditions()
 
 
 def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
@@ -260,20 +261,26 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
                                _port(p.port, f"ports[{i}].port")))
     first_port = ports[0].port if ports else 0  # endpoints carry it: reused as is for single-port slices
     want_v6 = sl.address_type == "IPv6"
+    canonical = canonical_ip
     endpoints, problems = [], []
     for i, ep in enumerate(sl.endpoints or ()):
-        if not ep.addresses:
+        addresses = ep.addresses
+        if not addresses:
             problems.append(f"endpoints[{i}].addresses: missing or empty")
             continue
-        ip = canonical_ip(ep.addresses[0].strip())
-        if ip is None or (":" in ip) != want_v6:
-            problems.append(f"endpoints[{i}].addresses[0]: {ep.addresses[0]!r} is not an {sl.address_type} address")
+        ip = canonical(addresses[0])
+        if ip is None or (":" in ip) is not want_v6:
+            problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} address")
             continue
-        c = ep.conditions or _NO_CONDITIONS
+        c = ep.conditions
         hints = tuple(sorted({z.name for z in ep.hints.for_zones or ()} - {""})) if ep.hints else ()
-        endpoints.append(Endpoint(ip=ip, port=first_port, node=ep.node_name or "", zone=ep.zone or "", hints=hints,
-                                  ready=c.ready is not False, serving=c.serving is not False,
-                                  terminating=c.terminating is True))
+        if c is None:
+            endpoints.append(Endpoint(ip=ip, port=first_port, node=ep.node_name or "", zone=ep.zone or "",
+                                      hints=hints))
+        else:
+            endpoints.append(Endpoint(ip=ip, port=first_port, node=ep.node_name or "", zone=ep.zone or "",
+                                      hints=hints, ready=c.ready is not False, serving=c.serving is not False,
+                                      terminating=c.terminating is True))
     return SliceSpec(key=object_key(obj), service_key=f"{sl.metadata.namespace}/{service_name}", ports=tuple(ports),
                      endpoints=tuple(endpoints), problems=tuple(problems))
 
