@@ -76,3 +76,14 @@ async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
     client = await nats.connect(nats_url)
     yield client
     await client.close()
+
+
+@pytest.fixture
+async def sim():
+    """The Kubernetes API simulator on a free loopback port, with a short bookmark interval."""
+    from kipvs.simulator.server import Simulator
+
+    simulator = Simulator(bookmark_interval=0.3)
+    await simulator.start()
+    yield simulator
+    await simulator.stop()

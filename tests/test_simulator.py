@@ -15,14 +15,6 @@ from kipvs.simulator.server import Simulator
 from tests import kube
 
 
-@pytest.fixture
-async def sim() -> Simulator:
-    simulator = Simulator(bookmark_interval=0.2)
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
-
-
 async def _lines(resp, n: int, within: float = 5.0) -> list[dict]:
     out = []
     async with asyncio.timeout(within):

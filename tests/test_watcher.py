@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import nats
-import pytest
 
 from kipvs.shared import config, events, runtime, topology
 from kipvs.simulator.server import Simulator
@@ -21,14 +20,6 @@ from kipvs.watcher.main import WatcherConfig, watch
 from tests import kube
 from tests.helpers import eventually
 from tests.logread import read_stream
-
-
-@pytest.fixture
-async def sim() -> Simulator:
-    simulator = Simulator(bookmark_interval=0.3)
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
 
 
 class RunningWatcher:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kipvs.planner.node_state import Contribution, NodeState, RealKey, VirtualService, VSKey, family_of, ipset_name
 
@@ -85,6 +86,8 @@ class DelEntry:
 Op = (AddAddress | DelAddress | AddService | EditService | DelService | AddReal | EditReal | DelReal
       | AddEntry | DelEntry)
 
+K = TypeVar("K")
+
 _ORDER = {AddAddress: 0, AddService: 1, EditService: 2, AddReal: 3, EditReal: 4, AddEntry: 5,
           DelEntry: 6, DelReal: 7, DelService: 8, DelAddress: 9}
 
@@ -133,6 +136,25 @@ def diff(desired: NodeState, observed: NodeState, owned: set[VSKey]) -> list[Op]
     return ordered(ops)
 
 
+def _refcount(refs: Counter[K], old: set[K], new: set[K], removed: bool) -> list[K]:
+    """Move one holder's references from ``old`` to ``new``; the keys that lost their last holder
+    (``removed``) or gained their first (not ``removed``). Shared by addresses and set entries."""
+    if removed:
+        gone = []
+        for key in old - new:
+            refs[key] -= 1
+            if refs[key] <= 0:
+                del refs[key]
+                gone.append(key)
+        return sorted(gone, key=str)
+    came = []
+    for key in new - old:
+        refs[key] += 1
+        if refs[key] == 1:
+            came.append(key)
+    return sorted(came, key=str)
+
+
 @dataclass
 class DesiredState:
     """The node's desired state, kept per Service so a change costs only what it touches."""
@@ -164,30 +186,14 @@ class DesiredState:
                 del self.services[key]
                 del self.owners[key]
             ops.extend(_service_ops(want, have))
-        for ip in (old.addresses if old else ()):
-            self.address_refs[ip] -= 1
-        for ip in (new.addresses if new else ()):
-            self.address_refs[ip] += 1
-        for ip in (old.addresses if old else set()) | (new.addresses if new else set()):
-            count = self.address_refs[ip]
-            if count <= 0:
-                del self.address_refs[ip]
-                if old and ip in old.addresses and not (new and ip in new.addresses):
-                    ops += [DelAddress(ip), DelEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
-            elif count == 1 and new and ip in new.addresses and not (old and ip in old.addresses):
-                ops += [AddAddress(ip), AddEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
-        for e in (old.ipset_entries if old else ()):
-            self.entry_refs[e] -= 1
-        for e in (new.ipset_entries if new else ()):
-            self.entry_refs[e] += 1
-        for e in (old.ipset_entries if old else set()) | (new.ipset_entries if new else set()):
-            count = self.entry_refs[e]
-            if count <= 0:
-                del self.entry_refs[e]
-                if old and e in old.ipset_entries and not (new and e in new.ipset_entries):
-                    ops.append(DelEntry(*e))
-            elif count == 1 and new and e in new.ipset_entries and not (old and e in old.ipset_entries):
-                ops.append(AddEntry(*e))
+        old_addresses, new_addresses = (old.addresses if old else set()), (new.addresses if new else set())
+        for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=True):
+            ops += [DelAddress(ip), DelEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+        for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=False):
+            ops += [AddAddress(ip), AddEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+        old_entries, new_entries = (old.ipset_entries if old else set()), (new.ipset_entries if new else set())
+        ops += [DelEntry(*e) for e in _refcount(self.entry_refs, old_entries, new_entries, removed=True)]
+        ops += [AddEntry(*e) for e in _refcount(self.entry_refs, old_entries, new_entries, removed=False)]
         return ordered(ops)
 
     def state(self) -> NodeState:
