@@ -163,7 +163,32 @@ class ClearWarning(msgspec.Struct, tag="clear-warning", tag_field="op", frozen=T
     id: str
 
 
-PlanOp = SetService | RemoveService | SetNode | RemoveNode | SetWarning | ClearWarning
+class MarkLayoutRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Felix's split of the node's iptablesMarkMask (wireguard is 0 when WireGuard is off)."""
+
+    accept: int
+    pass_: int = msgspec.field(name="pass")
+    drop: int
+    scratch0: int
+    scratch1: int
+    wireguard: int
+    endpoint_mask: int
+    non_calico: int
+
+
+class SetNodeCalico(msgspec.Struct, tag="set-node-calico", tag_field="op", frozen=True):
+    """The whole Calico IPVS-mode state of one node (its subject only): a pod change on a node is one
+    message to that node, and the node's state is replaced, never merged."""
+
+    node: str
+    layout: MarkLayoutRecord
+    nodeport_ranges: tuple[tuple[int, int], ...]
+    endpoint_marks: dict[str, int]  # interface name -> mark
+    unmarked: tuple[str, ...] = ()  # endpoints left without a mark: the positions ran out
+    warnings: tuple[PlanWarning, ...] = ()  # node-specific: exhaustion, nodeport-outside-ranges, bad config
+
+
+PlanOp = SetService | RemoveService | SetNode | RemoveNode | SetWarning | ClearWarning | SetNodeCalico
 
 
 class PlanDelta(Record, tag="plan.delta"):

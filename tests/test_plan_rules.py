@@ -270,3 +270,60 @@ def test_unreadable_input_is_a_precise_error(tmp_path: Path, capsys: pytest.Capt
     f.write_text(json.dumps({"type": "UPSERT", "object": web()}) + "\n")
     assert kipvs(["plan", "--events", str(f), "--node", "n"]) == 2
     assert "not a watch event" in capsys.readouterr().err
+
+
+def felix(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration", "metadata": {"name": name},
+            "spec": spec}
+
+
+def test_calico_endpoint_marks_layout_and_ranges(plan) -> None:
+    from kipvs.planner.endpoint_marks import interface_name, layout
+
+    host = kube.pod("host", node_name="node-a")
+    host["spec"]["hostNetwork"] = True
+    done = kube.pod("done", node_name="node-a")
+    done["status"]["phase"] = "Succeeded"
+    state = plan(added(*NODES, kube.pod("web-1"), kube.pod("web-2", node_name="node-b"), host, done), fmt="json")
+    lay = layout(0xFFFF0000)
+    assert list(state["endpoint_marks"]) == [interface_name("default", "web-1")], "only live workloads on node-a"
+    mark = state["endpoint_marks"][interface_name("default", "web-1")]
+    assert mark & lay.endpoint_mask == mark and mark not in (0, lay.non_calico)
+    assert state["mark_layout"] == {"accept": 0x10000, "pass": 0x20000, "drop": 0x40000, "scratch0": 0x80000,
+                                    "scratch1": 0x100000, "wireguard": 0, "endpoint_mask": 0xFFE00000,
+                                    "non_calico": 0x200000}
+    assert state["nodeport_ranges"] == [[30000, 32767]]
+
+
+def test_felix_configuration_per_node_override_and_nodeport_outside_ranges(plan) -> None:
+    svc = web(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}])
+    events = added(*NODES, svc, felix("default", wireguardEnabled=True),
+                   felix("node.node-a", kubeNodePortRanges=["31000:31999"]))
+    a = plan(events, "node-a", "json")
+    assert a["mark_layout"]["wireguard"] == 0x200000 and a["nodeport_ranges"] == [[31000, 31999]]
+    (warning,) = [w for w in a["warnings"] if w["code"] == "nodeport-outside-ranges"]
+    assert warning["object"] == "default/web"
+    assert "nodePort 30080 is outside kubeNodePortRanges 31000:31999 on nodes node-a" in warning["message"]
+    b = plan(events, "node-b", "json")
+    assert b["nodeport_ranges"] == [[30000, 32767]]
+    assert b["warnings"] == a["warnings"], "a Service-level warning, published once, naming the nodes affected"
+    fixed = [*events, {"type": "MODIFIED", "object": felix("node.node-a", kubeNodePortRanges=["30000:32767"])}]
+    assert not plan(fixed, "node-a", "json")["warnings"], "the warning clears when fixed"
+
+
+def test_endpoint_mark_exhaustion_names_the_pods(plan) -> None:
+    pods = [kube.pod(f"p{i}", ip=f"10.244.1.{i + 10}") for i in range(8)]
+    state = plan(added(*NODES, felix("default", iptablesMarkMask=0x0FF0), *pods), fmt="json")
+    assert len(state["endpoint_marks"]) == 6, "only the endpoints that got a position are listed"
+    marked = [m for m in state["endpoint_marks"].values() if m]
+    assert len(marked) == 6 and len(set(marked)) == 6
+    (warning,) = [w for w in state["warnings"] if w["code"] == "endpoint-marks-exhausted"]
+    assert "2 pods on node-a have no endpoint mark (capacity 6)" in warning["message"]
+    assert "default/p6" in warning["message"] and "default/p7" in warning["message"]
+
+
+def test_invalid_felix_configuration_is_a_warning_and_keeps_the_valid_value(plan) -> None:
+    state = plan(added(*NODES, felix("default", iptablesMarkMask=1, kubeNodePortRanges=["1-2"])), fmt="json")
+    assert state["mark_layout"]["endpoint_mask"] == 0xFFE00000 and state["nodeport_ranges"] == [[30000, 32767]]
+    (warning,) = [w for w in state["warnings"] if w["code"] == "invalid-felix-configuration"]
+    assert "fewer than 2 bits" in warning["message"] and "'1-2'" in warning["message"]

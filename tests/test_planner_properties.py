@@ -146,10 +146,20 @@ def test_incremental_equals_from_scratch_and_deltas_rebuild_it(steps: list[tuple
     assert _state(d.planner) == _state(scratch.planner)
 
     shared = SharedPlan()
+    node_seqs: dict[str, list[int]] = {}
+    last_node_state: dict[str, events.SetNodeCalico] = {}
     for env in d.deltas:
         assert isinstance(env.record, events.PlanDelta)
-        assert shared.apply(env.record)
+        if env.record.scope == "all":
+            assert shared.apply(env.record)
+        else:  # node-specific state: its own subject, its own sequence, replaced whole each time
+            node_seqs.setdefault(env.record.scope, []).append(env.record.seq)
+            (op,) = env.record.ops
+            last_node_state[env.record.scope] = op
     assert _state(shared) == _state(d.planner)
+    for node, seqs in node_seqs.items():
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert last_node_state[node] == d.planner.node_calico(node)
     for name in NODE_NAMES:
         a = resolve_node(shared.services.values(), shared.nodes.get(name))
         b = resolve_node(d.planner.plans.values(), d.planner.nodes.get(name))
@@ -166,4 +176,5 @@ def test_same_log_same_delta_bytes(steps: list[tuple]) -> None:
     a.play(steps)
     b.play(steps)
     assert [events.encode(e) for e in a.deltas] == [events.encode(e) for e in b.deltas]
-    assert [e.record.seq for e in a.deltas] == list(range(1, len(a.deltas) + 1))
+    shared = [e.record.seq for e in a.deltas if e.record.scope == "all"]
+    assert shared == list(range(1, len(shared) + 1))

@@ -30,11 +30,13 @@ from kipvs.shared.events import (
     RemoveService,
     ServicePlan,
     SetNode,
+    SetNodeCalico,
     SetService,
     SetWarning,
 )
 
 from . import parse
+from .calico import CalicoState, nodeport_problem
 
 SHARED_SCOPE = "all"
 PRODUCER = "planner"
@@ -78,6 +80,11 @@ class Planner:
     warnings: dict[str, PlanWarning] = field(default_factory=dict)
     seq: int = 0  # deltas emitted on the shared subject
     source_seq: int = 0  # last input handled
+    calico: CalicoState = field(default_factory=CalicoState)
+    node_seq: dict[str, int] = field(default_factory=dict)  # deltas emitted on each node's subject
+    node_published: dict[str, SetNodeCalico] = field(default_factory=dict)
+    node_ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # Service key -> its node ports
+    _dirty: set[str] = field(default_factory=set)
 
     # --- input --------------------------------------------------------------------------------
 
@@ -90,18 +97,43 @@ class Planner:
         elif isinstance(record, events.KubeResync):
             self._on_resync(record, ops)
         self.source_seq = source_seq
-        if not ops:
-            return []
-        self.seq += 1
-        delta = PlanDelta(scope=SHARED_SCOPE, seq=self.seq, source_seq=source_seq, ops=tuple(ops))
-        return [events.Envelope(id=f"plan/{SHARED_SCOPE}/{self.seq}", time_ns=envelope.time_ns, producer=PRODUCER,
-                                causation=(envelope.id,), record=delta)]
+        out = []
+        if ops:
+            self.seq += 1
+            delta = PlanDelta(scope=SHARED_SCOPE, seq=self.seq, source_seq=source_seq, ops=tuple(ops))
+            out.append(events.Envelope(id=f"plan/{SHARED_SCOPE}/{self.seq}", time_ns=envelope.time_ns,
+                                       producer=PRODUCER, causation=(envelope.id,), record=delta))
+        for node in sorted(self._dirty):
+            state = self.node_calico(node)
+            if self.node_published.get(node) == state:
+                continue
+            self.node_published[node] = state
+            self.node_seq[node] = seq = self.node_seq.get(node, 0) + 1
+            delta = PlanDelta(scope=node, seq=seq, source_seq=source_seq, ops=(state,))
+            out.append(events.Envelope(id=f"plan/node/{node}/{seq}", time_ns=envelope.time_ns, producer=PRODUCER,
+                                       causation=(envelope.id,), record=delta))
+        self._dirty.clear()
+        return out
+
+    def node_calico(self, node: str) -> SetNodeCalico:
+        """The node's Calico state (node-specific: published on that node's subject only)."""
+        return self.calico.state(node)
+
+    def _check_node_ports(self, key: str, ops: list[PlanOp]) -> None:
+        """The shared nodeport-outside-ranges warning of one Service (set, changed or cleared)."""
+        warning_id = f"Service/{key}/nodeport-outside-ranges"
+        ports = self.node_ports.get(key, ())
+        problem = nodeport_problem(key, ports, self.calico.range_groups()) if ports else ""
+        if problem:
+            self._warn(ops, warning_id, "nodeport-outside-ranges", "Service", key, problem)
+        else:
+            self._clear(ops, warning_id)
 
     def _on_event(self, kind: str, action: str, obj: dict[str, Any], rv: str, ops: list[PlanOp]) -> None:
         key = parse.object_key(obj)
         if action == "DELETED":
             self.versions.pop((kind, key), None)
-        elif kind in ("Service", "EndpointSlice", "Node"):
+        else:
             self.versions[(kind, key)] = rv
         if kind == "Service":
             self._on_service(key, None if action == "DELETED" else obj, ops)
@@ -109,7 +141,21 @@ class Planner:
             self._on_slice(key, None if action == "DELETED" else obj, ops)
         elif kind == "Node":
             self._on_node(key, None if action == "DELETED" else obj, ops)
-        # Pods and FelixConfigurations feed node-specific state (endpoint marks), planned elsewhere.
+            if action != "DELETED" and key not in self.calico.settings:
+                self.calico.ensure_node(key)
+                self._dirty.add(key)
+                for service in sorted(self.node_ports):  # a node with its own ranges may change the verdict
+                    self._check_node_ports(service, ops)
+        elif kind == "Pod":
+            self._dirty |= self.calico.on_pod(key, None if action == "DELETED" else obj)
+        elif kind == "FelixConfiguration":
+            spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+            changed = self.calico.on_felix(key, None if action == "DELETED" else spec)
+            for node in changed:
+                self.calico.ensure_node(node)  # settings now, for the range check below
+            self._dirty |= changed
+            for service in sorted(self.node_ports):  # ranges may have moved: a rare event, O(NodePort Services)
+                self._check_node_ports(service, ops)
 
     def _on_resync(self, resync: events.KubeResync, ops: list[PlanOp]) -> None:
         """Delete what we hold of the kind that the live set lacks (and that is not newer than the list)."""
@@ -203,6 +249,13 @@ class Planner:
         elif plan != current:
             self.plans[key] = plan
             ops.append(SetService(plan))
+        ports = tuple(p.node_port for p in plan.ports if p.node_port) if plan else ()
+        if ports != self.node_ports.get(key, ()):
+            if ports:
+                self.node_ports[key] = ports
+            else:
+                self.node_ports.pop(key, None)
+            self._check_node_ports(key, ops)
 
     def _warn(self, ops: list[PlanOp], id: str, code: str, kind: str, obj: str, message: str) -> None:
         warning = PlanWarning(id=id, code=code, kind=kind, object=obj, message=message)

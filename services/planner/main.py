@@ -80,41 +80,61 @@ async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
     return count
 
 
-async def last_published(js: JetStreamContext) -> tuple[int, int]:
-    """(delta seq, stream seq) of the last shared delta in the plan stream; (0, 0) if none."""
+def subject_for(scope: str) -> str:
+    return topology.PLAN_ALL_SUBJECT if scope == SHARED_SCOPE else topology.plan_node_subject(scope)
+
+
+async def last_published(js: JetStreamContext) -> dict[str, tuple[int, int]]:
+    """Per plan subject in the stream: (last delta seq, its stream seq), keyed by scope."""
+    out: dict[str, tuple[int, int]] = {}
     try:
-        raw = await js.get_last_msg(topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
+        info = await js.stream_info(topology.PLAN_STREAM, subjects_filter="kipvs.plan.>")
     except NotFoundError:
-        return 0, 0
-    record = events.decode(raw.data).record
-    assert isinstance(record, events.PlanDelta)
-    return record.seq, raw.seq
+        return out
+    for subject in (info.state.subjects or {}):
+        raw = await js.get_last_msg(topology.PLAN_STREAM, subject)
+        record = events.decode(raw.data).record
+        assert isinstance(record, events.PlanDelta)
+        out[record.scope] = (record.seq, raw.seq)
+    return out
 
 
 class PlanPublisher:
-    """The outbox: deltas leave in order, exactly once."""
+    """The outbox: deltas leave in order, exactly once, each on its scope's subject."""
 
-    def __init__(self, js: JetStreamContext, published_seq: int, stream_seq: int) -> None:
+    def __init__(self, js: JetStreamContext, published: dict[str, tuple[int, int]]) -> None:
         self.js = js
-        self.published_seq = published_seq  # highest delta seq known to be in the stream
-        self.stream_seq = stream_seq  # its stream sequence
+        self.published = {scope: seq for scope, (seq, _) in published.items()}  # highest delta seq per scope
+        self.stream_seq = published.get(SHARED_SCOPE, (0, 0))[1]  # stream seq of the last shared delta
         self.outbox: list[events.Envelope] = []
 
+    @property
+    def published_seq(self) -> int:
+        return self.published.get(SHARED_SCOPE, 0)
+
     def add(self, deltas: list[events.Envelope]) -> None:
-        self.outbox.extend(d for d in deltas if d.record.seq > self.published_seq)  # type: ignore[union-attr]
+        for d in deltas:
+            record = d.record
+            assert isinstance(record, events.PlanDelta)
+            if record.seq > self.published.get(record.scope, 0):
+                self.outbox.append(d)
 
     async def flush(self) -> int:
         if not self.outbox:
             return 0
-        futures = [await self.js.publish_async(topology.PLAN_ALL_SUBJECT, events.encode(env),
+        futures = [await self.js.publish_async(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
                                                headers=bus.msg_id_header(env)) for env in self.outbox]
         try:
             acks = await asyncio.gather(*futures)
         except Exception as exc:
             raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {exc}") from exc
+        for env, ack in zip(self.outbox, acks, strict=True):
+            record = env.record
+            assert isinstance(record, events.PlanDelta)
+            self.published[record.scope] = record.seq
+            if record.scope == SHARED_SCOPE:
+                self.stream_seq = ack.seq
         sent = len(self.outbox)
-        self.published_seq = self.outbox[-1].record.seq  # type: ignore[union-attr]
-        self.stream_seq = acks[-1].seq
         self.outbox.clear()
         return sent
 
@@ -132,13 +152,13 @@ async def plan(ctx: runtime.ServiceContext) -> None:
     started = time.perf_counter()
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
     tune_gc()
-    published_seq, stream_seq = await last_published(ctx.js)
-    log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d deltas in the plan stream",
-             replayed, time.perf_counter() - started, info.ack_floor.stream_seq, published_seq)
-    if planner.seq > published_seq:
+    publisher = PlanPublisher(ctx.js, await last_published(ctx.js))
+    log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d shared deltas in the plan "
+             "stream", replayed, time.perf_counter() - started, info.ack_floor.stream_seq, publisher.published_seq)
+    if planner.seq > publisher.published_seq:
         log.error("the plan stream ends at delta %d but the log implies %d: deltas were lost (stream purged?); "
-                  "appliers will see the gap and re-bootstrap from the next snapshot", published_seq, planner.seq)
-    publisher = PlanPublisher(ctx.js, published_seq, stream_seq)
+                  "appliers will see the gap and re-bootstrap from the next snapshot", publisher.published_seq,
+                  planner.seq)
     # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
     # log order, and skip them when the durable consumer redelivers them.
     if info.delivered.stream_seq > planner.source_seq:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from kipvs.shared.events import PlanWarning
+from kipvs.shared.events import PlanWarning, SetNodeCalico
 
 from .node_state import NodeState, VirtualService, sort_key_ip
 
@@ -40,9 +40,12 @@ def ipvsadm(state: NodeState) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str) -> dict[str, Any]:
+def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str,
+            calico: SetNodeCalico | None = None) -> dict[str, Any]:
     """The documented JSON form (docs/plan-format.md)."""
-    return {
+    if calico is not None:
+        warnings = [*warnings, *calico.warnings]
+    doc = {
         "node": node,
         "ipvs": [{
             "protocol": vs.protocol, "address": vs.ip, "port": vs.port, "scheduler": vs.scheduler,
@@ -55,7 +58,16 @@ def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str) -> dic
         "warnings": [{"kind": w.kind, "object": w.object, "code": w.code, "message": w.message}
                      for w in sorted(warnings, key=lambda w: w.id)],
     }
+    if calico is not None:
+        lay = calico.layout
+        doc["endpoint_marks"] = dict(sorted(calico.endpoint_marks.items()))
+        doc["mark_layout"] = {"accept": lay.accept, "pass": lay.pass_, "drop": lay.drop, "scratch0": lay.scratch0,
+                              "scratch1": lay.scratch1, "wireguard": lay.wireguard,
+                              "endpoint_mask": lay.endpoint_mask, "non_calico": lay.non_calico}
+        doc["nodeport_ranges"] = [list(r) for r in calico.nodeport_ranges]
+    return doc
 
 
-def json_text(state: NodeState, warnings: Iterable[PlanWarning], node: str) -> str:
-    return json.dumps(as_json(state, warnings, node), indent=2) + "\n"
+def json_text(state: NodeState, warnings: Iterable[PlanWarning], node: str,
+              calico: SetNodeCalico | None = None) -> str:
+    return json.dumps(as_json(state, warnings, node, calico), indent=2) + "\n"

@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if args.node not in planner.nodes:
         print(f"kipvs plan: note: no Node {args.node!r} in the events; node-specific state (NodePorts, Local "
               "policies, topology) is resolved as for an unknown node", file=sys.stderr)
-    out = ipvsadm(state) if args.format == "ipvsadm" else json_text(state, planner.warnings.values(), args.node)
+    if args.format == "ipvsadm":
+        out = ipvsadm(state)
+    else:
+        out = json_text(state, planner.warnings.values(), args.node, planner.node_calico(args.node))
     sys.stdout.write(out)
     return 0
