@@ -103,3 +103,46 @@ async def test_killed_mid_stream_and_restarted_no_loss_no_duplicates(nats_url: s
     last = await js.get_last_msg(topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
     assert snap.plan_stream_seq == last.seq
     await nc.close()
+
+
+async def test_restart_resumes_every_subject_without_gaps_or_repeats(nats_url: str) -> None:
+    """Shared and node-specific deltas (Calico marks) each keep their own sequence across a restart."""
+    from tests.golden.regenerate import DELTAS, EVENTS
+    from tests.test_applier_service import _publish_kube
+
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    lines = EVENTS.read_text().splitlines()
+    golden = [events.from_json(line).record for line in DELTAS.read_text().splitlines()]
+    expected = {scope: sum(1 for d in golden if d.scope == scope) for scope in {d.scope for d in golden}}
+
+    async def counts() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for _, env in await read_stream(js, topology.PLAN_STREAM):
+            out.setdefault(env.record.scope, []).append(env.record.seq)
+        return out
+
+    async def wait_for(total: int) -> None:
+        deadline = time.monotonic() + 30
+        while sum(len(v) for v in (await counts()).values()) < total:
+            assert time.monotonic() < deadline, await counts()
+            await asyncio.sleep(0.1)
+
+    await _publish_kube(js, lines[:10], "first")
+    proc = _planner(nats_url)
+    await wait_for(1)
+    await asyncio.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    await _publish_kube(js, lines[10:], "second")
+    proc = _planner(nats_url)
+    try:
+        await wait_for(sum(expected.values()))
+        await asyncio.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    got = await counts()
+    assert {scope: len(seqs) for scope, seqs in got.items()} == expected
+    assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in got.values()), got
+    await nc.close()
