@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,7 +144,6 @@ class DurableConsumer:
         self._stop = asyncio.Event()
         self.delivered = 0
         self.parked = 0
-        self.caught_up = False
         self.pending = 0  # messages left in the consumer after the last fetch (lag)
 
     def stop(self) -> None:
@@ -158,14 +156,12 @@ class DurableConsumer:
                 try:
                     msgs = await sub.fetch(self.batch, timeout=0.5)
                 except (TimeoutError, NatsTimeoutError):
-                    self.caught_up = True
                     if self.idle is not None:
                         await self.idle()
                     continue
                 await self._take(msgs)
                 if msgs:
                     self.pending = msgs[-1].metadata.num_pending
-                    self.caught_up = self.pending == 0
         finally:
             with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
                 await sub.unsubscribe()
@@ -218,14 +214,5 @@ class DurableConsumer:
         self.delivered += len(deliveries)
 
 
-async def stream_last_sequence(js: JetStreamContext, stream: str) -> int:
-    info = await js.stream_info(stream)
-    return info.state.last_seq
-
-
 def is_wrong_last_sequence(exc: APIError) -> bool:
     return getattr(exc, "err_code", None) == 10071
-
-
-def now_ns() -> int:
-    return time.time_ns()

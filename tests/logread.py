@@ -5,8 +5,9 @@ from __future__ import annotations
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
-from kipvs.shared import events
+from kipvs.shared import events, topology
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">") -> list[tuple[str, events.Envelope]]:
@@ -28,3 +29,16 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str = ">") -> 
     finally:
         await sub.unsubscribe()
     return out
+
+
+async def parked_reasons(js: JetStreamContext) -> list[str]:
+    """The reason header of every parked message, oldest first ([] when nothing was ever parked)."""
+    try:
+        info = await js.stream_info(topology.PARKED_STREAM)
+    except NotFoundError:
+        return []
+    reasons = []
+    for seq in range(info.state.first_seq or 1, info.state.last_seq + 1):
+        msg = await js.get_msg(topology.PARKED_STREAM, seq)
+        reasons.append(msg.headers[topology.PARK_REASON])
+    return reasons

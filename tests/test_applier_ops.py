@@ -7,19 +7,21 @@ from __future__ import annotations
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kipvs.applier.backend import CapabilityError, MemoryKernel
 from kipvs.applier.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddService, DesiredState, diff
+from kipvs.applier.ops import AddService, DesiredState, diff, digest
 from kipvs.planner.node_state import VirtualService
 from kipvs.planner.resolve import resolve_service
+from tests import kube
 from tests.test_planner_properties import Driver, step
 
 NODE = "node-a"
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=__import__("hypothesis").strategies.lists(step, max_size=40))
+@given(steps=st.lists(step, max_size=40))
 async def test_incremental_ops_reach_the_desired_state(steps) -> None:
     driver = Driver()
     kernel = MemoryKernel()
@@ -45,6 +47,7 @@ async def test_incremental_ops_reach_the_desired_state(steps) -> None:
     assert observed.state.addresses == want.addresses
     assert observed.state.ipsets == want.ipsets
     assert diff(want, observed.state, observed.owned) == []
+    assert desired.digest() == digest(want) == digest(observed.state), "the incremental digest drifted"
 
 
 async def test_diff_leaves_foreign_services_alone_and_removes_stale_owned_ones() -> None:
@@ -60,7 +63,7 @@ async def test_diff_leaves_foreign_services_alone_and_removes_stale_owned_ones()
 
 async def test_service_change_is_one_in_place_edit() -> None:
     driver = Driver()
-    driver.put(__import__("tests.kube", fromlist=["x"]).service("web", cluster_ip="10.96.0.10"))
+    driver.put(kube.service("web", cluster_ip="10.96.0.10"))
     plan = driver.planner.plans["default/web"]
     desired = DesiredState()
     desired.update("default/web", resolve_service(plan, None))

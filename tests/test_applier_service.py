@@ -9,7 +9,8 @@ import json
 import nats
 
 from kipvs.applier.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan, digest
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.applier.ops import digest
 from kipvs.planner.core import PlannerConfig
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.planner.replay import plan_events, read_events
@@ -18,7 +19,7 @@ from kipvs.shared import bus, config, events, runtime, topology
 from tests import kube
 from tests.golden.regenerate import EVENTS
 from tests.helpers import eventually
-from tests.logread import read_stream
+from tests.logread import parked_reasons, read_stream
 
 
 def _start(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
@@ -77,22 +78,11 @@ async def test_plan_reaches_the_node_and_a_late_node_bootstraps_from_the_snapsho
                             record=events.KubeResync(kind="Pod", resource_version="1", live={}))
     await bus.publish(js, topology.plan_node_subject("node-a"), wrong)
 
-    async def parked() -> list[str]:
-        try:
-            info = await js.stream_info(topology.PARKED_STREAM, subjects_filter="kipvs.parked.>")
-        except nats.js.errors.NotFoundError:
-            return []
-        out = []
-        for seq in range(1, info.state.last_seq + 1):
-            msg = await js.get_msg(topology.PARKED_STREAM, seq)
-            out.append(msg.headers[topology.PARK_REASON])
-        return out
-
     for _ in range(100):
-        if len(await parked()) >= 2:
+        if len(await parked_reasons(js)) >= 2:
             break
         await asyncio.sleep(0.05)
-    reasons = await parked()
+    reasons = await parked_reasons(js)
     assert any("not a kipvs envelope" in r for r in reasons), reasons
     assert any("KubeResync does not belong on a plan subject" in r for r in reasons), reasons
 

@@ -19,7 +19,7 @@ from kipvs.simulator.server import Simulator
 from kipvs.watcher.main import WatcherConfig, watch
 from tests import kube
 from tests.helpers import eventually
-from tests.logread import read_stream
+from tests.logread import parked_reasons, read_stream
 
 
 class RunningWatcher:
@@ -187,22 +187,11 @@ async def test_malformed_objects_and_lines_are_parked_not_fatal(nats_url: str, s
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
 
-    async def parked_reasons() -> list[str]:
-        try:
-            info = await js.stream_info(topology.PARKED_STREAM)
-        except nats.js.errors.NotFoundError:
-            return []
-        reasons = []
-        for seq in range(1, info.state.last_seq + 1):
-            msg = await js.get_msg(topology.PARKED_STREAM, seq)
-            reasons.append(msg.headers[topology.PARK_REASON])
-        return reasons
-
     for _ in range(100):
-        if len(await parked_reasons()) >= 3:
+        if len(await parked_reasons(js)) >= 3:
             break
         await asyncio.sleep(0.1)
-    reasons = await parked_reasons()
+    reasons = await parked_reasons(js)
     assert any("metadata.name is missing" in r for r in reasons), reasons
     assert any("watch line is not valid JSON" in r for r in reasons), reasons
     assert any("resourceVersion is missing" in r for r in reasons), reasons

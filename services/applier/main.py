@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
 import sys
@@ -24,16 +23,14 @@ from typing import Annotated, Literal
 import msgspec
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
-from kipvs.planner.node_state import NodeState
 from kipvs.planner.plan_state import SequenceGap, SharedPlan
-from kipvs.planner.render import ipvsadm
 from kipvs.planner.resolve import resolve_service
 from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.shared.config import describe
 
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
-from .ops import DesiredState, Op, diff
+from .ops import DesiredState, Op, diff, digest
 from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
@@ -64,14 +61,6 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         if not self.node:
             raise ValueError("node is required (--node, KIPVS_NODE): the name of this node's Node object")
         topology.token(self.node)
-
-
-def digest(state: NodeState) -> str:
-    """A short hash of a node state: equal digests, equal kernels (for the parts kipvs owns)."""
-    h = hashlib.sha256(ipvsadm(state).encode())
-    h.update(repr(sorted(state.addresses)).encode())
-    h.update(repr(sorted((k, sorted(v)) for k, v in state.ipsets.items())).encode())
-    return h.hexdigest()[:16]
 
 
 def describe_op(op: Op) -> str:
@@ -196,7 +185,7 @@ class Applier:
         self.apply_seconds.observe(elapsed)
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
                                              duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
-                                             desired_digest=digest(self.desired.state())))
+                                             desired_digest=self.desired.digest()))
 
     async def drift_check(self) -> None:
         if self.use_interfaces:

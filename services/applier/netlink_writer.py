@@ -15,13 +15,12 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
 from pyroute2.ipset import AsyncIPSet, PortEntry
-from pyroute2.ipvs import IPVSDest, IPVSService
+from pyroute2.ipvs import IPVSService
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
@@ -70,7 +69,6 @@ IPSET_BENIGN = {errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST}
 PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
 PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
-MASQUERADE = 0  # IP_VS_CONN_F_MASQ
 SET_TYPES = dict(IPSET_TYPES)
 
 
@@ -94,11 +92,6 @@ def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService
                        port=port, sched_name=scheduler, timeout=timeout,
                        flags={"flags": PERSISTENT if timeout else 0, "mask": 0xFFFFFFFF},
                        netmask=V6_NETMASK if v6 else "255.255.255.255")
-
-
-def _dest(ip: str, port: int, weight: int) -> IPVSDest:
-    family = socket.AF_INET6 if family_of(ip) == 6 else socket.AF_INET
-    return IPVSDest(addr_family=family, addr=ip, port=port, weight=weight, fwd_method=MASQUERADE)
 
 
 def _entry_data(set_type: str, entry: str) -> tuple[Any, str]:
@@ -446,6 +439,3 @@ def _ip(nested: Any) -> str:
         return str(value)
     raise KernelError("ipset member without an address")
 
-
-def all_owned_sets() -> Iterable[str]:
-    return (*ALL_IPSETS, *OWNED_SETS.values())

@@ -15,6 +15,7 @@ before real servers and set entries that use them; removals in the reverse order
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -96,6 +97,34 @@ def ordered(ops: list[Op]) -> list[Op]:
     return sorted(ops, key=lambda op: _ORDER[type(op)])
 
 
+def _hash(item: str) -> int:
+    return int.from_bytes(hashlib.blake2b(item.encode(), digest_size=8).digest(), "big")
+
+
+def _vs_item(vs: VirtualService) -> str:
+    reals = ",".join(f"{ip}:{port}={w}" for (ip, port), w in sorted(vs.reals.items()))
+    return f"vs {vs.protocol} {vs.ip} {vs.port} {vs.scheduler} {vs.persistence_timeout} {reals}"
+
+
+def _derived(name: str) -> bool:
+    return name in ("KUBE-IPVS-IPS", "KUBE-6-IPVS-IPS")  # derived from the addresses: hashed through them
+
+
+def digest(state: NodeState) -> str:
+    """A short hash of a node state: equal digests, equal kernels (for what kipvs owns). An XOR of one hash
+    per object, so ``DesiredState`` keeps its digest up to date per change instead of rehashing the table."""
+    acc = 0
+    for vs in state.ipvs.values():
+        acc ^= _hash(_vs_item(vs))
+    for ip in state.addresses:
+        acc ^= _hash(f"addr {ip}")
+    for name, entries in state.ipsets.items():
+        if not _derived(name):
+            for entry in entries:
+                acc ^= _hash(f"set {name} {entry}")
+    return f"{acc:016x}"
+
+
 def _service_ops(want: VirtualService | None, have: VirtualService | None) -> list[Op]:
     ops: list[Op] = []
     if want is None and have is not None:
@@ -164,6 +193,11 @@ class DesiredState:
     owners: dict[VSKey, str] = field(default_factory=dict)
     address_refs: Counter[str] = field(default_factory=Counter)
     entry_refs: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _digest: int = 0  # XOR of the hashes of every desired object (see digest())
+
+    def digest(self) -> str:
+        """``digest(self.state())``, kept up to date per change."""
+        return f"{self._digest:016x}"
 
     def update(self, service: str, new: Contribution | None) -> list[Op]:
         """Replace one Service's contribution; the operations that turns the old into the new."""
@@ -179,9 +213,12 @@ class DesiredState:
                 new_vs[vs.key] = vs  # two Services on one VIP:port: the first keeps it
         for key in old_vs.keys() | new_vs.keys():
             want, have = new_vs.get(key), old_vs.get(key)
+            if key in self.services and self.owners.get(key) == service:
+                self._digest ^= _hash(_vs_item(self.services[key]))
             if want is not None:
                 self.services[key] = want
                 self.owners[key] = service
+                self._digest ^= _hash(_vs_item(want))
             elif self.owners.get(key) == service:
                 del self.services[key]
                 del self.owners[key]
@@ -189,11 +226,17 @@ class DesiredState:
         old_addresses, new_addresses = (old.addresses if old else set()), (new.addresses if new else set())
         for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=True):
             ops += [DelAddress(ip), DelEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+            self._digest ^= _hash(f"addr {ip}")
         for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=False):
             ops += [AddAddress(ip), AddEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+            self._digest ^= _hash(f"addr {ip}")
         old_entries, new_entries = (old.ipset_entries if old else set()), (new.ipset_entries if new else set())
-        ops += [DelEntry(*e) for e in _refcount(self.entry_refs, old_entries, new_entries, removed=True)]
-        ops += [AddEntry(*e) for e in _refcount(self.entry_refs, old_entries, new_entries, removed=False)]
+        for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=True):
+            ops.append(DelEntry(name, entry))
+            self._digest ^= _hash(f"set {name} {entry}")
+        for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=False):
+            ops.append(AddEntry(name, entry))
+            self._digest ^= _hash(f"set {name} {entry}")
         return ordered(ops)
 
     def state(self) -> NodeState:

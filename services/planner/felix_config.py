@@ -49,8 +49,7 @@ def _bool(value: Any, field: str) -> bool:
     return value
 
 
-def overlay(base: FelixSettings, spec: dict[str, Any], wireguard_after: bool | None = None) -> tuple[FelixSettings,
-                                                                                                    list[str]]:
+def overlay(base: FelixSettings, spec: dict[str, Any]) -> tuple[FelixSettings, list[str]]:
     """``spec``'s valid fields over ``base``; the problems with the others (which keep base's value)."""
     problems: list[str] = []
     out = base

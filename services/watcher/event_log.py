@@ -78,8 +78,6 @@ class EventLog:
         self.record_file = record_file
         self.producer = producer_name()
         self.on_published = on_published  # callback(action, seconds) for metrics
-        self.appended = 0
-        self.skipped = 0
 
     async def append(self, event: Planned) -> bool:
         """Append one event unless the log already has it or something newer. True if appended."""
@@ -95,14 +93,11 @@ class EventLog:
                 if not bus.is_wrong_last_sequence(exc):
                     raise
                 if not await self._refresh(event):
-                    self.skipped += 1
                     return False
                 continue
             self._remember(event, ack.seq)
             if ack.duplicate:
-                self.skipped += 1
                 return False
-            self.appended += 1
             if self.on_published:
                 self.on_published(event.record.action, time.perf_counter() - started)
             if self.record_file is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from kipvs.planner.core import PlannerConfig
 from kipvs.planner.render import ipvsadm
 from kipvs.planner.replay import plan_events, read_events
 from kipvs.planner.resolve import resolve_node
@@ -56,8 +57,7 @@ def start(*args: str) -> subprocess.Popen:
 
 
 def expected_table(lines: list[str]) -> list[str]:
-    planner = plan_events(read_events(lines, "x"), plan_events([], __import__("kipvs.planner.core",
-                                                                            fromlist=["x"]).PlannerConfig()).config)
+    planner = plan_events(read_events(lines, "x"), PlannerConfig())
     return sorted(ipvsadm(resolve_node(planner.plans.values(), planner.nodes.get("node-a"))).splitlines())
 
 
