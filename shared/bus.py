@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
 from . import events, topology
@@ -212,6 +213,33 @@ class DurableConsumer:
             await d.msg.ack()
         await deliveries[-1].msg.ack_sync()
         self.delivered += len(deliveries)
+
+
+async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
+                      deliver: DeliverPolicy = DeliverPolicy.ALL, start_seq: int = 0,
+                      upto: int = 0) -> AsyncIterator[Msg]:
+    """Read a stream with an ephemeral, unacknowledged consumer until it is drained (or past stream
+    sequence ``upto``): the one way kipvs reads history (state rebuilds, replays, audits)."""
+    config = ConsumerConfig(deliver_policy=deliver, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
+                            mem_storage=True)
+    if start_seq:
+        config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
+    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    try:
+        remaining = (await sub.consumer_info()).num_pending
+        while remaining > 0:
+            try:
+                msgs = await sub.fetch(min(remaining, 1000), timeout=5)
+            except NatsTimeoutError:
+                return
+            for msg in msgs:
+                if upto and msg.metadata.sequence.stream > upto:
+                    return
+                yield msg
+            remaining = msgs[-1].metadata.num_pending if msgs else 0
+    finally:
+        with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
+            await sub.unsubscribe()
 
 
 def is_wrong_last_sequence(exc: APIError) -> bool:

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import events, topology
+from kipvs.shared import bus, events, topology
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">") -> list[tuple[str, events.Envelope]]:
-    info = await js.stream_info(stream)
-    if info.state.messages == 0:
-        return []
-    sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=10.0))
-    out: list[tuple[str, events.Envelope]] = []
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=1)
-            except NatsTimeoutError:
-                break
-            out.extend((m.subject, events.decode(m.data)) for m in msgs)
-            if msgs[-1].metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
+    """Every message of a stream, decoded ([] when the stream is empty)."""
+    return [(m.subject, events.decode(m.data)) async for m in bus.read_stream(js, stream, subject)]
 
 
 async def parked_reasons(js: JetStreamContext) -> list[str]:

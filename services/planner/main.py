@@ -18,9 +18,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from kipvs.shared import bus, config, events, runtime, topology
@@ -52,31 +50,19 @@ async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
     to ``deltas`` (None: discard them, they were published before). Returns the records replayed."""
     if upto <= planner.source_seq:
         return 0
-    sub = await js.pull_subscribe("kipvs.kube.>", stream=topology.KUBE_STREAM, config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=planner.source_seq + 1,
-        ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True))
     count = 0
-    try:
-        while planner.source_seq < upto:
-            try:
-                msgs = await sub.fetch(1000, timeout=5)
-            except NatsTimeoutError:
-                break
-            for msg in msgs:
-                seq = msg.metadata.sequence.stream
-                if seq > upto:
-                    return count
-                try:
-                    envelope = events.decode(msg.data)
-                except events.ContractError:
-                    planner.source_seq = seq  # parked when it was first consumed
-                    continue
-                produced = planner.handle(envelope, seq)
-                if deltas is not None:
-                    deltas(produced)
-                count += 1
-    finally:
-        await sub.unsubscribe()
+    async for msg in bus.read_stream(js, topology.KUBE_STREAM, "kipvs.kube.>", start_seq=planner.source_seq + 1,
+                                     upto=upto):
+        seq = msg.metadata.sequence.stream
+        try:
+            envelope = events.decode(msg.data)
+        except events.ContractError:
+            planner.source_seq = seq  # parked when it was first consumed
+            continue
+        produced = planner.handle(envelope, seq)
+        if deltas is not None:
+            deltas(produced)
+        count += 1
     return count
 
 

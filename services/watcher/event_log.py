@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from kipvs.shared import bus, events, topology
@@ -38,32 +37,18 @@ def producer_name() -> str:
 async def read_logged(js: JetStreamContext, kind: str) -> dict[str, LoggedObject]:
     """The last record of every object of ``kind`` in the log, via an ephemeral last-per-subject consumer."""
     logged: dict[str, LoggedObject] = {}
-    sub = await js.pull_subscribe(
-        topology.kube_kind_filter(kind), stream=topology.KUBE_STREAM,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-                              inactive_threshold=30.0, mem_storage=True))
-    try:
-        info = await sub.consumer_info()
-        remaining = info.num_pending
-        while remaining > 0:
-            try:
-                msgs = await sub.fetch(min(remaining, 1000), timeout=5)
-            except NatsTimeoutError:
-                break
-            for msg in msgs:
-                try:
-                    record = events.decode(msg.data).record
-                except events.ContractError as exc:
-                    log.warning("unreadable record at %s seq %d skipped while reading state: %s",
-                                msg.subject, msg.metadata.sequence.stream, exc.reason)
-                    continue
-                if isinstance(record, events.KubeEvent):
-                    logged[events.object_key(record.namespace, record.name)] = LoggedObject(
-                        alive=record.action != "DELETED", resource_version=record.resource_version,
-                        subject_seq=msg.metadata.sequence.stream, object=record.object)
-            remaining = msgs[-1].metadata.num_pending if msgs else 0
-    finally:
-        await sub.unsubscribe()
+    async for msg in bus.read_stream(js, topology.KUBE_STREAM, topology.kube_kind_filter(kind),
+                                     DeliverPolicy.LAST_PER_SUBJECT):
+        try:
+            record = events.decode(msg.data).record
+        except events.ContractError as exc:
+            log.warning("unreadable record at %s seq %d skipped while reading state: %s",
+                        msg.subject, msg.metadata.sequence.stream, exc.reason)
+            continue
+        if isinstance(record, events.KubeEvent):
+            logged[events.object_key(record.namespace, record.name)] = LoggedObject(
+                alive=record.action != "DELETED", resource_version=record.resource_version,
+                subject_seq=msg.metadata.sequence.stream, object=record.object)
     return logged
 
 
