@@ -186,6 +186,12 @@ class SetNodeCalico(msgspec.Struct, tag="set-node-calico", tag_field="op", froze
     endpoint_marks: dict[str, int]  # interface name -> mark
     unmarked: tuple[str, ...] = ()  # endpoints left without a mark: the positions ran out
     warnings: tuple[PlanWarning, ...] = ()  # node-specific: exhaustion, nodeport-outside-ranges, bad config
+    # A calico-node pod (label k8s-app=calico-node) runs on the node according to the log: Felix writes
+    # its own marking rules there, so ``--endpoint-marks auto`` only observes.
+    calico_node: bool = False
+    # The node's effective FelixConfiguration has bpfEnabled: Calico's eBPF dataplane replaces kube-proxy
+    # and has no IPVS support; kipvs writes no marking rules there.
+    bpf_enabled: bool = False
 
 
 PlanOp = SetService | RemoveService | SetNode | RemoveNode | SetWarning | ClearWarning | SetNodeCalico
@@ -247,7 +253,24 @@ class DriftReport(Record, tag="apply.drift"):
     observed_digest: str  # after the repair
 
 
-AnyRecord = KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport
+class NodeFactsReport(Record, tag="apply.node-facts"):
+    """What a node's kernel and neighbours look like to its applier, published at start and whenever it
+    changes (link changes are watched live over netlink; no restart needed, unlike Felix).
+
+    ``kube_ipvs0`` is ``absent``, ``kipvs`` (created by kipvs: its alias says so) or ``other`` (created
+    by someone else, normally kube-proxy). ``conflicts`` name every sign of another IPVS-mode proxy on the
+    node, each a sentence an operator can act on; empty when kipvs is alone.
+    """
+
+    node: str
+    ipvs_available: bool
+    kube_ipvs0: Literal["absent", "kipvs", "other"]
+    endpoint_marks: Literal["enforce", "observe", "off"]  # the mode in effect (``--endpoint-marks`` resolved)
+    endpoint_marks_reason: str  # why that mode
+    conflicts: tuple[str, ...] = ()
+
+
+AnyRecord = KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport | NodeFactsReport
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):

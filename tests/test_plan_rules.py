@@ -327,3 +327,18 @@ def test_invalid_felix_configuration_is_a_warning_and_keeps_the_valid_value(plan
     assert state["mark_layout"]["endpoint_mask"] == 0xFFE00000 and state["nodeport_ranges"] == [[30000, 32767]]
     (warning,) = [w for w in state["warnings"] if w["code"] == "invalid-felix-configuration"]
     assert "fewer than 2 bits" in warning["message"] and "'1-2'" in warning["message"]
+
+
+def test_calico_node_pod_and_bpf_mode_are_reported_per_node(plan) -> None:
+    calico_node = kube.pod("calico-node-x", ns="kube-system", node_name="node-a", labels={"k8s-app": "calico-node"})
+    calico_node["spec"]["hostNetwork"] = True
+    events = added(*NODES, calico_node)
+    a, b = plan(events, "node-a", "json"), plan(events, "node-b", "json")
+    assert a["calico_node"] is True and b["calico_node"] is False, "only the node the calico-node pod runs on"
+    assert not a["endpoint_marks"], "calico-node is host-network: no workload endpoint"
+    gone = [*events, {"type": "DELETED", "object": calico_node}]
+    assert plan(gone, "node-a", "json")["calico_node"] is False
+    bpf = plan([*events, {"type": "ADDED", "object": felix("node.node-b", bpfEnabled=True)}], "node-b", "json")
+    assert bpf["bpf_enabled"] is True
+    (warning,) = [w for w in bpf["warnings"] if w["code"] == "calico-bpf-dataplane"]
+    assert "no IPVS support" in warning["message"]

@@ -12,7 +12,8 @@ kept, for parity and for tools that read them) and rules that do kube-proxy's jo
   kube-ipvs0 on a port that is no Service port is rejected;
 - loadBalancerSourceRanges: traffic to a load-balancer VIP:port with source ranges is dropped unless
   its source is in a range (or is the node itself: the -SOURCE-IP entries);
-- forwarding of marked and established traffic is accepted.
+- forwarding of marked and established traffic is accepted;
+- Calico's endpoint marks, where this node's mode is ``enforce`` (see :mod:`.endpoint_mark_rules`).
 
 The whole table is (re)written in one ``nft -f`` transaction (flush + define); member changes are one
 transaction per batch. kipvs never touches another table.
@@ -28,7 +29,9 @@ from dataclasses import dataclass
 
 from kipvs.planner.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
+from . import endpoint_mark_rules
 from .backend import CapabilityError, KernelError
+from .endpoint_mark_rules import EndpointMarks
 from .ops import AddEntry, DelEntry, Op
 
 TABLE = "kipvs"
@@ -92,9 +95,9 @@ class RulesConfig:
     masquerade_all: bool = False
 
 
-def ruleset(config: RulesConfig, members: dict[str, set[str]]) -> str:
+def ruleset(config: RulesConfig, members: dict[str, set[str]], marks: EndpointMarks | None = None) -> str:
     """The whole table, as one transaction: make sure it exists, delete it, define it again with every set
-    member (``flush table`` would keep old set members)."""
+    member (``flush table`` would keep old set members). With ``marks``, Calico's endpoint-mark rules too."""
     lines = [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
     for s in SETS.values():
         flags = " flags interval;" if s.interval else ""
@@ -102,6 +105,9 @@ def ruleset(config: RulesConfig, members: dict[str, set[str]]) -> str:
         body = f" elements = {{ {', '.join(elems)} }};" if elems else ""
         lines.append(f"  set {s.name} {{ type {s.type};{flags}{body} }}")
     lines += _chains(config)
+    if marks is not None:
+        ipvs_ips = (SETS[ipset_name("KUBE-IPVS-IPS", 4)].name, SETS[ipset_name("KUBE-IPVS-IPS", 6)].name)
+        lines += endpoint_mark_rules.definitions(marks, ipvs_ips)
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -185,6 +191,7 @@ class NftRules:
     def __init__(self, config: RulesConfig, netns: str | None = None) -> None:
         self.config = config
         self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.marks: EndpointMarks | None = None  # the endpoint marks in the table (enforce mode), else None
 
     async def _nft(self, *args: str, script: str | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -204,7 +211,23 @@ class NftRules:
             raise CapabilityError(f"this kernel cannot hold kipvs's nftables table: {exc}") from None
 
     async def install(self, members: dict[str, set[str]]) -> None:
-        await self._nft("-f", "-", script=ruleset(self.config, members))
+        await self._nft("-f", "-", script=ruleset(self.config, members, self.marks))
+
+    async def set_endpoint_marks(self, marks: EndpointMarks | None, members: dict[str, set[str]] | None) -> None:
+        """Make the table's endpoint-mark rules ``marks`` (None: none). Endpoint changes are element
+        changes; a new mask, new ranges or a mode change rewrite the table with ``members``."""
+        before, self.marks = self.marks, marks
+        if marks is not None and before is not None and marks.same_frame(before):
+            script = endpoint_mark_rules.changes(before, marks)
+            if script:
+                await self._nft("-f", "-", script=script)
+        elif marks != before:
+            assert members is not None, "a rewrite needs the set members"
+            await self.install(members)
+
+    async def installed_marks(self) -> dict[str, int] | None:
+        """The interface -> mark pairs in the table (for drift checks); None when there are no mark rules."""
+        return endpoint_mark_rules.parse_dispatch(json.loads(await self._nft("-j", "list", "table", "inet", TABLE)))
 
     async def apply(self, ops: list[Op]) -> None:
         script = member_changes(ops)

@@ -26,6 +26,7 @@ class CalicoState:
     settings: dict[str, FelixSettings] = field(default_factory=dict)  # node -> last valid settings
     config_problems: dict[str, list[str]] = field(default_factory=dict)
     allocators: dict[str, MarkAllocator] = field(default_factory=dict)
+    calico_nodes: dict[str, str] = field(default_factory=dict)  # calico-node pod key -> its node
     _groups: dict[tuple[tuple[int, int], ...], list[str]] | None = None  # cache: node-port ranges -> nodes
 
     def nodes(self) -> set[str]:
@@ -38,6 +39,14 @@ class CalicoState:
         before = self.endpoints.pop(key, None)
         after = _workload(key, obj) if obj is not None else None
         dirty = set()
+        felix_before = self.calico_nodes.pop(key, None)
+        felix_after = _calico_node(obj) if obj is not None else None
+        if felix_after is not None:
+            self.calico_nodes[key] = felix_after
+        if felix_before != felix_after:
+            dirty |= {n for n in (felix_before, felix_after) if n is not None}
+            for node in dirty:
+                self._allocator(node)  # a node known only by its calico-node pod still gets a state
         if before is not None and before != after:
             node, iface = before
             self._allocator(node).release(iface)
@@ -100,6 +109,11 @@ class CalicoState:
         warnings = [PlanWarning(id=f"Node/{node}/felix-config", code="invalid-felix-configuration", kind="Node",
                                 object=node, message="; ".join(self.config_problems.get(node, [])))
                     ] if self.config_problems.get(node) else []
+        if settings.bpf_enabled:
+            warnings.append(PlanWarning(
+                id=f"Node/{node}/calico-bpf", code="calico-bpf-dataplane", kind="Node", object=node,
+                message=f"bpfEnabled is true for {node}: Calico's eBPF dataplane replaces kube-proxy and has no "
+                        "IPVS support; kipvs writes no endpoint-mark rules there (do not run kipvs on it)"))
         if alloc.unmarked:
             pods = sorted(k for k, (n, i) in self.endpoints.items() if n == node and i in alloc.unmarked)
             warnings.append(PlanWarning(
@@ -113,7 +127,8 @@ class CalicoState:
                                     scratch1=lay.scratch1, wireguard=lay.wireguard, endpoint_mask=lay.endpoint_mask,
                                     non_calico=lay.non_calico),
             nodeport_ranges=ranges, endpoint_marks=alloc.marks(), unmarked=tuple(alloc.unmarked),
-            warnings=tuple(warnings))
+            warnings=tuple(warnings), calico_node=node in self.calico_nodes.values(),
+            bpf_enabled=settings.bpf_enabled)
 
 
 def nodeport_problem(service: str, ports: tuple[int, ...],
@@ -130,6 +145,17 @@ def nodeport_problem(service: str, ports: tuple[int, ...],
     if not problems:
         return ""
     return f"{service}: " + "; ".join(problems) + ": Calico policy does not cover it on the IPVS path"
+
+
+def _calico_node(obj: dict[str, Any]) -> str | None:
+    """The node a calico-node pod (label k8s-app=calico-node) runs on; None for any other pod or a finished one."""
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    labels = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+    if labels.get("k8s-app") != "calico-node" or not spec.get("nodeName"):
+        return None
+    return None if status.get("phase") in ("Succeeded", "Failed") else str(spec["nodeName"])
 
 
 def _workload(key: str, obj: dict[str, Any]) -> tuple[str, str] | None:

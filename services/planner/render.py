@@ -65,6 +65,8 @@ def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str,
                               "scratch1": lay.scratch1, "wireguard": lay.wireguard,
                               "endpoint_mask": lay.endpoint_mask, "non_calico": lay.non_calico}
         doc["nodeport_ranges"] = [list(r) for r in calico.nodeport_ranges]
+        doc["calico_node"] = calico.calico_node
+        doc["bpf_enabled"] = calico.bpf_enabled
     return doc
 
 
