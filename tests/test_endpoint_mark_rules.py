@@ -37,7 +37,7 @@ PROBES = {
     "pod_nodeport_tcp": f"tcp dport 30080 meta mark & {EM:#x} == {{mark}}",
     "pod_nodeport_udp": f"udp dport 30081 meta mark & {EM:#x} == {{mark}}",
     "pod_vip": f"ip daddr {VIP} tcp dport 80 meta mark & {EM:#x} == {{mark}}",
-    "pod_other_bits_kept": f"tcp dport 30082 meta mark == {{mark}} | 0x4000",
+    "pod_other_bits_kept": "tcp dport 30082 meta mark == {mark} | 0x4000",
     "client_nodeport": f"tcp dport 30080 meta mark & {EM:#x} == {NON_CALICO:#x}",
     "outside_ranges_unmarked": f"tcp dport 8080 meta mark & {EM:#x} == 0",
     "stranger_unmarked": f"tcp dport 30080 meta mark & {EM:#x} == 0",

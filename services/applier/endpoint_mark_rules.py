@@ -97,8 +97,8 @@ def definitions(marks: EndpointMarks, ipvs_ips: tuple[str, str]) -> list[str]:
     for mark in sorted(set(marks.marks.values())):
         lines.append(f"  chain {_mark_chain(mark)} {{ {_mark_chain_body(marks, mark)}; }}")
     elements = ", ".join(_element(i, m) for i, m in sorted(marks.marks.items()))
-    lines.append(f"  map endpoint_dispatch {{ type ifname : verdict;{f' elements = {{ {elements} }};' if elements else ''}"
-                 " }")
+    body = f" elements = {{ {elements} }};" if elements else ""
+    lines.append(f"  map endpoint_dispatch {{ type ifname : verdict;{body} }}")
     lines += [
         "  counter unmarked_workload_packets {}",
         "  chain set_endpoint_mark {",
