@@ -2,11 +2,14 @@
 
     check the kernel (precise error and exit 2 if it cannot do IPVS) -> set up link and sets
     bootstrap: the latest snapshot, resolved for this node; converge the kernel to it (diff after read-back)
+    bootstrap Calico's state for this node: the last message on kipvs.plan.node.<node> (it is the whole state)
     consume kipvs.plan.all + kipvs.plan.node.<node> (one durable consumer, two filter subjects):
         apply each delta to the shared plan (skip what the snapshot already had; a gap re-bootstraps)
         re-resolve only the Services the batch touched (all of them if this node's facts changed)
         write the operations, then ack; publish an apply report
+        a node delta replaces the node's Calico state; in enforce mode the endpoint-mark rules follow
     every --drift-period (and on SIGUSR1): read the kernel back, repair any difference, report it
+    on every link change (netlink) and every --drift-period: publish the node's facts when they change
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from kipvs.planner.resolve import resolve_service
 from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.shared.config import describe
 
+from . import node_facts
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
+from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .ops import DesiredState, Op, diff, digest
 from .rules import NftRules, RulesConfig
 
@@ -55,6 +60,10 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "pod CIDRs: ClusterIP traffic from outside them is masqueraded (kube-proxy's --cluster-cidr)")] = []
     masquerade_all: Annotated[bool, describe(
         "masquerade all ClusterIP traffic (kube-proxy's --masquerade-all)")] = False
+    endpoint_marks: Annotated[Literal["auto", "observe", "enforce"], describe(
+        "Calico endpoint marks: enforce = kipvs writes the marking rules (nodes without Felix), observe = "
+        "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
+        "else enforce")] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,8 +80,14 @@ class Applier:
     """The applier's state and logic, with its kernel and the bus handed in."""
 
     def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend, rules: NftRules | None = None,
-                 drain_timeout: float = 300.0, interface_addresses: bool = False) -> None:
+                 drain_timeout: float = 300.0, interface_addresses: bool = False,
+                 endpoint_marks: Literal["auto", "observe", "enforce"] = "auto") -> None:
         self.ctx = ctx
+        self.endpoint_marks_flag = endpoint_marks
+        self.calico: events.SetNodeCalico | None = None  # this node's Calico state, as planned
+        self.calico_seq = 0
+        self.mode: tuple[Mode, str] = resolve_mode(endpoint_marks, None, rules is not None)
+        self.observation: node_facts.Observation | None = None
         self.use_interfaces = interface_addresses
         self.local_addresses: tuple[str, ...] = ()
         self.drainer = Drainer(drain_timeout)
@@ -106,10 +121,54 @@ class Applier:
         for key in sorted(self.plan.services):
             self.desired.update(key, resolve_service(self.plan.services[key], facts))
         found = await self.converge()
+        await self.bootstrap_calico()
         if self.rules is not None:
+            self.rules.marks = self.endpoint_marks()
             await self.rules.install(self.desired.state().ipsets)
         log.info("bootstrapped at plan delta %d: %d services, %d repairs to reach it", self.plan.seq,
                  len(self.desired.services), len(found))
+
+    async def bootstrap_calico(self) -> None:
+        """The node subject's last message is the node's whole Calico state."""
+        try:
+            msg = await self.ctx.js.get_last_msg(topology.PLAN_STREAM, topology.plan_node_subject(self.node))
+        except NotFoundError:
+            return
+        record = events.decode(msg.data).record
+        if isinstance(record, events.PlanDelta) and record.ops and isinstance(record.ops[-1], events.SetNodeCalico):
+            self.calico, self.calico_seq = record.ops[-1], record.seq
+        self.mode = resolve_mode(self.endpoint_marks_flag, self.calico, self.rules is not None)
+
+    def endpoint_marks(self) -> EndpointMarks | None:
+        """The marks the rules must hold: the node's, in enforce mode; else none."""
+        if self.mode[0] != "enforce" or self.calico is None:
+            return None
+        return EndpointMarks.from_plan(self.calico)
+
+    async def sync_endpoint_marks(self) -> None:
+        mode = resolve_mode(self.endpoint_marks_flag, self.calico, self.rules is not None)
+        if mode != self.mode:
+            log.info("endpoint marks: %s (%s)", *mode)
+            self.mode = mode
+            await self.publish_facts()
+        if self.rules is not None:
+            marks = self.endpoint_marks()
+            members = None if marks is not None and marks.same_frame(self.rules.marks) else self.desired.state().ipsets
+            await self.rules.set_endpoint_marks(marks, members)
+
+    async def on_observation(self, observation: node_facts.Observation) -> None:
+        self.observation = observation
+        for conflict in node_facts.conflicts(observation):
+            log.error("CONFLICT on %s: %s", self.node, conflict)
+        await self.publish_facts()
+
+    async def publish_facts(self) -> None:
+        if self.observation is None:
+            return
+        record = node_facts.report(self.node, self.observation, *self.mode)
+        envelope = events.Envelope(id=f"facts/{self.node}/{time.time_ns()}", time_ns=time.time_ns(),
+                                   producer=f"applier/{self.node}", record=record)
+        await bus.publish(self.ctx.js, topology.status_subject(self.node, "facts"), envelope)
 
     def facts(self) -> events.NodeFacts | None:
         """This node's facts from the plan; with --node-addresses interfaces, its addresses are its own."""
@@ -141,12 +200,17 @@ class Applier:
         started = time.perf_counter()
         touched: set[str] = set()
         facts_before = self.facts()
+        calico_before = self.calico
         for d in batch:
             record = d.envelope.record
             if not isinstance(record, events.PlanDelta):
                 raise ValueError(f"{type(record).__name__} does not belong on a plan subject")
             if record.scope != "all":
-                continue  # node-scoped deltas carry nothing this version plans for
+                if record.scope == self.node and record.seq > self.calico_seq:
+                    for op in record.ops:  # each node delta holds the node's whole state: the last one wins
+                        if isinstance(op, events.SetNodeCalico):
+                            self.calico, self.calico_seq = op, record.seq
+                continue
             try:
                 if not self.plan.apply(record):
                     continue
@@ -181,6 +245,8 @@ class Applier:
                 if self.rules is not None:
                     await self.rules.install(self.desired.state().ipsets)
         self.applied_ops.inc(len(ops))
+        if self.calico != calico_before:
+            await self.sync_endpoint_marks()
         elapsed = time.perf_counter() - started
         self.apply_seconds.observe(elapsed)
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
@@ -211,8 +277,12 @@ class Applier:
             observed = await self.kernel.observe()
         if self.rules is not None:
             members = await self.rules.members()
+            marks = self.rules.marks
             if any(members.get(name, set()) != entries for name, entries in want.ipsets.items()):
                 found.append("nftables table inet kipvs: set members differed; table rewritten")
+                await self.rules.install(want.ipsets)
+            elif (await self.rules.installed_marks()) != (marks.marks if marks is not None else None):
+                found.append("nftables table inet kipvs: endpoint marks differed; table rewritten")
                 await self.rules.install(want.ipsets)
         await self.report(events.DriftReport(
             node=self.node, plan_seq=self.plan.seq, found=tuple(found), repaired=True,
@@ -230,7 +300,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     assert isinstance(cfg, ApplierConfig)
     log.info("kernel backend: %s; rules: %s", kernel.label, "nftables table inet kipvs" if rules else "none")
     await kernel.setup()
-    applier = Applier(ctx, cfg.node, kernel, rules, cfg.drain_timeout, cfg.node_addresses == "interfaces")
+    applier = Applier(ctx, cfg.node, kernel, rules, cfg.drain_timeout, cfg.node_addresses == "interfaces",
+                      cfg.endpoint_marks)
     ctx.set_not_ready("bootstrapping from the plan snapshot")
     await applier.bootstrap()
     drift_now = asyncio.Event()
@@ -257,15 +328,23 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             await asyncio.sleep(1.0)
             await applier.drain()
 
+    async def facts_loop() -> None:
+        if isinstance(kernel, MemoryKernel):  # a simulated kernel: its facts, not this host's
+            await applier.on_observation(node_facts.Observation(ipvs_available=True, kube_ipvs0="kipvs"))
+            return
+        await node_facts.watch(node_facts.NodeProbe(), applier.on_observation, ctx.stop, recheck=cfg.drift_period)
+
     runner = asyncio.create_task(consumer.run())
     drifter = asyncio.create_task(drift_loop())
     drainer = asyncio.create_task(drain_loop())
+    watcher = asyncio.create_task(facts_loop())
     stopping = asyncio.create_task(ctx.stop.wait())
     done, _ = await asyncio.wait({runner, drifter, drainer, stopping}, return_when=asyncio.FIRST_COMPLETED)
     consumer.stop()
     drifter.cancel()
     drainer.cancel()
-    await asyncio.gather(runner, drifter, drainer, return_exceptions=True)
+    watcher.cancel()
+    await asyncio.gather(runner, drifter, drainer, watcher, return_exceptions=True)
     stopping.cancel()
     for task in done - {stopping}:
         if task.exception() is not None:

@@ -39,6 +39,7 @@ from kipvs.planner.node_state import (
 
 from . import ipvs_wire
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
+from .node_facts import LINK_ALIAS
 from .ops import (
     AddAddress,
     AddEntry,
@@ -177,6 +178,10 @@ class NetlinkKernel:
             except NetlinkError as exc:
                 raise CapabilityError(f"cannot create the {LINK} dummy link ({exc}): load the dummy module") from None
             found = await self.ipr.link_lookup(ifname=LINK)
+            # The alias records who created the link (the kernel ignores an alias given at creation).
+            await self.ipr.link("set", index=found[0], ifalias=LINK_ALIAS)
+        else:
+            log.info("%s exists already: kipvs uses it (its node facts say who created it)", LINK)
         self.link_index = found[0]
         for name in (*ALL_IPSETS, *OWNED_SETS.values()):
             kind = _set_type(name)

@@ -203,3 +203,33 @@ async def test_node_addresses_are_the_hosts_own_minus_kube_ipvs0_loopback_and_li
         assert "10.96.0.10" not in got and "127.0.0.1" not in got and not any(a.startswith("fe80") for a in got)
     finally:
         sh("ip link del nic0")
+
+
+async def test_node_facts_see_ipvs_and_kipvs_owned_link_and_follow_link_changes(kernel: NetlinkKernel) -> None:
+    from kipvs.applier.node_facts import NodeProbe, Observation, watch
+
+    probe = NodeProbe(proc=None)
+    assert await probe.observe() == Observation(ipvs_available=True, kube_ipvs0="kipvs"), "setup made it, with alias"
+    seen: list[Observation] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(watch(probe, lambda o: _append(seen, o), stop, recheck=3600, settle=0.05))
+    try:
+        await _wait_for(lambda: len(seen) == 1)
+        sh("ip link del kube-ipvs0")
+        await _wait_for(lambda: seen[-1].kube_ipvs0 == "absent")
+        sh("ip link add kube-ipvs0 type dummy")  # as kube-proxy would: a dummy without kipvs's alias
+        await _wait_for(lambda: seen[-1].kube_ipvs0 == "other")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def _append(seen: list, item: object) -> None:
+    seen.append(item)
+
+
+async def _wait_for(predicate, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
