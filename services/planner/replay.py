@@ -1,19 +1,25 @@
-"""``kipvs plan``: replay Kubernetes watch events through the planner's core and print a node's state.
+"""``kipvs plan``: replay Kubernetes events through the planner's core and print a node's state.
 
-Input: JSON lines in the Kubernetes watch wire format ``{"type": "ADDED"|"MODIFIED"|"DELETED", "object":
-{...}}`` (what ``kipvs watcher --record`` writes), applied in order. The same core as the service, not a
-copy: each line becomes the KubeEvent record the watcher would have logged.
+Input: a file of JSON lines in the Kubernetes watch wire format ``{"type": "ADDED"|"MODIFIED"|"DELETED",
+"object": {...}}`` (what ``kipvs watcher --record`` writes), applied in order; or, without ``--events``,
+the live log (KIPVS_KUBE). The same core as the service, not a copy: each line becomes the KubeEvent
+record the watcher would have logged.
+
+``--at`` gives the desired state at a past moment: a KIPVS_KUBE stream sequence or a time (ISO 8601, or an
+age such as 10m) against the log; with ``--events FILE``, a number of lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from kipvs.shared import events
+from kipvs.shared import events, topology
 
 from .core import Planner, PlannerConfig
 from .render import ipvsadm, json_text
@@ -61,27 +67,65 @@ def plan_events(envelopes: Iterable[events.Envelope], config: PlannerConfig) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--events", required=True, metavar="FILE", help="watch-format JSON lines; - for stdin")
+    from kipvs.shared.log_client import add_nats_arguments
+
+    parser.add_argument("--events", default="", metavar="FILE",
+                        help="watch-format JSON lines; - for stdin; default: the live log over NATS")
     parser.add_argument("--node", required=True, help="the node whose state to print")
     parser.add_argument("--format", choices=("ipvsadm", "json"), default="ipvsadm")
     parser.add_argument("--scheduler", default="rr", help="cluster default IPVS scheduler")
+    parser.add_argument("--at", default="", metavar="TIME|SEQ",
+                        help="the state at a past moment: a KIPVS_KUBE sequence, an ISO time or an age (10m); "
+                             "with --events, a number of lines")
+    add_nats_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def _from_file(args: argparse.Namespace, config: PlannerConfig) -> Planner:
+    if args.at and not args.at.isdigit():
+        raise ReplayError("--at with --events takes a number of lines (a file has no times); use the log for times")
     try:
-        config = PlannerConfig(default_scheduler=args.scheduler)
         stream: IO[str] = sys.stdin if args.events == "-" else open(args.events, encoding="utf-8")  # noqa: SIM115
-    except (ValueError, OSError) as exc:
-        print(f"kipvs plan: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        raise ReplayError(str(exc)) from None
     try:
-        planner = plan_events(read_events(stream, args.events), config)
-    except ReplayError as exc:
-        print(f"kipvs plan: {exc}", file=sys.stderr)
-        return 2
+        lines = itertools.islice(stream, int(args.at)) if args.at else stream
+        return plan_events(read_events(lines, args.events), config)
     finally:
         if stream is not sys.stdin:
             stream.close()
+
+
+async def _from_log(args: argparse.Namespace, config: PlannerConfig) -> Planner:
+    from kipvs.shared.log_client import ns_of, open_log, parse_point, read_all
+
+    point = parse_point(args.at) if args.at else None
+    async with open_log(args) as js:
+        log = await read_all(js, topology.KUBE_STREAM, upto=point if isinstance(point, int) else 0)
+    limit = ns_of(point) if point is not None and not isinstance(point, int) else None
+    planner = Planner(config)
+    last = None
+    for entry in log:
+        if entry.envelope is None:
+            planner.source_seq = entry.seq
+            continue
+        if limit is not None and entry.envelope.time_ns > limit:
+            break
+        planner.handle(entry.envelope, entry.seq)
+        last = entry
+    where = f"KUBE #{last.seq}" if last else "the empty log"
+    print(f"kipvs plan: the desired state of {args.node} as of {where}", file=sys.stderr)
+    return planner
+
+
+def run(args: argparse.Namespace) -> int:
+    from kipvs.shared.log_client import ToolError
+
+    try:
+        config = PlannerConfig(default_scheduler=args.scheduler)
+        planner = _from_file(args, config) if args.events else asyncio.run(_from_log(args, config))
+    except (ValueError, ReplayError, ToolError) as exc:
+        print(f"kipvs plan: {exc}", file=sys.stderr)
+        return 2
     state = resolve_node(planner.plans.values(), planner.nodes.get(args.node))
     if args.node not in planner.nodes:
         print(f"kipvs plan: note: no Node {args.node!r} in the events; node-specific state (NodePorts, Local "

@@ -1,0 +1,1 @@
+"""The SREs' tools over the log: ``kipvs tap``, ``history``, ``why`` and ``replay``."""

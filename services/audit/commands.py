@@ -1,0 +1,8 @@
+"""The audit tools' subcommands (imported by ``kipvs`` at start: keep this module import-light)."""
+
+COMMANDS = [
+    ("tap", "kipvs.audit.tap", "follow the log live, or from a time or sequence, filtered"),
+    ("history", "kipvs.audit.history", "every recorded change of one Kubernetes object and the deltas it caused"),
+    ("why", "kipvs.audit.why", "why a node forwards a VIP: the events, deltas and applies behind it"),
+    ("replay", "kipvs.audit.replay_check", "re-run the planner over the log and diff against what was published"),
+]

@@ -1,0 +1,135 @@
+"""``kipvs replay``: re-run the planner over the recorded Kubernetes log and diff what it produces against
+the plan deltas that were published. Exit 0: identical; 1: a difference (each one printed); 2: unusable
+input. Because the planner is deterministic, this gates planner upgrades: record a log once, replay it
+with the new build in CI.
+
+    kipvs replay                                    # the whole log of the running system
+    kipvs replay --from 120 --to 480                # compare the deltas caused by KUBE #120..#480
+    kipvs tap --stream kube,plan --since 1 --no-follow --json > log.jsonl
+    kipvs replay --log log.jsonl                    # the same, from a recorded file (no NATS needed)
+
+The planner always starts from the first record (its state is the whole history); ``--from``/``--to``
+choose which caused deltas are compared. Use the scheduler the planner ran with (``--scheduler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kipvs.planner.core import Planner, PlannerConfig
+from kipvs.shared import events, topology
+from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all
+
+from . import records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_nats_arguments(parser)
+    parser.add_argument("--log", default="", metavar="FILE", help="JSON lines from 'kipvs tap --json' "
+                                                                  "(streams kube and plan) instead of NATS")
+    parser.add_argument("--from", dest="first", type=int, default=1, metavar="SEQ",
+                        help="first KUBE sequence whose deltas are compared")
+    parser.add_argument("--to", dest="last", type=int, default=0, metavar="SEQ",
+                        help="last KUBE sequence replayed and compared (default: the end of the log)")
+    parser.add_argument("--scheduler", default="rr", help="the planner's cluster default scheduler")
+
+
+def compare(kube: list[Entry], published: list[Entry], config: PlannerConfig, first: int = 1,
+            last: int = 0) -> tuple[int, list[str]]:
+    """Replay ``kube`` (in order) and compare the deltas caused by KUBE #first..#last with ``published``.
+    Returns (deltas compared, differences). Pure."""
+    planner = Planner(config)
+    produced: dict[str, events.Envelope] = {}
+    for entry in kube:
+        if last and entry.seq > last:
+            break
+        if entry.envelope is None:
+            planner.source_seq = entry.seq  # it was parked when first consumed
+            continue
+        for env in planner.handle(entry.envelope, entry.seq):
+            if entry.seq >= first:
+                produced[env.id] = env
+    in_range = {}
+    for entry in published:
+        env = entry.envelope
+        if env is None or not isinstance(env.record, events.PlanDelta):
+            continue
+        if env.record.source_seq >= first and (not last or env.record.source_seq <= last):
+            in_range[env.id] = (entry, env)
+    problems = []
+    for delta_id, (entry, env) in in_range.items():
+        mine = produced.get(delta_id)
+        if mine is None:
+            problems.append(f"published but not produced by this build: {records.one_line(entry)}")
+        elif mine != env:
+            problems.append(f"differs: {delta_id}\n  published: {records.one_line(entry)}\n"
+                            f"  replayed:  {records.one_line(Entry(entry.stream, entry.seq, entry.subject, mine))}")
+    for delta_id in sorted(set(produced) - set(in_range)):
+        env = produced[delta_id]
+        problems.append(f"produced but never published: {delta_id}: "
+                        f"{records.one_line(Entry(topology.PLAN_STREAM, 0, '', env))}")
+    return len(in_range), problems
+
+
+def read_log_file(path: Path) -> tuple[list[Entry], list[Entry]]:
+    kube, plan = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ToolError(f"{path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+            envelope = events.from_json(json.dumps(doc["envelope"])) if "envelope" in doc else None
+            entry = Entry(doc["stream"], int(doc["seq"]), doc.get("subject", ""), envelope)
+        except (ValueError, KeyError, TypeError, events.ContractError, msgspec.ValidationError) as exc:
+            raise ToolError(f"{path}:{number}: not a 'kipvs tap --json' line: {exc}") from None
+        if entry.stream == topology.KUBE_STREAM:
+            kube.append(entry)
+        elif entry.stream == topology.PLAN_STREAM:
+            plan.append(entry)
+    if not kube:
+        raise ToolError(f"{path}: no {topology.KUBE_STREAM} records (record with --stream kube,plan)")
+    return sorted(kube, key=lambda e: e.seq), sorted(plan, key=lambda e: e.seq)
+
+
+async def replay(args: argparse.Namespace, out: Any = None) -> int:
+    out = out or sys.stdout
+    try:
+        config = PlannerConfig(default_scheduler=args.scheduler)
+    except ValueError as exc:
+        raise ToolError(str(exc)) from None
+    if args.log:
+        kube, plan = read_log_file(Path(args.log))
+    else:
+        async with open_log(args) as js:
+            kube = await read_all(js, topology.KUBE_STREAM, upto=args.last)
+            plan = await read_all(js, topology.PLAN_STREAM)
+    if not kube:
+        raise ToolError("the Kubernetes log is empty: nothing to replay")
+    compared, problems = compare(kube, plan, config, args.first, args.last)
+    span = f"KUBE #{args.first}..#{args.last or kube[-1].seq}"
+    for problem in problems:
+        print(problem, file=out)
+    if problems:
+        print(f"kipvs replay: {len(problems)} differences over {span} ({compared} published deltas)", file=out)
+        return 1
+    print(f"kipvs replay: identical: {compared} published deltas over {span} replayed identically", file=out)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(replay(args))
+    except ToolError as exc:
+        print(f"kipvs replay: {exc}", file=sys.stderr)
+        return 2

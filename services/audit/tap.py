@@ -1,0 +1,191 @@
+"""``kipvs tap``: the log, live or from a point, filtered; a readable line per record or JSON lines.
+
+    kipvs tap                                   # everything new, live, until Ctrl-C
+    kipvs tap --since 10m --node node-a         # the last ten minutes that concern node-a, then live
+    kipvs tap --stream plan --since 1 --no-follow --json > plan.jsonl
+    kipvs tap --vip 10.96.0.10:80 --since 1h    # one VIP's story: its Service's changes and deltas
+
+``--node N`` keeps N's status reports, deltas for all nodes and for N, and the Kubernetes events that name N
+(its Node, Pods on it, EndpointSlices with endpoints on it, its FelixConfigurations). ``--object`` takes
+KIND/NAMESPACE/NAME, NAMESPACE/NAME or KIND/NAME (cluster-scoped). ``--since`` takes a stream sequence
+(with one ``--stream``), an ISO time or an age (30s, 10m, 2h, 1d).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import nats
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from kipvs.shared.log_client import STREAMS, Entry, ToolError, add_nats_arguments, decode_entry, open_log, parse_point
+
+from . import records
+
+SUBJECTS = {"kube": "kipvs.kube.>", "plan": "kipvs.plan.>", "status": "kipvs.status.>", "parked": "kipvs.parked.>"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_nats_arguments(parser)
+    parser.add_argument("--stream", default="all", help="kube, plan, status, parked, a comma list, or all")
+    parser.add_argument("--node", default="", help="only what concerns this node")
+    parser.add_argument("--object", default="", help="only this object: KIND/NAMESPACE/NAME or NAMESPACE/NAME")
+    parser.add_argument("--vip", default="", help="only this VIP's Service: IP, IP:PORT or [IPv6]:PORT")
+    parser.add_argument("--since", default="", help="start at a stream sequence, an ISO time or an age (10m); "
+                                                    "default: only what comes next")
+    parser.add_argument("--no-follow", action="store_true", help="print what is there and exit")
+    parser.add_argument("--json", action="store_true", help="JSON lines: stream, seq, subject, envelope")
+
+
+def _streams(text: str) -> list[str]:
+    names = list(STREAMS) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in STREAMS]
+    if unknown or not names:
+        raise ToolError(f"--stream: unknown {', '.join(unknown) or 'empty'}; choose from {', '.join(STREAMS)}, all")
+    return names
+
+
+def _consumer(start: int | datetime | None, after_seq: int = 0) -> ConsumerConfig:
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True)
+    if after_seq:
+        config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, after_seq + 1
+    elif isinstance(start, int):
+        config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start
+    elif isinstance(start, datetime):
+        config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start.isoformat()
+    else:
+        config.deliver_policy = DeliverPolicy.NEW
+    return config
+
+
+async def backlog(js: JetStreamContext, name: str, start: int | datetime) -> list[Entry]:
+    """What a stream holds from ``start`` on, now."""
+    stream = STREAMS[name]
+    try:
+        sub = await js.pull_subscribe(SUBJECTS[name], stream=stream, config=_consumer(start))
+    except nats.js.errors.NotFoundError:
+        return []
+    out: list[Entry] = []
+    try:
+        remaining = (await sub.consumer_info()).num_pending
+        while remaining > 0:
+            try:
+                msgs = await sub.fetch(min(remaining, 1000), timeout=5)
+            except NatsTimeoutError:
+                break
+            out += [decode_entry(stream, m) for m in msgs]
+            remaining = msgs[-1].metadata.num_pending if msgs else 0
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    return out
+
+
+async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
+    """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now)."""
+    stream = STREAMS[name]
+    sub = await js.pull_subscribe(SUBJECTS[name], stream=stream, config=_consumer(None, after_seq))
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(100, timeout=1)
+            except NatsTimeoutError:
+                continue
+            for msg in msgs:
+                yield decode_entry(stream, msg)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+async def tap(args: argparse.Namespace, out: Any = None) -> int:
+    out = out or sys.stdout
+    names = _streams(args.stream)
+    start = parse_point(args.since) if args.since else None
+    if isinstance(start, int) and len(names) > 1:
+        raise ToolError("--since SEQ is a sequence of one stream: give one --stream (or use a time)")
+    try:
+        keep = records.Filter(node=args.node, object=args.object, vip=args.vip)
+    except ValueError as exc:
+        raise ToolError(f"--vip: {exc}") from None
+    render = records.as_json if args.json else records.one_line
+
+    def show(entry: Entry) -> None:
+        if keep.keep(entry):
+            print(render(entry), file=out, flush=True)
+
+    async with open_log(args) as js:
+        last = dict.fromkeys(names, 0)
+        if start is not None:
+            entries = [e for name in names for e in await backlog(js, name, start)]
+            for entry in sorted(entries, key=_order):
+                show(entry)
+            for entry in entries:
+                name = next(n for n in names if STREAMS[n] == entry.stream)
+                last[name] = max(last[name], entry.seq)
+        if args.no_follow:
+            return 0
+        if start is not None:  # streams with nothing yet: follow from the start of what comes
+            for name in names:
+                if not last[name]:
+                    last[name] = await _last_seq(js, name)
+        queue: asyncio.Queue[Entry] = asyncio.Queue()
+
+        async def pump(name: str) -> None:
+            async for entry in follow(js, name, last[name]):
+                await queue.put(entry)
+
+        pumps = [asyncio.create_task(pump(n)) for n in names]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            while not stop.is_set():
+                getter = asyncio.ensure_future(queue.get())
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    show(getter.result())
+                else:
+                    getter.cancel()
+                stopper.cancel()
+                for pump_task in pumps:
+                    if pump_task.done() and pump_task.exception() is not None:
+                        raise pump_task.exception()  # type: ignore[misc]
+        finally:
+            for pump_task in pumps:
+                pump_task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+    return 0
+
+
+async def _last_seq(js: JetStreamContext, name: str) -> int:
+    try:
+        return (await js.stream_info(STREAMS[name])).state.last_seq
+    except nats.js.errors.NotFoundError:
+        return 0
+
+
+def _order(entry: Entry) -> tuple[int, str, int]:
+    return (entry.envelope.time_ns if entry.envelope else 0, entry.stream, entry.seq)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(tap(args))
+    except ToolError as exc:
+        print(f"kipvs tap: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
