@@ -79,7 +79,7 @@ def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callabl
 
 def _discover() -> None:
     """Services register their subcommands in kipvs.<service>.commands (cheap modules, no heavy imports)."""
-    for package in ("kipvs.simulator", "kipvs.watcher", "kipvs.planner", "kipvs.applier", "kipvs.audit"):
+    for package in ("kipvs.simulator", "kipvs.watcher", "kipvs.planner", "kipvs.applier", "kipvs.audit", "kipvs.demo"):
         try:
             commands = importlib.import_module(f"{package}.commands")
         except ModuleNotFoundError as exc:

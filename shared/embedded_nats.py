@@ -55,8 +55,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True
     return False
 
@@ -69,10 +69,11 @@ class EmbeddedNats:
     port: int = 0
     process: asyncio.subprocess.Process | None = None
     owned: bool = False
+    host: str = "127.0.0.1"  # the demo's guest listens on its bridge, for appliers in node namespaces
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     @classmethod
     def running_in(cls, state_dir: Path) -> EmbeddedNats | None:
@@ -93,7 +94,7 @@ class EmbeddedNats:
         log = (self.state_dir / "nats-server.log").open("ab")
         try:
             self.process = await asyncio.create_subprocess_exec(
-                server_binary(), "--jetstream", "--store_dir", str(store), "--addr", "127.0.0.1",
+                server_binary(), "--jetstream", "--store_dir", str(store), "--addr", self.host,
                 "--port", str(self.port), "--server_name", "kipvs-embedded",
                 stdout=log, stderr=log, start_new_session=True,
             )
@@ -101,7 +102,7 @@ class EmbeddedNats:
             log.close()
         self.owned = True
         deadline = asyncio.get_running_loop().time() + ready_timeout
-        while not _port_open(self.port):
+        while not _port_open(self.port, self.host):
             if self.process.returncode is not None:
                 raise EmbeddedNatsError(
                     f"nats-server exited with {self.process.returncode} at start; see "
