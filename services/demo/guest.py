@@ -30,7 +30,7 @@ WORK = Path(sys.prefix) / "uml"  # the virtual environment's: module links and i
 MODULES = (
     "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_lc", "ip_vs_wlc", "ip_vs_sh", "ip_vs_mh", "dummy", "veth", "nf_conntrack",
     "ip_set", "ip_set_hash_ip", "ip_set_hash_ipport", "ip_set_hash_ipportip", "ip_set_hash_ipportnet",
-    "ip_set_bitmap_port",
+    "ip_set_bitmap_port", "bridge",
 )
 BEGIN, END = "=====KIPVS-GUEST-BEGIN=====", "=====KIPVS-GUEST-END====="
 
@@ -64,6 +64,20 @@ def module_root() -> Path:
     if not link.exists():
         link.symlink_to(versions[-1])
     return root
+
+
+def unavailable_reason() -> str | None:
+    """Why the guest cannot boot here (None: it can): checked before the demo commits to it."""
+    try:
+        kernel()
+        module_root()
+    except GuestUnavailable as exc:
+        return str(exc)
+    if not Path("/dev/shm").is_dir() or not os.access("/dev/shm", os.W_OK):
+        return "/dev/shm is not writable: user-mode Linux keeps the guest's memory there"
+    if os.geteuid() != 0:
+        return "not root: the guest's network namespaces and IPVS need root inside it"
+    return None
 
 
 def run_in_guest(command: str, timeout: float = 600, memory: str = "1G",

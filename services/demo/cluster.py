@@ -1,0 +1,269 @@
+"""A whole kipvs system on one machine, for the demo and the end-to-end tests: the embedded NATS server,
+the Kubernetes API simulator (in this process, so changes are timed where they happen), the watcher and
+the planner as real processes, one applier per node: in the node's network namespace with real IPVS
+(``netlink``, inside the user-mode-Linux guest), or on the memory kernel (``memory``, anywhere).
+
+It also answers the questions the demo and the tests ask: what every node should hold (the planner's
+core over the log), whether each node holds it (its apply reports; with ``netlink``, its kernel too),
+and what a request through a VIP returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nats
+from nats.js import JetStreamContext
+
+from kipvs.applier.ops import digest
+from kipvs.planner.core import Planner, PlannerConfig
+from kipvs.planner.node_state import NodeState
+from kipvs.planner.render import ipvsadm
+from kipvs.planner.resolve import resolve_node
+from kipvs.shared import events, topology
+from kipvs.shared.embedded_nats import EmbeddedNats
+from kipvs.shared.log_client import read_all
+from kipvs.simulator import scenario as scenarios
+from kipvs.simulator.server import Simulator
+
+from . import network
+from .network import NodeSpec, PodSpec
+
+Backend = Literal["netlink", "memory"]
+KIPVS = str(Path(sys.executable).with_name("kipvs"))
+
+
+@dataclass
+class Cluster:
+    workdir: Path
+    backend: Backend
+    scenario: scenarios.Scenario
+    nodes: list[NodeSpec] = field(default_factory=list)
+    pods: dict[str, PodSpec] = field(default_factory=dict)
+    processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    nats_server: EmbeddedNats | None = None
+    sim: Simulator | None = None
+    nc: Any = None
+    js: JetStreamContext | None = None
+    pod_server: asyncio.subprocess.Process | None = None
+    drain_timeout: float = 15.0  # short, so the demo shows a removed real server draining and then going
+
+    @property
+    def url(self) -> str:
+        assert self.nats_server is not None
+        return self.nats_server.url
+
+    # --- starting ---------------------------------------------------------------------------------
+
+    async def start_nats(self) -> None:
+        host = network.BRIDGE_IP if self.backend == "netlink" else "127.0.0.1"
+        if self.backend == "netlink":
+            self.nodes = [NodeSpec(o["metadata"]["name"], _internal_ip(o), f"10.244.{i}.0/24")
+                          for i, o in enumerate(self._objects("Node"), 1)]
+            network.build_nodes(self.nodes)
+        self.nats_server = EmbeddedNats(self.workdir / "nats", host=host)
+        await self.nats_server.start()
+        self.nc = await nats.connect(self.url, name="kipvs-demo")
+        self.js = self.nc.jetstream()
+
+    async def start_simulator(self) -> None:
+        self.sim = Simulator(bookmark_interval=5.0)
+        await scenarios.load_objects(self.sim, self.scenario)
+        await self.sim.start()
+        (self.workdir / "kubeconfig").write_text(self.sim.kubeconfig())
+        if self.backend == "netlink":
+            self.pod_server = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "kipvs.demo.pods", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=self._log("pods"))
+        for obj in self._objects("Pod"):
+            await self.add_pod(obj)
+
+    async def start(self, service: str) -> None:
+        """Start (or restart) one service: watcher, planner or applier-<node>."""
+        common = ["--nats-url", self.url, "--http-listen", "", "--log-format", "json"]
+        if service == "watcher":
+            argv = [KIPVS, "watcher", "--kubeconfig", str(self.workdir / "kubeconfig"), *common]
+        elif service == "planner":
+            argv = [KIPVS, "planner", *common]
+        else:
+            node = service.removeprefix("applier-")
+            argv = [KIPVS, "applier", "--node", node, "--drift-period", "10",
+                    "--drain-timeout", str(self.drain_timeout), *common]
+            if self.backend == "memory":
+                argv += ["--backend", "memory"]
+            else:
+                argv = ["ip", "netns", "exec", node, *argv, "--rules", "none"]
+        self.processes[service] = await asyncio.create_subprocess_exec(
+            *argv, stdout=self._log(service), stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+
+    async def kill(self, service: str) -> None:
+        process = self.processes.pop(service)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+    def node_names(self) -> list[str]:
+        return [o["metadata"]["name"] for o in self._objects("Node")]
+
+    def _objects(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.scenario.objects if o.get("kind") == kind]
+
+    def _log(self, name: str) -> Any:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return (logs / f"{name}.log").open("ab")
+
+    # --- pods -------------------------------------------------------------------------------------
+
+    async def add_pod(self, obj: dict[str, Any]) -> PodSpec:
+        """Create the pod's namespace and HTTP server (netlink backend), then the Pod object."""
+        meta = obj["metadata"]
+        pod = PodSpec(meta.get("namespace", "default"), meta["name"], obj["spec"]["nodeName"], obj["status"]["podIP"])
+        if self.backend == "netlink":
+            network.add_pod(pod)
+            await self._pods_command(f"add {pod.netns} {pod.name} {pod.node}")
+        self.pods[pod.name] = pod
+        return pod
+
+    async def remove_pod(self, name: str) -> None:
+        pod = self.pods.pop(name)
+        if self.backend == "netlink":
+            await self._pods_command(f"del {pod.netns}")
+            network.remove_pod(pod)
+
+    async def _pods_command(self, line: str) -> None:
+        assert self.pod_server is not None and self.pod_server.stdin and self.pod_server.stdout
+        self.pod_server.stdin.write(line.encode() + b"\n")
+        await self.pod_server.stdin.drain()
+        reply = await asyncio.wait_for(self.pod_server.stdout.readline(), 10)
+        if reply.strip() != b"ok":
+            raise RuntimeError(f"pod server: {line!r} -> {reply!r}")
+
+    # --- what should be and what is ---------------------------------------------------------------
+
+    async def planned(self) -> tuple[Planner, int]:
+        """The planner's core over the whole log now, and the log's last sequence."""
+        assert self.js is not None
+        planner = Planner(PlannerConfig())
+        last = 0
+        for entry in await read_all(self.js, topology.KUBE_STREAM):
+            last = entry.seq
+            if entry.envelope is not None:
+                planner.handle(entry.envelope, entry.seq)
+        return planner, last
+
+    def node_state(self, planner: Planner, node: str) -> NodeState:
+        return resolve_node(planner.plans.values(), planner.nodes.get(node))
+
+    async def report_entries(self, node: str) -> list[tuple[int, events.ApplyReport]]:
+        """The node's apply reports with their times (ns)."""
+        assert self.js is not None
+        return [(e.envelope.time_ns, e.envelope.record)
+                for e in await read_all(self.js, topology.STATUS_STREAM, topology.status_subject(node, "applied"))
+                if e.envelope is not None and isinstance(e.envelope.record, events.ApplyReport)]
+
+    async def reports(self, node: str) -> list[events.ApplyReport]:
+        return [report for _, report in await self.report_entries(node)]
+
+    async def node_in_step(self, planner: Planner, node: str) -> bool:
+        """The node's last apply report says it holds the planned state (and, with netlink, its kernel does)."""
+        reports = await self.reports(node)
+        want = self.node_state(planner, node)
+        if not reports or reports[-1].plan_seq != planner.seq or reports[-1].desired_digest != digest(want):
+            return False
+        return self.backend == "memory" or await self.kernel_table(node) == sorted(ipvsadm(want).splitlines())
+
+    async def converged(self, within: float = 60.0) -> float:
+        """Wait until the watcher has logged every object, the planner has planned it and every node holds it."""
+        started = asyncio.get_running_loop().time()
+        deadline = started + within
+        while True:
+            planner, _ = await self.planned()
+            if self.sim is not None and _logged_all(planner, self.sim):
+                checks = [await self.node_in_step(planner, n) for n in self.node_names()]
+                if all(checks):
+                    return asyncio.get_running_loop().time() - started
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the system did not converge within {within:.0f}s; logs in {self.workdir / 'logs'}")
+            await asyncio.sleep(0.2)
+
+    async def kernel_table(self, node: str) -> list[str]:
+        """The node's IPVS table (``ipvsadm -S``), less the real servers draining at weight 0 (gone from the
+        plan, kept until their connections close or the drain timeout passes, as kube-proxy does)."""
+        code, out = await network.in_node(node, "ipvsadm", "-S", "-n")
+        if code != 0:
+            return [f"ipvsadm failed: {out}"]
+        return sorted(line for line in out.splitlines() if not line.endswith(" -w 0"))
+
+    async def ipvsadm_list(self, node: str) -> str:
+        if self.backend == "memory":
+            planner, _ = await self.planned()
+            return ipvsadm(self.node_state(planner, node))
+        return (await network.in_node(node, "ipvsadm", "-L", "-n"))[1]
+
+    async def request(self, node: str, ip: str, port: int) -> str:
+        """One HTTP request from inside ``node`` through ``ip:port``: the answering pod's line. The client
+        binds to the node's own address, which is what kube-proxy's masquerade rule makes of a node's
+        traffic to a VIP (that rule needs nf_tables, which the guest kernel lacks): replies from a pod on
+        another node then come back to this node, not to the VIP that every node holds."""
+        source = next(n.address for n in self.nodes if n.name == node)
+        script = ("import socket,sys\ns=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3,"
+                  "source_address=(sys.argv[3],0))\n"
+                  "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nd=b''\nwhile (c:=s.recv(4096)): d+=c\n"
+                  "print(d.split(b'\\r\\n\\r\\n',1)[-1].decode().strip())")
+        code, out = await network.in_node(node, sys.executable, "-c", script, ip, str(port), source)
+        return out.strip() if code == 0 else f"no answer ({out.strip().splitlines()[-1] if out.strip() else code})"
+
+    # --- stopping ---------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        for service in list(self.processes):
+            process = self.processes.pop(service)
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if self.pod_server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.pod_server.kill()
+            await self.pod_server.wait()
+        if self.nc is not None:
+            await self.nc.close()
+        if self.sim is not None:
+            await self.sim.stop()
+        if self.nats_server is not None:
+            await self.nats_server.stop()
+        if self.backend == "netlink":
+            network.teardown(self.nodes, list(self.pods.values()))
+
+
+def _internal_ip(node: dict[str, Any]) -> str:
+    return next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+
+
+def _logged_all(planner: Planner, sim: Simulator) -> bool:
+    """Every object the simulator holds is in the planner's view at its current resourceVersion."""
+    want = {(o["kind"], _key(o)): o["metadata"]["resourceVersion"] for o in sim.store.objects.values()}
+    return set(planner.versions) == set(want) and all(planner.versions[k] == rv for k, rv in want.items())
+
+
+def _key(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return events.object_key(meta.get("namespace", ""), meta["name"])
+
+
+def workdir_for(base: Path | None = None) -> Path:
+    where = base or Path(os.environ.get("TMPDIR", "/tmp")) / f"kipvs-demo-{os.getpid()}"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    return where

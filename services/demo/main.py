@@ -1,0 +1,63 @@
+"""``kipvs demo``: boot a user-mode-Linux guest and run the demo's script in it (real IPVS in every node's
+network namespace), printing its progress as it goes; where the guest cannot run, say why and run the
+script here with the appliers on the memory kernel, clearly labelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("auto", "uml", "memory"), default="auto",
+                        help="uml: real IPVS in a user-mode-Linux guest; memory: simulated kernels on this host; "
+                             "auto: uml, else memory (saying why)")
+    parser.add_argument("--keep", action="store_true", help="keep everything running after the steps; Ctrl-C stops")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import guest
+
+    if args.backend == "memory":
+        return _memory(args, "asked for with --backend memory")
+    reason = guest.unavailable_reason()
+    if reason is not None:
+        if args.backend == "uml":
+            print(f"kipvs demo: the user-mode-Linux guest cannot run: {reason}", file=sys.stderr)
+            return 2
+        return _memory(args, reason)
+    print("kipvs demo: booting a user-mode-Linux guest (a real Linux kernel with IPVS, as a process) ...", flush=True)
+    stop_file = Path(tempfile.mkdtemp(prefix="kipvs-demo-")) / "stop"
+    command = [sys.executable, "-m", "kipvs.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
+               "--stop-file", str(stop_file), *(["--keep"] if args.keep else [])]
+
+    def on_interrupt(*_: object) -> None:
+        stop_file.touch()  # the guest sees the host's files: it stops cleanly on its own
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = guest.run_in_guest(shlex.join(command), timeout=86400 if args.keep else 900, memory="1536M",
+                                    on_line=lambda line: print(line, flush=True))
+    except guest.GuestUnavailable as exc:
+        if args.backend == "uml":
+            print(f"kipvs demo: {exc}", file=sys.stderr)
+            return 2
+        return _memory(args, str(exc))
+    finally:
+        stop_file.unlink(missing_ok=True)
+        os.rmdir(stop_file.parent)
+    return result.status
+
+
+def _memory(args: argparse.Namespace, reason: str) -> int:
+    from . import run as script
+
+    print("kipvs demo: SIMULATED KERNELS. The appliers run with --backend memory: nothing is programmed and no "
+          f"packet flows, because: {reason}", flush=True)
+    return script.main(["--backend", "memory", *(["--keep"] if args.keep else [])])

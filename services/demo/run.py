@@ -1,0 +1,245 @@
+"""The demo's script: start the whole system on one machine, show it working, change it live, audit it.
+
+Run by ``kipvs demo`` (services/demo/main.py): inside the user-mode-Linux guest with ``--backend
+netlink`` (every node a network namespace with real IPVS), or on this host with ``--backend memory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import copy
+import io
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kipvs.audit import records, why
+from kipvs.shared import topology
+from kipvs.shared.log_client import read_all
+from kipvs.simulator import scenario as scenarios
+
+from . import network
+from .cluster import Cluster, workdir_for
+from .network import NetworkError
+
+SCENARIO = Path(__file__).resolve().parents[1] / "simulator" / "scenarios" / "small-cluster.yaml"
+STEPS = 8
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def step(n: int, text: str) -> None:
+    say(f"[{n}/{STEPS}] {text}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("netlink", "memory"), required=True)
+    parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
+    parser.add_argument("--stop-file", default="", help="also stop when this file appears (the host's Ctrl-C)")
+    parser.add_argument("--workdir", default="", help="where logs and the NATS store go")
+    parser.add_argument("--why", default="", help=argparse.SUPPRESS)
+
+
+async def demo(args: argparse.Namespace) -> int:
+    scenario = scenarios.load(str(SCENARIO))
+    scenario.steps = []  # the demo makes its own changes, timed
+    cluster = Cluster(workdir_for(Path(args.workdir) if args.workdir else None), args.backend, scenario)
+    try:
+        return await _script(cluster, args)
+    finally:
+        say("stopping everything ...")
+        await cluster.stop()
+        say("stopped: nothing of the demo is left running")
+
+
+async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
+    real = cluster.backend == "netlink"
+    counts = collections.Counter(o["kind"] for o in cluster.scenario.objects)
+    started = time.monotonic()
+    step(1, "NATS JetStream (the event log) ...")
+    await cluster.start_nats()
+    say(f"      listening on {cluster.url}; store and logs in {cluster.workdir}")
+    step(2, f"Kubernetes API simulator: {counts['Node']} nodes, {counts['Service']} Services (ClusterIP, NodePort, "
+            f"LoadBalancer with externalTrafficPolicy Local, session affinity), {counts['Pod']} pods")
+    await cluster.start_simulator()
+    if real:
+        say(f"      pods are network namespaces serving HTTP on :8080, behind veths named as Calico names them; "
+            f"nodes {', '.join(f'{n.name} ({n.address})' for n in cluster.nodes)} on one bridge")
+    step(3, "watcher, planner and one applier per node ...")
+    for service in ("watcher", "planner", *(f"applier-{n}" for n in cluster.node_names())):
+        await cluster.start(service)
+        say(f"      started {service}")
+    step(4, "waiting until every node holds its plan ...")
+    took = await cluster.converged(within=120)
+    say(f"      converged {took:.1f} s after the services started ({time.monotonic() - started:.1f} s in all)")
+    for node in cluster.node_names():
+        label = "ipvsadm -Ln" if real else "the plan, in ipvsadm -S form (SIMULATED kernel)"
+        say(f"\n  --- {node}: {label} ---")
+        say(_indent(await cluster.ipvsadm_list(node), "  "))
+
+    step(5, "requests through Services, from inside node-a")
+    await _requests(cluster, [("ClusterIP web", "10.96.0.10", 80, 6), ("NodePort api", "192.168.50.11", 30080, 3),
+                              ("ClusterIP session (ClientIP affinity)", "10.96.0.40", 80, 4),
+                              ("LoadBalancer shop (eTP Local, pod on node-a)", "198.51.100.7", 80, 2)])
+
+    step(6, "live change: pod web-2 is deleted (its endpoint leaves EndpointSlice web-x1)")
+    slice_ = _slice(cluster, "web-x1")
+
+    async def delete_web2() -> None:
+        assert cluster.sim is not None
+        await cluster.sim.delete("Pod", "default", "web-2")
+        await cluster.sim.apply(_with_endpoints(slice_, [e for e in slice_["endpoints"]
+                                                        if e["addresses"] != ["10.244.2.11"]]))
+
+    await _live_change(cluster, delete_web2)
+    if real:
+        say(f"      web-2 stays in the kernels at weight 0 while its connections drain (at most "
+            f"{cluster.drain_timeout:.0f} s here, --drain-timeout), as kube-proxy drains:")
+        say(_indent((await network.in_node("node-a", "ipvsadm", "-L", "-n", "-t", "10.96.0.10:80"))[1], "        "))
+    await cluster.remove_pod("web-2")
+
+    step(7, "live change: Deployment web scaled to 3 (pods web-3 on node-c and web-4 on node-b become ready)")
+    new_pods = [_pod("web-3", "node-c", "10.244.3.11"), _pod("web-4", "node-b", "10.244.2.12")]
+    for pod in new_pods:
+        await cluster.add_pod(pod)
+
+    async def scale_web() -> None:
+        assert cluster.sim is not None
+        for pod in new_pods:
+            await cluster.sim.apply(pod)
+        endpoints = [e for e in slice_["endpoints"] if e["addresses"] != ["10.244.2.11"]]
+        endpoints += [{"addresses": [p["status"]["podIP"]], "nodeName": p["spec"]["nodeName"],
+                       "zone": "zone-2" if p["spec"]["nodeName"] == "node-c" else "zone-1",
+                       "conditions": {"ready": True, "serving": True, "terminating": False}} for p in new_pods]
+        await cluster.sim.apply(_with_endpoints(slice_, endpoints))
+
+    await _live_change(cluster, scale_web)
+    await _requests(cluster, [("ClusterIP web", "10.96.0.10", 80, 6)])
+
+    step(8, "audit trail: why does node-a forward 10.96.0.10:80? (kipvs why --node node-a 10.96.0.10:80)")
+    assert cluster.js is not None
+    story = why.provenance(await read_all(cluster.js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT), "node-a",
+                           ("TCP", "10.96.0.10", 80))
+    explainer = why.Explainer(await read_all(cluster.js, topology.KUBE_STREAM),
+                              await read_all(cluster.js, topology.STATUS_STREAM, "kipvs.status.node-a.applied"))
+    out = io.StringIO()
+    why.print_text(why.render(story, explainer), out)
+    say(_indent(out.getvalue(), "  "))
+
+    if args.keep:
+        await _keep(cluster, args)
+    else:
+        say(f"\ndone in {time.monotonic() - started:.0f} s. 'make demo ARGS=--keep' keeps it running to explore with "
+            "kipvs tap / history / why / replay.")
+    return 0
+
+
+async def _requests(cluster: Cluster, targets: list[tuple[str, str, int, int]]) -> None:
+    real = cluster.backend == "netlink"
+    if not real:
+        say("      SIMULATED kernel: no packets flow. By the plan, these real servers would answer:")
+    planner, _ = await cluster.planned()
+    state = cluster.node_state(planner, "node-a")
+    for label, ip, port, count in targets:
+        if real:
+            answers = [await cluster.request("node-a", ip, port) for _ in range(count)]
+            tally = ", ".join(f"{who}: {n}" for who, n in sorted(collections.Counter(answers).items()))
+            say(f"      {label} {ip}:{port} x{count} -> {tally}")
+        else:
+            vs = state.ipvs.get(("TCP", ip, port))
+            reals = ", ".join(f"{r[0]}:{r[1]}" for r in sorted(vs.reals)) if vs else "none"
+            say(f"      {label} {ip}:{port} -> {reals}")
+
+
+async def _live_change(cluster: Cluster, change: Any) -> None:
+    """Make a change in the Kubernetes API, then show the records it caused and the time to each node."""
+    assert cluster.js is not None
+    kube_before = await _last(cluster, topology.KUBE_STREAM)
+    plan_before = await _last(cluster, topology.PLAN_STREAM)
+    t0 = time.time_ns()
+    await change()
+    await cluster.converged(within=60)
+    planner, _ = await cluster.planned()
+    say("      the records it caused (kipvs tap):")
+    for stream, after in ((topology.KUBE_STREAM, kube_before), (topology.PLAN_STREAM, plan_before)):
+        for entry in await read_all(cluster.js, stream):
+            if entry.seq > after:
+                say(f"        {records.one_line(entry)}")
+    timings = []
+    for node in cluster.node_names():
+        applied = next((t for t, r in await cluster.report_entries(node) if r.plan_seq >= planner.seq), None)
+        timings.append(f"{node} {(applied - t0) / 1e6:.0f} ms" if applied else f"{node} ?")
+    what = "kernel" if cluster.backend == "netlink" else "SIMULATED kernel"
+    say(f"      from the Kubernetes change to the {what} (apply reports; tables checked): {', '.join(timings)}")
+
+
+async def _last(cluster: Cluster, stream: str) -> int:
+    assert cluster.js is not None
+    return (await cluster.js.stream_info(stream)).state.last_seq
+
+
+async def _keep(cluster: Cluster, args: argparse.Namespace) -> None:
+    say("\neverything keeps running. Explore (another terminal):")
+    say(f"  kipvs tap --nats-url {cluster.url} --since 1h          # the whole log, then live")
+    say(f"  kipvs why --nats-url {cluster.url} --node node-b 10.96.0.10:80")
+    say(f"  kipvs history --nats-url {cluster.url} EndpointSlice/default/web-x1")
+    say(f"  kipvs replay --nats-url {cluster.url}                   # re-plan the log, diff with what was published")
+    if cluster.backend == "netlink":
+        say("  (inside the guest: the NATS address is the guest's own bridge; from the host, the log cannot be "
+            "reached while the guest runs)")
+    say("Ctrl-C stops everything.")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    stop_file = Path(args.stop_file) if args.stop_file else None
+    while not stop.is_set():
+        if stop_file is not None and stop_file.exists():
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+def _slice(cluster: Cluster, name: str) -> dict[str, Any]:
+    return copy.deepcopy(next(o for o in cluster.scenario.objects
+                              if o["kind"] == "EndpointSlice" and o["metadata"]["name"] == name))
+
+
+def _with_endpoints(slice_: dict[str, Any], endpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**slice_, "endpoints": endpoints}
+
+
+def _pod(name: str, node: str, ip: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default",
+                                                            "labels": {"app": "web"}},
+            "spec": {"nodeName": node, "containers": [{"name": "web", "image": "web"}]},
+            "status": {"phase": "Running", "podIP": ip}}
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.rstrip("\n").splitlines())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kipvs.demo.run")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(demo(args))
+    except KeyboardInterrupt:
+        return 130
+    except (TimeoutError, NetworkError) as exc:
+        say(f"kipvs demo: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
