@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The Compose specification's JSON schema, for tests/test_deploy.py (shipped in docker-compose 1.29.2's wheel).
+	$(BIN)/pip download --quiet --no-deps --dest $(VENV)/schemas docker-compose==1.29.2
 	@touch $@
 
 venv: $(STAMP)
