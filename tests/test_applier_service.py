@@ -126,3 +126,39 @@ async def test_node_ports_on_the_hosts_own_addresses_follow_them(nats_url: str) 
     planner_stop.set()
     await asyncio.gather(applier, planner_task)
     await nc.close()
+
+
+class SlowKernel(MemoryKernel):
+    """A kernel whose writes take a while: a drift check that ran in the middle would see half a batch."""
+
+    async def apply(self, ops) -> None:
+        await asyncio.sleep(0.05)
+        await super().apply(ops)
+
+
+async def test_drift_checks_never_interleave_with_a_batch(nats_url: str) -> None:
+    lines = EVENTS.read_text().splitlines()
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    common = {"nats_url": nats_url, "http_listen": ""}
+    planner_task, planner_stop = _start("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    kernel = SlowKernel()
+    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "drift_period": "0.01",
+                                      "batch": "1"}, {})
+    applier, stop = _start("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    try:
+        for i, line in enumerate(lines):  # one event at a time: many small batches, drift checks between
+            await _publish_kube(js, [line], f"one-{i}")
+        expected = plan_events(read_events(lines, "x"), PlannerConfig())
+        want = resolve_node(expected.plans.values(), expected.nodes["node-a"])
+        await eventually(lambda: {k: v.reals for k, v in kernel.ipvs.items()} == {k: v.reals for k, v in
+                                                                               want.ipvs.items()}, 30, "node-a")
+        await asyncio.sleep(0.5)
+        assert not applier.done(), applier.exception() if applier.done() else ""
+        drift = [env.record for _, env in await read_stream(js, topology.STATUS_STREAM, "kipvs.status.node-a.drift")]
+        assert drift and not [d.found for d in drift if d.found], "a drift check 'repaired' a batch in flight"
+    finally:
+        stop.set()
+        planner_stop.set()
+        await asyncio.gather(applier, planner_task, return_exceptions=True)
+        await nc.close()

@@ -91,6 +91,9 @@ class Applier:
         self.use_interfaces = interface_addresses
         self.local_addresses: tuple[str, ...] = ()
         self.drainer = Drainer(drain_timeout)
+        # One writer at a time: a drift check reads the kernel back and repairs it, which must not interleave
+        # with a batch being written (it would "repair" what the batch is adding: EEXIST).
+        self.kernel_lock = asyncio.Lock()
         self.node = node
         self.kernel = kernel
         self.rules = rules
@@ -188,6 +191,10 @@ class Applier:
 
     async def drain(self) -> None:
         """Delete drained real servers: no connections left, or past the drain timeout."""
+        async with self.kernel_lock:
+            await self._drain()
+
+    async def _drain(self) -> None:
         if not self.drainer.deadlines:
             return
         connections = await self.kernel.connections(self.drainer.services())
@@ -197,6 +204,10 @@ class Applier:
             self.applied_ops.inc(len(done))
 
     async def handle(self, batch: list[bus.Delivery]) -> None:
+        async with self.kernel_lock:
+            await self._handle(batch)
+
+    async def _handle(self, batch: list[bus.Delivery]) -> None:
         started = time.perf_counter()
         touched: set[str] = set()
         facts_before = self.facts()
@@ -254,6 +265,10 @@ class Applier:
                                              desired_digest=self.desired.digest()))
 
     async def drift_check(self) -> None:
+        async with self.kernel_lock:
+            await self._drift_check()
+
+    async def _drift_check(self) -> None:
         if self.use_interfaces:
             addresses = await self.kernel.node_addresses()
             if addresses != self.local_addresses:  # an interface address came or went: NodePorts follow
