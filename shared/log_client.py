@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import nats
-from nats.js import JetStreamContext
 
 from . import bus, events, topology
 from .embedded_nats import EmbeddedNats, default_state_dir
@@ -31,6 +32,8 @@ def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "running for --state-dir)")
     parser.add_argument("--state-dir", default="", help="the embedded server's state dir (default: "
                                                         "$KIPVS_STATE_DIR or ~/.local/state/kipvs)")
+    parser.add_argument("--log", default="", metavar="FILE",
+                        help="read a recorded log ('kipvs tap --json' lines, e.g. the demo's) instead of NATS")
 
 
 def nats_url(args: argparse.Namespace) -> str:
@@ -47,7 +50,11 @@ def nats_url(args: argparse.Namespace) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_log(args: argparse.Namespace) -> AsyncIterator[JetStreamContext]:
+async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """The live log (a JetStream context) or, with ``--log FILE``, a :class:`RecordedLog`."""
+    if getattr(args, "log", ""):
+        yield RecordedLog.load(Path(args.log))
+        return
     url = nats_url(args)
     try:
         nc = await nats.connect(url, name="kipvs-tool", connect_timeout=3, max_reconnect_attempts=0)
@@ -79,8 +86,53 @@ def decode_entry(stream: str, msg: nats.aio.msg.Msg) -> Entry:
     return Entry(stream, msg.metadata.sequence.stream, msg.subject, envelope, msg.data, dict(msg.headers or {}))
 
 
-async def read_all(js: JetStreamContext, stream: str, subject: str = ">", upto: int = 0) -> list[Entry]:
+class RecordedLog:
+    """A log recorded as ``kipvs tap --json`` lines (all streams), read like the live one: tools can audit an
+    archived incident, or a demo whose NATS has gone, without a server."""
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = sorted(entries, key=lambda e: (e.stream, e.seq))
+
+    @classmethod
+    def load(cls, path: Path) -> RecordedLog:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ToolError(f"{path}: {exc.strerror}") from None
+        entries = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                envelope = events.from_json(json.dumps(doc["envelope"])) if "envelope" in doc else None
+                headers = {topology.PARK_REASON: doc.get("reason", "")} if envelope is None else None
+                entries.append(Entry(doc["stream"], int(doc["seq"]), doc.get("subject", ""), envelope,
+                                     doc.get("data", "").encode(), headers))
+            except (ValueError, KeyError, TypeError, events.ContractError) as exc:
+                raise ToolError(f"{path}:{number}: not a 'kipvs tap --json' line: {exc}") from None
+        return cls(entries)
+
+    def read(self, stream: str, subject: str = ">", upto: int = 0) -> list[Entry]:
+        return [e for e in self.entries
+                if e.stream == stream and subject_matches(subject, e.subject) and (not upto or e.seq <= upto)]
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` the rest."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+async def read_all(js: Any, stream: str, subject: str = ">", upto: int = 0) -> list[Entry]:
     """Every message of a stream (optionally up to a stream sequence); [] when the stream is empty or absent."""
+    if isinstance(js, RecordedLog):
+        return js.read(stream, subject, upto)
     try:
         return [decode_entry(stream, m) async for m in bus.read_stream(js, stream, subject, upto=upto)]
     except nats.js.errors.NotFoundError:

@@ -154,12 +154,20 @@ async def test_replay_matches_and_catches_a_difference(system, nats_url: str, ca
     code, out, _ = await kipvs("replay", "--nats-url", nats_url, "--from", "13", "--to", "16", capsys=capsys)
     assert code == 0 and "KUBE #13..#16" in out
 
-    code, recorded, _ = await kipvs("tap", "--nats-url", nats_url, "--stream", "kube,plan", "--since", "1h",
-                                    "--no-follow", "--json", capsys=capsys)
+    code, recorded, _ = await kipvs("tap", "--nats-url", nats_url, "--since", "1h", "--no-follow", "--json",
+                                    capsys=capsys)
     log = tmp_path / "log.jsonl"
     log.write_text(recorded)
     code, out, _ = await kipvs("replay", "--log", str(log), capsys=capsys)
     assert code == 0 and "identical" in out
+
+    # Every tool reads a recording as it reads the live log (an archived incident; the demo's log).
+    for argv in (("why", "--node", "node-a", "10.96.0.10:80"), ("history", "EndpointSlice/default/web-x1"),
+                 ("plan", "--node", "node-a", "--at", "14"), ("tap", "--stream", "plan", "--node", "node-b")):
+        code, from_file, _ = await kipvs(*argv, "--log", str(log), capsys=capsys)
+        code2, live, _ = await kipvs(*argv, "--nats-url", nats_url, *(("--since", "1", "--no-follow")
+                                                                      if argv[0] == "tap" else ()), capsys=capsys)
+        assert code == code2 == 0 and from_file == live and from_file, argv
 
     # A published delta that the planner would not produce (say, a planner bug fixed since): exit 1.
     lines = recorded.splitlines()

@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from kipvs.planner.core import Planner, PlannerConfig
 from kipvs.shared import events, topology
@@ -32,8 +28,6 @@ from . import records
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_nats_arguments(parser)
-    parser.add_argument("--log", default="", metavar="FILE", help="JSON lines from 'kipvs tap --json' "
-                                                                  "(streams kube and plan) instead of NATS")
     parser.add_argument("--from", dest="first", type=int, default=1, metavar="SEQ",
                         help="first KUBE sequence whose deltas are compared")
     parser.add_argument("--to", dest="last", type=int, default=0, metavar="SEQ",
@@ -78,42 +72,15 @@ def compare(kube: list[Entry], published: list[Entry], config: PlannerConfig, fi
     return len(in_range), problems
 
 
-def read_log_file(path: Path) -> tuple[list[Entry], list[Entry]]:
-    kube, plan = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ToolError(f"{path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-            envelope = events.from_json(json.dumps(doc["envelope"])) if "envelope" in doc else None
-            entry = Entry(doc["stream"], int(doc["seq"]), doc.get("subject", ""), envelope)
-        except (ValueError, KeyError, TypeError, events.ContractError, msgspec.ValidationError) as exc:
-            raise ToolError(f"{path}:{number}: not a 'kipvs tap --json' line: {exc}") from None
-        if entry.stream == topology.KUBE_STREAM:
-            kube.append(entry)
-        elif entry.stream == topology.PLAN_STREAM:
-            plan.append(entry)
-    if not kube:
-        raise ToolError(f"{path}: no {topology.KUBE_STREAM} records (record with --stream kube,plan)")
-    return sorted(kube, key=lambda e: e.seq), sorted(plan, key=lambda e: e.seq)
-
-
 async def replay(args: argparse.Namespace, out: Any = None) -> int:
     out = out or sys.stdout
     try:
         config = PlannerConfig(default_scheduler=args.scheduler)
     except ValueError as exc:
         raise ToolError(str(exc)) from None
-    if args.log:
-        kube, plan = read_log_file(Path(args.log))
-    else:
-        async with open_log(args) as js:
-            kube = await read_all(js, topology.KUBE_STREAM, upto=args.last)
-            plan = await read_all(js, topology.PLAN_STREAM)
+    async with open_log(args) as js:
+        kube = await read_all(js, topology.KUBE_STREAM, upto=args.last)
+        plan = await read_all(js, topology.PLAN_STREAM)
     if not kube:
         raise ToolError("the Kubernetes log is empty: nothing to replay")
     compared, problems = compare(kube, plan, config, args.first, args.last)

@@ -19,7 +19,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -27,7 +27,17 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kipvs.shared.log_client import STREAMS, Entry, ToolError, add_nats_arguments, decode_entry, open_log, parse_point
+from kipvs.shared.log_client import (
+    STREAMS,
+    Entry,
+    RecordedLog,
+    ToolError,
+    add_nats_arguments,
+    decode_entry,
+    ns_of,
+    open_log,
+    parse_point,
+)
 
 from . import records
 
@@ -67,9 +77,12 @@ def _consumer(start: int | datetime | None, after_seq: int = 0) -> ConsumerConfi
     return config
 
 
-async def backlog(js: JetStreamContext, name: str, start: int | datetime) -> list[Entry]:
+async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
     """What a stream holds from ``start`` on, now."""
     stream = STREAMS[name]
+    if isinstance(js, RecordedLog):
+        return [e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
+                                               e.envelope is None or e.envelope.time_ns >= ns_of(start))]
     try:
         sub = await js.pull_subscribe(SUBJECTS[name], stream=stream, config=_consumer(start))
     except nats.js.errors.NotFoundError:
@@ -124,6 +137,9 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
             print(render(entry), file=out, flush=True)
 
     async with open_log(args) as js:
+        if isinstance(js, RecordedLog):  # a recording has no future: print it and stop
+            args.no_follow = True
+            start = start if start is not None else 1 if len(names) == 1 else datetime.fromtimestamp(0, UTC)
         last = dict.fromkeys(names, 0)
         if start is not None:
             entries = [e for name in names for e in await backlog(js, name, start)]

@@ -13,6 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .run import LOG_BEGIN, LOG_END
+
+LOG_FILE = Path(tempfile.gettempdir()) / "kipvs-demo" / "log.jsonl"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "uml", "memory"), default="auto",
@@ -35,7 +39,20 @@ def run(args: argparse.Namespace) -> int:
     print("kipvs demo: booting a user-mode-Linux guest (a real Linux kernel with IPVS, as a process) ...", flush=True)
     stop_file = Path(tempfile.mkdtemp(prefix="kipvs-demo-")) / "stop"
     command = [sys.executable, "-m", "kipvs.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
-               "--stop-file", str(stop_file), *(["--keep"] if args.keep else [])]
+               "--stop-file", str(stop_file), "--save-log", "-", *(["--keep"] if args.keep else [])]
+    saved: list[str] = []
+    capturing = False
+
+    def on_line(line: str) -> None:
+        nonlocal capturing
+        if line == LOG_BEGIN:
+            capturing = True
+        elif line == LOG_END:
+            capturing = False
+        elif capturing:
+            saved.append(line)
+        else:
+            print(line, flush=True)
 
     def on_interrupt(*_: object) -> None:
         stop_file.touch()  # the guest sees the host's files: it stops cleanly on its own
@@ -43,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_interrupt)
     try:
         result = guest.run_in_guest(shlex.join(command), timeout=86400 if args.keep else 900, memory="1536M",
-                                    on_line=lambda line: print(line, flush=True))
+                                    on_line=on_line)
     except guest.GuestUnavailable as exc:
         if args.backend == "uml":
             print(f"kipvs demo: {exc}", file=sys.stderr)
@@ -52,7 +69,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_file.unlink(missing_ok=True)
         os.rmdir(stop_file.parent)
+    if saved:
+        LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
+        LOG_FILE.write_text("\n".join(saved) + "\n")
+        _explore(LOG_FILE, len(saved))
     return result.status
+
+
+def _explore(log: Path, records: int) -> None:
+    print(f"\nthe demo's log ({records} records) is saved in {log}; every tool reads it:")
+    for example in ("tap --log {}", "why --log {} --node node-b 10.96.0.10:80",
+                    "history --log {} EndpointSlice/default/web-x1", "replay --log {}",
+                    "plan --log {} --node node-c --at 20"):
+        print(f"  .venv/bin/kipvs {example.format(log)}")
 
 
 def _memory(args: argparse.Namespace, reason: str) -> int:
@@ -60,4 +89,8 @@ def _memory(args: argparse.Namespace, reason: str) -> int:
 
     print("kipvs demo: SIMULATED KERNELS. The appliers run with --backend memory: nothing is programmed and no "
           f"packet flows, because: {reason}", flush=True)
-    return script.main(["--backend", "memory", *(["--keep"] if args.keep else [])])
+    LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
+    status = script.main(["--backend", "memory", "--save-log", str(LOG_FILE), *(["--keep"] if args.keep else [])])
+    if LOG_FILE.exists():
+        _explore(LOG_FILE, len(LOG_FILE.read_text().splitlines()))
+    return status

@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
     parser.add_argument("--stop-file", default="", help="also stop when this file appears (the host's Ctrl-C)")
     parser.add_argument("--workdir", default="", help="where logs and the NATS store go")
-    parser.add_argument("--why", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--save-log", default="", metavar="PATH|-",
+                        help="write the whole log as 'kipvs tap --json' lines to PATH (-: to the console, "
+                             "between markers, for the host to save)")
 
 
 async def demo(args: argparse.Namespace) -> int:
@@ -138,7 +140,27 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     else:
         say(f"\ndone in {time.monotonic() - started:.0f} s. 'make demo ARGS=--keep' keeps it running to explore with "
             "kipvs tap / history / why / replay.")
+    if args.save_log:
+        await _save_log(cluster, args.save_log)
     return 0
+
+
+LOG_BEGIN, LOG_END = "=====KIPVS-DEMO-LOG-BEGIN=====", "=====KIPVS-DEMO-LOG-END====="
+
+
+async def _save_log(cluster: Cluster, where: str) -> None:
+    """The whole log, every stream, as ``kipvs tap --json`` lines: every tool reads it with ``--log``."""
+    assert cluster.js is not None
+    lines = [records.as_json(entry) for stream in (topology.KUBE_STREAM, topology.PLAN_STREAM,
+                                                   topology.STATUS_STREAM, topology.PARKED_STREAM)
+             for entry in await read_all(cluster.js, stream)]
+    if where == "-":
+        say(LOG_BEGIN)
+        for line in lines:
+            say(line)
+        say(LOG_END)
+    else:
+        Path(where).write_text("\n".join(lines) + "\n")  # noqa: ASYNC240 - once, at the end
 
 
 async def _requests(cluster: Cluster, targets: list[tuple[str, str, int, int]]) -> None:

@@ -1,0 +1,74 @@
+"""``kipvs demo`` (what ``make demo`` runs), as a new user runs it: once with simulated kernels on this host,
+once in the user-mode-Linux guest with real IPVS. It must exit 0 on its own, show what the issue lists, save
+its log for the tools, and leave nothing running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kipvs.demo.main import LOG_FILE
+
+KIPVS = str(Path(sys.executable).with_name("kipvs"))
+
+
+def _demo(*argv: str, timeout: float) -> str:
+    LOG_FILE.unlink(missing_ok=True)
+    done = subprocess.run([KIPVS, "demo", *argv], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    return out
+
+
+def _nothing_left(marker: str) -> None:
+    left = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                left.append(cmdline)
+    assert not left, f"still running after the demo: {left}"
+
+
+def _log_is_usable() -> None:
+    assert LOG_FILE.exists(), "the demo saves its log"
+    done = subprocess.run([KIPVS, "replay", "--log", str(LOG_FILE)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "identical" in done.stdout, done.stdout + done.stderr
+    done = subprocess.run([KIPVS, "why", "--log", str(LOG_FILE), "--node", "node-b", "10.96.0.10:80"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "node-b forwards TCP 10.96.0.10:80" in done.stdout
+
+
+def test_demo_with_simulated_kernels() -> None:
+    out = _demo("--backend", "memory", timeout=180)
+    assert "SIMULATED KERNELS" in out and "because: asked for with --backend memory" in out
+    for step in range(1, 9):
+        assert f"[{step}/8]" in out
+    assert "from the Kubernetes change to the SIMULATED kernel" in out
+    assert "node-a forwards TCP 10.96.0.10:80 for Service default/web" in out
+    assert "stopped: nothing of the demo is left running" in out
+    _nothing_left("kipvs-demo-")
+    _log_is_usable()
+
+
+@pytest.mark.uml
+def test_demo_in_user_mode_linux() -> None:
+    out = _demo("--backend", "uml", timeout=900)
+    assert "SIMULATED" not in out
+    assert "--- node-c: ipvsadm -Ln ---" in out and "Masq" in out
+    assert "ClusterIP web 10.96.0.10:80 x6 -> web-1 on node-a: 3, web-2 on node-b: 3" in out
+    assert "NodePort api 192.168.50.11:30080 x3 -> api-1 on node-c: 3" in out
+    assert "ClusterIP session (ClientIP affinity) 10.96.0.40:80 x4 -> session-1 on node-b: 4" in out
+    assert "ClusterIP web 10.96.0.10:80 x6 -> web-1 on node-a: 2, web-3 on node-c: 2, web-4 on node-b: 2" in out
+    assert out.count("from the Kubernetes change to the kernel") == 2
+    assert "stopped: nothing of the demo is left running" in out
+    _nothing_left("linux.uml")
+    _log_is_usable()
