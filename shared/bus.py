@@ -11,6 +11,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import nats
@@ -217,13 +218,16 @@ class DurableConsumer:
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
                       deliver: DeliverPolicy = DeliverPolicy.ALL, start_seq: int = 0,
-                      upto: int = 0) -> AsyncIterator[Msg]:
+                      upto: int = 0, start_time: datetime | None = None) -> AsyncIterator[Msg]:
     """Read a stream with an ephemeral, unacknowledged consumer until it is drained (or past stream
-    sequence ``upto``): the one way kipvs reads history (state rebuilds, replays, audits)."""
+    sequence ``upto``): the one way kipvs reads history (state rebuilds, replays, audits). It starts at
+    ``start_seq`` or at ``start_time`` (when the server stored the message) when given."""
     config = ConsumerConfig(deliver_policy=deliver, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
                             mem_storage=True)
     if start_seq:
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
+    elif start_time is not None:
+        config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start_time.isoformat()
     sub = await js.pull_subscribe(subject, stream=stream, config=config)
     try:
         remaining = (await sub.consumer_info()).num_pending

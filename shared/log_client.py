@@ -4,11 +4,13 @@ the state directory; reading streams whole; the time and sequence syntax the too
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -165,3 +167,14 @@ def ns_of(when: datetime) -> int:
 
 def clock(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def run_tool(name: str, main: Callable[[], Awaitable[int]]) -> int:
+    """Run a tool's coroutine: a ToolError is a precise message and exit 2; Ctrl-C ends it quietly."""
+    try:
+        return asyncio.run(main())
+    except ToolError as exc:
+        print(f"kipvs {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

@@ -14,3 +14,23 @@ async def eventually(predicate: Callable[[], bool], within: float = 15.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def publish_kube(js, lines: list[str], source: str) -> None:
+    """Watch-format lines into KIPVS_KUBE as the watcher would log them (``source`` names the ids: distinct
+    per batch, or JetStream de-duplicates them)."""
+    from kipvs.planner.replay import read_events
+    from kipvs.shared import bus, topology
+
+    for env in read_events(lines, source):
+        r = env.record
+        await bus.publish(js, topology.kube_object_subject(r.kind, r.namespace, r.name), env)
+
+
+def start_service(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
+    """Run a service (planner or applier) in this process with its real runtime; set the event to stop it."""
+    from kipvs.shared import runtime, topology
+
+    stop = asyncio.Event()
+    consumers = [topology.planner_consumer()] if name == "planner" else [topology.applier_consumer(cfg.node)]
+    return asyncio.create_task(runtime.run_service(name, cfg, main, consumers=consumers, stop=stop)), stop

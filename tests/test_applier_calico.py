@@ -19,8 +19,9 @@ from kipvs.planner.core import PlannerConfig
 from kipvs.planner.endpoint_marks import interface_name
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.planner.replay import plan_events, read_events
-from kipvs.shared import bus, config, events, runtime, topology
+from kipvs.shared import bus, config, events, topology
 from tests import kube
+from tests.helpers import publish_kube, start_service
 from tests.logread import read_stream
 
 
@@ -37,16 +38,6 @@ def _line(action: str, obj: dict, rv: int) -> str:
     return json.dumps({"type": action, "object": obj})
 
 
-async def _publish(js, lines: list[str], source: str) -> None:
-    for env in read_events(lines, source):
-        r = env.record
-        await bus.publish(js, topology.kube_object_subject(r.kind, r.namespace, r.name), env)
-
-
-def _service(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
-    stop = asyncio.Event()
-    consumers = [topology.planner_consumer()] if name == "planner" else [topology.applier_consumer(cfg.node)]
-    return asyncio.create_task(runtime.run_service(name, cfg, main, consumers=consumers, stop=stop)), stop
 
 
 async def _facts(js) -> list[events.NodeFactsReport]:
@@ -69,12 +60,12 @@ async def test_enforce_writes_the_planned_marks_and_auto_steps_back_for_felix(na
     js = await bus.setup(nc, consumers=[topology.planner_consumer()])
     web1, web2 = kube.pod("web-1", ip="10.244.1.5"), kube.pod("web-2", ip="10.244.1.6")
     lines = [_line("ADDED", kube.node("node-a"), 1), _line("ADDED", web1, 2), _line("ADDED", web2, 3)]
-    await _publish(js, lines, "one")
+    await publish_kube(js, lines, "one")
     common = {"nats_url": nats_url, "http_listen": ""}
-    planner, planner_stop = _service("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    planner, planner_stop = start_service("planner", config.load(PlannerServiceConfig, common, {}), plan)
     rules = NftRules(RulesConfig(), netns=netns)
     cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "drift_period": "0.5"}, {})
-    applier, applier_stop = _service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel(), rules))
+    applier, applier_stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel(), rules))
     try:
         want = plan_events(read_events(lines, "x"), PlannerConfig()).node_calico("node-a").endpoint_marks
         assert set(want) == {interface_name("default", "web-1"), interface_name("default", "web-2")}
@@ -84,14 +75,14 @@ async def test_enforce_writes_the_planned_marks_and_auto_steps_back_for_felix(na
 
         # A pod goes: its mark leaves the table (element changes, the rest stays).
         more = [_line("DELETED", web2, 4)]
-        await _publish(js, more, "two")
+        await publish_kube(js, more, "two")
         await _until(lambda: _marks_are(rules, {interface_name("default", "web-1"): want[interface_name(
             "default", "web-1")]}), "web-2's mark removed")
 
         # calico-node starts on node-a: Felix writes the rules there now; kipvs only observes.
         calico_node = kube.pod("calico-node-1", ns="kube-system", labels={"k8s-app": "calico-node"})
         calico_node["spec"]["hostNetwork"] = True
-        await _publish(js, [_line("ADDED", calico_node, 5)], "three")
+        await publish_kube(js, [_line("ADDED", calico_node, 5)], "three")
         await _until(lambda: _marks_are(rules, None), "the marking rules removed")
         facts = await _until(lambda: _latest(js, "observe"), "a report of observe mode")
         assert "calico-node pod runs on this node" in facts.endpoint_marks_reason
@@ -100,7 +91,7 @@ async def test_enforce_writes_the_planned_marks_and_auto_steps_back_for_felix(na
         applier_stop.set()
         await applier
         rules2 = NftRules(RulesConfig(), netns=netns)
-        applier, applier_stop = _service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel(), rules2))
+        applier, applier_stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel(), rules2))
         count = len(await _facts(js))
         await _until(lambda: _facts_after(js, count), "a report after the restart")
         assert (await _facts(js))[count].endpoint_marks == "observe"

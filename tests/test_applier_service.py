@@ -15,42 +15,30 @@ from kipvs.planner.core import PlannerConfig
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.planner.replay import plan_events, read_events
 from kipvs.planner.resolve import resolve_node
-from kipvs.shared import bus, config, events, runtime, topology
+from kipvs.shared import bus, config, events, topology
 from tests import kube
 from tests.golden.regenerate import EVENTS
-from tests.helpers import eventually
+from tests.helpers import eventually, publish_kube, start_service
 from tests.logread import parked_reasons, read_stream
-
-
-def _start(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
-    stop = asyncio.Event()
-    consumers = [topology.planner_consumer()] if name == "planner" else [topology.applier_consumer(cfg.node)]
-    return asyncio.create_task(runtime.run_service(name, cfg, main, consumers=consumers, stop=stop)), stop
-
-
-async def _publish_kube(js, lines: list[str], source: str) -> None:
-    for env in read_events(lines, source):  # the source names the ids: distinct per batch, or JetStream dedupes
-        r = env.record
-        await bus.publish(js, topology.kube_object_subject(r.kind, r.namespace, r.name), env)
 
 
 async def test_plan_reaches_the_node_and_a_late_node_bootstraps_from_the_snapshot(nats_url: str) -> None:
     lines = EVENTS.read_text().splitlines()
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc, consumers=[topology.planner_consumer()])
-    await _publish_kube(js, lines[:12], "first")
+    await publish_kube(js, lines[:12], "first")
     common = {"nats_url": nats_url, "http_listen": ""}
     planner_cfg = config.load(PlannerServiceConfig, {**common, "snapshot_every": "3"}, {})
-    planner_task, planner_stop = _start("planner", planner_cfg, plan)
+    planner_task, planner_stop = start_service("planner", planner_cfg, plan)
     kernel_a = MemoryKernel()
     cfg_a = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "drift_period": "0.5"}, {})
-    applier_a, stop_a = _start("applier", cfg_a, lambda ctx: apply_plan(ctx, kernel_a))
-    await _publish_kube(js, lines[12:], "second")
+    applier_a, stop_a = start_service("applier", cfg_a, lambda ctx: apply_plan(ctx, kernel_a))
+    await publish_kube(js, lines[12:], "second")
     # A Service added later, for node-a to pick up live.
     extra = json.dumps({"type": "ADDED", "object": {**kube.service("late", cluster_ip="10.96.0.77"),
                                                    "metadata": {"name": "late", "namespace": "default",
                                                                 "resourceVersion": "999"}}})
-    await _publish_kube(js, [extra], "extra")
+    await publish_kube(js, [extra], "extra")
     expected_planner = plan_events(read_events([*lines, extra], "x"), PlannerConfig())
     want = resolve_node(expected_planner.plans.values(), expected_planner.nodes["node-a"])
 
@@ -67,7 +55,7 @@ async def test_plan_reaches_the_node_and_a_late_node_bootstraps_from_the_snapsho
     # node-b joins late: it starts from the planner's snapshot, not from the first delta.
     kernel_b = MemoryKernel()
     cfg_b = config.load(ApplierConfig, {**common, "node": "node-b", "backend": "memory"}, {})
-    applier_b, stop_b = _start("applier", cfg_b, lambda ctx: apply_plan(ctx, kernel_b))
+    applier_b, stop_b = start_service("applier", cfg_b, lambda ctx: apply_plan(ctx, kernel_b))
     want_b = resolve_node(expected_planner.plans.values(), expected_planner.nodes["node-b"])
     await eventually(lambda: kernel_b.ipsets is not None and {k: v.reals for k, v in kernel_b.ipvs.items()} ==
                      {k: v.reals for k, v in want_b.ipvs.items()}, what="node-b's kernel")
@@ -110,13 +98,13 @@ async def test_node_ports_on_the_hosts_own_addresses_follow_them(nats_url: str) 
     re-resolved when an address comes or goes."""
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc, consumers=[topology.planner_consumer()])
-    await _publish_kube(js, EVENTS.read_text().splitlines(), "log")
+    await publish_kube(js, EVENTS.read_text().splitlines(), "log")
     common = {"nats_url": nats_url, "http_listen": ""}
-    planner_task, planner_stop = _start("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    planner_task, planner_stop = start_service("planner", config.load(PlannerServiceConfig, common, {}), plan)
     kernel = MemoryKernel(interface_addresses=("192.0.2.77",))
     cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "drift_period": "0.3",
                                       "node_addresses": "interfaces"}, {})
-    applier, stop = _start("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
     await eventually(lambda: ("TCP", "192.0.2.77", 30080) in kernel.ipvs, what="NodePort on the host's address")
     assert not any(key[1] == "192.168.50.11" for key in kernel.ipvs), "the Node object's InternalIP was used"
     kernel.interface_addresses = ("192.0.2.78",)
@@ -141,14 +129,14 @@ async def test_drift_checks_never_interleave_with_a_batch(nats_url: str) -> None
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc, consumers=[topology.planner_consumer()])
     common = {"nats_url": nats_url, "http_listen": ""}
-    planner_task, planner_stop = _start("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    planner_task, planner_stop = start_service("planner", config.load(PlannerServiceConfig, common, {}), plan)
     kernel = SlowKernel()
     cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "drift_period": "0.01",
                                       "batch": "1"}, {})
-    applier, stop = _start("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
     try:
         for i, line in enumerate(lines):  # one event at a time: many small batches, drift checks between
-            await _publish_kube(js, [line], f"one-{i}")
+            await publish_kube(js, [line], f"one-{i}")
         expected = plan_events(read_events(lines, "x"), PlannerConfig())
         want = resolve_node(expected.plans.values(), expected.nodes["node-a"])
         await eventually(lambda: {k: v.reals for k, v in kernel.ipvs.items()} == {k: v.reals for k, v in

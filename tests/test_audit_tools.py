@@ -16,24 +16,14 @@ from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.audit import tap as tap_module
 from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.planner.replay import read_events
-from kipvs.shared import bus, cli, config, events, runtime, topology
+from kipvs.shared import bus, cli, config, events, topology
 from tests.golden.regenerate import EVENTS
+from tests.helpers import publish_kube, start_service
 from tests.logread import read_stream
 
 LINES = EVENTS.read_text().splitlines()
 
 
-async def _publish(js, lines: list[str], source: str) -> None:
-    for env in read_events(lines, source):
-        r = env.record
-        await bus.publish(js, topology.kube_object_subject(r.kind, r.namespace, r.name), env)
-
-
-def _start(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
-    stop = asyncio.Event()
-    consumers = [topology.planner_consumer()] if name == "planner" else [topology.applier_consumer(cfg.node)]
-    return asyncio.create_task(runtime.run_service(name, cfg, main, consumers=consumers, stop=stop)), stop
 
 
 async def kipvs(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -49,11 +39,11 @@ async def system(nats_url: str):
     """The small cluster's log through the planner and node-a's applier; both stopped afterwards."""
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc, consumers=[topology.planner_consumer()])
-    await _publish(js, LINES, "golden")
+    await publish_kube(js, LINES, "golden")
     common = {"nats_url": nats_url, "http_listen": ""}
-    planner, planner_stop = _start("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    planner, planner_stop = start_service("planner", config.load(PlannerServiceConfig, common, {}), plan)
     cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory"}, {})
-    applier, applier_stop = _start("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel()))
+    applier, applier_stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel()))
 
     async def settled() -> bool:
         info = await js.stream_info(topology.PLAN_STREAM)
@@ -116,7 +106,7 @@ async def test_tap_follows_live(system, nats_url: str) -> None:
     extra = json.dumps({"type": "ADDED", "object": {"apiVersion": "v1", "kind": "Service", "metadata": {
         "name": "late", "namespace": "default", "resourceVersion": "900"}, "spec": {"clusterIP": "10.96.0.99",
         "ports": [{"port": 80, "protocol": "TCP"}]}}})
-    await _publish(system, [extra], "live")
+    await publish_kube(system, [extra], "live")
     for _ in range(100):
         if out.getvalue():
             break

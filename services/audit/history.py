@@ -9,13 +9,12 @@ plan deltas each change caused (those whose causation names it).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
 
 from kipvs.shared import events, topology
-from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all
+from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
 
 from . import records
 
@@ -116,8 +115,4 @@ def caused_by(plan: list[Entry]) -> dict[str, list[Entry]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(history(args))
-    except ToolError as exc:
-        print(f"kipvs history: {exc}", file=sys.stderr)
-        return 2
+    return run_tool("history", lambda: history(args))

@@ -15,13 +15,12 @@ choose which caused deltas are compared. Use the scheduler the planner ran with 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
 from kipvs.planner.core import Planner, PlannerConfig
 from kipvs.shared import events, topology
-from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all
+from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
 
 from . import records
 
@@ -95,8 +94,4 @@ async def replay(args: argparse.Namespace, out: Any = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(replay(args))
-    except ToolError as exc:
-        print(f"kipvs replay: {exc}", file=sys.stderr)
-        return 2
+    return run_tool("replay", lambda: replay(args))

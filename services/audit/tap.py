@@ -27,6 +27,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from kipvs.shared import bus
 from kipvs.shared.log_client import (
     STREAMS,
     Entry,
@@ -37,6 +38,7 @@ from kipvs.shared.log_client import (
     ns_of,
     open_log,
     parse_point,
+    run_tool,
 )
 
 from . import records
@@ -84,23 +86,11 @@ async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
         return [e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
                                                e.envelope is None or e.envelope.time_ns >= ns_of(start))]
     try:
-        sub = await js.pull_subscribe(SUBJECTS[name], stream=stream, config=_consumer(start))
+        return [decode_entry(stream, m) async for m in bus.read_stream(
+            js, stream, SUBJECTS[name], start_seq=start if isinstance(start, int) else 0,
+            start_time=start if isinstance(start, datetime) else None)]
     except nats.js.errors.NotFoundError:
         return []
-    out: list[Entry] = []
-    try:
-        remaining = (await sub.consumer_info()).num_pending
-        while remaining > 0:
-            try:
-                msgs = await sub.fetch(min(remaining, 1000), timeout=5)
-            except NatsTimeoutError:
-                break
-            out += [decode_entry(stream, m) for m in msgs]
-            remaining = msgs[-1].metadata.num_pending if msgs else 0
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-    return out
 
 
 async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
@@ -198,10 +188,4 @@ def _order(entry: Entry) -> tuple[int, str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(tap(args))
-    except ToolError as exc:
-        print(f"kipvs tap: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+    return run_tool("tap", lambda: tap(args))

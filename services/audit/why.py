@@ -12,7 +12,6 @@ the node had it in its kernel.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from kipvs.planner.node_state import RealKey, VirtualService, VSKey
 from kipvs.planner.plan_state import SharedPlan
 from kipvs.planner.resolve import resolve_service
 from kipvs.shared import events, topology
-from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all
+from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
 
 from . import records
 
@@ -234,9 +233,5 @@ async def why(args: argparse.Namespace, out: Any = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(why(args))
-    except ToolError as exc:
-        print(f"kipvs why: {exc}", file=sys.stderr)
-        return 2
+    return run_tool("why", lambda: why(args))
 
