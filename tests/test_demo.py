@@ -5,6 +5,7 @@ its log for the tools, and leave nothing running."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,15 +61,40 @@ def test_demo_with_simulated_kernels() -> None:
 
 
 @pytest.mark.uml
-def test_demo_in_user_mode_linux() -> None:
-    out = _demo("--backend", "uml", timeout=900)
-    assert "SIMULATED" not in out
-    assert "--- node-c: ipvsadm -Ln ---" in out and "Masq" in out
-    assert "ClusterIP web 10.96.0.10:80 x6 -> web-1 on node-a: 3, web-2 on node-b: 3" in out
-    assert "NodePort api 192.168.50.11:30080 x3 -> api-1 on node-c: 3" in out
-    assert "ClusterIP session (ClientIP affinity) 10.96.0.40:80 x4 -> session-1 on node-b: 4" in out
-    assert "ClusterIP web 10.96.0.10:80 x6 -> web-1 on node-a: 2, web-3 on node-c: 2, web-4 on node-b: 2" in out
-    assert out.count("from the Kubernetes change to the kernel") == 2
-    assert "stopped: nothing of the demo is left running" in out
+def test_demo_in_user_mode_linux_kept_running_and_explored_live_from_the_host() -> None:
+    LOG_FILE.unlink(missing_ok=True)
+    demo = subprocess.Popen([KIPVS, "demo", "--backend", "uml", "--keep"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything." in line:
+                break
+        out = "".join(lines)
+        assert "SIMULATED" not in out, out[-3000:]
+        assert "--- node-c: ipvsadm -Ln ---" in out and "Masq" in out
+        assert "ClusterIP web 10.96.0.10:80 x6 -> web-1 on node-a: 3, web-2 on node-b: 3" in out
+        assert "NodePort api 192.168.50.11:30080 x3 -> api-1 on node-c: 3" in out
+        assert "ClusterIP session (ClientIP affinity) 10.96.0.40:80 x4 -> session-1 on node-b: 4" in out
+        assert "ClusterIP web 10.96.0.10:80 x6 -> web-1 on node-a: 2, web-3 on node-c: 2, web-4 on node-b: 2" in out
+        assert out.count("from the Kubernetes change to the kernel") == 2
+        # Kept running: the tools on this host follow the guest's live log over the demo's link.
+        url = "nats://10.254.254.2:4222"
+        assert f"and on {url}, reachable from the host" in out
+        why = subprocess.run([KIPVS, "why", "--nats-url", url, "--node", "node-c", "10.96.0.10:80"],
+                             capture_output=True, text=True, timeout=60)
+        assert why.returncode == 0 and "web-3" not in why.stdout and "10.244.3.11:8080 weight 1" in why.stdout
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        rest = demo.communicate(timeout=180)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 0, rest[-3000:]
+    assert "stopped: nothing of the demo is left running" in rest
     _nothing_left("linux.uml")
+    assert subprocess.run(["ip", "link", "show", "kipvs-demo0"], capture_output=True).returncode != 0, \
+        "the host end of the demo's link is gone"
     _log_is_usable()

@@ -54,11 +54,19 @@ class Cluster:
     js: JetStreamContext | None = None
     pod_server: asyncio.subprocess.Process | None = None
     drain_timeout: float = 15.0  # short, so the demo shows a removed real server draining and then going
+    host_link: str = ""  # ADDRESS/PREFIX of the guest's vec0, the host's way in (netlink backend)
 
     @property
     def url(self) -> str:
+        """Where the services reach NATS."""
         assert self.nats_server is not None
-        return self.nats_server.url
+        return f"nats://{network.BRIDGE_IP if self.backend == 'netlink' else '127.0.0.1'}:{self.nats_server.port}"
+
+    @property
+    def public_url(self) -> str:
+        """Where tools on the host reach NATS (the guest's end of the host link, when there is one)."""
+        assert self.nats_server is not None
+        return f"nats://{self.host_link.split('/')[0]}:{self.nats_server.port}" if self.host_link else self.url
 
     # --- starting ---------------------------------------------------------------------------------
 
@@ -68,8 +76,11 @@ class Cluster:
             self.nodes = [NodeSpec(o["metadata"]["name"], _internal_ip(o), f"10.244.{i}.0/24")
                           for i, o in enumerate(self._objects("Node"), 1)]
             network.build_nodes(self.nodes)
+            if self.host_link:
+                network.host_link(self.host_link)
+                host = "0.0.0.0"  # the guest's own addresses only: its bridge and the link from the host
         self.nats_server = EmbeddedNats(self.workdir / "nats", host=host)
-        await self.nats_server.start()
+        await self.nats_server.start(port=4222 if self.host_link else 0)
         self.nc = await nats.connect(self.url, name="kipvs-demo")
         self.js = self.nc.jetstream()
 

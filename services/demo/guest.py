@@ -81,8 +81,9 @@ def unavailable_reason() -> str | None:
 
 
 def run_in_guest(command: str, timeout: float = 600, memory: str = "1G",
-                 on_line: Callable[[str], None] | None = None) -> GuestRun:
-    """Boot the guest, run ``command`` (sh) in it as root, power off. Output is what the command printed."""
+                 on_line: Callable[[str], None] | None = None, tap: str | None = None) -> GuestRun:
+    """Boot the guest, run ``command`` (sh) in it as root, power off. Output is what the command printed.
+    With ``tap`` (a host tap device, see :class:`HostLink`), the guest's ``vec0`` is its other end."""
     linux = kernel()
     modroot = module_root()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ poweroff -f
 """)
     init.chmod(0o755)
     argv = [linux, f"mem={memory}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={init}",
-            "con=null", "con0=fd:0,fd:1", "quiet"]
+            "con=null", "con0=fd:0,fd:1", "quiet", *([f"vec0:transport=tap,ifname={tap}"] if tap else [])]
     try:
         console = _console(argv, timeout, on_line)
     finally:
@@ -150,6 +151,32 @@ def _console(argv: list[str], timeout: float, on_line: Callable[[str], None] | N
     if timed_out.is_set():
         raise GuestUnavailable(f"the user-mode-Linux guest did not finish within {timeout}s")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class HostLink:
+    """A point-to-point link between this host and the guest (a tap device here, ``vec0`` there), so host
+    tools can reach services in the guest. Only the two addresses below; nothing is routed beyond them."""
+
+    name: str = "kipvs-demo0"
+    host_address: str = "10.254.254.1"
+    guest_address: str = "10.254.254.2"
+    prefix: int = 30
+
+    def create(self) -> str | None:
+        """Make the tap device; None when done, else why it could not be."""
+        steps = [["ip", "tuntap", "add", "dev", self.name, "mode", "tap"],
+                 ["ip", "addr", "add", f"{self.host_address}/{self.prefix}", "dev", self.name],
+                 ["ip", "link", "set", self.name, "up"]]
+        for argv in steps:
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                self.remove()
+                return f"{' '.join(argv)}: {done.stderr.strip()}"
+        return None
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "link", "del", self.name], capture_output=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -38,8 +38,14 @@ def run(args: argparse.Namespace) -> int:
         return _memory(args, reason)
     print("kipvs demo: booting a user-mode-Linux guest (a real Linux kernel with IPVS, as a process) ...", flush=True)
     stop_file = Path(tempfile.mkdtemp(prefix="kipvs-demo-")) / "stop"
+    link = guest.HostLink()
+    problem = link.create()
+    if problem:
+        print(f"kipvs demo: no link from this host into the guest ({problem}); the tools will read the saved log "
+              "instead of the live one", flush=True)
     command = [sys.executable, "-m", "kipvs.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
-               "--stop-file", str(stop_file), "--save-log", "-", *(["--keep"] if args.keep else [])]
+               "--stop-file", str(stop_file), "--save-log", "-", *(["--keep"] if args.keep else []),
+               *([] if problem else ["--host-link", f"{link.guest_address}/{link.prefix}"])]
     saved: list[str] = []
     capturing = False
 
@@ -60,13 +66,14 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_interrupt)
     try:
         result = guest.run_in_guest(shlex.join(command), timeout=86400 if args.keep else 900, memory="1536M",
-                                    on_line=on_line)
+                                    on_line=on_line, tap=None if problem else link.name)
     except guest.GuestUnavailable as exc:
         if args.backend == "uml":
             print(f"kipvs demo: {exc}", file=sys.stderr)
             return 2
         return _memory(args, str(exc))
     finally:
+        link.remove()
         stop_file.unlink(missing_ok=True)
         os.rmdir(stop_file.parent)
     if saved:

@@ -76,6 +76,12 @@ def build_nodes(nodes: list[NodeSpec]) -> None:
                 sh("ip", "-n", node.name, "route", "add", other.pod_cidr, "via", other.address)
 
 
+def host_link(address: str) -> None:
+    """The guest's end of the link from the host (UML's vec0, a tap device on the host)."""
+    sh("ip", "addr", "add", address, "dev", "vec0")
+    sh("ip", "link", "set", "vec0", "up")
+
+
 def add_pod(pod: PodSpec) -> None:
     """A pod as the CNI would make it: its namespace, a veth named as Calico names it, proxy ARP."""
     sh("ip", "netns", "add", pod.netns)

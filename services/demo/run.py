@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
     parser.add_argument("--stop-file", default="", help="also stop when this file appears (the host's Ctrl-C)")
     parser.add_argument("--workdir", default="", help="where logs and the NATS store go")
+    parser.add_argument("--host-link", default="", metavar="ADDRESS/PREFIX",
+                        help="the guest's end of a link from the host (vec0): NATS listens there too, so tools on "
+                             "the host reach the live log")
     parser.add_argument("--save-log", default="", metavar="PATH|-",
                         help="write the whole log as 'kipvs tap --json' lines to PATH (-: to the console, "
                              "between markers, for the host to save)")
@@ -52,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def demo(args: argparse.Namespace) -> int:
     scenario = scenarios.load(str(SCENARIO))
     scenario.steps = []  # the demo makes its own changes, timed
-    cluster = Cluster(workdir_for(Path(args.workdir) if args.workdir else None), args.backend, scenario)
+    cluster = Cluster(workdir_for(Path(args.workdir) if args.workdir else None), args.backend, scenario,
+                      host_link=args.host_link)
     try:
         return await _script(cluster, args)
     finally:
@@ -68,6 +72,8 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     step(1, "NATS JetStream (the event log) ...")
     await cluster.start_nats()
     say(f"      listening on {cluster.url}; store and logs in {cluster.workdir}")
+    if cluster.public_url != cluster.url:
+        say(f"      and on {cluster.public_url}, reachable from the host: the tools can follow the live log")
     step(2, f"Kubernetes API simulator: {counts['Node']} nodes, {counts['Service']} Services (ClusterIP, NodePort, "
             f"LoadBalancer with externalTrafficPolicy Local, session affinity), {counts['Pod']} pods")
     await cluster.start_simulator()
@@ -208,14 +214,15 @@ async def _last(cluster: Cluster, stream: str) -> int:
 
 
 async def _keep(cluster: Cluster, args: argparse.Namespace) -> None:
-    say("\neverything keeps running. Explore (another terminal):")
-    say(f"  kipvs tap --nats-url {cluster.url} --since 1h          # the whole log, then live")
-    say(f"  kipvs why --nats-url {cluster.url} --node node-b 10.96.0.10:80")
-    say(f"  kipvs history --nats-url {cluster.url} EndpointSlice/default/web-x1")
-    say(f"  kipvs replay --nats-url {cluster.url}                   # re-plan the log, diff with what was published")
-    if cluster.backend == "netlink":
-        say("  (inside the guest: the NATS address is the guest's own bridge; from the host, the log cannot be "
-            "reached while the guest runs)")
+    url = cluster.public_url
+    say("\neverything keeps running. Explore from another terminal (.venv/bin/kipvs):")
+    say(f"  kipvs tap --nats-url {url} --since 1h          # the whole log, then live")
+    say(f"  kipvs why --nats-url {url} --node node-b 10.96.0.10:80")
+    say(f"  kipvs history --nats-url {url} EndpointSlice/default/web-x1")
+    say(f"  kipvs replay --nats-url {url}                   # re-plan the log, diff with what was published")
+    say(f"  kipvs plan --nats-url {url} --node node-c --at 20")
+    if cluster.backend == "netlink" and url == cluster.url:
+        say("  (no link from the host into the guest: these work inside it only; the log is saved when it stops)")
     say("Ctrl-C stops everything.")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
