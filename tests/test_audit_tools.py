@@ -196,3 +196,19 @@ async def test_plan_at_a_past_moment(system, nats_url: str, capsys, tmp_path: Pa
                                    capsys=capsys)
     assert code == 0 and at_time == "", "at the first event's time only node-a exists: nothing to program"
     assert isinstance(events.SCHEMA_VERSION, int)
+
+
+def test_object_filter_matches_plan_deltas_by_the_objects_key() -> None:
+    from kipvs.audit.records import Filter
+    from kipvs.shared.log_client import Entry
+
+    def delta(*ops) -> Entry:
+        record = events.PlanDelta(scope="all", seq=1, source_seq=1, ops=ops)
+        return Entry(topology.PLAN_STREAM, 1, "kipvs.plan.all", events.Envelope(id="d", time_ns=1, producer="t",
+                                                                                record=record))
+
+    web = delta(events.SetService(events.ServicePlan(key="default/web")))
+    node = delta(events.SetNode(events.NodeFacts(name="node-a")))
+    assert Filter(object="Service/default/web").keep(web) and Filter(object="default/web").keep(web)
+    assert not Filter(object="Service/default/api").keep(web)
+    assert Filter(object="Node/node-a").keep(node) and not Filter(object="Node/node-b").keep(node)

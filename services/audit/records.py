@@ -10,6 +10,7 @@ from typing import Any
 from kipvs.shared import events, topology
 from kipvs.shared.log_client import Entry, clock
 
+_KINDS = {k.lower() for k in events.KUBE_KINDS}
 STREAM_LABEL = {topology.KUBE_STREAM: "KUBE", topology.PLAN_STREAM: "PLAN", topology.STATUS_STREAM: "STATUS",
                 topology.PARKED_STREAM: "PARKED"}
 
@@ -143,7 +144,8 @@ class Filter:
                 return parts[1] == r.name
             return self.object == key
         if isinstance(r, events.PlanDelta):
-            key = "/".join(parts[-2:])
+            kind_given = len(parts) == 3 or (len(parts) == 2 and parts[0].lower() in _KINDS)
+            key = "/".join(parts[1:]) if kind_given else self.object
             return any(_op_key(op) == key for op in r.ops)
         return False
 
@@ -177,6 +179,10 @@ def _op_key(op: events.PlanOp) -> str:
         return op.key
     if isinstance(op, events.SetWarning):
         return op.warning.object
+    if isinstance(op, events.SetNode):
+        return op.node.name
+    if isinstance(op, events.RemoveNode):
+        return op.name
     return ""
 
 
