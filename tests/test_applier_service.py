@@ -150,3 +150,67 @@ async def test_drift_checks_never_interleave_with_a_batch(nats_url: str) -> None
         planner_stop.set()
         await asyncio.gather(applier, planner_task, return_exceptions=True)
         await nc.close()
+
+
+async def test_plan_cache_programs_a_rebooted_node_before_nats_is_reachable(nats_url: str, tmp_path) -> None:
+    """The applier keeps its last plan on disk; a fresh kernel (a reboot) gets it back with no NATS at all."""
+    from kipvs.applier import plan_cache
+
+    lines = EVENTS.read_text().splitlines()
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    await publish_kube(js, lines, "all")
+    common = {"nats_url": nats_url, "http_listen": ""}
+    planner_task, planner_stop = start_service("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    cache = tmp_path / "node-a.plan"
+    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "plan_cache": str(cache)}, {})
+    kernel = MemoryKernel()
+    applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    expected = plan_events(read_events(lines, "x"), PlannerConfig())
+    want = resolve_node(expected.plans.values(), expected.nodes["node-a"])
+    try:
+        await eventually(lambda: cache.exists() and plan_cache.read(cache, "node-a") is not None and
+                         plan_cache.read(cache, "node-a").snapshot.seq == expected.seq, 30, "the plan cache")
+    finally:
+        stop.set()
+        planner_stop.set()
+        await asyncio.gather(applier, planner_task, return_exceptions=True)
+        await nc.close()
+
+    rebooted = MemoryKernel()
+    assert await plan_cache.restore(cache, "node-a", rebooted) == len(expected.plans)
+    got = await rebooted.observe()
+    assert got.state.ipvs == want.ipvs and got.state.addresses == want.addresses and got.state.ipsets == want.ipsets
+    assert await plan_cache.restore(cache, "node-b", MemoryKernel()) == 0, "another node's cache is not used"
+    cache.write_bytes(b"garbage")
+    assert await plan_cache.restore(cache, "node-a", MemoryKernel()) == 0, "an unreadable cache is said and skipped"
+
+
+def test_the_applier_restores_from_its_cache_before_connecting(tmp_path) -> None:
+    """Wired in the command: with NATS unreachable, the restore still happens (and is logged)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kipvs.applier import plan_cache
+    from kipvs.planner.plan_state import SharedPlan
+
+    expected = plan_events(read_events(EVENTS.read_text().splitlines(), "x"), PlannerConfig())
+    shared = SharedPlan(services=dict(expected.plans), nodes=dict(expected.nodes), seq=expected.seq)
+    cache = tmp_path / "node-a.plan"
+    plan_cache.write(cache, plan_cache.encode("node-a", shared, None))
+    kipvs = str(Path(sys.executable).with_name("kipvs"))
+    proc = subprocess.Popen([kipvs, "applier", "--node", "node-a", "--backend", "memory", "--plan-cache", str(cache),
+                             "--nats-url", "nats://127.0.0.1:9", "--http-listen", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "restored" in line:
+                assert f"restored {len(expected.plans)} Services from the plan cache" in line
+                break
+        else:
+            raise AssertionError("no restore logged")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -21,6 +21,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -28,10 +29,10 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from kipvs.planner.plan_state import SequenceGap, SharedPlan
 from kipvs.planner.resolve import resolve_service
-from kipvs.shared import bus, config, events, runtime, topology
+from kipvs.shared import bus, config, events, logs, runtime, topology
 from kipvs.shared.config import describe
 
-from . import node_facts
+from . import node_facts, plan_cache
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -60,6 +61,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "pod CIDRs: ClusterIP traffic from outside them is masqueraded (kube-proxy's --cluster-cidr)")] = []
     masquerade_all: Annotated[bool, describe(
         "masquerade all ClusterIP traffic (kube-proxy's --masquerade-all)")] = False
+    plan_cache: Annotated[str, describe(
+        "file for this node's last plan: at start, the kernel is programmed from it before NATS is reached "
+        "(a rebooted node needs its Services to find NATS); empty: no cache")] = ""
     endpoint_marks: Annotated[Literal["auto", "observe", "enforce"], describe(
         "Calico endpoint marks: enforce = kipvs writes the marking rules (nodes without Felix), observe = "
         "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
@@ -343,6 +347,18 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             await asyncio.sleep(1.0)
             await applier.drain()
 
+    async def cache_loop() -> None:
+        if not cfg.plan_cache:
+            return
+        writer = plan_cache.CacheWriter(Path(cfg.plan_cache), cfg.node)
+        while not ctx.stop.is_set():
+            try:
+                await writer.maybe_write(applier.plan, applier.calico, applier.calico_seq)
+            except OSError as exc:
+                log.warning("cannot write the plan cache %s: %s", cfg.plan_cache, exc.strerror)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stop.wait(), writer.every)
+
     async def facts_loop() -> None:
         if isinstance(kernel, MemoryKernel):  # a simulated kernel: its facts, not this host's
             await applier.on_observation(node_facts.Observation(ipvs_available=True, kube_ipvs0="kipvs"))
@@ -353,13 +369,15 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     drifter = asyncio.create_task(drift_loop())
     drainer = asyncio.create_task(drain_loop())
     watcher = asyncio.create_task(facts_loop())
+    cacher = asyncio.create_task(cache_loop())
     stopping = asyncio.create_task(ctx.stop.wait())
     done, _ = await asyncio.wait({runner, drifter, drainer, stopping}, return_when=asyncio.FIRST_COMPLETED)
     consumer.stop()
     drifter.cancel()
     drainer.cancel()
     watcher.cancel()
-    await asyncio.gather(runner, drifter, drainer, watcher, return_exceptions=True)
+    cacher.cancel()
+    await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
     stopping.cancel()
     for task in done - {stopping}:
         if task.exception() is not None:
@@ -388,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
         rules = NftRules(RulesConfig(cluster_cidrs=tuple(cfg.cluster_cidr), masquerade_all=cfg.masquerade_all))
 
     async def main() -> int:
+        logs.setup(cfg.log_format, cfg.log_level)  # before NATS: the plan-cache restore logs what it did
         try:
             await kernel.check()
             if rules is not None:
@@ -404,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if cfg.backend == "memory":
             logging.getLogger("kipvs.applier").warning("--backend memory: a SIMULATED kernel, nothing is programmed")
+        if cfg.plan_cache:
+            await plan_cache.restore(Path(cfg.plan_cache), cfg.node, kernel)
         await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules),
                                   consumers=[topology.applier_consumer(cfg.node)])
         return 0

@@ -1,0 +1,117 @@
+"""The node's last plan on local disk, so a rebooted node programs its Services before it can reach NATS.
+
+Without kube-proxy, kipvs itself programs the ClusterIPs through which the node finds DNS and, usually,
+NATS. A node that reboots starts with an empty IPVS table and could wait forever for a NATS it reaches
+only through that table. With ``--plan-cache FILE`` the applier writes the shared plan it holds and its
+node's Calico state (msgpack, atomically, at most once a second while they change). At start, before
+connecting to NATS, it programs the kernel from that file; the bootstrap from NATS then corrects whatever
+changed meanwhile. The cache is a convenience, never the truth: the log is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+from kipvs.planner.plan_state import SharedPlan
+from kipvs.planner.resolve import resolve_service
+from kipvs.shared import events
+
+from .backend import Backend
+from .ops import DesiredState, diff
+
+log = logging.getLogger("kipvs.applier")
+
+
+class PlanCache(msgspec.Struct, frozen=True, kw_only=True):
+    """What the file holds. Versioned with the event contract (its records are the bus's)."""
+
+    v: int = events.SCHEMA_VERSION
+    node: str
+    written_ns: int
+    snapshot: events.PlanSnapshot
+    calico: events.SetNodeCalico | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(PlanCache)
+
+
+def encode(node: str, plan: SharedPlan, calico: events.SetNodeCalico | None) -> bytes:
+    snapshot = events.PlanSnapshot(scope="all", seq=plan.seq, source_seq=0, plan_stream_seq=0,
+                                   services=tuple(plan.services[k] for k in sorted(plan.services)),
+                                   nodes=tuple(plan.nodes[k] for k in sorted(plan.nodes)),
+                                   warnings=tuple(plan.warnings[k] for k in sorted(plan.warnings)))
+    return _encoder.encode(PlanCache(node=node, written_ns=time.time_ns(), snapshot=snapshot, calico=calico))
+
+
+def write(path: Path, data: bytes) -> None:
+    """Atomically: a crash mid-write leaves the previous cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read(path: Path, node: str) -> PlanCache | None:
+    """The cache, or None (absent; unreadable, for another node or a newer schema: said in the log)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("plan cache %s unreadable (%s): starting without it", path, exc.strerror)
+        return None
+    try:
+        cache = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("plan cache %s is not a kipvs plan cache (%s): starting without it", path, exc)
+        return None
+    if cache.v > events.SCHEMA_VERSION or cache.node != node:
+        log.warning("plan cache %s is for node %r, schema %d: starting without it", path, cache.node, cache.v)
+        return None
+    return cache
+
+
+async def restore(path: Path, node: str, kernel: Backend) -> int:
+    """Program the kernel from the cache (read back, diff, write). Returns the Services restored."""
+    cache = await asyncio.to_thread(read, path, node)
+    if cache is None:
+        return 0
+    plan = SharedPlan.from_snapshot(cache.snapshot)
+    desired = DesiredState()
+    facts = plan.nodes.get(node)
+    for key in sorted(plan.services):
+        desired.update(key, resolve_service(plan.services[key], facts))
+    await kernel.setup()
+    observed = await kernel.observe()
+    ops = diff(desired.state(), observed.state, observed.owned)
+    if ops:
+        await kernel.apply(ops)
+    age = (time.time_ns() - cache.written_ns) / 1e9
+    log.info("restored %d Services from the plan cache (plan delta %d, %.0f s old; %d kernel writes) before "
+             "reaching NATS", len(plan.services), plan.seq, age, len(ops))
+    return len(plan.services)
+
+
+class CacheWriter:
+    """Writes the cache when the plan changed, at most once per ``every`` seconds."""
+
+    def __init__(self, path: Path, node: str, every: float = 1.0) -> None:
+        self.path, self.node, self.every = path, node, every
+        self.written: tuple[int, int] = (-1, -1)
+
+    async def maybe_write(self, plan: SharedPlan, calico: events.SetNodeCalico | None, calico_seq: int) -> None:
+        if (plan.seq, calico_seq) == self.written:
+            return
+        data = encode(self.node, plan, calico)
+        await asyncio.to_thread(write, self.path, data)
+        self.written = (plan.seq, calico_seq)
