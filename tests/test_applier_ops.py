@@ -13,7 +13,7 @@ from kipvs.applier.backend import CapabilityError, MemoryKernel
 from kipvs.applier.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddService, DesiredState, diff, digest
 from kipvs.planner.node_state import VirtualService
-from kipvs.planner.resolve import resolve_service
+from kipvs.planner.resolve import resolve_node, resolve_service
 from tests import kube
 from tests.test_planner_properties import Driver, step
 
@@ -48,6 +48,10 @@ async def test_incremental_ops_reach_the_desired_state(steps) -> None:
     assert observed.state.ipsets == want.ipsets
     assert diff(want, observed.state, observed.owned) == []
     assert desired.digest() == digest(want) == digest(observed.state), "the incremental digest drifted"
+    # ... and it is what `kipvs plan` computes from scratch, even when two Services claim one VIP:port and
+    # the holder lets go (the next claimant takes it over at once).
+    scratch = resolve_node(driver.planner.plans.values(), driver.planner.nodes.get(NODE))
+    assert want.ipvs == scratch.ipvs and want.addresses == scratch.addresses and want.ipsets == scratch.ipsets
 
 
 async def test_diff_leaves_foreign_services_alone_and_removes_stale_owned_ones() -> None:
@@ -77,3 +81,34 @@ async def test_capability_check_on_a_kernel_without_ipvs_says_so() -> None:
     with pytest.raises(CapabilityError, match=r"the kernel has no IPVS.*modprobe ip_vs.*--backend memory"):
         await kernel.check()
     await kernel.close()
+
+
+async def test_two_services_on_one_vip_port_hand_over_at_once() -> None:
+    from kipvs.shared.events import Endpoint, PortPlan, ServicePlan
+
+    def svc(name: str, pod_ip: str) -> ServicePlan:
+        return ServicePlan(key=f"default/{name}", cluster_ips=("10.96.0.50",),
+                           ports=(PortPlan(port=80, endpoints=(Endpoint(ip=pod_ip, port=8080),)),))
+
+    a, b = svc("a", "10.244.1.1"), svc("b", "10.244.1.2")
+    kernel = MemoryKernel()
+    await kernel.setup()
+    desired = DesiredState()
+    plans: dict[str, ServicePlan] = {}
+
+    async def step(plan: ServicePlan, gone: bool = False) -> None:
+        if gone:
+            plans.pop(plan.key)
+        else:
+            plans[plan.key] = plan
+        await kernel.apply(desired.update(plan.key, None if gone else resolve_service(plan, None)))
+        assert desired.state().ipvs == resolve_node(plans.values(), None).ipvs, "as kipvs plan computes it"
+        assert (await kernel.observe()).state.ipvs == desired.state().ipvs
+
+    await step(b)
+    await step(a)  # a arrives second but has the smaller key: it holds the VIP:port, as resolve_node says
+    assert set(desired.state().ipvs[("TCP", "10.96.0.50", 80)].reals) == {("10.244.1.1", 8080)}
+    await step(a, gone=True)  # a lets go: b takes over in the same update, not on its next change
+    assert set(desired.state().ipvs[("TCP", "10.96.0.50", 80)].reals) == {("10.244.1.2", 8080)}
+    await step(b, gone=True)
+    assert desired.state().ipvs == {}

@@ -108,7 +108,7 @@ async def test_killed_mid_stream_and_restarted_no_loss_no_duplicates(nats_url: s
 async def test_restart_resumes_every_subject_without_gaps_or_repeats(nats_url: str) -> None:
     """Shared and node-specific deltas (Calico marks) each keep their own sequence across a restart."""
     from tests.golden.regenerate import DELTAS, EVENTS
-    from tests.test_applier_service import _publish_kube
+    from tests.helpers import publish_kube
 
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc, consumers=[topology.planner_consumer()])
@@ -128,13 +128,13 @@ async def test_restart_resumes_every_subject_without_gaps_or_repeats(nats_url: s
             assert time.monotonic() < deadline, await counts()
             await asyncio.sleep(0.1)
 
-    await _publish_kube(js, lines[:10], "first")
+    await publish_kube(js, lines[:10], "first")
     proc = _planner(nats_url)
     await wait_for(1)
     await asyncio.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
-    await _publish_kube(js, lines[10:], "second")
+    await publish_kube(js, lines[10:], "second")
     proc = _planner(nats_url)
     try:
         await wait_for(sum(expected.values()))

@@ -184,6 +184,15 @@ def _refcount(refs: Counter[K], old: set[K], new: set[K], removed: bool) -> list
     return sorted(came, key=str)
 
 
+def _vs_keys(contribution: Contribution | None) -> set[VSKey]:
+    return {vs.key for vs in contribution.virtual_services} if contribution else set()
+
+
+def _vs_of(contribution: Contribution, key: VSKey) -> VirtualService:
+    """The contribution's virtual service at ``key`` (the first, as ``NodeState.add`` keeps the first)."""
+    return next(vs for vs in contribution.virtual_services if vs.key == key)
+
+
 @dataclass
 class DesiredState:
     """The node's desired state, kept per Service so a change costs only what it touches."""
@@ -191,6 +200,7 @@ class DesiredState:
     contributions: dict[str, Contribution] = field(default_factory=dict)
     services: dict[VSKey, VirtualService] = field(default_factory=dict)
     owners: dict[VSKey, str] = field(default_factory=dict)
+    claimants: dict[VSKey, set[str]] = field(default_factory=dict)  # every Service that programs the key
     address_refs: Counter[str] = field(default_factory=Counter)
     entry_refs: Counter[tuple[str, str]] = field(default_factory=Counter)
     _digest: int = 0  # XOR of the hashes of every desired object (see digest())
@@ -200,26 +210,38 @@ class DesiredState:
         return f"{self._digest:016x}"
 
     def update(self, service: str, new: Contribution | None) -> list[Op]:
-        """Replace one Service's contribution; the operations that turns the old into the new."""
+        """Replace one Service's contribution; the operations that turns the old into the new.
+
+        Two Services on one VIP:port: the smallest Service key holds it (as ``resolve_node`` decides), and
+        when the holder lets go, the next claimant takes it over in the same update."""
         old = self.contributions.pop(service, None)
         if new is not None:
             self.contributions[service] = new
+        old_keys, new_keys = _vs_keys(old), _vs_keys(new)
+        for key in old_keys - new_keys:
+            self.claimants[key].discard(service)
+            if not self.claimants[key]:
+                del self.claimants[key]
+        for key in new_keys - old_keys:
+            self.claimants.setdefault(key, set()).add(service)
         ops: list[Op] = []
-        old_vs = {vs.key: vs for vs in (old.virtual_services if old else ()) if self.owners.get(vs.key) == service}
-        new_vs = {}
-        for vs in new.virtual_services if new else ():
-            owner = self.owners.get(vs.key)
-            if owner is None or owner == service or owner not in self.contributions:
-                new_vs[vs.key] = vs  # two Services on one VIP:port: the first keeps it
-        for key in old_vs.keys() | new_vs.keys():
-            want, have = new_vs.get(key), old_vs.get(key)
-            if key in self.services and self.owners.get(key) == service:
-                self._digest ^= _hash(_vs_item(self.services[key]))
+        for key in sorted(old_keys | new_keys):
+            holders = self.claimants.get(key)
+            owner = min(holders) if holders else None
+            want = _vs_of(self.contributions[owner], key) if owner is not None else None
+            have = self.services.get(key)
+            if want is not None:
+                self.owners[key] = owner
+            if want == have:  # the same virtual service (its holder may have changed: nothing to write)
+                if want is not None:
+                    self.services[key] = want
+                continue
+            if have is not None:
+                self._digest ^= _hash(_vs_item(have))
             if want is not None:
                 self.services[key] = want
-                self.owners[key] = service
                 self._digest ^= _hash(_vs_item(want))
-            elif self.owners.get(key) == service:
+            else:
                 del self.services[key]
                 del self.owners[key]
             ops.extend(_service_ops(want, have))
