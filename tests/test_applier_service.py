@@ -214,3 +214,26 @@ def test_the_applier_restores_from_its_cache_before_connecting(tmp_path) -> None
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_plan_cache_records_the_version_it_wrote_not_the_one_after(tmp_path) -> None:
+    """The plan moves on while the file is written: the next round must write again."""
+    from kipvs.applier import plan_cache
+    from kipvs.planner.plan_state import SharedPlan
+
+    shared = SharedPlan(seq=1)
+    writer = plan_cache.CacheWriter(tmp_path / "cache", "node-a")
+    original = plan_cache.write
+
+    def slow_write(path, data) -> None:
+        shared.seq = 2  # a delta applied meanwhile
+        original(path, data)
+
+    plan_cache.write = slow_write
+    try:
+        await writer.maybe_write(shared, None, 0)
+    finally:
+        plan_cache.write = original
+    assert plan_cache.read(tmp_path / "cache", "node-a").snapshot.seq == 1
+    await writer.maybe_write(shared, None, 0)
+    assert plan_cache.read(tmp_path / "cache", "node-a").snapshot.seq == 2

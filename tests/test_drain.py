@@ -43,3 +43,22 @@ def test_drift_repair_leaves_draining_servers_alone_and_service_deletion_ends_th
 
 def test_zero_timeout_removes_at_once() -> None:
     assert Drainer(timeout=0).rewrite([DelReal(TCP, A)], now=0) == [DelReal(TCP, A)]
+
+
+def test_a_restarted_applier_resumes_drains_it_finds_at_weight_zero() -> None:
+    from kipvs.applier.ops import DelReal
+    from kipvs.planner.node_state import NodeState, VirtualService
+
+    tcp, udp = ("TCP", "10.96.0.10", 80), ("UDP", "10.96.0.53", 53)
+    observed = NodeState()
+    observed.ipvs = {tcp: VirtualService("TCP", "10.96.0.10", 80, "rr", reals={("10.244.1.5", 8080): 0,
+                                                                               ("10.244.1.6", 8080): 1}),
+                     udp: VirtualService("UDP", "10.96.0.53", 53, "rr", reals={("10.244.1.7", 53): 0})}
+    drainer = Drainer(timeout=30)
+    ops = [DelReal(tcp, ("10.244.1.5", 8080)), DelReal(tcp, ("10.244.1.6", 8080)), DelReal(udp, ("10.244.1.7", 53))]
+    left = drainer.resume(ops, observed, now=100.0)
+    assert left == ops[1:], "only the TCP server already at weight 0 was draining: it drains again"
+    assert drainer.deadlines == {(tcp, ("10.244.1.5", 8080)): 130.0}
+    assert drainer.due({(tcp, ("10.244.1.5", 8080)): 2}, now=129.0) == []
+    assert drainer.due({(tcp, ("10.244.1.5", 8080)): 2}, now=130.0) == [DelReal(tcp, ("10.244.1.5", 8080))]
+    assert Drainer(timeout=0).resume(ops, observed, now=0.0) == ops, "--drain-timeout 0: removed at once"

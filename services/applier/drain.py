@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kipvs.planner.node_state import RealKey, VSKey
+from kipvs.planner.node_state import NodeState, RealKey, VSKey
 
 from .ops import AddReal, DelReal, DelService, EditReal, Op
 
@@ -38,6 +38,20 @@ class Drainer:
                 if isinstance(op, DelService):
                     for key in [k for k in self.deadlines if k[0] == op.key]:
                         del self.deadlines[key]
+                out.append(op)
+        return out
+
+    def resume(self, ops: list[Op], observed: NodeState, now: float) -> list[Op]:
+        """After a restart: a TCP real server found at weight 0 that the plan no longer has was draining when
+        the applier stopped (drains are not persisted). It drains again, with a fresh timeout, rather than
+        being cut at once."""
+        out: list[Op] = []
+        for op in ops:
+            vs = observed.ipvs.get(op.service) if isinstance(op, DelReal) else None
+            if (isinstance(op, DelReal) and op.service[0] == "TCP" and self.timeout > 0 and vs is not None
+                    and vs.reals.get(op.real) == 0):
+                self.deadlines[(op.service, op.real)] = now + self.timeout
+            else:
                 out.append(op)
         return out
 

@@ -187,7 +187,8 @@ class Applier:
 
     async def converge(self) -> list[str]:
         observed = await self.kernel.observe()
-        ops = self.drainer.keep_draining(diff(self.desired.state(), observed.state, observed.owned))
+        ops = diff(self.desired.state(), observed.state, observed.owned)
+        ops = self.drainer.keep_draining(self.drainer.resume(ops, observed.state, time.monotonic()))
         if ops:
             await self.kernel.apply(ops)
             self.applied_ops.inc(len(ops))
@@ -356,6 +357,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
                 await writer.maybe_write(applier.plan, applier.calico, applier.calico_seq)
             except OSError as exc:
                 log.warning("cannot write the plan cache %s: %s", cfg.plan_cache, exc.strerror)
+            except Exception:  # the cache is a convenience: never let it stop the applier, but say why
+                log.exception("cannot write the plan cache %s", cfg.plan_cache)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.stop.wait(), writer.every)
 

@@ -110,8 +110,9 @@ class CacheWriter:
         self.written: tuple[int, int] = (-1, -1)
 
     async def maybe_write(self, plan: SharedPlan, calico: events.SetNodeCalico | None, calico_seq: int) -> None:
-        if (plan.seq, calico_seq) == self.written:
+        version = (plan.seq, calico_seq)  # taken with the data: the plan moves on while the file is written
+        if version == self.written:
             return
         data = encode(self.node, plan, calico)
         await asyncio.to_thread(write, self.path, data)
-        self.written = (plan.seq, calico_seq)
+        self.written = version
