@@ -117,3 +117,35 @@ async def _latest(js, mode: str) -> events.NodeFactsReport | None:
 
 async def _facts_after(js, count: int) -> bool:
     return len(await _facts(js)) > count
+
+
+async def test_a_poisoned_node_subject_does_not_stop_a_restart(nats_url: str) -> None:
+    """Garbage as the last message on the node's subject (parked when consumed): the applier reads the subject
+    back to the last usable state instead of crash-looping."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    lines = [_line("ADDED", kube.node("node-a"), 1), _line("ADDED", kube.pod("web-1", ip="10.244.1.5"), 2)]
+    await publish_kube(js, lines, "one")
+    common = {"nats_url": nats_url, "http_listen": ""}
+    planner, planner_stop = start_service("planner", config.load(PlannerServiceConfig, common, {}), plan)
+    try:
+        await _until(lambda: _node_deltas(js), "node-a's Calico state")
+    finally:
+        planner_stop.set()
+        await planner
+    await js.publish(topology.plan_node_subject("node-a"), b"\x00garbage")
+    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory"}, {})
+    applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel()))
+    try:
+        # memory backend, no rules: "observe" (not "off", which is what no state at all would give)
+        facts = await _until(lambda: _latest(js, "observe"), "the applier running with node-a's state")
+        assert "--rules none" in facts.endpoint_marks_reason
+        assert not applier.done()
+    finally:
+        stop.set()
+        await asyncio.gather(applier, return_exceptions=True)
+        await nc.close()
+
+
+async def _node_deltas(js) -> bool:
+    return bool(await read_stream(js, topology.PLAN_STREAM, topology.plan_node_subject("node-a")))

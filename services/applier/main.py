@@ -136,14 +136,20 @@ class Applier:
                  len(self.desired.services), len(found))
 
     async def bootstrap_calico(self) -> None:
-        """The node subject's last message is the node's whole Calico state."""
+        """The node subject's last message is the node's whole Calico state. If that message is unusable (it
+        was parked when consumed), the subject is read back to the last usable one: never a crash loop."""
+        subject = topology.plan_node_subject(self.node)
         try:
-            msg = await self.ctx.js.get_last_msg(topology.PLAN_STREAM, topology.plan_node_subject(self.node))
+            msg = await self.ctx.js.get_last_msg(topology.PLAN_STREAM, subject)
+            found = _node_state(msg.data)
+            if found is None:
+                log.warning("the last message on %s is unusable; reading the subject back", subject)
+                async for old in bus.read_stream(self.ctx.js, topology.PLAN_STREAM, subject):
+                    found = _node_state(old.data) or found
         except NotFoundError:
-            return
-        record = events.decode(msg.data).record
-        if isinstance(record, events.PlanDelta) and record.ops and isinstance(record.ops[-1], events.SetNodeCalico):
-            self.calico, self.calico_seq = record.ops[-1], record.seq
+            found = None
+        if found is not None:
+            self.calico_seq, self.calico = found
         self.mode = resolve_mode(self.endpoint_marks_flag, self.calico, self.rules is not None)
 
     def endpoint_marks(self) -> EndpointMarks | None:
@@ -313,6 +319,17 @@ class Applier:
         envelope = events.Envelope(id=f"{what}/{self.node}/{record.plan_seq}/{time.time_ns()}",
                                    time_ns=time.time_ns(), producer=f"applier/{self.node}", record=record)
         await bus.publish(self.ctx.js, topology.status_subject(self.node, what), envelope)
+
+
+def _node_state(data: bytes) -> tuple[int, events.SetNodeCalico] | None:
+    """(delta seq, Calico state) of a node-subject message; None when it is not a usable one."""
+    try:
+        record = events.decode(data).record
+    except events.ContractError:
+        return None
+    if isinstance(record, events.PlanDelta) and record.ops and isinstance(record.ops[-1], events.SetNodeCalico):
+        return record.seq, record.ops[-1]
+    return None
 
 
 async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRules | None = None) -> None:
