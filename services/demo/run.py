@@ -92,6 +92,19 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
         say(f"\n  --- {node}: {label} ---")
         say(_indent(await cluster.ipvsadm_list(node), "  "))
 
+    say("\n  --- each node's facts, as its applier reports them (IPVS-mode detection, live over netlink) ---")
+    for node in cluster.node_names():
+        facts = await read_all(cluster.js, topology.STATUS_STREAM, topology.status_subject(node, "facts"))
+        say(f"  {records.one_line(facts[-1]) if facts else node + ': no facts report yet'}")
+    planner, _ = await cluster.planned()
+    calico = planner.node_calico("node-a")
+    say("\n  --- Calico on node-a: the endpoint mark of each local pod (Felix's algorithm, kept in the log) ---")
+    say(f"  endpoint mask {calico.layout.endpoint_mask:#010x}, non-Calico mark {calico.layout.non_calico:#010x}, "
+        f"node ports {', '.join(f'{lo}-{hi}' for lo, hi in calico.nodeport_ranges)}")
+    by_interface = {p.host_interface: p.name for p in cluster.pods.values()}
+    for interface, mark in sorted(calico.endpoint_marks.items()):
+        say(f"  {interface} ({by_interface.get(interface, '?')}): {mark:#010x}")
+
     step(5, "requests through Services, from inside node-a")
     await _requests(cluster, [("ClusterIP web", "10.96.0.10", 80, 6), ("NodePort api", "192.168.50.11", 30080, 3),
                               ("ClusterIP session (ClientIP affinity)", "10.96.0.40", 80, 4),
