@@ -58,10 +58,15 @@ async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
         yield RecordedLog.load(Path(args.log))
         return
     url = nats_url(args)
+    async def quiet(_: Exception) -> None:
+        return None  # the failure is raised below, once, as a sentence
+
     try:
-        nc = await nats.connect(url, name="kipvs-tool", connect_timeout=3, max_reconnect_attempts=0)
-    except (OSError, nats.errors.NoServersError) as exc:
-        raise ToolError(f"cannot reach NATS at {url}: {exc}") from None
+        # max_reconnect_attempts=0 makes nats-py retry forever (found here): one attempt, then a sentence
+        nc = await nats.connect(url, name="kipvs-tool", connect_timeout=3, allow_reconnect=False,
+                                max_reconnect_attempts=1, error_cb=quiet)
+    except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+        raise ToolError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
     try:
         yield nc.jetstream()
     finally:

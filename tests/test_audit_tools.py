@@ -212,3 +212,10 @@ def test_object_filter_matches_plan_deltas_by_the_objects_key() -> None:
     assert Filter(object="Service/default/web").keep(web) and Filter(object="default/web").keep(web)
     assert not Filter(object="Service/default/api").keep(web)
     assert Filter(object="Node/node-a").keep(node) and not Filter(object="Node/node-b").keep(node)
+
+
+async def test_an_unreachable_nats_is_a_sentence_not_a_hang(capsys) -> None:
+    for argv in (("tap", "--since", "1m", "--no-follow"), ("why", "--node", "n", "10.96.0.10:80"),
+                 ("history", "Service/default/web"), ("replay",), ("plan", "--node", "n")):
+        code, _, err = await asyncio.wait_for(kipvs(*argv, "--nats-url", "nats://127.0.0.1:9", capsys=capsys), 30)
+        assert code == 2 and "cannot reach NATS at nats://127.0.0.1:9" in err, (argv, err)
