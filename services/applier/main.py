@@ -121,12 +121,9 @@ class Applier:
             self.plan = SharedPlan.from_snapshot(snap)
         except (ObjectNotFoundError, NotFoundError):
             self.plan = SharedPlan()  # no planner has written one yet: start from the first delta
-        self.desired = DesiredState()
         if self.use_interfaces:
             self.local_addresses = await self.kernel.node_addresses()
-        facts = self.facts()
-        for key in sorted(self.plan.services):
-            self.desired.update(key, resolve_service(self.plan.services[key], facts))
+        self.desired = DesiredState.of(self.plan.services, self.facts())
         found = await self.converge()
         await self.bootstrap_calico()
         if self.rules is not None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kipvs.planner.node_state import Contribution, NodeState, RealKey, VirtualService, VSKey, family_of, ipset_name
+from kipvs.planner.resolve import resolve_service
+from kipvs.shared.events import NodeFacts, ServicePlan
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,14 @@ class DesiredState:
     address_refs: Counter[str] = field(default_factory=Counter)
     entry_refs: Counter[tuple[str, str]] = field(default_factory=Counter)
     _digest: int = 0  # XOR of the hashes of every desired object (see digest())
+
+    @classmethod
+    def of(cls, services: dict[str, ServicePlan], facts: NodeFacts | None) -> DesiredState:
+        """A node's desired state from the shared plan's Services (resolved with the node's facts)."""
+        desired = cls()
+        for key in sorted(services):
+            desired.update(key, resolve_service(services[key], facts))
+        return desired
 
     def digest(self) -> str:
         """``digest(self.state())``, kept up to date per change."""

@@ -19,7 +19,6 @@ from pathlib import Path
 import msgspec
 
 from kipvs.planner.plan_state import SharedPlan
-from kipvs.planner.resolve import resolve_service
 from kipvs.shared import events
 
 from .backend import Backend
@@ -87,10 +86,7 @@ async def restore(path: Path, node: str, kernel: Backend) -> int:
     if cache is None:
         return 0
     plan = SharedPlan.from_snapshot(cache.snapshot)
-    desired = DesiredState()
-    facts = plan.nodes.get(node)
-    for key in sorted(plan.services):
-        desired.update(key, resolve_service(plan.services[key], facts))
+    desired = DesiredState.of(plan.services, plan.nodes.get(node))
     await kernel.setup()
     observed = await kernel.observe()
     ops = diff(desired.state(), observed.state, observed.owned)

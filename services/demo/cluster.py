@@ -21,13 +21,14 @@ from typing import Any, Literal
 
 import nats
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from kipvs.applier.ops import digest
 from kipvs.planner.core import Planner, PlannerConfig
 from kipvs.planner.node_state import NodeState
 from kipvs.planner.render import ipvsadm
 from kipvs.planner.resolve import resolve_node
-from kipvs.shared import events, topology
+from kipvs.shared import bus, events, topology
 from kipvs.shared.embedded_nats import EmbeddedNats
 from kipvs.shared.log_client import read_all
 from kipvs.simulator import scenario as scenarios
@@ -55,6 +56,7 @@ class Cluster:
     pod_server: asyncio.subprocess.Process | None = None
     drain_timeout: float = 15.0  # short, so the demo shows a removed real server draining and then going
     host_link: str = ""  # ADDRESS/PREFIX of the guest's vec0, the host's way in (netlink backend)
+    view: Planner = field(default_factory=lambda: Planner(PlannerConfig()))  # see planned()
 
     @property
     def url(self) -> str:
@@ -159,16 +161,17 @@ class Cluster:
 
     # --- what should be and what is ---------------------------------------------------------------
 
-    async def planned(self) -> tuple[Planner, int]:
-        """The planner's core over the whole log now, and the log's last sequence."""
+    async def planned(self) -> Planner:
+        """The planner's core over the whole log now. Kept and fed only what the log gained since the last
+        call (the core is deterministic: incremental equals from scratch), so polling it stays cheap."""
         assert self.js is not None
-        planner = Planner(PlannerConfig())
-        last = 0
-        for entry in await read_all(self.js, topology.KUBE_STREAM):
-            last = entry.seq
-            if entry.envelope is not None:
-                planner.handle(entry.envelope, entry.seq)
-        return planner, last
+        with contextlib.suppress(NotFoundError):  # no stream yet: the watcher has not started
+            async for msg in bus.read_stream(self.js, topology.KUBE_STREAM, start_seq=self.view.source_seq + 1):
+                try:
+                    self.view.handle(events.decode(msg.data), msg.metadata.sequence.stream)
+                except events.ContractError:
+                    self.view.source_seq = msg.metadata.sequence.stream  # parked by the planner too
+        return self.view
 
     def node_state(self, planner: Planner, node: str) -> NodeState:
         return resolve_node(planner.plans.values(), planner.nodes.get(node))
@@ -196,7 +199,7 @@ class Cluster:
         started = asyncio.get_running_loop().time()
         deadline = started + within
         while True:
-            planner, _ = await self.planned()
+            planner = await self.planned()
             if self.sim is not None and _logged_all(planner, self.sim):
                 checks = [await self.node_in_step(planner, n) for n in self.node_names()]
                 if all(checks):
@@ -215,7 +218,7 @@ class Cluster:
 
     async def ipvsadm_list(self, node: str) -> str:
         if self.backend == "memory":
-            planner, _ = await self.planned()
+            planner = await self.planned()
             return ipvsadm(self.node_state(planner, node))
         return (await network.in_node(node, "ipvsadm", "-L", "-n"))[1]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kipvs.audit import records, why
-from kipvs.shared import topology
-from kipvs.shared.log_client import read_all
+from kipvs.shared import bus, topology
+from kipvs.shared.log_client import decode_entry, read_all
 from kipvs.simulator import scenario as scenarios
 
 from . import network
@@ -96,7 +96,7 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     for node in cluster.node_names():
         facts = await read_all(cluster.js, topology.STATUS_STREAM, topology.status_subject(node, "facts"))
         say(f"  {records.one_line(facts[-1]) if facts else node + ': no facts report yet'}")
-    planner, _ = await cluster.planned()
+    planner = await cluster.planned()
     calico = planner.node_calico("node-a")
     say("\n  --- Calico on node-a: the endpoint mark of each local pod (Felix's algorithm, kept in the log) ---")
     say(f"  endpoint mask {calico.layout.endpoint_mask:#010x}, non-Calico mark {calico.layout.non_calico:#010x}, "
@@ -186,7 +186,7 @@ async def _requests(cluster: Cluster, targets: list[tuple[str, str, int, int]]) 
     real = cluster.backend == "netlink"
     if not real:
         say("      SIMULATED kernel: no packets flow. By the plan, these real servers would answer:")
-    planner, _ = await cluster.planned()
+    planner = await cluster.planned()
     state = cluster.node_state(planner, "node-a")
     for label, ip, port, count in targets:
         if real:
@@ -207,12 +207,11 @@ async def _live_change(cluster: Cluster, change: Any) -> None:
     t0 = time.time_ns()
     await change()
     await cluster.converged(within=60)
-    planner, _ = await cluster.planned()
+    planner = await cluster.planned()
     say("      the records it caused (kipvs tap):")
     for stream, after in ((topology.KUBE_STREAM, kube_before), (topology.PLAN_STREAM, plan_before)):
-        for entry in await read_all(cluster.js, stream):
-            if entry.seq > after:
-                say(f"        {records.one_line(entry)}")
+        async for msg in bus.read_stream(cluster.js, stream, start_seq=after + 1):  # only what the change caused
+            say(f"        {records.one_line(decode_entry(stream, msg))}")
     timings = []
     for node in cluster.node_names():
         applied = next((t for t, r in await cluster.report_entries(node) if r.plan_seq >= planner.seq), None)
