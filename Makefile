@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBS   := user-mode-linux kmod iproute2 ipvsadm nftables
+# qemu-system-x86 runs the guest (Debian's kernel: real IPVS and nf_tables); the rest are the tools the guest
+# uses from the host's root (it sees it read-only over 9p): modprobe, ip, ipvsadm, nft, ipset, conntrack.
+DEBS   := qemu-system-x86 kmod iproute2 ipvsadm nftables ipset
+GUEST  := .cache/guest
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv debs lint test bench demo clean
+.PHONY: all venv debs guest lint test bench demo clean
 
 all: test
 
@@ -21,27 +24,32 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages the kernel tests need (a user-mode-Linux kernel with IPVS, and its tools).
+# Debian packages the guest needs (no recommends: QEMU without its GUI).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# The guest's kernel (the one linux-image-amd64 depends on) and busybox-static, downloaded and unpacked into
+# $(GUEST), never installed on the host; a second run finds it ready and does nothing.
+guest: debs $(STAMP)
+	@$(BIN)/python -m kipvs.guest.image --dir $(CURDIR)/$(GUEST)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: debs $(STAMP) lint
+test: guest lint
 	$(BIN)/pytest -q
 
-bench: debs $(STAMP)
+bench: guest
 	$(BIN)/python -m tests.bench
 
-# The whole system on this machine: real IPVS in a user-mode-Linux guest (else simulated kernels, said so).
+# The whole system on this machine: real IPVS in the QEMU guest (else simulated kernels, said so).
 # ARGS=--keep keeps it running until Ctrl-C; ARGS="--backend memory" skips the guest.
-demo: debs $(STAMP)
+demo: guest
 	$(BIN)/kipvs demo $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .cache

@@ -1,4 +1,5 @@
-"""The applier against a real IPVS kernel: tests/guest/kernel_applier.py, run inside user-mode Linux.
+"""The applier against a real IPVS + nf_tables kernel: tests/guest/kernel_*.py, run inside the QEMU guest
+(Debian's kernel, kipvs.guest).
 
 The guest boots once for this module and runs every guest test; each is reported here as its own test.
 If the guest cannot run, every test here FAILS with the reason (a kernel test is never silently skipped).
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.uml import GuestUnavailable, run_in_guest
+from kipvs.guest.vm import GuestUnavailable, run_in_guest
 
 GUEST_DIR = Path(__file__).parent / "guest"
 GUEST_FILES = sorted(GUEST_DIR.glob("kernel_*.py"))
 NAMES = [n.name for f in GUEST_FILES for n in ast.parse(f.read_text()).body
          if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_")]
-pytestmark = pytest.mark.uml
+pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(scope="module")
@@ -56,4 +57,4 @@ def guest_results() -> dict[str, tuple[str, str]]:
 def test_in_real_kernel(guest_results: dict[str, tuple[str, str]], name: str) -> None:
     missing = ("missing", "the guest did not report it:\n" + guest_results["__log__"][1])
     outcome, detail = guest_results.get(name, missing)
-    assert outcome == "passed", f"{name} {outcome} in the user-mode-Linux kernel:\n{detail}"
+    assert outcome == "passed", f"{name} {outcome} in the guest kernel:\n{detail}"

@@ -1,7 +1,7 @@
 """A whole kipvs system on one machine, for the demo and the end-to-end tests: the embedded NATS server,
 the Kubernetes API simulator (in this process, so changes are timed where they happen), the watcher and
 the planner as real processes, one applier per node: in the node's network namespace with real IPVS
-(``netlink``, inside the user-mode-Linux guest), or on the memory kernel (``memory``, anywhere).
+(``netlink``, inside the QEMU guest), or on the memory kernel (``memory``, anywhere).
 
 It also answers the questions the demo and the tests ask: what every node should hold (the planner's
 core over the log), whether each node holds it (its apply reports; with ``netlink``, its kernel too),

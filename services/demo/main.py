@@ -1,4 +1,4 @@
-"""``kipvs demo``: boot a user-mode-Linux guest and run the demo's script in it (real IPVS in every node's
+"""``kipvs demo``: boot the QEMU guest (Debian's kernel) and run the demo's script in it (real IPVS in every node's
 network namespace), printing its progress as it goes; where the guest cannot run, say why and run the
 script here with the appliers on the memory kernel, clearly labelled.
 """
@@ -19,24 +19,25 @@ LOG_FILE = Path(tempfile.gettempdir()) / "kipvs-demo" / "log.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("auto", "uml", "memory"), default="auto",
-                        help="uml: real IPVS in a user-mode-Linux guest; memory: simulated kernels on this host; "
-                             "auto: uml, else memory (saying why)")
+    parser.add_argument("--backend", choices=("auto", "guest", "memory"), default="auto",
+                        help="guest: real IPVS and nftables in a QEMU guest running Debian's kernel; memory: simulated "
+                             "kernels on this host; auto: guest, else memory (saying why)")
     parser.add_argument("--keep", action="store_true", help="keep everything running after the steps; Ctrl-C stops")
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import guest
+    from kipvs.guest import vm as guest
 
     if args.backend == "memory":
         return _memory(args, "asked for with --backend memory")
     reason = guest.unavailable_reason()
     if reason is not None:
-        if args.backend == "uml":
-            print(f"kipvs demo: the user-mode-Linux guest cannot run: {reason}", file=sys.stderr)
+        if args.backend == "guest":
+            print(f"kipvs demo: the QEMU guest cannot run: {reason}", file=sys.stderr)
             return 2
         return _memory(args, reason)
-    print("kipvs demo: booting a user-mode-Linux guest (a real Linux kernel with IPVS, as a process) ...", flush=True)
+    print(f"kipvs demo: booting a QEMU guest running Debian's kernel (real IPVS and nftables; "
+          f"{guest.accelerator().upper()}) ...", flush=True)
     stop_file = Path(tempfile.mkdtemp(prefix="kipvs-demo-")) / "stop"
     link = guest.HostLink()
     problem = link.create()
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         result = guest.run_in_guest(shlex.join(command), timeout=86400 if args.keep else 900, memory="1536M",
                                     on_line=on_line, tap=None if problem else link.name)
     except guest.GuestUnavailable as exc:
-        if args.backend == "uml":
+        if args.backend == "guest":
             print(f"kipvs demo: {exc}", file=sys.stderr)
             return 2
         return _memory(args, str(exc))

@@ -1,4 +1,4 @@
-"""The demo's network inside the user-mode-Linux guest: every node a network namespace with real IPVS,
+"""The demo's network inside the QEMU guest: every node a network namespace with real IPVS,
 every pod a namespace behind a veth with Calico's interface name, the nodes on one bridge.
 
     root namespace: bridge kipvs-br 192.168.50.1/24 (NATS listens here for the appliers)
@@ -77,9 +77,11 @@ def build_nodes(nodes: list[NodeSpec]) -> None:
 
 
 def host_link(address: str) -> None:
-    """The guest's end of the link from the host (UML's vec0, a tap device on the host)."""
-    sh("ip", "addr", "add", address, "dev", "vec0")
-    sh("ip", "link", "set", "vec0", "up")
+    """The guest's end of the link from the host (its virtio NIC, a tap device on the host)."""
+    from kipvs.guest.vm import GUEST_NIC
+
+    sh("ip", "addr", "add", address, "dev", GUEST_NIC)
+    sh("ip", "link", "set", GUEST_NIC, "up")
 
 
 def add_pod(pod: PodSpec) -> None:

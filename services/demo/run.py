@@ -1,6 +1,6 @@
 """The demo's script: start the whole system on one machine, show it working, change it live, audit it.
 
-Run by ``kipvs demo`` (services/demo/main.py): inside the user-mode-Linux guest with ``--backend
+Run by ``kipvs demo`` (services/demo/main.py): inside the QEMU guest with ``--backend
 netlink`` (every node a network namespace with real IPVS), or on this host with ``--backend memory``.
 """
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-file", default="", help="also stop when this file appears (the host's Ctrl-C)")
     parser.add_argument("--workdir", default="", help="where logs and the NATS store go")
     parser.add_argument("--host-link", default="", metavar="ADDRESS/PREFIX",
-                        help="the guest's end of a link from the host (vec0): NATS listens there too, so tools on "
+                        help="the guest's end of a link from the host (eth0): NATS listens there too, so tools on "
                              "the host reach the live log")
     parser.add_argument("--save-log", default="", metavar="PATH|-",
                         help="write the whole log as 'kipvs tap --json' lines to PATH (-: to the console, "

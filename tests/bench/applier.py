@@ -1,4 +1,4 @@
-"""Applier benchmark, inside the user-mode-Linux guest (the only IPVS kernel here): 2,000 services x 5
+"""Applier benchmark, inside the QEMU guest (Debian's kernel; the host has no IPVS): 2,000 services x 5
 real servers from empty, then 1,000 single real-server changes; kipvs's netlink writer against
 ``ipvsadm -R`` doing the same work on the same kernel. The guest is slow at system calls: compare ratios,
 never absolute times against the host."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.uml import run_in_guest
+from kipvs.guest.vm import run_in_guest
 
 
 def run() -> dict[str, float]:
@@ -20,7 +20,7 @@ def run() -> dict[str, float]:
 
 
 def report(f: dict[str, float]) -> None:
-    print("== applier: 2,000 services x 5 real servers, then 1,000 single changes (user-mode-Linux kernel) ==")
+    print("== applier: 2,000 services x 5 real servers, then 1,000 single changes (Debian's kernel in QEMU) ==")
     print(f"build   kipvs {f['kipvs_build_ops_s']:,.0f} ops/s   ipvsadm -R {f['ipvsadm_build_ops_s']:,.0f} ops/s"
           f"   ratio x{f['kipvs_build_ops_s'] / f['ipvsadm_build_ops_s']:.2f}  (target >= 1.0)")
     print(f"changes kipvs {f['kipvs_change_ops_s']:,.0f} ops/s (one batch per change)   ipvsadm -R one process per "

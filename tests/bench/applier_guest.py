@@ -1,4 +1,4 @@
-"""Runs INSIDE the user-mode-Linux guest (tests/bench/applier.py boots it): the applier's netlink writer
+"""Runs INSIDE the QEMU guest (tests/bench/applier.py boots it): the applier's netlink writer
 against ``ipvsadm -R`` on the same kernel, the same work. Prints one JSON line of figures."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Applier tests that need a real IPVS kernel. They run INSIDE the user-mode-Linux guest (tests/uml.py),
+"""Applier tests that need a real IPVS kernel. They run INSIDE the QEMU guest (kipvs.guest.vm),
 driven by tests/test_kernel.py; on the host they would fail (no IPVS), so the host never collects them."""
 
 from __future__ import annotations

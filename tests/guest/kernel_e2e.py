@@ -1,4 +1,4 @@
-"""End to end, inside the user-mode-Linux guest (driven by tests/test_kernel.py): real NATS, the simulator,
+"""End to end, inside the QEMU guest (driven by tests/test_kernel.py): real NATS, the simulator,
 the watcher, the planner and one applier per node in its own network namespace with real IPVS; pods as
 namespaces serving HTTP. A scenario of Kubernetes changes flows through all three services and every
 node's kernel ends in exactly the planned state with the data path answering; then the same after each

@@ -1,4 +1,4 @@
-"""The applier service in a real IPVS kernel, inside the user-mode-Linux guest (driven by
+"""The applier service in a real IPVS kernel, inside the QEMU guest (driven by
 tests/test_kernel.py): nats-server, planner and applier as real processes; SIGKILL and restart; and the
 data path, with pods as network namespaces serving HTTP behind a ClusterIP and a NodePort."""
 
