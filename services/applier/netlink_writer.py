@@ -19,12 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
-from pyroute2.ipset import AsyncIPSet, PortEntry
+from pyroute2.ipset import AsyncIPSet
 from pyroute2.ipvs import IPVSService
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
-from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset_msg
 
 from kipvs.planner.node_state import (
     ALL_IPSETS,
@@ -37,8 +34,9 @@ from kipvs.planner.node_state import (
     ipset_name,
 )
 
-from . import ipvs_wire
+from . import ipset_wire, ipvs_wire
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
+from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
 from .node_facts import LINK_ALIAS
 from .ops import (
     AddAddress,
@@ -63,9 +61,9 @@ SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
 
 # The kernel reads the netmask attribute's raw bytes as a host-order prefix length for IPv6 (see ipvs_wire).
 V6_NETMASK = socket.inet_ntoa(struct.pack("=I", 128))
-BATCH = 256  # netlink messages per send: well under the socket's send buffer
-IPSET_ERR_EXIST = 4103  # IPSET_ERR_PRIVATE + 7: "element already exists" / "element does not exist"
-IPSET_BENIGN = {errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST}
+BATCH = 1024  # netlink requests per send: ~150 KB at most, well under the 4 MB socket buffers
+IPSET_ERR_EXIST = ipset_wire.IPSET_ERR_EXIST  # "element already exists" / "element does not exist"
+IPSET_BENIGN = frozenset({errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST})
 
 PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
@@ -95,17 +93,8 @@ def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService
                        netmask=V6_NETMASK if v6 else "255.255.255.255")
 
 
-def _entry_data(set_type: str, entry: str) -> tuple[Any, str]:
-    """kube-proxy's entry syntax ("10.96.0.10,tcp:80", "30080", ...) as pyroute2's (entry, etype)."""
-    if set_type == "bitmap:port":
-        return int(entry), "port"
-    if set_type == "hash:ip":
-        return entry, "ip"
-    parts = entry.split(",")
-    protocol, _, port = parts[1].partition(":")
-    port_entry = PortEntry(int(port), protocol=PROTOCOL_NUMBERS[protocol.upper()])
-    etype = set_type.split(" ")[0].removeprefix("hash:")
-    return (parts[0], port_entry, *parts[2:]), etype
+def netlink_message(kind: int, seq: int, body: bytes) -> bytes:
+    return header(len(body), kind, seq) + body
 
 
 def _kind(op: Op) -> str:
@@ -127,14 +116,18 @@ class NetlinkKernel:
         self.ipvs: AsyncIPVS | None = None
         self.ipr: AsyncIPRoute | None = None
         self.ipset: AsyncIPSet | None = None
-        self.writer: ipvs_wire.IPVSWriter | None = None
+        self.writer: BatchSocket | None = None  # IPVS writes
+        self.ipset_writer: BatchSocket | None = None  # ipset member writes
+        self.ipvs_family = 0
         self.link_index = 0
 
     async def _open(self) -> None:
         if self.ipvs is None:
             self.ipvs = AsyncIPVS()
             await self.ipvs.setup_endpoint()  # binds the generic-netlink family; fails when ip_vs is not loaded
-            self.writer = ipvs_wire.IPVSWriter(self.ipvs.prid)
+            self.ipvs_family = self.ipvs.prid
+            self.writer = BatchSocket(NETLINK_GENERIC)
+            self.ipset_writer = BatchSocket(NETLINK_NETFILTER)
             self.ipr = AsyncIPRoute()
             await self.ipr.__aenter__()
             self.ipset = AsyncIPSet()
@@ -316,78 +309,50 @@ class NetlinkKernel:
             await self.ipr.addr(command, index=self.link_index, address=op.ip, prefixlen=128 if ":" in op.ip else 32)
 
     async def _ipvs_batch(self, ops: list[Op]) -> None:
-        assert self.writer is not None
-        for start in range(0, len(ops), BATCH):
-            chunk = ops[start:start + BATCH]
-            first = self.writer.next_seq()
-            messages = [self._ipvs_message(op, first + i) for i, op in enumerate(chunk)]
-            self.writer.seq = (first + len(chunk) - 1) & 0xFFFFFFFF
-            try:
-                await self.writer.send(messages, first)
-            except ipvs_wire.BatchError as exc:
-                raise KernelError(f"{chunk[exc.index]}: {exc}") from None
+        await self._send(self.writer, [self._ipvs_message(op) for op in ops], ops, frozenset())
 
-    def _ipvs_message(self, op: Op, seq: int) -> bytes:
-        assert self.writer is not None
-        family = self.writer.family_id
+    async def _send(self, writer: BatchSocket | None, bodies: list[tuple[int, bytes]], ops: list[Any],
+                    tolerated: frozenset[int]) -> None:
+        """Send (kind, body) requests in batches of BATCH, numbering them as they go."""
+        assert writer is not None
+        for start in range(0, len(bodies), BATCH):
+            chunk = bodies[start:start + BATCH]
+            first = writer.reserve(len(chunk))
+            messages = [netlink_message(kind, (first + i) & 0xFFFFFFFF, body) for i, (kind, body) in enumerate(chunk)]
+            try:
+                await writer.send(messages, first, tolerated)
+            except BatchError as exc:
+                raise KernelError(f"{ops[start + exc.index]}: {exc}") from None
+
+    def _ipvs_message(self, op: Op) -> tuple[int, bytes]:
         match op:
             case AddService(key, scheduler, timeout) | EditService(key, scheduler, timeout):
                 cmd = ipvs_wire.CMD_NEW_SERVICE if isinstance(op, AddService) else ipvs_wire.CMD_SET_SERVICE
                 svc = ipvs_wire.service_full(PROTOCOL_NUMBERS[key[0]], key[1], key[2], scheduler, timeout)
-                return ipvs_wire.message(family, seq, cmd, svc)
+                return self.ipvs_family, ipvs_wire.body(cmd, svc)
             case DelService(key):
                 svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[key[0]], key[1], key[2])
-                return ipvs_wire.message(family, seq, ipvs_wire.CMD_DEL_SERVICE, svc)
+                return self.ipvs_family, ipvs_wire.body(ipvs_wire.CMD_DEL_SERVICE, svc)
             case AddReal(service, (ip, port), weight) | EditReal(service, (ip, port), weight):
                 cmd = ipvs_wire.CMD_NEW_DEST if isinstance(op, AddReal) else ipvs_wire.CMD_SET_DEST
                 svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
-                return ipvs_wire.message(family, seq, cmd, svc, ipvs_wire.dest(ip, port, weight))
+                return self.ipvs_family, ipvs_wire.body(cmd, svc, ipvs_wire.dest(ip, port, weight))
             case DelReal(service, (ip, port)):
                 svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
-                return ipvs_wire.message(family, seq, ipvs_wire.CMD_DEL_DEST, svc, ipvs_wire.dest(ip, port, None))
+                return self.ipvs_family, ipvs_wire.body(ipvs_wire.CMD_DEL_DEST, svc, ipvs_wire.dest(ip, port, None))
         raise KernelError(f"{op} is not an IPVS operation")
 
     async def _ipset_batch(self, ops: list[AddEntry | DelEntry]) -> None:
         """Member changes, many per send. Adding a present member or deleting an absent one is not an
         error (the member is as wanted); anything else is."""
-        assert self.ipset is not None
-        messages = []
+        bodies = []
         for op in ops:
-            data, etype = _entry_data(_set_type(op.set), op.entry)
-            version = self.ipset._family_to_version(_set_family(op.set))
-            msg = ipset_msg()
-            msg["attrs"] = [["IPSET_ATTR_PROTOCOL", self.ipset._proto_version], ["IPSET_ATTR_SETNAME", op.set],
-                            ["IPSET_ATTR_DATA", {"attrs": self.ipset._entry_to_data_attrs(data, etype, version)}]]
-            msg["nfgen_family"] = self.ipset._nfgen_family
-            cmd = IPSET_CMD_ADD if isinstance(op, AddEntry) else IPSET_CMD_DEL
-            msg["header"]["type"] = cmd | (NFNL_SUBSYS_IPSET << 8)
-            msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
-            messages.append(msg)
-        for start in range(0, len(messages), BATCH):
             try:
-                async for _ in self.ipset.nlm_request_batch(messages[start:start + BATCH]):
-                    pass
-            except NetlinkError as exc:
-                if exc.code not in IPSET_BENIGN:
-                    raise KernelError(f"ipset batch starting with {ops[start]}: {exc}") from None
-                # A benign error stops pyroute2's reading of that batch: write the rest one by one.
-                for op in ops[start:start + BATCH]:
-                    await self._set_member_tolerant(op)
-
-    async def _set_member_tolerant(self, op: AddEntry | DelEntry) -> None:
-        try:
-            await self._set_member("add" if isinstance(op, AddEntry) else "del", op.set, op.entry)
-        except NetlinkError as exc:
-            if exc.code not in IPSET_BENIGN:
-                raise KernelError(f"{op}: {exc}") from None
-
-    async def _set_member(self, action: str, name: str, entry: str) -> None:
-        assert self.ipset is not None
-        data, etype = _entry_data(_set_type(name), entry)
-        if action == "add":
-            await self.ipset.add(name, data, etype=etype, family=_set_family(name), exclusive=False)
-        else:
-            await self.ipset.delete(name, data, etype=etype, family=_set_family(name))
+                data = ipset_wire.data(_set_type(op.set), op.entry)
+            except (ValueError, KeyError, IndexError, OSError) as exc:
+                raise KernelError(f"{op}: not an entry of {op.set} ({exc})") from None
+            bodies.append(ipset_wire.request(isinstance(op, AddEntry), op.set, _set_family(op.set), data))
+        await self._send(self.ipset_writer, bodies, ops, IPSET_BENIGN)
 
     async def cleanup(self) -> None:
         """Remove everything kipvs owns (its services, link and sets) and nothing else."""
@@ -415,10 +380,10 @@ class NetlinkKernel:
                     log.warning("could not destroy ipset %s: %s", name, exc)
 
     async def close(self) -> None:
-        for sock in (self.ipvs, self.ipr, self.ipset, self.writer):
+        for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer):
             if sock is not None:
                 sock.close()
-        self.ipvs = self.ipr = self.ipset = self.writer = None
+        self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = None
 
 
 def _format_member(kind: str, data: Any) -> str:

@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from kipvs.applier.ops import digest
+from kipvs.guest.vm import time_scale
 from kipvs.planner.core import Planner, PlannerConfig
 from kipvs.planner.node_state import NodeState
 from kipvs.planner.render import ipvsadm
@@ -39,6 +40,7 @@ from .network import NodeSpec, PodSpec
 
 Backend = Literal["netlink", "memory"]
 KIPVS = str(Path(sys.executable).with_name("kipvs"))
+CLUSTER_CIDR = "10.244.0.0/16"  # every node's pod CIDR (10.244.N.0/24) is inside it
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Cluster:
     js: JetStreamContext | None = None
     pod_server: asyncio.subprocess.Process | None = None
     drain_timeout: float = 15.0  # short, so the demo shows a removed real server draining and then going
-    host_link: str = ""  # ADDRESS/PREFIX of the guest's vec0, the host's way in (netlink backend)
+    host_link: str = ""  # ADDRESS/PREFIX of the guest's eth0, the host's way in (netlink backend)
     view: Planner = field(default_factory=lambda: Planner(PlannerConfig()))  # see planned()
 
     @property
@@ -112,7 +114,7 @@ class Cluster:
             if self.backend == "memory":
                 argv += ["--backend", "memory"]
             else:
-                argv = ["ip", "netns", "exec", node, *argv, "--rules", "none"]
+                argv = ["ip", "netns", "exec", node, *argv, "--cluster-cidr", CLUSTER_CIDR]
         self.processes[service] = await asyncio.create_subprocess_exec(
             *argv, stdout=self._log(service), stderr=asyncio.subprocess.STDOUT, start_new_session=True)
 
@@ -155,7 +157,7 @@ class Cluster:
         assert self.pod_server is not None and self.pod_server.stdin and self.pod_server.stdout
         self.pod_server.stdin.write(line.encode() + b"\n")
         await self.pod_server.stdin.drain()
-        reply = await asyncio.wait_for(self.pod_server.stdout.readline(), 10)
+        reply = await asyncio.wait_for(self.pod_server.stdout.readline(), 10 * time_scale())
         if reply.strip() != b"ok":
             raise RuntimeError(f"pod server: {line!r} -> {reply!r}")
 
@@ -196,6 +198,7 @@ class Cluster:
 
     async def converged(self, within: float = 60.0) -> float:
         """Wait until the watcher has logged every object, the planner has planned it and every node holds it."""
+        within *= time_scale()  # under emulation every process is slower
         started = asyncio.get_running_loop().time()
         deadline = started + within
         while True:
@@ -222,18 +225,26 @@ class Cluster:
             return ipvsadm(self.node_state(planner, node))
         return (await network.in_node(node, "ipvsadm", "-L", "-n"))[1]
 
+    async def requests(self, node: str, ip: str, port: int, count: int = 1) -> list[str]:
+        """``count`` HTTP requests from inside ``node`` through ``ip:port`` (one client process, each request
+        its own connection): the answering pods' lines, or "no answer (...)". The node's traffic to a VIP
+        is masqueraded by kipvs's nftables rules, as kube-proxy's rule does: replies from a pod on another
+        node come back to this node, not to the VIP that every node holds."""
+        script = ("import socket,sys\nfor _ in range(int(sys.argv[3])):\n"
+                  " try:\n"
+                  "  s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)\n"
+                  "  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  d=b''\n  while (c:=s.recv(4096)): d+=c\n"
+                  "  print(d.split(b'\\r\\n\\r\\n',1)[-1].decode().strip(),flush=True)\n"
+                  " except OSError as e:\n  print(f'no answer ({e})',flush=True)\n")
+        code, out = await network.in_node(node, sys.executable, "-c", script, ip, str(port), str(count),
+                                          within=10 + 4 * count)
+        answers = out.strip().splitlines()
+        if code != 0 or len(answers) != count:
+            return answers + [f"no answer ({answers[-1] if answers else code})"] * (count - len(answers))
+        return answers
+
     async def request(self, node: str, ip: str, port: int) -> str:
-        """One HTTP request from inside ``node`` through ``ip:port``: the answering pod's line. The client
-        binds to the node's own address, which is what kube-proxy's masquerade rule makes of a node's
-        traffic to a VIP (that rule needs nf_tables, which the guest kernel lacks): replies from a pod on
-        another node then come back to this node, not to the VIP that every node holds."""
-        source = next(n.address for n in self.nodes if n.name == node)
-        script = ("import socket,sys\ns=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3,"
-                  "source_address=(sys.argv[3],0))\n"
-                  "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nd=b''\nwhile (c:=s.recv(4096)): d+=c\n"
-                  "print(d.split(b'\\r\\n\\r\\n',1)[-1].decode().strip())")
-        code, out = await network.in_node(node, sys.executable, "-c", script, ip, str(port), source)
-        return out.strip() if code == 0 else f"no answer ({out.strip().splitlines()[-1] if out.strip() else code})"
+        return (await self.requests(node, ip, port))[0]
 
     # --- stopping ---------------------------------------------------------------------------------
 
@@ -243,7 +254,7 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()
             try:
-                await asyncio.wait_for(process.wait(), 10)
+                await asyncio.wait_for(process.wait(), 10 * time_scale())
             except TimeoutError:
                 process.kill()
                 await process.wait()

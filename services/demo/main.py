@@ -6,8 +6,8 @@ script here with the appliers on the memory kernel, clearly labelled.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -38,14 +38,14 @@ def run(args: argparse.Namespace) -> int:
         return _memory(args, reason)
     print(f"kipvs demo: booting a QEMU guest running Debian's kernel (real IPVS and nftables; "
           f"{guest.accelerator().upper()}) ...", flush=True)
-    stop_file = Path(tempfile.mkdtemp(prefix="kipvs-demo-")) / "stop"
+    share = Path(tempfile.mkdtemp(prefix="kipvs-guest-demo-"))  # the guest's uncached share (/run/kipvs)
     link = guest.HostLink()
     problem = link.create()
     if problem:
         print(f"kipvs demo: no link from this host into the guest ({problem}); the tools will read the saved log "
               "instead of the live one", flush=True)
     command = [sys.executable, "-m", "kipvs.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
-               "--stop-file", str(stop_file), "--save-log", "-", *(["--keep"] if args.keep else []),
+               "--stop-file", f"{guest.SHARE_IN_GUEST}/stop", "--save-log", "-", *(["--keep"] if args.keep else []),
                *([] if problem else ["--host-link", f"{link.guest_address}/{link.prefix}"])]
     saved: list[str] = []
     capturing = False
@@ -62,12 +62,12 @@ def run(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     def on_interrupt(*_: object) -> None:
-        stop_file.touch()  # the guest sees the host's files: it stops cleanly on its own
+        (share / "stop").touch()  # seen at once on the guest's uncached share: it stops cleanly on its own
 
     signal.signal(signal.SIGINT, on_interrupt)
     try:
         result = guest.run_in_guest(shlex.join(command), timeout=86400 if args.keep else 900, memory="1536M",
-                                    on_line=on_line, tap=None if problem else link.name)
+                                    on_line=on_line, tap=None if problem else link.name, share=share)
     except guest.GuestUnavailable as exc:
         if args.backend == "guest":
             print(f"kipvs demo: {exc}", file=sys.stderr)
@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return _memory(args, str(exc))
     finally:
         link.remove()
-        stop_file.unlink(missing_ok=True)
-        os.rmdir(stop_file.parent)
+        shutil.rmtree(share, ignore_errors=True)
     if saved:
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
         LOG_FILE.write_text("\n".join(saved) + "\n")

@@ -15,6 +15,7 @@ import ipaddress
 import subprocess
 from dataclasses import dataclass
 
+from kipvs.guest.vm import GUEST_NIC, time_scale
 from kipvs.planner.endpoint_marks import interface_name
 
 BRIDGE = "kipvs-br"
@@ -78,8 +79,6 @@ def build_nodes(nodes: list[NodeSpec]) -> None:
 
 def host_link(address: str) -> None:
     """The guest's end of the link from the host (its virtio NIC, a tap device on the host)."""
-    from kipvs.guest.vm import GUEST_NIC
-
     sh("ip", "addr", "add", address, "dev", GUEST_NIC)
     sh("ip", "link", "set", GUEST_NIC, "up")
 
@@ -119,7 +118,7 @@ async def in_node(node: str, *argv: str, within: float = 10) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec("ip", "netns", "exec", node, *argv,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        out, _ = await asyncio.wait_for(process.communicate(), within)
+        out, _ = await asyncio.wait_for(process.communicate(), within * time_scale())
     except TimeoutError:
         process.kill()
         await process.wait()

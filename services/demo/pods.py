@@ -1,5 +1,6 @@
 """The demo's pods: one process serving HTTP on port 8080 in every pod's network namespace (a socket
-belongs to the namespace it was created in), answering with the pod's name and node.
+belongs to the namespace it was created in), answering with the pod's name and node
+(and, in an ``X-Peer`` header, the source address the connection came from).
 
 Commands on stdin, one per line: ``add NETNS POD NODE`` / ``del NETNS``; it prints ``ok`` after each.
 Run as ``python -m kipvs.demo.pods`` by the demo, inside the guest.
@@ -43,7 +44,10 @@ async def main() -> None:
             async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter, body: bytes = body) -> None:
                 try:
                     await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
-                    w.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    # X-Peer: the source address the pod saw (tests check masquerade / its absence)
+                    peer = w.get_extra_info("peername")[0].encode()
+                    w.write(b"HTTP/1.0 200 OK\r\nX-Peer: %s\r\nContent-Length: %d\r\n\r\n%s"
+                            % (peer, len(body), body))
                     await w.drain()
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     pass

@@ -190,7 +190,7 @@ async def _requests(cluster: Cluster, targets: list[tuple[str, str, int, int]]) 
     state = cluster.node_state(planner, "node-a")
     for label, ip, port, count in targets:
         if real:
-            answers = [await cluster.request("node-a", ip, port) for _ in range(count)]
+            answers = await cluster.requests("node-a", ip, port, count)
             tally = ", ".join(f"{who}: {n}" for who, n in sorted(collections.Counter(answers).items()))
             say(f"      {label} {ip}:{port} x{count} -> {tally}")
         else:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (TimeoutError, NetworkError) as exc:
-        say(f"kipvs demo: {exc}")
+        say(f"kipvs demo: {exc or type(exc).__name__}")
         return 1
 
 

@@ -18,6 +18,7 @@ at ``-m 1G``. See docs/architecture.md ("A real kernel").
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -38,6 +39,10 @@ QEMU = "qemu-system-x86_64"
 # Time-outs inside the guest are written for a fast kernel; under emulation everything is this much slower.
 TIME_SCALE = {"kvm": 1.0, "tcg": 3.0}
 GUEST_NIC = "eth0"  # the guest's end of the host link (virtio-net)
+# Where the guest mounts its read-write share with the host. Unlike the host's root (9p with cache=loose, so
+# a file the host creates later may stay unseen), this share is uncached: a file the host writes into it
+# while the command runs (a stop request) is seen at once.
+SHARE_IN_GUEST = "/run/kipvs"
 
 
 class GuestUnavailable(Exception):
@@ -102,19 +107,22 @@ def qemu_argv(memory: str, xfer: Path, tap: str | None, accel: str) -> list[str]
 
 
 def run_in_guest(command: str, timeout: float = 600, memory: str = "1G",
-                 on_line: Callable[[str], None] | None = None, tap: str | None = None) -> GuestRun:
+                 on_line: Callable[[str], None] | None = None, tap: str | None = None,
+                 share: Path | None = None) -> GuestRun:
     """Boot the guest, run ``command`` (sh, in the checkout, as root) in it, power off.
 
     Returns its exit status and everything it printed (stdout and stderr, in order); ``on_line`` gets each
     line as it comes. ``timeout`` (seconds, wall clock, boot included) kills the guest. With ``tap`` (a host
-    tap device, see :class:`HostLink`), the guest's ``eth0`` is its other end.
+    tap device, see :class:`HostLink`), the guest's ``eth0`` is its other end. ``share`` (a folder of the
+    caller's, default a temporary one) is the guest's SHARE_IN_GUEST, for files the caller writes while
+    the command runs; the caller removes it.
     Raises GuestUnavailable when QEMU or the image is missing, the guest did not boot, or the time ran out.
     """
     reason = unavailable_reason()
     if reason is not None:
         raise GuestUnavailable(reason)
     accel = accelerator()
-    xfer = Path(tempfile.mkdtemp(prefix="kipvs-guest-"))
+    xfer = share or Path(tempfile.mkdtemp(prefix="kipvs-guest-"))
     try:
         (xfer / "command.sh").write_text(_command_script(command, accel))
         console = _console(qemu_argv(memory, xfer, tap, accel), timeout, on_line)
@@ -124,7 +132,10 @@ def run_in_guest(command: str, timeout: float = 600, memory: str = "1G",
             raise GuestUnavailable(f"the guest did not run the command; console:\n{console[-3000:]}")
         return GuestRun(int(status_file.read_text().strip()), match.group(1), accel)
     finally:
-        shutil.rmtree(xfer, ignore_errors=True)
+        for name in ("command.sh", "status", "init-status"):
+            (xfer / name).unlink(missing_ok=True)
+        if share is None:
+            shutil.rmtree(xfer, ignore_errors=True)
 
 
 def _command_script(command: str, accel: str) -> str:
@@ -146,7 +157,7 @@ def _console(argv: list[str], timeout: float, on_line: Callable[[str], None] | N
     """Run QEMU and collect the serial console; lines between the markers go to ``on_line`` as they come.
     QEMU's stdio is a pipe of our own (it sets O_NONBLOCK on it, which must not reach a caller's terminal)."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     timed_out = threading.Event()
 
     def kill() -> None:
@@ -204,6 +215,13 @@ class HostLink:
 
     def remove(self) -> None:
         subprocess.run(["ip", "link", "del", self.name], capture_output=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills QEMU if this process dies, even by SIGKILL (no guest
+    left running behind a killed demo or test run)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -20,7 +20,7 @@ def _endpoint(pod: dict) -> dict:
 
 
 async def _answers(cluster: Cluster, node: str, ip: str, port: int, count: int) -> collections.Counter:
-    return collections.Counter([await cluster.request(node, ip, port) for _ in range(count)])
+    return collections.Counter(await cluster.requests(node, ip, port, count))
 
 
 async def test_changes_flow_through_every_service_and_survive_each_restart() -> None:

@@ -1,0 +1,58 @@
+"""ipset member changes encoded directly (nfnetlink, include/uapi/linux/netfilter/ipset/ip_set.h), for
+:class:`.netlink_batch.BatchSocket`: the entry syntax is kube-proxy's (``10.96.0.10,tcp:80``,
+``10.244.1.5,tcp:8080,10.244.1.5``, ``203.0.113.5,tcp:80,192.0.2.0/24``, ``30080``)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from .netlink_batch import NLA_F_NESTED, NLA_F_NET_BYTEORDER, attr
+
+NFNL_SUBSYS_IPSET = 6
+IPSET_CMD_ADD, IPSET_CMD_DEL = 9, 10
+IPSET_PROTOCOL = 6
+ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA = 1, 2, 7
+ATTR_IP, ATTR_CIDR, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 3, 4, 7, 20, 21
+IPADDR_IPV4, IPADDR_IPV6 = 1, 2
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
+# ipset's "element already exists" / "does not exist" (IPSET_ERR_EXIST) and the plain errnos: the member
+# is as wanted, not an error.
+IPSET_ERR_EXIST = 4103
+
+
+def _ip(kind: int, ip: str) -> bytes:
+    if ":" in ip:
+        inner = attr(IPADDR_IPV6 | NLA_F_NET_BYTEORDER, socket.inet_pton(socket.AF_INET6, ip))
+    else:
+        inner = attr(IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_pton(socket.AF_INET, ip))
+    return attr(kind | NLA_F_NESTED, inner)
+
+
+def _port(port: str) -> bytes:
+    return attr(ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(port)))
+
+
+def data(set_type: str, entry: str) -> bytes:
+    """The IPSET_ATTR_DATA attribute for one member of a set of ``set_type``; ValueError if malformed."""
+    if set_type == "bitmap:port":
+        inner = _port(entry)
+    elif set_type == "hash:ip":
+        inner = _ip(ATTR_IP, entry)
+    else:
+        parts = entry.split(",")
+        protocol, _, port = parts[1].partition(":")
+        inner = _ip(ATTR_IP, parts[0]) + _port(port) + attr(ATTR_PROTO, bytes([PROTOCOLS[protocol.lower()]]))
+        if set_type == "hash:ip,port,ip":
+            inner += _ip(ATTR_IP2, parts[2])
+        elif set_type == "hash:ip,port,net":
+            net, _, prefix = parts[2].partition("/")
+            inner += _ip(ATTR_IP2, net) + attr(ATTR_CIDR2, bytes([int(prefix or (128 if ":" in net else 32))]))
+    return attr(ATTR_DATA | NLA_F_NESTED, inner)
+
+
+def request(add: bool, set_name: str, family: int, data_attr: bytes) -> tuple[int, bytes]:
+    """(netlink message type, payload) of one member change; ``family`` is socket.AF_INET or AF_INET6."""
+    body = (struct.pack("=BBH", family, 0, 0) + attr(ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
+            + attr(ATTR_SETNAME, set_name.encode() + b"\0") + data_attr)
+    return (NFNL_SUBSYS_IPSET << 8) | (IPSET_CMD_ADD if add else IPSET_CMD_DEL), body

@@ -1,0 +1,100 @@
+"""Netlink requests sent many per system call, acknowledgements read without the event loop.
+
+The kernel executes a generic-netlink (IPVS) or nfnetlink (ipset) request inside the ``send`` that carries
+it and queues its acknowledgement before ``send`` returns, so a batch is: one non-blocking ``send`` of
+every encoded request, then draining the acknowledgements already waiting on the socket (an event-loop
+wait happens only if the kernel has not queued them all, which it does not do for these families).
+``NETLINK_CAP_ACK`` keeps each acknowledgement at 36 bytes instead of echoing the whole request.
+
+Encoding is in :mod:`.ipvs_wire` and :mod:`.ipset_wire` (include/uapi/linux/ip_vs.h, netfilter/ipset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import struct
+
+NETLINK_GENERIC, NETLINK_NETFILTER = 16, 12
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR = 2
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
+_HEADER = struct.Struct("=IHHII")
+_ACK = struct.Struct("=IHHIIi")
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute (type, length, payload padded to 4 bytes)."""
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def header(length: int, kind: int, seq: int) -> bytes:
+    return _HEADER.pack(16 + length, kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+
+
+class BatchError(Exception):
+    """The kernel refused request ``index`` of a batch with errno ``code`` (the others were executed)."""
+
+    def __init__(self, index: int, code: int) -> None:
+        name = errno.errorcode.get(code, str(code))
+        super().__init__(f"request {index} of the batch failed: {os.strerror(code)} ({name})")
+        self.index = index
+        self.code = code
+
+
+class BatchSocket:
+    """A netlink socket of one protocol that writes batches of already-encoded requests."""
+
+    def __init__(self, protocol: int) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        with contextlib.suppress(OSError):  # older kernels echo each request in its ack: larger reads only
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        self.sock.bind((0, 0))
+        self.sock.setblocking(False)
+        self.seq = 0
+
+    def reserve(self, count: int) -> int:
+        """Sequence numbers for ``count`` requests: returns the first (they are consecutive, wrapping)."""
+        first = (self.seq + 1) & 0xFFFFFFFF
+        self.seq = (self.seq + count) & 0xFFFFFFFF
+        return first
+
+    async def send(self, messages: list[bytes], first_seq: int, tolerated: frozenset[int] = frozenset()) -> None:
+        """Send ``messages`` (sequence numbers first_seq, first_seq + 1, ...) and collect every ack.
+        Errors whose errno is in ``tolerated`` count as success. Raises BatchError naming the first request
+        the kernel refused otherwise."""
+        data = b"".join(messages)
+        sent = 0
+        while sent < len(data):
+            try:
+                sent += self.sock.send(data[sent:])
+            except BlockingIOError:
+                await asyncio.get_running_loop().sock_sendall(self.sock, data[sent:])
+                sent = len(data)
+        pending = len(messages)
+        failure: BatchError | None = None
+        while pending:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                chunk = await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20)
+            offset = 0
+            while offset + 20 <= len(chunk):
+                length, kind, _, seq, _, code = _ACK.unpack_from(chunk, offset)
+                if kind == NLMSG_ERROR:
+                    pending -= 1
+                    if code and -code not in tolerated and failure is None:
+                        failure = BatchError((seq - first_seq) & 0xFFFFFFFF, -code)
+                offset += (length + 3) & ~3
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        self.sock.close()
