@@ -53,6 +53,7 @@ _MASQ_TAIL = (attr(DEST_FWD, struct.pack("=I", MASQUERADE)), attr(DEST_UTHRESH, 
               + attr(DEST_LTHRESH, struct.pack("=I", 0)))
 
 
+@functools.lru_cache(maxsize=65536)
 def dest(ip: str, port: int, weight: int | None) -> bytes:
     """The IPVS_CMD_ATTR_DEST attribute: a full masquerade entry, or (weight None) just its name."""
     family, raw = _addr(ip)

@@ -22,6 +22,7 @@ NETLINK_GENERIC, NETLINK_NETFILTER = 16, 12
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+SO_RCVBUFFORCE = 33
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
 _HEADER = struct.Struct("=IHHII")
 _ACK = struct.Struct("=IHHIIi")
@@ -52,10 +53,19 @@ class BatchSocket:
 
     def __init__(self, protocol: int) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # Every acknowledgement is its own buffer (about 1 KiB of receive-buffer accounting each), queued
+        # before we read any: the receive buffer bounds the batch. SO_RCVBUFFORCE (CAP_NET_ADMIN, which the
+        # applier has) passes net.core.rmem_max; without it the kernel caps SO_RCVBUF there.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        #: requests per send whose acks surely fit the receive buffer
+        self.batch_limit = max(16, min(1024, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2048))
         with contextlib.suppress(OSError):  # older kernels echo each request in its ack: larger reads only
             self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        self.buffer = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per recv costs more than the syscall
         self.sock.bind((0, 0))
         self.sock.setblocking(False)
         self.seq = 0
@@ -80,14 +90,15 @@ class BatchSocket:
                 sent = len(data)
         pending = len(messages)
         failure: BatchError | None = None
+        buffer = self.buffer
         while pending:
             try:
-                chunk = self.sock.recv(1 << 20)
+                size = self.sock.recv_into(buffer)
             except BlockingIOError:
-                chunk = await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20)
+                size = await asyncio.get_running_loop().sock_recv_into(self.sock, buffer)
             offset = 0
-            while offset + 20 <= len(chunk):
-                length, kind, _, seq, _, code = _ACK.unpack_from(chunk, offset)
+            while offset + 20 <= size:
+                length, kind, _, seq, _, code = _ACK.unpack_from(buffer, offset)
                 if kind == NLMSG_ERROR:
                     pending -= 1
                     if code and -code not in tolerated and failure is None:

@@ -61,7 +61,6 @@ SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
 
 # The kernel reads the netmask attribute's raw bytes as a host-order prefix length for IPv6 (see ipvs_wire).
 V6_NETMASK = socket.inet_ntoa(struct.pack("=I", 128))
-BATCH = 1024  # netlink requests per send: ~150 KB at most, well under the 4 MB socket buffers
 IPSET_ERR_EXIST = ipset_wire.IPSET_ERR_EXIST  # "element already exists" / "element does not exist"
 IPSET_BENIGN = frozenset({errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST})
 
@@ -276,7 +275,8 @@ class NetlinkKernel:
                        for op in ops if isinstance(op, AddService)]
         owned_last = [DelEntry(OWNED_SETS[family_of(op.key[1])], owned_entry(op.key))
                       for op in ops if isinstance(op, DelService)]
-        await self._ipset_batch(owned_first)
+        if owned_first:
+            await self._ipset_batch(owned_first)
         run: list[Op] = []
         kind = ""
         for op in ops:
@@ -288,7 +288,8 @@ class NetlinkKernel:
             run.append(op)
         if run:
             await self._flush(kind, run)
-        await self._ipset_batch(owned_last)
+        if owned_last:
+            await self._ipset_batch(owned_last)
 
     async def _flush(self, kind: str, ops: list[Op]) -> None:
         if kind == "ipvs":
@@ -313,10 +314,10 @@ class NetlinkKernel:
 
     async def _send(self, writer: BatchSocket | None, bodies: list[tuple[int, bytes]], ops: list[Any],
                     tolerated: frozenset[int]) -> None:
-        """Send (kind, body) requests in batches of BATCH, numbering them as they go."""
+        """Send (kind, body) requests in batches the socket's buffer can acknowledge, numbering them."""
         assert writer is not None
-        for start in range(0, len(bodies), BATCH):
-            chunk = bodies[start:start + BATCH]
+        for start in range(0, len(bodies), writer.batch_limit):
+            chunk = bodies[start:start + writer.batch_limit]
             first = writer.reserve(len(chunk))
             messages = [netlink_message(kind, (first + i) & 0xFFFFFFFF, body) for i, (kind, body) in enumerate(chunk)]
             try:
