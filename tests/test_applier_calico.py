@@ -1,6 +1,6 @@
 """Calico's side end to end: real nats-server, the planner service, and the applier service writing the
 endpoint-mark rules into a real nftables table in a network namespace this test creates (the applier's
-IPVS side runs on the memory kernel here; the IPVS kernel is tested in user-mode Linux)."""
+IPVS side runs on the memory kernel here; the IPVS kernel is tested in the QEMU guest)."""
 
 from __future__ import annotations
 

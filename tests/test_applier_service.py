@@ -1,5 +1,5 @@
 """Planner and applier services over a real nats-server; the applier on the memory kernel (the kernel
-itself is tested in user-mode Linux, tests/test_kernel.py)."""
+itself is tested in the QEMU guest, tests/test_kernel.py)."""
 
 from __future__ import annotations
 

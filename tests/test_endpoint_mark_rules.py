@@ -5,8 +5,8 @@ it by a veth whose node side has the Calico interface name of the pod, a "client
 veth. A probe table in the node namespace (priority after kipvs's INPUT chain) counts packets by the mark
 they carry, so each assertion is about what the kernel did to a packet.
 
-(The user-mode-Linux kernel that has IPVS has no nf_tables for ip/ip6/inet: the INPUT -> IPVS -> OUTPUT
-path itself is not exercised here; the OUTPUT rule is checked with locally sent packets.)
+(The host kernel has no IPVS, so the INPUT -> IPVS -> OUTPUT path is exercised in the guest,
+tests/guest/kernel_datapath.py; here the OUTPUT rule is checked with locally sent packets.)
 """
 
 from __future__ import annotations

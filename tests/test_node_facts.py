@@ -1,7 +1,7 @@
 """IPVS-mode detection, live, in a network namespace this test creates on the host's real kernel.
 
 The host kernel has no dummy links and no IPVS: ``kube-ipvs0`` is made here as a veth (Felix and kipvs
-look only at the name and, for the owner, the alias). The user-mode-Linux guest repeats the link part
+look only at the name and, for the owner, the alias). The QEMU guest repeats the link part
 with a real dummy link and IPVS (tests/guest/kernel_applier.py)."""
 
 from __future__ import annotations

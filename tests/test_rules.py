@@ -1,8 +1,8 @@
 """kipvs's nftables table on this host's real kernel, in a network namespace the test creates.
 
-(The user-mode-Linux kernel that has IPVS has no nf_tables for ip/ip6/inet, so rules are tested here;
-IPVS is tested there.) Real packets: the VIP port filter rejects a NEW connection to a VIP on a port that
-is no Service port; loadBalancerSourceRanges let an allowed source through and drop the others."""
+(Fast, on the host kernel, which has nf_tables but no IPVS; the rules and IPVS together are tested in the
+guest, tests/guest/kernel_datapath.py.) Real packets: the VIP port filter rejects a NEW connection to a VIP
+on a port that is no Service port; loadBalancerSourceRanges let an allowed source through and drop the others."""
 
 from __future__ import annotations
 

@@ -83,6 +83,8 @@ def wait_for(predicate, within: float, what: str) -> None:
 
 
 def test_service_converges_survives_sigkill_and_serves_traffic(nats_url: str, tmp_path: Path) -> None:
+    applier_args = ("--nats-url", nats_url, "--node", "node-a", "--drift-period", "2",
+                    "--cluster-cidr", "10.244.0.0/16")
     sh("ipvsadm -C")
     # The golden log ends with the scenario's steps: web scaled down to web-1, pod web-2 deleted.
     everything = EVENTS.read_text().splitlines()
@@ -90,8 +92,8 @@ def test_service_converges_survives_sigkill_and_serves_traffic(nats_url: str, tm
     assert '"web-x1"' in steps[0] and '"MODIFIED"' in steps[0]
     asyncio.run(publish(nats_url, lines, "log"))
     planner = start("planner", "--nats-url", nats_url)
-    # --rules none: this UML kernel has no nf_tables for ip/inet (rules are tested on the host: test_rules.py)
-    applier = start("applier", "--nats-url", nats_url, "--node", "node-a", "--drift-period", "2", "--rules", "none")
+    # With its nftables table (masquerade, VIP port filter): IPVS and the rules in one kernel, as on a node.
+    applier = start("applier", *applier_args)
     try:
         want = expected_table(lines)
         wait_for(lambda: kernel_table() == want, 90, "node-a's kernel to match kipvs plan")
@@ -134,7 +136,7 @@ def test_service_converges_survives_sigkill_and_serves_traffic(nats_url: str, tm
         os.kill(applier.pid, signal.SIGKILL)
         applier.wait(10)
         asyncio.run(publish(nats_url, steps, "steps"))
-        applier = start("applier", "--nats-url", nats_url, "--node", "node-a", "--drift-period", "2", "--rules", "none")
+        applier = start("applier", *applier_args)
         want_after = expected_table(everything)
         assert want_after != want
         wait_for(lambda: kernel_table() == want_after, 90, "node-a to converge after SIGKILL and restart")
