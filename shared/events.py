@@ -74,7 +74,7 @@ class KubeResync(Record, tag="kube.resync"):
 #
 # The planner publishes *shared* state once, on kipvs.plan.all: Services (with every endpoint's node and
 # zone) and node facts. Each node's kernel state is a pure function of that shared state and the node's
-# own name (kipvs.planner.resolve), computed by the applier on the node and by `kipvs plan --node`.
+# own name (kipvs.shared.plan.resolve), computed by the applier on the node and by `kipvs plan --node`.
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
@@ -91,6 +91,9 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc
     node: str = ""
     zone: str = ""
     hints: tuple[str, ...] = ()  # zones this endpoint is hinted for (topology-aware routing)
+    # nodes this endpoint is hinted for (hints.forNodes: trafficDistribution PreferSameNode); added in
+    # schema 1 with a default, so older records read as "no node hints"
+    node_hints: tuple[str, ...] = ()
     ready: bool = True
     serving: bool = True
     terminating: bool = False
@@ -119,6 +122,9 @@ class ServicePlan(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     external_policy_local: bool = False
     internal_policy_local: bool = False
     ports: tuple[PortPlan, ...] = ()
+    # spec.healthCheckNodePort (a LoadBalancer with externalTrafficPolicy Local): every node keeps it in
+    # KUBE-HEALTH-CHECK-NODE-PORT and lets it through the VIP port filter, as kube-proxy does. 0: none.
+    health_check_node_port: int = 0
 
 
 class NodeFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):

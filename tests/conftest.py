@@ -3,15 +3,18 @@ session, with a temporary store; each test gets a clean JetStream (all streams d
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 
+from kipvs.shared.cli import main as kipvs_main
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 
 
@@ -87,3 +90,21 @@ async def sim():
     await simulator.start()
     yield simulator
     await simulator.stop()
+
+
+@pytest.fixture
+def plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """``plan(watch_events, node, fmt, *flags)``: ``kipvs plan`` over the events as a user runs it: the
+    ipvsadm lines, or the parsed JSON."""
+    return _plan_runner(tmp_path, capsys)
+
+
+def _plan_runner(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    def run(events: list[dict[str, Any]], node: str = "node-a", fmt: str = "ipvsadm", *extra: str) -> Any:
+        f = tmp_path / "events.jsonl"
+        f.write_text("".join(json.dumps(e) + "\n" for e in events))
+        capsys.readouterr()
+        assert kipvs_main(["plan", "--events", str(f), "--node", node, "--format", fmt, *extra]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out) if fmt == "json" else out.splitlines()
+    return run

@@ -51,7 +51,8 @@ def endpoint_slice(name: str, service_name: str, endpoints: list[dict[str, Any]]
 
 
 def endpoint(ip: str, node_name: str = "node-a", ready: bool = True, serving: bool | None = None,
-             terminating: bool = False, zone: str | None = None, hints: list[str] | None = None) -> dict[str, Any]:
+             terminating: bool = False, zone: str | None = None, hints: list[str] | None = None,
+             node_hints: list[str] | None = None) -> dict[str, Any]:
     ep: dict[str, Any] = {"addresses": [ip], "nodeName": node_name,
                           "conditions": {"ready": ready, "serving": ready if serving is None else serving,
                                          "terminating": terminating}}
@@ -59,4 +60,6 @@ def endpoint(ip: str, node_name: str = "node-a", ready: bool = True, serving: bo
         ep["zone"] = zone
     if hints is not None:
         ep["hints"] = {"forZones": [{"name": z} for z in hints]}
+    if node_hints is not None:
+        ep.setdefault("hints", {})["forNodes"] = [{"name": n} for n in node_hints]
     return ep

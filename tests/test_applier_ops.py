@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from kipvs.applier.backend import CapabilityError, MemoryKernel
 from kipvs.applier.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddService, DesiredState, diff, digest
-from kipvs.planner.node_state import VirtualService
-from kipvs.planner.resolve import resolve_node, resolve_service
+from kipvs.shared.plan.node_state import VirtualService
+from kipvs.shared.plan.resolve import resolve_node, resolve_service
 from tests import kube
 from tests.test_planner_properties import Driver, step
 

@@ -14,8 +14,8 @@ from kipvs.applier.ops import digest
 from kipvs.planner.core import PlannerConfig
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.planner.replay import plan_events, read_events
-from kipvs.planner.resolve import resolve_node
 from kipvs.shared import bus, config, events, topology
+from kipvs.shared.plan.resolve import resolve_node
 from tests import kube
 from tests.golden.regenerate import EVENTS
 from tests.helpers import eventually, publish_kube, start_service
@@ -193,7 +193,7 @@ def test_the_applier_restores_from_its_cache_before_connecting(tmp_path) -> None
     from pathlib import Path
 
     from kipvs.applier import plan_cache
-    from kipvs.planner.plan_state import SharedPlan
+    from kipvs.shared.plan.plan_state import SharedPlan
 
     expected = plan_events(read_events(EVENTS.read_text().splitlines(), "x"), PlannerConfig())
     shared = SharedPlan(services=dict(expected.plans), nodes=dict(expected.nodes), seq=expected.seq)
@@ -219,7 +219,7 @@ def test_the_applier_restores_from_its_cache_before_connecting(tmp_path) -> None
 async def test_plan_cache_records_the_version_it_wrote_not_the_one_after(tmp_path) -> None:
     """The plan moves on while the file is written: the next round must write again."""
     from kipvs.applier import plan_cache
-    from kipvs.planner.plan_state import SharedPlan
+    from kipvs.shared.plan.plan_state import SharedPlan
 
     shared = SharedPlan(seq=1)
     writer = plan_cache.CacheWriter(tmp_path / "cache", "node-a")

@@ -47,7 +47,7 @@ def test_zero_timeout_removes_at_once() -> None:
 
 def test_a_restarted_applier_resumes_drains_it_finds_at_weight_zero() -> None:
     from kipvs.applier.ops import DelReal
-    from kipvs.planner.node_state import NodeState, VirtualService
+    from kipvs.shared.plan.node_state import NodeState, VirtualService
 
     tcp, udp = ("TCP", "10.96.0.10", 80), ("UDP", "10.96.0.53", 53)
     observed = NodeState()

@@ -17,18 +17,6 @@ def added(*objs: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"type": "ADDED", "object": o} for o in objs]
 
 
-@pytest.fixture
-def plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    def run(events: list[dict[str, Any]], node: str = "node-a", fmt: str = "ipvsadm", *extra: str) -> Any:
-        f = tmp_path / "events.jsonl"
-        f.write_text("".join(json.dumps(e) + "\n" for e in events))
-        capsys.readouterr()
-        assert kipvs(["plan", "--events", str(f), "--node", node, "--format", fmt, *extra]) == 0
-        out = capsys.readouterr().out
-        return json.loads(out) if fmt == "json" else out.splitlines()
-    return run
-
-
 def web(**spec: Any) -> dict[str, Any]:
     return kube.service("web", cluster_ip="10.96.0.10", **spec)
 

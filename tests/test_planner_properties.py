@@ -16,16 +16,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kipvs.planner.core import Planner
-from kipvs.planner.plan_state import SharedPlan
-from kipvs.planner.resolve import resolve_node
 from kipvs.shared import events
+from kipvs.shared.plan.plan_state import SharedPlan
+from kipvs.shared.plan.resolve import resolve_node
 from tests import kube
 
 NODE_NAMES = ("node-a", "node-b")
 IPS = [f"10.244.0.{i}" for i in range(1, 7)]
 
-node_obj = st.builds(lambda name, zone, ip: kube.node(name, ip, zone=zone), st.sampled_from(NODE_NAMES),
-                     st.sampled_from(["z1", "z2", None]), st.sampled_from(["192.0.2.1", "192.0.2.2", "bad-ip"]))
+def _node(name: str, zone: str | None, ip: str, malformed: bool) -> dict[str, Any]:
+    obj = kube.node(name, ip, zone=zone)
+    if malformed:
+        obj["status"] = "Ready"  # an invalid-node warning, and planned as absent
+    return obj
+
+
+node_obj = st.builds(_node, st.sampled_from(NODE_NAMES), st.sampled_from(["z1", "z2", None]),
+                     st.sampled_from(["192.0.2.1", "192.0.2.2", "bad-ip"]), st.booleans())
 
 
 @st.composite
@@ -41,7 +48,11 @@ def service_obj(draw: st.DrawFn) -> dict[str, Any]:
                        externalTrafficPolicy=draw(st.sampled_from(["Cluster", "Local"])),
                        internalTrafficPolicy=draw(st.sampled_from(["Cluster", "Local"])))
     if kind == "LoadBalancer":
-        svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.1"}]}}
+        # sometimes a node's own address (k3s's service load balancer), sometimes shared by two Services
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": draw(st.sampled_from(["203.0.113.1", "192.0.2.1"]))}]}}
+        health_check = draw(st.sampled_from([None, 32210, 70000]))  # 70000: invalid
+        if health_check is not None:
+            svc["spec"]["healthCheckNodePort"] = health_check
     if draw(st.booleans()):
         svc["metadata"]["annotations"] = {"kipvs.io/scheduler": draw(st.sampled_from(["sh", "nope"]))}
     return svc
@@ -52,7 +63,8 @@ def slice_obj(draw: st.DrawFn) -> dict[str, Any]:
     name = draw(st.sampled_from(["e0", "e1", "e2"]))
     endpoints = [kube.endpoint(draw(st.sampled_from([*IPS, "bogus"])), draw(st.sampled_from(NODE_NAMES)),
                                ready=draw(st.booleans()), terminating=draw(st.booleans()),
-                               hints=draw(st.sampled_from([None, ["z1"], ["z2"]])))
+                               hints=draw(st.sampled_from([None, ["z1"], ["z2"]])),
+                               node_hints=draw(st.sampled_from([None, ["node-a"], ["node-b"]])))
                  for _ in range(draw(st.integers(0, 3)))]
     return kube.endpoint_slice(name, draw(st.sampled_from(["s0", "s1", "s2"])), endpoints,
                                ports=[{"name": "http", "port": draw(st.sampled_from([8080, 9090])),

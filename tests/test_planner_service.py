@@ -14,8 +14,8 @@ from pathlib import Path
 import nats
 
 from kipvs.planner.core import Planner
-from kipvs.planner.plan_state import SharedPlan
 from kipvs.shared import bus, events, topology
+from kipvs.shared.plan.plan_state import SharedPlan
 from tests import kube
 from tests.logread import read_stream
 
@@ -145,4 +145,50 @@ async def test_restart_resumes_every_subject_without_gaps_or_repeats(nats_url: s
     got = await counts()
     assert {scope: len(seqs) for scope, seqs in got.items()} == expected
     assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in got.values()), got
+    await nc.close()
+
+
+async def test_live_parity_cases_through_the_planner_service(nats_url: str) -> None:
+    """Issue 12's cases, live: the planner process turns them into the deltas `kipvs plan` agrees with
+    (a duplicate address resolved to its non-terminating copy as the copies come and go, a load-balancer
+    address that is a node's own, two Services on one address)."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    stale = kube.endpoint("10.244.2.7", "node-b", ready=False, serving=False, terminating=True)
+    successor = kube.endpoint("10.244.2.7", "node-a")
+    lb = kube.service("shop", cluster_ip="10.96.0.30", type="LoadBalancer",
+                      ports=[{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}])
+    lb["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}  # node-a's own address
+    objs = [kube.node("node-a", "192.0.2.10"), kube.node("node-b", "192.0.2.11"), kube.service("web"),
+            kube.endpoint_slice("web-new", "web", [successor]), kube.endpoint_slice("web-old", "web", [stale]),
+            lb, kube.service("twin", cluster_ip="10.96.0.31", externalIPs=["192.0.2.10"],
+                             ports=[{"name": "http", "port": 80, "protocol": "TCP"}])]
+    items = [_event(i, o) for i, o in enumerate(objs, 1)]
+    items.append(_event(len(objs) + 1, kube.endpoint_slice("web-new", "web", [successor]), "DELETED"))
+    proc = _planner(nats_url)
+    try:
+        await _publish(js, items)
+        expected = Planner()
+        for seq, (_, env) in enumerate(items, 1):
+            expected.handle(env, seq)
+        deadline = time.monotonic() + 30
+        while await _plan_count(js) < expected.seq:
+            assert time.monotonic() < deadline, f"stuck at {await _plan_count(js)} of {expected.seq} deltas"
+            await asyncio.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    shared = SharedPlan()
+    history = []
+    for _, env in await read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT):
+        shared.apply(env.record)
+        web = shared.services.get("default/web")
+        if web and web.ports[0].endpoints:
+            history.append((web.ports[0].endpoints[0].node, web.ports[0].endpoints[0].terminating))
+    assert ("node-a", False) in history, "while both copies were listed, the successor won"
+    assert history[-1] == ("node-b", True), "once the successor's slice went, only the stale copy is left"
+    assert shared.warnings == expected.warnings
+    codes = {(w.code, w.object) for w in shared.warnings.values()}
+    assert ("service-address-is-node-address", "default/shop") in codes
+    assert ("address-conflict", "default/twin") in codes, "shop and twin share 192.0.2.10:80; shop owns it"
     await nc.close()

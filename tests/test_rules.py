@@ -136,3 +136,15 @@ def test_ruleset_is_deterministic_and_names_fit_nftables() -> None:
     assert text == ruleset(RulesConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/56")), MEMBERS)
     assert "delete table inet kipvs" in text and "ip saddr != { 10.244.0.0/16 }" in text
     assert "ip6 saddr != { fd00:244::/56 }" in text
+
+
+async def test_health_check_node_port_passes_the_vip_port_filter(netns: str) -> None:
+    """A cloud load balancer probes healthCheckNodePort on the LB address (kubernetes PR 117723)."""
+    rules = NftRules(RulesConfig(), netns=netns)
+    await rules.install({**MEMBERS, "KUBE-HEALTH-CHECK-NODE-PORT": {"32210"}})
+    listen = [("203.0.113.5", 32210), ("203.0.113.5", 32211)]
+    connect = [("192.0.2.1", "203.0.113.5", 32210), ("192.0.2.1", "203.0.113.5", 32211)]
+    assert probe(netns, listen, connect) == {"192.0.2.1->203.0.113.5:32210": "connected",
+                                             "192.0.2.1->203.0.113.5:32211": "refused"}
+    await rules.apply([DelEntry("KUBE-HEALTH-CHECK-NODE-PORT", "32210")])
+    assert probe(netns, listen, connect)["192.0.2.1->203.0.113.5:32210"] == "refused"

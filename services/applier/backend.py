@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kipvs.planner.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
+from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
 
 from .ops import (
     AddAddress,

@@ -27,10 +27,10 @@ from typing import Annotated, Literal
 import msgspec
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
-from kipvs.planner.plan_state import SequenceGap, SharedPlan
-from kipvs.planner.resolve import resolve_service
 from kipvs.shared import bus, config, events, logs, runtime, topology
 from kipvs.shared.config import describe
+from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
+from kipvs.shared.plan.resolve import resolve_service
 
 from . import node_facts, plan_cache
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel

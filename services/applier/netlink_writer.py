@@ -23,7 +23,7 @@ from pyroute2.ipset import AsyncIPSet
 from pyroute2.ipvs import IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.planner.node_state import (
+from kipvs.shared.plan.node_state import (
     ALL_IPSETS,
     IPSET_TYPES,
     NodeState,

@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from kipvs.planner.node_state import Contribution, NodeState, RealKey, VirtualService, VSKey, family_of, ipset_name
-from kipvs.planner.resolve import resolve_service
 from kipvs.shared.events import NodeFacts, ServicePlan
+from kipvs.shared.plan.node_state import Contribution, NodeState, RealKey, VirtualService, VSKey, family_of, ipset_name
+from kipvs.shared.plan.resolve import resolve_service
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 
-from kipvs.planner.plan_state import SharedPlan
 from kipvs.shared import events
+from kipvs.shared.plan.plan_state import SharedPlan
 
 from .backend import Backend
 from .ops import DesiredState, diff

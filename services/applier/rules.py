@@ -9,7 +9,8 @@ kept, for parity and for tools that read them) and rules that do kube-proxy's jo
   node port (same exception) is marked 0x4000 and masqueraded after IPVS; hairpin traffic (a pod reaching
   itself through its Service: the KUBE-LOOP-BACK entries) is masqueraded;
 - the VIP port filter (KUBE-IPVS-FILTER's job, kubernetes#72236): a NEW connection to an address on
-  kube-ipvs0 on a port that is no Service port is rejected;
+  kube-ipvs0 on a port that is no Service port is rejected, except a health-check node port
+  (KUBE-HEALTH-CHECK-NODE-PORT: a cloud load balancer probes it on the LB address, kubernetes PR 117723);
 - loadBalancerSourceRanges: traffic to a load-balancer VIP:port with source ranges is dropped unless
   its source is in a range (or is the node itself: the -SOURCE-IP entries);
 - forwarding of marked and established traffic is accepted;
@@ -27,7 +28,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kipvs.planner.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
+from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
 from . import endpoint_mark_rules
 from .backend import CapabilityError, KernelError
@@ -142,6 +143,8 @@ def _chains(config: RulesConfig) -> list[str]:
         firewall.append(f"    {dst} @{s[n('KUBE-LOAD-BALANCER-FW', fam)]} drop")
         for base in ("KUBE-LOAD-BALANCER", "KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP", "KUBE-EXTERNAL-IP-LOCAL"):
             vip_filter.append(f"    {dst} @{s[n(base, fam)]} return")
+        health_check = s[n("KUBE-HEALTH-CHECK-NODE-PORT", fam)]
+        vip_filter.append(f"    meta nfproto {'ipv4' if fam == 4 else 'ipv6'} tcp dport @{health_check} return")
         addr = "ip" if fam == 4 else "ip6"
         vip_filter.append(f"    ct state new {addr} daddr @{s[n('KUBE-IPVS-IPS', fam)]} reject")
         loop_back = s[n("KUBE-LOOP-BACK", fam)]

@@ -17,11 +17,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from kipvs.planner.node_state import RealKey, VirtualService, VSKey
-from kipvs.planner.plan_state import SharedPlan
-from kipvs.planner.resolve import resolve_service
 from kipvs.shared import events, topology
 from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
+from kipvs.shared.plan.node_state import RealKey, VirtualService, VSKey
+from kipvs.shared.plan.plan_state import SharedPlan
+from kipvs.shared.plan.resolve import resolve_service
 
 from . import records
 

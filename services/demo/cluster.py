@@ -26,12 +26,12 @@ from nats.js.errors import NotFoundError
 from kipvs.applier.ops import digest
 from kipvs.guest.vm import time_scale
 from kipvs.planner.core import Planner, PlannerConfig
-from kipvs.planner.node_state import NodeState
 from kipvs.planner.render import ipvsadm
-from kipvs.planner.resolve import resolve_node
 from kipvs.shared import bus, events, topology
 from kipvs.shared.embedded_nats import EmbeddedNats
 from kipvs.shared.log_client import read_all
+from kipvs.shared.plan.node_state import NodeState
+from kipvs.shared.plan.resolve import resolve_node
 from kipvs.simulator import scenario as scenarios
 from kipvs.simulator.server import Simulator
 

@@ -16,6 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from kipvs.shared import events
 from kipvs.shared.events import (
     ClearWarning,
@@ -84,6 +86,13 @@ class Planner:
     node_seq: dict[str, int] = field(default_factory=dict)  # deltas emitted on each node's subject
     node_published: dict[str, SetNodeCalico] = field(default_factory=dict)
     node_ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # Service key -> its node ports
+    # Indexes for the address warnings, kept incrementally: (protocol, ip, port) -> Services holding that
+    # virtual service on every node; external/LB address -> Services; node InternalIP -> nodes.
+    vip_services: dict[tuple[str, str, int], set[str]] = field(default_factory=lambda: defaultdict(set))
+    service_vips: dict[str, frozenset[tuple[str, str, int]]] = field(default_factory=dict)
+    external_services: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    service_externals: dict[str, frozenset[str]] = field(default_factory=dict)
+    address_nodes: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     _dirty: set[str] = field(default_factory=set)
 
     # --- input --------------------------------------------------------------------------------
@@ -221,12 +230,16 @@ class Planner:
         warning_id = f"Node/{name}"
         facts = None
         if obj is not None:
-            facts, problems = parse.node(obj)
-            if problems:
-                self._warn(ops, warning_id, "invalid-node", "Node", name,
-                           f"Node {name}: skipped addresses: " + "; ".join(problems))
+            try:
+                facts, problems = parse.node(obj)
+            except parse.Invalid as exc:  # skipped like an invalid Service: as if absent, and said so
+                self._warn(ops, warning_id, "invalid-node", "Node", name, f"Node {name} skipped: {exc}")
             else:
-                self._clear(ops, warning_id)
+                if problems:
+                    self._warn(ops, warning_id, "invalid-node", "Node", name,
+                               f"Node {name}: skipped addresses: " + "; ".join(problems))
+                else:
+                    self._clear(ops, warning_id)
         else:
             self._clear(ops, warning_id)
         current = self.nodes.get(name)
@@ -237,6 +250,18 @@ class Planner:
         elif facts != current:
             self.nodes[name] = facts
             ops.append(SetNode(facts))
+        before = set(current.addresses) if current else set()
+        after = set(facts.addresses) if facts else set()
+        if before != after:
+            for ip in before - after:
+                self.address_nodes[ip].discard(name)
+                if not self.address_nodes[ip]:
+                    del self.address_nodes[ip]
+            for ip in after - before:
+                self.address_nodes[ip].add(name)
+            affected = set().union(*(self.external_services.get(ip, ()) for ip in before ^ after))
+            for key in sorted(affected):
+                self._check_node_addresses(key, ops)
 
     def _replan(self, key: str, ops: list[PlanOp]) -> None:
         spec = self.services.get(key)
@@ -249,6 +274,7 @@ class Planner:
         elif plan != current:
             self.plans[key] = plan
             ops.append(SetService(plan))
+        self._index_addresses(key, plan, ops)
         ports = tuple(p.node_port for p in plan.ports if p.node_port) if plan else ()
         if ports != self.node_ports.get(key, ()):
             if ports:
@@ -256,6 +282,71 @@ class Planner:
             else:
                 self.node_ports.pop(key, None)
             self._check_node_ports(key, ops)
+
+    def _index_addresses(self, key: str, plan: ServicePlan | None, ops: list[PlanOp]) -> None:
+        """Keep the address indexes for one Service and re-check the warnings its change can move."""
+        vips = frozenset((p.protocol, ip, p.port) for p in plan.ports
+                         for ip in (*plan.cluster_ips, *plan.external_ips, *plan.load_balancer_ips)) \
+            if plan else frozenset()
+        externals = frozenset((*plan.external_ips, *plan.load_balancer_ips)) if plan else frozenset()
+        old_vips = self.service_vips.get(key, frozenset())
+        if vips != old_vips:
+            for vip in old_vips - vips:
+                self.vip_services[vip].discard(key)
+                if not self.vip_services[vip]:
+                    del self.vip_services[vip]
+            for vip in vips - old_vips:
+                self.vip_services[vip].add(key)
+            sharing = {key}.union(*(self.vip_services.get(vip, ()) for vip in old_vips | vips))
+            if vips:
+                self.service_vips[key] = vips
+            else:
+                self.service_vips.pop(key, None)
+            for other in sorted(sharing):
+                self._check_shared_vips(other, ops)
+        old_externals = self.service_externals.get(key, frozenset())
+        if externals != old_externals:
+            for ip in old_externals - externals:
+                self.external_services[ip].discard(key)
+                if not self.external_services[ip]:
+                    del self.external_services[ip]
+            for ip in externals - old_externals:
+                self.external_services[ip].add(key)
+            if externals:
+                self.service_externals[key] = externals
+            else:
+                self.service_externals.pop(key, None)
+            self._check_node_addresses(key, ops)
+
+    def _check_shared_vips(self, key: str, ops: list[PlanOp]) -> None:
+        """address-conflict: two Services on one address, protocol and port. Every node programs the
+        Service first by namespace/name (resolve.py); the warning names the one not honoured and its owner."""
+        lost = sorted((vip, min(self.vip_services[vip])) for vip in self.service_vips.get(key, ())
+                      if min(self.vip_services[vip]) != key)
+        warning_id = f"Service/{key}/address-conflict"
+        if not lost:
+            self._clear(ops, warning_id)
+            return
+        taken = "; ".join(f"{proto} {_hostport(ip, port)} belongs to Service {owner}"
+                          for (proto, ip, port), owner in lost)
+        self._warn(ops, warning_id, "address-conflict", "Service", key,
+                   f"Service {key} is not programmed where another Service holds the same address and port "
+                   f"(the first by namespace/name owns it on every node): {taken}")
+
+    def _check_node_addresses(self, key: str, ops: list[PlanOp]) -> None:
+        """service-address-is-node-address: an external or load-balancer address that is a node's
+        InternalIP. That node keeps it unbound (it owns it); every other node binds it on kube-ipvs0 and
+        from then on reaches the Service, not that node, at that address."""
+        clashes = sorted((ip, sorted(self.address_nodes[ip])) for ip in self.service_externals.get(key, ())
+                         if self.address_nodes.get(ip))
+        warning_id = f"Service/{key}/node-address"
+        if not clashes:
+            self._clear(ops, warning_id)
+            return
+        detail = "; ".join(f"{ip} is the InternalIP of {', '.join(nodes)}" for ip, nodes in clashes)
+        self._warn(ops, warning_id, "service-address-is-node-address", "Service", key,
+                   f"Service {key} uses a node's own address: {detail}. That node leaves it unbound; every "
+                   "other node binds it on kube-ipvs0 and can no longer reach that node at it")
 
     def _warn(self, ops: list[PlanOp], id: str, code: str, kind: str, obj: str, message: str) -> None:
         warning = PlanWarning(id=id, code=code, kind=kind, object=obj, message=message)
@@ -277,9 +368,22 @@ class Planner:
                             warnings=tuple(self.warnings[k] for k in sorted(self.warnings)))
 
 
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _rank(ep: Endpoint) -> tuple[bool, bool, bool, str, str, tuple[str, ...], tuple[str, ...]]:
+    """Lower is better: of two copies of one address, the non-terminating one wins, then the ready one,
+    then the serving one (kube-proxy's endpoint slice cache, kubernetes PR 135593); the rest only makes
+    the choice independent of the order the copies are met in."""
+    return (ep.terminating, not ep.ready, not ep.serving, ep.node, ep.zone, ep.hints, ep.node_hints)
+
+
 def build_plan(spec: parse.ServiceSpec, slices: list[parse.SliceSpec]) -> ServicePlan:
     """A Service's plan: its ports with their endpoints, matched by port name and protocol over every
-    slice (in slice-name order), each ip:port once."""
+    slice (in slice-name order), each ip:port once. An address listed twice (in one slice or in two: a
+    pod stuck terminating and its successor with the same IP) keeps its best copy by :func:`_rank`, so the
+    order of slices and of endpoints never changes the result."""
     ports = []
     for sp in spec.ports:
         endpoints: dict[tuple[str, int], Endpoint] = {}
@@ -289,7 +393,8 @@ def build_plan(spec: parse.ServiceSpec, slices: list[parse.SliceSpec]) -> Servic
                     continue
                 for ep in sl.endpoints:
                     key = (ep.ip, slice_port.port)
-                    if key not in endpoints:
+                    held = endpoints.get(key)
+                    if held is None or _rank(ep) < _rank(held):
                         endpoints[key] = ep if ep.port == slice_port.port else _with_port(ep, slice_port.port)
         ports.append(PortPlan(name=sp.name, protocol=sp.protocol, port=sp.port, node_port=sp.node_port,
                               endpoints=tuple(endpoints[k] for k in sorted(endpoints))))
@@ -297,9 +402,9 @@ def build_plan(spec: parse.ServiceSpec, slices: list[parse.SliceSpec]) -> Servic
                        load_balancer_ips=spec.load_balancer_ips,
                        load_balancer_source_ranges=spec.load_balancer_source_ranges, scheduler=spec.scheduler,
                        persistence_timeout=spec.persistence_timeout, external_policy_local=spec.external_policy_local,
-                       internal_policy_local=spec.internal_policy_local, ports=tuple(ports))
+                       internal_policy_local=spec.internal_policy_local, ports=tuple(ports),
+                       health_check_node_port=spec.health_check_node_port)
 
 
 def _with_port(ep: Endpoint, port: int) -> Endpoint:
-    return Endpoint(ip=ep.ip, port=port, node=ep.node, zone=ep.zone, hints=ep.hints, ready=ep.ready,
-                    serving=ep.serving, terminating=ep.terminating)
+    return msgspec.structs.replace(ep, port=port)

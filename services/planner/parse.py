@@ -51,6 +51,7 @@ class ServiceSpec(msgspec.Struct, frozen=True, gc=False):
     external_policy_local: bool
     internal_policy_local: bool
     ports: tuple[ServicePort, ...]
+    health_check_node_port: int = 0
 
 
 class SlicePort(msgspec.Struct, frozen=True, gc=False):
@@ -188,12 +189,17 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
             problem = (f"annotation {SCHEDULER_ANNOTATION}={wanted!r} is not an IPVS scheduler "
                        f"({', '.join(sorted(SCHEDULERS))}); using {default_scheduler!r}")
     externally_accessible = bool(external_ips or lb_ips or any(p.node_port for p in ports))
+    external_local = externally_accessible and spec.get("externalTrafficPolicy") == "Local"
+    health_check = 0
+    if kind == "LoadBalancer" and external_local:  # kube-proxy's NeedsHealthCheck (pkg/api/v1/service)
+        health_check = _port(spec.get("healthCheckNodePort") or 0, "spec.healthCheckNodePort", allow_zero=True)
     return ServiceSpec(
         key=object_key(obj), cluster_ips=cluster_ips, external_ips=external_ips,
         load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(ranges), scheduler=scheduler,
         scheduler_problem=problem, persistence_timeout=persistence,
-        external_policy_local=externally_accessible and spec.get("externalTrafficPolicy") == "Local",
-        internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports))
+        external_policy_local=external_local,
+        internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports),
+        health_check_node_port=health_check)
 
 
 class _Conditions(msgspec.Struct):
@@ -206,8 +212,13 @@ class _ForZone(msgspec.Struct):
     name: str = ""
 
 
+class _ForNode(msgspec.Struct):
+    name: str = ""
+
+
 class _Hints(msgspec.Struct, rename="camel"):
     for_zones: list[_ForZone] | None = None
+    for_nodes: list[_ForNode] | None = None
 
 
 class _Endpoint(msgspec.Struct, rename="camel"):
@@ -274,19 +285,21 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
             continue
         c = ep.conditions
         hints = tuple(sorted({z.name for z in ep.hints.for_zones or ()} - {""})) if ep.hints else ()
+        node_hints = tuple(sorted({n.name for n in ep.hints.for_nodes or ()} - {""})) if ep.hints else ()
         if c is None:
             endpoints.append(Endpoint(ip=ip, port=first_port, node=ep.node_name or "", zone=ep.zone or "",
-                                      hints=hints))
+                                      hints=hints, node_hints=node_hints))
         else:
             endpoints.append(Endpoint(ip=ip, port=first_port, node=ep.node_name or "", zone=ep.zone or "",
-                                      hints=hints, ready=c.ready is not False, serving=c.serving is not False,
-                                      terminating=c.terminating is True))
+                                      hints=hints, node_hints=node_hints, ready=c.ready is not False,
+                                      serving=c.serving is not False, terminating=c.terminating is True))
     return SliceSpec(key=object_key(obj), service_key=f"{sl.metadata.namespace}/{service_name}", ports=tuple(ports),
                      endpoints=tuple(endpoints), problems=tuple(problems))
 
 
 def node(obj: dict[str, Any]) -> tuple[NodeFacts, tuple[str, ...]]:
-    """The node's facts and the problems found (addresses skipped)."""
+    """The node's facts and the problems found (addresses skipped). Invalid when the object's shape is
+    wrong (labels not an object, status not an object, addresses not a list), naming the field."""
     meta = _mapping(obj.get("metadata"), "metadata")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     status = _mapping(obj.get("status"), "status")

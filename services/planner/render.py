@@ -7,8 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kipvs.shared.events import PlanWarning, SetNodeCalico
-
-from .node_state import NodeState, VirtualService, sort_key_ip
+from kipvs.shared.plan.node_state import NodeState, VirtualService, sort_key_ip
 
 _PROTOCOL_FLAG = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
 

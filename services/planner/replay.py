@@ -16,14 +16,14 @@ import asyncio
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
 from kipvs.shared import events, topology
+from kipvs.shared.plan.resolve import resolve_node
 
 from .core import Planner, PlannerConfig
 from .render import ipvsadm, json_text
-from .resolve import resolve_node
 
 KINDS = set(events.KUBE_KINDS)
 
@@ -32,20 +32,40 @@ class ReplayError(Exception):
     pass
 
 
-def read_events(lines: Iterable[str], source: str = "-") -> Iterator[events.Envelope]:
-    """Watch-format lines as envelopes. Unreadable lines raise ReplayError naming the line; objects of kinds
-    kipvs does not watch are skipped (they cannot matter to the plan)."""
-    for number, line in enumerate(lines, 1):
+def read_events(lines: Iterable[str | bytes], source: str = "-",
+                report: Callable[[str], None] | None = None) -> Iterator[events.Envelope]:
+    """Watch-format lines (text, or bytes decoded here as UTF-8) as envelopes. Unreadable lines raise
+    ReplayError naming the line. Skipped: objects of kinds kipvs does not watch (they cannot matter to the
+    plan), BOOKMARK events (a position in the watch, no object), and ERROR events (a 410 Expired or another
+    Status the API server sent instead of an object), each of the latter reported through ``report``."""
+    for number, raw in enumerate(lines, 1):
+        where = f"{source}:{number}"
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ReplayError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
+        else:
+            line = raw
         if not line.strip():
             continue
-        where = f"{source}:{number}"
         try:
             doc = json.loads(line)
         except ValueError as exc:
             raise ReplayError(f"{where}: not JSON: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("type") not in ("ADDED", "MODIFIED", "DELETED") \
+        kind_of_event = doc.get("type") if isinstance(doc, dict) else None
+        if kind_of_event == "BOOKMARK":
+            continue
+        if kind_of_event == "ERROR":
+            status = doc.get("object") if isinstance(doc.get("object"), dict) else {}
+            if report is not None:
+                report(f"{where}: ERROR event skipped (code {status.get('code', '?')}, "
+                       f"{status.get('reason') or 'no reason'}: {status.get('message') or 'no message'})")
+            continue
+        if not isinstance(doc, dict) or kind_of_event not in ("ADDED", "MODIFIED", "DELETED") \
                 or not isinstance(doc.get("object"), dict):
-            raise ReplayError(f'{where}: not a watch event ({{"type": "ADDED"|"MODIFIED"|"DELETED", "object": ...}})')
+            raise ReplayError(f'{where}: not a watch event ({{"type": "ADDED"|"MODIFIED"|"DELETED"|"BOOKMARK"|'
+                              '"ERROR", "object": ...}})')
         obj = doc["object"]
         kind = obj.get("kind")
         if kind not in KINDS:
@@ -84,15 +104,19 @@ def _from_file(args: argparse.Namespace, config: PlannerConfig) -> Planner:
     if args.at and not args.at.isdigit():
         raise ReplayError("--at with --events takes a number of lines (a file has no times); use the log for times")
     try:
-        stream: IO[str] = sys.stdin if args.events == "-" else open(args.events, encoding="utf-8")  # noqa: SIM115
+        stream: IO[bytes] = sys.stdin.buffer if args.events == "-" else open(args.events, "rb")  # noqa: SIM115
     except OSError as exc:
         raise ReplayError(str(exc)) from None
     try:
         lines = itertools.islice(stream, int(args.at)) if args.at else stream
-        return plan_events(read_events(lines, args.events), config)
+        return plan_events(read_events(lines, args.events, report=_note), config)
     finally:
-        if stream is not sys.stdin:
+        if stream is not sys.stdin.buffer:
             stream.close()
+
+
+def _note(message: str) -> None:
+    print(f"kipvs plan: {message}", file=sys.stderr)
 
 
 async def _from_log(args: argparse.Namespace, config: PlannerConfig) -> Planner:

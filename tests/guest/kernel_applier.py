@@ -20,7 +20,7 @@ from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, Desired
 from kipvs.planner.core import Planner
 from kipvs.planner.render import ipvsadm
 from kipvs.planner.replay import plan_events, read_events
-from kipvs.planner.resolve import resolve_service
+from kipvs.shared.plan.resolve import resolve_service
 from tests.golden.regenerate import EVENTS
 
 NODE = "node-a"

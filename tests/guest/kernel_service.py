@@ -20,9 +20,9 @@ import pytest
 from kipvs.planner.core import PlannerConfig
 from kipvs.planner.render import ipvsadm
 from kipvs.planner.replay import plan_events, read_events
-from kipvs.planner.resolve import resolve_node
 from kipvs.shared import bus, topology
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+from kipvs.shared.plan.resolve import resolve_node
 from tests.golden.regenerate import EVENTS
 
 KIPVS = str(Path(sys.executable).parent / "kipvs")

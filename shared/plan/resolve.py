@@ -35,6 +35,11 @@ def resolve_service(plan: ServicePlan, node: NodeFacts | None) -> Contribution:
                     if ep.node == node.name:
                         out.ipset_entries.add((ipset_name("KUBE-LOOP-BACK", family),
                                                f"{ep.ip},{port.protocol.lower()}:{ep.port},{ep.ip}"))
+    if plan.health_check_node_port:
+        # every node, as kube-proxy: the load balancer's probe must pass the VIP port filter (kubernetes
+        # PR 117723), whether or not this node has a local endpoint (the answer says which)
+        for family in families:
+            out.ipset_entries.add((ipset_name("KUBE-HEALTH-CHECK-NODE-PORT", family), str(plan.health_check_node_port)))
     return out
 
 

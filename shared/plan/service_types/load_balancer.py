@@ -1,6 +1,9 @@
 """LoadBalancer: one virtual service per ingress IP (ipMode Proxy entries were dropped when parsing),
-bound to kube-ipvs0; loadBalancerSourceRanges become the -FW / -SOURCE-CIDR / -SOURCE-IP sets the
-applier's firewall rules match, exactly as kube-proxy fills them."""
+bound to kube-ipvs0 unless the node owns the address (an ingress IP equal to a node's InternalIP, as with
+k3s's service load balancer: binding it would put the node's own address in KUBE-IPVS-IPS and the VIP
+port filter would refuse ssh and the kubelet on it; kube-proxy checks every external address against the
+node's before binding, kubernetes issue 114815); loadBalancerSourceRanges become the -FW / -SOURCE-CIDR /
+-SOURCE-IP sets the applier's firewall rules match, exactly as kube-proxy fills them."""
 
 from __future__ import annotations
 
@@ -15,13 +18,15 @@ from .common import entry, virtual_service
 def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | None,
             endpoints: tuple[Endpoint, ...], out: Contribution) -> None:
     ranges = [ipaddress.ip_network(r) for r in plan.load_balancer_source_ranges]
-    node_ips = [ipaddress.ip_address(ip) for ip in (node.addresses if node else ())]
+    own = set(node.addresses) if node else set()
+    node_ips = [ipaddress.ip_address(ip) for ip in own]
     allow_from_node = any(ip in net for net in ranges for ip in node_ips if ip.version == net.version)
     for ip in plan.load_balancer_ips:
         if family_of(ip) != family:
             continue
         out.virtual_services.append(virtual_service(plan, port.protocol, ip, port.port, endpoints))
-        out.addresses.add(ip)
+        if ip not in own:
+            out.addresses.add(ip)
         e = entry(ip, port.protocol, port.port)
         out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER", family), e))
         if plan.external_policy_local:

@@ -59,6 +59,7 @@ IPSET_TYPES: dict[str, str] = {
     "KUBE-NODE-PORT-SCTP-HASH": "hash:ip,port",
     "KUBE-NODE-PORT-LOCAL-SCTP-HASH": "hash:ip,port",
     "KUBE-IPVS-IPS": "hash:ip",
+    "KUBE-HEALTH-CHECK-NODE-PORT": "bitmap:port",
 }
 ALL_IPSETS: tuple[str, ...] = tuple(ipset_name(base, fam) for fam in (4, 6) for base in IPSET_TYPES)
 
