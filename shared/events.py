@@ -354,6 +354,8 @@ def from_json(data: bytes | str) -> Envelope:
 
 
 def _decode(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:
+    if not data:
+        raise MalformedMessage("empty message: not a kipvs envelope")
     try:
         head = head_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -83,9 +83,12 @@ async def history(args: argparse.Namespace, out: Any = None) -> int:
         print(f"{label}: {len(changes_seen)} recorded changes", file=out)
     previous: dict[str, Any] | None = None
     for entry in changes_seen:
-        assert entry.envelope is not None
-        record = entry.envelope.record
-        assert isinstance(record, events.KubeEvent)
+        record = entry.envelope.record if entry.envelope is not None else None
+        if not isinstance(record, events.KubeEvent):
+            # garbage or another record type on an object subject: shown, never a crash
+            what = type(record).__name__ if record is not None else "not a kipvs envelope"
+            print(f"KUBE #{entry.seq} unreadable record skipped ({what})", file=out)
+            continue
         after = None if record.action == "DELETED" else record.object
         deltas = caused.get(entry.envelope.id, [])
         if args.json:

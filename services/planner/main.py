@@ -79,10 +79,28 @@ async def last_published(js: JetStreamContext) -> dict[str, tuple[int, int]]:
         return out
     for subject in (info.state.subjects or {}):
         raw = await js.get_last_msg(topology.PLAN_STREAM, subject)
-        record = events.decode(raw.data).record
-        assert isinstance(record, events.PlanDelta)
-        out[record.scope] = (record.seq, raw.seq)
+        found = _delta_position(raw.data, raw.seq)
+        if found is None:
+            # Not a delta (garbage or an empty message someone published): the last usable one counts.
+            log.warning("the last message on %s (stream seq %d) is not a plan delta; reading the subject back",
+                        subject, raw.seq)
+            async for msg in bus.read_stream(js, topology.PLAN_STREAM, subject):
+                found = _delta_position(msg.data, msg.metadata.sequence.stream) or found
+        if found is not None:
+            scope, seq, stream_seq = found
+            out[scope] = (seq, stream_seq)
     return out
+
+
+def _delta_position(data: bytes | None, stream_seq: int) -> tuple[str, int, int] | None:
+    """(scope, delta seq, stream seq) of a usable plan delta message, else None."""
+    try:
+        record = events.decode(data or b"").record
+    except events.ContractError:
+        return None
+    if not isinstance(record, events.PlanDelta):
+        return None
+    return record.scope, record.seq, stream_seq
 
 
 class PlanPublisher:

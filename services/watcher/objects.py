@@ -167,8 +167,11 @@ def reconcile(kind: str, listed: list[dict[str, Any]], logged: dict[str, LoggedO
         entry = logged[key]
         if entry.alive and key not in live and not rv_newer(entry.resource_version, list_rv):
             gone_obj = dict(entry.object)
-            meta = dict(gone_obj.get("metadata", {}))
-            meta["resourceVersion"] = list_rv
+            meta = dict(gone_obj.get("metadata") or {}) if isinstance(gone_obj.get("metadata"), dict) else {}
+            # The log's key names the object even when the logged object itself is broken (a record whose
+            # object lost metadata.name must not stop every watcher start).
+            namespace, _, name = key.rpartition("/")
+            meta.update(name=name, resourceVersion=list_rv, **({"namespace": namespace} if namespace else {}))
             gone_obj["metadata"] = meta
             ident = identify(kind, gone_obj)
             planned.append(Planned(ident, events.KubeEvent(
