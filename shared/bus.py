@@ -28,9 +28,17 @@ from .backoff import Backoff
 log = logging.getLogger("kipvs.bus")
 
 
+class Stopped(Exception):
+    """Told to stop before the first connection to NATS was made."""
+
+
 async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NATS:
-    """Connect, retrying with backoff until the server answers (or ``stop`` is set), then check that
-    the server is new enough. After the first connection nats-py reconnects on its own, forever."""
+    """Connect, retrying with backoff until the server answers (each failure logged with its reason; a
+    stop request ends the wait at once with :class:`Stopped`), then check that the server is new enough.
+    After the first connection nats-py reconnects on its own, forever.
+
+    The first connection is made with a bounded number of attempts per server: with nats-py's unbounded
+    setting, it retries an unreachable server forever inside ``connect()``, silently and deaf to SIGTERM."""
     backoff = Backoff(initial=0.2, maximum=10.0)
 
     async def disconnected() -> None:
@@ -39,23 +47,33 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NAT
     async def reconnected() -> None:
         log.info("NATS connection restored", extra={"url": url})
 
+    last_error: list[Exception] = []
+
     async def error(exc: Exception) -> None:
+        last_error[:] = [exc]
         log.debug("NATS client error: %s", exc)
 
     while True:
+        if stop is not None and stop.is_set():
+            raise Stopped(f"stopped before NATS at {url} could be reached")
         try:
             nc = await nats.connect(
-                url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1.0,
+                url, name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5,
                 allow_reconnect=True, connect_timeout=3, disconnected_cb=disconnected,
                 reconnected_cb=reconnected, error_cb=error,
             )
             break
-        except (OSError, NatsTimeoutError, nats.errors.NoServersError) as exc:
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
             delay = backoff.next()
-            log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, exc, delay)
-            if stop is not None and stop.is_set():
-                raise
-            await asyncio.sleep(delay)
+            cause = last_error[0] if last_error else exc
+            log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, cause or type(cause).__name__, delay)
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+    nc.options["allow_reconnect"] = True  # from now on nats-py reconnects by itself, forever
+    nc.options["max_reconnect_attempts"] = -1
     version = nc.connected_server_version
     topology.check_server_version((version.major, version.minor, version.patch))
     return nc
@@ -147,6 +165,11 @@ class DurableConsumer:
         self.delivered = 0
         self.parked = 0
         self.pending = 0  # messages left in the consumer after the last fetch (lag)
+        self._queued_at: float | None = None  # event-loop time the oldest unhandled input was seen
+
+    def queued_since(self) -> float | None:
+        """When the oldest input not yet handled was fetched (event-loop time); None when none waits."""
+        return self._queued_at
 
     def stop(self) -> None:
         self._stop.set()
@@ -158,12 +181,17 @@ class DurableConsumer:
                 try:
                     msgs = await sub.fetch(self.batch, timeout=0.5)
                 except (TimeoutError, NatsTimeoutError):
+                    self._queued_at = None
                     if self.idle is not None:
                         await self.idle()
                     continue
+                if msgs and self._queued_at is None:
+                    self._queued_at = asyncio.get_running_loop().time()
                 await self._take(msgs)
                 if msgs:
                     self.pending = msgs[-1].metadata.num_pending
+                    # what is still pending was queued no later than now; handled input no longer counts
+                    self._queued_at = asyncio.get_running_loop().time() if self.pending else None
         finally:
             with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
                 await sub.unsubscribe()

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from . import logs
-from .config import ConfigError
+from .config import ConfigError, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser.parse_args(argv[1:])
     try:
         return run_command(args)
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         print(f"kipvs {name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,11 @@ T = TypeVar("T", bound=msgspec.Struct)
 STANDARD_ENV = {"nats_url": "NATS_URL", "kubeconfig": "KUBECONFIG"}
 
 
+class StartupError(Exception):
+    """A problem a user can fix found while starting (an unusable state directory, an unreadable
+    kubeconfig, a port in use): ``kipvs`` prints it as one sentence and exits 2, no traceback."""
+
+
 class ConfigError(Exception):
     pass
 
@@ -44,6 +49,9 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                              msgspec.Meta(ge=1, le=5)] = 1
     http_listen: Annotated[str, describe(
         "host:port for /healthz, /readyz and /metrics; empty disables it")] = "127.0.0.1:0"
+    healthz_stale_after: Annotated[float, describe(
+        "seconds an input may wait unhandled before /healthz reports 503 (kube-proxy's healthz meaning)"),
+        msgspec.Meta(gt=0)] = 60.0
     log_format: Annotated[Literal["human", "json"], describe("log line format")] = "human"
     log_level: Annotated[Literal["debug", "info", "warning", "error"], describe("log level")] = "info"
 

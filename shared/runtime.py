@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from . import bus, logs, topology
-from .config import CommonConfig
+from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, default_state_dir
 from .metrics import Registry
 
@@ -47,6 +47,9 @@ class ServiceContext:
     metrics: Registry = field(default_factory=Registry)
     ready_reason: str = "starting"
     http_port: int = 0
+    # When the oldest input not yet handled arrived (event-loop time), None when nothing waits: the
+    # service's consumer sets it (see bus.DurableConsumer.queued_since); /healthz fails past the bound.
+    queued_since: Callable[[], float | None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -78,7 +81,11 @@ async def nats_server_for(config: CommonConfig):
         yield running.url
         return
     server = EmbeddedNats(where)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        raise StartupError(f"cannot use the state directory {where} for the embedded NATS server: "
+                           f"{exc.strerror or exc} (set --state-dir / KIPVS_STATE_DIR, or --nats-url)") from None
     log.info("no --nats-url / NATS_URL: started an embedded NATS server at %s (state in %s)", server.url, where)
     try:
         yield server.url
@@ -86,38 +93,81 @@ async def nats_server_for(config: CommonConfig):
         await server.stop()
 
 
-async def _start_http(ctx: ServiceContext, listen: str) -> web.AppRunner | None:
+@dataclass
+class Health:
+    """What the HTTP endpoints report, from before NATS is reached until the service stops.
+
+    - ``/livez``: the process's event loop answers and the service's main task has not ended;
+    - ``/healthz`` (kube-proxy's meaning): no input has been waiting longer than ``stale_after`` seconds
+      without being handled; a NATS outage alone does not make it fail (restarting cannot fix it);
+    - ``/readyz``: connected and caught up, as the service says (``set_ready``).
+    """
+
+    stale_after: float
+    phase: str = "starting"
+    ctx: ServiceContext | None = None
+    main_task: asyncio.Task | None = None
+    metrics: Registry = field(default_factory=Registry)
+
+    def live(self) -> tuple[bool, str]:
+        if self.main_task is not None and self.main_task.done():
+            return False, "the service's main loop has ended"
+        return True, "alive"
+
+    def healthy(self) -> tuple[bool, str]:
+        live, reason = self.live()
+        if not live:
+            return False, reason
+        ctx = self.ctx
+        since = ctx.queued_since() if ctx is not None and ctx.queued_since is not None else None
+        if since is not None:
+            waited = asyncio.get_running_loop().time() - since
+            if waited > self.stale_after:
+                return False, f"input queued {waited:.0f}s ago is not handled yet (bound {self.stale_after:.0f}s)"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        ctx = self.ctx
+        if ctx is None:
+            return False, self.phase
+        if not ctx.nc.is_connected:
+            return False, "NATS connection down"
+        return (True, "ready") if ctx.ready else (False, ctx.ready_reason)
+
+
+async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None, int]:
     if not listen:
-        return None
+        return None, 0
 
-    async def healthz(_: web.Request) -> web.Response:
-        if ctx.nc.is_connected:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="NATS connection down\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        if ctx.ready and ctx.nc.is_connected:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=(ctx.ready_reason or "NATS connection down") + "\n")
+    def endpoint(check: Callable[[], tuple[bool, str]]):
+        async def handler(_: web.Request) -> web.Response:
+            ok, reason = check()
+            return web.Response(status=200 if ok else 503, text=reason + "\n")
+        return handler
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=ctx.metrics.render(), content_type="text/plain", charset="utf-8",
+        return web.Response(text=health.metrics.render(), content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/livez", endpoint(health.live))
+    app.router.add_get("/healthz", endpoint(health.healthy))
+    app.router.add_get("/readyz", endpoint(health.ready))
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on {listen} for health and metrics: {exc.strerror or exc}") from None
     server = site._server
     sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
-    ctx.http_port = sockets[0].getsockname()[1] if sockets else int(port)
-    log.info("health and metrics on http://%s:%d/ (healthz, readyz, metrics)", host, ctx.http_port)
-    return runner
+    bound = sockets[0].getsockname()[1] if sockets else int(port)
+    log.info("health and metrics on http://%s:%d/ (livez, healthz, readyz, metrics)", host or "127.0.0.1", bound)
+    return runner, bound
 
 
 Main = Callable[[ServiceContext], Awaitable[None]]
@@ -126,21 +176,34 @@ Main = Callable[[ServiceContext], Awaitable[None]]
 async def run_service(name: str, config: CommonConfig, main: Main,
                       consumers: Sequence[topology.ConsumerSpec] = (),
                       stop: asyncio.Event | None = None) -> None:
-    """Run one service until it returns or is told to stop (SIGTERM/SIGINT or ``stop``)."""
+    """Run one service until it returns or is told to stop (SIGTERM/SIGINT or ``stop``).
+
+    The health endpoints come up first, so an unreachable NATS is visible (``/readyz`` says so, the log
+    says why every retry) and SIGTERM ends the wait at once. Raises StartupError for a user's mistake."""
     logs.setup(config.log_format, config.log_level)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with nats_server_for(config) as url:
-        nc = await bus.connect(url, f"kipvs-{name}", stop)
-        try:
-            js = await bus.setup(nc, config.nats_replicas, consumers)
-            ctx = ServiceContext(name=name, config=config, nc=nc, js=js, stop=stop)
-            runner = await _start_http(ctx, config.http_listen)
+    health = Health(stale_after=config.healthz_stale_after)
+    runner, port = await _start_http(health, config.http_listen)
+    try:
+        async with nats_server_for(config) as url:
+            health.phase = f"connecting to NATS at {url}"
             try:
+                nc = await bus.connect(url, f"kipvs-{name}", stop)
+            except bus.Stopped as exc:
+                log.info("%s: %s", name, exc)
+                return
+            try:
+                health.phase = "setting up the streams"
+                js = await bus.setup(nc, config.nats_replicas, consumers)
+                ctx = ServiceContext(name=name, config=config, nc=nc, js=js, stop=stop, metrics=health.metrics,
+                                     http_port=port)
+                health.ctx = ctx
                 task = asyncio.create_task(main(ctx), name=f"{name}-main")
+                health.main_task = task
                 stopper = asyncio.create_task(stop.wait())
                 await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if not task.done():
@@ -153,12 +216,12 @@ async def run_service(name: str, config: CommonConfig, main: Main,
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             finally:
-                if runner is not None:
-                    await runner.cleanup()
-        finally:
-            with contextlib.suppress(Exception):
-                await nc.drain()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(sig)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.drain(), 10)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
     log.info("%s stopped", name)

@@ -33,10 +33,15 @@ def test_default_mask_split_with_wireguard() -> None:
     assert lay.capacity == 1022
 
 
-@pytest.mark.parametrize("mask", [0, 0x1, 0x3F])
+@pytest.mark.parametrize("mask", [0, 0x1, 0x1F])
 def test_masks_too_small_are_refused(mask: int) -> None:
     with pytest.raises(InvalidMask):
         layout(mask)
+
+
+def test_six_bits_is_the_smallest_mask_felix_runs_with_in_ipvs_mode() -> None:
+    lay = layout(0x3F)  # five single bits, one endpoint bit held by the non-Calico mark (tests/test_felix_marks.py)
+    assert lay.endpoint_mask == lay.non_calico == 0x20 and lay.capacity == 0
 
 
 def test_fnv1_test_vectors() -> None:

@@ -74,3 +74,16 @@ def test_reconcile_adds_changes_deletes_and_reports_the_live_set() -> None:
                    ("vanished", "DELETED", "resync", "10")]
     assert resync.live == {"default/same": "5", "default/changed": "8", "default/new": "9"}
     assert resync.resource_version == "10"
+
+
+def test_reconcile_names_a_vanished_object_from_the_log_even_if_its_logged_copy_is_broken() -> None:
+    """A well-formed record whose object lost metadata.name, last on its subject: the watcher's start
+    must not fail on it at every restart (issue 13); the log's key names the object."""
+    broken = {"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "default"}, "spec": {}}
+    planned, _ = reconcile("Service", [], {"default/lost": LoggedObject(True, "5", 7, broken)}, "10")
+    assert [(p.record.namespace, p.record.name, p.record.action) for p in planned] == [
+        ("default", "lost", "DELETED")]
+    assert planned[0].record.object["metadata"]["name"] == "lost"
+    node = {"kind": "Node", "metadata": "garbage"}
+    planned, _ = reconcile("Node", [], {"n1": LoggedObject(True, "5", 8, node)}, "10")
+    assert [(p.record.namespace, p.record.name) for p in planned] == [("", "n1")]

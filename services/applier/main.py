@@ -389,6 +389,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     spec = topology.applier_consumer(cfg.node)
     consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
                                    batch=cfg.batch, idle=idle)
+    ctx.queued_since = consumer.queued_since
 
     async def drift_loop() -> None:
         while not ctx.stop.is_set():

@@ -4,7 +4,8 @@ restart and replay (Felix keeps them in memory only).
 
 Local workload endpoints are Pods scheduled on the node that are not host-network and not finished.
 Marks are allocated in the order endpoints first appear in the log (Felix's collision order); a change of
-the mask re-allocates every live endpoint of the node in that same order.
+the mark layout (the mask in use, WireGuard, eBPF: see felix_config.py) re-allocates every live endpoint of
+the node in that same order.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from kipvs.shared.events import MarkLayoutRecord, PlanWarning, SetNodeCalico
 
-from .endpoint_marks import MarkAllocator, interface_name, layout
+from .endpoint_marks import MarkAllocator, interface_name
 from .felix_config import FelixSettings, effective
 
 
@@ -84,9 +85,9 @@ class CalicoState:
         if previous is None or previous.kube_node_port_ranges != settings.kube_node_port_ranges:
             self._groups = None
         self.settings[node] = settings
-        if current is None or previous is None or (previous.iptables_mark_mask, previous.wireguard_enabled) != (
-                settings.iptables_mark_mask, settings.wireguard_enabled):
-            current = MarkAllocator(layout(settings.iptables_mark_mask, settings.wireguard_enabled))
+        lay = settings.layout()  # valid: effective() keeps the last valid mark settings otherwise
+        if current is None or current.layout != lay:
+            current = MarkAllocator(lay)
             for iface in self.arrival.get(node, []):  # re-allocate deterministically, in arrival order
                 current.mark(iface)
             self.allocators[node] = current
@@ -114,7 +115,7 @@ class CalicoState:
                 id=f"Node/{node}/calico-bpf", code="calico-bpf-dataplane", kind="Node", object=node,
                 message=f"bpfEnabled is true for {node}: Calico's eBPF dataplane replaces kube-proxy and has no "
                         "IPVS support; kipvs writes no endpoint-mark rules there (do not run kipvs on it)"))
-        if alloc.unmarked:
+        if alloc.unmarked and not settings.bpf_enabled:  # in eBPF mode no endpoint is marked, by Felix or kipvs
             pods = sorted(k for k, (n, i) in self.endpoints.items() if n == node and i in alloc.unmarked)
             warnings.append(PlanWarning(
                 id=f"Node/{node}/endpoint-marks-exhausted", code="endpoint-marks-exhausted", kind="Node", object=node,

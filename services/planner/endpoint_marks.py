@@ -1,10 +1,29 @@
 """Calico's endpoint marks for IPVS mode, as Felix computes them. Pure.
 
-Felix (felix/markbits, felix/rules/epmark.go) splits ``iptablesMarkMask`` into single bits (accept, pass,
-drop, scratch0, scratch1, and wireguard when WireGuard is on, lowest set bit first) and an endpoint mask of
-the remaining bits. Each local workload endpoint gets a *position* in 1 .. 2^n - 1 (0 means "no mark"; the
-non-Calico pseudo-endpoint holds the position of the endpoint mask's lowest bit), found by FNV-1 hashing
-its interface name and probing linearly; the mark is the position's bits deposited into the endpoint mask.
+The mark layout follows Felix's allocation in ``felix/dataplane/driver.go`` (``StartDataplaneDriver``), which
+hands the configured mark mask to a ``MarkBitsManager`` (``felix/markbits/mark_bits.go``):
+
+- the mask is ``nftablesMarkMask`` when the node runs Felix's nftables dataplane, else ``iptablesMarkMask``
+  (``Config.MarkMask()``, ``felix/config/config_params.go``); :mod:`.felix_config` picks it;
+- with ``bpfEnabled`` the eBPF programs' fixed bits (``MarksMask`` 0x1ff00000, ``felix/bpf/tc/defs/defs.go``)
+  must all be in the mask, and are taken out of it first;
+- ``NextSingleBitMark`` then hands out single bits, lowest set bit first: accept, pass, drop, scratch0,
+  scratch1, and wireguard when ``wireguardEnabled`` or ``wireguardEnabledV6`` is on (the drop bit is
+  Calico v3.30's; Felix v3.29 and older took four single bits, so their endpoint mask is one bit wider);
+- ``NextBlockBitsMark(AvailableMarkBitCount())`` gives every remaining bit to the endpoint mask, and in
+  IPVS mode the non-Calico mark is the endpoint mask's lowest bit.
+
+Felix refuses a mask with fewer than 2 bits when it loads its configuration, and its dataplane driver panics
+when the mask runs out before scratch1 or the wireguard bit, or, in IPVS mode, when no bit is left for the
+endpoint mask; :func:`layout` raises :class:`InvalidMask` in exactly those cases, and in no other. One
+endpoint bit is enough for Felix to run: its only non-zero position is the non-Calico one, so no workload
+can be marked (capacity 0). kipvs then plans every pod unmarked and says so; it never swaps in a mask the
+operator did not set.
+
+Each local workload endpoint gets a *position* in 1 .. 2^n - 1 (0 means "no mark"; the non-Calico
+pseudo-endpoint holds position 1), found by FNV-1 hashing its interface name and probing linearly
+(``felix/rules/epmark.go``); the mark is the position's bits deposited into the endpoint mask
+(``MapNumberToMark``).
 
 Unlike Felix, whose table lives in memory (marks can change after a restart) and which silently leaves an
 endpoint unmarked when positions run out, this allocator is part of the planner's replayable state (the
@@ -16,7 +35,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-DEFAULT_MASK = 0xFFFF0000
+DEFAULT_MASK = 0xFFFF0000  # Felix's default for iptablesMarkMask and nftablesMarkMask (config_params.go)
+MIN_MASK_BITS = 2  # Felix's MinIptablesMarkBits (felix/config/param_types.go): fewer and the config is refused
+BPF_MARKS = 0x1FF00000  # MarksMask in felix/bpf/tc/defs/defs.go: bits the eBPF programs use unconditionally
+SINGLE_BITS = ("accept", "pass", "drop", "scratch0", "scratch1")  # driver.go's NextSingleBitMark order
 NON_CALICO = "__non_calico__"  # the pseudo-endpoint for traffic from non-workload interfaces
 FNV_OFFSET, FNV_PRIME = 2166136261, 16777619
 
@@ -55,11 +77,12 @@ class MarkLayout:
 
     @property
     def non_calico(self) -> int:
-        return self.endpoint_mask & -self.endpoint_mask  # its lowest set bit
+        return self.endpoint_mask & -self.endpoint_mask  # its lowest set bit (0 with no endpoint mask)
 
     @property
     def positions(self) -> int:
-        return 1 << bin(self.endpoint_mask).count("1")
+        """Positions 0 .. 2^n - 1 (Felix's CurrentFreeNumberOfMark: 0 when no endpoint bit is left)."""
+        return 1 << bin(self.endpoint_mask).count("1") if self.endpoint_mask else 0
 
     @property
     def capacity(self) -> int:
@@ -72,23 +95,38 @@ class MarkLayout:
                 "non_calico": self.non_calico}
 
 
-def layout(mask: int, wireguard: bool = False) -> MarkLayout:
-    """Split the mask as Felix does; InvalidMask if it cannot hold the single bits and an endpoint mask."""
-    if not 0 <= mask <= 0xFFFFFFFF:
-        raise InvalidMask(f"iptablesMarkMask {mask:#x} is not a 32-bit mask")
-    bits = _bits(mask)
-    singles = 6 if wireguard else 5
-    if len(bits) < 2:
-        raise InvalidMask(f"iptablesMarkMask {mask:#x} has fewer than 2 bits")
-    if len(bits) < singles + 2:
-        raise InvalidMask(f"iptablesMarkMask {mask:#x} has {len(bits)} bits; Felix needs {singles} single bits and "
-                          "at least 2 for endpoint marks")
-    taken = bits[:singles]
+def layout(mask: int, wireguard: bool = False, bpf: bool = False, *, setting: str = "iptablesMarkMask") -> MarkLayout:
+    """Split ``mask`` as Felix's ``StartDataplaneDriver`` does (driver.go, with markbits.go's allocator).
+
+    ``wireguard``: WireGuard is on for IPv4 or IPv6 (one bit either way). ``bpf``: the eBPF dataplane, whose
+    fixed bits leave the mask first and where Felix's IPVS support is off, so no endpoint bit is required.
+    :class:`InvalidMask` (naming ``setting``) exactly when Felix would refuse the mask or refuse to start with it.
+    """
+    if isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask <= 0xFFFFFFFF:
+        raise InvalidMask(f"{setting} {mask!r} is not a 32-bit mask")
+    if len(_bits(mask)) < MIN_MASK_BITS:
+        raise InvalidMask(f"{setting} {mask:#x} has fewer than {MIN_MASK_BITS} bits, Felix's minimum")
+    usable, after = mask, ""
+    if bpf:
+        if mask & BPF_MARKS != BPF_MARKS:
+            raise InvalidMask(f"{setting} {mask:#x} does not cover {BPF_MARKS:#x}, the bits Felix's eBPF dataplane "
+                              "uses (bpfEnabled); Felix does not start")
+        usable, after = mask & ~BPF_MARKS, f" besides eBPF's {BPF_MARKS:#x}"
+    bits = _bits(usable)
+    names = [*SINGLE_BITS, "wireguard"] if wireguard else list(SINGLE_BITS)
+    endpoint_bits = 0 if bpf else 1  # IPVS mode needs an endpoint mark (it is off in eBPF mode)
+    if len(bits) < len(names) + endpoint_bits:
+        need = f"{len(names)} single bits ({', '.join(names)})"
+        if endpoint_bits:
+            need += " and at least 1 for endpoint marks in IPVS mode"
+        raise InvalidMask(f"{setting} {mask:#x} has {len(bits)} bits{after}; Felix needs {need} and does not start")
+    single = dict(zip(names, bits, strict=False))
     endpoint_mask = 0
-    for bit in bits[singles:]:
+    for bit in bits[len(names):]:
         endpoint_mask |= bit
-    return MarkLayout(accept=taken[0], pass_=taken[1], drop=taken[2], scratch0=taken[3], scratch1=taken[4],
-                      wireguard=taken[5] if wireguard else 0, endpoint_mask=endpoint_mask)
+    return MarkLayout(accept=single["accept"], pass_=single["pass"], drop=single["drop"],
+                      scratch0=single["scratch0"], scratch1=single["scratch1"], wireguard=single.get("wireguard", 0),
+                      endpoint_mask=endpoint_mask)
 
 
 def deposit(position: int, mask: int) -> int:
@@ -110,7 +148,7 @@ class MarkAllocator:
     unmarked: list[str] = field(default_factory=list)  # endpoints left without a mark (exhausted), in order
 
     def __post_init__(self) -> None:
-        if NON_CALICO not in self.position_of:
+        if NON_CALICO not in self.position_of and self.layout.endpoint_mask:
             position = 1  # the non-Calico mark is the endpoint mask's lowest bit: position 1
             self.position_of[NON_CALICO] = position
             self.taken[position] = NON_CALICO
@@ -120,8 +158,8 @@ class MarkAllocator:
         if interface in self.position_of:
             return deposit(self.position_of[interface], self.layout.endpoint_mask)
         positions = self.layout.positions
-        prospect = fnv1_32(interface.encode()) % positions
-        for i in range(positions):
+        prospect = fnv1_32(interface.encode()) % positions if positions else 0
+        for i in range(positions):  # epmark.go's GetEndpointMark: linear probing, skipping 0 and taken positions
             position = (prospect + i) % positions
             if position == 0 or position in self.taken:
                 continue

@@ -202,6 +202,7 @@ async def plan(ctx: runtime.ServiceContext) -> None:
         await snapshot()
 
     consumer = bus.DurableConsumer(ctx.js, topology.planner_consumer(), "planner", handle, batch=cfg.batch, idle=idle)
+    ctx.queued_since = consumer.queued_since
     m.gauge("kipvs_planner_lag_events", "events in the log not yet planned", read=lambda: consumer.pending)
     ctx.set_not_ready("catching up with the Kubernetes event log")
     await snapshot(force=True)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
+import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from kipvs.shared import config, events, runtime
-from kipvs.shared.config import describe
+from kipvs.shared.config import StartupError, describe
 
 from .event_log import EventLog, open_record_file, read_logged
 from .list_watch import KindWatcher, WatchSettings, list_function
@@ -39,14 +41,21 @@ class WatcherConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
 
 
 async def api_client(cfg: WatcherConfig) -> client.ApiClient:
+    """The Kubernetes client: --kubeconfig, else in-cluster, else ~/.kube/config. StartupError (one
+    sentence) when none can be loaded: a missing, unreadable or malformed file."""
     configuration = client.Configuration()
-    if cfg.kubeconfig:
-        await kube_config.load_kube_config(config_file=cfg.kubeconfig, client_configuration=configuration)
-    else:
-        try:
-            kube_config.load_incluster_config(client_configuration=configuration)
-        except ConfigException:
-            await kube_config.load_kube_config(client_configuration=configuration)
+    where = cfg.kubeconfig or "~/.kube/config (no in-cluster service account either)"
+    try:
+        if cfg.kubeconfig:
+            await kube_config.load_kube_config(config_file=cfg.kubeconfig, client_configuration=configuration)
+        else:
+            try:
+                kube_config.load_incluster_config(client_configuration=configuration)
+            except ConfigException:
+                await kube_config.load_kube_config(client_configuration=configuration)
+    except (ConfigException, OSError, ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise StartupError(f"cannot load the kubeconfig {where}: {reason}") from None
     return client.ApiClient(configuration)
 
 
@@ -100,5 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config.load(WatcherConfig, vars(args))
+    if cfg.kubeconfig and not Path(cfg.kubeconfig).expanduser().is_file():  # before waiting on NATS
+        raise StartupError(f"cannot load the kubeconfig {cfg.kubeconfig}: no such file")
     asyncio.run(runtime.run_service("watcher", cfg, watch))
     return 0
