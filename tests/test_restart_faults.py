@@ -16,7 +16,8 @@ from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.planner.core import PlannerConfig
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.planner.replay import plan_events, read_events
-from kipvs.shared import bus, config, events, topology
+from kipvs.shared import bus, config, events, plan_log, topology
+from kipvs.shared.plan.plan_state import SharedPlan
 from kipvs.shared.plan.resolve import resolve_node
 from tests import kube
 from tests.helpers import eventually, publish_kube, start_service
@@ -140,4 +141,65 @@ async def test_garbage_or_empty_last_plan_message_is_no_crash_loop(nats_url: str
         planner_stop.set()
         await applier
         await planner_task
+    await nc.close()
+
+
+async def _wait_plan(js, count: int) -> None:
+    for _ in range(300):
+        if (await js.stream_info(topology.PLAN_STREAM)).state.last_seq >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the plan stream never reached {count}")
+
+
+async def test_a_deleted_log_record_then_a_restart_never_drops_the_next_change(nats_url: str) -> None:
+    """Records deleted from the event log (or deltas from the plan stream) make the rebuilt planner
+    disagree with what was published; it continues the published sequence with a corrective delta, so
+    the next real change is published and every consumer ends at the planner's state."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    common = {"nats_url": nats_url, "http_listen": ""}
+    planner_cfg = config.load(PlannerServiceConfig, common, {})
+    lines = _service_lines(1, 4)
+    await publish_kube(js, lines, "first")
+    task, stop = start_service("planner", planner_cfg, plan)
+    before = plan_events(read_events(lines, "x"), PlannerConfig())
+    await _wait_plan(js, before.seq)
+    stop.set()
+    await task
+    # An operator deletes the record of Service s2's slice (KUBE seq 4) from the log.
+    await js.delete_msg(topology.KUBE_STREAM, 4)
+    task, stop = start_service("planner", planner_cfg, plan)
+    extra = _service_lines(9, 1)
+    await publish_kube(js, extra, "after")
+    survivors = [line for i, line in enumerate(lines, 1) if i != 4]
+    want = plan_events(read_events([*survivors, *extra], "x"), PlannerConfig())
+    deltas: list[events.PlanDelta] = []
+    for _ in range(200):
+        deltas = [env.record for _, env in await read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+        if any(isinstance(op, events.SetService) and op.service.key == "default/s9" for d in deltas for op in d.ops):
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    assert any(isinstance(op, events.SetService) and op.service.key == "default/s9" for d in deltas for op in d.ops), \
+        "the change after the restart was published"
+    assert [d.seq for d in deltas] == list(range(1, len(deltas) + 1)), "one unbroken sequence"
+    consumer_view = SharedPlan()
+    for d in deltas:
+        consumer_view.apply(d)
+    assert consumer_view.services == want.plans, "consumers hold what the remaining log gives"
+
+    # Now deltas vanish from the plan stream instead (and the snapshot with them): a new node could not
+    # bootstrap across the hole; the restarted planner's snapshot and sequence bridge it.
+    await js.purge_stream(topology.PLAN_STREAM, subject=topology.PLAN_ALL_SUBJECT, keep=1)
+    await (await js.object_store(topology.SNAPSHOT_BUCKET)).delete(topology.snapshot_object("all"))
+    task, stop = start_service("planner", planner_cfg, plan)
+    for _ in range(200):
+        if (await plan_log.published_plan(js)).services == want.plans:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    assert (await plan_log.published_plan(js)).services == want.plans, "snapshot + stream give the state again"
     await nc.close()

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, config, events, logs, runtime, topology
+from kipvs.shared import bus, config, events, logs, plan_log, runtime, topology
 from kipvs.shared.config import describe
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
@@ -120,8 +120,8 @@ class Applier:
         never be delivered again: they are read from the stream by sequence (the snapshot's
         ``plan_stream_seq`` onwards). A restart therefore never programs a state older than the newest one
         published, which is never older than what this node last applied."""
-        self.plan, stream_seq = await self._load_snapshot()
-        caught_up = await self._catch_up(stream_seq)
+        self.plan, stream_seq = await plan_log.load_snapshot(self.ctx.js)
+        caught_up = await plan_log.catch_up(self.ctx.js, self.plan, stream_seq)
         if self.use_interfaces:
             self.local_addresses = await self.kernel.node_addresses()
         self.desired = DesiredState.of(self.plan.services, self.facts())
@@ -136,42 +136,6 @@ class Applier:
         # instance's, newer or older than what the kernel now holds.
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(found),
                                              duration_ms=0.0, desired_digest=self.desired.digest()))
-
-    async def _load_snapshot(self) -> tuple[SharedPlan, int]:
-        """The latest shared snapshot and the plan-stream sequence it covers; an empty plan at stream
-        sequence 0 when there is none or it is unusable (then every delta is read from the stream)."""
-        store = await self.ctx.js.object_store(topology.SNAPSHOT_BUCKET)
-        try:
-            raw = (await store.get(topology.snapshot_object("all"))).data
-        except (ObjectNotFoundError, NotFoundError):
-            return SharedPlan(), 0  # no planner has written one yet: start from the first delta
-        try:
-            snap = events.decode(raw or b"").record
-        except events.ContractError as exc:
-            log.warning("the plan snapshot is unusable (%s); reading every delta from the stream", exc.reason)
-            return SharedPlan(), 0
-        if not isinstance(snap, events.PlanSnapshot):
-            log.warning("the plan snapshot holds a %s; reading every delta from the stream", type(snap).__name__)
-            return SharedPlan(), 0
-        return SharedPlan.from_snapshot(snap), snap.plan_stream_seq
-
-    async def _catch_up(self, after_stream_seq: int) -> int:
-        """Apply the shared deltas stored after ``after_stream_seq``, in order; returns how many."""
-        applied = 0
-        async for msg in bus.read_stream(self.ctx.js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT,
-                                         start_seq=after_stream_seq + 1):
-            try:
-                record = events.decode(msg.data or b"").record
-            except events.ContractError:
-                continue  # parked by whoever consumed it; the consumer will meet it too
-            if not isinstance(record, events.PlanDelta):
-                continue
-            try:
-                applied += self.plan.apply(record)
-            except SequenceGap as exc:
-                log.warning("catching up after the snapshot: %s; the consumer will re-bootstrap", exc)
-                break
-        return applied
 
     async def bootstrap_calico(self) -> None:
         """The node subject's last message is the node's whole Calico state. If that message is unusable (it

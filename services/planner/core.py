@@ -106,12 +106,17 @@ class Planner:
         elif isinstance(record, events.KubeResync):
             self._on_resync(record, ops)
         self.source_seq = source_seq
+        return self.emit(ops, source_seq, envelope.time_ns, envelope.id)
+
+    def emit(self, ops: list[PlanOp], source_seq: int, time_ns: int, cause: str) -> list[events.Envelope]:
+        """The delta envelopes for ``ops`` (the shared subject's next delta, if any) and for every node whose
+        Calico state changed; ``cause`` is the id of the record they follow from."""
         out = []
         if ops:
             self.seq += 1
             delta = PlanDelta(scope=SHARED_SCOPE, seq=self.seq, source_seq=source_seq, ops=tuple(ops))
-            out.append(events.Envelope(id=f"plan/{SHARED_SCOPE}/{self.seq}", time_ns=envelope.time_ns,
-                                       producer=PRODUCER, causation=(envelope.id,), record=delta))
+            out.append(events.Envelope(id=f"plan/{SHARED_SCOPE}/{self.seq}", time_ns=time_ns,
+                                       producer=PRODUCER, causation=(cause,), record=delta))
         for node in sorted(self._dirty):
             state = self.node_calico(node)
             if self.node_published.get(node) == state:
@@ -119,10 +124,18 @@ class Planner:
             self.node_published[node] = state
             self.node_seq[node] = seq = self.node_seq.get(node, 0) + 1
             delta = PlanDelta(scope=node, seq=seq, source_seq=source_seq, ops=(state,))
-            out.append(events.Envelope(id=f"plan/node/{node}/{seq}", time_ns=envelope.time_ns, producer=PRODUCER,
-                                       causation=(envelope.id,), record=delta))
+            out.append(events.Envelope(id=f"plan/node/{node}/{seq}", time_ns=time_ns, producer=PRODUCER,
+                                       causation=(cause,), record=delta))
         self._dirty.clear()
         return out
+
+    def republish_nodes(self, published: dict[str, int]) -> None:
+        """Continue each node subject after ``published`` (node -> last delta seq on its subject) and
+        publish every node's whole state again with the next :meth:`emit`."""
+        for node, seq in published.items():
+            self.node_seq[node] = max(self.node_seq.get(node, 0), seq)
+        self.node_published.clear()
+        self._dirty |= set(published) | set(self.node_seq)
 
     def node_calico(self, node: str) -> SetNodeCalico:
         """The node's Calico state (node-specific: published on that node's subject only)."""

@@ -21,8 +21,9 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, config, events, runtime, topology
+from kipvs.shared import bus, config, events, plan_log, runtime, topology
 from kipvs.shared.config import describe
+from kipvs.shared.plan.plan_state import SharedPlan
 
 from . import parse
 from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
@@ -64,6 +65,49 @@ async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
             deltas(produced)
         count += 1
     return count
+
+
+async def reconcile_published(js: JetStreamContext, planner: Planner, publisher: PlanPublisher) -> None:
+    """The rebuilt state and the published deltas disagree on their count: records were deleted from the
+    log (fewer deltas rebuilt than published: the next real change would reuse a published delta's seq and
+    be dropped as a duplicate) or deltas from the plan stream (more). Continue the published sequence with
+    one corrective delta: whatever the published plan (snapshot + deltas) holds that the rebuilt state
+    does not, set or removed, so every applier converges to the planner's state."""
+    published = await plan_log.published_plan(js)
+    ops = correction(published, planner)
+    log.error("the log implies plan delta %d but the plan stream holds %d: records were deleted from a stream; "
+              "%s", planner.seq, publisher.published_seq,
+              f"publishing delta {publisher.published_seq + 1} ({len(ops)} operations) to bring every node to the "
+              "state the log gives now" if ops else "the published state is the log's: continuing the sequence")
+    planner.seq = publisher.published_seq
+    planner.republish_nodes({scope: seq for scope, seq in publisher.published.items() if scope != SHARED_SCOPE})
+    envelopes = planner.emit(ops, planner.source_seq, time.time_ns(), "reconcile/published-plan")
+    publisher.add(envelopes)
+    await publisher.flush()
+
+
+def correction(published: SharedPlan, planner: Planner) -> list[events.PlanOp]:
+    """The operations that turn the published shared plan into the planner's."""
+    ops: list[events.PlanOp] = []
+    for key in sorted(set(published.services) | set(planner.plans)):
+        want = planner.plans.get(key)
+        if want is None:
+            ops.append(events.RemoveService(key))
+        elif published.services.get(key) != want:
+            ops.append(events.SetService(want))
+    for name in sorted(set(published.nodes) | set(planner.nodes)):
+        facts = planner.nodes.get(name)
+        if facts is None:
+            ops.append(events.RemoveNode(name))
+        elif published.nodes.get(name) != facts:
+            ops.append(events.SetNode(facts))
+    for warning_id in sorted(set(published.warnings) | set(planner.warnings)):
+        warning = planner.warnings.get(warning_id)
+        if warning is None:
+            ops.append(events.ClearWarning(warning_id))
+        elif published.warnings.get(warning_id) != warning:
+            ops.append(events.SetWarning(warning))
+    return ops
 
 
 def subject_for(scope: str) -> str:
@@ -159,10 +203,8 @@ async def plan(ctx: runtime.ServiceContext) -> None:
     publisher = PlanPublisher(ctx.js, await last_published(ctx.js))
     log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d shared deltas in the plan "
              "stream", replayed, time.perf_counter() - started, info.ack_floor.stream_seq, publisher.published_seq)
-    if planner.seq > publisher.published_seq:
-        log.error("the plan stream ends at delta %d but the log implies %d: deltas were lost (stream purged?); "
-                  "appliers will see the gap and re-bootstrap from the next snapshot", publisher.published_seq,
-                  planner.seq)
+    if planner.seq != publisher.published_seq:
+        await reconcile_published(ctx.js, planner, publisher)
     # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
     # log order, and skip them when the durable consumer redelivers them.
     if info.delivered.stream_seq > planner.source_seq:

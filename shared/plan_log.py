@@ -1,0 +1,61 @@
+"""Reading the published plan back from NATS: the latest shared snapshot, then every shared delta stored
+after it, by stream sequence. What an applier holds after bootstrap, and what the planner checks its own
+rebuilt state against at start: one reader, so both see the same published state."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+from . import bus, events, topology
+from .plan.plan_state import SequenceGap, SharedPlan
+
+log = logging.getLogger("kipvs.plan")
+
+
+async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
+    """The latest shared snapshot and the plan-stream sequence it covers; an empty plan at stream
+    sequence 0 when there is none or it is unusable (then every delta is read from the stream)."""
+    store = await js.object_store(topology.SNAPSHOT_BUCKET)
+    try:
+        raw = (await store.get(topology.snapshot_object("all"))).data
+    except (ObjectNotFoundError, NotFoundError):
+        return SharedPlan(), 0  # no planner has written one yet: start from the first delta
+    try:
+        snap = events.decode(raw or b"").record
+    except events.ContractError as exc:
+        log.warning("the plan snapshot is unusable (%s); reading every delta from the stream", exc.reason)
+        return SharedPlan(), 0
+    if not isinstance(snap, events.PlanSnapshot):
+        log.warning("the plan snapshot holds a %s; reading every delta from the stream", type(snap).__name__)
+        return SharedPlan(), 0
+    return SharedPlan.from_snapshot(snap), snap.plan_stream_seq
+
+
+async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> int:
+    """Apply to ``plan`` the shared deltas stored after ``after_stream_seq``, in order; returns how many.
+    Unusable messages are skipped (their consumers park them); a sequence gap stops the catch-up there."""
+    applied = 0
+    async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT,
+                                     start_seq=after_stream_seq + 1):
+        try:
+            record = events.decode(msg.data or b"").record
+        except events.ContractError:
+            continue
+        if not isinstance(record, events.PlanDelta):
+            continue
+        try:
+            applied += plan.apply(record)
+        except SequenceGap as exc:
+            log.warning("reading the published plan: %s", exc)
+            break
+    return applied
+
+
+async def published_plan(js: JetStreamContext) -> SharedPlan:
+    """The shared plan as published: snapshot + the deltas after it."""
+    plan, stream_seq = await load_snapshot(js)
+    await catch_up(js, plan, stream_seq)
+    return plan
