@@ -219,3 +219,41 @@ async def test_an_unreachable_nats_is_a_sentence_not_a_hang(capsys) -> None:
                  ("history", "Service/default/web"), ("replay",), ("plan", "--node", "n")):
         code, _, err = await asyncio.wait_for(kipvs(*argv, "--nats-url", "nats://127.0.0.1:9", capsys=capsys), 30)
         assert code == 2 and "cannot reach NATS at nats://127.0.0.1:9" in err, (argv, err)
+
+
+async def test_status_shows_each_node_and_fails_for_a_node_behind(system, nats_url: str, capsys) -> None:
+    code, out, _ = await kipvs("status", "--nats-url", nats_url, capsys=capsys)
+    lines = out.splitlines()
+    node_a = next(line for line in lines if line.startswith("node-a "))
+    assert "ok" in node_a and " 0 " in node_a, out
+    # node-b and node-c are in the plan but run no applier here: never reported, the check fails.
+    assert code == 1 and any(line.startswith("node-b ") and "never reported" in line for line in lines), out
+    code, out, _ = await kipvs("status", "--nats-url", nats_url, "--node", "node-a", "--json", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["node"] == "node-a" and doc["behind"] == 0 and doc["ok"], out
+    code, out, _ = await kipvs("status", "--nats-url", nats_url, "--node", "node-z", capsys=capsys)
+    assert code == 1 and "unknown node" in out
+
+
+def test_status_verdicts_behind_old_and_conflicting() -> None:
+    from kipvs.audit.status import collect
+
+    def env(record, at_s: float) -> events.Envelope:
+        return events.Envelope(id="x", time_ns=int(at_s * 1e9), producer="t", record=record)
+
+    now = 1_000.0
+    last = {
+        "kipvs.status.a.applied": env(events.ApplyReport(node="a", plan_seq=10, operations=0, duration_ms=0), now - 1),
+        "kipvs.status.b.applied": env(events.ApplyReport(node="b", plan_seq=7, operations=0, duration_ms=0), now - 1),
+        "kipvs.status.c.drift": env(events.DriftReport(node="c", plan_seq=10, found=("IPVS service gone",),
+                                                       repaired=True, desired_digest="d", observed_digest="d"),
+                                   now - 400),
+        "kipvs.status.c.facts": env(events.NodeFactsReport(node="c", ipvs_available=True, kube_ipvs0="other",
+                                                           endpoint_marks="observe", endpoint_marks_reason="",
+                                                           conflicts=("a kube-proxy process runs",)), now - 400),
+    }
+    got = {s.node: s for s in collect(last, 10, {"a", "b", "c", "d"}, int(now * 1e9), 2, 300)}
+    assert got["a"].ok and got["a"].behind == 0
+    assert got["b"].problems == ["3 deltas behind the planner (limit 2)"]
+    assert got["c"].drift_repaired == 1 and got["c"].problems == ["last report 400s ago (limit 300s)", "1 conflicts"]
+    assert got["d"].problems == ["never reported"]

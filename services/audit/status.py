@@ -1,0 +1,149 @@
+"""``kipvs status``: is every node where the planner is? One line per node, from the status stream.
+
+For each node (every Node in the published plan, and every node that ever reported): the shared plan
+delta it last applied, how many deltas it is behind the planner's newest, how long ago it last reported,
+what its last drift check repaired, and the conflicts its facts report name (another IPVS proxy on the
+node). Exit status 1 when a node is behind by more than ``--max-behind`` deltas, has not reported for
+``--max-age`` seconds, or never reported: usable as a check in scripts and CI. Exit 2 when the log cannot
+be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nats.js.api import DeliverPolicy
+
+from kipvs.shared import bus, events, plan_log, topology
+from kipvs.shared.log_client import RecordedLog, add_nats_arguments, open_log, read_all, run_tool
+
+
+@dataclass
+class NodeStatus:
+    node: str
+    applied_seq: int | None = None  # None: never reported
+    behind: int | None = None
+    report_age_s: float | None = None
+    drift_repaired: int = 0
+    drift_found: list[str] = field(default_factory=list)
+    endpoint_marks: str = ""
+    conflicts: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-behind", type=int, default=0, metavar="DELTAS",
+                        help="a node more than this many shared deltas behind the planner fails the check (default 0)")
+    parser.add_argument("--max-age", type=float, default=300.0, metavar="SECONDS",
+                        help="a node whose last report is older fails the check (default 300; 0: no limit)")
+    parser.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per node")
+    add_nats_arguments(parser)
+
+
+async def _last_records(js: Any) -> tuple[dict[str, events.Envelope], int, set[str]]:
+    """(status subject -> its last envelope, the planner's newest shared delta seq, nodes of the plan)."""
+    last: dict[str, events.Envelope] = {}
+    newest = 0
+    nodes: set[str] = set()
+    if isinstance(js, RecordedLog):
+        entries = await read_all(js, topology.STATUS_STREAM) + await read_all(js, topology.PLAN_STREAM)
+        for entry in entries:
+            if entry.envelope is None:
+                continue
+            if entry.stream == topology.STATUS_STREAM:
+                last[entry.subject] = entry.envelope
+            elif isinstance(entry.envelope.record, events.PlanDelta) and entry.envelope.record.scope == "all":
+                newest = max(newest, entry.envelope.record.seq)
+                nodes |= _plan_nodes(entry.envelope.record)
+        return last, newest, nodes
+    async for msg in bus.read_stream(js, topology.STATUS_STREAM, "kipvs.status.>", DeliverPolicy.LAST_PER_SUBJECT):
+        try:
+            last[msg.subject] = events.decode(msg.data or b"")
+        except events.ContractError:
+            continue
+    plan = await plan_log.published_plan(js)
+    return last, plan.seq, set(plan.nodes)
+
+
+def _plan_nodes(delta: events.PlanDelta) -> set[str]:
+    return {op.node.name for op in delta.ops if isinstance(op, events.SetNode)}
+
+
+def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str], now_ns: int,
+            max_behind: int, max_age: float) -> list[NodeStatus]:
+    """Pure: the per-node verdicts from the last status records."""
+    by_node: dict[str, NodeStatus] = {name: NodeStatus(name) for name in plan_nodes}
+    newest_report: dict[str, int] = {}
+    for subject, envelope in last.items():
+        parts = subject.split(".")
+        if len(parts) != 4:
+            continue
+        node, what = parts[2], parts[3]
+        status = by_node.setdefault(node, NodeStatus(node))
+        record = envelope.record
+        if what in ("applied", "drift") and isinstance(record, events.ApplyReport | events.DriftReport):
+            if envelope.time_ns >= newest_report.get(node, 0):
+                newest_report[node] = envelope.time_ns
+                status.applied_seq = record.plan_seq
+            if isinstance(record, events.DriftReport):
+                status.drift_found = list(record.found)
+                status.drift_repaired = len(record.found)
+        elif what == "facts" and isinstance(record, events.NodeFactsReport):
+            status.conflicts = list(record.conflicts)
+            status.endpoint_marks = record.endpoint_marks
+    for node, status in by_node.items():
+        if status.applied_seq is None:
+            status.problems.append("never reported")
+            continue
+        status.behind = max(newest - status.applied_seq, 0)
+        status.report_age_s = round(max(now_ns - newest_report[node], 0) / 1e9, 1)
+        if status.behind > max_behind:
+            status.problems.append(f"{status.behind} deltas behind the planner (limit {max_behind})")
+        if max_age and status.report_age_s > max_age:
+            status.problems.append(f"last report {status.report_age_s:.0f}s ago (limit {max_age:.0f}s)")
+        if status.conflicts:
+            status.problems.append(f"{len(status.conflicts)} conflicts")
+    return [by_node[name] for name in sorted(by_node)]
+
+
+def render(statuses: list[NodeStatus], newest: int) -> str:
+    lines = [f"planner: shared plan delta {newest}",
+             f"{'NODE':<24} {'APPLIED':>8} {'BEHIND':>7} {'REPORTED':>10} {'DRIFT':>6}  MARKS     STATE"]
+    for s in statuses:
+        applied = "-" if s.applied_seq is None else str(s.applied_seq)
+        behind = "-" if s.behind is None else str(s.behind)
+        age = "never" if s.report_age_s is None else f"{s.report_age_s:.0f}s ago"
+        lines.append(f"{s.node:<24} {applied:>8} {behind:>7} {age:>10} {s.drift_repaired:>6}  "
+                     f"{s.endpoint_marks or '-':<9} {'ok' if s.ok else '; '.join(s.problems)}")
+        lines += [f"{'':<24} conflict: {c}" for c in s.conflicts]
+    return "\n".join(lines) + "\n"
+
+
+async def status(args: argparse.Namespace) -> int:
+    async with open_log(args) as js:
+        last, newest, plan_nodes = await _last_records(js)
+    statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age)
+    if args.node:
+        unknown = sorted(set(args.node) - {s.node for s in statuses})
+        statuses = [s for s in statuses if s.node in args.node]
+        statuses += [NodeStatus(n, problems=["unknown node: no Node object and no report"]) for n in unknown]
+    if args.json:
+        for s in statuses:
+            print(json.dumps({**asdict(s), "ok": s.ok}))
+    else:
+        sys.stdout.write(render(statuses, newest))
+    return 0 if all(s.ok for s in statuses) else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_tool("status", lambda: status(args))
