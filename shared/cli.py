@@ -33,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``kipvs nats``'s arguments."""
     parser.add_argument("--state-dir", default="",
                         help="where the server keeps its store (default: $KIPVS_STATE_DIR or ~/.local/state/kipvs)")
-    parser.add_argument("--port", type=int, default=4222, help="loopback port (0: any free port)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="loopback port (default: the state directory's own, 4222 the first time if free)")
+    parser.add_argument("--stop", action="store_true",
+                        help="stop the embedded server running for the state directory (started by any kipvs "
+                             "service) and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,11 +48,16 @@ def run(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         where = Path(args.state_dir) if args.state_dir else default_state_dir()
+        if args.stop:
+            pid = EmbeddedNats.stop_running(where)
+            print(f"stopped the embedded NATS server of {where} (pid {pid})" if pid else
+                  f"no embedded NATS server runs for {where}")
+            return 0
         if (running := EmbeddedNats.running_in(where)) is not None:
             log.error("an embedded NATS server already runs for %s at %s", where, running.url)
             return 1
         server = EmbeddedNats(where)
-        await server.start(port=args.port)
+        await server.start(port=args.port, stable=True)
         print(f"NATS with JetStream listening on {server.url} (store: {where / 'jetstream'}); Ctrl-C stops it",
               flush=True)
         stop = asyncio.Event()

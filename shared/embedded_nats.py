@@ -1,8 +1,12 @@
 """The embedded default NATS server: a local ``nats-server`` with JetStream, like SQLite for a database tool.
 
 With no ``--nats-url`` / ``NATS_URL``, a kipvs service looks in its state directory for a running
-embedded server (``nats-server.json``: pid and URL) and uses it; if there is none it starts one there,
-bound to loopback only, and stops it when it exits. ``kipvs nats`` runs just the server.
+embedded server (``nats-server.json``: pid and port) and uses it; if there is none it starts one there,
+bound to loopback only. The server belongs to the state directory, not to the service that happened to
+start it: it keeps running when that service stops (``kipvs nats --stop`` stops it), and it always listens
+on the same port (``nats-server.port``: 4222 when it was free the first time), so after a crash the next
+service to start brings it back where every other service is already reconnecting. ``kipvs nats`` runs
+just the server, in the foreground.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUNFILE = "nats-server.json"
+PORTFILE = "nats-server.port"
+DEFAULT_PORT = 4222
 
 
 class EmbeddedNatsError(Exception):
@@ -55,6 +61,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _bindable(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host if host != "0.0.0.0" else "", port))
+        except OSError:
+            return False
+    return True
+
+
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True
@@ -87,9 +103,25 @@ class EmbeddedNats:
             return cls(state_dir=state_dir, port=int(info["port"]))
         return None
 
-    async def start(self, port: int = 0, ready_timeout: float = 15.0) -> None:
+    def stable_port(self) -> int:
+        """The port this state directory's server uses: the one it used before, else 4222 if free, else
+        any free port; remembered in the state directory."""
+        portfile = self.state_dir / PORTFILE
+        with contextlib.suppress(OSError, ValueError):
+            return int(portfile.read_text())
+        port = DEFAULT_PORT if not _port_open(DEFAULT_PORT, self.host) and _bindable(DEFAULT_PORT, self.host) \
+            else free_loopback_port()
+        portfile.write_text(f"{port}\n")
+        return port
+
+    async def start(self, port: int = 0, ready_timeout: float = 15.0, stable: bool = False) -> None:
+        """Start the server on ``port`` (0: any free port; with ``stable``, the state directory's own port).
+        EmbeddedNatsError when the port is taken by another process or the server does not come up."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_loopback_port()
+        self.port = port or (self.stable_port() if stable else free_loopback_port())
+        if _port_open(self.port, self.host) or not _bindable(self.port, self.host):
+            raise EmbeddedNatsError(f"port {self.port} on {self.host} is already in use (another NATS server?); "
+                                    f"choose another with --port or stop that process")
         store = self.state_dir / "jetstream"
         log = (self.state_dir / "nats-server.log").open("ab")
         try:
@@ -112,7 +144,24 @@ class EmbeddedNats:
                 await self.stop()
                 raise EmbeddedNatsError(f"nats-server did not listen on {self.url} within {ready_timeout}s")
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the port is ours only if our process is still there
+        if self.process.returncode is not None:
+            raise EmbeddedNatsError(f"nats-server exited with {self.process.returncode} at start; see "
+                                    f"{self.state_dir / 'nats-server.log'}")
         (self.state_dir / RUNFILE).write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
+
+    @staticmethod
+    def stop_running(state_dir: Path) -> int | None:
+        """SIGTERM the server running for ``state_dir`` (started by any process); its pid, None if none."""
+        running = state_dir / RUNFILE
+        try:
+            pid = int(json.loads(running.read_text()).get("pid", 0))
+        except (OSError, ValueError):
+            return None
+        if not pid or not _alive(pid):
+            return None
+        os.kill(pid, signal.SIGTERM)
+        return pid
 
     async def stop(self) -> None:
         if not (self.owned and self.process and self.process.returncode is None):

@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 
 from . import bus, logs, topology
 from .config import CommonConfig, StartupError
-from .embedded_nats import EmbeddedNats, default_state_dir
+from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from .metrics import Registry
 
 log = logging.getLogger("kipvs.runtime")
@@ -82,15 +82,16 @@ async def nats_server_for(config: CommonConfig):
         return
     server = EmbeddedNats(where)
     try:
-        await server.start()
+        await server.start(stable=True)
     except OSError as exc:
         raise StartupError(f"cannot use the state directory {where} for the embedded NATS server: "
                            f"{exc.strerror or exc} (set --state-dir / KIPVS_STATE_DIR, or --nats-url)") from None
-    log.info("no --nats-url / NATS_URL: started an embedded NATS server at %s (state in %s)", server.url, where)
-    try:
-        yield server.url
-    finally:
-        await server.stop()
+    except EmbeddedNatsError as exc:
+        raise StartupError(f"cannot start the embedded NATS server in {where}: {exc}") from None
+    # It stays up when this service stops: the other services of the state directory use it too.
+    log.info("no --nats-url / NATS_URL: started an embedded NATS server at %s (state in %s; it keeps running "
+             "for every kipvs service there: 'kipvs nats --stop' stops it)", server.url, where)
+    yield server.url
 
 
 @dataclass

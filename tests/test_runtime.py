@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -65,8 +66,25 @@ async def test_embedded_default_starts_a_server_and_a_second_service_reuses_it(t
     stop.set()
     await task
     assert urls[0] == urls[1]
-    assert EmbeddedNats.running_in(tmp_path) is None, "the embedded server outlived the service that started it"
     assert (tmp_path / "jetstream").is_dir()
+    # The bus belongs to the state directory: it outlives the service that started it ...
+    first = EmbeddedNats.running_in(tmp_path)
+    assert first is not None, "stopping one service must not stop the bus for the others"
+    # ... and, killed, it comes back on the same port with the next service, where the others reconnect.
+    pid = json.loads((tmp_path / "nats-server.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: EmbeddedNats.running_in(tmp_path) is None)
+    urls.clear()
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("test", cfg, main, stop=stop))
+    await eventually(lambda: len(urls) >= 2)
+    stop.set()
+    await task
+    assert urls[0] == f"127.0.0.1:{first.port}", "the same port as before"
+    done = subprocess.run([str(Path(sys.executable).parent / "kipvs"), "nats", "--state-dir", str(tmp_path),
+                           "--stop"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "stopped the embedded NATS server" in done.stdout
+    await eventually(lambda: EmbeddedNats.running_in(tmp_path) is None)
 
 
 def test_kipvs_nats_runs_jetstream_on_loopback_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -90,6 +108,11 @@ def test_kipvs_nats_runs_jetstream_on_loopback_and_stops_on_sigterm(tmp_path: Pa
             await nc.close()
 
         asyncio.run(use())
+        # Another server on the same port is refused, not reported as listening.
+        other = subprocess.run([str(exe), "nats", "--state-dir", str(tmp_path / "other"), "--port", str(port)],
+                               capture_output=True, text=True, timeout=30)
+        assert other.returncode == 1 and f"port {port} on 127.0.0.1 is already in use" in other.stdout + other.stderr
+        assert "listening" not in other.stdout
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(15) == 0
