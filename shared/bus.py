@@ -145,6 +145,11 @@ class Retry(Exception):
     """Raised by a handler for a transient failure: the batch is not acked and will be redelivered."""
 
 
+# Failures of the bus itself (a full store, a timeout, no responders, a lost connection): never the
+# message's fault, so never a reason to park it. The handler's batch is redelivered instead.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, ConnectionError)
+
+
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 
@@ -166,6 +171,7 @@ class DurableConsumer:
         self.parked = 0
         self.pending = 0  # messages left in the consumer after the last fetch (lag)
         self._queued_at: float | None = None  # event-loop time the oldest unhandled input was seen
+        self._backoff = Backoff(initial=0.5, maximum=15.0)
 
     def queued_since(self) -> float | None:
         """When the oldest input not yet handled was fetched (event-loop time); None when none waits."""
@@ -211,22 +217,34 @@ class DurableConsumer:
             await self.handler(deliveries)
         except Retry as exc:
             log.warning("transient failure, batch will be redelivered: %s", exc)
-            for d in deliveries:
-                await d.msg.nak(delay=1.0)
+            await self._nak(deliveries)
+            return
+        except INFRASTRUCTURE_ERRORS as exc:
+            delay = self._backoff.next()
+            log.warning("the bus failed while handling a batch (%s: %s); it will be redelivered in %.1fs",
+                        type(exc).__name__, exc or "", delay)
+            await self._nak(deliveries, delay)
+            await asyncio.sleep(delay)
             return
         except Exception:
             # One bad message must not block the others: find it by handling one at a time.
             log.exception("batch of %d failed; retrying one by one to isolate the cause", len(deliveries))
             await self._take_one_by_one(deliveries)
             return
+        self._backoff.reset()
         await self._ack(deliveries)
+
+    async def _nak(self, deliveries: list[Delivery], delay: float = 1.0) -> None:
+        for d in deliveries:
+            with contextlib.suppress(*INFRASTRUCTURE_ERRORS):  # unacked, it comes back after ack_wait anyway
+                await d.msg.nak(delay=delay)
 
     async def _take_one_by_one(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             try:
                 await self.handler([d])
-            except Retry:
-                await d.msg.nak(delay=1.0)
+            except (Retry, *INFRASTRUCTURE_ERRORS):
+                await self._nak([d])
                 continue
             except Exception as exc:
                 await park(self.js, self.service, d.msg, d.msg.data,

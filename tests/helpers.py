@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 15.0, what: str = "condition") -> None:
+async def eventually(predicate: Callable[[], bool], within: float = 60.0, what: str = "condition") -> None:
     """Wait until ``predicate()`` holds; fail the test (never hang) when it does not within ``within`` seconds."""
     deadline = time.monotonic() + within
     while not predicate():

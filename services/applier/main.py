@@ -103,6 +103,7 @@ class Applier:
         self.rules = rules
         self.plan = SharedPlan()
         self.desired = DesiredState()
+        self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
         m = ctx.metrics
         self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
         self.apply_seconds = m.histogram("kipvs_applier_apply_seconds", "time to write one batch")
@@ -317,10 +318,21 @@ class Applier:
             desired_digest=digest(want), observed_digest=digest(observed.state)))
 
     async def report(self, record: events.ApplyReport | events.DriftReport) -> None:
+        """Publish a status report. The kernel is already written: a report the bus refuses (a full
+        store, a timeout) is logged and the newest one of its kind is sent again with the next report or
+        drift check, never a reason to redo or park the delta it describes."""
         what = "applied" if isinstance(record, events.ApplyReport) else "drift"
         envelope = events.Envelope(id=f"{what}/{self.node}/{record.plan_seq}/{time.time_ns()}",
                                    time_ns=time.time_ns(), producer=f"applier/{self.node}", record=record)
-        await bus.publish(self.ctx.js, topology.status_subject(self.node, what), envelope)
+        self.unsent_reports[what] = envelope
+        for kind, pending in sorted(self.unsent_reports.items()):
+            try:
+                await bus.publish(self.ctx.js, topology.status_subject(self.node, kind), pending)
+            except bus.INFRASTRUCTURE_ERRORS as exc:
+                log.warning("status report %s not published (%s: %s); it goes out with the next one",
+                            pending.id, type(exc).__name__, exc or "")
+                return
+            del self.unsent_reports[kind]
 
 
 def _node_state(data: bytes) -> tuple[int, events.SetNodeCalico] | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import nats.errors
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
@@ -117,6 +118,14 @@ class KindWatcher:
                 delay = backoff.next()
                 log.warning("%s: API error %s %s; retrying in %.1fs", self.kind, exc.status, exc.reason, delay)
                 self.restarts.inc(labels={"reason": "api-error"})
+                await self._sleep(delay)
+            except nats.errors.Error as exc:
+                # the event log refused an append (full store, timeout, no connection): nothing is lost,
+                # the watch resumes from the last version whose events are all logged
+                delay = backoff.next()
+                log.warning("%s: the event log is not taking appends (%s: %s); resuming in %.1fs", self.kind,
+                            type(exc).__name__, exc or "", delay)
+                self.restarts.inc(labels={"reason": "event-log"})
                 await self._sleep(delay)
             except (aiohttp.ClientError, TimeoutError, OSError, WatchError, json.JSONDecodeError) as exc:
                 delay = backoff.next()
