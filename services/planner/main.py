@@ -29,6 +29,7 @@ from . import parse
 from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
 
 log = logging.getLogger("kipvs.planner")
+PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
 
 
 class PlannerServiceConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
@@ -173,9 +174,12 @@ class PlanPublisher:
         futures = [await self.js.publish_async(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
                                                headers=bus.msg_id_header(env)) for env in self.outbox]
         try:
-            acks = await asyncio.gather(*futures)
+            # publish_async's futures never resolve if the server goes away before it acks: bounded wait
+            acks = await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
         except Exception as exc:
-            raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {exc}") from exc
+            for future in futures:
+                future.cancel()
+            raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {type(exc).__name__}: {exc}") from exc
         for env, ack in zip(self.outbox, acks, strict=True):
             record = env.record
             assert isinstance(record, events.PlanDelta)
@@ -240,6 +244,12 @@ async def plan(ctx: runtime.ServiceContext) -> None:
         await snapshot()
 
     async def idle() -> None:
+        if publisher.outbox:  # planned but not yet on the bus (it refused them): not caught up
+            try:
+                published.inc(await publisher.flush())
+            except bus.Retry as exc:
+                ctx.set_not_ready(f"{len(publisher.outbox)} planned deltas not yet published: {exc}")
+                return
         ctx.set_ready()
         await snapshot()
 
