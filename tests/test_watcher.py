@@ -237,3 +237,30 @@ async def _churn(sim: Simulator, n: int) -> None:
     for i in range(n):
         await sim.apply(kube.service(f"web-{i % 20}", cluster_ip=f"10.96.4.{i}"))
         await asyncio.sleep(0.01)
+
+
+async def test_record_file_follows_the_log_when_an_ack_was_lost(nats_url: str, tmp_path: Path) -> None:
+    """An append whose acknowledgement was lost (NATS killed after storing it) is retried and answered
+    'duplicate': the change is in the log, so it must be in --record too (issue 13)."""
+    from kipvs.shared import bus
+    from kipvs.watcher.event_log import EventLog
+    from kipvs.watcher.objects import plan_event
+
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    svc = kube.service("web")
+    svc["metadata"]["resourceVersion"] = "7"
+    event = plan_event("Service", "ADDED", svc, None, "watch")
+    assert event is not None
+    # The first attempt reached the store; its ack never came back.
+    first = events.Envelope(id=event.id, time_ns=1, producer="watcher/a", record=event.record)
+    await bus.publish(js, event.ident.subject, first, expected_last_subject_seq=0)
+    record = tmp_path / "rec.jsonl"
+    with record.open("a") as f:
+        log = EventLog(js, "Service", {}, f)
+        assert await log.append(event) is False, "the log has it already"
+        assert await log.append(event) is False
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(x["type"], x["object"]["metadata"]["name"]) for x in lines] == [("ADDED", "web")], \
+        "recorded exactly once, as the log holds it"
+    await nc.close()

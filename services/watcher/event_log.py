@@ -63,6 +63,8 @@ class EventLog:
         self.record_file = record_file
         self.producer = producer_name()
         self.on_published = on_published  # callback(action, seconds) for metrics
+        # per object, the log position last written to the record file (starts at what the log held)
+        self.recorded: dict[str, int] = {key: entry.subject_seq for key, entry in logged.items()}
 
     async def append(self, event: Planned) -> bool:
         """Append one event unless the log already has it or something newer. True if appended."""
@@ -81,13 +83,13 @@ class EventLog:
                     return False
                 continue
             self._remember(event, ack.seq)
+            # A duplicate is a change the log already holds: logged by another watcher, or by our own earlier
+            # attempt whose acknowledgement was lost (a NATS restart). The record file must still show it.
+            self._record(key, event.record, ack.seq)
             if ack.duplicate:
                 return False
             if self.on_published:
                 self.on_published(event.record.action, time.perf_counter() - started)
-            if self.record_file is not None:
-                self.record_file.write(json.dumps(wire_line(event.record), separators=(",", ":")) + "\n")
-                self.record_file.flush()
             return True
         raise RuntimeError(f"could not append {event.id}: the subject kept changing under us")
 
@@ -105,8 +107,18 @@ class EventLog:
         ours = event.record
         if record.resource_version == ours.resource_version and (record.action == "DELETED") == (
                 ours.action == "DELETED"):
-            return False  # the same change, logged by the other writer
+            self._record(event.ident.key, record, raw.seq)
+            return False  # the same change, logged by the other writer (or by our attempt whose ack was lost)
         return rv_newer(ours.resource_version, record.resource_version)
+
+    def _record(self, key: str, record: events.KubeEvent, seq: int) -> None:
+        """Write the record to ``--record`` once per log position: the file follows the log, including
+        what reached the log through another writer or a retried append."""
+        if self.record_file is None or self.recorded.get(key, 0) >= seq:
+            return
+        self.recorded[key] = seq
+        self.record_file.write(json.dumps(wire_line(record), separators=(",", ":")) + "\n")
+        self.record_file.flush()
 
     def _remember(self, event: Planned, seq: int) -> None:
         r = event.record
