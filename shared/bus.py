@@ -28,6 +28,11 @@ from .backoff import Backoff
 log = logging.getLogger("kipvs.bus")
 
 
+def servers(url: str) -> list[str]:
+    """``nats://a:4222,nats://b:4222`` (the form the docs give for a cluster) as nats-py's server list."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 class Stopped(Exception):
     """Told to stop before the first connection to NATS was made."""
 
@@ -58,7 +63,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NAT
             raise Stopped(f"stopped before NATS at {url} could be reached")
         try:
             nc = await nats.connect(
-                url, name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5,
+                servers(url), name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5,
                 allow_reconnect=True, connect_timeout=3, disconnected_cb=disconnected,
                 reconnected_cb=reconnected, error_cb=error,
             )
@@ -190,6 +195,13 @@ class DurableConsumer:
                     self._queued_at = None
                     if self.idle is not None:
                         await self.idle()
+                    continue
+                except INFRASTRUCTURE_ERRORS as exc:  # a leader election, a server restarting: wait, retry
+                    delay = self._backoff.next()
+                    log.warning("cannot fetch from %s (%s: %s); retrying in %.1fs", self.spec.config.durable_name,
+                                type(exc).__name__, exc or "", delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), delay)
                     continue
                 if msgs and self._queued_at is None:
                     self._queued_at = asyncio.get_running_loop().time()

@@ -63,7 +63,7 @@ async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
 
     try:
         # max_reconnect_attempts=0 makes nats-py retry forever (found here): one attempt, then a sentence
-        nc = await nats.connect(url, name="kipvs-tool", connect_timeout=3, allow_reconnect=False,
+        nc = await nats.connect(bus.servers(url), name="kipvs-tool", connect_timeout=3, allow_reconnect=False,
                                 max_reconnect_attempts=1, error_cb=quiet)
     except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
         raise ToolError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None

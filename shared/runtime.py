@@ -28,6 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from . import bus, logs, topology
+from .backoff import Backoff
 from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from .metrics import Registry
@@ -174,6 +175,46 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
 Main = Callable[[ServiceContext], Awaitable[None]]
 
 
+async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
+    """Run the service's main coroutine; when the bus fails under it (a server gone, a leader election,
+    a full store), start it again after a back-off instead of exiting: every service's start is a
+    recovery (the planner rebuilds from the log, the applier bootstraps, the watcher relists)."""
+    backoff = Backoff(initial=1.0, maximum=30.0)
+    while True:
+        try:
+            await main(ctx)
+            return
+        except bus.INFRASTRUCTURE_ERRORS as exc:
+            if ctx.stop.is_set():
+                return
+            delay = backoff.next()
+            ctx.set_not_ready(f"restarting after a bus failure: {type(exc).__name__}")
+            log.warning("%s: the bus failed under the service (%s: %s); starting it again in %.1fs", name,
+                        type(exc).__name__, exc or "", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stop.wait(), delay)
+            if ctx.stop.is_set():
+                return
+
+
+async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.ConsumerSpec], stop: asyncio.Event,
+                         health: Health) -> JetStreamContext | None:
+    """Create or check the streams and consumers, retrying while JetStream cannot answer yet (a cluster
+    still electing its leaders, a server restarting); None when told to stop first."""
+    backoff = Backoff(initial=0.5, maximum=10.0)
+    while not stop.is_set():
+        try:
+            return await bus.setup(nc, replicas, consumers)
+        except bus.INFRASTRUCTURE_ERRORS as exc:
+            delay = backoff.next()
+            health.phase = f"waiting for JetStream: {type(exc).__name__}: {exc or ''}"
+            log.warning("JetStream cannot set up the streams yet (%s: %s); retrying in %.1fs", type(exc).__name__,
+                        exc or "", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+    return None
+
+
 async def run_service(name: str, config: CommonConfig, main: Main,
                       consumers: Sequence[topology.ConsumerSpec] = (),
                       stop: asyncio.Event | None = None) -> None:
@@ -199,11 +240,14 @@ async def run_service(name: str, config: CommonConfig, main: Main,
                 return
             try:
                 health.phase = "setting up the streams"
-                js = await bus.setup(nc, config.nats_replicas, consumers)
+                js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health)
+                if js is None:
+                    log.info("%s: stopped before the streams could be set up", name)
+                    return
                 ctx = ServiceContext(name=name, config=config, nc=nc, js=js, stop=stop, metrics=health.metrics,
                                      http_port=port)
                 health.ctx = ctx
-                task = asyncio.create_task(main(ctx), name=f"{name}-main")
+                task = asyncio.create_task(_restarting(name, main, ctx), name=f"{name}-main")
                 health.main_task = task
                 stopper = asyncio.create_task(stop.wait())
                 await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -207,14 +207,14 @@ async def plan(ctx: runtime.ServiceContext) -> None:
     publisher = PlanPublisher(ctx.js, await last_published(ctx.js))
     log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d shared deltas in the plan "
              "stream", replayed, time.perf_counter() - started, info.ack_floor.stream_seq, publisher.published_seq)
-    if planner.seq != publisher.published_seq:
-        await reconcile_published(ctx.js, planner, publisher)
     # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
     # log order, and skip them when the durable consumer redelivers them.
     if info.delivered.stream_seq > planner.source_seq:
         caught = await replay_log(ctx.js, planner, info.delivered.stream_seq, publisher.add)
         await publisher.flush()
         log.info("planned %d events a previous instance had taken but not acked", caught)
+    if planner.seq != publisher.published_seq:  # the log and the plan stream disagree: records were deleted
+        await reconcile_published(ctx.js, planner, publisher)
     store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
     snap_state = {"seq": -1, "at": 0.0}
     m.gauge("kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
