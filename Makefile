@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # qemu-system-x86 runs the guest (Debian's kernel: real IPVS and nf_tables); the rest are the tools the guest
 # uses from the host's root (it sees it read-only over 9p): modprobe, ip, ipvsadm, nft, ipset, conntrack.
 DEBS   := qemu-system-x86 kmod iproute2 ipvsadm nftables ipset
-GUEST  := .cache/guest
+GUEST  ?= $(or $(KIPVS_GUEST_DIR),$(CURDIR)/.cache/guest)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv debs guest lint test bench demo clean
@@ -35,7 +35,7 @@ debs:
 # The guest's kernel (the one linux-image-amd64 depends on) and busybox-static, downloaded and unpacked into
 # $(GUEST), never installed on the host; a second run finds it ready and does nothing.
 guest: debs $(STAMP)
-	@$(BIN)/python -m kipvs.guest.image --dir $(CURDIR)/$(GUEST)
+	@$(BIN)/python -m kipvs.guest.image --dir "$(GUEST)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -48,7 +48,8 @@ bench: guest
 
 # The whole system on this machine: real IPVS in the QEMU guest (else simulated kernels, said so).
 # ARGS=--keep keeps it running until Ctrl-C; ARGS="--backend memory" skips the guest.
-demo: guest
+demo: debs $(STAMP)
+	@$(BIN)/python -m kipvs.guest.image --dir "$(GUEST)" || echo "make demo: no guest image; the demo says why and runs simulated"
 	$(BIN)/kipvs demo $(ARGS)
 
 clean:

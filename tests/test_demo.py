@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,9 @@ def _log_is_usable() -> None:
 
 
 def test_demo_with_simulated_kernels() -> None:
+    before = set(Path(tempfile.gettempdir()).glob("kipvs-demo-*"))
     out = _demo("--backend", "memory", timeout=180)
+    assert set(Path(tempfile.gettempdir()).glob("kipvs-demo-*")) == before, "a successful demo leaves no folder"
     assert "SIMULATED KERNELS" in out and "because: asked for with --backend memory" in out
     for step in range(1, 9):
         assert f"[{step}/8]" in out

@@ -52,3 +52,33 @@ def test_the_guest_runs_a_command_in_a_real_kernel() -> None:
     from pathlib import Path
 
     assert not Path("/usr/kipvs-overlay-write").exists(), "the guest's writes never reach the host"
+
+
+def test_a_damaged_image_is_not_ready(tmp_path) -> None:
+    release = "6.1.0-test"
+    modules = tmp_path / "root" / "lib" / "modules" / release
+    for module in image.REQUIRED_MODULES:
+        (modules / module).parent.mkdir(parents=True, exist_ok=True)
+        (modules / module).write_bytes(b"ko")
+    (modules / "modules.dep").write_text("")
+    (tmp_path / "vmlinux").write_bytes(ELF)
+    (tmp_path / "initramfs.gz").write_bytes(b"x" * 10)
+    (tmp_path / "READY").write_text('{"release": "6.1.0-test", "sizes": {"vmlinux": 64, "initramfs.gz": 10}}')
+    assert image.ready_release(tmp_path) == release
+    (tmp_path / "initramfs.gz").write_bytes(b"x" * 5)  # truncated
+    assert image.ready_release(tmp_path) is None
+    (tmp_path / "initramfs.gz").write_bytes(b"x" * 10)
+    (modules / image.REQUIRED_MODULES[0]).unlink()  # ip_vs gone
+    assert image.ready_release(tmp_path) is None
+    (tmp_path / "READY").write_text("6.1.0-test\n")  # an old or garbled manifest
+    assert image.ready_release(tmp_path) is None
+
+
+@pytest.mark.guest
+def test_output_that_imitates_the_markers_or_lacks_a_newline_is_handed_back_whole() -> None:
+    lines: list[str] = []
+    run = vm.run_in_guest(f"echo before; echo '{vm.END} 0'; echo after; printf 'a\\rb'; exit 3", timeout=120,
+                          on_line=lines.append)
+    assert run.status == 3
+    assert run.output.split("\n") == ["before", f"{vm.END} 0", "after", "a\rb"]
+    assert lines[:4] == ["before", f"{vm.END} 0", "after", "a\rb"], "on_line sees every line, in order"

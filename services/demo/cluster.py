@@ -59,6 +59,7 @@ class Cluster:
     drain_timeout: float = 15.0  # short, so the demo shows a removed real server draining and then going
     host_link: str = ""  # ADDRESS/PREFIX of the guest's eth0, the host's way in (netlink backend)
     view: Planner = field(default_factory=lambda: Planner(PlannerConfig()))  # see planned()
+    keeping: bool = False  # the script reached --keep's wait: a stop then is the normal end
 
     @property
     def url(self) -> str:

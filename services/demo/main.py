@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
         return _memory(args, reason)
     print(f"kipvs demo: booting a QEMU guest running Debian's kernel (real IPVS and nftables; "
           f"{guest.accelerator().upper()}) ...", flush=True)
-    share = Path(tempfile.mkdtemp(prefix="kipvs-guest-demo-"))  # the guest's uncached share (/run/kipvs)
     link = guest.HostLink()
     problem = link.create()
     if problem:
@@ -61,26 +60,47 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(line, flush=True)
 
-    def on_interrupt(*_: object) -> None:
-        (share / "stop").touch()  # seen at once on the guest's uncached share: it stops cleanly on its own
+    share = Path(tempfile.mkdtemp(prefix="kipvs-guest-demo-"))  # the guest's uncached share (/run/kipvs)
+    asked: list[int] = []
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    def on_stop(signum: int, _frame: object) -> None:
+        asked.append(signum)
+        if len(asked) == 1 and signum == signal.SIGINT:
+            # seen at once on the guest's uncached share: the demo stops cleanly at whatever step
+            (share / "stop").touch()
+            print("\nkipvs demo: stopping (Ctrl-C again to kill the guest at once) ...", flush=True)
+            return
+        raise KeyboardInterrupt  # a second Ctrl-C, SIGTERM or SIGHUP: the guest is killed (run_in_guest)
+
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if not problem:
+            link.configure_when_up()
         result = guest.run_in_guest(shlex.join(command), timeout=86400 if args.keep else 900, memory="1536M",
                                     on_line=on_line, tap=None if problem else link.name, share=share)
+    except guest.GuestTimeout as exc:
+        print(f"kipvs demo: {exc}", file=sys.stderr)
+        return 1
     except guest.GuestUnavailable as exc:
         if args.backend == "guest":
             print(f"kipvs demo: {exc}", file=sys.stderr)
             return 2
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         return _memory(args, str(exc))
+    except KeyboardInterrupt:
+        print("kipvs demo: the guest was killed", file=sys.stderr)
+        return 130
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         link.remove()
         shutil.rmtree(share, ignore_errors=True)
     if saved:
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
         LOG_FILE.write_text("\n".join(saved) + "\n")
         _explore(LOG_FILE, len(saved))
-    return result.status
+    return 130 if asked and not args.keep else result.status
 
 
 def _explore(log: Path, records: int) -> None:

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import copy
 import io
+import shutil
 import signal
 import sys
 import time
@@ -55,14 +56,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def demo(args: argparse.Namespace) -> int:
     scenario = scenarios.load(str(SCENARIO))
     scenario.steps = []  # the demo makes its own changes, timed
+    own_workdir = not args.workdir  # a temporary folder of ours: removed at the end unless something failed
     cluster = Cluster(workdir_for(Path(args.workdir) if args.workdir else None), args.backend, scenario,
                       host_link=args.host_link)
+    status = 1
+    script = asyncio.create_task(_script(cluster, args))
+    stopper = asyncio.create_task(_stop_requested(args))
     try:
-        return await _script(cluster, args)
+        await asyncio.wait({script, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not script.done():  # Ctrl-C on the host (the stop file) or here: stop at whatever step
+            kept = cluster.keeping  # the end of --keep, not an interruption
+            if not kept:
+                say("\nstop requested")
+            script.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await script
+            if args.save_log and cluster.js is not None:
+                with contextlib.suppress(Exception):  # the log so far, if the bus is up
+                    await _save_log(cluster, args.save_log)
+            status = 0 if kept else 130
+            return status
+        status = script.result()
+        return status
     finally:
+        stopper.cancel()
         say("stopping everything ...")
         await cluster.stop()
+        if own_workdir and status == 0:
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
+        elif own_workdir:
+            say(f"the services' logs are kept in {cluster.workdir / 'logs'}")
         say("stopped: nothing of the demo is left running")
+
+
+async def _stop_requested(args: argparse.Namespace) -> None:
+    """Returns when a stop is asked for: SIGINT/SIGTERM here, or the stop file appearing (the host's
+    Ctrl-C), at any step of the script; with --keep the script itself then waits for it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    stop_file = Path(args.stop_file) if args.stop_file else None
+    while not stop.is_set():
+        if stop_file is not None and stop_file.exists():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
 
 
 async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
@@ -92,7 +132,11 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
         say(f"\n  --- {node}: {label} ---")
         say(_indent(await cluster.ipvsadm_list(node), "  "))
 
-    say("\n  --- each node's facts, as its applier reports them (IPVS-mode detection, live over netlink) ---")
+    if real:
+        say("\n  --- each node's facts, as its applier reports them (IPVS-mode detection, live over netlink) ---")
+    else:
+        say("\n  --- each node's facts, as its applier reports them: SIMULATED kernels report IPVS and kube-ipvs0 "
+            "as present ---")
     for node in cluster.node_names():
         facts = await read_all(cluster.js, topology.STATUS_STREAM, topology.status_subject(node, "facts"))
         say(f"  {records.one_line(facts[-1]) if facts else node + ': no facts report yet'}")
@@ -236,17 +280,8 @@ async def _keep(cluster: Cluster, args: argparse.Namespace) -> None:
     if cluster.backend == "netlink" and url == cluster.url:
         say("  (no link from the host into the guest: these work inside it only; the log is saved when it stops)")
     say("Ctrl-C stops everything.")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    stop_file = Path(args.stop_file) if args.stop_file else None
-    while not stop.is_set():
-        if stop_file is not None and stop_file.exists():
-            break
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.5)
+    cluster.keeping = True
+    await asyncio.Event().wait()  # until the stop request (see _stop_requested) cancels the script
 
 
 def _slice(cluster: Cluster, name: str) -> dict[str, Any]:

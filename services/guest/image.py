@@ -10,18 +10,22 @@
 
 Layout of the cache (``KIPVS_GUEST_DIR``, default ``<checkout>/.cache/guest``)::
 
-    <dir>/READY                      the kernel release, written last (its presence means complete)
+    <dir>/READY                      {"release": ..., "sizes": {file: bytes}}, written last; checked on use
     <dir>/root/lib/modules/<release>/ the unpacked modules, depmod'ed
     <dir>/vmlinux, <dir>/initramfs.gz
 
-Preparing again is a no-op when READY names a complete image (about 0.1 s). Errors raise
-:class:`ImageError` with one sentence (a missing tool, a download refused, an unexpected package).
+Preparing again is a no-op when READY names a complete image (about 0.1 s): the files it lists, with
+their sizes, and the modules the guest cannot do without. A damaged image (a truncated file, a deleted
+module) is made again. Concurrent preparations of one folder wait for each other (a lock file). Errors
+raise :class:`ImageError` with one sentence (a missing tool, a download refused, an unexpected package).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
+import json
 import lzma
 import os
 import shutil
@@ -37,6 +41,10 @@ INIT_SCRIPT = Path(__file__).with_name("init.sh")
 # What init needs before the host's root is reachable: virtio PCI, 9p over virtio, overlayfs, and the NIC
 # the demo's host link uses. Their dependencies are added from modules.dep.
 EARLY_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_net")
+# Modules whose absence makes the guest useless for kipvs (checked with the image).
+REQUIRED_MODULES = ("kernel/net/netfilter/ipvs/ip_vs.ko", "kernel/net/netfilter/nf_tables.ko",
+                    "kernel/drivers/net/dummy.ko", "kernel/net/netfilter/ipset/ip_set.ko")
+SBIN = ("/usr/sbin", "/sbin")  # depmod lives there, outside a normal user's PATH
 
 
 class ImageError(Exception):
@@ -44,29 +52,47 @@ class ImageError(Exception):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KIPVS_GUEST_DIR") or ROOT / ".cache" / "guest")
+    """The image folder, absolute: $KIPVS_GUEST_DIR, else <checkout>/.cache/guest."""
+    return Path(os.environ.get("KIPVS_GUEST_DIR") or ROOT / ".cache" / "guest").absolute()
 
 
 def ready_release(directory: Path | None = None) -> str | None:
-    """The kernel release of a complete image in ``directory`` (default :func:`cache_dir`), else None."""
-    directory = directory or cache_dir()
+    """The kernel release of a complete, undamaged image in ``directory`` (default :func:`cache_dir`),
+    else None."""
+    directory = (directory or cache_dir()).absolute()
     try:
-        release = (directory / "READY").read_text().strip()
+        manifest = json.loads((directory / "READY").read_text())
+        release, sizes = str(manifest["release"]), dict(manifest["sizes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    modules = directory / "root" / "lib" / "modules" / release
+    try:
+        intact = all((directory / name).stat().st_size == size for name, size in sizes.items()) and \
+            {"vmlinux", "initramfs.gz"} <= set(sizes) and (modules / "modules.dep").is_file() and \
+            all((modules / module).is_file() for module in REQUIRED_MODULES)
     except OSError:
         return None
-    complete = all((directory / name).is_file() for name in ("vmlinux", "initramfs.gz")) and \
-        (directory / "root" / "lib" / "modules" / release / "modules.dep").is_file()
-    return release if complete else None
+    return release if intact else None
 
 
-def prepare(directory: Path | None = None, log=print) -> str:
-    """Make the image in ``directory`` unless it is complete already; returns the kernel release."""
-    directory = directory or cache_dir()
-    release = ready_release(directory)
-    if release:
-        return release
+def _tool(name: str) -> str | None:
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
+
+
+def prepare(directory: Path | None = None, log=print, rebuild: bool = False) -> str:
+    """Make the image in ``directory`` unless it is complete already (or ``rebuild``); returns the kernel
+    release. Holds a lock on the folder while it works."""
+    directory = (directory or cache_dir()).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another preparation of this folder finishes first
+        release = None if rebuild else ready_release(directory)
+        return release or _prepare(directory, log)
+
+
+def _prepare(directory: Path, log) -> str:
     for tool in ("apt-get", "apt-cache", "dpkg-deb", "depmod"):
-        if shutil.which(tool) is None:
+        if _tool(tool) is None:
             raise ImageError(f"{tool} not found: the guest image is made from Debian's packages on a Debian host")
     package = _kernel_package()
     release = package.removeprefix("linux-image-")
@@ -83,12 +109,16 @@ def prepare(directory: Path | None = None, log=print) -> str:
         _run(["dpkg-deb", "-x", str(debs[package]), str(root)])
         busybox = Path(download) / "busybox"
         _run(["dpkg-deb", "-x", str(debs["busybox-static"]), str(busybox)])
-        _run(["depmod", "-b", str(root), release])
+        _run([_tool("depmod") or "depmod", "-b", str(root), release])
         modules = root / "lib" / "modules" / release
         bzimage = root / "boot" / f"vmlinuz-{release}"
         (directory / "vmlinux").write_bytes(extract_vmlinux(bzimage.read_bytes()))
         _initramfs(directory / "initramfs.gz", busybox / "bin" / "busybox", modules)
-    (directory / "READY").write_text(release + "\n")
+    missing = [m for m in REQUIRED_MODULES if not (modules / m).is_file()]
+    if missing:
+        raise ImageError(f"{package} lacks {', '.join(missing)}: not a kernel kipvs can use")
+    sizes = {name: (directory / name).stat().st_size for name in ("vmlinux", "initramfs.gz")}
+    (directory / "READY").write_text(json.dumps({"release": release, "sizes": sizes}) + "\n")
     log(f"guest image: {release} ready in {directory}")
     return release
 
@@ -184,7 +214,8 @@ def _run(argv: list[str], cwd: str | None = None) -> str:
     except OSError as exc:
         raise ImageError(f"{argv[0]}: {exc}") from None
     if done.returncode != 0:
-        raise ImageError(f"{' '.join(argv)} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        last = ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]
+        raise ImageError(f"{' '.join(argv)} failed: {last}")
     return done.stdout
 
 
@@ -193,12 +224,16 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Prepare the QEMU guest's kernel and initramfs (idempotent).")
     parser.add_argument("--dir", type=Path, default=None, help="cache folder (default: $KIPVS_GUEST_DIR or "
                                                                 "<checkout>/.cache/guest)")
+    parser.add_argument("--rebuild", action="store_true", help="make the image again even if it looks complete")
     args = parser.parse_args(argv)
     try:
-        prepare(args.dir)
+        prepare(args.dir, rebuild=args.rebuild)
     except ImageError as exc:
         print(f"guest image: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("guest image: interrupted; the next run starts over", file=sys.stderr)
+        return 130
     return 0
 
 

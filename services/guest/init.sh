@@ -11,11 +11,6 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for module in /modules/*.ko; do insmod "$module" || echo "kipvs-guest: insmod $module failed"; done
 
-moddir=""
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in kipvs.moddir=*) moddir="${arg#kipvs.moddir=}" ;; esac
-done
-
 fail() { echo "kipvs-guest: $*"; echo "=====KIPVS-GUEST-FAILED====="; poweroff -f; sleep 5; }
 
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=512000,ro hostroot /host || fail "no 9p host root"
@@ -34,6 +29,7 @@ mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 mkdir -p $R/run/kipvs
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none xfer $R/run/kipvs || fail "no xfer share"
 release=$(uname -r)
+moddir=$(cat $R/run/kipvs/moddir 2>/dev/null)  # written by the host: the unpacked modules (any path)
 if [ -n "$moddir" ]; then
     mkdir -p "$R/lib/modules/$release"
     mount --bind "$R$moddir" "$R/lib/modules/$release" || fail "cannot bind modules from $moddir"

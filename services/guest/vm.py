@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +48,12 @@ SHARE_IN_GUEST = "/run/kipvs"
 
 
 class GuestUnavailable(Exception):
-    """The guest could not run the command: the message says why (missing QEMU or image, boot failure,
-    time-out), never a silent fallback."""
+    """The guest could not run the command: the message says why (missing QEMU, tools or image, a boot
+    failure), never a silent fallback."""
+
+
+class GuestTimeout(GuestUnavailable):
+    """The command started in the guest but did not finish in time (not a reason to fall back)."""
 
 
 @dataclass
@@ -78,31 +84,41 @@ def time_scale() -> float:
     return float(os.environ.get("KIPVS_GUEST_TIME_SCALE", "1"))
 
 
+# The guest runs this host's binaries (it sees its root): these must be here.
+HOST_TOOLS = ("ip", "ipvsadm", "nft", "modprobe")
+
+
 def unavailable_reason() -> str | None:
     """Why the guest cannot boot here (None: it can): checked before the demo commits to it."""
-    if shutil.which(QEMU) is None:
-        return f"{QEMU} not found: install Debian's qemu-system-x86 (make guest does)"
-    if image.ready_release() is None:
-        return f"no guest image in {image.cache_dir()}: run make guest (python -m kipvs.guest.image)"
     if os.geteuid() != 0:
         return "not root: the 9p share of the host's root must let the guest's root read every file"
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} not found: install Debian's qemu-system-x86 (make guest does)"
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [tool for tool in HOST_TOOLS if shutil.which(tool, path=search) is None]
+    if missing:
+        return (f"{', '.join(missing)} not found on this host: the guest uses the host's tools (Debian's "
+                "iproute2, ipvsadm, nftables, kmod; make guest installs them)")
+    if image.ready_release() is None:
+        return (f"no complete guest image in {image.cache_dir()}: run 'python -m kipvs.guest.image --dir "
+                f"{image.cache_dir()}' (make guest does it for the default folder)")
     return None
 
 
 def qemu_argv(memory: str, xfer: Path, tap: str | None, accel: str) -> list[str]:
     directory = image.cache_dir()
     release = image.ready_release(directory)
-    moddir = directory / "root" / "lib" / "modules" / str(release)
+    (xfer / "moddir").write_text(str(directory / "root" / "lib" / "modules" / str(release)))  # paths may hold spaces
     acceleration = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else \
         ["-accel", "tcg,thread=multi", "-cpu", "max"]
     network = ["-netdev", f"tap,id=link,ifname={tap},script=no,downscript=no",
                "-device", "virtio-net-pci,netdev=link"] if tap else ["-nic", "none"]
-    cmdline = f"console=ttyS0 panic=-1 quiet loglevel=1 kipvs.moddir={moddir}"
+    cmdline = "console=ttyS0 panic=-1 quiet loglevel=1"
     return [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-machine", "q35",
             *acceleration, "-smp", str(min(os.cpu_count() or 1, 2)), "-m", memory,
             "-kernel", str(directory / "vmlinux"), "-initrd", str(directory / "initramfs.gz"), "-append", cmdline,
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={xfer},mount_tag=xfer,security_model=none",
+            "-virtfs", f"local,path={_qemu_value(xfer)},mount_tag=xfer,security_model=none",
             "-serial", "stdio", *network]
 
 
@@ -116,44 +132,54 @@ def run_in_guest(command: str, timeout: float = 600, memory: str = "1G",
     tap device, see :class:`HostLink`), the guest's ``eth0`` is its other end. ``share`` (a folder of the
     caller's, default a temporary one) is the guest's SHARE_IN_GUEST, for files the caller writes while
     the command runs; the caller removes it.
-    Raises GuestUnavailable when QEMU or the image is missing, the guest did not boot, or the time ran out.
+    Raises GuestUnavailable when QEMU, the host tools or the image are missing or the guest did not boot;
+    GuestTimeout when the command started but the time ran out.
     """
     reason = unavailable_reason()
     if reason is not None:
         raise GuestUnavailable(reason)
     accel = accelerator()
     xfer = share or Path(tempfile.mkdtemp(prefix="kipvs-guest-"))
+    token = uuid.uuid4().hex[:12]  # markers no command output can imitate by accident
+    begin, end = f"{BEGIN}{token}", f"{END}{token}"
     try:
-        (xfer / "command.sh").write_text(_command_script(command, accel))
-        console = _console(qemu_argv(memory, xfer, tap, accel), timeout, on_line)
+        (xfer / "command.sh").write_text(_command_script(command, accel, begin, end))
+        console = _console(qemu_argv(memory, xfer, tap, accel), timeout, on_line, begin, end)
         status_file = xfer / "status"
-        match = re.search(re.escape(BEGIN) + r"\n(.*)" + re.escape(END) + r" (\d+)", console, re.S)
+        match = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end) + r" (\d+)", console, re.S)
         if not match or not status_file.exists():
-            raise GuestUnavailable(f"the guest did not run the command; console:\n{console[-3000:]}")
+            raise GuestUnavailable("the guest did not run the command (is the image damaged? 'python -m "
+                                   f"kipvs.guest.image --rebuild' makes it again); console:\n{console[-3000:]}")
         return GuestRun(int(status_file.read_text().strip()), match.group(1), accel)
     finally:
-        for name in ("command.sh", "status", "init-status"):
+        for name in ("command.sh", "status", "init-status", "moddir"):
             (xfer / name).unlink(missing_ok=True)
         if share is None:
             shutil.rmtree(xfer, ignore_errors=True)
 
 
-def _command_script(command: str, accel: str) -> str:
+def _command_script(command: str, accel: str, begin: str, end: str) -> str:
     venv_bin = Path(sys.executable).parent
     return f"""mkdir -p /run/tmp
 export TMPDIR=/run/tmp HOME=/run/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 export KIPVS_GUEST=1 KIPVS_GUEST_ACCEL={accel} KIPVS_GUEST_TIME_SCALE={TIME_SCALE[accel]}
-export PATH={venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-cd {ROOT}
-echo {BEGIN}
+export PATH={_quote(str(venv_bin))}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+cd {_quote(str(ROOT))}
+echo {begin}
 sh -c {_quote(command)} 2>&1 </dev/null
 status=$?
-echo "{END} $status"
+printf '\\n%s %s\\n' {end} "$status"
 echo "$status" > /run/kipvs/status
 """
 
 
-def _console(argv: list[str], timeout: float, on_line: Callable[[str], None] | None) -> str:
+def _qemu_value(path: Path) -> str:
+    """A path inside a QEMU option list: commas are doubled (QEMU's escape)."""
+    return str(path).replace(",", ",,")
+
+
+def _console(argv: list[str], timeout: float, on_line: Callable[[str], None] | None, begin: str = BEGIN,
+             end: str = END) -> str:
     """Run QEMU and collect the serial console; lines between the markers go to ``on_line`` as they come.
     QEMU's stdio is a pipe of our own (it sets O_NONBLOCK on it, which must not reach a caller's terminal)."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -170,13 +196,13 @@ def _console(argv: list[str], timeout: float, on_line: Callable[[str], None] | N
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
+            line = raw.decode(errors="replace").rstrip("\r\n")  # the serial console's line ends only
             lines.append(line)
-            if line.startswith(END):
+            if line.startswith(end):
                 inside = False
             if inside and on_line is not None:
                 on_line(line)
-            if line == BEGIN:
+            if line == begin:
                 inside = True
         proc.wait()
     except BaseException:
@@ -186,35 +212,58 @@ def _console(argv: list[str], timeout: float, on_line: Callable[[str], None] | N
     finally:
         killer.cancel()
     if timed_out.is_set():
-        raise GuestUnavailable(f"the guest did not finish within {timeout:.0f}s; console tail:\n"
-                               + "\n".join(lines[-40:]))
+        started = any(line == begin for line in lines)
+        error = GuestTimeout if started else GuestUnavailable
+        raise error(f"the guest did not finish within {timeout:.0f}s; console tail:\n" + "\n".join(lines[-40:]))
     return "\n".join(lines) + "\n"
 
 
 @dataclass
 class HostLink:
     """A point-to-point link between this host and the guest (a tap device here, ``eth0`` there), so host
-    tools can reach services in the guest. Only the two addresses below; nothing is routed beyond them."""
+    tools can reach services in the guest. Only the two addresses below; nothing is routed beyond them.
+
+    QEMU creates the tap device itself (not persistent), so it disappears with QEMU however QEMU ends,
+    SIGKILL included; this side only checks the name is free before, and sets the host's address once
+    the device appears."""
 
     name: str = "kipvs-demo0"
     host_address: str = "10.254.254.1"
     guest_address: str = "10.254.254.2"
     prefix: int = 30
 
+    def _exists(self) -> bool:
+        return Path("/sys/class/net", self.name).exists()
+
     def create(self) -> str | None:
-        """Make the tap device; None when done, else why it could not be."""
-        steps = [["ip", "tuntap", "add", "dev", self.name, "mode", "tap"],
-                 ["ip", "addr", "add", f"{self.host_address}/{self.prefix}", "dev", self.name],
-                 ["ip", "link", "set", self.name, "up"]]
-        for argv in steps:
-            done = subprocess.run(argv, capture_output=True, text=True)
-            if done.returncode != 0:
-                self.remove()
-                return f"{' '.join(argv)}: {done.stderr.strip()}"
+        """Make sure the name is free; None when it is, else why not (another demo uses it). A device left
+        by an old run (persistent, unused) is removed; one in use is never touched."""
+        if self._exists():
+            subprocess.run(["ip", "tuntap", "del", "dev", self.name, "mode", "tap"], capture_output=True)
+            if self._exists():
+                return f"{self.name} exists and is in use (another kipvs demo running?)"
         return None
 
+    def configure_when_up(self, within: float = 120.0) -> threading.Thread:
+        """In the background: once QEMU has made the device, give the host its address and bring it up."""
+        def configure() -> None:
+            deadline = time.monotonic() + within
+            while not self._exists():
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            subprocess.run(["ip", "addr", "add", f"{self.host_address}/{self.prefix}", "dev", self.name],
+                           capture_output=True)
+            subprocess.run(["ip", "link", "set", self.name, "up"], capture_output=True)
+
+        thread = threading.Thread(target=configure, name="kipvs-host-link", daemon=True)
+        thread.start()
+        return thread
+
     def remove(self) -> None:
-        subprocess.run(["ip", "link", "del", self.name], capture_output=True)
+        """Nothing to do once QEMU has gone (its device went with it); a leftover persistent one goes."""
+        if self._exists():
+            subprocess.run(["ip", "tuntap", "del", "dev", self.name, "mode", "tap"], capture_output=True)
 
 
 def _die_with_parent() -> None:
