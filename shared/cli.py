@@ -82,6 +82,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def version() -> str:
+    """The installed distribution's version (its metadata, not a constant that could drift from it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("kipvs")
+    except metadata.PackageNotFoundError:
+        return "(unknown: kipvs is not installed as a distribution; pip install -e .)"
+
+
 def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return module.add_arguments, module.run
@@ -105,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kipvs",
                                      description="kipvs: an event-sourced IPVS service proxy for Kubernetes")
+    parser.add_argument("-V", "--version", action="store_true", help="print kipvs's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help)
     if not argv or argv[0] not in SUBCOMMANDS:
         args = parser.parse_args(argv)
+        if args.version:
+            print(f"kipvs {version()}")
+            return 0
         parser.print_help()
         return 2
     name = argv[0]

@@ -75,21 +75,49 @@ def _base_type(cls: type, name: str) -> Any:
     return hint
 
 
+def _default_text(f: msgspec.structs.FieldInfo) -> str:
+    """A setting's default as a person reads it in ``--help``; "" when it has none (required)."""
+    if f.default is not msgspec.NODEFAULT:
+        value = f.default
+    elif f.default_factory is not msgspec.NODEFAULT:
+        value = f.default_factory()
+    else:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value) if value != "" else "empty"
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Struct]) -> None:
-    """One flag per setting. Flags default to None so that 'not given' is distinguishable."""
+    """One flag per setting. Flags default to None so that 'not given' is distinguishable; the help shows
+    each setting's real default, its allowed values (Literal types) and its environment variable."""
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with settings (keys as below, snake_case)")
     for f in msgspec.structs.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(cls, f.name)
         helptext = _field_help(cls, f.name)
-        env = f"{ENV_PREFIX}{f.name.upper()}" + (f" or {STANDARD_ENV[f.name]}" if f.name in STANDARD_ENV else "")
-        helptext = f"{helptext} (env {env})"
+        notes = []
+        default = _default_text(f)
+        if default and "default" not in helptext:  # a description may already say it in words
+            notes.append(f"default: {default}")
+        choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+        if choices:
+            notes.append(f"one of: {', '.join(map(str, choices))}")
+        notes.append(f"env {ENV_PREFIX}{f.name.upper()}" + (f" or {STANDARD_ENV[f.name]}"
+                                                             if f.name in STANDARD_ENV else ""))
+        helptext = f"{helptext} ({'; '.join(notes)})".replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif typing.get_origin(kind) in (list, tuple):
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=helptext + "; repeatable")
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=helptext)
+            # Allowed values in the usage line too; they are checked with the other sources' (one message).
+            metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
+            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=helptext)
 
 
 def _from_env(cls: type[msgspec.Struct], environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:

@@ -83,9 +83,11 @@ async def test_tap_history_and_filters(system, nats_url: str, capsys) -> None:
     kinds = {line.split()[0] for line in out.splitlines()}
     assert code == 0 and kinds == {"KUBE", "PLAN"} and all("default/web" in line for line in out.splitlines())
 
-    code, out, _ = await kipvs("tap", "--nats-url", nats_url, "--since", "1", "--stream", "kube,plan",
-                               capsys=capsys)
-    assert code == 2, "a sequence belongs to one stream"
+    code, out, _ = await kipvs("tap", "--nats-url", nats_url, "--since", "15", "--stream", "kube,plan",
+                               "--no-follow", capsys=capsys)
+    heads = {tuple(line.split()[:2]) for line in out.splitlines()}
+    assert code == 0 and ("KUBE", "#15") in heads and ("PLAN", "#15") in heads, "a sequence of each stream"
+    assert not {h for h in heads if int(h[1][1:]) < 15}, out
 
     code, out, _ = await kipvs("history", "--nats-url", nats_url, "EndpointSlice/default/web-x1", capsys=capsys)
     assert code == 0 and out.startswith("EndpointSlice default/web-x1: 2 recorded changes")
@@ -137,6 +139,49 @@ async def test_why_names_the_events_deltas_and_applies(system, nats_url: str, ca
 
     code, out, _ = await kipvs("why", "--nats-url", nats_url, "--node", "node-a", "10.96.0.10:81", capsys=capsys)
     assert code == 1 and "does not forward" in out
+
+
+async def test_the_readmes_export_command_makes_a_file_replay_accepts(system, nats_url: str, capsys,
+                                                                       tmp_path: Path) -> None:
+    """README: ``kipvs tap --stream kube,plan --since 1 --no-follow --json > log.jsonl``, then
+    ``kipvs replay --log log.jsonl``."""
+    code, recorded, err = await kipvs("tap", "--nats-url", nats_url, "--stream", "kube,plan", "--since", "1",
+                                      "--no-follow", "--json", capsys=capsys)
+    assert code == 0, err
+    docs = [json.loads(line) for line in recorded.splitlines()]
+    kube_info = await system.stream_info(topology.KUBE_STREAM)
+    plan_info = await system.stream_info(topology.PLAN_STREAM)
+    assert sorted(d["seq"] for d in docs if d["stream"] == topology.KUBE_STREAM) == list(
+        range(1, kube_info.state.last_seq + 1)), "every KUBE record, from the first"
+    assert sorted(d["seq"] for d in docs if d["stream"] == topology.PLAN_STREAM) == list(
+        range(1, plan_info.state.last_seq + 1)), "every PLAN record, from the first"
+    assert {d["stream"] for d in docs} == {topology.KUBE_STREAM, topology.PLAN_STREAM}
+    log = tmp_path / "log.jsonl"
+    log.write_text(recorded)
+    code, out, err = await kipvs("replay", "--log", str(log), capsys=capsys)
+    assert code == 0 and "identical" in out, out + err
+
+
+async def test_why_for_an_unknown_node_says_so(system, nats_url: str, capsys) -> None:
+    code, out, err = await kipvs("why", "--nats-url", nats_url, "--node", "node-z", "10.96.0.10:80", capsys=capsys)
+    assert code == 1 and out == ("kipvs why: unknown node 'node-z': no Node object in the log and no reports "
+                                 "from it\n"), out + err
+    code, out, _ = await kipvs("why", "--nats-url", nats_url, "--node", "node-z", "10.96.0.10:80", "--json",
+                               capsys=capsys)
+    assert code == 1 and json.loads(out)["known_node"] is False
+    # node-c runs no applier here (no report) but has its Node object: known, and it forwards the VIP.
+    code, out, _ = await kipvs("why", "--nats-url", nats_url, "--node", "node-c", "10.96.0.10:80", capsys=capsys)
+    assert code == 0 and out.startswith("node-c forwards TCP 10.96.0.10:80")
+    assert "applied: no apply report from node-c covers it yet" in out
+    # a node with no Node object whose applier reported (say, one named differently): known, by its reports
+    facts = events.NodeFactsReport(node="node-x", ipvs_available=True, kube_ipvs0="created", endpoint_marks="enforce",
+                                   endpoint_marks_reason="", conflicts=())
+    await bus.publish(system, topology.status_subject("node-x", "facts"),
+                      events.Envelope(id="facts-x", time_ns=1, producer="test", record=facts))
+    code, out, _ = await kipvs("why", "--nats-url", nats_url, "--node", "node-x", "10.96.0.10:80", capsys=capsys)
+    assert code == 0 and out.startswith("node-x forwards TCP 10.96.0.10:80"), out
+    code, out, err = await kipvs("why", "--nats-url", nats_url, "--node", "Node_A", "10.96.0.10:80", capsys=capsys)
+    assert code == 2 and err == "kipvs why: --node: 'Node_A' is not a valid Kubernetes name (DNS-1123)\n", err
 
 
 async def test_replay_matches_and_catches_a_difference(system, nats_url: str, capsys, tmp_path: Path) -> None:

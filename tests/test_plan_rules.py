@@ -330,3 +330,34 @@ def test_calico_node_pod_and_bpf_mode_are_reported_per_node(plan) -> None:
     assert bpf["bpf_enabled"] is True
     (warning,) = [w for w in bpf["warnings"] if w["code"] == "calico-bpf-dataplane"]
     assert "no IPVS support" in warning["message"]
+
+
+def test_warnings_are_on_stderr_in_the_default_format(plan, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The ipvsadm format prints every warning of the JSON form on stderr, one line each: stdout stays
+    `ipvsadm -R` input."""
+    svc = web(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}])
+    bad = kube.service("bad", cluster_ip="10.96.0.11", ports=[{"name": "x", "port": 70000, "protocol": "TCP"}])
+    pods = [kube.pod(f"p{i}", ip=f"10.244.1.{i + 10}") for i in range(8)]
+    events = added(*NODES, svc, bad, felix("default", iptablesMarkMask=0x0FF0),
+                   felix("node.node-a", kubeNodePortRanges=["31000:31999"]), *pods)
+    expected = plan(events, "node-a", "json")["warnings"]
+    assert {w["code"] for w in expected} == {"invalid-service", "nodeport-outside-ranges",
+                                             "endpoint-marks-exhausted"}
+    f = tmp_path / "events.jsonl"
+    f.write_text("".join(json.dumps(e) + "\n" for e in events))
+    capsys.readouterr()
+    assert kipvs(["plan", "--events", str(f), "--node", "node-a"]) == 0
+    out, err = capsys.readouterr()
+    assert out and all(line.startswith(("-A ", "-a ")) for line in out.splitlines()), out
+    warnings = [line for line in err.splitlines() if line.startswith("kipvs plan: warning: ")]
+    assert warnings == [f"kipvs plan: warning: {w['code']} {w['kind']} {w['object']}: {w['message']}"
+                        for w in expected], err
+    assert any(line.startswith("kipvs plan: warning: endpoint-marks-exhausted Node node-a: 2 pods on node-a")
+               for line in warnings)
+    assert any(line.startswith("kipvs plan: warning: nodeport-outside-ranges Service default/web: ")
+               for line in warnings)
+    assert any(line.startswith("kipvs plan: warning: invalid-service Service default/bad: ") for line in warnings)
+    capsys.readouterr()
+    assert kipvs(["plan", "--events", str(f), "--node", "node-a", "--format", "json"]) == 0
+    assert "warning" not in capsys.readouterr().err, "the JSON form carries them itself"

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
 
+from .node_settings import Timeouts
 from .ops import (
     AddAddress,
     AddEntry,
@@ -81,6 +82,16 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ipvs_timeouts(self) -> Timeouts: ...
+
+    async def set_ipvs_timeouts(self, wish: Timeouts) -> None: ...
+
+    def sysctls(self, keys: list[str]) -> dict[str, str]: ...
+
+    def set_sysctls(self, values: dict[str, str]) -> None: ...
+
+    async def clear_conntrack(self, flows: list[tuple[VSKey, RealKey | None]]) -> int: ...
+
 
 @dataclass
 class MemoryKernel:
@@ -93,6 +104,26 @@ class MemoryKernel:
     ipsets: dict[str, set[str]] | None = None
     conns: dict[tuple[VSKey, RealKey], int] = field(default_factory=dict)  # set by tests: open connections
     interface_addresses: tuple[str, ...] = ()  # the simulated node's own addresses
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts(900, 120, 300))  # the kernel's defaults
+    sysctl_values: dict[str, str] = field(default_factory=dict)
+    conntrack_cleared: list[tuple[VSKey, RealKey | None]] = field(default_factory=list)
+
+    async def ipvs_timeouts(self) -> Timeouts:
+        return self.timeouts
+
+    async def set_ipvs_timeouts(self, wish: Timeouts) -> None:
+        self.timeouts = Timeouts(wish.tcp or self.timeouts.tcp, wish.tcp_fin or self.timeouts.tcp_fin,
+                                 wish.udp or self.timeouts.udp)
+
+    def sysctls(self, keys: list[str]) -> dict[str, str]:
+        return {key: self.sysctl_values.get(key, "0") for key in keys}
+
+    def set_sysctls(self, values: dict[str, str]) -> None:
+        self.sysctl_values.update(values)
+
+    async def clear_conntrack(self, flows: list[tuple[VSKey, RealKey | None]]) -> int:
+        self.conntrack_cleared += flows
+        return 0  # a simulated kernel tracks no connections
 
     async def node_addresses(self) -> tuple[str, ...]:
         return self.interface_addresses

@@ -16,6 +16,8 @@ from .netlink_batch import attr
 
 CMD_NEW_SERVICE, CMD_SET_SERVICE, CMD_DEL_SERVICE = 1, 2, 3
 CMD_NEW_DEST, CMD_SET_DEST, CMD_DEL_DEST = 5, 6, 7
+CMD_SET_CONFIG, CMD_GET_CONFIG = 12, 13
+ATTR_TIMEOUT_TCP, ATTR_TIMEOUT_TCP_FIN, ATTR_TIMEOUT_UDP = 4, 5, 6
 ATTR_SERVICE, ATTR_DEST = 1, 2
 SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 1, 2, 3, 4, 6, 7, 8, 9
 DEST_ADDR, DEST_PORT, DEST_FWD, DEST_WEIGHT, DEST_UTHRESH, DEST_LTHRESH, DEST_FAMILY = 1, 2, 3, 4, 5, 6, 11
@@ -68,3 +70,28 @@ def body(cmd: int, service: bytes, dest_attr: bytes = b"") -> bytes:
     """One request's payload (after the netlink header, whose type is the IPVS family id): ``service``
     and ``dest_attr`` are the encoded attributes from the functions above."""
     return struct.pack("=BBH", cmd, GENL_VERSION, 0) + service + dest_attr
+
+
+def set_timeouts(tcp: int, tcp_fin: int, udp: int) -> bytes:
+    """IPVS_CMD_SET_CONFIG: what ``ipvsadm --set tcp tcpfin udp`` sends (0: the kernel keeps its value)."""
+    attrs = (attr(ATTR_TIMEOUT_TCP, struct.pack("=I", tcp)) + attr(ATTR_TIMEOUT_TCP_FIN, struct.pack("=I", tcp_fin))
+             + attr(ATTR_TIMEOUT_UDP, struct.pack("=I", udp)))
+    return struct.pack("=BBH", CMD_SET_CONFIG, GENL_VERSION, 0) + attrs
+
+
+def get_timeouts() -> bytes:
+    return struct.pack("=BBH", CMD_GET_CONFIG, GENL_VERSION, 0)
+
+
+def parse_timeouts(payload: bytes) -> tuple[int, int, int]:
+    """The (tcp, tcp_fin, udp) attributes of an IPVS_CMD_GET_CONFIG reply's payload (after the genl header)."""
+    found = {}
+    offset = 4
+    while offset + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, offset)
+        if length < 4:
+            break
+        if kind in (ATTR_TIMEOUT_TCP, ATTR_TIMEOUT_TCP_FIN, ATTR_TIMEOUT_UDP) and length >= 8:
+            (found[kind],) = struct.unpack_from("=I", payload, offset + 4)
+        offset += (length + 3) & ~3
+    return found.get(ATTR_TIMEOUT_TCP, 0), found.get(ATTR_TIMEOUT_TCP_FIN, 0), found.get(ATTR_TIMEOUT_UDP, 0)

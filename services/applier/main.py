@@ -26,17 +26,21 @@ from typing import Annotated, Literal
 
 import msgspec
 from nats.js.errors import NotFoundError
+from pyroute2.netlink.exceptions import NetlinkError
 
 from kipvs.shared import bus, config, events, logs, plan_log, runtime, topology
 from kipvs.shared.config import describe
+from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import node_facts, plan_cache
+from . import health_check, node_facts, node_settings, plan_cache
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
-from .ops import DesiredState, Op, diff, digest
+from .health_check import HealthServers
+from .node_settings import Timeouts
+from .ops import DelReal, DelService, DesiredState, Op, diff, digest
 from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
@@ -64,6 +68,24 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     plan_cache: Annotated[str, describe(
         "file for this node's last plan: at start, the kernel is programmed from it before NATS is reached "
         "(a rebooted node needs its Services to find NATS); empty: no cache")] = ""
+    ipvs_tcp_timeout: Annotated[int, describe(
+        "IPVS timeout for idle TCP connections, seconds; 0 leaves the kernel's value (kube-proxy's "
+        "--ipvs-tcp-timeout, ipvsadm --set)"), msgspec.Meta(ge=0)] = 0
+    ipvs_tcpfin_timeout: Annotated[int, describe(
+        "IPVS timeout for TCP connections after FIN, seconds; 0 leaves the kernel's value "
+        "(kube-proxy's --ipvs-tcpfin-timeout)"), msgspec.Meta(ge=0)] = 0
+    ipvs_udp_timeout: Annotated[int, describe(
+        "IPVS timeout for UDP flows, seconds; 0 leaves the kernel's value (kube-proxy's --ipvs-udp-timeout)"),
+        msgspec.Meta(ge=0)] = 0
+    ipvs_strict_arp: Annotated[bool, describe(
+        "arp_ignore=1 and arp_announce=2 on all interfaces (kube-proxy's --ipvs-strict-arp; MetalLB and "
+        "kube-vip in layer-2 mode need it)")] = False
+    conntrack_cleanup: Annotated[bool, describe(
+        "delete the conntrack entries of UDP/SCTP flows whose real server left (kube-proxy does; off only "
+        "for tests)")] = True
+    healthz_bind_address: Annotated[str, describe(
+        "host:port of the node health server (kube-proxy's --healthz-bind-address: /healthz, /livez); "
+        "empty disables it")] = "0.0.0.0:10256"
     endpoint_marks: Annotated[Literal["auto", "observe", "enforce"], describe(
         "Calico endpoint marks: enforce = kipvs writes the marking rules (nodes without Felix), observe = "
         "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
@@ -104,7 +126,15 @@ class Applier:
         self.plan = SharedPlan()
         self.desired = DesiredState()
         self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
+        self.conntrack_cleanup = True
+        self.timeouts = Timeouts()
+        self.strict_arp = False
         m = ctx.metrics
+        self.health = HealthServers(lambda: _healthy(ctx),
+                                    m.counter("kipvs_applier_health_check_bind_errors_total",
+                                              "health-check node ports (and the node health port) not bound"))
+        self.conntrack_deleted = m.counter("kipvs_applier_conntrack_entries_deleted_total",
+                                           "conntrack entries of UDP/SCTP flows deleted after their real server left")
         self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
         self.apply_seconds = m.histogram("kipvs_applier_apply_seconds", "time to write one batch")
         self.drift_repairs = m.counter("kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back")
@@ -131,6 +161,8 @@ class Applier:
         if self.rules is not None:
             self.rules.marks = self.endpoint_marks()
             await self.rules.install(self.desired.state().ipsets)
+        await self.sync_node_settings()
+        await self.sync_health_checks()
         log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, "
                  "%d repairs to reach it", self.plan.seq, caught_up, len(self.desired.services), len(found))
         # Say at once what this instance holds: the last report on the status stream may be a previous
@@ -270,8 +302,10 @@ class Applier:
                 if self.rules is not None:
                     await self.rules.install(self.desired.state().ipsets)
         self.applied_ops.inc(len(ops))
+        await self.clear_stale_flows(ops)
         if self.calico != calico_before:
             await self.sync_endpoint_marks()
+        await self.sync_health_checks()
         elapsed = time.perf_counter() - started
         self.apply_seconds.observe(elapsed)
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
@@ -281,6 +315,41 @@ class Applier:
     async def drift_check(self) -> None:
         async with self.kernel_lock:
             await self._drift_check()
+            await self.sync_node_settings()
+
+    async def sync_node_settings(self) -> None:
+        """The IPVS timeouts and strict ARP as configured (at start, then at every drift check)."""
+        current = await self.kernel.ipvs_timeouts()
+        if self.timeouts.differs(current):
+            log.info("IPVS timeouts %s -> %s", current, self.timeouts)
+            await self.kernel.set_ipvs_timeouts(self.timeouts)
+        changes = node_settings.sysctls_to_set(self.strict_arp, self.kernel.sysctls(list(node_settings.STRICT_ARP)))
+        if changes:
+            log.info("strict ARP: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            self.kernel.set_sysctls(changes)
+
+    async def clear_stale_flows(self, ops: list[Op]) -> None:
+        """UDP and SCTP have no connection end: drop the conntrack entries that still steer a client's
+        datagrams to a real server that left (kube-proxy's conntrack cleanup after each sync)."""
+        if not self.conntrack_cleanup:
+            return
+        flows: list[tuple[VSKey, RealKey | None]] = []
+        for op in ops:
+            if isinstance(op, DelReal) and op.service[0] in ("UDP", "SCTP"):
+                flows.append((op.service, op.real))
+            elif isinstance(op, DelService) and op.key[0] in ("UDP", "SCTP"):
+                flows.append((op.key, None))
+        if flows:
+            try:
+                self.conntrack_deleted.inc(await self.kernel.clear_conntrack(flows))
+            except (OSError, NetlinkError) as exc:
+                log.warning("conntrack cleanup failed (%s); stale UDP flows expire by themselves", exc)
+
+    async def sync_health_checks(self) -> None:
+        facts = self.facts()
+        addresses = facts.addresses if facts is not None else ()
+        await self.health.sync(health_check.wanted_ports(self.plan.services, self.node), addresses)
+        self.health.touched()
 
     async def _drift_check(self) -> None:
         if self.use_interfaces:
@@ -335,6 +404,12 @@ class Applier:
             del self.unsent_reports[kind]
 
 
+def _healthy(ctx: runtime.ServiceContext) -> bool:
+    """kube-proxy's node health: no input waiting unhandled longer than the bound."""
+    since = ctx.queued_since() if ctx.queued_since is not None else None
+    return since is None or asyncio.get_running_loop().time() - since <= ctx.config.healthz_stale_after
+
+
 def _node_state(data: bytes) -> tuple[int, events.SetNodeCalico] | None:
     """(delta seq, Calico state) of a node-subject message; None when it is not a usable one."""
     try:
@@ -353,71 +428,78 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     await kernel.setup()
     applier = Applier(ctx, cfg.node, kernel, rules, cfg.drain_timeout, cfg.node_addresses == "interfaces",
                       cfg.endpoint_marks)
-    ctx.set_not_ready("bootstrapping from the plan snapshot")
-    await applier.bootstrap()
-    drift_now = asyncio.Event()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drift_now.set)
+    applier.conntrack_cleanup = cfg.conntrack_cleanup
+    applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
+    applier.strict_arp = cfg.ipvs_strict_arp
+    await applier.health.serve_node_health(cfg.healthz_bind_address)
+    try:
+        ctx.set_not_ready("bootstrapping from the plan snapshot")
+        await applier.bootstrap()
+        drift_now = asyncio.Event()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drift_now.set)
 
-    async def idle() -> None:
-        ctx.set_ready()
+        async def idle() -> None:
+            ctx.set_ready()
 
-    spec = topology.applier_consumer(cfg.node)
-    consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
-                                   batch=cfg.batch, idle=idle)
-    ctx.queued_since = consumer.queued_since
+        spec = topology.applier_consumer(cfg.node)
+        consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
+                                       batch=cfg.batch, idle=idle)
+        ctx.queued_since = consumer.queued_since
 
-    async def drift_loop() -> None:
-        while not ctx.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
-            drift_now.clear()
-            if not ctx.stop.is_set():
-                await applier.drift_check()
+        async def drift_loop() -> None:
+            while not ctx.stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
+                drift_now.clear()
+                if not ctx.stop.is_set():
+                    await applier.drift_check()
 
-    async def drain_loop() -> None:
-        while not ctx.stop.is_set():
-            await asyncio.sleep(1.0)
-            await applier.drain()
+        async def drain_loop() -> None:
+            while not ctx.stop.is_set():
+                await asyncio.sleep(1.0)
+                await applier.drain()
 
-    async def cache_loop() -> None:
-        if not cfg.plan_cache:
-            return
-        writer = plan_cache.CacheWriter(Path(cfg.plan_cache), cfg.node)
-        while not ctx.stop.is_set():
-            try:
-                await writer.maybe_write(applier.plan, applier.calico, applier.calico_seq)
-            except OSError as exc:
-                log.warning("cannot write the plan cache %s: %s", cfg.plan_cache, exc.strerror)
-            except Exception:  # the cache is a convenience: never let it stop the applier, but say why
-                log.exception("cannot write the plan cache %s", cfg.plan_cache)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stop.wait(), writer.every)
+        async def cache_loop() -> None:
+            if not cfg.plan_cache:
+                return
+            writer = plan_cache.CacheWriter(Path(cfg.plan_cache), cfg.node)
+            while not ctx.stop.is_set():
+                try:
+                    await writer.maybe_write(applier.plan, applier.calico, applier.calico_seq)
+                except OSError as exc:
+                    log.warning("cannot write the plan cache %s: %s", cfg.plan_cache, exc.strerror)
+                except Exception:  # the cache is a convenience: never let it stop the applier, but say why
+                    log.exception("cannot write the plan cache %s", cfg.plan_cache)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ctx.stop.wait(), writer.every)
 
-    async def facts_loop() -> None:
-        if isinstance(kernel, MemoryKernel):  # a simulated kernel: its facts, not this host's
-            await applier.on_observation(node_facts.Observation(ipvs_available=True, kube_ipvs0="kipvs"))
-            return
-        await node_facts.watch(node_facts.NodeProbe(), applier.on_observation, ctx.stop, recheck=cfg.drift_period)
+        async def facts_loop() -> None:
+            if isinstance(kernel, MemoryKernel):  # a simulated kernel: its facts, not this host's
+                await applier.on_observation(node_facts.Observation(ipvs_available=True, kube_ipvs0="kipvs"))
+                return
+            await node_facts.watch(node_facts.NodeProbe(), applier.on_observation, ctx.stop, recheck=cfg.drift_period)
 
-    runner = asyncio.create_task(consumer.run())
-    drifter = asyncio.create_task(drift_loop())
-    drainer = asyncio.create_task(drain_loop())
-    watcher = asyncio.create_task(facts_loop())
-    cacher = asyncio.create_task(cache_loop())
-    stopping = asyncio.create_task(ctx.stop.wait())
-    done, _ = await asyncio.wait({runner, drifter, drainer, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    consumer.stop()
-    drifter.cancel()
-    drainer.cancel()
-    watcher.cancel()
-    cacher.cancel()
-    await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
-    stopping.cancel()
-    for task in done - {stopping}:
-        if task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-    await kernel.close()
+        runner = asyncio.create_task(consumer.run())
+        drifter = asyncio.create_task(drift_loop())
+        drainer = asyncio.create_task(drain_loop())
+        watcher = asyncio.create_task(facts_loop())
+        cacher = asyncio.create_task(cache_loop())
+        stopping = asyncio.create_task(ctx.stop.wait())
+        done, _ = await asyncio.wait({runner, drifter, drainer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        consumer.stop()
+        drifter.cancel()
+        drainer.cancel()
+        watcher.cancel()
+        cacher.cancel()
+        await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
+        stopping.cancel()
+        for task in done - {stopping}:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        await kernel.close()
+    finally:
+        await applier.health.close()
 
 
 def make_backend(cfg: ApplierConfig) -> Backend:

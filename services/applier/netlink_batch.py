@@ -107,5 +107,25 @@ class BatchSocket:
         if failure is not None:
             raise failure
 
+    async def query(self, kind: int, body: bytes) -> bytes:
+        """One request that the kernel answers with one message (not a dump): that message's payload.
+        OSError with the errno when the kernel refuses it."""
+        seq = self.reserve(1)
+        self.sock.send(_HEADER.pack(16 + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
+        while True:
+            try:
+                size = self.sock.recv_into(self.buffer)
+            except BlockingIOError:
+                size = await asyncio.get_running_loop().sock_recv_into(self.sock, self.buffer)
+            offset = 0
+            while offset + 16 <= size:
+                length, reply_kind, _, reply_seq, _ = _HEADER.unpack_from(self.buffer, offset)
+                if reply_seq == seq:
+                    if reply_kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", self.buffer, offset + 16)
+                        raise OSError(-code, os.strerror(-code))
+                    return bytes(self.buffer[offset + 16:offset + length])
+                offset += (length + 3) & ~3
+
     def close(self) -> None:
         self.sock.close()

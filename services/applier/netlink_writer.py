@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
+from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
 from pyroute2.ipset import AsyncIPSet
 from pyroute2.ipvs import IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
@@ -38,6 +39,7 @@ from . import ipset_wire, ipvs_wire
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
 from .node_facts import LINK_ALIAS
+from .node_settings import Timeouts
 from .ops import (
     AddAddress,
     AddEntry,
@@ -379,6 +381,67 @@ class NetlinkKernel:
             except NetlinkError as exc:
                 if exc.code != errno.ENOENT:
                     log.warning("could not destroy ipset %s: %s", name, exc)
+
+    async def ipvs_timeouts(self) -> Timeouts:
+        await self._open()
+        assert self.writer is not None
+        payload = await self.writer.query(self.ipvs_family, ipvs_wire.get_timeouts())
+        return Timeouts(*ipvs_wire.parse_timeouts(payload))
+
+    async def set_ipvs_timeouts(self, wish: Timeouts) -> None:
+        await self._open()
+        try:
+            await self._send(self.writer, [(self.ipvs_family, ipvs_wire.set_timeouts(wish.tcp, wish.tcp_fin,
+                                                                                     wish.udp))],
+                             [f"set IPVS timeouts {wish}"], frozenset())
+        except KernelError as exc:
+            raise CapabilityError(f"cannot set the IPVS timeouts: {exc}") from None
+
+    def sysctls(self, keys: list[str]) -> dict[str, str]:
+        out = {}
+        for key in keys:
+            try:
+                out[key] = (Path("/proc/sys") / key.replace(".", "/")).read_text().strip()
+            except OSError:
+                out[key] = ""
+        return out
+
+    def set_sysctls(self, values: dict[str, str]) -> None:
+        for key, value in values.items():
+            try:
+                (Path("/proc/sys") / key.replace(".", "/")).write_text(value)
+            except OSError as exc:
+                log.warning("could not set %s=%s (%s)", key, value, exc.strerror)
+
+    async def clear_conntrack(self, flows: list[tuple[VSKey, RealKey | None]]) -> int:
+        """Delete the conntrack entries of UDP/SCTP flows to a virtual service whose reply came from a real
+        server that left it (real None: the whole virtual service left), as kube-proxy does after a sync:
+        a client's next datagram is then load-balanced again instead of following the stale entry.
+        Returns how many entries were deleted. Over netlink (pyroute2's conntrack), never the binary."""
+        deleted = 0
+        sockets: dict[int, AsyncConntrack] = {}
+        try:
+            for (protocol, vip, port), real in flows:
+                number = PROTOCOL_NUMBERS[protocol]
+                family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+                if family not in sockets:
+                    sockets[family] = AsyncConntrack(nfgen_family=family)
+                    await sockets[family].__aenter__()
+                ct = sockets[family]
+                orig = NFCTAttrTuple(family=family, proto=number, daddr=vip, dport=port)
+                reply = NFCTAttrTuple(family=family, proto=number, saddr=real[0], sport=real[1]) if real else None
+                entries = [entry async for entry in await ct.dump_entries(tuple_orig=orig, tuple_reply=reply)]
+                for entry in entries:
+                    try:
+                        await ct.delete(entry)
+                        deleted += 1
+                    except NetlinkError as exc:
+                        if exc.code != errno.ENOENT:  # gone by itself meanwhile: as wanted
+                            log.warning("could not delete a conntrack entry of %s %s:%d: %s", protocol, vip, port, exc)
+        finally:
+            for ct in sockets.values():
+                ct.close()
+        return deleted
 
     async def close(self) -> None:
         for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer):

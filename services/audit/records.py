@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import ipaddress
 import json
 from dataclasses import dataclass, field
@@ -33,9 +35,46 @@ def describe_op(op: events.PlanOp) -> str:
     if isinstance(op, events.ClearWarning):
         return f"clear-warning {op.id}"
     marked = sum(1 for m in op.endpoint_marks.values() if m)
+    unmarked = f" ({len(op.unmarked)} endpoints without a mark)" if op.unmarked else ""
     ranges = ",".join(f"{lo}-{hi}" for lo, hi in op.nodeport_ranges)
-    extra = " calico-node" if op.calico_node else ""
-    return f"set-node-calico {op.node}: {marked} endpoint marks, node ports {ranges}{extra}"
+    extra = (" calico-node" if op.calico_node else "") + (" bpf-dataplane" if op.bpf_enabled else "")
+    warnings = "".join(f", WARNING {w.code} {w.object}: {w.message}" for w in sorted(op.warnings, key=lambda w: w.id))
+    return f"set-node-calico {op.node}: {marked} endpoint marks{unmarked}, node ports {ranges}{extra}{warnings}"
+
+
+@dataclass(frozen=True)
+class Stored(Entry):
+    """An entry with the time the server stored it (JetStream metadata): the only time a message has that is
+    not a kipvs envelope (parked bytes, an undecodable record)."""
+
+    stored_ns: int = 0
+
+
+RAW_SHOWN = 1000  # bytes of a parked payload on its one line (--json has them all)
+
+
+def escaped(raw: bytes, limit: int = RAW_SHOWN) -> str:
+    """Bytes as Python writes them (``b'{"id": \\xff...'``): every byte faithfully, printable on one line."""
+    if len(raw) <= limit:
+        return repr(raw)
+    return f"{raw[:limit]!r}... ({len(raw)} bytes, the first {limit} shown; --json has them all)"
+
+
+def _unenveloped(label: str, entry: Entry) -> str:
+    """``PARKED #3 2026-11-24T18:00:01.123Z kipvs.parked.planner: reason (KIPVS_KUBE #12 ..., parked by
+    planner): b'...'``"""
+    headers = entry.headers or {}
+    stored = getattr(entry, "stored_ns", 0)
+    when = clock(stored) if stored else "(time not recorded)"
+    reason = headers.get(topology.PARK_REASON) or "not a kipvs envelope"
+    origin = []
+    if headers.get(topology.PARK_STREAM):
+        origin.append(f"{headers[topology.PARK_STREAM]} #{headers.get(topology.PARK_SEQUENCE, '?')} "
+                      f"{headers.get(topology.PARK_SUBJECT, '')}".rstrip())
+    if headers.get(topology.PARK_SERVICE):
+        origin.append(f"parked by {headers[topology.PARK_SERVICE]}")
+    where = f" ({', '.join(origin)})" if origin else ""
+    return f"{label} {when} {entry.subject}: {reason}{where}: {escaped(entry.raw)}"
 
 
 def one_line(entry: Entry) -> str:
@@ -43,8 +82,7 @@ def one_line(entry: Entry) -> str:
     label = f"{STREAM_LABEL.get(entry.stream, entry.stream)} #{entry.seq}"
     env = entry.envelope
     if env is None:
-        reason = (entry.headers or {}).get(topology.PARK_REASON, "not a kipvs envelope")
-        return f"{label} {entry.subject}: {reason}"
+        return _unenveloped(label, entry)
     r = env.record
     head = f"{label} {clock(env.time_ns)}"
     if isinstance(r, events.KubeEvent):
@@ -69,13 +107,22 @@ def one_line(entry: Entry) -> str:
 
 
 def as_json(entry: Entry) -> str:
-    """The JSON-lines form: stream, seq, subject and the envelope (or the parked bytes and reason)."""
+    """The JSON-lines form: stream, seq, subject and the envelope; or, for a message that is not an envelope
+    (parked), the time the server stored it, its reason and headers, and its bytes: ``data_base64`` always
+    (exact), ``data`` as well when they are UTF-8 text (then exact too: never a lossy decoding)."""
     doc: dict[str, Any] = {"stream": entry.stream, "seq": entry.seq, "subject": entry.subject}
     if entry.envelope is not None:
         doc["envelope"] = json.loads(events.to_json(entry.envelope))
     else:
+        stored = getattr(entry, "stored_ns", 0)
+        if stored:
+            doc["time"] = clock(stored)
         doc["reason"] = (entry.headers or {}).get(topology.PARK_REASON, "")
-        doc["data"] = entry.raw.decode("utf-8", errors="replace")
+        if entry.headers:
+            doc["headers"] = dict(sorted(entry.headers.items()))
+        with contextlib.suppress(UnicodeDecodeError):
+            doc["data"] = entry.raw.decode("utf-8")
+        doc["data_base64"] = base64.b64encode(entry.raw).decode("ascii")
     return json.dumps(doc, separators=(",", ":"))
 
 

@@ -7,8 +7,12 @@
 
 ``--node N`` keeps N's status reports, deltas for all nodes and for N, and the Kubernetes events that name N
 (its Node, Pods on it, EndpointSlices with endpoints on it, its FelixConfigurations). ``--object`` takes
-KIND/NAMESPACE/NAME, NAMESPACE/NAME or KIND/NAME (cluster-scoped). ``--since`` takes a stream sequence
-(with one ``--stream``), an ISO time or an age (30s, 10m, 2h, 1d).
+KIND/NAMESPACE/NAME, NAMESPACE/NAME or KIND/NAME (cluster-scoped). ``--since`` takes a stream sequence, an
+ISO time or an age (30s, 10m, 2h, 1d). A sequence with several streams starts each of them at that sequence:
+``--since 1`` is the beginning of every stream (what ``kipvs replay --log`` needs).
+
+A message that is not a kipvs envelope (parked) shows the time the server stored it and its bytes as they
+are (escaped; base64 in ``--json``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import nats
@@ -52,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", default="", help="only what concerns this node")
     parser.add_argument("--object", default="", help="only this object: KIND/NAMESPACE/NAME or NAMESPACE/NAME")
     parser.add_argument("--vip", default="", help="only this VIP's Service: IP, IP:PORT or [IPv6]:PORT")
-    parser.add_argument("--since", default="", help="start at a stream sequence, an ISO time or an age (10m); "
-                                                    "default: only what comes next")
+    parser.add_argument("--since", default="", help="start at a stream sequence (of each stream: 1 is the "
+                                                    "beginning), an ISO time or an age (10m); default: only what "
+                                                    "comes next")
     parser.add_argument("--no-follow", action="store_true", help="print what is there and exit")
     parser.add_argument("--json", action="store_true", help="JSON lines: stream, seq, subject, envelope")
 
@@ -86,7 +91,7 @@ async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
         return [e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
                                                e.envelope is None or e.envelope.time_ns >= ns_of(start))]
     try:
-        return [decode_entry(stream, m) async for m in bus.read_stream(
+        return [stored_entry(stream, m) async for m in bus.read_stream(
             js, stream, SUBJECTS[name], start_seq=start if isinstance(start, int) else 0,
             start_time=start if isinstance(start, datetime) else None)]
     except nats.js.errors.NotFoundError:
@@ -104,7 +109,7 @@ async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterat
             except NatsTimeoutError:
                 continue
             for msg in msgs:
-                yield decode_entry(stream, msg)
+                yield stored_entry(stream, msg)
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
@@ -114,8 +119,6 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
     out = out or sys.stdout
     names = _streams(args.stream)
     start = parse_point(args.since) if args.since else None
-    if isinstance(start, int) and len(names) > 1:
-        raise ToolError("--since SEQ is a sequence of one stream: give one --stream (or use a time)")
     try:
         keep = records.Filter(node=args.node, object=args.object, vip=args.vip)
     except ValueError as exc:
@@ -129,7 +132,7 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
     async with open_log(args) as js:
         if isinstance(js, RecordedLog):  # a recording has no future: print it and stop
             args.no_follow = True
-            start = start if start is not None else 1 if len(names) == 1 else datetime.fromtimestamp(0, UTC)
+            start = start if start is not None else 1
         last = dict.fromkeys(names, 0)
         if start is not None:
             entries = [e for name in names for e in await backlog(js, name, start)]
@@ -183,8 +186,19 @@ async def _last_seq(js: JetStreamContext, name: str) -> int:
         return 0
 
 
+def stored_entry(stream: str, msg: Any) -> records.Stored:
+    """A message decoded, with the time the server stored it (its JetStream metadata)."""
+    entry = decode_entry(stream, msg)
+    try:
+        stored_ns = round(msg.metadata.timestamp.timestamp() * 1e9)
+    except (nats.errors.NotJSMessageError, AttributeError, ValueError):
+        stored_ns = 0
+    return records.Stored(entry.stream, entry.seq, entry.subject, entry.envelope, entry.raw, entry.headers,
+                          stored_ns=stored_ns)
+
+
 def _order(entry: Entry) -> tuple[int, str, int]:
-    return (entry.envelope.time_ns if entry.envelope else 0, entry.stream, entry.seq)
+    return (entry.envelope.time_ns if entry.envelope else getattr(entry, "stored_ns", 0), entry.stream, entry.seq)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -216,13 +216,44 @@ def print_text(doc: dict, out) -> None:
             cite(step, "      ")
 
 
+def node_in_log(node: str, kube: list[Entry], plan: list[Entry]) -> bool:
+    """Whether the log has ``node``'s Node object (even a deleted one) or the plan's facts of it."""
+    for entry in kube:
+        r = entry.envelope.record if entry.envelope else None
+        if isinstance(r, events.KubeEvent) and r.kind == "Node" and r.name == node:
+            return True
+    for entry in plan:
+        r = entry.envelope.record if entry.envelope else None
+        if isinstance(r, events.PlanDelta) and any(isinstance(op, events.SetNode) and op.node.name == node
+                                                   for op in r.ops):
+            return True
+        if isinstance(r, events.PlanSnapshot) and node in {n.name for n in r.nodes}:
+            return True
+    return False
+
+
 async def why(args: argparse.Namespace, out: Any = None) -> int:
     out = out or sys.stdout
     key = parse_target(args.vip)
+    try:
+        applied = topology.status_subject(args.node, "applied")
+    except ValueError as exc:
+        raise ToolError(f"--node: {exc}") from None
     async with open_log(args) as js:
         plan = await read_all(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
         kube = await read_all(js, topology.KUBE_STREAM)
-        reports = await read_all(js, topology.STATUS_STREAM, topology.status_subject(args.node, "applied"))
+        reports = await read_all(js, topology.STATUS_STREAM, applied)
+        # a node the log does not know: no Node object, no plan facts, no report of any kind from it
+        known = bool(reports) or node_in_log(args.node, kube, plan) or bool(
+            await read_all(js, topology.STATUS_STREAM, topology.status_subject(args.node, ">")))
+    if not known:
+        message = f"unknown node {args.node!r}: no Node object in the log and no reports from it"
+        if args.json:
+            print(json.dumps({"node": args.node, "known_node": False, "present": False, "error": message},
+                             indent=2), file=out)
+        else:
+            print(f"kipvs why: {message}", file=out)
+        return 1
     story = provenance(plan, args.node, key)
     doc = render(story, Explainer(kube, reports))
     if args.json:

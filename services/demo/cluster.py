@@ -60,6 +60,7 @@ class Cluster:
     host_link: str = ""  # ADDRESS/PREFIX of the guest's eth0, the host's way in (netlink backend)
     view: Planner = field(default_factory=lambda: Planner(PlannerConfig()))  # see planned()
     keeping: bool = False  # the script reached --keep's wait: a stop then is the normal end
+    applier_args: tuple[str, ...] = ()  # more flags for every applier (netlink backend)
 
     @property
     def url(self) -> str:
@@ -115,7 +116,7 @@ class Cluster:
             if self.backend == "memory":
                 argv += ["--backend", "memory"]
             else:
-                argv = ["ip", "netns", "exec", node, *argv, "--cluster-cidr", CLUSTER_CIDR]
+                argv = ["ip", "netns", "exec", node, *argv, "--cluster-cidr", CLUSTER_CIDR, *self.applier_args]
         self.processes[service] = await asyncio.create_subprocess_exec(
             *argv, stdout=self._log(service), stderr=asyncio.subprocess.STDOUT, start_new_session=True)
 

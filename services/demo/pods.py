@@ -17,21 +17,39 @@ from pyroute2 import netns as pyroute2_netns
 PORT = 8080
 
 
-def listening_socket(netns: str) -> socket.socket:
+UDP_PORT = 8053  # a datagram answered with the pod's name and node (tests of UDP Services)
+
+
+def listening_socket(netns: str, kind: int = socket.SOCK_STREAM, port: int = PORT) -> socket.socket:
     pyroute2_netns.pushns(netns)
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, kind)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", PORT))  # the pod's own namespace: only its own address is there
-        sock.listen(64)
+        sock.bind(("0.0.0.0", port))  # the pod's own namespace: only its own address is there
+        if kind == socket.SOCK_STREAM:
+            sock.listen(64)
         sock.setblocking(False)
         return sock
     finally:
         pyroute2_netns.popns()
 
 
+class UdpAnswer(asyncio.DatagramProtocol):
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(self.body, addr)
+
+
 async def main() -> None:
     servers: dict[str, asyncio.base_events.Server] = {}
+    udp: dict[str, asyncio.BaseTransport] = {}
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -55,8 +73,11 @@ async def main() -> None:
                     w.close()
 
             servers[netns] = await asyncio.start_server(answer, sock=listening_socket(netns))
+            udp[netns], _ = await loop.create_datagram_endpoint(
+                lambda body=body: UdpAnswer(body), sock=listening_socket(netns, socket.SOCK_DGRAM, UDP_PORT))
         elif words[:1] == ["del"] and len(words) == 2 and words[1] in servers:
             servers.pop(words[1]).close()
+            udp.pop(words[1]).close()
         print("ok", flush=True)
 
 

@@ -39,11 +39,20 @@ def ipvsadm(state: NodeState) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def node_warnings(warnings: Iterable[PlanWarning], calico: SetNodeCalico | None = None) -> list[PlanWarning]:
+    """The warnings that concern a node: the shared plan's and the node's own Calico ones, sorted by id."""
+    return sorted([*warnings, *(calico.warnings if calico is not None else ())], key=lambda w: w.id)
+
+
+def warning_line(w: PlanWarning) -> str:
+    """One warning as one line: ``endpoint-marks-exhausted Node node-a: 2 pods on node-a have no ...``."""
+    return f"{w.code} {w.kind} {w.object}: {w.message}".replace("\n", " ")
+
+
 def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str,
             calico: SetNodeCalico | None = None) -> dict[str, Any]:
     """The documented JSON form (docs/plan-format.md)."""
-    if calico is not None:
-        warnings = [*warnings, *calico.warnings]
+    warnings = node_warnings(warnings, calico)
     doc = {
         "node": node,
         "ipvs": [{
@@ -55,7 +64,7 @@ def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str,
         "addresses": sorted(state.addresses, key=sort_key_ip),
         "ipsets": {name: sorted(entries) for name, entries in sorted(state.ipsets.items())},
         "warnings": [{"kind": w.kind, "object": w.object, "code": w.code, "message": w.message}
-                     for w in sorted(warnings, key=lambda w: w.id)],
+                     for w in warnings],
     }
     if calico is not None:
         lay = calico.layout

@@ -23,7 +23,7 @@ from kipvs.shared import events, topology
 from kipvs.shared.plan.resolve import resolve_node
 
 from .core import Planner, PlannerConfig
-from .render import ipvsadm, json_text
+from .render import ipvsadm, json_text, node_warnings, warning_line
 
 KINDS = set(events.KUBE_KINDS)
 
@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
               "policies, topology) is resolved as for an unknown node", file=sys.stderr)
     if args.format == "ipvsadm":
         out = ipvsadm(state)
+        # stdout stays `ipvsadm -R` input: what kipvs could not honour goes to stderr, a line each
+        for warning in node_warnings(planner.warnings.values(), planner.node_calico(args.node)):
+            print(f"kipvs plan: warning: {warning_line(warning)}", file=sys.stderr)
     else:
         out = json_text(state, planner.warnings.values(), args.node, planner.node_calico(args.node))
     sys.stdout.write(out)

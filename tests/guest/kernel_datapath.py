@@ -9,7 +9,9 @@ got (which pod answered, refused, dropped) and what the pod saw (masqueraded or 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,11 +41,11 @@ def _pod(name: str, node: str, ip: str, app: str) -> dict:
             "status": {"phase": "Running", "podIP": ip}}
 
 
-def _slice(service: str, endpoints: list[tuple[str, str]]) -> dict:
+def _slice(service: str, endpoints: list[tuple[str, str]], port: tuple[str, int, str] = ("http", 8080, "TCP")) -> dict:
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": f"{service}-x1", "namespace": "default",
                          "labels": {"kubernetes.io/service-name": service}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "addressType": "IPv4", "ports": [{"name": port[0], "port": port[1], "protocol": port[2]}],
             "endpoints": [{"addresses": [ip], "nodeName": node,
                            "conditions": {"ready": True, "serving": True, "terminating": False}}
                           for ip, node in endpoints]}
@@ -64,18 +66,25 @@ SCENARIO = Scenario(objects=[
     _service("api", {"type": "NodePort", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
                      "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "nodePort": 30080,
                                 "protocol": "TCP"}]}),
+    _service("dns", {"type": "ClusterIP", "clusterIP": "10.96.0.53", "clusterIPs": ["10.96.0.53"],
+                     "ports": [{"name": "dns", "port": 53, "targetPort": 8053, "protocol": "UDP"}]}),
     _service("shop", {"type": "LoadBalancer", "clusterIP": "10.96.0.30", "clusterIPs": ["10.96.0.30"],
                       "externalTrafficPolicy": "Local", "loadBalancerSourceRanges": [f"{OUTSIDE}/32"],
+                      "healthCheckNodePort": 32210,
                       "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30443,
                                  "protocol": "TCP"}]},
              {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}),
     _pod("web-1", "node-a", "10.244.1.11", "web"), _pod("web-2", "node-b", "10.244.2.11", "web"),
     _pod("api-1", "node-c", "10.244.3.21", "api"), _pod("shop-1", "node-a", "10.244.1.31", "shop"),
-    _pod("client-1", "node-a", "10.244.1.50", "client"),
+    _pod("client-1", "node-a", "10.244.1.50", "client"), _pod("udp-1", "node-b", "10.244.2.53", "dns"),
     _slice("web", [("10.244.1.11", "node-a"), ("10.244.2.11", "node-b")]),
     _slice("api", [("10.244.3.21", "node-c")]),
     _slice("shop", [("10.244.1.31", "node-a")]),
+    _slice("dns", [("10.244.2.53", "node-b")], port=("dns", 8053, "UDP")),
 ])
+APPLIER_ARGS = ("--ipvs-tcp-timeout", "901", "--ipvs-udp-timeout", "301", "--ipvs-strict-arp",
+                # to show the UDP test needs the cleanup: KIPVS_TEST_NO_CONNTRACK_CLEANUP=1 makes it fail
+                *(("--no-conntrack-cleanup",) if os.environ.get("KIPVS_TEST_NO_CONNTRACK_CLEANUP") else ()))
 
 CLIENT = textwrap.dedent("""
     import json, socket, sys
@@ -119,7 +128,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster():
-    cluster = Cluster(workdir_for(Path("/run/tmp/datapath")), "netlink", SCENARIO)
+    cluster = Cluster(workdir_for(Path("/run/tmp/datapath")), "netlink", SCENARIO, applier_args=APPLIER_ARGS)
     try:
         await cluster.start_nats()
         await cluster.start_simulator()
@@ -230,3 +239,115 @@ async def test_calico_endpoint_marks_are_set_on_input_and_seen_after_ipvs(cluste
         assert counters[0] == counters[1] >= 4, (counters, f"mark {client_mark:#x} mask {mask:#x}")
     finally:
         subprocess.run(["ip", "netns", "exec", "node-a", "nft", "delete", "table", "inet", "probe"], check=True)
+
+
+# --- the node features kube-proxy users rely on (issue 15) ---------------------------------------
+
+
+def _http(where: str | None, url: str) -> tuple[int, dict]:
+    script = textwrap.dedent("""
+        import json, sys, urllib.error, urllib.request
+        try:
+            with urllib.request.urlopen(sys.argv[1], timeout=3) as r:
+                print(json.dumps([r.status, json.loads(r.read())]))
+        except urllib.error.HTTPError as e:
+            print(json.dumps([e.code, json.loads(e.read())]))
+        except OSError as e:
+            print(json.dumps([0, {"error": str(e)}]))
+    """)
+    prefix = ["ip", "netns", "exec", where] if where else []
+    done = subprocess.run([*prefix, sys.executable, "-c", script, url], capture_output=True, text=True, timeout=30)
+    status, body = json.loads(done.stdout)
+    return status, body
+
+
+async def _until(check, within: float = 60.0) -> None:
+    from kipvs.guest.vm import time_scale
+
+    deadline = asyncio.get_running_loop().time() + within * time_scale()
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.5)
+
+
+async def test_health_check_node_port_follows_the_local_endpoints(cluster: Cluster) -> None:
+    url = {node: f"http://{ip}:32210/healthz" for node, ip in NODES.items()}
+    status, body = _http(None, url["node-a"])
+    assert (status, body) == (200, {"service": {"namespace": "default", "name": "shop"}, "localEndpoints": 1,
+                                    "serviceProxyHealthy": True})
+    assert _http(None, url["node-b"])[0] == 503, "no local endpoint on node-b"
+    # The pod moves to node-b: within one delta, node-a says 503 and node-b 200.
+    moved = _pod("shop-2", "node-b", "10.244.2.31", "shop")
+    await cluster.add_pod(moved)
+    await cluster.sim.apply(moved)
+    await cluster.sim.apply(_slice("shop", [("10.244.2.31", "node-b")]))
+
+    async def moved_over() -> bool:
+        return _http(None, url["node-a"])[0] == 503 and _http(None, url["node-b"])[0] == 200
+    await _until(moved_over)
+    # Policy Cluster: no health-check node port any more (the API server drops it); the port closes.
+    shop = next(o for o in SCENARIO.objects if o["kind"] == "Service" and o["metadata"]["name"] == "shop")
+    cluster_policy = json.loads(json.dumps(shop))
+    cluster_policy["spec"]["externalTrafficPolicy"] = "Cluster"
+    del cluster_policy["spec"]["healthCheckNodePort"]
+    await cluster.sim.apply(cluster_policy)
+
+    async def closed() -> bool:
+        return _http(None, url["node-b"])[0] == 0
+    await _until(closed)
+    await cluster.sim.apply(shop)  # back as it was, for the tests after this one
+
+
+async def test_node_health_port(cluster: Cluster) -> None:
+    status, body = _http("node-a", "http://127.0.0.1:10256/healthz")
+    assert status == 200 and body["nodeEligible"] is True and "lastUpdated" in body
+
+
+async def test_ipvs_timeouts_and_strict_arp_read_back_from_the_kernel(cluster: Cluster) -> None:
+    out = subprocess.run(["ip", "netns", "exec", "node-a", "ipvsadm", "-L", "--timeout"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "Timeout (tcp tcpfin udp): 901 120 301" in out, out
+    for key, want in (("arp_ignore", "1"), ("arp_announce", "2")):
+        got = subprocess.run(["ip", "netns", "exec", "node-a", "sysctl", "-n", f"net.ipv4.conf.all.{key}"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert got == want, (key, got)
+
+
+UDP_CLIENT = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    s.bind(("0.0.0.0", 45053))  # one client socket, the same source port every time, as a resolver
+    def ask():
+        for _ in range(3):
+            s.sendto(b"q", ("10.96.0.53", 53))
+            try:
+                return s.recv(100).decode().split(" on ")[0]
+            except OSError:
+                continue
+        return "no answer"
+    print(ask(), flush=True)
+    sys.stdin.readline()  # the test moves the pod
+    print(ask(), flush=True)
+""")
+
+
+async def test_udp_client_reaches_the_new_pod_after_its_pod_moved(cluster: Cluster) -> None:
+    client = subprocess.Popen(["ip", "netns", "exec", "pod-client-1", sys.executable, "-c", UDP_CLIENT],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == "udp-1"
+        new = _pod("udp-2", "node-c", "10.244.3.53", "dns")
+        await cluster.add_pod(new)
+        await cluster.sim.apply(new)
+        await cluster.sim.apply(_slice("dns", [("10.244.3.53", "node-c")], port=("dns", 8053, "UDP")))
+        await cluster.remove_pod("udp-1")
+        await cluster.sim.delete("Pod", "default", "udp-1")
+        await cluster.converged(within=120)
+        client.stdin.write("\n")
+        client.stdin.flush()
+        answer = client.stdout.readline().strip()
+    finally:
+        client.kill()
+        client.wait()
+    assert answer == "udp-2", "the same client socket reaches the new pod (stale conntrack entry deleted)"

@@ -1,0 +1,35 @@
+"""Node-wide kernel settings kube-proxy's IPVS mode offers, with its flag names: the IPVS connection
+timeouts (``--ipvs-tcp-timeout``, ``--ipvs-tcpfin-timeout``, ``--ipvs-udp-timeout``: ``ipvsadm --set``;
+0 leaves the kernel's value) and strict ARP (``--ipvs-strict-arp``: ``arp_ignore=1`` and
+``arp_announce=2`` on all interfaces, which MetalLB and kube-vip in layer-2 mode need once load-balancer
+addresses sit on kube-ipvs0). Pure: what to change, given what the kernel holds; the netlink and /proc
+writes are in the backend. ``--cleanup`` leaves these as they are, as kube-proxy's does: kipvs restores
+nothing, and so never restores over a value someone else set since.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STRICT_ARP = {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2"}
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """IPVS connection timeouts in seconds (0 in a wish: leave the kernel's value)."""
+
+    tcp: int = 0
+    tcp_fin: int = 0
+    udp: int = 0
+
+    def differs(self, kernel: Timeouts) -> bool:
+        """Whether the kernel must change to satisfy this wish."""
+        return any(want and want != have for want, have in ((self.tcp, kernel.tcp), (self.tcp_fin, kernel.tcp_fin),
+                                                            (self.udp, kernel.udp)))
+
+
+def sysctls_to_set(strict_arp: bool, current: dict[str, str]) -> dict[str, str]:
+    """The strict-ARP sysctls that differ from what they must be (none when the flag is off)."""
+    if not strict_arp:
+        return {}
+    return {key: value for key, value in STRICT_ARP.items() if current.get(key) != value}
