@@ -302,3 +302,17 @@ def test_status_verdicts_behind_old_and_conflicting() -> None:
     assert got["b"].problems == ["3 deltas behind the planner (limit 2)"]
     assert got["c"].drift_repaired == 1 and got["c"].problems == ["last report 400s ago (limit 300s)", "1 conflicts"]
     assert got["d"].problems == ["never reported"]
+
+
+async def test_history_shows_an_unreadable_record_instead_of_failing(system, nats_url: str, capsys) -> None:
+    """Garbage, and a well-formed record whose object lost its name, on an object's subject (issue 13)."""
+    subject = topology.kube_object_subject("Service", "default", "web")
+    await system.publish(subject, b"x")
+    broken = events.Envelope(id="broken-1", time_ns=1, producer="test", record=events.KubeEvent(
+        kind="Service", action="MODIFIED", namespace="default", name="web", resource_version="99999",
+        object={"kind": "Service", "metadata": {"namespace": "default"}}))
+    await bus.publish(system, subject, broken)
+    code, out, err = await kipvs("history", "--nats-url", nats_url, "Service/default/web", capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "unreadable record skipped (not a kipvs envelope)" in out
+    assert "rv=99999" in out, "the nameless record is shown as the change it is"
