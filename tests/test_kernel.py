@@ -30,7 +30,7 @@ def guest_results() -> dict[str, tuple[str, str]]:
                "--junitxml=/run/tmp/junit.xml > /run/tmp/pytest.log 2>&1; "
                "echo JUNIT-BEGIN; cat /run/tmp/junit.xml; echo; echo JUNIT-END; tail -40 /run/tmp/pytest.log")
     try:
-        run = run_in_guest(command, timeout=900, memory="1536M")
+        run = run_in_guest(command, timeout=1800, memory="1536M")
     except GuestUnavailable as exc:
         pytest.fail(f"KERNEL TESTS COULD NOT RUN: {exc}", pytrace=False)
     match = re.search(r"JUNIT-BEGIN\n(.*?)\nJUNIT-END", run.output, re.S)
