@@ -129,3 +129,14 @@ async def test_applier_clears_udp_flows_of_a_real_server_that_left(protocol: str
     await applier.sync_node_settings()
     assert kernel.timeouts == Timeouts(901, 120, 300)
     assert kernel.sysctl_values == {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2"}
+
+
+async def test_a_port_is_opened_once_the_node_has_addresses() -> None:
+    """An applier that bootstrapped before its Node was planned has no address yet: the port opens later."""
+    port = free_loopback_port()
+    servers = HealthServers(lambda: True)
+    await servers.sync({"default/shop": (port, 1)}, ())
+    assert await _get(port) is None
+    await servers.sync({"default/shop": (port, 1)}, ("127.0.0.1",))
+    assert (await _get(port))[0] == 200
+    await servers.close()

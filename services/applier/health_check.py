@@ -66,6 +66,7 @@ class HealthServers:
             for port in list(self.runners):
                 await self._close(port)
             self.addresses = addresses
+            self.problems.clear()  # a port that failed may bind on the new addresses
         for port in [p for p in self.runners if want_ports.get(p) != self.ports.get(p)]:
             await self._close(port)
         for port, key in sorted(want_ports.items()):
@@ -78,8 +79,7 @@ class HealthServers:
 
     async def _open(self, port: int, key: str) -> None:
         if not self.addresses:
-            self.problems[port] = "the node has no address to bind"
-            return
+            return  # no Node facts yet: opened once the node's addresses are known
         namespace, _, name = key.partition("/")
 
         async def answer(_: web.Request) -> web.Response:
