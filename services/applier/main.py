@@ -40,7 +40,7 @@ from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .health_check import HealthServers
 from .node_settings import Timeouts
-from .ops import DelReal, DelService, DesiredState, Op, diff, digest
+from .ops import AddReal, DelReal, DelService, DesiredState, Op, diff, digest
 from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
@@ -329,16 +329,25 @@ class Applier:
             self.kernel.set_sysctls(changes)
 
     async def clear_stale_flows(self, ops: list[Op]) -> None:
-        """UDP and SCTP have no connection end: drop the conntrack entries that still steer a client's
-        datagrams to a real server that left (kube-proxy's conntrack cleanup after each sync)."""
+        """UDP and SCTP have no connection end, so conntrack keeps steering a client's datagrams the way
+        its first one went. As kube-proxy does after each sync, drop the entries of flows whose real server
+        left, of virtual services that went away, and of virtual services that had no real server until
+        now (their datagrams went to the node itself, and would keep doing so: the CoreDNS-not-ready case)."""
         if not self.conntrack_cleanup:
             return
         flows: list[tuple[VSKey, RealKey | None]] = []
+        added: dict[VSKey, int] = {}
         for op in ops:
             if isinstance(op, DelReal) and op.service[0] in ("UDP", "SCTP"):
                 flows.append((op.service, op.real))
             elif isinstance(op, DelService) and op.key[0] in ("UDP", "SCTP"):
                 flows.append((op.key, None))
+            elif isinstance(op, AddReal) and op.service[0] in ("UDP", "SCTP"):
+                added[op.service] = added.get(op.service, 0) + 1
+        desired = self.desired.state().ipvs
+        for key, count in sorted(added.items()):
+            if key in desired and len(desired[key].reals) == count:  # every real server is new: 0 -> N
+                flows.append((key, None))
         if flows:
             try:
                 self.conntrack_deleted.inc(await self.kernel.clear_conntrack(flows))
