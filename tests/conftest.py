@@ -4,9 +4,7 @@ session, with a temporary store; each test gets a clean JetStream (all streams d
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,19 +14,7 @@ import pytest
 
 from kipvs.shared.cli import main as kipvs_main
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nats-server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("nats-server did not start listening")
+from tests.helpers import wait_port
 
 
 class NatsServer:
@@ -47,7 +33,7 @@ class NatsServer:
              "--port", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port, self.proc)
+        wait_port(self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

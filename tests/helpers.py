@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -34,3 +36,17 @@ def start_service(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
     stop = asyncio.Event()
     consumers = [topology.planner_consumer()] if name == "planner" else [topology.applier_consumer(cfg.node)]
     return asyncio.create_task(runtime.run_service(name, cfg, main, consumers=consumers, stop=stop)), stop
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Wait until a server process listens on 127.0.0.1:``port``; fail when it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nats-server did not start listening")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from kipvs.shared import config
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.shared.plan.resolve import resolve_node
 from tests import kube
-from tests.helpers import start_service
+from tests.helpers import start_service, wait_port
 from tests.logread import parked_reasons
 from tests.test_watcher import kube_events, kubeconfig_for, start_watcher
 
@@ -47,14 +46,7 @@ class CappedNats:
                         f"max_file_store: {limit}, max_memory_store: 64MB }}\n")
         self.proc = subprocess.Popen([server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        wait_port(self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from kipvs.shared import topology
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.shared.plan.resolve import resolve_node
 from tests import kube
+from tests.helpers import wait_port
 from tests.logread import parked_reasons, read_stream
 
 KIPVS = str(Path(sys.executable).with_name("kipvs"))
@@ -45,14 +45,7 @@ class Server:
             argv += ["--cluster_name", "kipvs-test", "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
                      "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nats-server {self.name} did not start")
+        wait_port(self.port, self.proc)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
