@@ -107,8 +107,6 @@ def unavailable_reason() -> str | None:
 
 def qemu_argv(memory: str, xfer: Path, tap: str | None, accel: str) -> list[str]:
     directory = image.cache_dir()
-    release = image.ready_release(directory)
-    (xfer / "moddir").write_text(str(directory / "root" / "lib" / "modules" / str(release)))  # paths may hold spaces
     acceleration = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else \
         ["-accel", "tcg,thread=multi", "-cpu", "max"]
     network = ["-netdev", f"tap,id=link,ifname={tap},script=no,downscript=no",
@@ -144,6 +142,8 @@ def run_in_guest(command: str, timeout: float = 600, memory: str = "1G",
     begin, end = f"{BEGIN}{token}", f"{END}{token}"
     try:
         (xfer / "command.sh").write_text(_command_script(command, accel, begin, end))
+        # where init binds the modules from: a file, not the kernel command line (paths may hold spaces)
+        (xfer / "moddir").write_text(str(image.cache_dir() / "root" / "lib" / "modules" / str(image.ready_release())))
         console = _console(qemu_argv(memory, xfer, tap, accel), timeout, on_line, begin, end)
         status_file = xfer / "status"
         match = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end) + r" (\d+)", console, re.S)

@@ -302,33 +302,12 @@ class Planner:
                          for ip in (*plan.cluster_ips, *plan.external_ips, *plan.load_balancer_ips)) \
             if plan else frozenset()
         externals = frozenset((*plan.external_ips, *plan.load_balancer_ips)) if plan else frozenset()
-        old_vips = self.service_vips.get(key, frozenset())
+        old_vips = _reindex(self.service_vips, self.vip_services, key, vips)
         if vips != old_vips:
-            for vip in old_vips - vips:
-                self.vip_services[vip].discard(key)
-                if not self.vip_services[vip]:
-                    del self.vip_services[vip]
-            for vip in vips - old_vips:
-                self.vip_services[vip].add(key)
             sharing = {key}.union(*(self.vip_services.get(vip, ()) for vip in old_vips | vips))
-            if vips:
-                self.service_vips[key] = vips
-            else:
-                self.service_vips.pop(key, None)
             for other in sorted(sharing):
                 self._check_shared_vips(other, ops)
-        old_externals = self.service_externals.get(key, frozenset())
-        if externals != old_externals:
-            for ip in old_externals - externals:
-                self.external_services[ip].discard(key)
-                if not self.external_services[ip]:
-                    del self.external_services[ip]
-            for ip in externals - old_externals:
-                self.external_services[ip].add(key)
-            if externals:
-                self.service_externals[key] = externals
-            else:
-                self.service_externals.pop(key, None)
+        if _reindex(self.service_externals, self.external_services, key, externals) != externals:
             self._check_node_addresses(key, ops)
 
     def _check_shared_vips(self, key: str, ops: list[PlanOp]) -> None:
@@ -379,6 +358,24 @@ class Planner:
                             services=tuple(self.plans[k] for k in sorted(self.plans)),
                             nodes=tuple(self.nodes[k] for k in sorted(self.nodes)),
                             warnings=tuple(self.warnings[k] for k in sorted(self.warnings)))
+
+
+def _reindex(forward: dict[str, frozenset[Any]], reverse: dict[Any, set[str]], key: str,
+             values: frozenset[Any]) -> frozenset[Any]:
+    """Set ``forward[key]`` to ``values`` (dropped when empty) and keep ``reverse`` (value -> keys) in
+    step; returns the values ``key`` had before."""
+    old = forward.get(key, frozenset())
+    for value in old - values:
+        reverse[value].discard(key)
+        if not reverse[value]:
+            del reverse[value]
+    for value in values - old:
+        reverse[value].add(key)
+    if values:
+        forward[key] = values
+    else:
+        forward.pop(key, None)
+    return old
 
 
 def _hostport(ip: str, port: int) -> str:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from nats.js import JetStreamContext
@@ -89,25 +89,20 @@ async def reconcile_published(js: JetStreamContext, planner: Planner, publisher:
 
 def correction(published: SharedPlan, planner: Planner) -> list[events.PlanOp]:
     """The operations that turn the published shared plan into the planner's."""
+    return [*_changes(published.services, planner.plans, events.SetService, events.RemoveService),
+            *_changes(published.nodes, planner.nodes, events.SetNode, events.RemoveNode),
+            *_changes(published.warnings, planner.warnings, events.SetWarning, events.ClearWarning)]
+
+
+def _changes(have: dict[str, Any], want: dict[str, Any], set_op: Callable[[Any], events.PlanOp],
+             remove_op: Callable[[str], events.PlanOp]) -> list[events.PlanOp]:
+    """Set what differs, remove what ``want`` lacks, in key order."""
     ops: list[events.PlanOp] = []
-    for key in sorted(set(published.services) | set(planner.plans)):
-        want = planner.plans.get(key)
-        if want is None:
-            ops.append(events.RemoveService(key))
-        elif published.services.get(key) != want:
-            ops.append(events.SetService(want))
-    for name in sorted(set(published.nodes) | set(planner.nodes)):
-        facts = planner.nodes.get(name)
-        if facts is None:
-            ops.append(events.RemoveNode(name))
-        elif published.nodes.get(name) != facts:
-            ops.append(events.SetNode(facts))
-    for warning_id in sorted(set(published.warnings) | set(planner.warnings)):
-        warning = planner.warnings.get(warning_id)
-        if warning is None:
-            ops.append(events.ClearWarning(warning_id))
-        elif published.warnings.get(warning_id) != warning:
-            ops.append(events.SetWarning(warning))
+    for key in sorted(set(have) | set(want)):
+        if key not in want:
+            ops.append(remove_op(key))
+        elif have.get(key) != want[key]:
+            ops.append(set_op(want[key]))
     return ops
 
 

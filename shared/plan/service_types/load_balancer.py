@@ -12,25 +12,18 @@ import ipaddress
 from kipvs.shared.events import Endpoint, NodeFacts, PortPlan, ServicePlan
 
 from ..node_state import Contribution, family_of, ipset_name
-from .common import entry, virtual_service
+from .common import external_address
 
 
 def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | None,
             endpoints: tuple[Endpoint, ...], out: Contribution) -> None:
     ranges = [ipaddress.ip_network(r) for r in plan.load_balancer_source_ranges]
-    own = set(node.addresses) if node else set()
-    node_ips = [ipaddress.ip_address(ip) for ip in own]
+    node_ips = [ipaddress.ip_address(ip) for ip in (node.addresses if node else ())]
     allow_from_node = any(ip in net for net in ranges for ip in node_ips if ip.version == net.version)
     for ip in plan.load_balancer_ips:
         if family_of(ip) != family:
             continue
-        out.virtual_services.append(virtual_service(plan, port.protocol, ip, port.port, endpoints))
-        if ip not in own:
-            out.addresses.add(ip)
-        e = entry(ip, port.protocol, port.port)
-        out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER", family), e))
-        if plan.external_policy_local:
-            out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-LOCAL", family), e))
+        e = external_address(plan, port, ip, node, endpoints, out, "KUBE-LOAD-BALANCER", "KUBE-LOAD-BALANCER-LOCAL")
         if ranges:
             out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-FW", family), e))
             for net in ranges:
