@@ -56,10 +56,15 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: Annotated[Literal["debug", "info", "warning", "error"], describe("log level")] = "info"
 
     def __post_init__(self) -> None:
-        if self.http_listen:
-            _, sep, port = self.http_listen.rpartition(":")
-            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-                raise ValueError(f"http_listen must be host:port, got {self.http_listen!r}")
+        check_listen("http_listen", self.http_listen)
+
+
+def check_listen(name: str, value: str) -> None:
+    """A host:port setting (empty allowed: off); ValueError naming the setting otherwise."""
+    if value:
+        _, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{name} must be host:port with a port 0-65535, got {value!r}")
 
 
 def _field_help(cls: type, name: str) -> str:

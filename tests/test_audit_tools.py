@@ -316,3 +316,15 @@ async def test_history_shows_an_unreadable_record_instead_of_failing(system, nat
     assert code == 0 and "Traceback" not in err, err
     assert "unreadable record skipped (not a kipvs envelope)" in out
     assert "rv=99999" in out, "the nameless record is shown as the change it is"
+
+
+def test_status_a_node_that_left_the_cluster_does_not_fail_the_check(capsys) -> None:
+    from kipvs.audit.status import collect
+
+    old = events.Envelope(id="x", time_ns=1, producer="t",
+                          record=events.ApplyReport(node="gone", plan_seq=1, operations=0, duration_ms=0))
+    got = {s.node: s for s in collect({"kipvs.status.gone.applied": old}, 50, {"other"}, 10**18, 0, 300)}
+    assert got["gone"].ok and got["gone"].gone
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["status", "--max-behind", "-1"])
+    assert exit_.value.code == 2 and "is negative" in capsys.readouterr().err

@@ -140,3 +140,12 @@ async def test_a_port_is_opened_once_the_node_has_addresses() -> None:
     await servers.sync({"default/shop": (port, 1)}, ("127.0.0.1",))
     assert (await _get(port))[0] == 200
     await servers.close()
+
+
+def test_a_bad_health_address_is_a_config_error() -> None:
+    from kipvs.applier.main import ApplierConfig
+    from kipvs.shared import config
+
+    for bad in ("nonsense", "127.0.0.1:99999", ":abc"):
+        with pytest.raises(config.ConfigError, match="healthz_bind_address must be host:port"):
+            config.load(ApplierConfig, {"node": "n", "healthz_bind_address": bad}, {})

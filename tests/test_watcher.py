@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -264,3 +265,34 @@ async def test_record_file_follows_the_log_when_an_ack_was_lost(nats_url: str, t
     assert [(x["type"], x["object"]["metadata"]["name"]) for x in lines] == [("ADDED", "web")], \
         "recorded exactly once, as the log holds it"
     await nc.close()
+
+
+async def test_garbage_last_on_an_objects_subject_is_appended_over_not_a_crash_loop(nats_url: str, sim: Simulator,
+                                                                                 tmp_path: Path) -> None:
+    """Found by a new user: garbage last on an object's subject made every watcher start fail (issue 13)."""
+    from kipvs.shared import bus
+
+    nc = await nats.connect(nats_url)
+    await bus.setup(nc)
+    await nc.jetstream().publish(topology.kube_object_subject("Service", "default", "web"), b"garbage\xff")
+    await nc.close()
+    await sim.apply(kube.service("web"))
+    w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path))
+    async def logged_web() -> list[events.KubeEvent]:
+        nc = await nats.connect(nats_url)
+        out = []
+        async for msg in bus.read_stream(nc.jetstream(), topology.KUBE_STREAM,
+                                         topology.kube_object_subject("Service", "default", "web")):
+            with contextlib.suppress(events.ContractError):  # the garbage itself
+                out.append(events.decode(msg.data).record)
+        await nc.close()
+        return out
+
+    for _ in range(600):
+        records = await logged_web()
+        if records or w.task.done():
+            break
+        await asyncio.sleep(0.05)
+    assert not w.task.done(), f"the watcher died: {w.task.exception()}"
+    await w.close()
+    assert [(r.action, r.name) for r in records] == [("ADDED", "web")]

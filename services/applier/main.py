@@ -96,6 +96,7 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         if not self.node:
             raise ValueError("node is required (--node, KIPVS_NODE): the name of this node's Node object")
         topology.token(self.node)
+        config.check_listen("healthz_bind_address", self.healthz_bind_address)
 
 
 def describe_op(op: Op) -> str:

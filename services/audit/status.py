@@ -34,16 +34,27 @@ class NodeStatus:
     endpoint_marks: str = ""
     conflicts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    gone: bool = False  # it reported once but has no Node object any more
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+def _at_least_zero(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-behind", type=int, default=0, metavar="DELTAS",
+    parser.add_argument("--max-behind", type=_at_least_zero(int), default=0, metavar="DELTAS",
                         help="a node more than this many shared deltas behind the planner fails the check (default 0)")
-    parser.add_argument("--max-age", type=float, default=300.0, metavar="SECONDS",
+    parser.add_argument("--max-age", type=_at_least_zero(float), default=300.0, metavar="SECONDS",
                         help="a node whose last report is older fails the check (default 300; 0: no limit)")
     parser.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
     parser.add_argument("--json", action="store_true", help="one JSON object per node")
@@ -102,6 +113,10 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
             status.conflicts = list(record.conflicts)
             status.endpoint_marks = record.endpoint_marks
     for node, status in by_node.items():
+        if plan_nodes and node not in plan_nodes:  # reports of a node that left the cluster: not a lag
+            status.problems = []
+            status.gone = True
+            continue
         if status.applied_seq is None:
             status.problems.append("never reported")
             continue
@@ -124,7 +139,8 @@ def render(statuses: list[NodeStatus], newest: int) -> str:
         behind = "-" if s.behind is None else str(s.behind)
         age = "never" if s.report_age_s is None else f"{s.report_age_s:.0f}s ago"
         lines.append(f"{s.node:<24} {applied:>8} {behind:>7} {age:>10} {s.drift_repaired:>6}  "
-                     f"{s.endpoint_marks or '-':<9} {'ok' if s.ok else '; '.join(s.problems)}")
+                     f"{s.endpoint_marks or '-':<9} "
+                     f"{'not in the cluster (old reports)' if s.gone else 'ok' if s.ok else '; '.join(s.problems)}")
         lines += [f"{'':<24} conflict: {c}" for c in s.conflicts]
     return "\n".join(lines) + "\n"
 

@@ -100,8 +100,16 @@ class EventLog:
         except NotFoundError:
             self.logged.pop(event.ident.key, None)
             return True
-        record = events.decode(raw.data).record
-        assert isinstance(record, events.KubeEvent)
+        try:
+            record = events.decode(raw.data or b"").record
+        except events.ContractError as exc:
+            record = None
+            log.warning("unusable record at %s seq %d (%s): appending over it", event.ident.subject, raw.seq,
+                        exc.reason)
+        if not isinstance(record, events.KubeEvent):
+            # garbage (or another record type) last on the subject: never a crash loop; ours goes after it
+            self.logged[event.ident.key] = LoggedObject(False, "", raw.seq, {})
+            return True
         self.logged[event.ident.key] = LoggedObject(record.action != "DELETED", record.resource_version,
                                                     raw.seq, record.object)
         ours = event.record
