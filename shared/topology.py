@@ -12,6 +12,7 @@ kipvs.kube.obj.<kind>.<ns>.<name>      KUBE        every change of one object (K
 kipvs.kube.resync.<kind>               KUBE        the live key set after each (re)list
 kipvs.plan.all                         PLAN        deltas every node needs (shared state)
 kipvs.plan.node.<node>                 PLAN        deltas only <node> needs
+kipvs.plan.leader                      PLAN        the active planner's fence (one per takeover)
 kipvs.status.<node>.<what>             STATUS      applier reports, drift, node facts
 kipvs.parked.<service>                 PARKED      messages a service could not take, with reason
 =====================================  ==========  ===============================================
@@ -28,6 +29,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
@@ -83,6 +85,11 @@ def kube_resync_subject(kind: str) -> str:
 
 
 PLAN_ALL_SUBJECT = "kipvs.plan.all"
+
+
+# Each planner that takes the lease publishes here first; every delta it publishes then expects this
+# subject's last sequence to be its own marker's, so the deltas of a planner deposed since are refused.
+PLAN_LEADER_SUBJECT = "kipvs.plan.leader"
 
 
 def plan_node_subject(node: str) -> str:
@@ -190,6 +197,10 @@ def snapshot_object(scope: str) -> str:
 
 PLANNER_CONSUMER = "planner"
 
+# The planners' leader lease: a JetStream key-value bucket (stream KV_kipvs-planner-lease), one key.
+PLANNER_LEASE_BUCKET = "kipvs-planner-lease"
+PLANNER_LEASE_KEY = "planner"
+
 
 def planner_consumer() -> ConsumerSpec:
     return ConsumerSpec(
@@ -293,6 +304,15 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
         await ensure_stream(js, spec)
     await js.create_object_store(SNAPSHOT_BUCKET, config=ObjectStoreConfig(
         description="kipvs: the latest plan snapshot per scope", storage=StorageType.FILE, replicas=replicas))
+    await ensure_lease_bucket(js, replicas)
+
+
+async def ensure_lease_bucket(js: JetStreamContext, replicas: int = 1) -> None:
+    """The planners' lease bucket: one revision kept (the compare-and-set needs only the last), file
+    storage and the streams' replicas, so a lease survives a server's loss as the plan does."""
+    await js.create_key_value(KeyValueConfig(
+        bucket=PLANNER_LEASE_BUCKET, description="kipvs: which planner is active (a lease, renewed)",
+        history=1, storage=StorageType.FILE, replicas=replicas))
 
 
 def check_server_version(version: tuple[int, int, int], server: str = "nats-server") -> None:

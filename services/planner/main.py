@@ -27,6 +27,8 @@ from kipvs.shared.plan.plan_state import SharedPlan
 
 from . import parse
 from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
+from .fence import Fence, is_fenced
+from .lease import LeaseTiming
 
 log = logging.getLogger("kipvs.planner")
 PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
@@ -38,12 +40,26 @@ class PlannerServiceConfig(config.CommonConfig, kw_only=True, forbid_unknown_fie
     snapshot_every: Annotated[int, describe("write a snapshot after this many deltas"), msgspec.Meta(ge=1)] = 2000
     snapshot_interval: Annotated[float, describe("...or after this many seconds with changes"),
                                  msgspec.Meta(gt=0)] = 30.0
+    leader_elect: Annotated[bool, describe(
+        "run as one of several planners: only the holder of the lease plans, the others stay warm "
+        "(kube-controller-manager's --leader-elect; every planner of a cluster must have it)")] = False
+    leader_elect_lease_duration: Annotated[float, describe(
+        "seconds a standby waits after the lease's last renewal before taking it over"), msgspec.Meta(gt=0)] = 3.0
+    leader_elect_renew_deadline: Annotated[float, describe(
+        "seconds the active planner keeps planning without a successful renewal"), msgspec.Meta(gt=0)] = 2.0
+    leader_elect_retry_period: Annotated[float, describe(
+        "seconds between renewals, and between a standby's checks"), msgspec.Meta(gt=0)] = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.lease_timing().check()
         if self.scheduler not in parse.SCHEDULERS:
             known = ", ".join(sorted(parse.SCHEDULERS))
             raise ValueError(f"scheduler {self.scheduler!r} is not an IPVS scheduler ({known})")
+
+    def lease_timing(self) -> LeaseTiming:
+        return LeaseTiming(self.leader_elect_lease_duration, self.leader_elect_renew_deadline,
+                           self.leader_elect_retry_period)
 
 
 async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
@@ -118,6 +134,8 @@ async def last_published(js: JetStreamContext) -> dict[str, tuple[int, int]]:
     except NotFoundError:
         return out
     for subject in (info.state.subjects or {}):
+        if subject == topology.PLAN_LEADER_SUBJECT:
+            continue  # the planners' fence markers, not deltas
         raw = await js.get_last_msg(topology.PLAN_STREAM, subject)
         found = _delta_position(raw.data, raw.seq)
         if found is None:
@@ -146,8 +164,11 @@ def _delta_position(data: bytes | None, stream_seq: int) -> tuple[str, int, int]
 class PlanPublisher:
     """The outbox: deltas leave in order, exactly once, each on its scope's subject."""
 
-    def __init__(self, js: JetStreamContext, published: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, js: JetStreamContext, published: dict[str, tuple[int, int]], fence: Fence | None = None,
+                 deposed: asyncio.Event | None = None) -> None:
         self.js = js
+        self.fence = fence  # with leader election: every delta must still be behind our marker
+        self.deposed = deposed  # set when the stream refuses a delta because another planner's marker is last
         self.published = {scope: seq for scope, (seq, _) in published.items()}  # highest delta seq per scope
         self.stream_seq = published.get(SHARED_SCOPE, (0, 0))[1]  # stream seq of the last shared delta
         self.outbox: list[events.Envelope] = []
@@ -166,14 +187,19 @@ class PlanPublisher:
     async def flush(self) -> int:
         if not self.outbox:
             return 0
+        fence = self.fence.headers() if self.fence is not None else {}
         futures = [await self.js.publish_async(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
-                                               headers=bus.msg_id_header(env)) for env in self.outbox]
+                                               headers={**bus.msg_id_header(env), **fence}) for env in self.outbox]
         try:
             # publish_async's futures never resolve if the server goes away before it acks: bounded wait
             acks = await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
         except Exception as exc:
             for future in futures:
                 future.cancel()
+            if is_fenced(exc) and self.deposed is not None:
+                self.deposed.set()
+                raise bus.Retry(f"another planner took over: the plan stream refused {len(self.outbox)} deltas "
+                                "behind this planner's fence") from exc
             raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {type(exc).__name__}: {exc}") from exc
         for env, ack in zip(self.outbox, acks, strict=True):
             record = env.record
@@ -186,20 +212,44 @@ class PlanPublisher:
         return sent
 
 
-async def plan(ctx: runtime.ServiceContext) -> None:
+def _metric(registry: Any, make: Callable[..., Any], name: str, help: str, **kwargs: Any) -> Any:
+    """Register a metric once per process: ``plan`` runs again after a bus failure and on every takeover."""
+    existing = registry.metrics.get(name)
+    if existing is None:
+        return make(name, help, **kwargs)
+    if "read" in kwargs:
+        existing.read = kwargs["read"]
+    return existing
+
+
+def new_planner(cfg: PlannerServiceConfig) -> Planner:
+    return Planner(PlannerConfig(default_scheduler=cfg.scheduler))
+
+
+async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fence: Fence | None = None,
+               deposed: asyncio.Event | None = None) -> None:
+    """Plan until told to stop. With leader election (see ``failover.py``): ``planner`` is the standby's warm
+    core (replayed up to the consumer's ack floor while passive), ``fence`` guards every publish, and
+    ``deposed`` is set (by the lease or the fence) when another planner has taken over: then return at once,
+    without a final snapshot."""
     cfg = ctx.config
     assert isinstance(cfg, PlannerServiceConfig)
     m = ctx.metrics
-    processed = m.counter("kipvs_planner_events_total", "Kubernetes records planned")
-    published = m.counter("kipvs_planner_deltas_published_total", "plan deltas published")
-    planning = m.histogram("kipvs_planner_planning_seconds", "core time per record")
-    snapshots = m.counter("kipvs_planner_snapshots_total", "snapshots written")
-    planner = Planner(PlannerConfig(default_scheduler=cfg.scheduler))
+    processed = _metric(m, m.counter, "kipvs_planner_events_total", "Kubernetes records planned")
+    published = _metric(m, m.counter, "kipvs_planner_deltas_published_total", "plan deltas published")
+    planning = _metric(m, m.histogram, "kipvs_planner_planning_seconds", "core time per record")
+    snapshots = _metric(m, m.counter, "kipvs_planner_snapshots_total", "snapshots written")
     info = await ctx.js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)
+    if planner is not None and planner.source_seq > info.ack_floor.stream_seq:
+        # Its core is past what was published (the consumer was reset): deltas could be missing. Rebuild.
+        log.warning("the warm state is at log seq %d, past the consumer's ack floor %d: rebuilding it",
+                    planner.source_seq, info.ack_floor.stream_seq)
+        planner = None
+    planner = planner or new_planner(cfg)
     started = time.perf_counter()
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
     tune_gc()
-    publisher = PlanPublisher(ctx.js, await last_published(ctx.js))
+    publisher = PlanPublisher(ctx.js, await last_published(ctx.js), fence, deposed)
     log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d shared deltas in the plan "
              "stream", replayed, time.perf_counter() - started, info.ack_floor.stream_seq, publisher.published_seq)
     # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
@@ -212,12 +262,12 @@ async def plan(ctx: runtime.ServiceContext) -> None:
         await reconcile_published(ctx.js, planner, publisher)
     store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
     snap_state = {"seq": -1, "at": 0.0}
-    m.gauge("kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
+    _metric(m, m.gauge, "kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
 
     async def snapshot(force: bool = False) -> None:
         due = planner.seq - snap_state["seq"] >= cfg.snapshot_every or (
             planner.seq != snap_state["seq"] and time.monotonic() - snap_state["at"] >= cfg.snapshot_interval)
-        if not (force or due) or publisher.outbox:
+        if not (force or due) or publisher.outbox or (deposed is not None and deposed.is_set()):
             return
         snap = planner.snapshot(plan_stream_seq=publisher.stream_seq)
         envelope = events.Envelope(id=f"snapshot/{SHARED_SCOPE}/{snap.seq}", time_ns=time.time_ns(),
@@ -231,6 +281,11 @@ async def plan(ctx: runtime.ServiceContext) -> None:
             seq = d.stream_sequence
             if seq <= planner.source_seq:
                 continue  # redelivered: planned already, its deltas are in the outbox or the stream
+            if seq > planner.source_seq + 1:
+                # Records this consumer was not handed in order (a deposed planner fetched them before it
+                # knew; they come back only after ack_wait) or that were parked: read them from the log,
+                # so the core sees every record in log order whoever fetched it.
+                await replay_log(ctx.js, planner, seq - 1, publisher.add)
             t0 = time.perf_counter()
             publisher.add(planner.handle(d.envelope, seq))
             planning.observe(time.perf_counter() - t0)
@@ -250,15 +305,20 @@ async def plan(ctx: runtime.ServiceContext) -> None:
 
     consumer = bus.DurableConsumer(ctx.js, topology.planner_consumer(), "planner", handle, batch=cfg.batch, idle=idle)
     ctx.queued_since = consumer.queued_since
-    m.gauge("kipvs_planner_lag_events", "events in the log not yet planned", read=lambda: consumer.pending)
+    _metric(m, m.gauge, "kipvs_planner_lag_events", "events in the log not yet planned", read=lambda: consumer.pending)
     ctx.set_not_ready("catching up with the Kubernetes event log")
     await snapshot(force=True)
     runner = asyncio.create_task(consumer.run())
     stopping = asyncio.create_task(ctx.stop.wait())
-    await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    waits = {runner, stopping}
+    if deposed is not None:
+        waits.add(asyncio.create_task(deposed.wait()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     consumer.stop()
     await runner
-    stopping.cancel()
+    for task in waits - {runner}:
+        task.cancel()
+    ctx.queued_since = None
     await snapshot(force=True)
 
 
@@ -268,5 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config.load(PlannerServiceConfig, vars(args))
-    asyncio.run(runtime.run_service("planner", cfg, plan, consumers=[topology.planner_consumer()]))
+    from . import failover  # it builds on this module
+
+    service = failover.run if cfg.leader_elect else plan
+    asyncio.run(runtime.run_service("planner", cfg, service, consumers=[topology.planner_consumer()]))
     return 0
