@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -173,6 +174,24 @@ class PlanPublisher:
         self.stream_seq = published.get(SHARED_SCOPE, (0, 0))[1]  # stream seq of the last shared delta
         self.outbox: list[events.Envelope] = []
 
+    async def _check_fence(self) -> dict[str, str]:
+        """The fence headers while our marker is still the last one; else mark this planner deposed and raise
+        Retry. One read per flush: a deposed planner finds out before it sends anything, in the usual case;
+        the server's check on every delta covers the pause between this read and the publishes."""
+        assert self.fence is not None
+        try:
+            last_seq = (await self.js.get_last_msg(topology.PLAN_STREAM, topology.PLAN_LEADER_SUBJECT)).seq
+        except NotFoundError:
+            last_seq = 0  # the marker is gone (the stream was purged): the server refuses our deltas too
+        except bus.INFRASTRUCTURE_ERRORS as exc:
+            raise bus.Retry(f"cannot read the planners' fence: {type(exc).__name__}: {exc}") from exc
+        if last_seq != self.fence.marker_seq:
+            if self.deposed is not None:
+                self.deposed.set()
+            raise bus.Retry(f"another planner took over: its fence (plan stream seq {last_seq}) is newer than "
+                            f"this planner's ({self.fence.marker_seq}); {len(self.outbox)} deltas not published")
+        return self.fence.headers()
+
     @property
     def published_seq(self) -> int:
         return self.published.get(SHARED_SCOPE, 0)
@@ -187,7 +206,7 @@ class PlanPublisher:
     async def flush(self) -> int:
         if not self.outbox:
             return 0
-        fence = self.fence.headers() if self.fence is not None else {}
+        fence = await self._check_fence() if self.fence is not None else {}
         futures = [await self.js.publish_async(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
                                                headers={**bus.msg_id_header(env), **fence}) for env in self.outbox]
         try:
@@ -196,10 +215,11 @@ class PlanPublisher:
         except Exception as exc:
             for future in futures:
                 future.cancel()
-            if is_fenced(exc) and self.deposed is not None:
-                self.deposed.set()
-                raise bus.Retry(f"another planner took over: the plan stream refused {len(self.outbox)} deltas "
-                                "behind this planner's fence") from exc
+            if self.fence is not None and (is_fenced(exc) or isinstance(exc, TimeoutError)):
+                # nats-py 2.16 never resolves a publish_async future the server answered with an error (it
+                # raises in its callback instead): a refused delta shows up as a timeout. Ask the stream.
+                with contextlib.suppress(bus.Retry, *bus.INFRASTRUCTURE_ERRORS):
+                    await self._check_fence()
             raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {type(exc).__name__}: {exc}") from exc
         for env, ack in zip(self.outbox, acks, strict=True):
             record = env.record
