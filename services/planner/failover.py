@@ -48,7 +48,8 @@ async def _warm(ctx: runtime.ServiceContext, planner: Planner, period: float) ->
             info = await ctx.js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)
             floor = info.ack_floor.stream_seq
             if floor > planner.source_seq:
-                ctx.set_not_ready(f"standby: replaying the Kubernetes event log (at {planner.source_seq} of {floor})")
+                if first:  # later, a lag of one poll period is the normal state of a warm standby
+                    ctx.set_not_ready(f"standby: replaying the Kubernetes event log up to seq {floor}")
                 await main.replay_log(ctx.js, planner, floor)
             if first:
                 tune_gc()
@@ -106,7 +107,7 @@ async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
                      identity, lease.revision, fence.marker_seq,
                      f", took over from {lease.previous}" if lease.previous else "", planner.source_seq)
             await main.plan(ctx, planner, fence, deposed)
-        except bus.INFRASTRUCTURE_ERRORS as exc:
+        except (bus.Retry, *bus.INFRASTRUCTURE_ERRORS) as exc:
             # The bus failed under the active planner: let a standby (whose connection may be fine) take
             # over at once rather than after the lease duration, and stand by again after a pause.
             log.warning("planner %s: STANDBY, the bus failed under the active planner (%s: %s); lease released",

@@ -28,11 +28,12 @@ from kipvs.shared.plan.plan_state import SharedPlan
 
 from . import parse
 from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
-from .fence import Fence, is_fenced
+from .fence import PUBLISHER, Fence, is_fenced
 from .lease import LeaseTiming
 
 log = logging.getLogger("kipvs.planner")
 PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
+EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 
 
 class PlannerServiceConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
@@ -174,6 +175,11 @@ class PlanPublisher:
         self.stream_seq = published.get(SHARED_SCOPE, (0, 0))[1]  # stream seq of the last shared delta
         self.outbox: list[events.Envelope] = []
 
+    def _chained(self, chain: int | None, i: int) -> dict[str, str]:
+        if self.fence is None or chain is None:
+            return {}
+        return {EXPECTED_LAST_SEQ: str(chain + i), PUBLISHER: self.fence.identity}
+
     async def _check_fence(self) -> dict[str, str]:
         """The fence headers while our marker is still the last one; else mark this planner deposed and raise
         Retry. One read per flush: a deposed planner finds out before it sends anything, in the usual case;
@@ -206,12 +212,37 @@ class PlanPublisher:
     async def flush(self) -> int:
         if not self.outbox:
             return 0
-        fence = await self._check_fence() if self.fence is not None else {}
-        futures = [await self.js.publish_async(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
-                                               headers={**bus.msg_id_header(env), **fence}) for env in self.outbox]
+        acks: list[Any] = []
+        chain: int | None = None  # with a fence: the stream sequence the pipelined rest continues from
+        if self.fence is not None:
+            fence = await self._check_fence()
+            # The head goes alone, behind the fence; a retry's already stored prefix comes back as duplicates.
+            # (A clustered stream refuses a second fenced message while one is in flight: the check reads a
+            # subject's last sequence, which only the first one's commit settles. So one fenced message.)
+            while len(acks) < len(self.outbox):
+                env = self.outbox[len(acks)]
+                try:
+                    ack = await self.js.publish(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
+                                                timeout=PUBLISH_TIMEOUT, headers={**bus.msg_id_header(env), **fence})
+                except Exception as exc:
+                    if is_fenced(exc) and self.deposed is not None:
+                        self.deposed.set()
+                        raise bus.Retry(f"another planner took over: the plan stream refused delta "
+                                        f"{env.id} behind this planner's fence") from exc
+                    raise bus.Retry(f"publishing delta {env.id} failed: {type(exc).__name__}: {exc}") from exc
+                acks.append(ack)
+                if not ack.duplicate:
+                    chain = ack.seq
+                    break
+        rest = self.outbox[len(acks):]
+        # The rest is pipelined; behind a fence, each expects the stream's last sequence to be its predecessor's,
+        # so nothing of it is stored unless the fenced head was, right before it.
+        futures = [await self.js.publish_async(
+            subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
+            headers={**bus.msg_id_header(env), **self._chained(chain, i)}) for i, env in enumerate(rest)]
         try:
             # publish_async's futures never resolve if the server goes away before it acks: bounded wait
-            acks = await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
+            acks += await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT) if futures else []
         except Exception as exc:
             for future in futures:
                 future.cancel()
