@@ -38,6 +38,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, NotFoundError
 
 MIN_SERVER_VERSION = (2, 10, 0)  # multiple filter subjects per consumer
+LEADER_ELECTION_SERVER_VERSION = (2, 12, 0)  # atomic batch publish, expected last sequence of another subject
 
 KUBE_STREAM = "KIPVS_KUBE"
 PLAN_STREAM = "KIPVS_PLAN"
@@ -153,6 +154,9 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
                 duplicate_window=DUPLICATE_WINDOW_S,
                 discard=DiscardPolicy.OLD,
                 allow_direct=True,
+                # Planners with leader election publish fenced atomic batches (nats-server >= 2.12; an older
+                # server drops the field, and the planner then refuses to run with --leader-elect).
+                allow_atomic=True,
             ),
             "what each node's kernel should hold, as ordered deltas",
         ),

@@ -110,12 +110,12 @@ async def test_the_fence_refuses_every_delta_of_a_deposed_planner(nats_url: str)
     try:
         fence_a = await raise_fence(js, "planner-a", 1, lambda: True)
         a_deposed = asyncio.Event()
-        a = PlanPublisher(js, {}, fence_a, a_deposed)
+        a = PlanPublisher(js, {}, fence_a, a_deposed, nc)
         a.add([_delta(1, "one"), _delta(2, "two")])
         assert await a.flush() == 2
         # b takes over (its marker is now the subject's last) and publishes delta 3.
         fence_b = await raise_fence(js, "planner-b", 2, lambda: True)
-        b = PlanPublisher(js, {"all": (2, 0)}, fence_b, asyncio.Event())
+        b = PlanPublisher(js, {"all": (2, 0)}, fence_b, asyncio.Event(), nc)
         b.add([_delta(3, "three")])
         assert await b.flush() == 1
         # a wakes up with deltas 3 and 4 to publish: its flush reads the fence first and stands down.
@@ -123,12 +123,20 @@ async def test_the_fence_refuses_every_delta_of_a_deposed_planner(nats_url: str)
         with pytest.raises(bus.Retry, match="another planner took over"):
             await a.flush()
         assert a_deposed.is_set()
-        # Paused between that read and its publishes, its deltas reach the server: refused there.
-        for stale in (_delta(3, "three-stale"), _delta(4, "four-stale")):
-            with pytest.raises(APIError) as refused:
-                await js.publish(topology.PLAN_ALL_SUBJECT, events.encode(stale),
-                                 headers={**bus.msg_id_header(stale), **fence_a.headers()})
-            assert bus.is_wrong_last_sequence(refused.value)
+        # Paused between that read and its publishes, its batch reaches the server: refused there, whole
+        # (the read is replaced by what it returned before b's marker: the one timing a test cannot force).
+        paused_deposed = asyncio.Event()
+        paused = PlanPublisher(js, {"all": (3, 0)}, fence_a, paused_deposed, nc)
+        paused._check_fence = lambda: asyncio.sleep(0, fence_a.headers())  # type: ignore[method-assign]
+        paused.add([_delta(4, "four-stale"), _delta(5, "five-stale")])
+        with pytest.raises(bus.Retry, match="another planner took over"):
+            await paused.flush()
+        assert paused_deposed.is_set()
+        stale = _delta(4, "four-stale")
+        with pytest.raises(APIError) as refused:  # one message alone, as a planner without batches would send it
+            await js.publish(topology.PLAN_ALL_SUBJECT, events.encode(stale),
+                             headers={**bus.msg_id_header(stale), **fence_a.headers()})
+        assert bus.is_wrong_last_sequence(refused.value)
         # A planner that finds it lost the lease after reading the subject raises no marker.
         with pytest.raises(Deposed):
             await raise_fence(js, "planner-a", 1, lambda: False)

@@ -25,6 +25,7 @@ import socket
 import time
 
 from kipvs.shared import bus, runtime, topology
+from kipvs.shared.config import StartupError
 
 from . import main
 from .core import Planner, tune_gc
@@ -38,6 +39,18 @@ def default_identity() -> str:
     """``<hostname>_<pid>_<random>``: the pod's name in Kubernetes, unique among processes of one host (as
     client-go's ``<hostname>_<uuid>``)."""
     return f"{socket.gethostname()}_{os.getpid()}_{secrets.token_hex(3)}"
+
+
+async def check_server(ctx: runtime.ServiceContext) -> None:
+    """StartupError unless the server can fence: atomic batches on the plan stream (nats-server >= 2.12)."""
+    v = ctx.nc.connected_server_version
+    have = (v.major, v.minor, v.patch)
+    info = await ctx.js.stream_info(topology.PLAN_STREAM)
+    if have < topology.LEADER_ELECTION_SERVER_VERSION or not info.config.allow_atomic:
+        need = ".".join(map(str, topology.LEADER_ELECTION_SERVER_VERSION))
+        raise StartupError(f"--leader-elect needs nats-server >= {need} with atomic batch publish on the plan stream "
+                           f"(the server is {'.'.join(map(str, have))}, allow_atomic "
+                           f"{'on' if info.config.allow_atomic else 'off'}); run one planner without it, or upgrade")
 
 
 async def _warm(ctx: runtime.ServiceContext, planner: Planner, period: float) -> None:
@@ -76,6 +89,7 @@ async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
                           "1 while this planner is the active one, 0 while it stands by (client-go's "
                           "leader_election_master_status)")
     master.set(0)
+    await check_server(ctx)
     lease = Lease(ctx.js, identity, cfg.lease_timing())
     planner: Planner | None = None
     log.info("planner %s: standby (leader election on; lease %s/%s)", identity, topology.PLANNER_LEASE_BUCKET,

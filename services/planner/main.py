@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -28,12 +31,14 @@ from kipvs.shared.plan.plan_state import SharedPlan
 
 from . import parse
 from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
-from .fence import PUBLISHER, Fence, is_fenced
+from .fence import PUBLISHER, Fence
 from .lease import LeaseTiming
 
 log = logging.getLogger("kipvs.planner")
 PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
-EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
+# Atomic batch publish (nats-server >= 2.12, the stream's allow_atomic): all of a batch is stored, or none.
+BATCH_ID, BATCH_SEQ, BATCH_COMMIT = "Nats-Batch-Id", "Nats-Batch-Sequence", "Nats-Batch-Commit"
+ATOMIC_BATCH_MAX = 500  # the server refuses batches over 1,000 messages
 
 
 class PlannerServiceConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
@@ -167,18 +172,77 @@ class PlanPublisher:
     """The outbox: deltas leave in order, exactly once, each on its scope's subject."""
 
     def __init__(self, js: JetStreamContext, published: dict[str, tuple[int, int]], fence: Fence | None = None,
-                 deposed: asyncio.Event | None = None) -> None:
+                 deposed: asyncio.Event | None = None, nc: NATS | None = None) -> None:
         self.js = js
+        self.nc = nc  # with a fence: batches are published on the connection itself (nats-py has no batch API)
+        self.resync = False  # a fenced publish failed with an unknown outcome: read the stream back first
         self.fence = fence  # with leader election: every delta must still be behind our marker
         self.deposed = deposed  # set when the stream refuses a delta because another planner's marker is last
         self.published = {scope: seq for scope, (seq, _) in published.items()}  # highest delta seq per scope
         self.stream_seq = published.get(SHARED_SCOPE, (0, 0))[1]  # stream seq of the last shared delta
         self.outbox: list[events.Envelope] = []
 
-    def _chained(self, chain: int | None, i: int) -> dict[str, str]:
-        if self.fence is None or chain is None:
-            return {}
-        return {EXPECTED_LAST_SEQ: str(chain + i), PUBLISHER: self.fence.identity}
+    async def _flush_fenced(self) -> int:
+        """Publish the outbox as atomic batches (nats-server >= 2.12), the fence on each batch's first message:
+        the server stores a whole batch only while this planner's marker is the last on kipvs.plan.leader,
+        else none of it. (A per-message fence cannot be pipelined on a clustered stream: it refuses a second
+        message with an expected subject sequence while one is in flight. A fenced head followed by messages
+        chained by expected stream sequence could still let a paused planner's later message line up with
+        the new planner's positions.) After a failure whose outcome is unknown, what is stored is read back
+        before anything is sent again: a batch holding an already stored id is refused whole."""
+        assert self.fence is not None and self.nc is not None
+        if self.resync:
+            await self._resync()
+            if not self.outbox:
+                return 0
+        fence = await self._check_fence()
+        sent = 0
+        while self.outbox:
+            chunk = self.outbox[:ATOMIC_BATCH_MAX]
+            batch_id = secrets.token_hex(16)
+            try:
+                for i, env in enumerate(chunk, 1):
+                    headers = {**bus.msg_id_header(env), BATCH_ID: batch_id, BATCH_SEQ: str(i),
+                               PUBLISHER: self.fence.identity, **(fence if i == 1 else {})}
+                    subject, data = subject_for(env.record.scope), events.encode(env)  # type: ignore[union-attr]
+                    if i < len(chunk):
+                        await self.nc.publish(subject, data, headers=headers)
+                    else:
+                        reply = await self.nc.request(subject, data, timeout=PUBLISH_TIMEOUT,
+                                                      headers={**headers, BATCH_COMMIT: "1"})
+            except Exception as exc:
+                self.resync = True
+                with contextlib.suppress(bus.Retry, *bus.INFRASTRUCTURE_ERRORS):
+                    await self._check_fence()
+                raise bus.Retry(f"publishing {len(chunk)} deltas failed: {type(exc).__name__}: {exc}") from exc
+            answer = json.loads(reply.data or b"{}")
+            error = answer.get("error")
+            if error is not None:
+                if error.get("err_code") == 10071 and self.deposed is not None:
+                    self.deposed.set()
+                    raise bus.Retry(f"another planner took over: the plan stream refused {len(chunk)} deltas "
+                                    "behind this planner's fence")
+                self.resync = True
+                raise bus.Retry(f"the plan stream refused {len(chunk)} deltas: {error.get('description')}")
+            first = int(answer["seq"]) - len(chunk) + 1
+            for k, env in enumerate(chunk):
+                record = env.record
+                assert isinstance(record, events.PlanDelta)
+                self.published[record.scope] = record.seq
+                if record.scope == SHARED_SCOPE:
+                    self.stream_seq = first + k
+            del self.outbox[:len(chunk)]
+            sent += len(chunk)
+        return sent
+
+    async def _resync(self) -> None:
+        """Read back what the plan stream holds and drop it from the outbox."""
+        stored = await last_published(self.js)
+        self.published = {scope: seq for scope, (seq, _) in stored.items()}
+        self.stream_seq = stored.get(SHARED_SCOPE, (0, 0))[1]
+        self.outbox = [env for env in self.outbox
+                       if env.record.seq > self.published.get(env.record.scope, 0)]  # type: ignore[union-attr]
+        self.resync = False
 
     async def _check_fence(self) -> dict[str, str]:
         """The fence headers while our marker is still the last one; else mark this planner deposed and raise
@@ -212,45 +276,16 @@ class PlanPublisher:
     async def flush(self) -> int:
         if not self.outbox:
             return 0
-        acks: list[Any] = []
-        chain: int | None = None  # with a fence: the stream sequence the pipelined rest continues from
         if self.fence is not None:
-            fence = await self._check_fence()
-            # The head goes alone, behind the fence; a retry's already stored prefix comes back as duplicates.
-            # (A clustered stream refuses a second fenced message while one is in flight: the check reads a
-            # subject's last sequence, which only the first one's commit settles. So one fenced message.)
-            while len(acks) < len(self.outbox):
-                env = self.outbox[len(acks)]
-                try:
-                    ack = await self.js.publish(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
-                                                timeout=PUBLISH_TIMEOUT, headers={**bus.msg_id_header(env), **fence})
-                except Exception as exc:
-                    if is_fenced(exc) and self.deposed is not None:
-                        self.deposed.set()
-                        raise bus.Retry(f"another planner took over: the plan stream refused delta "
-                                        f"{env.id} behind this planner's fence") from exc
-                    raise bus.Retry(f"publishing delta {env.id} failed: {type(exc).__name__}: {exc}") from exc
-                acks.append(ack)
-                if not ack.duplicate:
-                    chain = ack.seq
-                    break
-        rest = self.outbox[len(acks):]
-        # The rest is pipelined; behind a fence, each expects the stream's last sequence to be its predecessor's,
-        # so nothing of it is stored unless the fenced head was, right before it.
-        futures = [await self.js.publish_async(
-            subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
-            headers={**bus.msg_id_header(env), **self._chained(chain, i)}) for i, env in enumerate(rest)]
+            return await self._flush_fenced()
+        futures = [await self.js.publish_async(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
+                                               headers=bus.msg_id_header(env)) for env in self.outbox]
         try:
             # publish_async's futures never resolve if the server goes away before it acks: bounded wait
-            acks += await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT) if futures else []
+            acks = await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
         except Exception as exc:
             for future in futures:
                 future.cancel()
-            if self.fence is not None and (is_fenced(exc) or isinstance(exc, TimeoutError)):
-                # nats-py 2.16 never resolves a publish_async future the server answered with an error (it
-                # raises in its callback instead): a refused delta shows up as a timeout. Ask the stream.
-                with contextlib.suppress(bus.Retry, *bus.INFRASTRUCTURE_ERRORS):
-                    await self._check_fence()
             raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {type(exc).__name__}: {exc}") from exc
         for env, ack in zip(self.outbox, acks, strict=True):
             record = env.record
@@ -300,7 +335,7 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
     started = time.perf_counter()
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
     tune_gc()
-    publisher = PlanPublisher(ctx.js, await last_published(ctx.js), fence, deposed)
+    publisher = PlanPublisher(ctx.js, await last_published(ctx.js), fence, deposed, ctx.nc)
     log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d shared deltas in the plan "
              "stream", replayed, time.perf_counter() - started, info.ack_floor.stream_seq, publisher.published_seq)
     # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
