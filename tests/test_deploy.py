@@ -1,6 +1,6 @@
 """compose.yaml against the Compose specification's JSON schema, and deploy/kubernetes against the Kubernetes
 schemas (kubernetes-validate), offline; then what the issue asks of them: least-privilege RBAC, two
-watchers, one planner, the applier DaemonSet's host network and NET_ADMIN, NATS with three servers."""
+watchers, two planners (leader election), the applier DaemonSet's host network and NET_ADMIN, NATS with three servers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from kipvs.shared import topology
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / ".venv" / "schemas"
@@ -84,7 +86,11 @@ def test_workloads() -> None:
     deployments = _by_kind("Deployment")
     assert deployments["kipvs-watcher"]["spec"]["replicas"] == 2
     planner = deployments["kipvs-planner"]["spec"]
-    assert planner["replicas"] == 1 and planner["strategy"]["type"] == "Recreate"
+    assert planner["replicas"] == 2 and planner["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (term,) = planner["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert "--leader-elect" in planner["template"]["spec"]["containers"][0]["args"], "two planners need the lease"
     applier = _by_kind("DaemonSet")["kipvs-applier"]["spec"]["template"]["spec"]
     assert applier["hostNetwork"] is True
     (container,) = applier["containers"]
@@ -93,6 +99,8 @@ def test_workloads() -> None:
     assert "ip_vs" in applier["initContainers"][0]["args"][0]
     nats = _by_kind("StatefulSet")["nats"]["spec"]
     assert nats["replicas"] == 3 and nats["template"]["spec"]["containers"][0]["image"].startswith("nats:")
+    version = nats["template"]["spec"]["containers"][0]["image"].split(":")[1].split("-")[0]
+    assert tuple(map(int, version.split("."))) >= topology.LEADER_ELECTION_SERVER_VERSION[:2], "fenced batches"
     assert "jetstream" in _by_kind("ConfigMap")["nats-config"]["data"]["nats.conf"]
     for workload in (*deployments.values(), _by_kind("DaemonSet")["kipvs-applier"]):
         args = workload["spec"]["template"]["spec"]["containers"][0]["args"]
