@@ -1,6 +1,7 @@
 """compose.yaml against the Compose specification's JSON schema, and deploy/kubernetes against the Kubernetes
 schemas (kubernetes-validate), offline; then what the issue asks of them: least-privilege RBAC, two
-watchers, two planners (leader election), the applier DaemonSet's host network and NET_ADMIN, NATS with three servers."""
+watchers, two planners (leader election), the applier DaemonSet's host network and NET_ADMIN, NATS with
+three servers."""
 
 from __future__ import annotations
 
