@@ -186,6 +186,8 @@ class Lease:
                 revision = await asyncio.wait_for(kv.update(topology.PLANNER_LEASE_KEY, value, last=self.revision),
                                                   self.timing.renew_deadline)
             except KeyWrongLastSequenceError:
+                if await self._ours(kv):  # our previous renewal timed out here but was stored
+                    continue
                 log.warning("the planner lease was taken by another planner")
                 self.revision = 0
                 lost.set()
@@ -199,6 +201,17 @@ class Lease:
                     return
                 continue
             self.revision, self.renewed_at = revision, sent
+
+    async def _ours(self, kv: KeyValue) -> bool:
+        """Is the stored value still ours (a renewal whose answer was lost)? Then continue from its revision."""
+        try:
+            entry = await kv.get(topology.PLANNER_LEASE_KEY)
+        except Exception:
+            return False
+        if parse_value(entry.value)[0] != self.identity or not entry.revision:
+            return False
+        self.revision = entry.revision
+        return True
 
     async def release(self) -> None:
         """Delete the key if we still hold it, so a standby takes over at once instead of after the lease
