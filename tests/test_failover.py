@@ -22,11 +22,11 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.errors import APIError
+from nats.js.errors import APIError, KeyWrongLastSequenceError
 
 from kipvs.planner.core import Planner
 from kipvs.planner.fence import PUBLISHER, Deposed, raise_fence
-from kipvs.planner.lease import Lease, LeaseTiming, Observation
+from kipvs.planner.lease import Lease, LeaseTiming, Observation, lease_value
 from kipvs.planner.main import PlanPublisher
 from kipvs.shared import bus, events, topology
 from kipvs.shared.embedded_nats import free_loopback_port
@@ -94,6 +94,34 @@ async def test_lease_one_holder_a_standby_takes_over_when_renewals_stop_and_the_
         assert time.monotonic() - t0 < FAST.lease_duration
     finally:
         stop.set()
+        await nc.close()
+
+
+async def test_a_renewal_stored_but_unanswered_is_not_taken_for_a_takeover(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    lease = Lease(js, "a", FAST)
+    try:
+        assert await asyncio.wait_for(lease.acquire(asyncio.Event()), 5)
+        kv = await js.key_value(topology.PLANNER_LEASE_BUCKET)
+        # What a renewal that timed out after the server stored it leaves: our value, a revision we never saw.
+        await kv.update(topology.PLANNER_LEASE_KEY, lease_value("a", FAST, "t", 1), last=lease.revision)
+        lost = asyncio.Event()
+        holding = asyncio.create_task(lease.hold(lost))
+        await asyncio.sleep(4 * FAST.retry_period)
+        assert not lost.is_set() and lease.held()
+        # Another holder's value is a takeover (written at a revision the holder has, racing its renewals).
+        for _ in range(50):
+            try:
+                await kv.update(topology.PLANNER_LEASE_KEY, lease_value("b", FAST, "t", 2), last=lease.revision)
+                break
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("could not write another holder's value")
+        await asyncio.wait_for(holding, 5)
+        assert lost.is_set()
+    finally:
         await nc.close()
 
 
