@@ -79,6 +79,18 @@ async def _warm(ctx: runtime.ServiceContext, planner: Planner, period: float) ->
             return
 
 
+async def _bus_failed(ctx: runtime.ServiceContext, lease: Lease, identity: str, exc: BaseException) -> None:
+    """The bus failed under the active planner: let a standby (whose connection may be fine) take over at once
+    rather than after the lease duration, and stand by again after a pause."""
+    log.warning("planner %s: STANDBY, the bus failed under the active planner (%s: %s); lease released", identity,
+                type(exc).__name__, exc or "")
+    await lease.release()
+    cfg = ctx.config
+    assert isinstance(cfg, main.PlannerServiceConfig)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ctx.stop.wait(), cfg.leader_elect_lease_duration)
+
+
 async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
     """The planner service with leader election: alternate standby and active until told to stop."""
     cfg = ctx.config
@@ -122,16 +134,13 @@ async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
                      f", took over from {lease.previous}" if lease.previous else "", planner.source_seq)
             await main.plan(ctx, planner, fence, deposed)
         except (bus.Retry, *bus.INFRASTRUCTURE_ERRORS) as exc:
-            # The bus failed under the active planner: let a standby (whose connection may be fine) take
-            # over at once rather than after the lease duration, and stand by again after a pause.
-            log.warning("planner %s: STANDBY, the bus failed under the active planner (%s: %s); lease released",
-                        identity, type(exc).__name__, exc or "")
-            holder.cancel()
-            await lease.release()
-            planner = None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stop.wait(), cfg.leader_elect_lease_duration)
-            continue
+            if deposed.is_set():  # refused behind another planner's fence while starting: deposed, below
+                log.info("planner %s: %s", identity, exc)
+            else:
+                holder.cancel()  # no renewal racing the release
+                await _bus_failed(ctx, lease, identity, exc)
+                planner = None
+                continue
         finally:
             holder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
