@@ -192,7 +192,10 @@ class PlanPublisher:
         before anything is sent again: a batch holding an already stored id is refused whole."""
         assert self.fence is not None and self.nc is not None
         if self.resync:
-            await self._resync()
+            try:
+                await self._resync()
+            except bus.INFRASTRUCTURE_ERRORS as exc:
+                raise bus.Retry(f"cannot read back the plan stream: {type(exc).__name__}: {exc}") from exc
             if not self.outbox:
                 return 0
         fence = await self._check_fence()
