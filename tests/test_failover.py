@@ -407,3 +407,24 @@ async def test_a_paused_active_planner_publishes_nothing_after_the_new_one(sim, 
         codes = system.stop()
         server.stop()
     assert all(code == 0 for code in codes.values()), codes
+
+
+async def test_a_batch_whose_outcome_was_unknown_is_read_back_not_stored_twice(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    try:
+        fence = await raise_fence(js, "planner-a", 1, lambda: True)
+        first = PlanPublisher(js, {}, fence, asyncio.Event(), nc)
+        first.add([_delta(1, "one"), _delta(2, "two")])
+        assert await first.flush() == 2
+        # The same planner, not knowing whether that batch was stored (its answer lost), sends it again with more.
+        again = PlanPublisher(js, {}, fence, asyncio.Event(), nc)
+        again.add([_delta(1, "one"), _delta(2, "two"), _delta(3, "three")])
+        with pytest.raises(bus.Retry, match="duplicate"):
+            await again.flush()  # an atomic batch holding a stored id is refused whole
+        assert await again.flush() == 1  # read back first: only delta 3 is sent
+        msgs = [m async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+        assert [events.decode(m.data).record.seq for m in msgs] == [1, 2, 3]
+        assert again.published == {"all": 3} and again.stream_seq == msgs[-1].metadata.sequence.stream
+    finally:
+        await nc.close()
