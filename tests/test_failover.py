@@ -2,7 +2,8 @@
 and an R3 lease bucket), the simulator, the watcher, two planners with ``--leader-elect`` and two appliers
 (memory kernel) as processes.
 
-- the lease and the fence against a real server, step by step (the paths a process test cannot force);
+- the lease and the fence against a real server, step by step (the paths a process test cannot force),
+  and a batch sent again after an unknown outcome;
 - kill -9 the active planner during churn: the standby takes over in under 5 s, the plan stream holds every
   delta a single planner replaying the same log publishes, exactly once, and the nodes converge;
 - SIGSTOP the active planner, let the standby take over, SIGCONT it: nothing it publishes lands after the new
