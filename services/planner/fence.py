@@ -1,17 +1,16 @@
 """The fence that keeps a deposed planner's deltas out of the plan stream.
 
-A planner that takes the lease first publishes a marker on ``kipvs.plan.leader`` (in the plan stream);
-every delta it publishes then carries ``Nats-Expected-Last-Subject-Sequence: <its marker's sequence>``
-with ``Nats-Expected-Last-Subject-Sequence-Subject: kipvs.plan.leader`` (nats-server >= 2.11): the
-server stores the delta only while that marker is still the subject's last message. Once a newer
-planner's marker is stored, every delta of the older one is refused (error 10071), however long it was
-paused and however many it had in flight. A check per message, made by the stream's leader, so pipelined
-publishes stay safe (an expected *stream* sequence per message would not be: a paused planner's later
-message can line up with the new planner's sequence).
+A planner that takes the lease first publishes a marker on ``kipvs.plan.leader`` (in the plan stream). It
+then publishes its deltas as atomic batches (see ``PlanPublisher``) whose first message carries
+``Nats-Expected-Last-Subject-Sequence: <its marker's sequence>`` with
+``Nats-Expected-Last-Subject-Sequence-Subject: kipvs.plan.leader``: the server stores a batch only while
+that marker is still the subject's last message, and a batch is stored whole or not at all. Once a newer
+planner's marker is stored, nothing the older one sends lands, however long it was paused and however much
+it had prepared.
 
-The marker itself is published with the expected last sequence of the subject as read just before, and
-that read comes before the lease check: a planner paused between the check and the publish finds the
-subject moved on and is refused too.
+The marker itself is published expecting the subject's last sequence as read just before, and that read
+comes before the lease check: a planner paused between the check and the publish finds the subject moved
+on and is refused too.
 """
 
 from __future__ import annotations
@@ -50,9 +49,18 @@ class Fence:
                 PUBLISHER: self.identity}
 
 
+# A clustered stream refuses a message with an expected subject sequence while another one for the same
+# subject is being committed (it cannot know the outcome yet): a race to be retried, not a verdict.
+IN_FLIGHT = 10164
+
+
 def is_fenced(exc: BaseException) -> bool:
     """The server refused a publish because its expected last (subject) sequence no longer holds."""
     return isinstance(exc, APIError) and bus.is_wrong_last_sequence(exc)
+
+
+def is_raced(exc: BaseException) -> bool:
+    return isinstance(exc, APIError) and getattr(exc, "err_code", None) == IN_FLIGHT
 
 
 async def raise_fence(js: JetStreamContext, identity: str, lease_revision: int,
@@ -72,7 +80,7 @@ async def raise_fence(js: JetStreamContext, identity: str, lease_revision: int,
             ack = await js.publish(topology.PLAN_LEADER_SUBJECT, body,
                                    headers={EXPECTED_SUBJECT_SEQ: str(last), PUBLISHER: identity})
         except APIError as exc:
-            if is_fenced(exc):
+            if is_fenced(exc) or is_raced(exc):
                 log.info("another planner's marker landed first (after sequence %d); reading it again", last)
                 continue
             raise
