@@ -27,6 +27,7 @@ from kipvs.shared.plan.plan_state import SharedPlan
 
 from . import parse
 from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
+from .planner_metrics import PlannerMetrics
 
 log = logging.getLogger("kipvs.planner")
 PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
@@ -195,6 +196,7 @@ async def plan(ctx: runtime.ServiceContext) -> None:
     planning = m.histogram("kipvs_planner_planning_seconds", "core time per record")
     snapshots = m.counter("kipvs_planner_snapshots_total", "snapshots written")
     planner = Planner(PlannerConfig(default_scheduler=cfg.scheduler))
+    stage = PlannerMetrics(m, lambda: planner)
     info = await ctx.js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)
     started = time.perf_counter()
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
@@ -235,7 +237,9 @@ async def plan(ctx: runtime.ServiceContext) -> None:
             publisher.add(planner.handle(d.envelope, seq))
             planning.observe(time.perf_counter() - t0)
             processed.inc()
+        outgoing = list(publisher.outbox)
         published.inc(await publisher.flush())
+        stage.published(outgoing)
         await snapshot()
 
     async def idle() -> None:
@@ -251,6 +255,8 @@ async def plan(ctx: runtime.ServiceContext) -> None:
     consumer = bus.DurableConsumer(ctx.js, topology.planner_consumer(), "planner", handle, batch=cfg.batch, idle=idle)
     ctx.queued_since = consumer.queued_since
     m.gauge("kipvs_planner_lag_events", "events in the log not yet planned", read=lambda: consumer.pending)
+    m.counter_reading("kipvs_planner_parked_total", "log records the planner parked (undecodable or refused)",
+                      lambda: consumer.parked)
     ctx.set_not_ready("catching up with the Kubernetes event log")
     await snapshot(force=True)
     runner = asyncio.create_task(consumer.run())
