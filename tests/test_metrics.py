@@ -5,14 +5,18 @@ of its starts, the no-local-endpoints gauge, and every declared series present f
 from __future__ import annotations
 
 import asyncio
+import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from kipvs.applier.programming_metrics import no_local_endpoints
+from kipvs.planner.core import Planner
 from kipvs.planner.trigger_time import TRIGGER_TIME_ANNOTATION, trigger_time_ns
 from kipvs.shared import events
-from kipvs.shared.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_PROXY_RULES_BUCKETS
+from kipvs.shared.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_PROXY_RULES_BUCKETS, Registry, version
 from kipvs.simulator.server import Simulator
 from tests import kube
 from tests.stack import Scrape, Stack, start_stack
@@ -186,3 +190,43 @@ def test_no_local_endpoints_follows_kube_proxys_local_endpoint_choice() -> None:
     assert no_local_endpoints(plan(not_ready), "node-a") == (2, 0)
     terminating = events.Endpoint(ip="10.0.0.2", port=80, node="node-a", ready=False, serving=True, terminating=True)
     assert no_local_endpoints(plan(terminating, external=True), "node-a") == (0, 0)
+
+
+def test_the_planner_carries_the_slices_trigger_time_on_its_delta() -> None:
+    """Set from an EndpointSlice event's annotation, 0 (and absent on the wire) for anything else."""
+    planner = Planner()
+
+    def handle(obj: dict, seq: int) -> events.PlanDelta:
+        record = events.KubeEvent(kind=obj["kind"], action="ADDED", namespace="default", name=obj["metadata"]["name"],
+                                  resource_version=str(seq), object={**obj, "metadata": {
+                                      **obj["metadata"], "namespace": "default", "resourceVersion": str(seq)}})
+        (envelope,) = planner.handle(events.Envelope(id=f"e{seq}", time_ns=seq, producer="t", record=record), seq)
+        assert isinstance(envelope.record, events.PlanDelta)
+        return envelope.record
+
+    assert handle(kube.service("web"), 1).trigger_time_ns == 0
+    slice_ = kube.endpoint_slice("web-abc", "web", [kube.endpoint("10.244.1.5")])
+    slice_["metadata"]["annotations"] = {TRIGGER_TIME_ANNOTATION: "2026-11-30T19:00:00.5Z"}
+    delta = handle(slice_, 2)
+    assert delta.trigger_time_ns == 1796065200_500000000
+    assert b"trigger_time_ns" not in events.encode(events.Envelope(
+        id="x", time_ns=1, producer="t", record=events.PlanDelta(scope="all", seq=1, source_seq=1, ops=())))
+
+
+def test_a_metric_declared_again_is_the_same_one() -> None:
+    """A service's main coroutine runs again after a bus failure: its metrics go on, read functions and
+    collectors follow the new state, and a name cannot change type."""
+    registry = Registry("applier")
+    first = registry.counter("kipvs_x_total", "x", labels={"kind": ("A", "B")})
+    first.labels("A").inc(2)
+    assert registry.counter("kipvs_x_total", "x", labels={"kind": ("A", "B")}) is first
+    registry.gauge("kipvs_y", "y", read=lambda: 1)
+    registry.gauge("kipvs_y", "y", read=lambda: 2)
+    registry.counter_reading("kipvs_z_total", "z", lambda: 3)
+    registry.counter_reading("kipvs_z_total", "z", lambda: 4)
+    assert registry.sample("kipvs_x_total", {"kind": "A"}) == 2 and registry.sample("kipvs_x_total", {"kind": "B"}) == 0
+    assert registry.sample("kipvs_y") == 2 and registry.sample("kipvs_z_total") == 4
+    with pytest.raises(ValueError, match="declared as a counter"):
+        registry.gauge("kipvs_x_total", "x")
+    assert registry.sample("kipvs_build_info", {"service": "applier", "version": version(),
+                                                 "python_version": platform.python_version()}) == 1
