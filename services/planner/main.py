@@ -228,6 +228,11 @@ async def plan(ctx: runtime.ServiceContext) -> None:
         snap_state.update(seq=planner.seq, at=time.monotonic())
         snapshots.inc()
 
+    async def flush() -> None:
+        outgoing = list(publisher.outbox)
+        published.inc(await publisher.flush())
+        stage.published(outgoing)
+
     async def handle(batch: list[bus.Delivery]) -> None:
         for d in batch:
             seq = d.stream_sequence
@@ -237,15 +242,13 @@ async def plan(ctx: runtime.ServiceContext) -> None:
             publisher.add(planner.handle(d.envelope, seq))
             planning.observe(time.perf_counter() - t0)
             processed.inc()
-        outgoing = list(publisher.outbox)
-        published.inc(await publisher.flush())
-        stage.published(outgoing)
+        await flush()
         await snapshot()
 
     async def idle() -> None:
         if publisher.outbox:  # planned but not yet on the bus (it refused them): not caught up
             try:
-                published.inc(await publisher.flush())
+                await flush()
             except bus.Retry as exc:
                 ctx.set_not_ready(f"{len(publisher.outbox)} planned deltas not yet published: {exc}")
                 return
