@@ -33,12 +33,17 @@ def sli(scrape: Scrape) -> tuple[float, float]:
 
 
 async def web_on_node_b(stack: Stack) -> Scrape:
-    """Two nodes and one Service whose only endpoint is on node-b; node-a has programmed it."""
+    """Two nodes and one Service whose only endpoint is on node-b; node-a has programmed it. One change at
+    a time, each one delta: the kinds are watched apart, so changes made together may be logged in any
+    order (a slice before its Service folds into the Service's delta)."""
     for node, ip in (("node-a", "192.0.2.10"), ("node-b", "192.0.2.11")):
         await stack.sim.apply(kube.node(node, ip))
+    await stack.until(lambda s: s.value("kipvs_applier_plan_seq") == 2, "both nodes on node-a")
     await stack.sim.apply(kube.service("web"))
+    await stack.until(lambda s: s.value("kipvs_applier_plan_seq") == 3, "web on node-a")
     await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint("10.244.2.5", "node-b")]))
-    return await stack.until(lambda s: s.value("kipvs_applier_virtual_services") == 1, "web on node-a")
+    return await stack.until(lambda s: s.value("kipvs_applier_plan_seq") == 4
+                             and s.value("kipvs_applier_real_servers") == 1, "web's endpoint on node-a")
 
 
 async def next_delta(stack: Stack, before: Scrape) -> Scrape:
@@ -230,3 +235,35 @@ def test_a_metric_declared_again_is_the_same_one() -> None:
         registry.gauge("kipvs_x_total", "x")
     assert registry.sample("kipvs_build_info", {"service": "applier", "version": version(),
                                                  "python_version": platform.python_version()}) == 1
+
+
+async def test_watcher_counts_events_410s_restarts_and_parked_lines_per_kind(nats_url: str, sim: Simulator,
+                                                                             tmp_path: Path) -> None:
+    stack = await start_stack(nats_url, sim, tmp_path)
+
+    async def watcher_shows(name: str, labels: dict[str, str], at_least: float) -> Scrape:
+        """The watcher's scrape once the sample reaches ``at_least``."""
+        for _ in range(600):
+            scrape = await stack.scrape("watcher")
+            if scrape.value(name, **labels) >= at_least:
+                return scrape
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{name}{labels} never reached {at_least}:\n{scrape.text}")
+
+    try:
+        await stack.sim.apply(kube.service("web"))
+        await watcher_shows("kipvs_watcher_events_published_total", {"kind": "Service", "action": "ADDED"}, 1)
+        await stack.sim.inject_watch_line("Node", "this is not JSON")
+        scrape = await watcher_shows("kipvs_watcher_parked_total", {"kind": "Node"}, 1)
+        assert scrape.value("kipvs_watcher_parked_total", kind="Service") == 0
+        stack.sim.drop_watches()
+        await stack.sim.apply(kube.service("api", cluster_ip="10.96.0.11"))  # while no watch is open
+        stack.sim.compact()  # the watches cannot resume from their version: 410, relist
+        await watcher_shows("kipvs_watcher_relists_total", {"kind": "Service", "reason": "gone"}, 1)
+        # counted once the list after the 410 is logged: the initial one and that one
+        scrape = await watcher_shows("kipvs_watcher_relists_total", {"kind": "Service", "reason": "list"}, 2)
+        assert scrape.value("kipvs_watcher_watch_restarts_total", kind="Service", reason="connection") >= 1
+        scrape = await watcher_shows("kipvs_watcher_events_published_total", {"kind": "Service", "action": "ADDED"}, 2)
+        assert scrape.value("kipvs_watcher_events_published_total", kind="EndpointSlice", action="ADDED") == 0
+    finally:
+        await stack.close()
