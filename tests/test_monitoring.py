@@ -1,7 +1,7 @@
 """deploy/monitoring, offline: the alerting rules are Prometheus rule groups (a schema check, and every
 expression parsed by promql-parser, a binding of the Rust port of Prometheus's parser), the dashboard has
 what Grafana needs, and every metric name either references is one the services really export, proved
-by scraping the real services (tests/stack.py)."""
+by scraping the real services (tests/stack.py), and every label value they select on one those series carry."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ def metric_names(expr: str) -> set[str]:
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     return names
+
+
+def equality_matchers(expr: str) -> set[tuple[str, str, str]]:
+    """(metric, label, value) of every ``label="value"`` an expression selects on."""
+    found: set[tuple[str, str, str]] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            for m in node.matchers.matchers:
+                if m.op == promql_parser.MatchOp.Equal:
+                    found.add((node.name, m.name, m.value))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
 
 
 def rule_groups() -> list[dict[str, Any]]:
@@ -129,13 +143,17 @@ async def test_every_metric_the_rules_and_dashboard_use_is_exported(nats_url: st
                                                                     tmp_path: Path) -> None:
     stack = await start_stack(nats_url, sim, tmp_path)
     try:
-        exported: set[str] = set()
+        exported: dict[str, list[dict[str, str]]] = {}
         for service in ("watcher", "planner", "applier"):
             scrape = await stack.scrape(service)
-            exported |= set(scrape.samples)
+            for name, samples in scrape.samples.items():
+                exported.setdefault(name, []).extend(labels for labels, _ in samples)
     finally:
         await stack.close()
-    used = {name for rule in alerts().values() for name in metric_names(rule["expr"])}
-    used |= {name for expr in dashboard_exprs() for name in metric_names(expr)}
+    exprs = [rule["expr"] for rule in alerts().values()] + dashboard_exprs()
+    used = {name for expr in exprs for name in metric_names(expr)}
     assert used, "nothing referenced"
-    assert not used - exported, f"referenced but not exported: {sorted(used - exported)}"
+    assert not used - set(exported), f"referenced but not exported: {sorted(used - set(exported))}"
+    # a label value selected on (code="nodeport-outside-ranges", reason="gone") is one the series carry
+    for name, label, value in {m for expr in exprs for m in equality_matchers(expr)}:
+        assert any(labels.get(label) == value for labels in exported[name]), f'{name}{{{label}="{value}"}}'
