@@ -267,3 +267,25 @@ async def test_watcher_counts_events_410s_restarts_and_parked_lines_per_kind(nat
         assert scrape.value("kipvs_watcher_events_published_total", kind="EndpointSlice", action="ADDED") == 0
     finally:
         await stack.close()
+
+
+def test_programming_samples_start_at_the_trigger_time_and_skip_changes_from_before_the_start() -> None:
+    """As kube-proxy's tracker: a change older than the process is not a programming latency (a restart
+    re-reads old changes); the trigger time wins over the record time when the delta has one."""
+    from kipvs.applier.programming_metrics import ProgrammingMetrics
+
+    registry = Registry("applier")
+    metrics = ProgrammingMetrics(registry, "node-a", lambda: (0, 0), lambda: None, lambda: 0)
+    start = metrics.started_ns
+
+    def delta(record_ns: int, trigger_ns: int = 0) -> events.Envelope:
+        return events.Envelope(id="d", time_ns=record_ns, producer="planner", record=events.PlanDelta(
+            scope="all", seq=1, source_seq=1, ops=(), trigger_time_ns=trigger_ns))
+
+    metrics.programmed([delta(start - 10**9), delta(start + 10**9, trigger_ns=start - 1)])
+    assert registry.sample(SLI + "_count") == 0
+    metrics.started_ns -= 60 * 10**9  # the process has run for a minute
+    now = time.time_ns()
+    metrics.programmed([delta(now, trigger_ns=now - 3 * 10**9)])
+    assert registry.sample(SLI + "_count") == 1 and registry.sample(SLI + "_bucket", {"le": "2.0"}) == 0
+    assert 3 <= registry.sample(SLI + "_sum") < 4
