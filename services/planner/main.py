@@ -198,6 +198,14 @@ async def plan(ctx: runtime.ServiceContext) -> None:
     planner = Planner(PlannerConfig(default_scheduler=cfg.scheduler))
     stage = PlannerMetrics(m, lambda: planner)
     info = await ctx.js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)
+    consumer: bus.DurableConsumer | None = None
+    # Declared before the rebuild, which can take a while: until the consumer runs, the lag is what the
+    # durable consumer had not delivered at start.
+    m.gauge("kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
+    m.gauge("kipvs_planner_lag_events", "events in the log not yet planned",
+            read=lambda: consumer.pending if consumer is not None else info.num_pending or 0)
+    m.counter_reading("kipvs_planner_parked_total", "log records the planner parked (undecodable or refused)",
+                      lambda: consumer.parked if consumer is not None else 0)
     started = time.perf_counter()
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
     tune_gc()
@@ -214,7 +222,6 @@ async def plan(ctx: runtime.ServiceContext) -> None:
         await reconcile_published(ctx.js, planner, publisher)
     store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
     snap_state = {"seq": -1, "at": 0.0}
-    m.gauge("kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
 
     async def snapshot(force: bool = False) -> None:
         due = planner.seq - snap_state["seq"] >= cfg.snapshot_every or (
@@ -257,9 +264,6 @@ async def plan(ctx: runtime.ServiceContext) -> None:
 
     consumer = bus.DurableConsumer(ctx.js, topology.planner_consumer(), "planner", handle, batch=cfg.batch, idle=idle)
     ctx.queued_since = consumer.queued_since
-    m.gauge("kipvs_planner_lag_events", "events in the log not yet planned", read=lambda: consumer.pending)
-    m.counter_reading("kipvs_planner_parked_total", "log records the planner parked (undecodable or refused)",
-                      lambda: consumer.parked)
     ctx.set_not_ready("catching up with the Kubernetes event log")
     await snapshot(force=True)
     runner = asyncio.create_task(consumer.run())
