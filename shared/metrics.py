@@ -21,7 +21,6 @@ from importlib import metadata
 from typing import TypeVar
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -29,9 +28,9 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 # ``*_created`` series double every counter and histogram for no use in kipvs's dashboards or alerts.
@@ -119,9 +118,12 @@ class Registry:
         self.registry.register(collector)
         self._collectors[name] = collector
 
-    def render(self) -> bytes:
-        """The text exposition format (``CONTENT_TYPE``), as prometheus_client writes it."""
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, Content-Type) for a scrape whose Accept header is ``accept``: negotiated as
+        prometheus_client's own HTTP handler does (``choose_encoder``), the text format 0.0.4 unless the
+        scraper asks for OpenMetrics or text 1.0.0."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
     def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         """One sample's current value (``name`` as exposed, e.g. ``x_total``, ``x_count``); None if absent."""
@@ -136,9 +138,6 @@ class Registry:
         metric = make()
         self._declared[name] = metric
         return _initialised(metric, labels)
-
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class _ReadCounter(Collector):

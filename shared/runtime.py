@@ -32,7 +32,7 @@ from . import bus, logs, topology
 from .backoff import Backoff
 from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
-from .metrics import CONTENT_TYPE, Registry
+from .metrics import Registry
 
 log = logging.getLogger("kipvs.runtime")
 
@@ -148,9 +148,9 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
             return web.Response(status=200 if ok else 503, text=reason + "\n")
         return handler
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=health.metrics.render(),
-                            headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = health.metrics.render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"})
 
     app = web.Application()
     app.router.add_get("/livez", endpoint(health.live))

@@ -54,11 +54,17 @@ class Stack:
     stop: asyncio.Event
 
     async def scrape(self, service: str) -> Scrape:
+        content_type, text = await self.get_metrics(service)
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8", content_type
+        return Scrape.parse(text)
+
+    async def get_metrics(self, service: str, accept: str = "") -> tuple[str, str]:
+        """(Content-Type, body) of the service's /metrics for this Accept header."""
+        headers = {"Accept": accept} if accept else {}
         async with aiohttp.ClientSession() as http, \
-                http.get(f"http://127.0.0.1:{self.ports[service]}/metrics") as r:
+                http.get(f"http://127.0.0.1:{self.ports[service]}/metrics", headers=headers) as r:
             assert r.status == 200, r.status
-            assert r.headers["Content-Type"].startswith("text/plain; version="), r.headers["Content-Type"]
-            return Scrape.parse(await r.text())
+            return r.headers["Content-Type"], await r.text()
 
     async def ready(self, service: str) -> bool:
         try:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from kipvs.applier.programming_metrics import no_local_endpoints
 from kipvs.planner.core import Planner
@@ -159,6 +160,12 @@ async def test_every_declared_metric_has_samples_from_the_start(nats_url: str, s
             *SYNC_PROXY_RULES_BUCKETS, float("inf")]
         planner = await stack.scrape("planner")
         assert planner.value("kipvs_planner_warnings", code="nodeport-outside-ranges") == 0
+        # a scraper that asks for OpenMetrics (Prometheus does by default) gets it, and it parses
+        content_type, text = await stack.get_metrics(
+            "applier", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        assert content_type.startswith("application/openmetrics-text; version=1.0.0"), content_type
+        families = {f.name: f for f in openmetrics_families(text)}
+        assert families[SLI].type == "histogram" and text.endswith("# EOF\n")
     finally:
         await stack.close()
 
