@@ -203,18 +203,25 @@ class SetNodeCalico(msgspec.Struct, tag="set-node-calico", tag_field="op", froze
 PlanOp = SetService | RemoveService | SetNode | RemoveNode | SetWarning | ClearWarning | SetNodeCalico
 
 
-class PlanDelta(Record, tag="plan.delta"):
+class PlanDelta(Record, tag="plan.delta", omit_defaults=True):
     """The operations one input event caused on one plan subject.
 
     ``seq`` counts deltas on the subject (1, 2, 3, ...): a consumer that sees a jump has missed one and
     must re-bootstrap from a snapshot. ``source_seq`` is the KIPVS_KUBE stream sequence of the input event;
     the envelope's causation holds its id.
+
+    ``trigger_time_ns``: the earliest ``endpoints.kubernetes.io/last-change-trigger-time`` of the
+    EndpointSlice changes folded into the delta (Unix nanoseconds), as kube-proxy takes it for
+    ``network_programming_duration_seconds``; 0 when none carried the annotation (then the envelope's
+    time, the Kubernetes change's record time, is the start). Added in schema 1 with a default (omitted
+    when 0): older records read as "no trigger time".
     """
 
     scope: str  # "all", or a node name for node-specific state
     seq: int
     source_seq: int
     ops: tuple[PlanOp, ...]
+    trigger_time_ns: int = 0
 
 
 class PlanSnapshot(Record, tag="plan.snapshot"):

@@ -1,133 +1,158 @@
-"""A small Prometheus registry: counters, gauges and histograms rendered in the text exposition format.
+"""One service instance's Prometheus metrics, through ``prometheus_client``.
 
-Kept in-house because it is ~100 lines and the service set is small; names follow Prometheus practice
-(``kipvs_<service>_<what>_<unit>``, ``_total`` for counters).
+Each service instance owns a :class:`Registry` (tests run several services in one process, so nothing
+goes to prometheus_client's global registry). It holds the process and platform collectors, a
+``kipvs_build_info{version,python_version,service}`` gauge (always 1, as ``kubernetes_build_info``) and
+the service's own metrics, declared through the helpers below.
+
+Every metric has samples from the moment it is declared: a labelled metric is declared with the label
+values it can take (``labels={"kind": KUBE_KINDS}``), each combination starting at 0, so a dashboard or
+an alert never sees "no data" for a healthy service. Names follow Prometheus practice
+(``kipvs_<service>_<what>_<unit>``, ``_total`` for counters) or kube-proxy's where the meaning is the
+same (docs/metrics.md lists them side by side).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Callable
+import itertools
+import platform
+from collections.abc import Callable, Iterable, Mapping
+from importlib import metadata
+from typing import TypeVar
 
-Labels = tuple[tuple[str, str], ...]
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
+# ``*_created`` series double every counter and histogram for no use in kipvs's dashboards or alerts.
+disable_created_metrics()
 
-def _labels(labels: dict[str, str] | None) -> Labels:
-    return tuple(sorted((labels or {}).items()))
+Labels = Mapping[str, Iterable[str]]
 
-
-def _fmt_labels(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    items = labels + extra
-    if not items:
-        return ""
-    body = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in items)
-    return "{" + body + "}"
-
-
-def _fmt_value(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str) -> None:
-        self.name = name
-        self.help = help
-
-    def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self._samples()]
-
-    def _samples(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help: str) -> None:
-        super().__init__(name, help)
-        self.values: dict[Labels, float] = {}
-
-    def inc(self, amount: float = 1.0, labels: dict[str, str] | None = None) -> None:
-        key = _labels(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def value(self, labels: dict[str, str] | None = None) -> float:
-        return self.values.get(_labels(labels), 0.0)
-
-    def _samples(self) -> list[str]:
-        return [f"{self.name}{_fmt_labels(k)} {_fmt_value(v)}" for k, v in sorted(self.values.items())]
+# kube-proxy's buckets (kubernetes pkg/proxy/metrics/metrics.go), so its users' dashboards and SLO
+# queries read kipvs's histograms the same way.
+NETWORK_PROGRAMMING_BUCKETS: tuple[float, ...] = (
+    0.0, 0.25, 0.5,                                 # merge() starts with a 0 bucket, then 0.25s, 0.5s
+    *(float(s) for s in range(1, 60)),              # 1s .. 59s
+    *(float(s) for s in range(60, 120, 5)),         # 60s .. 115s
+    *(float(s) for s in range(120, 301, 30)),       # 2min .. 5min
+)
+# ExponentialBuckets(0.001, 2, 15): 1ms .. 16.384s
+SYNC_PROXY_RULES_BUCKETS: tuple[float, ...] = tuple(0.001 * 2 ** i for i in range(15))
+DEFAULT_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                      0.5, 1, 2.5, 5, 10)
 
 
-class Gauge(Counter):
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, read: Callable[[], float] | None = None) -> None:
-        super().__init__(name, help)
-        self.read = read
-
-    def set(self, value: float, labels: dict[str, str] | None = None) -> None:
-        self.values[_labels(labels)] = value
-
-    def _samples(self) -> list[str]:
-        if self.read is not None:
-            self.values[()] = float(self.read())
-        return super()._samples()
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
-DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
-        super().__init__(name, help)
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def _samples(self) -> list[str]:
-        out, running = [], 0
-        for bound, n in zip((*self.buckets, math.inf), self.counts, strict=True):
-            running += n
-            out.append(f"{self.name}_bucket{_fmt_labels((), (('le', _fmt_value(bound)),))} {running}")
-        out.append(f"{self.name}_sum {_fmt_value(self.sum)}")
-        out.append(f"{self.name}_count {self.count}")
-        return out
+def version() -> str:
+    """kipvs's installed version ("unknown" when run from a tree that was never installed)."""
+    try:
+        return metadata.version("kipvs")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Registry:
-    def __init__(self) -> None:
-        self.metrics: dict[str, _Metric] = {}
+    """The metrics of one service instance (``service``: watcher, planner, applier, or a test's name).
 
-    def _add(self, metric: _Metric) -> _Metric:
-        if metric.name in self.metrics:
-            raise ValueError(f"metric {metric.name} registered twice")
-        self.metrics[metric.name] = metric
-        return metric
+    The helpers return prometheus_client's own metric objects (``.inc()``, ``.set()``, ``.observe()``,
+    ``.labels(...)``). Declaring a name again returns the metric already declared (a service's main
+    coroutine runs again after a bus failure: its counters go on counting); a gauge's ``read`` and a
+    collector are rebound to the new call's. ValueError when the name was declared with another type."""
 
-    def counter(self, name: str, help: str) -> Counter:
-        return self._add(Counter(name, help))  # type: ignore[return-value]
+    def __init__(self, service: str = "") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.service = service
+        self._declared: dict[str, Counter | Gauge | Histogram] = {}
+        self._collectors: dict[str, Collector] = {}
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Gauge("kipvs_build_info", "1, labelled with kipvs's version, the Python version and the service",
+              ["version", "python_version", "service"], registry=self.registry,
+              ).labels(version(), platform.python_version(), service).set(1)
 
-    def gauge(self, name: str, help: str, read: Callable[[], float] | None = None) -> Gauge:
-        return self._add(Gauge(name, help, read))  # type: ignore[return-value]
+    def counter(self, name: str, help: str, labels: Labels | None = None) -> Counter:
+        """A counter; with ``labels`` (name -> every value it takes), every combination starts at 0."""
+        return self._declare(Counter, name, lambda: Counter(name, help, list(labels or {}), registry=self.registry),
+                             labels)
 
-    def histogram(self, name: str, help: str, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> Histogram:
-        return self._add(Histogram(name, help, buckets))  # type: ignore[return-value]
+    def gauge(self, name: str, help: str, read: Callable[[], float] | None = None,
+              labels: Labels | None = None) -> Gauge:
+        """A gauge; ``read`` (unlabelled only) is called at each scrape for its value."""
+        if read is not None and labels:
+            raise ValueError(f"{name}: a read function needs an unlabelled gauge")
+        gauge = self._declare(Gauge, name, lambda: Gauge(name, help, list(labels or {}), registry=self.registry),
+                              labels)
+        if read is not None:
+            gauge.set_function(read)
+        return gauge
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in self.metrics.values():
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def histogram(self, name: str, help: str, buckets: Iterable[float] = DEFAULT_BUCKETS,
+                  labels: Labels | None = None) -> Histogram:
+        """A histogram with the given upper bounds (seconds for ``*_seconds``; +Inf is added)."""
+        return self._declare(Histogram, name, lambda: Histogram(name, help, list(labels or {}), registry=self.registry,
+                                                                buckets=tuple(buckets)), labels)
+
+    def counter_reading(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A counter whose value a service already keeps (``read`` is called at each scrape; it must
+        never decrease within the process)."""
+        self.collector(name, _ReadCounter(name, help, read))
+
+    def collector(self, name: str, collector: Collector) -> None:
+        """A custom collector (metrics computed at scrape time from a service's state), replacing the one
+        declared before under ``name``."""
+        previous = self._collectors.pop(name, None)
+        if previous is not None:
+            self.registry.unregister(previous)
+        self.registry.register(collector)
+        self._collectors[name] = collector
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, Content-Type) for a scrape whose Accept header is ``accept``: negotiated as
+        prometheus_client's own HTTP handler does (``choose_encoder``), the text format 0.0.4 unless the
+        scraper asks for OpenMetrics or text 1.0.0."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+    def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        """One sample's current value (``name`` as exposed, e.g. ``x_total``, ``x_count``); None if absent."""
+        return self.registry.get_sample_value(name, dict(labels or {}))
+
+    def _declare(self, kind: type[M], name: str, make: Callable[[], M], labels: Labels | None) -> M:
+        existing = self._declared.get(name)
+        if existing is not None:
+            if not isinstance(existing, kind):
+                raise ValueError(f"metric {name} declared as a {type(existing).__name__.lower()} already")
+            return existing
+        metric = make()
+        self._declared[name] = metric
+        return _initialised(metric, labels)
+
+
+class _ReadCounter(Collector):
+    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self.name, self.help, self.read = name.removesuffix("_total"), help, read
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.name, self.help)]
+
+    def collect(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.name, self.help, value=float(self.read()))]
+
+
+def _initialised(metric: M, labels: Labels | None) -> M:
+    if labels:
+        for values in itertools.product(*(tuple(v) for v in labels.values())):
+            metric.labels(*values)
+    return metric

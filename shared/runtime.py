@@ -6,7 +6,8 @@ It owns the process lifecycle, so each service's own code is only its job:
 2. NATS: the given URL, or the embedded server in the state directory (started if none runs there);
    connect with backoff, check the server version, create/update the topology and check it;
 3. an HTTP server with ``/healthz`` (the process and its NATS connection are alive), ``/readyz`` (the
-   service says it is ready, e.g. caught up) and ``/metrics`` (Prometheus text);
+   service says it is ready, e.g. caught up) and ``/metrics`` (the service instance's own
+   prometheus_client registry, in the text exposition format; see shared/metrics.py);
 4. SIGTERM/SIGINT set ``ctx.stop``; the service's main coroutine is expected to finish its batch in
    hand, ack it and return; then the runtime drains the NATS connection (flushing acks and publishes),
    stops the HTTP server and, if it started one, the embedded NATS server.
@@ -147,9 +148,9 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
             return web.Response(status=200 if ok else 503, text=reason + "\n")
         return handler
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=health.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = health.metrics.render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"})
 
     app = web.Application()
     app.router.add_get("/livez", endpoint(health.live))
@@ -228,7 +229,7 @@ async def run_service(name: str, config: CommonConfig, main: Main,
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    health = Health(stale_after=config.healthz_stale_after)
+    health = Health(stale_after=config.healthz_stale_after, metrics=Registry(name))
     runner, port = await _start_http(health, config.http_listen)
     try:
         async with nats_server_for(config) as url:

@@ -15,6 +15,7 @@ from kipvs.applier.health_check import HealthServers, local_endpoints, wanted_po
 from kipvs.applier.node_settings import STRICT_ARP, Timeouts, sysctls_to_set
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.events import Endpoint, PortPlan, ServicePlan
+from kipvs.shared.metrics import Registry
 
 
 def _plan(node_of_endpoints: list[tuple[str, str, bool]], port: int = 32210) -> ServicePlan:
@@ -106,17 +107,7 @@ async def test_applier_clears_udp_flows_of_a_real_server_that_left(protocol: str
     from kipvs.applier.ops import DelReal, DelService
 
     class Ctx:
-        class _Metrics:
-            def counter(self, *_a, **_k):
-                return Counter()
-
-            def histogram(self, *_a, **_k):
-                return Counter()
-
-            def gauge(self, *_a, **_k):
-                return None
-
-        metrics = _Metrics()
+        metrics = Registry("applier")
         queued_since = None
 
     kernel = MemoryKernel()

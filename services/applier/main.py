@@ -41,6 +41,7 @@ from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .health_check import HealthServers
 from .node_settings import Timeouts
 from .ops import AddReal, DelReal, DelService, DesiredState, Op, diff, digest
+from .programming_metrics import ProgrammingMetrics
 from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
@@ -137,11 +138,20 @@ class Applier:
         self.conntrack_deleted = m.counter("kipvs_applier_conntrack_entries_deleted_total",
                                            "conntrack entries of UDP/SCTP flows deleted after their real server left")
         self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
-        self.apply_seconds = m.histogram("kipvs_applier_apply_seconds", "time to write one batch")
         self.drift_repairs = m.counter("kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back")
         m.gauge("kipvs_applier_plan_seq", "last shared delta applied", read=lambda: self.plan.seq)
         m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
                 read=lambda: len(self.drainer.deadlines))
+        self.consumer: bus.DurableConsumer | None = None
+        self.metrics = ProgrammingMetrics(m, node, self.programmed_counts, lambda: self.calico,
+                                          lambda: self.consumer.pending if self.consumer is not None else 0)
+        m.counter_reading("kipvs_applier_parked_total", "plan messages this applier parked (undecodable or refused)",
+                          lambda: self.consumer.parked if self.consumer is not None else 0)
+
+    def programmed_counts(self) -> tuple[int, int]:
+        """(virtual services, real servers) the node's kernel is meant to hold now."""
+        services = self.desired.services
+        return len(services), sum(len(vs.reals) for vs in services.values())
 
     async def bootstrap(self) -> None:
         """Load the latest snapshot, bring it up to the newest delta on the stream, resolve it for this node
@@ -164,6 +174,8 @@ class Applier:
             await self.rules.install(self.desired.state().ipsets)
         await self.sync_node_settings()
         await self.sync_health_checks()
+        self.metrics.services_changed(self.plan.services, set(self.plan.services) | set(self.metrics.by_service))
+        self.metrics.synced()
         log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, "
                  "%d repairs to reach it", self.plan.seq, caught_up, len(self.desired.services), len(found))
         # Say at once what this instance holds: the last report on the status stream may be a previous
@@ -259,6 +271,7 @@ class Applier:
         touched: set[str] = set()
         facts_before = self.facts()
         calico_before = self.calico
+        applied: list[events.Envelope] = []  # the shared deltas this batch programs
         for d in batch:
             record = d.envelope.record
             if not isinstance(record, events.PlanDelta):
@@ -279,6 +292,7 @@ class Applier:
                     raise bus.Retry(f"snapshot at {self.plan.seq} does not reach delta {record.seq} yet") from None
                 if not self.plan.apply(record):
                     continue
+            applied.append(d.envelope)
             touched |= {op.service.key if isinstance(op, events.SetService) else op.key
                         for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
         facts = self.facts()
@@ -308,7 +322,9 @@ class Applier:
             await self.sync_endpoint_marks()
         await self.sync_health_checks()
         elapsed = time.perf_counter() - started
-        self.apply_seconds.observe(elapsed)
+        self.metrics.programmed(applied)
+        self.metrics.services_changed(self.plan.services, touched)
+        self.metrics.synced(elapsed)
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
                                              duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
                                              desired_digest=self.desired.digest()))
@@ -455,6 +471,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         spec = topology.applier_consumer(cfg.node)
         consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
                                        batch=cfg.batch, idle=idle)
+        applier.consumer = consumer
         ctx.queued_since = consumer.queued_since
 
         async def drift_loop() -> None:

@@ -39,6 +39,7 @@ from kipvs.shared.events import (
 
 from . import parse
 from .calico import CalicoState, nodeport_problem
+from .trigger_time import trigger_time_ns
 
 SHARED_SCOPE = "all"
 PRODUCER = "planner"
@@ -106,15 +107,21 @@ class Planner:
         elif isinstance(record, events.KubeResync):
             self._on_resync(record, ops)
         self.source_seq = source_seq
-        return self.emit(ops, source_seq, envelope.time_ns, envelope.id)
+        trigger = 0
+        if isinstance(record, events.KubeEvent) and record.kind == "EndpointSlice":
+            trigger = trigger_time_ns(record.object)
+        return self.emit(ops, source_seq, envelope.time_ns, envelope.id, trigger_time_ns=trigger)
 
-    def emit(self, ops: list[PlanOp], source_seq: int, time_ns: int, cause: str) -> list[events.Envelope]:
+    def emit(self, ops: list[PlanOp], source_seq: int, time_ns: int, cause: str,
+             trigger_time_ns: int = 0) -> list[events.Envelope]:
         """The delta envelopes for ``ops`` (the shared subject's next delta, if any) and for every node whose
-        Calico state changed; ``cause`` is the id of the record they follow from."""
+        Calico state changed; ``cause`` is the id of the record they follow from, ``trigger_time_ns`` the
+        EndpointSlice's last-change-trigger-time it carried (0: none), kept on the shared delta."""
         out = []
         if ops:
             self.seq += 1
-            delta = PlanDelta(scope=SHARED_SCOPE, seq=self.seq, source_seq=source_seq, ops=tuple(ops))
+            delta = PlanDelta(scope=SHARED_SCOPE, seq=self.seq, source_seq=source_seq, ops=tuple(ops),
+                              trigger_time_ns=trigger_time_ns)
             out.append(events.Envelope(id=f"plan/{SHARED_SCOPE}/{self.seq}", time_ns=time_ns,
                                        producer=PRODUCER, causation=(cause,), record=delta))
         for node in sorted(self._dirty):

@@ -97,9 +97,9 @@ async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
     assert isinstance(cfg, main.PlannerServiceConfig)
     identity = identity or default_identity()
     m = ctx.metrics
-    master = main._metric(m, m.gauge, "kipvs_planner_leader_election_master_status",
-                          "1 while this planner is the active one, 0 while it stands by (client-go's "
-                          "leader_election_master_status)")
+    master = m.gauge("kipvs_planner_leader_election_master_status",
+                     "1 while this planner is the active one, 0 while it stands by (client-go's "
+                     "leader_election_master_status)")
     master.set(0)
     await check_server(ctx)
     lease = Lease(ctx.js, identity, cfg.lease_timing())

@@ -33,6 +33,7 @@ from . import parse
 from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
 from .fence import PUBLISHER, Fence
 from .lease import LeaseTiming
+from .planner_metrics import PlannerMetrics
 
 log = logging.getLogger("kipvs.planner")
 PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
@@ -301,16 +302,6 @@ class PlanPublisher:
         return sent
 
 
-def _metric(registry: Any, make: Callable[..., Any], name: str, help: str, **kwargs: Any) -> Any:
-    """Register a metric once per process: ``plan`` runs again after a bus failure and on every takeover."""
-    existing = registry.metrics.get(name)
-    if existing is None:
-        return make(name, help, **kwargs)
-    if "read" in kwargs:
-        existing.read = kwargs["read"]
-    return existing
-
-
 def new_planner(cfg: PlannerServiceConfig) -> Planner:
     return Planner(PlannerConfig(default_scheduler=cfg.scheduler))
 
@@ -324,10 +315,10 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
     cfg = ctx.config
     assert isinstance(cfg, PlannerServiceConfig)
     m = ctx.metrics
-    processed = _metric(m, m.counter, "kipvs_planner_events_total", "Kubernetes records planned")
-    published = _metric(m, m.counter, "kipvs_planner_deltas_published_total", "plan deltas published")
-    planning = _metric(m, m.histogram, "kipvs_planner_planning_seconds", "core time per record")
-    snapshots = _metric(m, m.counter, "kipvs_planner_snapshots_total", "snapshots written")
+    processed = m.counter("kipvs_planner_events_total", "Kubernetes records planned")
+    published = m.counter("kipvs_planner_deltas_published_total", "plan deltas published")
+    planning = m.histogram("kipvs_planner_planning_seconds", "core time per record")
+    snapshots = m.counter("kipvs_planner_snapshots_total", "snapshots written")
     info = await ctx.js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)
     if planner is not None and planner.source_seq > info.ack_floor.stream_seq:
         # Its core is past what was published (the consumer was reset): deltas could be missing. Rebuild.
@@ -335,6 +326,15 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
                     planner.source_seq, info.ack_floor.stream_seq)
         planner = None
     planner = planner or new_planner(cfg)
+    stage = PlannerMetrics(m, lambda: planner)
+    consumer: bus.DurableConsumer | None = None
+    # Declared before the rebuild, which can take a while: until the consumer runs, the lag is what the
+    # durable consumer had not delivered at start.
+    m.gauge("kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
+    m.gauge("kipvs_planner_lag_events", "events in the log not yet planned",
+            read=lambda: consumer.pending if consumer is not None else info.num_pending or 0)
+    m.counter_reading("kipvs_planner_parked_total", "log records the planner parked (undecodable or refused)",
+                      lambda: consumer.parked if consumer is not None else 0)
     started = time.perf_counter()
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
     tune_gc()
@@ -351,7 +351,6 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
         await reconcile_published(ctx.js, planner, publisher)
     store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
     snap_state = {"seq": -1, "at": 0.0}
-    _metric(m, m.gauge, "kipvs_planner_delta_seq", "last delta sequence", read=lambda: planner.seq)
 
     async def snapshot(force: bool = False) -> None:
         due = planner.seq - snap_state["seq"] >= cfg.snapshot_every or (
@@ -364,6 +363,11 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
         await store.put(topology.snapshot_object(SHARED_SCOPE), events.encode(envelope))
         snap_state.update(seq=planner.seq, at=time.monotonic())
         snapshots.inc()
+
+    async def flush() -> None:
+        outgoing = list(publisher.outbox)
+        published.inc(await publisher.flush())
+        stage.published(outgoing)
 
     async def handle(batch: list[bus.Delivery]) -> None:
         for d in batch:
@@ -379,13 +383,13 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
             publisher.add(planner.handle(d.envelope, seq))
             planning.observe(time.perf_counter() - t0)
             processed.inc()
-        published.inc(await publisher.flush())
+        await flush()
         await snapshot()
 
     async def idle() -> None:
         if publisher.outbox:  # planned but not yet on the bus (it refused them): not caught up
             try:
-                published.inc(await publisher.flush())
+                await flush()
             except bus.Retry as exc:
                 ctx.set_not_ready(f"{len(publisher.outbox)} planned deltas not yet published: {exc}")
                 return
@@ -394,7 +398,6 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
 
     consumer = bus.DurableConsumer(ctx.js, topology.planner_consumer(), "planner", handle, batch=cfg.batch, idle=idle)
     ctx.queued_since = consumer.queued_since
-    _metric(m, m.gauge, "kipvs_planner_lag_events", "events in the log not yet planned", read=lambda: consumer.pending)
     ctx.set_not_ready("catching up with the Kubernetes event log")
     await snapshot(force=True)
     runner = asyncio.create_task(consumer.run())

@@ -28,8 +28,10 @@ import nats.errors
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
+from prometheus_client import Counter
 
 from kipvs.shared import bus
+from kipvs.shared import events as kipvs_events
 from kipvs.shared.backoff import Backoff
 from kipvs.shared.metrics import Registry
 
@@ -66,6 +68,33 @@ def list_function(api: client.ApiClient, kind: str) -> ListFn:
     raise ValueError(f"kind {kind!r} is not watched")
 
 
+RELIST_REASONS = ("list", "gone")  # every list, and among them those after a 410 Gone
+RESTART_REASONS = ("timeout", "api-error", "event-log", "connection")
+
+
+@dataclass
+class WatchMetrics:
+    """The list/watch counters, one series per kind (and reason), all declared at start."""
+
+    relists: Counter
+    restarts: Counter
+    parked: Counter
+
+    @classmethod
+    def declare(cls, metrics: Registry) -> WatchMetrics:
+        kinds = kipvs_events.KUBE_KINDS
+        return cls(
+            relists=metrics.counter("kipvs_watcher_relists_total",
+                                    "lists of a kind: reason list = every list (initial, after a 410, after errors); "
+                                    "reason gone = the watch's version expired (410 Gone)",
+                                    labels={"kind": kinds, "reason": RELIST_REASONS}),
+            restarts=metrics.counter("kipvs_watcher_watch_restarts_total",
+                                     "watch requests of a kind after the first, by reason",
+                                     labels={"kind": kinds, "reason": RESTART_REASONS}),
+            parked=metrics.counter("kipvs_watcher_parked_total", "objects or watch lines of a kind parked as invalid",
+                                   labels={"kind": kinds}))
+
+
 @dataclass
 class WatchSettings:
     list_chunk: int = 500
@@ -77,7 +106,7 @@ class WatchSettings:
 
 class KindWatcher:
     def __init__(self, kind: str, list_fn: ListFn, event_log: EventLog, js: JetStreamContext,
-                 settings: WatchSettings, metrics: Registry, stop: asyncio.Event) -> None:
+                 settings: WatchSettings, metrics: WatchMetrics, stop: asyncio.Event) -> None:
         self.kind = kind
         self.list_fn = list_fn
         self.log = event_log
@@ -85,12 +114,7 @@ class KindWatcher:
         self.settings = settings
         self.stop = stop
         self.listed = asyncio.Event()  # set once the first list is logged (or the kind is absent)
-        self.relists = metrics.counter(f"kipvs_watcher_relists_{kind.lower()}_total",
-                                       f"lists of {kind}s (initial, after 410, after errors)")
-        self.restarts = metrics.counter(f"kipvs_watcher_watch_restarts_{kind.lower()}_total",
-                                        f"watch requests for {kind}s after the first, by reason")
-        self.parked = metrics.counter(f"kipvs_watcher_parked_{kind.lower()}_total",
-                                      f"{kind} objects or watch lines parked as invalid")
+        self.metrics = metrics
         self._timeout = (settings.connect_timeout, settings.read_timeout)
 
     async def run(self) -> None:
@@ -103,10 +127,10 @@ class KindWatcher:
                     backoff.reset()
                 version = await self._watch(version)
                 backoff.reset()
-                self.restarts.inc(labels={"reason": "timeout"})
+                self.metrics.restarts.labels(self.kind, "timeout").inc()
             except Gone:
                 log.info("%s watch: version expired (410); relisting", self.kind)
-                self.relists.inc(labels={"reason": "gone"})
+                self.metrics.relists.labels(self.kind, "gone").inc()
                 version = None
             except ApiException as exc:
                 if exc.status == 404 and version is None:
@@ -117,7 +141,7 @@ class KindWatcher:
                     continue
                 delay = backoff.next()
                 log.warning("%s: API error %s %s; retrying in %.1fs", self.kind, exc.status, exc.reason, delay)
-                self.restarts.inc(labels={"reason": "api-error"})
+                self.metrics.restarts.labels(self.kind, "api-error").inc()
                 await self._sleep(delay)
             except nats.errors.Error as exc:
                 # the event log refused an append (full store, timeout, no connection): nothing is lost,
@@ -125,12 +149,12 @@ class KindWatcher:
                 delay = backoff.next()
                 log.warning("%s: the event log is not taking appends (%s: %s); resuming in %.1fs", self.kind,
                             type(exc).__name__, exc or "", delay)
-                self.restarts.inc(labels={"reason": "event-log"})
+                self.metrics.restarts.labels(self.kind, "event-log").inc()
                 await self._sleep(delay)
             except (aiohttp.ClientError, TimeoutError, OSError, WatchError, json.JSONDecodeError) as exc:
                 delay = backoff.next()
                 log.warning("%s: %s: %s; resuming in %.1fs", self.kind, type(exc).__name__, exc, delay)
-                self.restarts.inc(labels={"reason": "connection"})
+                self.metrics.restarts.labels(self.kind, "connection").inc()
                 await self._sleep(delay)
 
     async def _sleep(self, seconds: float) -> None:
@@ -168,7 +192,7 @@ class KindWatcher:
         planned, resync = reconcile(self.kind, valid, self.log.logged, list_rv)
         appended = await self.log.append_many(planned)
         await self.log.append_resync(resync)
-        self.relists.inc(labels={"reason": "list"})
+        self.metrics.relists.labels(self.kind, "list").inc()
         log.info("%s: listed %d at version %s, logged %d changes", self.kind, len(valid), list_rv, appended)
         self.listed.set()
         return list_rv
@@ -222,5 +246,5 @@ class KindWatcher:
         return obj["metadata"]["resourceVersion"]
 
     async def _park(self, data: bytes, reason: str) -> None:
-        self.parked.inc()
+        self.metrics.parked.labels(self.kind).inc()
         await bus.park(self.js, "watcher", None, data, reason, subject=f"kube.{self.kind}")

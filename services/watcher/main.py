@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from kipvs.shared import config, events, runtime
 from kipvs.shared.config import StartupError, describe
 
 from .event_log import EventLog, open_record_file, read_logged
-from .list_watch import KindWatcher, WatchSettings, list_function
+from .list_watch import KindWatcher, WatchMetrics, WatchSettings, list_function
 
 log = logging.getLogger("kipvs.watcher")
 
@@ -62,12 +63,17 @@ async def api_client(cfg: WatcherConfig) -> client.ApiClient:
 async def watch(ctx: runtime.ServiceContext) -> None:
     cfg = ctx.config
     assert isinstance(cfg, WatcherConfig)
-    published = ctx.metrics.counter("kipvs_watcher_events_published_total", "Kubernetes events appended to the log")
+    published = ctx.metrics.counter(
+        "kipvs_watcher_events_published_total", "Kubernetes events appended to the log, by kind and watch action",
+        labels={"kind": events.KUBE_KINDS, "action": ("ADDED", "MODIFIED", "DELETED")})
     latency = ctx.metrics.histogram("kipvs_watcher_publish_seconds", "time to append one event (ack included)")
+    watch_metrics = WatchMetrics.declare(ctx.metrics)
 
-    def on_published(action: str, seconds: float) -> None:
-        published.inc(labels={"action": action})
-        latency.observe(seconds)
+    def on_published(kind: str) -> Callable[[str, float], None]:
+        def count(action: str, seconds: float) -> None:
+            published.labels(kind, action).inc()
+            latency.observe(seconds)
+        return count
 
     settings = WatchSettings(list_chunk=cfg.list_chunk, watch_timeout=cfg.watch_timeout,
                              read_timeout=cfg.read_timeout)
@@ -79,9 +85,9 @@ async def watch(ctx: runtime.ServiceContext) -> None:
             logged = await read_logged(ctx.js, kind)
             log.info("%s: the log knows %d objects (%d alive)", kind, len(logged),
                      sum(1 for o in logged.values() if o.alive))
-            event_log = EventLog(ctx.js, kind, logged, record_file, on_published)
+            event_log = EventLog(ctx.js, kind, logged, record_file, on_published(kind))
             watchers.append(KindWatcher(kind, list_function(api, kind), event_log, ctx.js, settings,
-                                        ctx.metrics, ctx.stop))
+                                        watch_metrics, ctx.stop))
         tasks = [asyncio.create_task(w.run(), name=f"watch-{w.kind}") for w in watchers]
         ctx.set_not_ready("initial list not complete")
         listed = asyncio.gather(*(w.listed.wait() for w in watchers))
