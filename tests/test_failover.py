@@ -397,7 +397,9 @@ async def test_a_paused_active_planner_publishes_nothing_after_the_new_one(sim, 
         late = [(seq, by) for seq, by in who if seq > marker and by != new]
         assert late == [], f"messages landed after the new planner's fence from another planner: {late[:5]}"
         log = (system.logs / f"{active}.log").read_text()
-        assert "STANDBY, deposed" in log, log[-3000:]
+        # Deposed (it heard the lease or the fence), or its first request after the pause timed out: either
+        # way it stood by, and the fence above is what guarantees nothing of it landed.
+        assert "STANDBY, deposed" in log or "STANDBY, the bus failed" in log, log[-3000:]
         print(f"{len(who)} plan messages, {sum(1 for seq, _ in who if seq > marker)} after the new fence")
         assert system.master_status(standby) == 1.0
     finally:
