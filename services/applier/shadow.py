@@ -37,6 +37,7 @@ from .backend import Backend
 log = logging.getLogger("kipvs.applier")
 
 HEARTBEAT_S = 300.0
+METRIC = "kipvs_shadow_divergences"
 
 
 class Shadow:
@@ -51,10 +52,11 @@ class Shadow:
         self.plan_seq = 0
         self.divergences: tuple[str, ...] | None = None  # None: not compared yet
         self.published: tuple[tuple[str, ...], float] | None = None  # (divergences, monotonic time) last sent
-        ctx.metrics.gauge("kipvs_shadow_divergences",
-                          "differences between the kernel (kube-proxy's) and kipvs's plan for this node, "
-                          "at the last shadow comparison",
-                          read=lambda: len(self.divergences or ()))
+        # Registered once per process (a restart after a bus failure builds a new Shadow on the same registry);
+        # no sample before the first comparison: "0" would claim an agreement nobody has checked yet.
+        self.gauge = ctx.metrics.metrics.get(METRIC) or ctx.metrics.gauge(
+            METRIC, "differences between the kernel (kube-proxy's) and kipvs's plan for this node at the last "
+                    "shadow comparison")
 
     async def read(self) -> events.KernelTable:
         async with self.lock:
@@ -75,6 +77,7 @@ class Shadow:
         if self.divergences and not found:
             log.info("shadow: the kernel matches kipvs's plan (delta %d)", plan.seq)
         self.plan_seq, self.divergences = plan.seq, found
+        self.gauge.set(len(found))  # type: ignore[attr-defined]
         now = time.monotonic()
         if self.published is None or self.published[0] != found or now - self.published[1] >= self.heartbeat:
             record = events.ShadowReport(node=self.node, plan_seq=plan.seq, divergences=found,
