@@ -137,3 +137,14 @@ def test_what_legitimately_differs_is_not_reported() -> None:
 def test_a_missing_link_is_one_line_not_one_per_address() -> None:
     want = plan(addresses={"10.96.0.10", "10.96.0.11"})
     assert divergences(kernel(link=False), want) == ["link kube-ipvs0 missing (2 addresses planned)"]
+
+
+def test_order_is_ipvsadms_even_where_its_comparison_wraps_around() -> None:
+    """libipvs compares addresses by subtracting u32s into an int: 192.168.50.11 - 10.96.0.10 is negative,
+    so ipvsadm lists the NodePort on the node's address first (seen in the guest against ipvsadm itself)."""
+    cluster_ip = KernelVirtualServer(protocol="TCP", address="10.96.0.10", port=80, scheduler="rr")
+    node_port = KernelVirtualServer(protocol="TCP", address="192.168.50.11", port=30080, scheduler="rr")
+    udp = KernelVirtualServer(protocol="UDP", address="10.96.0.1", port=53, scheduler="rr")
+    for dump_order in ((cluster_ip, node_port, udp), (udp, node_port, cluster_ip)):
+        heads = render(KernelTable(virtual_servers=dump_order)).splitlines()[3:]
+        assert heads == ["TCP  192.168.50.11:30080 rr", "TCP  10.96.0.10:80 rr", "UDP  10.96.0.1:53 rr"]

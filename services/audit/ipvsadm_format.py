@@ -3,17 +3,21 @@
 Follows ipvsadm 1.31's ``list_all`` / ``print_title`` / ``print_service_entry`` / ``print_largenum``
 (ipvsadm.c) with ``-n``: the same header lines, column widths, number abbreviations (K, M, G, T above 100
 million) and order (virtual servers by firewall mark, family, protocol number, address, port; real servers
-by address and port), so scripts and eyes used to ``ipvsadm -Ln`` read it unchanged.
+by address and port, as libipvs compares them: see ``glibc_qsort``), so scripts and eyes used to
+``ipvsadm -Ln`` read it unchanged. The table must be in the kernel's dump order (as ``kernel_read`` and
+the memory backend give it) for the order to be ipvsadm's.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
 
 from kipvs.shared.events import IpvsStats, KernelRealServer, KernelTable, KernelVirtualServer
 
 Layout = Literal["table", "stats", "rate"]
+T = TypeVar("T")
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 _TITLES = {
@@ -48,14 +52,63 @@ def _service_name(vs: KernelVirtualServer) -> str:
     return name if vs.family == 6 else name[:33]  # ipvsadm cuts an IPv4 name at 33 characters
 
 
-def _vs_order(vs: KernelVirtualServer) -> tuple[int, int, int, int, int]:
-    address = int(ipaddress.ip_address(vs.address)) if vs.address else 0
-    return (vs.fwmark, vs.family, PROTOCOL_NUMBERS.get(vs.protocol, 0), address, vs.port)
+# ipvsadm sorts with libipvs's ipvs_cmp_services / ipvs_cmp_dests through glibc's qsort. Those comparators
+# subtract unsigned 32-bit words and return the difference as an int, so it wraps: 192.168.50.11 sorts
+# before 10.96.0.10 (0xC0A8320B - 0x0A60000A is negative as an int). The comparison is therefore not an
+# order, and the result depends on the algorithm and the input order: glibc's qsort is a top-down merge
+# sort, fed in the kernel's dump order. Both are reproduced, so the output is ipvsadm's line for line.
+AF = {4: 2, 6: 10}  # AF_INET, AF_INET6
 
 
-def _rs_order(rs: KernelRealServer) -> tuple[int, int, int]:
-    addr = ipaddress.ip_address(rs.address)
-    return (addr.version, int(addr), rs.port)
+def _wrap(a: int, b: int) -> int:
+    """``(int)(a - b)`` for two u32: C's wrap-around."""
+    d = (a - b) & 0xFFFFFFFF
+    return d - (1 << 32) if d >= 1 << 31 else d
+
+
+def _words(family: int, ip: str) -> list[int]:
+    if not ip:
+        return [0] if family == 4 else [0, 0, 0, 0]
+    raw = int(ipaddress.ip_address(ip))
+    return [raw] if family == 4 else [(raw >> shift) & 0xFFFFFFFF for shift in (96, 64, 32, 0)]
+
+
+def _cmp_address(family: int, a: str, b: str) -> int:
+    r = 0
+    for x, y in zip(_words(family, a), _words(family, b), strict=True):
+        r = _wrap(x, y)
+        if r:
+            break
+    return r
+
+
+def _cmp_services(a: KernelVirtualServer, b: KernelVirtualServer) -> int:
+    return (_wrap(a.fwmark, b.fwmark) or AF[a.family] - AF[b.family]
+            or PROTOCOL_NUMBERS.get(a.protocol, 0) - PROTOCOL_NUMBERS.get(b.protocol, 0)
+            or _cmp_address(a.family, a.address, b.address) or a.port - b.port)
+
+
+def _cmp_dests(family: int) -> Callable[[KernelRealServer, KernelRealServer], int]:
+    return lambda a, b: _cmp_address(family, a.address, b.address) or a.port - b.port
+
+
+def glibc_qsort(items: Sequence[T], cmp: Callable[[T, T], int]) -> list[T]:
+    """glibc's ``qsort`` (``msort_with_tmp``): split at n/2, sort both halves, merge taking the left element
+    while ``cmp(left, right) <= 0``."""
+    if len(items) <= 1:
+        return list(items)
+    half = len(items) // 2
+    left, right = glibc_qsort(items[:half], cmp), glibc_qsort(items[half:], cmp)
+    out: list[T] = []
+    i = j = 0
+    while i < len(left) and j < len(right):
+        if cmp(left[i], right[j]) <= 0:
+            out.append(left[i])
+            i += 1
+        else:
+            out.append(right[j])
+            j += 1
+    return out + left[i:] + right[j:]
 
 
 def _counters(stats: IpvsStats, layout: Layout) -> str:
@@ -96,7 +149,7 @@ def render(table: KernelTable, layout: Layout = "table") -> str:
     """The table as ``ipvsadm -Ln`` (``--stats``, ``--rate``) prints it, ending with a newline."""
     lines = [f"IP Virtual Server version {table.ipvs_version or '?'} (size={table.conn_table_size})",
              _TITLES[layout]]
-    for vs in sorted(table.virtual_servers, key=_vs_order):
+    for vs in glibc_qsort(table.virtual_servers, _cmp_services):
         lines.append(_service_line(vs, layout))
-        lines += [_real_line(vs, rs, layout) for rs in sorted(vs.real_servers, key=_rs_order)]
+        lines += [_real_line(vs, rs, layout) for rs in glibc_qsort(vs.real_servers, _cmp_dests(vs.family))]
     return "\n".join(lines) + "\n"
