@@ -15,8 +15,9 @@ What legitimately differs between two correct proxies, and is therefore never re
 - a real server with weight 0 that the plan does not have: a terminating endpoint still draining its
   connections (kube-proxy's graceful termination, kipvs's ``--drain-timeout``), removed once drained;
 - firewall-mark virtual servers: neither kube-proxy nor kipvs creates them (another program owns them);
-- an absent ipset the plan leaves empty (kube-proxy creates the IPv6 sets only in dual-stack, and older
-  versions have no KUBE-IPVS-IPS or KUBE-HEALTH-CHECK-NODE-PORT), and kipvs's own KIPVS-* sets;
+- an absent ipset the plan leaves empty (kube-proxy creates the IPv6 sets only in dual-stack), and kipvs's
+  own KIPVS-* sets. An absent set the plan fills is one line, not one per entry (kube-proxy before 1.28 has
+  no KUBE-IPVS-IPS or KUBE-HEALTH-CHECK-NODE-PORT: expected there, and the operator's call);
 - persistence netmask and scheduler flags: kube-proxy sets neither, nor does kipvs;
 - iptables/nftables rules and chains: kube-proxy's are iptables chains, kipvs's an nftables table; they
   are different implementations of the same filtering, compared by their ipsets.
