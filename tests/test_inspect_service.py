@@ -213,3 +213,25 @@ async def test_shadow_mode_reports_exactly_the_divergence_and_writes_nothing(pla
     finally:
         stop.set()
         await task
+
+
+async def test_a_table_too_large_for_one_message_is_a_clear_error(nats_url: str, capsys) -> None:
+    kernel = MemoryKernel()
+    key = ("TCP", "10.96.0.1", 443)
+    kernel.ipvs = {key: VirtualService(*key, "rr", 0, {(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 8080): 1
+                                                       for i in range(30_000)})}
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-big",
+                                      "backend": "memory", "shadow": "true", "shadow_sync_period": "60"}, {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel), stop=stop))
+    try:
+        for _ in range(200):
+            code, out, err = await kipvs("ipvs", "--node", "node-big", "--nats-url", nats_url, "--timeout", "2",
+                                         capsys=capsys)
+            if "no applier answered" not in err:
+                break
+        assert code == 2 and out == ""
+        assert "answered with an error: the table is" in err and "max_payload (1048576)" in err, err
+    finally:
+        stop.set()
+        await task

@@ -61,6 +61,13 @@ async def serve(nc: NATS, node: str, kernel: Backend, context: Context,
         if not msg.reply:
             return  # a publish, not a request: nobody to answer
         reply = await answer(node, kernel, context, read, msg.data)
-        await msg.respond(_encoder.encode(reply))
+        payload = _encoder.encode(reply)
+        if len(payload) > nc.max_payload:
+            # One message or nothing: say why instead of letting the asking tool time out.
+            reply = msgspec.structs.replace(reply, table=None, error=(
+                f"the table is {len(payload)} bytes, more than this NATS server's max_payload ({nc.max_payload}); "
+                "raise max_payload in the server's configuration"))
+            payload = _encoder.encode(reply)
+        await msg.respond(payload)
 
     return await nc.subscribe(topology.inspect_subject(node), cb=handle)

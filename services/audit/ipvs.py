@@ -13,7 +13,7 @@ kernel kube-proxy wrote.
   when they differ.
 
 Exit 2, with one sentence, when NATS cannot be reached, no applier answers within ``--timeout``, or the
-applier cannot read its kernel.
+applier answers with an error (it cannot read its kernel; the table does not fit in one NATS message).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ async def ask(nc: nats.NATS, node: str, wait: float) -> events.IpvsInspectReply:
         raise ToolError(f"the applier of {node} sent an answer this build cannot read ({exc}): "
                         "are the applier and this tool the same version?") from None
     if reply.error or reply.table is None:
-        raise ToolError(f"the applier of {node} could not read its kernel: {reply.error or 'no table'}")
+        raise ToolError(f"the applier of {node} answered with an error: {reply.error or 'no table'}")
     return reply
 
 
