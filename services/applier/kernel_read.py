@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2.ipvs import IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
@@ -26,6 +26,9 @@ from kipvs.shared.plan.node_state import ALL_IPSETS
 from . import ipvs_wire
 from .backend import LINK
 from .netlink_writer import PERSISTENT, PROTOCOL_NAMES
+
+if TYPE_CHECKING:
+    from .netlink_writer import NetlinkKernel
 
 CMD_GET_INFO = 15
 INFO_VERSION, INFO_CONN_TAB_SIZE = 1, 2
@@ -96,11 +99,13 @@ def virtual_server(svc: dict[str, Any], dests: list[dict[str, Any]]) -> events.K
         stats=_stats(svc, "IPVS_SVC_ATTR"), real_servers=tuple(reals))
 
 
-async def read_table(kernel: Any) -> events.KernelTable:
-    """Read a :class:`~.netlink_writer.NetlinkKernel`'s kernel whole (see the module's docstring); opens
-    its sockets if needed, creates nothing. Raises NetlinkError/OSError when the kernel refuses a dump."""
+async def read_table(kernel: NetlinkKernel) -> events.KernelTable:
+    """Read a :class:`~.netlink_writer.NetlinkKernel`'s kernel whole (see the module's docstring), with its
+    sockets (opened if needed); creates nothing. Raises NetlinkError/OSError when the kernel refuses a dump.
+    Virtual and real servers stay in the kernel's dump order (``ipvsadm_format`` needs it)."""
     await kernel._open()
     ipvs, ipr = kernel.ipvs, kernel.ipr
+    assert ipvs is not None and ipr is not None and kernel.writer is not None
     version, size = parse_info(await kernel.writer.query(kernel.ipvs_family, get_info()))
     services = []
     for msg in await ipvs.service("dump"):

@@ -103,10 +103,10 @@ async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float
     shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces")  # type: ignore[attr-defined]
     subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read)
     try:
-        ctx.set_ready()
         while not ctx.stop.is_set():
             try:
                 await shadow.compare()
+                ctx.set_ready()  # ready once it has compared (and published) at least once
             except (NetlinkError, OSError) as exc:  # the kernel refused a dump: say so, try again next period
                 log.warning("shadow: cannot read the kernel (%s); retrying in %.0fs", exc, period)
             with contextlib.suppress(TimeoutError):

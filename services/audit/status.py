@@ -4,7 +4,8 @@ For each node (every Node in the published plan, and every node that ever report
 delta it last applied, how many deltas it is behind the planner's newest, how long ago it last reported,
 what its last drift check repaired, and the conflicts its facts report name (another IPVS proxy on the
 node). A node whose newest report is a shadow-mode comparison (``kipvs applier --shadow``) shows its count
-of divergences from kipvs's plan in the SHADOW column, each listed below it; any divergence fails the
+of divergences from kipvs's plan in the SHADOW column, each listed below it (APPLIED is then the shared
+delta it compared with); any divergence fails the
 check, and kube-proxy's presence is then expected, not a conflict.
 
 Exit status 1 when a node is behind by more than ``--max-behind`` deltas, has not reported for
