@@ -196,6 +196,13 @@ async def test_shadow_mode_reports_exactly_the_divergence_and_writes_nothing(pla
         assert "shadow: 1 divergences from kipvs's plan" in row
         assert detail.strip() == f"shadow: {expected}"
 
+        code, out, _ = await kipvs("tap", "--nats-url", nats_url, "--stream", "status", "--node", "node-a",
+                                   "--since", "1", "--no-follow", capsys=capsys)
+        assert code == 0
+        assert out.splitlines()[-1].endswith(f"node-a shadow comparison at plan seq={record.plan_seq} "
+                                             f"({len(want.ipvs)} virtual servers in the kernel): 1 divergences: "
+                                             f"{expected}"), out
+
         await asyncio.sleep(0.5)  # a few more comparisons
         assert await kernel.kernel_table() == before, "shadow mode changed the kernel"
         again = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
