@@ -242,3 +242,25 @@ async def test_a_table_too_large_for_one_message_is_a_clear_error(nats_url: str,
     finally:
         stop.set()
         await task
+
+
+async def test_unreadable_requests_and_kernel_failures_are_answered_not_dropped() -> None:
+    from kipvs.applier import inspect
+
+    def context() -> tuple[str, int, tuple[str, ...]]:
+        return ("apply", 3, ())
+
+    garbage = await inspect.answer("node-a", MemoryKernel(), context, data=b"\xc1")
+    assert garbage.table is None and garbage.error.startswith("not an inspect request: ")
+
+    async def refused() -> events.KernelTable:
+        raise PermissionError(1, "Operation not permitted")
+
+    failed = await inspect.answer("node-a", MemoryKernel(), context, refused)
+    assert failed.table is None and failed.error == "cannot read the kernel: [Errno 1] Operation not permitted"
+    assert (failed.node, failed.plan_seq, failed.mode) == ("node-a", 3, "apply")
+
+    kernel = MemoryKernel()
+    await kernel.setup()
+    fine = await inspect.answer("node-a", kernel, context)
+    assert fine.error == "" and fine.table is not None and fine.table.link
