@@ -283,7 +283,20 @@ class NodeFactsReport(Record, tag="apply.node-facts"):
     conflicts: tuple[str, ...] = ()
 
 
-AnyRecord = KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport | NodeFactsReport
+class ShadowReport(Record, tag="apply.shadow"):
+    """A shadow-mode applier's comparison of the node's kernel (written by kube-proxy) with kipvs's plan
+    for the node, published on ``kipvs.status.<node>.shadow`` when the divergences change and at least
+    every few minutes. ``divergences`` is one precise line per difference (empty: the kernel is what kipvs
+    would program); ``plan_seq`` is the shared delta compared against."""
+
+    node: str
+    plan_seq: int
+    divergences: tuple[str, ...] = ()
+    virtual_servers: int = 0  # IPVS virtual servers read from the kernel
+
+
+AnyRecord = (KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport | NodeFactsReport
+             | ShadowReport)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -384,6 +397,89 @@ def _decode(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder
         return full_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise MalformedMessage(f"envelope {head.id or '?'}: invalid {tag} record: {exc}") from None
+
+
+# --- Kernel inspection (core NATS request/reply on kipvs.inspect.<node>.ipvs) ---------------------------
+# Not records of the log: a request and its reply, never stored. Each carries its own version ``v``; a
+# side that meets a newer version than it knows answers or reports so instead of guessing.
+
+INSPECT_VERSION = 1
+
+
+class IpvsStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """IPVS counters of a virtual or real server, as the kernel keeps them (IPVS_STATS_ATTR_*, 64-bit):
+    totals since creation (connections, packets, bytes) and the kernel's estimated rates per second."""
+
+    conns: int = 0
+    inpkts: int = 0
+    outpkts: int = 0
+    inbytes: int = 0
+    outbytes: int = 0
+    cps: int = 0
+    inpps: int = 0
+    outpps: int = 0
+    inbps: int = 0
+    outbps: int = 0
+
+
+class KernelRealServer(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    address: str
+    port: int
+    forward: Literal["Masq", "Local", "Tunnel", "Route"] = "Masq"  # ipvsadm's names of the forwarding method
+    weight: int = 1
+    active_conns: int = 0
+    inactive_conns: int = 0
+    stats: IpvsStats = IpvsStats()
+
+
+class KernelVirtualServer(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One IPVS virtual server as read from the kernel: by address (``protocol`` TCP/UDP/SCTP, ``address``,
+    ``port``) or by firewall mark (``fwmark`` non-zero, ``protocol`` and ``address`` empty)."""
+
+    family: Literal[4, 6] = 4
+    protocol: str = ""
+    address: str = ""
+    port: int = 0
+    fwmark: int = 0
+    scheduler: str = ""
+    persistence_timeout: int = 0  # seconds; 0: not persistent
+    netmask: str = ""  # persistence granularity as ipvsadm prints it ("255.255.255.255", or "128" for IPv6)
+    one_packet: bool = False  # IP_VS_SVC_F_ONEPACKET
+    stats: IpvsStats = IpvsStats()
+    real_servers: tuple[KernelRealServer, ...] = ()
+
+
+class KernelTable(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What a node's kernel holds of what kipvs and kube-proxy program: IPVS (with counters), the addresses
+    on kube-ipvs0 (``link`` False: there is no such link) and the KUBE-* ipsets that exist (name -> sorted
+    entries in kube-proxy's syntax; an absent set is not a key)."""
+
+    ipvs_version: str = ""  # the kernel's IPVS version, as ipvsadm's header prints it ("1.2.1")
+    conn_table_size: int = 0
+    virtual_servers: tuple[KernelVirtualServer, ...] = ()
+    link: bool = False
+    addresses: tuple[str, ...] = ()
+    ipsets: dict[str, tuple[str, ...]] = {}
+
+
+class IpvsInspectRequest(msgspec.Struct, frozen=True, kw_only=True):
+    v: int = INSPECT_VERSION
+
+
+class IpvsInspectReply(msgspec.Struct, frozen=True, kw_only=True):
+    """An applier's answer: its kernel's table, or ``error`` saying why it could not read it.
+    ``plan_seq`` is the shared delta the applier holds (0 in shadow mode before its first comparison),
+    ``node_addresses`` the NodePort addresses it uses when they are its interfaces' (empty: the Node's)."""
+
+    v: int = INSPECT_VERSION
+    node: str
+    backend: str  # the kernel backend's label ("netlink (this host's kernel)", "memory (simulated ...)")
+    mode: Literal["apply", "shadow"] = "apply"
+    time_ns: int = 0
+    plan_seq: int = 0
+    node_addresses: tuple[str, ...] = ()
+    table: KernelTable | None = None
+    error: str = ""
 
 
 def object_key(namespace: str, name: str) -> str:

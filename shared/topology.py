@@ -101,6 +101,11 @@ def status_subject(node: str, what: str) -> str:
     return f"kipvs.status.{token(node)}.{what}"
 
 
+def inspect_subject(node: str) -> str:
+    """Core NATS request/reply (no stream): ``kipvs ipvs --node`` asks the node's applier for its kernel table."""
+    return f"kipvs.inspect.{token(node)}.ipvs"
+
+
 def parked_subject(service: str) -> str:
     return f"kipvs.parked.{service}"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kipvs.shared import events
 from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
 
 from .node_settings import Timeouts
@@ -75,6 +76,8 @@ class Backend(Protocol):
     async def apply(self, ops: list[Op]) -> None: ...
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]: ...
+
+    async def kernel_table(self) -> events.KernelTable: ...
 
     async def node_addresses(self) -> tuple[str, ...]: ...
 
@@ -150,6 +153,21 @@ class MemoryKernel:
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
         return {k: v for k, v in self.conns.items() if k[0] in services}
+
+    async def kernel_table(self) -> events.KernelTable:
+        """The simulated table in the kernel view's form: masquerade, no counters (nothing is forwarded),
+        ``conns`` as active connections; the sets that exist (none before ``setup``)."""
+        vss = tuple(events.KernelVirtualServer(
+            family=family_of(vs.ip), protocol=vs.protocol, address=vs.ip, port=vs.port,  # type: ignore[arg-type]
+            scheduler=vs.scheduler, persistence_timeout=vs.persistence_timeout,
+            netmask="" if not vs.persistence_timeout else "255.255.255.255" if family_of(vs.ip) == 4 else "128",
+            real_servers=tuple(events.KernelRealServer(address=ip, port=port, weight=weight,
+                                                       active_conns=self.conns.get((key, (ip, port)), 0))
+                               for (ip, port), weight in vs.reals.items()))
+            for key, vs in self.ipvs.items())
+        ipsets = {name: tuple(sorted(entries)) for name, entries in (self.ipsets or {}).items() if name in ALL_IPSETS}
+        return events.KernelTable(ipvs_version="simulated", virtual_servers=vss, link=self.link,
+                                  addresses=tuple(sorted(self.addresses)), ipsets=ipsets)
 
     async def apply(self, ops: list[Op]) -> None:
         assert self.ipsets is not None, "setup() first"

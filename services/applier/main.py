@@ -34,7 +34,7 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, node_facts, node_settings, plan_cache
+from . import health_check, inspect, node_facts, node_settings, plan_cache
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -92,11 +92,20 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
         "else enforce")] = "auto"
 
+    shadow: Annotated[bool, describe(
+        "shadow mode, for migrations: program nothing and compare the kernel (kube-proxy's IPVS table, "
+        "kube-ipvs0 addresses, ipsets) with kipvs's plan every --shadow-sync-period; divergences go to "
+        "kipvs.status.<node>.shadow, kipvs_shadow_divergences and kipvs status")] = False
+    shadow_sync_period: Annotated[float, describe(
+        "seconds between shadow comparisons (as kube-proxy's --ipvs-sync-period)"), msgspec.Meta(gt=0)] = 30.0
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.node:
             raise ValueError("node is required (--node, KIPVS_NODE): the name of this node's Node object")
         topology.token(self.node)
+        if self.shadow and self.cleanup:
+            raise ValueError("shadow and cleanup exclude each other: shadow mode never changes the kernel")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
 
 
@@ -329,6 +338,11 @@ class Applier:
                                              duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
                                              desired_digest=self.desired.digest()))
 
+    async def read_kernel(self) -> events.KernelTable:
+        """The whole kernel table for ``kipvs ipvs`` (never while a batch or a repair is being written)."""
+        async with self.kernel_lock:
+            return await self.kernel.kernel_table()
+
     async def drift_check(self) -> None:
         async with self.kernel_lock:
             await self._drift_check()
@@ -468,6 +482,10 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         async def idle() -> None:
             ctx.set_ready()
 
+        inspection = await inspect.serve(
+            ctx.nc, cfg.node, kernel,
+            lambda: ("apply", applier.plan.seq, applier.local_addresses if applier.use_interfaces else ()),
+            applier.read_kernel)
         spec = topology.applier_consumer(cfg.node)
         consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
                                        batch=cfg.batch, idle=idle)
@@ -521,6 +539,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         cacher.cancel()
         await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
         stopping.cancel()
+        with contextlib.suppress(Exception):
+            await inspection.unsubscribe()
         for task in done - {stopping}:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -546,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
     kernel = make_backend(cfg)
 
     rules = None
-    if cfg.rules == "nftables" and cfg.backend == "netlink":
+    if cfg.rules == "nftables" and cfg.backend == "netlink" and not cfg.shadow:
         rules = NftRules(RulesConfig(cluster_cidrs=tuple(cfg.cluster_cidr), masquerade_all=cfg.masquerade_all))
 
     async def main() -> int:
@@ -558,6 +578,13 @@ def run(args: argparse.Namespace) -> int:
         except CapabilityError as exc:
             print(f"kipvs applier: {exc}", file=sys.stderr)
             return 2
+        if cfg.shadow:
+            from .shadow import run_shadow
+
+            # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
+            await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
+            await kernel.close()
+            return 0
         if cfg.cleanup:
             if rules is not None:
                 await rules.remove()

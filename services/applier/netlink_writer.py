@@ -24,6 +24,7 @@ from pyroute2.ipset import AsyncIPSet
 from pyroute2.ipvs import IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kipvs.shared import events
 from kipvs.shared.plan.node_state import (
     ALL_IPSETS,
     IPSET_TYPES,
@@ -224,6 +225,12 @@ class NetlinkKernel:
             else:
                 state.ipsets[name] = entries
         return Observed(state, owned, connections)
+
+    async def kernel_table(self) -> events.KernelTable:
+        """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``)."""
+        from .kernel_read import read_table
+
+        return await read_table(self)
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
         """Active + inactive connections per real server of the given services (one dump per service)."""

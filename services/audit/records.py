@@ -101,6 +101,10 @@ def one_line(entry: Entry) -> str:
     if isinstance(r, events.DriftReport):
         found = "; ".join(r.found) if r.found else "nothing"
         return f"{head} {r.node} drift check at plan seq={r.plan_seq}: found {found}"
+    if isinstance(r, events.ShadowReport):
+        found = "; ".join(r.divergences) if r.divergences else "none"
+        return (f"{head} {r.node} shadow comparison at plan seq={r.plan_seq} ({r.virtual_servers} virtual "
+                f"servers in the kernel): {len(r.divergences)} divergences: {found}")
     conflicts = f", CONFLICTS: {'; '.join(r.conflicts)}" if r.conflicts else ""
     return (f"{head} {r.node} facts: IPVS {'yes' if r.ipvs_available else 'NO'}, kube-ipvs0 {r.kube_ipvs0}, "
             f"endpoint marks {r.endpoint_marks} ({r.endpoint_marks_reason}){conflicts}")
@@ -177,7 +181,7 @@ class Filter:
             return _names_node(r, self.node)
         if isinstance(r, events.PlanDelta | events.PlanSnapshot):
             return r.scope in ("all", self.node)
-        if isinstance(r, events.ApplyReport | events.DriftReport | events.NodeFactsReport):
+        if isinstance(r, events.ApplyReport | events.DriftReport | events.NodeFactsReport | events.ShadowReport):
             return r.node == self.node
         return False
 

@@ -3,7 +3,12 @@
 For each node (every Node in the published plan, and every node that ever reported): the shared plan
 delta it last applied, how many deltas it is behind the planner's newest, how long ago it last reported,
 what its last drift check repaired, and the conflicts its facts report name (another IPVS proxy on the
-node). Exit status 1 when a node is behind by more than ``--max-behind`` deltas, has not reported for
+node). A node whose newest report is a shadow-mode comparison (``kipvs applier --shadow``) shows its count
+of divergences from kipvs's plan in the SHADOW column, each listed below it (APPLIED is then the shared
+delta it compared with); any divergence fails the
+check, and kube-proxy's presence is then expected, not a conflict.
+
+Exit status 1 when a node is behind by more than ``--max-behind`` deltas, has not reported for
 ``--max-age`` seconds, or never reported: usable as a check in scripts and CI. Exit 2 when the log cannot
 be read.
 """
@@ -35,6 +40,8 @@ class NodeStatus:
     conflicts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     gone: bool = False  # it reported once but has no Node object any more
+    shadow: int | None = None  # in shadow mode (its newest report is a shadow one): divergences from the plan
+    shadow_found: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +102,7 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
     """Pure: the per-node verdicts from the last status records."""
     by_node: dict[str, NodeStatus] = {name: NodeStatus(name) for name in plan_nodes}
     newest_report: dict[str, int] = {}
+    shadow: dict[str, tuple[int, events.ShadowReport]] = {}
     for subject, envelope in last.items():
         parts = subject.split(".")
         if len(parts) != 4:
@@ -112,6 +120,14 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
         elif what == "facts" and isinstance(record, events.NodeFactsReport):
             status.conflicts = list(record.conflicts)
             status.endpoint_marks = record.endpoint_marks
+        elif what == "shadow" and isinstance(record, events.ShadowReport):
+            shadow[node] = (envelope.time_ns, record)
+    for node, (time_ns, record) in shadow.items():
+        if time_ns >= newest_report.get(node, 0):  # a shadow report newer than any apply: the node is in shadow
+            newest_report[node] = time_ns
+            by_node[node].applied_seq = record.plan_seq  # the plan the kernel was compared with
+            by_node[node].shadow = len(record.divergences)
+            by_node[node].shadow_found = list(record.divergences)
     for node, status in by_node.items():
         if plan_nodes and node not in plan_nodes:  # reports of a node that left the cluster: not a lag
             status.problems = []
@@ -126,22 +142,26 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
             status.problems.append(f"{status.behind} deltas behind the planner (limit {max_behind})")
         if max_age and status.report_age_s > max_age:
             status.problems.append(f"last report {status.report_age_s:.0f}s ago (limit {max_age:.0f}s)")
-        if status.conflicts:
+        if status.conflicts and status.shadow is None:  # in shadow mode kube-proxy is expected on the node
             status.problems.append(f"{len(status.conflicts)} conflicts")
+        if status.shadow:
+            status.problems.append(f"shadow: {status.shadow} divergences from kipvs's plan")
     return [by_node[name] for name in sorted(by_node)]
 
 
 def render(statuses: list[NodeStatus], newest: int) -> str:
     lines = [f"planner: shared plan delta {newest}",
-             f"{'NODE':<24} {'APPLIED':>8} {'BEHIND':>7} {'REPORTED':>10} {'DRIFT':>6}  MARKS     STATE"]
+             f"{'NODE':<24} {'APPLIED':>8} {'BEHIND':>7} {'REPORTED':>10} {'DRIFT':>6} {'SHADOW':>6}  MARKS     STATE"]
     for s in statuses:
         applied = "-" if s.applied_seq is None else str(s.applied_seq)
         behind = "-" if s.behind is None else str(s.behind)
         age = "never" if s.report_age_s is None else f"{s.report_age_s:.0f}s ago"
-        lines.append(f"{s.node:<24} {applied:>8} {behind:>7} {age:>10} {s.drift_repaired:>6}  "
+        shadow = "-" if s.shadow is None else str(s.shadow)
+        lines.append(f"{s.node:<24} {applied:>8} {behind:>7} {age:>10} {s.drift_repaired:>6} {shadow:>6}  "
                      f"{s.endpoint_marks or '-':<9} "
                      f"{'not in the cluster (old reports)' if s.gone else 'ok' if s.ok else '; '.join(s.problems)}")
         lines += [f"{'':<24} conflict: {c}" for c in s.conflicts]
+        lines += [f"{'':<24} shadow: {d}" for d in s.shadow_found]
     return "\n".join(lines) + "\n"
 
 

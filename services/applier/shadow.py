@@ -1,0 +1,117 @@
+"""Shadow mode (``kipvs applier --shadow``): program nothing, compare kube-proxy's kernel with kipvs's plan.
+
+For migrations: on a node where kube-proxy still runs in IPVS mode, the applier reads the kernel every
+``--shadow-sync-period`` seconds (kube-proxy's ``--ipvs-sync-period`` default, 30 s) — IPVS, the addresses
+on kube-ipvs0 and the KUBE-* ipsets, which kube-proxy and kipvs name alike — and compares it with the
+published plan resolved for this node (``plan_log.published_plan`` + ``resolve_node``: what ``kipvs plan
+--node`` prints and a kipvs applier would program). Every divergence is one line (``shared/plan/
+divergence.py`` says what is not one), and goes to:
+
+- a ``ShadowReport`` on ``kipvs.status.<node>.shadow`` when the list changes, and at least every
+  ``HEARTBEAT_S`` so ``kipvs status`` can tell a silent node from a quiet one;
+- the gauge ``kipvs_shadow_divergences``;
+- the log (each new divergence once, at warning level).
+
+Nothing is written to the kernel: no IPVS, no ipsets, no nftables, no addresses, no sysctls, no
+health-check node ports (kube-proxy holds those ports). ``kipvs ipvs --node`` is answered as usual, showing
+kube-proxy's table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+
+import msgspec
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kipvs.shared import bus, events, plan_log, runtime, topology
+from kipvs.shared.plan.divergence import divergences
+from kipvs.shared.plan.resolve import resolve_node
+
+from . import inspect
+from .backend import Backend
+
+log = logging.getLogger("kipvs.applier")
+
+HEARTBEAT_S = 300.0
+METRIC = "kipvs_shadow_divergences"
+
+
+class Shadow:
+    def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend, interface_addresses: bool = False,
+                 heartbeat: float = HEARTBEAT_S) -> None:
+        self.ctx = ctx
+        self.node = node
+        self.kernel = kernel
+        self.use_interfaces = interface_addresses
+        self.heartbeat = heartbeat
+        self.lock = asyncio.Lock()  # one kernel read at a time (the comparison and inspections share sockets)
+        self.plan_seq = 0
+        self.divergences: tuple[str, ...] | None = None  # None: not compared yet
+        self.published: tuple[tuple[str, ...], float] | None = None  # (divergences, monotonic time) last sent
+        # NaN before the first comparison: "0" would claim an agreement nobody has checked yet. Declaring it
+        # again (a restart after a bus failure builds a new Shadow) rebinds the same gauge to this one.
+        ctx.metrics.gauge(
+            METRIC, "differences between the kernel (kube-proxy's) and kipvs's plan for this node at the last "
+                    "shadow comparison (NaN until the first)",
+            read=lambda: math.nan if self.divergences is None else float(len(self.divergences)))
+
+    async def read(self) -> events.KernelTable:
+        async with self.lock:
+            return await self.kernel.kernel_table()
+
+    async def compare(self) -> tuple[str, ...]:
+        """One comparison: the published plan for this node against the kernel; report it."""
+        plan = await plan_log.published_plan(self.ctx.js)
+        table = await self.read()  # first: it finds kube-ipvs0, whose addresses are not the node's own
+        facts = plan.nodes.get(self.node)
+        if self.use_interfaces:
+            addresses = await self.kernel.node_addresses()
+            facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=addresses)
+        want = resolve_node(plan.services.values(), facts)
+        found = tuple(divergences(table, want))
+        for line in sorted(set(found) - set(self.divergences or ())):
+            log.warning("shadow: %s", line)
+        if self.divergences and not found:
+            log.info("shadow: the kernel matches kipvs's plan (delta %d)", plan.seq)
+        self.plan_seq, self.divergences = plan.seq, found
+        now = time.monotonic()
+        if self.published is None or self.published[0] != found or now - self.published[1] >= self.heartbeat:
+            record = events.ShadowReport(node=self.node, plan_seq=plan.seq, divergences=found,
+                                         virtual_servers=len(table.virtual_servers))
+            envelope = events.Envelope(id=f"shadow/{self.node}/{time.time_ns()}", time_ns=time.time_ns(),
+                                       producer=f"applier/{self.node}", record=record)
+            try:
+                await bus.publish(self.ctx.js, topology.status_subject(self.node, "shadow"), envelope)
+                self.published = (found, now)
+            except bus.INFRASTRUCTURE_ERRORS as exc:
+                log.warning("shadow report not published (%s: %s); it goes out with the next comparison",
+                            type(exc).__name__, exc or "")
+        return found
+
+
+async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float | None = None) -> None:
+    """The shadow applier's main: answer inspections, compare every period until told to stop."""
+    cfg = ctx.config
+    node: str = cfg.node  # type: ignore[attr-defined]
+    period = period if period is not None else cfg.shadow_sync_period  # type: ignore[attr-defined]
+    log.info("SHADOW MODE on %s: nothing is programmed; comparing the kernel with kipvs's plan every %.0fs "
+             "(backend: %s)", node, period, kernel.label)
+    shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces")  # type: ignore[attr-defined]
+    subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read)
+    try:
+        while not ctx.stop.is_set():
+            try:
+                await shadow.compare()
+                ctx.set_ready()  # ready once it has compared (and published) at least once
+            except (NetlinkError, OSError) as exc:  # the kernel refused a dump: say so, try again next period
+                log.warning("shadow: cannot read the kernel (%s); retrying in %.0fs", exc, period)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stop.wait(), period)
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()

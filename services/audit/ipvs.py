@@ -1,0 +1,126 @@
+"""``kipvs ipvs --node N``: what node N's applier holds in its kernel, in ``ipvsadm -Ln`` layout.
+
+Asks the node's applier over core NATS request/reply (``kipvs.inspect.<node>.ipvs``, the versioned
+``IpvsInspectRequest``/``IpvsInspectReply`` of ``shared/events.py``); the applier reads its kernel through
+its backend (netlink: ``services/applier/kernel_read.py``). An applier in shadow mode answers with the
+kernel kube-proxy wrote.
+
+- default: ``ipvsadm -Ln``; ``--stats``: ``ipvsadm -Ln --stats``; ``--rate``: ``ipvsadm -Ln --rate``
+  (the kernel's counters and rate estimates, read over netlink);
+- ``--json``: the reply as JSON (the table with every counter, kube-ipvs0's addresses, the ipsets);
+- ``--diff``: the kernel against the published plan for the node (snapshot + deltas, resolved as the
+  applier and ``kipvs plan`` resolve it), one line per difference (``shared/plan/divergence.py``), exit 1
+  when they differ.
+
+Exit 2, with one sentence, when NATS cannot be reached, no applier answers within ``--timeout``, or the
+applier answers with an error (it cannot read its kernel; the table does not fit in one NATS message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+import nats
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from kipvs.shared import bus, events, plan_log, topology
+from kipvs.shared.log_client import ToolError, nats_url, run_tool
+from kipvs.shared.plan.divergence import divergences
+from kipvs.shared.plan.resolve import resolve_node
+
+from .ipvsadm_format import render
+
+_reply_decoder = msgspec.msgpack.Decoder(events.IpvsInspectReply)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node", required=True, help="the node whose applier is asked (its Node name)")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--stats", action="store_true", help="counters, as ipvsadm -Ln --stats")
+    layout.add_argument("--rate", action="store_true", help="rate estimates, as ipvsadm -Ln --rate")
+    layout.add_argument("--diff", action="store_true",
+                        help="differences with the published plan for the node, one per line; exit 1 if any")
+    parser.add_argument("--json", action="store_true", help="JSON instead of text")
+    parser.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
+                        help="how long to wait for the applier's answer (default 5)")
+    parser.add_argument("--nats-url", default="", help="NATS URL (default: $NATS_URL, else the embedded server "
+                                                       "running for --state-dir)")
+    parser.add_argument("--state-dir", default="", help="the embedded server's state dir (default: "
+                                                        "$KIPVS_STATE_DIR or ~/.local/state/kipvs)")
+
+
+async def ask(nc: nats.NATS, node: str, wait: float) -> events.IpvsInspectReply:
+    """The applier's reply; ToolError when none answers or it could not read its kernel."""
+    subject = topology.inspect_subject(node)
+    try:
+        msg = await nc.request(subject, msgspec.msgpack.encode(events.IpvsInspectRequest()), timeout=wait)
+    except (NoRespondersError, NatsTimeout, TimeoutError):
+        raise ToolError(f"no applier answered for node {node} on {subject} within {wait:g}s: is "
+                        f"'kipvs applier --node {node}' running and connected to this NATS?") from None
+    try:
+        reply = _reply_decoder.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ToolError(f"the applier of {node} sent an answer this build cannot read ({exc}): "
+                        "are the applier and this tool the same version?") from None
+    if reply.error or reply.table is None:
+        raise ToolError(f"the applier of {node} answered with an error: {reply.error or 'no table'}")
+    return reply
+
+
+async def plan_differences(js: object, reply: events.IpvsInspectReply) -> tuple[int, list[str]]:
+    """(the published plan's shared delta, the differences between the reply's kernel and that plan)."""
+    assert reply.table is not None
+    plan = await plan_log.published_plan(js)  # type: ignore[arg-type]
+    facts = plan.nodes.get(reply.node)
+    if reply.node_addresses:  # the applier uses its interfaces' addresses for NodePorts, not the Node's
+        facts = msgspec.structs.replace(facts or events.NodeFacts(name=reply.node), addresses=reply.node_addresses)
+    return plan.seq, divergences(reply.table, resolve_node(plan.services.values(), facts))
+
+
+async def ipvs(args: argparse.Namespace) -> int:
+    url = nats_url(args)
+
+    async def quiet(_: Exception) -> None:
+        return None  # the failure is raised below, once, as a sentence
+
+    try:
+        nc = await nats.connect(bus.servers(url), name="kipvs-tool", connect_timeout=3, allow_reconnect=False,
+                                max_reconnect_attempts=1, error_cb=quiet)
+    except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+        raise ToolError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+    try:
+        reply = await ask(nc, args.node, args.timeout)
+        if not args.diff:
+            if args.json:
+                sys.stdout.write(msgspec.json.encode(reply).decode() + "\n")
+            else:
+                assert reply.table is not None
+                sys.stdout.write(render(reply.table, "stats" if args.stats else "rate" if args.rate else "table"))
+            return 0
+        plan_seq, found = await plan_differences(nc.jetstream(), reply)
+    finally:
+        await nc.close()
+    if args.json:
+        sys.stdout.write(msgspec.json.encode({"node": args.node, "mode": reply.mode, "plan_seq": plan_seq,
+                                              "applier_plan_seq": reply.plan_seq, "differences": found}).decode()
+                         + "\n")
+    else:
+        sys.stdout.writelines(line + "\n" for line in found)
+    held = f"applier at shared delta {reply.plan_seq}" if reply.mode == "apply" else "shadow mode: kube-proxy's"
+    print(f"{args.node}: {len(found)} difference{'s' if len(found) != 1 else ''} between the kernel ({held}) "
+          f"and the published plan (shared delta {plan_seq})", file=sys.stderr)
+    return 1 if found else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_tool("ipvs", lambda: ipvs(args))

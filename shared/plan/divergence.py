@@ -1,0 +1,102 @@
+"""A kernel table against a node's plan: one precise line per difference. Pure.
+
+Used by shadow mode (kube-proxy's kernel against kipvs's plan, before a migration) and by ``kipvs ipvs
+--diff`` (an applier's kernel against the published plan). Both read the kernel with the counters and
+everything else IPVS keeps; only what the plan decides is compared:
+
+- IPVS virtual servers by (protocol, address, port): missing, extra, scheduler, persistence timeout;
+  their real servers: missing, extra, weight, forwarding method (kube-proxy and kipvs masquerade).
+- The addresses on ``kube-ipvs0``: missing, extra (and the link itself when the plan needs addresses).
+- Every KUBE-* ipset of kube-proxy's fixed list (``node_state.ALL_IPSETS``): entries missing and extra; a
+  set that does not exist while the plan puts entries in it.
+
+What legitimately differs between two correct proxies, and is therefore never reported:
+
+- a real server with weight 0 that the plan does not have: a terminating endpoint still draining its
+  connections (kube-proxy's graceful termination, kipvs's ``--drain-timeout``), removed once drained;
+- firewall-mark virtual servers: neither kube-proxy nor kipvs creates them (another program owns them);
+- an absent ipset the plan leaves empty (kube-proxy creates the IPv6 sets only in dual-stack), and kipvs's
+  own KIPVS-* sets. An absent set the plan fills is one line, not one per entry (kube-proxy before 1.28 has
+  no KUBE-IPVS-IPS or KUBE-HEALTH-CHECK-NODE-PORT: expected there, and the operator's call);
+- persistence netmask and scheduler flags: kube-proxy sets neither, nor does kipvs;
+- iptables/nftables rules and chains: kube-proxy's are iptables chains, kipvs's an nftables table; they
+  are different implementations of the same filtering, compared by their ipsets.
+"""
+
+from __future__ import annotations
+
+from kipvs.shared.events import KernelTable, KernelVirtualServer
+from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, VirtualService, sort_key_ip
+
+LINK = "kube-ipvs0"
+
+
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _vs_name(protocol: str, ip: str, port: int) -> str:
+    return f"{protocol} {_hostport(ip, port)}"
+
+
+def _order(key: tuple[str, str, int]) -> tuple[object, ...]:
+    return (key[0], sort_key_ip(key[1]), key[2])
+
+
+def divergences(table: KernelTable, want: NodeState) -> list[str]:
+    """Every difference between ``table`` (read from a kernel) and ``want`` (the node's resolved plan),
+    one line each, in a stable order: virtual servers, then addresses, then ipsets."""
+    out: list[str] = []
+    have = {(vs.protocol, vs.address, vs.port): vs for vs in table.virtual_servers if not vs.fwmark}
+    for key in sorted(set(have) | set(want.ipvs), key=_order):
+        out += _virtual_server(key, have.get(key), want.ipvs.get(key))
+    planned_addresses = want.addresses
+    if planned_addresses and not table.link:
+        out.append(f"link {LINK} missing ({len(planned_addresses)} addresses planned)")
+    else:
+        held = set(table.addresses)
+        for ip in sorted(planned_addresses - held, key=sort_key_ip):
+            out.append(f"address {ip} missing on {LINK}")
+        for ip in sorted(held - planned_addresses, key=sort_key_ip):
+            out.append(f"address {ip} extra on {LINK}")
+    for name in ALL_IPSETS:
+        planned = want.ipsets.get(name, set())
+        if name not in table.ipsets:
+            if planned:
+                out.append(f"ipset {name} missing ({len(planned)} entries planned)")
+            continue
+        held = set(table.ipsets[name])
+        out += [f"ipset {name} entry {entry} missing" for entry in sorted(planned - held)]
+        out += [f"ipset {name} entry {entry} extra" for entry in sorted(held - planned)]
+    return out
+
+
+def _virtual_server(key: tuple[str, str, int], have: KernelVirtualServer | None,
+                    want: VirtualService | None) -> list[str]:
+    name = _vs_name(*key)
+    if have is None:
+        assert want is not None
+        return [f"virtual server {name} missing (planned {want.scheduler}, {len(want.reals)} real servers)"]
+    if want is None:
+        return [f"virtual server {name} extra ({have.scheduler}, {len(have.real_servers)} real servers)"]
+    out = []
+    if have.scheduler != want.scheduler:
+        out.append(f"virtual server {name} scheduler {have.scheduler}, planned {want.scheduler}")
+    if have.persistence_timeout != want.persistence_timeout:
+        out.append(f"virtual server {name} persistence {have.persistence_timeout}s, "
+                   f"planned {want.persistence_timeout}s")
+    reals = {(rs.address, rs.port): rs for rs in have.real_servers}
+    for real in sorted(set(reals) | set(want.reals), key=lambda r: (sort_key_ip(r[0]), r[1])):
+        where = f"real server {_hostport(*real)} of {name}"
+        held = reals.get(real)
+        if held is None:
+            out.append(f"{where} missing (planned weight {want.reals[real]})")
+        elif real not in want.reals:
+            if held.weight != 0:  # weight 0: a terminating endpoint draining (see the module's docstring)
+                out.append(f"{where} extra (weight {held.weight})")
+        else:
+            if held.weight != want.reals[real]:
+                out.append(f"{where} weight {held.weight}, planned {want.reals[real]}")
+            if held.forward != "Masq":
+                out.append(f"{where} forward {held.forward}, planned Masq")
+    return out

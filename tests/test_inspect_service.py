@@ -1,0 +1,269 @@
+"""``kipvs ipvs --node`` and shadow mode over a real nats-server: the planner and applier services (the
+applier on the memory kernel; the netlink read is tested in the guest, tests/guest/kernel_shadow.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import msgspec
+import nats
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.applier.shadow import run_shadow
+from kipvs.planner.core import PlannerConfig
+from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.replay import plan_events, read_events
+from kipvs.shared import bus, cli, config, events, runtime, topology
+from kipvs.shared.plan.node_state import VirtualService
+from kipvs.shared.plan.resolve import resolve_node
+from tests.golden.regenerate import EVENTS
+from tests.helpers import eventually, publish_kube, start_service
+from tests.logread import read_stream
+
+LINES = EVENTS.read_text().splitlines()
+
+
+async def kipvs(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli.main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def planned_node_a():
+    planner = plan_events(read_events(LINES, "x"), PlannerConfig())
+    return resolve_node(planner.plans.values(), planner.nodes["node-a"])
+
+
+@pytest.fixture
+async def planned(nats_url: str):
+    """The small cluster's log through the real planner; yields the JetStream context."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    await publish_kube(js, LINES, "golden")
+    cfg = config.load(PlannerServiceConfig, {"nats_url": nats_url, "http_listen": ""}, {})
+    task, stop = start_service("planner", cfg, plan)
+    want = planned_node_a()
+
+    async def published() -> bool:
+        from kipvs.shared import plan_log
+
+        got = await plan_log.published_plan(js)
+        return resolve_node(got.services.values(), got.nodes.get("node-a")).ipvs == want.ipvs
+
+    for _ in range(1200):
+        if await published():
+            break
+        await asyncio.sleep(0.05)
+    assert await published(), "the planner did not publish the plan"
+    try:
+        yield js
+    finally:
+        stop.set()
+        await task
+        await nc.close()
+
+
+async def test_kernel_view_of_a_running_applier_and_its_diff(planned, nats_url: str, capsys) -> None:
+    kernel = MemoryKernel()
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-a",
+                                      "backend": "memory"}, {})
+    task, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    want = planned_node_a()
+    try:
+        await eventually(lambda: kernel.ipvs == want.ipvs, what="node-a's kernel programmed")
+        for _ in range(200):  # the inspect subscription comes up right after bootstrap
+            code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--timeout", "2",
+                                         capsys=capsys)
+            if code == 0:
+                break
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[0] == "IP Virtual Server version simulated (size=0)"
+        assert lines[1] == "Prot LocalAddress:Port Scheduler Flags"
+        assert "TCP  10.96.0.10:80 rr" in lines
+        assert sum(line.startswith(("TCP  ", "UDP  ", "SCTP  ")) for line in lines) == len(want.ipvs)
+        assert sum(line.startswith("  -> ") for line in lines) == 1 + sum(len(vs.reals) for vs in want.ipvs.values())
+
+        code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--json", capsys=capsys)
+        reply = json.loads(out)
+        assert code == 0 and reply["node"] == "node-a" and reply["mode"] == "apply"
+        assert reply["backend"].startswith("memory") and reply["table"]["link"] is True
+        assert sorted(reply["table"]["addresses"]) == sorted(want.addresses)
+
+        code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--diff", capsys=capsys)
+        assert (code, out) == (0, ""), err
+        assert "0 differences" in err
+
+        # Behind the applier's back (its drift check runs every 60 s): one weight and one address.
+        key = ("TCP", "10.96.0.10", 80)
+        real = sorted(kernel.ipvs[key].reals)[0]
+        kernel.ipvs[key].reals[real] = 5
+        kernel.addresses.add("10.96.0.250")
+        code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--diff", capsys=capsys)
+        assert code == 1, err
+        assert out.splitlines() == [
+            f"real server {real[0]}:{real[1]} of TCP 10.96.0.10:80 weight 5, planned {want.ipvs[key].reals[real]}",
+            "address 10.96.0.250 extra on kube-ipvs0"]
+    finally:
+        stop.set()
+        await task
+
+
+async def test_no_applier_answering_is_one_sentence(nats_url: str, capsys) -> None:
+    code, out, err = await kipvs("ipvs", "--node", "node-q", "--nats-url", nats_url, "--timeout", "0.5",
+                                 capsys=capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == ("kipvs ipvs: no applier answered for node node-q on kipvs.inspect.node-q.ipvs within "
+                           "0.5s: is 'kipvs applier --node node-q' running and connected to this NATS?")
+
+
+async def test_a_request_of_a_newer_version_is_answered_with_an_error(nats_url: str) -> None:
+    kernel = MemoryKernel()
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-a",
+                                      "backend": "memory", "shadow": "true"}, {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel), stop=stop))
+    nc = await nats.connect(nats_url)
+    try:
+        for _ in range(200):
+            try:
+                msg = await nc.request(topology.inspect_subject("node-a"), msgspec.msgpack.encode({"v": 99}),
+                                       timeout=1)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.05)
+        reply = msgspec.msgpack.decode(msg.data, type=events.IpvsInspectReply)
+        assert reply.table is None and reply.mode == "shadow"
+        assert reply.error == "request version 99; this applier answers up to 1: upgrade it"
+    finally:
+        await nc.close()
+        stop.set()
+        await task
+
+
+async def test_shadow_mode_reports_exactly_the_divergence_and_writes_nothing(planned, nats_url: str,
+                                                                              capsys) -> None:
+    """kube-proxy's kernel = the plan with one real server's weight changed; shadow mode reports that line
+    on the status stream, in the metric and in kipvs status, and leaves the kernel as it was."""
+    want = planned_node_a()
+    kernel = MemoryKernel()
+    await kernel.setup()  # the sets exist, as kube-proxy makes them
+    kernel.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, v.persistence_timeout, dict(v.reals))
+                   for k, v in want.ipvs.items()}
+    kernel.addresses = set(want.addresses)
+    for name, entries in want.ipsets.items():
+        kernel.ipsets[name] = set(entries)
+    key = ("TCP", "10.96.0.10", 80)
+    real = sorted(kernel.ipvs[key].reals)[0]
+    kernel.ipvs[key].reals[real] = 3
+    before = await kernel.kernel_table()
+
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "127.0.0.1:0", "node": "node-a",
+                                      "backend": "memory", "shadow": "true", "shadow_sync_period": "0.2"}, {})
+    stop = asyncio.Event()
+    contexts: list[runtime.ServiceContext] = []
+
+    async def main(ctx: runtime.ServiceContext) -> None:
+        contexts.append(ctx)
+        await run_shadow(ctx, kernel)
+
+    task = asyncio.create_task(runtime.run_service("applier", cfg, main, stop=stop))
+    expected = f"real server {real[0]}:{real[1]} of TCP 10.96.0.10:80 weight 3, planned {want.ipvs[key].reals[real]}"
+    try:
+        for _ in range(1200):
+            reports = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
+            if reports:
+                break
+            await asyncio.sleep(0.05)
+        assert reports, "no shadow report"
+        record = reports[-1][1].record
+        assert isinstance(record, events.ShadowReport)
+        assert record.divergences == (expected,)
+        assert record.virtual_servers == len(want.ipvs)
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{contexts[0].http_port}/metrics") as response:
+            scraped = {sample.name: sample.value for family in text_string_to_metric_families(await response.text())
+                       for sample in family.samples}
+        assert scraped["kipvs_shadow_divergences"] == 1
+
+        code, out, _ = await kipvs("status", "--nats-url", nats_url, "--node", "node-a", capsys=capsys)
+        assert code == 1
+        head, row, detail = out.splitlines()[1:4]
+        assert "SHADOW" in head and row.split()[6] == "1"  # node applied behind Ns ago drift SHADOW
+        assert "shadow: 1 divergences from kipvs's plan" in row
+        assert detail.strip() == f"shadow: {expected}"
+
+        code, out, _ = await kipvs("tap", "--nats-url", nats_url, "--stream", "status", "--node", "node-a",
+                                   "--since", "1", "--no-follow", capsys=capsys)
+        assert code == 0
+        assert out.splitlines()[-1].endswith(f"node-a shadow comparison at plan seq={record.plan_seq} "
+                                             f"({len(want.ipvs)} virtual servers in the kernel): 1 divergences: "
+                                             f"{expected}"), out
+
+        await asyncio.sleep(0.5)  # a few more comparisons
+        assert await kernel.kernel_table() == before, "shadow mode changed the kernel"
+        again = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
+        assert len(again) == 1, "an unchanged comparison must not be published again before the heartbeat"
+
+        kernel.ipvs[key].reals[real] = want.ipvs[key].reals[real]  # kube-proxy catches up: no divergence left
+        for _ in range(1200):
+            reports = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
+            if reports[-1][1].record.divergences == ():
+                break
+            await asyncio.sleep(0.05)
+        assert reports[-1][1].record.divergences == ()
+        code, out, _ = await kipvs("status", "--nats-url", nats_url, "--node", "node-a", capsys=capsys)
+        assert code == 0, out
+    finally:
+        stop.set()
+        await task
+
+
+async def test_a_table_too_large_for_one_message_is_a_clear_error(nats_url: str, capsys) -> None:
+    kernel = MemoryKernel()
+    key = ("TCP", "10.96.0.1", 443)
+    kernel.ipvs = {key: VirtualService(*key, "rr", 0, {(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 8080): 1
+                                                       for i in range(30_000)})}
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-big",
+                                      "backend": "memory", "shadow": "true", "shadow_sync_period": "60"}, {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel), stop=stop))
+    try:
+        for _ in range(200):
+            code, out, err = await kipvs("ipvs", "--node", "node-big", "--nats-url", nats_url, "--timeout", "2",
+                                         capsys=capsys)
+            if "no applier answered" not in err:
+                break
+        assert code == 2 and out == ""
+        assert "answered with an error: the table is" in err and "max_payload (1048576)" in err, err
+    finally:
+        stop.set()
+        await task
+
+
+async def test_unreadable_requests_and_kernel_failures_are_answered_not_dropped() -> None:
+    from kipvs.applier import inspect
+
+    def context() -> tuple[str, int, tuple[str, ...]]:
+        return ("apply", 3, ())
+
+    garbage = await inspect.answer("node-a", MemoryKernel(), context, data=b"\xc1")
+    assert garbage.table is None and garbage.error.startswith("not an inspect request: ")
+
+    async def refused() -> events.KernelTable:
+        raise PermissionError(1, "Operation not permitted")
+
+    failed = await inspect.answer("node-a", MemoryKernel(), context, refused)
+    assert failed.table is None and failed.error == "cannot read the kernel: [Errno 1] Operation not permitted"
+    assert (failed.node, failed.plan_seq, failed.mode) == ("node-a", 3, "apply")
+
+    kernel = MemoryKernel()
+    await kernel.setup()
+    fine = await inspect.answer("node-a", kernel, context)
+    assert fine.error == "" and fine.table is not None and fine.table.link
