@@ -22,6 +22,7 @@ from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "nats": ("kipvs.shared.cli", "run only the embedded NATS server (JetStream on loopback)"),
+    "topology": ("kipvs.shared.topology_apply", "declare the streams and consumers (the admin identity)"),
 }
 
 

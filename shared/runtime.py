@@ -27,11 +27,12 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from . import bus, logs, topology
+from . import bus, logs, nats_credentials, topology
 from .backoff import Backoff
 from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from .metrics import Registry
+from .nats_permissions import applier_durable, applier_reader
 
 log = logging.getLogger("kipvs.runtime")
 
@@ -197,14 +198,43 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
                 return
 
 
+# The streams a service that may not declare them checks for (beside its consumers' own).
+_NEEDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
+                   "applier": (topology.PLAN_STREAM,)}
+
+
+def client_auth(name: str, config: CommonConfig) -> nats_credentials.ClientAuth | None:
+    """The service's identity on the bus (see :func:`kipvs.shared.nats_credentials.for_service`);
+    StartupError, one sentence, when a file given is missing or wrong."""
+    node = getattr(config, "node", "")
+    identity = applier_durable(node) if name == "applier" and node else name
+    embedded = None if config.nats_url else state_dir(config) / nats_credentials.AUTH_DIR
+    auth = nats_credentials.for_service(identity, name, config.nats_nkey_file, config.nats_token_file,
+                                        config.nats_ca_file, embedded)
+    if auth is not None:
+        try:
+            auth.check()
+        except nats_credentials.CredentialsError as exc:
+            raise StartupError(str(exc)) from None
+    return auth
+
+
 async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.ConsumerSpec], stop: asyncio.Event,
-                         health: Health) -> JetStreamContext | None:
+                         health: Health, declare: bool = True, streams: Sequence[str] = ()) -> JetStreamContext | None:
     """Create or check the streams and consumers, retrying while JetStream cannot answer yet (a cluster
-    still electing its leaders, a server restarting); None when told to stop first."""
+    still electing its leaders, a server restarting) or, for a service that may not declare them, while
+    they do not exist yet; None when told to stop first."""
     backoff = Backoff(initial=0.5, maximum=10.0)
     while not stop.is_set():
         try:
-            return await bus.setup(nc, replicas, consumers)
+            return await bus.setup(nc, replicas, consumers, declare=declare, streams=streams)
+        except topology.NotDeclared as exc:
+            delay = backoff.next()
+            health.phase = f"waiting for the topology: {exc}"
+            log.warning("%s; retrying in %.1fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            continue
         except bus.INFRASTRUCTURE_ERRORS as exc:
             delay = backoff.next()
             health.phase = f"waiting for JetStream: {type(exc).__name__}: {exc or ''}"
@@ -232,15 +262,21 @@ async def run_service(name: str, config: CommonConfig, main: Main,
     runner, port = await _start_http(health, config.http_listen)
     try:
         async with nats_server_for(config) as url:
+            auth = client_auth(name, config)
+            if name == "applier" and auth is not None and getattr(config, "node", ""):
+                bus.READER_NAME.set(applier_reader(config.node))  # type: ignore[attr-defined]
             health.phase = f"connecting to NATS at {url}"
             try:
-                nc = await bus.connect(url, f"kipvs-{name}", stop)
+                nc = await bus.connect(url, f"kipvs-{name}", stop, auth=auth)
             except bus.Stopped as exc:
                 log.info("%s: %s", name, exc)
                 return
             try:
                 health.phase = "setting up the streams"
-                js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health)
+                # With an identity of its own, a service checks the topology; only the admin declares it.
+                js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
+                                          declare=auth is None or not (auth.nkey_file or auth.token_file),
+                                          streams=_NEEDED_STREAMS.get(name, ()))
                 if js is None:
                     log.info("%s: stopped before the streams could be set up", name)
                     return

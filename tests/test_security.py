@@ -1,0 +1,176 @@
+"""The secured bus (issue 14), against a real nats-server with kipvs's generated configuration and real TLS:
+who is refused, what each identity may and may not do, and that the services still work with it on."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import nkeys
+import pytest
+from nats.js.api import ConsumerConfig
+
+from kipvs.shared import bus, nats_credentials, pki, topology
+from kipvs.shared.nats_credentials import ClientAuth
+from tests.secure_nats import SecureNats
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[SecureNats]:
+    server = SecureNats(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def declared(secure: SecureNats) -> AsyncIterator[SecureNats]:
+    """The secured server with the topology declared by the admin identity (what 'kipvs topology apply' does)."""
+    nc = await secure.connect("admin")
+    await bus.setup(nc, 1, [topology.planner_consumer(), topology.applier_consumer("node-a"),
+                            topology.applier_consumer("node-b")])
+    await nc.close()
+    yield secure
+
+
+async def refused_to_connect(url: str, **options) -> str:
+    """Connect once; the error nats-py or ssl raises, as text (fails when the connection is accepted)."""
+    errors: list[str] = []
+
+    async def record(exc: Exception) -> None:
+        errors.append(f"{type(exc).__name__}: {exc}")
+
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=3, max_reconnect_attempts=1,
+                                error_cb=record, **options)
+    except Exception as exc:
+        return " | ".join([*errors, f"{type(exc).__name__}: {exc}"])
+    await nc.close()
+    raise AssertionError(f"connected to {url} with {options}")
+
+
+async def service_log_says(url: str, auth: ClientAuth | None, caplog: pytest.LogCaptureFixture, wanted: str) -> str:
+    """Run bus.connect (the services' one path) until its log has a line with ``wanted``; that line."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.connect(url, "kipvs-test", stop, auth=auth))
+    try:
+        for _ in range(200):
+            lines = [r.getMessage() for r in caplog.records if wanted in r.getMessage()]
+            if lines:
+                return lines[0]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no log line with {wanted!r}: {[r.getMessage() for r in caplog.records]}")
+    finally:
+        stop.set()
+        with pytest.raises(bus.Stopped):
+            await asyncio.wait_for(task, 15)
+
+
+async def test_files_are_owner_only(secure: SecureNats) -> None:
+    assert secure.dir.stat().st_mode & 0o777 == 0o700
+    for path in secure.dir.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    # a second run keeps every credential (rotation is deleting one and running it again)
+    before = {p.name: p.read_bytes() for p in secure.dir.iterdir()}
+    assert not nats_credentials.ensure(secure.dir)
+    assert before == {p.name: p.read_bytes() for p in secure.dir.iterdir()}
+
+
+async def test_anonymous_and_wrong_identities_are_refused(secure: SecureNats, caplog) -> None:
+    ca = secure.identity("tools").tls_context()
+    anonymous = await refused_to_connect(secure.url, tls=ca)
+    assert "Authorization Violation" in anonymous, anonymous
+    stranger = secure.dir.parent / "stranger.nk"
+    pki.write_private(stranger, nkeys.encode_seed(b"\x01" * 32, nkeys.PREFIX_BYTE_USER))
+    wrong = await refused_to_connect(secure.url, tls=ca, nkeys_seed=str(stranger))
+    assert "Authorization Violation" in wrong, wrong
+    # the service's log names the identity and says the server refused it
+    caplog.set_level(logging.WARNING, logger="kipvs.bus")
+    line = await service_log_says(secure.url, ClientAuth(nkey_file=str(stranger), ca_file=str(secure.dir / "ca.pem")),
+                                  caplog, "refused our identity")
+    assert "stranger.nk" in line and "Authorization Violation" in line and "SU" not in line, line
+
+
+async def test_untrusted_and_expired_certificates_are_refused(secure: SecureNats, caplog, tmp_path: Path) -> None:
+    other = pki.make_ca("another CA")
+    (tmp_path / "other-ca.pem").write_bytes(other.cert_pem)
+    untrusted = ClientAuth(nkey_file=str(secure.dir / "tools.nk"), ca_file=str(tmp_path / "other-ca.pem"))
+    text = await refused_to_connect(secure.url, **untrusted.connect_options())
+    assert "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text, text
+    caplog.set_level(logging.WARNING, logger="kipvs.bus")
+    line = await service_log_says(secure.url, untrusted, caplog, "not trusted")
+    assert "unable to get local issuer certificate" in line and "other-ca.pem" in line, line
+
+    # the server's own certificate, expired yesterday (same CA): refused with that reason
+    ca = pki.Issued((secure.dir / "ca.pem").read_bytes(), (secure.dir / "ca.key").read_bytes())
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    expired = pki.issue_server(ca, pki.LOCAL_NAMES, days=29, now=long_ago)
+    secure.stop()
+    pki.write_private(secure.dir / "server.pem", expired.cert_pem)
+    pki.write_private(secure.dir / "server.key", expired.key_pem)
+    secure.start()
+    caplog.clear()
+    line = await service_log_says(secure.url, secure.identity("tools"), caplog, "not trusted")
+    assert "certificate has expired" in line, line
+
+
+async def test_hostname_is_checked(secure: SecureNats) -> None:
+    """A certificate for other names than the URL's host is refused: 127.0.0.2 is not in its SANs."""
+    text = await refused_to_connect(f"tls://127.0.0.2:{secure.port}", **secure.identity("tools").connect_options())
+    assert "IP address mismatch" in text or "CERTIFICATE_VERIFY_FAILED" in text or "Connect call failed" in text, text
+
+
+async def test_plain_tcp_client_is_refused(secure: SecureNats) -> None:
+    text = await refused_to_connect(f"nats://127.0.0.1:{secure.port}", nkeys_seed=str(secure.dir / "tools.nk"))
+    assert "TLS" in text or "SSL" in text or "secure" in text, text
+
+
+async def permission_error(nc: nats.NATS, action) -> str:
+    """Run ``action`` (a coroutine factory) and return the server's refusal, as the error callback got it."""
+    seen: list[str] = []
+    original = nc._error_cb
+
+    async def record(exc: Exception) -> None:
+        seen.append(str(exc))
+
+    nc._error_cb = record
+    try:
+        with pytest.raises((nats.errors.Error, TimeoutError, nats.js.errors.Error)):
+            await action()
+        for _ in range(100):
+            if any("permissions violation" in s.lower() for s in seen):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        nc._error_cb = original
+    violations = [s for s in seen if "permissions violation" in s.lower()]
+    assert violations, f"no permissions violation reported; saw {seen}"
+    return violations[0]
+
+
+async def test_tools_read_but_cannot_write(declared: SecureNats) -> None:
+    admin = await declared.connect("admin")
+    ajs = admin.jetstream()
+    await ajs.publish(topology.kube_resync_subject("Service"), b"{}")
+    await admin.close()
+
+    tools = await declared.connect("tools", inbox_prefix="_INBOX_tools")
+    js = tools.jetstream(timeout=3)
+    read = [m async for m in bus.read_stream(js, topology.KUBE_STREAM)]
+    assert len(read) == 1
+    refusal = await permission_error(tools, lambda: js.publish(topology.PLAN_ALL_SUBJECT, b"x", timeout=1))
+    assert topology.PLAN_ALL_SUBJECT in refusal
+    refusal = await permission_error(tools, lambda: js.delete_stream(topology.PLAN_STREAM))
+    assert "stream.delete.kipvs_plan" in refusal.lower()
+    # nor may it update a durable that is not its own (the planner's), through any create subject
+    refusal = await permission_error(tools, lambda: js.add_consumer(topology.KUBE_STREAM, ConsumerConfig(
+        durable_name=topology.PLANNER_CONSUMER, filter_subject="kipvs.kube.>")))
+    assert "consumer" in refusal.lower()
+    refusal = await permission_error(tools, lambda: js.add_consumer(topology.KUBE_STREAM, ConsumerConfig(
+        name=topology.PLANNER_CONSUMER, durable_name=topology.PLANNER_CONSUMER, filter_subject="kipvs.kube.>")))
+    assert "consumer.create.kipvs_kube.planner" in refusal.lower()
+    await tools.close()
