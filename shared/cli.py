@@ -100,7 +100,8 @@ def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callabl
 
 def _discover() -> None:
     """Services register their subcommands in kipvs.<service>.commands (cheap modules, no heavy imports)."""
-    for package in ("kipvs.simulator", "kipvs.watcher", "kipvs.planner", "kipvs.applier", "kipvs.audit", "kipvs.demo"):
+    for package in ("kipvs.simulator", "kipvs.watcher", "kipvs.planner", "kipvs.applier", "kipvs.audit", "kipvs.demo",
+                    "kipvs.auth"):
         try:
             commands = importlib.import_module(f"{package}.commands")
         except ModuleNotFoundError as exc:

@@ -115,7 +115,7 @@ def server_config(directory: Path, store_dir: Path, host: str = "127.0.0.1", por
         "accounts": {perms.ACCOUNT: {"jetstream": "enabled", "users": users}},
     }
     if callout:
-        config["authorization"] = {"auth_callout": {
+        config["authorization"] = {"timeout": 10, "auth_callout": {  # time for a TokenReview
             "issuer": public_key(read_seed(directory / ISSUER)),
             "account": perms.ACCOUNT,
             # Every static role bypasses the callout: they are checked by the server against the users above.

@@ -174,3 +174,175 @@ async def test_tools_read_but_cannot_write(declared: SecureNats) -> None:
         name=topology.PLANNER_CONSUMER, durable_name=topology.PLANNER_CONSUMER, filter_subject="kipvs.kube.>")))
     assert "consumer.create.kipvs_kube.planner" in refusal.lower()
     await tools.close()
+
+
+# --- per-node applier identities: the auth callout, with tokens from the simulator's TokenRequest ---------
+
+APPLIER_NS, APPLIER_SA = "kipvs-system", "kipvs-applier"
+
+
+async def pod_token(sim, tmp_path: Path, pod: str, node: str | None, service_account: str = APPLIER_SA,
+                    audience: str = "kipvs-nats") -> Path:
+    """What the kubelet does for a projected token: a Pod on ``node`` and a TokenRequest bound to it; the
+    token written to a file, as it is mounted into the applier's pod."""
+    import aiohttp
+
+    spec = {"nodeName": node} if node else {}
+    created = await sim.apply({"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": pod, "namespace": APPLIER_NS}, "spec": spec})
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": 3600,
+                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod,
+                                        "uid": created["metadata"]["uid"]}}}
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{sim.url}/api/v1/namespaces/{APPLIER_NS}/serviceaccounts/{service_account}/token", json=body) as r:
+        assert r.status == 201, await r.text()
+        token = (await r.json())["status"]["token"]
+    path = tmp_path / f"{pod}.token"
+    pki.write_private(path, token.encode())
+    return path
+
+
+@pytest.fixture
+async def callout(tmp_path: Path, sim) -> AsyncIterator[SecureNats]:
+    """A secured server with the auth callout on, the topology declared, and ``kipvs auth`` answering."""
+    from kipvs.auth.main import AuthConfig, serve
+    from kipvs.shared import config, runtime
+
+    server = SecureNats(tmp_path / "nats", callout=True)
+    server.start()
+    nc = await server.connect("admin")
+    await bus.setup(nc, 1, [topology.planner_consumer()])
+    await nc.close()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(sim.kubeconfig())
+    cfg = config.load(AuthConfig, {"nats_url": server.url, "http_listen": "", "kubeconfig": str(kubeconfig),
+                                   "nats_nkey_file": str(server.dir / "auth.nk"),
+                                   "nats_ca_file": str(server.dir / "ca.pem"),
+                                   "issuer_nkey_file": str(server.dir / "issuer.nk")}, {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("auth", cfg, serve, stop=stop))
+    admin = await server.connect("admin")
+    for _ in range(300):  # until the callout listens: "no responders" before, silence after
+        try:
+            await admin.request("$SYS.REQ.USER.AUTH", b"", timeout=0.2)
+        except nats.errors.NoRespondersError:
+            await asyncio.sleep(0.05)
+            continue
+        except nats.errors.TimeoutError:
+            break
+    await admin.close()
+    yield server
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    server.stop()
+
+
+def applier_identity(server: SecureNats, token: Path, node: str) -> ClientAuth:
+    return ClientAuth(token_file=str(token), ca_file=str(server.dir / "ca.pem"),
+                      inbox_prefix=f"_INBOX_applier-{node}")
+
+
+async def test_a_node_gets_its_own_rights_and_nothing_else(callout: SecureNats, sim, tmp_path: Path) -> None:
+    token = await pod_token(sim, tmp_path, "kipvs-applier-a1", "node-a")
+    nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
+                            **applier_identity(callout, token, "node-a").connect_options())
+    js = nc.jetstream(timeout=3)
+    # the auth service declared node-a's consumer when it connected; node-a reads it and reports
+    info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a")
+    assert info.config.filter_subjects == [topology.PLAN_ALL_SUBJECT, topology.plan_node_subject("node-a")]
+    sub = await js.pull_subscribe_bind(durable="applier-node-a", stream=topology.PLAN_STREAM)
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.fetch(1, timeout=0.5)  # allowed, just nothing yet
+    ack = await js.publish(topology.status_subject("node-a", "report"), b"{}")
+    assert ack.stream == topology.STATUS_STREAM
+    ack = await js.publish(topology.parked_subject("applier-node-a"), b"x")
+    assert ack.stream == topology.PARKED_STREAM
+
+    admin = await callout.connect("admin")
+    await bus.setup(admin, 1, [topology.applier_consumer("node-b")])
+    await admin.close()
+
+    refusal = await permission_error(nc, lambda: js.publish(topology.PLAN_ALL_SUBJECT, b"{}", timeout=1))
+    assert "kipvs.plan.all" in refusal
+    other = await js.pull_subscribe_bind(durable="applier-node-b", stream=topology.PLAN_STREAM)
+    refusal = await permission_error(nc, lambda: other.fetch(1, timeout=1))
+    assert "consumer.msg.next.kipvs_plan.applier-node-b" in refusal.lower()
+    refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-b", "x"), b"{}", timeout=1))
+    assert "kipvs.status.node-b.x" in refusal
+    refusal = await permission_error(nc, lambda: js.publish(topology.parked_subject("applier-node-b"), b"x", timeout=1))
+    assert "kipvs.parked.applier-node-b" in refusal
+    refusal = await permission_error(nc, lambda: js.delete_stream(topology.PLAN_STREAM))
+    assert "stream.delete.kipvs_plan" in refusal.lower()
+    refusal = await permission_error(nc, lambda: js.add_consumer(topology.PLAN_STREAM, ConsumerConfig(
+        durable_name="mine", filter_subject="kipvs.plan.>")))
+    assert "consumer.durable.create.kipvs_plan.mine" in refusal.lower()
+    refusal = await permission_error(nc, lambda: js.add_consumer(topology.KUBE_STREAM, ConsumerConfig(
+        name="peek", filter_subject="kipvs.kube.>")))
+    assert "consumer.create.kipvs_kube" in refusal.lower()
+    # another node's inbox is not its to read
+    refusal = await permission_error(nc, lambda: _subscribe_and_flush(nc, "_INBOX_applier-node-b.>"))
+    assert "_inbox_applier-node-b" in refusal.lower()
+    await nc.close()
+
+
+async def _subscribe_and_flush(nc: nats.NATS, subject: str) -> None:
+    await nc.subscribe(subject)
+    await nc.flush(timeout=1)
+    await asyncio.sleep(0.3)
+    raise nats.errors.Error("subscription refused")  # the server's refusal arrives through the error callback
+
+
+async def test_a_token_for_node_b_does_not_give_node_a(callout: SecureNats, sim, tmp_path: Path) -> None:
+    token = await pod_token(sim, tmp_path, "kipvs-applier-b1", "node-b")
+    # claiming node-a's inbox is not enough: the identity comes from the token
+    nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
+                            **applier_identity(callout, token, "node-b").connect_options())
+    js = nc.jetstream(timeout=3)
+    refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-a", "report"), b"{}",
+                                                            timeout=1))
+    assert "kipvs.status.node-a.report" in refusal
+    ack = await js.publish(topology.status_subject("node-b", "report"), b"{}")
+    assert ack.stream == topology.STATUS_STREAM
+    await nc.close()
+
+
+async def test_bad_tokens_are_refused_with_the_reason(callout: SecureNats, sim, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="kipvs.auth")
+    ca = str(callout.dir / "ca.pem")
+    forged = tmp_path / "forged.token"
+    forged.write_text("sim.not-a-token-the-cluster-issued")
+    wrong_sa = await pod_token(sim, tmp_path, "someone-else", "node-a", service_account="default")
+    no_node = await pod_token(sim, tmp_path, "pending-pod", None)
+    wrong_audience = await pod_token(sim, tmp_path, "kipvs-applier-a2", "node-a", audience="https://kubernetes.default.svc")
+    gone = await pod_token(sim, tmp_path, "kipvs-applier-a3", "node-a")
+    await sim.delete("Pod", APPLIER_NS, "kipvs-applier-a3")
+    cases = {forged: "invalid bearer token", wrong_sa: "is not the applier ServiceAccount",
+             no_node: "the token names no node", wrong_audience: "is invalid for the target audiences",
+             gone: 'pod "kipvs-applier-a3" not found'}
+    for token, reason in cases.items():
+        caplog.clear()
+        text = await refused_to_connect(callout.url, **ClientAuth(token_file=str(token), ca_file=ca).connect_options())
+        assert "Authorization Violation" in text, text
+        await eventually_logged(caplog, reason)
+        assert not any(token.read_text() in r.getMessage() for r in caplog.records), "a token was logged"
+    # and the server logged the callout's reason too
+    server_log = callout.log.read_text()
+    assert "not the applier ServiceAccount" in server_log
+
+
+async def eventually_logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    for _ in range(100):
+        if any(text in r.getMessage() for r in caplog.records):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no log line with {text!r}: {[r.getMessage() for r in caplog.records]}")
+
+
+async def test_static_roles_still_work_with_the_callout_on(callout: SecureNats) -> None:
+    tools = await callout.connect("tools", inbox_prefix="_INBOX_tools")
+    info = await tools.jetstream(timeout=3).stream_info(topology.KUBE_STREAM)
+    assert info.config.name == topology.KUBE_STREAM
+    await tools.close()
+    text = await refused_to_connect(callout.url, tls=callout.identity("tools").tls_context())
+    assert "Authorization Violation" in text, text
