@@ -221,17 +221,20 @@ async def callout(tmp_path: Path, sim) -> AsyncIterator[SecureNats]:
                                    "nats_ca_file": str(server.dir / "ca.pem"),
                                    "issuer_nkey_file": str(server.dir / "issuer.nk")}, {})
     stop = asyncio.Event()
+    listening = asyncio.Event()
+
+    class Ready(logging.Handler):  # nobody may publish on $SYS.REQ.USER.AUTH but the server: ask the log
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("answering NATS authorization requests"):
+                listening.set()
+
+    ready = Ready()
+    logging.getLogger("kipvs.auth").addHandler(ready)
     task = asyncio.create_task(runtime.run_service("auth", cfg, serve, stop=stop))
-    admin = await server.connect("admin")
-    for _ in range(300):  # until the callout listens: "no responders" before, silence after
-        try:
-            await admin.request("$SYS.REQ.USER.AUTH", b"", timeout=0.2)
-        except nats.errors.NoRespondersError:
-            await asyncio.sleep(0.05)
-            continue
-        except nats.errors.TimeoutError:
-            break
-    await admin.close()
+    try:
+        await asyncio.wait_for(listening.wait(), 30)
+    finally:
+        logging.getLogger("kipvs.auth").removeHandler(ready)
     yield server
     stop.set()
     await asyncio.wait_for(task, 30)
@@ -346,3 +349,63 @@ async def test_static_roles_still_work_with_the_callout_on(callout: SecureNats) 
     await tools.close()
     text = await refused_to_connect(callout.url, tls=callout.identity("tools").tls_context())
     assert "Authorization Violation" in text, text
+
+
+async def test_the_pipeline_runs_with_identities_tls_and_the_callout(callout: SecureNats, sim, tmp_path: Path) -> None:
+    """watcher -> planner -> appliers of node-a and node-b, every service with its own identity over TLS
+    (static NKEYs for the watcher and the planner, pod tokens through the callout for the appliers); no
+    service needs a subject its role does not have: the server logs no permission violation."""
+    from kipvs.applier.backend import MemoryKernel
+    from kipvs.applier.main import ApplierConfig, apply_plan
+    from kipvs.planner.main import PlannerServiceConfig, plan
+    from kipvs.shared import config, events, runtime
+    from kipvs.simulator import scenario
+    from kipvs.watcher.main import WatcherConfig, watch
+    from tests.helpers import eventually, start_service
+
+    cluster = scenario.load(Path(scenario.__file__).parent / "scenarios" / "small-cluster.yaml")
+    await scenario.load_objects(sim, cluster)
+    kubeconfig = tmp_path / "watcher-kubeconfig"
+    kubeconfig.write_text(sim.kubeconfig())
+    ca = str(callout.dir / "ca.pem")
+    common = {"nats_url": callout.url, "http_listen": "", "nats_ca_file": ca}
+    watcher_cfg = config.load(WatcherConfig, {**common, "kubeconfig": str(kubeconfig), "read_timeout": 2.0,
+                                              "nats_nkey_file": str(callout.dir / "watcher.nk")}, {})
+    watcher_stop = asyncio.Event()
+    watcher = asyncio.create_task(runtime.run_service("watcher", watcher_cfg, watch, stop=watcher_stop))
+    planner_cfg = config.load(PlannerServiceConfig, {**common, "snapshot_every": "3",
+                                                     "nats_nkey_file": str(callout.dir / "planner.nk")}, {})
+    planner, planner_stop = start_service("planner", planner_cfg, plan)
+
+    kernels = {node: MemoryKernel() for node in ("node-a", "node-b")}
+    appliers = {}
+    for node, kernel in kernels.items():
+        token = await pod_token(sim, tmp_path, f"kipvs-applier-{node}", node)
+        cfg = config.load(ApplierConfig, {**common, "node": node, "backend": "memory", "drift_period": "0.5",
+                                          "nats_token_file": str(token)}, {})
+        appliers[node] = start_service("applier", cfg, lambda ctx, k=kernel: apply_plan(ctx, k))
+        if node == "node-a":  # node-b joins late: from the planner's snapshot and the plan's history
+            await eventually(lambda: ("TCP", "10.96.0.10", 80) in kernels["node-a"].ipvs, what="node-a programmed")
+
+    await eventually(lambda: all(("TCP", "10.96.0.10", 80) in k.ipvs for k in kernels.values()),
+                     what="both nodes programmed")
+    await sim.apply({**cluster.objects[3], "spec": {**cluster.objects[3]["spec"], "clusterIP": "10.96.0.10",
+                                                    "ports": [{"name": "http", "port": 81, "targetPort": 8080,
+                                                               "protocol": "TCP"}]}})
+    await eventually(lambda: all(("TCP", "10.96.0.10", 81) in k.ipvs for k in kernels.values()),
+                     what="a change reaching both nodes")
+
+    for _, stop in appliers.values():
+        stop.set()
+    planner_stop.set()
+    watcher_stop.set()
+    await asyncio.wait_for(asyncio.gather(watcher, planner, *(t for t, _ in appliers.values())), 60)
+
+    tools = await callout.connect("tools", inbox_prefix="_INBOX_tools")
+    status = [m async for m in bus.read_stream(tools.jetstream(timeout=5), topology.STATUS_STREAM)]
+    await tools.close()
+    reporters = {events.decode(m.data).record.node for m in status
+                 if isinstance(events.decode(m.data).record, events.ApplyReport)}
+    assert reporters == {"node-a", "node-b"}
+    server_log = callout.log.read_text()
+    assert "Violation" not in server_log, [line for line in server_log.splitlines() if "Violation" in line]
