@@ -89,8 +89,8 @@ def _durable(stream: str, name: str) -> list[str]:
 def _object_reader(stream: str = SNAPSHOT_STREAM) -> list[str]:
     # nats-py reads an object with an ordered push consumer (flow control replies on $JS.FC.<stream>.>),
     # finding its stream by subject first (STREAM.NAMES: the names only).
-    return [f"{JS}.STREAM.NAMES", f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.MSG.GET.{stream}", f"{JS}.DIRECT.GET.{stream}",
-            f"{JS}.DIRECT.GET.{stream}.>", f"{JS}.CONSUMER.CREATE.{stream}", f"{JS}.CONSUMER.CREATE.{stream}.>",
+    return [f"{JS}.STREAM.NAMES", f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.MSG.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}", f"{JS}.DIRECT.GET.{stream}.>", f"{JS}.CONSUMER.CREATE.{stream}", f"{JS}.CONSUMER.CREATE.{stream}.>",
             f"$JS.FC.{stream}.>"]
 
 
