@@ -90,8 +90,8 @@ def _object_reader(stream: str = SNAPSHOT_STREAM) -> list[str]:
     # nats-py reads an object with an ordered push consumer (flow control replies on $JS.FC.<stream>.>),
     # finding its stream by subject first (STREAM.NAMES: the names only).
     return [f"{JS}.STREAM.NAMES", f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.MSG.GET.{stream}",
-            f"{JS}.DIRECT.GET.{stream}", f"{JS}.DIRECT.GET.{stream}.>", f"{JS}.CONSUMER.CREATE.{stream}", f"{JS}.CONSUMER.CREATE.{stream}.>",
-            f"$JS.FC.{stream}.>"]
+            f"{JS}.DIRECT.GET.{stream}", f"{JS}.DIRECT.GET.{stream}.>", f"{JS}.CONSUMER.CREATE.{stream}",
+            f"{JS}.CONSUMER.CREATE.{stream}.>", f"$JS.FC.{stream}.>"]
 
 
 # Pulling from a durable that is not one's own would delay its messages by its ack wait: denied where the
