@@ -30,6 +30,17 @@ from .nats_credentials import ClientAuth
 log = logging.getLogger("kipvs.bus")
 
 
+class _QuietTlsEof(logging.Filter):
+    """asyncio warns at every TLS connection nats-py closes (its protocol answers EOF as for plain TCP);
+    harmless, and on every line of a secured bus's logs otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
+
+
 def servers(url: str) -> list[str]:
     """``nats://a:4222,nats://b:4222`` (the form the docs give for a cluster) as nats-py's server list."""
     return [part.strip() for part in url.split(",") if part.strip()]
@@ -39,7 +50,7 @@ class Stopped(Exception):
     """Told to stop before the first connection to NATS was made."""
 
 
-def _refusal(cause: BaseException | None, auth: ClientAuth | None) -> str:
+def describe_refusal(cause: BaseException | None, auth: ClientAuth | None) -> str:
     """Why a connection failed, in words an operator can act on (TLS and credential failures named)."""
     import ssl
 
@@ -100,7 +111,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             delay = backoff.next()
             cause = last_error[0] if last_error else exc
-            log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, _refusal(cause, auth), delay)
+            log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, describe_refusal(cause, auth), delay)
             if stop is None:
                 await asyncio.sleep(delay)
             else:

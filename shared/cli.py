@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         await server.start(port=args.port, stable=True)
         print(f"NATS with JetStream listening on {server.url} (store: {where / 'jetstream'}); Ctrl-C stops it",
               flush=True)
+        print(f"TLS and an identity per role: CA, server certificate and NKEY seeds in {server.auth_dir} (owner "
+              "only); kipvs services and tools find them there", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

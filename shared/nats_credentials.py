@@ -71,7 +71,8 @@ def ensure(directory: Path, server_names: tuple[str, ...] | list[str] = pki.LOCA
     what is there (rotation is deleting a file and running this again). True when something was made.
     OSError when the directory cannot be written."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    directory.chmod(0o700)
+    if directory.stat().st_mode & 0o777 != 0o700:  # (a complete directory may be on a read-only mount)
+        directory.chmod(0o700)
     made = False
     if not (directory / CA_CERT).exists() or not (directory / CA_KEY).exists():
         ca = pki.make_ca()
@@ -95,16 +96,41 @@ def ensure(directory: Path, server_names: tuple[str, ...] | list[str] = pki.LOCA
     return made
 
 
+LOCAL_APPLIER_PREFIX = "applier."  # applier.<node>.nk: a node's static identity where there is no Kubernetes
+
+
+def local_applier_seed(directory: Path, node: str) -> Path:
+    return directory / f"{LOCAL_APPLIER_PREFIX}{node}.nk"
+
+
+def local_appliers(directory: Path) -> list[str]:
+    """The nodes with a static applier identity in ``directory`` (the embedded server's, one machine)."""
+    return sorted(p.name[len(LOCAL_APPLIER_PREFIX):-3] for p in directory.glob(f"{LOCAL_APPLIER_PREFIX}*.nk"))
+
+
+def ensure_local_applier(directory: Path, node: str) -> bool:
+    """Give ``node``'s applier a static NKEY identity (with that node's permissions only, as the callout
+    would); True when it is new (the server's configuration must then be written and reloaded)."""
+    path = local_applier_seed(directory, node)
+    if path.exists():
+        return False
+    pki.write_private(path, _new_seed(nkeys.PREFIX_BYTE_USER) + b"\n")
+    return True
+
+
 def server_config(directory: Path, store_dir: Path, host: str = "127.0.0.1", port: int = 4222,
                   server_name: str = "kipvs-embedded", callout: bool = True) -> dict[str, Any]:
     """nats-server's configuration for the credentials in ``directory``: TLS with the server certificate,
-    account KIPVS (JetStream) with one NKEY user per static role and its permissions, and (``callout``)
-    the auth callout that gives appliers their per-node identity. Nobody connects without an identity:
-    there is no ``no_auth_user``."""
+    account KIPVS (JetStream) with one NKEY user per static role and its permissions (and per local
+    applier, see :func:`ensure_local_applier`), and (``callout``) the auth callout that gives appliers
+    their per-node identity. Nobody connects without an identity: there is no ``no_auth_user``."""
     users = []
     for role in perms.STATIC_ROLES:
         users.append({"nkey": public_key(read_seed(seed_file(directory, role))),
                       "permissions": perms.static_role(role).server_config()})
+    for node in local_appliers(directory):
+        users.append({"nkey": public_key(read_seed(local_applier_seed(directory, node))),
+                      "permissions": perms.applier(node).server_config()})
     config: dict[str, Any] = {
         "server_name": server_name,
         "host": host,
@@ -124,9 +150,10 @@ def server_config(directory: Path, store_dir: Path, host: str = "127.0.0.1", por
     return config
 
 
-def write_server_config(directory: Path, store_dir: Path, **kwargs: Any) -> Path:
-    """Write :func:`server_config` as ``nats-server.conf`` (JSON, which nats-server's parser reads)."""
-    path = directory / SERVER_CONFIG
+def write_server_config(directory: Path, store_dir: Path, path: Path | None = None, **kwargs: Any) -> Path:
+    """Write :func:`server_config` as ``nats-server.conf`` (JSON, which nats-server's parser reads), in
+    ``directory`` unless ``path`` says where."""
+    path = path or directory / SERVER_CONFIG
     pki.write_private(path, json.dumps(server_config(directory, store_dir, **kwargs), indent=2).encode())
     return path
 
@@ -218,4 +245,7 @@ def for_service(identity: str, role: str, nkey_file: str = "", token_file: str =
                           inbox_prefix=perms.inbox_prefix(identity) if nkey_file or token_file else "")
     if embedded_dir is not None and seed_file(embedded_dir, role).exists():
         return embedded_client(embedded_dir, role, identity)
+    if embedded_dir is not None and seed_file(embedded_dir, "admin").exists():
+        # A program with no role of its own on one machine's embedded bus (whose owner holds every seed).
+        return embedded_client(embedded_dir, "admin")
     return None

@@ -100,6 +100,13 @@ def issue_server(ca: Issued, names: tuple[str, ...] | list[str] = LOCAL_NAMES, d
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
+def names_of(cert_pem: bytes) -> list[str]:
+    """The DNS names and IP addresses a PEM certificate is for (its subjectAltName)."""
+    san = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return [*san.value.get_values_for_type(x509.DNSName),
+            *(str(a) for a in san.value.get_values_for_type(x509.IPAddress))]
+
+
 def not_after(cert_pem: bytes) -> dt.datetime:
     """When a PEM certificate expires (UTC)."""
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc

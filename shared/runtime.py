@@ -79,8 +79,8 @@ async def nats_server_for(config: CommonConfig):
     where = state_dir(config)
     running = EmbeddedNats.running_in(where)
     if running is not None:
-        log.info("using the embedded NATS server already running at %s (state in %s)", running.url, where)
-        yield running.url
+        log.info("using the embedded NATS server already running at %s (state in %s)", running.client_url, where)
+        yield running.client_url
         return
     server = EmbeddedNats(where)
     try:
@@ -92,8 +92,8 @@ async def nats_server_for(config: CommonConfig):
         raise StartupError(f"cannot start the embedded NATS server in {where}: {exc}") from None
     # It stays up when this service stops: the other services of the state directory use it too.
     log.info("no --nats-url / NATS_URL: started an embedded NATS server at %s (state in %s; it keeps running "
-             "for every kipvs service there: 'kipvs nats --stop' stops it)", server.url, where)
-    yield server.url
+             "for every kipvs service there: 'kipvs nats --stop' stops it)", server.client_url, where)
+    yield server.client_url
 
 
 @dataclass
@@ -198,17 +198,27 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
                 return
 
 
+class _ConnectionClosed(Exception):
+    """The first connection was closed for good (nats-py gives up on an authorization error)."""
+
+
 # The streams a service that may not declare them checks for (beside its consumers' own).
 _NEEDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
                    "applier": (topology.PLAN_STREAM,), "auth": (topology.PLAN_STREAM,)}
 
 
-def client_auth(name: str, config: CommonConfig) -> nats_credentials.ClientAuth | None:
-    """The service's identity on the bus (see :func:`kipvs.shared.nats_credentials.for_service`);
-    StartupError, one sentence, when a file given is missing or wrong."""
+async def client_auth(name: str, config: CommonConfig) -> nats_credentials.ClientAuth | None:
+    """The service's identity on the bus (see :func:`kipvs.shared.nats_credentials.for_service`); on the
+    embedded server, an applier's static per-node identity (made on first use). StartupError, one
+    sentence, when a file given is missing or wrong."""
     node = getattr(config, "node", "")
     identity = applier_durable(node) if name == "applier" and node else name
     embedded = None if config.nats_url else state_dir(config) / nats_credentials.AUTH_DIR
+    given = config.nats_nkey_file or config.nats_token_file or config.nats_ca_file
+    if embedded is not None and name == "applier" and node and not given:
+        running = EmbeddedNats.running_in(state_dir(config))
+        if running is not None and running.secure and not running.callout:
+            return await running.add_local_applier(node)
     auth = nats_credentials.for_service(identity, name, config.nats_nkey_file, config.nats_token_file,
                                         config.nats_ca_file, embedded)
     if auth is not None:
@@ -236,6 +246,8 @@ async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.C
                 await asyncio.wait_for(stop.wait(), delay)
             continue
         except bus.INFRASTRUCTURE_ERRORS as exc:
+            if nc.is_closed:
+                raise _ConnectionClosed(bus.describe_refusal(nc.last_error or exc, None)) from None
             delay = backoff.next()
             health.phase = f"waiting for JetStream: {type(exc).__name__}: {exc or ''}"
             log.warning("JetStream cannot set up the streams yet (%s: %s); retrying in %.1fs", type(exc).__name__,
@@ -262,21 +274,28 @@ async def run_service(name: str, config: CommonConfig, main: Main,
     runner, port = await _start_http(health, config.http_listen)
     try:
         async with nats_server_for(config) as url:
-            auth = client_auth(name, config)
+            auth = await client_auth(name, config)
             if name == "applier" and auth is not None and getattr(config, "node", ""):
                 bus.READER_NAME.set(applier_reader(config.node))  # type: ignore[attr-defined]
-            health.phase = f"connecting to NATS at {url}"
-            try:
-                nc = await bus.connect(url, f"kipvs-{name}", stop, auth=auth)
-            except bus.Stopped as exc:
-                log.info("%s: %s", name, exc)
-                return
-            try:
+            while True:
+                health.phase = f"connecting to NATS at {url}"
+                try:
+                    nc = await bus.connect(url, f"kipvs-{name}", stop, auth=auth)
+                except bus.Stopped as exc:
+                    log.info("%s: %s", name, exc)
+                    return
                 health.phase = "setting up the streams"
-                # With an identity of its own, a service checks the topology; only the admin declares it.
-                js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
-                                          declare=auth is None or not (auth.nkey_file or auth.token_file),
-                                          streams=_NEEDED_STREAMS.get(name, ()))
+                try:
+                    # With an identity of its own, a service checks the topology; only the admin declares it.
+                    js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
+                                              declare=auth is None or not (auth.nkey_file or auth.token_file),
+                                              streams=_NEEDED_STREAMS.get(name, ()))
+                    break
+                except _ConnectionClosed as exc:
+                    # nats-py does not reconnect after the server refused the identity (an auth callout
+                    # not listening yet, a token rejected): start over with a new connection.
+                    log.warning("%s: NATS closed the connection (%s); connecting again", name, exc)
+            try:
                 if js is None:
                     log.info("%s: stopped before the streams could be set up", name)
                     return
