@@ -23,6 +23,7 @@ from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "nats": ("kipvs.shared.cli", "run only the embedded NATS server (JetStream on loopback)"),
     "topology": ("kipvs.shared.topology_apply", "declare the streams and consumers (the admin identity)"),
+    "credentials": ("kipvs.shared.credentials_command", "make the bus's CA, certificates, NKEYs and Secrets"),
 }
 
 

@@ -124,13 +124,6 @@ def server_config(directory: Path, store_dir: Path, host: str = "127.0.0.1", por
     account KIPVS (JetStream) with one NKEY user per static role and its permissions (and per local
     applier, see :func:`ensure_local_applier`), and (``callout``) the auth callout that gives appliers
     their per-node identity. Nobody connects without an identity: there is no ``no_auth_user``."""
-    users = []
-    for role in perms.STATIC_ROLES:
-        users.append({"nkey": public_key(read_seed(seed_file(directory, role))),
-                      "permissions": perms.static_role(role).server_config()})
-    for node in local_appliers(directory):
-        users.append({"nkey": public_key(read_seed(local_applier_seed(directory, node))),
-                      "permissions": perms.applier(node).server_config()})
     config: dict[str, Any] = {
         "server_name": server_name,
         "host": host,
@@ -138,16 +131,35 @@ def server_config(directory: Path, store_dir: Path, host: str = "127.0.0.1", por
         "jetstream": {"store_dir": str(store_dir)},
         "tls": {"cert_file": str(directory / SERVER_CERT), "key_file": str(directory / SERVER_KEY),
                 "timeout": 5},
-        "accounts": {perms.ACCOUNT: {"jetstream": "enabled", "users": users}},
     }
+    config.update(auth_blocks(directory, callout))
+    return config
+
+
+def auth_blocks(directory: Path, callout: bool = True) -> dict[str, Any]:
+    """The ``accounts`` and ``authorization`` blocks of the server's configuration: public keys and
+    permissions only (no secret), from the seeds in ``directory``."""
+    users = []
+    for role in perms.STATIC_ROLES:
+        users.append({"nkey": public_key(read_seed(seed_file(directory, role))),
+                      "permissions": perms.static_role(role).server_config()})
+    for node in local_appliers(directory):
+        users.append({"nkey": public_key(read_seed(local_applier_seed(directory, node))),
+                      "permissions": perms.applier(node).server_config()})
+    blocks: dict[str, Any] = {"accounts": {perms.ACCOUNT: {"jetstream": "enabled", "users": users}}}
     if callout:
-        config["authorization"] = {"timeout": 10, "auth_callout": {  # time for a TokenReview
+        blocks["authorization"] = {"timeout": 10, "auth_callout": {  # time for a TokenReview
             "issuer": public_key(read_seed(directory / ISSUER)),
             "account": perms.ACCOUNT,
             # Every static role bypasses the callout: they are checked by the server against the users above.
             "auth_users": [u["nkey"] for u in users],
         }}
-    return config
+    return blocks
+
+
+def auth_conf(directory: Path, callout: bool = True) -> str:
+    """:func:`auth_blocks` as a file nats-server's configuration can ``include`` (its syntax takes JSON values)."""
+    return "".join(f"{key}: {json.dumps(value, indent=2)}\n" for key, value in auth_blocks(directory, callout).items())
 
 
 def write_server_config(directory: Path, store_dir: Path, path: Path | None = None, **kwargs: Any) -> Path:

@@ -409,3 +409,126 @@ async def test_the_pipeline_runs_with_identities_tls_and_the_callout(callout: Se
     assert reporters == {"node-a", "node-b"}
     server_log = callout.log.read_text()
     assert "Violation" not in server_log, [line for line in server_log.splitlines() if "Violation" in line]
+
+
+# --- the manifests' secured wiring, checked with the real tools ------------------------------------------
+
+def _secret_names(doc: dict) -> set[str]:
+    spec = doc["spec"]["template"]["spec"] if doc["kind"] != "Job" else doc["spec"]["template"]["spec"]
+    names = set()
+    for volume in spec.get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for source in (volume.get("projected") or {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    return names
+
+
+def test_each_workload_mounts_only_its_own_identity_and_the_secrets_exist(tmp_path: Path) -> None:
+    import kubernetes_validate
+    import yaml
+
+    from kipvs.shared.cli import main as kipvs
+    from tests.test_deploy import documents
+
+    assert kipvs(["credentials", "--dir", str(tmp_path / "c"), "--secrets", str(tmp_path / "secrets.yaml")]) == 0
+    made = list(yaml.safe_load_all((tmp_path / "secrets.yaml").read_text()))
+    for secret in made:
+        kubernetes_validate.validate(secret, kubernetes_validate.latest_version(), strict=True)
+    made_names = {s["metadata"]["name"] for s in made}
+    workloads = {d["metadata"]["name"]: d for d in documents() if d["kind"] in ("Deployment", "DaemonSet", "Job",
+                                                                              "StatefulSet")}
+    mounted = {name: _secret_names(doc) for name, doc in workloads.items()}
+    assert mounted == {
+        "nats": {"kipvs-nats-server-auth", "kipvs-nats-tls"},
+        "kipvs-topology": {"kipvs-nats-admin", "kipvs-nats-ca"},
+        "kipvs-watcher": {"kipvs-nats-watcher", "kipvs-nats-ca"},
+        "kipvs-planner": {"kipvs-nats-planner", "kipvs-nats-ca"},
+        "kipvs-auth": {"kipvs-nats-auth", "kipvs-nats-issuer", "kipvs-nats-ca"},
+        "kipvs-applier": {"kipvs-nats-ca"},  # and its own projected token, no seed at all
+    }
+    assert set().union(*mounted.values()) <= made_names
+    applier = workloads["kipvs-applier"]["spec"]["template"]["spec"]
+    (token,) = [v for v in applier["volumes"] if v["name"] == "nats-token"]
+    assert token["projected"]["sources"] == [{"serviceAccountToken": {"audience": "kipvs-nats",
+                                                                      "expirationSeconds": 3600, "path": "token"}}]
+    args = applier["containers"][0]["args"]
+    assert args[args.index("--nats-token-file") + 1] == "/var/run/secrets/kipvs/nats/token"
+
+
+def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
+    """deploy/kubernetes/20-nats.yaml's nats.conf, with the files 'kipvs credentials' makes, in a real
+    nats-server (paths and ports moved into the test's directory): TLS on, no anonymous client, the tools
+    identity connects and may read."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from kipvs.shared.cli import main as kipvs
+    from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+    from tests.helpers import wait_port
+
+    creds_dir = tmp_path / "c"
+    assert kipvs(["credentials", "--dir", str(creds_dir)]) == 0
+    (config_map,) = [d for d in yaml.safe_load_all((Path(__file__).parents[1] / "deploy" / "kubernetes" /
+                                                    "20-nats.yaml").read_text()) if d["kind"] == "ConfigMap"]
+    text = config_map["data"]["nats.conf"]
+    port, cluster, monitor = free_loopback_port(), free_loopback_port(), free_loopback_port()
+    for tls_dir in (tmp_path / "etc" / "tls",):
+        tls_dir.mkdir(parents=True)
+        for name in ("ca.pem", "server.pem", "server.key"):
+            (tls_dir / name).write_bytes((creds_dir / name).read_bytes())
+    (tmp_path / "etc" / "auth").mkdir()
+    (tmp_path / "etc" / "auth" / "auth.conf").write_bytes((creds_dir / "auth.conf").read_bytes())
+    (tmp_path / "etc" / "config").mkdir()
+    text = (text.replace("/etc/nats/tls", str(tmp_path / "etc" / "tls")).replace("/data", str(tmp_path / "data"))
+            .replace("port: 4222", f"port: {port}\nhost: 127.0.0.1").replace("port: 6222", f"port: {cluster}")
+            .replace("http_port: 8222", f"http_port: {monitor}"))
+    (tmp_path / "etc" / "config" / "nats.conf").write_text(text)
+    log = (tmp_path / "nats.log").open("wb")
+    proc = subprocess.Popen([server_binary(), "--config", str(tmp_path / "etc" / "config" / "nats.conf")],
+                            stdout=log, stderr=log, env={**os.environ, "POD_NAME": "nats-0"})
+    try:
+        wait_port(port, proc)
+
+        async def check() -> None:
+            # Anonymous: not a static user, so the server asks the auth callout, which does not run here: the
+            # client is refused when the authorization timeout ends (nats-py may report the connection first).
+            ca = ClientAuth(ca_file=str(creds_dir / "ca.pem")).tls_context()
+            errors: list[str] = []
+
+            async def record(exc: Exception) -> None:
+                errors.append(str(exc))
+
+            try:
+                anonymous = await nats.connect(f"tls://localhost:{port}", allow_reconnect=False, connect_timeout=15,
+                                               error_cb=record, tls=ca)
+                with pytest.raises((nats.errors.Error, TimeoutError)):
+                    await anonymous.jetstream(timeout=15).account_info()
+                await anonymous.close()
+            except (nats.errors.Error, OSError) as exc:
+                errors.append(str(exc))
+            assert errors, "the anonymous client was never refused"
+            assert "authentication error" in (tmp_path / "nats.log").read_text()
+            tools = ClientAuth(nkey_file=str(creds_dir / "tools.nk"), ca_file=str(creds_dir / "ca.pem"),
+                               inbox_prefix="_INBOX_tools")
+            nc = await nats.connect(f"tls://localhost:{port}", allow_reconnect=False, **tools.connect_options())
+            await nc.flush(timeout=5)  # accepted (JetStream itself waits for the two other servers' routes)
+            refusal = await permission_error(nc, lambda: _publish_and_flush(nc, topology.PLAN_ALL_SUBJECT))
+            assert "kipvs.plan.all" in refusal
+            await nc.close()
+
+        asyncio.run(check())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+async def _publish_and_flush(nc: nats.NATS, subject: str) -> None:
+    await nc.publish(subject, b"x")
+    await nc.flush(timeout=1)
+    await asyncio.sleep(0.3)
+    raise nats.errors.Error("publish refused")  # the server's refusal arrives through the error callback

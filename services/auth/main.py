@@ -195,7 +195,8 @@ async def serve(ctx: runtime.ServiceContext) -> None:
         running.add(task)
         task.add_done_callback(running.discard)
 
-    sub = await ctx.nc.subscribe(AUTH_SUBJECT, cb=on_request)
+    # one queue group: with several replicas each request is answered once
+    sub = await ctx.nc.subscribe(AUTH_SUBJECT, queue="kipvs-auth", cb=on_request)
     log.info("answering NATS authorization requests for the appliers of ServiceAccount %s (audience %s)",
              policy.username, policy.audience)
     ctx.set_ready()
