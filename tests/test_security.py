@@ -414,7 +414,7 @@ async def test_the_pipeline_runs_with_identities_tls_and_the_callout(callout: Se
 # --- the manifests' secured wiring, checked with the real tools ------------------------------------------
 
 def _secret_names(doc: dict) -> set[str]:
-    spec = doc["spec"]["template"]["spec"] if doc["kind"] != "Job" else doc["spec"]["template"]["spec"]
+    spec = doc["spec"]["template"]["spec"]
     names = set()
     for volume in spec.get("volumes", []):
         if "secret" in volume:
