@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 from pathlib import Path
 
 import yaml
 
 from . import nats_credentials as creds
-from . import pki
+from . import pki, topology
 from .config import StartupError
 from .nats_permissions import STATIC_ROLES
 
@@ -28,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another DNS name or address the server certificate must carry; repeatable")
     parser.add_argument("--secrets", default="", metavar="FILE",
                         help="also write the Kubernetes Secrets manifest (kubectl apply -f FILE; keep it private)")
+    parser.add_argument("--local-applier", action="append", default=[], metavar="NODE",
+                        help="a static identity for NODE's applier (no Kubernetes to vouch for it: compose); "
+                             "repeatable")
+    parser.add_argument("--no-callout", action="store_true",
+                        help="no auth callout (every applier has a static identity, see --local-applier)")
+    parser.add_argument("--server-config", default="", metavar="FILE",
+                        help="also write a whole nats-server configuration using this directory's files (compose)")
+    parser.add_argument("--store-dir", default="/data", help="JetStream store of --server-config")
+    parser.add_argument("--http-port", type=int, default=8222, help="monitoring port of --server-config")
 
 
 def service_names(namespace: str) -> list[str]:
@@ -57,9 +67,21 @@ def secrets(directory: Path, namespace: str) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     names = [*pki.LOCAL_NAMES, *service_names(args.namespace), *args.name]
+    for node in args.local_applier:
+        try:
+            topology.token(node)
+        except ValueError as exc:
+            raise StartupError(f"--local-applier: {exc}") from None
     try:
         creds.ensure(directory, names)
-        pki.write_private(directory / "auth.conf", creds.auth_conf(directory).encode())
+        for node in args.local_applier:
+            creds.ensure_local_applier(directory, node)
+        pki.write_private(directory / "auth.conf", creds.auth_conf(directory, callout=not args.no_callout).encode())
+        if args.server_config:
+            config = creds.server_config(directory, Path(args.store_dir), host="0.0.0.0", port=4222,
+                                         server_name="kipvs", callout=not args.no_callout)
+            config["http_port"] = args.http_port
+            pki.write_private(Path(args.server_config), json.dumps(config, indent=2).encode())
         if args.secrets:
             pki.write_private(Path(args.secrets), yaml.safe_dump_all(secrets(directory, args.namespace)).encode())
     except OSError as exc:

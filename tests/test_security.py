@@ -532,3 +532,43 @@ async def _publish_and_flush(nc: nats.NATS, subject: str) -> None:
     await nc.flush(timeout=1)
     await asyncio.sleep(0.3)
     raise nats.errors.Error("publish refused")  # the server's refusal arrives through the error callback
+
+
+async def test_composes_server_config_with_a_static_node_identity(tmp_path: Path) -> None:
+    """compose.yaml's credentials step: a whole server configuration and node-a's static identity, which has
+    node-a's rights and not node-b's (no callout: no Kubernetes there)."""
+    import json
+    import subprocess
+
+    from kipvs.shared.cli import main as kipvs
+    from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+    from tests.helpers import wait_port
+
+    d = tmp_path / "creds"
+    assert kipvs(["credentials", "--dir", str(d), "--name", "nats", "--local-applier", "node-a", "--no-callout",
+                  "--server-config", str(d / "nats-server.conf"), "--store-dir", str(tmp_path / "data")]) == 0
+    config = json.loads((d / "nats-server.conf").read_text())
+    assert "authorization" not in config and config["tls"]["cert_file"] == str(d / "server.pem")
+    port = free_loopback_port()
+    config.update(host="127.0.0.1", port=port, http_port=free_loopback_port())
+    (tmp_path / "test.conf").write_text(json.dumps(config))
+    with (tmp_path / "nats.log").open("wb") as log:
+        proc = subprocess.Popen([server_binary(), "-c", str(tmp_path / "test.conf")], stdout=log, stderr=log)
+    try:
+        wait_port(port, proc)
+        admin = ClientAuth(nkey_file=str(d / "admin.nk"), ca_file=str(d / "ca.pem"), inbox_prefix="_INBOX_admin")
+        nc = await nats.connect(f"tls://127.0.0.1:{port}", allow_reconnect=False, **admin.connect_options())
+        await bus.setup(nc, 1, [topology.applier_consumer("node-a")])
+        await nc.close()
+        node_a = ClientAuth(nkey_file=str(d / "applier.node-a.nk"), ca_file=str(d / "ca.pem"),
+                            inbox_prefix="_INBOX_applier-node-a")
+        nc = await nats.connect(f"tls://127.0.0.1:{port}", allow_reconnect=False, **node_a.connect_options())
+        js = nc.jetstream(timeout=3)
+        assert (await js.publish(topology.status_subject("node-a", "x"), b"{}")).stream == topology.STATUS_STREAM
+        refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-b", "x"), b"{}",
+                                                                timeout=1))
+        assert "kipvs.status.node-b.x" in refusal
+        await nc.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
