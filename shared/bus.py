@@ -332,6 +332,7 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
     elif start_time is not None:
         config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start_time.isoformat()
+    stream = readable(stream)
     reader = READER_NAME.get()
     if reader is not None:
         async for msg in _read_as(js, reader, stream, subject, config, upto):
@@ -340,6 +341,16 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
     sub = await js.pull_subscribe(subject, stream=stream, config=config)
     async for msg in _drain(sub, upto):
         yield msg
+
+
+# Streams a reader reads through another (the tools: the plan's mirror, see topology.PLAN_AUDIT_STREAM).
+STREAM_ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("kipvs_stream_aliases",
+                                                                                     default=None)
+
+
+def readable(stream: str) -> str:
+    """The stream to create a reader's consumer on for ``stream`` (itself unless aliased)."""
+    return (STREAM_ALIASES.get() or {}).get(stream, stream)
 
 
 # The one consumer name a least-privilege reader (a node's applier) reads history with: its permissions

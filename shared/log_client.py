@@ -93,6 +93,9 @@ async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         cause = errors[0] if errors else exc
         raise ToolError(f"cannot reach NATS at {url}: {bus.describe_refusal(cause, auth)}") from None
+    if auth is not None and auth.nkey_file:
+        # an identity of its own (the tools'): read the plan through its mirror
+        bus.STREAM_ALIASES.set({topology.PLAN_STREAM: topology.PLAN_AUDIT_STREAM})
     try:
         yield nc.jetstream()
     finally:

@@ -137,8 +137,13 @@ def planner() -> Permissions:
 
 def tools() -> Permissions:
     """Read-only audit (tap, history, why, replay, plan --at, status) and the kernel view's requests."""
-    readable = (topology.KUBE_STREAM, topology.PLAN_STREAM, topology.STATUS_STREAM, topology.PARKED_STREAM)
-    publish = [f"{JS}.INFO", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST", "kipvs.inspect.*.>", *_object_reader()]
+    readable = (topology.KUBE_STREAM, topology.PLAN_AUDIT_STREAM, topology.STATUS_STREAM, topology.PARKED_STREAM)
+    # KIPVS_PLAN itself: single messages only; history through its mirror, since any consumer-create right
+    # on KIPVS_PLAN would let the holder rewrite a node's durable consumer by name.
+    plan = topology.PLAN_STREAM
+    publish = [f"{JS}.INFO", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST", "kipvs.inspect.*.>", *_object_reader(),
+               f"{JS}.STREAM.INFO.{plan}", f"{JS}.STREAM.MSG.GET.{plan}", f"{JS}.DIRECT.GET.{plan}",
+               f"{JS}.DIRECT.GET.{plan}.>"]
     for stream in readable:
         publish += _stream_reader(stream)
     return Permissions(publish=tuple(publish), publish_deny=_OTHERS_DURABLES,

@@ -14,6 +14,7 @@ kipvs.plan.all                         PLAN        deltas every node needs (shar
 kipvs.plan.node.<node>                 PLAN        deltas only <node> needs
 kipvs.status.<node>.<what>             STATUS      applier reports, drift, node facts
 kipvs.parked.<service>                 PARKED      messages a service could not take, with reason
+(a mirror of PLAN)                     PLAN_AUDIT  the plan as the audit tools read it
 =====================================  ==========  ===============================================
 """
 
@@ -33,6 +34,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
 )
 from nats.js.errors import APIError, NotFoundError
 
@@ -181,6 +183,22 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
     ]
 
 
+# A mirror of the plan for readers that may not create consumers on KIPVS_PLAN itself (the tools): any
+# consumer-create right on a stream lets its holder update a durable of that stream by name, and
+# KIPVS_PLAN holds every node's durable. Same sequence numbers as KIPVS_PLAN.
+PLAN_AUDIT_STREAM = "KIPVS_PLAN_AUDIT"
+
+
+def plan_audit_stream(replicas: int = 1) -> StreamSpec:
+    return StreamSpec(
+        StreamConfig(name=PLAN_AUDIT_STREAM, description="kipvs: a read-only mirror of KIPVS_PLAN for the audit tools",
+                     mirror=StreamSource(name=PLAN_STREAM), retention=RetentionPolicy.LIMITS,
+                     storage=StorageType.FILE, num_replicas=replicas, discard=DiscardPolicy.OLD,
+                     duplicate_window=None),  # a mirror has none of its own
+        "the plan as the audit tools read it (they may not create consumers on KIPVS_PLAN)",
+    )
+
+
 SNAPSHOT_BUCKET = "kipvs-snapshots"  # JetStream object store (stream OBJ_kipvs-snapshots)
 SHARED_SNAPSHOT = "plan-all"  # the object holding the latest PlanSnapshot of the shared plan
 
@@ -292,6 +310,7 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     for spec in streams(replicas):
         await ensure_stream(js, spec)
+    await ensure_stream(js, plan_audit_stream(replicas))
     await js.create_object_store(SNAPSHOT_BUCKET, config=ObjectStoreConfig(
         description="kipvs: the latest plan snapshot per scope", storage=StorageType.FILE, replicas=replicas))
 

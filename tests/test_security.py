@@ -173,6 +173,12 @@ async def test_tools_read_but_cannot_write(declared: SecureNats) -> None:
     refusal = await permission_error(tools, lambda: js.add_consumer(topology.KUBE_STREAM, ConsumerConfig(
         name=topology.PLANNER_CONSUMER, durable_name=topology.PLANNER_CONSUMER, filter_subject="kipvs.kube.>")))
     assert "consumer.create.kipvs_kube.planner" in refusal.lower()
+    # any consumer-create right on KIPVS_PLAN would rewrite a node's durable by name (nats-server updates an
+    # existing consumer through every create subject): the tools have none there, they read its mirror
+    for config in (ConsumerConfig(name="applier-node-b", filter_subject=topology.plan_node_subject("node-a")),
+                   ConsumerConfig(name="applier-node-b")):
+        refusal = await permission_error(tools, lambda c=config: js.add_consumer(topology.PLAN_STREAM, c))
+        assert "consumer.create.kipvs_plan" in refusal.lower()
     await tools.close()
 
 
@@ -572,3 +578,60 @@ async def test_composes_server_config_with_a_static_node_identity(tmp_path: Path
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_the_tools_tap_and_replay_as_the_tools_identity(declared: SecureNats, tmp_path: Path) -> None:
+    """'kipvs tap' and 'kipvs replay', as processes with the tools identity from the environment, read a
+    log the watcher's and planner's identities wrote (the plan through its mirror, same sequences)."""
+    import os
+    import subprocess
+    import sys
+
+    from kipvs.planner.main import PlannerServiceConfig, plan
+    from kipvs.shared import config
+    from tests.golden.regenerate import EVENTS
+    from tests.helpers import publish_kube, start_service
+
+    watcher = await declared.connect("watcher", inbox_prefix="_INBOX_watcher")
+    await publish_kube(watcher.jetstream(timeout=5), EVENTS.read_text().splitlines()[:20], "sec")
+    await watcher.close()
+    cfg = config.load(PlannerServiceConfig, {"nats_url": declared.url, "http_listen": "",
+                                             "nats_nkey_file": str(declared.dir / "planner.nk"),
+                                             "nats_ca_file": str(declared.dir / "ca.pem")}, {})
+    planner, stop = start_service("planner", cfg, plan)
+    admin = await declared.connect("admin")
+    ajs = admin.jetstream()
+
+    async def mirrored() -> tuple[int, int]:
+        return ((await ajs.stream_info(topology.PLAN_STREAM)).state.last_seq,
+                (await ajs.stream_info(topology.PLAN_AUDIT_STREAM)).state.last_seq)
+
+    for _ in range(600):
+        plan_seq, mirror_seq = await mirrored()
+        if plan_seq and plan_seq == mirror_seq:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(planner, 30)
+    plan_seq, mirror_seq = await mirrored()
+    assert plan_seq > 0 and plan_seq == mirror_seq
+    await admin.close()
+
+    kipvs = str(Path(sys.executable).parent / "kipvs")
+    env = {**os.environ, "NATS_URL": declared.url, "KIPVS_NATS_NKEY_FILE": str(declared.dir / "tools.nk"),
+           "KIPVS_NATS_CA_FILE": str(declared.dir / "ca.pem"), "KIPVS_STATE_DIR": str(tmp_path / "none")}
+    tap = subprocess.run([kipvs, "tap", "--stream", "kube,plan", "--since", "1", "--no-follow", "--json"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert tap.returncode == 0, tap.stderr
+    import json
+
+    lines = [json.loads(line) for line in tap.stdout.splitlines() if line.strip()]
+    assert {line["stream"] for line in lines} == {topology.KUBE_STREAM, topology.PLAN_STREAM}
+    assert max(line["seq"] for line in lines if line["stream"] == topology.PLAN_STREAM) == plan_seq
+    replay = subprocess.run([kipvs, "replay"], capture_output=True, text=True, timeout=120, env=env)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    # and without the identity, a sentence, not a traceback
+    bare = {k: v for k, v in env.items() if not k.startswith("KIPVS_NATS_")}
+    refused = subprocess.run([kipvs, "tap", "--since", "1", "--no-follow"], capture_output=True, text=True,
+                             timeout=60, env=bare)
+    assert refused.returncode == 2 and "cannot reach NATS" in refused.stderr and "Traceback" not in refused.stderr
