@@ -152,6 +152,9 @@ class Cluster:
         elif service == "planner":
             argv = [KIPVS, "planner", *common]
         else:
+            if "auth" not in self.processes:  # an applier's identity comes from the auth callout
+                await self.start("auth")
+                await self.auth_listening(within=30)
             node = service.removeprefix("applier-")
             argv = [KIPVS, "applier", "--node", node, "--drift-period", "10",
                     "--drain-timeout", str(self.drain_timeout), *common,
