@@ -635,3 +635,30 @@ async def test_the_tools_tap_and_replay_as_the_tools_identity(declared: SecureNa
     refused = subprocess.run([kipvs, "tap", "--since", "1", "--no-follow"], capture_output=True, text=True,
                              timeout=60, env=bare)
     assert refused.returncode == 2 and "cannot reach NATS" in refused.stderr and "Traceback" not in refused.stderr
+
+
+async def test_an_applier_on_the_embedded_default_gets_its_own_node_identity(tmp_path: Path) -> None:
+    """No flags at all: the embedded server is secured; 'kipvs applier --node node-a' gets a static identity with
+    node-a's rights (made on first use, the running server reloaded) and its consumer declared by admin."""
+    from kipvs.applier.main import ApplierConfig
+    from kipvs.shared import config, runtime
+    from kipvs.shared.embedded_nats import EmbeddedNats
+
+    seen: dict[str, object] = {}
+
+    async def main(ctx: runtime.ServiceContext) -> None:
+        seen["consumer"] = (await ctx.js.consumer_info(topology.PLAN_STREAM, "applier-node-a")).name
+        seen["own"] = (await ctx.js.publish(topology.status_subject("node-a", "x"), b"{}")).stream
+        seen["other"] = await permission_error(ctx.nc, lambda: ctx.js.publish(
+            topology.status_subject("node-b", "x"), b"{}", timeout=1))
+        ctx.stop.set()
+
+    cfg = config.load(ApplierConfig, {"state_dir": str(tmp_path), "http_listen": "", "node": "node-a",
+                                      "backend": "memory"}, {})
+    try:
+        await asyncio.wait_for(runtime.run_service("applier", cfg, main, consumers=[]), 60)
+        assert seen["consumer"] == "applier-node-a" and seen["own"] == topology.STATUS_STREAM
+        assert "kipvs.status.node-b.x" in str(seen["other"])
+        assert (tmp_path / "nats-auth" / "applier.node-a.nk").stat().st_mode & 0o777 == 0o600
+    finally:
+        EmbeddedNats.stop_running(tmp_path)
