@@ -662,3 +662,45 @@ async def test_an_applier_on_the_embedded_default_gets_its_own_node_identity(tmp
         assert (tmp_path / "nats-auth" / "applier.node-a.nk").stat().st_mode & 0o777 == 0o600
     finally:
         EmbeddedNats.stop_running(tmp_path)
+
+
+def test_jwts_round_trip_and_reject_tampering() -> None:
+    """nats_jwt against its own rules (the server accepting them is tested above): signed by the issuer,
+    checked against it, expiry enforced."""
+    import base64
+    import json
+
+    from kipvs.shared import nats_jwt
+
+    account = nkeys.from_seed(nkeys.encode_seed(b"\x02" * 32, nkeys.PREFIX_BYTE_ACCOUNT))
+    user = nkeys.from_seed(nkeys.encode_seed(b"\x03" * 32, nkeys.PREFIX_BYTE_USER)).public_key.decode()
+    token = nats_jwt.encode(nats_jwt.user_claims(user, "KIPVS", "applier-node-a", {"pub": {"allow": ["x"]}},
+                                                 expires=2_000_000_000), account, now=1_000_000_000)
+    claims = nats_jwt.decode(token, "A", now=1_500_000_000)
+    assert claims["iss"] == account.public_key.decode() and claims["sub"] == user and claims["aud"] == "KIPVS"
+    assert claims["nats"]["type"] == "user" and claims["jti"] and claims["iat"] == 1_000_000_000
+    with pytest.raises(nats_jwt.JwtError, match="expired"):
+        nats_jwt.decode(token, "A", now=2_000_000_001)
+    with pytest.raises(nats_jwt.JwtError, match="public N NKEY"):
+        nats_jwt.decode(token, "N", now=1_500_000_000)  # an account issued it, not a server
+    head, payload, signature = token.split(".")
+    forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    forged["nats"]["pub"]["allow"] = [">"]
+    forged_payload = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    with pytest.raises(nats_jwt.JwtError, match="signature"):
+        nats_jwt.decode(f"{head}.{forged_payload}.{signature}", "A", now=1_500_000_000)
+
+
+def test_a_wrong_credential_file_is_one_sentence_and_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    kipvs = str(Path(sys.executable).parent / "kipvs")
+    (tmp_path / "not-a-seed").write_text("hello\n")
+    for flags, said in ((["--nats-nkey-file", str(tmp_path / "missing.nk")], "cannot read the NKEY seed"),
+                        (["--nats-nkey-file", str(tmp_path / "not-a-seed")], "does not hold an NKEY seed"),
+                        (["--nats-ca-file", str(tmp_path / "missing.pem")], "cannot use the CA file")):
+        done = subprocess.run([kipvs, "planner", "--nats-url", "nats://127.0.0.1:9", "--http-listen", "", *flags],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
