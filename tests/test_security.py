@@ -704,3 +704,49 @@ def test_a_wrong_credential_file_is_one_sentence_and_exit_2(tmp_path: Path) -> N
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+async def test_a_service_waits_for_the_topology_and_says_so_until_admin_declares_it(secure: SecureNats) -> None:
+    """The planner may not create streams: on an empty server it says what is missing, in one line, and
+    retries; 'kipvs topology apply' with the admin identity declares everything and the planner goes on."""
+    import subprocess
+    import sys
+
+    from kipvs.planner.main import PlannerServiceConfig, plan
+    from kipvs.shared import config, runtime
+    from tests.helpers import eventually
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):  # on the logger itself: the service's logging setup replaces the root's handlers
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("kipvs.runtime").addHandler(keep)
+    cfg = config.load(PlannerServiceConfig, {"nats_url": secure.url, "http_listen": "",
+                                             "nats_nkey_file": str(secure.dir / "planner.nk"),
+                                             "nats_ca_file": str(secure.dir / "ca.pem")}, {})
+    ready = asyncio.Event()
+
+    async def main(ctx: runtime.ServiceContext) -> None:
+        ready.set()
+        await plan(ctx)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("planner", cfg, main, consumers=[topology.planner_consumer()],
+                                                   stop=stop))
+    try:
+        await eventually(lambda: any("stream KIPVS_KUBE does not exist; the admin identity declares it" in line
+                                     for line in lines), within=30, what="the planner saying what is missing")
+    finally:
+        logging.getLogger("kipvs.runtime").removeHandler(keep)
+    assert not ready.is_set() and not task.done()
+    kipvs = str(Path(sys.executable).parent / "kipvs")
+    done = await asyncio.to_thread(subprocess.run, [
+        kipvs, "topology", "apply", "--nats-url", secure.url, "--nats-nkey-file", str(secure.dir / "admin.nk"),
+        "--nats-ca-file", str(secure.dir / "ca.pem")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "topology in place" in done.stdout + done.stderr, done.stdout + done.stderr
+    await asyncio.wait_for(ready.wait(), 30)
+    stop.set()
+    await asyncio.wait_for(task, 30)
