@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -20,12 +21,24 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from . import events, topology
 from .backoff import Backoff
+from .nats_credentials import ClientAuth
 
 log = logging.getLogger("kipvs.bus")
+
+
+class _QuietTlsEof(logging.Filter):
+    """asyncio warns at every TLS connection nats-py closes (its protocol answers EOF as for plain TCP);
+    harmless, and on every line of a secured bus's logs otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
 
 
 def servers(url: str) -> list[str]:
@@ -37,10 +50,30 @@ class Stopped(Exception):
     """Told to stop before the first connection to NATS was made."""
 
 
-async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NATS:
+def describe_refusal(cause: BaseException | None, auth: ClientAuth | None) -> str:
+    """Why a connection failed, in words an operator can act on (TLS and credential failures named)."""
+    import ssl
+
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (f"the server's TLS certificate is not trusted ({cause.verify_message or cause.reason}; "
+                f"CA file: {auth.ca_file if auth and auth.ca_file else 'the system default'})")
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed ({cause.reason or cause})"
+    text = str(cause or "") or type(cause).__name__
+    if "authorization" in text.lower() or "authentication" in text.lower():
+        return f"the server refused our identity ({auth.describe() if auth else 'no identity'}): {text}"
+    if "secure connection" in text.lower() or "tls" in text.lower():
+        return f"{text} (the server wants TLS: give --nats-ca-file)"
+    return text
+
+
+async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: ClientAuth | None = None) -> NATS:
     """Connect, retrying with backoff until the server answers (each failure logged with its reason; a
     stop request ends the wait at once with :class:`Stopped`), then check that the server is new enough.
-    After the first connection nats-py reconnects on its own, forever.
+    After the first connection nats-py reconnects on its own, forever. ``auth`` gives the identity and the
+    CA (see :class:`~kipvs.shared.nats_credentials.ClientAuth`); a refused identity or an untrusted
+    certificate is logged as such, with the reason, and retried like an unreachable server (the
+    credentials may be rotated under a running pod).
 
     The first connection is made with a bounded number of attempts per server: with nats-py's unbounded
     setting, it retries an unreachable server forever inside ``connect()``, silently and deaf to SIGTERM."""
@@ -52,26 +85,33 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NAT
     async def reconnected() -> None:
         log.info("NATS connection restored", extra={"url": url})
 
-    last_error: list[Exception] = []
+    last_error: list[BaseException] = []
+    options = auth.connect_options() if auth is not None else {}
 
     async def error(exc: Exception) -> None:
         last_error[:] = [exc]
-        log.debug("NATS client error: %s", exc)
+        if "permissions violation" in str(exc).lower():
+            # The request that caused it only times out: this line says why.
+            log.warning("NATS refused %s: %s", name, exc)
+        else:
+            log.debug("NATS client error: %s", exc)
 
     while True:
         if stop is not None and stop.is_set():
             raise Stopped(f"stopped before NATS at {url} could be reached")
         try:
+            # nats-py 2.16 hangs in connect() after a failed TLS handshake when it may reconnect: with TLS,
+            # one attempt per round (this loop does the retrying).
             nc = await nats.connect(
                 servers(url), name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5,
-                allow_reconnect=True, connect_timeout=3, disconnected_cb=disconnected,
-                reconnected_cb=reconnected, error_cb=error,
+                allow_reconnect="tls" not in options, connect_timeout=3, disconnected_cb=disconnected,
+                reconnected_cb=reconnected, error_cb=error, **options,
             )
             break
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             delay = backoff.next()
             cause = last_error[0] if last_error else exc
-            log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, cause or type(cause).__name__, delay)
+            log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, describe_refusal(cause, auth), delay)
             if stop is None:
                 await asyncio.sleep(delay)
             else:
@@ -84,10 +124,16 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NAT
     return nc
 
 
-async def setup(nc: NATS, replicas: int = 1, consumers: Sequence[topology.ConsumerSpec] = ()) -> JetStreamContext:
+async def setup(nc: NATS, replicas: int = 1, consumers: Sequence[topology.ConsumerSpec] = (),
+                declare: bool = True, streams: Sequence[str] = ()) -> JetStreamContext:
     """Create or update every stream, then the given durable consumers; refuse a server that does not
-    keep what was asked for."""
+    keep what was asked for. With ``declare`` false (a service with its own, least-privilege identity:
+    only the admin identity declares), check instead that ``streams`` and ``consumers`` exist:
+    :class:`~kipvs.shared.topology.NotDeclared` when one does not."""
     js = nc.jetstream(timeout=10)
+    if not declare:
+        await topology.check_declared(js, streams, consumers)
+        return js
     await topology.ensure_streams(js, replicas)
     for spec in consumers:
         await topology.ensure_consumer(js, spec)
@@ -286,7 +332,55 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
     elif start_time is not None:
         config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start_time.isoformat()
+    stream = readable(stream)
+    reader = READER_NAME.get()
+    if reader is not None:
+        async for msg in _read_as(js, reader, stream, subject, config, upto):
+            yield msg
+        return
     sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    async for msg in _drain(sub, upto):
+        yield msg
+
+
+# Streams a reader reads through another (the tools: the plan's mirror, see topology.PLAN_AUDIT_STREAM).
+STREAM_ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("kipvs_stream_aliases",
+                                                                                     default=None)
+
+
+def readable(stream: str) -> str:
+    """The stream to create a reader's consumer on for ``stream`` (itself unless aliased)."""
+    return (STREAM_ALIASES.get() or {}).get(stream, stream)
+
+
+# The one consumer name a least-privilege reader (a node's applier) reads history with: its permissions
+# name that consumer, not any consumer of the stream (which would include other nodes' durables).
+READER_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("kipvs_reader_name", default=None)
+_reader_locks: dict[str, asyncio.Lock] = {}
+
+
+async def _read_as(js: JetStreamContext, reader: str, stream: str, subject: str, config: ConsumerConfig,
+                   upto: int) -> AsyncIterator[Msg]:
+    """read_stream with a fixed consumer name: one read at a time per name, the consumer made afresh
+    (its start position is part of its config) and deleted after."""
+    lock = _reader_locks.setdefault(reader, asyncio.Lock())
+    async with lock:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(stream, reader)
+        config.name = reader
+        if subject != ">":
+            config.filter_subject = subject
+        await js.add_consumer(stream, config)
+        try:
+            sub = await js.pull_subscribe_bind(consumer=reader, stream=stream)
+            async for msg in _drain(sub, upto):
+                yield msg
+        finally:
+            with contextlib.suppress(*INFRASTRUCTURE_ERRORS, NotFoundError):
+                await js.delete_consumer(stream, reader)
+
+
+async def _drain(sub: Any, upto: int) -> AsyncIterator[Msg]:
     try:
         remaining = (await sub.consumer_info()).num_pending
         while remaining > 0:

@@ -22,6 +22,8 @@ from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "nats": ("kipvs.shared.cli", "run only the embedded NATS server (JetStream on loopback)"),
+    "topology": ("kipvs.shared.topology_apply", "declare the streams and consumers (the admin identity)"),
+    "credentials": ("kipvs.shared.credentials_command", "make the bus's CA, certificates, NKEYs and Secrets"),
 }
 
 
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         await server.start(port=args.port, stable=True)
         print(f"NATS with JetStream listening on {server.url} (store: {where / 'jetstream'}); Ctrl-C stops it",
               flush=True)
+        print(f"TLS and an identity per role: CA, server certificate and NKEY seeds in {server.auth_dir} (owner "
+              "only); kipvs services and tools find them there", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,7 +103,8 @@ def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callabl
 
 def _discover() -> None:
     """Services register their subcommands in kipvs.<service>.commands (cheap modules, no heavy imports)."""
-    for package in ("kipvs.simulator", "kipvs.watcher", "kipvs.planner", "kipvs.applier", "kipvs.audit", "kipvs.demo"):
+    for package in ("kipvs.simulator", "kipvs.watcher", "kipvs.planner", "kipvs.applier", "kipvs.audit", "kipvs.demo",
+                    "kipvs.auth"):
         try:
             commands = importlib.import_module(f"{package}.commands")
         except ModuleNotFoundError as exc:

@@ -52,6 +52,14 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     healthz_stale_after: Annotated[float, describe(
         "seconds an input may wait unhandled before /healthz reports 503 (kube-proxy's healthz meaning)"),
         msgspec.Meta(gt=0)] = 60.0
+    nats_nkey_file: Annotated[str, describe(
+        "file holding this service's NKEY seed (its role's identity on the bus); empty: the embedded "
+        "server's, when it has credentials")] = ""
+    nats_token_file: Annotated[str, describe(
+        "file holding a Kubernetes ServiceAccount token the auth service verifies (appliers: a projected "
+        "token, re-read at every connect)")] = ""
+    nats_ca_file: Annotated[str, describe(
+        "CA certificate (PEM) the NATS server's certificate must chain to: TLS, hostname checked")] = ""
     log_format: Annotated[Literal["human", "json"], describe("log line format")] = "human"
     log_level: Annotated[Literal["debug", "info", "warning", "error"], describe("log level")] = "info"
 

@@ -22,6 +22,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .nats_credentials import (
+    AUTH_DIR,
+    CA_CERT,
+    ClientAuth,
+    embedded_client,
+    ensure_local_applier,
+    local_applier_seed,
+    local_appliers,
+    write_server_config,
+)
+from .nats_credentials import ensure as ensure_credentials
+from .pki import LOCAL_NAMES
+
 RUNFILE = "nats-server.json"
 PORTFILE = "nats-server.port"
 DEFAULT_PORT = 4222
@@ -79,13 +92,30 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 @dataclass
 class EmbeddedNats:
-    """A nats-server process with JetStream on 127.0.0.1, its store under ``state_dir``."""
+    """A nats-server process with JetStream on 127.0.0.1, its store under ``state_dir``.
+
+    ``secure`` (the default): TLS and identities from the credentials it makes on first start in
+    ``state_dir/nats-auth`` (see :mod:`kipvs.shared.nats_credentials`), the topology declared with the
+    admin identity once it listens; ``callout``: appliers authenticate through ``kipvs auth`` (the demo,
+    which has a Kubernetes API) instead of the static per-node identities of :meth:`add_local_applier`."""
 
     state_dir: Path
     port: int = 0
     process: asyncio.subprocess.Process | None = None
     owned: bool = False
     host: str = "127.0.0.1"  # the demo's guest listens on its bridge, for appliers in node namespaces
+    secure: bool = True
+    callout: bool = False
+    names: tuple[str, ...] = ()  # certificate names beyond localhost/127.0.0.1/::1 and host
+    credentials: Path | None = None  # made elsewhere (the demo's guest reads the host's): else state_dir/nats-auth
+
+    @property
+    def auth_dir(self) -> Path:
+        return self.credentials or self.state_dir / AUTH_DIR
+
+    def identity(self, role: str, inbox: str = "") -> ClientAuth | None:
+        """A client identity of this server's (None when it is not secure)."""
+        return embedded_client(self.auth_dir, role, inbox) if self.secure else None
 
     @property
     def url(self) -> str:
@@ -100,7 +130,8 @@ class EmbeddedNats:
         except (OSError, ValueError):
             return None
         if _alive(int(info.get("pid", 0))) and _port_open(int(info.get("port", 0))):
-            return cls(state_dir=state_dir, port=int(info["port"]))
+            return cls(state_dir=state_dir, port=int(info["port"]), host=info.get("host", "127.0.0.1"),
+                       secure=bool(info.get("secure", False)), callout=bool(info.get("callout", False)))
         return None
 
     def stable_port(self) -> int:
@@ -123,12 +154,15 @@ class EmbeddedNats:
             raise EmbeddedNatsError(f"port {self.port} on {self.host} is already in use (another NATS server?); "
                                     f"choose another with --port or stop that process")
         store = self.state_dir / "jetstream"
+        if self.secure:
+            argv = [server_binary(), "-c", str(self._write_config())]
+        else:
+            argv = [server_binary(), "--jetstream", "--store_dir", str(store), "--addr", self.host,
+                    "--port", str(self.port), "--server_name", "kipvs-embedded"]
         log = (self.state_dir / "nats-server.log").open("ab")
         try:
             self.process = await asyncio.create_subprocess_exec(
-                server_binary(), "--jetstream", "--store_dir", str(store), "--addr", self.host,
-                "--port", str(self.port), "--server_name", "kipvs-embedded",
-                stdout=log, stderr=log, start_new_session=True,
+                *argv, stdout=log, stderr=log, start_new_session=True,
             )
         finally:
             log.close()
@@ -148,7 +182,51 @@ class EmbeddedNats:
         if self.process.returncode is not None:
             raise EmbeddedNatsError(f"nats-server exited with {self.process.returncode} at start; see "
                                     f"{self.state_dir / 'nats-server.log'}")
-        (self.state_dir / RUNFILE).write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
+        (self.state_dir / RUNFILE).write_text(json.dumps({"pid": self.process.pid, "port": self.port, "host": self.host,
+                                                          "secure": self.secure, "callout": self.callout}))
+        if self.secure:
+            await self.declare(local_appliers(self.auth_dir))
+
+    def _write_config(self) -> Path:
+        """Make what is missing of the credentials, and write the server's configuration from them."""
+        wildcard = self.host in ("0.0.0.0", "::", "")
+        names = [*LOCAL_NAMES, *([] if wildcard or self.host in LOCAL_NAMES else [self.host]), *self.names]
+        ensure_credentials(self.auth_dir, tuple(dict.fromkeys(names)))
+        return write_server_config(self.auth_dir, self.state_dir / "jetstream", host=self.host, port=self.port,
+                                   callout=self.callout, path=self.state_dir / "nats-server.conf")
+
+    @property
+    def client_url(self) -> str:
+        """The URL clients use: the host the certificate names (loopback when listening on all addresses)."""
+        return f"nats://127.0.0.1:{self.port}" if self.host in ("0.0.0.0", "::", "") else self.url
+
+    async def declare(self, nodes: list[str] | tuple[str, ...] = ()) -> None:
+        """The admin identity declares the streams, the planner's consumer and the given nodes' consumers."""
+        import nats
+
+        from . import bus, topology
+
+        admin = self.identity("admin")
+        nc = await nats.connect(self.client_url, name="kipvs-embedded-admin", allow_reconnect=False, connect_timeout=5,
+                                **(admin.connect_options() if admin else {}))
+        try:
+            await bus.setup(nc, 1, [topology.planner_consumer(), *(topology.applier_consumer(n) for n in nodes)])
+        finally:
+            await nc.close()
+
+    async def add_local_applier(self, node: str) -> ClientAuth:
+        """A static identity for ``node``'s applier (one machine, no Kubernetes to vouch for the node): made
+        on first use, the running server's configuration reloaded (SIGHUP), its consumer declared."""
+        if ensure_local_applier(self.auth_dir, node):
+            self._write_config()
+            pid = int(json.loads((self.state_dir / RUNFILE).read_text()).get("pid", 0))
+            os.kill(pid, signal.SIGHUP)  # nats-server reloads its users without dropping anyone
+            await asyncio.sleep(0.5)
+        await self.declare([node])
+        from .nats_permissions import applier_durable, inbox_prefix
+
+        return ClientAuth(nkey_file=str(local_applier_seed(self.auth_dir, node)),
+                          ca_file=str(self.auth_dir / CA_CERT), inbox_prefix=inbox_prefix(applier_durable(node)))
 
     @staticmethod
     def stop_running(state_dir: Path) -> int | None:

@@ -20,6 +20,7 @@ import nats
 
 from . import bus, events, topology
 from .embedded_nats import EmbeddedNats, default_state_dir
+from .nats_credentials import AUTH_DIR, ClientAuth, CredentialsError, for_service
 
 STREAMS = {"kube": topology.KUBE_STREAM, "plan": topology.PLAN_STREAM, "status": topology.STATUS_STREAM,
            "parked": topology.PARKED_STREAM}
@@ -34,6 +35,11 @@ def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "running for --state-dir)")
     parser.add_argument("--state-dir", default="", help="the embedded server's state dir (default: "
                                                         "$KIPVS_STATE_DIR or ~/.local/state/kipvs)")
+    parser.add_argument("--nats-nkey-file", default=os.environ.get("KIPVS_NATS_NKEY_FILE", ""), metavar="FILE",
+                        help="the tools identity's NKEY seed (env KIPVS_NATS_NKEY_FILE; default: the embedded "
+                             "server's, when it has credentials)")
+    parser.add_argument("--nats-ca-file", default=os.environ.get("KIPVS_NATS_CA_FILE", ""), metavar="FILE",
+                        help="CA the server's certificate must chain to (env KIPVS_NATS_CA_FILE)")
     parser.add_argument("--log", default="", metavar="FILE",
                         help="read a recorded log ('kipvs tap --json' lines, e.g. the demo's) instead of NATS")
 
@@ -48,7 +54,22 @@ def nats_url(args: argparse.Namespace) -> str:
     if running is None:
         raise ToolError(f"no NATS to read: give --nats-url (or NATS_URL), or start kipvs (no embedded server "
                         f"runs for {where})")
-    return running.url
+    return running.client_url
+
+
+def tools_identity(args: argparse.Namespace) -> ClientAuth | None:
+    """The read-only tools identity: the files given, else the embedded server's (when no URL is given)."""
+    nkey, ca = getattr(args, "nats_nkey_file", ""), getattr(args, "nats_ca_file", "")
+    embedded = None
+    if not (args.nats_url or os.environ.get("NATS_URL")):
+        embedded = (Path(args.state_dir) if args.state_dir else default_state_dir()) / AUTH_DIR
+    auth = for_service("tools", "tools", nkey_file=nkey, ca_file=ca, embedded_dir=embedded)
+    if auth is not None:
+        try:
+            auth.check()
+        except CredentialsError as exc:
+            raise ToolError(str(exc)) from None
+    return auth
 
 
 @contextlib.asynccontextmanager
@@ -58,15 +79,23 @@ async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
         yield RecordedLog.load(Path(args.log))
         return
     url = nats_url(args)
-    async def quiet(_: Exception) -> None:
-        return None  # the failure is raised below, once, as a sentence
+    auth = tools_identity(args)
+    errors: list[BaseException] = []
+
+    async def quiet(exc: Exception) -> None:
+        errors.append(exc)  # the failure is raised below, once, as a sentence
 
     try:
         # max_reconnect_attempts=0 makes nats-py retry forever (found here): one attempt, then a sentence
         nc = await nats.connect(bus.servers(url), name="kipvs-tool", connect_timeout=3, allow_reconnect=False,
-                                max_reconnect_attempts=1, error_cb=quiet)
-    except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
-        raise ToolError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+                                max_reconnect_attempts=1, error_cb=quiet,
+                                **(auth.connect_options() if auth else {}))
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        cause = errors[0] if errors else exc
+        raise ToolError(f"cannot reach NATS at {url}: {bus.describe_refusal(cause, auth)}") from None
+    if auth is not None and auth.nkey_file:
+        # an identity of its own (the tools'): read the plan through its mirror
+        bus.STREAM_ALIASES.set({topology.PLAN_STREAM: topology.PLAN_AUDIT_STREAM})
     try:
         yield nc.jetstream()
     finally:

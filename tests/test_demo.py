@@ -87,7 +87,12 @@ def test_demo_in_the_guest_kept_running_and_explored_live_from_the_host() -> Non
         # Kept running: the tools on this host follow the guest's live log over the demo's link.
         url = "nats://10.254.254.2:4222"
         assert f"and on {url}, reachable from the host" in out
-        why = subprocess.run([KIPVS, "why", "--nats-url", url, "--node", "node-c", "10.96.0.10:80"],
+        # as the read-only tools identity, with the credentials the demo made on this host
+        from kipvs.demo.main import demo_credentials
+
+        creds = demo_credentials("10.254.254.2")
+        why = subprocess.run([KIPVS, "why", "--nats-url", url, "--node", "node-c", "10.96.0.10:80",
+                              "--nats-nkey-file", str(creds / "tools.nk"), "--nats-ca-file", str(creds / "ca.pem")],
                              capture_output=True, text=True, timeout=60)
         assert why.returncode == 0 and "web-3" not in why.stdout and "10.244.3.11:8080 weight 1" in why.stdout
         demo.send_signal(signal.SIGINT)  # Ctrl-C

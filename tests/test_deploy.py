@@ -69,16 +69,20 @@ def _by_kind(kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in documents() if d["kind"] == kind}
 
 
-def test_only_the_watcher_talks_to_the_api_and_only_lists_and_watches() -> None:
+def test_only_the_watcher_and_the_auth_service_talk_to_the_api() -> None:
     roles = _by_kind("ClusterRole")
-    assert set(roles) == {"kipvs-watcher"} and not _by_kind("Role")
+    assert set(roles) == {"kipvs-watcher", "kipvs-auth"} and not _by_kind("Role")
+    # the auth service only reviews tokens
+    assert roles["kipvs-auth"]["rules"] == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                                            "verbs": ["create"]}]
     for rule in roles["kipvs-watcher"]["rules"]:
         assert rule["verbs"] == ["list", "watch"]
     granted = {(g, r) for rule in roles["kipvs-watcher"]["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert granted == {("", "services"), ("", "nodes"), ("", "pods"), ("discovery.k8s.io", "endpointslices"),
                        ("crd.projectcalico.org", "felixconfigurations")}
-    (binding,) = _by_kind("ClusterRoleBinding").values()
-    assert [s["name"] for s in binding["subjects"]] == ["kipvs-watcher"]
+    bindings = _by_kind("ClusterRoleBinding")
+    assert {name: [s["name"] for s in b["subjects"]] for name, b in bindings.items()} == \
+        {"kipvs-watcher": ["kipvs-watcher"], "kipvs-auth": ["kipvs-auth"]}
     for name in ("kipvs-planner", "kipvs-applier"):
         assert _by_kind("ServiceAccount")[name]["automountServiceAccountToken"] is False
 

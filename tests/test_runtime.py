@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import nats
+import pytest
 
 from kipvs.shared import config, runtime, topology
 from kipvs.shared.embedded_nats import EmbeddedNats
@@ -100,7 +101,13 @@ def test_kipvs_nats_runs_jetstream_on_loopback_and_stops_on_sigterm(tmp_path: Pa
         assert f"listening on nats://127.0.0.1:{port}" in line
 
         async def use() -> None:
-            nc = await nats.connect(f"nats://127.0.0.1:{port}")
+            from kipvs.shared import nats_credentials
+
+            # secured by default: TLS and an identity, made in the state directory on first start
+            with pytest.raises((nats.errors.Error, OSError)):
+                await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, connect_timeout=3)
+            admin = nats_credentials.embedded_client(tmp_path / "nats-auth", "admin")
+            nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, **admin.connect_options())
             js = nc.jetstream()
             await js.add_stream(name="probe", subjects=["probe"])
             ack = await js.publish("probe", b"x")

@@ -16,8 +16,8 @@ async def test_setup_creates_every_stream_and_is_idempotent(nats_url: str) -> No
         js = await bus.setup(nc, consumers=specs)
         names = sorted(s.config.name for s in await js.streams_info())
         assert names == sorted([topology.KUBE_STREAM, topology.PLAN_STREAM, topology.STATUS_STREAM,
-                                topology.PARKED_STREAM, f"OBJ_{topology.SNAPSHOT_BUCKET}",
-                                f"KV_{topology.PLANNER_LEASE_BUCKET}"])
+                                topology.PARKED_STREAM, topology.PLAN_AUDIT_STREAM,
+                                f"OBJ_{topology.SNAPSHOT_BUCKET}", f"KV_{topology.PLANNER_LEASE_BUCKET}"])
         # A second service starting against the same server changes nothing and raises nothing.
         await bus.setup(nc, consumers=specs)
         info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a-example")

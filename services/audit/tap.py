@@ -101,7 +101,7 @@ async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
 async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
     """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now)."""
     stream = STREAMS[name]
-    sub = await js.pull_subscribe(SUBJECTS[name], stream=stream, config=_consumer(None, after_seq))
+    sub = await js.pull_subscribe(SUBJECTS[name], stream=bus.readable(stream), config=_consumer(None, after_seq))
     try:
         while True:
             try:

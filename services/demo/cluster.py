@@ -30,6 +30,7 @@ from kipvs.planner.render import ipvsadm
 from kipvs.shared import bus, events, topology
 from kipvs.shared.embedded_nats import EmbeddedNats
 from kipvs.shared.log_client import read_all
+from kipvs.shared.pki import write_private
 from kipvs.shared.plan.node_state import NodeState
 from kipvs.shared.plan.resolve import resolve_node
 from kipvs.simulator import scenario as scenarios
@@ -61,6 +62,7 @@ class Cluster:
     view: Planner = field(default_factory=lambda: Planner(PlannerConfig()))  # see planned()
     keeping: bool = False  # the script reached --keep's wait: a stop then is the normal end
     applier_args: tuple[str, ...] = ()  # more flags for every applier (netlink backend)
+    credentials: Path | None = None  # the bus's credentials, made beforehand (the guest's are the host's)
 
     @property
     def url(self) -> str:
@@ -85,9 +87,14 @@ class Cluster:
             if self.host_link:
                 network.host_link(self.host_link)
                 host = "0.0.0.0"  # the guest's own addresses only: its bridge and the link from the host
-        self.nats_server = EmbeddedNats(self.workdir / "nats", host=host)
+        # Secured as in a cluster: TLS, an identity per role, appliers vouched for by 'kipvs auth' (the callout)
+        # from their pod's ServiceAccount token, which the simulator issues and reviews as kube-apiserver does.
+        extra = (self.host_link.split("/")[0],) if self.host_link else ()
+        self.nats_server = EmbeddedNats(self.workdir / "nats", host=host, callout=True,
+                                        names=(network.BRIDGE_IP, *extra), credentials=self.credentials)
         await self.nats_server.start(port=4222 if self.host_link else 0)
-        self.nc = await nats.connect(self.url, name="kipvs-demo")
+        admin = self.nats_server.identity("admin")
+        self.nc = await nats.connect(self.url, name="kipvs-demo", **(admin.connect_options() if admin else {}))
         self.js = self.nc.jetstream()
 
     async def start_simulator(self) -> None:
@@ -102,17 +109,56 @@ class Cluster:
         for obj in self._objects("Pod"):
             await self.add_pod(obj)
 
+    @property
+    def auth_dir(self) -> Path:
+        assert self.nats_server is not None
+        return self.nats_server.auth_dir
+
+    async def applier_token(self, node: str) -> Path:
+        """What the kubelet does for the applier's pod on ``node``: the pod, and a projected token bound to it
+        (audience kipvs-nats), in a file only its owner reads."""
+        assert self.sim is not None
+        pod = await self.sim.apply({"apiVersion": "v1", "kind": "Pod",
+                                    "metadata": {"name": f"kipvs-applier-{node}", "namespace": "kipvs-system"},
+                                    "spec": {"nodeName": node, "serviceAccountName": "kipvs-applier"}})
+        issued = self.sim.tokens.request("kipvs-system", "kipvs-applier", {"spec": {
+            "audiences": ["kipvs-nats"], "expirationSeconds": 24 * 3600,
+            "boundObjectRef": {"kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}}})
+        path = self.workdir / "tokens" / f"{node}.token"
+        write_private(path, issued["status"]["token"].encode())
+        return path
+
+    async def auth_listening(self, within: float) -> None:
+        """Wait until the auth callout answers (its log says so): appliers connecting before it would wait
+        for the server's authorization timeout."""
+        log = self.workdir / "logs" / "auth.log"
+        deadline = asyncio.get_running_loop().time() + within
+        while "answering NATS authorization requests" not in (log.read_text() if log.exists() else ""):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the auth service did not start within {within:.0f}s; see {log}")
+            await asyncio.sleep(0.1)
+
     async def start(self, service: str) -> None:
-        """Start (or restart) one service: watcher, planner or applier-<node>."""
-        common = ["--nats-url", self.url, "--http-listen", "", "--log-format", "json"]
-        if service == "watcher":
+        """Start (or restart) one service: auth, watcher, planner or applier-<node>."""
+        common = ["--nats-url", self.url, "--http-listen", "", "--log-format", "json",
+                  "--nats-ca-file", str(self.auth_dir / "ca.pem")]
+        if service in ("auth", "watcher", "planner"):
+            common += ["--nats-nkey-file", str(self.auth_dir / f"{service}.nk")]
+        if service == "auth":
+            argv = [KIPVS, "auth", "--kubeconfig", str(self.workdir / "kubeconfig"),
+                    "--issuer-nkey-file", str(self.auth_dir / "issuer.nk"), *common]
+        elif service == "watcher":
             argv = [KIPVS, "watcher", "--kubeconfig", str(self.workdir / "kubeconfig"), *common]
         elif service == "planner":
             argv = [KIPVS, "planner", *common]
         else:
+            if "auth" not in self.processes:  # an applier's identity comes from the auth callout
+                await self.start("auth")
+                await self.auth_listening(within=30)
             node = service.removeprefix("applier-")
             argv = [KIPVS, "applier", "--node", node, "--drift-period", "10",
-                    "--drain-timeout", str(self.drain_timeout), *common]
+                    "--drain-timeout", str(self.drain_timeout), *common,
+                    "--nats-token-file", str(await self.applier_token(node))]
             if self.backend == "memory":
                 argv += ["--backend", "memory"]
             else:

@@ -25,6 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep everything running after the steps; Ctrl-C stops")
 
 
+def demo_credentials(*names: str) -> Path:
+    """The guest demo's bus credentials, in the state directory: CA, server certificate for the guest's bridge
+    and host link, role NKEYs. Made once; the tools use ``tools.nk`` and ``ca.pem`` from here."""
+    from kipvs.shared import nats_credentials, pki
+    from kipvs.shared.embedded_nats import default_state_dir
+
+    from .network import BRIDGE_IP
+
+    where = default_state_dir() / "demo-credentials"
+    wanted = (*pki.LOCAL_NAMES, BRIDGE_IP, *names)
+    cert = where / nats_credentials.SERVER_CERT
+    if cert.exists() and not set(wanted) <= set(pki.names_of(cert.read_bytes())):
+        cert.unlink()  # another host link address: a new certificate from the same CA
+    nats_credentials.ensure(where, wanted)
+    return where
+
+
 def run(args: argparse.Namespace) -> int:
     from kipvs.guest import vm as guest
 
@@ -43,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"kipvs demo: no link from this host into the guest ({problem}); the tools will read the saved log "
               "instead of the live one", flush=True)
+    # The bus's credentials are made here, where the guest reads them (the host's root, read-only) and where the
+    # tools on this host find them to follow the live log.
+    credentials = demo_credentials(*([] if problem else [link.guest_address]))
     command = [sys.executable, "-m", "kipvs.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
+               "--credentials", str(credentials),
                "--stop-file", f"{guest.SHARE_IN_GUEST}/stop", "--save-log", "-", *(["--keep"] if args.keep else []),
                *([] if problem else ["--host-link", f"{link.guest_address}/{link.prefix}"])]
     saved: list[str] = []

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
     parser.add_argument("--stop-file", default="", help="also stop when this file appears (the host's Ctrl-C)")
     parser.add_argument("--workdir", default="", help="where logs and the NATS store go")
+    parser.add_argument("--credentials", default="", help="the bus's credentials directory, made beforehand "
+                                                          "(default: made in the workdir)")
     parser.add_argument("--host-link", default="", metavar="ADDRESS/PREFIX",
                         help="the guest's end of a link from the host (eth0): NATS listens there too, so tools on "
                              "the host reach the live log")
@@ -58,7 +60,8 @@ async def demo(args: argparse.Namespace) -> int:
     scenario.steps = []  # the demo makes its own changes, timed
     own_workdir = not args.workdir  # a temporary folder of ours: removed at the end unless something failed
     cluster = Cluster(workdir_for(Path(args.workdir) if args.workdir else None), args.backend, scenario,
-                      host_link=args.host_link)
+                      host_link=args.host_link,
+                      credentials=Path(args.credentials) if args.credentials else None)
     status = 1
     script = asyncio.create_task(_script(cluster, args))
     stopper = asyncio.create_task(_stop_requested(args))
@@ -120,9 +123,11 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     if real:
         say(f"      pods are network namespaces serving HTTP on :8080, behind veths named as Calico names them; "
             f"nodes {', '.join(f'{n.name} ({n.address})' for n in cluster.nodes)} on one bridge")
-    step(3, "watcher, planner and one applier per node ...")
-    for service in ("watcher", "planner", *(f"applier-{n}" for n in cluster.node_names())):
+    step(3, "auth callout, watcher, planner and one applier per node (TLS; an identity each) ...")
+    for service in ("auth", "watcher", "planner", *(f"applier-{n}" for n in cluster.node_names())):
         await cluster.start(service)
+        if service == "auth":
+            await cluster.auth_listening(within=30)
         say(f"      started {service}")
     step(4, "waiting until every node holds its plan ...")
     took = await cluster.converged(within=120)
@@ -271,12 +276,14 @@ async def _last(cluster: Cluster, stream: str) -> int:
 
 async def _keep(cluster: Cluster, args: argparse.Namespace) -> None:
     url = cluster.public_url
-    say("\neverything keeps running. Explore from another terminal (.venv/bin/kipvs):")
-    say(f"  kipvs tap --nats-url {url} --since 1h          # the whole log, then live")
-    say(f"  kipvs why --nats-url {url} --node node-b 10.96.0.10:80")
-    say(f"  kipvs history --nats-url {url} EndpointSlice/default/web-x1")
-    say(f"  kipvs replay --nats-url {url}                   # re-plan the log, diff with what was published")
-    say(f"  kipvs plan --nats-url {url} --node node-c --at 20")
+    say("\neverything keeps running. Explore from another terminal (.venv/bin/kipvs), as the read-only tools identity:")
+    say(f"  export NATS_URL={url} KIPVS_NATS_NKEY_FILE={cluster.auth_dir / 'tools.nk'} "
+        f"KIPVS_NATS_CA_FILE={cluster.auth_dir / 'ca.pem'}")
+    say("  kipvs tap --since 1h          # the whole log, then live")
+    say("  kipvs why --node node-b 10.96.0.10:80")
+    say("  kipvs history EndpointSlice/default/web-x1")
+    say("  kipvs replay                   # re-plan the log, diff with what was published")
+    say("  kipvs plan --node node-c --at 20")
     if cluster.backend == "netlink" and url == cluster.url:
         say("  (no link from the host into the guest: these work inside it only; the log is saved when it stops)")
     say("Ctrl-C stops everything.")

@@ -24,6 +24,7 @@ import yaml
 from aiohttp import web
 
 from .store import BY_KIND, BY_PLURAL, ApiError, Resource, Store
+from .tokens import TokenAuthority
 
 log = logging.getLogger("kipvs.simulator")
 
@@ -50,6 +51,7 @@ class Simulator:
         self.watches: set[_Watch] = set()
         self._changed = asyncio.Condition()
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every API request, for tests
+        self.tokens = TokenAuthority(self.store)
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -137,6 +139,9 @@ class Simulator:
         r.add_get("/version", self._version)
         r.add_get("/_sim/kubeconfig", self._get_kubeconfig)
         r.add_post("/_sim/fault/{fault}", self._fault)
+        # before the generic routes, which would take them for unknown resources
+        r.add_post("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", self._token_request)
+        r.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}", self._collection)
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}/{name}", self._item)
@@ -151,6 +156,13 @@ class Simulator:
             return await handler(request)
         except ApiError as exc:
             return web.json_response(exc.status(), status=exc.code)
+
+    async def _token_request(self, request: web.Request) -> web.Response:
+        issued = self.tokens.request(request.match_info["namespace"], request.match_info["name"], await request.json())
+        return web.json_response(issued, status=201)
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        return web.json_response(self.tokens.review(await request.json()), status=201)
 
     async def _version(self, _: web.Request) -> web.Response:
         return web.json_response({"major": "1", "minor": "34", "gitVersion": "v1.34.0-kipvs-simulator"})
