@@ -164,8 +164,14 @@ class DurableConsumer:
     handled is left unacked, nothing unhandled is acked."""
 
     def __init__(self, js: JetStreamContext, spec: topology.ConsumerSpec, service: str,
-                 handler: BatchHandler, batch: int = 256, idle: Callable[[], Awaitable[None]] | None = None):
+                 handler: BatchHandler, batch: int = 256, idle: Callable[[], Awaitable[None]] | None = None,
+                 on_fetch_error: Callable[[BaseException, float], Awaitable[bool]] | None = None):
         self.js = js
+        # Called after a failed fetch with the error and the seconds since fetches began to fail: the
+        # consumer itself may be gone (deleted, or held in memory by a server that restarted). True: it
+        # has been dealt with (the consumer recreated), fetch again at once.
+        self.on_fetch_error = on_fetch_error
+        self._failing_since: float | None = None
         self.spec = spec
         self.service = service
         self.handler = handler
@@ -191,7 +197,9 @@ class DurableConsumer:
             while not self._stop.is_set():
                 try:
                     msgs = await sub.fetch(self.batch, timeout=0.5)
+                    self._failing_since = None
                 except (TimeoutError, NatsTimeoutError):
+                    self._failing_since = None
                     self._queued_at = None
                     if self.idle is not None:
                         await self.idle()
@@ -200,6 +208,11 @@ class DurableConsumer:
                     delay = self._backoff.next()
                     log.warning("cannot fetch from %s (%s: %s); retrying in %.1fs", self.spec.config.durable_name,
                                 type(exc).__name__, exc or "", delay)
+                    now = asyncio.get_running_loop().time()
+                    self._failing_since = self._failing_since if self._failing_since is not None else now
+                    if self.on_fetch_error is not None and await self.on_fetch_error(exc, now - self._failing_since):
+                        self._backoff.reset()
+                        continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), delay)
                     continue

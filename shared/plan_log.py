@@ -37,21 +37,30 @@ async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
 async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> int:
     """Apply to ``plan`` the shared deltas stored after ``after_stream_seq``, in order; returns how many.
     Unusable messages are skipped (their consumers park them); a sequence gap stops the catch-up there."""
-    applied = 0
+    return (await catch_up_to(js, plan, after_stream_seq))[0]
+
+
+async def catch_up_to(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> tuple[int, int]:
+    """:func:`catch_up`, also returning the plan-stream sequence it read up to (``after_stream_seq`` when
+    nothing was stored after it): where a consumer that takes over from this reading must start, minus one."""
+    applied, last = 0, after_stream_seq
     async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT,
                                      start_seq=after_stream_seq + 1):
         try:
             record = events.decode(msg.data or b"").record
         except events.ContractError:
+            last = msg.metadata.sequence.stream
             continue
         if not isinstance(record, events.PlanDelta):
+            last = msg.metadata.sequence.stream
             continue
         try:
             applied += plan.apply(record)
         except SequenceGap as exc:
             log.warning("reading the published plan: %s", exc)
             break
-    return applied
+        last = msg.metadata.sequence.stream
+    return applied, last
 
 
 async def published_plan(js: JetStreamContext) -> SharedPlan:

@@ -34,7 +34,7 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, node_facts, node_settings, plan_cache
+from . import health_check, node_facts, node_settings, plan_cache, plan_consumer
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -125,6 +125,7 @@ class Applier:
         self.kernel = kernel
         self.rules = rules
         self.plan = SharedPlan()
+        self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
         self.desired = DesiredState()
         self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
         self.conntrack_cleanup = True
@@ -153,7 +154,8 @@ class Applier:
         ``plan_stream_seq`` onwards). A restart therefore never programs a state older than the newest one
         published, which is never older than what this node last applied."""
         self.plan, stream_seq = await plan_log.load_snapshot(self.ctx.js)
-        caught_up = await plan_log.catch_up(self.ctx.js, self.plan, stream_seq)
+        caught_up, read_upto = await plan_log.catch_up_to(self.ctx.js, self.plan, stream_seq)
+        self.stream_seq = max(self.stream_seq, read_upto)
         if self.use_interfaces:
             self.local_addresses = await self.kernel.node_addresses()
         self.desired = DesiredState.of(self.plan.services, self.facts())
@@ -281,6 +283,7 @@ class Applier:
                     continue
             touched |= {op.service.key if isinstance(op, events.SetService) else op.key
                         for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
+        self.stream_seq = max(self.stream_seq, batch[-1].stream_sequence)
         facts = self.facts()
         if facts != facts_before:
             touched = set(self.desired.contributions) | set(self.plan.services)
@@ -452,9 +455,11 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         async def idle() -> None:
             ctx.set_ready()
 
-        spec = topology.applier_consumer(cfg.node)
+        # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
+        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
+        spec = await keeper.start()
         consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
-                                       batch=cfg.batch, idle=idle)
+                                       batch=cfg.batch, idle=idle, on_fetch_error=keeper.on_fetch_error)
         ctx.queued_since = consumer.queued_since
 
         async def drift_loop() -> None:
@@ -552,8 +557,8 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("kipvs.applier").warning("--backend memory: a SIMULATED kernel, nothing is programmed")
         if cfg.plan_cache:
             await plan_cache.restore(Path(cfg.plan_cache), cfg.node, kernel)
-        await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules),
-                                  consumers=[topology.applier_consumer(cfg.node)])
+        # No consumer here: apply_plan creates it after the bootstrap, where the bootstrap stopped reading.
+        await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules))
         return 0
 
     return asyncio.run(main())
