@@ -127,6 +127,7 @@ class Applier:
         self.plan = SharedPlan()
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
         self.desired = DesiredState()
+        self.health_wanted: dict[str, tuple[int, int]] = {}  # health_check.wanted_ports, kept per change
         self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
         self.conntrack_cleanup = True
         self.timeouts = Timeouts()
@@ -309,7 +310,7 @@ class Applier:
         await self.clear_stale_flows(ops)
         if self.calico != calico_before:
             await self.sync_endpoint_marks()
-        await self.sync_health_checks()
+        await self.sync_health_checks(touched)
         elapsed = time.perf_counter() - started
         self.apply_seconds.observe(elapsed)
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
@@ -348,7 +349,7 @@ class Applier:
                 flows.append((op.key, None))
             elif isinstance(op, AddReal) and op.service[0] in ("UDP", "SCTP"):
                 added[op.service] = added.get(op.service, 0) + 1
-        desired = self.desired.state().ipvs
+        desired = self.desired.services  # not state(): that copies the whole node's state for one change
         for key, count in sorted(added.items()):
             if key in desired and len(desired[key].reals) == count:  # every real server is new: 0 -> N
                 flows.append((key, None))
@@ -358,10 +359,18 @@ class Applier:
             except (OSError, NetlinkError) as exc:
                 log.warning("conntrack cleanup failed (%s); stale UDP flows expire by themselves", exc)
 
-    async def sync_health_checks(self) -> None:
+    async def sync_health_checks(self, touched: set[str] | None = None) -> None:
+        """The health-check node ports the plan asks for: every Service's (``touched`` None: at bootstrap) or
+        only those a batch touched; the servers are synced only when what they serve changed."""
         facts = self.facts()
         addresses = facts.addresses if facts is not None else ()
-        await self.health.sync(health_check.wanted_ports(self.plan.services, self.node), addresses)
+        if touched is None:
+            self.health_wanted = health_check.wanted_ports(self.plan.services, self.node)
+            changed = True
+        else:
+            changed = health_check.update_wanted(self.health_wanted, self.plan.services, touched, self.node)
+        if changed or addresses != self.health.addresses:
+            await self.health.sync(self.health_wanted, addresses)
         self.health.touched()
 
     async def _drift_check(self) -> None:
