@@ -270,8 +270,12 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     """Create the stream, or update it to the declared config; then check what the server echoes."""
     try:
         try:
-            await js.stream_info(spec.config.name)
-            info = await js.update_stream(spec.config)
+            info = await js.stream_info(spec.config.name)
+            # An update is a proposal to the cluster's meta group even when nothing changes: every applier of
+            # a fleet starting at once would queue thousands of them (issue 17). Only a difference is sent.
+            if _differences(spec.config, info.config, _STREAM_FIELDS) or info.config.description != \
+                    spec.config.description:
+                info = await js.update_stream(spec.config)
         except NotFoundError:
             info = await js.add_stream(spec.config)
     except APIError as exc:

@@ -467,8 +467,12 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
         keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
         spec = await keeper.start()
+        # The kernel holds the newest published plan: ready now, not after the first fetch that finds nothing
+        # (it waits plan_consumer.FETCH_WAIT, and never ends empty under steady churn).
+        ctx.set_ready()
         consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
-                                       batch=cfg.batch, idle=idle, on_fetch_error=keeper.on_fetch_error)
+                                       batch=cfg.batch, idle=idle, on_fetch_error=keeper.on_fetch_error,
+                                       fetch_wait=plan_consumer.FETCH_WAIT)
         ctx.queued_since = consumer.queued_since
 
         async def drift_loop() -> None:

@@ -19,6 +19,10 @@ from kipvs.shared import bus, topology
 
 log = logging.getLogger("kipvs.applier")
 
+# Seconds each fetch waits at the server (bus.DurableConsumer.fetch_wait): no latency cost (a waiting fetch
+# gets a message at once), and an idle node costs the servers two requests per wait.
+FETCH_WAIT = 5.0
+
 
 class ConsumerKeeper:
     """Recreates the node's consumer after ``position()`` (the last plan-stream sequence the node applied)

@@ -36,6 +36,7 @@ from typing import Any
 
 import nats
 
+from kipvs.applier import plan_consumer
 from kipvs.shared import events
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.simulator.server import Simulator
@@ -145,6 +146,7 @@ class Observer:
 
     plan: list[tuple[float, str, int, frozenset[str]]] = field(default_factory=list)  # time, subject, seq, keys
     reports: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # node -> (time, plan seq)
+    apply_ms: list[tuple[float, float]] = field(default_factory=list)  # (time, the applier's own batch time)
 
     async def start(self, nc: nats.NATS) -> None:
         async def on_plan(msg) -> None:
@@ -158,6 +160,8 @@ class Observer:
             rec = events.decode(msg.data).record
             if isinstance(rec, events.ApplyReport):
                 self.reports.setdefault(rec.node, []).append((time.time(), rec.plan_seq))
+                if rec.operations:
+                    self.apply_ms.append((time.time(), rec.duration_ms))
 
         await nc.subscribe("kipvs.plan.>", cb=on_plan)
         await nc.subscribe("kipvs.status.*.applied", cb=on_report)
@@ -191,6 +195,7 @@ class Options:
     rate: float = 10.0  # changes per second
     consumer: str = "r1-memory"
     per_process: int = 250  # appliers per fleet process
+    fetch_wait: float = 0.0  # seconds each applier's fetch waits at the server; 0: kipvs's own
 
 
 async def _run(opt: Options, root: Path) -> list[dict[str, float]]:
@@ -233,69 +238,12 @@ async def _run(opt: Options, root: Path) -> list[dict[str, float]]:
         rng = random.Random(17)
         flips: dict[int, int] = {}
         for n in sorted(opt.nodes):
-            # Grow the fleet to n appliers, a fleet process per `per_process`.
-            while started < n:
-                count = min(opt.per_process, n - started)
-                procs.append(_fleet(cluster.url, "node-", started, count, opt.consumer, root))
-                started += count
-            want = [f"node-{i}" for i in range(n)]
-            target = observer.latest()
-            t0 = time.monotonic()
-            await wait_for(lambda: all(observer.reached(w, target) is not None for w in want),  # noqa: B023
-                           120 + n * 0.5 + opt.services * n / 20_000, f"{n} appliers to bootstrap")
-            print(f"  {n} appliers up in {time.monotonic() - t0:.1f}s", flush=True)
-            fleet_pids = [p.pid for p in procs[2:]]
-            await asyncio.sleep(3)  # let the start-up settle
-
-            idle_cpu0, idle_t0 = cluster.cpu_seconds(), time.monotonic()
-            await asyncio.sleep(5)
-            idle_cpu = (cluster.cpu_seconds() - idle_cpu0) / (time.monotonic() - idle_t0)
-
-            # Steady churn: one endpoint's readiness flips in a random Service, `rate` times a second.
-            plan_before = len(observer.plan)
-            cpu0, wall0 = cluster.cpu_seconds(), time.monotonic()
-            changes: list[tuple[float, str]] = []
-            for _ in range(opt.changes):
-                i = rng.randrange(opt.services)
-                flips[i] = (flips.get(i, -1) + 2) % (opt.endpoints + 1) - 1  # -1 (all ready), 0, 1, ...: never twice
-                obj = slice_object(i, opt.endpoints, max_nodes, not_ready=flips[i])
-                changes.append((time.time(), f"{NAMESPACE}/svc-{i}"))
-                await sim.apply(obj)
-                await asyncio.sleep(1 / opt.rate)
-            # Every change's delta (the first shared delta after the write that sets its Service), then
-            # every node past it.
-            def deltas_of() -> list[int]:
-                found = []
-                for t, key in changes:  # noqa: B023
-                    found.append(next((dseq for when, _, dseq, keys in observer.plan[plan_before:]  # noqa: B023
-                                       if dseq and when >= t and key in keys), 0))
-                return found
-
-            with contextlib.suppress(RuntimeError):
-                await wait_for(lambda: all(deltas_of()), 60, "the planner to publish every change", step=0.5)
-            deltas = deltas_of()
-            last = max(deltas)
-            await wait_for(lambda: all(observer.reached(w, last) is not None for w in want),  # noqa: B023
-                           120 + n * 0.2, f"{n} nodes to apply the churn")
-            churn_cpu = (cluster.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
-            lat = []
-            for (t, _), seq in zip(changes, deltas, strict=True):
-                if seq:
-                    lat.append(max(observer.reached(w, seq) or 0.0 for w in want) - t)
-            published = len(observer.plan) - plan_before
-            lat.sort()
-            row = {
-                "nodes": n,
-                "changes": len(lat),
-                "p50_ms": statistics.median(lat) * 1000 if lat else float("nan"),
-                "p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)] * 1000 if lat else float("nan"),
-                "messages_per_change": published / opt.changes,
-                "servers_rss_mib": cluster.rss_mib(),
-                "servers_idle_cpu": idle_cpu,
-                "servers_churn_cpu": churn_cpu,
-                "applier_rss_mib_per_node": sum(rss_mib(pid) for pid in fleet_pids) / n,
-            }
-            row["bootstrap_s"] = await _bootstrap(cluster.url, opt, observer, root, n)
+            try:
+                row = await _step(opt, n, started, procs, observer, cluster, sim, rng, flips, root)
+            except RuntimeError as exc:  # the machine's limit: report what was measured below it
+                print(f"  N={n}: {exc}; the fleet stops growing here", flush=True)
+                break
+            started = n
             rows.append(row)
             print("  " + json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
         await nc.close()
@@ -307,10 +255,95 @@ async def _run(opt: Options, root: Path) -> list[dict[str, float]]:
         cluster.stop()
 
 
-def _fleet(url: str, prefix: str, first: int, count: int, consumer: str, root: Path,
+async def _step(opt: Options, n: int, started: int, procs: list[subprocess.Popen], observer: Observer,
+                cluster: Cluster, sim: Simulator, rng: random.Random, flips: dict[int, int],
+                root: Path) -> dict[str, float]:
+    """One fleet size: grow the fleet to ``n`` appliers, then measure idle, churn and a new node's bootstrap."""
+    max_nodes = max(opt.nodes)
+    # Grow the fleet to n appliers, a fleet process per `per_process`.
+    while started < n:
+        count = min(opt.per_process, n - started)
+        procs.append(_fleet(cluster.url, "node-", started, count, opt, root))
+        started += count
+    want = [f"node-{i}" for i in range(n)]
+    target = observer.latest()
+    t0 = time.monotonic()
+    await wait_for(lambda: all(observer.reached(w, target) is not None for w in want),
+                   120 + n * 1.0 + opt.services * n / 10_000, f"{n} appliers to bootstrap")
+    up_s = time.monotonic() - t0
+    print(f"  {n} appliers up in {up_s:.1f}s", flush=True)
+    fleet_pids = [p.pid for p in procs[2:]]
+    await asyncio.sleep(3)  # let the start-up settle
+
+    idle_cpu0, idle_t0 = cluster.cpu_seconds(), time.monotonic()
+    await asyncio.sleep(10)
+    idle_cpu = (cluster.cpu_seconds() - idle_cpu0) / (time.monotonic() - idle_t0)
+
+    # Steady churn: one endpoint's readiness flips in a random Service, `rate` times a second.
+    plan_before, apply_before = len(observer.plan), len(observer.apply_ms)
+    cpu0, wall0 = cluster.cpu_seconds(), time.monotonic()
+    fleet_cpu0 = sum(cpu_seconds(pid) for pid in fleet_pids)
+    changes: list[tuple[float, str]] = []
+    for _ in range(opt.changes):
+        i = rng.randrange(opt.services)
+        flips[i] = (flips.get(i, -1) + 2) % (opt.endpoints + 1) - 1  # -1 (all ready), 0, 1, ...: never twice
+        obj = slice_object(i, opt.endpoints, max_nodes, not_ready=flips[i])
+        changes.append((time.time(), f"{NAMESPACE}/svc-{i}"))
+        await sim.apply(obj)
+        await asyncio.sleep(1 / opt.rate)
+    # Every change's delta (the first shared delta after the write that sets its Service), then
+    # every node past it.
+    def deltas_of() -> list[int]:
+        found = []
+        for t, key in changes:
+            found.append(next((dseq for when, _, dseq, keys in observer.plan[plan_before:]
+                               if dseq and when >= t and key in keys), 0))
+        return found
+
+    with contextlib.suppress(RuntimeError):
+        await wait_for(lambda: all(deltas_of()), 60, "the planner to publish every change", step=0.5)
+    deltas = deltas_of()
+    last = max(deltas)
+    await wait_for(lambda: all(observer.reached(w, last) is not None for w in want),
+                   120 + n * 0.2, f"{n} nodes to apply the churn")
+    churn_wall = time.monotonic() - wall0
+    churn_cpu = (cluster.cpu_seconds() - cpu0) / churn_wall
+    fleet_cpu = (sum(cpu_seconds(pid) for pid in fleet_pids) - fleet_cpu0) / churn_wall
+    lat = []
+    for (t, _), seq in zip(changes, deltas, strict=True):
+        if seq:
+            lat.append(max(observer.reached(w, seq) or 0.0 for w in want) - t)
+    published = len(observer.plan) - plan_before
+    lat.sort()
+    row = {
+        "nodes": n,
+        "changes": len(lat),
+        "p50_ms": statistics.median(lat) * 1000 if lat else float("nan"),
+        "p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)] * 1000 if lat else float("nan"),
+        "messages_per_change": published / opt.changes,
+        "servers_rss_mib": cluster.rss_mib(),
+        "servers_idle_cpu": idle_cpu,
+        "servers_churn_cpu": churn_cpu,
+        # the servers' CPU per change and node: what one more node costs the cluster per change
+        "servers_cpu_ms_per_change_node": (churn_cpu - idle_cpu) * churn_wall * 1000 / opt.changes / n,
+        # the appliers' processes together, in cores: near the machine's free cores, the latencies
+        # above measure N appliers queueing for 2 cores, not the bus
+        "fleet_cpu": fleet_cpu,
+        "fleet_up_s": up_s,
+        "applier_rss_mib_per_node": sum(rss_mib(pid) for pid in fleet_pids) / n,
+        # inside each applier, per batch: resolve, diff, (memory) kernel write; O(change) if it does
+        # not grow with --services
+        "node_apply_ms_p50": statistics.median([ms for _, ms in observer.apply_ms[apply_before:]] or [0.0]),
+    }
+    row["bootstrap_s"] = await _bootstrap(cluster.url, opt, observer, root, n)
+    return row
+
+
+def _fleet(url: str, prefix: str, first: int, count: int, opt: Options, root: Path,
            stdout: Any = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "tests.bench.fleet_nodes", "--nats-url", url, "--prefix", prefix,
-            "--first", str(first), "--count", str(count), "--consumer", consumer]
+            "--first", str(first), "--count", str(count), "--consumer", opt.consumer,
+            "--fetch-wait", str(opt.fetch_wait)]
     return _spawn(argv, root / f"fleet-{prefix}{first}.log", stdout)
 
 
@@ -318,7 +351,7 @@ async def _bootstrap(url: str, opt: Options, observer: Observer, root: Path, n: 
     """A new node joins: seconds from its applier's start to its first apply report (kernel writes excluded:
     the memory kernel), with the whole plan of ``opt.services`` Services to read from the snapshot."""
     name = f"joiner{n}-"
-    proc = _fleet(url, name, 0, 1, opt.consumer, root, stdout=subprocess.PIPE)
+    proc = _fleet(url, name, 0, 1, opt, root, stdout=subprocess.PIPE)
     try:
         line = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)  # type: ignore[union-attr]
         started = json.loads(line)["started"]
@@ -339,7 +372,11 @@ def run(opt: Options) -> list[dict[str, float]]:
 
 def report(opt: Options, rows: list[dict[str, float]]) -> None:
     print(f"== fleet: {opt.services:,} Services x {opt.endpoints} endpoints, {opt.changes} endpoint changes at "
-          f"{opt.rate:g}/s per fleet size; 3 nats-servers (R3 streams), applier consumers {opt.consumer} ==")
+          f"{opt.rate:g}/s per fleet size; 3 nats-servers (R3 streams), applier consumers {opt.consumer}, fetch "
+          f"wait {opt.fetch_wait or plan_consumer.FETCH_WAIT:g} s ==")
+    if not rows:
+        print("nothing measured: not even the first fleet size could be run")
+        return
     base = rows[0]
     head = (f"{'nodes':>6} {'p50 ms':>8} {'p99 ms':>8} {'x p99':>6} {'msg/chg':>7} {'srv RSS':>8} {'x':>5} "
             f"{'idle cpu':>8} {'churn cpu':>9} {'x':>5} {'RSS/node':>8} {'boot s':>6}")
@@ -350,6 +387,15 @@ def report(opt: Options, rows: list[dict[str, float]]) -> None:
               f"{r['servers_rss_mib'] / base['servers_rss_mib']:>5.2f} {r['servers_idle_cpu'] * 100:>7.1f}% "
               f"{r['servers_churn_cpu'] * 100:>8.1f}% {r['servers_churn_cpu'] / base['servers_churn_cpu']:>5.2f} "
               f"{r['applier_rss_mib_per_node']:>7.1f}M {r['bootstrap_s']:>6.2f}")
+    print("servers' CPU ms per change per node (churn minus idle): "
+          + ", ".join(f"N={r['nodes']:.0f} {r['servers_cpu_ms_per_change_node']:.3f}" for r in rows))
+    print("appliers' processes during churn, cores: "
+          + ", ".join(f"N={r['nodes']:.0f} {r['fleet_cpu']:.2f}" for r in rows)
+          + "  (near the free cores: the latencies measure N appliers sharing this machine)")
+    print("time to start and bootstrap the fleet (consumers created), s: "
+          + ", ".join(f"N={r['nodes']:.0f} {r['fleet_up_s']:.1f}" for r in rows))
+    print("apply ms per batch inside a node (resolve + diff + memory kernel), p50: "
+          + ", ".join(f"N={r['nodes']:.0f} {r['node_apply_ms_p50']:.2f}" for r in rows))
     print(f"ratios (x) are against N={base['nodes']:.0f} from this run; cpu is the three servers together, in cores")
     print(f"goals: messages per endpoint change {GOALS['messages_per_change']:g} whatever N; p99 at N=1,000 at most "
           f"x{GOALS['p99_ratio_at_1000']:g} the p99 at N=1; a new node bootstrapped from 10,000 Services in under "
@@ -366,6 +412,8 @@ def options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--consumer", choices=["r1-memory", "r1", "r3"], default="r1-memory",
                         help="applier consumers: one replica in memory (kipvs's design), one on disk, or three "
                              "(what they inherited from the stream before issue 17)")
+    parser.add_argument("--fetch-wait", type=float, default=0.0,
+                        help="seconds each applier's fetch waits at the server (default 0: kipvs's own)")
     parser.add_argument("--per-process", type=int, default=250, help="appliers per fleet process (default 250)")
     args = parser.parse_args(argv)
     try:
@@ -375,7 +423,8 @@ def options(argv: list[str] | None = None) -> Options:
     if not nodes or nodes[0] < 1 or args.services < 1 or args.endpoints < 1 or args.changes < 1:
         parser.error("--nodes, --services, --endpoints and --changes must be at least 1")
     return Options(nodes=nodes, services=args.services, endpoints=args.endpoints, changes=args.changes,
-                   rate=args.rate, consumer=args.consumer, per_process=args.per_process)
+                   rate=args.rate, consumer=args.consumer, per_process=args.per_process,
+                   fetch_wait=args.fetch_wait)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 
+from kipvs.applier import plan_consumer
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.shared import runtime, topology
@@ -50,9 +51,13 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=3, help="stream replicas (as the cluster has)")
     parser.add_argument("--consumer", choices=sorted(CONSUMERS), default="r1-memory")
+    parser.add_argument("--fetch-wait", type=float, default=0.0,
+                        help="seconds each applier's fetch waits at the server (0: kipvs's own)")
     parser.add_argument("--stagger", type=float, default=0.02, help="seconds between two appliers' starts")
     args = parser.parse_args()
     use_consumer_design(args.consumer)
+    if args.fetch_wait:
+        plan_consumer.FETCH_WAIT = args.fetch_wait
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     nodes = [f"{args.prefix}{i}" for i in range(args.first, args.first + args.count)]
     asyncio.run(run(args.nats_url, nodes, args.replicas, args.stagger))
