@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.js.api import StorageType, StreamConfig
 
 from kipvs.applier import plan_consumer
 from kipvs.shared import events
@@ -86,6 +87,26 @@ class Cluster:
             self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port, proc in zip(self.ports, self.procs, strict=True):
             wait_port(port, proc)
+
+    async def ready(self, within: float = 60.0) -> None:
+        """Wait until the cluster can place a three-replica stream (a fresh cluster first elects its meta leader
+        and learns its peers; until then kipvs's services would be refused: "no suitable peers")."""
+        deadline = time.monotonic() + within
+        nc = await nats.connect(self.url.split(","), max_reconnect_attempts=-1)
+        try:
+            js = nc.jetstream(timeout=5)
+            while True:
+                try:
+                    await js.add_stream(StreamConfig(name="BENCH_READY", subjects=["bench.ready"], num_replicas=3,
+                                                     storage=StorageType.MEMORY))
+                    await js.delete_stream("BENCH_READY")
+                    return
+                except (nats.errors.Error, TimeoutError) as exc:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"fleet benchmark: the NATS cluster did not form: {exc}") from None
+                    await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -201,6 +222,7 @@ class Options:
 async def _run(opt: Options, root: Path) -> list[dict[str, float]]:
     cluster = Cluster(root)
     cluster.start()
+    await cluster.ready()
     sim = Simulator(bookmark_interval=5.0)
     procs: list[subprocess.Popen] = []
     try:
