@@ -149,3 +149,46 @@ async def test_a_lost_consumer_is_created_again_and_the_node_never_goes_back(tmp
         await planner_task
         await nc.close()
         server.stop()
+
+
+async def test_the_consumers_server_dies_and_the_node_moves_on(tmp_path: Path) -> None:
+    """Three servers, R3 streams; the server holding node-a's consumer (one replica) is killed: the
+    applier creates its consumer again on a live server and goes on from the last sequence it applied."""
+    from tests.bench.fleet import Cluster
+
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    await cluster.ready()
+    nc = await nats.connect(cluster.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    js = await bus.setup(nc, 3, consumers=[topology.planner_consumer()])
+    common = {"nats_url": cluster.url, "http_listen": "", "nats_replicas": "3"}
+    planner_task, planner_stop = start_service(
+        "planner", config.load(PlannerServiceConfig, {**common, "snapshot_every": "4"}, {}), plan)
+    kernel = MemoryKernel()
+    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory"}, {})
+    applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    try:
+        await publish_kube(js, _services(1, 5, 100), "first")
+        await eventually(lambda: _has(kernel, 1, 5), within=90, what="the first Services")
+        info = await _new_consumer(js, "applier-node-a")
+        holder = int(info.cluster.leader.removeprefix("n"))
+        cluster.procs[holder].kill()
+        cluster.procs[holder].wait(10)
+        for _ in range(240):  # the streams elect new leaders on the two servers left
+            try:
+                await publish_kube(js, _services(6, 5, 200), "second")
+                break
+            except nats.errors.Error:
+                await asyncio.sleep(0.5)
+        await eventually(lambda: _has(kernel, 6, 5), within=150, what="changes after the consumer's server died")
+        moved = await _new_consumer(js, "applier-node-a")
+        assert moved.cluster.leader != f"n{holder}"
+        seqs = await _applied_seqs(js, "node-a")
+        assert seqs == sorted(seqs), f"a report went back to an older plan: {seqs}"
+    finally:
+        stop.set()
+        planner_stop.set()
+        await applier
+        await planner_task
+        await nc.close()
+        cluster.stop()

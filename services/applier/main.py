@@ -466,7 +466,10 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
 
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
         keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
-        spec = await keeper.start()
+        spec = await keeper.start(ctx.stop)
+        if spec is None:  # told to stop before the bus would create it
+            await kernel.close()
+            return
         # The kernel holds the newest published plan: ready now, not after the first fetch that finds nothing
         # (it waits plan_consumer.FETCH_WAIT, and never ends empty under steady churn).
         ctx.set_ready()

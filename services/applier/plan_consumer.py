@@ -9,6 +9,8 @@ consumer shows as fetches that fail ("no responders": nothing serves the consume
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -16,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from kipvs.shared import bus, topology
+from kipvs.shared.backoff import Backoff
 
 log = logging.getLogger("kipvs.applier")
 
@@ -36,9 +39,21 @@ class ConsumerKeeper:
         self.lost_after = lost_after
         self.recreated = 0
 
-    async def start(self) -> topology.ConsumerSpec:
-        """The consumer, from the first sequence after ``position()`` (any previous one is replaced)."""
-        return await topology.recreate_applier_consumer(self.js, self.node, self.position())
+    async def start(self, stop: asyncio.Event) -> topology.ConsumerSpec | None:
+        """The consumer, from the first sequence after ``position()`` (any previous one is replaced); the bus
+        failing (a cluster electing leaders) is retried with backoff until it answers or ``stop`` is set
+        (then None): the kernel already holds the bootstrap, which a restart of the service would redo."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        while not stop.is_set():
+            try:
+                return await topology.recreate_applier_consumer(self.js, self.node, self.position())
+            except bus.INFRASTRUCTURE_ERRORS as exc:
+                delay = backoff.next()
+                log.warning("cannot create the plan consumer of %s yet (%s: %s); retrying in %.1fs", self.node,
+                            type(exc).__name__, exc or "", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        return None
 
     async def on_fetch_error(self, exc: BaseException, failing_for: float) -> bool:
         """Called by the consumer loop after a failed fetch; ``failing_for`` seconds since fetches began
