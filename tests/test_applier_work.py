@@ -108,4 +108,5 @@ async def test_one_endpoint_change_costs_one_service_not_all_of_them(nc, counted
         assert applier.health_wanted[f"default/s{lb}"] == (32000 + lb, 3)
         assert counted == Counter(resolve_service=1, local_endpoints=1), counted
     finally:
+        await applier.flush_reports()
         await applier.health.close()

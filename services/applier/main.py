@@ -129,6 +129,7 @@ class Applier:
         self.desired = DesiredState()
         self.health_wanted: dict[str, tuple[int, int]] = {}  # health_check.wanted_ports, kept per change
         self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
+        self.reporter: asyncio.Task | None = None  # publishing unsent_reports
         self.conntrack_cleanup = True
         self.timeouts = Timeouts()
         self.strict_arp = False
@@ -409,21 +410,39 @@ class Applier:
             desired_digest=digest(want), observed_digest=digest(observed.state)))
 
     async def report(self, record: events.ApplyReport | events.DriftReport) -> None:
-        """Publish a status report. The kernel is already written: a report the bus refuses (a full
-        store, a timeout) is logged and the newest one of its kind is sent again with the next report or
-        drift check, never a reason to redo or park the delta it describes."""
+        """Queue a status report; it is published off the consume loop (:meth:`send_reports`), so the next
+        delta is not held up by the STATUS stream, which takes one report per node per batch: with a
+        thousand nodes that fan-in, not the apply, set the pace (issue 17, docs/architecture.md "Scale").
+        Reports queued while one is being published are coalesced: the newest of each kind goes next."""
         what = "applied" if isinstance(record, events.ApplyReport) else "drift"
         envelope = events.Envelope(id=f"{what}/{self.node}/{record.plan_seq}/{time.time_ns()}",
                                    time_ns=time.time_ns(), producer=f"applier/{self.node}", record=record)
         self.unsent_reports[what] = envelope
-        for kind, pending in sorted(self.unsent_reports.items()):
+        if self.reporter is None or self.reporter.done():
+            self.reporter = asyncio.create_task(self.send_reports())
+
+    async def send_reports(self) -> None:
+        """Publish the newest report of each kind until none is left. The kernel is already written: a report
+        the bus refuses (a full store, a timeout) is logged and the newest one of its kind is sent again with
+        the next report or drift check, never a reason to redo or park the delta it describes."""
+        while self.unsent_reports:
+            kind = min(self.unsent_reports)
+            pending = self.unsent_reports[kind]
             try:
                 await bus.publish(self.ctx.js, topology.status_subject(self.node, kind), pending)
             except bus.INFRASTRUCTURE_ERRORS as exc:
                 log.warning("status report %s not published (%s: %s); it goes out with the next one",
                             pending.id, type(exc).__name__, exc or "")
                 return
-            del self.unsent_reports[kind]
+            if self.unsent_reports.get(kind) is pending:  # else a newer one came meanwhile: it goes next
+                del self.unsent_reports[kind]
+
+    async def flush_reports(self, within: float = 10.0) -> None:
+        """Wait (bounded) for the queued reports to be published: at stop, the last one says what the kernel
+        holds."""
+        if self.reporter is not None and not self.reporter.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.reporter), within)
 
 
 def _healthy(ctx: runtime.ServiceContext) -> bool:
@@ -524,6 +543,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         watcher.cancel()
         cacher.cancel()
         await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
+        await applier.flush_reports()
         stopping.cancel()
         for task in done - {stopping}:
             if task.exception() is not None:
