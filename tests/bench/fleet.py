@@ -216,7 +216,7 @@ class Options:
     services: int = 2_000
     endpoints: int = 10
     changes: int = 100
-    rate: float = 10.0  # changes per second
+    rate: float = 5.0  # changes per second
     consumer: str = "r1-memory"
     per_process: int = 250  # appliers per fleet process
     fetch_wait: float = 0.0  # seconds each applier's fetch waits at the server; 0: kipvs's own
@@ -442,7 +442,7 @@ def options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--services", type=int, default=2_000, help="Services (default 2,000)")
     parser.add_argument("--endpoints", type=int, default=10, help="endpoints per Service (default 10)")
     parser.add_argument("--changes", type=int, default=100, help="endpoint changes per fleet size (default 100)")
-    parser.add_argument("--rate", type=float, default=10.0, help="endpoint changes per second (default 10)")
+    parser.add_argument("--rate", type=float, default=5.0, help="endpoint changes per second (default 5)")
     parser.add_argument("--consumer", choices=["r1-memory", "r1", "r3"], default="r1-memory",
                         help="applier consumers: one replica in memory (kipvs's design), one on disk, or three "
                              "(what they inherited from the stream before issue 17)")
