@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import logging
+import signal
 import sys
 import time
 
@@ -31,7 +32,15 @@ def use_consumer_design(design: str) -> None:
     topology.applier_consumer = functools.partial(topology.applier_consumer, replicas=replicas, memory=memory)
 
 
+def _dump_tasks() -> None:
+    """SIGUSR2: every asyncio task's stack to stderr (where a stuck applier waits)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def run(url: str, nodes: list[str], replicas: int, stagger: float) -> None:
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _dump_tasks)
     tasks = []
     for node in nodes:
         cfg = ApplierConfig(node=node, backend="memory", nats_url=url, nats_replicas=replicas, http_listen="",
