@@ -35,7 +35,7 @@ async def test_a_snapshot_replaced_while_read_is_read_again(nc, monkeypatch: pyt
     reader = asyncio.create_task(plan_log.load_snapshot(js))
     await asyncio.sleep(0.3)
     await store.put(topology.snapshot_object("all"), _snapshot(9))  # the planner's next snapshot
-    plan, stream_seq = await asyncio.wait_for(reader, 10)
+    _, stream_seq = await asyncio.wait_for(reader, 10)
     assert stream_seq == 9
 
 

@@ -75,7 +75,7 @@ class ConsumerKeeper:
                     self.node, why, after)
         try:
             await topology.recreate_applier_consumer(self.js, self.node, after)
-        except bus.INFRASTRUCTURE_ERRORS as err:
+        except (*bus.INFRASTRUCTURE_ERRORS, topology.TopologyError) as err:  # a cluster mid-election refuses too
             log.warning("cannot create the plan consumer of %s yet (%s: %s)", self.node, type(err).__name__, err)
             return False
         self.recreated += 1
