@@ -329,8 +329,14 @@ async def _step(opt: Options, n: int, started: int, procs: list[subprocess.Popen
         await wait_for(lambda: all(deltas_of()), 60, "the planner to publish every change", step=0.5)
     deltas = deltas_of()
     last = max(deltas)
-    await wait_for(lambda: all(observer.reached(w, last) is not None for w in want),
-                   120 + n * 0.2, f"{n} nodes to apply the churn")
+    try:
+        await wait_for(lambda: all(observer.reached(w, last) is not None for w in want),
+                       120 + n * 0.2, f"{n} nodes to apply the churn")
+    except RuntimeError as exc:
+        behind = sorted((max((s for s, _, _ in observer.reports.get(w, [])), default=0), w) for w in want)
+        done = sum(1 for s, _ in behind if s >= last)
+        raise RuntimeError(f"{exc} ({done} of {n} had; the furthest behind: "
+                           + ", ".join(f"{w} at {s}" for s, w in behind[:3]) + f"; the last delta is {last})") from None
     churn_wall = time.monotonic() - wall0
     churn_cpu = (cluster.cpu_seconds() - cpu0) / churn_wall
     fleet_cpu = (sum(cpu_seconds(pid) for pid in fleet_pids) - fleet_cpu0) / churn_wall
