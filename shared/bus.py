@@ -210,8 +210,19 @@ class DurableConsumer:
     handled is left unacked, nothing unhandled is acked."""
 
     def __init__(self, js: JetStreamContext, spec: topology.ConsumerSpec, service: str,
-                 handler: BatchHandler, batch: int = 256, idle: Callable[[], Awaitable[None]] | None = None):
+                 handler: BatchHandler, batch: int = 256, idle: Callable[[], Awaitable[None]] | None = None,
+                 on_fetch_error: Callable[[BaseException, float], Awaitable[bool]] | None = None,
+                 fetch_wait: float = 0.5):
         self.js = js
+        # Seconds one fetch waits at the server for a message. A message is delivered to a waiting fetch at
+        # once, so a longer wait costs no latency; every wait that ends empty costs the server two requests
+        # (nats-py's probe and its lingering pull), per consumer: thousands of idle appliers poll it.
+        self.fetch_wait = fetch_wait
+        # Called after a failed fetch with the error and the seconds since fetches began to fail: the
+        # consumer itself may be gone (deleted, or held in memory by a server that restarted). True: it
+        # has been dealt with (the consumer recreated), fetch again at once.
+        self.on_fetch_error = on_fetch_error
+        self._failing_since: float | None = None
         self.spec = spec
         self.service = service
         self.handler = handler
@@ -236,8 +247,12 @@ class DurableConsumer:
         try:
             while not self._stop.is_set():
                 try:
-                    msgs = await sub.fetch(self.batch, timeout=0.5)
+                    msgs = await self._fetch(sub)
+                    if msgs is None:
+                        break  # told to stop while waiting
+                    self._failing_since = None
                 except (TimeoutError, NatsTimeoutError):
+                    self._failing_since = None
                     self._queued_at = None
                     if self.idle is not None:
                         await self.idle()
@@ -246,6 +261,11 @@ class DurableConsumer:
                     delay = self._backoff.next()
                     log.warning("cannot fetch from %s (%s: %s); retrying in %.1fs", self.spec.config.durable_name,
                                 type(exc).__name__, exc or "", delay)
+                    now = asyncio.get_running_loop().time()
+                    self._failing_since = self._failing_since if self._failing_since is not None else now
+                    if self.on_fetch_error is not None and await self.on_fetch_error(exc, now - self._failing_since):
+                        self._backoff.reset()
+                        continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), delay)
                     continue
@@ -259,6 +279,27 @@ class DurableConsumer:
         finally:
             with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
                 await sub.unsubscribe()
+
+    async def _fetch(self, sub: Any) -> list[Msg] | None:
+        """One fetch, or None when told to stop first: a long wait must not hold up a stop. Messages the
+        cancelled fetch had already taken are not acked: the server delivers them again after ack_wait."""
+        if self.fetch_wait <= 0.5:
+            return await sub.fetch(self.batch, timeout=self.fetch_wait)
+        fetch = asyncio.ensure_future(sub.fetch(self.batch, timeout=self.fetch_wait))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            fetch.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if fetch.done():
+            return fetch.result()
+        fetch.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *INFRASTRUCTURE_ERRORS):
+            await fetch
+        return None
 
     async def _take(self, msgs: list[Msg]) -> None:
         deliveries: list[Delivery] = []

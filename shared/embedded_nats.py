@@ -29,7 +29,6 @@ from .nats_credentials import (
     embedded_client,
     ensure_local_applier,
     local_applier_seed,
-    local_appliers,
     write_server_config,
 )
 from .nats_credentials import ensure as ensure_credentials
@@ -185,7 +184,7 @@ class EmbeddedNats:
         (self.state_dir / RUNFILE).write_text(json.dumps({"pid": self.process.pid, "port": self.port, "host": self.host,
                                                           "secure": self.secure, "callout": self.callout}))
         if self.secure:
-            await self.declare(local_appliers(self.auth_dir))
+            await self.declare()
 
     def _write_config(self) -> Path:
         """Make what is missing of the credentials, and write the server's configuration from them."""
@@ -200,8 +199,8 @@ class EmbeddedNats:
         """The URL clients use: the host the certificate names (loopback when listening on all addresses)."""
         return f"nats://127.0.0.1:{self.port}" if self.host in ("0.0.0.0", "::", "") else self.url
 
-    async def declare(self, nodes: list[str] | tuple[str, ...] = ()) -> None:
-        """The admin identity declares the streams, the planner's consumer and the given nodes' consumers."""
+    async def declare(self) -> None:
+        """The admin identity declares the streams and the planner's consumer (each applier creates its own)."""
         import nats
 
         from . import bus, topology
@@ -210,19 +209,18 @@ class EmbeddedNats:
         nc = await nats.connect(self.client_url, name="kipvs-embedded-admin", allow_reconnect=False, connect_timeout=5,
                                 **(admin.connect_options() if admin else {}))
         try:
-            await bus.setup(nc, 1, [topology.planner_consumer(), *(topology.applier_consumer(n) for n in nodes)])
+            await bus.setup(nc, 1, [topology.planner_consumer()])
         finally:
             await nc.close()
 
     async def add_local_applier(self, node: str) -> ClientAuth:
         """A static identity for ``node``'s applier (one machine, no Kubernetes to vouch for the node): made
-        on first use, the running server's configuration reloaded (SIGHUP), its consumer declared."""
+        on first use, the running server's configuration reloaded (SIGHUP). The applier creates its consumer itself."""
         if ensure_local_applier(self.auth_dir, node):
             self._write_config()
             pid = int(json.loads((self.state_dir / RUNFILE).read_text()).get("pid", 0))
             os.kill(pid, signal.SIGHUP)  # nats-server reloads its users without dropping anyone
             await asyncio.sleep(0.5)
-        await self.declare([node])
         from .nats_permissions import applier_durable, inbox_prefix
 
         return ClientAuth(nkey_file=str(local_applier_seed(self.auth_dir, node)),

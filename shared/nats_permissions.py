@@ -152,11 +152,10 @@ def tools() -> Permissions:
 
 
 def auth() -> Permissions:
-    """The auth callout service: answers the server's authorization requests, and declares each node's
-    applier consumer when the node first connects (the one JetStream write it may do)."""
+    """The auth callout service: answers the server's authorization requests, nothing else (it declares
+    nothing: each applier creates its own durable, see applier())."""
     return Permissions(
-        publish=(f"{JS}.STREAM.INFO.{topology.PLAN_STREAM}", f"{JS}.CONSUMER.INFO.{topology.PLAN_STREAM}.*",
-                 f"{JS}.CONSUMER.DURABLE.CREATE.{topology.PLAN_STREAM}.*"),
+        publish=(),
         subscribe=("$SYS.REQ.USER.AUTH", f"{inbox_prefix('auth')}.>"),
         allow_responses=True,
         inbox_prefix=inbox_prefix("auth"),
@@ -182,6 +181,10 @@ def applier(node: str) -> Permissions:
         publish=(
             status, topology.parked_subject(durable),
             *_durable(plan, durable),
+            # its own durable only, (re)created after its bootstrap from the first sequence it did not read
+            # (topology.recreate_applier_consumer): delete, then create by its name through either subject
+            f"{JS}.CONSUMER.DELETE.{plan}.{durable}", f"{JS}.CONSUMER.DURABLE.CREATE.{plan}.{durable}",
+            f"{JS}.CONSUMER.CREATE.{plan}.{durable}",
             f"{JS}.STREAM.INFO.{plan}", f"{JS}.STREAM.MSG.GET.{plan}",
             *(f"{JS}.CONSUMER.CREATE.{plan}.{reader}.{s}" for s in own_plan),
             f"{JS}.CONSUMER.INFO.{plan}.{reader}", f"{JS}.CONSUMER.MSG.NEXT.{plan}.{reader}",

@@ -4,6 +4,7 @@ rebuilt state against at start: one reader, so both see the same published state
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from nats.js import JetStreamContext
@@ -15,13 +16,32 @@ from .plan.plan_state import SequenceGap, SharedPlan
 log = logging.getLogger("kipvs.plan")
 
 
+SNAPSHOT_READ_S = 30.0  # one read of the snapshot object; far above what 10,000 Services take (~2 s)
+SNAPSHOT_READS = 3
+
+
+async def _read_snapshot(js: JetStreamContext) -> bytes | None:
+    """The snapshot object's bytes, None when there is none. A snapshot replaced while it is being read
+    has its old chunks purged, and nats-py's object-store reader then waits for them forever (seen with 200
+    appliers bootstrapping while the planner wrote its next snapshot): each read is bounded and retried,
+    and TimeoutError (an infrastructure error: the service starts again) after the last."""
+    store = await js.object_store(topology.SNAPSHOT_BUCKET)
+    for attempt in range(1, SNAPSHOT_READS + 1):
+        try:
+            return (await asyncio.wait_for(store.get(topology.snapshot_object("all")), SNAPSHOT_READ_S)).data
+        except (ObjectNotFoundError, NotFoundError):
+            return None
+        except TimeoutError:
+            log.warning("reading the plan snapshot took over %.0fs (attempt %d of %d; was it replaced while "
+                        "being read?); reading it again", SNAPSHOT_READ_S, attempt, SNAPSHOT_READS)
+    raise TimeoutError(f"the plan snapshot could not be read in {SNAPSHOT_READS} attempts")
+
+
 async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
     """The latest shared snapshot and the plan-stream sequence it covers; an empty plan at stream
     sequence 0 when there is none or it is unusable (then every delta is read from the stream)."""
-    store = await js.object_store(topology.SNAPSHOT_BUCKET)
-    try:
-        raw = (await store.get(topology.snapshot_object("all"))).data
-    except (ObjectNotFoundError, NotFoundError):
+    raw = await _read_snapshot(js)
+    if raw is None:
         return SharedPlan(), 0  # no planner has written one yet: start from the first delta
     try:
         snap = events.decode(raw or b"").record
@@ -37,21 +57,30 @@ async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
 async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> int:
     """Apply to ``plan`` the shared deltas stored after ``after_stream_seq``, in order; returns how many.
     Unusable messages are skipped (their consumers park them); a sequence gap stops the catch-up there."""
-    applied = 0
+    return (await catch_up_to(js, plan, after_stream_seq))[0]
+
+
+async def catch_up_to(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> tuple[int, int]:
+    """:func:`catch_up`, also returning the plan-stream sequence it read up to (``after_stream_seq`` when
+    nothing was stored after it): where a consumer that takes over from this reading must start, minus one."""
+    applied, last = 0, after_stream_seq
     async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT,
                                      start_seq=after_stream_seq + 1):
         try:
             record = events.decode(msg.data or b"").record
         except events.ContractError:
+            last = msg.metadata.sequence.stream
             continue
         if not isinstance(record, events.PlanDelta):
+            last = msg.metadata.sequence.stream
             continue
         try:
             applied += plan.apply(record)
         except SequenceGap as exc:
             log.warning("reading the published plan: %s", exc)
             break
-    return applied
+        last = msg.metadata.sequence.stream
+    return applied, last
 
 
 async def published_plan(js: JetStreamContext) -> SharedPlan:

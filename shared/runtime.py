@@ -205,7 +205,7 @@ class _ConnectionClosed(Exception):
 
 # The streams a service that may not declare them checks for (beside its consumers' own).
 _NEEDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
-                   "applier": (topology.PLAN_STREAM,), "auth": (topology.PLAN_STREAM,)}
+                   "applier": (topology.PLAN_STREAM,), "auth": ()}
 
 
 async def client_auth(name: str, config: CommonConfig) -> nats_credentials.ClientAuth | None:

@@ -21,6 +21,7 @@ kipvs.parked.<service>                 PARKED      messages a service could not 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -246,22 +247,38 @@ def planner_consumer() -> ConsumerSpec:
     )
 
 
-def applier_consumer(node: str) -> ConsumerSpec:
+def applier_consumer(node: str, start_seq: int = 0, replicas: int = 1, memory: bool = True) -> ConsumerSpec:
     """One durable per node, reading the shared subject and the node's own: two filter subjects, so
-    the node sees both in one total order (this is why the server must be >= 2.10)."""
+    the node sees both in one total order (this is why the server must be >= 2.10).
+
+    It starts at plan-stream sequence ``start_seq`` (the first one the node's bootstrap did not read; 0: the
+    stream's beginning), never at the beginning of the plan stream, which is kept forever. It has one replica
+    held in memory, not the stream's three on disk: a replicated consumer is a Raft group of its own on
+    every server, which costs the cluster per node whether or not anything changes (docs/architecture.md,
+    "Scale"), and the consumer's position is redundant: the applier knows the last stream sequence it
+    applied and recreates a lost consumer from there (:func:`recreate_applier_consumer`)."""
     return ConsumerSpec(
         PLAN_STREAM,
         ConsumerConfig(
-            durable_name=f"applier-{token(node).replace('_', '-')}",
+            durable_name=applier_durable(node),
             filter_subjects=[PLAN_ALL_SUBJECT, plan_node_subject(node)],
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL,
+            opt_start_seq=start_seq or None,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=60.0,
             max_deliver=-1,
             max_ack_pending=10_000,
+            num_replicas=replicas,
+            mem_storage=memory or None,
         ),
         f"node {node}'s position in the plan",
+        checked_fields=("durable_name", "filter_subjects", "ack_policy", "deliver_policy", "opt_start_seq",
+                        "max_deliver", "ack_wait", "max_ack_pending", "num_replicas", "mem_storage"),
     )
+
+
+def applier_durable(node: str) -> str:
+    return f"applier-{token(node).replace('_', '-')}"
 
 
 class TopologyError(Exception):
@@ -292,8 +309,12 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     """Create the stream, or update it to the declared config; then check what the server echoes."""
     try:
         try:
-            await js.stream_info(spec.config.name)
-            info = await js.update_stream(spec.config)
+            info = await js.stream_info(spec.config.name)
+            # An update is a proposal to the cluster's meta group even when nothing changes: every applier of
+            # a fleet starting at once would queue thousands of them (issue 17). Only a difference is sent.
+            if _differences(spec.config, info.config, _STREAM_FIELDS) or info.config.description != \
+                    spec.config.description:
+                info = await js.update_stream(spec.config)
         except NotFoundError:
             info = await js.add_stream(spec.config)
     except APIError as exc:
@@ -342,6 +363,19 @@ async def ensure_lease_bucket(js: JetStreamContext, replicas: int = 1) -> None:
     await js.create_key_value(KeyValueConfig(
         bucket=PLANNER_LEASE_BUCKET, description="kipvs: which planner is active (a lease, renewed)",
         history=1, storage=StorageType.FILE, replicas=replicas))
+
+
+async def recreate_applier_consumer(js: JetStreamContext, node: str, after_stream_seq: int) -> ConsumerSpec:
+    """The node's durable consumer, (re)created to deliver from plan-stream sequence ``after_stream_seq + 1``:
+    any consumer of that name is deleted first (a previous instance's position, or a design an older kipvs
+    created, e.g. three replicas: neither can be updated in place). The one place applier consumers are
+    created, so that it can move to an admin's side when the bus is locked down. Raises TopologyError when the
+    server refuses or does not keep the config, nats-py's errors when the bus fails."""
+    spec = applier_consumer(node, start_seq=after_stream_seq + 1)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(spec.stream, applier_durable(node))
+    await ensure_consumer(js, spec)
+    return spec
 
 
 def check_server_version(version: tuple[int, int, int], server: str = "nats-server") -> None:

@@ -34,7 +34,7 @@ def start_service(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
     from kipvs.shared import runtime, topology
 
     stop = asyncio.Event()
-    consumers = [topology.planner_consumer()] if name == "planner" else [topology.applier_consumer(cfg.node)]
+    consumers = [topology.planner_consumer()] if name == "planner" else []  # an applier creates its own
     return asyncio.create_task(runtime.run_service(name, cfg, main, consumers=consumers, stop=stop)), stop
 
 

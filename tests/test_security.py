@@ -257,7 +257,8 @@ async def test_a_node_gets_its_own_rights_and_nothing_else(callout: SecureNats, 
     nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
                             **applier_identity(callout, token, "node-a").connect_options())
     js = nc.jetstream(timeout=3)
-    # the auth service declared node-a's consumer when it connected; node-a reads it and reports
+    # node-a creates its own durable (as its applier does after the bootstrap), reads it and reports
+    await topology.recreate_applier_consumer(js, "node-a", 0)
     info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a")
     assert info.config.filter_subjects == [topology.PLAN_ALL_SUBJECT, topology.plan_node_subject("node-a")]
     sub = await js.pull_subscribe_bind(durable="applier-node-a", stream=topology.PLAN_STREAM)
@@ -286,6 +287,11 @@ async def test_a_node_gets_its_own_rights_and_nothing_else(callout: SecureNats, 
     refusal = await permission_error(nc, lambda: js.add_consumer(topology.PLAN_STREAM, ConsumerConfig(
         durable_name="mine", filter_subject="kipvs.plan.>")))
     assert "consumer.durable.create.kipvs_plan.mine" in refusal.lower()
+    # nor another node's durable: neither recreated nor deleted
+    refusal = await permission_error(nc, lambda: topology.recreate_applier_consumer(js, "node-b", 0))
+    assert "consumer.delete.kipvs_plan.applier-node-b" in refusal.lower()
+    refusal = await permission_error(nc, lambda: topology.ensure_consumer(js, topology.applier_consumer("node-b")))
+    assert "applier-node-b" in refusal.lower()
     refusal = await permission_error(nc, lambda: js.add_consumer(topology.KUBE_STREAM, ConsumerConfig(
         name="peek", filter_subject="kipvs.kube.>")))
     assert "consumer.create.kipvs_kube" in refusal.lower()
@@ -650,7 +656,8 @@ async def test_an_applier_on_the_embedded_default_gets_its_own_node_identity(tmp
     seen: dict[str, object] = {}
 
     async def main(ctx: runtime.ServiceContext) -> None:
-        seen["consumer"] = (await ctx.js.consumer_info(topology.PLAN_STREAM, "applier-node-a")).name
+        # its own durable, created by itself as the applier does after its bootstrap
+        seen["consumer"] = (await topology.recreate_applier_consumer(ctx.js, "node-a", 0)).config.durable_name
         seen["own"] = (await ctx.js.publish(topology.status_subject("node-a", "x"), b"{}")).stream
         seen["other"] = await permission_error(ctx.nc, lambda: ctx.js.publish(
             topology.status_subject("node-b", "x"), b"{}", timeout=1))

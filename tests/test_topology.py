@@ -57,7 +57,7 @@ def test_echo_check_catches_a_server_that_drops_filter_subjects() -> None:
     spec = topology.applier_consumer("n1")
     echoed = ConsumerConfig(durable_name=spec.config.durable_name, ack_policy=spec.config.ack_policy,
                             deliver_policy=spec.config.deliver_policy, max_deliver=-1, ack_wait=60.0,
-                            max_ack_pending=10_000)
+                            max_ack_pending=10_000, num_replicas=1, mem_storage=True)
     diffs = topology._differences(spec.config, echoed, spec.checked_fields)
     assert diffs == ["filter_subjects: asked for ['kipvs.plan.all', 'kipvs.plan.node.n1'], server has []"]
 

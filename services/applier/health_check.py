@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +39,24 @@ def wanted_ports(services: dict[str, ServicePlan], node: str) -> dict[str, tuple
     """Service key -> (healthCheckNodePort, local endpoints) for the Services that have one."""
     return {key: (plan.health_check_node_port, local_endpoints(plan, node)) for key, plan in services.items()
             if plan.health_check_node_port}
+
+
+def update_wanted(wanted: dict[str, tuple[int, int]], services: dict[str, ServicePlan], keys: Iterable[str],
+                  node: str) -> bool:
+    """Bring ``wanted`` (what :func:`wanted_ports` returns) up to date for the Services ``keys`` only, so that
+    a change costs what it touches; True when an entry changed."""
+    changed = False
+    for key in keys:
+        plan = services.get(key)
+        entry = (plan.health_check_node_port, local_endpoints(plan, node)) if plan and plan.health_check_node_port \
+            else None
+        if wanted.get(key) != entry:
+            changed = True
+            if entry is None:
+                del wanted[key]
+            else:
+                wanted[key] = entry
+    return changed
 
 
 class HealthServers:

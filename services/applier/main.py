@@ -34,7 +34,7 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_facts, node_settings, plan_cache
+from . import health_check, inspect, node_facts, node_settings, plan_cache, plan_consumer
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -135,8 +135,11 @@ class Applier:
         self.kernel = kernel
         self.rules = rules
         self.plan = SharedPlan()
+        self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
         self.desired = DesiredState()
+        self.health_wanted: dict[str, tuple[int, int]] = {}  # health_check.wanted_ports, kept per change
         self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
+        self.reporter: asyncio.Task | None = None  # publishing unsent_reports
         self.conntrack_cleanup = True
         self.timeouts = Timeouts()
         self.strict_arp = False
@@ -172,7 +175,8 @@ class Applier:
         ``plan_stream_seq`` onwards). A restart therefore never programs a state older than the newest one
         published, which is never older than what this node last applied."""
         self.plan, stream_seq = await plan_log.load_snapshot(self.ctx.js)
-        caught_up = await plan_log.catch_up(self.ctx.js, self.plan, stream_seq)
+        caught_up, read_upto = await plan_log.catch_up_to(self.ctx.js, self.plan, stream_seq)
+        self.stream_seq = max(self.stream_seq, read_upto)
         if self.use_interfaces:
             self.local_addresses = await self.kernel.node_addresses()
         self.desired = DesiredState.of(self.plan.services, self.facts())
@@ -304,6 +308,7 @@ class Applier:
             applied.append(d.envelope)
             touched |= {op.service.key if isinstance(op, events.SetService) else op.key
                         for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
+        self.stream_seq = max(self.stream_seq, batch[-1].stream_sequence)
         facts = self.facts()
         if facts != facts_before:
             touched = set(self.desired.contributions) | set(self.plan.services)
@@ -329,7 +334,7 @@ class Applier:
         await self.clear_stale_flows(ops)
         if self.calico != calico_before:
             await self.sync_endpoint_marks()
-        await self.sync_health_checks()
+        await self.sync_health_checks(touched)
         elapsed = time.perf_counter() - started
         self.metrics.programmed(applied)
         self.metrics.services_changed(self.plan.services, touched)
@@ -375,7 +380,7 @@ class Applier:
                 flows.append((op.key, None))
             elif isinstance(op, AddReal) and op.service[0] in ("UDP", "SCTP"):
                 added[op.service] = added.get(op.service, 0) + 1
-        desired = self.desired.state().ipvs
+        desired = self.desired.services  # not state(): that copies the whole node's state for one change
         for key, count in sorted(added.items()):
             if key in desired and len(desired[key].reals) == count:  # every real server is new: 0 -> N
                 flows.append((key, None))
@@ -385,10 +390,18 @@ class Applier:
             except (OSError, NetlinkError) as exc:
                 log.warning("conntrack cleanup failed (%s); stale UDP flows expire by themselves", exc)
 
-    async def sync_health_checks(self) -> None:
+    async def sync_health_checks(self, touched: set[str] | None = None) -> None:
+        """The health-check node ports the plan asks for: every Service's (``touched`` None: at bootstrap) or
+        only those a batch touched; the servers are synced only when what they serve changed."""
         facts = self.facts()
         addresses = facts.addresses if facts is not None else ()
-        await self.health.sync(health_check.wanted_ports(self.plan.services, self.node), addresses)
+        if touched is None:
+            self.health_wanted = health_check.wanted_ports(self.plan.services, self.node)
+            changed = True
+        else:
+            changed = health_check.update_wanted(self.health_wanted, self.plan.services, touched, self.node)
+        if changed or addresses != self.health.addresses:
+            await self.health.sync(self.health_wanted, addresses)
         self.health.touched()
 
     async def _drift_check(self) -> None:
@@ -427,21 +440,39 @@ class Applier:
             desired_digest=digest(want), observed_digest=digest(observed.state)))
 
     async def report(self, record: events.ApplyReport | events.DriftReport) -> None:
-        """Publish a status report. The kernel is already written: a report the bus refuses (a full
-        store, a timeout) is logged and the newest one of its kind is sent again with the next report or
-        drift check, never a reason to redo or park the delta it describes."""
+        """Queue a status report; it is published off the consume loop (:meth:`send_reports`), so the next
+        delta is not held up by the STATUS stream, which takes one report per node per batch: with a
+        thousand nodes that fan-in, not the apply, set the pace (issue 17, docs/architecture.md "Scale").
+        Reports queued while one is being published are coalesced: the newest of each kind goes next."""
         what = "applied" if isinstance(record, events.ApplyReport) else "drift"
         envelope = events.Envelope(id=f"{what}/{self.node}/{record.plan_seq}/{time.time_ns()}",
                                    time_ns=time.time_ns(), producer=f"applier/{self.node}", record=record)
         self.unsent_reports[what] = envelope
-        for kind, pending in sorted(self.unsent_reports.items()):
+        if self.reporter is None or self.reporter.done():
+            self.reporter = asyncio.create_task(self.send_reports())
+
+    async def send_reports(self) -> None:
+        """Publish the newest report of each kind until none is left. The kernel is already written: a report
+        the bus refuses (a full store, a timeout) is logged and the newest one of its kind is sent again with
+        the next report or drift check, never a reason to redo or park the delta it describes."""
+        while self.unsent_reports:
+            kind = min(self.unsent_reports)
+            pending = self.unsent_reports[kind]
             try:
                 await bus.publish(self.ctx.js, topology.status_subject(self.node, kind), pending)
             except bus.INFRASTRUCTURE_ERRORS as exc:
                 log.warning("status report %s not published (%s: %s); it goes out with the next one",
                             pending.id, type(exc).__name__, exc or "")
                 return
-            del self.unsent_reports[kind]
+            if self.unsent_reports.get(kind) is pending:  # else a newer one came meanwhile: it goes next
+                del self.unsent_reports[kind]
+
+    async def flush_reports(self, within: float = 10.0) -> None:
+        """Wait (bounded) for the queued reports to be published: at stop, the last one says what the kernel
+        holds."""
+        if self.reporter is not None and not self.reporter.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.reporter), within)
 
 
 def _healthy(ctx: runtime.ServiceContext) -> bool:
@@ -486,9 +517,20 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             ctx.nc, cfg.node, kernel,
             lambda: ("apply", applier.plan.seq, applier.local_addresses if applier.use_interfaces else ()),
             applier.read_kernel)
-        spec = topology.applier_consumer(cfg.node)
+        # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
+        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
+        spec = await keeper.start(ctx.stop)
+        if spec is None:  # told to stop before the bus would create it
+            with contextlib.suppress(Exception):
+                await inspection.unsubscribe()
+            await kernel.close()
+            return
+        # The kernel holds the newest published plan: ready now, not after the first fetch that finds nothing
+        # (it waits plan_consumer.FETCH_WAIT, and never ends empty under steady churn).
+        ctx.set_ready()
         consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
-                                       batch=cfg.batch, idle=idle)
+                                       batch=cfg.batch, idle=idle, on_fetch_error=keeper.on_fetch_error,
+                                       fetch_wait=plan_consumer.FETCH_WAIT)
         applier.consumer = consumer
         ctx.queued_since = consumer.queued_since
 
@@ -538,6 +580,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         watcher.cancel()
         cacher.cancel()
         await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
+        await applier.flush_reports()
         stopping.cancel()
         with contextlib.suppress(Exception):
             await inspection.unsubscribe()
@@ -596,8 +639,8 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("kipvs.applier").warning("--backend memory: a SIMULATED kernel, nothing is programmed")
         if cfg.plan_cache:
             await plan_cache.restore(Path(cfg.plan_cache), cfg.node, kernel)
-        await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules),
-                                  consumers=[topology.applier_consumer(cfg.node)])
+        # No consumer here: apply_plan creates it after the bootstrap, where the bootstrap stopped reading.
+        await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules))
         return 0
 
     return asyncio.run(main())

@@ -7,8 +7,7 @@ its pod's projected ServiceAccount token (audience ``kipvs-nats``); this service
 1. verifies the request's signature (a server key) and audience;
 2. asks the Kubernetes API whether the token is valid (TokenReview), for the applier ServiceAccount;
 3. reads the node from the review (``authentication.kubernetes.io/node-name``);
-4. declares that node's durable consumer ``applier-<node>`` (appliers may not declare anything);
-5. answers with a user JWT, signed by the callout issuer key, holding that node's permissions only
+4. answers with a user JWT, signed by the callout issuer key, holding that node's permissions only
    (``kipvs.shared.nats_permissions.applier``), expiring no later than the token (and ``--user-jwt-ttl``).
 
 Anything else is refused, with the reason in the answer (the server logs it) and in this service's log.
@@ -83,15 +82,13 @@ def token_reviewer(api: client.ApiClient) -> Review:
 
 
 class Callout:
-    """Answers authorization requests; one per service (it remembers the nodes whose consumer it declared)."""
+    """Answers authorization requests; one per service."""
 
-    def __init__(self, issuer: nkeys.KeyPair, review: Review, js: Any, policy: ApplierPolicy, ttl: float) -> None:
+    def __init__(self, issuer: nkeys.KeyPair, review: Review, policy: ApplierPolicy, ttl: float) -> None:
         self.issuer = issuer
         self.review = review
-        self.js = js
         self.policy = policy
         self.ttl = ttl
-        self.declared: set[str] = set()
         self.authorized = 0
         self.refused = 0
 
@@ -137,12 +134,6 @@ class Callout:
             topology.token(node)
         except ValueError as exc:
             return "", f"node name from the token: {exc}"
-        if node not in self.declared:
-            try:
-                await topology.ensure_consumer(self.js, topology.applier_consumer(node))
-            except Exception as exc:  # a refusal with the reason, never a dead callout
-                return "", f"cannot declare the consumer of node {node} ({type(exc).__name__}: {exc}); retry"
-            self.declared.add(node)
         expires = time.time() + self.ttl
         token_expiry = _token_expiry(token)
         if token_expiry is not None:
@@ -173,7 +164,7 @@ async def serve(ctx: runtime.ServiceContext) -> None:
     cfg: AuthConfig = ctx.config  # type: ignore[assignment]
     api = await api_client(cfg)  # type: ignore[arg-type]  # only its kubeconfig is read
     policy = ApplierPolicy(cfg.applier_namespace, cfg.applier_service_account, cfg.token_audience)
-    callout = Callout(issuer_key(cfg), token_reviewer(api), ctx.js, policy, cfg.user_jwt_ttl)
+    callout = Callout(issuer_key(cfg), token_reviewer(api), policy, cfg.user_jwt_ttl)
     decisions = ctx.metrics.counter("kipvs_auth_decisions_total", "authorization requests answered, by result",
                                     labels={"result": ("authorized", "refused")})
 

@@ -1,18 +1,27 @@
-"""`make bench`: every benchmark, figures and ratios printed (never asserted)."""
+"""`make bench`: every benchmark, figures and ratios printed (never asserted).
+
+``python -m tests.bench fleet --help``: the fleet benchmark alone, with its knobs (issue 17)."""
 
 from __future__ import annotations
 
 import sys
 
-from tests.bench import applier, planner
+from tests.bench import applier, fleet, planner
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["fleet"]:
+        return fleet.main(argv[1:])
+    if argv:
+        print(f"usage: python -m tests.bench [fleet [--help]]; unknown {argv[0]!r}", file=sys.stderr)
+        return 2
     planner.report(planner.run())
     print()
     applier.report(applier.run())
+    print()
+    fleet.main([])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

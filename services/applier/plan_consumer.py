@@ -1,0 +1,82 @@
+"""The node's durable consumer on the plan stream: created after the bootstrap, from the first stream
+sequence the bootstrap did not read, and created again when the bus loses it.
+
+An applier's consumer has one replica held in memory (shared/topology.py, ``applier_consumer``): a server
+restart, the consumer's server dying, or an operator deleting it loses it. Its position is not needed to
+recover: the applier knows the last plan-stream sequence it applied, and the deltas after it are still in
+the stream (kept forever), so a new consumer from there delivers exactly what the node has not seen. A lost
+consumer shows as fetches that fail ("no responders": nothing serves the consumer's subject any more)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from kipvs.shared import bus, topology
+from kipvs.shared.backoff import Backoff
+
+log = logging.getLogger("kipvs.applier")
+
+# Seconds each fetch waits at the server (bus.DurableConsumer.fetch_wait): no latency cost (a waiting fetch
+# gets a message at once), and an idle node costs the servers two requests per wait.
+FETCH_WAIT = 5.0
+
+
+class ConsumerKeeper:
+    """Recreates the node's consumer after ``position()`` (the last plan-stream sequence the node applied)
+    when it is gone, or when fetching from it has failed for ``lost_after`` seconds (its server is down: a
+    consumer with one replica does not move to another server by itself)."""
+
+    def __init__(self, js: JetStreamContext, node: str, position: Callable[[], int], lost_after: float = 15.0):
+        self.js = js
+        self.node = node
+        self.position = position
+        self.lost_after = lost_after
+        self.recreated = 0
+
+    async def start(self, stop: asyncio.Event) -> topology.ConsumerSpec | None:
+        """The consumer, from the first sequence after ``position()`` (any previous one is replaced); the bus
+        failing (a cluster electing leaders) is retried with backoff until it answers or ``stop`` is set
+        (then None): the kernel already holds the bootstrap, which a restart of the service would redo."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        while not stop.is_set():
+            try:
+                return await topology.recreate_applier_consumer(self.js, self.node, self.position())
+            except bus.INFRASTRUCTURE_ERRORS as exc:
+                delay = backoff.next()
+                log.warning("cannot create the plan consumer of %s yet (%s: %s); retrying in %.1fs", self.node,
+                            type(exc).__name__, exc or "", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        return None
+
+    async def on_fetch_error(self, exc: BaseException, failing_for: float) -> bool:
+        """Called by the consumer loop after a failed fetch; ``failing_for`` seconds since fetches began
+        to fail; True when the consumer was recreated. Errors of the bus while checking or recreating are left
+        to the next failed fetch."""
+        try:
+            await self.js.consumer_info(topology.PLAN_STREAM, topology.applier_durable(self.node))
+            if failing_for < self.lost_after:
+                return False
+            why = f"fetching has failed for {failing_for:.0f}s ({type(exc).__name__})"
+        except NotFoundError:
+            why = "it is gone"
+        except bus.INFRASTRUCTURE_ERRORS:
+            if failing_for < self.lost_after:
+                return False
+            why = f"neither fetching nor its info has answered for {failing_for:.0f}s"
+        after = self.position()
+        log.warning("the plan consumer of %s is lost: %s; creating it again after plan-stream sequence %d",
+                    self.node, why, after)
+        try:
+            await topology.recreate_applier_consumer(self.js, self.node, after)
+        except (*bus.INFRASTRUCTURE_ERRORS, topology.TopologyError) as err:  # a cluster mid-election refuses too
+            log.warning("cannot create the plan consumer of %s yet (%s: %s)", self.node, type(err).__name__, err)
+            return False
+        self.recreated += 1
+        return True
