@@ -18,6 +18,7 @@ from collections.abc import Callable
 from . import logs
 from .config import ConfigError, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
+from .nats_credentials import CredentialsError
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     except EmbeddedNatsError as exc:
         log.error("%s", exc)
         return 1
+    except CredentialsError as exc:  # a damaged credentials directory: what and where, not a traceback
+        log.error("%s", exc)
+        return 2
 
 
 def version() -> str:
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser.parse_args(argv[1:])
     try:
         return run_command(args)
-    except (ConfigError, StartupError) as exc:
+    except (ConfigError, StartupError, CredentialsError) as exc:
         print(f"kipvs {name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

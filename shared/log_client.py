@@ -30,7 +30,9 @@ class ToolError(Exception):
     """A precise message for the user; the tool exits 2."""
 
 
-def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
+def add_nats_arguments(parser: argparse.ArgumentParser, recorded_log: bool = True) -> None:
+    """The tools' bus flags: where NATS is and the read-only tools identity (``recorded_log``: also
+    ``--log FILE``, a recorded log instead of NATS)."""
     parser.add_argument("--nats-url", default="", help="NATS URL (default: $NATS_URL, else the embedded server "
                                                        "running for --state-dir)")
     parser.add_argument("--state-dir", default="", help="the embedded server's state dir (default: "
@@ -40,8 +42,9 @@ def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
                              "server's, when it has credentials)")
     parser.add_argument("--nats-ca-file", default=os.environ.get("KIPVS_NATS_CA_FILE", ""), metavar="FILE",
                         help="CA the server's certificate must chain to (env KIPVS_NATS_CA_FILE)")
-    parser.add_argument("--log", default="", metavar="FILE",
-                        help="read a recorded log ('kipvs tap --json' lines, e.g. the demo's) instead of NATS")
+    if recorded_log:
+        parser.add_argument("--log", default="", metavar="FILE",
+                            help="read a recorded log ('kipvs tap --json' lines, e.g. the demo's) instead of NATS")
 
 
 def nats_url(args: argparse.Namespace) -> str:
@@ -73,11 +76,10 @@ def tools_identity(args: argparse.Namespace) -> ClientAuth | None:
 
 
 @contextlib.asynccontextmanager
-async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
-    """The live log (a JetStream context) or, with ``--log FILE``, a :class:`RecordedLog`."""
-    if getattr(args, "log", ""):
-        yield RecordedLog.load(Path(args.log))
-        return
+async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
+    """One connection to the live bus as the tools identity (:func:`tools_identity`); ToolError, one
+    sentence, when it cannot be made. With an identity of its own, plan history is read through the
+    plan's mirror (the tools may not create consumers on KIPVS_PLAN)."""
     url = nats_url(args)
     auth = tools_identity(args)
     errors: list[BaseException] = []
@@ -94,12 +96,21 @@ async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
         cause = errors[0] if errors else exc
         raise ToolError(f"cannot reach NATS at {url}: {bus.describe_refusal(cause, auth)}") from None
     if auth is not None and auth.nkey_file:
-        # an identity of its own (the tools'): read the plan through its mirror
         bus.STREAM_ALIASES.set({topology.PLAN_STREAM: topology.PLAN_AUDIT_STREAM})
     try:
-        yield nc.jetstream()
+        yield nc
     finally:
         await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """The live log (a JetStream context) or, with ``--log FILE``, a :class:`RecordedLog`."""
+    if getattr(args, "log", ""):
+        yield RecordedLog.load(Path(args.log))
+        return
+    async with connect(args) as nc:
+        yield nc.jetstream()
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,10 @@ def for_service(identity: str, role: str, nkey_file: str = "", token_file: str =
     if embedded_dir is not None and seed_file(embedded_dir, role).exists():
         return embedded_client(embedded_dir, role, identity)
     if embedded_dir is not None and seed_file(embedded_dir, "admin").exists():
+        if role in perms.STATIC_ROLES:
+            # Least privilege: a role whose own identity is missing never borrows the admin's.
+            raise CredentialsError(f"{seed_file(embedded_dir, role)} is missing: the embedded credentials have no "
+                                   f"{role} identity (restore it, or remove {embedded_dir} to make them all anew)")
         # A program with no role of its own on one machine's embedded bus (whose owner holds every seed).
         return embedded_client(embedded_dir, "admin")
     return None

@@ -216,17 +216,19 @@ async def client_auth(name: str, config: CommonConfig) -> nats_credentials.Clien
     identity = applier_durable(node) if name == "applier" and node else name
     embedded = None if config.nats_url else state_dir(config) / nats_credentials.AUTH_DIR
     given = config.nats_nkey_file or config.nats_token_file or config.nats_ca_file
-    if embedded is not None and name == "applier" and node and not given:
-        running = EmbeddedNats.running_in(state_dir(config))
-        if running is not None and running.secure and not running.callout:
-            return await running.add_local_applier(node)
-    auth = nats_credentials.for_service(identity, name, config.nats_nkey_file, config.nats_token_file,
-                                        config.nats_ca_file, embedded)
-    if auth is not None:
-        try:
+    try:
+        if embedded is not None and name == "applier" and node and not given:
+            running = EmbeddedNats.running_in(state_dir(config))
+            if running is not None and running.secure and not running.callout:
+                auth = await running.add_local_applier(node)
+                auth.check()
+                return auth
+        auth = nats_credentials.for_service(identity, name, config.nats_nkey_file, config.nats_token_file,
+                                            config.nats_ca_file, embedded)
+        if auth is not None:
             auth.check()
-        except nats_credentials.CredentialsError as exc:
-            raise StartupError(str(exc)) from None
+    except nats_credentials.CredentialsError as exc:
+        raise StartupError(str(exc)) from None
     return auth
 
 

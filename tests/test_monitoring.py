@@ -136,7 +136,7 @@ def test_scrape_config_keeps_kipvs_pods_and_names_appliers_by_node() -> None:
     assert {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "http",
             "action": "keep"} in relabel
     manifests = "".join(p.read_text() for p in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")))
-    assert manifests.count("{name: http, containerPort:") == 3, "watcher, planner and applier expose port http"
+    assert manifests.count("{name: http, containerPort:") == 4, "watcher, planner, auth and applier expose port http"
 
 
 async def test_every_metric_the_rules_and_dashboard_use_is_exported(nats_url: str, sim: Simulator,

@@ -760,3 +760,45 @@ async def test_a_service_waits_for_the_topology_and_says_so_until_admin_declares
     await asyncio.wait_for(ready.wait(), 30)
     stop.set()
     await asyncio.wait_for(task, 30)
+
+
+async def test_the_kernel_view_runs_as_the_tools_identity(declared: SecureNats, capsys) -> None:
+    """'kipvs ipvs' (and its --diff, which reads the published plan) connects with the tools identity and
+    stays within it; without an applier answering it says so in one sentence."""
+    import msgspec
+
+    from kipvs.shared import cli, events
+
+    admin = await declared.connect("admin")  # stands in for node-a's applier: only the tool is under test
+
+    async def answer(msg) -> None:
+        await msg.respond(msgspec.msgpack.encode(events.IpvsInspectReply(
+            node="node-a", backend="memory (test)", table=events.KernelTable(ipvs_version="1.2.1"))))
+
+    await admin.subscribe(topology.inspect_subject("node-a"), cb=answer)
+    await admin.flush()
+    flags = ["--nats-url", declared.url, "--nats-nkey-file", str(declared.dir / "tools.nk"),
+             "--nats-ca-file", str(declared.dir / "ca.pem")]
+    try:
+        assert await asyncio.to_thread(cli.main, ["ipvs", "--node", "node-a", *flags]) == 0
+        assert "IP Virtual Server version 1.2.1" in capsys.readouterr().out
+        assert await asyncio.to_thread(cli.main, ["ipvs", "--node", "node-a", "--diff", *flags]) == 0
+        assert "0 differences" in capsys.readouterr().err
+        assert await asyncio.to_thread(cli.main, ["ipvs", "--node", "node-b", "--timeout", "1", *flags]) == 2
+        assert "no applier answered for node node-b" in capsys.readouterr().err
+    finally:
+        await admin.close()
+    server_log = declared.log.read_text()
+    assert "Violation" not in server_log, [line for line in server_log.splitlines() if "Violation" in line]
+
+
+def test_a_missing_role_identity_is_never_replaced_by_the_admins(tmp_path: Path) -> None:
+    """On the embedded credentials, a role whose seed is gone is an error naming the file, not the admin's
+    identity in its place (least privilege)."""
+    from kipvs.shared import nats_credentials
+
+    directory = tmp_path / "nats-auth"
+    nats_credentials.ensure(directory)
+    (directory / "tools.nk").unlink()
+    with pytest.raises(nats_credentials.CredentialsError, match="tools.nk is missing"):
+        nats_credentials.for_service("tools", "tools", embedded_dir=directory)

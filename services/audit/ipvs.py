@@ -26,8 +26,8 @@ import nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from kipvs.shared import bus, events, plan_log, topology
-from kipvs.shared.log_client import ToolError, nats_url, run_tool
+from kipvs.shared import events, log_client, plan_log, topology
+from kipvs.shared.log_client import ToolError, run_tool
 from kipvs.shared.plan.divergence import divergences
 from kipvs.shared.plan.resolve import resolve_node
 
@@ -53,10 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON instead of text")
     parser.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
                         help="how long to wait for the applier's answer (default 5)")
-    parser.add_argument("--nats-url", default="", help="NATS URL (default: $NATS_URL, else the embedded server "
-                                                       "running for --state-dir)")
-    parser.add_argument("--state-dir", default="", help="the embedded server's state dir (default: "
-                                                        "$KIPVS_STATE_DIR or ~/.local/state/kipvs)")
+    log_client.add_nats_arguments(parser, recorded_log=False)
 
 
 async def ask(nc: nats.NATS, node: str, wait: float) -> events.IpvsInspectReply:
@@ -88,17 +85,7 @@ async def plan_differences(js: object, reply: events.IpvsInspectReply) -> tuple[
 
 
 async def ipvs(args: argparse.Namespace) -> int:
-    url = nats_url(args)
-
-    async def quiet(_: Exception) -> None:
-        return None  # the failure is raised below, once, as a sentence
-
-    try:
-        nc = await nats.connect(bus.servers(url), name="kipvs-tool", connect_timeout=3, allow_reconnect=False,
-                                max_reconnect_attempts=1, error_cb=quiet)
-    except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
-        raise ToolError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
-    try:
+    async with log_client.connect(args) as nc:
         reply = await ask(nc, args.node, args.timeout)
         if not args.diff:
             if args.json:
@@ -108,8 +95,6 @@ async def ipvs(args: argparse.Namespace) -> int:
                 sys.stdout.write(render(reply.table, "stats" if args.stats else "rate" if args.rate else "table"))
             return 0
         plan_seq, found = await plan_differences(nc.jetstream(), reply)
-    finally:
-        await nc.close()
     if args.json:
         sys.stdout.write(msgspec.json.encode({"node": args.node, "mode": reply.mode, "plan_seq": plan_seq,
                                               "applier_plan_seq": reply.plan_seq, "differences": found}).decode()

@@ -134,6 +134,9 @@ class Cluster:
         log = self.workdir / "logs" / "auth.log"
         deadline = asyncio.get_running_loop().time() + within
         while "answering NATS authorization requests" not in (log.read_text() if log.exists() else ""):
+            process = self.processes.get("auth")
+            if process is not None and process.returncode is not None:
+                raise RuntimeError(f"the auth service exited with {process.returncode}; see {log}")
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"the auth service did not start within {within:.0f}s; see {log}")
             await asyncio.sleep(0.1)
@@ -154,7 +157,7 @@ class Cluster:
         else:
             if "auth" not in self.processes:  # an applier's identity comes from the auth callout
                 await self.start("auth")
-                await self.auth_listening(within=30)
+                await self.auth_listening(within=60 * time_scale())  # a first Python start under TCG is slow
             node = service.removeprefix("applier-")
             argv = [KIPVS, "applier", "--node", node, "--drift-period", "10",
                     "--drain-timeout", str(self.drain_timeout), *common,
