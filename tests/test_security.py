@@ -800,5 +800,5 @@ def test_a_missing_role_identity_is_never_replaced_by_the_admins(tmp_path: Path)
     directory = tmp_path / "nats-auth"
     nats_credentials.ensure(directory)
     (directory / "tools.nk").unlink()
-    with pytest.raises(nats_credentials.CredentialsError, match="tools.nk is missing"):
+    with pytest.raises(nats_credentials.CredentialsError, match=r"tools\.nk is missing"):
         nats_credentials.for_service("tools", "tools", embedded_dir=directory)
