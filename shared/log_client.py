@@ -97,8 +97,21 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
         raise ToolError(f"cannot reach NATS at {url}: {bus.describe_refusal(cause, auth)}") from None
     if auth is not None and auth.nkey_file:
         bus.STREAM_ALIASES.set({topology.PLAN_STREAM: topology.PLAN_AUDIT_STREAM})
+    refusals = [str(e) for e in errors if "permissions violation" in str(e).lower()]
+
+    async def refused(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refusals.append(str(exc))
+
+    nc._error_cb = refused  # after the connection: what the server refuses this identity, for the sentence below
     try:
         yield nc
+    except (nats.errors.TimeoutError, TimeoutError) as exc:
+        if refusals:  # the server refused a request of this identity: the request then only times out
+            who = auth.nkey_file if auth is not None and auth.nkey_file else "no identity"
+            raise ToolError(f"NATS refused this identity ({who}) what the tool needs: {refusals[-1]}; the "
+                            "tools need the read-only tools identity (tools.nk)") from None
+        raise ToolError(f"NATS at {url} did not answer in time ({type(exc).__name__})") from None
     finally:
         await nc.close()
 

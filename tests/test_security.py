@@ -802,3 +802,16 @@ def test_a_missing_role_identity_is_never_replaced_by_the_admins(tmp_path: Path)
     (directory / "tools.nk").unlink()
     with pytest.raises(nats_credentials.CredentialsError, match=r"tools\.nk is missing"):
         nats_credentials.for_service("tools", "tools", embedded_dir=directory)
+
+
+async def test_a_tool_with_another_roles_identity_says_what_was_refused(declared: SecureNats, capsys) -> None:
+    """A valid identity of the wrong role (the watcher's) on a tool: the server's refusal in one sentence and
+    exit 2, not a time-out traceback."""
+    from kipvs.shared import cli
+
+    flags = ["--nats-url", declared.url, "--nats-nkey-file", str(declared.dir / "watcher.nk"),
+             "--nats-ca-file", str(declared.dir / "ca.pem")]
+    assert await asyncio.to_thread(cli.main, ["tap", "--stream", "plan", "--since", "1", "--no-follow",
+                                              *flags]) == 2
+    err = capsys.readouterr().err
+    assert "NATS refused this identity" in err and "permissions violation" in err and "Traceback" not in err, err
