@@ -327,6 +327,10 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
         planner = None
     planner = planner or new_planner(cfg)
     stage = PlannerMetrics(m, lambda: planner)
+    # Planning now: 1 (with --leader-elect, failover.py sets it back to 0 when it stands by; the plan gauges
+    # of a standby hold what it last planned, so dashboards and alerts select the active planner by this).
+    m.gauge("kipvs_planner_leader_election_master_status", "1 while this planner is the active one, 0 while it "
+            "stands by (client-go's leader_election_master_status)").set(1)
     consumer: bus.DurableConsumer | None = None
     # Declared before the rebuild, which can take a while: until the consumer runs, the lag is what the
     # durable consumer had not delivered at start.
