@@ -22,6 +22,7 @@ kipvs.parked.<service>                 PARKED      messages a service could not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ from nats.js.api import (
 from nats.js.errors import APIError, NotFoundError
 
 MIN_SERVER_VERSION = (2, 10, 0)  # multiple filter subjects per consumer
+# nats-server 2.15 limits every stream to 1,000 consumers unless the stream sets its own limit
+# (default_max_consumers). Every node's applier holds a durable on KIPVS_PLAN and, while it bootstraps, a
+# reader there and one on the snapshot bucket: a fleet above ~1,000 nodes would be refused (found by the
+# fleet benchmark at N=1,000). The streams the fleet reads set this instead.
+FLEET_MAX_CONSUMERS = 100_000
 LEADER_ELECTION_SERVER_VERSION = (2, 12, 0)  # atomic batch publish, expected last sequence of another subject
 
 KUBE_STREAM = "KIPVS_KUBE"
@@ -166,6 +172,7 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
                 # Planners with leader election publish fenced atomic batches (nats-server >= 2.12; an older
                 # server drops the field, and the planner then refuses to run with --leader-elect).
                 allow_atomic=True,
+                max_consumers=FLEET_MAX_CONSUMERS,
             ),
             "what each node's kernel should hold, as ordered deltas",
         ),
@@ -302,7 +309,7 @@ def _differences(wanted: object, echoed: object, fields: tuple[str, ...]) -> lis
 
 
 _STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "duplicate_window", "max_age",
-                  "discard", "allow_direct")
+                  "discard", "allow_direct", "max_consumers")
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
@@ -352,8 +359,14 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     for spec in streams(replicas):
         await ensure_stream(js, spec)
     await ensure_stream(js, plan_audit_stream(replicas))
-    await js.create_object_store(SNAPSHOT_BUCKET, config=ObjectStoreConfig(
-        description="kipvs: the latest plan snapshot per scope", storage=StorageType.FILE, replicas=replicas))
+    try:
+        snapshots = (await js.stream_info(f"OBJ_{SNAPSHOT_BUCKET}")).config
+    except NotFoundError:
+        await js.create_object_store(SNAPSHOT_BUCKET, config=ObjectStoreConfig(
+            description="kipvs: the latest plan snapshot per scope", storage=StorageType.FILE, replicas=replicas))
+        snapshots = (await js.stream_info(f"OBJ_{SNAPSHOT_BUCKET}")).config
+    if snapshots.max_consumers != FLEET_MAX_CONSUMERS:  # every bootstrapping node reads it at once
+        await js.update_stream(dataclasses.replace(snapshots, max_consumers=FLEET_MAX_CONSUMERS))
     await ensure_lease_bucket(js, replicas)
 
 

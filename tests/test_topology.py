@@ -78,3 +78,23 @@ def test_names_become_reversible_subject_tokens(name: str, tok: str) -> None:
 def test_invalid_names_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="not a valid Kubernetes name"):
         topology.token(bad)
+
+
+async def test_a_fleet_above_a_thousand_nodes_gets_its_consumers(nats_url: str) -> None:
+    """nats-server 2.15 caps a stream at 1,000 consumers unless the stream sets a limit: the plan stream (a
+    durable per node) and the snapshot bucket (read by every bootstrapping node) set kipvs's own, also on
+    streams an older kipvs declared without it."""
+    nc = await bus.connect(nats_url, "test")
+    try:
+        js = nc.jetstream(timeout=10)
+        await js.add_stream(StreamConfig(name=topology.PLAN_STREAM, subjects=["kipvs.plan.>"]))  # an older kipvs's
+        await bus.setup(nc)
+        snapshots = f"OBJ_{topology.SNAPSHOT_BUCKET}"
+        for stream in (topology.PLAN_STREAM, snapshots):
+            assert (await js.stream_info(stream)).config.max_consumers == topology.FLEET_MAX_CONSUMERS
+        for node in range(1_050):
+            await js.add_consumer(topology.PLAN_STREAM, ConsumerConfig(
+                durable_name=f"applier-n{node}", filter_subject="kipvs.plan.all", mem_storage=True))
+        assert (await js.stream_info(topology.PLAN_STREAM)).state.consumer_count == 1_050
+    finally:
+        await nc.close()
