@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats-replicas", type=int, default=int(os.environ.get("KIPVS_NATS_REPLICAS", "1")),
                         help="stream replicas (3 on a clustered NATS; env KIPVS_NATS_REPLICAS)")
     parser.add_argument("--node", action="append", default=[],
-                        help="also declare this node's applier consumer; repeatable")
+                        help="also declare this node's applier consumer ahead of its applier (which replaces it "
+                             "from its own position at start); repeatable")
 
 
 async def apply(url: str, auth: nats_credentials.ClientAuth | None, replicas: int = 1,

@@ -50,3 +50,13 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("nats-server did not start listening")
+
+
+async def kipvs(*argv: str, capsys) -> tuple[int, str, str]:
+    """Run a kipvs subcommand as a user would (its own event loop, in a thread): (exit code, stdout, stderr)."""
+    from kipvs.shared import cli
+
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli.main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

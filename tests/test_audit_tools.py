@@ -19,20 +19,13 @@ from kipvs.audit import tap as tap_module
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.shared import bus, cli, config, events, topology
 from tests.golden.regenerate import EVENTS
-from tests.helpers import publish_kube, start_service
+from tests.helpers import kipvs, publish_kube, start_service
 from tests.logread import read_stream
 
 LINES = EVENTS.read_text().splitlines()
 
 
 
-
-async def kipvs(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run a kipvs subcommand as a user would (its own event loop, in a thread)."""
-    capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -18,21 +18,15 @@ from kipvs.applier.shadow import run_shadow
 from kipvs.planner.core import PlannerConfig
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.planner.replay import plan_events, read_events
-from kipvs.shared import bus, cli, config, events, runtime, topology
+from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.shared.plan.node_state import VirtualService
 from kipvs.shared.plan.resolve import resolve_node
 from tests.golden.regenerate import EVENTS
-from tests.helpers import eventually, publish_kube, start_service
+from tests.helpers import eventually, kipvs, publish_kube, start_service
 from tests.logread import read_stream
 
 LINES = EVENTS.read_text().splitlines()
 
-
-async def kipvs(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def planned_node_a():
