@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
@@ -364,21 +366,65 @@ async def _until_closed(nc: NATS) -> None:
         await asyncio.sleep(CLOSED_POLL)
 
 
+# The tasks started (directly or not) by the service's main on one connection: see _track_tasks.
+_SESSION_TASKS: contextvars.ContextVar[set[asyncio.Task] | None] = contextvars.ContextVar("kipvs_session_tasks",
+                                                                                        default=None)
+
+
+def _track_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Make every task created inside a session (a task inherits its creator's context) known to it, so that
+    when the server closes the connection, the consumer loops, KV watchers, lease holders and report
+    publishers the service's main started are ended with it: none goes on retrying on the dead client.
+    Installed once per event loop, over any task factory already there."""
+    previous = loop.get_task_factory()
+    if getattr(previous, "kipvs_sessions", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future:
+        task = previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
+        context = kwargs.get("context")
+        owned = context.get(_SESSION_TASKS) if context is not None else _SESSION_TASKS.get()
+        if owned is not None and isinstance(task, asyncio.Task):
+            owned.add(task)
+            task.add_done_callback(owned.discard)
+        return task
+
+    factory.kipvs_sessions = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+
+
+async def _end_tasks(tasks: set[asyncio.Task]) -> None:
+    """Cancel what a closed session left running and wait (bounded) for it to finish."""
+    left = [t for t in tasks if not t.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left, timeout=GRACE_SECONDS)
+
+
 async def _run_session(name: str, main: Main, ctx: ServiceContext, health: Health) -> bool:
     """Run the service's main on one connection until it returns, ``ctx.stop`` is set, or the server
-    closes the connection for good; True in the last case (the main task is then cancelled: nothing it
-    made, consumer, watcher, subscription or lease, outlives its connection)."""
-    task = asyncio.create_task(_restarting(name, main, ctx), name=f"{name}-main")
+    closes the connection for good; True in the last case (the main task and every task it started are
+    then cancelled: nothing it made, consumer, watcher, subscription or lease, outlives its connection)."""
+    _track_tasks(asyncio.get_running_loop())
+    owned: set[asyncio.Task] = set()
+    token = _SESSION_TASKS.set(owned)
+    try:
+        task = asyncio.create_task(_restarting(name, main, ctx), name=f"{name}-main")
+    finally:
+        _SESSION_TASKS.reset(token)
     health.main_task = task
     stopper = asyncio.create_task(ctx.stop.wait())
     closed = asyncio.create_task(_until_closed(ctx.nc))
     try:
-        await asyncio.wait({task, stopper, closed}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({task, stopper, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the runtime itself is cancelled: its service with it
+            await _end_tasks({task, *owned})
+            raise
         if closed.done() and not task.done() and not ctx.stop.is_set():
             health.main_task = None
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(task, GRACE_SECONDS)
+            await _end_tasks({task, *owned})
             return True
         if not task.done():
             log.info("stopping %s: finishing the batch in hand", name)

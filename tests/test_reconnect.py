@@ -1,0 +1,170 @@
+"""A connection the server closes is reopened by the service runtime, whatever closed it (issue 21, item 1),
+against a real nats-server with kipvs's secured configuration, the real auth callout and the simulator's
+TokenRequest/TokenReview: an applier keeps applying past its identity's expiries, follows again after a server
+restart with the callout down, and after the CA was rotated; its /healthz fails while it cannot apply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.auth.main import AuthConfig, serve
+from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.shared import bus, config, nats_credentials, pki, runtime, topology
+from kipvs.shared.embedded_nats import free_loopback_port
+from tests import kube
+from tests.helpers import eventually, publish_kube, start_service
+from tests.secure_nats import SecureNats
+from tests.test_security import pod_token
+
+
+class Callout:
+    """``kipvs auth`` in this process, answering the server's authorization requests; ``kill`` ends it at
+    once (as kill -9 would: no draining), ``start`` brings a new one up."""
+
+    def __init__(self, server: SecureNats, sim, tmp_path: Path, ttl: float) -> None:
+        kubeconfig = tmp_path / "auth-kubeconfig"
+        kubeconfig.write_text(sim.kubeconfig())
+        self.cfg = config.load(AuthConfig, {
+            "nats_url": server.url, "http_listen": "", "kubeconfig": str(kubeconfig),
+            "nats_nkey_file": str(server.dir / "auth.nk"), "nats_ca_file": str(server.dir / "ca.pem"),
+            "issuer_nkey_file": str(server.dir / "issuer.nk"), "user_jwt_ttl": str(ttl)}, {})
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        listening = asyncio.Event()
+
+        class Ready(logging.Handler):  # only the server may publish on $SYS.REQ.USER.AUTH: ask the log
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("answering NATS authorization requests"):
+                    listening.set()
+
+        ready = Ready()
+        logging.getLogger("kipvs.auth").addHandler(ready)
+        self.task = asyncio.create_task(runtime.run_service("auth", self.cfg, serve, stop=asyncio.Event()))
+        try:
+            await asyncio.wait_for(listening.wait(), 30)
+        finally:
+            logging.getLogger("kipvs.auth").removeHandler(ready)
+
+    async def kill(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+
+def service_lines(first: int, count: int) -> list[str]:
+    """Watch lines of ``count`` Services with one endpoint each on node-a (ClusterIP 10.96.1.<i>)."""
+    lines = []
+    for i in range(first, first + count):
+        svc = kube.service(f"s{i}", cluster_ip=f"10.96.1.{i}")
+        svc["metadata"]["resourceVersion"] = str(1000 + i)
+        sl = kube.endpoint_slice(f"s{i}-x", f"s{i}", [kube.endpoint(f"10.244.1.{i}")])
+        sl["metadata"]["resourceVersion"] = str(2000 + i)
+        lines += [json.dumps({"type": "ADDED", "object": svc}), json.dumps({"type": "ADDED", "object": sl})]
+    return lines
+
+
+def programmed(kernel: MemoryKernel, i: int) -> bool:
+    return ("TCP", f"10.96.1.{i}", 80) in kernel.ipvs
+
+
+class Pipeline:
+    """The secured bus with the callout, the topology declared, a planner (static identity) and node-a's
+    applier (a pod token through the callout) on a memory kernel; kube events are logged with the admin's."""
+
+    def __init__(self, server: SecureNats, callout: Callout) -> None:
+        self.server = server
+        self.callout = callout
+        self.kernel = MemoryKernel()
+        self.tasks: list[tuple[asyncio.Task, asyncio.Event]] = []
+        self.applier_cfg: ApplierConfig | None = None
+
+    async def start(self, sim, tmp_path: Path, healthz_stale_after: float = 60.0) -> None:
+        admin = await self.server.connect("admin")
+        await bus.setup(admin, 1, [topology.planner_consumer()])
+        node = kube.node("node-a", "192.0.2.1")
+        node["metadata"]["resourceVersion"] = "1"
+        await publish_kube(admin.jetstream(timeout=10), [json.dumps({"type": "ADDED", "object": node}),
+                                                         *service_lines(1, 1)], "first")
+        await admin.close()
+        ca = str(self.server.dir / "ca.pem")
+        common = {"nats_url": self.server.url, "nats_ca_file": ca}
+        planner_cfg = config.load(PlannerServiceConfig, {**common, "http_listen": "",
+                                                         "nats_nkey_file": str(self.server.dir / "planner.nk")}, {})
+        self.tasks.append(start_service("planner", planner_cfg, plan))
+        token = await pod_token(sim, tmp_path, "kipvs-applier-a1", "node-a")
+        self.applier_cfg = config.load(ApplierConfig, {
+            **common, "node": "node-a", "backend": "memory", "nats_token_file": str(token),
+            "http_listen": f"127.0.0.1:{free_loopback_port()}", "healthz_bind_address": "",
+            "healthz_stale_after": str(healthz_stale_after)}, {})
+        self.tasks.append(start_service("applier", self.applier_cfg, lambda ctx: apply_plan(ctx, self.kernel)))
+        await eventually(lambda: programmed(self.kernel, 1), 60, "node-a programmed")
+
+    async def log_services(self, first: int, count: int, source: str) -> None:
+        """Log Services as the watcher would, with the admin identity (its own connection each time: the
+        server may be the one being restarted)."""
+        admin = await self.server.connect("admin")
+        try:
+            await publish_kube(admin.jetstream(timeout=10), service_lines(first, count), source)
+        finally:
+            await admin.close()
+
+    async def healthz(self) -> tuple[int, str]:
+        assert self.applier_cfg is not None
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://{self.applier_cfg.http_listen}/healthz") as r:
+            return r.status, await r.text()
+
+    async def reopened(self) -> float:
+        """The applier's kipvs_nats_connections_reopened_total."""
+        assert self.applier_cfg is not None
+        async with aiohttp.ClientSession() as http, http.get(f"http://{self.applier_cfg.http_listen}/metrics") as r:
+            text = await r.text()
+        return next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("kipvs_nats_connections_reopened_total "))
+
+    async def stop(self) -> None:
+        for _, stop in self.tasks:
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*(t for t, _ in self.tasks), return_exceptions=True), 60)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[SecureNats]:
+    server = SecureNats(tmp_path / "nats", callout=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_an_applier_keeps_applying_past_its_identitys_expiries(secured: SecureNats, sim, tmp_path: Path) -> None:
+    """Issue 21 item 1: with the callout's user JWTs living 3 s, the server ends node-a's connection every 3 s;
+    the applier connects again (its token read again, a new JWT) and goes on applying what is planned."""
+    callout = Callout(secured, sim, tmp_path, ttl=3)
+    await callout.start()
+    pipeline = Pipeline(secured, callout)
+    try:
+        await pipeline.start(sim, tmp_path)
+        for i in range(2, 12):  # about 11 s: three expiries and more
+            await pipeline.log_services(i, 1, f"churn-{i}")
+            await asyncio.sleep(1.0)
+        await eventually(lambda: all(programmed(pipeline.kernel, i) for i in range(1, 12)), 60,
+                         "every Service logged across the expiries programmed on node-a")
+        assert await pipeline.reopened() >= 3
+        status, text = await pipeline.healthz()
+        assert status == 200, text
+    finally:
+        await pipeline.stop()
+        await callout.kill()
