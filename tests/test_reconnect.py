@@ -168,3 +168,40 @@ async def test_an_applier_keeps_applying_past_its_identitys_expiries(secured: Se
     finally:
         await pipeline.stop()
         await callout.kill()
+
+
+def kill_server(server: SecureNats) -> None:
+    """kill -9 of nats-server (its store stays)."""
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(10)
+
+
+async def test_nodes_follow_again_after_a_server_restart_with_the_callout_down(secured: SecureNats, sim,
+                                                                                tmp_path: Path) -> None:
+    """Issue 21 item 1: kill -9 of the callout and of nats-server, nats-server started again and the callout
+    only later: while the server refuses node-a (no callout answers), the applier cannot apply and, past its
+    bound, /healthz says so (503); once the callout is back the applier connects again and follows."""
+    callout = Callout(secured, sim, tmp_path, ttl=3600)
+    await callout.start()
+    pipeline = Pipeline(secured, callout)
+    try:
+        await pipeline.start(sim, tmp_path, healthz_stale_after=3.0)
+        await callout.kill()
+        kill_server(secured)
+        secured.start()
+        await pipeline.log_services(2, 1, "while-refused")
+        deadline = asyncio.get_running_loop().time() + 30
+        while (health := await pipeline.healthz())[0] == 200:
+            assert asyncio.get_running_loop().time() < deadline, "healthz stayed 200 while node-a was refused"
+            await asyncio.sleep(0.2)
+        assert health[0] == 503 and "closed by the server" in health[1], health
+        assert not programmed(pipeline.kernel, 2)
+        await callout.start()
+        await eventually(lambda: programmed(pipeline.kernel, 2), 60, "node-a to follow again")
+        await pipeline.log_services(3, 1, "after")
+        await eventually(lambda: programmed(pipeline.kernel, 3), 60, "node-a to apply what comes next")
+        assert (await pipeline.healthz())[0] == 200
+    finally:
+        await pipeline.stop()
+        await callout.kill()
