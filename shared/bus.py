@@ -118,7 +118,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
         else:
             log.debug("NATS client error: %s", exc)
 
-    attempt_bound = 3.0 * (len(servers(url)) + 1) + 2.0
+    attempt_bound = 3.0 * len(servers(url)) + 2.0  # connect_timeout per server, and the handshake
     while True:
         if stop is not None and stop.is_set():
             raise Stopped(f"stopped before NATS at {url} could be reached")

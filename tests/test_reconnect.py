@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from tests import kube
 from tests.helpers import eventually, publish_kube, start_service
 from tests.secure_nats import SecureNats
 from tests.test_security import pod_token
+
+KIPVS = str(Path(sys.executable).with_name("kipvs"))
 
 
 class Callout:
@@ -205,3 +208,29 @@ async def test_nodes_follow_again_after_a_server_restart_with_the_callout_down(s
     finally:
         await pipeline.stop()
         await callout.kill()
+
+
+async def test_a_plain_url_to_a_tls_server_says_so_and_sigterm_ends_the_wait(tmp_path: Path) -> None:
+    """Issue 21 (medium): 'kipvs planner --nats-url nats://...' against a server that wants TLS, no CA file given:
+    the log says why in one line and the wait is retried; SIGTERM ends it (it hung silently, deaf to SIGTERM)."""
+    server = SecureNats(tmp_path)
+    server.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            KIPVS, "planner", "--nats-url", f"nats://localhost:{server.port}", "--http-listen", "",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        assert proc.stderr is not None
+        try:
+            said = ""
+            while "not trusted" not in said:
+                said = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+                assert said, "the planner ended without saying why it cannot connect"
+            assert "--nats-ca-file" in said and "Traceback" not in said, said
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        server.stop()
