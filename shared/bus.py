@@ -115,6 +115,10 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
             log.warning("NATS refused %s at reconnect (%s); closing the connection to open a new one with the "
                         "identity and CA files read again", name, describe_refusal(exc, auth))
             asyncio.get_running_loop().create_task(clients[0].close())
+            if asyncio.current_task() is getattr(clients[0], "_reconnection_task", None):
+                # End nats-py's reconnect loop here: after this callback it sets the client RECONNECTING
+                # again, over the CLOSED that close() set, and the client would look alive for good.
+                raise asyncio.CancelledError
         else:
             log.debug("NATS client error: %s", exc)
 

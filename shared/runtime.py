@@ -204,6 +204,11 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
         except bus.INFRASTRUCTURE_ERRORS as exc:
             if ctx.stop.is_set():
                 return
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                # Cancelled because the server closed the connection; the service's cleanup then failed on
+                # the dead client, and that error must not swallow the cancellation.
+                raise asyncio.CancelledError from exc
             delay = backoff.next()
             ctx.set_not_ready(f"restarting after a bus failure: {type(exc).__name__}")
             log.warning("%s: the bus failed under the service (%s: %s); starting it again in %.1fs", name,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.auth.main import AuthConfig, serve
 from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.shared import bus, config, nats_credentials, pki, runtime, topology
+from kipvs.shared import bus, config, nats_credentials, runtime, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from tests import kube
 from tests.helpers import eventually, publish_kube, start_service
@@ -234,3 +233,28 @@ async def test_a_plain_url_to_a_tls_server_says_so_and_sigterm_ends_the_wait(tmp
                 await proc.wait()
     finally:
         server.stop()
+
+
+async def test_services_follow_a_rotated_ca_reading_its_file_again(secured: SecureNats, sim, tmp_path: Path) -> None:
+    """Issue 21 item 1: the CA is rotated (a new CA file, the server restarted with a certificate of the new
+    CA): nats-py would reconnect forever with the TLS context of the old file; the services (callout,
+    planner, applier) refuse the new certificate once, connect again reading the CA file again, and the
+    pipeline goes on."""
+    callout = Callout(secured, sim, tmp_path, ttl=3600)
+    await callout.start()
+    pipeline = Pipeline(secured, callout)
+    try:
+        await pipeline.start(sim, tmp_path)
+        old_ca = (secured.dir / nats_credentials.CA_CERT).read_bytes()
+        (secured.dir / nats_credentials.CA_CERT).unlink()
+        (secured.dir / nats_credentials.CA_KEY).unlink()
+        nats_credentials.ensure(secured.dir)
+        assert (secured.dir / nats_credentials.CA_CERT).read_bytes() != old_ca
+        kill_server(secured)
+        secured.start()
+        await pipeline.log_services(2, 1, "after-rotation")
+        await eventually(lambda: programmed(pipeline.kernel, 2), 60, "node-a to follow after the CA rotation")
+        assert await pipeline.reopened() >= 1
+    finally:
+        await pipeline.stop()
+        await callout.kill()
