@@ -110,7 +110,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
             on_error(exc)
         if "permissions violation" in str(exc).lower():
             # The request that caused it only times out: this line says why.
-            log.warning("NATS refused %s: %s", name, exc)
+            log.warning("NATS refused %s (%s): %s", name, auth.describe() if auth else "no identity", exc)
         elif clients and _refuses_files(exc) and not clients[0].is_closed:
             log.warning("NATS refused %s at reconnect (%s); closing the connection to open a new one with the "
                         "identity and CA files read again", name, describe_refusal(exc, auth))
