@@ -137,8 +137,8 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
             ), attempt_bound, stop)
             break
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            with contextlib.suppress(Exception):
-                await nc.close()
+            with contextlib.suppress(Exception):  # bounded: after a failed TLS handshake it can wait forever
+                await asyncio.wait_for(nc.close(), 2)
             if stop is not None and stop.is_set():
                 raise Stopped(f"stopped before NATS at {url} could be reached") from None
             delay = backoff.next()
