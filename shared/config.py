@@ -60,6 +60,10 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "token, re-read at every connect)")] = ""
     nats_ca_file: Annotated[str, describe(
         "CA certificate (PEM) the NATS server's certificate must chain to: TLS, hostname checked")] = ""
+    nats_tls_server_name: Annotated[str, describe(
+        "the name the NATS server's certificate is checked against instead of the URL's host (kubeconfig's "
+        "tls-server-name): lets --nats-url list the servers by address, with no DNS name and no Service "
+        "ClusterIP on the way (deploy/kubernetes: nats.kipvs-system.svc)")] = ""
     log_format: Annotated[Literal["human", "json"], describe("log line format")] = "human"
     log_level: Annotated[Literal["debug", "info", "warning", "error"], describe("log level")] = "info"
 
