@@ -15,7 +15,7 @@ import logging
 import os
 
 from . import bus, logs, nats_credentials, topology
-from .config import StartupError
+from .config import StartupError, check_nats_url
 
 log = logging.getLogger("kipvs.topology")
 
@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     logs.setup("human", "info")
     if not args.nats_url:
         raise StartupError("give the NATS URL: --nats-url or NATS_URL")
+    try:
+        check_nats_url(args.nats_url)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     auth = None
     if args.nats_nkey_file or args.nats_ca_file:
         auth = nats_credentials.ClientAuth(nkey_file=args.nats_nkey_file, ca_file=args.nats_ca_file,

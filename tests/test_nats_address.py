@@ -64,3 +64,22 @@ def test_topology_apply_takes_the_name_too(server: SecureNats) -> None:
                            "--nats-nkey-file", str(nats_credentials.seed_file(server.dir, "admin"))],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("url", ["nats://192.0.2.11:4222,nats://192.0.2.12:4222", "nats://10.0.0.5:4222,203.0.113.9",
+                                 "tls://[2001:db8::1]:4222"])
+def test_the_shipped_placeholders_are_refused_in_one_line(url: str) -> None:
+    """05-bootstrap.yaml ships documentation addresses (RFC 5737): a ConfigMap not filled in is named as such
+    at start (exit 2, one line), not retried forever against an address that reaches nothing."""
+    with pytest.raises(config.ConfigError, match=r"documentation address .*ConfigMap kipvs-bootstrap, key nats-url"):
+        config.load(config.CommonConfig, environ={"NATS_URL": url})
+    for command in (["planner", "--http-listen", ""], ["topology", "apply"]):
+        done = subprocess.run([KIPVS, *command, "--nats-url", url], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "kipvs-bootstrap" in done.stderr, \
+            (command, done.stderr)
+
+
+def test_real_addresses_and_names_pass() -> None:
+    for url in ("nats://10.0.0.11:4222,nats://10.0.0.12:4222", "nats://nats.kipvs-system.svc:4222", "",
+                "127.0.0.1:4222"):
+        assert config.load(config.CommonConfig, environ={"NATS_URL": url}).nats_url == url
