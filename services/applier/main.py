@@ -504,6 +504,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.strict_arp = cfg.ipvs_strict_arp
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
+        if ctx.restarted_because and not await plan_consumer.wait_for_a_plan(ctx.js, ctx.stop):
+            return
         ctx.set_not_ready("bootstrapping from the plan snapshot")
         await applier.bootstrap()
         drift_now = asyncio.Event()
@@ -518,7 +520,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             lambda: ("apply", applier.plan.seq, applier.local_addresses if applier.use_interfaces else ()),
             applier.read_kernel)
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
-        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
+        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq, guard=ctx.stream_guard)
         spec = await keeper.start(ctx.stop)
         if spec is None:  # told to stop before the bus would create it
             with contextlib.suppress(Exception):
@@ -587,7 +589,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         for task in done - {stopping}:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        await kernel.close()
+        if not ctx.replaced:  # else the runtime starts apply_plan again on the same kernel
+            await kernel.close()
     finally:
         await applier.health.close()
 

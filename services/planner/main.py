@@ -415,7 +415,8 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
     for task in waits - {runner}:
         task.cancel()
     ctx.queued_since = None
-    await snapshot(force=True)
+    if not ctx.replaced:  # else this state belongs to the old streams: no snapshot of it in the new bucket
+        await snapshot(force=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
