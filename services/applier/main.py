@@ -285,6 +285,7 @@ class Applier:
         facts_before = self.facts()
         calico_before = self.calico
         applied: list[events.Envelope] = []  # the shared deltas this batch programs
+        errors: list[str] = []
         for d in batch:
             record = d.envelope.record
             if not isinstance(record, events.PlanDelta):
@@ -302,7 +303,10 @@ class Applier:
                 log.warning("%s: re-bootstrapping from the latest snapshot", exc)
                 await self.bootstrap()
                 if record.seq > self.plan.seq + 1:
-                    raise bus.Retry(f"snapshot at {self.plan.seq} does not reach delta {record.seq} yet") from None
+                    # Neither the newest snapshot nor the stream explains it: not the planner's sequence (an
+                    # admin's delta). Retrying re-bootstrapped three times a second, forever: parked instead.
+                    errors.append(await self.park_jump(d, record))
+                    continue
                 if not self.plan.apply(record):
                     continue
             applied.append(d.envelope)
@@ -317,7 +321,6 @@ class Applier:
             plan = self.plan.services.get(key)
             ops += self.desired.update(key, resolve_service(plan, facts) if plan else None)
         ops = self.drainer.rewrite(ops, time.monotonic())
-        errors: list[str] = []
         if ops:
             try:
                 await self.kernel.apply(ops)
@@ -342,6 +345,17 @@ class Applier:
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
                                              duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
                                              desired_digest=self.desired.digest()))
+
+    async def park_jump(self, d: bus.Delivery, record: events.PlanDelta) -> str:
+        """Park a shared delta whose sequence jumps past what a fresh bootstrap reaches; the reason, which
+        also goes into the batch's report. The deltas after it go on (a later snapshot covers a real gap)."""
+        reason = (f"plan delta {record.seq} jumps past delta {self.plan.seq + 1}: neither the newest snapshot nor "
+                  f"the plan stream holds the deltas between (published by someone other than the planner?)")
+        service = self.consumer.service if self.consumer is not None else topology.applier_durable(self.node)
+        await bus.park(self.ctx.js, service, d.msg, d.msg.data, reason)
+        if self.consumer is not None:
+            self.consumer.parked += 1
+        return reason
 
     async def read_kernel(self) -> events.KernelTable:
         """The whole kernel table for ``kipvs ipvs`` (never while a batch or a repair is being written)."""
