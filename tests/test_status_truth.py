@@ -80,3 +80,8 @@ def test_node_lag_is_judged_by_the_age_of_the_first_delta_it_lacks() -> None:
     times[10] = now - 45 * 10**9
     got = {s.node: s for s in collect(last, 10, set(), now, 0, 300, times, 30)}
     assert got["in-flight"].problems == ["1 deltas behind the planner for 45s (limit 30s)"]
+
+
+async def test_status_on_a_store_without_streams_is_one_line_and_exit_2(nats_url: str, capsys) -> None:
+    code, _, err = await kipvs("status", "--nats-url", nats_url, capsys=capsys)
+    assert code == 2 and "Traceback" not in err and "a stream kipvs needs does not exist" in err, err

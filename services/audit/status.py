@@ -30,9 +30,10 @@ from typing import Any
 
 import msgspec
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from kipvs.shared import bus, events, plan_log, topology
-from kipvs.shared.log_client import RecordedLog, add_nats_arguments, open_log, read_all, run_tool
+from kipvs.shared.log_client import RecordedLog, ToolError, add_nats_arguments, open_log, read_all, run_tool
 
 from . import pipeline
 
@@ -209,10 +210,15 @@ async def status(args: argparse.Namespace) -> int:
     times: dict[int, int] | None = None
     async with open_log(args) as js:
         now_ns = time.time_ns()
-        if not isinstance(js, RecordedLog):  # a recording has no consumer positions nor server times
-            stage = await pipeline.read_planner_stage(js, now_ns, args.max_lag)
-            times = await pipeline.delta_times(js, now_ns - int(args.max_lag * 1e9))
-        last, newest, plan_nodes = await _last_records(js)
+        try:
+            if not isinstance(js, RecordedLog):  # a recording has no consumer positions nor server times
+                stage = await pipeline.read_planner_stage(js, now_ns, args.max_lag)
+                times = await pipeline.delta_times(js, now_ns - int(args.max_lag * 1e9))
+            last, newest, plan_nodes = await _last_records(js)
+        except NotFoundError as exc:
+            raise ToolError(f"a stream kipvs needs does not exist ({exc.description}): a new or wiped NATS store "
+                            "that nobody declared again yet (the services do at start, or 'kipvs topology apply')"
+                            ) from None
     statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age, times, args.max_lag)
     if args.node:
         unknown = sorted(set(args.node) - {s.node for s in statuses})
