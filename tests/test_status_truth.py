@@ -85,3 +85,23 @@ def test_node_lag_is_judged_by_the_age_of_the_first_delta_it_lacks() -> None:
 async def test_status_on_a_store_without_streams_is_one_line_and_exit_2(nats_url: str, capsys) -> None:
     code, _, err = await kipvs("status", "--nats-url", nats_url, capsys=capsys)
     assert code == 2 and "Traceback" not in err and "a stream kipvs needs does not exist" in err, err
+
+
+async def test_status_reads_what_it_needs_as_the_tools_identity(tmp_path, capsys) -> None:
+    """The planner's consumer, the log's head and the plan's server times: all within the tools' rights."""
+    from tests.secure_nats import SecureNats
+
+    server = SecureNats(tmp_path)
+    server.start()
+    try:
+        nc = await server.connect("admin")
+        js = await bus.setup(nc, 1, [topology.planner_consumer()])
+        await publish_kube(js, [json.dumps({"type": "ADDED", "object": kube.service("web")})], "tools")
+        await nc.close()
+        tools = server.identity("tools")
+        code, out, err = await kipvs("status", "--nats-url", server.url, "--nats-nkey-file", str(tools.nkey_file),
+                                     "--nats-ca-file", str(tools.ca_file), capsys=capsys)
+        assert code == 0 and "Traceback" not in err, err
+        assert "planner: at log seq 0 of KIPVS_KUBE (last seq 1), 1 records behind" in out, out
+    finally:
+        server.stop()
