@@ -207,7 +207,7 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
                 return
             ctx.restarted_because = replaced
             ctx.set_not_ready(f"restarting: {replaced}")
-            if ctx.redeclare is None or await ctx.redeclare() is None:
+            if not await _redeclare(name, ctx):
                 return  # told to stop while waiting for the topology
             continue
         except bus.INFRASTRUCTURE_ERRORS as exc:
@@ -224,10 +224,20 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
                 return
             # The failure may be a stream gone (a wiped store: NotFoundError is one of nats-py's errors):
             # declared again here (or waited for), else the next run fails the same way, forever.
-            if ctx.redeclare is not None:
-                with contextlib.suppress(_ConnectionClosed):
-                    if await ctx.redeclare() is None:
-                        return
+            if not await _redeclare(name, ctx):
+                return
+
+
+async def _redeclare(name: str, ctx: ServiceContext) -> bool:
+    """Declare (or wait for) the topology again before a restart; False when told to stop first. A server
+    that refuses kipvs's config now is logged: the service's own start then says what it lacks."""
+    if ctx.redeclare is None:
+        return True
+    try:
+        return await ctx.redeclare() is not None
+    except (_ConnectionClosed, topology.TopologyError) as exc:
+        log.warning("%s: cannot declare the topology again (%s)", name, exc)
+        return True
 
 
 async def _run_guarded(name: str, main: Main, ctx: ServiceContext, stop: asyncio.Event) -> str:
