@@ -8,16 +8,22 @@ position and the applier's consumer started past the new stream's end: no change
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
+import aiohttp
 import nats
 
-from kipvs.shared import topology
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.shared import bus, config, topology
+from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.simulator.server import Simulator
 from tests import kube
 from tests.conftest import NatsServer
-from tests.helpers import eventually, kipvs
+from tests.helpers import eventually, kipvs, publish_kube, start_service
 from tests.stack import start_stack
 
 
@@ -73,3 +79,64 @@ async def test_a_wiped_store_is_detected_and_every_node_converges_again(sim: Sim
         if stack is not None:
             await stack.close()
         server.stop()
+
+
+async def test_a_replaced_plan_stream_is_red_in_status_and_nodes_bootstrap_from_it(nats_url: str, sim: Simulator,
+                                                                                 tmp_path: Path, capsys) -> None:
+    """KIPVS_PLAN deleted and declared again (a store restored without it, an operator's mistake) while the
+    snapshot bucket and the status stream are kept: ``kipvs status`` is red until the node holds the new
+    plan, and a node that bootstraps before the planner has rewritten the snapshot does not take the old
+    snapshot for the new stream's (it started its consumer past every new delta: no change reached it)."""
+    await sim.apply(kube.node("node-a", "192.0.2.10"))
+    for i in range(2):
+        await sim.apply(kube.service(f"web-{i}", cluster_ip=f"10.96.0.{10 + i}"))
+    stack = await start_stack(nats_url, sim, tmp_path)
+    await eventually(lambda: _vips(stack.kernel) == {"10.96.0.10", "10.96.0.11"}, 60, "node-a programmed")
+    await stack.settled()
+    await stack.close()
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().delete_stream(topology.PLAN_STREAM)
+        js = await bus.setup(nc, consumers=[topology.planner_consumer()])  # what 'kipvs topology apply' does
+        code, out, _ = await kipvs("status", "--nats-url", nats_url, capsys=capsys)
+        assert code == 1 and "the plan stream was replaced" in out, out
+
+        kernel = MemoryKernel()
+        port = free_loopback_port()
+        applier_cfg = config.load(ApplierConfig, {"nats_url": nats_url, "node": "node-a", "backend": "memory",
+                                                  "http_listen": f"127.0.0.1:{port}", "healthz_bind_address": ""}, {})
+        applier, applier_stop = start_service("applier", applier_cfg, lambda ctx: apply_plan(ctx, kernel))
+        planner: asyncio.Task | None = None
+        try:
+            await _until_ready(port)  # bootstrapped before any planner runs: from the stream, not the old snapshot
+            planner_cfg = config.load(PlannerServiceConfig, {"nats_url": nats_url, "http_listen": ""}, {})
+            planner, planner_stop = start_service("planner", planner_cfg, plan)
+            await publish_kube(js, [json.dumps({"type": "ADDED", "object": kube.service("web-2",
+                                                                                      cluster_ip="10.96.0.12")})],
+                               "after-restore")
+            await eventually(lambda: _vips(kernel) == {"10.96.0.10", "10.96.0.11", "10.96.0.12"}, 60,
+                             "node-a programmed from the new plan stream")
+            deadline = asyncio.get_running_loop().time() + 30
+            while (await kipvs("status", "--nats-url", nats_url, capsys=capsys))[0] != 0:
+                assert asyncio.get_running_loop().time() < deadline, "kipvs status never went green again"
+                await asyncio.sleep(0.5)
+        finally:
+            applier_stop.set()
+            if planner is not None:
+                planner_stop.set()
+            await asyncio.wait_for(asyncio.gather(applier, *([planner] if planner else [])), 30)
+    finally:
+        await nc.close()
+
+
+async def _until_ready(port: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert asyncio.get_running_loop().time() < deadline, "the applier never became ready"
+        await asyncio.sleep(0.1)

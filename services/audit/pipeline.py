@@ -101,8 +101,9 @@ async def delta_times(js: Any, since_ns: int) -> dict[int, int]:
 
 
 def render_stage(stage: Stage) -> str:
+    """``at log seq 12 of KIPVS_KUBE (last seq 14), 2 records behind (oldest 1s ago): ok``"""
     where = "no consumer" if stage.position is None else f"at log seq {stage.position}"
     lag = "" if not stage.behind else f", {stage.behind} records behind" + (
         f" (oldest {stage.oldest_age_s:.0f}s ago)" if stage.oldest_age_s is not None else "")
     verdict = "ok" if stage.ok else "; ".join(stage.problems)
-    return f"{stage.stage}: {where} of {topology.KUBE_STREAM} (last seq {stage.head}){lag}: {verdict}"
+    return f"{where} of {topology.KUBE_STREAM} (last seq {stage.head}){lag}: {verdict}"

@@ -189,8 +189,9 @@ def _lagging(behind: int, applied: int, now_ns: int, max_behind: int, delta_time
     return f"{behind} deltas behind the planner for {waited:.0f}s (limit {max_lag:.0f}s)"
 
 
-def render(statuses: list[NodeStatus], newest: int) -> str:
-    lines = [f"planner: shared plan delta {newest}",
+def render(statuses: list[NodeStatus], newest: int, stage: pipeline.Stage | None = None) -> str:
+    where = f"; {pipeline.render_stage(stage)}" if stage is not None else ""
+    lines = [f"planner: shared plan delta {newest}{where}",
              f"{'NODE':<24} {'APPLIED':>8} {'BEHIND':>7} {'REPORTED':>10} {'DRIFT':>6} {'SHADOW':>6}  MARKS     STATE"]
     for s in statuses:
         applied = "-" if s.applied_seq is None else str(s.applied_seq)
@@ -230,7 +231,7 @@ async def status(args: argparse.Namespace) -> int:
         for s in statuses:
             print(json.dumps({**asdict(s), "ok": s.ok}))
     else:
-        sys.stdout.write((pipeline.render_stage(stage) + "\n" if stage is not None else "") + render(statuses, newest))
+        sys.stdout.write(render(statuses, newest, stage))
     return 0 if all(s.ok for s in statuses) and (stage is None or stage.ok) else 1
 
 
