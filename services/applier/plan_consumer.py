@@ -94,12 +94,15 @@ async def wait_for_a_plan(js: JetStreamContext, stop: asyncio.Event, period: flo
     Bootstrapping from an empty new stream would clear the node's kernel of every Service only to program
     them again once the planner has rebuilt; meanwhile the kernel keeps what the old plan gave it. False
     when told to stop first."""
+    told = False
     while not stop.is_set():
         try:
             await js.get_last_msg(topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
             return True
         except NotFoundError:
-            log.info("the new plan stream holds no delta yet; the kernel keeps the last plan meanwhile")
+            if not told:
+                log.info("the new plan stream holds no delta yet; the kernel keeps the last plan meanwhile")
+                told = True
         except bus.INFRASTRUCTURE_ERRORS as exc:
             log.warning("cannot read the new plan stream yet (%s: %s)", type(exc).__name__, exc or "")
         with contextlib.suppress(TimeoutError):

@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the planner or a node may lag for this long (a change in flight) before it fails the "
                              "check (default 30)")
     parser.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per node")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per node (first one for the planner's stage, without --node)")
     add_nats_arguments(parser)
 
 
