@@ -33,6 +33,7 @@ class StreamGuard:
         self.names = tuple(names)
         self._trip = trip
         self.pinned: dict[str, topology.StreamIdentity] = {}
+        self.missing: set[str] = set()  # found missing at the last check
         self.reason = ""
 
     async def pin(self) -> None:
@@ -44,9 +45,16 @@ class StreamGuard:
 
     async def check(self) -> str:
         """Why a pinned stream is not the one pinned ("" when every one is); trips the guard when one is not.
-        nats-py's errors when the bus cannot answer (an outage is not a replacement)."""
+        A stream found missing trips it only when it is still missing at the next check (a cluster electing
+        its leaders must not restart every service). nats-py's errors when the bus cannot answer (an outage
+        is not a replacement)."""
         for name, before in self.pinned.items():
-            reason = topology.replacement(before, await topology.stream_identity(self.js, name))
+            now = await topology.stream_identity(self.js, name)
+            if now is None and name not in self.missing:
+                self.missing.add(name)
+                continue
+            self.missing.discard(name)
+            reason = topology.replacement(before, now)
             if reason:
                 self.trip(reason)
                 return reason
