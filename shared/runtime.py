@@ -186,7 +186,8 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
 Main = Callable[[ServiceContext], Awaitable[None]]
 
 
-# The streams each service's guard checks on a period (an applier checks PLAN when its consumer fails).
+# The streams each service's guard pins: checked every few seconds for the _POLLED services, by an applier
+# only when its consumer fails (services/applier/plan_consumer.py; a fleet polling would load the servers).
 _GUARDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
                     "applier": (topology.PLAN_STREAM,)}
 _POLLED = ("watcher", "planner")
