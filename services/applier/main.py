@@ -518,8 +518,10 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.strict_arp = cfg.ipvs_strict_arp
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
-        if ctx.restarted_because and not await plan_consumer.wait_for_a_plan(ctx.js, ctx.stop):
-            return
+        if ctx.restarted_because:
+            ctx.set_not_ready(f"{ctx.restarted_because}; waiting for the new plan stream's first delta")
+            if not await plan_consumer.wait_for_a_plan(ctx.js, ctx.stop):
+                return
         ctx.set_not_ready("bootstrapping from the plan snapshot")
         await applier.bootstrap()
         drift_now = asyncio.Event()
