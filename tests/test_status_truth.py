@@ -47,6 +47,8 @@ async def test_a_planner_that_does_not_follow_the_log_fails_the_check_after_the_
         lines = [json.dumps({"type": "ADDED", "object": kube.service(f"s{i}", cluster_ip=f"10.96.0.{i + 1}")})
                  for i in range(3)]
         await publish_kube(js, lines, "stuck")  # no planner runs: nothing takes them
+        # a node that holds the (empty) plan: the nodes are not what this test is about
+        await bus.publish(js, topology.status_subject("node-a", "applied"), _applied("node-a", 0, time.time_ns()))
     finally:
         await nc.close()
     code, out, _ = await kipvs("status", "--nats-url", nats_url, "--max-lag", "20", capsys=capsys)
@@ -97,6 +99,7 @@ async def test_status_reads_what_it_needs_as_the_tools_identity(tmp_path, capsys
         nc = await server.connect("admin")
         js = await bus.setup(nc, 1, [topology.planner_consumer()])
         await publish_kube(js, [json.dumps({"type": "ADDED", "object": kube.service("web")})], "tools")
+        await bus.publish(js, topology.status_subject("node-a", "applied"), _applied("node-a", 0, time.time_ns()))
         await nc.close()
         tools = server.identity("tools")
         code, out, err = await kipvs("status", "--nats-url", server.url, "--nats-nkey-file", str(tools.nkey_file),
@@ -105,3 +108,12 @@ async def test_status_reads_what_it_needs_as_the_tools_identity(tmp_path, capsys
         assert "at log seq 0 of KIPVS_KUBE (last seq 1), 1 records behind" in out.splitlines()[0], out
     finally:
         server.stop()
+
+
+async def test_a_store_with_nothing_planned_and_no_report_is_not_green(nats_url: str, capsys) -> None:
+    """A wiped store once the streams are declared again, before the Nodes are logged: nothing to compare,
+    and nothing programmed by this plan either."""
+    nc, _ = await _declared(nats_url)
+    await nc.close()
+    code, out, _ = await kipvs("status", "--nats-url", nats_url, capsys=capsys)
+    assert code == 1 and "the plan holds no Node and no node has reported" in out.splitlines()[0], out

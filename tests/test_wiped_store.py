@@ -50,6 +50,9 @@ async def test_a_wiped_store_is_detected_and_every_node_converges_again(sim: Sim
         server.proc.wait(10)
         shutil.rmtree(server.store)
         server.start()
+        # Not green while the nodes hold the old plan: the streams are gone, or empty with nothing planned.
+        code, out, err = await kipvs("status", "--nats-url", server.url, capsys=capsys)
+        assert code != 0 and "Traceback" not in err, (out, err)
         # The API changes while (and after) the store is gone: the new log must carry them to the node.
         await sim.delete("Service", "default", "web-0")
         await sim.apply(kube.service("web-3", cluster_ip="10.96.0.13"))

@@ -62,6 +62,14 @@ def planner_verdict(head: int, position: int | None, oldest_stored_ns: int | Non
     return stage
 
 
+def check_programmed(stage: Stage, plan_nodes: set[str], reported: bool) -> None:
+    """A plan with no Node and no node that ever reported: nothing is programmed anywhere, whatever the
+    positions say (a new store, or a wiped one before the watcher has logged the Nodes again)."""
+    if not plan_nodes and not reported:
+        stage.problems.append("the plan holds no Node and no node has reported: nothing is programmed (a new or "
+                              "wiped store, or no watcher has logged the Nodes yet)")
+
+
 def _ns(when: datetime | None) -> int | None:
     return None if when is None else int(when.timestamp() * 1e9)
 

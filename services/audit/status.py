@@ -221,6 +221,8 @@ async def status(args: argparse.Namespace) -> int:
             raise ToolError(f"a stream kipvs needs does not exist ({exc.description}): a new or wiped NATS store "
                             "that nobody declared again yet (the services do at start, or 'kipvs topology apply')"
                             ) from None
+    if stage is not None:
+        pipeline.check_programmed(stage, plan_nodes, bool(last))
     statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age, times, args.max_lag)
     if args.node:
         unknown = sorted(set(args.node) - {s.node for s in statuses})
