@@ -60,14 +60,22 @@ class KubeEvent(Record, tag="kube.event"):
 class KubeResync(Record, tag="kube.resync"):
     """The complete live set of one kind after a (re)list.
 
-    A consumer deletes every object of ``kind`` it holds whose key is not in ``live``; it may also use
-    the resourceVersions to detect that it holds stale state. Keys are ``namespace/name``
-    (``name`` alone for cluster-scoped kinds).
+    A consumer deletes every object of ``kind`` it holds whose key is not in ``live`` and whose held
+    version is not newer than ``resource_version`` (newer: logged by a watch after the list); it may also
+    use the resourceVersions to detect that it holds stale state. ``restored`` changes that rule (below).
+    Keys are ``namespace/name`` (``name`` alone for cluster-scoped kinds).
     """
 
     kind: KubeKind
     resource_version: str  # the list's collection resourceVersion
     live: dict[str, str]  # key -> object resourceVersion
+    # Added in schema 1 with defaults (older records: a resync in a history that only grows).
+    # restored: the watcher found the API server's resourceVersions gone back (etcd restored from a snapshot
+    # without a revision bump), so versions no longer order old and new: a consumer deletes every object of
+    # ``kind`` it holds that ``live`` lacks and whose record it took from the KUBE stream at or below
+    # ``listed_after_seq`` (the stream's last sequence when the list was requested), whatever the versions.
+    restored: bool = False
+    listed_after_seq: int = 0
 
 
 # --- The plan (stream PLAN), produced by the planner ------------------------------------------------

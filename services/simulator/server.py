@@ -97,6 +97,19 @@ class Simulator:
         """Forget the watch history so far: watches from older versions get 410 Gone."""
         return self.store.compact()
 
+    def snapshot(self) -> int:
+        """Take an etcd snapshot (see :meth:`restore`); returns its resourceVersion."""
+        return self.store.snapshot()
+
+    async def restore(self) -> int:
+        """Restore the last snapshot without a revision bump, as an operator restoring etcd does: the
+        resourceVersions go back to the snapshot's and every watch connection is cut (the API servers
+        restart). Returns the restored resourceVersion."""
+        rv = self.store.restore()
+        self.drop_watches()
+        await self._notify()
+        return rv
+
     async def inject_watch_line(self, kind: str, line: str) -> int:
         """Write ``line`` verbatim into every open watch of ``kind`` (malformed input on the wire)."""
         targets = [w for w in self.watches if w.kind == kind]
@@ -178,10 +191,15 @@ class Simulator:
             return web.json_response({"stalled": self.stall_watches()})
         if fault == "compact":
             return web.json_response({"compacted_to": self.compact()})
+        if fault == "snapshot":
+            return web.json_response({"snapshot": self.snapshot()})
+        if fault == "restore":
+            return web.json_response({"restored_to": await self.restore()})
         if fault == "inject-line":
             n = await self.inject_watch_line(request.query.get("kind", ""), await request.text())
             return web.json_response({"watches": n})
-        raise ApiError(404, "NotFound", f"unknown fault {fault!r} (drop, stall, compact, inject-line)")
+        raise ApiError(404, "NotFound",
+                       f"unknown fault {fault!r} (drop, stall, compact, snapshot, restore, inject-line)")
 
     def _resource(self, request: web.Request) -> Resource:
         group = request.match_info.get("group", "")
@@ -276,7 +294,9 @@ class Simulator:
                 now = loop.time()
                 if deadline is not None and now >= deadline:
                     return response
-                if bookmarks and now >= next_bookmark:
+                # kube-apiserver's cacheWatcher sends no bookmark older than the version the watch started
+                # from: a watch from a future version (after a restore) hears nothing at all
+                if bookmarks and now >= next_bookmark and self.store.rv >= last:
                     await self._send(response, "BOOKMARK", {
                         "kind": resource.kind, "apiVersion": resource.api_version,
                         "metadata": {"resourceVersion": str(last)}})

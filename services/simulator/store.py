@@ -84,6 +84,8 @@ class Store:
     objects: dict[Key, dict[str, Any]] = field(default_factory=dict)
     history: list[Change] = field(default_factory=list)
     compacted_rv: int = 100  # watches from a version below this get 410
+    # what an etcd snapshot holds (the global version, objects, watch window, compaction point); see restore()
+    saved: tuple[int, dict[Key, dict[str, Any]], list[Change], int] | None = field(default=None, repr=False)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -157,6 +159,22 @@ class Store:
         self.history = [c for c in self.history if c.rv > upto]
         self.compacted_rv = max(self.compacted_rv, upto)
         return self.compacted_rv
+
+    def snapshot(self) -> int:
+        """Take an etcd snapshot of the store as it is now; returns its resourceVersion."""
+        self.saved = (self.rv, copy.deepcopy(self.objects), list(self.history), self.compacted_rv)
+        return self.rv
+
+    def restore(self) -> int:
+        """Go back to the last :meth:`snapshot`, as ``etcdutl snapshot restore`` without ``--bump-revision``
+        does: objects, the watch window and the global resourceVersion return to the snapshot's, so later
+        writes hand out versions that were already handed out before the restore. Returns that version;
+        ApiError 409 when no snapshot was taken."""
+        if self.saved is None:
+            raise ApiError(409, "Conflict", "no snapshot to restore: take one first (/_sim/fault/snapshot)")
+        rv, objects, history, compacted = self.saved
+        self.rv, self.objects, self.history, self.compacted_rv = rv, copy.deepcopy(objects), list(history), compacted
+        return rv
 
     # --- reads ----------------------------------------------------------------------------------
 
