@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import nats
 
-from kipvs.shared import config, events, runtime, topology
+from kipvs.planner.core import Planner
+from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.simulator.server import Simulator
 from kipvs.watcher.main import WatcherConfig, watch
 from tests import kube
@@ -296,3 +298,174 @@ async def test_garbage_last_on_an_objects_subject_is_appended_over_not_a_crash_l
     assert not w.task.done(), f"the watcher died: {w.task.exception()}"
     await w.close()
     assert [(r.action, r.name) for r in records] == [("ADDED", "web")]
+
+
+# --- a restored API server (issue 21) ------------------------------------------------------------------------
+
+
+async def log_state(nats_url: str) -> tuple[dict[tuple[str, str, str], events.KubeEvent], Planner]:
+    """The last record of every object in the log, and the planner core fed the whole log in order (as a
+    planner rebuilding from it does)."""
+    nc = await nats.connect(nats_url)
+    try:
+        last: dict[tuple[str, str, str], events.KubeEvent] = {}
+        planner = Planner()
+        async for msg in bus.read_stream(nc.jetstream(), topology.KUBE_STREAM):
+            env = events.decode(msg.data)
+            if isinstance(env.record, events.KubeEvent):
+                last[(env.record.kind, env.record.namespace, env.record.name)] = env.record
+            planner.handle(env, msg.metadata.sequence.stream)
+        return last, planner
+    finally:
+        await nc.close()
+
+
+def restore_mismatch(last: dict[tuple[str, str, str], events.KubeEvent], planner: Planner, sim: Simulator) -> str:
+    """What differs between the cluster's Services and (the log's last records, the planner's state); ""."""
+    truth = {k: o for k, o in sim.store.objects.items() if k[0] == "Service"}
+    alive = {k: r for k, r in last.items() if k[0] == "Service" and r.action != "DELETED"}
+    if set(alive) != set(truth):
+        return f"log: alive {sorted(set(alive) ^ set(truth))} differ"
+    for key, obj in truth.items():
+        rec = alive[key]
+        if (rec.resource_version, rec.object["spec"]) != (obj["metadata"]["resourceVersion"], obj["spec"]):
+            return f"log: {key} holds rv {rec.resource_version} {rec.object['spec']['clusterIP']}, the API " \
+                   f"server {obj['metadata']['resourceVersion']} {obj['spec']['clusterIP']}"
+    held = {f"{ns}/{name}": o["spec"]["clusterIP"] for (_, ns, name), o in truth.items()}
+    planned = {key: spec.cluster_ips[0] for key, spec in planner.services.items()}
+    if planned != held:
+        return f"planner: {sorted(set(planned.items()) ^ set(held.items()))} differ"
+    return ""
+
+
+async def until_restored(nats_url: str, sim: Simulator, within: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        problem = restore_mismatch(*await log_state(nats_url), sim)
+        if not problem:
+            return
+        assert asyncio.get_running_loop().time() < deadline, problem
+        await asyncio.sleep(0.2)
+
+
+async def _restore_history(sim: Simulator, round_: int) -> None:
+    """100 changes over ten Services after a snapshot (one created, one deleted), then the restore: the
+    snapshot's versions are handed out again by the 30 changes that follow."""
+    sim.snapshot()
+    for i in range(100):
+        await sim.apply(kube.service(f"svc-{i % 10}", cluster_ip=f"10.96.{10 + round_}.{i}"))
+    await sim.apply(kube.service("born-after-snapshot", cluster_ip="10.96.9.9"))
+    await sim.delete("Service", "default", "svc-9")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_restored_api_server_resyncs_log_and_planner(nats_url: str, sim: Simulator, tmp_path: Path) -> None:
+    """etcd restored from a snapshot without a revision bump: versions go back and are handed out again.
+    The running watcher, and one restarted after more changes, bring the log and the planner to the API
+    server's objects (on main every changed Service stayed frozen at its pre-restore version)."""
+    warnings = _Lines()
+    logging.getLogger("kipvs.watcher").addHandler(warnings)
+    for i in range(10):
+        await sim.apply(kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i}"))
+    kc = kubeconfig_for(sim, tmp_path)
+    w = start_watcher(nats_url, kc, kinds=["Service"])
+    await until_logged(nats_url, sim)
+    await _restore_history(sim, 0)
+    await until_logged(nats_url, sim)
+    await sim.restore()
+    for i in range(30):
+        await sim.apply(kube.service(f"svc-{i % 10}", cluster_ip=f"10.96.50.{i}"))
+    await until_restored(nats_url, sim)
+    logging.getLogger("kipvs.watcher").removeHandler(warnings)
+    assert any("resourceVersions went back" in line and "re-syncing the log" in line for line in warnings.lines)
+    await w.close()
+    # across a restart: more history, a second restore while no watcher runs, then a new watcher
+    await _restore_history(sim, 1)
+    w = start_watcher(nats_url, kc, kinds=["Service"])
+    await until_restored(nats_url, sim)
+    await w.close()
+    await sim.restore()
+    for i in range(30):
+        await sim.apply(kube.service(f"svc-{i % 10}", cluster_ip=f"10.96.60.{i}"))
+    w = start_watcher(nats_url, kc, kinds=["Service"])
+    await until_restored(nats_url, sim)
+    await sim.apply(kube.service("svc-0", cluster_ip="10.96.70.1"))  # and the watch goes on from there
+    await until_restored(nats_url, sim)
+    await w.close()
+    resyncs = [env.record for _, env in await _read_all(nats_url) if isinstance(env.record, events.KubeResync)]
+    assert [r.restored for r in resyncs].count(True) >= 2, "each restore is marked on its resync record"
+
+
+async def _read_all(nats_url: str) -> list[tuple[str, events.Envelope]]:
+    nc = await nats.connect(nats_url)
+    try:
+        return await read_stream(nc.jetstream(), topology.KUBE_STREAM)
+    finally:
+        await nc.close()
+
+
+# --- objects too deep or too large (issue 21) ----------------------------------------------------------------
+
+
+def _deep(levels: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+async def test_deep_and_oversized_objects_are_parked_the_rest_logged(nats_url: str, sim: Simulator,
+                                                                    tmp_path: Path) -> None:
+    """A watch line nested 1,100 deep ended the watcher (RecursionError); a 1.45 MB Pod made the Pod list
+    retry forever (MaxPayloadError). Both, in a list and in a watch, are parked with the reason and
+    everything else is logged."""
+    big = kube.pod("big-listed", ip="10.244.1.99")
+    big["metadata"]["annotations"] = {"blob": "x" * 1_450_000}
+    sim.store.create(big)
+    deep = '{"metadata": {"name": "deep-listed", "namespace": "default", "resourceVersion": "1"}, "spec": ' + \
+        '{"a": ' * 1100 + "1" + "}" * 1101  # more than Python's json (and the simulator) can encode
+    sim.inject_list_item("Service", deep)
+    for i in range(3):
+        sim.store.create(kube.pod(f"pod-{i}", ip=f"10.244.1.{i + 1}"))
+        sim.store.create(kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i + 1}"))
+    w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path), kinds=["Service", "Pod"])
+    await eventually(lambda: len(sim.watches) == 2, within=60, what="both lists done and watches open")
+    line = '{"type": "ADDED", "object": ' + '{"a": ' * 1100 + "1" + "}" * 1100 + "}"
+    assert len(line) > 2000
+    await sim.inject_watch_line("Service", line)
+    deep_watched = kube.service("deep-watched")
+    deep_watched["spec"]["extra"] = _deep(150)  # decodable, but deeper than any consumer should take
+    await sim.apply(deep_watched)
+    big_watched = kube.pod("big-watched", ip="10.244.1.98")
+    big_watched["metadata"]["annotations"] = {"blob": "y" * 1_450_000}
+    await sim.apply(big_watched)
+    await sim.apply(kube.service("after", cluster_ip="10.96.0.9"))
+    await sim.apply(kube.pod("after-pod", ip="10.244.1.9"))
+    nc = await nats.connect(nats_url)
+    try:
+        wanted = {"svc-0", "svc-1", "svc-2", "after", "pod-0", "pod-1", "pod-2", "after-pod"}
+        for _ in range(600):
+            names = {r.name for r in await kube_events(nats_url)}
+            reasons = await parked_reasons(nc.jetstream())
+            if wanted <= names and len(reasons) >= 4:
+                break
+            assert not w.task.done(), f"the watcher ended: {w.task.exception()}"
+            await asyncio.sleep(0.1)
+        assert wanted <= names, f"not logged: {wanted - names}"
+        assert not names & {"big-listed", "big-watched", "deep-listed", "deep-watched"}, names
+        assert sum("bytes as a record" in r and "max_payload" in r for r in reasons) == 2, reasons
+        assert any("in the list nests too deep" in r for r in reasons), reasons
+        assert any("watch line nests too deep" in r for r in reasons), reasons
+        assert any("deep-watched" in r or "nests deeper than 100" in r for r in reasons), reasons
+    finally:
+        await nc.close()
+    assert not w.task.done()
+    await w.close()

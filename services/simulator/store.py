@@ -190,7 +190,7 @@ class Store:
         resource = self._resource(kind)
         snapshot_rv, start = self.rv, 0
         if continue_token:
-            snapshot_rv, start = _decode_continue(continue_token)
+            snapshot_rv, start = decode_continue(continue_token)
             if snapshot_rv < self.compacted_rv:
                 raise gone("The provided continue parameter is too old to display a consistent list result. "
                            "You can start a new list without the continue parameter.")
@@ -199,7 +199,7 @@ class Store:
         chunk = items[start:end]
         meta: dict[str, Any] = {"resourceVersion": str(snapshot_rv)}
         if end < len(items):
-            meta["continue"] = _encode_continue(snapshot_rv, end)
+            meta["continue"] = encode_continue(snapshot_rv, end)
             meta["remainingItemCount"] = len(items) - end
         return {"kind": f"{kind}List", "apiVersion": resource.api_version, "metadata": meta, "items": chunk}
 
@@ -236,11 +236,11 @@ class Store:
             raise ApiError(400, "BadRequest", f"kind {kind!r} is not served by the simulator") from None
 
 
-def _encode_continue(rv: int, offset: int) -> str:
+def encode_continue(rv: int, offset: int) -> str:
     return base64.urlsafe_b64encode(json.dumps({"rv": rv, "start": offset}).encode()).decode()
 
 
-def _decode_continue(token: str) -> tuple[int, int]:
+def decode_continue(token: str) -> tuple[int, int]:
     try:
         doc = json.loads(base64.urlsafe_b64decode(token.encode()))
         return int(doc["rv"]), int(doc["start"])

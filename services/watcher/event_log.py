@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
@@ -94,6 +95,12 @@ class EventLog:
                     raise
                 if not await self._refresh(event):
                     return False
+                continue
+            if ack.duplicate and ack.seq < expected:
+                # The id names a record older than the subject's last one: the API server handed this version
+                # out again after a restore (a different change under a reused resourceVersion). Ours goes in
+                # under an id that also names where it goes, as deterministic for two watchers as the first.
+                envelope = msgspec.structs.replace(envelope, id=f"{event.id}/after@{expected}")
                 continue
             self._remember(event, ack.seq)
             # A duplicate is a change the log already holds: logged by another watcher, or by our own earlier

@@ -132,6 +132,9 @@ class KindWatcher:
         self.listed = asyncio.Event()  # set once the first list is logged (or the kind is absent)
         self.metrics = metrics
         self._timeout = (settings.connect_timeout, settings.read_timeout)
+        # the version of the last watch line handled: where a watch that failed resumes (its events before
+        # it are all logged), and what the API server's version must not be below when watching again
+        self.progress = ""
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.2, maximum=30.0)
@@ -147,6 +150,7 @@ class KindWatcher:
                     version = None
                     continue
                 listed_now = False
+                self.progress = version
                 version = await self._watch(version)
                 backoff.reset()
                 self.metrics.restarts.labels(self.kind, "timeout").inc()
@@ -164,6 +168,7 @@ class KindWatcher:
                 delay = backoff.next()
                 log.warning("%s: API error %s %s; retrying in %.1fs", self.kind, exc.status, exc.reason, delay)
                 self.metrics.restarts.labels(self.kind, "api-error").inc()
+                version = self.progress if version is not None else None
                 await self._sleep(delay)
             except nats.errors.Error as exc:
                 # the event log refused an append (full store, timeout, no connection): nothing is lost,
@@ -172,11 +177,13 @@ class KindWatcher:
                 log.warning("%s: the event log is not taking appends (%s: %s); resuming in %.1fs", self.kind,
                             type(exc).__name__, exc or "", delay)
                 self.metrics.restarts.labels(self.kind, "event-log").inc()
+                version = self.progress if version is not None else None
                 await self._sleep(delay)
             except (aiohttp.ClientError, TimeoutError, OSError, WatchError, ListError, json.JSONDecodeError) as exc:
                 delay = backoff.next()
                 log.warning("%s: %s: %s; resuming in %.1fs", self.kind, type(exc).__name__, exc, delay)
                 self.metrics.restarts.labels(self.kind, "connection").inc()
+                version = self.progress if version is not None else None
                 await self._sleep(delay)
 
     async def _sleep(self, seconds: float) -> None:
@@ -303,7 +310,7 @@ class KindWatcher:
                         await self._park_long_line(line, skipping + len(line))
                         skipping = 0
                     elif line.strip():
-                        version = await self._take_line(line, version)
+                        version = self.progress = await self._take_line(line, version)
                 if len(buffer) > MAX_LINE_BYTES:
                     if not skipping:
                         await self._park_long_line(buffer, 0)  # the first bytes are parked; counted at its end
