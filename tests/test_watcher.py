@@ -422,20 +422,63 @@ def _deep(levels: int) -> dict:
     return value
 
 
-async def test_deep_and_oversized_objects_are_parked_the_rest_logged(nats_url: str, sim: Simulator,
-                                                                    tmp_path: Path) -> None:
-    """A watch line nested 1,100 deep ended the watcher (RecursionError); a 1.45 MB Pod made the Pod list
-    retry forever (MaxPayloadError). Both, in a list and in a watch, are parked with the reason and
-    everything else is logged."""
-    big = kube.pod("big-listed", ip="10.244.1.99")
-    big["metadata"]["annotations"] = {"blob": "x" * 1_450_000}
-    sim.store.create(big)
+async def _logged_and_parked(nats_url: str, w: RunningWatcher, wanted: set[str], parked: int) -> tuple[set[str],
+                                                                                                   list[str]]:
+    """Wait until every name in ``wanted`` is logged and ``parked`` messages are parked; the watcher must live."""
+    nc = await nats.connect(nats_url)
+    try:
+        for _ in range(600):  # up to a minute on a loaded machine
+            names = {r.name for r in await kube_events(nats_url)}
+            reasons = await parked_reasons(nc.jetstream())
+            if wanted <= names and len(reasons) >= parked:
+                break
+            assert not w.task.done(), f"the watcher ended: {w.task.exception()!r}"
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    assert wanted <= names, f"not logged: {wanted - names}"
+    assert not w.task.done()
+    return names, reasons
+
+
+def _big_pod(name: str) -> dict:
+    pod = kube.pod(name, ip="10.244.1.99")
+    pod["metadata"]["annotations"] = {"blob": "x" * 1_450_000}  # 1.45 MB: over the 1 MiB max_payload
+    return pod
+
+
+async def test_deep_and_oversized_objects_in_a_list_are_parked_the_rest_logged(nats_url: str, sim: Simulator,
+                                                                              tmp_path: Path) -> None:
+    """A 1.45 MB Pod made the Pod list retry forever (MaxPayloadError); an object nested too deep for
+    Python's JSON decoder (RecursionError) failed the whole list. Each is parked with the reason, the
+    rest of the list is logged and the watch goes on."""
+    sim.store.create(_big_pod("big-listed"))
     deep = '{"metadata": {"name": "deep-listed", "namespace": "default", "resourceVersion": "1"}, "spec": ' + \
         '{"a": ' * 1100 + "1" + "}" * 1101  # more than Python's json (and the simulator) can encode
     sim.inject_list_item("Service", deep)
+    deeper_than_allowed = kube.service("deep-150")
+    deeper_than_allowed["spec"]["extra"] = _deep(150)
+    sim.store.create(deeper_than_allowed)
     for i in range(3):
         sim.store.create(kube.pod(f"pod-{i}", ip=f"10.244.1.{i + 1}"))
         sim.store.create(kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i + 1}"))
+    w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path), kinds=["Service", "Pod"])
+    await asyncio.sleep(0.5)
+    await sim.apply(kube.pod("after-pod", ip="10.244.1.9"))
+    names, reasons = await _logged_and_parked(nats_url, w, {"svc-0", "svc-1", "svc-2", "pod-0", "pod-1", "pod-2",
+                                                            "after-pod"}, 3)
+    await w.close()
+    assert not names & {"big-listed", "deep-listed", "deep-150"}, names
+    assert [r for r in reasons if "big-listed" in r and "bytes as a record" in r and "max_payload" in r], reasons
+    assert [r for r in reasons if "Service in the list nests too deep to decode" in r], reasons
+    assert [r for r in reasons if "nests deeper than 100 levels" in r], reasons
+
+
+async def test_deep_and_oversized_objects_in_a_watch_are_parked_the_rest_logged(nats_url: str, sim: Simulator,
+                                                                               tmp_path: Path) -> None:
+    """A watch line nested 1,100 deep (2.2 KB) ended the watcher process; a 1.45 MB Pod could not be
+    logged. Each is parked with the reason and the watch goes on."""
+    await sim.apply(kube.service("svc-0"))
     w = start_watcher(nats_url, kubeconfig_for(sim, tmp_path), kinds=["Service", "Pod"])
     await eventually(lambda: len(sim.watches) == 2, within=60, what="both lists done and watches open")
     line = '{"type": "ADDED", "object": ' + '{"a": ' * 1100 + "1" + "}" * 1100 + "}"
@@ -444,28 +487,12 @@ async def test_deep_and_oversized_objects_are_parked_the_rest_logged(nats_url: s
     deep_watched = kube.service("deep-watched")
     deep_watched["spec"]["extra"] = _deep(150)  # decodable, but deeper than any consumer should take
     await sim.apply(deep_watched)
-    big_watched = kube.pod("big-watched", ip="10.244.1.98")
-    big_watched["metadata"]["annotations"] = {"blob": "y" * 1_450_000}
-    await sim.apply(big_watched)
+    await sim.apply(_big_pod("big-watched"))
     await sim.apply(kube.service("after", cluster_ip="10.96.0.9"))
     await sim.apply(kube.pod("after-pod", ip="10.244.1.9"))
-    nc = await nats.connect(nats_url)
-    try:
-        wanted = {"svc-0", "svc-1", "svc-2", "after", "pod-0", "pod-1", "pod-2", "after-pod"}
-        for _ in range(600):
-            names = {r.name for r in await kube_events(nats_url)}
-            reasons = await parked_reasons(nc.jetstream())
-            if wanted <= names and len(reasons) >= 4:
-                break
-            assert not w.task.done(), f"the watcher ended: {w.task.exception()}"
-            await asyncio.sleep(0.1)
-        assert wanted <= names, f"not logged: {wanted - names}"
-        assert not names & {"big-listed", "big-watched", "deep-listed", "deep-watched"}, names
-        assert sum("bytes as a record" in r and "max_payload" in r for r in reasons) == 2, reasons
-        assert any("in the list nests too deep" in r for r in reasons), reasons
-        assert any("watch line nests too deep" in r for r in reasons), reasons
-        assert any("deep-watched" in r or "nests deeper than 100" in r for r in reasons), reasons
-    finally:
-        await nc.close()
-    assert not w.task.done()
+    names, reasons = await _logged_and_parked(nats_url, w, {"svc-0", "after", "after-pod"}, 3)
     await w.close()
+    assert not names & {"big-watched", "deep-watched"}, names
+    assert [r for r in reasons if "big-watched" in r and "bytes as a record" in r], reasons
+    assert [r for r in reasons if "Service watch line nests too deep to decode" in r], reasons
+    assert [r for r in reasons if "nests deeper than 100 levels" in r], reasons

@@ -57,7 +57,10 @@ def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
 def check_depth(kind: str, raw: bytes, value: Any) -> None:
     """InvalidObject if ``value`` (decoded from ``raw``) nests deeper than MAX_DEPTH."""
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and nesting_depth(value) > MAX_DEPTH:
-        raise InvalidObject(f"{kind}: object nests deeper than {MAX_DEPTH} levels")
+        meta = value.get("metadata") if isinstance(value, dict) else None
+        meta = meta if isinstance(meta, dict) else {}
+        name = "/".join(str(meta[k]) for k in ("namespace", "name") if meta.get(k))
+        raise InvalidObject(f"{kind} {name or '?'}: object nests deeper than {MAX_DEPTH} levels")
 
 
 @dataclass(frozen=True)
