@@ -496,3 +496,16 @@ async def test_deep_and_oversized_objects_in_a_watch_are_parked_the_rest_logged(
     assert [r for r in reasons if "big-watched" in r and "bytes as a record" in r], reasons
     assert [r for r in reasons if "Service watch line nests too deep to decode" in r], reasons
     assert [r for r in reasons if "nests deeper than 100 levels" in r], reasons
+
+
+async def test_a_resync_record_over_the_max_payload_does_not_stop_the_list(nats_url: str) -> None:
+    """30,000 live Pods make a 1.4 MB resync record: the server refused it, and the list retried forever."""
+    from kipvs.watcher.event_log import EventLog
+
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    log = EventLog(js, "Pod", {}, max_payload=lambda: nc.max_payload)
+    live = {f"kube-system/coredns-7db6d8ff4d-{i:05d}": str(1_000_000 + i) for i in range(30_000)}
+    assert await log.append_resync(events.KubeResync(kind="Pod", resource_version="2000000", live=live)) is False
+    assert await log.append_resync(events.KubeResync(kind="Pod", resource_version="2000001", live={"a/b": "1"}))
+    await nc.close()

@@ -177,10 +177,20 @@ class EventLog:
         results = await asyncio.gather(*(one(e) for e in planned))
         return sum(results), refused
 
-    async def append_resync(self, resync: events.KubeResync) -> None:
+    async def append_resync(self, resync: events.KubeResync) -> bool:
+        """Append the resync record; False (and a WARNING) when it cannot fit in one message (about 25,000
+        live objects of a kind per MiB of max_payload): the relist's deletions are logged one by one before
+        it anyway, and a record the server refuses would stop the list from ever completing."""
         envelope = events.Envelope(id=resync_id(resync), time_ns=time.time_ns(), producer=self.producer,
                                    record=resync)
+        size, limit = len(events.encode(envelope)), self.max_payload() - HEADER_ALLOWANCE
+        if size > limit:
+            log.warning("%s: the resync record of %d live objects is %d bytes, over the %d a NATS message takes "
+                        "here; not logged (the deletions this list found are logged as events)", self.kind,
+                        len(resync.live), size, limit)
+            return False
         await bus.publish(self.js, topology.kube_resync_subject(self.kind), envelope)
+        return True
 
     async def last_seq(self) -> int:
         """The KUBE stream's last sequence now (0 when empty)."""
