@@ -6,6 +6,7 @@ import pytest
 
 from kipvs.planner.core import Planner
 from kipvs.shared import events
+from kipvs.watcher.list_watch import LineSplitter
 from kipvs.watcher.objects import (
     MAX_DEPTH,
     InvalidObject,
@@ -163,3 +164,13 @@ def test_nesting_depth_is_bounded_without_recursion() -> None:
     assert nesting_depth(deep) == MAX_DEPTH + 1
     assert nesting_depth({"a": [1, {"b": "c"}]}) == 3
     assert nesting_depth("text") == 0
+
+
+def test_watch_lines_are_split_across_chunks_and_bounded() -> None:
+    lines = LineSplitter(10)
+    assert lines.feed(b"ab") == []
+    assert lines.feed(b"c\nde\n\nf") == [(b"abc", False), (b"de", False), (b"", False)]
+    assert lines.feed(b"ghijklmnop") == [(b"fghijklmnop", True)], "over the limit: reported once, by its start"
+    assert lines.feed(b"qrstuvwxyz" * 3) == []
+    assert lines.feed(b"z\nok\nlast") == [(b"ok", False)]
+    assert lines.rest() == b"last"

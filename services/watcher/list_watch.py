@@ -300,36 +300,23 @@ class KindWatcher:
         resp = await self.list_fn(watch=True, resource_version=version, allow_watch_bookmarks=True,
                                   timeout_seconds=self.settings.watch_timeout, _preload_content=False,
                                   _request_timeout=self._timeout)
+        lines = LineSplitter(MAX_LINE_BYTES)
         try:
-            buffer, skipping = b"", 0  # skipping: bytes of an over-long line passed over so far
             async for chunk in resp.content.iter_any():
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    if skipping:
-                        await self._park_long_line(line, skipping + len(line))
-                        skipping = 0
+                for line, too_long in lines.feed(chunk):
+                    if too_long:
+                        await self._park(line, f"{self.kind} watch line is over {MAX_LINE_BYTES} bytes (the first "
+                                         f"{len(line)} kept); passed over")
                     elif line.strip():
                         version = self.progress = await self._take_line(line, version)
-                if len(buffer) > MAX_LINE_BYTES:
-                    if not skipping:
-                        await self._park_long_line(buffer, 0)  # the first bytes are parked; counted at its end
-                    skipping += len(buffer)
-                    buffer = b""
                 if self.stop.is_set():
                     break
-            if buffer.strip() and not skipping:
-                version = await self._take_line(buffer, version)
+            last = lines.rest()
+            if last.strip():
+                version = await self._take_line(last, version)
         finally:
             resp.release()
         return version
-
-    async def _park_long_line(self, data: bytes, total: int) -> None:
-        if total:  # the end of a line parked at its start: say how long it was
-            log.warning("%s: the watch line over %d bytes was %d bytes long", self.kind, MAX_LINE_BYTES, total)
-            return
-        await self._park(data[:PARK_KEEP], f"{self.kind} watch line is over {MAX_LINE_BYTES} bytes "
-                         f"(the first {PARK_KEEP} kept); passed over")
 
     async def _take_line(self, line: bytes, version: str) -> str:
         try:
@@ -373,6 +360,42 @@ class KindWatcher:
     async def _park(self, data: bytes, reason: str) -> None:
         self.metrics.parked.labels(self.kind).inc()
         await bus.park(self.js, "watcher", None, data, reason, subject=f"kube.{self.kind}")
+
+
+class LineSplitter:
+    """Splits a byte stream into lines of at most ``limit`` bytes without copying what it holds again and
+    again; a longer line is reported once, by its first PARK_KEEP bytes, and the rest of it dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.skipping = False
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bool]]:
+        """(line, False) for every line ``chunk`` completes; (first bytes, True) when a line passes the limit."""
+        out: list[tuple[bytes, bool]] = []
+        start = 0
+        while start <= len(chunk):
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not self.skipping and piece:
+                self.parts.append(piece)
+                self.size += len(piece)
+                if self.size > self.limit:
+                    out.append((b"".join(self.parts)[:PARK_KEEP], True))
+                    self.parts, self.size, self.skipping = [], 0, True
+            if end < 0:
+                break
+            if not self.skipping:
+                out.append((b"".join(self.parts), False))
+            self.parts, self.size, self.skipping = [], 0, False
+            start = end + 1
+        return out
+
+    def rest(self) -> bytes:
+        """What followed the last newline (a last line without one); empty when it was too long."""
+        return b"" if self.skipping else b"".join(self.parts)
 
 
 class ListError(Exception):
