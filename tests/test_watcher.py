@@ -509,3 +509,31 @@ async def test_a_resync_record_over_the_max_payload_does_not_stop_the_list(nats_
     assert await log.append_resync(events.KubeResync(kind="Pod", resource_version="2000000", live=live)) is False
     assert await log.append_resync(events.KubeResync(kind="Pod", resource_version="2000001", live={"a/b": "1"}))
     await nc.close()
+
+
+async def test_two_watchers_through_a_restore_log_each_change_once(nats_url: str, sim: Simulator,
+                                                                   tmp_path: Path) -> None:
+    """Both watchers see the restore; the log follows the API server, and no object's history holds the
+    same state twice in a row (exactly once, also for the re-sync)."""
+    for i in range(10):
+        await sim.apply(kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i}"))
+    kc = kubeconfig_for(sim, tmp_path)
+    a, b = start_watcher(nats_url, kc, kinds=["Service"]), start_watcher(nats_url, kc, kinds=["Service"])
+    await until_logged(nats_url, sim)
+    await _restore_history(sim, 0)
+    await until_logged(nats_url, sim)
+    await sim.restore()
+    for i in range(30):
+        await sim.apply(kube.service(f"svc-{i % 10}", cluster_ip=f"10.96.50.{i}"))
+    await until_restored(nats_url, sim)
+    await asyncio.sleep(1.0)  # let the slower watcher finish its own re-sync
+    await a.close()
+    await b.close()
+    await until_restored(nats_url, sim, within=1)
+    history: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    for r in await kube_events(nats_url):
+        history[(r.namespace, r.name)].append((r.action, r.resource_version, json.dumps(r.object, sort_keys=True)))
+    for key, states in history.items():
+        for before, after in itertools.pairwise(states):
+            assert before != after, f"{key}: the same state logged twice in a row: {before[:2]}"
+            assert not (before[0] == "DELETED" and after[0] == "DELETED"), f"{key}: deleted twice"

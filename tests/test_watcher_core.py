@@ -174,3 +174,14 @@ def test_watch_lines_are_split_across_chunks_and_bounded() -> None:
     assert lines.feed(b"qrstuvwxyz" * 3) == []
     assert lines.feed(b"z\nok\nlast") == [(b"ok", False)]
     assert lines.rest() == b"last"
+
+
+def test_a_watcher_behind_never_logs_an_older_change_over_a_newer_one() -> None:
+    """Two watchers: the slower one meets changes the log already holds newer ones of. Its id would be a
+    duplicate of the old record; a reused id (a restore) is appended again, so these must not get that far."""
+    deleted = LoggedObject(False, "212", 9, strip("Service", svc("a", "212")))
+    assert plan_event("Service", "MODIFIED", svc("a", "210"), deleted, "watch") is None
+    assert plan_event("Service", "ADDED", svc("a", "213"), deleted, "watch") is not None, "re-created later"
+    recreated = LoggedObject(True, "220", 10, strip("Service", svc("a", "220")))
+    assert plan_event("Service", "DELETED", svc("a", "212"), recreated, "watch") is None
+    assert plan_event("Service", "DELETED", svc("a", "221"), recreated, "watch") is not None

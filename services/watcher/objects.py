@@ -150,6 +150,12 @@ def rv_newer(a: str, b: str) -> bool:
         return False
 
 
+def _not_after(a: str, b: str) -> bool:
+    """Is version ``a`` known to be at or before ``b`` (both integers)?"""
+    x, y = _rv_int(a), _rv_int(b)
+    return x is not None and y is not None and x <= y
+
+
 def _rv_int(rv: str) -> int | None:
     try:
         return int(rv)
@@ -224,6 +230,8 @@ def plan_event(kind: str, action: str, obj: dict[str, Any], logged: LoggedObject
                 return None
         elif action != "DELETED" and logged.alive and not rv_newer(ident.resource_version, logged.resource_version):
             return None  # this version (or a newer one) is logged already
+        elif _not_after(ident.resource_version, logged.resource_version):
+            return None  # older than the log's last record (a deletion, or a re-creation): a watcher behind
     if action == "ADDED" and logged is not None and logged.alive:
         action = "MODIFIED"
     elif action == "MODIFIED" and (logged is None or not logged.alive):
