@@ -537,3 +537,31 @@ async def test_two_watchers_through_a_restore_log_each_change_once(nats_url: str
         for before, after in itertools.pairwise(states):
             assert before != after, f"{key}: the same state logged twice in a row: {before[:2]}"
             assert not (before[0] == "DELETED" and after[0] == "DELETED"), f"{key}: deleted twice"
+
+
+async def test_a_list_page_over_its_byte_bound_is_asked_again_smaller(nats_url: str, sim: Simulator,
+                                                                      tmp_path: Path) -> None:
+    """A list page was read whole, however large; now it has a bound, and the page is asked again with
+    half the limit until it fits."""
+    from kipvs.shared.metrics import Registry
+    from kipvs.watcher.event_log import EventLog
+    from kipvs.watcher.list_watch import KindWatcher, WatchMetrics, WatchSettings, list_function
+
+    for i in range(20):
+        obj = kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i + 1}")
+        obj["metadata"]["annotations"] = {"note": "n" * 10_000}
+        await sim.apply(obj)
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    api = await kube.api_client(sim, tmp_path)
+    try:
+        watcher = KindWatcher("Service", list_function(api, "Service"), EventLog(js, "Service", {}), js,
+                              WatchSettings(max_page_bytes=50_000), WatchMetrics.declare(Registry()),
+                              asyncio.Event())
+        await asyncio.wait_for(watcher._list(), 60)
+    finally:
+        await api.close()
+        await nc.close()
+    assert {r.name for r in await kube_events(nats_url)} == {f"svc-{i}" for i in range(20)}
+    limits = [q for m, q in sim.requests if "limit=" in q]
+    assert any("limit=500" in q for q in limits) and any("limit=3&" in q or q.endswith("limit=3") for q in limits)

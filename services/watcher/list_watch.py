@@ -118,6 +118,7 @@ class WatchSettings:
     read_timeout: float = 90.0  # no byte for this long (not even a bookmark): the stream is dead
     connect_timeout: float = 10.0
     absent_retry: float = 60.0  # a kind the server does not serve (no Calico CRD) is retried this often
+    max_page_bytes: int = MAX_PAGE_BYTES  # one list response; over it, the page is asked again with half the limit
 
 
 class KindWatcher:
@@ -251,13 +252,13 @@ class KindWatcher:
                 kwargs["_continue"] = token
             resp = await self.list_fn(**kwargs)
             try:
-                raw = await _read_bounded(resp, MAX_PAGE_BYTES)
+                raw = await _read_bounded(resp, self.settings.max_page_bytes)
             except ListError:
                 if limit == 1:
                     raise
                 limit = max(1, limit // 2)
                 log.warning("%s: a list page is over %d bytes; asking for %d objects a page", self.kind,
-                            MAX_PAGE_BYTES, limit)
+                            self.settings.max_page_bytes, limit)
                 continue
             finally:
                 resp.release()
