@@ -202,6 +202,7 @@ class KindWatcher:
             body = await _read_bounded(resp, MAX_PAGE_BYTES)
         finally:
             resp.release()
+        # the list's own version, from the text before the items: the one item may be too deep to decode
         found = _LIST_RV.search(body[:body.find(b'"items"')] if b'"items"' in body else body)
         now = found.group(1).decode() if found else ""
         if not (now.isdigit() and version.isdigit() and int(now) < int(version)):

@@ -221,12 +221,13 @@ def plan_event(kind: str, action: str, obj: dict[str, Any], logged: LoggedObject
     ``resync_seq`` (a re-sync after a restore) the observed state is the truth whatever its version: it is
     logged unless the log holds exactly it."""
     ident = identify(kind, obj)
-    stripped = strip(kind, obj)  # the same object is kept, so the record reuses it
+    stripped: dict[str, Any] | None = None
     if logged is not None:
         if action == "DELETED" and not logged.alive:
             return None
         if resync_seq:
-            if logged.alive and logged.resource_version == ident.resource_version and logged.object == stripped:
+            if logged.alive and logged.resource_version == ident.resource_version and logged.object == (
+                    stripped := strip(kind, obj)):
                 return None
         elif action != "DELETED" and logged.alive and not rv_newer(ident.resource_version, logged.resource_version):
             return None  # this version (or a newer one) is logged already
@@ -237,7 +238,8 @@ def plan_event(kind: str, action: str, obj: dict[str, Any], logged: LoggedObject
     elif action == "MODIFIED" and (logged is None or not logged.alive):
         action = "ADDED"
     record = events.KubeEvent(kind=kind, action=action, namespace=ident.namespace, name=ident.name,
-                              resource_version=ident.resource_version, object=stripped, origin=origin)
+                              resource_version=ident.resource_version,
+                              object=strip(kind, obj) if stripped is None else stripped, origin=origin)
     return Planned(ident, record, resync_seq)
 
 
