@@ -226,8 +226,8 @@ class KindWatcher:
             valid.append(obj)
         evidence = restore_evidence(self.kind, valid, self.log.logged, list_rv)
         if evidence:
-            log.warning("%s: the API server's resourceVersions went back (%s): it was restored from an older etcd "
-                        "snapshot without a revision bump; re-syncing the log to the %d objects it holds now",
+            log.warning("%s: the API server's resourceVersions went back (%s): restored from an older etcd "
+                        "snapshot without a revision bump? re-syncing the log to the %d objects it holds now",
                         self.kind, evidence, len(valid))
             self.metrics.relists.labels(self.kind, "restored").inc()
         planned, resync = reconcile(self.kind, valid, self.log.logged, list_rv,

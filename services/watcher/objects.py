@@ -184,6 +184,7 @@ def restore_evidence(kind: str, listed: list[dict[str, Any]], logged: dict[str, 
         if now < held:
             return f"{kind} {ident.key} is at resourceVersion {now}, the log holds {held}"
         if now == held and entry.alive and entry.object != strip(kind, obj):
+            # also after an upgrade that defaults a new field on read: re-syncing is right then too
             return f"{kind} {ident.key} at resourceVersion {now} differs from what the log holds at that version"
     return ""
 
