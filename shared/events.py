@@ -373,12 +373,20 @@ def to_json(envelope: Envelope) -> bytes:
 
 def decode(data: bytes) -> Envelope:
     """Decode a bus message, raising a :class:`ContractError` subclass that says why it is unusable."""
-    return _decode(data, _head_decoder, _tag_decoder, _envelope_decoder)
+    return _decode_bounded(data, _head_decoder, _tag_decoder, _envelope_decoder)
 
 
 def from_json(data: bytes | str) -> Envelope:
     """Decode the JSON form, with the same checks as :func:`decode`."""
-    return _decode(data, _head_json_decoder, _tag_json_decoder, _envelope_json_decoder)
+    return _decode_bounded(data, _head_json_decoder, _tag_json_decoder, _envelope_json_decoder)
+
+
+def _decode_bounded(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:
+    try:
+        return _decode(data, head_decoder, tag_decoder, full_decoder)
+    except RecursionError:  # msgspec decodes (and skips) nested values recursively: a message nested past
+        # the recursion limit (an object logged by a watcher without a depth bound) is unusable, not a crash
+        raise MalformedMessage("message nests too deep to decode") from None
 
 
 def _decode(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:
