@@ -78,6 +78,23 @@ class KubeResync(Record, tag="kube.resync"):
     listed_after_seq: int = 0
 
 
+class KubeResyncRange(Record, tag="kube.resync-range"):
+    """What a :class:`KubeResync` says, for the keys from ``key_from`` (inclusive) to ``key_to``
+    (exclusive; "" = no upper bound) only: the watcher publishes a list's live set in such parts when the
+    whole set would not fit in one message. Each part stands alone: a consumer deletes what it holds of
+    ``kind`` with a key in the range that ``live`` lacks, under the same version and ``restored`` rules as
+    KubeResync. The parts of one list cover every key. A new tag, so that a consumer that does not know it
+    parks it rather than take a part of the live set for all of it."""
+
+    kind: KubeKind
+    resource_version: str
+    live: dict[str, str]
+    key_from: str
+    key_to: str
+    restored: bool = False
+    listed_after_seq: int = 0
+
+
 # --- The plan (stream PLAN), produced by the planner ------------------------------------------------
 #
 # The planner publishes *shared* state once, on kipvs.plan.all: Services (with every endpoint's node and
@@ -303,8 +320,8 @@ class ShadowReport(Record, tag="apply.shadow"):
     virtual_servers: int = 0  # IPVS virtual servers read from the kernel
 
 
-AnyRecord = (KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport | NodeFactsReport
-             | ShadowReport)
+AnyRecord = (KubeEvent | KubeResync | KubeResyncRange | PlanDelta | PlanSnapshot | ApplyReport | DriftReport
+             | NodeFactsReport | ShadowReport)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):

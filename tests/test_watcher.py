@@ -498,17 +498,34 @@ async def test_deep_and_oversized_objects_in_a_watch_are_parked_the_rest_logged(
     assert [r for r in reasons if "nests deeper than 100 levels" in r], reasons
 
 
-async def test_a_resync_record_over_the_max_payload_does_not_stop_the_list(nats_url: str) -> None:
-    """30,000 live Pods make a 1.4 MB resync record: the server refused it, and the list retried forever."""
+async def test_a_resync_record_over_the_max_payload_is_logged_in_key_ranges(nats_url: str) -> None:
+    """30,000 live Pods make a 1.4 MB resync record: the server refused it, and the list retried forever.
+    Now the live set goes in KubeResyncRange parts; a planner holding Pods the list lacks deletes them."""
     from kipvs.watcher.event_log import EventLog
 
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc)
     log = EventLog(js, "Pod", {}, max_payload=lambda: nc.max_payload)
     live = {f"kube-system/coredns-7db6d8ff4d-{i:05d}": str(1_000_000 + i) for i in range(30_000)}
-    assert await log.append_resync(events.KubeResync(kind="Pod", resource_version="2000000", live=live)) is False
-    assert await log.append_resync(events.KubeResync(kind="Pod", resource_version="2000001", live={"a/b": "1"}))
+    assert await log.append_resync(events.KubeResync(kind="Pod", resource_version="2000000", live=live)) >= 2
+    planner = Planner()
+    held = [*list(live)[::5000], "kube-system/zz-gone", "aaa/gone", "kube-system/coredns-7db6d8ff4d-10000x"]
+    for seq, key in enumerate(held, start=1):
+        ns, _, name = key.partition("/")
+        planner.handle(events.Envelope(id=f"p{seq}", time_ns=1, producer="t", record=events.KubeEvent(
+            kind="Pod", action="ADDED", namespace=ns, name=name, resource_version="5",
+            object=kube.pod(name, ns=ns))), seq)
+    msgs = [m async for m in bus.read_stream(js, topology.KUBE_STREAM, topology.kube_resync_subject("Pod"))]
+    assert all(len(m.data) <= nc.max_payload for m in msgs)
+    covered: dict[str, str] = {}
+    for seq, msg in enumerate(msgs, start=100):
+        env = events.decode(msg.data)
+        assert isinstance(env.record, events.KubeResyncRange)
+        covered |= env.record.live
+        planner.handle(env, seq)
     await nc.close()
+    assert covered == live
+    assert {key for _, key in planner.versions} == set(list(live)[::5000]), "the parts deleted what the list lacks"
 
 
 async def test_two_watchers_through_a_restore_log_each_change_once(nats_url: str, sim: Simulator,

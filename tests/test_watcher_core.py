@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from kipvs.planner.core import Planner
@@ -17,6 +19,7 @@ from kipvs.watcher.objects import (
     plan_event,
     reconcile,
     restore_evidence,
+    split_resync,
     strip,
 )
 from tests import kube
@@ -185,3 +188,18 @@ def test_a_watcher_behind_never_logs_an_older_change_over_a_newer_one() -> None:
     recreated = LoggedObject(True, "220", 10, strip("Service", svc("a", "220")))
     assert plan_event("Service", "DELETED", svc("a", "212"), recreated, "watch") is None
     assert plan_event("Service", "DELETED", svc("a", "221"), recreated, "watch") is not None
+
+
+def test_a_live_set_split_into_key_ranges_covers_every_key_once() -> None:
+    live = {f"ns-{i % 7}/obj-{i:04d}": str(i) for i in range(2000)}
+    resync = events.KubeResync(kind="Pod", resource_version="9", live=live, restored=True, listed_after_seq=4)
+    parts = split_resync(resync, 8000)
+    assert len(parts) > 3
+    assert parts[0].key_from == "" and parts[-1].key_to == ""
+    for before, after in itertools.pairwise(parts):
+        assert before.key_to == after.key_from
+    for part in parts:
+        assert all(part.key_from <= k and (not part.key_to or k < part.key_to) for k in part.live)
+        assert part.restored and part.listed_after_seq == 4
+        assert len(events.encode(events.Envelope(id="x" * 100, time_ns=1, producer="p", record=part))) <= 8000
+    assert sum(len(p.live) for p in parts) == len(live) and {k for p in parts for k in p.live} == set(live)

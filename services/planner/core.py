@@ -105,7 +105,7 @@ class Planner:
         ops: list[PlanOp] = []
         if isinstance(record, events.KubeEvent):
             self._on_event(record.kind, record.action, record.object, record.resource_version, ops, source_seq)
-        elif isinstance(record, events.KubeResync):
+        elif isinstance(record, (events.KubeResync, events.KubeResyncRange)):
             self._on_resync(record, ops)
         self.source_seq = source_seq
         trigger = 0
@@ -190,16 +190,18 @@ class Planner:
             for service in sorted(self.node_ports):  # ranges may have moved: a rare event, O(NodePort Services)
                 self._check_node_ports(service, ops)
 
-    def _on_resync(self, resync: events.KubeResync, ops: list[PlanOp]) -> None:
-        """Delete what we hold of the kind that the live set lacks (and that is not newer than the list).
-        After a restore of the API server (``restored``) versions order nothing: what we took from the log
-        before the list was requested (``listed_after_seq``) and the list lacks is gone, whatever its version."""
+    def _on_resync(self, resync: events.KubeResync | events.KubeResyncRange, ops: list[PlanOp]) -> None:
+        """Delete what we hold of the kind (in the record's key range) that the live set lacks and that is not
+        newer than the list. After a restore of the API server (``restored``) versions order nothing: what
+        we took from the log before the list was requested (``listed_after_seq``) and the list lacks is gone,
+        whatever its version."""
+        low, high = ((resync.key_from, resync.key_to) if isinstance(resync, events.KubeResyncRange) else ("", ""))
+        held = [(key, rv) for (kind, key), rv in self.versions.items() if kind == resync.kind
+                and key not in resync.live and key >= low and (not high or key < high)]
         if resync.restored:
-            gone = sorted(key for (kind, key) in self.versions if kind == resync.kind and key not in resync.live
-                          and self.held_seq.get((kind, key), 0) <= resync.listed_after_seq)
+            gone = sorted(key for key, _ in held if self.held_seq.get((resync.kind, key), 0) <= resync.listed_after_seq)
         else:
-            gone = sorted(key for (kind, key), rv in self.versions.items() if kind == resync.kind
-                          and key not in resync.live and _rv_not_newer(rv, resync.resource_version))
+            gone = sorted(key for key, rv in held if _rv_not_newer(rv, resync.resource_version))
         for key in gone:
             namespace, _, name = key.rpartition("/")
             stub = {"metadata": {"name": name, **({"namespace": namespace} if namespace else {})}}

@@ -27,7 +27,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from kipvs.shared import bus, events, topology
 
-from .objects import LoggedObject, Planned, TooLarge, resync_id, rv_newer, wire_line
+from .objects import LoggedObject, Planned, TooLarge, resync_id, resync_range_id, rv_newer, split_resync, wire_line
 
 log = logging.getLogger("kipvs.watcher")
 
@@ -177,20 +177,23 @@ class EventLog:
         results = await asyncio.gather(*(one(e) for e in planned))
         return sum(results), refused
 
-    async def append_resync(self, resync: events.KubeResync) -> bool:
-        """Append the resync record; False (and a WARNING) when it cannot fit in one message (about 25,000
-        live objects of a kind per MiB of max_payload): the relist's deletions are logged one by one before
-        it anyway, and a record the server refuses would stop the list from ever completing."""
+    async def append_resync(self, resync: events.KubeResync) -> int:
+        """Append the resync record, or, when it cannot fit in one message (about 25,000 live objects of a
+        kind per MiB of max_payload), its live set in KubeResyncRange parts. Returns how many records."""
         envelope = events.Envelope(id=resync_id(resync), time_ns=time.time_ns(), producer=self.producer,
                                    record=resync)
-        size, limit = len(events.encode(envelope)), self.max_payload() - HEADER_ALLOWANCE
-        if size > limit:
-            log.warning("%s: the resync record of %d live objects is %d bytes, over the %d a NATS message takes "
-                        "here; not logged (the deletions this list found are logged as events)", self.kind,
-                        len(resync.live), size, limit)
-            return False
-        await bus.publish(self.js, topology.kube_resync_subject(self.kind), envelope)
-        return True
+        limit = self.max_payload() - HEADER_ALLOWANCE
+        if len(events.encode(envelope)) <= limit:
+            await bus.publish(self.js, topology.kube_resync_subject(self.kind), envelope)
+            return 1
+        parts = split_resync(resync, limit)
+        for part in parts:
+            envelope = events.Envelope(id=resync_range_id(part), time_ns=time.time_ns(), producer=self.producer,
+                                       record=part)
+            await bus.publish(self.js, topology.kube_resync_subject(self.kind), envelope)
+        log.info("%s: the live set of %d objects is logged in %d parts (one record would be over %d bytes)",
+                 self.kind, len(resync.live), len(parts), limit)
+        return len(parts)
 
     async def last_seq(self) -> int:
         """The KUBE stream's last sequence now (0 when empty)."""

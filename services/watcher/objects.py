@@ -284,6 +284,31 @@ def _gone(kind: str, key: str, entry: LoggedObject, list_rv: str, resync_seq: in
         resource_version=list_rv, object=gone_obj, origin="resync"), resync_seq)
 
 
+def split_resync(resync: events.KubeResync, max_bytes: int) -> list[events.KubeResyncRange]:
+    """The live set of ``resync`` in key ranges whose records each take at most about ``max_bytes``
+    (msgpack: a key and a version cost their lengths plus at most 3 bytes of header each), covering every
+    key: the first from "" and the last to "" (no bound)."""
+    budget = max(1024, max_bytes - 1024 - 2 * len(resync.resource_version))
+    parts: list[dict[str, str]] = [{}]
+    size = 0
+    for key in sorted(resync.live):
+        cost = len(key.encode()) + len(resync.live[key].encode()) + 6
+        if size + cost > budget and parts[-1]:
+            parts.append({})
+            size = 0
+        parts[-1][key] = resync.live[key]
+        size += cost
+    bounds = ["", *(min(part) for part in parts[1:]), ""]
+    return [events.KubeResyncRange(kind=resync.kind, resource_version=resync.resource_version, live=part,
+                                   key_from=bounds[i], key_to=bounds[i + 1], restored=resync.restored,
+                                   listed_after_seq=resync.listed_after_seq) for i, part in enumerate(parts)]
+
+
+def resync_range_id(part: events.KubeResyncRange) -> str:
+    base = f"{part.kind}/resync@{part.resource_version}/from@{part.key_from}"
+    return f"{base}/restored@{part.listed_after_seq}" if part.restored else base
+
+
 def wire_line(record: events.KubeEvent) -> dict[str, Any]:
     """The record as a Kubernetes watch event (what ``--record`` writes and ``kipvs plan`` reads)."""
     return {"type": record.action, "object": record.object}
