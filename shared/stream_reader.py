@@ -68,6 +68,7 @@ class _Interrupted(Exception):
 class _Position:
     last_seq: int = 0  # stream sequence of the last message handed to the caller
     read: int = 0  # messages handed to the caller
+    started: bool = False  # the first consumer was made: from now on a failure interrupts a read
 
 
 async def read(js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig, name: str | None,
@@ -75,7 +76,8 @@ async def read(js: JetStreamContext, stream: str, subject: str, config: Consumer
     """Every message of ``stream`` matching ``subject`` from ``config``'s start position to the read's end
     (see the module), in stream order, each once. ``name``: the consumer's fixed name (deleted before and
     after each attempt; the caller serialises reads of one name), else a random one left to expire.
-    Raises IncompleteRead; NotFoundError when the stream does not exist."""
+    Raises IncompleteRead; what creating the first consumer raises as it is (NotFoundError: no such
+    stream; a timeout: no server, or a refused request), since no read began."""
     pos = _Position()
     failures = 0
     progress_at_failure = -1
@@ -84,14 +86,10 @@ async def read(js: JetStreamContext, stream: str, subject: str, config: Consumer
             async for msg in _attempt(js, stream, subject, _restart(config, pos), name, upto, pos):
                 yield msg
             return
-        except NotFoundError:
-            if not pos.read and failures == 0:
-                raise  # no such stream: the caller's answer (empty), not an interruption
-            reason = "the stream or its reader consumer is gone"
-        except BadRequestError:
-            raise  # a read asked wrongly (a consumer config the server refuses): no retry makes it right
         except (_Interrupted, nats.errors.Error, TimeoutError, ConnectionError) as exc:
-            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _Interrupted) else str(exc)
+            if not pos.started or isinstance(exc, BadRequestError):
+                raise  # no read began (no such stream, refused, no server): the caller's answer, as it is
+            reason = str(exc) if isinstance(exc, _Interrupted) else f"{type(exc).__name__}: {exc}"
         failures = 1 if pos.read != progress_at_failure else failures + 1
         progress_at_failure = pos.read
         if failures >= READ_ATTEMPTS or js._nc.is_closed:
@@ -119,6 +117,7 @@ async def _attempt(js: JetStreamContext, stream: str, subject: str, config: Cons
     if subject != ">":
         config.filter_subject = subject
     remaining = (await js.add_consumer(stream, config)).num_pending
+    pos.started = True
     if not remaining:
         return
     inbox = nc.new_inbox()

@@ -89,7 +89,23 @@ async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
         if deltas is not None:
             deltas(produced)
         count += 1
+    await check_read_to(js, planner.source_seq, upto, count)
     return count
+
+
+async def check_read_to(js: JetStreamContext, read_to: int, upto: int, count: int) -> None:
+    """The core's state is a fold of every record up to ``upto``: check, independently of the reader, that
+    none after the last one read (``read_to``) and up to ``upto`` is in the log; IncompleteRead when one is
+    (its state would be a prefix's, and a correction published from it would remove what the rest holds)."""
+    if read_to >= upto:
+        return
+    try:
+        missed = await js.get_msg(topology.KUBE_STREAM, seq=read_to + 1, subject="kipvs.kube.>", next=True)
+    except NotFoundError:
+        return  # nothing after it: the records up to upto were deleted from the log (reconcile_published)
+    if missed.seq is not None and missed.seq <= upto:
+        raise bus.IncompleteRead(topology.KUBE_STREAM, "kipvs.kube.>", read_to, count,
+                                 f"log record {missed.seq} was not read (the rebuild was to reach {upto})")
 
 
 async def reconcile_published(js: JetStreamContext, planner: Planner, publisher: PlanPublisher) -> None:
