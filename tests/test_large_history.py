@@ -253,3 +253,33 @@ async def test_tools_read_large_status_messages_and_a_large_history(url: str, ca
     assert code == 0 and err == "", err
     assert len(out.splitlines()) == len(history) + 41
     await nc.close()
+
+
+async def test_tap_follow_survives_a_lost_consumer(url: str) -> None:
+    """``kipvs tap``'s live follow goes on after its consumer is gone (as after a server restart): it makes
+    the consumer again after the last message shown, instead of stalling or ending quietly."""
+    from kipvs.audit import tap
+
+    nc = await nats.connect(url)
+    js = await bus.setup(nc)
+    await js.publish("kipvs.status.node-a.applied", b"first")
+    seen: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        async for entry in tap.follow(js, "status", 0):
+            await seen.put(entry.raw)
+
+    task = asyncio.create_task(pump())
+    try:
+        await asyncio.sleep(1.5)  # following from after "first"
+        await js.publish("kipvs.status.node-a.applied", b"second")
+        assert await asyncio.wait_for(seen.get(), 10) == b"second"
+        for info in await js.consumers_info(topology.STATUS_STREAM):
+            await js.delete_consumer(topology.STATUS_STREAM, info.name)
+        await js.publish("kipvs.status.node-a.applied", b"third")
+        assert await asyncio.wait_for(seen.get(), 15) == b"third"
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await nc.close()
