@@ -64,11 +64,16 @@ class _Interrupted(Exception):
     """This attempt cannot go on (the reason is the message); the read starts again after its last message."""
 
 
+class _ByCount(_Interrupted):
+    """A last-per-subject read met its byte bound: it starts again at once, bounded by count (see _bounds)."""
+
+
 @dataclass
 class _Position:
     last_seq: int = 0  # stream sequence of the last message handed to the caller
     read: int = 0  # messages handed to the caller
     started: bool = False  # the first consumer was made: from now on a failure interrupts a read
+    count_bound: bool = False  # a last-per-subject read met nats-server's drop at a byte bound (see _bounds)
 
 
 async def read(js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig, name: str | None,
@@ -89,6 +94,8 @@ async def read(js: JetStreamContext, stream: str, subject: str, config: Consumer
         except (_Interrupted, nats.errors.Error, TimeoutError, ConnectionError) as exc:
             if not pos.started or isinstance(exc, BadRequestError):
                 raise  # no read began (no such stream, refused, no server): the caller's answer, as it is
+            if isinstance(exc, _ByCount):
+                continue
             reason = str(exc) if isinstance(exc, _Interrupted) else f"{type(exc).__name__}: {exc}"
         failures = 1 if pos.read != progress_at_failure else failures + 1
         progress_at_failure = pos.read
@@ -123,11 +130,12 @@ async def _attempt(js: JetStreamContext, stream: str, subject: str, config: Cons
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     request = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{config.name}"
-    batch, max_bytes = _bounds(config, nc.max_payload)
+    batch, max_bytes = _bounds(config, nc.max_payload, pos.count_bound)
+    last_per_subject = config.deliver_policy == DeliverPolicy.LAST_PER_SUBJECT
     delivered = 0  # the consumer's delivery sequence: consecutive, or messages were lost on the way
     try:
         while True:
-            msgs = await _pull(nc, sub, request, inbox, min(remaining, batch), max_bytes)
+            msgs, at_byte_bound = await _pull(nc, sub, request, inbox, min(remaining, batch), max_bytes)
             for msg in msgs:
                 meta = msg.metadata
                 if meta.sequence.consumer != delivered + 1:
@@ -141,6 +149,9 @@ async def _attempt(js: JetStreamContext, stream: str, subject: str, config: Cons
                     yield msg
                 if (upto and seq >= upto) or meta.num_pending == 0 or remaining <= 0:
                     return
+            if at_byte_bound and last_per_subject:
+                pos.count_bound = True
+                raise _ByCount()
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
@@ -149,20 +160,23 @@ async def _attempt(js: JetStreamContext, stream: str, subject: str, config: Cons
                 await js.delete_consumer(stream, name)
 
 
-def _bounds(config: ConsumerConfig, max_payload: int) -> tuple[int, int]:
+def _bounds(config: ConsumerConfig, max_payload: int, count_bound: bool) -> tuple[int, int]:
     """(messages, bytes: 0 for none) one pull asks for. With a byte bound, a message as large as the server
-    allows always fits. A last-per-subject consumer gets none: nats-server 2.15.1 drops from such a read
-    the message that ends a pull at its byte bound (seen here: the 409 came, that message never did); its
-    count alone keeps it as small (READ_MAX_BYTES / max payload messages, at least one)."""
-    if config.deliver_policy == DeliverPolicy.LAST_PER_SUBJECT:
+    allows always fits. nats-server 2.15.1 drops from a last-per-subject read the message that ends a pull at
+    its byte bound (seen here: the 409 came, that message never did), so such a read that meets the bound
+    starts again (skipping what it handed out) with ``count_bound``: no byte bound, and few enough messages
+    (READ_MAX_BYTES / max payload, at least one) that the largest stay as far below max_pending. Reads of
+    small objects (the usual case: 1,000 under the byte bound) keep 1,000-message pulls."""
+    if count_bound and config.deliver_policy == DeliverPolicy.LAST_PER_SUBJECT:
         return max(1, min(READ_BATCH, READ_MAX_BYTES // max_payload)), 0
     return READ_BATCH, READ_MAX_BYTES + max_payload
 
 
 async def _pull(nc: nats.NATS, sub: Subscription, request: str, inbox: str, batch: int,
-                max_bytes: int) -> list[Msg]:
+                max_bytes: int) -> tuple[list[Msg], bool]:
     """One pull request (at most ``batch`` messages and ``max_bytes`` bytes, of what the consumer holds now):
-    its messages, at least one; _Interrupted when none comes or the server ends it with an error."""
+    its messages, at least one, and whether the byte bound ended it; _Interrupted when none comes or the
+    server ends it with an error."""
     ask = {"batch": batch, "no_wait": True, **({"max_bytes": max_bytes} if max_bytes else {})}
     await nc.publish(request, json.dumps(ask).encode(), reply=inbox)
     msgs: list[Msg] = []
@@ -174,11 +188,12 @@ async def _pull(nc: nats.NATS, sub: Subscription, request: str, inbox: str, batc
         status = (msg.headers or {}).get(_STATUS)
         if not status:
             msgs.append(msg)
-        elif status in _END_OF_PULL or (status == "409" and msg.headers.get("Description") == _MAX_BYTES_REACHED
-                                        and msgs):
+        elif status in _END_OF_PULL:
             break
+        elif status == "409" and msg.headers.get("Description") == _MAX_BYTES_REACHED and msgs:
+            return msgs, True
         elif status != "100":  # 100: an idle heartbeat
             raise _Interrupted(f"the server ended a pull: {status} {(msg.headers or {}).get('Description', '')}")
     if not msgs:
         raise _Interrupted("a pull returned nothing while the consumer had messages to deliver")
-    return msgs
+    return msgs, False
