@@ -5,7 +5,10 @@ floor (deltas are recomputed, not published: they were published before those ev
 read the last delta sequence already in the plan stream. Then consume: each event goes through the core;
 the deltas go to an outbox that is flushed (pipelined publishes, deterministic ids) before the batch is
 acked. A delta whose sequence is already in the stream is never published again, so a crash at any point
-neither loses nor duplicates a delta, however long the planner was down.
+neither loses nor duplicates a delta, however long the planner was down. A rebuild that did not read
+every record up to the ack floor raises ``bus.IncompleteRead`` before anything is published (from a prefix
+of the log, the correction below would remove from every node what the rest holds); the runtime marks the
+planner not ready and starts it again.
 """
 
 from __future__ import annotations
