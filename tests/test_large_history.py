@@ -283,3 +283,51 @@ async def test_tap_follow_survives_a_lost_consumer(url: str) -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await nc.close()
+
+
+async def test_a_rebuild_short_of_the_ack_floor_publishes_nothing(url: str, kipvs_log: _Lines,
+                                                                  monkeypatch) -> None:
+    """The planner's own check, whatever the reader does: a rebuild whose read of the log ends early (as the
+    old reader's did) is an IncompleteRead, the planner is not ready and publishes no correction; once the
+    log reads whole again, it rebuilds from every record and goes on."""
+    history = rolling_update(3, replicas=10)
+    nc = await nats.connect(url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    await _publish(js, history)
+    task, stop = await _planner_ready(kipvs_log, url)
+    deadline = time.monotonic() + 60
+    while (await js.consumer_info(topology.KUBE_STREAM, topology.PLANNER_CONSUMER)).ack_floor.stream_seq < len(history):
+        assert time.monotonic() < deadline, "the planner never planned the history"
+        await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    deltas_before = (await js.stream_info(topology.PLAN_STREAM)).state.last_seq
+
+    whole = bus.read_stream
+
+    async def short(js_, stream, *args, **kw):  # the kube log read stops after 3 records, quietly
+        n = 0
+        async for msg in whole(js_, stream, *args, **kw):
+            n += 1
+            if stream == topology.KUBE_STREAM and n > 3:
+                return
+            yield msg
+
+    monkeypatch.setattr(bus, "read_stream", short)
+    kipvs_log.lines.clear()
+    cfg = config.load(PlannerServiceConfig, {"nats_url": url, "http_listen": "", "batch": 10}, {})
+    task, stop = start_service("planner", cfg, plan)
+    try:
+        await eventually(lambda: any("IncompleteRead" in line and "log record 4 was not read" in line
+                                     for line in kipvs_log.lines), 60, "the rebuild to be refused")
+        assert "planner is ready" not in kipvs_log.lines, kipvs_log.lines
+        assert (await js.stream_info(topology.PLAN_STREAM)).state.last_seq == deltas_before, "a correction"
+        monkeypatch.setattr(bus, "read_stream", whole)
+        await eventually(lambda: "planner is ready" in kipvs_log.lines, 60, "the planner to rebuild whole")
+        assert any(line.startswith(f"rebuilt state from {len(history)} logged records") for line in kipvs_log.lines)
+        await asyncio.sleep(0.5)
+        assert (await js.stream_info(topology.PLAN_STREAM)).state.last_seq == deltas_before, "a correction"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await nc.close()
