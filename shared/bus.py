@@ -21,11 +21,12 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError
 
-from . import events, topology
+from . import events, stream_reader, topology
 from .backoff import Backoff
 from .nats_credentials import ClientAuth
+from .stream_reader import IncompleteRead as IncompleteRead  # raised by read_stream
 
 log = logging.getLogger("kipvs.bus")
 
@@ -364,9 +365,12 @@ class DurableConsumer:
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
                       deliver: DeliverPolicy = DeliverPolicy.ALL, start_seq: int = 0,
                       upto: int = 0, start_time: datetime | None = None) -> AsyncIterator[Msg]:
-    """Read a stream with an ephemeral, unacknowledged consumer until it is drained (or past stream
-    sequence ``upto``): the one way kipvs reads history (state rebuilds, replays, audits). It starts at
-    ``start_seq`` or at ``start_time`` (when the server stored the message) when given."""
+    """Read a stream with an ephemeral, unacknowledged consumer to its end: stream sequence ``upto`` when
+    given, else what it held when the read began: the one way kipvs reads history (state rebuilds,
+    catch-ups, replays, audits). It starts at ``start_seq`` or at ``start_time`` (when the server stored the
+    message) when given. Pulls are bounded by bytes, and a read that cannot reach its end raises
+    :class:`IncompleteRead` (after retrying from the last message read): see :mod:`.stream_reader`.
+    NotFoundError when the stream does not exist."""
     config = ConsumerConfig(deliver_policy=deliver, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
                             mem_storage=True)
     if start_seq:
@@ -375,13 +379,10 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
         config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start_time.isoformat()
     stream = readable(stream)
     reader = READER_NAME.get()
-    if reader is not None:
-        async for msg in _read_as(js, reader, stream, subject, config, upto):
+    # one read at a time per fixed name: each attempt deletes and creates that consumer
+    async with _reader_locks.setdefault(reader, asyncio.Lock()) if reader else contextlib.nullcontext():
+        async for msg in stream_reader.read(js, stream, subject, config, reader, upto):
             yield msg
-        return
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
-    async for msg in _drain(sub, upto):
-        yield msg
 
 
 # Streams a reader reads through another (the tools: the plan's mirror, see topology.PLAN_AUDIT_STREAM).
@@ -398,45 +399,6 @@ def readable(stream: str) -> str:
 # name that consumer, not any consumer of the stream (which would include other nodes' durables).
 READER_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("kipvs_reader_name", default=None)
 _reader_locks: dict[str, asyncio.Lock] = {}
-
-
-async def _read_as(js: JetStreamContext, reader: str, stream: str, subject: str, config: ConsumerConfig,
-                   upto: int) -> AsyncIterator[Msg]:
-    """read_stream with a fixed consumer name: one read at a time per name, the consumer made afresh
-    (its start position is part of its config) and deleted after."""
-    lock = _reader_locks.setdefault(reader, asyncio.Lock())
-    async with lock:
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(stream, reader)
-        config.name = reader
-        if subject != ">":
-            config.filter_subject = subject
-        await js.add_consumer(stream, config)
-        try:
-            sub = await js.pull_subscribe_bind(consumer=reader, stream=stream)
-            async for msg in _drain(sub, upto):
-                yield msg
-        finally:
-            with contextlib.suppress(*INFRASTRUCTURE_ERRORS, NotFoundError):
-                await js.delete_consumer(stream, reader)
-
-
-async def _drain(sub: Any, upto: int) -> AsyncIterator[Msg]:
-    try:
-        remaining = (await sub.consumer_info()).num_pending
-        while remaining > 0:
-            try:
-                msgs = await sub.fetch(min(remaining, 1000), timeout=5)
-            except NatsTimeoutError:
-                return
-            for msg in msgs:
-                if upto and msg.metadata.sequence.stream > upto:
-                    return
-                yield msg
-            remaining = msgs[-1].metadata.num_pending if msgs else 0
-    finally:
-        with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
-            await sub.unsubscribe()
 
 
 def is_wrong_last_sequence(exc: APIError) -> bool:

@@ -112,6 +112,10 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
             raise ToolError(f"NATS refused this identity ({who}) what the tool needs: {refusals[-1]}; the "
                             "tools need the read-only tools identity (tools.nk)") from None
         raise ToolError(f"NATS at {url} did not answer in time ({type(exc).__name__})") from None
+    except bus.IncompleteRead as exc:  # the read was retried from where it stopped, and still stopped
+        raise ToolError(f"cannot read the whole log from NATS at {url}: {exc}") from None
+    except nats.errors.Error as exc:  # the connection closed under the tool (it does not reconnect), ...
+        raise ToolError(f"NATS at {url} failed: {type(exc).__name__}: {exc or 'no detail'}") from None
     finally:
         await nc.close()
 

@@ -5,7 +5,10 @@ floor (deltas are recomputed, not published: they were published before those ev
 read the last delta sequence already in the plan stream. Then consume: each event goes through the core;
 the deltas go to an outbox that is flushed (pipelined publishes, deterministic ids) before the batch is
 acked. A delta whose sequence is already in the stream is never published again, so a crash at any point
-neither loses nor duplicates a delta, however long the planner was down.
+neither loses nor duplicates a delta, however long the planner was down. A rebuild that did not read
+every record up to the ack floor raises ``bus.IncompleteRead`` before anything is published (from a prefix
+of the log, the correction below would remove from every node what the rest holds); the runtime marks the
+planner not ready and starts it again.
 """
 
 from __future__ import annotations
@@ -90,7 +93,23 @@ async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
         if deltas is not None:
             deltas(produced)
         count += 1
+    await check_read_to(js, planner.source_seq, upto, count)
     return count
+
+
+async def check_read_to(js: JetStreamContext, read_to: int, upto: int, count: int) -> None:
+    """The core's state is a fold of every record up to ``upto``: check, independently of the reader, that
+    none after the last one read (``read_to``) and up to ``upto`` is in the log; IncompleteRead when one is
+    (its state would be a prefix's, and a correction published from it would remove what the rest holds)."""
+    if read_to >= upto:
+        return
+    try:
+        missed = await js.get_msg(topology.KUBE_STREAM, seq=read_to + 1, subject="kipvs.kube.>", next=True)
+    except NotFoundError:
+        return  # nothing after it: the records up to upto were deleted from the log (reconcile_published)
+    if missed.seq is not None and missed.seq <= upto:
+        raise bus.IncompleteRead(topology.KUBE_STREAM, "kipvs.kube.>", read_to, count,
+                                 f"log record {missed.seq} was not read (the rebuild was to reach {upto})")
 
 
 async def reconcile_published(js: JetStreamContext, planner: Planner, publisher: PlanPublisher) -> None:
