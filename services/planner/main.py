@@ -22,10 +22,11 @@ from typing import Annotated, Any
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, config, events, plan_log, runtime, topology
+from kipvs.shared import bus, config, delta_chunks, events, plan_log, runtime, topology
 from kipvs.shared.config import describe
 from kipvs.shared.plan.plan_state import SharedPlan
 
@@ -40,6 +41,9 @@ PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the o
 # Atomic batch publish (nats-server >= 2.12, the stream's allow_atomic): all of a batch is stored, or none.
 BATCH_ID, BATCH_SEQ, BATCH_COMMIT = "Nats-Batch-Id", "Nats-Batch-Sequence", "Nats-Batch-Commit"
 ATOMIC_BATCH_MAX = 500  # the server refuses batches over 1,000 messages
+ATOMIC_BATCH_BYTES = 16 << 20  # the server holds a batch in memory until its commit
+# JetStream refusals that are the message's fault, never the bus's: retrying cannot help.
+MESSAGE_FAULTS = frozenset({10054})  # JSStreamMessageExceedsMaximumErr
 
 
 class PlannerServiceConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
@@ -147,11 +151,14 @@ async def last_published(js: JetStreamContext) -> dict[str, tuple[int, int]]:
         raw = await js.get_last_msg(topology.PLAN_STREAM, subject)
         found = _delta_position(raw.data, raw.seq)
         if found is None:
-            # Not a delta (garbage or an empty message someone published): the last usable one counts.
-            log.warning("the last message on %s (stream seq %d) is not a plan delta; reading the subject back",
-                        subject, raw.seq)
-            async for msg in bus.read_stream(js, topology.PLAN_STREAM, subject):
-                found = _delta_position(msg.data, msg.metadata.sequence.stream) or found
+            # Not a whole delta (garbage or an empty message someone published, or a part of a chunked delta
+            # whose last part is not stored: this planner's predecessor stopped while publishing it): the
+            # last whole one counts, and an unfinished delta is published again, whole.
+            log.warning("the last message on %s (stream seq %d) is not a whole plan delta; reading the subject "
+                        "back", subject, raw.seq)
+            async for stream_seq, delta in plan_log.complete_deltas(bus.read_stream(js, topology.PLAN_STREAM,
+                                                                                    subject)):
+                found = (delta.scope, delta.seq, stream_seq)
         if found is not None:
             scope, seq, stream_seq = found
             out[scope] = (seq, stream_seq)
@@ -159,11 +166,14 @@ async def last_published(js: JetStreamContext) -> dict[str, tuple[int, int]]:
 
 
 def _delta_position(data: bytes | None, stream_seq: int) -> tuple[str, int, int] | None:
-    """(scope, delta seq, stream seq) of a usable plan delta message, else None."""
+    """(scope, delta seq, stream seq) of a usable plan delta message, or of the last part of a chunked one
+    (the planner publishes the parts in order, so the last one stored means they all are), else None."""
     try:
         record = events.decode(data or b"").record
     except events.ContractError:
         return None
+    if isinstance(record, events.PlanDeltaChunk) and record.part == record.parts:
+        return record.scope, record.seq, stream_seq
     if not isinstance(record, events.PlanDelta):
         return None
     return record.scope, record.seq, stream_seq
@@ -183,6 +193,38 @@ class PlanPublisher:
         self.stream_seq = published.get(SHARED_SCOPE, (0, 0))[1]  # stream seq of the last shared delta
         self.outbox: list[events.Envelope] = []
 
+    def limit(self) -> int:
+        """The most bytes one message may carry: the server's max_payload (as this connection was told it)
+        less room for the headers."""
+        nc = self.nc if self.nc is not None else self.js._nc
+        return nc.max_payload - delta_chunks.HEADER_HEADROOM
+
+    def _messages(self, env: events.Envelope) -> list[events.Envelope]:
+        """The messages that carry one delta: itself, or its parts when it is too large for one."""
+        try:
+            return delta_chunks.split(env, self.limit())
+        except ValueError as exc:
+            raise Unpublishable(env, str(exc)) from None
+
+    def _batches(self) -> list[list[tuple[events.Envelope, events.Envelope]]]:
+        """The outbox as atomic batches of (delta, message): never a delta's parts in two batches (a batch
+        is stored whole or not at all, so no reader ever finds half a delta), at most ATOMIC_BATCH_MAX
+        messages and, unless one delta needs more, ATOMIC_BATCH_BYTES."""
+        batches: list[list[tuple[events.Envelope, events.Envelope]]] = [[]]
+        size = 0
+        for env in self.outbox:
+            parts = self._messages(env)
+            if len(parts) > ATOMIC_BATCH_MAX:
+                raise Unpublishable(env, f"it needs {len(parts)} messages of at most {self.limit()} bytes, more "
+                                         f"than an atomic batch holds ({ATOMIC_BATCH_MAX})")
+            weight = sum(len(events.encode(part)) for part in parts)
+            if batches[-1] and (len(batches[-1]) + len(parts) > ATOMIC_BATCH_MAX or size + weight > ATOMIC_BATCH_BYTES):
+                batches.append([])
+                size = 0
+            batches[-1] += [(env, part) for part in parts]
+            size += weight
+        return batches
+
     async def _flush_fenced(self) -> int:
         """Publish the outbox as atomic batches (nats-server >= 2.12), the fence on each batch's first message:
         the server stores a whole batch only while this planner's marker is the last on kipvs.plan.leader,
@@ -201,43 +243,60 @@ class PlanPublisher:
                 return 0
         fence = await self._check_fence()
         sent = 0
-        while self.outbox:
-            chunk = self.outbox[:ATOMIC_BATCH_MAX]
-            batch_id = secrets.token_hex(16)
-            try:
-                for i, env in enumerate(chunk, 1):
-                    headers = {**bus.msg_id_header(env), BATCH_ID: batch_id, BATCH_SEQ: str(i),
-                               PUBLISHER: self.fence.identity, **(fence if i == 1 else {})}
-                    subject, data = subject_for(env.record.scope), events.encode(env)  # type: ignore[union-attr]
-                    if i < len(chunk):
-                        await self.nc.publish(subject, data, headers=headers)
-                    else:
-                        reply = await self.nc.request(subject, data, timeout=PUBLISH_TIMEOUT,
-                                                      headers={**headers, BATCH_COMMIT: "1"})
-            except Exception as exc:
-                self.resync = True
-                with contextlib.suppress(bus.Retry, *bus.INFRASTRUCTURE_ERRORS):
-                    await self._check_fence()
-                raise bus.Retry(f"publishing {len(chunk)} deltas failed: {type(exc).__name__}: {exc}") from exc
-            answer = json.loads(reply.data or b"{}")
-            error = answer.get("error")
-            if error is not None:
-                if error.get("err_code") == 10071 and self.deposed is not None:
-                    self.deposed.set()
-                    raise bus.Retry(f"another planner took over: the plan stream refused {len(chunk)} deltas "
-                                    "behind this planner's fence")
-                self.resync = True
-                raise bus.Retry(f"the plan stream refused {len(chunk)} deltas: {error.get('description')}")
-            first = int(answer["seq"]) - len(chunk) + 1
-            for k, env in enumerate(chunk):
-                record = env.record
-                assert isinstance(record, events.PlanDelta)
-                self.published[record.scope] = record.seq
-                if record.scope == SHARED_SCOPE:
-                    self.stream_seq = first + k
-            del self.outbox[:len(chunk)]
-            sent += len(chunk)
+        for batch in self._batches():
+            await self._publish_batch(batch, fence)
+            deltas = list(dict.fromkeys(env.id for env, _ in batch))
+            del self.outbox[:len(deltas)]
+            sent += len(deltas)
         return sent
+
+    async def _publish_batch(self, batch: list[tuple[events.Envelope, events.Envelope]], fence: dict[str, str]) -> None:
+        """One atomic batch; the deltas it holds marked published once the server has stored it."""
+        assert self.fence is not None and self.nc is not None
+        batch_id = secrets.token_hex(16)
+        what = f"{len(dict.fromkeys(env.id for env, _ in batch))} deltas"
+        try:
+            for i, (_, msg) in enumerate(batch, 1):
+                headers = {**bus.msg_id_header(msg), BATCH_ID: batch_id, BATCH_SEQ: str(i),
+                           PUBLISHER: self.fence.identity, **(fence if i == 1 else {})}
+                subject, data = subject_for(msg.record.scope), events.encode(msg)  # type: ignore[union-attr]
+                if i < len(batch):
+                    await self.nc.publish(subject, data, headers=headers)
+                else:
+                    reply = await self.nc.request(subject, data, timeout=PUBLISH_TIMEOUT,
+                                                  headers={**headers, BATCH_COMMIT: "1"})
+        except MaxPayloadError:
+            self.resync = True
+            raise Unpublishable(batch[i - 1][0], f"a message of {len(data)} bytes is over this server's "
+                                                 f"max_payload ({self.nc.max_payload})") from None
+        except Exception as exc:
+            self.resync = True
+            with contextlib.suppress(bus.Retry, *bus.INFRASTRUCTURE_ERRORS):
+                await self._check_fence()
+            raise bus.Retry(f"publishing {what} failed: {type(exc).__name__}: {exc}") from exc
+        answer = json.loads(reply.data or b"{}")
+        error = answer.get("error")
+        if error is not None:
+            if error.get("err_code") == 10071 and self.deposed is not None:
+                self.deposed.set()
+                raise bus.Retry(f"another planner took over: the plan stream refused {what} behind this "
+                                "planner's fence")
+            self.resync = True
+            if error.get("err_code") in MESSAGE_FAULTS:
+                raise Unpublishable(batch[0][0], f"the plan stream refused it: {error.get('description')}")
+            raise bus.Retry(f"the plan stream refused {what}: {error.get('description')}")
+        first = int(answer["seq"]) - len(batch) + 1
+        for k, (env, msg) in enumerate(batch):
+            if msg is env or msg.record.part == msg.record.parts:  # type: ignore[union-attr]
+                self._published(env, first + k)
+
+    def _published(self, env: events.Envelope, stream_seq: int) -> None:
+        """Mark a delta stored, its last message at ``stream_seq``."""
+        record = env.record
+        assert isinstance(record, events.PlanDelta)
+        self.published[record.scope] = record.seq
+        if record.scope == SHARED_SCOPE:
+            self.stream_seq = stream_seq
 
     async def _resync(self) -> None:
         """Read back what the plan stream holds and drop it from the outbox."""
@@ -278,28 +337,63 @@ class PlanPublisher:
                 self.outbox.append(d)
 
     async def flush(self) -> int:
+        """Publish the outbox in order; the number of deltas published. :class:`Unpublishable` when a delta
+        cannot be stored whatever the retries (the caller parks it and is not ready: never skip it, which
+        would desynchronise every node); ``bus.Retry`` for anything else."""
         if not self.outbox:
             return 0
         if self.fence is not None:
             return await self._flush_fenced()
-        futures = [await self.js.publish_async(subject_for(env.record.scope), events.encode(env),  # type: ignore[union-attr]
-                                               headers=bus.msg_id_header(env)) for env in self.outbox]
+        sent: list[tuple[events.Envelope, events.Envelope, asyncio.Future]] = []
         try:
+            for env in self.outbox:
+                for msg in self._messages(env):
+                    data = events.encode(msg)
+                    try:
+                        future = await self.js.publish_async(subject_for(msg.record.scope), data,  # type: ignore[union-attr]
+                                                             headers=bus.msg_id_header(msg))
+                    except MaxPayloadError:
+                        raise Unpublishable(env, f"a message of {len(data)} bytes is over this server's max_payload "
+                                                 f"({self.limit() + delta_chunks.HEADER_HEADROOM})") from None
+                    sent.append((env, msg, future))
             # publish_async's futures never resolve if the server goes away before it acks: bounded wait
-            acks = await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
+            acks = await asyncio.wait_for(asyncio.gather(*(f for _, _, f in sent)), PUBLISH_TIMEOUT)
         except Exception as exc:
-            for future in futures:
+            for _, _, future in sent:
                 future.cancel()
+            if isinstance(exc, Unpublishable):
+                raise
+            refused = next((env for env, _, f in sent if f.done() and not f.cancelled() and
+                            getattr(f.exception(), "err_code", None) in MESSAGE_FAULTS), None)
+            if refused is not None:
+                raise Unpublishable(refused, f"the plan stream refused it: {exc}") from exc
             raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {type(exc).__name__}: {exc}") from exc
-        for env, ack in zip(self.outbox, acks, strict=True):
-            record = env.record
-            assert isinstance(record, events.PlanDelta)
-            self.published[record.scope] = record.seq
-            if record.scope == SHARED_SCOPE:
-                self.stream_seq = ack.seq
-        sent = len(self.outbox)
+        for (env, msg, _), ack in zip(sent, acks, strict=True):
+            if msg is env or msg.record.part == msg.record.parts:  # type: ignore[union-attr]
+                self._published(env, ack.seq)
+        count = len(self.outbox)
         self.outbox.clear()
-        return sent
+        return count
+
+
+class Unpublishable(bus.Retry):
+    """A delta the plan stream cannot take whatever the retries (the message's fault, not the bus's)."""
+
+    def __init__(self, delta: events.Envelope, reason: str) -> None:
+        super().__init__(f"delta {delta.id} cannot be published: {reason}")
+        self.delta = delta
+        self.reason = reason
+
+
+async def park_unpublishable(js: JetStreamContext, exc: Unpublishable) -> None:
+    """Park (once: the parking id is the delta's) a description of a delta the stream refuses: its bytes may
+    be what is too large."""
+    record = exc.delta.record
+    assert isinstance(record, events.PlanDelta)
+    data = events.encode(exc.delta)
+    summary = json.dumps({"id": exc.delta.id, "scope": record.scope, "seq": record.seq, "source_seq": record.source_seq,
+                          "operations": len(record.ops), "bytes": len(data), "causation": list(exc.delta.causation)})
+    await bus.park(js, "planner", None, summary.encode(), exc.reason, subject=subject_for(record.scope))
 
 
 def new_planner(cfg: PlannerServiceConfig) -> Planner:
@@ -368,9 +462,21 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
         snap_state.update(seq=planner.seq, at=time.monotonic())
         snapshots.inc()
 
+    parked: set[str] = set()
+
     async def flush() -> None:
         outgoing = list(publisher.outbox)
-        published.inc(await publisher.flush())
+        try:
+            published.inc(await publisher.flush())
+        except Unpublishable as exc:
+            # Never skipped (every node would miss it): parked once with the reason, and not ready until an
+            # operator makes room for it (the publish is tried again at every batch and idle moment).
+            ctx.set_not_ready(f"{exc}; parked on {topology.parked_subject('planner')}")
+            if exc.delta.id not in parked:
+                with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
+                    await park_unpublishable(ctx.js, exc)
+                    parked.add(exc.delta.id)
+            raise
         stage.published(outgoing)
 
     async def handle(batch: list[bus.Delivery]) -> None:
