@@ -35,9 +35,11 @@ from kipvs.shared import bus
 from kipvs.shared.log_client import (
     STREAMS,
     Entry,
+    EntryAssembler,
     RecordedLog,
     ToolError,
     add_nats_arguments,
+    assembled,
     decode_entry,
     ns_of,
     open_log,
@@ -88,19 +90,21 @@ async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
     """What a stream holds from ``start`` on, now."""
     stream = STREAMS[name]
     if isinstance(js, RecordedLog):
-        return [e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
-                                               e.envelope is None or e.envelope.time_ns >= ns_of(start))]
+        return assembled([e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
+                                                         e.envelope is None or e.envelope.time_ns >= ns_of(start))])
     try:
-        return [stored_entry(stream, m) async for m in bus.read_stream(
+        return assembled([stored_entry(stream, m) async for m in bus.read_stream(
             js, stream, SUBJECTS[name], start_seq=start if isinstance(start, int) else 0,
-            start_time=start if isinstance(start, datetime) else None)]
+            start_time=start if isinstance(start, datetime) else None)])
     except nats.js.errors.NotFoundError:
         return []
 
 
 async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
-    """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now)."""
+    """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now); a chunked
+    plan delta once its last part has arrived, whole."""
     stream = STREAMS[name]
+    assembler = EntryAssembler()
     sub = await js.pull_subscribe(SUBJECTS[name], stream=bus.readable(stream), config=_consumer(None, after_seq))
     try:
         while True:
@@ -109,7 +113,8 @@ async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterat
             except NatsTimeoutError:
                 continue
             for msg in msgs:
-                yield stored_entry(stream, msg)
+                for entry in assembler.feed(stored_entry(stream, msg)):
+                    yield entry
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()

@@ -1,0 +1,172 @@
+"""Plan deltas over NATS's max_payload (issue 21, High 3), with real servers: the issue's Service (100 ports x
+1,000 endpoints, a 3.6 MB delta) reaches a node and later changes still flow; a planner restarted while it
+was publishing a chunked delta neither loses nor repeats one; a missing part makes the applier re-bootstrap,
+never apply half; the tools show the delta whole."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nats
+
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.planner.core import Planner
+from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.shared import bus, config, delta_chunks, events, topology
+from kipvs.shared.plan.plan_state import SharedPlan
+from tests import kube
+from tests.helpers import eventually, kipvs, start_service
+from tests.logread import read_stream
+from tests.stack import start_stack
+from tests.test_delta_chunks import LIMIT, big_service
+
+BIG_VIP = "10.96.50.50"
+
+
+def big_reals(kernel: MemoryKernel) -> int:
+    return sum(len(vs.reals) for key, vs in kernel.ipvs.items() if key[1] == BIG_VIP)
+
+
+async def test_the_issues_service_reaches_the_node_whole_and_later_changes_flow(nats_url: str, sim, tmp_path: Path,
+                                                                               capsys) -> None:
+    stack = await start_stack(nats_url, sim, tmp_path)
+    try:
+        await stack.sim.apply(kube.node("node-a", "192.0.2.10"))
+        for env in big_service():
+            await stack.sim.apply(env.record.object)
+        await eventually(lambda: big_reals(stack.kernel) == 100_000, within=120, what="the 100 x 1,000 Service")
+        assert len([k for k in stack.kernel.ipvs if k[1] == BIG_VIP]) == 100
+        await stack.sim.apply(kube.service("later", cluster_ip="10.96.0.99"))
+        await eventually(lambda: ("TCP", "10.96.0.99", 80) in stack.kernel.ipvs, within=60, what="a later change")
+        await stack.settled()
+        nc = await nats.connect(nats_url)
+        try:
+            stored = [env.record for _, env in await read_stream(nc.jetstream(), topology.PLAN_STREAM,
+                                                                  topology.PLAN_ALL_SUBJECT)]
+        finally:
+            await nc.close()
+        parts = [r for r in stored if isinstance(r, events.PlanDeltaChunk)]
+        assert len(parts) == 4 and {p.seq for p in parts} == {parts[0].seq}, "the big delta went out in 4 parts"
+
+        # The tools show one whole delta: tap prints it as a delta, and the kernel view finds no difference
+        # between the node and the published plan (snapshot + deltas, chunked ones put together).
+        code, out, err = await kipvs("tap", "--nats-url", nats_url, "--stream", "plan", "--since", "1",
+                                     "--no-follow", capsys=capsys)
+        assert code == 0, err
+        big = [line for line in out.splitlines() if "set-service default/big" in line and "-> 1000 endpoints" in line]
+        assert len(big) == 1 and f"seq={parts[0].seq}" in big[0] and big[0].count("-> 1000 endpoints") == 100, out
+        assert "part 1 of" not in out
+        code, out, err = await kipvs("replay", "--nats-url", nats_url, capsys=capsys)
+        assert code == 0 and "identical" in out, out + err
+    finally:
+        await stack.close()
+
+
+async def _planner_log(js, items: list[events.Envelope]) -> None:
+    for env in items:
+        r = env.record
+        await bus.publish(js, topology.kube_object_subject(r.kind, r.namespace, r.name), env)
+
+
+async def test_a_planner_restarted_mid_chunk_publish_neither_repeats_nor_loses(nats_url: str) -> None:
+    """The log holds a small Service, then the big one. A previous planner published delta 1 and the first two
+    parts of the big delta 2, then died before its batch was acked: the consumer delivered both events, acked
+    the first. The new planner publishes the big delta's missing parts only (the first two are the same
+    messages: the server drops them as duplicates) and goes on."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    small = big_service(ports=1, endpoints=1, name="small", cluster_ip="10.96.0.10")[0]
+    log = [small, *big_service()]
+    await _planner_log(js, log)
+    expected = Planner()
+    deltas = [d for seq, env in enumerate(log, 1) for d in expected.handle(env, seq)]
+    assert [d.record.seq for d in deltas] == [1, 2, 3]
+    big = delta_chunks.split(deltas[2], LIMIT)
+    assert len(big) == 4
+    for env in [deltas[0], deltas[1], *big[:2]]:
+        await bus.publish(js, topology.PLAN_ALL_SUBJECT, env)
+    sub = await js.pull_subscribe_bind(durable=topology.PLANNER_CONSUMER, stream=topology.KUBE_STREAM)
+    taken = await sub.fetch(3, timeout=5)
+    for msg in taken[:2]:
+        await msg.ack_sync()  # the third (the big slice) stays delivered but unacked
+    await sub.unsubscribe()
+
+    cfg = config.load(PlannerServiceConfig, {"nats_url": nats_url, "http_listen": ""}, {})
+    task, stop = start_service("planner", cfg, plan)
+    try:
+        async def count() -> int:
+            return (await js.stream_info(topology.PLAN_STREAM)).state.messages
+
+        for _ in range(600):
+            if await count() >= 6:
+                break
+            await asyncio.sleep(0.05)
+        later = big_service(ports=1, endpoints=1, name="later", cluster_ip="10.96.0.11")[0]
+        later = events.Envelope(id="Service/default/later@900", time_ns=9, producer="test", record=later.record)
+        await _planner_log(js, [later])
+        for _ in range(600):
+            if await count() >= 7:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # a repeat would land now
+    finally:
+        stop.set()
+        await task
+    stored = await read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
+    ids = [env.id for _, env in stored]
+    assert ids == [deltas[0].id, deltas[1].id, *(p.id for p in big), "plan/all/4"], ids
+    shared = SharedPlan()
+    assembler = delta_chunks.Assembler()
+    for _, env in stored:
+        whole = assembler.feed(env) if isinstance(env.record, events.PlanDeltaChunk) else env
+        if whole is not None:
+            assert shared.apply(whole.record)
+    assert shared.seq == 4 and len(shared.services["default/big"].ports) == 100
+    assert "default/later" in shared.services
+    await nc.close()
+
+
+async def test_a_missing_part_re_bootstraps_the_applier_never_half_applied(nats_url: str, capfd) -> None:
+    """A part of the big delta is gone from the stream (deleted by hand): the applier never programs any of
+    that delta from its parts; it re-bootstraps, and reaches it whole from the snapshot once one covers it."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    planner = Planner()
+    log = [big_service(ports=1, endpoints=1, name="small", cluster_ip="10.96.0.10")[0], *big_service()]
+    deltas = [d for seq, env in enumerate(log, 1) for d in planner.handle(env, seq)]
+    for env in deltas[:2]:
+        await bus.publish(js, topology.PLAN_ALL_SUBJECT, env)
+    kernel = MemoryKernel()
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-a",
+                                      "backend": "memory", "healthz_bind_address": ""}, {})
+    task, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
+    try:
+        await eventually(lambda: ("TCP", "10.96.0.10", 1000) in kernel.ipvs, what="the small Service")
+        parts = delta_chunks.split(deltas[2], LIMIT)
+        for part in (parts[0], parts[2], parts[3]):  # part 2 is missing
+            await bus.publish(js, topology.PLAN_ALL_SUBJECT, part)
+        said: list[str] = []
+
+        def logged() -> bool:
+            said.append(capfd.readouterr().err)
+            return "part 2 is missing: re-bootstrapping from the latest snapshot" in "".join(said)
+
+        await eventually(logged, what="the gap")
+        await asyncio.sleep(1.0)
+        assert big_reals(kernel) == 0, "half a delta was applied"
+        # The planner's next snapshot covers the big delta: the next re-bootstrap reaches it whole.
+        snap = planner.snapshot(plan_stream_seq=(await js.stream_info(topology.PLAN_STREAM)).state.last_seq)
+        store = await js.object_store(topology.SNAPSHOT_BUCKET)
+        await store.put(topology.snapshot_object("all"), events.encode(events.Envelope(
+            id="snapshot/all/3", time_ns=1, producer="test", record=snap)))
+        later = big_service(ports=1, endpoints=1, name="later", cluster_ip="10.96.0.11")[0]
+        later = events.Envelope(id="Service/default/later@900", time_ns=9, producer="test", record=later.record)
+        for env in planner.handle(later, 4):
+            await bus.publish(js, topology.PLAN_ALL_SUBJECT, env)
+        await eventually(lambda: big_reals(kernel) == 100_000, within=60, what="the big delta from the snapshot")
+    finally:
+        stop.set()
+        await task
+        await nc.close()
