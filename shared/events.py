@@ -484,6 +484,28 @@ class KernelTable(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 class IpvsInspectRequest(msgspec.Struct, frozen=True, kw_only=True):
     v: int = INSPECT_VERSION
+    # The asker takes a reply in parts (:class:`IpvsInspectPart`): an applier whose reply is over the server's
+    # max_payload sends it so. Added with a default: an older applier ignores it and answers in one message
+    # (or says the table does not fit), and an older tool is answered in one message as before.
+    parts: bool = False
+
+
+# The header that marks a message of a reply in parts: "<part>/<parts>" (a whole reply has none).
+INSPECT_PART_HEADER = "Kipvs-Inspect-Part"
+INSPECT_MAX_PARTS = 1024  # a reply of more parts is refused by the asker: every read has a bound
+
+
+class IpvsInspectPart(msgspec.Struct, frozen=True, kw_only=True):
+    """One slice of an :class:`IpvsInspectReply` too large for one NATS message (a 10,000-Service table is
+    several MB): the whole reply's msgpack bytes cut into ``parts`` consecutive slices, sent in order to the
+    asker's inbox; ``digest`` is the SHA-256 (hex) of the whole. The asker decodes the reply only when every
+    part has come and the digest matches."""
+
+    v: int = INSPECT_VERSION
+    part: int  # 1..parts
+    parts: int
+    digest: str
+    data: bytes
 
 
 class IpvsInspectReply(msgspec.Struct, frozen=True, kw_only=True):
