@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import nats
 
 from kipvs.applier.backend import MemoryKernel
@@ -15,10 +16,11 @@ from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.planner.core import Planner
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.shared import bus, config, delta_chunks, events, topology
+from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.plan.plan_state import SharedPlan
 from tests import kube
 from tests.helpers import eventually, kipvs, start_service
-from tests.logread import read_stream
+from tests.logread import parked_reasons, read_stream
 from tests.stack import start_stack
 from tests.test_delta_chunks import LIMIT, big_service
 
@@ -170,3 +172,64 @@ async def test_a_missing_part_re_bootstraps_the_applier_never_half_applied(nats_
         stop.set()
         await task
         await nc.close()
+
+
+async def test_a_delta_the_stream_refuses_is_parked_not_ready_and_never_skipped(nats_url: str) -> None:
+    """An operator limits KIPVS_PLAN's message size (max_msg_size) below anything a delta fits in: the stream
+    refuses the first delta. The planner parks it once with the reason, is not ready, and publishes nothing
+    after it (skipping it would desynchronise the nodes). Raised to 100 kB, the planner publishes it and the
+    rest in order by itself, the big delta in parts that fit the stream's limit."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc, consumers=[topology.planner_consumer()])
+    port = free_loopback_port()
+    cfg = config.load(PlannerServiceConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}"}, {})
+    task, stop = start_service("planner", cfg, plan)
+    try:
+        await eventually_ready(port, True)
+        info = await js.stream_info(topology.PLAN_STREAM)
+        info.config.max_msg_size = 1000
+        await js.update_stream(info.config)
+        later = big_service(ports=1, endpoints=1, name="later", cluster_ip="10.96.0.11")[0]
+        await _planner_log(js, [*big_service(), events.Envelope(id="Service/default/later@900", time_ns=9,
+                                                                producer="test", record=later.record)])
+        await eventually_ready(port, False)
+        for _ in range(600):
+            if await parked_reasons(js):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # several more tries: still parked once, still nothing published
+        reasons = await parked_reasons(js)
+        assert len(reasons) == 1 and reasons[0].startswith("delta plan/all/1 cannot be published: "), reasons
+        assert await read_stream(js, topology.PLAN_STREAM) == []
+        assert not await eventually_ready(port, True, within=0.5, fail=False)
+        info.config.max_msg_size = 100_000
+        await js.update_stream(info.config)
+        await eventually_ready(port, True)
+        for _ in range(600):
+            ids = [env.id for _, env in await read_stream(js, topology.PLAN_STREAM)]
+            if ids[-1:] == ["plan/all/3"]:
+                break
+            await asyncio.sleep(0.05)
+        parts = len(ids) - 2
+        assert parts > 36 and ids == ["plan/all/1", *(f"plan/all/2/part/{i}-of-{parts}" for i in range(1, parts + 1)),
+                                      "plan/all/3"], ids
+    finally:
+        stop.set()
+        await task
+        await nc.close()
+
+
+async def eventually_ready(port: int, ready: bool, within: float = 60.0, fail: bool = True) -> bool:
+    """Wait until the planner's /readyz says ``ready``; False (or a failed test with ``fail``) when it does not."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                if (r.status == 200) == ready:
+                    return True
+        except aiohttp.ClientError:
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            assert not fail, f"the planner never became {'' if ready else 'not '}ready"
+            return False
+        await asyncio.sleep(0.1)

@@ -24,7 +24,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from kipvs.shared import bus, config, delta_chunks, events, plan_log, runtime, topology
 from kipvs.shared.config import describe
@@ -192,12 +192,15 @@ class PlanPublisher:
         self.published = {scope: seq for scope, (seq, _) in published.items()}  # highest delta seq per scope
         self.stream_seq = published.get(SHARED_SCOPE, (0, 0))[1]  # stream seq of the last shared delta
         self.outbox: list[events.Envelope] = []
+        self.stream_limit = 0  # KIPVS_PLAN's max_msg_size when set (refresh_limit); 0: none
+        self.cautious = False  # the last flush failed: the next one sends the head delta alone first
 
     def limit(self) -> int:
-        """The most bytes one message may carry: the server's max_payload (as this connection was told it)
-        less room for the headers."""
+        """The most bytes one message may carry: the server's max_payload (as this connection was told it),
+        or the plan stream's max_msg_size when an operator set a smaller one, less room for the headers."""
         nc = self.nc if self.nc is not None else self.js._nc
-        return nc.max_payload - delta_chunks.HEADER_HEADROOM
+        size = min(nc.max_payload, self.stream_limit) if self.stream_limit else nc.max_payload
+        return size - delta_chunks.HEADER_HEADROOM
 
     def _messages(self, env: events.Envelope) -> list[events.Envelope]:
         """The messages that carry one delta: itself, or its parts when it is too large for one."""
@@ -339,15 +342,57 @@ class PlanPublisher:
     async def flush(self) -> int:
         """Publish the outbox in order; the number of deltas published. :class:`Unpublishable` when a delta
         cannot be stored whatever the retries (the caller parks it and is not ready: never skip it, which
-        would desynchronise every node); ``bus.Retry`` for anything else."""
+        would desynchronise every node); ``bus.Retry`` for anything else. After a failure the stream's
+        message size limit is read again (an operator may have changed it) and the next flush starts with
+        the failed delta alone."""
         if not self.outbox:
             return 0
-        if self.fence is not None:
-            return await self._flush_fenced()
+        try:
+            if self.fence is not None:
+                return await self._flush_fenced()
+            count = 0
+            while self.outbox:
+                segment = self._segment()
+                await self._publish_segment(segment)
+                del self.outbox[:len(segment)]
+                count += len(segment)
+                self.cautious = False
+            return count
+        except bus.Retry:
+            self.cautious = True
+            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
+                await self.refresh_limit()
+            raise
+
+    async def refresh_limit(self) -> None:
+        """Read KIPVS_PLAN's own message size limit (``max_msg_size``; kipvs sets none, an operator may)."""
+        info = await self.js.stream_info(topology.PLAN_STREAM)
+        size = info.config.max_msg_size or 0
+        self.stream_limit = size if size > 0 else 0
+
+    def _segment(self) -> list[tuple[events.Envelope, list[events.Envelope]]]:
+        """The deltas at the head of the outbox that may be pipelined together: a run of one-message deltas.
+        A chunked delta goes alone, and so does the head after a failure: a pipelined message the stream
+        refuses does not stop the ones after it, which would then be stored past a missing delta."""
+        head = self.outbox[0]
+        segment = [(head, self._messages(head))]
+        if len(segment[0][1]) > 1 or self.cautious:
+            return segment
+        for env in self.outbox[1:]:
+            try:
+                messages = self._messages(env)
+            except Unpublishable:
+                break  # reported when it is the head
+            if len(messages) > 1:
+                break
+            segment.append((env, messages))
+        return segment
+
+    async def _publish_segment(self, segment: list[tuple[events.Envelope, list[events.Envelope]]]) -> None:
         sent: list[tuple[events.Envelope, events.Envelope, asyncio.Future]] = []
         try:
-            for env in self.outbox:
-                for msg in self._messages(env):
+            for env, messages in segment:
+                for msg in messages:
                     data = events.encode(msg)
                     try:
                         future = await self.js.publish_async(subject_for(msg.record.scope), data,  # type: ignore[union-attr]
@@ -363,17 +408,28 @@ class PlanPublisher:
                 future.cancel()
             if isinstance(exc, Unpublishable):
                 raise
-            refused = next((env for env, _, f in sent if f.done() and not f.cancelled() and
-                            getattr(f.exception(), "err_code", None) in MESSAGE_FAULTS), None)
-            if refused is not None:
-                raise Unpublishable(refused, f"the plan stream refused it: {exc}") from exc
-            raise bus.Retry(f"publishing {len(self.outbox)} deltas failed: {type(exc).__name__}: {exc}") from exc
+            await self._probe([(env, msg) for env, msg, future in sent if not future.done() or future.cancelled()])
+            raise bus.Retry(f"publishing {len(segment)} deltas failed: {type(exc).__name__}: {exc}") from exc
         for (env, msg, _), ack in zip(sent, acks, strict=True):
             if msg is env or msg.record.part == msg.record.parts:  # type: ignore[union-attr]
                 self._published(env, ack.seq)
-        count = len(self.outbox)
-        self.outbox.clear()
-        return count
+
+    async def _probe(self, unacked: list[tuple[events.Envelope, events.Envelope]]) -> None:
+        """nats-py 2.16 never resolves a ``publish_async`` future the stream answers with an error (its reply
+        handler raises instead), so a refusal looks like a timeout: publish the first unacknowledged message
+        again, awaited (the same Nats-Msg-Id: a stored one is only acknowledged again), to hear the refusal.
+        :class:`Unpublishable` when it is the message's fault; anything else is left to the caller's Retry."""
+        if not unacked:
+            return
+        env, msg = unacked[0]
+        try:
+            await self.js.publish(subject_for(msg.record.scope), events.encode(msg),  # type: ignore[union-attr]
+                                  headers=bus.msg_id_header(msg), timeout=PUBLISH_TIMEOUT)
+        except APIError as exc:
+            if exc.err_code in MESSAGE_FAULTS:
+                raise Unpublishable(env, f"the plan stream refused it: {exc.description}") from None
+        except bus.INFRASTRUCTURE_ERRORS:
+            pass
 
 
 class Unpublishable(bus.Retry):
@@ -393,7 +449,7 @@ async def park_unpublishable(js: JetStreamContext, exc: Unpublishable) -> None:
     data = events.encode(exc.delta)
     summary = json.dumps({"id": exc.delta.id, "scope": record.scope, "seq": record.seq, "source_seq": record.source_seq,
                           "operations": len(record.ops), "bytes": len(data), "causation": list(exc.delta.causation)})
-    await bus.park(js, "planner", None, summary.encode(), exc.reason, subject=subject_for(record.scope))
+    await bus.park(js, "planner", None, summary.encode(), str(exc), subject=subject_for(record.scope))
 
 
 def new_planner(cfg: PlannerServiceConfig) -> Planner:
@@ -437,31 +493,9 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
     replayed = await replay_log(ctx.js, planner, info.ack_floor.stream_seq)
     tune_gc()
     publisher = PlanPublisher(ctx.js, await last_published(ctx.js), fence, deposed, ctx.nc)
+    await publisher.refresh_limit()
     log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d shared deltas in the plan "
              "stream", replayed, time.perf_counter() - started, info.ack_floor.stream_seq, publisher.published_seq)
-    # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
-    # log order, and skip them when the durable consumer redelivers them.
-    if info.delivered.stream_seq > planner.source_seq:
-        caught = await replay_log(ctx.js, planner, info.delivered.stream_seq, publisher.add)
-        await publisher.flush()
-        log.info("planned %d events a previous instance had taken but not acked", caught)
-    if planner.seq != publisher.published_seq:  # the log and the plan stream disagree: records were deleted
-        await reconcile_published(ctx.js, planner, publisher)
-    store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
-    snap_state = {"seq": -1, "at": 0.0}
-
-    async def snapshot(force: bool = False) -> None:
-        due = planner.seq - snap_state["seq"] >= cfg.snapshot_every or (
-            planner.seq != snap_state["seq"] and time.monotonic() - snap_state["at"] >= cfg.snapshot_interval)
-        if not (force or due) or publisher.outbox or (deposed is not None and deposed.is_set()):
-            return
-        snap = planner.snapshot(plan_stream_seq=publisher.stream_seq)
-        envelope = events.Envelope(id=f"snapshot/{SHARED_SCOPE}/{snap.seq}", time_ns=time.time_ns(),
-                                   producer="planner", record=snap)
-        await store.put(topology.snapshot_object(SHARED_SCOPE), events.encode(envelope))
-        snap_state.update(seq=planner.seq, at=time.monotonic())
-        snapshots.inc()
-
     parked: set[str] = set()
 
     async def flush() -> None:
@@ -478,6 +512,31 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
                     parked.add(exc.delta.id)
             raise
         stage.published(outgoing)
+
+    # Events a previous instance took but never acked come back only after ack_wait; plan them now, in
+    # log order, and skip them when the durable consumer redelivers them.
+    if info.delivered.stream_seq > planner.source_seq:
+        caught = await replay_log(ctx.js, planner, info.delivered.stream_seq, publisher.add)
+        with contextlib.suppress(Unpublishable):  # parked, not ready: the consumer loop tries it again
+            await flush()
+        log.info("planned %d events a previous instance had taken but not acked", caught)
+    # The log and the plan stream disagree (records were deleted) unless deltas wait in the outbox.
+    if not publisher.outbox and planner.seq != publisher.published_seq:
+        await reconcile_published(ctx.js, planner, publisher)
+    store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
+    snap_state = {"seq": -1, "at": 0.0}
+
+    async def snapshot(force: bool = False) -> None:
+        due = planner.seq - snap_state["seq"] >= cfg.snapshot_every or (
+            planner.seq != snap_state["seq"] and time.monotonic() - snap_state["at"] >= cfg.snapshot_interval)
+        if not (force or due) or publisher.outbox or (deposed is not None and deposed.is_set()):
+            return
+        snap = planner.snapshot(plan_stream_seq=publisher.stream_seq)
+        envelope = events.Envelope(id=f"snapshot/{SHARED_SCOPE}/{snap.seq}", time_ns=time.time_ns(),
+                                   producer="planner", record=snap)
+        await store.put(topology.snapshot_object(SHARED_SCOPE), events.encode(envelope))
+        snap_state.update(seq=planner.seq, at=time.monotonic())
+        snapshots.inc()
 
     async def handle(batch: list[bus.Delivery]) -> None:
         for d in batch:
