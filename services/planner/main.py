@@ -216,12 +216,18 @@ class PlanPublisher:
         batches: list[list[tuple[events.Envelope, events.Envelope]]] = [[]]
         size = 0
         for env in self.outbox:
-            parts = self._messages(env)
-            if len(parts) > ATOMIC_BATCH_MAX:
-                raise Unpublishable(env, f"it needs {len(parts)} messages of at most {self.limit()} bytes, more "
-                                         f"than an atomic batch holds ({ATOMIC_BATCH_MAX})")
+            try:
+                parts = self._messages(env)
+                if len(parts) > ATOMIC_BATCH_MAX:
+                    raise Unpublishable(env, f"it needs {len(parts)} messages of at most {self.limit()} bytes, "
+                                             f"more than an atomic batch holds ({ATOMIC_BATCH_MAX})")
+            except Unpublishable:
+                if batches[0]:
+                    break  # publish what comes before it; it is reported when it is the head
+                raise
             weight = sum(len(events.encode(part)) for part in parts)
-            if batches[-1] and (len(batches[-1]) + len(parts) > ATOMIC_BATCH_MAX or size + weight > ATOMIC_BATCH_BYTES):
+            full = len(batches[-1]) + len(parts) > ATOMIC_BATCH_MAX or size + weight > ATOMIC_BATCH_BYTES
+            if batches[-1] and (full or (self.cautious and len(batches) == 1)):  # after a failure: the head alone
                 batches.append([])
                 size = 0
             batches[-1] += [(env, part) for part in parts]
@@ -251,6 +257,8 @@ class PlanPublisher:
             deltas = list(dict.fromkeys(env.id for env, _ in batch))
             del self.outbox[:len(deltas)]
             sent += len(deltas)
+        if self.outbox:
+            self._batches()  # the batches stopped before a delta that cannot be published: raise it
         return sent
 
     async def _publish_batch(self, batch: list[tuple[events.Envelope, events.Envelope]], fence: dict[str, str]) -> None:
