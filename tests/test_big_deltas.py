@@ -15,7 +15,7 @@ from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.planner.core import Planner
 from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.shared import bus, config, delta_chunks, events, topology
+from kipvs.shared import bus, config, delta_chunks, events, plan_log, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.plan.plan_state import SharedPlan
 from tests import kube
@@ -89,6 +89,9 @@ async def test_a_planner_restarted_mid_chunk_publish_neither_repeats_nor_loses(n
     assert len(big) == 4
     for env in [deltas[0], deltas[1], *big[:2]]:
         await bus.publish(js, topology.PLAN_ALL_SUBJECT, env)
+    # A node bootstrapping now reads deltas 1 and 2 and must start its consumer at the big delta's part 1.
+    read = SharedPlan()
+    assert await plan_log.catch_up_to(js, read, 0) == (2, 2) and read.seq == 2
     sub = await js.pull_subscribe_bind(durable=topology.PLANNER_CONSUMER, stream=topology.KUBE_STREAM)
     taken = await sub.fetch(3, timeout=5)
     for msg in taken[:2]:
