@@ -62,6 +62,12 @@ async def test_the_issues_service_reaches_the_node_whole_and_later_changes_flow(
         assert "part 1 of" not in out
         code, out, err = await kipvs("replay", "--nats-url", nats_url, capsys=capsys)
         assert code == 0 and "identical" in out, out + err
+        code, out, err = await kipvs("plan", "--node", "node-a", "--nats-url", nats_url, capsys=capsys)
+        assert code == 0 and sum(1 for line in out.splitlines() if line.startswith(f"-A -t {BIG_VIP}:")) == 100, err
+        # the node's table (100,000 real servers: a reply in parts) against the published plan
+        code, out, err = await kipvs("ipvs", "--node", "node-a", "--diff", "--nats-url", nats_url, "--timeout", "20",
+                                     capsys=capsys)
+        assert code == 0 and "0 differences" in err, out + err
     finally:
         await stack.close()
 
