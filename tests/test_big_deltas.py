@@ -10,11 +10,13 @@ from pathlib import Path
 
 import aiohttp
 import nats
+import pytest
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.planner.core import Planner
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.fence import raise_fence
+from kipvs.planner.main import BATCH_ID, PlannerServiceConfig, PlanPublisher, plan
 from kipvs.shared import bus, config, delta_chunks, events, plan_log, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.plan.plan_state import SharedPlan
@@ -242,3 +244,38 @@ async def eventually_ready(port: int, ready: bool, within: float = 60.0, fail: b
             assert not fail, f"the planner never became {'' if ready else 'not '}ready"
             return False
         await asyncio.sleep(0.1)
+
+
+async def test_behind_the_fence_a_chunked_delta_is_one_atomic_batch(nats_url: str) -> None:
+    """With --leader-elect every publish is an atomic batch behind the planner's fence: the big delta's parts
+    go in one batch (never split over two, so no reader finds half of it), and a deposed planner's chunked
+    delta is refused whole."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    try:
+        planner = Planner()
+        log = [big_service(ports=1, endpoints=1, name="small", cluster_ip="10.96.0.10")[0], *big_service()]
+        deltas = [d for seq, env in enumerate(log, 1) for d in planner.handle(env, seq)]
+        fence = await raise_fence(js, "planner-a", 1, lambda: True)
+        publisher = PlanPublisher(js, {}, fence, asyncio.Event(), nc)
+        publisher.add(deltas)
+        assert await publisher.flush() == 3
+        msgs = [m async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+        assert [events.decode(m.data).id for m in msgs] == [
+            "plan/all/1", "plan/all/2", *(f"plan/all/3/part/{i}-of-4" for i in range(1, 5))]
+        batches = [m.headers[BATCH_ID] for m in msgs]
+        assert len(set(batches[2:])) == 1  # the parts in one atomic batch (here with the small deltas: 4 MB)
+        assert publisher.published == {"all": 3} and publisher.stream_seq == msgs[-1].metadata.sequence.stream
+        # Another planner takes over; the old one's next chunked delta is refused whole at the server.
+        await raise_fence(js, "planner-b", 2, lambda: True)
+        stale = PlanPublisher(js, {"all": (3, 0)}, fence, asyncio.Event(), nc)
+        stale._check_fence = lambda: asyncio.sleep(0, fence.headers())  # type: ignore[method-assign]
+        bigger = big_service(endpoints=1100)[1]
+        stale.add(planner.handle(events.Envelope(id="EndpointSlice/default/big-x@900", time_ns=9, producer="test",
+                                                 record=bigger.record), 4))
+        with pytest.raises(bus.Retry, match="another planner took over"):
+            await stale.flush()
+        after = [m async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+        assert len(after) == len(msgs)
+    finally:
+        await nc.close()
