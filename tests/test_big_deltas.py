@@ -9,8 +9,10 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import nats
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
@@ -24,7 +26,7 @@ from tests import kube
 from tests.helpers import eventually, kipvs, start_service
 from tests.logread import parked_reasons, read_stream
 from tests.stack import start_stack
-from tests.test_delta_chunks import LIMIT, big_service
+from tests.test_delta_chunks import LIMIT, big_delta, big_service
 
 BIG_VIP = "10.96.50.50"
 
@@ -277,5 +279,36 @@ async def test_behind_the_fence_a_chunked_delta_is_one_atomic_batch(nats_url: st
             await stale.flush()
         after = [m async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
         assert len(after) == len(msgs)
+    finally:
+        await nc.close()
+
+
+async def test_a_consumer_handed_large_messages_fetches_fewer_at_a_time(nats_url: str) -> None:
+    """Parts of chunked deltas are ~1 MiB: a consumer asking for 500 of them would be handed far more than the
+    server's max_pending. Once it has seen large messages, it asks for about FETCH_BYTES' worth."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    try:
+        spec = topology.ConsumerSpec(topology.PLAN_STREAM, ConsumerConfig(
+            durable_name="big-reader", filter_subject=topology.PLAN_ALL_SUBJECT, ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL))
+        await js.add_consumer(topology.PLAN_STREAM, spec.config)
+        parts = delta_chunks.split(big_delta(), LIMIT)
+        for i in range(10):  # 40 parts of ~1 MiB
+            for part in parts:
+                part = msgspec.structs.replace(part, id=f"{part.id}/{i}")
+                await bus.publish(js, topology.PLAN_ALL_SUBJECT, part)
+        sizes: list[int] = []
+
+        async def handle(batch: list[bus.Delivery]) -> None:
+            sizes.append(len(batch))
+
+        consumer = bus.DurableConsumer(js, spec, "test", handle, batch=500)
+        consumer._largest = len(events.encode(parts[0]))  # it has met a part before
+        runner = asyncio.create_task(consumer.run())
+        await eventually(lambda: sum(sizes) == 40, what="40 parts")
+        consumer.stop()
+        await runner
+        assert max(sizes) <= 17, sizes  # 16 MiB of ~1 MiB parts
     finally:
         await nc.close()
