@@ -102,7 +102,7 @@ class Assembler:
         assert isinstance(chunk, events.PlanDeltaChunk)
         where = f"plan {chunk.scope}: delta {chunk.seq} part {chunk.part} of {chunk.parts}"
         if chunk.seq <= have:
-            self._drop(chunk.scope, chunk.seq)
+            self.settled(chunk.scope, chunk.seq)
             return None
         partial = self._open.get(chunk.scope)
         if not 1 <= chunk.part <= chunk.parts:
@@ -123,7 +123,9 @@ class Assembler:
         del self._open[chunk.scope]
         return _whole(chunk, b"".join(partial.data), where)
 
-    def _drop(self, scope: str, seq: int) -> None:
+    def settled(self, scope: str, seq: int) -> None:
+        """The reader holds delta ``seq`` of ``scope`` (a whole one came, e.g. published again in one message
+        after max_payload was raised): parts held of it or an older one are dropped."""
         partial = self._open.get(scope)
         if partial is not None and partial.seq <= seq:
             del self._open[scope]

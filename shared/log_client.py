@@ -202,6 +202,9 @@ class EntryAssembler:
     def feed(self, entry: Entry) -> list[Entry]:
         """The entries ``entry`` lets out, in log order: itself, nothing (a part held), or what it completes."""
         chunk = entry.envelope.record if entry.envelope is not None else None
+        if isinstance(chunk, events.PlanDelta):  # the same delta whole: parts held of it never complete
+            self._chunks.settled(chunk.scope, chunk.seq)
+            return [*self._held.pop(chunk.scope, []), entry]
         if not isinstance(chunk, events.PlanDeltaChunk):
             return [entry]
         held = self._held.setdefault(chunk.scope, [])

@@ -100,7 +100,10 @@ def _whole_delta(chunks: delta_chunks.Assembler, envelope: events.Envelope, have
     if isinstance(record, events.PlanDeltaChunk):
         whole = chunks.feed(envelope, have)
         return None if whole is None else whole.record  # type: ignore[return-value]
-    return record if isinstance(record, events.PlanDelta) else None
+    if not isinstance(record, events.PlanDelta):
+        return None
+    chunks.settled(record.scope, record.seq)
+    return record
 
 
 async def complete_deltas(msgs: AsyncIterator[Msg]) -> AsyncIterator[tuple[int, events.PlanDelta]]:

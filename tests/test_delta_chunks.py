@@ -115,3 +115,22 @@ def test_atomic_batches_never_split_a_delta(monkeypatch) -> None:
     publisher.outbox = publisher.outbox[2:]
     with pytest.raises(planner_main.Unpublishable, match="delta plan/all/3 cannot be published: it needs 4 messages"):
         publisher._batches()
+
+
+def test_a_delta_published_again_whole_settles_its_parts() -> None:
+    """A planner killed after two parts, restarted against a server whose max_payload was raised, publishes
+    the same delta in one message: the parts held are dropped, and the tools show them as they are."""
+    from kipvs.shared.log_client import Entry, assembled
+
+    delta = big_delta()
+    parts = delta_chunks.split(delta, LIMIT)
+    assembler = Assembler()
+    assert assembler.feed(parts[0]) is None and assembler.feed(parts[1]) is None
+    assert assembler.pending("all") == 2
+    assembler.settled("all", delta.record.seq)
+    assert assembler.pending("all") == 0
+    entries = [Entry("KIPVS_PLAN", i, "kipvs.plan.all", env) for i, env in enumerate([*parts[:2], delta], 1)]
+    assert [(e.seq, type(e.envelope.record).__name__) for e in assembled(entries)] == [
+        (1, "PlanDeltaChunk"), (2, "PlanDeltaChunk"), (3, "PlanDelta")]
+    whole = assembled([Entry("KIPVS_PLAN", i, "kipvs.plan.all", env) for i, env in enumerate(parts, 1)])
+    assert [(e.seq, e.envelope) for e in whole] == [(4, delta)]

@@ -355,6 +355,8 @@ class Applier:
         does; None then, and for a part that completes nothing."""
         chunk = envelope.record
         if not isinstance(chunk, events.PlanDeltaChunk):
+            if isinstance(chunk, events.PlanDelta):
+                self.chunks.settled(chunk.scope, chunk.seq)
             return envelope
         have = self.plan.seq if chunk.scope == "all" else self.calico_seq if chunk.scope == self.node else 0
         try:
