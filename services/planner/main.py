@@ -35,6 +35,7 @@ from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
 from .fence import PUBLISHER, Fence
 from .lease import LeaseTiming
 from .planner_metrics import PlannerMetrics
+from .progress import Progress
 
 log = logging.getLogger("kipvs.planner")
 PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
@@ -504,16 +505,16 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
     await publisher.refresh_limit()
     log.info("rebuilt state from %d logged records in %.2fs (up to log seq %d); %d shared deltas in the plan "
              "stream", replayed, time.perf_counter() - started, info.ack_floor.stream_seq, publisher.published_seq)
+    progress = Progress(ctx, m, lambda: planner.source_seq, lambda: len(publisher.outbox))
     parked: set[str] = set()
 
     async def flush() -> None:
         outgoing = list(publisher.outbox)
         try:
-            published.inc(await publisher.flush())
+            published.inc(await progress.publish(publisher.flush, len(outgoing)))
         except Unpublishable as exc:
-            # Never skipped (every node would miss it): parked once with the reason, and not ready until an
-            # operator makes room for it (the publish is tried again at every batch and idle moment).
-            ctx.set_not_ready(f"{exc}; parked on {topology.parked_subject('planner')}")
+            # Never skipped (every node would miss it): parked once with the reason, and not ready (progress
+            # says why) until an operator makes room for it: the publish is tried at every batch and idle.
             if exc.delta.id not in parked:
                 with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
                     await park_unpublishable(ctx.js, exc)
@@ -578,17 +579,22 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
     ctx.set_not_ready("catching up with the Kubernetes event log")
     await snapshot(force=True)
     runner = asyncio.create_task(consumer.run())
+    checker = asyncio.create_task(progress.watch(ctx.js))
     stopping = asyncio.create_task(ctx.stop.wait())
     waits = {runner, stopping}
     if deposed is not None:
         waits.add(asyncio.create_task(deposed.wait()))
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     consumer.stop()
-    await runner
+    try:
+        await runner
+    finally:
+        checker.cancel()
     for task in waits - {runner}:
         task.cancel()
     ctx.queued_since = None
-    await snapshot(force=True)
+    if not ctx.replaced:  # else this state belongs to the old streams: no snapshot of it in the new bucket
+        await snapshot(force=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
