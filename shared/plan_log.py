@@ -79,10 +79,12 @@ async def _other_stream(js: JetStreamContext, snap: events.PlanSnapshot) -> str:
         record = events.decode(raw.data or b"").record
     except events.ContractError:
         record = None
-    if isinstance(record, events.PlanDelta) and record.scope == "all" and record.seq == snap.seq:
+    if isinstance(record, events.PlanDeltaChunk) and record.part != record.parts:
+        record = None  # a chunked delta's position is its last part's
+    shared = isinstance(record, events.PlanDelta | events.PlanDeltaChunk) and record.scope == "all"
+    if shared and record.seq == snap.seq:  # type: ignore[union-attr]
         return ""
-    held = f"shared delta {record.seq}" if isinstance(record, events.PlanDelta) and record.scope == "all" else \
-        "another message"
+    held = f"shared delta {record.seq}" if shared else "another message"  # type: ignore[union-attr]
     return f"stream sequence {snap.plan_stream_seq} holds {held}, not shared delta {snap.seq}"
 
 
