@@ -248,13 +248,15 @@ def embedded_client(directory: Path, role: str, inbox_identity: str = "") -> Cli
 
 
 def for_service(identity: str, role: str, nkey_file: str = "", token_file: str = "", ca_file: str = "",
-                embedded_dir: Path | None = None) -> ClientAuth | None:
+                embedded_dir: Path | None = None, tls_hostname: str = "") -> ClientAuth | None:
     """A service's identity: the files given, else (on the embedded server) its role's files in the
     embedded credentials directory, else None (an open server, as in most tests). ``identity`` names its
-    reply inbox (``watcher``, ``planner``, ``applier-<node>``)."""
+    reply inbox (``watcher``, ``planner``, ``applier-<node>``); ``tls_hostname``, when given with a CA
+    file, is the name the server's certificate is checked against (the URL's host otherwise)."""
     if nkey_file or token_file or ca_file:
         return ClientAuth(nkey_file=nkey_file, token_file=token_file, ca_file=ca_file,
-                          inbox_prefix=perms.inbox_prefix(identity) if nkey_file or token_file else "")
+                          inbox_prefix=perms.inbox_prefix(identity) if nkey_file or token_file else "",
+                          tls_hostname=tls_hostname)
     if embedded_dir is not None and seed_file(embedded_dir, role).exists():
         return embedded_client(embedded_dir, role, identity)
     if embedded_dir is not None and seed_file(embedded_dir, "admin").exists():

@@ -296,7 +296,7 @@ async def client_auth(name: str, config: CommonConfig) -> nats_credentials.Clien
                 auth.check()
                 return auth
         auth = nats_credentials.for_service(identity, name, config.nats_nkey_file, config.nats_token_file,
-                                            config.nats_ca_file, embedded)
+                                            config.nats_ca_file, embedded, config.nats_tls_server_name)
         if auth is not None:
             auth.check()
     except nats_credentials.CredentialsError as exc:

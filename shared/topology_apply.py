@@ -15,7 +15,7 @@ import logging
 import os
 
 from . import bus, logs, nats_credentials, topology
-from .config import StartupError
+from .config import StartupError, check_nats_url
 
 log = logging.getLogger("kipvs.topology")
 
@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the admin identity's NKEY seed file (env KIPVS_NATS_NKEY_FILE); empty: an open server")
     parser.add_argument("--nats-ca-file", default=os.environ.get("KIPVS_NATS_CA_FILE", ""),
                         help="CA the server's certificate must chain to (env KIPVS_NATS_CA_FILE)")
+    parser.add_argument("--nats-tls-server-name", default=os.environ.get("KIPVS_NATS_TLS_SERVER_NAME", ""),
+                        help="name the server's certificate is checked against instead of the URL's host "
+                             "(env KIPVS_NATS_TLS_SERVER_NAME)")
     parser.add_argument("--nats-replicas", type=int, default=int(os.environ.get("KIPVS_NATS_REPLICAS", "1")),
                         help="stream replicas (3 on a clustered NATS; env KIPVS_NATS_REPLICAS)")
     parser.add_argument("--node", action="append", default=[],
@@ -50,10 +53,15 @@ def run(args: argparse.Namespace) -> int:
     logs.setup("human", "info")
     if not args.nats_url:
         raise StartupError("give the NATS URL: --nats-url or NATS_URL")
+    try:
+        check_nats_url(args.nats_url)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     auth = None
     if args.nats_nkey_file or args.nats_ca_file:
         auth = nats_credentials.ClientAuth(nkey_file=args.nats_nkey_file, ca_file=args.nats_ca_file,
-                                           inbox_prefix="_INBOX_admin" if args.nats_nkey_file else "")
+                                           inbox_prefix="_INBOX_admin" if args.nats_nkey_file else "",
+                                           tls_hostname=args.nats_tls_server_name)
         try:
             auth.check()
         except nats_credentials.CredentialsError as exc:
