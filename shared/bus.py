@@ -203,6 +203,7 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, Tim
 
 
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
+FETCH_BYTES = 16 << 20  # about what one consumer fetch may bring (see DurableConsumer._next_batch)
 
 
 class DurableConsumer:
@@ -228,6 +229,7 @@ class DurableConsumer:
         self.service = service
         self.handler = handler
         self.batch = batch
+        self._largest = 1  # bytes of the largest message of the last fetch that returned any
         self.idle = idle
         self._stop = asyncio.Event()
         self.delivered = 0
@@ -285,8 +287,8 @@ class DurableConsumer:
         """One fetch, or None when told to stop first: a long wait must not hold up a stop. Messages the
         cancelled fetch had already taken are not acked: the server delivers them again after ack_wait."""
         if self.fetch_wait <= 0.5:
-            return await sub.fetch(self.batch, timeout=self.fetch_wait)
-        fetch = asyncio.ensure_future(sub.fetch(self.batch, timeout=self.fetch_wait))
+            return self._sized(await sub.fetch(self._next_batch(), timeout=self.fetch_wait))
+        fetch = asyncio.ensure_future(sub.fetch(self._next_batch(), timeout=self.fetch_wait))
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -296,11 +298,22 @@ class DurableConsumer:
         finally:
             stopping.cancel()
         if fetch.done():
-            return fetch.result()
+            return self._sized(fetch.result())
         fetch.cancel()
         with contextlib.suppress(asyncio.CancelledError, *INFRASTRUCTURE_ERRORS):
             await fetch
         return None
+
+    def _next_batch(self) -> int:
+        """Messages to ask for: ``batch``, fewer once large messages were seen (chunked plan deltas are ~1 MiB
+        each), so one fetch stays near FETCH_BYTES: nats-py's fetch cannot ask for a byte limit, and the
+        server drops a client handed more than its max_pending (64 MiB) as a slow consumer."""
+        return max(1, min(self.batch, FETCH_BYTES // self._largest))
+
+    def _sized(self, msgs: list[Msg]) -> list[Msg]:
+        if msgs:  # halved per fetch: a run of small messages after large ones widens the fetches again slowly
+            self._largest = max(max(len(m.data or b"") for m in msgs), self._largest // 2, 1)
+        return msgs
 
     async def _take(self, msgs: list[Msg]) -> None:
         deliveries: list[Delivery] = []

@@ -249,6 +249,26 @@ class PlanDelta(Record, tag="plan.delta", omit_defaults=True):
     trigger_time_ns: int = 0
 
 
+class PlanDeltaChunk(Record, tag="plan.delta-chunk"):
+    """One part of a :class:`PlanDelta` too large for one NATS message (added in schema 1: an older consumer
+    meets it as an unknown record and parks it, then sees a sequence gap and re-bootstraps from a snapshot).
+
+    The delta's whole envelope is encoded (msgpack, exactly the bytes it would have on the bus) and cut into
+    ``parts`` consecutive slices (``part`` 1..``parts``) published in order on the delta's own subject, each
+    in an envelope of its own (id ``<delta id>/part/<part>-of-<parts>``, so every part is de-duplicated by
+    the server on its own). ``digest`` is the SHA-256 (hex) of the whole envelope's bytes. A consumer
+    concatenates the parts of one ``(scope, seq, digest)`` and applies the delta only when the last part has
+    arrived and the digest matches: never half of it. A part missing or out of order, or a digest that does
+    not match, is a gap: re-bootstrap from a snapshot (``shared/delta_chunks.py``)."""
+
+    scope: str
+    seq: int  # the delta's seq: every part of one delta carries it
+    part: int  # 1..parts
+    parts: int
+    digest: str
+    data: bytes
+
+
 class PlanSnapshot(Record, tag="plan.snapshot"):
     """The whole shared plan after delta ``seq`` (published to the snapshot store, not the stream):
     a new or lagging applier loads it, then applies deltas from ``seq + 1``."""
@@ -320,8 +340,8 @@ class ShadowReport(Record, tag="apply.shadow"):
     virtual_servers: int = 0  # IPVS virtual servers read from the kernel
 
 
-AnyRecord = (KubeEvent | KubeResync | KubeResyncRange | PlanDelta | PlanSnapshot | ApplyReport | DriftReport
-             | NodeFactsReport | ShadowReport)
+AnyRecord = (KubeEvent | KubeResync | KubeResyncRange | PlanDelta | PlanDeltaChunk | PlanSnapshot | ApplyReport
+             | DriftReport | NodeFactsReport | ShadowReport)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -497,6 +517,28 @@ class KernelTable(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 class IpvsInspectRequest(msgspec.Struct, frozen=True, kw_only=True):
     v: int = INSPECT_VERSION
+    # The asker takes a reply in parts (:class:`IpvsInspectPart`): an applier whose reply is over the server's
+    # max_payload sends it so. Added with a default: an older applier ignores it and answers in one message
+    # (or says the table does not fit), and an older tool is answered in one message as before.
+    parts: bool = False
+
+
+# The header that marks a message of a reply in parts: "<part>/<parts>" (a whole reply has none).
+INSPECT_PART_HEADER = "Kipvs-Inspect-Part"
+INSPECT_MAX_PARTS = 1024  # a reply of more parts is refused by the asker: every read has a bound
+
+
+class IpvsInspectPart(msgspec.Struct, frozen=True, kw_only=True):
+    """One slice of an :class:`IpvsInspectReply` too large for one NATS message (a 10,000-Service table is
+    several MB): the whole reply's msgpack bytes cut into ``parts`` consecutive slices, sent in order to the
+    asker's inbox; ``digest`` is the SHA-256 (hex) of the whole. The asker decodes the reply only when every
+    part has come and the digest matches."""
+
+    v: int = INSPECT_VERSION
+    part: int  # 1..parts
+    parts: int
+    digest: str
+    data: bytes
 
 
 class IpvsInspectReply(msgspec.Struct, frozen=True, kw_only=True):

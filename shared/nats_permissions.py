@@ -17,7 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import topology
+from . import events, topology
+
+# Messages a responder may send to one reply subject: the kernel view's reply to ``kipvs ipvs`` comes in up to
+# this many parts when the table is over the server's max_payload (events.IpvsInspectPart).
+RESPONSES_MAX = events.INSPECT_MAX_PARTS
 
 ACCOUNT = "KIPVS"  # the one account every kipvs identity lives in (JetStream enabled)
 JS = "$JS.API"
@@ -30,7 +34,8 @@ STATIC_ROLES = ("admin", "watcher", "planner", "tools", "auth")
 @dataclass(frozen=True)
 class Permissions:
     """nats-server's ``permissions`` block: subjects a client may publish and subscribe to, and whether it
-    may answer requests (``allow_responses``: publish once to a reply subject it received)."""
+    may answer requests (``allow_responses``: publish to a reply subject it received, up to
+    :data:`RESPONSES_MAX` messages)."""
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
@@ -45,7 +50,7 @@ class Permissions:
             publish["deny"] = list(self.publish_deny)
         block: dict[str, object] = {"publish": publish, "subscribe": {"allow": list(self.subscribe)}}
         if self.allow_responses:
-            block["allow_responses"] = True
+            block["allow_responses"] = {"max": RESPONSES_MAX}
         return block
 
     def jwt_claims(self) -> dict[str, object]:
@@ -55,7 +60,7 @@ class Permissions:
             pub["deny"] = list(self.publish_deny)
         claims: dict[str, object] = {"pub": pub, "sub": {"allow": list(self.subscribe)}}
         if self.allow_responses:
-            claims["resp"] = {"max": 1, "ttl": 0}
+            claims["resp"] = {"max": RESPONSES_MAX, "ttl": 0}
         return claims
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
-from . import bus, events, topology
+from . import bus, delta_chunks, events, topology
 from .plan.plan_state import SequenceGap, SharedPlan
 
 log = logging.getLogger("kipvs.plan")
+SHARED = "all"  # the shared plan's scope
 
 
 SNAPSHOT_READ_S = 30.0  # one read of the snapshot object; far above what 10,000 Services take (~2 s)
@@ -76,10 +79,12 @@ async def _other_stream(js: JetStreamContext, snap: events.PlanSnapshot) -> str:
         record = events.decode(raw.data or b"").record
     except events.ContractError:
         record = None
-    if isinstance(record, events.PlanDelta) and record.scope == "all" and record.seq == snap.seq:
+    if isinstance(record, events.PlanDeltaChunk) and record.part != record.parts:
+        record = None  # a chunked delta's position is its last part's
+    shared = isinstance(record, events.PlanDelta | events.PlanDeltaChunk) and record.scope == "all"
+    if shared and record.seq == snap.seq:  # type: ignore[union-attr]
         return ""
-    held = f"shared delta {record.seq}" if isinstance(record, events.PlanDelta) and record.scope == "all" else \
-        "another message"
+    held = f"shared delta {record.seq}" if shared else "another message"  # type: ignore[union-attr]
     return f"stream sequence {snap.plan_stream_seq} holds {held}, not shared delta {snap.seq}"
 
 
@@ -91,25 +96,58 @@ async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int
 
 async def catch_up_to(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> tuple[int, int]:
     """:func:`catch_up`, also returning the plan-stream sequence it read up to (``after_stream_seq`` when
-    nothing was stored after it): where a consumer that takes over from this reading must start, minus one."""
+    nothing was stored after it): where a consumer that takes over from this reading must start, minus one.
+    Chunked deltas are put back together (``delta_chunks``); the sequence returned is never inside one whose
+    last part is not stored yet (a planner publishing it, or restarted while it did), so the consumer from
+    there delivers all of its parts."""
     applied, last = 0, after_stream_seq
+    chunks = delta_chunks.Assembler()
     async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT,
                                      start_seq=after_stream_seq + 1):
+        seq = msg.metadata.sequence.stream
         try:
-            record = events.decode(msg.data or b"").record
+            record = _whole_delta(chunks, events.decode(msg.data or b""), plan.seq)
         except events.ContractError:
-            last = msg.metadata.sequence.stream
-            continue
-        if not isinstance(record, events.PlanDelta):
-            last = msg.metadata.sequence.stream
+            record = None  # its consumers park it
+        except delta_chunks.ChunkGap as exc:
+            log.warning("reading the published plan: %s", exc)
+            break
+        if record is None:
+            if not chunks.pending(SHARED):
+                last = seq
             continue
         try:
             applied += plan.apply(record)
         except SequenceGap as exc:
             log.warning("reading the published plan: %s", exc)
             break
-        last = msg.metadata.sequence.stream
+        last = seq
     return applied, last
+
+
+def _whole_delta(chunks: delta_chunks.Assembler, envelope: events.Envelope, have: int) -> events.PlanDelta | None:
+    """The delta a message completes: itself, or the chunked delta whose last part it is; None otherwise."""
+    record = envelope.record
+    if isinstance(record, events.PlanDeltaChunk):
+        whole = chunks.feed(envelope, have)
+        return None if whole is None else whole.record  # type: ignore[return-value]
+    if not isinstance(record, events.PlanDelta):
+        return None
+    chunks.settled(record.scope, record.seq)
+    return record
+
+
+async def complete_deltas(msgs: AsyncIterator[Msg]) -> AsyncIterator[tuple[int, events.PlanDelta]]:
+    """(stream sequence of its last message, delta) for every whole delta among ``msgs`` (one subject, in
+    stream order), chunked ones put back together; unusable messages and broken chunked deltas skipped."""
+    chunks = delta_chunks.Assembler()
+    async for msg in msgs:
+        try:
+            record = _whole_delta(chunks, events.decode(msg.data or b""), 0)
+        except (events.ContractError, delta_chunks.ChunkGap):
+            continue
+        if record is not None:
+            yield msg.metadata.sequence.stream, record
 
 
 async def published_plan(js: JetStreamContext) -> SharedPlan:

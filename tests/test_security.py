@@ -792,6 +792,41 @@ async def test_the_kernel_view_runs_as_the_tools_identity(declared: SecureNats, 
     assert "Violation" not in server_log, [line for line in server_log.splitlines() if "Violation" in line]
 
 
+async def test_a_kernel_view_in_parts_passes_the_appliers_own_permissions(declared: SecureNats, capsys) -> None:
+    """A 10,000-Service table is answered in parts by an applier with its node's identity: the server lets it
+    send that many messages to the asker's reply subject (one response was the limit), and the tools
+    identity takes them."""
+    from kipvs.applier import inspect
+    from kipvs.applier.backend import MemoryKernel
+    from kipvs.shared import cli
+    from kipvs.shared import nats_permissions as perms
+    from kipvs.shared.plan.node_state import VirtualService
+
+    nats_credentials.ensure_local_applier(declared.dir, "node-a")
+    declared.stop()
+    declared.start()  # the server's configuration now has node-a's applier identity
+    auth = ClientAuth(nkey_file=str(nats_credentials.local_applier_seed(declared.dir, "node-a")),
+                      ca_file=str(declared.dir / nats_credentials.CA_CERT),
+                      inbox_prefix=perms.inbox_prefix(perms.applier_durable("node-a")))
+    applier = await nats.connect(declared.url, allow_reconnect=False, connect_timeout=3, **auth.connect_options())
+    kernel = MemoryKernel()
+    for i in range(10_000):
+        key = ("TCP", f"10.96.{i >> 8}.{i & 255}", 80)
+        kernel.ipvs[key] = VirtualService(*key, "rr", 0, {(f"10.244.{i >> 8}.{i & 255}", 8080): 1})
+    await inspect.serve(applier, "node-a", kernel, lambda: ("apply", 0, ()))
+    await applier.flush()
+    flags = ["--nats-url", declared.url, "--nats-nkey-file", str(declared.dir / "tools.nk"),
+             "--nats-ca-file", str(declared.dir / "ca.pem"), "--timeout", "10"]
+    try:
+        assert await asyncio.to_thread(cli.main, ["ipvs", "--node", "node-a", *flags]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert sum(1 for line in out.splitlines() if line.startswith("TCP  ")) == 10_000
+    finally:
+        await applier.close()
+    server_log = declared.log.read_text()
+    assert "Violation" not in server_log, [line for line in server_log.splitlines() if "Violation" in line]
+
+
 def test_a_missing_role_identity_is_never_replaced_by_the_admins(tmp_path: Path) -> None:
     """On the embedded credentials, a role whose seed is gone is an error naming the file, not the admin's
     identity in its place (least privilege)."""

@@ -28,7 +28,7 @@ import msgspec
 from nats.js.errors import NotFoundError
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import bus, config, events, logs, plan_log, runtime, topology
+from kipvs.shared import bus, config, delta_chunks, events, logs, plan_log, runtime, topology
 from kipvs.shared.config import describe
 from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
@@ -135,6 +135,7 @@ class Applier:
         self.kernel = kernel
         self.rules = rules
         self.plan = SharedPlan()
+        self.chunks = delta_chunks.Assembler()  # chunked deltas in progress, kept across re-bootstraps
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
         self.desired = DesiredState()
         self.health_wanted: dict[str, tuple[int, int]] = {}  # health_check.wanted_ports, kept per change
@@ -204,9 +205,11 @@ class Applier:
             msg = await self.ctx.js.get_last_msg(topology.PLAN_STREAM, subject)
             found = _node_state(msg.data or b"")
             if found is None:
-                log.warning("the last message on %s is unusable; reading the subject back", subject)
-                async for old in bus.read_stream(self.ctx.js, topology.PLAN_STREAM, subject):
-                    found = _node_state(old.data) or found
+                # unusable, or a part of a chunked delta: read back whole deltas, chunked ones put together
+                log.warning("the last message on %s is not a whole delta; reading the subject back", subject)
+                async for _, delta in plan_log.complete_deltas(
+                        bus.read_stream(self.ctx.js, topology.PLAN_STREAM, subject)):
+                    found = _calico_of(delta) or found
         except NotFoundError:
             found = None
         if found is not None:
@@ -287,7 +290,10 @@ class Applier:
         applied: list[events.Envelope] = []  # the shared deltas this batch programs
         errors: list[str] = []
         for d in batch:
-            record = d.envelope.record
+            envelope = await self.whole(d.envelope)
+            if envelope is None:
+                continue  # a part of a chunked delta not complete yet, or one the plan has already
+            record = envelope.record
             if not isinstance(record, events.PlanDelta):
                 raise ValueError(f"{type(record).__name__} does not belong on a plan subject")
             if record.scope != "all":
@@ -309,7 +315,7 @@ class Applier:
                     continue
                 if not self.plan.apply(record):
                     continue
-            applied.append(d.envelope)
+            applied.append(envelope)
             touched |= {op.service.key if isinstance(op, events.SetService) else op.key
                         for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
         self.stream_seq = max(self.stream_seq, batch[-1].stream_sequence)
@@ -345,6 +351,23 @@ class Applier:
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
                                              duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
                                              desired_digest=self.desired.digest()))
+
+    async def whole(self, envelope: events.Envelope) -> events.Envelope | None:
+        """The delta a message completes: itself, or the chunked delta whose last part it is (never half of
+        one: ``delta_chunks``). A broken chunked delta re-bootstraps from the snapshot, as a missing delta
+        does; None then, and for a part that completes nothing."""
+        chunk = envelope.record
+        if not isinstance(chunk, events.PlanDeltaChunk):
+            if isinstance(chunk, events.PlanDelta):
+                self.chunks.settled(chunk.scope, chunk.seq)
+            return envelope
+        have = self.plan.seq if chunk.scope == "all" else self.calico_seq if chunk.scope == self.node else 0
+        try:
+            return self.chunks.feed(envelope, have)
+        except delta_chunks.ChunkGap as exc:
+            log.warning("%s: re-bootstrapping from the latest snapshot", exc)
+            await self.bootstrap()
+            return None
 
     async def park_jump(self, d: bus.Delivery, record: events.PlanDelta) -> str:
         """Park a shared delta whose sequence jumps past what a fresh bootstrap reaches; the reason, which
@@ -501,7 +524,11 @@ def _node_state(data: bytes) -> tuple[int, events.SetNodeCalico] | None:
         record = events.decode(data).record
     except events.ContractError:
         return None
-    if isinstance(record, events.PlanDelta) and record.ops and isinstance(record.ops[-1], events.SetNodeCalico):
+    return _calico_of(record) if isinstance(record, events.PlanDelta) else None
+
+
+def _calico_of(record: events.PlanDelta) -> tuple[int, events.SetNodeCalico] | None:
+    if record.ops and isinstance(record.ops[-1], events.SetNodeCalico):
         return record.seq, record.ops[-1]
     return None
 

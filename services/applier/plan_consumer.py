@@ -5,7 +5,11 @@ An applier's consumer has one replica held in memory (shared/topology.py, ``appl
 restart, the consumer's server dying, or an operator deleting it loses it. Its position is not needed to
 recover: the applier knows the last plan-stream sequence it applied, and the deltas after it are still in
 the stream (kept forever), so a new consumer from there delivers exactly what the node has not seen. A lost
-consumer shows as fetches that fail ("no responders": nothing serves the consumer's subject any more)."""
+consumer shows as fetches that fail ("no responders": nothing serves the consumer's subject any more).
+
+The position may fall between the parts of a chunked delta (``shared/delta_chunks.py``): the parts before it
+are held by the applier's assembler, which outlives the consumer, so the new consumer's first message is the
+next part. A new process starts from its bootstrap instead, which never stops inside a chunked delta."""
 
 from __future__ import annotations
 

@@ -95,6 +95,10 @@ def one_line(entry: Entry) -> str:
         where = "all nodes" if r.scope == "all" else f"node {r.scope}"
         ops = "; ".join(describe_op(op) for op in r.ops)
         return f"{head} delta {where} seq={r.seq} (from KUBE #{r.source_seq}): {ops}"
+    if isinstance(r, events.PlanDeltaChunk):
+        where = "all nodes" if r.scope == "all" else f"node {r.scope}"
+        return (f"{head} delta {where} seq={r.seq} part {r.part} of {r.parts} ({len(r.data)} bytes), not put "
+                "together: the delta's other parts are missing, out of order, or not in the log yet")
     if isinstance(r, events.PlanSnapshot):
         return f"{head} snapshot {r.scope} seq={r.seq}: {len(r.services)} services, {len(r.nodes)} nodes"
     if isinstance(r, events.ApplyReport):
@@ -181,7 +185,7 @@ class Filter:
     def _node(self, entry: Entry, r: events.Record) -> bool:
         if isinstance(r, events.KubeEvent):
             return _names_node(r, self.node)
-        if isinstance(r, events.PlanDelta | events.PlanSnapshot):
+        if isinstance(r, events.PlanDelta | events.PlanDeltaChunk | events.PlanSnapshot):
             return r.scope in ("all", self.node)
         if isinstance(r, events.ApplyReport | events.DriftReport | events.NodeFactsReport | events.ShadowReport):
             return r.node == self.node

@@ -35,9 +35,11 @@ from kipvs.shared import bus, stream_reader
 from kipvs.shared.log_client import (
     STREAMS,
     Entry,
+    EntryAssembler,
     RecordedLog,
     ToolError,
     add_nats_arguments,
+    assembled,
     decode_entry,
     ns_of,
     open_log,
@@ -88,30 +90,32 @@ async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
     """What a stream holds from ``start`` on, now."""
     stream = STREAMS[name]
     if isinstance(js, RecordedLog):
-        return [e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
-                                               e.envelope is None or e.envelope.time_ns >= ns_of(start))]
+        return assembled([e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
+                                                         e.envelope is None or e.envelope.time_ns >= ns_of(start))])
     try:
-        return [stored_entry(stream, m) async for m in bus.read_stream(
+        return assembled([stored_entry(stream, m) async for m in bus.read_stream(
             js, stream, SUBJECTS[name], start_seq=start if isinstance(start, int) else 0,
-            start_time=start if isinstance(start, datetime) else None)]
+            start_time=start if isinstance(start, datetime) else None)])
     except nats.js.errors.NotFoundError:
         return []
 
 
 async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
-    """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now). It
-    never stops on its own: a consumer lost (a server restart or a leader change drops an in-memory one),
-    deliveries lost (a gap in its delivery sequence) or a failed fetch make the consumer again after the last
+    """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now); a chunked
+    plan delta once its last part has arrived, whole. It never stops on its own: a consumer lost (a server
+    restart or a leader change drops an in-memory one), deliveries lost (a gap in its delivery sequence) or a failed fetch make the consumer again after the last
     message shown. A closed connection raises (the tool then says so in one line). Each fetch asks for few
     enough messages that the largest the server allows stay far below its max_pending (slow consumer)."""
     stream = STREAMS[name]
     after_seq = after_seq or await _last_seq(js, name)
     batch = max(1, stream_reader.READ_MAX_BYTES // js._nc.max_payload)
+    assembler = EntryAssembler()
     while True:
         try:
             async for msg in _follow_from(js, name, after_seq, batch):
                 after_seq = msg.metadata.sequence.stream
-                yield stored_entry(stream, msg)
+                for entry in assembler.feed(stored_entry(stream, msg)):
+                    yield entry
         except nats.errors.ConnectionClosedError:
             raise
         except (nats.errors.Error, TimeoutError, _Lost) as exc:
