@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nats.js.api import DeliverPolicy
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
-from kipvs.shared import bus, events, plan_log, topology
+from kipvs.shared import bus, events, node_claims, plan_log, topology
 from kipvs.shared.log_client import RecordedLog, add_nats_arguments, open_log, read_all, run_tool
 
 
@@ -165,10 +166,35 @@ def render(statuses: list[NodeStatus], newest: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def second_appliers(js: Any, nodes: list[str], now_ns: int) -> dict[str, str]:
+    """node -> a problem, for each node where an applier that lost the node's claim to a newer one still
+    runs, idle (shared/node_claims.py: its record renewed within SUPERSEDED_FRESH_S). Nothing from a
+    recorded log or a server without the claims bucket (an older kipvs's topology)."""
+    if isinstance(js, RecordedLog):
+        return {}
+    try:
+        kv = await js.key_value(node_claims.BUCKET)
+    except BucketNotFoundError:
+        return {}
+    found: dict[str, str] = {}
+    for node in nodes:
+        try:
+            record = node_claims.decode_superseded((await kv.get(node_claims.superseded_key(node))).value)
+        except (KeyNotFoundError, ValueError):  # ValueError: a name that is no node's (never reported)
+            continue
+        if record is not None and now_ns - record.at_ns <= node_claims.SUPERSEDED_FRESH_S * 1e9:
+            found[node] = f"a second applier ({record.instance}) runs idle: {record.by} took the node over"
+    return found
+
+
 async def status(args: argparse.Namespace) -> int:
     async with open_log(args) as js:
         last, newest, plan_nodes = await _last_records(js)
-    statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age)
+        statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age)
+        seconds = await second_appliers(js, [s.node for s in statuses], time.time_ns())
+    for s in statuses:
+        if s.node in seconds:
+            s.problems.append(seconds[s.node])
     if args.node:
         unknown = sorted(set(args.node) - {s.node for s in statuses})
         statuses = [s for s in statuses if s.node in args.node]

@@ -1,0 +1,109 @@
+"""One applier per node (issue 21): a second ``kipvs applier --node node-a`` beside the first split the
+node's durable's deltas and both went stale. The newest one takes the node's claim; the older one stops
+applying, says so (log, readiness, ``kipvs_applier_node_claim_held`` 0) and ``kipvs status`` names it.
+Real nats-server, the simulator, the whole pipeline; memory kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.audit import status as status_tool
+from kipvs.shared import config, runtime, topology
+from kipvs.shared import nats_permissions as perms
+from kipvs.shared.embedded_nats import free_loopback_port
+from tests import kube
+from tests.stack import Scrape, Stack, start_stack
+
+
+async def _second_applier(stack: Stack, nats_url: str) -> tuple[MemoryKernel, asyncio.Task]:
+    port = free_loopback_port()
+    stack.ports["second"] = port
+    kernel = MemoryKernel()
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}", "node": "node-a",
+                                      "backend": "memory", "healthz_bind_address": ""}, {})
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel),
+                                                   stop=stack.stop))
+    stack.tasks.append(task)
+    return kernel, task
+
+
+async def _until(check, what: str, within: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+def _held(scrape: Scrape) -> float:
+    return scrape.value("kipvs_applier_node_claim_held")
+
+
+async def test_a_second_applier_of_a_node_takes_over_and_the_first_stops(nats_url: str, sim, tmp_path: Path,
+                                                                          capsys) -> None:
+    said: list[str] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+    handler = Said()
+    logging.getLogger("kipvs.applier").addHandler(handler)
+    stack = await start_stack(nats_url, sim, tmp_path)
+    try:
+        await stack.sim.apply(kube.node("node-a", "192.0.2.10"))
+        await stack.sim.apply(kube.service("web"))
+        await stack.until(lambda s: s.value("kipvs_applier_plan_seq") == 2, "web on node-a")
+        assert _held(await stack.scrape("applier")) == 1
+        first_kernel = stack.kernel
+        second_kernel, _ = await _second_applier(stack, nats_url)
+        await _until(lambda: stack.ready("second"), "the second applier ready")
+        await _until(lambda: _not(stack.ready("applier")), "the first applier not ready (superseded)")
+        first = await stack.scrape("applier")
+        assert _held(first) == 0
+        assert _held(await stack.scrape("second")) == 1
+        frozen = first.value("kipvs_applier_plan_seq")
+        for i in range(20):  # the issue's reproduction: 20 changes of one slice
+            await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint(f"10.244.1.{i + 1}")]))
+
+        async def second_caught_up() -> bool:
+            seq = (await stack.scrape("planner")).value("kipvs_planner_delta_seq")
+            return seq >= 4 and (await stack.scrape("second")).value("kipvs_applier_plan_seq") == seq \
+                and _reals(second_kernel) == {"10.244.1.20"}
+        await _until(second_caught_up, "the second applier holding every change")
+        assert (await stack.scrape("applier")).value("kipvs_applier_plan_seq") == frozen  # it applied nothing
+        assert "10.244.1.20" not in _reals(first_kernel)
+        assert any("took over this node's claim; this applier" in line for line in said), said
+        capsys.readouterr()
+        args = _status_args(nats_url)
+        assert await status_tool.status(args) == 1
+        out = capsys.readouterr().out
+        assert "a second applier" in out and "runs idle" in out, out
+    finally:
+        logging.getLogger("kipvs.applier").removeHandler(handler)
+        await stack.close()
+
+
+async def _not(ready) -> bool:
+    return not await ready
+
+
+def _reals(kernel: MemoryKernel) -> set[str]:
+    return {real[0] for vs in kernel.ipvs.values() for real in vs.reals}
+
+
+def _status_args(nats_url: str):
+    parser = status_tool.argparse.ArgumentParser()
+    status_tool.add_arguments(parser)
+    return parser.parse_args(["--nats-url", nats_url, "--max-behind", "1000"])
+
+
+@pytest.mark.parametrize("pair", [("a.b", "a-b"), ("a", "a-reader")])
+def test_node_names_map_to_their_own_durable_reader_and_claim(pair: tuple[str, str]) -> None:
+    names = {n: (topology.applier_durable(n), perms.applier_reader(n)) for n in pair}
+    everything = [name for both in names.values() for name in both]
+    assert len(set(everything)) == len(everything), names
