@@ -12,9 +12,10 @@ from pathlib import Path
 import nats
 import nkeys
 import pytest
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, DiscardPolicy
 
-from kipvs.shared import bus, nats_credentials, pki, topology
+from kipvs.planner.core import Planner
+from kipvs.shared import bus, events, nats_credentials, nats_permissions, pki, plan_log, topology
 from kipvs.shared.nats_credentials import ClientAuth
 from tests.secure_nats import SecureNats
 
@@ -264,7 +265,7 @@ async def test_a_node_gets_its_own_rights_and_nothing_else(callout: SecureNats, 
     sub = await js.pull_subscribe_bind(durable="applier-node-a", stream=topology.PLAN_STREAM)
     with pytest.raises(nats.errors.TimeoutError):
         await sub.fetch(1, timeout=0.5)  # allowed, just nothing yet
-    ack = await js.publish(topology.status_subject("node-a", "report"), b"{}")
+    ack = await js.publish(topology.status_subject("node-a", "applied"), b"{}")
     assert ack.stream == topology.STATUS_STREAM
     ack = await js.publish(topology.parked_subject("applier-node-a"), b"x")
     assert ack.stream == topology.PARKED_STREAM
@@ -314,10 +315,10 @@ async def test_a_token_for_node_b_does_not_give_node_a(callout: SecureNats, sim,
     nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
                             **applier_identity(callout, token, "node-b").connect_options())
     js = nc.jetstream(timeout=3)
-    refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-a", "report"), b"{}",
+    refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-a", "applied"), b"{}",
                                                             timeout=1))
-    assert "kipvs.status.node-a.report" in refusal
-    ack = await js.publish(topology.status_subject("node-b", "report"), b"{}")
+    assert "kipvs.status.node-a.applied" in refusal
+    ack = await js.publish(topology.status_subject("node-b", "applied"), b"{}")
     assert ack.stream == topology.STATUS_STREAM
     await nc.close()
 
@@ -815,3 +816,60 @@ async def test_a_tool_with_another_roles_identity_says_what_was_refused(declared
                                               *flags]) == 2
     err = capsys.readouterr().err
     assert "NATS refused this identity" in err and "permissions violation" in err and "Traceback" not in err, err
+
+
+async def _snapshot_by_admin(server: SecureNats) -> None:
+    admin = await server.connect("admin")
+    js = admin.jetstream(timeout=5)
+    snap = Planner().snapshot(plan_stream_seq=3)
+    data = events.encode(events.Envelope(id="snapshot/all/3", time_ns=1, producer="test", record=snap))
+    store = await js.object_store(topology.SNAPSHOT_BUCKET)
+    await store.put(topology.snapshot_object("all"), data)
+    await admin.close()
+
+
+async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: SecureNats, sim, tmp_path: Path) -> None:
+    """Issue 21, High 5: with node-a's identity, 5,000 durables on the snapshot bucket's stream cost the servers
+    248 MiB, and 1 MB messages on kipvs.status.node-a.<anything> filled the store. Now: no consumer there but
+    its own reader (through which it still reads the snapshot), no other node's inspect subject, only the
+    status kinds, each bounded by the server."""
+    await _snapshot_by_admin(callout)
+    token = await pod_token(sim, tmp_path, "kipvs-applier-a9", "node-a")
+    nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
+                            **applier_identity(callout, token, "node-a").connect_options())
+    js = nc.jetstream(timeout=3)
+    obj = f"OBJ_{topology.SNAPSHOT_BUCKET}"
+    refusal = await permission_error(nc, lambda: js.add_consumer(obj, ConsumerConfig(durable_name="d1")))
+    assert f"consumer.durable.create.{obj}.d1".lower() in refusal.lower()
+    refusal = await permission_error(nc, lambda: js.add_consumer(obj, ConsumerConfig(name="e1")))
+    assert f"consumer.create.{obj}".lower() in refusal.lower()
+    store = await js.object_store(topology.SNAPSHOT_BUCKET)  # nats-py's get: a consumer the server names
+    await permission_error(nc, lambda: asyncio.wait_for(store.get(topology.snapshot_object("all")), 3))
+    token_var = bus.READER_NAME.set(nats_permissions.applier_reader("node-a"))
+    try:
+        _, stream_seq = await plan_log.load_snapshot(js)  # its own reader: allowed
+    finally:
+        bus.READER_NAME.reset(token_var)
+    assert stream_seq == 3
+    refusal = await permission_error(nc, lambda: nc.request(topology.inspect_subject("node-b"), b"", timeout=1))
+    assert "kipvs.inspect.node-b" in refusal
+    refusal = await permission_error(nc, lambda: js.publish("kipvs.status.node-a.anything", b"{}", timeout=1))
+    assert "kipvs.status.node-a.anything" in refusal
+    with pytest.raises(nats.js.errors.APIError, match="(?i)maximum"):
+        await js.publish(topology.status_subject("node-a", "drift"), b"x" * (topology.STATUS_MAX_MSG + 1))
+    for i in range(topology.STATUS_PER_SUBJECT + 20):
+        await js.publish(topology.status_subject("node-a", "facts"), b"%d" % i)
+    admin = await callout.connect("admin")
+    info = await admin.jetstream().stream_info(topology.STATUS_STREAM, subjects_filter="kipvs.status.node-a.facts")
+    assert info.state.subjects == {"kipvs.status.node-a.facts": topology.STATUS_PER_SUBJECT}
+    assert info.config.max_bytes == topology.STATUS_MAX_BYTES and info.config.discard == DiscardPolicy.OLD
+    parked = await admin.jetstream().stream_info(topology.PARKED_STREAM)
+    assert parked.config.max_bytes == topology.PARKED_MAX_BYTES
+    assert parked.config.max_msg_size == topology.PARKED_MAX_MSG
+    await admin.close()
+    # its own claim only (one applier per node)
+    claims = f"$KV.{topology.APPLIER_CLAIMS_BUCKET}"
+    await js.publish(f"{claims}.node-a", b"{}")
+    refusal = await permission_error(nc, lambda: js.publish(f"{claims}.node-b", b"{}", timeout=1))
+    assert f"{claims}.node-b".lower() in refusal.lower()
+    await nc.close()
