@@ -855,7 +855,7 @@ async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: Sec
     assert "kipvs.inspect.node-b" in refusal
     refusal = await permission_error(nc, lambda: js.publish("kipvs.status.node-a.anything", b"{}", timeout=1))
     assert "kipvs.status.node-a.anything" in refusal
-    with pytest.raises(nats.js.errors.APIError, match="(?i)maximum"):
+    with pytest.raises(nats.js.errors.APIError, match=r"(?i)maximum"):
         await js.publish(topology.status_subject("node-a", "drift"), b"x" * (topology.STATUS_MAX_MSG + 1))
     for i in range(topology.STATUS_PER_SUBJECT + 20):
         await js.publish(topology.status_subject("node-a", "facts"), b"%d" % i)
