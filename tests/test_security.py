@@ -491,6 +491,7 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
     (config_map,) = [d for d in yaml.safe_load_all((Path(__file__).parents[1] / "deploy" / "kubernetes" /
                                                     "20-nats.yaml").read_text()) if d["kind"] == "ConfigMap"]
     text = config_map["data"]["nats.conf"]
+    _monitoring_on_loopback_only(text)
     port, cluster, monitor = free_loopback_port(), free_loopback_port(), free_loopback_port()
     for tls_dir in (tmp_path / "etc" / "tls",):
         tls_dir.mkdir(parents=True)
@@ -501,13 +502,14 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
     (tmp_path / "etc" / "config").mkdir()
     text = (text.replace("/etc/nats/tls", str(tmp_path / "etc" / "tls")).replace("/data", str(tmp_path / "data"))
             .replace("port: 4222", f"port: {port}\nhost: 127.0.0.1").replace("port: 6222", f"port: {cluster}")
-            .replace("http_port: 8222", f"http_port: {monitor}"))
+            .replace("http: 127.0.0.1:8222", f"http: 127.0.0.1:{monitor}"))
     (tmp_path / "etc" / "config" / "nats.conf").write_text(text)
     log = (tmp_path / "nats.log").open("wb")
     proc = subprocess.Popen([server_binary(), "--config", str(tmp_path / "etc" / "config" / "nats.conf")],
                             stdout=log, stderr=log, env={**os.environ, "POD_NAME": "nats-0"})
     try:
         wait_port(port, proc)
+        wait_port(monitor, proc)  # it does listen there, on loopback: the probes ask it
 
         async def check() -> None:
             # Anonymous: not a static user, so the server asks the auth callout, which does not run here: the
@@ -541,6 +543,19 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def _monitoring_on_loopback_only(conf: str) -> None:
+    """Issue 21: the NATS monitoring port (no authentication) was a containerPort on the pod's address."""
+    import yaml
+
+    assert "http: 127.0.0.1:8222" in conf and "http_port" not in conf and "https" not in conf, conf
+    for doc in yaml.safe_load_all((Path(__file__).parents[1] / "deploy" / "kubernetes" / "20-nats.yaml").read_text()):
+        assert "8222" not in str(doc.get("spec", {}).get("ports", "")), doc
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            assert all(p["containerPort"] != 8222 for p in container.get("ports", [])), container
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert "httpGet" not in container[probe] and "127.0.0.1:8222" in str(container[probe]["exec"])
 
 
 async def _publish_and_flush(nc: nats.NATS, subject: str) -> None:
