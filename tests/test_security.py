@@ -723,7 +723,12 @@ def test_a_wrong_credential_file_is_one_sentence_and_exit_2(tmp_path: Path) -> N
 
     kipvs = str(Path(sys.executable).parent / "kipvs")
     (tmp_path / "not-a-seed").write_text("hello\n")
+    (tmp_path / "not-a-seed").chmod(0o600)
+    seed = tmp_path / "open.nk"  # a valid seed others may read: refused like ssh refuses such a key
+    seed.write_bytes(nkeys.encode_seed(b"\x04" * 32, nkeys.PREFIX_BYTE_USER))
+    seed.chmod(0o644)
     for flags, said in ((["--nats-nkey-file", str(tmp_path / "missing.nk")], "cannot read the NKEY seed"),
+                        (["--nats-nkey-file", str(seed)], "is readable by others (mode 0644)"),
                         (["--nats-nkey-file", str(tmp_path / "not-a-seed")], "does not hold an NKEY seed"),
                         (["--nats-ca-file", str(tmp_path / "missing.pem")], "cannot use the CA file")):
         done = subprocess.run([kipvs, "planner", "--nats-url", "nats://127.0.0.1:9", "--http-listen", "", *flags],
