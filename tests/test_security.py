@@ -893,3 +893,19 @@ async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: Sec
     refusal = await permission_error(nc, lambda: js.publish(f"{claims}.node-b", b"{}", timeout=1))
     assert f"{claims}.node-b".lower() in refusal.lower()
     await nc.close()
+
+
+async def test_a_service_with_another_roles_identity_says_so_in_one_line(declared: SecureNats) -> None:
+    """Issue 21: a service (not only a tool) started with a valid identity of the wrong role retried forever
+    without naming it. Now: the server's refusal in one sentence and exit 2."""
+    import subprocess
+    import sys
+
+    kipvs = str(Path(sys.executable).parent / "kipvs")
+    done = await asyncio.to_thread(subprocess.run, [
+        kipvs, "planner", "--nats-url", declared.url, "--http-listen", "",
+        "--nats-nkey-file", str(declared.dir / "watcher.nk"), "--nats-ca-file", str(declared.dir / "ca.pem")],
+        capture_output=True, text=True, timeout=90)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert last.startswith("kipvs planner: NATS refused this identity") and "permissions violation" in last, last
