@@ -126,6 +126,9 @@ def ensure_local_applier(directory: Path, node: str) -> bool:
     """Give ``node``'s applier a static NKEY identity (with that node's permissions only, as the callout
     would); True when it is new (the server's configuration must then be written and reloaded)."""
     path = local_applier_seed(directory, node)
+    if len(path.name) > 255:  # NAME_MAX: the file holds the node's name
+        raise CredentialsError(f"node name {node[:40]}... ({len(node)} characters) is too long for a static "
+                               "identity on the embedded server (at most 246): use the auth callout")
     if path.exists():
         return False
     pki.write_private(path, _new_seed(nkeys.PREFIX_BYTE_USER) + b"\n")

@@ -674,7 +674,7 @@ async def test_an_applier_on_the_embedded_default_gets_its_own_node_identity(tmp
     async def main(ctx: runtime.ServiceContext) -> None:
         # its own durable, created by itself as the applier does after its bootstrap
         seen["consumer"] = (await topology.recreate_applier_consumer(ctx.js, "node-a", 0)).config.durable_name
-        seen["own"] = (await ctx.js.publish(topology.status_subject("node-a", "x"), b"{}")).stream
+        seen["own"] = (await ctx.js.publish(topology.status_subject("node-a", "applied"), b"{}")).stream
         seen["other"] = await permission_error(ctx.nc, lambda: ctx.js.publish(
             topology.status_subject("node-b", "x"), b"{}", timeout=1))
         ctx.stop.set()
