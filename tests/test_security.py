@@ -595,7 +595,7 @@ async def test_composes_server_config_with_a_static_node_identity(tmp_path: Path
                             inbox_prefix="_INBOX_applier-node-a")
         nc = await nats.connect(f"tls://127.0.0.1:{port}", allow_reconnect=False, **node_a.connect_options())
         js = nc.jetstream(timeout=3)
-        assert (await js.publish(topology.status_subject("node-a", "x"), b"{}")).stream == topology.STATUS_STREAM
+        assert (await js.publish(topology.status_subject("node-a", "applied"), b"{}")).stream == topology.STATUS_STREAM
         refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-b", "x"), b"{}",
                                                                 timeout=1))
         assert "kipvs.status.node-b.x" in refusal

@@ -17,10 +17,11 @@ async def test_setup_creates_every_stream_and_is_idempotent(nats_url: str) -> No
         names = sorted(s.config.name for s in await js.streams_info())
         assert names == sorted([topology.KUBE_STREAM, topology.PLAN_STREAM, topology.STATUS_STREAM,
                                 topology.PARKED_STREAM, topology.PLAN_AUDIT_STREAM,
-                                f"OBJ_{topology.SNAPSHOT_BUCKET}", f"KV_{topology.PLANNER_LEASE_BUCKET}"])
+                                f"OBJ_{topology.SNAPSHOT_BUCKET}", f"KV_{topology.PLANNER_LEASE_BUCKET}",
+                                f"KV_{topology.APPLIER_CLAIMS_BUCKET}"])
         # A second service starting against the same server changes nothing and raises nothing.
         await bus.setup(nc, consumers=specs)
-        info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a-example")
+        info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a_example")  # "." -> "_": one-to-one
         assert sorted(info.config.filter_subjects) == ["kipvs.plan.all", "kipvs.plan.node.node-a_example"]
         kube = await js.stream_info(topology.KUBE_STREAM)
         assert kube.config.duplicate_window == pytest.approx(topology.DUPLICATE_WINDOW_S)
