@@ -75,10 +75,11 @@ def token(name: str) -> str:
     Anything else (``*``, ``>``, upper case, white space, over 253 characters) is not a valid Kubernetes name
     and raises ValueError: it could widen a subscription or a permission to another node's subjects.
     """
-    if len(name) > MAX_NAME_LEN or not _NAME_TOKEN.match(name):
-        shown = name if len(name) <= 80 else f"{name[:60]}... ({len(name)} characters)"
-        raise ValueError(f"{shown!r} is not a valid Kubernetes name (DNS-1123 subdomain: at most {MAX_NAME_LEN} "
-                         "lowercase letters, digits, '-' and '.')")
+    if len(name) > MAX_NAME_LEN:
+        raise ValueError(f"{name[:60]!r}... ({len(name)} characters) is not a valid Kubernetes name (DNS-1123: "
+                         f"at most {MAX_NAME_LEN})")
+    if not _NAME_TOKEN.match(name):
+        raise ValueError(f"{name!r} is not a valid Kubernetes name (DNS-1123)")
     return name.replace(".", "_")
 
 

@@ -107,3 +107,25 @@ def test_node_names_map_to_their_own_durable_reader_and_claim(pair: tuple[str, s
     names = {n: (topology.applier_durable(n), perms.applier_reader(n)) for n in pair}
     everything = [name for both in names.values() for name in both]
     assert len(set(everything)) == len(everything), names
+
+
+def test_long_node_names_stay_within_nats_limits_and_apart() -> None:
+    """Kubernetes node names run to 253 characters; nats-server refuses consumer names over 255."""
+    base = "n" * 200
+    names = [f"{base}-{i}" for i in range(3)] + ["x" * 253, "x" * 252, "a" * 180, "a" * 181]
+    keys = [topology.node_key(n) for n in names]
+    assert len(set(keys)) == len(keys)
+    for name in names:
+        for consumer in (topology.applier_durable(name), perms.applier_reader(name)):
+            assert len(consumer) <= 255 and "." not in consumer and "*" not in consumer and ">" not in consumer
+    assert topology.node_key("a" * 180) == "a" * 180  # short names are kept as they are
+
+
+@pytest.mark.parametrize("bad", ["node-a.*", "node->", "Node-A", "node a", "n" * 254, ""])
+def test_a_node_name_that_cannot_be_mapped_safely_is_refused_in_one_line(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid Kubernetes name") as refused:
+        topology.applier_durable(bad)
+    assert "\n" not in str(refused.value)
+    if bad:  # (an empty --node has its own sentence: "node is required")
+        with pytest.raises(config.ConfigError, match="not a valid Kubernetes name"):
+            config.load(ApplierConfig, {"node": bad, "backend": "memory", "http_listen": ""}, {})
