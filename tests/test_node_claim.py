@@ -129,3 +129,28 @@ def test_a_node_name_that_cannot_be_mapped_safely_is_refused_in_one_line(bad: st
     if bad:  # (an empty --node has its own sentence: "node is required")
         with pytest.raises(config.ConfigError, match="not a valid Kubernetes name"):
             config.load(ApplierConfig, {"node": bad, "backend": "memory", "http_listen": ""}, {})
+
+
+async def test_without_the_claims_bucket_the_node_is_applied_and_claimed_once_it_exists(nc) -> None:
+    """A kipvs upgraded without 'kipvs topology apply': no bucket yet. The applier goes on (a node that
+    cannot be programmed after an upgrade is worse) and takes the claim as soon as the bucket exists."""
+    from kipvs.applier.node_claim import NodeClaim
+    from kipvs.shared.metrics import Registry
+
+    js = nc.jetstream(timeout=5)
+    stop = asyncio.Event()
+    claim = NodeClaim(js, "node-a", Registry("applier"), check_every=0.1)
+    assert await asyncio.wait_for(claim.take(stop), 10)
+    assert not claim.held and not claim.lost and await claim.still_held()
+    watching = asyncio.create_task(claim.watch(stop))
+    await topology.ensure_claims_bucket(js)
+    await _until(lambda: _true(claim.held), "the claim taken once the bucket exists", within=10)
+    newer = NodeClaim(js, "node-a", Registry("applier"), check_every=0.1)
+    await newer.take(stop)
+    await asyncio.wait_for(watching, 10)  # the watch ends: the claim is lost
+    assert claim.lost and not await claim.still_held() and claim.holder == newer.instance
+    stop.set()
+
+
+async def _true(value: bool) -> bool:
+    return value

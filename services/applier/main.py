@@ -547,7 +547,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
                 drift_now.clear()
-                if not ctx.stop.is_set() and claim.held:
+                if not ctx.stop.is_set() and not claim.lost:
                     await applier.drift_check()
 
         async def drain_loop() -> None:
@@ -592,7 +592,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         cacher.cancel()
         await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
         await applier.flush_reports()
-        if not claim.held:  # superseded: idle, not ready, until stopped (see node_claim.py)
+        if claim.lost:  # superseded: idle, not ready, until stopped (see node_claim.py)
             ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
             ctx.queued_since = None
             await claim.idle(ctx.stop)

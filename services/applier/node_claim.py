@@ -45,14 +45,17 @@ def instance_name() -> str:
 
 
 class NodeClaim:
-    """The node's claim, as one applier holds it. ``held`` is False from the moment another applier's
-    claim is seen; ``holder`` names that one."""
+    """The node's claim, as one applier holds it. ``held``: the claim is this applier's; ``lost``: another
+    applier's claim was seen (``holder`` names it), for good. Neither: the bucket is not declared yet (a
+    kipvs upgraded without 'kipvs topology apply'): the node is applied all the same, with a warning, and
+    the claim is taken as soon as the bucket exists."""
 
     def __init__(self, js: JetStreamContext, node: str, metrics: Registry, instance: str = "",
                  check_every: float = CHECK_S) -> None:
         self.js, self.node, self.instance = js, node, instance or instance_name()
         self.check_every = check_every
         self.held = False
+        self.lost = False
         self.holder = ""
         self.revision = 0
         self._kv: KeyValue | None = None
@@ -61,15 +64,18 @@ class NodeClaim:
                       "same node took it over (this one then applies nothing)", read=lambda: float(self.held))
 
     async def take(self, stop: asyncio.Event) -> bool:
-        """Put this applier's claim on the node's key (the newest wins), retrying while the bus fails or the
-        bucket is not declared yet; False when told to stop first."""
+        """Put this applier's claim on the node's key (the newest wins), retrying while the bus fails; without
+        the bucket, go on unclaimed (see the class). False when told to stop first."""
         backoff = Backoff(initial=0.5, maximum=10.0)
         while not stop.is_set():
             try:
                 await self._take()
                 return True
             except BucketNotFoundError:
-                why = f"the claims bucket {node_claims.BUCKET} does not exist; run 'kipvs topology apply'"
+                log.warning("the claims bucket %s does not exist (run 'kipvs topology apply' after an upgrade): "
+                            "node %s is applied without its claim, and a second applier of it goes undetected",
+                            node_claims.BUCKET, self.node)
+                return True
             except bus.INFRASTRUCTURE_ERRORS as exc:
                 why = f"{type(exc).__name__}: {exc or ''}"
             delay = backoff.next()
@@ -89,15 +95,15 @@ class NodeClaim:
                                   takeovers=(previous.takeovers + 1) if previous else 0)
         self.revision = await kv.put(key, node_claims.encode(claim))
         self.held, self.holder = True, self.instance
-        if previous is not None:
+        if previous is not None and previous.instance != self.instance:
             log.warning("node %s: this applier (%s) takes over from %s; that one stops applying within %.0fs",
                         self.node, self.instance, previous.instance, self.check_every)
 
     async def still_held(self) -> bool:
         """Read the key back: False (and say so, once) when another applier's claim is on it. The bus failing
         keeps the last answer (the check is repeated); a deleted key (an admin's) is claimed again."""
-        if not self.held or self._kv is None:
-            return self.held
+        if self.lost or not self.held or self._kv is None:
+            return not self.lost
         try:
             entry = await self._kv.get(node_claims.claim_key(self.node))
         except KeyNotFoundError:
@@ -108,7 +114,7 @@ class NodeClaim:
         claim = node_claims.decode_claim(entry.value)
         if entry.revision == self.revision or (claim is not None and claim.instance == self.instance):
             return True
-        self.held, self.holder = False, claim.instance if claim else "another applier"
+        self.held, self.lost, self.holder = False, True, claim.instance if claim else "another applier"
         log.error("node %s: %s took over this node's claim; this applier (%s) stops applying and stays idle "
                   "(stop it: two appliers of one node would undo each other's writes)", self.node, self.holder,
                   self.instance)
@@ -119,7 +125,12 @@ class NodeClaim:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.check_every)
-            if not stop.is_set() and not await self.still_held():
+            if stop.is_set():
+                return
+            if not self.held and not self.lost:  # unclaimed: the bucket may exist by now
+                with contextlib.suppress(BucketNotFoundError, *bus.INFRASTRUCTURE_ERRORS):
+                    await self._take()
+            elif not await self.still_held():
                 return
 
     async def idle(self, stop: asyncio.Event) -> None:
