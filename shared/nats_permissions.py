@@ -87,9 +87,11 @@ def _durable(stream: str, name: str) -> list[str]:
 def _object_reader(stream: str = SNAPSHOT_STREAM) -> list[str]:
     # nats-py reads an object with an ordered push consumer (flow control replies on $JS.FC.<stream>.>),
     # finding its stream by subject first (STREAM.NAMES: the names only).
+    # plan_log reads the snapshot's chunks with a pull consumer instead (bus.read_stream): its info and fetches.
     return [f"{JS}.STREAM.NAMES", f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.MSG.GET.{stream}",
             f"{JS}.DIRECT.GET.{stream}", f"{JS}.DIRECT.GET.{stream}.>", f"{JS}.CONSUMER.CREATE.{stream}",
-            f"{JS}.CONSUMER.CREATE.{stream}.>", f"$JS.FC.{stream}.>"]
+            f"{JS}.CONSUMER.CREATE.{stream}.>", f"$JS.FC.{stream}.>", f"{JS}.CONSUMER.INFO.{stream}.*",
+            f"{JS}.CONSUMER.MSG.NEXT.{stream}.*"]
 
 
 # Pulling from a durable that is not one's own would delay its messages by its ack wait: denied where the

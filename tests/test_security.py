@@ -909,3 +909,15 @@ async def test_a_service_with_another_roles_identity_says_so_in_one_line(declare
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert last.startswith("kipvs planner: NATS refused this identity") and "permissions violation" in last, last
+
+
+async def test_the_planner_and_the_tools_read_the_snapshot_with_their_identities(declared: SecureNats) -> None:
+    """The snapshot is read through a pull consumer now (plan_log._read_object), by every role."""
+    await _snapshot_by_admin(declared)
+    for role in ("planner", "tools"):
+        nc = await declared.connect(role)
+        try:
+            _, stream_seq = await asyncio.wait_for(plan_log.load_snapshot(nc.jetstream(timeout=3)), 30)
+            assert stream_seq == 3, role
+        finally:
+            await nc.close()

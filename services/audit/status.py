@@ -8,8 +8,11 @@ of divergences from kipvs's plan in the SHADOW column, each listed below it (APP
 delta it compared with); any divergence fails the
 check, and kube-proxy's presence is then expected, not a conflict.
 
+A node where an applier superseded by a newer one of the same node still runs, idle, fails the check too
+(:func:`second_appliers`, from the claims bucket; docs/architecture.md "One applier per node").
+
 Exit status 1 when a node is behind by more than ``--max-behind`` deltas, has not reported for
-``--max-age`` seconds, or never reported: usable as a check in scripts and CI. Exit 2 when the log cannot
+``--max-age`` seconds, never reported, or has a second applier: usable as a check in scripts and CI. Exit 2 when the log cannot
 be read.
 """
 
