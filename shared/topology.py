@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from nats.js.api import (
     StreamSource,
 )
 from nats.js.errors import APIError, NotFoundError
+
+log = logging.getLogger("kipvs.topology")
 
 MIN_SERVER_VERSION = (2, 10, 0)  # multiple filter subjects per consumer
 # nats-server 2.15 limits every stream to 1,000 consumers unless the stream sets its own limit
@@ -167,9 +170,13 @@ class ConsumerSpec:
 
 STATUS_MAX_MSG = 256 * 1024  # an applier's report; its lists of findings are far below this
 STATUS_PER_SUBJECT = 1_000  # reports kept per node and kind (kipvs why reads a node's applied history)
-STATUS_MAX_BYTES = 2 * 1024**3
+# nats-server reserves a stream's max_bytes in its store (max_file_store) up front, away from the log: kept
+# small, and dropped with a warning on a store too small to reserve it (ensure_stream).
+STATUS_MAX_BYTES = 512 * 1024**2
 PARKED_MAX_MSG = 1024 * 1024  # a parked message holds the original (up to the server's max payload, 1 MiB)
-PARKED_MAX_BYTES = 2 * 1024**3
+PARKED_MAX_BYTES = 256 * 1024**2
+# nats-server's JSInsufficientResourcesErr, JSStorageResourcesExceededErr ("insufficient storage resources")
+_INSUFFICIENT_RESOURCES = (10023, 10047)
 DUPLICATE_WINDOW_S = 600.0  # how long JetStream remembers Nats-Msg-Id; longer than any watcher restart
 
 
@@ -359,7 +366,20 @@ _STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "duplicate
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
-    """Create the stream, or update it to the declared config; then check what the server echoes."""
+    """Create the stream, or update it to the declared config; then check what the server echoes. A store
+    too small to reserve the stream's ``max_bytes`` (nats-server reserves it up front) gets the stream
+    without it, and a warning: its other bounds (per subject, per message) still hold."""
+    try:
+        await _ensure_stream(js, spec)
+    except TopologyError as exc:
+        if getattr(exc.__context__, "err_code", None) not in _INSUFFICIENT_RESOURCES or not spec.config.max_bytes:
+            raise
+        log.warning("stream %s: the server's store cannot reserve its %d MiB (max_file_store too small); "
+                    "declared without a byte limit", spec.config.name, spec.config.max_bytes // 2**20)
+        await _ensure_stream(js, dataclasses.replace(spec, config=dataclasses.replace(spec.config, max_bytes=None)))
+
+
+async def _ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     try:
         try:
             info = await js.stream_info(spec.config.name)
@@ -374,7 +394,7 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
         raise TopologyError(
             f"stream {spec.config.name}: the server refused kipvs's config ({exc.description}). An existing "
             "stream with settings that cannot be changed in place (storage, retention) must be migrated by hand."
-        ) from None
+        ) from None  # (its __context__ keeps the APIError: ensure_stream reads its code)
     diffs = _differences(spec.config, info.config, _STREAM_FIELDS)
     if diffs:
         raise TopologyError(
@@ -426,18 +446,17 @@ async def ensure_lease_bucket(js: JetStreamContext, replicas: int = 1) -> None:
 
 
 # One applier per node (shared/node_claims.py): a JetStream key-value bucket, one key per node and one per
-# superseded applier still running; values are ~200 bytes, bounded by the server.
+# superseded applier still running (an applier may write those two only), one revision each, values of at
+# most 1 KiB: bounded per node by the server without a max_bytes (which the server would reserve up front).
 APPLIER_CLAIMS_BUCKET = "kipvs-appliers"
 CLAIM_MAX_VALUE_BYTES = 1024
-CLAIMS_MAX_BYTES = 256 * 1024 * 1024  # two 1 KiB keys per node: far above 100,000 nodes
 
 
 async def ensure_claims_bucket(js: JetStreamContext, replicas: int = 1) -> None:
     """The appliers' claims bucket: one revision per key, each value and the whole bucket bounded."""
     await js.create_key_value(KeyValueConfig(
         bucket=APPLIER_CLAIMS_BUCKET, description="kipvs: which applier applies each node (the newest wins)",
-        history=1, max_value_size=CLAIM_MAX_VALUE_BYTES, max_bytes=CLAIMS_MAX_BYTES, storage=StorageType.FILE,
-        replicas=replicas))
+        history=1, max_value_size=CLAIM_MAX_VALUE_BYTES, storage=StorageType.FILE, replicas=replicas))
 
 
 async def recreate_applier_consumer(js: JetStreamContext, node: str, after_stream_seq: int) -> ConsumerSpec:

@@ -99,3 +99,23 @@ async def test_a_fleet_above_a_thousand_nodes_gets_its_consumers(nats_url: str) 
         assert (await js.stream_info(topology.PLAN_STREAM)).state.consumer_count == 1_050
     finally:
         await nc.close()
+
+
+async def test_a_store_too_small_to_reserve_the_status_limit_keeps_the_other_bounds(tmp_path) -> None:
+    """nats-server reserves a stream's max_bytes in its store up front; a store smaller than that gets the
+    status stream without it (a warning), still bounded per subject and per message."""
+    from tests.test_full_store import CappedNats
+
+    server = CappedNats(tmp_path / "store")
+    server.start("100MB")
+    try:
+        nc = await bus.connect(server.url, "test")
+        js = await bus.setup(nc)
+        status = (await js.stream_info(topology.STATUS_STREAM)).config
+        assert status.max_bytes in (None, -1)
+        assert status.max_msgs_per_subject == topology.STATUS_PER_SUBJECT
+        assert status.max_msg_size == topology.STATUS_MAX_MSG
+        await bus.setup(nc)  # and again: idempotent
+        await nc.close()
+    finally:
+        server.stop()

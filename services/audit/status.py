@@ -12,8 +12,8 @@ A node where an applier superseded by a newer one of the same node still runs, i
 (:func:`second_appliers`, from the claims bucket; docs/architecture.md "One applier per node").
 
 Exit status 1 when a node is behind by more than ``--max-behind`` deltas, has not reported for
-``--max-age`` seconds, never reported, or has a second applier: usable as a check in scripts and CI. Exit 2 when the log cannot
-be read.
+``--max-age`` seconds, never reported, or has a second applier: usable as a check in scripts and CI.
+Exit 2 when the log cannot be read.
 """
 
 from __future__ import annotations
