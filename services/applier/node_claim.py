@@ -39,9 +39,9 @@ SUPERSEDED_RENEW_S = 30.0
 
 
 def instance_name() -> str:
-    """This applier: the pod's name (``HOSTNAME`` in a pod) or the host's, the process id and a random part
-    (a restarted process on the same pod is a new instance)."""
-    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+    """This applier: the pod's name (``POD_NAME``, set by the manifests: with host networking ``HOSTNAME`` is
+    the node's) or the host's, the process id and a random part (a restarted process is a new instance)."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
 
 
 class NodeClaim:
