@@ -547,7 +547,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
                 drift_now.clear()
-                if not ctx.stop.is_set() and not claim.lost:
+                if not ctx.stop.is_set() and await claim.still_held():
                     await applier.drift_check()
 
         async def drain_loop() -> None:

@@ -10,9 +10,9 @@ A superseded applier stays up but idle (it never claims again, so two appliers n
 restart of it is a new applier and takes the node back), renewing ``<key>.superseded`` so that
 ``kipvs status`` names it, and deleting it when it stops.
 
-Checking costs one key read per node per :data:`CHECK_S` (a direct get of one message); the claim is also
-checked before each batch is applied (:meth:`NodeClaim.still_held`), so a superseded applier applies at
-most the batch it had in hand."""
+Checking costs one key read per node per :data:`CHECK_S` (a get of one message); the claim is also
+checked before each batch is applied and each drift check (:meth:`NodeClaim.still_held`), so a superseded
+applier applies at most the batch it had in hand, and never reverts the new one's writes."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ from kipvs.shared.metrics import Registry
 
 log = logging.getLogger("kipvs.applier")
 
-CHECK_S = 2.0  # how often the claim is read back: a rollout's new pod is alone within this
+# How often an idle applier reads its claim back (one direct get): as often as an idle consumer fetches
+# (plan_consumer.FETCH_WAIT), so checking at most doubles an idle node's requests. A busy one checks before
+# every batch and every drift check anyway.
+CHECK_S = 5.0
 SUPERSEDED_RENEW_S = 30.0
 
 
