@@ -921,3 +921,23 @@ async def test_the_planner_and_the_tools_read_the_snapshot_with_their_identities
             assert stream_seq == 3, role
         finally:
             await nc.close()
+
+
+async def test_the_tools_read_the_appliers_claims(declared: SecureNats) -> None:
+    """kipvs status reads each node's superseded-applier record from the claims bucket as the tools identity."""
+    import time
+
+    from kipvs.audit.status import second_appliers
+    from kipvs.shared import node_claims
+
+    admin = await declared.connect("admin")
+    kv = await admin.jetstream().key_value(node_claims.BUCKET)
+    await kv.put(node_claims.superseded_key("node-a"), node_claims.encode(node_claims.Superseded(
+        node="node-a", instance="old/1/abc", by="new/1/def", at_ns=time.time_ns())))
+    await admin.close()
+    nc = await declared.connect("tools")
+    try:
+        found = await second_appliers(nc.jetstream(timeout=3), ["node-a", "node-b"], time.time_ns())
+    finally:
+        await nc.close()
+    assert list(found) == ["node-a"] and "old/1/abc" in found["node-a"] and "new/1/def" in found["node-a"]
