@@ -110,7 +110,8 @@ class NodeClaim:
         try:
             entry = await self._kv.get(node_claims.claim_key(self.node))
         except KeyNotFoundError:
-            await self._take()
+            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):  # tried again at the next check
+                await self._take()
             return True
         except bus.INFRASTRUCTURE_ERRORS:
             return True
