@@ -67,7 +67,7 @@ asyncio.run(main())
 
 
 async def test_appliers_first_starting_at_once_all_keep_their_identity(embedded: EmbeddedNats) -> None:
-    nodes = [f"node-{i}" for i in range(8)]
+    nodes = [f"node-{i}" for i in range(16)]
     procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", _ADD, str(embedded.state_dir), node)
              for node in nodes]
     assert [await asyncio.wait_for(p.wait(), 60) for p in procs] == [0] * len(nodes)
