@@ -9,6 +9,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+import nats
 import pytest
 
 from kipvs.applier.backend import MemoryKernel
@@ -154,3 +155,41 @@ async def test_without_the_claims_bucket_the_node_is_applied_and_claimed_once_it
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_applier_superseded_while_bootstrapping_leaves_the_durable_alone(nats_url: str, monkeypatch) -> None:
+    """The newer applier took the node during this one's bootstrap: this one must not create (and so reset)
+    the node's durable, which is the newer one's now; it idles, not ready."""
+    from kipvs.applier import main as applier_main
+    from kipvs.applier.node_claim import NodeClaim
+    from kipvs.shared.metrics import Registry
+    from tests.stack import Stack
+
+    newer: list[NodeClaim] = []
+    original = applier_main.Applier.bootstrap
+
+    async def bootstrap_then_superseded(self) -> None:
+        await original(self)
+        claim = NodeClaim(self.ctx.js, "node-a", Registry("applier"))
+        await claim.take(asyncio.Event())
+        newer.append(claim)
+    monkeypatch.setattr(applier_main.Applier, "bootstrap", bootstrap_then_superseded)
+    port = free_loopback_port()
+    stop = asyncio.Event()
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}", "node": "node-a",
+                                      "backend": "memory", "healthz_bind_address": ""}, {})
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel()),
+                                                   stop=stop))
+    stack = Stack(None, MemoryKernel(), {"applier": port}, [task], stop)  # type: ignore[arg-type]
+    try:
+        await _until(lambda: _true(bool(newer)), "the newer claim taken during the bootstrap")
+        await _until(lambda: _not(stack.ready("applier")), "not ready")
+        await asyncio.sleep(0.5)  # past the check before the consumer
+        assert _held(await stack.scrape("applier")) == 0 and not await stack.ready("applier")
+        nc = await nats.connect(nats_url)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await nc.jetstream().consumer_info(topology.PLAN_STREAM, topology.applier_durable("node-a"))
+        await nc.close()
+        assert not task.done()  # idle, not ended (a restart would take the node back: two would take turns)
+    finally:
+        await stack.close()

@@ -527,8 +527,12 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             applier.read_kernel)
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
         keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
-        spec = await keeper.start(ctx.stop)
-        if spec is None:  # told to stop before the bus would create it
+        # superseded while bootstrapping: the durable is the newer applier's now, not to be recreated
+        spec = await keeper.start(ctx.stop) if await claim.still_held() else None
+        if spec is None:  # told to stop before the bus would create it, or superseded
+            if claim.lost:
+                ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
+                await claim.idle(ctx.stop)
             with contextlib.suppress(Exception):
                 await inspection.unsubscribe()
             await kernel.close()
