@@ -85,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
     except topology.TopologyError as exc:
         log.error("%s", exc)
         return 1
-    log.info("topology in place: %d streams, the snapshot bucket, the planner's consumer%s",
+    log.info("topology in place: %d streams, the snapshot, lease and claims buckets, the planner's consumer%s",
              len(topology.streams()), f" and {len(args.node)} applier consumer(s)" if args.node else "")
     return 0
