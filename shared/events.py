@@ -60,14 +60,39 @@ class KubeEvent(Record, tag="kube.event"):
 class KubeResync(Record, tag="kube.resync"):
     """The complete live set of one kind after a (re)list.
 
-    A consumer deletes every object of ``kind`` it holds whose key is not in ``live``; it may also use
-    the resourceVersions to detect that it holds stale state. Keys are ``namespace/name``
-    (``name`` alone for cluster-scoped kinds).
+    A consumer deletes every object of ``kind`` it holds whose key is not in ``live`` and whose held
+    version is not newer than ``resource_version`` (newer: logged by a watch after the list); it may also
+    use the resourceVersions to detect that it holds stale state. ``restored`` changes that rule (below).
+    Keys are ``namespace/name`` (``name`` alone for cluster-scoped kinds).
     """
 
     kind: KubeKind
     resource_version: str  # the list's collection resourceVersion
     live: dict[str, str]  # key -> object resourceVersion
+    # Added in schema 1 with defaults (older records: a resync in a history that only grows).
+    # restored: the watcher found the API server's resourceVersions gone back (etcd restored from a snapshot
+    # without a revision bump), so versions no longer order old and new: a consumer deletes every object of
+    # ``kind`` it holds that ``live`` lacks and whose record it took from the KUBE stream at or below
+    # ``listed_after_seq`` (the stream's last sequence when the list was requested), whatever the versions.
+    restored: bool = False
+    listed_after_seq: int = 0
+
+
+class KubeResyncRange(Record, tag="kube.resync-range"):
+    """What a :class:`KubeResync` says, for the keys from ``key_from`` (inclusive) to ``key_to``
+    (exclusive; "" = no upper bound) only: the watcher publishes a list's live set in such parts when the
+    whole set would not fit in one message. Each part stands alone: a consumer deletes what it holds of
+    ``kind`` with a key in the range that ``live`` lacks, under the same version and ``restored`` rules as
+    KubeResync. The parts of one list cover every key. A new tag, so that a consumer that does not know it
+    parks it rather than take a part of the live set for all of it."""
+
+    kind: KubeKind
+    resource_version: str
+    live: dict[str, str]
+    key_from: str
+    key_to: str
+    restored: bool = False
+    listed_after_seq: int = 0
 
 
 # --- The plan (stream PLAN), produced by the planner ------------------------------------------------
@@ -295,8 +320,8 @@ class ShadowReport(Record, tag="apply.shadow"):
     virtual_servers: int = 0  # IPVS virtual servers read from the kernel
 
 
-AnyRecord = (KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport | NodeFactsReport
-             | ShadowReport)
+AnyRecord = (KubeEvent | KubeResync | KubeResyncRange | PlanDelta | PlanSnapshot | ApplyReport | DriftReport
+             | NodeFactsReport | ShadowReport)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -365,12 +390,20 @@ def to_json(envelope: Envelope) -> bytes:
 
 def decode(data: bytes) -> Envelope:
     """Decode a bus message, raising a :class:`ContractError` subclass that says why it is unusable."""
-    return _decode(data, _head_decoder, _tag_decoder, _envelope_decoder)
+    return _decode_bounded(data, _head_decoder, _tag_decoder, _envelope_decoder)
 
 
 def from_json(data: bytes | str) -> Envelope:
     """Decode the JSON form, with the same checks as :func:`decode`."""
-    return _decode(data, _head_json_decoder, _tag_json_decoder, _envelope_json_decoder)
+    return _decode_bounded(data, _head_json_decoder, _tag_json_decoder, _envelope_json_decoder)
+
+
+def _decode_bounded(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:
+    try:
+        return _decode(data, head_decoder, tag_decoder, full_decoder)
+    except RecursionError:  # msgspec decodes (and skips) nested values recursively: a message nested past
+        # the recursion limit (an object logged by a watcher without a depth bound) is unusable, not a crash
+        raise MalformedMessage("message nests too deep to decode") from None
 
 
 def _decode(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:

@@ -85,7 +85,36 @@ async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
     if not isinstance(snap, events.PlanSnapshot):
         log.warning("the plan snapshot holds a %s; reading every delta from the stream", type(snap).__name__)
         return SharedPlan(), 0
+    stale = await _other_stream(js, snap)
+    if stale:
+        log.warning("the plan snapshot (delta %d) is of another plan stream: %s; reading every delta from the "
+                    "stream", snap.seq, stale)
+        return SharedPlan(), 0
     return SharedPlan.from_snapshot(snap), snap.plan_stream_seq
+
+
+async def _other_stream(js: JetStreamContext, snap: events.PlanSnapshot) -> str:
+    """Why the snapshot was not taken of the plan stream there now ("" when it was, or cannot be told): its
+    ``plan_stream_seq`` must hold its shared delta ``seq``. A plan stream replaced (a wiped or restored store)
+    with the snapshot bucket kept would otherwise make a bootstrap start past the new stream's deltas."""
+    if not snap.plan_stream_seq:
+        return ""
+    try:
+        raw = await js.get_msg(topology.PLAN_STREAM, snap.plan_stream_seq)
+    except NotFoundError:
+        last = (await js.stream_info(topology.PLAN_STREAM)).state.last_seq
+        if last < snap.plan_stream_seq:
+            return f"the stream ends at sequence {last}, before the snapshot's {snap.plan_stream_seq}"
+        return ""  # that message was deleted from this stream: the snapshot still covers it
+    try:
+        record = events.decode(raw.data or b"").record
+    except events.ContractError:
+        record = None
+    if isinstance(record, events.PlanDelta) and record.scope == "all" and record.seq == snap.seq:
+        return ""
+    held = f"shared delta {record.seq}" if isinstance(record, events.PlanDelta) and record.scope == "all" else \
+        "another message"
+    return f"stream sequence {snap.plan_stream_seq} holds {held}, not shared delta {snap.seq}"
 
 
 async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> int:

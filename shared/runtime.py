@@ -34,6 +34,7 @@ from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from .metrics import Registry
 from .nats_permissions import applier_durable, applier_reader
+from .stream_guard import StreamGuard
 
 log = logging.getLogger("kipvs.runtime")
 
@@ -53,6 +54,14 @@ class ServiceContext:
     # When the oldest input not yet handled arrived (event-loop time), None when nothing waits: the
     # service's consumer sets it (see bus.DurableConsumer.queued_since); /healthz fails past the bound.
     queued_since: Callable[[], float | None] | None = None
+    # A stream this run of the service holds positions in was replaced (shared/stream_guard.py): why, once
+    # the runtime has told it to stop (``stop`` is then set, not the process's stop); "" otherwise.
+    replaced: str = ""
+    # Why this run started again ("" at the first start): the stream it was holding positions in was replaced.
+    restarted_because: str = ""
+    stream_guard: StreamGuard | None = None
+    # Declares (or waits for) the topology again, as at the start; None when stopped first. Set by the runtime.
+    redeclare: Callable[[], Awaitable[JetStreamContext | None]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -177,26 +186,89 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
 Main = Callable[[ServiceContext], Awaitable[None]]
 
 
+# The streams each service's guard pins: checked every few seconds for the _POLLED services, by an applier
+# only when its consumer fails (services/applier/plan_consumer.py; a fleet polling would load the servers).
+_GUARDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
+                    "applier": (topology.PLAN_STREAM,)}
+_POLLED = ("watcher", "planner")
+
+
 async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
     """Run the service's main coroutine; when the bus fails under it (a server gone, a leader election,
     a full store), start it again after a back-off instead of exiting: every service's start is a
-    recovery (the planner rebuilds from the log, the applier bootstraps, the watcher relists)."""
+    recovery (the planner rebuilds from the log, the applier bootstraps, the watcher relists). When a stream
+    it reads is replaced (a wiped store: :mod:`~kipvs.shared.stream_guard`), it is told to stop, the topology
+    is declared again (or waited for) and it starts again from the new stream."""
     backoff = Backoff(initial=1.0, maximum=30.0)
+    stop = ctx.stop
     while True:
         try:
-            await main(ctx)
-            return
+            replaced = await _run_guarded(name, main, ctx, stop)
+            if not replaced:
+                return
+            ctx.restarted_because = replaced
+            ctx.set_not_ready(f"restarting: {replaced}")
+            if not await _redeclare(name, ctx):
+                return  # told to stop while waiting for the topology
+            continue
         except bus.INFRASTRUCTURE_ERRORS as exc:
-            if ctx.stop.is_set():
+            ctx.stop = stop
+            if stop.is_set():
                 return
             delay = backoff.next()
             ctx.set_not_ready(f"restarting after a bus failure: {type(exc).__name__}")
             log.warning("%s: the bus failed under the service (%s: %s); starting it again in %.1fs", name,
                         type(exc).__name__, exc or "", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stop.wait(), delay)
-            if ctx.stop.is_set():
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
                 return
+            # The failure may be a stream gone (a wiped store: NotFoundError is one of nats-py's errors):
+            # declared again here (or waited for), else the next run fails the same way, forever.
+            if not await _redeclare(name, ctx):
+                return
+
+
+async def _redeclare(name: str, ctx: ServiceContext) -> bool:
+    """Declare (or wait for) the topology again before a restart; False when told to stop first. A server
+    that refuses kipvs's config now is logged: the service's own start then says what it lacks."""
+    if ctx.redeclare is None:
+        return True
+    try:
+        return await ctx.redeclare() is not None
+    except (_ConnectionClosed, topology.TopologyError) as exc:
+        log.warning("%s: cannot declare the topology again (%s)", name, exc)
+        return True
+
+
+async def _run_guarded(name: str, main: Main, ctx: ServiceContext, stop: asyncio.Event) -> str:
+    """One run of ``main`` with its streams guarded: ``ctx.stop`` is this run's own event, set by ``stop``
+    or by the guard. Returns why the guard tripped ("" when it did not)."""
+    run_stop = asyncio.Event()
+    ctx.stop, ctx.replaced = run_stop, ""
+
+    def trip(reason: str) -> None:
+        ctx.replaced = reason
+        run_stop.set()
+
+    guard = StreamGuard(ctx.js, _GUARDED_STREAMS.get(name, ()), trip)
+    ctx.stream_guard = guard
+    await guard.pin()
+    helpers = [asyncio.create_task(_forward(stop, run_stop))]
+    if name in _POLLED:
+        helpers.append(asyncio.create_task(guard.watch()))
+    try:
+        await main(ctx)
+    finally:
+        for task in helpers:
+            task.cancel()
+        ctx.stop = stop
+    return "" if stop.is_set() else ctx.replaced
+
+
+async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 class _ConnectionClosed(Exception):
@@ -311,6 +383,13 @@ async def run_service(name: str, config: CommonConfig, main: Main,
                 ctx = ServiceContext(name=name, config=config, nc=nc, js=js, stop=stop, metrics=health.metrics,
                                      http_port=port)
                 health.ctx = ctx
+
+                async def redeclare(nc: NATS = nc) -> JetStreamContext | None:
+                    return await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
+                                                declare=auth is None or not (auth.nkey_file or auth.token_file),
+                                                streams=_NEEDED_STREAMS.get(name, ()))
+
+                ctx.redeclare = redeclare
                 task = asyncio.create_task(_restarting(name, main, ctx), name=f"{name}-main")
                 health.main_task = task
                 stopper = asyncio.create_task(stop.wait())

@@ -502,3 +502,46 @@ async def check_declared(js: JetStreamContext, stream_names: Sequence[str], cons
             who = ("the auth service creates it when the node's applier connects" if spec.stream == PLAN_STREAM
                    else "run 'kipvs topology apply' with the admin identity")
             raise NotDeclared(f"consumer {spec.config.durable_name} on {spec.stream} does not exist; {who}") from None
+
+
+@dataclass(frozen=True)
+class StreamIdentity:
+    """Which stream a name stands for: a stream deleted and declared again (a NATS store wiped or restored,
+    an operator's ``nats stream rm``) keeps its name but not its creation time, and its sequences start over.
+    ``created`` is the server's (``StreamInfo.created``, kept across server restarts); sequences as there."""
+
+    name: str
+    created: str
+    first_seq: int
+    last_seq: int
+
+
+class StreamReplaced(Exception):
+    """A stream a service holds a position in was deleted or replaced under it: every position it holds
+    (log sequences, delta sequences, its consumers) belongs to the old stream. The runtime starts the
+    service again from the new stream (shared/runtime.py)."""
+
+
+async def stream_identity(js: JetStreamContext, name: str) -> StreamIdentity | None:
+    """The stream's identity now; None when it does not exist. nats-py's errors when the bus fails."""
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        return None
+    created = info.created.isoformat() if info.created is not None else ""
+    return StreamIdentity(name, created, info.state.first_seq, info.state.last_seq)
+
+
+def replacement(before: StreamIdentity, now: StreamIdentity | None) -> str:
+    """Why ``now`` is not the stream ``before`` was read from, in one sentence; "" when it is the same.
+    A purge moves the first sequence on but keeps the stream; a last sequence going backwards cannot happen
+    to one stream (sequences are never reused), so it is another stream even if the creation time is lost."""
+    if now is None:
+        return f"stream {before.name} no longer exists (deleted, or the NATS store was wiped)"
+    if before.created and now.created and before.created != now.created:
+        return (f"stream {before.name} was created again (at {now.created}, was {before.created}): the NATS "
+                f"store was wiped or restored")
+    if now.last_seq < before.last_seq:
+        return (f"stream {before.name}'s last sequence went back from {before.last_seq} to {now.last_seq}: it is "
+                "another stream (the NATS store was wiped or restored)")
+    return ""

@@ -838,7 +838,7 @@ async def test_a_tool_with_another_roles_identity_says_what_was_refused(declared
     assert "NATS refused this identity" in err and "permissions violation" in err and "Traceback" not in err, err
 
 
-async def _snapshot_by_admin(server: SecureNats) -> None:
+async def _snapshot_by_admin(server: SecureNats) -> bytes:
     admin = await server.connect("admin")
     js = admin.jetstream(timeout=5)
     snap = Planner().snapshot(plan_stream_seq=3)
@@ -846,6 +846,7 @@ async def _snapshot_by_admin(server: SecureNats) -> None:
     store = await js.object_store(topology.SNAPSHOT_BUCKET)
     await store.put(topology.snapshot_object("all"), data)
     await admin.close()
+    return data
 
 
 async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: SecureNats, sim, tmp_path: Path) -> None:
@@ -853,7 +854,7 @@ async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: Sec
     248 MiB, and 1 MB messages on kipvs.status.node-a.<anything> filled the store. Now: no consumer there but
     its own reader (through which it still reads the snapshot), no other node's inspect subject, only the
     status kinds, each bounded by the server."""
-    await _snapshot_by_admin(callout)
+    snapshot = await _snapshot_by_admin(callout)
     token = await pod_token(sim, tmp_path, "kipvs-applier-a9", "node-a")
     nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
                             **applier_identity(callout, token, "node-a").connect_options())
@@ -867,10 +868,10 @@ async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: Sec
     await permission_error(nc, lambda: asyncio.wait_for(store.get(topology.snapshot_object("all")), 3))
     token_var = bus.READER_NAME.set(nats_permissions.applier_reader("node-a"))
     try:
-        _, stream_seq = await plan_log.load_snapshot(js)  # its own reader: allowed
+        read = await plan_log._read_snapshot(js)  # its own reader: allowed
     finally:
         bus.READER_NAME.reset(token_var)
-    assert stream_seq == 3
+    assert read == snapshot
     refusal = await permission_error(nc, lambda: nc.request(topology.inspect_subject("node-b"), b"", timeout=1))
     assert "kipvs.inspect.node-b" in refusal
     refusal = await permission_error(nc, lambda: js.publish("kipvs.status.node-a.anything", b"{}", timeout=1))
@@ -913,12 +914,11 @@ async def test_a_service_with_another_roles_identity_says_so_in_one_line(declare
 
 async def test_the_planner_and_the_tools_read_the_snapshot_with_their_identities(declared: SecureNats) -> None:
     """The snapshot is read through a pull consumer now (plan_log._read_object), by every role."""
-    await _snapshot_by_admin(declared)
+    snapshot = await _snapshot_by_admin(declared)
     for role in ("planner", "tools"):
         nc = await declared.connect(role)
         try:
-            _, stream_seq = await asyncio.wait_for(plan_log.load_snapshot(nc.jetstream(timeout=3)), 30)
-            assert stream_seq == 3, role
+            assert await asyncio.wait_for(plan_log._read_snapshot(nc.jetstream(timeout=3)), 30) == snapshot, role
         finally:
             await nc.close()
 

@@ -288,6 +288,7 @@ class Applier:
         facts_before = self.facts()
         calico_before = self.calico
         applied: list[events.Envelope] = []  # the shared deltas this batch programs
+        errors: list[str] = []
         for d in batch:
             record = d.envelope.record
             if not isinstance(record, events.PlanDelta):
@@ -305,7 +306,10 @@ class Applier:
                 log.warning("%s: re-bootstrapping from the latest snapshot", exc)
                 await self.bootstrap()
                 if record.seq > self.plan.seq + 1:
-                    raise bus.Retry(f"snapshot at {self.plan.seq} does not reach delta {record.seq} yet") from None
+                    # Neither the newest snapshot nor the stream explains it: not the planner's sequence (an
+                    # admin's delta). Retrying re-bootstrapped three times a second, forever: parked instead.
+                    errors.append(await self.park_jump(d, record))
+                    continue
                 if not self.plan.apply(record):
                     continue
             applied.append(d.envelope)
@@ -320,7 +324,6 @@ class Applier:
             plan = self.plan.services.get(key)
             ops += self.desired.update(key, resolve_service(plan, facts) if plan else None)
         ops = self.drainer.rewrite(ops, time.monotonic())
-        errors: list[str] = []
         if ops:
             try:
                 await self.kernel.apply(ops)
@@ -345,6 +348,17 @@ class Applier:
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
                                              duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
                                              desired_digest=self.desired.digest()))
+
+    async def park_jump(self, d: bus.Delivery, record: events.PlanDelta) -> str:
+        """Park a shared delta whose sequence jumps past what a fresh bootstrap reaches; the reason, which
+        also goes into the batch's report. The deltas after it go on (a later snapshot covers a real gap)."""
+        reason = (f"plan delta {record.seq} jumps past delta {self.plan.seq + 1}: neither the newest snapshot nor "
+                  f"the plan stream holds the deltas between (published by someone other than the planner?)")
+        service = self.consumer.service if self.consumer is not None else topology.applier_durable(self.node)
+        await bus.park(self.ctx.js, service, d.msg, d.msg.data, reason)
+        if self.consumer is not None:
+            self.consumer.parked += 1
+        return reason
 
     async def read_kernel(self) -> events.KernelTable:
         """The whole kernel table for ``kipvs ipvs`` (never while a batch or a repair is being written)."""
@@ -512,6 +526,10 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         if not await claim.take(ctx.stop):
             await kernel.close()
             return
+        if ctx.restarted_because:
+            ctx.set_not_ready(f"{ctx.restarted_because}; waiting for the new plan stream's first delta")
+            if not await plan_consumer.wait_for_a_plan(ctx.js, ctx.stop):
+                return
         ctx.set_not_ready("bootstrapping from the plan snapshot")
         await applier.bootstrap()
         drift_now = asyncio.Event()
@@ -526,7 +544,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             lambda: ("apply", applier.plan.seq, applier.local_addresses if applier.use_interfaces else ()),
             applier.read_kernel)
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
-        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
+        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq, guard=ctx.stream_guard)
         # superseded while bootstrapping: the durable is the newer applier's now, not to be recreated
         spec = await keeper.start(ctx.stop) if await claim.still_held() else None
         if spec is None:  # told to stop before the bus would create it, or superseded
@@ -606,7 +624,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         for task in done - {stopping, claimer}:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        await kernel.close()
+        if not ctx.replaced:  # else the runtime starts apply_plan again on the same kernel
+            await kernel.close()
     finally:
         await applier.health.close()
 

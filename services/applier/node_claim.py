@@ -47,6 +47,11 @@ def instance_name() -> str:
     return f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
 
 
+def _process(instance: str) -> str:
+    """The pod (or host) and process of an instance name."""
+    return instance.rsplit("/", 1)[0]
+
+
 class NodeClaim:
     """The node's claim, as one applier holds it. ``held``: the claim is this applier's; ``lost``: another
     applier's claim was seen (``holder`` names it), for good. Neither: the bucket is not declared yet (a
@@ -93,12 +98,15 @@ class NodeClaim:
         previous = None
         with contextlib.suppress(KeyNotFoundError):
             previous = node_claims.decode_claim((await kv.get(key)).value)
+        # the service started again in this process (the bus failed, a stream was replaced): not a takeover
+        restarted = previous is not None and _process(previous.instance) == _process(self.instance)
+        taken = previous is not None and not restarted
         claim = node_claims.Claim(node=self.node, instance=self.instance, since_ns=time.time_ns(),
-                                  previous=previous.instance if previous else "",
-                                  takeovers=(previous.takeovers + 1) if previous else 0)
+                                  previous=previous.instance if taken and previous else "",
+                                  takeovers=(previous.takeovers + int(taken)) if previous else 0)
         self.revision = await kv.put(key, node_claims.encode(claim))
         self.held, self.holder = True, self.instance
-        if previous is not None and previous.instance != self.instance:
+        if taken and previous is not None:
             log.warning("node %s: this applier (%s) takes over from %s; that one stops applying within %.0fs",
                         self.node, self.instance, previous.instance, self.check_every)
 

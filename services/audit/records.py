@@ -87,8 +87,10 @@ def one_line(entry: Entry) -> str:
     head = f"{label} {clock(env.time_ns)}"
     if isinstance(r, events.KubeEvent):
         return f"{head} {r.origin} {r.action} {r.kind} {events.object_key(r.namespace, r.name)} rv={r.resource_version}"
-    if isinstance(r, events.KubeResync):
-        return f"{head} resync {r.kind} rv={r.resource_version}: {len(r.live)} live"
+    if isinstance(r, (events.KubeResync, events.KubeResyncRange)):
+        part = f" keys [{r.key_from!r}, {r.key_to!r})" if isinstance(r, events.KubeResyncRange) else ""
+        restored = " (after a restored API server)" if r.restored else ""
+        return f"{head} resync {r.kind} rv={r.resource_version}{part}: {len(r.live)} live{restored}"
     if isinstance(r, events.PlanDelta):
         where = "all nodes" if r.scope == "all" else f"node {r.scope}"
         ops = "; ".join(describe_op(op) for op in r.ops)

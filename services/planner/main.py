@@ -34,6 +34,7 @@ from .core import SHARED_SCOPE, Planner, PlannerConfig, tune_gc
 from .fence import PUBLISHER, Fence
 from .lease import LeaseTiming
 from .planner_metrics import PlannerMetrics
+from .progress import Progress
 
 log = logging.getLogger("kipvs.planner")
 PUBLISH_TIMEOUT = 10.0  # seconds for the server to acknowledge a flush of the outbox
@@ -353,6 +354,7 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
         log.info("planned %d events a previous instance had taken but not acked", caught)
     if planner.seq != publisher.published_seq:  # the log and the plan stream disagree: records were deleted
         await reconcile_published(ctx.js, planner, publisher)
+    progress = Progress(ctx, m, lambda: planner.source_seq, lambda: len(publisher.outbox))
     store = await ctx.js.object_store(topology.SNAPSHOT_BUCKET)
     snap_state = {"seq": -1, "at": 0.0}
 
@@ -370,7 +372,7 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
 
     async def flush() -> None:
         outgoing = list(publisher.outbox)
-        published.inc(await publisher.flush())
+        published.inc(await progress.publish(publisher.flush, len(outgoing)))
         stage.published(outgoing)
 
     async def handle(batch: list[bus.Delivery]) -> None:
@@ -405,17 +407,22 @@ async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fenc
     ctx.set_not_ready("catching up with the Kubernetes event log")
     await snapshot(force=True)
     runner = asyncio.create_task(consumer.run())
+    checker = asyncio.create_task(progress.watch(ctx.js))
     stopping = asyncio.create_task(ctx.stop.wait())
     waits = {runner, stopping}
     if deposed is not None:
         waits.add(asyncio.create_task(deposed.wait()))
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     consumer.stop()
-    await runner
+    try:
+        await runner
+    finally:
+        checker.cancel()
     for task in waits - {runner}:
         task.cancel()
     ctx.queued_since = None
-    await snapshot(force=True)
+    if not ctx.replaced:  # else this state belongs to the old streams: no snapshot of it in the new bucket
+        await snapshot(force=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
