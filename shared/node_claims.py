@@ -19,14 +19,17 @@ SUPERSEDED_FRESH_S = 90.0  # a superseded applier renews its record every 30 s; 
 
 class Claim(msgspec.Struct, frozen=True):
     """The value of a node's key: who applies the node (``instance``: pod name or host, pid and a random
-    suffix), since when (ns, the claimant's clock), whom it took over from and how many takeovers the
-    node has seen."""
+    suffix), since when (ns, the claimant's clock), whom it took over from, how many takeovers the node has
+    seen, and when the claimant's process started (``started_ns``, ns; 0 from a kipvs before it): of two
+    appliers of one node the one started last is the newest, also when the older one's service restarts
+    after a bus failure (both run on the node, so one clock orders them)."""
 
     node: str
     instance: str
     since_ns: int
     previous: str = ""
     takeovers: int = 0
+    started_ns: int = 0
 
 
 class Superseded(msgspec.Struct, frozen=True):

@@ -12,12 +12,15 @@ from pathlib import Path
 import nats
 import pytest
 
+from kipvs.applier import main as applier_main
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.applier.node_claim import NodeClaim
 from kipvs.audit import status as status_tool
 from kipvs.shared import config, runtime, topology
 from kipvs.shared import nats_permissions as perms
 from kipvs.shared.embedded_nats import free_loopback_port
+from kipvs.shared.metrics import Registry
 from tests import kube
 from tests.stack import Scrape, Stack, start_stack
 
@@ -135,8 +138,6 @@ def test_a_node_name_that_cannot_be_mapped_safely_is_refused_in_one_line(bad: st
 async def test_without_the_claims_bucket_the_node_is_applied_and_claimed_once_it_exists(nc) -> None:
     """A kipvs upgraded without 'kipvs topology apply': no bucket yet. The applier goes on (a node that
     cannot be programmed after an upgrade is worse) and takes the claim as soon as the bucket exists."""
-    from kipvs.applier.node_claim import NodeClaim
-    from kipvs.shared.metrics import Registry
 
     js = nc.jetstream(timeout=5)
     stop = asyncio.Event()
@@ -160,10 +161,6 @@ async def _true(value: bool) -> bool:
 async def test_an_applier_superseded_while_bootstrapping_leaves_the_durable_alone(nats_url: str, monkeypatch) -> None:
     """The newer applier took the node during this one's bootstrap: this one must not create (and so reset)
     the node's durable, which is the newer one's now; it idles, not ready."""
-    from kipvs.applier import main as applier_main
-    from kipvs.applier.node_claim import NodeClaim
-    from kipvs.shared.metrics import Registry
-    from tests.stack import Stack
 
     newer: list[NodeClaim] = []
     original = applier_main.Applier.bootstrap
@@ -193,3 +190,24 @@ async def test_an_applier_superseded_while_bootstrapping_leaves_the_durable_alon
         assert not task.done()  # idle, not ended (a restart would take the node back: two would take turns)
     finally:
         await stack.close()
+
+
+async def test_a_superseded_applier_whose_service_restarts_never_takes_the_node_back(nc) -> None:
+    """The runtime starts a service's main again after a bus failure (a closed connection, a replaced
+    stream): a superseded applier's new run must not put its claim back over the newer applier's, or the
+    two would take turns. Each claim carries its process's start; the older process stays superseded."""
+    js = nc.jetstream(timeout=5)
+    await topology.ensure_claims_bucket(js)
+    stop = asyncio.Event()
+    older = NodeClaim(js, "node-a", Registry("applier"), instance="pod-old/7/aaaaaa", started_ns=1_000)
+    newer = NodeClaim(js, "node-a", Registry("applier"), instance="pod-new/9/bbbbbb", started_ns=2_000)
+    assert await older.take(stop) and older.held
+    assert await newer.take(stop) and newer.held
+    assert not await older.still_held()
+    restarted = NodeClaim(js, "node-a", Registry("applier"), instance="pod-old/7/cccccc", started_ns=1_000)
+    assert await restarted.take(stop)
+    assert restarted.lost and not restarted.held and restarted.holder == newer.instance
+    assert not await restarted.still_held()
+    assert await newer.still_held() and newer.held
+    again = NodeClaim(js, "node-a", Registry("applier"), instance="pod-new/9/dddddd", started_ns=2_000)
+    assert await again.take(stop) and again.held  # the newer one's own restart keeps the node

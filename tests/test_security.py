@@ -506,7 +506,8 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
     (tmp_path / "etc" / "config" / "nats.conf").write_text(text)
     log = (tmp_path / "nats.log").open("wb")
     proc = subprocess.Popen([server_binary(), "--config", str(tmp_path / "etc" / "config" / "nats.conf")],
-                            stdout=log, stderr=log, env={**os.environ, "POD_NAME": "nats-0"})
+                            stdout=log, stderr=log, env={**os.environ, "POD_NAME": "nats-0",
+                                                 "CLIENT_ADVERTISE": f"127.0.0.1:{port}"})
     try:
         wait_port(port, proc)
         wait_port(monitor, proc)  # it does listen there, on loopback: the probes ask it

@@ -6,8 +6,10 @@ The claim is a key of the ``kipvs-appliers`` key-value bucket (shared/node_claim
 wins, so that a DaemonSet rollout (maxSurge, or a pod replaced) hands the node over within one check period
 without waiting for the old pod to end; an applier started by mistake for a node also wins, and the log,
 ``kipvs status``, the readiness of the one it replaced and ``kipvs_applier_node_claim_held`` 0 there say so.
-A superseded applier stays up but idle (it never claims again, so two appliers never take turns; a
-restart of it is a new applier and takes the node back), renewing ``<key>.superseded`` so that
+A superseded applier stays up but idle (it never claims again, so two appliers never take turns, also
+when its service restarts after a bus failure or a replaced stream: each claim carries its process's start
+time, and an older process never takes a newer one's claim; a restart of the process is a new applier and
+takes the node back), renewing ``<key>.superseded`` so that
 ``kipvs status`` names it, and deleting it when it stops.
 
 Checking costs one key read per node per :data:`CHECK_S` (a get of one message); the claim is also
@@ -39,6 +41,7 @@ log = logging.getLogger("kipvs.applier")
 # every batch and every drift check anyway.
 CHECK_S = 5.0
 SUPERSEDED_RENEW_S = 30.0
+PROCESS_STARTED_NS = time.time_ns()  # this process's start, as the node's clock has it (Claim.started_ns)
 
 
 def instance_name() -> str:
@@ -59,8 +62,9 @@ class NodeClaim:
     the claim is taken as soon as the bucket exists."""
 
     def __init__(self, js: JetStreamContext, node: str, metrics: Registry, instance: str = "",
-                 check_every: float = CHECK_S) -> None:
+                 check_every: float = CHECK_S, started_ns: int = 0) -> None:
         self.js, self.node, self.instance = js, node, instance or instance_name()
+        self.started_ns = started_ns or PROCESS_STARTED_NS
         self.check_every = check_every
         self.held = False
         self.lost = False
@@ -100,10 +104,14 @@ class NodeClaim:
             previous = node_claims.decode_claim((await kv.get(key)).value)
         # the service started again in this process (the bus failed, a stream was replaced): not a takeover
         restarted = previous is not None and _process(previous.instance) == _process(self.instance)
+        if previous is not None and not restarted and previous.started_ns > self.started_ns:
+            self._lose(previous.instance)  # superseded before this service restarted: never take the node back
+            return
         taken = previous is not None and not restarted
         claim = node_claims.Claim(node=self.node, instance=self.instance, since_ns=time.time_ns(),
                                   previous=previous.instance if taken and previous else "",
-                                  takeovers=(previous.takeovers + int(taken)) if previous else 0)
+                                  takeovers=(previous.takeovers + int(taken)) if previous else 0,
+                                  started_ns=self.started_ns)
         self.revision = await kv.put(key, node_claims.encode(claim))
         self.held, self.holder = True, self.instance
         if taken and previous is not None:
@@ -126,11 +134,14 @@ class NodeClaim:
         claim = node_claims.decode_claim(entry.value)
         if entry.revision == self.revision or (claim is not None and claim.instance == self.instance):
             return True
-        self.held, self.lost, self.holder = False, True, claim.instance if claim else "another applier"
+        self._lose(claim.instance if claim else "another applier")
+        return False
+
+    def _lose(self, holder: str) -> None:
+        self.held, self.lost, self.holder = False, True, holder
         log.error("node %s: %s took over this node's claim; this applier (%s) stops applying and stays idle "
                   "(stop it: two appliers of one node would undo each other's writes)", self.node, self.holder,
                   self.instance)
-        return False
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Return when the claim is lost (or ``stop`` is set), checking every ``check_every`` seconds."""
