@@ -22,11 +22,12 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError
 
-from . import events, topology
+from . import events, stream_reader, topology
 from .backoff import Backoff
 from .nats_credentials import ClientAuth
+from .stream_reader import IncompleteRead as IncompleteRead  # raised by read_stream
 
 log = logging.getLogger("kipvs.bus")
 
@@ -256,6 +257,7 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, Tim
 
 
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
+FETCH_BYTES = 16 << 20  # about what one consumer fetch may bring (see DurableConsumer._next_batch)
 
 
 class DurableConsumer:
@@ -281,6 +283,7 @@ class DurableConsumer:
         self.service = service
         self.handler = handler
         self.batch = batch
+        self._largest = 1  # bytes of the largest message of the last fetch that returned any
         self.idle = idle
         self._stop = asyncio.Event()
         self.delivered = 0
@@ -338,8 +341,8 @@ class DurableConsumer:
         """One fetch, or None when told to stop first: a long wait must not hold up a stop. Messages the
         cancelled fetch had already taken are not acked: the server delivers them again after ack_wait."""
         if self.fetch_wait <= 0.5:
-            return await sub.fetch(self.batch, timeout=self.fetch_wait)
-        fetch = asyncio.ensure_future(sub.fetch(self.batch, timeout=self.fetch_wait))
+            return self._sized(await sub.fetch(self._next_batch(), timeout=self.fetch_wait))
+        fetch = asyncio.ensure_future(sub.fetch(self._next_batch(), timeout=self.fetch_wait))
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -349,11 +352,22 @@ class DurableConsumer:
         finally:
             stopping.cancel()
         if fetch.done():
-            return fetch.result()
+            return self._sized(fetch.result())
         fetch.cancel()
         with contextlib.suppress(asyncio.CancelledError, *INFRASTRUCTURE_ERRORS):
             await fetch
         return None
+
+    def _next_batch(self) -> int:
+        """Messages to ask for: ``batch``, fewer once large messages were seen (chunked plan deltas are ~1 MiB
+        each), so one fetch stays near FETCH_BYTES: nats-py's fetch cannot ask for a byte limit, and the
+        server drops a client handed more than its max_pending (64 MiB) as a slow consumer."""
+        return max(1, min(self.batch, FETCH_BYTES // self._largest))
+
+    def _sized(self, msgs: list[Msg]) -> list[Msg]:
+        if msgs:  # halved per fetch: a run of small messages after large ones widens the fetches again slowly
+            self._largest = max(max(len(m.data or b"") for m in msgs), self._largest // 2, 1)
+        return msgs
 
     async def _take(self, msgs: list[Msg]) -> None:
         deliveries: list[Delivery] = []
@@ -418,9 +432,12 @@ class DurableConsumer:
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
                       deliver: DeliverPolicy = DeliverPolicy.ALL, start_seq: int = 0,
                       upto: int = 0, start_time: datetime | None = None) -> AsyncIterator[Msg]:
-    """Read a stream with an ephemeral, unacknowledged consumer until it is drained (or past stream
-    sequence ``upto``): the one way kipvs reads history (state rebuilds, replays, audits). It starts at
-    ``start_seq`` or at ``start_time`` (when the server stored the message) when given."""
+    """Read a stream with an ephemeral, unacknowledged consumer to its end: stream sequence ``upto`` when
+    given, else what it held when the read began: the one way kipvs reads history (state rebuilds,
+    catch-ups, replays, audits). It starts at ``start_seq`` or at ``start_time`` (when the server stored the
+    message) when given. Pulls are bounded by bytes, and a read that cannot reach its end raises
+    :class:`IncompleteRead` (after retrying from the last message read): see :mod:`.stream_reader`.
+    NotFoundError when the stream does not exist."""
     config = ConsumerConfig(deliver_policy=deliver, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
                             mem_storage=True)
     if start_seq:
@@ -429,13 +446,10 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
         config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start_time.isoformat()
     stream = readable(stream)
     reader = READER_NAME.get()
-    if reader is not None:
-        async for msg in _read_as(js, reader, stream, subject, config, upto):
+    # one read at a time per fixed name: each attempt deletes and creates that consumer
+    async with _reader_locks.setdefault(reader, asyncio.Lock()) if reader else contextlib.nullcontext():
+        async for msg in stream_reader.read(js, stream, subject, config, reader, upto):
             yield msg
-        return
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
-    async for msg in _drain(sub, upto):
-        yield msg
 
 
 # Streams a reader reads through another (the tools: the plan's mirror, see topology.PLAN_AUDIT_STREAM).
@@ -452,45 +466,6 @@ def readable(stream: str) -> str:
 # name that consumer, not any consumer of the stream (which would include other nodes' durables).
 READER_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("kipvs_reader_name", default=None)
 _reader_locks: dict[str, asyncio.Lock] = {}
-
-
-async def _read_as(js: JetStreamContext, reader: str, stream: str, subject: str, config: ConsumerConfig,
-                   upto: int) -> AsyncIterator[Msg]:
-    """read_stream with a fixed consumer name: one read at a time per name, the consumer made afresh
-    (its start position is part of its config) and deleted after."""
-    lock = _reader_locks.setdefault(reader, asyncio.Lock())
-    async with lock:
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(stream, reader)
-        config.name = reader
-        if subject != ">":
-            config.filter_subject = subject
-        await js.add_consumer(stream, config)
-        try:
-            sub = await js.pull_subscribe_bind(consumer=reader, stream=stream)
-            async for msg in _drain(sub, upto):
-                yield msg
-        finally:
-            with contextlib.suppress(*INFRASTRUCTURE_ERRORS, NotFoundError):
-                await js.delete_consumer(stream, reader)
-
-
-async def _drain(sub: Any, upto: int) -> AsyncIterator[Msg]:
-    try:
-        remaining = (await sub.consumer_info()).num_pending
-        while remaining > 0:
-            try:
-                msgs = await sub.fetch(min(remaining, 1000), timeout=5)
-            except NatsTimeoutError:
-                return
-            for msg in msgs:
-                if upto and msg.metadata.sequence.stream > upto:
-                    return
-                yield msg
-            remaining = msgs[-1].metadata.num_pending if msgs else 0
-    finally:
-        with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
-            await sub.unsubscribe()
 
 
 def is_wrong_last_sequence(exc: APIError) -> bool:

@@ -9,12 +9,14 @@ Each service declares its settings once, as a msgspec Struct whose fields carry 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -60,11 +62,16 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "token, re-read at every connect)")] = ""
     nats_ca_file: Annotated[str, describe(
         "CA certificate (PEM) the NATS server's certificate must chain to: TLS, hostname checked")] = ""
+    nats_tls_server_name: Annotated[str, describe(
+        "the name the NATS server's certificate is checked against instead of the URL's host (kubeconfig's "
+        "tls-server-name): lets --nats-url list the servers by address, with no DNS name and no Service "
+        "ClusterIP on the way (deploy/kubernetes: nats.kipvs-system.svc)")] = ""
     log_format: Annotated[Literal["human", "json"], describe("log line format")] = "human"
     log_level: Annotated[Literal["debug", "info", "warning", "error"], describe("log level")] = "info"
 
     def __post_init__(self) -> None:
         check_listen("http_listen", self.http_listen)
+        check_nats_url(self.nats_url)
 
 
 def check_listen(name: str, value: str) -> None:
@@ -73,6 +80,26 @@ def check_listen(name: str, value: str) -> None:
         _, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{name} must be host:port with a port 0-65535, got {value!r}")
+
+
+# Addresses reserved for documentation (RFC 5737, RFC 3849): deploy/kubernetes/05-bootstrap.yaml ships
+# them as placeholders, so a server among them is a ConfigMap not filled in, never a real server.
+DOCUMENTATION_NETS = tuple(ipaddress.ip_network(net) for net in
+                           ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+
+
+def check_nats_url(value: str) -> None:
+    """ValueError, naming the setting, when a server of a ``nats://a:4222,nats://b:4222`` list is a
+    documentation address: without it the service would only retry an address that reaches nothing."""
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        try:
+            host = urlsplit(part if "://" in part else f"nats://{part}").hostname or ""
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            continue  # a name, or a malformed URL nats-py reports when it is dialled
+        if any(address in net for net in DOCUMENTATION_NETS):
+            raise ValueError(f"nats_url holds {host}, a documentation address (a placeholder): give the NATS "
+                             "servers' own addresses (deploy/kubernetes: ConfigMap kipvs-bootstrap, key nats-url)")
 
 
 def _field_help(cls: type, name: str) -> str:

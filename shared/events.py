@@ -60,14 +60,39 @@ class KubeEvent(Record, tag="kube.event"):
 class KubeResync(Record, tag="kube.resync"):
     """The complete live set of one kind after a (re)list.
 
-    A consumer deletes every object of ``kind`` it holds whose key is not in ``live``; it may also use
-    the resourceVersions to detect that it holds stale state. Keys are ``namespace/name``
-    (``name`` alone for cluster-scoped kinds).
+    A consumer deletes every object of ``kind`` it holds whose key is not in ``live`` and whose held
+    version is not newer than ``resource_version`` (newer: logged by a watch after the list); it may also
+    use the resourceVersions to detect that it holds stale state. ``restored`` changes that rule (below).
+    Keys are ``namespace/name`` (``name`` alone for cluster-scoped kinds).
     """
 
     kind: KubeKind
     resource_version: str  # the list's collection resourceVersion
     live: dict[str, str]  # key -> object resourceVersion
+    # Added in schema 1 with defaults (older records: a resync in a history that only grows).
+    # restored: the watcher found the API server's resourceVersions gone back (etcd restored from a snapshot
+    # without a revision bump), so versions no longer order old and new: a consumer deletes every object of
+    # ``kind`` it holds that ``live`` lacks and whose record it took from the KUBE stream at or below
+    # ``listed_after_seq`` (the stream's last sequence when the list was requested), whatever the versions.
+    restored: bool = False
+    listed_after_seq: int = 0
+
+
+class KubeResyncRange(Record, tag="kube.resync-range"):
+    """What a :class:`KubeResync` says, for the keys from ``key_from`` (inclusive) to ``key_to``
+    (exclusive; "" = no upper bound) only: the watcher publishes a list's live set in such parts when the
+    whole set would not fit in one message. Each part stands alone: a consumer deletes what it holds of
+    ``kind`` with a key in the range that ``live`` lacks, under the same version and ``restored`` rules as
+    KubeResync. The parts of one list cover every key. A new tag, so that a consumer that does not know it
+    parks it rather than take a part of the live set for all of it."""
+
+    kind: KubeKind
+    resource_version: str
+    live: dict[str, str]
+    key_from: str
+    key_to: str
+    restored: bool = False
+    listed_after_seq: int = 0
 
 
 # --- The plan (stream PLAN), produced by the planner ------------------------------------------------
@@ -224,6 +249,26 @@ class PlanDelta(Record, tag="plan.delta", omit_defaults=True):
     trigger_time_ns: int = 0
 
 
+class PlanDeltaChunk(Record, tag="plan.delta-chunk"):
+    """One part of a :class:`PlanDelta` too large for one NATS message (added in schema 1: an older consumer
+    meets it as an unknown record and parks it, then sees a sequence gap and re-bootstraps from a snapshot).
+
+    The delta's whole envelope is encoded (msgpack, exactly the bytes it would have on the bus) and cut into
+    ``parts`` consecutive slices (``part`` 1..``parts``) published in order on the delta's own subject, each
+    in an envelope of its own (id ``<delta id>/part/<part>-of-<parts>``, so every part is de-duplicated by
+    the server on its own). ``digest`` is the SHA-256 (hex) of the whole envelope's bytes. A consumer
+    concatenates the parts of one ``(scope, seq, digest)`` and applies the delta only when the last part has
+    arrived and the digest matches: never half of it. A part missing or out of order, or a digest that does
+    not match, is a gap: re-bootstrap from a snapshot (``shared/delta_chunks.py``)."""
+
+    scope: str
+    seq: int  # the delta's seq: every part of one delta carries it
+    part: int  # 1..parts
+    parts: int
+    digest: str
+    data: bytes
+
+
 class PlanSnapshot(Record, tag="plan.snapshot"):
     """The whole shared plan after delta ``seq`` (published to the snapshot store, not the stream):
     a new or lagging applier loads it, then applies deltas from ``seq + 1``."""
@@ -295,8 +340,8 @@ class ShadowReport(Record, tag="apply.shadow"):
     virtual_servers: int = 0  # IPVS virtual servers read from the kernel
 
 
-AnyRecord = (KubeEvent | KubeResync | PlanDelta | PlanSnapshot | ApplyReport | DriftReport | NodeFactsReport
-             | ShadowReport)
+AnyRecord = (KubeEvent | KubeResync | KubeResyncRange | PlanDelta | PlanDeltaChunk | PlanSnapshot | ApplyReport
+             | DriftReport | NodeFactsReport | ShadowReport)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -365,12 +410,20 @@ def to_json(envelope: Envelope) -> bytes:
 
 def decode(data: bytes) -> Envelope:
     """Decode a bus message, raising a :class:`ContractError` subclass that says why it is unusable."""
-    return _decode(data, _head_decoder, _tag_decoder, _envelope_decoder)
+    return _decode_bounded(data, _head_decoder, _tag_decoder, _envelope_decoder)
 
 
 def from_json(data: bytes | str) -> Envelope:
     """Decode the JSON form, with the same checks as :func:`decode`."""
-    return _decode(data, _head_json_decoder, _tag_json_decoder, _envelope_json_decoder)
+    return _decode_bounded(data, _head_json_decoder, _tag_json_decoder, _envelope_json_decoder)
+
+
+def _decode_bounded(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:
+    try:
+        return _decode(data, head_decoder, tag_decoder, full_decoder)
+    except RecursionError:  # msgspec decodes (and skips) nested values recursively: a message nested past
+        # the recursion limit (an object logged by a watcher without a depth bound) is unusable, not a crash
+        raise MalformedMessage("message nests too deep to decode") from None
 
 
 def _decode(data: bytes | str, head_decoder: Any, tag_decoder: Any, full_decoder: Any) -> Envelope:
@@ -464,6 +517,28 @@ class KernelTable(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 class IpvsInspectRequest(msgspec.Struct, frozen=True, kw_only=True):
     v: int = INSPECT_VERSION
+    # The asker takes a reply in parts (:class:`IpvsInspectPart`): an applier whose reply is over the server's
+    # max_payload sends it so. Added with a default: an older applier ignores it and answers in one message
+    # (or says the table does not fit), and an older tool is answered in one message as before.
+    parts: bool = False
+
+
+# The header that marks a message of a reply in parts: "<part>/<parts>" (a whole reply has none).
+INSPECT_PART_HEADER = "Kipvs-Inspect-Part"
+INSPECT_MAX_PARTS = 1024  # a reply of more parts is refused by the asker: every read has a bound
+
+
+class IpvsInspectPart(msgspec.Struct, frozen=True, kw_only=True):
+    """One slice of an :class:`IpvsInspectReply` too large for one NATS message (a 10,000-Service table is
+    several MB): the whole reply's msgpack bytes cut into ``parts`` consecutive slices, sent in order to the
+    asker's inbox; ``digest`` is the SHA-256 (hex) of the whole. The asker decodes the reply only when every
+    part has come and the digest matches."""
+
+    v: int = INSPECT_VERSION
+    part: int  # 1..parts
+    parts: int
+    digest: str
+    data: bytes
 
 
 class IpvsInspectReply(msgspec.Struct, frozen=True, kw_only=True):

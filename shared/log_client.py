@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any
 
 import nats
 
-from . import bus, events, topology
+from . import bus, delta_chunks, events, topology
 from .embedded_nats import EmbeddedNats, default_state_dir
 from .nats_credentials import AUTH_DIR, ClientAuth, CredentialsError, for_service
 
@@ -112,6 +113,10 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
             raise ToolError(f"NATS refused this identity ({who}) what the tool needs: {refusals[-1]}; the "
                             "tools need the read-only tools identity (tools.nk)") from None
         raise ToolError(f"NATS at {url} did not answer in time ({type(exc).__name__})") from None
+    except bus.IncompleteRead as exc:  # the read was retried from where it stopped, and still stopped
+        raise ToolError(f"cannot read the whole log from NATS at {url}: {exc}") from None
+    except nats.errors.Error as exc:  # the connection closed under the tool (it does not reconnect), ...
+        raise ToolError(f"NATS at {url} failed: {type(exc).__name__}: {exc or 'no detail'}") from None
     finally:
         await nc.close()
 
@@ -189,12 +194,64 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
+class EntryAssembler:
+    """Plan entries as the tools show them: a chunked delta (``shared/delta_chunks.py``) as one entry, at its
+    last part's stream sequence, holding the whole delta; parts that make no whole delta (one is missing or
+    garbled, or the rest is not published yet) as they are, so nothing of the log is hidden."""
+
+    def __init__(self) -> None:
+        self._chunks = delta_chunks.Assembler()
+        self._held: dict[str, list[Entry]] = {}
+
+    def feed(self, entry: Entry) -> list[Entry]:
+        """The entries ``entry`` lets out, in log order: itself, nothing (a part held), or what it completes."""
+        chunk = entry.envelope.record if entry.envelope is not None else None
+        if isinstance(chunk, events.PlanDelta):  # the same delta whole: parts held of it never complete
+            self._chunks.settled(chunk.scope, chunk.seq)
+            return [*self._held.pop(chunk.scope, []), entry]
+        if not isinstance(chunk, events.PlanDeltaChunk):
+            return [entry]
+        held = self._held.setdefault(chunk.scope, [])
+        before = self._chunks.pending(chunk.scope)
+        try:
+            whole = self._chunks.feed(entry.envelope)  # type: ignore[arg-type]
+        except delta_chunks.ChunkGap:
+            del self._held[chunk.scope]
+            return [*held, entry]
+        if whole is not None:
+            del self._held[chunk.scope]
+            return [dataclasses.replace(entry, envelope=whole, raw=events.encode(whole))]
+        after = self._chunks.pending(chunk.scope)
+        if after == before + 1:
+            held.append(entry)
+            return []
+        if after == 1:  # part 1 again: the delta was published afresh; what was held never completed
+            self._held[chunk.scope] = [entry]
+            return held
+        return [entry]
+
+    def rest(self) -> list[Entry]:
+        """The parts still held (a delta whose last part is not in the log yet), in log order."""
+        out = sorted((e for held in self._held.values() for e in held), key=lambda e: e.seq)
+        self._held.clear()
+        return out
+
+
+def assembled(entries: list[Entry]) -> list[Entry]:
+    """``entries`` (one stream, in order) with every chunked delta put back together (:class:`EntryAssembler`)."""
+    assembler = EntryAssembler()
+    out = [e for entry in entries for e in assembler.feed(entry)]
+    rest = assembler.rest()
+    return sorted(out + rest, key=lambda e: e.seq) if rest else out
+
+
 async def read_all(js: Any, stream: str, subject: str = ">", upto: int = 0) -> list[Entry]:
-    """Every message of a stream (optionally up to a stream sequence); [] when the stream is empty or absent."""
+    """Every message of a stream (optionally up to a stream sequence), chunked plan deltas put back together
+    (:func:`assembled`); [] when the stream is empty or absent."""
     if isinstance(js, RecordedLog):
-        return js.read(stream, subject, upto)
+        return assembled(js.read(stream, subject, upto))
     try:
-        return [decode_entry(stream, m) async for m in bus.read_stream(js, stream, subject, upto=upto)]
+        return assembled([decode_entry(stream, m) async for m in bus.read_stream(js, stream, subject, upto=upto)])
     except nats.js.errors.NotFoundError:
         return []
 

@@ -5,36 +5,73 @@ rebuilt state against at start: one reader, so both see the same published state
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
+from collections.abc import AsyncIterator
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
 
-from . import bus, events, topology
+from . import bus, delta_chunks, events, topology
 from .plan.plan_state import SequenceGap, SharedPlan
 
 log = logging.getLogger("kipvs.plan")
+SHARED = "all"  # the shared plan's scope
 
 
 SNAPSHOT_READ_S = 30.0  # one read of the snapshot object; far above what 10,000 Services take (~2 s)
 SNAPSHOT_READS = 3
+SNAPSHOT_RETRY_S = 0.5
 
 
 async def _read_snapshot(js: JetStreamContext) -> bytes | None:
     """The snapshot object's bytes, None when there is none. A snapshot replaced while it is being read
-    has its old chunks purged, and nats-py's object-store reader then waits for them forever (seen with 200
-    appliers bootstrapping while the planner wrote its next snapshot): each read is bounded and retried,
-    and TimeoutError (an infrastructure error: the service starts again) after the last."""
+    has its old chunks purged (seen with 200 appliers bootstrapping while the planner wrote its next
+    snapshot): each read is bounded and retried, and TimeoutError (an infrastructure error: the service
+    starts again) after the last."""
     store = await js.object_store(topology.SNAPSHOT_BUCKET)
     for attempt in range(1, SNAPSHOT_READS + 1):
         try:
-            return (await asyncio.wait_for(store.get(topology.snapshot_object("all")), SNAPSHOT_READ_S)).data
+            return await asyncio.wait_for(_read_object(js, store, topology.snapshot_object("all")), SNAPSHOT_READ_S)
         except (ObjectNotFoundError, NotFoundError):
             return None
-        except TimeoutError:
-            log.warning("reading the plan snapshot took over %.0fs (attempt %d of %d; was it replaced while "
-                        "being read?); reading it again", SNAPSHOT_READ_S, attempt, SNAPSHOT_READS)
+        except (TimeoutError, _Incomplete) as exc:
+            log.warning("reading the plan snapshot: %s (attempt %d of %d; was it replaced while being read?); "
+                        "reading it again", exc or f"over {SNAPSHOT_READ_S:.0f}s", attempt, SNAPSHOT_READS)
+            await asyncio.sleep(SNAPSHOT_RETRY_S)  # the planner writes the new chunks before the new metadata
     raise TimeoutError(f"the plan snapshot could not be read in {SNAPSHOT_READS} attempts")
+
+
+class _Incomplete(Exception):
+    """The object's chunks read do not make the object its metadata describes."""
+
+
+async def _read_object(js: JetStreamContext, store: ObjectStore, name: str) -> bytes:
+    """One object's bytes, read the way nats-py's ``ObjectStore.get`` does (metadata, then the chunks by
+    their subject ``$O.<bucket>.C.<nuid>``, then the SHA-256 digest) but through :func:`bus.read_stream`:
+    ``get`` creates an ordered consumer with a name the server chooses, which a node's permissions could
+    only allow by letting it create any consumer on the bucket's stream (issue 21: 5,000 of them cost the
+    servers 248 MiB). bus.read_stream uses the node's one reader name. _Incomplete when the chunks do not
+    add up to the size and digest (replaced while read)."""
+    info = await store.get_info(name)
+    if not info.nuid or info.is_link():
+        raise ObjectNotFoundError
+    size = info.size or 0
+    data, digest = bytearray(), hashlib.sha256()
+    subject = f"$O.{topology.SNAPSHOT_BUCKET}.C.{info.nuid}"
+    if size:
+        async for msg in bus.read_stream(js, f"OBJ_{topology.SNAPSHOT_BUCKET}", subject):
+            if len(data) + len(msg.data) > size:
+                raise _Incomplete(f"chunks beyond the object's {size} bytes")
+            data += msg.data
+            digest.update(msg.data)
+    want = (info.digest or "").split("=", 1)[-1]
+    if len(data) != size or base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=") != want.rstrip("="):
+        raise _Incomplete(f"{len(data)} of {size} bytes read, or a different digest")
+    return bytes(data)
 
 
 async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
@@ -51,7 +88,38 @@ async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
     if not isinstance(snap, events.PlanSnapshot):
         log.warning("the plan snapshot holds a %s; reading every delta from the stream", type(snap).__name__)
         return SharedPlan(), 0
+    stale = await _other_stream(js, snap)
+    if stale:
+        log.warning("the plan snapshot (delta %d) is of another plan stream: %s; reading every delta from the "
+                    "stream", snap.seq, stale)
+        return SharedPlan(), 0
     return SharedPlan.from_snapshot(snap), snap.plan_stream_seq
+
+
+async def _other_stream(js: JetStreamContext, snap: events.PlanSnapshot) -> str:
+    """Why the snapshot was not taken of the plan stream there now ("" when it was, or cannot be told): its
+    ``plan_stream_seq`` must hold its shared delta ``seq``. A plan stream replaced (a wiped or restored store)
+    with the snapshot bucket kept would otherwise make a bootstrap start past the new stream's deltas."""
+    if not snap.plan_stream_seq:
+        return ""
+    try:
+        raw = await js.get_msg(topology.PLAN_STREAM, snap.plan_stream_seq)
+    except NotFoundError:
+        last = (await js.stream_info(topology.PLAN_STREAM)).state.last_seq
+        if last < snap.plan_stream_seq:
+            return f"the stream ends at sequence {last}, before the snapshot's {snap.plan_stream_seq}"
+        return ""  # that message was deleted from this stream: the snapshot still covers it
+    try:
+        record = events.decode(raw.data or b"").record
+    except events.ContractError:
+        record = None
+    if isinstance(record, events.PlanDeltaChunk) and record.part != record.parts:
+        record = None  # a chunked delta's position is its last part's
+    shared = isinstance(record, events.PlanDelta | events.PlanDeltaChunk) and record.scope == "all"
+    if shared and record.seq == snap.seq:  # type: ignore[union-attr]
+        return ""
+    held = f"shared delta {record.seq}" if shared else "another message"  # type: ignore[union-attr]
+    return f"stream sequence {snap.plan_stream_seq} holds {held}, not shared delta {snap.seq}"
 
 
 async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> int:
@@ -62,25 +130,58 @@ async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int
 
 async def catch_up_to(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> tuple[int, int]:
     """:func:`catch_up`, also returning the plan-stream sequence it read up to (``after_stream_seq`` when
-    nothing was stored after it): where a consumer that takes over from this reading must start, minus one."""
+    nothing was stored after it): where a consumer that takes over from this reading must start, minus one.
+    Chunked deltas are put back together (``delta_chunks``); the sequence returned is never inside one whose
+    last part is not stored yet (a planner publishing it, or restarted while it did), so the consumer from
+    there delivers all of its parts."""
     applied, last = 0, after_stream_seq
+    chunks = delta_chunks.Assembler()
     async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT,
                                      start_seq=after_stream_seq + 1):
+        seq = msg.metadata.sequence.stream
         try:
-            record = events.decode(msg.data or b"").record
+            record = _whole_delta(chunks, events.decode(msg.data or b""), plan.seq)
         except events.ContractError:
-            last = msg.metadata.sequence.stream
-            continue
-        if not isinstance(record, events.PlanDelta):
-            last = msg.metadata.sequence.stream
+            record = None  # its consumers park it
+        except delta_chunks.ChunkGap as exc:
+            log.warning("reading the published plan: %s", exc)
+            break
+        if record is None:
+            if not chunks.pending(SHARED):
+                last = seq
             continue
         try:
             applied += plan.apply(record)
         except SequenceGap as exc:
             log.warning("reading the published plan: %s", exc)
             break
-        last = msg.metadata.sequence.stream
+        last = seq
     return applied, last
+
+
+def _whole_delta(chunks: delta_chunks.Assembler, envelope: events.Envelope, have: int) -> events.PlanDelta | None:
+    """The delta a message completes: itself, or the chunked delta whose last part it is; None otherwise."""
+    record = envelope.record
+    if isinstance(record, events.PlanDeltaChunk):
+        whole = chunks.feed(envelope, have)
+        return None if whole is None else whole.record  # type: ignore[return-value]
+    if not isinstance(record, events.PlanDelta):
+        return None
+    chunks.settled(record.scope, record.seq)
+    return record
+
+
+async def complete_deltas(msgs: AsyncIterator[Msg]) -> AsyncIterator[tuple[int, events.PlanDelta]]:
+    """(stream sequence of its last message, delta) for every whole delta among ``msgs`` (one subject, in
+    stream order), chunked ones put back together; unusable messages and broken chunked deltas skipped."""
+    chunks = delta_chunks.Assembler()
+    async for msg in msgs:
+        try:
+            record = _whole_delta(chunks, events.decode(msg.data or b""), 0)
+        except (events.ContractError, delta_chunks.ChunkGap):
+            continue
+        if record is not None:
+            yield msg.metadata.sequence.stream, record
 
 
 async def published_plan(js: JetStreamContext) -> SharedPlan:

@@ -36,6 +36,7 @@ from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from .metrics import Registry
 from .nats_permissions import applier_durable, applier_reader
+from .stream_guard import StreamGuard
 
 log = logging.getLogger("kipvs.runtime")
 
@@ -55,6 +56,14 @@ class ServiceContext:
     # When the oldest input not yet handled arrived (event-loop time), None when nothing waits: the
     # service's consumer sets it (see bus.DurableConsumer.queued_since); /healthz fails past the bound.
     queued_since: Callable[[], float | None] | None = None
+    # A stream this run of the service holds positions in was replaced (shared/stream_guard.py): why, once
+    # the runtime has told it to stop (``stop`` is then set, not the process's stop); "" otherwise.
+    replaced: str = ""
+    # Why this run started again ("" at the first start): the stream it was holding positions in was replaced.
+    restarted_because: str = ""
+    stream_guard: StreamGuard | None = None
+    # Declares (or waits for) the topology again, as at the start; None when stopped first. Set by the runtime.
+    redeclare: Callable[[], Awaitable[JetStreamContext | None]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -192,17 +201,34 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
 Main = Callable[[ServiceContext], Awaitable[None]]
 
 
+# The streams each service's guard pins: checked every few seconds for the _POLLED services, by an applier
+# only when its consumer fails (services/applier/plan_consumer.py; a fleet polling would load the servers).
+_GUARDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
+                    "applier": (topology.PLAN_STREAM,)}
+_POLLED = ("watcher", "planner")
+
+
 async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
     """Run the service's main coroutine; when the bus fails under it (a server gone, a leader election,
     a full store), start it again after a back-off instead of exiting: every service's start is a
-    recovery (the planner rebuilds from the log, the applier bootstraps, the watcher relists)."""
+    recovery (the planner rebuilds from the log, the applier bootstraps, the watcher relists). When a stream
+    it reads is replaced (a wiped store: :mod:`~kipvs.shared.stream_guard`), it is told to stop, the topology
+    is declared again (or waited for) and it starts again from the new stream."""
     backoff = Backoff(initial=1.0, maximum=30.0)
+    stop = ctx.stop
     while True:
         try:
-            await main(ctx)
-            return
+            replaced = await _run_guarded(name, main, ctx, stop)
+            if not replaced:
+                return
+            ctx.restarted_because = replaced
+            ctx.set_not_ready(f"restarting: {replaced}")
+            if not await _redeclare(name, ctx):
+                return  # told to stop while waiting for the topology
+            continue
         except bus.INFRASTRUCTURE_ERRORS as exc:
-            if ctx.stop.is_set():
+            ctx.stop = stop
+            if stop.is_set():
                 return
             me = asyncio.current_task()
             if me is not None and me.cancelling():
@@ -214,9 +240,55 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
             log.warning("%s: the bus failed under the service (%s: %s); starting it again in %.1fs", name,
                         type(exc).__name__, exc or "", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stop.wait(), delay)
-            if ctx.stop.is_set():
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
                 return
+            # The failure may be a stream gone (a wiped store: NotFoundError is one of nats-py's errors):
+            # declared again here (or waited for), else the next run fails the same way, forever.
+            if not await _redeclare(name, ctx):
+                return
+
+
+async def _redeclare(name: str, ctx: ServiceContext) -> bool:
+    """Declare (or wait for) the topology again before a restart; False when told to stop first. A server
+    that refuses kipvs's config now is logged: the service's own start then says what it lacks."""
+    if ctx.redeclare is None:
+        return True
+    try:
+        return await ctx.redeclare() is not None
+    except (_ConnectionClosed, topology.TopologyError) as exc:
+        log.warning("%s: cannot declare the topology again (%s)", name, exc)
+        return True
+
+
+async def _run_guarded(name: str, main: Main, ctx: ServiceContext, stop: asyncio.Event) -> str:
+    """One run of ``main`` with its streams guarded: ``ctx.stop`` is this run's own event, set by ``stop``
+    or by the guard. Returns why the guard tripped ("" when it did not)."""
+    run_stop = asyncio.Event()
+    ctx.stop, ctx.replaced = run_stop, ""
+
+    def trip(reason: str) -> None:
+        ctx.replaced = reason
+        run_stop.set()
+
+    guard = StreamGuard(ctx.js, _GUARDED_STREAMS.get(name, ()), trip)
+    ctx.stream_guard = guard
+    await guard.pin()
+    helpers = [asyncio.create_task(_forward(stop, run_stop))]
+    if name in _POLLED:
+        helpers.append(asyncio.create_task(guard.watch()))
+    try:
+        await main(ctx)
+    finally:
+        for task in helpers:
+            task.cancel()
+        ctx.stop = stop
+    return "" if stop.is_set() else ctx.replaced
+
+
+async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 class _ConnectionClosed(Exception):
@@ -249,7 +321,7 @@ async def client_auth(name: str, config: CommonConfig) -> nats_credentials.Clien
                 auth.check()
                 return auth
         auth = nats_credentials.for_service(identity, name, config.nats_nkey_file, config.nats_token_file,
-                                            config.nats_ca_file, embedded)
+                                            config.nats_ca_file, embedded, config.nats_tls_server_name)
         if auth is not None:
             auth.check()
     except nats_credentials.CredentialsError as exc:
@@ -273,9 +345,9 @@ class _Session:
 
     def wrong_role(self) -> StartupError:
         who = self.auth.describe() if self.auth is not None else "no identity"
-        return StartupError(f"NATS refuses the {self.name}'s identity ({who}) what the {self.name} needs: "
-                            f"{self.refusals[-1]}; is it the {self.name}'s own identity? (a wrong "
-                            f"--nats-nkey-file / --nats-token-file, or a server configured for another kipvs)")
+        return StartupError(f"NATS refused this identity ({who}) what the {self.name} needs to start "
+                            f"({self.refusals[-1]}): is it another role's? Each service needs its own "
+                            "(--nats-nkey-file <role>.nk; an applier its token)")
 
 
 async def _setup_streams(session: _Session, replicas: int, consumers: Sequence[topology.ConsumerSpec],
@@ -340,7 +412,7 @@ async def _open(name: str, config: CommonConfig, url: str, consumers: Sequence[t
         try:
             # With an identity of its own, a service checks the topology; only the admin declares it.
             js = await _setup_streams(session, config.nats_replicas, consumers, stop, health,
-                                      declare=auth is None or not (auth.nkey_file or auth.token_file),
+                                      declare=_declares(auth),
                                       streams=_NEEDED_STREAMS.get(name, ()))
         except _ConnectionClosed as exc:
             # nats-py does not reconnect after the server refused the identity (an auth callout not
@@ -356,6 +428,11 @@ async def _open(name: str, config: CommonConfig, url: str, consumers: Sequence[t
             return None
         return session, js
     return None
+
+
+def _declares(auth: nats_credentials.ClientAuth | None) -> bool:
+    """With an identity of its own, a service checks the topology; only the admin declares it."""
+    return auth is None or not (auth.nkey_file or auth.token_file)
 
 
 async def _close(nc: NATS | None) -> None:
@@ -407,8 +484,8 @@ async def _end_tasks(tasks: set[asyncio.Task]) -> None:
         await asyncio.wait(left, timeout=GRACE_SECONDS)
 
 
-async def _run_session(name: str, main: Main, ctx: ServiceContext, health: Health) -> bool:
-    """Run the service's main on one connection until it returns, ``ctx.stop`` is set, or the server
+async def _run_session(name: str, main: Main, ctx: ServiceContext, health: Health, stop: asyncio.Event) -> bool:
+    """Run the service's main on one connection until it returns, ``stop`` is set, or the server
     closes the connection for good; True in the last case (the main task and every task it started are
     then cancelled: nothing it made, consumer, watcher, subscription or lease, outlives its connection)."""
     _track_tasks(asyncio.get_running_loop())
@@ -419,7 +496,7 @@ async def _run_session(name: str, main: Main, ctx: ServiceContext, health: Healt
     finally:
         _SESSION_TASKS.reset(token)
     health.main_task = task
-    stopper = asyncio.create_task(ctx.stop.wait())
+    stopper = asyncio.create_task(stop.wait())
     closed = asyncio.create_task(_until_closed(ctx.nc))
     try:
         try:
@@ -427,7 +504,7 @@ async def _run_session(name: str, main: Main, ctx: ServiceContext, health: Healt
         except asyncio.CancelledError:  # the runtime itself is cancelled: its service with it
             await _end_tasks({task, *owned})
             raise
-        if closed.done() and not task.done() and not ctx.stop.is_set():
+        if closed.done() and not task.done() and not stop.is_set():
             health.main_task = None
             await _end_tasks({task, *owned})
             return True
@@ -487,8 +564,14 @@ async def run_service(name: str, config: CommonConfig, main: Main,
                 ctx = ServiceContext(name=name, config=config, nc=session.nc, js=js, stop=stop,
                                      metrics=health.metrics, http_port=port)
                 health.ctx, health.closed_since = ctx, None
+
+                async def redeclare(session: _Session = session) -> JetStreamContext | None:
+                    return await _setup_streams(session, config.nats_replicas, consumers, stop, health,
+                                                declare=_declares(session.auth), streams=_NEEDED_STREAMS.get(name, ()))
+
+                ctx.redeclare = redeclare
                 try:
-                    closed = await _run_session(name, main, ctx, health)
+                    closed = await _run_session(name, main, ctx, health, stop)
                 finally:
                     await _close(session.nc)
                 if not closed:

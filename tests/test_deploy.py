@@ -5,17 +5,20 @@ three servers."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import zipfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from kipvs.shared import topology
+from kipvs.shared import bus, topology
+from kipvs.shared.credentials_command import service_names
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / ".venv" / "schemas"
@@ -110,3 +113,73 @@ def test_workloads() -> None:
     for workload in (*deployments.values(), _by_kind("DaemonSet")["kipvs-applier"]):
         args = workload["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args[args.index("--nats-replicas") + 1] == "3", "streams replicated on the three NATS servers"
+
+
+def _containers() -> list[tuple[str, dict[str, Any]]]:
+    """Every kipvs container (init containers too) of every workload, with its workload's name."""
+    out = []
+    for doc in documents():
+        template = doc.get("spec", {}).get("template", {}).get("spec")
+        if template is None or doc["metadata"]["name"] == "nats":
+            continue
+        out += [(doc["metadata"]["name"], c) for c in (*template.get("initContainers", ()), *template["containers"])]
+    return out
+
+
+def _bootstrap_ref(container: dict[str, Any], variable: str) -> str:
+    """The kipvs-bootstrap key the container's environment variable comes from; AssertionError otherwise."""
+    (entry,) = [e for e in container.get("env", ()) if e["name"] == variable] or [{}]
+    ref = entry.get("valueFrom", {}).get("configMapKeyRef", {})
+    assert ref.get("name") == "kipvs-bootstrap", f"{container['name']}: {variable} not from ConfigMap kipvs-bootstrap"
+    return ref["key"]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def test_kipvs_reaches_nats_and_the_api_with_no_service_proxy() -> None:
+    """Issue 21: a new node after kube-proxy is gone. Nothing answers a ClusterIP (nor cluster DNS, itself a
+    ClusterIP) on a new node until its applier has a plan, and the applier needs NATS for it; the auth
+    service (TokenReview) and the watcher must not depend on a ClusterIP either. So every kipvs component
+    reaches NATS at the addresses of kipvs-bootstrap, which are addresses (no name to resolve) where the NATS
+    servers listen with hostPort, and the API server at its own address."""
+    bootstrap = _by_kind("ConfigMap")["kipvs-bootstrap"]["data"]
+    for url in bus.servers(bootstrap["nats-url"]):
+        parsed = urlsplit(url)
+        assert parsed.scheme == "nats" and _is_address(parsed.hostname or "") and parsed.port == 4222, url
+    assert _is_address(bootstrap["kubernetes-service-host"]) and bootstrap["kubernetes-service-port"].isdigit()
+    assert bootstrap["nats-tls-server-name"] in service_names("kipvs-system"), "a name the certificate carries"
+    uses_nats = [(w, c) for w, c in _containers() if "--nats-url" in c.get("args", ())]
+    assert {w for w, _ in uses_nats} == {"kipvs-topology", "kipvs-watcher", "kipvs-planner", "kipvs-auth",
+                                         "kipvs-applier"}
+    for workload, container in uses_nats:
+        args = container["args"]
+        assert args[args.index("--nats-url") + 1] == "$(NATS_URL)", workload
+        assert _bootstrap_ref(container, "NATS_URL") == "nats-url", workload
+        assert _bootstrap_ref(container, "KIPVS_NATS_TLS_SERVER_NAME") == "nats-tls-server-name", workload
+    for workload, container in _containers():
+        text = json.dumps(container)
+        assert ".svc" not in text and "cluster.local" not in text, f"{workload}: a cluster DNS name"
+    # The two that call the API server: its real address, not the kubernetes Service's ClusterIP.
+    for workload, container in _containers():
+        if workload in ("kipvs-watcher", "kipvs-auth"):
+            assert _bootstrap_ref(container, "KUBERNETES_SERVICE_HOST") == "kubernetes-service-host", workload
+            assert _bootstrap_ref(container, "KUBERNETES_SERVICE_PORT") == "kubernetes-service-port", workload
+    applier = _by_kind("DaemonSet")["kipvs-applier"]["spec"]["template"]["spec"]
+    assert applier["dnsPolicy"] == "Default", "cluster DNS is a ClusterIP: off the applier's path"
+    assert applier["serviceAccountName"] == "kipvs-applier" and applier["automountServiceAccountToken"] is False, \
+        "no API access (KUBERNETES_SERVICE_HOST unused): its token is the projected one, for NATS"
+    nats = _by_kind("StatefulSet")["nats"]["spec"]["template"]["spec"]
+    (client,) = [p for p in nats["containers"][0]["ports"] if p["name"] == "client"]
+    assert client["hostPort"] == 4222, "the servers answer on their node's address"
+    assert nats["nodeSelector"] == {"kipvs.io/nats": "true"}, "on the labelled nodes kipvs-bootstrap lists"
+    conf = _by_kind("ConfigMap")["nats-config"]["data"]["nats.conf"]
+    assert "client_advertise: $CLIENT_ADVERTISE" in conf, "clients are told node addresses, never pod IPs"
+    env = {e["name"]: e for e in nats["containers"][0]["env"]}
+    assert env["CLIENT_ADVERTISE"]["value"] == "$(NODE_IP):4222"
+    assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"

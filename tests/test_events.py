@@ -76,3 +76,17 @@ def test_malformed_messages_get_a_precise_reason(data: bytes, match: str) -> Non
 def test_object_key() -> None:
     assert events.object_key("default", "web") == "default/web"
     assert events.object_key("", "node-1") == "node-1"
+
+
+def test_a_record_nested_too_deep_is_malformed_not_a_crash() -> None:
+    """An object nested past the recursion limit (logged by a watcher without a depth bound) made every
+    consumer's decode raise RecursionError; now it is a ContractError, parked like any unusable message."""
+    placeholder = "P" * 40
+    env = events.Envelope(id="deep", time_ns=1, producer="t", record=events.KubeEvent(
+        kind="Service", action="ADDED", namespace="d", name="a", resource_version="1", object={"x": placeholder}))
+    data = events.encode(env)
+    nested = b"\x81\xa1a" * 5000 + b"\x01"  # {"a": {"a": ... 1}} 5,000 deep, in msgpack
+    data = data.replace(b"\xd9\x28" + placeholder.encode(), nested)
+    assert nested in data
+    with pytest.raises(events.ContractError, match="nests too deep"):
+        events.decode(data)

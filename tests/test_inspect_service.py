@@ -113,8 +113,8 @@ async def test_no_applier_answering_is_one_sentence(nats_url: str, capsys) -> No
     code, out, err = await kipvs("ipvs", "--node", "node-q", "--nats-url", nats_url, "--timeout", "0.5",
                                  capsys=capsys)
     assert code == 2 and out == ""
-    assert err.strip() == ("kipvs ipvs: no applier answered for node node-q on kipvs.inspect.node-q.ipvs within "
-                           "0.5s: is 'kipvs applier --node node-q' running and connected to this NATS?")
+    assert err.strip() == ("kipvs ipvs: no applier answered for node node-q on kipvs.inspect.node-q.ipvs: is "
+                           "'kipvs applier --node node-q' running and connected to this NATS?")
 
 
 async def test_a_request_of_a_newer_version_is_answered_with_an_error(nats_url: str) -> None:
@@ -219,26 +219,55 @@ async def test_shadow_mode_reports_exactly_the_divergence_and_writes_nothing(pla
         await task
 
 
-async def test_a_table_too_large_for_one_message_is_a_clear_error(nats_url: str, capsys) -> None:
+async def test_a_table_over_the_max_payload_is_shown_whole(nats_url: str, capsys) -> None:
+    """10,000 Services with 3 real servers each (a reply of several MB, over the 1 MiB max_payload) comes in
+    parts and is shown whole, as text and as JSON (it was an error: issue 21)."""
     kernel = MemoryKernel()
-    key = ("TCP", "10.96.0.1", 443)
-    kernel.ipvs = {key: VirtualService(*key, "rr", 0, {(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 8080): 1
-                                                       for i in range(30_000)})}
+    for i in range(10_000):
+        key = ("TCP", f"10.96.{i >> 8}.{i & 255}", 80)
+        kernel.ipvs[key] = VirtualService(*key, "rr", 0, {(f"10.244.{i >> 8}.{(i & 255)}", 8080 + r): 1
+                                                          for r in range(3)})
     cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-big",
                                       "backend": "memory", "shadow": "true", "shadow_sync_period": "60"}, {})
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel), stop=stop))
     try:
         for _ in range(200):
-            code, out, err = await kipvs("ipvs", "--node", "node-big", "--nats-url", nats_url, "--timeout", "2",
+            code, out, err = await kipvs("ipvs", "--node", "node-big", "--nats-url", nats_url, "--timeout", "10",
                                          capsys=capsys)
             if "no applier answered" not in err:
                 break
-        assert code == 2 and out == ""
-        assert "answered with an error: the table is" in err and "max_payload (1048576)" in err, err
+        assert code == 0, err
+        lines = out.splitlines()
+        assert sum(1 for line in lines if line.startswith("TCP  ")) == 10_000
+        assert sum(1 for line in lines if line.startswith("  -> 10.244.")) == 30_000
+        assert "TCP  10.96.39.15:80 rr" in out and "  -> 10.244.39.15:8082" in out
+        code, out, err = await kipvs("ipvs", "--node", "node-big", "--nats-url", nats_url, "--timeout", "10",
+                                     "--json", capsys=capsys)
+        assert code == 0, err
+        assert len(out) > 1_048_576 and len(json.loads(out)["table"]["virtual_servers"]) == 10_000
     finally:
         stop.set()
         await task
+
+
+def test_a_reply_in_parts_only_for_an_asker_that_takes_them() -> None:
+    """An older tool (no ``parts`` in its request) is told in one message that the table does not fit."""
+    from kipvs.applier import inspect
+
+    table = events.KernelTable(virtual_servers=tuple(
+        events.KernelVirtualServer(protocol="TCP", address=f"10.96.{i >> 8}.{i & 255}", port=80, scheduler="rr")
+        for i in range(5_000)))
+    reply = events.IpvsInspectReply(node="n", backend="memory", table=table)
+    assert len(inspect.reply_messages(reply, 1 << 20, True)) == 1  # fits
+    whole = inspect.reply_messages(reply, 64 << 10, True)
+    assert len(whole) > 1 and all(len(data) <= 64 << 10 for data, _ in whole)
+    assert [h[events.INSPECT_PART_HEADER] for _, h in whole] == [f"{i}/{len(whole)}" for i in range(1, len(whole) + 1)]
+    parts = [msgspec.msgpack.decode(data, type=events.IpvsInspectPart) for data, _ in whole]
+    assert msgspec.msgpack.decode(b"".join(p.data for p in parts), type=events.IpvsInspectReply) == reply
+    [(data, headers)] = inspect.reply_messages(reply, 64 << 10, False)
+    old = msgspec.msgpack.decode(data, type=events.IpvsInspectReply)
+    assert not headers and old.table is None and "more than this NATS server's max_payload (65536)" in old.error
 
 
 async def test_unreadable_requests_and_kernel_failures_are_answered_not_dropped() -> None:

@@ -8,6 +8,7 @@ a request of a newer version than this build knows, or that is not a request at 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ log = logging.getLogger("kipvs.applier")
 
 _request_decoder = msgspec.msgpack.Decoder(events.IpvsInspectRequest)
 _encoder = msgspec.msgpack.Encoder()
+# Room in each part's message for its envelope (the part numbers, the digest) and the header marking it.
+PART_OVERHEAD = 4096
 
 # What an applier puts in its reply besides the table: (mode, plan_seq, node_addresses).
 Context = Callable[[], tuple[str, int, tuple[str, ...]]]
@@ -53,6 +56,28 @@ async def answer(node: str, kernel: Backend, context: Context,
     return events.IpvsInspectReply(**base, time_ns=time.time_ns(), table=table)
 
 
+def reply_messages(reply: events.IpvsInspectReply, max_payload: int, parts: bool) -> list[tuple[bytes, dict[str, str]]]:
+    """The messages (payload, headers) that carry ``reply``: one when it fits in ``max_payload``; in parts
+    (:class:`~kipvs.shared.events.IpvsInspectPart`) when the asker takes them; else one reply saying the
+    table does not fit (an older tool)."""
+    payload = _encoder.encode(reply)
+    if len(payload) <= max_payload:
+        return [(payload, {})]
+    room = max_payload - PART_OVERHEAD
+    count = -(-len(payload) // room)
+    if not parts or count > events.INSPECT_MAX_PARTS:
+        # One message or nothing: say why instead of letting the asking tool time out.
+        why = ("upgrade kipvs ipvs: this one cannot take a reply in parts" if not parts else
+               f"it would take {count} messages, more than {events.INSPECT_MAX_PARTS}")
+        reply = msgspec.structs.replace(reply, table=None, error=(
+            f"the table is {len(payload)} bytes, more than this NATS server's max_payload ({max_payload}); {why}"))
+        return [(_encoder.encode(reply), {})]
+    digest = hashlib.sha256(payload).hexdigest()
+    return [(_encoder.encode(events.IpvsInspectPart(part=i + 1, parts=count, digest=digest,
+                                                    data=payload[i * room:(i + 1) * room])),
+             {events.INSPECT_PART_HEADER: f"{i + 1}/{count}"}) for i in range(count)]
+
+
 async def serve(nc: NATS, node: str, kernel: Backend, context: Context,
                 read: Callable[[], Awaitable[events.KernelTable]] | None = None) -> Subscription:
     """Subscribe to this node's inspect subject; the caller unsubscribes when it stops."""
@@ -61,13 +86,14 @@ async def serve(nc: NATS, node: str, kernel: Backend, context: Context,
         if not msg.reply:
             return  # a publish, not a request: nobody to answer
         reply = await answer(node, kernel, context, read, msg.data)
-        payload = _encoder.encode(reply)
-        if len(payload) > nc.max_payload:
-            # One message or nothing: say why instead of letting the asking tool time out.
-            reply = msgspec.structs.replace(reply, table=None, error=(
-                f"the table is {len(payload)} bytes, more than this NATS server's max_payload ({nc.max_payload}); "
-                "raise max_payload in the server's configuration"))
-            payload = _encoder.encode(reply)
-        await msg.respond(payload)
+        for payload, headers in reply_messages(reply, nc.max_payload, _wants_parts(msg.data)):
+            await nc.publish(msg.reply, payload, headers=headers or None)
 
     return await nc.subscribe(topology.inspect_subject(node), cb=handle)
+
+
+def _wants_parts(data: bytes) -> bool:
+    try:
+        return bool(data) and _request_decoder.decode(data).parts
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False

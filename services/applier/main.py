@@ -28,13 +28,13 @@ import msgspec
 from nats.js.errors import NotFoundError
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import bus, config, events, logs, plan_log, runtime, topology
+from kipvs.shared import bus, config, delta_chunks, events, logs, plan_log, runtime, topology
 from kipvs.shared.config import describe
 from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_facts, node_settings, plan_cache, plan_consumer
+from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -135,6 +135,7 @@ class Applier:
         self.kernel = kernel
         self.rules = rules
         self.plan = SharedPlan()
+        self.chunks = delta_chunks.Assembler()  # chunked deltas in progress, kept across re-bootstraps
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
         self.desired = DesiredState()
         self.health_wanted: dict[str, tuple[int, int]] = {}  # health_check.wanted_ports, kept per change
@@ -155,6 +156,7 @@ class Applier:
         m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
                 read=lambda: len(self.drainer.deadlines))
         self.consumer: bus.DurableConsumer | None = None
+        self.claim: node_claim.NodeClaim | None = None  # one applier per node (node_claim.py)
         self.metrics = ProgrammingMetrics(m, node, self.programmed_counts, lambda: self.calico,
                                           lambda: self.consumer.pending if self.consumer is not None else 0)
         m.counter_reading("kipvs_applier_parked_total", "plan messages this applier parked (undecodable or refused)",
@@ -204,9 +206,11 @@ class Applier:
             msg = await self.ctx.js.get_last_msg(topology.PLAN_STREAM, subject)
             found = _node_state(msg.data or b"")
             if found is None:
-                log.warning("the last message on %s is unusable; reading the subject back", subject)
-                async for old in bus.read_stream(self.ctx.js, topology.PLAN_STREAM, subject):
-                    found = _node_state(old.data) or found
+                # unusable, or a part of a chunked delta: read back whole deltas, chunked ones put together
+                log.warning("the last message on %s is not a whole delta; reading the subject back", subject)
+                async for _, delta in plan_log.complete_deltas(
+                        bus.read_stream(self.ctx.js, topology.PLAN_STREAM, subject)):
+                    found = _calico_of(delta) or found
         except NotFoundError:
             found = None
         if found is not None:
@@ -276,6 +280,8 @@ class Applier:
             self.applied_ops.inc(len(done))
 
     async def handle(self, batch: list[bus.Delivery]) -> None:
+        if self.claim is not None and not await self.claim.still_held():
+            raise bus.Retry(f"node {self.node} is applied by {self.claim.holder} now")
         async with self.kernel_lock:
             await self._handle(batch)
 
@@ -285,8 +291,12 @@ class Applier:
         facts_before = self.facts()
         calico_before = self.calico
         applied: list[events.Envelope] = []  # the shared deltas this batch programs
+        errors: list[str] = []
         for d in batch:
-            record = d.envelope.record
+            envelope = await self.whole(d.envelope)
+            if envelope is None:
+                continue  # a part of a chunked delta not complete yet, or one the plan has already
+            record = envelope.record
             if not isinstance(record, events.PlanDelta):
                 raise ValueError(f"{type(record).__name__} does not belong on a plan subject")
             if record.scope != "all":
@@ -302,10 +312,13 @@ class Applier:
                 log.warning("%s: re-bootstrapping from the latest snapshot", exc)
                 await self.bootstrap()
                 if record.seq > self.plan.seq + 1:
-                    raise bus.Retry(f"snapshot at {self.plan.seq} does not reach delta {record.seq} yet") from None
+                    # Neither the newest snapshot nor the stream explains it: not the planner's sequence (an
+                    # admin's delta). Retrying re-bootstrapped three times a second, forever: parked instead.
+                    errors.append(await self.park_jump(d, record))
+                    continue
                 if not self.plan.apply(record):
                     continue
-            applied.append(d.envelope)
+            applied.append(envelope)
             touched |= {op.service.key if isinstance(op, events.SetService) else op.key
                         for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
         self.stream_seq = max(self.stream_seq, batch[-1].stream_sequence)
@@ -317,7 +330,6 @@ class Applier:
             plan = self.plan.services.get(key)
             ops += self.desired.update(key, resolve_service(plan, facts) if plan else None)
         ops = self.drainer.rewrite(ops, time.monotonic())
-        errors: list[str] = []
         if ops:
             try:
                 await self.kernel.apply(ops)
@@ -342,6 +354,34 @@ class Applier:
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
                                              duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
                                              desired_digest=self.desired.digest()))
+
+    async def whole(self, envelope: events.Envelope) -> events.Envelope | None:
+        """The delta a message completes: itself, or the chunked delta whose last part it is (never half of
+        one: ``delta_chunks``). A broken chunked delta re-bootstraps from the snapshot, as a missing delta
+        does; None then, and for a part that completes nothing."""
+        chunk = envelope.record
+        if not isinstance(chunk, events.PlanDeltaChunk):
+            if isinstance(chunk, events.PlanDelta):
+                self.chunks.settled(chunk.scope, chunk.seq)
+            return envelope
+        have = self.plan.seq if chunk.scope == "all" else self.calico_seq if chunk.scope == self.node else 0
+        try:
+            return self.chunks.feed(envelope, have)
+        except delta_chunks.ChunkGap as exc:
+            log.warning("%s: re-bootstrapping from the latest snapshot", exc)
+            await self.bootstrap()
+            return None
+
+    async def park_jump(self, d: bus.Delivery, record: events.PlanDelta) -> str:
+        """Park a shared delta whose sequence jumps past what a fresh bootstrap reaches; the reason, which
+        also goes into the batch's report. The deltas after it go on (a later snapshot covers a real gap)."""
+        reason = (f"plan delta {record.seq} jumps past delta {self.plan.seq + 1}: neither the newest snapshot nor "
+                  f"the plan stream holds the deltas between (published by someone other than the planner?)")
+        service = self.consumer.service if self.consumer is not None else topology.applier_durable(self.node)
+        await bus.park(self.ctx.js, service, d.msg, d.msg.data, reason)
+        if self.consumer is not None:
+            self.consumer.parked += 1
+        return reason
 
     async def read_kernel(self) -> events.KernelTable:
         """The whole kernel table for ``kipvs ipvs`` (never while a batch or a repair is being written)."""
@@ -487,7 +527,11 @@ def _node_state(data: bytes) -> tuple[int, events.SetNodeCalico] | None:
         record = events.decode(data).record
     except events.ContractError:
         return None
-    if isinstance(record, events.PlanDelta) and record.ops and isinstance(record.ops[-1], events.SetNodeCalico):
+    return _calico_of(record) if isinstance(record, events.PlanDelta) else None
+
+
+def _calico_of(record: events.PlanDelta) -> tuple[int, events.SetNodeCalico] | None:
+    if record.ops and isinstance(record.ops[-1], events.SetNodeCalico):
         return record.seq, record.ops[-1]
     return None
 
@@ -504,6 +548,15 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.strict_arp = cfg.ipvs_strict_arp
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
+        ctx.set_not_ready(f"claiming node {cfg.node}")
+        claim = applier.claim = node_claim.NodeClaim(ctx.js, cfg.node, ctx.metrics)
+        if not await claim.take(ctx.stop):
+            await kernel.close()
+            return
+        if ctx.restarted_because:
+            ctx.set_not_ready(f"{ctx.restarted_because}; waiting for the new plan stream's first delta")
+            if not await plan_consumer.wait_for_a_plan(ctx.js, ctx.stop):
+                return
         ctx.set_not_ready("bootstrapping from the plan snapshot")
         await applier.bootstrap()
         drift_now = asyncio.Event()
@@ -518,9 +571,13 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             lambda: ("apply", applier.plan.seq, applier.local_addresses if applier.use_interfaces else ()),
             applier.read_kernel)
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
-        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq)
-        spec = await keeper.start(ctx.stop)
-        if spec is None:  # told to stop before the bus would create it
+        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq, guard=ctx.stream_guard)
+        # superseded while bootstrapping: the durable is the newer applier's now, not to be recreated
+        spec = await keeper.start(ctx.stop) if await claim.still_held() else None
+        if spec is None:  # told to stop before the bus would create it, or superseded
+            if claim.lost:
+                ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
+                await claim.idle(ctx.stop)
             with contextlib.suppress(Exception):
                 await inspection.unsubscribe()
             await kernel.close()
@@ -539,7 +596,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
                 drift_now.clear()
-                if not ctx.stop.is_set():
+                if not ctx.stop.is_set() and await claim.still_held():
                     await applier.drift_check()
 
         async def drain_loop() -> None:
@@ -573,7 +630,10 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         watcher = asyncio.create_task(facts_loop())
         cacher = asyncio.create_task(cache_loop())
         stopping = asyncio.create_task(ctx.stop.wait())
-        done, _ = await asyncio.wait({runner, drifter, drainer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        claimer = asyncio.create_task(claim.watch(ctx.stop))
+        done, _ = await asyncio.wait({runner, drifter, drainer, stopping, claimer},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        claimer.cancel()
         consumer.stop()
         drifter.cancel()
         drainer.cancel()
@@ -581,13 +641,18 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         cacher.cancel()
         await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
         await applier.flush_reports()
+        if claim.lost:  # superseded: idle, not ready, until stopped (see node_claim.py)
+            ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
+            ctx.queued_since = None
+            await claim.idle(ctx.stop)
         stopping.cancel()
         with contextlib.suppress(Exception):
             await inspection.unsubscribe()
-        for task in done - {stopping}:
+        for task in done - {stopping, claimer}:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        await kernel.close()
+        if not ctx.replaced:  # else the runtime starts apply_plan again on the same kernel
+            await kernel.close()
     finally:
         await applier.health.close()
 

@@ -5,7 +5,11 @@ An applier's consumer has one replica held in memory (shared/topology.py, ``appl
 restart, the consumer's server dying, or an operator deleting it loses it. Its position is not needed to
 recover: the applier knows the last plan-stream sequence it applied, and the deltas after it are still in
 the stream (kept forever), so a new consumer from there delivers exactly what the node has not seen. A lost
-consumer shows as fetches that fail ("no responders": nothing serves the consumer's subject any more)."""
+consumer shows as fetches that fail ("no responders": nothing serves the consumer's subject any more).
+
+The position may fall between the parts of a chunked delta (``shared/delta_chunks.py``): the parts before it
+are held by the applier's assembler, which outlives the consumer, so the new consumer's first message is the
+next part. A new process starts from its bootstrap instead, which never stops inside a chunked delta."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from kipvs.shared import bus, topology
 from kipvs.shared.backoff import Backoff
+from kipvs.shared.stream_guard import StreamGuard
 
 log = logging.getLogger("kipvs.applier")
 
@@ -32,8 +37,10 @@ class ConsumerKeeper:
     when it is gone, or when fetching from it has failed for ``lost_after`` seconds (its server is down: a
     consumer with one replica does not move to another server by itself)."""
 
-    def __init__(self, js: JetStreamContext, node: str, position: Callable[[], int], lost_after: float = 15.0):
+    def __init__(self, js: JetStreamContext, node: str, position: Callable[[], int], lost_after: float = 15.0,
+                 guard: StreamGuard | None = None):
         self.js = js
+        self.guard = guard  # the plan stream as bootstrapped from: a replaced one makes the service start again
         self.node = node
         self.position = position
         self.lost_after = lost_after
@@ -60,6 +67,10 @@ class ConsumerKeeper:
         to fail; True when the consumer was recreated. Errors of the bus while checking or recreating are left
         to the next failed fetch."""
         try:
+            # A wiped store takes the consumer with it: recreated after our position, it would start past the
+            # new stream's end. Checked here, where the consumer failed, not on a timer (a fleet would poll).
+            if self.guard is not None and await self.guard.check():
+                return False
             await self.js.consumer_info(topology.PLAN_STREAM, topology.applier_durable(self.node))
             if failing_for < self.lost_after:
                 return False
@@ -80,3 +91,24 @@ class ConsumerKeeper:
             return False
         self.recreated += 1
         return True
+
+
+async def wait_for_a_plan(js: JetStreamContext, stop: asyncio.Event, period: float = 1.0) -> bool:
+    """After the plan stream was replaced (a wiped store): wait until the new stream holds a shared delta.
+    Bootstrapping from an empty new stream would clear the node's kernel of every Service only to program
+    them again once the planner has rebuilt; meanwhile the kernel keeps what the old plan gave it. False
+    when told to stop first."""
+    told = False
+    while not stop.is_set():
+        try:
+            await js.get_last_msg(topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
+            return True
+        except NotFoundError:
+            if not told:
+                log.info("the new plan stream holds no delta yet; the kernel keeps the last plan meanwhile")
+                told = True
+        except bus.INFRASTRUCTURE_ERRORS as exc:
+            log.warning("cannot read the new plan stream yet (%s: %s)", type(exc).__name__, exc or "")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), period)
+    return False

@@ -13,18 +13,24 @@ kernel kube-proxy wrote.
   when they differ.
 
 Exit 2, with one sentence, when NATS cannot be reached, no applier answers within ``--timeout``, or the
-applier answers with an error (it cannot read its kernel; the table does not fit in one NATS message).
+applier answers with an error (it cannot read its kernel). A table over the server's max_payload (10,000
+Services is several MB) comes in parts (``IpvsInspectPart``), put together and checked against their
+SHA-256 before the table is shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import hashlib
 import sys
+from typing import Any
 
 import msgspec
 import nats
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import Header
 
 from kipvs.shared import events, log_client, plan_log, topology
 from kipvs.shared.log_client import ToolError, run_tool
@@ -34,6 +40,7 @@ from kipvs.shared.plan.resolve import resolve_node
 from .ipvsadm_format import render
 
 _reply_decoder = msgspec.msgpack.Decoder(events.IpvsInspectReply)
+_part_decoder = msgspec.msgpack.Decoder(events.IpvsInspectPart)
 
 
 def _positive(text: str) -> float:
@@ -57,21 +64,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def ask(nc: nats.NATS, node: str, wait: float) -> events.IpvsInspectReply:
-    """The applier's reply; ToolError when none answers or it could not read its kernel."""
+    """The applier's reply, put together when it comes in parts (a table over the server's max_payload);
+    ToolError when none answers within ``wait`` seconds, its parts do not make a reply, or it could not read
+    its kernel."""
     subject = topology.inspect_subject(node)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
     try:
-        msg = await nc.request(subject, msgspec.msgpack.encode(events.IpvsInspectRequest()), timeout=wait)
-    except (NoRespondersError, NatsTimeout, TimeoutError):
-        raise ToolError(f"no applier answered for node {node} on {subject} within {wait:g}s: is "
-                        f"'kipvs applier --node {node}' running and connected to this NATS?") from None
+        await nc.publish(subject, msgspec.msgpack.encode(events.IpvsInspectRequest(parts=True)), reply=inbox)
+        data = await _collect(sub, node, subject, asyncio.get_running_loop().time() + wait, wait)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
     try:
-        reply = _reply_decoder.decode(msg.data)
+        reply = _reply_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ToolError(f"the applier of {node} sent an answer this build cannot read ({exc}): "
                         "are the applier and this tool the same version?") from None
     if reply.error or reply.table is None:
         raise ToolError(f"the applier of {node} answered with an error: {reply.error or 'no table'}")
     return reply
+
+
+async def _collect(sub: Any, node: str, subject: str, deadline: float, wait: float) -> bytes:
+    """The reply's bytes: one message, or every part of one in order (IpvsInspectPart)."""
+    parts: list[bytes] = []
+    digest = ""
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=max(deadline - asyncio.get_running_loop().time(), 0.001))
+        except (NatsTimeout, TimeoutError):
+            if parts:
+                raise ToolError(f"the applier of {node} sent {len(parts)} parts of its answer, then nothing "
+                                f"within {wait:g}s (raise --timeout for a large table)") from None
+            raise ToolError(f"no applier answered for node {node} on {subject} within {wait:g}s: is "
+                            f"'kipvs applier --node {node}' running and connected to this NATS?") from None
+        headers = msg.headers or {}
+        if headers.get(Header.STATUS) == "503" and not parts:  # the server: nothing subscribes to the subject
+            raise ToolError(f"no applier answered for node {node} on {subject}: is 'kipvs applier --node {node}' "
+                            "running and connected to this NATS?")
+        if events.INSPECT_PART_HEADER not in headers:
+            return msg.data  # a whole reply (an older applier sends only those)
+        try:
+            part = _part_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ToolError(f"the applier of {node} sent a part this build cannot read ({exc})") from None
+        if part.parts > events.INSPECT_MAX_PARTS or part.part != len(parts) + 1 or (parts and part.digest != digest):
+            raise ToolError(f"the applier of {node} sent part {part.part} of {part.parts} after {len(parts)}: "
+                            "its answer was cut (ask again)")
+        digest = part.digest
+        parts.append(part.data)
+        if part.part == part.parts:
+            whole = b"".join(parts)
+            if hashlib.sha256(whole).hexdigest() != digest:
+                raise ToolError(f"the applier of {node} sent an answer whose parts do not match their digest")
+            return whole
 
 
 async def plan_differences(js: object, reply: events.IpvsInspectReply) -> tuple[int, list[str]]:

@@ -87,12 +87,18 @@ def one_line(entry: Entry) -> str:
     head = f"{label} {clock(env.time_ns)}"
     if isinstance(r, events.KubeEvent):
         return f"{head} {r.origin} {r.action} {r.kind} {events.object_key(r.namespace, r.name)} rv={r.resource_version}"
-    if isinstance(r, events.KubeResync):
-        return f"{head} resync {r.kind} rv={r.resource_version}: {len(r.live)} live"
+    if isinstance(r, (events.KubeResync, events.KubeResyncRange)):
+        part = f" keys [{r.key_from!r}, {r.key_to!r})" if isinstance(r, events.KubeResyncRange) else ""
+        restored = " (after a restored API server)" if r.restored else ""
+        return f"{head} resync {r.kind} rv={r.resource_version}{part}: {len(r.live)} live{restored}"
     if isinstance(r, events.PlanDelta):
         where = "all nodes" if r.scope == "all" else f"node {r.scope}"
         ops = "; ".join(describe_op(op) for op in r.ops)
         return f"{head} delta {where} seq={r.seq} (from KUBE #{r.source_seq}): {ops}"
+    if isinstance(r, events.PlanDeltaChunk):
+        where = "all nodes" if r.scope == "all" else f"node {r.scope}"
+        return (f"{head} delta {where} seq={r.seq} part {r.part} of {r.parts} ({len(r.data)} bytes), not put "
+                "together: the delta's other parts are missing, out of order, or not in the log yet")
     if isinstance(r, events.PlanSnapshot):
         return f"{head} snapshot {r.scope} seq={r.seq}: {len(r.services)} services, {len(r.nodes)} nodes"
     if isinstance(r, events.ApplyReport):
@@ -179,7 +185,7 @@ class Filter:
     def _node(self, entry: Entry, r: events.Record) -> bool:
         if isinstance(r, events.KubeEvent):
             return _names_node(r, self.node)
-        if isinstance(r, events.PlanDelta | events.PlanSnapshot):
+        if isinstance(r, events.PlanDelta | events.PlanDeltaChunk | events.PlanSnapshot):
             return r.scope in ("all", self.node)
         if isinstance(r, events.ApplyReport | events.DriftReport | events.NodeFactsReport | events.ShadowReport):
             return r.node == self.node

@@ -8,9 +8,17 @@ of divergences from kipvs's plan in the SHADOW column, each listed below it (APP
 delta it compared with); any divergence fails the
 check, and kube-proxy's presence is then expected, not a conflict.
 
-Exit status 1 when a node is behind by more than ``--max-behind`` deltas, has not reported for
-``--max-age`` seconds, or never reported: usable as a check in scripts and CI. Exit 2 when the log cannot
-be read.
+Before the nodes, the planner (``pipeline.py``): its position in the Kubernetes log against the log's
+head, by how long the oldest unplanned record has waited. A node is behind when it lacks a shared delta
+that was published more than ``--max-lag`` seconds ago (a delta in flight is not a lag), and wrong when it
+reports a delta the plan stream does not hold (the stream was replaced and the node has not bootstrapped
+from the new one). A report's age is the time the server stored it, not the reporter's clock. A node where
+an applier superseded by a newer one of the same node still runs, idle, fails the check too
+(:func:`second_appliers`, from the claims bucket; docs/architecture.md "One applier per node").
+
+Exit status 1 when the planner or a node is behind for longer than ``--max-lag`` (by more than
+``--max-behind`` deltas, for a node), a node has not reported for ``--max-age`` seconds, never reported, or
+has a second applier: usable as a check in scripts and CI. Exit 2 when the log cannot be read.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import msgspec
 from nats.js.api import DeliverPolicy
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from kipvs.shared import bus, events, plan_log, topology
-from kipvs.shared.log_client import RecordedLog, add_nats_arguments, open_log, read_all, run_tool
+from kipvs.shared import bus, events, node_claims, plan_log, topology
+from kipvs.shared.log_client import RecordedLog, ToolError, add_nats_arguments, open_log, read_all, run_tool
+
+from . import pipeline
 
 
 @dataclass
@@ -63,8 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a node more than this many shared deltas behind the planner fails the check (default 0)")
     parser.add_argument("--max-age", type=_at_least_zero(float), default=300.0, metavar="SECONDS",
                         help="a node whose last report is older fails the check (default 300; 0: no limit)")
+    parser.add_argument("--max-lag", type=_at_least_zero(float), default=30.0, metavar="SECONDS",
+                        help="the planner or a node may lag for this long (a change in flight) before it fails the "
+                             "check (default 30)")
     parser.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per node")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per node (first one for the planner's stage, without --node)")
     add_nats_arguments(parser)
 
 
@@ -86,9 +102,13 @@ async def _last_records(js: Any) -> tuple[dict[str, events.Envelope], int, set[s
         return last, newest, nodes
     async for msg in bus.read_stream(js, topology.STATUS_STREAM, "kipvs.status.>", DeliverPolicy.LAST_PER_SUBJECT):
         try:
-            last[msg.subject] = events.decode(msg.data or b"")
+            envelope = events.decode(msg.data or b"")
         except events.ContractError:
             continue
+        # When the server stored it, not the reporter's clock (a node's clock an hour off is not an hour stale).
+        stored = msg.metadata.timestamp
+        last[msg.subject] = envelope if stored is None else msgspec.structs.replace(
+            envelope, time_ns=int(stored.timestamp() * 1e9))
     plan = await plan_log.published_plan(js)
     return last, plan.seq, set(plan.nodes)
 
@@ -98,8 +118,11 @@ def _plan_nodes(delta: events.PlanDelta) -> set[str]:
 
 
 def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str], now_ns: int,
-            max_behind: int, max_age: float) -> list[NodeStatus]:
-    """Pure: the per-node verdicts from the last status records."""
+            max_behind: int, max_age: float, delta_times: dict[int, int] | None = None,
+            max_lag: float = 0.0) -> list[NodeStatus]:
+    """Pure: the per-node verdicts from the last status records. ``delta_times`` (shared delta seq -> ns the
+    server stored it, for the deltas of the last ``max_lag`` seconds) lets a node lag while the first delta
+    it lacks is younger than ``max_lag``; None: any lag beyond ``max_behind`` fails (a recorded log)."""
     by_node: dict[str, NodeStatus] = {name: NodeStatus(name) for name in plan_nodes}
     newest_report: dict[str, int] = {}
     shadow: dict[str, tuple[int, events.ShadowReport]] = {}
@@ -138,8 +161,12 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
             continue
         status.behind = max(newest - status.applied_seq, 0)
         status.report_age_s = round(max(now_ns - newest_report[node], 0) / 1e9, 1)
-        if status.behind > max_behind:
-            status.problems.append(f"{status.behind} deltas behind the planner (limit {max_behind})")
+        if status.applied_seq > newest:
+            status.problems.append(f"applied delta {status.applied_seq} but the plan stream's newest is {newest}: "
+                                   "the plan stream was replaced and the node has not bootstrapped from it")
+        lagging = _lagging(status.behind, status.applied_seq, now_ns, max_behind, delta_times, max_lag)
+        if lagging:
+            status.problems.append(lagging)
         if max_age and status.report_age_s > max_age:
             status.problems.append(f"last report {status.report_age_s:.0f}s ago (limit {max_age:.0f}s)")
         if status.conflicts and status.shadow is None:  # in shadow mode kube-proxy is expected on the node
@@ -149,8 +176,25 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
     return [by_node[name] for name in sorted(by_node)]
 
 
-def render(statuses: list[NodeStatus], newest: int) -> str:
-    lines = [f"planner: shared plan delta {newest}",
+def _lagging(behind: int, applied: int, now_ns: int, max_behind: int, delta_times: dict[int, int] | None,
+             max_lag: float) -> str:
+    """The problem of a node ``behind`` deltas behind, "" when it is none (within the limits)."""
+    if behind <= max_behind:
+        return ""
+    if delta_times is None:
+        return f"{behind} deltas behind the planner (limit {max_behind})"
+    first_missing = delta_times.get(applied + 1)
+    if first_missing is None:  # published before the window: older than the limit
+        return f"{behind} deltas behind the planner for over {max_lag:.0f}s"
+    waited = max(now_ns - first_missing, 0) / 1e9
+    if waited <= max_lag:
+        return ""  # in flight
+    return f"{behind} deltas behind the planner for {waited:.0f}s (limit {max_lag:.0f}s)"
+
+
+def render(statuses: list[NodeStatus], newest: int, stage: pipeline.Stage | None = None) -> str:
+    where = f"; {pipeline.render_stage(stage)}" if stage is not None else ""
+    lines = [f"planner: shared plan delta {newest}{where}",
              f"{'NODE':<24} {'APPLIED':>8} {'BEHIND':>7} {'REPORTED':>10} {'DRIFT':>6} {'SHADOW':>6}  MARKS     STATE"]
     for s in statuses:
         applied = "-" if s.applied_seq is None else str(s.applied_seq)
@@ -165,20 +209,61 @@ def render(statuses: list[NodeStatus], newest: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def second_appliers(js: Any, nodes: list[str], now_ns: int) -> dict[str, str]:
+    """node -> a problem, for each node where an applier that lost the node's claim to a newer one still
+    runs, idle (shared/node_claims.py: its record renewed within SUPERSEDED_FRESH_S). Nothing from a
+    recorded log or a server without the claims bucket (an older kipvs's topology)."""
+    if isinstance(js, RecordedLog):
+        return {}
+    try:
+        kv = await js.key_value(node_claims.BUCKET)
+    except BucketNotFoundError:
+        return {}
+    found: dict[str, str] = {}
+    for node in nodes:
+        try:
+            record = node_claims.decode_superseded((await kv.get(node_claims.superseded_key(node))).value)
+        except (KeyNotFoundError, ValueError):  # ValueError: a name that is no node's (never reported)
+            continue
+        if record is not None and now_ns - record.at_ns <= node_claims.SUPERSEDED_FRESH_S * 1e9:
+            found[node] = f"a second applier ({record.instance}) runs idle: {record.by} took the node over"
+    return found
+
+
 async def status(args: argparse.Namespace) -> int:
+    stage: pipeline.Stage | None = None
+    times: dict[int, int] | None = None
     async with open_log(args) as js:
-        last, newest, plan_nodes = await _last_records(js)
-    statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age)
+        now_ns = time.time_ns()
+        try:
+            if not isinstance(js, RecordedLog):  # a recording has no consumer positions nor server times
+                stage = await pipeline.read_planner_stage(js, now_ns, args.max_lag)
+                times = await pipeline.delta_times(js, now_ns - int(args.max_lag * 1e9))
+            last, newest, plan_nodes = await _last_records(js)
+        except NotFoundError as exc:
+            raise ToolError(f"a stream kipvs needs does not exist ({exc.description}): a new or wiped NATS store "
+                            "that nobody declared again yet (the services do at start, or 'kipvs topology apply')"
+                            ) from None
+        reporting = {subject.split(".")[2] for subject in last if subject.count(".") == 3}
+        seconds = await second_appliers(js, sorted(plan_nodes | reporting), now_ns)
+    if stage is not None:
+        pipeline.check_programmed(stage, plan_nodes, bool(last))
+    statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age, times, args.max_lag)
+    for s in statuses:
+        if s.node in seconds:
+            s.problems.append(seconds[s.node])
     if args.node:
         unknown = sorted(set(args.node) - {s.node for s in statuses})
         statuses = [s for s in statuses if s.node in args.node]
         statuses += [NodeStatus(n, problems=["unknown node: no Node object and no report"]) for n in unknown]
     if args.json:
+        if stage is not None and not args.node:
+            print(json.dumps({**asdict(stage), "ok": stage.ok}))
         for s in statuses:
             print(json.dumps({**asdict(s), "ok": s.ok}))
     else:
-        sys.stdout.write(render(statuses, newest))
-    return 0 if all(s.ok for s in statuses) else 1
+        sys.stdout.write(render(statuses, newest, stage))
+    return 0 if all(s.ok for s in statuses) and (stage is None or stage.ok) else 1
 
 
 def run(args: argparse.Namespace) -> int:

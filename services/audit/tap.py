@@ -31,13 +31,15 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kipvs.shared import bus
+from kipvs.shared import bus, stream_reader
 from kipvs.shared.log_client import (
     STREAMS,
     Entry,
+    EntryAssembler,
     RecordedLog,
     ToolError,
     add_nats_arguments,
+    assembled,
     decode_entry,
     ns_of,
     open_log,
@@ -88,28 +90,60 @@ async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
     """What a stream holds from ``start`` on, now."""
     stream = STREAMS[name]
     if isinstance(js, RecordedLog):
-        return [e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
-                                               e.envelope is None or e.envelope.time_ns >= ns_of(start))]
+        return assembled([e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
+                                                         e.envelope is None or e.envelope.time_ns >= ns_of(start))])
     try:
-        return [stored_entry(stream, m) async for m in bus.read_stream(
+        return assembled([stored_entry(stream, m) async for m in bus.read_stream(
             js, stream, SUBJECTS[name], start_seq=start if isinstance(start, int) else 0,
-            start_time=start if isinstance(start, datetime) else None)]
+            start_time=start if isinstance(start, datetime) else None)])
     except nats.js.errors.NotFoundError:
         return []
 
 
 async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
-    """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now)."""
+    """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now); a chunked
+    plan delta once its last part has arrived, whole. It never stops on its own: a consumer lost (a server
+    restart or a leader change drops an in-memory one), deliveries lost (a gap in its delivery sequence) or a
+    failed fetch make the consumer again after the last message shown. A closed connection raises (the tool
+    then says so in one line). Each fetch asks for few enough messages that the largest the server allows
+    stay far below its max_pending (slow consumer)."""
     stream = STREAMS[name]
-    sub = await js.pull_subscribe(SUBJECTS[name], stream=bus.readable(stream), config=_consumer(None, after_seq))
+    after_seq = after_seq or await _last_seq(js, name)
+    batch = max(1, stream_reader.READ_MAX_BYTES // js._nc.max_payload)
+    assembler = EntryAssembler()
+    while True:
+        try:
+            async for msg in _follow_from(js, name, after_seq, batch):
+                after_seq = msg.metadata.sequence.stream
+                for entry in assembler.feed(stored_entry(stream, msg)):
+                    yield entry
+        except nats.errors.ConnectionClosedError:
+            raise
+        except (nats.errors.Error, TimeoutError, _Lost) as exc:
+            print(f"kipvs tap: following {stream} again after seq {after_seq} ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            await asyncio.sleep(1.0)
+
+
+class _Lost(Exception):
+    """Messages the consumer delivered never arrived."""
+
+
+async def _follow_from(js: JetStreamContext, name: str, after_seq: int, batch: int) -> AsyncIterator[Any]:
+    sub = await js.pull_subscribe(SUBJECTS[name], stream=bus.readable(STREAMS[name]),
+                                  config=_consumer(None if after_seq else 1, after_seq))
+    delivered = 0
     try:
         while True:
             try:
-                msgs = await sub.fetch(100, timeout=1)
-            except NatsTimeoutError:
+                msgs = await sub.fetch(batch, timeout=1)
+            except (NatsTimeoutError, TimeoutError):  # nats-py raises both (asyncio's is TimeoutError): none yet
                 continue
             for msg in msgs:
-                yield stored_entry(stream, msg)
+                if msg.metadata.sequence.consumer != delivered + 1:
+                    raise _Lost(f"delivery #{msg.metadata.sequence.consumer} came after #{delivered}")
+                delivered = msg.metadata.sequence.consumer
+                yield msg
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
@@ -163,7 +197,8 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
             while not stop.is_set():
                 getter = asyncio.ensure_future(queue.get())
                 stopper = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                # a pump that ended (a closed connection) ends the wait too: never a silent stop
+                done, _ = await asyncio.wait({getter, stopper, *pumps}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     show(getter.result())
                 else:

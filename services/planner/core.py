@@ -78,6 +78,7 @@ class Planner:
     slices: dict[str, parse.SliceSpec] = field(default_factory=dict)
     slices_by_service: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     versions: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, key) -> rv of what we hold
+    held_seq: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, key) -> KUBE seq of that record
     plans: dict[str, ServicePlan] = field(default_factory=dict)
     nodes: dict[str, NodeFacts] = field(default_factory=dict)
     warnings: dict[str, PlanWarning] = field(default_factory=dict)
@@ -103,8 +104,8 @@ class Planner:
         record = envelope.record
         ops: list[PlanOp] = []
         if isinstance(record, events.KubeEvent):
-            self._on_event(record.kind, record.action, record.object, record.resource_version, ops)
-        elif isinstance(record, events.KubeResync):
+            self._on_event(record.kind, record.action, record.object, record.resource_version, ops, source_seq)
+        elif isinstance(record, (events.KubeResync, events.KubeResyncRange)):
             self._on_resync(record, ops)
         self.source_seq = source_seq
         trigger = 0
@@ -158,12 +159,15 @@ class Planner:
         else:
             self._clear(ops, warning_id)
 
-    def _on_event(self, kind: str, action: str, obj: dict[str, Any], rv: str, ops: list[PlanOp]) -> None:
+    def _on_event(self, kind: str, action: str, obj: dict[str, Any], rv: str, ops: list[PlanOp],
+                  seq: int = 0) -> None:
         key = parse.object_key(obj)
         if action == "DELETED":
             self.versions.pop((kind, key), None)
+            self.held_seq.pop((kind, key), None)
         else:
             self.versions[(kind, key)] = rv
+            self.held_seq[(kind, key)] = seq
         if kind == "Service":
             self._on_service(key, None if action == "DELETED" else obj, ops)
         elif kind == "EndpointSlice":
@@ -186,10 +190,18 @@ class Planner:
             for service in sorted(self.node_ports):  # ranges may have moved: a rare event, O(NodePort Services)
                 self._check_node_ports(service, ops)
 
-    def _on_resync(self, resync: events.KubeResync, ops: list[PlanOp]) -> None:
-        """Delete what we hold of the kind that the live set lacks (and that is not newer than the list)."""
-        gone = sorted(key for (kind, key), rv in self.versions.items()
-                      if kind == resync.kind and key not in resync.live and _rv_not_newer(rv, resync.resource_version))
+    def _on_resync(self, resync: events.KubeResync | events.KubeResyncRange, ops: list[PlanOp]) -> None:
+        """Delete what we hold of the kind (in the record's key range) that the live set lacks and that is not
+        newer than the list. After a restore of the API server (``restored``) versions order nothing: what
+        we took from the log before the list was requested (``listed_after_seq``) and the list lacks is gone,
+        whatever its version."""
+        low, high = ((resync.key_from, resync.key_to) if isinstance(resync, events.KubeResyncRange) else ("", ""))
+        held = [(key, rv) for (kind, key), rv in self.versions.items() if kind == resync.kind
+                and key not in resync.live and key >= low and (not high or key < high)]
+        if resync.restored:
+            gone = sorted(key for key, _ in held if self.held_seq.get((resync.kind, key), 0) <= resync.listed_after_seq)
+        else:
+            gone = sorted(key for key, rv in held if _rv_not_newer(rv, resync.resource_version))
         for key in gone:
             namespace, _, name = key.rpartition("/")
             stub = {"metadata": {"name": name, **({"namespace": namespace} if namespace else {})}}

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from .store import BY_KIND, BY_PLURAL, ApiError, Resource, Store
+from .store import BY_KIND, BY_PLURAL, ApiError, Resource, Store, decode_continue, encode_continue
 from .tokens import TokenAuthority
 
 log = logging.getLogger("kipvs.simulator")
@@ -51,6 +51,7 @@ class Simulator:
         self.watches: set[_Watch] = set()
         self._changed = asyncio.Condition()
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every API request, for tests
+        self.raw_items: dict[str, list[str]] = {}  # kind -> verbatim JSON texts served as extra list items
         self.tokens = TokenAuthority(self.store)
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
@@ -96,6 +97,25 @@ class Simulator:
     def compact(self) -> int:
         """Forget the watch history so far: watches from older versions get 410 Gone."""
         return self.store.compact()
+
+    def snapshot(self) -> int:
+        """Take an etcd snapshot (see :meth:`restore`); returns its resourceVersion."""
+        return self.store.snapshot()
+
+    async def restore(self) -> int:
+        """Restore the last snapshot without a revision bump, as an operator restoring etcd does: the
+        resourceVersions go back to the snapshot's and every watch connection is cut (the API servers
+        restart). Returns the restored resourceVersion."""
+        rv = self.store.restore()
+        self.drop_watches()
+        await self._notify()
+        return rv
+
+    def inject_list_item(self, kind: str, text: str) -> int:
+        """Serve ``text`` verbatim as one more item at the end of every list of ``kind`` from now on (an
+        object this server could not even encode: nested too deep, say). Returns how many such items."""
+        self.raw_items.setdefault(kind, []).append(text)
+        return len(self.raw_items[kind])
 
     async def inject_watch_line(self, kind: str, line: str) -> int:
         """Write ``line`` verbatim into every open watch of ``kind`` (malformed input on the wire)."""
@@ -178,10 +198,19 @@ class Simulator:
             return web.json_response({"stalled": self.stall_watches()})
         if fault == "compact":
             return web.json_response({"compacted_to": self.compact()})
+        if fault == "snapshot":
+            return web.json_response({"snapshot": self.snapshot()})
+        if fault == "restore":
+            return web.json_response({"restored_to": await self.restore()})
+        if fault == "inject-list-item":
+            return web.json_response({"items": self.inject_list_item(request.query.get("kind", ""),
+                                                                     await request.text())})
         if fault == "inject-line":
             n = await self.inject_watch_line(request.query.get("kind", ""), await request.text())
             return web.json_response({"watches": n})
-        raise ApiError(404, "NotFound", f"unknown fault {fault!r} (drop, stall, compact, inject-line)")
+        raise ApiError(404, "NotFound",
+                       f"unknown fault {fault!r} (drop, stall, compact, snapshot, restore, inject-line, "
+                       "inject-list-item)")
 
     def _resource(self, request: web.Request) -> Resource:
         group = request.match_info.get("group", "")
@@ -201,7 +230,19 @@ class Simulator:
                 return await self._watch(request, resource, namespace)
             limit = int(request.query.get("limit") or 0)
             listed = self.store.list(resource.kind, namespace, limit, request.query.get("continue", ""))
-            return web.json_response(listed)
+            raw = self.raw_items.get(resource.kind)
+            if not raw or "continue" in listed["metadata"]:
+                return web.json_response(listed)
+            if limit and listed["items"]:  # the injected items come on a page of their own, after the store's
+                token = request.query.get("continue", "")
+                start = decode_continue(token)[1] if token else 0
+                listed["metadata"]["continue"] = encode_continue(int(listed["metadata"]["resourceVersion"]),
+                                                                 start + len(listed["items"]))
+                return web.json_response(listed)
+            # metadata first, as kube-apiserver writes it
+            head = json.dumps({k: v for k, v in listed.items() if k != "items"})[:-1]
+            items = ", ".join([*(json.dumps(i) for i in listed["items"]), *raw])
+            return web.Response(text=f'{head}, "items": [{items}]}}', content_type="application/json")
         if request.method == "POST":
             body = await request.json()
             body.setdefault("kind", resource.kind)
@@ -276,7 +317,9 @@ class Simulator:
                 now = loop.time()
                 if deadline is not None and now >= deadline:
                     return response
-                if bookmarks and now >= next_bookmark:
+                # kube-apiserver's cacheWatcher sends no bookmark older than the version the watch started
+                # from: a watch from a future version (after a restore) hears nothing at all
+                if bookmarks and now >= next_bookmark and self.store.rv >= last:
                     await self._send(response, "BOOKMARK", {
                         "kind": resource.kind, "apiVersion": resource.api_version,
                         "metadata": {"resourceVersion": str(last)}})

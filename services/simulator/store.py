@@ -84,6 +84,8 @@ class Store:
     objects: dict[Key, dict[str, Any]] = field(default_factory=dict)
     history: list[Change] = field(default_factory=list)
     compacted_rv: int = 100  # watches from a version below this get 410
+    # what an etcd snapshot holds (the global version, objects, watch window, compaction point); see restore()
+    saved: tuple[int, dict[Key, dict[str, Any]], list[Change], int] | None = field(default=None, repr=False)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -158,6 +160,22 @@ class Store:
         self.compacted_rv = max(self.compacted_rv, upto)
         return self.compacted_rv
 
+    def snapshot(self) -> int:
+        """Take an etcd snapshot of the store as it is now; returns its resourceVersion."""
+        self.saved = (self.rv, copy.deepcopy(self.objects), list(self.history), self.compacted_rv)
+        return self.rv
+
+    def restore(self) -> int:
+        """Go back to the last :meth:`snapshot`, as ``etcdutl snapshot restore`` without ``--bump-revision``
+        does: objects, the watch window and the global resourceVersion return to the snapshot's, so later
+        writes hand out versions that were already handed out before the restore. Returns that version;
+        ApiError 409 when no snapshot was taken."""
+        if self.saved is None:
+            raise ApiError(409, "Conflict", "no snapshot to restore: take one first (/_sim/fault/snapshot)")
+        rv, objects, history, compacted = self.saved
+        self.rv, self.objects, self.history, self.compacted_rv = rv, copy.deepcopy(objects), list(history), compacted
+        return rv
+
     # --- reads ----------------------------------------------------------------------------------
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
@@ -172,7 +190,7 @@ class Store:
         resource = self._resource(kind)
         snapshot_rv, start = self.rv, 0
         if continue_token:
-            snapshot_rv, start = _decode_continue(continue_token)
+            snapshot_rv, start = decode_continue(continue_token)
             if snapshot_rv < self.compacted_rv:
                 raise gone("The provided continue parameter is too old to display a consistent list result. "
                            "You can start a new list without the continue parameter.")
@@ -181,7 +199,7 @@ class Store:
         chunk = items[start:end]
         meta: dict[str, Any] = {"resourceVersion": str(snapshot_rv)}
         if end < len(items):
-            meta["continue"] = _encode_continue(snapshot_rv, end)
+            meta["continue"] = encode_continue(snapshot_rv, end)
             meta["remainingItemCount"] = len(items) - end
         return {"kind": f"{kind}List", "apiVersion": resource.api_version, "metadata": meta, "items": chunk}
 
@@ -218,11 +236,11 @@ class Store:
             raise ApiError(400, "BadRequest", f"kind {kind!r} is not served by the simulator") from None
 
 
-def _encode_continue(rv: int, offset: int) -> str:
+def encode_continue(rv: int, offset: int) -> str:
     return base64.urlsafe_b64encode(json.dumps({"rv": rv, "start": offset}).encode()).decode()
 
 
-def _decode_continue(token: str) -> tuple[int, int]:
+def decode_continue(token: str) -> tuple[int, int]:
     try:
         doc = json.loads(base64.urlsafe_b64decode(token.encode()))
         return int(doc["rv"]), int(doc["start"])

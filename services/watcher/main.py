@@ -85,7 +85,8 @@ async def watch(ctx: runtime.ServiceContext) -> None:
             logged = await read_logged(ctx.js, kind)
             log.info("%s: the log knows %d objects (%d alive)", kind, len(logged),
                      sum(1 for o in logged.values() if o.alive))
-            event_log = EventLog(ctx.js, kind, logged, record_file, on_published(kind))
+            event_log = EventLog(ctx.js, kind, logged, record_file, on_published(kind),
+                                 max_payload=lambda: ctx.nc.max_payload)
             watchers.append(KindWatcher(kind, list_function(api, kind), event_log, ctx.js, settings,
                                         watch_metrics, ctx.stop))
         tasks = [asyncio.create_task(w.run(), name=f"watch-{w.kind}") for w in watchers]

@@ -1,0 +1,114 @@
+"""The planner is green only when true (issue 21): not ready while the plan stream refuses its deltas, and
+its position against the Kubernetes log exported, with how long it has been behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+
+import aiohttp
+import nats
+from nats.js.api import DiscardPolicy
+
+from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.progress import LagClock
+from kipvs.shared import config, topology
+from kipvs.shared.embedded_nats import free_loopback_port
+from tests import kube
+from tests.helpers import publish_kube, start_service
+from tests.stack import Scrape
+
+
+def test_the_lag_clock_runs_only_while_the_log_stays_ahead() -> None:
+    clock = LagClock()
+    assert clock.observe(10, 10, 100.0) == 0.0
+    assert clock.observe(12, 10, 105.0) == 0.0  # a gap seen now
+    assert clock.observe(15, 11, 110.0) == 5.0  # what was seen at 105 is not planned yet
+    assert clock.observe(18, 12, 115.0) == 0.0  # it is now: the new gap starts now
+    assert clock.observe(18, 13, 120.0) == 5.0
+    assert clock.observe(18, 18, 125.0) == 0.0
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
+        return r.status, await r.text()
+
+
+async def _until(check, what: str, within: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+def _service(i: int) -> str:
+    return json.dumps({"type": "ADDED", "object": kube.service(f"s{i}", cluster_ip=f"10.96.{i // 250}.{i % 250 + 1}")})
+
+
+async def test_the_planner_is_not_ready_while_the_plan_stream_refuses_its_deltas(nats_url: str) -> None:
+    port = free_loopback_port()
+    cfg = config.load(PlannerServiceConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}"}, {})
+    task, stop = start_service("planner", cfg, plan)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    churn: asyncio.Task | None = None
+    try:
+        await _until(lambda: _ready(port), "the planner ready")
+        await publish_kube(js, [_service(0)], "first")
+        await _until(lambda: _metric(port, "kipvs_planner_source_seq", 1), "the first record planned")
+        # The plan stream is full: it refuses every new delta (a store at its limit).
+        info = await js.stream_info(topology.PLAN_STREAM)
+        await js.update_stream(dataclasses.replace(info.config, max_msgs=info.state.messages,
+                                                   discard=DiscardPolicy.NEW))
+        counter = itertools.count(1)
+
+        async def keep_changing() -> None:  # steady churn: the planner's consumer never idles
+            while True:
+                i = next(counter)
+                await publish_kube(js, [_service(i)], f"churn-{i}")
+                await asyncio.sleep(0.1)
+
+        churn = asyncio.create_task(keep_changing())
+
+        async def refusing() -> bool:
+            status, text = await _get(port, "/readyz")
+            return status == 503 and "cannot publish" in text
+
+        await _until(refusing, "/readyz to say the planner cannot publish", 30)
+        scrape = Scrape.parse((await _get(port, "/metrics"))[1])
+        assert scrape.value("kipvs_planner_unpublished_deltas") > 0
+        assert scrape.value("kipvs_planner_publish_errors_total") > 0
+        await _until(lambda: _metric(port, "kipvs_planner_behind_seconds", 1.0), "the planner's lag clock running", 30)
+        churn.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await churn
+        info = await js.stream_info(topology.PLAN_STREAM)
+        await js.update_stream(dataclasses.replace(info.config, max_msgs=-1, discard=DiscardPolicy.OLD))
+        await _until(lambda: _ready(port), "the planner ready again once the stream takes deltas", 60)
+        head = (await js.stream_info(topology.KUBE_STREAM)).state.last_seq
+        await _until(lambda: _metric(port, "kipvs_planner_source_seq", head), "every record planned")
+        await _until(lambda: _exactly(port, "kipvs_planner_behind_seconds", 0.0), "the lag clock back at 0", 30)
+    finally:
+        if churn is not None:
+            churn.cancel()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await nc.close()
+
+
+async def _ready(port: int) -> bool:
+    try:
+        return (await _get(port, "/readyz"))[0] == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def _metric(port: int, name: str, at_least: float) -> bool:
+    return Scrape.parse((await _get(port, "/metrics"))[1]).value(name) >= at_least
+
+
+async def _exactly(port: int, name: str, value: float) -> bool:
+    return Scrape.parse((await _get(port, "/metrics"))[1]).value(name) == value
