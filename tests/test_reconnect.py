@@ -259,3 +259,18 @@ async def test_services_follow_a_rotated_ca_reading_its_file_again(secured: Secu
         await pipeline.stop()
         await callout.kill()
 
+
+
+async def test_healthz_fails_only_for_a_closed_connection_left_closed_past_the_bound() -> None:
+    """The rule /healthz follows (pure logic): a connection the server closed fails it only once it has stayed
+    closed longer than the bound; a NATS outage (nats-py reconnecting, nothing queued) never does."""
+    health = runtime.Health(stale_after=5.0)
+    now = asyncio.get_running_loop().time()
+    assert health.healthy() == (True, "ok")  # starting, or an outage: no closed connection, nothing queued
+    health.closed_since, health.closed_reason = now - 4.0, "the server refused our identity"
+    assert health.healthy()[0]
+    health.closed_since = now - 6.0
+    ok, why = health.healthy()
+    assert not ok and "closed by the server" in why and "refused our identity" in why, why
+    health.closed_since = None  # reopened
+    assert health.healthy()[0]
