@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,11 +54,9 @@ class Stopped(Exception):
 
 def describe_refusal(cause: BaseException | None, auth: ClientAuth | None) -> str:
     """Why a connection failed, in words an operator can act on (TLS and credential failures named)."""
-    import ssl
-
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return (f"the server's TLS certificate is not trusted ({cause.verify_message or cause.reason}; "
-                f"CA file: {auth.ca_file if auth and auth.ca_file else 'the system default'})")
+        ca = auth.ca_file if auth and auth.ca_file else "none given, the system's: give --nats-ca-file"
+        return f"the server's TLS certificate is not trusted ({cause.verify_message or cause.reason}; CA file: {ca})"
     if isinstance(cause, ssl.SSLError):
         return f"TLS failed ({cause.reason or cause})"
     text = str(cause or "") or type(cause).__name__
@@ -68,16 +67,32 @@ def describe_refusal(cause: BaseException | None, auth: ClientAuth | None) -> st
     return text
 
 
-async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: ClientAuth | None = None) -> NATS:
+def _refuses_files(exc: BaseException) -> bool:
+    """A refusal that the files a connection was made with may cause (a rotated CA, an expired identity):
+    reconnecting with the same ones cannot end it."""
+    text = str(exc).lower()
+    return isinstance(exc, ssl.SSLCertVerificationError) or "authorization violation" in text or \
+        "authentication expired" in text
+
+
+async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: ClientAuth | None = None,
+                  on_error: Callable[[Exception], None] | None = None) -> NATS:
     """Connect, retrying with backoff until the server answers (each failure logged with its reason; a
     stop request ends the wait at once with :class:`Stopped`), then check that the server is new enough.
-    After the first connection nats-py reconnects on its own, forever. ``auth`` gives the identity and the
-    CA (see :class:`~kipvs.shared.nats_credentials.ClientAuth`); a refused identity or an untrusted
-    certificate is logged as such, with the reason, and retried like an unreachable server (the
-    credentials may be rotated under a running pod).
+    ``auth`` gives the identity and the CA (see :class:`~kipvs.shared.nats_credentials.ClientAuth`); a
+    refused identity or an untrusted certificate is logged as such, with the reason, and retried like an
+    unreachable server. ``on_error`` sees every asynchronous error of the connection (the server's
+    permission refusals among them), for the whole of its life.
 
-    The first connection is made with a bounded number of attempts per server: with nats-py's unbounded
-    setting, it retries an unreachable server forever inside ``connect()``, silently and deaf to SIGTERM."""
+    After the first connection nats-py reconnects on its own, forever, with the same TLS context: a server
+    certificate the context no longer trusts (the CA file rotated) would be refused on every attempt, so
+    that refusal closes the client instead. A closed client is for good (nats-py also closes it when the
+    server ends the identity: a user JWT expired, a callout refusing at reconnect); its owner (the service
+    runtime) connects again with a fresh ``auth``, which reads the files again.
+
+    Each attempt is bounded in time and ends at once on ``stop``: nats-py's ``connect()`` can wait forever
+    (an unreachable server with unbounded attempts; a TLS handshake that failed while it may reconnect,
+    e.g. a ``nats://`` URL to a server that wants TLS), silently and deaf to SIGTERM."""
     backoff = Backoff(initial=0.2, maximum=10.0)
 
     async def disconnected() -> None:
@@ -88,28 +103,45 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
 
     last_error: list[BaseException] = []
     options = auth.connect_options() if auth is not None else {}
+    clients: list[NATS] = []
 
     async def error(exc: Exception) -> None:
         last_error[:] = [exc]
+        if on_error is not None:
+            on_error(exc)
         if "permissions violation" in str(exc).lower():
             # The request that caused it only times out: this line says why.
-            log.warning("NATS refused %s: %s", name, exc)
+            log.warning("NATS refused %s (%s): %s", name, auth.describe() if auth else "no identity", exc)
+        elif clients and _refuses_files(exc) and not clients[0].is_closed:
+            log.warning("NATS refused %s at reconnect (%s); closing the connection to open a new one with the "
+                        "identity and CA files read again", name, describe_refusal(exc, auth))
+            asyncio.get_running_loop().create_task(clients[0].close())
+            if asyncio.current_task() is getattr(clients[0], "_reconnection_task", None):
+                # End nats-py's reconnect loop here: after this callback it sets the client RECONNECTING
+                # again, over the CLOSED that close() set, and the client would look alive for good.
+                raise asyncio.CancelledError
         else:
             log.debug("NATS client error: %s", exc)
 
+    attempt_bound = 3.0 * len(servers(url)) + 2.0  # connect_timeout per server, and the handshake
     while True:
         if stop is not None and stop.is_set():
             raise Stopped(f"stopped before NATS at {url} could be reached")
+        nc = NATS()
         try:
             # nats-py 2.16 hangs in connect() after a failed TLS handshake when it may reconnect: with TLS,
             # one attempt per round (this loop does the retrying).
-            nc = await nats.connect(
+            await _bounded(nc.connect(
                 servers(url), name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5,
                 allow_reconnect="tls" not in options, connect_timeout=3, disconnected_cb=disconnected,
                 reconnected_cb=reconnected, error_cb=error, **options,
-            )
+            ), attempt_bound, stop)
             break
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):  # bounded: after a failed TLS handshake it can wait forever
+                await asyncio.wait_for(nc.close(), 2)
+            if stop is not None and stop.is_set():
+                raise Stopped(f"stopped before NATS at {url} could be reached") from None
             delay = backoff.next()
             cause = last_error[0] if last_error else exc
             log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, describe_refusal(cause, auth), delay)
@@ -118,11 +150,33 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
+    clients.append(nc)
     nc.options["allow_reconnect"] = True  # from now on nats-py reconnects by itself, forever
     nc.options["max_reconnect_attempts"] = -1
     version = nc.connected_server_version
     topology.check_server_version((version.major, version.minor, version.patch))
     return nc
+
+
+async def _bounded(attempt: Awaitable[None], seconds: float, stop: asyncio.Event | None) -> None:
+    """Await one connection attempt for at most ``seconds``, or until ``stop`` is set: TimeoutError then."""
+    task = asyncio.ensure_future(attempt)
+    waits: set[asyncio.Future] = {task}
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopping is not None:
+        waits.add(stopping)
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if stopping is not None:
+            stopping.cancel()
+    if task.done():
+        task.result()
+        return
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise TimeoutError(f"no answer within {seconds:.0f}s")
 
 
 async def setup(nc: NATS, replicas: int = 1, consumers: Sequence[topology.ConsumerSpec] = (),

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
@@ -112,7 +114,13 @@ class Health:
 
     - ``/livez``: the process's event loop answers and the service's main task has not ended;
     - ``/healthz`` (kube-proxy's meaning): no input has been waiting longer than ``stale_after`` seconds
-      without being handled; a NATS outage alone does not make it fail (restarting cannot fix it);
+      without being handled, and the service has not been without a NATS connection that the server
+      closed for longer than that. A NATS outage alone does not make it fail (every node would restart
+      and none would be better for it): while the server cannot be reached nats-py reconnects and no
+      input arrives. A connection the server closed (an identity that expired, a callout refusing at
+      reconnect, a certificate no longer trusted) is reopened by the runtime; if that has not worked
+      within the bound the service cannot do its job while the server is there, which is what a restart
+      by the liveness probe is for (and what makes it visible);
     - ``/readyz``: connected and caught up, as the service says (``set_ready``).
     """
 
@@ -121,6 +129,9 @@ class Health:
     ctx: ServiceContext | None = None
     main_task: asyncio.Task | None = None
     metrics: Registry = field(default_factory=Registry)
+    # Event-loop time the server closed the connection for good, until a new one is set up; and why.
+    closed_since: float | None = None
+    closed_reason: str = ""
 
     def live(self) -> tuple[bool, str]:
         if self.main_task is not None and self.main_task.done():
@@ -131,10 +142,14 @@ class Health:
         live, reason = self.live()
         if not live:
             return False, reason
+        now = asyncio.get_running_loop().time()
+        if self.closed_since is not None and now - self.closed_since > self.stale_after:
+            return False, (f"the NATS connection was closed by the server {now - self.closed_since:.0f}s ago and "
+                           f"is not reopened yet ({self.closed_reason}; bound {self.stale_after:.0f}s)")
         ctx = self.ctx
         since = ctx.queued_since() if ctx is not None and ctx.queued_since is not None else None
         if since is not None:
-            waited = asyncio.get_running_loop().time() - since
+            waited = now - since
             if waited > self.stale_after:
                 return False, f"input queued {waited:.0f}s ago is not handled yet (bound {self.stale_after:.0f}s)"
         return True, "ok"
@@ -215,6 +230,11 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
             ctx.stop = stop
             if stop.is_set():
                 return
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                # Cancelled because the server closed the connection; the service's cleanup then failed on
+                # the dead client, and that error must not swallow the cancellation.
+                raise asyncio.CancelledError from exc
             delay = backoff.next()
             ctx.set_not_ready(f"restarting after a bus failure: {type(exc).__name__}")
             log.warning("%s: the bus failed under the service (%s: %s); starting it again in %.1fs", name,
@@ -272,8 +292,13 @@ async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
 
 
 class _ConnectionClosed(Exception):
-    """The first connection was closed for good (nats-py gives up on an authorization error)."""
+    """The connection was closed for good before the streams were set up (nats-py gives up on an
+    authorization error)."""
 
+
+# Seconds between looks at whether nats-py closed the client: it does not always call closed_cb (not
+# for a refusal while reconnecting), and a look costs nothing.
+CLOSED_POLL = 0.25
 
 # The streams a service that may not declare them checks for (beside its consumers' own).
 _NEEDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
@@ -304,13 +329,36 @@ async def client_auth(name: str, config: CommonConfig) -> nats_credentials.Clien
     return auth
 
 
-async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.ConsumerSpec], stop: asyncio.Event,
-                         health: Health, declare: bool = True, streams: Sequence[str] = (),
-                         role: str = "") -> JetStreamContext | None:
+@dataclass
+class _Session:
+    """One connection of a service and what it was made with; a new one after the server closed the last."""
+
+    name: str
+    auth: nats_credentials.ClientAuth | None
+    refusals: list[str] = field(default_factory=list)  # the server's permission refusals, newest last
+    nc: NATS | None = None
+
+    def on_error(self, exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            del self.refusals[:-9]
+            self.refusals.append(str(exc))
+
+    def wrong_role(self) -> StartupError:
+        who = self.auth.describe() if self.auth is not None else "no identity"
+        return StartupError(f"NATS refused this identity ({who}) what the {self.name} needs to start "
+                            f"({self.refusals[-1]}): is it another role's? Each service needs its own "
+                            "(--nats-nkey-file <role>.nk; an applier its token)")
+
+
+async def _setup_streams(session: _Session, replicas: int, consumers: Sequence[topology.ConsumerSpec],
+                         stop: asyncio.Event, health: Health, declare: bool = True,
+                         streams: Sequence[str] = ()) -> JetStreamContext | None:
     """Create or check the streams and consumers, retrying while JetStream cannot answer yet (a cluster
     still electing its leaders, a server restarting) or, for a service that may not declare them, while
-    they do not exist yet; None when told to stop first. StartupError, one sentence, when the server
-    refused what the setup asked (another role's identity: retrying cannot help)."""
+    they do not exist yet; None when told to stop first. StartupError when the server refused the
+    identity a request (its role is not this service's: retrying cannot change that)."""
+    nc = session.nc
+    assert nc is not None
     backoff = Backoff(initial=0.5, maximum=10.0)
     while not stop.is_set():
         try:
@@ -324,11 +372,9 @@ async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.C
             continue
         except bus.INFRASTRUCTURE_ERRORS as exc:
             if nc.is_closed:
-                raise _ConnectionClosed(bus.describe_refusal(nc.last_error or exc, None)) from None
-            if "permissions violation" in str(nc.last_error or "").lower():
-                raise StartupError(f"NATS refused this identity what the {role or 'service'} needs to start "
-                                   f"({nc.last_error}): is it another role's? Each service needs its own "
-                                   "(--nats-nkey-file <role>.nk; an applier its token)") from None
+                raise _ConnectionClosed(bus.describe_refusal(nc.last_error or exc, session.auth)) from None
+            if session.refusals:
+                raise session.wrong_role() from None
             delay = backoff.next()
             health.phase = f"waiting for JetStream: {type(exc).__name__}: {exc or ''}"
             log.warning("JetStream cannot set up the streams yet (%s: %s); retrying in %.1fs", type(exc).__name__,
@@ -338,13 +384,155 @@ async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.C
     return None
 
 
+async def _open(name: str, config: CommonConfig, url: str, consumers: Sequence[topology.ConsumerSpec],
+                stop: asyncio.Event, health: Health, first: bool) -> tuple[_Session, JetStreamContext] | None:
+    """A new connection, with the identity and CA files read now, and the streams set up or checked on it;
+    None when told to stop first. After the first one, a file that cannot be read (mid-rotation) is retried."""
+    backoff = Backoff(initial=1.0, maximum=30.0)
+    while not stop.is_set():
+        try:
+            auth = await client_auth(name, config)
+        except StartupError as exc:
+            if first:
+                raise
+            delay = backoff.next()
+            health.phase = f"cannot read the identity: {exc}"
+            log.warning("%s: %s; retrying in %.1fs", name, exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            continue
+        session = _Session(name, auth)
+        health.phase = f"connecting to NATS at {url}"
+        try:
+            session.nc = await bus.connect(url, f"kipvs-{name}", stop, auth=auth, on_error=session.on_error)
+        except bus.Stopped as exc:
+            log.info("%s: %s", name, exc)
+            return None
+        health.phase = "setting up the streams"
+        try:
+            # With an identity of its own, a service checks the topology; only the admin declares it.
+            js = await _setup_streams(session, config.nats_replicas, consumers, stop, health,
+                                      declare=_declares(auth),
+                                      streams=_NEEDED_STREAMS.get(name, ()))
+        except _ConnectionClosed as exc:
+            # nats-py does not reconnect after the server refused the identity (an auth callout not
+            # listening yet, a token rejected): start over with a new connection.
+            log.warning("%s: NATS closed the connection (%s); connecting again", name, exc)
+            continue
+        except BaseException:
+            await _close(session.nc)
+            raise
+        if js is None:
+            await _close(session.nc)
+            log.info("%s: stopped before the streams could be set up", name)
+            return None
+        return session, js
+    return None
+
+
+def _declares(auth: nats_credentials.ClientAuth | None) -> bool:
+    """With an identity of its own, a service checks the topology; only the admin declares it."""
+    return auth is None or not (auth.nkey_file or auth.token_file)
+
+
+async def _close(nc: NATS | None) -> None:
+    if nc is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 10)
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _until_closed(nc: NATS) -> None:
+    while not nc.is_closed:  # noqa: ASYNC110 (see CLOSED_POLL)
+        await asyncio.sleep(CLOSED_POLL)
+
+
+# The tasks started (directly or not) by the service's main on one connection: see _track_tasks.
+_SESSION_TASKS: contextvars.ContextVar[set[asyncio.Task] | None] = contextvars.ContextVar("kipvs_session_tasks",
+                                                                                        default=None)
+
+
+def _track_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Make every task created inside a session (a task inherits its creator's context) known to it, so that
+    when the server closes the connection, the consumer loops, KV watchers, lease holders and report
+    publishers the service's main started are ended with it: none goes on retrying on the dead client.
+    Installed once per event loop, over any task factory already there."""
+    previous = loop.get_task_factory()
+    if getattr(previous, "kipvs_sessions", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future:
+        task = previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
+        context = kwargs.get("context")
+        owned = context.get(_SESSION_TASKS) if context is not None else _SESSION_TASKS.get()
+        if owned is not None and isinstance(task, asyncio.Task):
+            owned.add(task)
+            task.add_done_callback(owned.discard)
+        return task
+
+    factory.kipvs_sessions = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+
+
+async def _end_tasks(tasks: set[asyncio.Task]) -> None:
+    """Cancel what a closed session left running and wait (bounded) for it to finish."""
+    left = [t for t in tasks if not t.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left, timeout=GRACE_SECONDS)
+
+
+async def _run_session(name: str, main: Main, ctx: ServiceContext, health: Health, stop: asyncio.Event) -> bool:
+    """Run the service's main on one connection until it returns, ``stop`` is set, or the server
+    closes the connection for good; True in the last case (the main task and every task it started are
+    then cancelled: nothing it made, consumer, watcher, subscription or lease, outlives its connection)."""
+    _track_tasks(asyncio.get_running_loop())
+    owned: set[asyncio.Task] = set()
+    token = _SESSION_TASKS.set(owned)
+    try:
+        task = asyncio.create_task(_restarting(name, main, ctx), name=f"{name}-main")
+    finally:
+        _SESSION_TASKS.reset(token)
+    health.main_task = task
+    stopper = asyncio.create_task(stop.wait())
+    closed = asyncio.create_task(_until_closed(ctx.nc))
+    try:
+        try:
+            await asyncio.wait({task, stopper, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the runtime itself is cancelled: its service with it
+            await _end_tasks({task, *owned})
+            raise
+        if closed.done() and not task.done() and not stop.is_set():
+            health.main_task = None
+            await _end_tasks({task, *owned})
+            return True
+        if not task.done():
+            log.info("stopping %s: finishing the batch in hand", name)
+            try:
+                await asyncio.wait_for(task, GRACE_SECONDS)
+            except TimeoutError:
+                log.error("%s did not stop within %.0fs; cancelling", name, GRACE_SECONDS)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+        return False
+    finally:
+        stopper.cancel()
+        closed.cancel()
+
+
 async def run_service(name: str, config: CommonConfig, main: Main,
                       consumers: Sequence[topology.ConsumerSpec] = (),
                       stop: asyncio.Event | None = None) -> None:
     """Run one service until it returns or is told to stop (SIGTERM/SIGINT or ``stop``).
 
     The health endpoints come up first, so an unreachable NATS is visible (``/readyz`` says so, the log
-    says why every retry) and SIGTERM ends the wait at once. Raises StartupError for a user's mistake."""
+    says why every retry) and SIGTERM ends the wait at once. The runtime owns the connection: when the
+    server closes it for good (an identity that expired, a refusal at reconnect, a CA rotated), it
+    connects again with the identity and CA files read again, sets up or checks the streams again and
+    starts the service's main again on a new :class:`ServiceContext` (every start is a recovery).
+    Raises StartupError for a user's mistake."""
     logs.setup(config.log_format, config.log_level)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -353,59 +541,48 @@ async def run_service(name: str, config: CommonConfig, main: Main,
             loop.add_signal_handler(sig, stop.set)
     health = Health(stale_after=config.healthz_stale_after, metrics=Registry(name))
     runner, port = await _start_http(health, config.http_listen)
+    reopened = health.metrics.counter(
+        "kipvs_nats_connections_reopened_total",
+        "NATS connections the server closed for good (an identity expired, refused at reconnect) and the "
+        "service opened again, with its identity and CA files read again")
     try:
         async with nats_server_for(config) as url:
-            auth = await client_auth(name, config)
-            if name == "applier" and auth is not None and getattr(config, "node", ""):
+            if name == "applier" and getattr(config, "node", ""):
                 bus.READER_NAME.set(applier_reader(config.node))  # type: ignore[attr-defined]
-            while True:
-                health.phase = f"connecting to NATS at {url}"
-                try:
-                    nc = await bus.connect(url, f"kipvs-{name}", stop, auth=auth)
-                except bus.Stopped as exc:
-                    log.info("%s: %s", name, exc)
+            first = True
+            while not stop.is_set():
+                opened = await _open(name, config, url, consumers, stop, health, first)
+                if opened is None:
                     return
-                health.phase = "setting up the streams"
-                try:
-                    # With an identity of its own, a service checks the topology; only the admin declares it.
-                    js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
-                                              declare=auth is None or not (auth.nkey_file or auth.token_file),
-                                              streams=_NEEDED_STREAMS.get(name, ()), role=name)
-                    break
-                except _ConnectionClosed as exc:
-                    # nats-py does not reconnect after the server refused the identity (an auth callout
-                    # not listening yet, a token rejected): start over with a new connection.
-                    log.warning("%s: NATS closed the connection (%s); connecting again", name, exc)
-            try:
-                if js is None:
-                    log.info("%s: stopped before the streams could be set up", name)
-                    return
-                ctx = ServiceContext(name=name, config=config, nc=nc, js=js, stop=stop, metrics=health.metrics,
-                                     http_port=port)
-                health.ctx = ctx
+                session, js = opened
+                if not first:
+                    reopened.inc()
+                    log.info("%s: NATS connection reopened after %.1fs; starting the service again", name,
+                             loop.time() - (health.closed_since or loop.time()))
+                first = False
+                assert session.nc is not None
+                ctx = ServiceContext(name=name, config=config, nc=session.nc, js=js, stop=stop,
+                                     metrics=health.metrics, http_port=port)
+                health.ctx, health.closed_since = ctx, None
 
-                async def redeclare(nc: NATS = nc) -> JetStreamContext | None:
-                    return await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
-                                                declare=auth is None or not (auth.nkey_file or auth.token_file),
-                                                streams=_NEEDED_STREAMS.get(name, ()))
+                async def redeclare(session: _Session = session) -> JetStreamContext | None:
+                    return await _setup_streams(session, config.nats_replicas, consumers, stop, health,
+                                                declare=_declares(session.auth), streams=_NEEDED_STREAMS.get(name, ()))
 
                 ctx.redeclare = redeclare
-                task = asyncio.create_task(_restarting(name, main, ctx), name=f"{name}-main")
-                health.main_task = task
-                stopper = asyncio.create_task(stop.wait())
-                await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if not task.done():
-                    log.info("stopping %s: finishing the batch in hand", name)
-                    try:
-                        await asyncio.wait_for(task, GRACE_SECONDS)
-                    except TimeoutError:
-                        log.error("%s did not stop within %.0fs; cancelling", name, GRACE_SECONDS)
-                stopper.cancel()
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.drain(), 10)
+                try:
+                    closed = await _run_session(name, main, ctx, health, stop)
+                finally:
+                    await _close(session.nc)
+                if not closed:
+                    return
+                health.ctx = None
+                health.closed_since = loop.time()
+                health.closed_reason = bus.describe_refusal(session.nc.last_error, session.auth)
+                health.phase = f"reconnecting: the server closed the connection ({health.closed_reason})"
+                ctx.set_not_ready(health.phase)
+                log.warning("%s: the server closed the NATS connection for good (%s); connecting again with the "
+                            "identity and CA files read again", name, health.closed_reason)
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -946,6 +946,7 @@ async def test_a_service_with_another_roles_identity_says_so_in_one_line(declare
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert last.startswith("kipvs planner: NATS refused this identity") and "permissions violation" in last, last
+    assert "watcher.nk" in last, last  # the identity refused is named
 
 
 async def test_the_planner_and_the_tools_read_the_snapshot_with_their_identities(declared: SecureNats) -> None:

@@ -50,8 +50,10 @@ class AuthConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
     applier_service_account: Annotated[str, describe("the appliers' ServiceAccount")] = "kipvs-applier"
     token_audience: Annotated[str, describe("audience the appliers' projected tokens are for")] = "kipvs-nats"
     user_jwt_ttl: Annotated[float, describe(
-        "longest life of an applier's identity, seconds (never past its token's expiry)"),
-        msgspec.Meta(ge=60)] = 3600.0
+        "longest life of an applier's identity, seconds (never past its token's expiry); at its end the server "
+        "closes the applier's connection and the applier connects again with its token read again (values "
+        "below a minute are for tests: each end costs a reconnect and a restart of the applier's consumer)"),
+        msgspec.Meta(ge=2)] = 3600.0
 
 
 def _token_expiry(token: str) -> float | None:
