@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +31,16 @@ from .nats_credentials import (
     embedded_client,
     ensure_local_applier,
     local_applier_seed,
+    public_key,
+    read_seed,
     write_server_config,
 )
 from .nats_credentials import ensure as ensure_credentials
 from .pki import LOCAL_NAMES
 
 RUNFILE = "nats-server.json"
+CONFIG = "nats-server.conf"
+LOCKFILE = "nats-server.lock"  # held while the configuration is written (several appliers start at once)
 PORTFILE = "nats-server.port"
 DEFAULT_PORT = 4222
 
@@ -154,7 +160,8 @@ class EmbeddedNats:
                                     f"choose another with --port or stop that process")
         store = self.state_dir / "jetstream"
         if self.secure:
-            argv = [server_binary(), "-c", str(self._write_config())]
+            with self._config_lock():
+                argv = [server_binary(), "-c", str(self._write_config())]
         else:
             argv = [server_binary(), "--jetstream", "--store_dir", str(store), "--addr", self.host,
                     "--port", str(self.port), "--server_name", "kipvs-embedded"]
@@ -183,16 +190,33 @@ class EmbeddedNats:
                                     f"{self.state_dir / 'nats-server.log'}")
         (self.state_dir / RUNFILE).write_text(json.dumps({"pid": self.process.pid, "port": self.port, "host": self.host,
                                                           "secure": self.secure, "callout": self.callout}))
+        if stable:  # a port given (kipvs nats --port P) is the state directory's from now on: after a crash
+            # the server comes back there, where every service is reconnecting, not on 4222
+            (self.state_dir / PORTFILE).write_text(f"{self.port}\n")
         if self.secure:
             await self.declare()
 
     def _write_config(self) -> Path:
-        """Make what is missing of the credentials, and write the server's configuration from them."""
+        """Make what is missing of the credentials, and write the server's configuration from them (the
+        caller holds :meth:`_config_lock`)."""
         wildcard = self.host in ("0.0.0.0", "::", "")
         names = [*LOCAL_NAMES, *([] if wildcard or self.host in LOCAL_NAMES else [self.host]), *self.names]
         ensure_credentials(self.auth_dir, tuple(dict.fromkeys(names)))
         return write_server_config(self.auth_dir, self.state_dir / "jetstream", host=self.host, port=self.port,
-                                   callout=self.callout, path=self.state_dir / "nats-server.conf")
+                                   callout=self.callout, path=self.state_dir / CONFIG)
+
+    @contextlib.contextmanager
+    def _config_lock(self) -> Iterator[None]:
+        """An exclusive fcntl lock of the state directory's configuration: appliers first starting at once
+        each add their identity and rewrite the whole file, and without it one's write could drop another's
+        user for good (issue 21: once in about thirty runs). Blocks until held; released on close."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / LOCKFILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     @property
     def client_url(self) -> str:
@@ -215,9 +239,15 @@ class EmbeddedNats:
 
     async def add_local_applier(self, node: str) -> ClientAuth:
         """A static identity for ``node``'s applier (one machine, no Kubernetes to vouch for the node): made
-        on first use, the running server's configuration reloaded (SIGHUP). The applier creates its consumer itself."""
-        if ensure_local_applier(self.auth_dir, node):
-            self._write_config()
+        on first use, the running server's configuration reloaded (SIGHUP); written again when its user is not
+        in the configuration (lost by a kipvs before the lock). The applier creates its consumer itself.
+        CredentialsError for a node name no file can be named after."""
+        with self._config_lock():  # the lock's wait is a few milliseconds: another applier's write
+            seed = local_applier_seed(self.auth_dir, node)
+            written = ensure_local_applier(self.auth_dir, node) or not self._configured(seed)
+            if written:
+                self._write_config()
+        if written:
             pid = int(json.loads((self.state_dir / RUNFILE).read_text()).get("pid", 0))
             os.kill(pid, signal.SIGHUP)  # nats-server reloads its users without dropping anyone
             await asyncio.sleep(0.5)
@@ -225,6 +255,13 @@ class EmbeddedNats:
 
         return ClientAuth(nkey_file=str(local_applier_seed(self.auth_dir, node)),
                           ca_file=str(self.auth_dir / CA_CERT), inbox_prefix=inbox_prefix(applier_durable(node)))
+
+    def _configured(self, seed: Path) -> bool:
+        """Whether the configuration on disk has the user of ``seed``."""
+        try:
+            return public_key(read_seed(seed)) in (self.state_dir / CONFIG).read_text()
+        except OSError:
+            return False
 
     @staticmethod
     def stop_running(state_dir: Path) -> int | None:

@@ -55,8 +55,10 @@ def public_key(seed: bytes) -> str:
 
 
 def read_seed(path: Path) -> bytes:
-    """An NKEY seed from its file; CredentialsError naming the file when it cannot be used."""
+    """An NKEY seed from its file; CredentialsError naming the file when it cannot be used, or when others
+    may read it (:func:`check_private`)."""
     try:
+        check_private(path)
         seed = path.read_bytes().strip()
         nkeys.from_seed(seed)
     except OSError as exc:
@@ -64,6 +66,18 @@ def read_seed(path: Path) -> bytes:
     except (nkeys.ErrInvalidSeed, nkeys.ErrInvalidPrefixByte, ValueError, TypeError):
         raise CredentialsError(f"{path} does not hold an NKEY seed (a line starting with 'SU' or 'SA')") from None
     return seed
+
+
+def check_private(path: Path) -> None:
+    """Refuse a private key others may read, as OpenSSH does (``sshkey_perm_ok``): no group or other bits on a
+    file this user owns; on a file someone else owns (a Kubernetes Secret mounted 0440 root:fsGroup, the
+    group being the pod's own), no bits for others. CredentialsError, one sentence; OSError when it cannot
+    be looked at."""
+    st = path.stat()
+    mode = st.st_mode & 0o777
+    if mode & 0o007 or (st.st_uid == os.getuid() and mode & 0o077):
+        raise CredentialsError(f"{path} is readable by others (mode {mode:04o}): it is a private key; "
+                               f"'chmod 600 {path}' (kipvs refuses it, as ssh does)")
 
 
 def ensure(directory: Path, server_names: tuple[str, ...] | list[str] = pki.LOCAL_NAMES) -> bool:
@@ -112,6 +126,9 @@ def ensure_local_applier(directory: Path, node: str) -> bool:
     """Give ``node``'s applier a static NKEY identity (with that node's permissions only, as the callout
     would); True when it is new (the server's configuration must then be written and reloaded)."""
     path = local_applier_seed(directory, node)
+    if len(path.name) > 255:  # NAME_MAX: the file holds the node's name
+        raise CredentialsError(f"node name {node[:40]}... ({len(node)} characters) is too long for a static "
+                               "identity on the embedded server (at most 246): use the auth callout")
     if path.exists():
         return False
     pki.write_private(path, _new_seed(nkeys.PREFIX_BYTE_USER) + b"\n")

@@ -92,9 +92,11 @@ def _durable(stream: str, name: str) -> list[str]:
 def _object_reader(stream: str = SNAPSHOT_STREAM) -> list[str]:
     # nats-py reads an object with an ordered push consumer (flow control replies on $JS.FC.<stream>.>),
     # finding its stream by subject first (STREAM.NAMES: the names only).
+    # plan_log reads the snapshot's chunks with a pull consumer instead (bus.read_stream): its info and fetches.
     return [f"{JS}.STREAM.NAMES", f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.MSG.GET.{stream}",
             f"{JS}.DIRECT.GET.{stream}", f"{JS}.DIRECT.GET.{stream}.>", f"{JS}.CONSUMER.CREATE.{stream}",
-            f"{JS}.CONSUMER.CREATE.{stream}.>", f"$JS.FC.{stream}.>"]
+            f"{JS}.CONSUMER.CREATE.{stream}.>", f"$JS.FC.{stream}.>", f"{JS}.CONSUMER.INFO.{stream}.*",
+            f"{JS}.CONSUMER.MSG.NEXT.{stream}.*"]
 
 
 # Pulling from a durable that is not one's own would delay its messages by its ack wait: denied where the
@@ -147,7 +149,10 @@ def tools() -> Permissions:
     # KIPVS_PLAN itself: single messages only; history through its mirror, since any consumer-create right
     # on KIPVS_PLAN would let the holder rewrite a node's durable consumer by name.
     plan = topology.PLAN_STREAM
+    claims = f"KV_{topology.APPLIER_CLAIMS_BUCKET}"  # kipvs status: who applies each node
     publish = [f"{JS}.INFO", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST", "kipvs.inspect.*.>", *_object_reader(),
+               f"{JS}.STREAM.INFO.{claims}", f"{JS}.STREAM.MSG.GET.{claims}", f"{JS}.DIRECT.GET.{claims}",
+               f"{JS}.DIRECT.GET.{claims}.>",
                f"{JS}.STREAM.INFO.{plan}", f"{JS}.STREAM.MSG.GET.{plan}", f"{JS}.DIRECT.GET.{plan}",
                f"{JS}.DIRECT.GET.{plan}.>"]
     for stream in readable:
@@ -168,23 +173,45 @@ def auth() -> Permissions:
 
 
 def applier_reader(node: str) -> str:
-    """The one ephemeral consumer name a node's applier reads plan history with (``bus.read_stream``)."""
-    return f"{applier_durable(node)}-reader"
+    """The one ephemeral consumer name a node's applier reads history with (``bus.read_stream``: the plan, and
+    the snapshot object's chunks). ``reader-<node_key>``: never a durable's name (those begin ``applier-``),
+    where ``applier-a-reader`` was both node ``a``'s reader and node ``a-reader``'s durable."""
+    return f"reader-{topology.node_key(node)}"
 
 
 def applier_durable(node: str) -> str:
     return str(topology.applier_consumer(node).config.durable_name)
 
 
+def _own_object_reader(reader: str, stream: str = SNAPSHOT_STREAM) -> list[str]:
+    """Read objects of the snapshot bucket through one consumer name (plan_log._read_object): the metadata
+    by single-message gets, the chunks (``$O.<bucket>.C.<nuid>``) through ``reader`` only, since a right to
+    create any consumer there let one node cost the servers 248 MiB with 5,000 durables (issue 21)."""
+    chunks = f"$O.{topology.SNAPSHOT_BUCKET}.C.*"
+    return [f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.MSG.GET.{stream}", f"{JS}.DIRECT.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}.>", f"{JS}.CONSUMER.CREATE.{stream}.{reader}.{chunks}",
+            f"{JS}.CONSUMER.INFO.{stream}.{reader}", f"{JS}.CONSUMER.MSG.NEXT.{stream}.{reader}",
+            f"{JS}.CONSUMER.DELETE.{stream}.{reader}"]
+
+
+def _own_claim(node: str) -> list[str]:
+    """Put and read its node's claim and its superseded record (shared/node_claims.py); read any key."""
+    bucket = topology.APPLIER_CLAIMS_BUCKET
+    stream, key = f"KV_{bucket}", topology.node_key(node)
+    return [f"$KV.{bucket}.{key}", f"$KV.{bucket}.{key}.superseded", f"{JS}.STREAM.INFO.{stream}",
+            f"{JS}.STREAM.MSG.GET.{stream}", f"{JS}.DIRECT.GET.{stream}", f"{JS}.DIRECT.GET.{stream}.>"]
+
+
 def applier(node: str) -> Permissions:
-    """One node's applier: its own consumer of the plan, the plan snapshot, its own status and parked
-    subjects, and answering the kernel view's requests for its node. Nothing of another node's."""
+    """One node's applier: its own consumer of the plan, the plan snapshot through its own reader, its claim,
+    its own status subjects (the fixed kinds only) and parked subject, and answering the kernel view's
+    requests for its node. Nothing of another node's, and no consumer of any other name."""
     durable, reader, plan = applier_durable(node), applier_reader(node), topology.PLAN_STREAM
     own_plan = (topology.PLAN_ALL_SUBJECT, topology.plan_node_subject(node))
-    status = f"kipvs.status.{topology.token(node)}.>"
     return Permissions(
         publish=(
-            status, topology.parked_subject(durable),
+            *(topology.status_subject(node, what) for what in topology.STATUS_KINDS),
+            topology.parked_subject(durable),
             *_durable(plan, durable),
             # its own durable only, (re)created after its bootstrap from the first sequence it did not read
             # (topology.recreate_applier_consumer): delete, then create by its name through either subject
@@ -194,7 +221,7 @@ def applier(node: str) -> Permissions:
             *(f"{JS}.CONSUMER.CREATE.{plan}.{reader}.{s}" for s in own_plan),
             f"{JS}.CONSUMER.INFO.{plan}.{reader}", f"{JS}.CONSUMER.MSG.NEXT.{plan}.{reader}",
             f"{JS}.CONSUMER.DELETE.{plan}.{reader}",
-            *_object_reader(),
+            *_own_object_reader(reader), *_own_claim(node),
         ),
         subscribe=(f"{inbox_prefix(durable)}.>", f"kipvs.inspect.{topology.token(node)}.>"),
         allow_responses=True,

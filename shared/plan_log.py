@@ -5,12 +5,15 @@ rebuilt state against at start: one reader, so both see the same published state
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
 
 from . import bus, delta_chunks, events, topology
 from .plan.plan_state import SequenceGap, SharedPlan
@@ -21,23 +24,54 @@ SHARED = "all"  # the shared plan's scope
 
 SNAPSHOT_READ_S = 30.0  # one read of the snapshot object; far above what 10,000 Services take (~2 s)
 SNAPSHOT_READS = 3
+SNAPSHOT_RETRY_S = 0.5
 
 
 async def _read_snapshot(js: JetStreamContext) -> bytes | None:
     """The snapshot object's bytes, None when there is none. A snapshot replaced while it is being read
-    has its old chunks purged, and nats-py's object-store reader then waits for them forever (seen with 200
-    appliers bootstrapping while the planner wrote its next snapshot): each read is bounded and retried,
-    and TimeoutError (an infrastructure error: the service starts again) after the last."""
+    has its old chunks purged (seen with 200 appliers bootstrapping while the planner wrote its next
+    snapshot): each read is bounded and retried, and TimeoutError (an infrastructure error: the service
+    starts again) after the last."""
     store = await js.object_store(topology.SNAPSHOT_BUCKET)
     for attempt in range(1, SNAPSHOT_READS + 1):
         try:
-            return (await asyncio.wait_for(store.get(topology.snapshot_object("all")), SNAPSHOT_READ_S)).data
+            return await asyncio.wait_for(_read_object(js, store, topology.snapshot_object("all")), SNAPSHOT_READ_S)
         except (ObjectNotFoundError, NotFoundError):
             return None
-        except TimeoutError:
-            log.warning("reading the plan snapshot took over %.0fs (attempt %d of %d; was it replaced while "
-                        "being read?); reading it again", SNAPSHOT_READ_S, attempt, SNAPSHOT_READS)
+        except (TimeoutError, _Incomplete) as exc:
+            log.warning("reading the plan snapshot: %s (attempt %d of %d; was it replaced while being read?); "
+                        "reading it again", exc or f"over {SNAPSHOT_READ_S:.0f}s", attempt, SNAPSHOT_READS)
+            await asyncio.sleep(SNAPSHOT_RETRY_S)  # the planner writes the new chunks before the new metadata
     raise TimeoutError(f"the plan snapshot could not be read in {SNAPSHOT_READS} attempts")
+
+
+class _Incomplete(Exception):
+    """The object's chunks read do not make the object its metadata describes."""
+
+
+async def _read_object(js: JetStreamContext, store: ObjectStore, name: str) -> bytes:
+    """One object's bytes, read the way nats-py's ``ObjectStore.get`` does (metadata, then the chunks by
+    their subject ``$O.<bucket>.C.<nuid>``, then the SHA-256 digest) but through :func:`bus.read_stream`:
+    ``get`` creates an ordered consumer with a name the server chooses, which a node's permissions could
+    only allow by letting it create any consumer on the bucket's stream (issue 21: 5,000 of them cost the
+    servers 248 MiB). bus.read_stream uses the node's one reader name. _Incomplete when the chunks do not
+    add up to the size and digest (replaced while read)."""
+    info = await store.get_info(name)
+    if not info.nuid or info.is_link():
+        raise ObjectNotFoundError
+    size = info.size or 0
+    data, digest = bytearray(), hashlib.sha256()
+    subject = f"$O.{topology.SNAPSHOT_BUCKET}.C.{info.nuid}"
+    if size:
+        async for msg in bus.read_stream(js, f"OBJ_{topology.SNAPSHOT_BUCKET}", subject):
+            if len(data) + len(msg.data) > size:
+                raise _Incomplete(f"chunks beyond the object's {size} bytes")
+            data += msg.data
+            digest.update(msg.data)
+    want = (info.digest or "").split("=", 1)[-1]
+    if len(data) != size or base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=") != want.rstrip("="):
+        raise _Incomplete(f"{len(data)} of {size} bytes read, or a different digest")
+    return bytes(data)
 
 
 async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:

@@ -305,10 +305,12 @@ async def client_auth(name: str, config: CommonConfig) -> nats_credentials.Clien
 
 
 async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.ConsumerSpec], stop: asyncio.Event,
-                         health: Health, declare: bool = True, streams: Sequence[str] = ()) -> JetStreamContext | None:
+                         health: Health, declare: bool = True, streams: Sequence[str] = (),
+                         role: str = "") -> JetStreamContext | None:
     """Create or check the streams and consumers, retrying while JetStream cannot answer yet (a cluster
     still electing its leaders, a server restarting) or, for a service that may not declare them, while
-    they do not exist yet; None when told to stop first."""
+    they do not exist yet; None when told to stop first. StartupError, one sentence, when the server
+    refused what the setup asked (another role's identity: retrying cannot help)."""
     backoff = Backoff(initial=0.5, maximum=10.0)
     while not stop.is_set():
         try:
@@ -323,6 +325,10 @@ async def _setup_streams(nc: NATS, replicas: int, consumers: Sequence[topology.C
         except bus.INFRASTRUCTURE_ERRORS as exc:
             if nc.is_closed:
                 raise _ConnectionClosed(bus.describe_refusal(nc.last_error or exc, None)) from None
+            if "permissions violation" in str(nc.last_error or "").lower():
+                raise StartupError(f"NATS refused this identity what the {role or 'service'} needs to start "
+                                   f"({nc.last_error}): is it another role's? Each service needs its own "
+                                   "(--nats-nkey-file <role>.nk; an applier its token)") from None
             delay = backoff.next()
             health.phase = f"waiting for JetStream: {type(exc).__name__}: {exc or ''}"
             log.warning("JetStream cannot set up the streams yet (%s: %s); retrying in %.1fs", type(exc).__name__,
@@ -364,7 +370,7 @@ async def run_service(name: str, config: CommonConfig, main: Main,
                     # With an identity of its own, a service checks the topology; only the admin declares it.
                     js = await _setup_streams(nc, config.nats_replicas, consumers, stop, health,
                                               declare=auth is None or not (auth.nkey_file or auth.token_file),
-                                              streams=_NEEDED_STREAMS.get(name, ()))
+                                              streams=_NEEDED_STREAMS.get(name, ()), role=name)
                     break
                 except _ConnectionClosed as exc:
                     # nats-py does not reconnect after the server refused the identity (an auth callout

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ from nats.js.api import (
     StreamSource,
 )
 from nats.js.errors import APIError, NotFoundError
+
+log = logging.getLogger("kipvs.topology")
 
 MIN_SERVER_VERSION = (2, 10, 0)  # multiple filter subjects per consumer
 # nats-server 2.15 limits every stream to 1,000 consumers unless the stream sets its own limit
@@ -71,11 +75,33 @@ def token(name: str) -> str:
 
     Kubernetes names are DNS-1123 (lowercase alphanumerics, ``-`` and ``.``); ``.`` separates subject
     tokens, so it becomes ``_``, which Kubernetes names never contain: the mapping is reversible.
-    Anything else is not a valid Kubernetes name and raises ValueError.
+    Anything else (``*``, ``>``, upper case, white space, over 253 characters) is not a valid Kubernetes name
+    and raises ValueError: it could widen a subscription or a permission to another node's subjects.
     """
+    if len(name) > MAX_NAME_LEN:
+        raise ValueError(f"{name[:60]!r}... ({len(name)} characters) is not a valid Kubernetes name (DNS-1123: "
+                         f"at most {MAX_NAME_LEN})")
     if not _NAME_TOKEN.match(name):
         raise ValueError(f"{name!r} is not a valid Kubernetes name (DNS-1123)")
     return name.replace(".", "_")
+
+
+MAX_NAME_LEN = 253  # a DNS-1123 subdomain, what Kubernetes allows a Node's name
+# nats-server refuses a consumer (or stream) name above 255 characters (JSMaxNameLen); a node's durable
+# and reader names add a prefix to its key, so a longer key is cut and made unique by a hash of the name.
+_NODE_KEY_MAX = 180
+_NODE_KEY_HASHED_PREFIX = 160
+
+
+def node_key(node: str) -> str:
+    """The node's name as it appears in its consumer names and its claim key: :func:`token`, one-to-one,
+    when at most 180 characters; else its first 160 characters, ``-`` and the first 40 hex digits of the
+    name's SHA-256 (201 characters: longer than any uncut key, so a cut key never equals an uncut one).
+    ValueError as :func:`token`."""
+    tok = token(node)
+    if len(tok) <= _NODE_KEY_MAX:
+        return tok
+    return f"{tok[:_NODE_KEY_HASHED_PREFIX]}-{hashlib.sha256(node.encode()).hexdigest()[:40]}"
 
 
 def untoken(tok: str) -> str:
@@ -105,6 +131,11 @@ PLAN_LEADER_SUBJECT = "kipvs.plan.leader"
 
 def plan_node_subject(node: str) -> str:
     return f"kipvs.plan.node.{token(node)}"
+
+
+# What an applier reports on kipvs.status.<node>.<what>: its permissions name these kinds, not ``>``, so a
+# node cannot open subjects of its own in the status stream.
+STATUS_KINDS = ("applied", "drift", "facts", "shadow")
 
 
 def status_subject(node: str, what: str) -> str:
@@ -137,6 +168,15 @@ class ConsumerSpec:
     )
 
 
+STATUS_MAX_MSG = 256 * 1024  # an applier's report; its lists of findings are far below this
+STATUS_PER_SUBJECT = 1_000  # reports kept per node and kind (kipvs why reads a node's applied history)
+# nats-server reserves a stream's max_bytes in its store (max_file_store) up front, away from the log: kept
+# small, and dropped with a warning on a store too small to reserve it (ensure_stream).
+STATUS_MAX_BYTES = 512 * 1024**2
+PARKED_MAX_MSG = 1024 * 1024  # a parked message holds the original (up to the server's max payload, 1 MiB)
+PARKED_MAX_BYTES = 256 * 1024**2
+# nats-server's JSInsufficientResourcesErr, JSStorageResourcesExceededErr ("insufficient storage resources")
+_INSUFFICIENT_RESOURCES = (10023, 10047)
 DUPLICATE_WINDOW_S = 600.0  # how long JetStream remembers Nats-Msg-Id; longer than any watcher restart
 
 
@@ -188,6 +228,13 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
                 max_age=7 * 24 * 3600.0,
                 discard=DiscardPolicy.OLD,
                 allow_direct=True,
+                # Bounded by the server, not by the appliers' good manners: a node's identity may publish
+                # only its STATUS_KINDS subjects, each keeps STATUS_PER_SUBJECT reports of at most
+                # STATUS_MAX_MSG bytes, and the whole stream drops its oldest past STATUS_MAX_BYTES, never
+                # refusing a write (a full store stopped the whole cluster, issue 21).
+                max_msg_size=STATUS_MAX_MSG,
+                max_msgs_per_subject=STATUS_PER_SUBJECT,
+                max_bytes=STATUS_MAX_BYTES,
             ),
             "what each node applied and found",
         ),
@@ -201,6 +248,8 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
                 num_replicas=replicas,
                 duplicate_window=120.0,
                 discard=DiscardPolicy.OLD,
+                max_msg_size=PARKED_MAX_MSG,
+                max_bytes=PARKED_MAX_BYTES,
             ),
             "the dead-letter store: nothing is dropped silently",
         ),
@@ -285,7 +334,11 @@ def applier_consumer(node: str, start_seq: int = 0, replicas: int = 1, memory: b
 
 
 def applier_durable(node: str) -> str:
-    return f"applier-{token(node).replace('_', '-')}"
+    """The node's durable consumer name, ``applier-<node_key>``. One-to-one: an older kipvs wrote ``.`` as
+    ``-`` here, which gave nodes ``a.b`` and ``a-b`` one durable (and one identity on the embedded server).
+    A node whose name holds a ``.`` gets a new durable; the one an older kipvs made stays until an admin
+    deletes it (``nats consumer rm KIPVS_PLAN applier-...``)."""
+    return f"applier-{node_key(node)}"
 
 
 class TopologyError(Exception):
@@ -309,11 +362,24 @@ def _differences(wanted: object, echoed: object, fields: tuple[str, ...]) -> lis
 
 
 _STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "duplicate_window", "max_age",
-                  "discard", "allow_direct", "max_consumers")
+                  "discard", "allow_direct", "max_consumers", "max_msg_size", "max_msgs_per_subject", "max_bytes")
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
-    """Create the stream, or update it to the declared config; then check what the server echoes."""
+    """Create the stream, or update it to the declared config; then check what the server echoes. A store
+    too small to reserve the stream's ``max_bytes`` (nats-server reserves it up front) gets the stream
+    without it, and a warning: its other bounds (per subject, per message) still hold."""
+    try:
+        await _ensure_stream(js, spec)
+    except TopologyError as exc:
+        if getattr(exc.__context__, "err_code", None) not in _INSUFFICIENT_RESOURCES or not spec.config.max_bytes:
+            raise
+        log.warning("stream %s: the server's store cannot reserve its %d MiB (max_file_store too small); "
+                    "declared without a byte limit", spec.config.name, spec.config.max_bytes // 2**20)
+        await _ensure_stream(js, dataclasses.replace(spec, config=dataclasses.replace(spec.config, max_bytes=None)))
+
+
+async def _ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     try:
         try:
             info = await js.stream_info(spec.config.name)
@@ -328,7 +394,7 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
         raise TopologyError(
             f"stream {spec.config.name}: the server refused kipvs's config ({exc.description}). An existing "
             "stream with settings that cannot be changed in place (storage, retention) must be migrated by hand."
-        ) from None
+        ) from None  # (its __context__ keeps the APIError: ensure_stream reads its code)
     diffs = _differences(spec.config, info.config, _STREAM_FIELDS)
     if diffs:
         raise TopologyError(
@@ -368,6 +434,7 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     if snapshots.max_consumers != FLEET_MAX_CONSUMERS:  # every bootstrapping node reads it at once
         await js.update_stream(dataclasses.replace(snapshots, max_consumers=FLEET_MAX_CONSUMERS))
     await ensure_lease_bucket(js, replicas)
+    await ensure_claims_bucket(js, replicas)
 
 
 async def ensure_lease_bucket(js: JetStreamContext, replicas: int = 1) -> None:
@@ -376,6 +443,20 @@ async def ensure_lease_bucket(js: JetStreamContext, replicas: int = 1) -> None:
     await js.create_key_value(KeyValueConfig(
         bucket=PLANNER_LEASE_BUCKET, description="kipvs: which planner is active (a lease, renewed)",
         history=1, storage=StorageType.FILE, replicas=replicas))
+
+
+# One applier per node (shared/node_claims.py): a JetStream key-value bucket, one key per node and one per
+# superseded applier still running (an applier may write those two only), one revision each, values of at
+# most 1 KiB: bounded per node by the server without a max_bytes (which the server would reserve up front).
+APPLIER_CLAIMS_BUCKET = "kipvs-appliers"
+CLAIM_MAX_VALUE_BYTES = 1024
+
+
+async def ensure_claims_bucket(js: JetStreamContext, replicas: int = 1) -> None:
+    """The appliers' claims bucket: one revision per key, each value and the whole bucket bounded."""
+    await js.create_key_value(KeyValueConfig(
+        bucket=APPLIER_CLAIMS_BUCKET, description="kipvs: which applier applies each node (the newest wins)",
+        history=1, max_value_size=CLAIM_MAX_VALUE_BYTES, storage=StorageType.FILE, replicas=replicas))
 
 
 async def recreate_applier_consumer(js: JetStreamContext, node: str, after_stream_seq: int) -> ConsumerSpec:

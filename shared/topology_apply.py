@@ -13,16 +13,22 @@ import argparse
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 from . import bus, logs, nats_credentials, topology
 from .config import StartupError, check_nats_url
+from .embedded_nats import EmbeddedNats, default_state_dir
 
 log = logging.getLogger("kipvs.topology")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["apply"], help="apply: create or update the streams and consumers")
-    parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", ""), help="NATS URL (env NATS_URL)")
+    parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", ""),
+                        help="NATS URL (env NATS_URL; default: the embedded server running for --state-dir, with "
+                             "its admin identity)")
+    parser.add_argument("--state-dir", default="", help="the embedded server's state dir (default: "
+                                                        "$KIPVS_STATE_DIR or ~/.local/state/kipvs)")
     parser.add_argument("--nats-nkey-file", default=os.environ.get("KIPVS_NATS_NKEY_FILE", ""),
                         help="the admin identity's NKEY seed file (env KIPVS_NATS_NKEY_FILE); empty: an open server")
     parser.add_argument("--nats-ca-file", default=os.environ.get("KIPVS_NATS_CA_FILE", ""),
@@ -49,33 +55,44 @@ async def apply(url: str, auth: nats_credentials.ClientAuth | None, replicas: in
         await nc.close()
 
 
+def _embedded(args: argparse.Namespace) -> tuple[str, nats_credentials.ClientAuth | None]:
+    """(URL, admin identity) of the embedded server running for ``--state-dir`` (KIPVS_STATE_DIR, as every
+    other command); StartupError when none runs there."""
+    where = Path(args.state_dir) if args.state_dir else default_state_dir()
+    running = EmbeddedNats.running_in(where)
+    if running is None:
+        raise StartupError(f"give the NATS URL (--nats-url or NATS_URL): no embedded server runs for {where}")
+    return running.client_url, running.identity("admin")
+
+
 def run(args: argparse.Namespace) -> int:
     logs.setup("human", "info")
-    if not args.nats_url:
-        raise StartupError("give the NATS URL: --nats-url or NATS_URL")
+    url, auth = args.nats_url, None
+    if not url:
+        url, auth = _embedded(args)
     try:
-        check_nats_url(args.nats_url)
+        check_nats_url(url)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    auth = None
     if args.nats_nkey_file or args.nats_ca_file:
         auth = nats_credentials.ClientAuth(nkey_file=args.nats_nkey_file, ca_file=args.nats_ca_file,
                                            inbox_prefix="_INBOX_admin" if args.nats_nkey_file else "",
                                            tls_hostname=args.nats_tls_server_name)
-        try:
+    try:
+        if auth is not None:
             auth.check()
-        except nats_credentials.CredentialsError as exc:
-            raise StartupError(str(exc)) from None
+    except nats_credentials.CredentialsError as exc:
+        raise StartupError(str(exc)) from None
     for node in args.node:
         try:
             topology.token(node)
         except ValueError as exc:
             raise StartupError(f"--node: {exc}") from None
     try:
-        asyncio.run(apply(args.nats_url, auth, args.nats_replicas, args.node))
+        asyncio.run(apply(url, auth, args.nats_replicas, args.node))
     except topology.TopologyError as exc:
         log.error("%s", exc)
         return 1
-    log.info("topology in place: %d streams, the snapshot bucket, the planner's consumer%s",
+    log.info("topology in place: %d streams, the snapshot, lease and claims buckets, the planner's consumer%s",
              len(topology.streams()), f" and {len(args.node)} applier consumer(s)" if args.node else "")
     return 0

@@ -12,9 +12,10 @@ from pathlib import Path
 import nats
 import nkeys
 import pytest
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, DiscardPolicy
 
-from kipvs.shared import bus, nats_credentials, pki, topology
+from kipvs.planner.core import Planner
+from kipvs.shared import bus, events, nats_credentials, nats_permissions, pki, plan_log, topology
 from kipvs.shared.nats_credentials import ClientAuth
 from tests.secure_nats import SecureNats
 
@@ -264,7 +265,7 @@ async def test_a_node_gets_its_own_rights_and_nothing_else(callout: SecureNats, 
     sub = await js.pull_subscribe_bind(durable="applier-node-a", stream=topology.PLAN_STREAM)
     with pytest.raises(nats.errors.TimeoutError):
         await sub.fetch(1, timeout=0.5)  # allowed, just nothing yet
-    ack = await js.publish(topology.status_subject("node-a", "report"), b"{}")
+    ack = await js.publish(topology.status_subject("node-a", "applied"), b"{}")
     assert ack.stream == topology.STATUS_STREAM
     ack = await js.publish(topology.parked_subject("applier-node-a"), b"x")
     assert ack.stream == topology.PARKED_STREAM
@@ -314,10 +315,10 @@ async def test_a_token_for_node_b_does_not_give_node_a(callout: SecureNats, sim,
     nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
                             **applier_identity(callout, token, "node-b").connect_options())
     js = nc.jetstream(timeout=3)
-    refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-a", "report"), b"{}",
+    refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-a", "applied"), b"{}",
                                                             timeout=1))
-    assert "kipvs.status.node-a.report" in refusal
-    ack = await js.publish(topology.status_subject("node-b", "report"), b"{}")
+    assert "kipvs.status.node-a.applied" in refusal
+    ack = await js.publish(topology.status_subject("node-b", "applied"), b"{}")
     assert ack.stream == topology.STATUS_STREAM
     await nc.close()
 
@@ -490,6 +491,7 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
     (config_map,) = [d for d in yaml.safe_load_all((Path(__file__).parents[1] / "deploy" / "kubernetes" /
                                                     "20-nats.yaml").read_text()) if d["kind"] == "ConfigMap"]
     text = config_map["data"]["nats.conf"]
+    _monitoring_on_loopback_only(text)
     port, cluster, monitor = free_loopback_port(), free_loopback_port(), free_loopback_port()
     for tls_dir in (tmp_path / "etc" / "tls",):
         tls_dir.mkdir(parents=True)
@@ -500,13 +502,15 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
     (tmp_path / "etc" / "config").mkdir()
     text = (text.replace("/etc/nats/tls", str(tmp_path / "etc" / "tls")).replace("/data", str(tmp_path / "data"))
             .replace("port: 4222", f"port: {port}\nhost: 127.0.0.1").replace("port: 6222", f"port: {cluster}")
-            .replace("http_port: 8222", f"http_port: {monitor}"))
+            .replace("http: 127.0.0.1:8222", f"http: 127.0.0.1:{monitor}"))
     (tmp_path / "etc" / "config" / "nats.conf").write_text(text)
     log = (tmp_path / "nats.log").open("wb")
     proc = subprocess.Popen([server_binary(), "--config", str(tmp_path / "etc" / "config" / "nats.conf")],
-                            stdout=log, stderr=log, env={**os.environ, "POD_NAME": "nats-0"})
+                            stdout=log, stderr=log, env={**os.environ, "POD_NAME": "nats-0",
+                                                 "CLIENT_ADVERTISE": f"127.0.0.1:{port}"})
     try:
         wait_port(port, proc)
+        wait_port(monitor, proc)  # it does listen there, on loopback: the probes ask it
 
         async def check() -> None:
             # Anonymous: not a static user, so the server asks the auth callout, which does not run here: the
@@ -540,6 +544,19 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def _monitoring_on_loopback_only(conf: str) -> None:
+    """Issue 21: the NATS monitoring port (no authentication) was a containerPort on the pod's address."""
+    import yaml
+
+    assert "http: 127.0.0.1:8222" in conf and "http_port" not in conf and "https" not in conf, conf
+    for doc in yaml.safe_load_all((Path(__file__).parents[1] / "deploy" / "kubernetes" / "20-nats.yaml").read_text()):
+        assert "8222" not in str(doc.get("spec", {}).get("ports", "")), doc
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            assert all(p["containerPort"] != 8222 for p in container.get("ports", [])), container
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert "httpGet" not in container[probe] and "127.0.0.1:8222" in str(container[probe]["exec"])
 
 
 async def _publish_and_flush(nc: nats.NATS, subject: str) -> None:
@@ -579,7 +596,7 @@ async def test_composes_server_config_with_a_static_node_identity(tmp_path: Path
                             inbox_prefix="_INBOX_applier-node-a")
         nc = await nats.connect(f"tls://127.0.0.1:{port}", allow_reconnect=False, **node_a.connect_options())
         js = nc.jetstream(timeout=3)
-        assert (await js.publish(topology.status_subject("node-a", "x"), b"{}")).stream == topology.STATUS_STREAM
+        assert (await js.publish(topology.status_subject("node-a", "applied"), b"{}")).stream == topology.STATUS_STREAM
         refusal = await permission_error(nc, lambda: js.publish(topology.status_subject("node-b", "x"), b"{}",
                                                                 timeout=1))
         assert "kipvs.status.node-b.x" in refusal
@@ -658,7 +675,7 @@ async def test_an_applier_on_the_embedded_default_gets_its_own_node_identity(tmp
     async def main(ctx: runtime.ServiceContext) -> None:
         # its own durable, created by itself as the applier does after its bootstrap
         seen["consumer"] = (await topology.recreate_applier_consumer(ctx.js, "node-a", 0)).config.durable_name
-        seen["own"] = (await ctx.js.publish(topology.status_subject("node-a", "x"), b"{}")).stream
+        seen["own"] = (await ctx.js.publish(topology.status_subject("node-a", "applied"), b"{}")).stream
         seen["other"] = await permission_error(ctx.nc, lambda: ctx.js.publish(
             topology.status_subject("node-b", "x"), b"{}", timeout=1))
         ctx.stop.set()
@@ -707,7 +724,12 @@ def test_a_wrong_credential_file_is_one_sentence_and_exit_2(tmp_path: Path) -> N
 
     kipvs = str(Path(sys.executable).parent / "kipvs")
     (tmp_path / "not-a-seed").write_text("hello\n")
+    (tmp_path / "not-a-seed").chmod(0o600)
+    seed = tmp_path / "open.nk"  # a valid seed others may read: refused like ssh refuses such a key
+    seed.write_bytes(nkeys.encode_seed(b"\x04" * 32, nkeys.PREFIX_BYTE_USER))
+    seed.chmod(0o644)
     for flags, said in ((["--nats-nkey-file", str(tmp_path / "missing.nk")], "cannot read the NKEY seed"),
+                        (["--nats-nkey-file", str(seed)], "is readable by others (mode 0644)"),
                         (["--nats-nkey-file", str(tmp_path / "not-a-seed")], "does not hold an NKEY seed"),
                         (["--nats-ca-file", str(tmp_path / "missing.pem")], "cannot use the CA file")):
         done = subprocess.run([kipvs, "planner", "--nats-url", "nats://127.0.0.1:9", "--http-listen", "", *flags],
@@ -850,3 +872,108 @@ async def test_a_tool_with_another_roles_identity_says_what_was_refused(declared
                                               *flags]) == 2
     err = capsys.readouterr().err
     assert "NATS refused this identity" in err and "permissions violation" in err and "Traceback" not in err, err
+
+
+async def _snapshot_by_admin(server: SecureNats) -> bytes:
+    admin = await server.connect("admin")
+    js = admin.jetstream(timeout=5)
+    snap = Planner().snapshot(plan_stream_seq=3)
+    data = events.encode(events.Envelope(id="snapshot/all/3", time_ns=1, producer="test", record=snap))
+    store = await js.object_store(topology.SNAPSHOT_BUCKET)
+    await store.put(topology.snapshot_object("all"), data)
+    await admin.close()
+    return data
+
+
+async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: SecureNats, sim, tmp_path: Path) -> None:
+    """Issue 21, High 5: with node-a's identity, 5,000 durables on the snapshot bucket's stream cost the servers
+    248 MiB, and 1 MB messages on kipvs.status.node-a.<anything> filled the store. Now: no consumer there but
+    its own reader (through which it still reads the snapshot), no other node's inspect subject, only the
+    status kinds, each bounded by the server."""
+    snapshot = await _snapshot_by_admin(callout)
+    token = await pod_token(sim, tmp_path, "kipvs-applier-a9", "node-a")
+    nc = await nats.connect(callout.url, allow_reconnect=False, connect_timeout=5,
+                            **applier_identity(callout, token, "node-a").connect_options())
+    js = nc.jetstream(timeout=3)
+    obj = f"OBJ_{topology.SNAPSHOT_BUCKET}"
+    refusal = await permission_error(nc, lambda: js.add_consumer(obj, ConsumerConfig(durable_name="d1")))
+    assert f"consumer.durable.create.{obj}.d1".lower() in refusal.lower()
+    refusal = await permission_error(nc, lambda: js.add_consumer(obj, ConsumerConfig(name="e1")))
+    assert f"consumer.create.{obj}".lower() in refusal.lower()
+    store = await js.object_store(topology.SNAPSHOT_BUCKET)  # nats-py's get: a consumer the server names
+    await permission_error(nc, lambda: asyncio.wait_for(store.get(topology.snapshot_object("all")), 3))
+    token_var = bus.READER_NAME.set(nats_permissions.applier_reader("node-a"))
+    try:
+        read = await plan_log._read_snapshot(js)  # its own reader: allowed
+    finally:
+        bus.READER_NAME.reset(token_var)
+    assert read == snapshot
+    refusal = await permission_error(nc, lambda: nc.request(topology.inspect_subject("node-b"), b"", timeout=1))
+    assert "kipvs.inspect.node-b" in refusal
+    refusal = await permission_error(nc, lambda: js.publish("kipvs.status.node-a.anything", b"{}", timeout=1))
+    assert "kipvs.status.node-a.anything" in refusal
+    with pytest.raises(nats.js.errors.APIError, match=r"(?i)maximum"):
+        await js.publish(topology.status_subject("node-a", "drift"), b"x" * (topology.STATUS_MAX_MSG + 1))
+    for i in range(topology.STATUS_PER_SUBJECT + 20):
+        await js.publish(topology.status_subject("node-a", "facts"), b"%d" % i)
+    admin = await callout.connect("admin")
+    info = await admin.jetstream().stream_info(topology.STATUS_STREAM, subjects_filter="kipvs.status.node-a.facts")
+    assert info.state.subjects == {"kipvs.status.node-a.facts": topology.STATUS_PER_SUBJECT}
+    assert info.config.max_bytes == topology.STATUS_MAX_BYTES and info.config.discard == DiscardPolicy.OLD
+    parked = await admin.jetstream().stream_info(topology.PARKED_STREAM)
+    assert parked.config.max_bytes == topology.PARKED_MAX_BYTES
+    assert parked.config.max_msg_size == topology.PARKED_MAX_MSG
+    await admin.close()
+    # its own claim only (one applier per node)
+    claims = f"$KV.{topology.APPLIER_CLAIMS_BUCKET}"
+    await js.publish(f"{claims}.node-a", b"{}")
+    refusal = await permission_error(nc, lambda: js.publish(f"{claims}.node-b", b"{}", timeout=1))
+    assert f"{claims}.node-b".lower() in refusal.lower()
+    await nc.close()
+
+
+async def test_a_service_with_another_roles_identity_says_so_in_one_line(declared: SecureNats) -> None:
+    """Issue 21: a service (not only a tool) started with a valid identity of the wrong role retried forever
+    without naming it. Now: the server's refusal in one sentence and exit 2."""
+    import subprocess
+    import sys
+
+    kipvs = str(Path(sys.executable).parent / "kipvs")
+    done = await asyncio.to_thread(subprocess.run, [
+        kipvs, "planner", "--nats-url", declared.url, "--http-listen", "",
+        "--nats-nkey-file", str(declared.dir / "watcher.nk"), "--nats-ca-file", str(declared.dir / "ca.pem")],
+        capture_output=True, text=True, timeout=90)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert last.startswith("kipvs planner: NATS refused this identity") and "permissions violation" in last, last
+
+
+async def test_the_planner_and_the_tools_read_the_snapshot_with_their_identities(declared: SecureNats) -> None:
+    """The snapshot is read through a pull consumer now (plan_log._read_object), by every role."""
+    snapshot = await _snapshot_by_admin(declared)
+    for role in ("planner", "tools"):
+        nc = await declared.connect(role)
+        try:
+            assert await asyncio.wait_for(plan_log._read_snapshot(nc.jetstream(timeout=3)), 30) == snapshot, role
+        finally:
+            await nc.close()
+
+
+async def test_the_tools_read_the_appliers_claims(declared: SecureNats) -> None:
+    """kipvs status reads each node's superseded-applier record from the claims bucket as the tools identity."""
+    import time
+
+    from kipvs.audit.status import second_appliers
+    from kipvs.shared import node_claims
+
+    admin = await declared.connect("admin")
+    kv = await admin.jetstream().key_value(node_claims.BUCKET)
+    await kv.put(node_claims.superseded_key("node-a"), node_claims.encode(node_claims.Superseded(
+        node="node-a", instance="old/1/abc", by="new/1/def", at_ns=time.time_ns())))
+    await admin.close()
+    nc = await declared.connect("tools")
+    try:
+        found = await second_appliers(nc.jetstream(timeout=3), ["node-a", "node-b"], time.time_ns())
+    finally:
+        await nc.close()
+    assert list(found) == ["node-a"] and "old/1/abc" in found["node-a"] and "new/1/def" in found["node-a"]

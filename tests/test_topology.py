@@ -17,10 +17,11 @@ async def test_setup_creates_every_stream_and_is_idempotent(nats_url: str) -> No
         names = sorted(s.config.name for s in await js.streams_info())
         assert names == sorted([topology.KUBE_STREAM, topology.PLAN_STREAM, topology.STATUS_STREAM,
                                 topology.PARKED_STREAM, topology.PLAN_AUDIT_STREAM,
-                                f"OBJ_{topology.SNAPSHOT_BUCKET}", f"KV_{topology.PLANNER_LEASE_BUCKET}"])
+                                f"OBJ_{topology.SNAPSHOT_BUCKET}", f"KV_{topology.PLANNER_LEASE_BUCKET}",
+                                f"KV_{topology.APPLIER_CLAIMS_BUCKET}"])
         # A second service starting against the same server changes nothing and raises nothing.
         await bus.setup(nc, consumers=specs)
-        info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a-example")
+        info = await js.consumer_info(topology.PLAN_STREAM, "applier-node-a_example")  # "." -> "_": one-to-one
         assert sorted(info.config.filter_subjects) == ["kipvs.plan.all", "kipvs.plan.node.node-a_example"]
         kube = await js.stream_info(topology.KUBE_STREAM)
         assert kube.config.duplicate_window == pytest.approx(topology.DUPLICATE_WINDOW_S)
@@ -98,3 +99,23 @@ async def test_a_fleet_above_a_thousand_nodes_gets_its_consumers(nats_url: str) 
         assert (await js.stream_info(topology.PLAN_STREAM)).state.consumer_count == 1_050
     finally:
         await nc.close()
+
+
+async def test_a_store_too_small_to_reserve_the_status_limit_keeps_the_other_bounds(tmp_path) -> None:
+    """nats-server reserves a stream's max_bytes in its store up front; a store smaller than that gets the
+    status stream without it (a warning), still bounded per subject and per message."""
+    from tests.test_full_store import CappedNats
+
+    server = CappedNats(tmp_path / "store")
+    server.start("100MB")
+    try:
+        nc = await bus.connect(server.url, "test")
+        js = await bus.setup(nc)
+        status = (await js.stream_info(topology.STATUS_STREAM)).config
+        assert status.max_bytes in (None, -1)
+        assert status.max_msgs_per_subject == topology.STATUS_PER_SUBJECT
+        assert status.max_msg_size == topology.STATUS_MAX_MSG
+        await bus.setup(nc)  # and again: idempotent
+        await nc.close()
+    finally:
+        server.stop()

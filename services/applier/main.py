@@ -34,7 +34,7 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_facts, node_settings, plan_cache, plan_consumer
+from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -156,6 +156,7 @@ class Applier:
         m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
                 read=lambda: len(self.drainer.deadlines))
         self.consumer: bus.DurableConsumer | None = None
+        self.claim: node_claim.NodeClaim | None = None  # one applier per node (node_claim.py)
         self.metrics = ProgrammingMetrics(m, node, self.programmed_counts, lambda: self.calico,
                                           lambda: self.consumer.pending if self.consumer is not None else 0)
         m.counter_reading("kipvs_applier_parked_total", "plan messages this applier parked (undecodable or refused)",
@@ -279,6 +280,8 @@ class Applier:
             self.applied_ops.inc(len(done))
 
     async def handle(self, batch: list[bus.Delivery]) -> None:
+        if self.claim is not None and not await self.claim.still_held():
+            raise bus.Retry(f"node {self.node} is applied by {self.claim.holder} now")
         async with self.kernel_lock:
             await self._handle(batch)
 
@@ -545,6 +548,11 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.strict_arp = cfg.ipvs_strict_arp
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
+        ctx.set_not_ready(f"claiming node {cfg.node}")
+        claim = applier.claim = node_claim.NodeClaim(ctx.js, cfg.node, ctx.metrics)
+        if not await claim.take(ctx.stop):
+            await kernel.close()
+            return
         if ctx.restarted_because:
             ctx.set_not_ready(f"{ctx.restarted_because}; waiting for the new plan stream's first delta")
             if not await plan_consumer.wait_for_a_plan(ctx.js, ctx.stop):
@@ -564,8 +572,12 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             applier.read_kernel)
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
         keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq, guard=ctx.stream_guard)
-        spec = await keeper.start(ctx.stop)
-        if spec is None:  # told to stop before the bus would create it
+        # superseded while bootstrapping: the durable is the newer applier's now, not to be recreated
+        spec = await keeper.start(ctx.stop) if await claim.still_held() else None
+        if spec is None:  # told to stop before the bus would create it, or superseded
+            if claim.lost:
+                ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
+                await claim.idle(ctx.stop)
             with contextlib.suppress(Exception):
                 await inspection.unsubscribe()
             await kernel.close()
@@ -584,7 +596,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
                 drift_now.clear()
-                if not ctx.stop.is_set():
+                if not ctx.stop.is_set() and await claim.still_held():
                     await applier.drift_check()
 
         async def drain_loop() -> None:
@@ -618,7 +630,10 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         watcher = asyncio.create_task(facts_loop())
         cacher = asyncio.create_task(cache_loop())
         stopping = asyncio.create_task(ctx.stop.wait())
-        done, _ = await asyncio.wait({runner, drifter, drainer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        claimer = asyncio.create_task(claim.watch(ctx.stop))
+        done, _ = await asyncio.wait({runner, drifter, drainer, stopping, claimer},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        claimer.cancel()
         consumer.stop()
         drifter.cancel()
         drainer.cancel()
@@ -626,10 +641,14 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         cacher.cancel()
         await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
         await applier.flush_reports()
+        if claim.lost:  # superseded: idle, not ready, until stopped (see node_claim.py)
+            ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
+            ctx.queued_since = None
+            await claim.idle(ctx.stop)
         stopping.cancel()
         with contextlib.suppress(Exception):
             await inspection.unsubscribe()
-        for task in done - {stopping}:
+        for task in done - {stopping, claimer}:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         if not ctx.replaced:  # else the runtime starts apply_plan again on the same kernel

@@ -12,11 +12,13 @@ Before the nodes, the planner (``pipeline.py``): its position in the Kubernetes 
 head, by how long the oldest unplanned record has waited. A node is behind when it lacks a shared delta
 that was published more than ``--max-lag`` seconds ago (a delta in flight is not a lag), and wrong when it
 reports a delta the plan stream does not hold (the stream was replaced and the node has not bootstrapped
-from the new one). A report's age is the time the server stored it, not the reporter's clock.
+from the new one). A report's age is the time the server stored it, not the reporter's clock. A node where
+an applier superseded by a newer one of the same node still runs, idle, fails the check too
+(:func:`second_appliers`, from the claims bucket; docs/architecture.md "One applier per node").
 
 Exit status 1 when the planner or a node is behind for longer than ``--max-lag`` (by more than
-``--max-behind`` deltas, for a node), a node has not reported for ``--max-age`` seconds, or never reported:
-usable as a check in scripts and CI. Exit 2 when the log cannot be read.
+``--max-behind`` deltas, for a node), a node has not reported for ``--max-age`` seconds, never reported, or
+has a second applier: usable as a check in scripts and CI. Exit 2 when the log cannot be read.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from typing import Any
 
 import msgspec
 from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from kipvs.shared import bus, events, plan_log, topology
+from kipvs.shared import bus, events, node_claims, plan_log, topology
 from kipvs.shared.log_client import RecordedLog, ToolError, add_nats_arguments, open_log, read_all, run_tool
 
 from . import pipeline
@@ -207,6 +209,27 @@ def render(statuses: list[NodeStatus], newest: int, stage: pipeline.Stage | None
     return "\n".join(lines) + "\n"
 
 
+async def second_appliers(js: Any, nodes: list[str], now_ns: int) -> dict[str, str]:
+    """node -> a problem, for each node where an applier that lost the node's claim to a newer one still
+    runs, idle (shared/node_claims.py: its record renewed within SUPERSEDED_FRESH_S). Nothing from a
+    recorded log or a server without the claims bucket (an older kipvs's topology)."""
+    if isinstance(js, RecordedLog):
+        return {}
+    try:
+        kv = await js.key_value(node_claims.BUCKET)
+    except BucketNotFoundError:
+        return {}
+    found: dict[str, str] = {}
+    for node in nodes:
+        try:
+            record = node_claims.decode_superseded((await kv.get(node_claims.superseded_key(node))).value)
+        except (KeyNotFoundError, ValueError):  # ValueError: a name that is no node's (never reported)
+            continue
+        if record is not None and now_ns - record.at_ns <= node_claims.SUPERSEDED_FRESH_S * 1e9:
+            found[node] = f"a second applier ({record.instance}) runs idle: {record.by} took the node over"
+    return found
+
+
 async def status(args: argparse.Namespace) -> int:
     stage: pipeline.Stage | None = None
     times: dict[int, int] | None = None
@@ -221,9 +244,14 @@ async def status(args: argparse.Namespace) -> int:
             raise ToolError(f"a stream kipvs needs does not exist ({exc.description}): a new or wiped NATS store "
                             "that nobody declared again yet (the services do at start, or 'kipvs topology apply')"
                             ) from None
+        reporting = {subject.split(".")[2] for subject in last if subject.count(".") == 3}
+        seconds = await second_appliers(js, sorted(plan_nodes | reporting), now_ns)
     if stage is not None:
         pipeline.check_programmed(stage, plan_nodes, bool(last))
     statuses = collect(last, newest, plan_nodes, time.time_ns(), args.max_behind, args.max_age, times, args.max_lag)
+    for s in statuses:
+        if s.node in seconds:
+            s.problems.append(seconds[s.node])
     if args.node:
         unknown = sorted(set(args.node) - {s.node for s in statuses})
         statuses = [s for s in statuses if s.node in args.node]

@@ -103,9 +103,10 @@ async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
 async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
     """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now); a chunked
     plan delta once its last part has arrived, whole. It never stops on its own: a consumer lost (a server
-    restart or a leader change drops an in-memory one), deliveries lost (a gap in its delivery sequence) or a failed fetch make the consumer again after the last
-    message shown. A closed connection raises (the tool then says so in one line). Each fetch asks for few
-    enough messages that the largest the server allows stay far below its max_pending (slow consumer)."""
+    restart or a leader change drops an in-memory one), deliveries lost (a gap in its delivery sequence) or a
+    failed fetch make the consumer again after the last message shown. A closed connection raises (the tool
+    then says so in one line). Each fetch asks for few enough messages that the largest the server allows
+    stay far below its max_pending (slow consumer)."""
     stream = STREAMS[name]
     after_seq = after_seq or await _last_seq(js, name)
     batch = max(1, stream_reader.READ_MAX_BYTES // js._nc.max_payload)

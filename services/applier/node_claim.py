@@ -1,0 +1,171 @@
+"""One applier per node: the newest applier of a node takes the node's claim, an older one that finds it
+taken stops applying and says so (issue 21: two appliers of one node split its durable's deltas and each
+one's drift check would revert the other's writes).
+
+The claim is a key of the ``kipvs-appliers`` key-value bucket (shared/node_claims.py). The newest one
+wins, so that a DaemonSet rollout (maxSurge, or a pod replaced) hands the node over within one check period
+without waiting for the old pod to end; an applier started by mistake for a node also wins, and the log,
+``kipvs status``, the readiness of the one it replaced and ``kipvs_applier_node_claim_held`` 0 there say so.
+A superseded applier stays up but idle (it never claims again, so two appliers never take turns, also
+when its service restarts after a bus failure or a replaced stream: each claim carries its process's start
+time, and an older process never takes a newer one's claim; a restart of the process is a new applier and
+takes the node back), renewing ``<key>.superseded`` so that
+``kipvs status`` names it, and deleting it when it stops.
+
+Checking costs one key read per node per :data:`CHECK_S` (a get of one message); the claim is also
+checked before each batch is applied and each drift check (:meth:`NodeClaim.still_held`), so a superseded
+applier applies at most the batch it had in hand, and never reverts the new one's writes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from kipvs.shared import bus, node_claims
+from kipvs.shared.backoff import Backoff
+from kipvs.shared.metrics import Registry
+
+log = logging.getLogger("kipvs.applier")
+
+# How often an idle applier reads its claim back (one direct get): as often as an idle consumer fetches
+# (plan_consumer.FETCH_WAIT), so checking at most doubles an idle node's requests. A busy one checks before
+# every batch and every drift check anyway.
+CHECK_S = 5.0
+SUPERSEDED_RENEW_S = 30.0
+PROCESS_STARTED_NS = time.time_ns()  # this process's start, as the node's clock has it (Claim.started_ns)
+
+
+def instance_name() -> str:
+    """This applier: the pod's name (``POD_NAME``, set by the manifests: with host networking ``HOSTNAME`` is
+    the node's) or the host's, the process id and a random part (a restarted process is a new instance)."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+
+
+def _process(instance: str) -> str:
+    """The pod (or host) and process of an instance name."""
+    return instance.rsplit("/", 1)[0]
+
+
+class NodeClaim:
+    """The node's claim, as one applier holds it. ``held``: the claim is this applier's; ``lost``: another
+    applier's claim was seen (``holder`` names it), for good. Neither: the bucket is not declared yet (a
+    kipvs upgraded without 'kipvs topology apply'): the node is applied all the same, with a warning, and
+    the claim is taken as soon as the bucket exists."""
+
+    def __init__(self, js: JetStreamContext, node: str, metrics: Registry, instance: str = "",
+                 check_every: float = CHECK_S, started_ns: int = 0) -> None:
+        self.js, self.node, self.instance = js, node, instance or instance_name()
+        self.started_ns = started_ns or PROCESS_STARTED_NS
+        self.check_every = check_every
+        self.held = False
+        self.lost = False
+        self.holder = ""
+        self.revision = 0
+        self._kv: KeyValue | None = None
+        metrics.gauge("kipvs_applier_node_claim_held",
+                      "1 while this applier holds its node's claim and applies; 0 once a newer applier of the "
+                      "same node took it over (this one then applies nothing)", read=lambda: float(self.held))
+
+    async def take(self, stop: asyncio.Event) -> bool:
+        """Put this applier's claim on the node's key (the newest wins), retrying while the bus fails; without
+        the bucket, go on unclaimed (see the class). False when told to stop first."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        while not stop.is_set():
+            try:
+                await self._take()
+                return True
+            except BucketNotFoundError:
+                log.warning("the claims bucket %s does not exist (run 'kipvs topology apply' after an upgrade): "
+                            "node %s is applied without its claim, and a second applier of it goes undetected",
+                            node_claims.BUCKET, self.node)
+                return True
+            except bus.INFRASTRUCTURE_ERRORS as exc:
+                why = f"{type(exc).__name__}: {exc or ''}"
+            delay = backoff.next()
+            log.warning("cannot claim node %s yet (%s); retrying in %.1fs", self.node, why, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        return False
+
+    async def _take(self) -> None:
+        kv = self._kv = self._kv or await self.js.key_value(node_claims.BUCKET)
+        key = node_claims.claim_key(self.node)
+        previous = None
+        with contextlib.suppress(KeyNotFoundError):
+            previous = node_claims.decode_claim((await kv.get(key)).value)
+        # the service started again in this process (the bus failed, a stream was replaced): not a takeover
+        restarted = previous is not None and _process(previous.instance) == _process(self.instance)
+        if previous is not None and not restarted and previous.started_ns > self.started_ns:
+            self._lose(previous.instance)  # superseded before this service restarted: never take the node back
+            return
+        taken = previous is not None and not restarted
+        claim = node_claims.Claim(node=self.node, instance=self.instance, since_ns=time.time_ns(),
+                                  previous=previous.instance if taken and previous else "",
+                                  takeovers=(previous.takeovers + int(taken)) if previous else 0,
+                                  started_ns=self.started_ns)
+        self.revision = await kv.put(key, node_claims.encode(claim))
+        self.held, self.holder = True, self.instance
+        if taken and previous is not None:
+            log.warning("node %s: this applier (%s) takes over from %s; that one stops applying within %.0fs",
+                        self.node, self.instance, previous.instance, self.check_every)
+
+    async def still_held(self) -> bool:
+        """Read the key back: False (and say so, once) when another applier's claim is on it. The bus failing
+        keeps the last answer (the check is repeated); a deleted key (an admin's) is claimed again."""
+        if self.lost or not self.held or self._kv is None:
+            return not self.lost
+        try:
+            entry = await self._kv.get(node_claims.claim_key(self.node))
+        except KeyNotFoundError:
+            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):  # tried again at the next check
+                await self._take()
+            return True
+        except bus.INFRASTRUCTURE_ERRORS:
+            return True
+        claim = node_claims.decode_claim(entry.value)
+        if entry.revision == self.revision or (claim is not None and claim.instance == self.instance):
+            return True
+        self._lose(claim.instance if claim else "another applier")
+        return False
+
+    def _lose(self, holder: str) -> None:
+        self.held, self.lost, self.holder = False, True, holder
+        log.error("node %s: %s took over this node's claim; this applier (%s) stops applying and stays idle "
+                  "(stop it: two appliers of one node would undo each other's writes)", self.node, self.holder,
+                  self.instance)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Return when the claim is lost (or ``stop`` is set), checking every ``check_every`` seconds."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.check_every)
+            if stop.is_set():
+                return
+            if not self.held and not self.lost:  # unclaimed: the bucket may exist by now
+                with contextlib.suppress(BucketNotFoundError, *bus.INFRASTRUCTURE_ERRORS):
+                    await self._take()
+            elif not await self.still_held():
+                return
+
+    async def idle(self, stop: asyncio.Event) -> None:
+        """Superseded: renew ``<key>.superseded`` every SUPERSEDED_RENEW_S until ``stop``, then delete it."""
+        assert self._kv is not None
+        key = node_claims.superseded_key(self.node)
+        while not stop.is_set():
+            record = node_claims.Superseded(node=self.node, instance=self.instance, by=self.holder,
+                                            at_ns=time.time_ns())
+            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
+                await self._kv.put(key, node_claims.encode(record))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SUPERSEDED_RENEW_S)
+        with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS, KeyNotFoundError):
+            await self._kv.delete(key)

@@ -1,0 +1,213 @@
+"""One applier per node (issue 21): a second ``kipvs applier --node node-a`` beside the first split the
+node's durable's deltas and both went stale. The newest one takes the node's claim; the older one stops
+applying, says so (log, readiness, ``kipvs_applier_node_claim_held`` 0) and ``kipvs status`` names it.
+Real nats-server, the simulator, the whole pipeline; memory kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import nats
+import pytest
+
+from kipvs.applier import main as applier_main
+from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.applier.node_claim import NodeClaim
+from kipvs.audit import status as status_tool
+from kipvs.shared import config, runtime, topology
+from kipvs.shared import nats_permissions as perms
+from kipvs.shared.embedded_nats import free_loopback_port
+from kipvs.shared.metrics import Registry
+from tests import kube
+from tests.stack import Scrape, Stack, start_stack
+
+
+async def _second_applier(stack: Stack, nats_url: str) -> tuple[MemoryKernel, asyncio.Task]:
+    port = free_loopback_port()
+    stack.ports["second"] = port
+    kernel = MemoryKernel()
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}", "node": "node-a",
+                                      "backend": "memory", "healthz_bind_address": ""}, {})
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel),
+                                                   stop=stack.stop))
+    stack.tasks.append(task)
+    return kernel, task
+
+
+async def _until(check, what: str, within: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+def _held(scrape: Scrape) -> float:
+    return scrape.value("kipvs_applier_node_claim_held")
+
+
+async def test_a_second_applier_of_a_node_takes_over_and_the_first_stops(nats_url: str, sim, tmp_path: Path,
+                                                                          capsys) -> None:
+    said: list[str] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+    handler = Said()
+    logging.getLogger("kipvs.applier").addHandler(handler)
+    stack = await start_stack(nats_url, sim, tmp_path)
+    try:
+        await stack.sim.apply(kube.node("node-a", "192.0.2.10"))
+        await stack.sim.apply(kube.service("web"))
+        await stack.until(lambda s: s.value("kipvs_applier_plan_seq") == 2, "web on node-a")
+        assert _held(await stack.scrape("applier")) == 1
+        first_kernel = stack.kernel
+        second_kernel, _ = await _second_applier(stack, nats_url)
+        await _until(lambda: stack.ready("second"), "the second applier ready")
+        await _until(lambda: _not(stack.ready("applier")), "the first applier not ready (superseded)")
+        first = await stack.scrape("applier")
+        assert _held(first) == 0
+        assert _held(await stack.scrape("second")) == 1
+        frozen = first.value("kipvs_applier_plan_seq")
+        for i in range(20):  # the issue's reproduction: 20 changes of one slice
+            await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint(f"10.244.1.{i + 1}")]))
+
+        async def second_caught_up() -> bool:
+            seq = (await stack.scrape("planner")).value("kipvs_planner_delta_seq")
+            return seq >= 4 and (await stack.scrape("second")).value("kipvs_applier_plan_seq") == seq \
+                and _reals(second_kernel) == {"10.244.1.20"}
+        await _until(second_caught_up, "the second applier holding every change")
+        assert (await stack.scrape("applier")).value("kipvs_applier_plan_seq") == frozen  # it applied nothing
+        assert "10.244.1.20" not in _reals(first_kernel)
+        assert any("took over this node's claim; this applier" in line for line in said), said
+        capsys.readouterr()
+        args = _status_args(nats_url)
+        assert await status_tool.status(args) == 1
+        out = capsys.readouterr().out
+        assert "a second applier" in out and "runs idle" in out, out
+    finally:
+        logging.getLogger("kipvs.applier").removeHandler(handler)
+        await stack.close()
+
+
+async def _not(ready) -> bool:
+    return not await ready
+
+
+def _reals(kernel: MemoryKernel) -> set[str]:
+    return {real[0] for vs in kernel.ipvs.values() for real in vs.reals}
+
+
+def _status_args(nats_url: str):
+    parser = status_tool.argparse.ArgumentParser()
+    status_tool.add_arguments(parser)
+    return parser.parse_args(["--nats-url", nats_url, "--max-behind", "1000"])
+
+
+@pytest.mark.parametrize("pair", [("a.b", "a-b"), ("a", "a-reader")])
+def test_node_names_map_to_their_own_durable_reader_and_claim(pair: tuple[str, str]) -> None:
+    names = {n: (topology.applier_durable(n), perms.applier_reader(n)) for n in pair}
+    everything = [name for both in names.values() for name in both]
+    assert len(set(everything)) == len(everything), names
+
+
+def test_long_node_names_stay_within_nats_limits_and_apart() -> None:
+    """Kubernetes node names run to 253 characters; nats-server refuses consumer names over 255."""
+    base = "n" * 200
+    names = [f"{base}-{i}" for i in range(3)] + ["x" * 253, "x" * 252, "a" * 180, "a" * 181]
+    keys = [topology.node_key(n) for n in names]
+    assert len(set(keys)) == len(keys)
+    for name in names:
+        for consumer in (topology.applier_durable(name), perms.applier_reader(name)):
+            assert len(consumer) <= 255 and "." not in consumer and "*" not in consumer and ">" not in consumer
+    assert topology.node_key("a" * 180) == "a" * 180  # short names are kept as they are
+
+
+@pytest.mark.parametrize("bad", ["node-a.*", "node->", "Node-A", "node a", "n" * 254, ""])
+def test_a_node_name_that_cannot_be_mapped_safely_is_refused_in_one_line(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid Kubernetes name") as refused:
+        topology.applier_durable(bad)
+    assert "\n" not in str(refused.value)
+    if bad:  # (an empty --node has its own sentence: "node is required")
+        with pytest.raises(config.ConfigError, match="not a valid Kubernetes name"):
+            config.load(ApplierConfig, {"node": bad, "backend": "memory", "http_listen": ""}, {})
+
+
+async def test_without_the_claims_bucket_the_node_is_applied_and_claimed_once_it_exists(nc) -> None:
+    """A kipvs upgraded without 'kipvs topology apply': no bucket yet. The applier goes on (a node that
+    cannot be programmed after an upgrade is worse) and takes the claim as soon as the bucket exists."""
+
+    js = nc.jetstream(timeout=5)
+    stop = asyncio.Event()
+    claim = NodeClaim(js, "node-a", Registry("applier"), check_every=0.1)
+    assert await asyncio.wait_for(claim.take(stop), 10)
+    assert not claim.held and not claim.lost and await claim.still_held()
+    watching = asyncio.create_task(claim.watch(stop))
+    await topology.ensure_claims_bucket(js)
+    await _until(lambda: _true(claim.held), "the claim taken once the bucket exists", within=10)
+    newer = NodeClaim(js, "node-a", Registry("applier"), check_every=0.1)
+    await newer.take(stop)
+    await asyncio.wait_for(watching, 10)  # the watch ends: the claim is lost
+    assert claim.lost and not await claim.still_held() and claim.holder == newer.instance
+    stop.set()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_an_applier_superseded_while_bootstrapping_leaves_the_durable_alone(nats_url: str, monkeypatch) -> None:
+    """The newer applier took the node during this one's bootstrap: this one must not create (and so reset)
+    the node's durable, which is the newer one's now; it idles, not ready."""
+
+    newer: list[NodeClaim] = []
+    original = applier_main.Applier.bootstrap
+
+    async def bootstrap_then_superseded(self) -> None:
+        await original(self)
+        claim = NodeClaim(self.ctx.js, "node-a", Registry("applier"))
+        await claim.take(asyncio.Event())
+        newer.append(claim)
+    monkeypatch.setattr(applier_main.Applier, "bootstrap", bootstrap_then_superseded)
+    port = free_loopback_port()
+    stop = asyncio.Event()
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}", "node": "node-a",
+                                      "backend": "memory", "healthz_bind_address": ""}, {})
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel()),
+                                                   stop=stop))
+    stack = Stack(None, MemoryKernel(), {"applier": port}, [task], stop)  # type: ignore[arg-type]
+    try:
+        await _until(lambda: _true(bool(newer)), "the newer claim taken during the bootstrap")
+        await _until(lambda: _not(stack.ready("applier")), "not ready")
+        await asyncio.sleep(0.5)  # past the check before the consumer
+        assert _held(await stack.scrape("applier")) == 0 and not await stack.ready("applier")
+        nc = await nats.connect(nats_url)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await nc.jetstream().consumer_info(topology.PLAN_STREAM, topology.applier_durable("node-a"))
+        await nc.close()
+        assert not task.done()  # idle, not ended (a restart would take the node back: two would take turns)
+    finally:
+        await stack.close()
+
+
+async def test_a_superseded_applier_whose_service_restarts_never_takes_the_node_back(nc) -> None:
+    """The runtime starts a service's main again after a bus failure (a closed connection, a replaced
+    stream): a superseded applier's new run must not put its claim back over the newer applier's, or the
+    two would take turns. Each claim carries its process's start; the older process stays superseded."""
+    js = nc.jetstream(timeout=5)
+    await topology.ensure_claims_bucket(js)
+    stop = asyncio.Event()
+    older = NodeClaim(js, "node-a", Registry("applier"), instance="pod-old/7/aaaaaa", started_ns=1_000)
+    newer = NodeClaim(js, "node-a", Registry("applier"), instance="pod-new/9/bbbbbb", started_ns=2_000)
+    assert await older.take(stop) and older.held
+    assert await newer.take(stop) and newer.held
+    assert not await older.still_held()
+    restarted = NodeClaim(js, "node-a", Registry("applier"), instance="pod-old/7/cccccc", started_ns=1_000)
+    assert await restarted.take(stop)
+    assert restarted.lost and not restarted.held and restarted.holder == newer.instance
+    assert not await restarted.still_held()
+    assert await newer.still_held() and newer.held
+    again = NodeClaim(js, "node-a", Registry("applier"), instance="pod-new/9/dddddd", started_ns=2_000)
+    assert await again.take(stop) and again.held  # the newer one's own restart keeps the node
