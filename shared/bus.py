@@ -19,13 +19,13 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
 from . import events, stream_reader, topology
 from .backoff import Backoff
+from .jetstream_pull import Pull, Puller
 from .nats_credentials import ClientAuth
 from .stream_reader import IncompleteRead as IncompleteRead  # raised by read_stream
 
@@ -257,13 +257,20 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, Tim
 
 
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
-FETCH_BYTES = 16 << 20  # about what one consumer fetch may bring (see DurableConsumer._next_batch)
+FETCH_MARGIN = 2.0  # seconds a fetch waits here past its wait at the server for the server's answer
+FETCH_NEXT_WAIT = 5.0  # seconds a fetch waits for each message after its first (they come at once)
 
 
 class DurableConsumer:
     """Pull from a durable consumer in batches; park what cannot be decoded or handled; ack after the
     handler returns. ``stop()`` lets the batch in hand finish and be acked, then returns: nothing that was
-    handled is left unacked, nothing unhandled is acked."""
+    handled is left unacked, nothing unhandled is acked.
+
+    Each fetch is one pull request of at most ``batch`` messages and about 4 MiB
+    (:mod:`.jetstream_pull`), from the first fetch on: a count alone let 500 records of ~200 KB pass
+    nats-server's ``max_pending`` (64 MiB), and the server dropped the client as a slow consumer (issue 21).
+    The request waits at the server up to ``fetch_wait`` seconds for a first message and ends once no more
+    are available: one request per wait, also one that ends empty."""
 
     def __init__(self, js: JetStreamContext, spec: topology.ConsumerSpec, service: str,
                  handler: BatchHandler, batch: int = 256, idle: Callable[[], Awaitable[None]] | None = None,
@@ -271,8 +278,8 @@ class DurableConsumer:
                  fetch_wait: float = 0.5):
         self.js = js
         # Seconds one fetch waits at the server for a message. A message is delivered to a waiting fetch at
-        # once, so a longer wait costs no latency; every wait that ends empty costs the server two requests
-        # (nats-py's probe and its lingering pull), per consumer: thousands of idle appliers poll it.
+        # once, so a longer wait costs no latency; every wait that ends empty costs the server a request per
+        # consumer: thousands of idle appliers poll it.
         self.fetch_wait = fetch_wait
         # Called after a failed fetch with the error and the seconds since fetches began to fail: the
         # consumer itself may be gone (deleted, or held in memory by a server that restarted). True: it
@@ -283,7 +290,6 @@ class DurableConsumer:
         self.service = service
         self.handler = handler
         self.batch = batch
-        self._largest = 1  # bytes of the largest message of the last fetch that returned any
         self.idle = idle
         self._stop = asyncio.Event()
         self.delivered = 0
@@ -300,49 +306,58 @@ class DurableConsumer:
         self._stop.set()
 
     async def run(self) -> None:
-        sub = await self.js.pull_subscribe_bind(durable=self.spec.config.durable_name, stream=self.spec.stream)
+        puller = await Puller.open(self.js, self.spec.stream, self.spec.config.durable_name or "")
         try:
             while not self._stop.is_set():
                 try:
-                    msgs = await self._fetch(sub)
+                    msgs = await self._fetch(puller)
                     if msgs is None:
                         break  # told to stop while waiting
                     self._failing_since = None
-                except (TimeoutError, NatsTimeoutError):
-                    self._failing_since = None
-                    self._queued_at = None
-                    if self.idle is not None:
-                        await self.idle()
-                    continue
                 except INFRASTRUCTURE_ERRORS as exc:  # a leader election, a server restarting: wait, retry
                     delay = self._backoff.next()
-                    log.warning("cannot fetch from %s (%s: %s); retrying in %.1fs", self.spec.config.durable_name,
-                                type(exc).__name__, exc or "", delay)
-                    now = asyncio.get_running_loop().time()
-                    self._failing_since = self._failing_since if self._failing_since is not None else now
-                    if self.on_fetch_error is not None and await self.on_fetch_error(exc, now - self._failing_since):
-                        self._backoff.reset()
+                    if await self._fetch_failed(exc, delay):
                         continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), delay)
                     continue
-                if msgs and self._queued_at is None:
+                if not msgs:
+                    self._queued_at = None
+                    if self.idle is not None:
+                        await self.idle()
+                    continue
+                if self._queued_at is None:
                     self._queued_at = asyncio.get_running_loop().time()
                 await self._take(msgs)
-                if msgs:
-                    self.pending = msgs[-1].metadata.num_pending
-                    # what is still pending was queued no later than now; handled input no longer counts
-                    self._queued_at = asyncio.get_running_loop().time() if self.pending else None
+                self.pending = msgs[-1].metadata.num_pending
+                # what is still pending was queued no later than now; handled input no longer counts
+                self._queued_at = asyncio.get_running_loop().time() if self.pending else None
         finally:
             with contextlib.suppress(nats.errors.ConnectionDrainingError, nats.errors.ConnectionClosedError):
-                await sub.unsubscribe()
+                await puller.close()
 
-    async def _fetch(self, sub: Any) -> list[Msg] | None:
-        """One fetch, or None when told to stop first: a long wait must not hold up a stop. Messages the
-        cancelled fetch had already taken are not acked: the server delivers them again after ack_wait."""
+    async def _fetch_failed(self, exc: BaseException, delay: float) -> bool:
+        """Log a failed fetch and tell ``on_fetch_error``; True: fetch again at once."""
+        log.warning("cannot fetch from %s (%s: %s); retrying in %.1fs", self.spec.config.durable_name,
+                    type(exc).__name__, exc or "", delay)
+        now = asyncio.get_running_loop().time()
+        self._failing_since = self._failing_since if self._failing_since is not None else now
+        if self.on_fetch_error is not None and await self.on_fetch_error(exc, now - self._failing_since):
+            self._backoff.reset()
+            return True
+        return False
+
+    async def _fetch(self, puller: Puller) -> list[Msg] | None:
+        """One fetch: its messages ([] when the wait ended empty), or None when told to stop first: a long
+        wait must not hold up a stop. Messages the cancelled fetch had already taken are not acked: the
+        server delivers them again after ack_wait. An error status (a consumer gone: 503) raises what
+        nats-py raises; so does a 409 other than the byte bound before any message (a consumer deleted,
+        too many waiting pulls), so that it is backed off, not asked again at once."""
+        pull = puller.pull(self.batch, wait=self.fetch_wait + FETCH_MARGIN, next_wait=FETCH_NEXT_WAIT,
+                           expires=self.fetch_wait)
         if self.fetch_wait <= 0.5:
-            return self._sized(await sub.fetch(self._next_batch(), timeout=self.fetch_wait))
-        fetch = asyncio.ensure_future(sub.fetch(self._next_batch(), timeout=self.fetch_wait))
+            return self._fetched(await pull)
+        fetch = asyncio.ensure_future(pull)
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -352,22 +367,16 @@ class DurableConsumer:
         finally:
             stopping.cancel()
         if fetch.done():
-            return self._sized(fetch.result())
+            return self._fetched(fetch.result())
         fetch.cancel()
         with contextlib.suppress(asyncio.CancelledError, *INFRASTRUCTURE_ERRORS):
             await fetch
         return None
 
-    def _next_batch(self) -> int:
-        """Messages to ask for: ``batch``, fewer once large messages were seen (chunked plan deltas are ~1 MiB
-        each), so one fetch stays near FETCH_BYTES: nats-py's fetch cannot ask for a byte limit, and the
-        server drops a client handed more than its max_pending (64 MiB) as a slow consumer."""
-        return max(1, min(self.batch, FETCH_BYTES // self._largest))
-
-    def _sized(self, msgs: list[Msg]) -> list[Msg]:
-        if msgs:  # halved per fetch: a run of small messages after large ones widens the fetches again slowly
-            self._largest = max(max(len(m.data or b"") for m in msgs), self._largest // 2, 1)
-        return msgs
+    def _fetched(self, pull: Pull) -> list[Msg]:
+        if not pull.msgs and pull.status == "409" and not pull.at_byte_bound:
+            raise APIError(code=409, description=pull.description)
+        return pull.msgs
 
     async def _take(self, msgs: list[Msg]) -> None:
         deliveries: list[Delivery] = []

@@ -1,13 +1,10 @@
 """Reading a stream's history completely: the one mechanism behind ``bus.read_stream`` (the planner's
 rebuild, the applier's catch-up, the watcher's logged state, every audit tool).
 
-Bounded by bytes: each pull request carries JetStream's ``max_bytes`` as well as a count (nats-py 2.16's
-``fetch`` has no byte bound, so the request is sent here, on the JetStream API subject nats-py uses). The
-server ends a request before the next message would pass it (status 409 "Message Size Exceeds MaxBytes";
-that message is kept for the next request), so what is in flight to this client stays far below
-nats-server's ``max_pending`` (64 MiB by default). Past it the server drops the client as a slow consumer:
-with 1,000-message fetches of ~200 KB records it did, the fetch came back short, and the short read was
-taken for the end of the stream (issue 21).
+Bounded by bytes: each pull request carries JetStream's ``max_bytes`` as well as a count (see
+:mod:`.jetstream_pull`), so what is in flight to this client stays far below nats-server's ``max_pending``.
+Past it the server drops the client as a slow consumer: with 1,000-message fetches of ~200 KB records it
+did, the fetch came back short, and the short read was taken for the end of the stream (issue 21).
 
 A read has a known end, set when its consumer is created: ``upto`` (a stream sequence), else the consumer's
 ``num_pending`` then (every matching message from the start position), or earlier a message whose own
@@ -22,27 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-READ_MAX_BYTES = 4 * 1024 * 1024  # bytes one pull asks for (plus one max payload): 1/16 of max_pending
+from .jetstream_pull import PULL_MAX_BYTES, Puller
+
+READ_MAX_BYTES = PULL_MAX_BYTES  # bytes one pull asks for (plus one max payload): 1/16 of max_pending
 READ_BATCH = 1000  # messages one pull asks for, at most
 READ_WAIT = 10.0  # seconds a pull waits for its next message before the read counts as interrupted
 READ_ATTEMPTS = 4  # attempts in a row without progress before IncompleteRead
 RETRY_DELAY = 0.5  # seconds before the second attempt, doubled for each later one
-
-_STATUS = "Status"
-_END_OF_PULL = ("404", "408")  # no messages (no_wait), request expired: this pull is over, nothing lost
-_MAX_BYTES_REACHED = "Message Size Exceeds MaxBytes"
 
 
 class IncompleteRead(nats.errors.Error):
@@ -116,7 +109,6 @@ def _restart(config: ConsumerConfig, pos: _Position) -> ConsumerConfig:
 async def _attempt(js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig, name: str | None,
                    upto: int, pos: _Position) -> AsyncIterator[Msg]:
     """One consumer's part of the read; returns at the read's end, raises _Interrupted before it."""
-    nc = js._nc  # nats-py keeps the context's connection private; the pull requests go on it
     if name:
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(stream, name)
@@ -127,15 +119,13 @@ async def _attempt(js: JetStreamContext, stream: str, subject: str, config: Cons
     pos.started = True
     if not remaining:
         return
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    request = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{config.name}"
-    batch, max_bytes = _bounds(config, nc.max_payload, pos.count_bound)
+    puller = await Puller.open(js, stream, config.name)
+    batch, max_bytes = _bounds(config, puller.nc.max_payload, pos.count_bound)
     last_per_subject = config.deliver_policy == DeliverPolicy.LAST_PER_SUBJECT
     delivered = 0  # the consumer's delivery sequence: consecutive, or messages were lost on the way
     try:
         while True:
-            msgs, at_byte_bound = await _pull(nc, sub, request, inbox, min(remaining, batch), max_bytes)
+            msgs, at_byte_bound = await _pull(puller, min(remaining, batch), max_bytes)
             for msg in msgs:
                 meta = msg.metadata
                 if meta.sequence.consumer != delivered + 1:
@@ -154,7 +144,7 @@ async def _attempt(js: JetStreamContext, stream: str, subject: str, config: Cons
                 raise _ByCount()
     finally:
         with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+            await puller.close()
         if name:
             with contextlib.suppress(nats.errors.Error, TimeoutError, NotFoundError):
                 await js.delete_consumer(stream, name)
@@ -172,28 +162,18 @@ def _bounds(config: ConsumerConfig, max_payload: int, count_bound: bool) -> tupl
     return READ_BATCH, READ_MAX_BYTES + max_payload
 
 
-async def _pull(nc: nats.NATS, sub: Subscription, request: str, inbox: str, batch: int,
-                max_bytes: int) -> tuple[list[Msg], bool]:
+async def _pull(puller: Puller, batch: int, max_bytes: int) -> tuple[list[Msg], bool]:
     """One pull request (at most ``batch`` messages and ``max_bytes`` bytes, of what the consumer holds now):
     its messages, at least one, and whether the byte bound ended it; _Interrupted when none comes or the
     server ends it with an error."""
-    ask = {"batch": batch, "no_wait": True, **({"max_bytes": max_bytes} if max_bytes else {})}
-    await nc.publish(request, json.dumps(ask).encode(), reply=inbox)
-    msgs: list[Msg] = []
-    while len(msgs) < batch:
-        try:
-            msg = await sub.next_msg(timeout=READ_WAIT)
-        except (nats.errors.TimeoutError, TimeoutError):
-            raise _Interrupted(f"no message for {READ_WAIT:.0f}s after {len(msgs)} of a pull") from None
-        status = (msg.headers or {}).get(_STATUS)
-        if not status:
-            msgs.append(msg)
-        elif status in _END_OF_PULL:
-            break
-        elif status == "409" and msg.headers.get("Description") == _MAX_BYTES_REACHED and msgs:
-            return msgs, True
-        elif status != "100":  # 100: an idle heartbeat
-            raise _Interrupted(f"the server ended a pull: {status} {(msg.headers or {}).get('Description', '')}")
-    if not msgs:
+    try:
+        got = await puller.pull(batch, wait=READ_WAIT, next_wait=READ_WAIT, max_bytes=max_bytes)
+    except APIError as exc:
+        raise _Interrupted(f"the server ended a pull: {exc}") from None
+    if got.timed_out:
+        raise _Interrupted(f"no message for {READ_WAIT:.0f}s after {len(got.msgs)} of a pull")
+    if got.status == "409" and not (got.at_byte_bound and got.msgs):
+        raise _Interrupted(f"the server ended a pull: {got.status} {got.description}")
+    if not got.msgs:
         raise _Interrupted("a pull returned nothing while the consumer had messages to deliver")
-    return msgs, False
+    return got.msgs, got.at_byte_bound

@@ -19,7 +19,7 @@ from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.planner.core import Planner
 from kipvs.planner.fence import raise_fence
 from kipvs.planner.main import BATCH_ID, PlannerServiceConfig, PlanPublisher, plan
-from kipvs.shared import bus, config, delta_chunks, events, plan_log, topology
+from kipvs.shared import bus, config, delta_chunks, events, jetstream_pull, plan_log, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.plan.plan_state import SharedPlan
 from tests import kube
@@ -285,7 +285,7 @@ async def test_behind_the_fence_a_chunked_delta_is_one_atomic_batch(nats_url: st
 
 async def test_a_consumer_handed_large_messages_fetches_fewer_at_a_time(nats_url: str) -> None:
     """Parts of chunked deltas are ~1 MiB: a consumer asking for 500 of them would be handed far more than the
-    server's max_pending. Once it has seen large messages, it asks for about FETCH_BYTES' worth."""
+    server's max_pending. Every fetch, the first too, is bounded by bytes: about 4 MiB plus one max payload."""
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc)
     try:
@@ -299,16 +299,18 @@ async def test_a_consumer_handed_large_messages_fetches_fewer_at_a_time(nats_url
                 part = msgspec.structs.replace(part, id=f"{part.id}/{i}")
                 await bus.publish(js, topology.PLAN_ALL_SUBJECT, part)
         sizes: list[int] = []
+        fetched: list[int] = []  # bytes per batch
 
         async def handle(batch: list[bus.Delivery]) -> None:
             sizes.append(len(batch))
+            fetched.append(sum(len(d.msg.data) for d in batch))
 
         consumer = bus.DurableConsumer(js, spec, "test", handle, batch=500)
-        consumer._largest = len(events.encode(parts[0]))  # it has met a part before
         runner = asyncio.create_task(consumer.run())
         await eventually(lambda: sum(sizes) == 40, what="40 parts")
         consumer.stop()
         await runner
-        assert max(sizes) <= 17, sizes  # 16 MiB of ~1 MiB parts
+        assert max(fetched) <= jetstream_pull.PULL_MAX_BYTES + nc.max_payload, (sizes, fetched)
+        assert max(sizes) > 1, sizes  # bounded by bytes, not one at a time
     finally:
         await nc.close()

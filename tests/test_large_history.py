@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from kipvs.planner.core import Planner
 from kipvs.planner.main import PlannerServiceConfig, plan
@@ -186,6 +186,38 @@ async def test_reader_reads_every_large_message(url: str) -> None:
     assert await seqs(start_seq=120) == list(range(120, 201))
     assert await seqs(subject="big.7") == list(range(8, 201, 50))
     assert await seqs(subject="big.>", deliver=DeliverPolicy.LAST_PER_SUBJECT) == list(range(151, 201))
+    await nc.close()
+
+
+async def test_a_durable_consumer_catches_up_over_large_messages_without_a_slow_consumer_drop(url: str) -> None:
+    """A durable consumer asking for 500 messages at its first fetch (the planner's batch) over 100 records
+    of 200 KB (20 MB, more than twice max_pending): every fetch is bounded by bytes, so the server never drops
+    the client as a slow consumer (which it did: the connection reconnected, and what was lost came back
+    after ack_wait), and each message is handled once."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="BIG", subjects=["big.>"])
+    record = events.encode(rolling_update(1)[2][1])  # an EndpointSlice of 1,000 endpoints, ~200 KB
+    assert len(record) > 150_000
+    await asyncio.gather(*[await js.publish_async(f"big.{i % 50}", record) for i in range(100)])
+    spec = topology.ConsumerSpec("BIG", ConsumerConfig(durable_name="catch-up", ack_policy=AckPolicy.EXPLICIT,
+                                                       ack_wait=5.0, deliver_policy=DeliverPolicy.ALL))
+    await js.add_consumer("BIG", spec.config)
+    seqs: list[int] = []
+
+    async def handle(batch: list[bus.Delivery]) -> None:
+        seqs.extend(d.msg.metadata.sequence.stream for d in batch)
+
+    consumer = bus.DurableConsumer(js, spec, "test", handle, batch=500)
+    runner = asyncio.create_task(consumer.run())
+    try:
+        await eventually(lambda: len(set(seqs)) == 100, within=60, what="every message handled")
+    finally:
+        consumer.stop()
+        await runner
+    info = await js.consumer_info("BIG", "catch-up")
+    assert (nc.stats["reconnects"], info.num_redelivered, info.num_ack_pending) == (0, 0, 0)
+    assert seqs == list(range(1, 101))
     await nc.close()
 
 
