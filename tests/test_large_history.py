@@ -265,12 +265,13 @@ async def test_a_read_that_cannot_complete_raises(url: str, monkeypatch) -> None
 
 
 async def test_tools_read_large_status_messages_and_a_large_history(url: str, capsys) -> None:
-    """``kipvs status`` with 40 status subjects of ~900 KB each, ``kipvs tap`` and ``kipvs replay`` over a
-    history of large records: they read it all (before: a ConnectionClosedError traceback)."""
+    """``kipvs status`` with 80 status subjects of ~250 KB each (just under KIPVS_STATUS's per-message bound,
+    20 MB in all, past the 8 MiB max_pending), ``kipvs tap`` and ``kipvs replay`` over a history of large
+    records: they read it all (before: a ConnectionClosedError traceback)."""
     nc = await nats.connect(url)
     js = await bus.setup(nc, consumers=[topology.planner_consumer()])
-    garbage = os.urandom(900_000)
-    for i in range(40):
+    garbage = os.urandom(topology.STATUS_MAX_MSG - 8_000)
+    for i in range(80):
         await js.publish(f"kipvs.status.node-a.junk{i}", garbage)
     report = events.Envelope(id="report/node-b/1", time_ns=time.time_ns(), producer="applier",
                              record=events.ApplyReport(node="node-b", plan_seq=0, operations=0, duration_ms=0.0))
@@ -284,7 +285,7 @@ async def test_tools_read_large_status_messages_and_a_large_history(url: str, ca
     code, out, err = await kipvs("tap", "--nats-url", url, "--stream", "kube,status", "--since", "1", "--no-follow",
                                  "--json", capsys=capsys)
     assert code == 0 and err == "", err
-    assert len(out.splitlines()) == len(history) + 41
+    assert len(out.splitlines()) == len(history) + 81
     await nc.close()
 
 
