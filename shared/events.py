@@ -18,6 +18,7 @@ humans and files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -285,6 +286,21 @@ class PlanSnapshot(Record, tag="plan.snapshot"):
 # --- Applier status (stream STATUS), produced by each node's applier ---------------------------------
 
 
+# Lines a status report lists at most (errors, drift findings): KIPVS_STATUS refuses a message over
+# topology.STATUS_MAX_MSG (256 KiB), and a drift check after a flushed table at 10,000 Services finds
+# 100,000 objects. 500 lines of about 60 bytes stay far below the bound; the count of the rest is kept.
+REPORT_MAX_LINES = 500
+
+
+def summarised(lines: Sequence[str], limit: int = REPORT_MAX_LINES) -> tuple[str, ...]:
+    """``lines`` as a report holds them: the first ``limit - 1`` and ``"... and N more"`` when there are
+    more than ``limit``, each line cut to 512 characters."""
+    shown = [line[:512] for line in (lines if len(lines) <= limit else lines[:limit - 1])]
+    if len(lines) > limit:
+        shown.append(f"... and {len(lines) - (limit - 1)} more")
+    return tuple(shown)
+
+
 class ApplyReport(Record, tag="apply.report"):
     """What one node applied for one batch of plan deltas.
 
@@ -332,12 +348,19 @@ class ShadowReport(Record, tag="apply.shadow"):
     """A shadow-mode applier's comparison of the node's kernel (written by kube-proxy) with kipvs's plan
     for the node, published on ``kipvs.status.<node>.shadow`` when the divergences change and at least
     every few minutes. ``divergences`` is one precise line per difference (empty: the kernel is what kipvs
-    would program); ``plan_seq`` is the shared delta compared against."""
+    would program), at most :data:`REPORT_MAX_LINES` of them (:func:`summarised`), and
+    ``divergence_count`` how many there are in all (0 from an applier before it: count the lines);
+    ``plan_seq`` is the shared delta compared against."""
 
     node: str
     plan_seq: int
     divergences: tuple[str, ...] = ()
     virtual_servers: int = 0  # IPVS virtual servers read from the kernel
+    divergence_count: int = 0
+
+    @property
+    def divergences_total(self) -> int:
+        return self.divergence_count or len(self.divergences)
 
 
 AnyRecord = (KubeEvent | KubeResync | KubeResyncRange | PlanDelta | PlanDeltaChunk | PlanSnapshot | ApplyReport

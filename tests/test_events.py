@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from kipvs.shared import events
+from kipvs.shared import events, topology
 
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default",
            "resourceVersion": "12"}, "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}
@@ -90,3 +90,19 @@ def test_a_record_nested_too_deep_is_malformed_not_a_crash() -> None:
     assert nested in data
     with pytest.raises(events.ContractError, match="nests too deep"):
         events.decode(data)
+
+
+def test_a_report_of_a_whole_flushed_table_fits_the_status_streams_message_bound() -> None:
+    """A drift check after the table was flushed at 10,000 Services x 10 real servers finds 110,000
+    objects: the report lists the first ones and counts the rest, and fits KIPVS_STATUS's per-message
+    bound (the server refuses bigger; the report was lost and retried forever)."""
+    found = [f"add real server TCP 10.96.{i // 250}.{i % 250}:80 -> 10.244.{i // 250}.{i % 250}:8080"
+             for i in range(110_000)]
+    report = events.DriftReport(node="node-a", plan_seq=7, found=events.summarised(found), repaired=True,
+                                desired_digest="d" * 64, observed_digest="o" * 64)
+    envelope = events.Envelope(id="drift/node-a/7/1", time_ns=1, producer="applier/node-a", record=report)
+    assert len(events.encode(envelope)) < topology.STATUS_MAX_MSG
+    assert len(report.found) == events.REPORT_MAX_LINES
+    assert report.found[:2] == tuple(found[:2])
+    assert report.found[-1] == f"... and {110_000 - events.REPORT_MAX_LINES + 1} more"
+    assert events.summarised(found[:3]) == tuple(found[:3])

@@ -351,9 +351,9 @@ class Applier:
         self.metrics.programmed(applied)
         self.metrics.services_changed(self.plan.services, touched)
         self.metrics.synced(elapsed)
-        await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(ops),
-                                             duration_ms=round(elapsed * 1000, 3), errors=tuple(errors),
-                                             desired_digest=self.desired.digest()))
+        await self.report(events.ApplyReport(
+            node=self.node, plan_seq=self.plan.seq, operations=len(ops), duration_ms=round(elapsed * 1000, 3),
+            errors=events.summarised(errors), desired_digest=self.desired.digest()))
 
     async def whole(self, envelope: events.Envelope) -> events.Envelope | None:
         """The delta a message completes: itself, or the chunked delta whose last part it is (never half of
@@ -476,7 +476,7 @@ class Applier:
                 found.append("nftables table inet kipvs: endpoint marks differed; table rewritten")
                 await self.rules.install(want.ipsets)
         await self.report(events.DriftReport(
-            node=self.node, plan_seq=self.plan.seq, found=tuple(found), repaired=True,
+            node=self.node, plan_seq=self.plan.seq, found=events.summarised(found), repaired=True,
             desired_digest=digest(want), observed_digest=digest(observed.state)))
 
     async def report(self, record: events.ApplyReport | events.DriftReport) -> None:

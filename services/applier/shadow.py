@@ -81,8 +81,8 @@ class Shadow:
         self.plan_seq, self.divergences = plan.seq, found
         now = time.monotonic()
         if self.published is None or self.published[0] != found or now - self.published[1] >= self.heartbeat:
-            record = events.ShadowReport(node=self.node, plan_seq=plan.seq, divergences=found,
-                                         virtual_servers=len(table.virtual_servers))
+            record = events.ShadowReport(node=self.node, plan_seq=plan.seq, divergences=events.summarised(found),
+                                         virtual_servers=len(table.virtual_servers), divergence_count=len(found))
             envelope = events.Envelope(id=f"shadow/{self.node}/{time.time_ns()}", time_ns=time.time_ns(),
                                        producer=f"applier/{self.node}", record=record)
             try:

@@ -110,7 +110,7 @@ def one_line(entry: Entry) -> str:
     if isinstance(r, events.ShadowReport):
         found = "; ".join(r.divergences) if r.divergences else "none"
         return (f"{head} {r.node} shadow comparison at plan seq={r.plan_seq} ({r.virtual_servers} virtual "
-                f"servers in the kernel): {len(r.divergences)} divergences: {found}")
+                f"servers in the kernel): {r.divergences_total} divergences: {found}")
     conflicts = f", CONFLICTS: {'; '.join(r.conflicts)}" if r.conflicts else ""
     return (f"{head} {r.node} facts: IPVS {'yes' if r.ipvs_available else 'NO'}, kube-ipvs0 {r.kube_ipvs0}, "
             f"endpoint marks {r.endpoint_marks} ({r.endpoint_marks_reason}){conflicts}")

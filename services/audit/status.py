@@ -149,7 +149,7 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
         if time_ns >= newest_report.get(node, 0):  # a shadow report newer than any apply: the node is in shadow
             newest_report[node] = time_ns
             by_node[node].applied_seq = record.plan_seq  # the plan the kernel was compared with
-            by_node[node].shadow = len(record.divergences)
+            by_node[node].shadow = record.divergences_total
             by_node[node].shadow_found = list(record.divergences)
     for node, status in by_node.items():
         if plan_nodes and node not in plan_nodes:  # reports of a node that left the cluster: not a lag
