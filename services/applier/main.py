@@ -591,44 +591,11 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         applier.consumer = consumer
         ctx.queued_since = consumer.queued_since
 
-        async def drift_loop() -> None:
-            while not ctx.stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(drift_now.wait(), cfg.drift_period)
-                drift_now.clear()
-                if not ctx.stop.is_set() and await claim.still_held():
-                    await applier.drift_check()
-
-        async def drain_loop() -> None:
-            while not ctx.stop.is_set():
-                await asyncio.sleep(1.0)
-                await applier.drain()
-
-        async def cache_loop() -> None:
-            if not cfg.plan_cache:
-                return
-            writer = plan_cache.CacheWriter(Path(cfg.plan_cache), cfg.node)
-            while not ctx.stop.is_set():
-                try:
-                    await writer.maybe_write(applier.plan, applier.calico, applier.calico_seq)
-                except OSError as exc:
-                    log.warning("cannot write the plan cache %s: %s", cfg.plan_cache, exc.strerror)
-                except Exception:  # the cache is a convenience: never let it stop the applier, but say why
-                    log.exception("cannot write the plan cache %s", cfg.plan_cache)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ctx.stop.wait(), writer.every)
-
-        async def facts_loop() -> None:
-            if isinstance(kernel, MemoryKernel):  # a simulated kernel: its facts, not this host's
-                await applier.on_observation(node_facts.Observation(ipvs_available=True, kube_ipvs0="kipvs"))
-                return
-            await node_facts.watch(node_facts.NodeProbe(), applier.on_observation, ctx.stop, recheck=cfg.drift_period)
-
         runner = asyncio.create_task(consumer.run())
-        drifter = asyncio.create_task(drift_loop())
-        drainer = asyncio.create_task(drain_loop())
-        watcher = asyncio.create_task(facts_loop())
-        cacher = asyncio.create_task(cache_loop())
+        drifter = asyncio.create_task(_drift_loop(ctx, applier, claim, drift_now, cfg.drift_period))
+        drainer = asyncio.create_task(_drain_loop(ctx, applier))
+        watcher = asyncio.create_task(_facts_loop(ctx, applier, kernel, cfg.drift_period))
+        cacher = asyncio.create_task(_cache_loop(ctx, applier))
         stopping = asyncio.create_task(ctx.stop.wait())
         claimer = asyncio.create_task(claim.watch(ctx.stop))
         done, _ = await asyncio.wait({runner, drifter, drainer, stopping, claimer},
@@ -655,6 +622,49 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             await kernel.close()
     finally:
         await applier.health.close()
+
+
+async def _drift_loop(ctx: runtime.ServiceContext, applier: Applier, claim: node_claim.NodeClaim,
+                      drift_now: asyncio.Event, period: float) -> None:
+    """A kernel read-back every ``period`` seconds (--drift-period) or at SIGUSR1, while this applier holds
+    the node."""
+    while not ctx.stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(drift_now.wait(), period)
+        drift_now.clear()
+        if not ctx.stop.is_set() and await claim.still_held():
+            await applier.drift_check()
+
+
+async def _drain_loop(ctx: runtime.ServiceContext, applier: Applier) -> None:
+    while not ctx.stop.is_set():
+        await asyncio.sleep(1.0)
+        await applier.drain()
+
+
+async def _cache_loop(ctx: runtime.ServiceContext, applier: Applier) -> None:
+    """The node's plan written to --plan-cache (for a reboot without NATS); never a reason to stop applying."""
+    cfg = ctx.config
+    assert isinstance(cfg, ApplierConfig)
+    if not cfg.plan_cache:
+        return
+    writer = plan_cache.CacheWriter(Path(cfg.plan_cache), cfg.node)
+    while not ctx.stop.is_set():
+        try:
+            await writer.maybe_write(applier.plan, applier.calico, applier.calico_seq)
+        except OSError as exc:
+            log.warning("cannot write the plan cache %s: %s", cfg.plan_cache, exc.strerror)
+        except Exception:  # the cache is a convenience: never let it stop the applier, but say why
+            log.exception("cannot write the plan cache %s", cfg.plan_cache)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stop.wait(), writer.every)
+
+
+async def _facts_loop(ctx: runtime.ServiceContext, applier: Applier, kernel: Backend, recheck: float) -> None:
+    if isinstance(kernel, MemoryKernel):  # a simulated kernel: its facts, not this host's
+        await applier.on_observation(node_facts.Observation(ipvs_available=True, kube_ipvs0="kipvs"))
+        return
+    await node_facts.watch(node_facts.NodeProbe(), applier.on_observation, ctx.stop, recheck=recheck)
 
 
 def make_backend(cfg: ApplierConfig) -> Backend:
