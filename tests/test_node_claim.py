@@ -211,3 +211,16 @@ async def test_a_superseded_applier_whose_service_restarts_never_takes_the_node_
     assert await newer.still_held() and newer.held
     again = NodeClaim(js, "node-a", Registry("applier"), instance="pod-new/9/dddddd", started_ns=2_000)
     assert await again.take(stop) and again.held  # the newer one's own restart keeps the node
+
+
+async def test_an_unreadable_claim_value_is_claimed_again_not_taken_for_a_takeover(nc) -> None:
+    """A node may write its own claim key: junk there named no other applier, yet it idled the node's
+    applier for good (not ready, healthy, so never restarted). It is claimed again."""
+    js = nc.jetstream(timeout=5)
+    await topology.ensure_claims_bucket(js)
+    claim = NodeClaim(js, "node-a", Registry("applier"), instance="pod-a/7/aaaaaa")
+    assert await claim.take(asyncio.Event()) and claim.held
+    kv = await js.key_value(topology.APPLIER_CLAIMS_BUCKET)
+    await kv.put(topology.node_key("node-a"), b"\x00" * 900)
+    assert await claim.still_held() and claim.held and not claim.lost
+    assert (await kv.get(topology.node_key("node-a"))).value.startswith(b"{")

@@ -134,7 +134,12 @@ class NodeClaim:
         claim = node_claims.decode_claim(entry.value)
         if entry.revision == self.revision or (claim is not None and claim.instance == self.instance):
             return True
-        self._lose(claim.instance if claim else "another applier")
+        if claim is None:  # unreadable (not a claim: a node's own junk): no other applier named, so claim again
+            log.warning("node %s: the claim key holds no readable claim; claiming it again", self.node)
+            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
+                await self._take()
+            return True
+        self._lose(claim.instance)
         return False
 
     def _lose(self, holder: str) -> None:
