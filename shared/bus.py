@@ -117,7 +117,10 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
         elif clients and _refuses_files(exc) and not clients[0].is_closed:
             log.warning("NATS refused %s at reconnect (%s); closing the connection to open a new one with the "
                         "identity and CA files read again", name, describe_refusal(exc, auth))
-            asyncio.get_running_loop().create_task(clients[0].close())
+            closing = asyncio.get_running_loop().create_task(clients[0].close())
+            # closing a client whose socket the server reset raises in nats-py: retrieved, not an asyncio
+            # "Task exception was never retrieved" traceback in the service's log
+            closing.add_done_callback(lambda task: task.cancelled() or task.exception())
             if asyncio.current_task() is getattr(clients[0], "_reconnection_task", None):
                 # End nats-py's reconnect loop here: after this callback it sets the client RECONNECTING
                 # again, over the CLOSED that close() set, and the client would look alive for good.
