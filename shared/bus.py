@@ -94,8 +94,11 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
     (an unreachable server with unbounded attempts; a TLS handshake that failed while it may reconnect,
     e.g. a ``nats://`` URL to a server that wants TLS), silently and deaf to SIGTERM."""
     backoff = Backoff(initial=0.2, maximum=10.0)
+    clients: list[NATS] = []  # the client, once connected (the callbacks look at its state)
 
     async def disconnected() -> None:
+        if clients and (clients[0].is_closed or clients[0].is_draining):
+            return  # our own close or drain (a tool's end, a service's stop): nothing was lost
         log.warning("NATS connection lost; reconnecting", extra={"url": url})
 
     async def reconnected() -> None:
@@ -103,7 +106,6 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
 
     last_error: list[BaseException] = []
     options = auth.connect_options() if auth is not None else {}
-    clients: list[NATS] = []
 
     async def error(exc: Exception) -> None:
         last_error[:] = [exc]
@@ -115,7 +117,10 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
         elif clients and _refuses_files(exc) and not clients[0].is_closed:
             log.warning("NATS refused %s at reconnect (%s); closing the connection to open a new one with the "
                         "identity and CA files read again", name, describe_refusal(exc, auth))
-            asyncio.get_running_loop().create_task(clients[0].close())
+            closing = asyncio.get_running_loop().create_task(clients[0].close())
+            # closing a client whose socket the server reset raises in nats-py: retrieved, not an asyncio
+            # "Task exception was never retrieved" traceback in the service's log
+            closing.add_done_callback(lambda task: task.cancelled() or task.exception())
             if asyncio.current_task() is getattr(clients[0], "_reconnection_task", None):
                 # End nats-py's reconnect loop here: after this callback it sets the client RECONNECTING
                 # again, over the CLOSED that close() set, and the client would look alive for good.

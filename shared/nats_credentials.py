@@ -267,10 +267,13 @@ def embedded_client(directory: Path, role: str, inbox_identity: str = "") -> Cli
 def for_service(identity: str, role: str, nkey_file: str = "", token_file: str = "", ca_file: str = "",
                 embedded_dir: Path | None = None, tls_hostname: str = "") -> ClientAuth | None:
     """A service's identity: the files given, else (on the embedded server) its role's files in the
-    embedded credentials directory, else None (an open server, as in most tests). ``identity`` names its
+    embedded credentials directory, else None (an open server, as in most tests); an identity file given
+    without a CA file on the embedded server trusts that server's CA. ``identity`` names its
     reply inbox (``watcher``, ``planner``, ``applier-<node>``); ``tls_hostname``, when given with a CA
     file, is the name the server's certificate is checked against (the URL's host otherwise)."""
     if nkey_file or token_file or ca_file:
+        if not ca_file and embedded_dir is not None and (embedded_dir / CA_CERT).exists():
+            ca_file = str(embedded_dir / CA_CERT)  # an identity given on the embedded bus: its server's CA
         return ClientAuth(nkey_file=nkey_file, token_file=token_file, ca_file=ca_file,
                           inbox_prefix=perms.inbox_prefix(identity) if nkey_file or token_file else "",
                           tls_hostname=tls_hostname)

@@ -321,3 +321,14 @@ def test_status_a_node_that_left_the_cluster_does_not_fail_the_check(capsys) -> 
     with pytest.raises(SystemExit) as exit_:
         cli.main(["status", "--max-behind", "-1"])
     assert exit_.value.code == 2 and "is negative" in capsys.readouterr().err
+
+
+async def test_replay_says_whether_the_log_is_missing_or_empty(nats_url: str, capsys) -> None:
+    """No streams at all (a wiped store nobody declared again) is not "an empty log": each is said as it is."""
+    code, _, err = await kipvs("replay", "--nats-url", nats_url, capsys=capsys)
+    assert code == 2 and "there is no KIPVS_KUBE stream on this NATS" in err, err
+    nc = await nats.connect(nats_url)
+    await bus.setup(nc)
+    await nc.close()
+    code, _, err = await kipvs("replay", "--nats-url", nats_url, capsys=capsys)
+    assert code == 2 and "the Kubernetes log is empty: nothing to replay" in err, err

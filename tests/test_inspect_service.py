@@ -10,8 +10,10 @@ import aiohttp
 import msgspec
 import nats
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
+from kipvs.applier import inspect
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.shadow import run_shadow
@@ -290,3 +292,38 @@ async def test_unreadable_requests_and_kernel_failures_are_answered_not_dropped(
     await kernel.setup()
     fine = await inspect.answer("node-a", kernel, context)
     assert fine.error == "" and fine.table is not None and fine.table.link
+
+
+async def test_stream_messages_pushed_to_the_inspect_subject_are_not_answered(nats_url: str) -> None:
+    """A node may create its own reader on KIPVS_PLAN with any config, and nats-server does not check the
+    creator's publish rights on ``deliver_subject``: pointed at another node's inspect subject, every plan
+    message made that applier read its whole kernel and publish the table (3,015 kernel dumps from three
+    requests). Only a request with an inbox to answer is answered; a tool's request still is."""
+    reads = 0
+    kernel = MemoryKernel()
+
+    async def counted_read() -> events.KernelTable:
+        nonlocal reads
+        reads += 1
+        return await kernel.kernel_table()
+
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    sub = await inspect.serve(nc, "node-b", kernel, lambda: ("apply", 0, ()), counted_read)
+
+    try:
+        await js.add_consumer(topology.PLAN_STREAM, ConsumerConfig(
+            name="reader-node-a", deliver_subject=topology.inspect_subject("node-b"), ack_policy=AckPolicy.NONE,
+            filter_subject="kipvs.plan.all", deliver_policy=DeliverPolicy.ALL))
+        for seq in range(1, 21):  # plan envelopes: msgpack maps, which decode as a request with defaults
+            delta = events.PlanDelta(scope="all", seq=seq, source_seq=seq, ops=())
+            await js.publish("kipvs.plan.all", events.encode(events.Envelope(
+                id=f"plan/all/{seq}", time_ns=seq, producer="planner", record=delta)))
+        await asyncio.sleep(1.0)
+        assert reads == 0
+        reply = await nc.request(topology.inspect_subject("node-b"), b"", timeout=5)
+        assert msgspec.msgpack.decode(reply.data, type=events.IpvsInspectReply).error == ""
+        assert reads == 1
+    finally:
+        await sub.unsubscribe()
+        await nc.close()

@@ -9,6 +9,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 
@@ -17,7 +18,7 @@ from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.node_claim import NodeClaim
 from kipvs.audit import status as status_tool
-from kipvs.shared import config, runtime, topology
+from kipvs.shared import config, events, runtime, topology
 from kipvs.shared import nats_permissions as perms
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.metrics import Registry
@@ -25,14 +26,15 @@ from tests import kube
 from tests.stack import Scrape, Stack, start_stack
 
 
-async def _second_applier(stack: Stack, nats_url: str) -> tuple[MemoryKernel, asyncio.Task]:
+async def _second_applier(stack: Stack, nats_url: str,
+                          stop: asyncio.Event | None = None) -> tuple[MemoryKernel, asyncio.Task]:
     port = free_loopback_port()
     stack.ports["second"] = port
     kernel = MemoryKernel()
     cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}", "node": "node-a",
                                       "backend": "memory", "healthz_bind_address": ""}, {})
     task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel),
-                                                   stop=stack.stop))
+                                                   stop=stop or stack.stop))
     stack.tasks.append(task)
     return kernel, task
 
@@ -211,3 +213,56 @@ async def test_a_superseded_applier_whose_service_restarts_never_takes_the_node_
     assert await newer.still_held() and newer.held
     again = NodeClaim(js, "node-a", Registry("applier"), instance="pod-new/9/dddddd", started_ns=2_000)
     assert await again.take(stop) and again.held  # the newer one's own restart keeps the node
+
+
+async def test_an_unreadable_claim_value_is_claimed_again_not_taken_for_a_takeover(nc) -> None:
+    """A node may write its own claim key: junk there named no other applier, yet it idled the node's
+    applier for good (not ready, healthy, so never restarted). It is claimed again."""
+    js = nc.jetstream(timeout=5)
+    await topology.ensure_claims_bucket(js)
+    claim = NodeClaim(js, "node-a", Registry("applier"), instance="pod-a/7/aaaaaa")
+    assert await claim.take(asyncio.Event()) and claim.held
+    kv = await js.key_value(topology.APPLIER_CLAIMS_BUCKET)
+    await kv.put(topology.node_key("node-a"), b"\x00" * 900)
+    assert await claim.still_held() and claim.held and not claim.lost
+    assert (await kv.get(topology.node_key("node-a"))).value.startswith(b"{")
+
+
+async def test_when_the_applier_that_took_the_node_stops_the_idle_one_takes_it_back(nats_url: str, sim,
+                                                                                   tmp_path: Path) -> None:
+    """The newer applier stopped (a by-hand second applier ended, a pod deleted): the node stayed unapplied
+    behind the idle one, whose /healthz stayed 200 (found by a hostile review). A stopping holder releases
+    the node's claim, and the idle applier takes the node back. While idle it does not answer
+    ``kipvs ipvs --node`` (that showed the idle applier's stale table at random)."""
+    stack = await start_stack(nats_url, sim, tmp_path)
+    second_stop = asyncio.Event()
+    try:
+        await stack.sim.apply(kube.node("node-a", "192.0.2.10"))
+        await stack.sim.apply(kube.service("web"))
+        await stack.until(lambda s: s.value("kipvs_applier_plan_seq") == 2, "web on node-a")
+        _, second = await _second_applier(stack, nats_url, second_stop)
+        await _until(lambda: stack.ready("second"), "the second applier ready")
+        await _until(lambda: _not(stack.ready("applier")), "the first applier not ready (superseded)")
+        await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint("10.244.1.1")]))
+        planner_seq = lambda: stack.scrape("planner")  # noqa: E731
+        await _until(lambda: _at(stack, "second", planner_seq), "the second applier at the planner's delta")
+        nc = await nats.connect(nats_url)
+        answered = {msgspec.msgpack.decode((await nc.request(topology.inspect_subject("node-a"), b"", timeout=5)).data,
+                                           type=events.IpvsInspectReply).plan_seq for _ in range(8)}
+        await nc.close()
+        assert answered == {(await stack.scrape("second")).value("kipvs_applier_plan_seq")}, answered
+        second_stop.set()
+        await asyncio.wait_for(second, 30)
+        await _until(lambda: stack.ready("applier"), "the first applier ready again", within=60)
+        assert _held(await stack.scrape("applier")) == 1
+        await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint("10.244.1.2")]))
+        await _until(lambda: _true(_reals(stack.kernel) == {"10.244.1.2"}), "the first applier applying again")
+        assert _held(await stack.scrape("applier")) == 1
+    finally:
+        second_stop.set()
+        await stack.close()
+
+
+async def _at(stack: Stack, applier: str, planner) -> bool:
+    seq = (await planner()).value("kipvs_planner_delta_seq")
+    return (await stack.scrape(applier)).value("kipvs_applier_plan_seq") == seq

@@ -861,6 +861,21 @@ def test_a_missing_role_identity_is_never_replaced_by_the_admins(tmp_path: Path)
         nats_credentials.for_service("tools", "tools", embedded_dir=directory)
 
 
+
+def test_an_identity_given_on_the_embedded_bus_trusts_its_servers_ca(tmp_path: Path) -> None:
+    """``--nats-nkey-file`` without ``--nats-ca-file`` on a state directory's embedded server retried for
+    ever on "certificate not trusted": the embedded server's own CA is the one to trust."""
+    from kipvs.shared import nats_credentials
+
+    directory = tmp_path / "nats-auth"
+    nats_credentials.ensure(directory)
+    auth = nats_credentials.for_service("watcher", "watcher", nkey_file=str(directory / "watcher.nk"),
+                                        embedded_dir=directory)
+    assert auth is not None and auth.ca_file == str(directory / "ca.pem")
+    given = nats_credentials.for_service("watcher", "watcher", nkey_file=str(directory / "watcher.nk"),
+                                         ca_file="/etc/other/ca.pem", embedded_dir=directory)
+    assert given is not None and given.ca_file == "/etc/other/ca.pem"
+
 async def test_a_tool_with_another_roles_identity_says_what_was_refused(declared: SecureNats, capsys) -> None:
     """A valid identity of the wrong role (the watcher's) on a tool: the server's refusal in one sentence and
     exit 2, not a time-out traceback."""

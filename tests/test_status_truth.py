@@ -10,9 +10,9 @@ import time
 
 import nats
 
-from kipvs.audit.pipeline import planner_verdict
+from kipvs.audit.pipeline import delta_times, planner_verdict
 from kipvs.audit.status import collect
-from kipvs.shared import bus, events, topology
+from kipvs.shared import bus, delta_chunks, events, topology
 from tests import kube
 from tests.helpers import kipvs, publish_kube
 
@@ -117,3 +117,21 @@ async def test_a_store_with_nothing_planned_and_no_report_is_not_green(nats_url:
     await nc.close()
     code, out, _ = await kipvs("status", "--nats-url", nats_url, capsys=capsys)
     assert code == 1 and "the plan holds no Node and no node has reported" in out.splitlines()[0], out
+
+
+async def test_a_delta_in_parts_is_timed_by_when_it_was_stored(nats_url: str) -> None:
+    """``kipvs status`` ages a node's lag by when the first delta it lacks was stored; a delta in parts
+    (PlanDeltaChunk) had no time, so a node a second behind a large change was "behind for over 30s"."""
+    nc = await nats.connect(nats_url)
+    js = await bus.setup(nc)
+    ops = tuple(events.RemoveService(key=f"default/s{i}") for i in range(3000))
+    delta = events.Envelope(id="plan/all/1", time_ns=1, producer="planner",
+                            record=events.PlanDelta(scope="all", seq=1, source_seq=1, ops=ops))
+    parts = delta_chunks.split(delta, 16_000)
+    assert len(parts) > 1
+    before = time.time_ns() - 1_000_000_000
+    for part in parts:
+        await js.publish(topology.PLAN_ALL_SUBJECT, events.encode(part))
+    times = await delta_times(js, before)
+    await nc.close()
+    assert set(times) == {1} and before < times[1] <= time.time_ns()

@@ -83,8 +83,12 @@ async def serve(nc: NATS, node: str, kernel: Backend, context: Context,
     """Subscribe to this node's inspect subject; the caller unsubscribes when it stops."""
 
     async def handle(msg: Msg) -> None:
-        if not msg.reply:
-            return  # a publish, not a request: nobody to answer
+        if not msg.reply or msg.reply.startswith("$"):
+            # Not a tool's request (whose reply subject is its inbox): a publish, or a stream's message pushed
+            # here by a consumer someone created with this subject as its deliver_subject (reply $JS.ACK...;
+            # nats-server does not check a consumer creator's publish rights on deliver_subject). Answering
+            # would read the whole kernel for every message of that stream (found by a hostile review).
+            return
         reply = await answer(node, kernel, context, read, msg.data)
         for payload, headers in reply_messages(reply, nc.max_payload, _wants_parts(msg.data)):
             await nc.publish(msg.reply, payload, headers=headers or None)

@@ -573,13 +573,13 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
         keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq, guard=ctx.stream_guard)
         # superseded while bootstrapping: the durable is the newer applier's now, not to be recreated
-        spec = await keeper.start(ctx.stop) if await claim.still_held() else None
+        spec = await keeper.start(ctx.stop, held=claim.still_held)
         if spec is None:  # told to stop before the bus would create it, or superseded
+            with contextlib.suppress(Exception):
+                await inspection.unsubscribe()
             if claim.lost:
                 ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
                 await claim.idle(ctx.stop)
-            with contextlib.suppress(Exception):
-                await inspection.unsubscribe()
             await kernel.close()
             return
         # The kernel holds the newest published plan: ready now, not after the first fetch that finds nothing
@@ -608,10 +608,14 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         cacher.cancel()
         await asyncio.gather(runner, drifter, drainer, watcher, cacher, return_exceptions=True)
         await applier.flush_reports()
-        if claim.lost:  # superseded: idle, not ready, until stopped (see node_claim.py)
+        if claim.lost:  # superseded: idle, not ready, until stopped or the node is released (node_claim.py)
+            with contextlib.suppress(Exception):  # `kipvs ipvs --node` must reach the applier of the node
+                await inspection.unsubscribe()
             ctx.set_not_ready(f"superseded: node {cfg.node} is applied by {claim.holder}")
             ctx.queued_since = None
             await claim.idle(ctx.stop)
+        elif ctx.stop.is_set() and not ctx.replaced:  # this process stops: hand the node over at once
+            await claim.release()
         stopping.cancel()
         with contextlib.suppress(Exception):
             await inspection.unsubscribe()

@@ -26,6 +26,7 @@ import socket
 import time
 import uuid
 
+import nats
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -134,7 +135,12 @@ class NodeClaim:
         claim = node_claims.decode_claim(entry.value)
         if entry.revision == self.revision or (claim is not None and claim.instance == self.instance):
             return True
-        self._lose(claim.instance if claim else "another applier")
+        if claim is None:  # unreadable (not a claim: a node's own junk): no other applier named, so claim again
+            log.warning("node %s: the claim key holds no readable claim; claiming it again", self.node)
+            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
+                await self._take()
+            return True
+        self._lose(claim.instance)
         return False
 
     def _lose(self, holder: str) -> None:
@@ -157,15 +163,50 @@ class NodeClaim:
                 return
 
     async def idle(self, stop: asyncio.Event) -> None:
-        """Superseded: renew ``<key>.superseded`` every SUPERSEDED_RENEW_S until ``stop``, then delete it."""
+        """Superseded: renew ``<key>.superseded`` every SUPERSEDED_RENEW_S and read the node's claim every
+        ``check_every`` seconds until ``stop``, then delete the record. When the holder has released the node
+        (it stopped: :meth:`release`), raise :class:`ClaimReleased`: the runtime starts the service again,
+        and it takes the node (else the node would stay unapplied behind an idle applier)."""
         assert self._kv is not None
         key = node_claims.superseded_key(self.node)
-        while not stop.is_set():
-            record = node_claims.Superseded(node=self.node, instance=self.instance, by=self.holder,
-                                            at_ns=time.time_ns())
-            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
-                await self._kv.put(key, node_claims.encode(record))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SUPERSEDED_RENEW_S)
+        renewed = -SUPERSEDED_RENEW_S
+        try:
+            while not stop.is_set():
+                if time.monotonic() - renewed >= SUPERSEDED_RENEW_S:
+                    record = node_claims.Superseded(node=self.node, instance=self.instance, by=self.holder,
+                                                    at_ns=time.time_ns())
+                    with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
+                        await self._kv.put(key, node_claims.encode(record))
+                    renewed = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.check_every)
+                if not stop.is_set() and await self._released():
+                    raise ClaimReleased(f"node {self.node}: {self.holder} released the node's claim; this "
+                                        "applier takes the node")
+        finally:
+            with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS, KeyNotFoundError):
+                await self._kv.delete(key)
+
+    async def _released(self) -> bool:
+        assert self._kv is not None
+        try:
+            await self._kv.get(node_claims.claim_key(self.node))
+        except KeyNotFoundError:  # deleted (KeyDeletedError is one) or never written: nobody holds the node
+            return True
+        except bus.INFRASTRUCTURE_ERRORS:
+            return False
+        return False
+
+    async def release(self) -> None:
+        """At this applier's stop, while it holds the node: delete the node's claim (only at this applier's
+        own revision), so that a superseded applier of the node, if one runs, takes the node at once."""
+        if not self.held or self._kv is None:
+            return
         with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS, KeyNotFoundError):
-            await self._kv.delete(key)
+            await self._kv.delete(node_claims.claim_key(self.node), last=self.revision)
+        self.held = False
+
+
+class ClaimReleased(nats.errors.Error):
+    """The applier that held the node released it: a bus event the runtime answers by starting the service
+    again (``runtime._restarting`` restarts on nats-py's errors), which then takes the node."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -46,15 +46,21 @@ class ConsumerKeeper:
         self.lost_after = lost_after
         self.recreated = 0
 
-    async def start(self, stop: asyncio.Event) -> topology.ConsumerSpec | None:
+    async def start(self, stop: asyncio.Event,
+                    held: Callable[[], Awaitable[bool]] | None = None) -> topology.ConsumerSpec | None:
         """The consumer, from the first sequence after ``position()`` (any previous one is replaced); the bus
         failing (a cluster electing leaders) is retried with backoff until it answers or ``stop`` is set
-        (then None): the kernel already holds the bootstrap, which a restart of the service would redo."""
+        (then None): the kernel already holds the bootstrap, which a restart of the service would redo.
+        ``held`` is asked before each attempt: False (another applier holds the node now, and the durable is
+        its) returns None. A refusal because another applier of the node created the durable between this
+        one's delete and create (``start sequence can not be updated``) is retried too, never a crash."""
         backoff = Backoff(initial=0.5, maximum=10.0)
         while not stop.is_set():
+            if held is not None and not await held():
+                return None
             try:
                 return await topology.recreate_applier_consumer(self.js, self.node, self.position())
-            except bus.INFRASTRUCTURE_ERRORS as exc:
+            except (*bus.INFRASTRUCTURE_ERRORS, topology.TopologyError) as exc:
                 delay = backoff.next()
                 log.warning("cannot create the plan consumer of %s yet (%s: %s); retrying in %.1fs", self.node,
                             type(exc).__name__, exc or "", delay)

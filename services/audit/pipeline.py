@@ -93,7 +93,8 @@ async def read_planner_stage(js: Any, now_ns: int, max_lag: float) -> Stage:
 
 
 async def delta_times(js: Any, since_ns: int) -> dict[int, int]:
-    """Shared delta seq -> the server time it was stored, for the deltas stored since ``since_ns``."""
+    """Shared delta seq -> the server time it was stored (its first part's, for a delta in parts), for the
+    deltas stored since ``since_ns``."""
     out: dict[int, int] = {}
     start = datetime.fromtimestamp(since_ns / 1e9, UTC)
     async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT, start_time=start):
@@ -101,7 +102,7 @@ async def delta_times(js: Any, since_ns: int) -> dict[int, int]:
             record = events.decode(msg.data or b"").record
         except events.ContractError:
             continue
-        if isinstance(record, events.PlanDelta):
+        if isinstance(record, events.PlanDelta | events.PlanDeltaChunk):
             stored = _ns(msg.metadata.timestamp)
             if stored is not None:
                 out.setdefault(record.seq, stored)

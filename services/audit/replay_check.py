@@ -18,6 +18,8 @@ import argparse
 import sys
 from typing import Any
 
+from nats.js.errors import NotFoundError
+
 from kipvs.planner.core import Planner, PlannerConfig
 from kipvs.shared import events, topology
 from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
@@ -78,6 +80,11 @@ async def replay(args: argparse.Namespace, out: Any = None) -> int:
     except ValueError as exc:
         raise ToolError(str(exc)) from None
     async with open_log(args) as js:
+        try:
+            await js.stream_info(topology.KUBE_STREAM)
+        except NotFoundError:
+            raise ToolError(f"there is no {topology.KUBE_STREAM} stream on this NATS: nothing to replay (run "
+                            "'kipvs topology apply', or start the services)") from None
         kube = await read_all(js, topology.KUBE_STREAM, upto=args.last)
         plan = await read_all(js, topology.PLAN_STREAM)
     if not kube:

@@ -184,6 +184,11 @@ async def serve(ctx: runtime.ServiceContext) -> None:
     running: set[asyncio.Task] = set()
 
     async def on_request(msg: Any) -> None:
+        if not msg.reply or msg.reply.startswith("$JS."):
+            # a stream's message pushed here by a consumer a node made with this deliver_subject (nats-server
+            # does not check the creator's rights on it), not the server's request: nothing to answer, and no
+            # task and no error line per message of that stream
+            return
         # one task per request: a slow TokenReview must not hold up the other nodes' connections
         task = asyncio.create_task(handle(msg))
         running.add(task)

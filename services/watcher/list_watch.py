@@ -136,6 +136,7 @@ class KindWatcher:
         # the version of the last watch line handled: where a watch that failed resumes (its events before
         # it are all logged), and what the API server's version must not be below when watching again
         self.progress = ""
+        self.parked_count = 0  # objects and lines of this kind parked, since the start
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.2, maximum=30.0)
@@ -215,6 +216,7 @@ class KindWatcher:
         """List everything in chunks, log what changed, then the resync record. Returns the list version.
         When the versions went back (:func:`restore_evidence`) the log is re-synced to the list."""
         before_seq = await self.log.last_seq()  # every record at or below was logged before this list
+        parked_before = self.parked_count
         items, list_rv = await self._list_items()
         valid = []
         for obj in items:
@@ -230,8 +232,14 @@ class KindWatcher:
                         "snapshot without a revision bump? re-syncing the log to the %d objects it holds now",
                         self.kind, evidence, len(valid))
             self.metrics.relists.labels(self.kind, "restored").inc()
+        # A listed object that could not be taken may be one the log holds: missing from this list is no
+        # proof it is gone, so nothing is deleted until a list where every object could be taken.
+        partial = self.parked_count > parked_before
+        if partial:
+            log.warning("%s: %d listed objects were parked; logged objects missing from this list are kept "
+                        "until a list without them", self.kind, self.parked_count - parked_before)
         planned, resync = reconcile(self.kind, valid, self.log.logged, list_rv,
-                                    max(before_seq, 1) if evidence else 0)
+                                    max(before_seq, 1) if evidence else 0, partial=partial)
         appended, refused = await self.log.append_many(planned)
         for event, reason in refused:
             await self._park_too_large(event, reason)
@@ -360,6 +368,7 @@ class KindWatcher:
         await self._park(data[:PARK_KEEP], f"{reason} (the first {PARK_KEEP} bytes of the object kept)")
 
     async def _park(self, data: bytes, reason: str) -> None:
+        self.parked_count += 1
         self.metrics.parked.labels(self.kind).inc()
         await bus.park(self.js, "watcher", None, data, reason, subject=f"kube.{self.kind}")
 

@@ -245,14 +245,18 @@ def plan_event(kind: str, action: str, obj: dict[str, Any], logged: LoggedObject
 
 
 def reconcile(kind: str, listed: list[dict[str, Any]], logged: dict[str, LoggedObject],
-              list_rv: str, resync_seq: int = 0) -> tuple[list[Planned], events.KubeResync]:
+              list_rv: str, resync_seq: int = 0, partial: bool = False) -> tuple[list[Planned], events.KubeResync]:
     """What a fresh list means against the log: ADDED/MODIFIED for objects that appeared or changed,
     DELETED (origin ``resync``) for logged objects that are gone, then the resync record with the live set.
     ``listed`` must hold valid objects only (the caller parks the others).
 
     ``resync_seq`` > 0 (the KUBE stream's last sequence when the list was requested) says the API server
     was restored (:func:`restore_evidence`): the list is the truth whatever the versions, every logged
-    object missing from it is deleted, and the resync record says ``restored``."""
+    object missing from it is deleted, and the resync record says ``restored``.
+
+    ``partial``: some listed objects could not be taken (parked: too deep, invalid), and one of them may be
+    an object the log holds, so none missing from the list is deleted; the live set names them at their
+    logged versions, so the planner deletes nothing either."""
     planned: list[Planned] = []
     live: dict[str, str] = {}
     for obj in listed:
@@ -263,7 +267,11 @@ def reconcile(kind: str, listed: list[dict[str, Any]], logged: dict[str, LoggedO
             planned.append(event)
     for key in sorted(logged):
         entry = logged[key]
-        if entry.alive and key not in live and (resync_seq or not rv_newer(entry.resource_version, list_rv)):
+        if not entry.alive or key in live:
+            continue
+        if partial:
+            live[key] = entry.resource_version
+        elif resync_seq or not rv_newer(entry.resource_version, list_rv):
             planned.append(_gone(kind, key, entry, list_rv, resync_seq))
     return planned, events.KubeResync(kind=kind, resource_version=list_rv, live=live, restored=bool(resync_seq),
                                       listed_after_seq=resync_seq)
