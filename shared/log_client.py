@@ -106,6 +106,8 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
 
     nc._error_cb = refused  # after the connection: what the server refuses this identity, for the sentence below
     try:
+        if auth is not None and auth.nkey_file:
+            await _check_audit_mirror(nc)
         yield nc
     except (nats.errors.TimeoutError, TimeoutError) as exc:
         if refusals:  # the server refused a request of this identity: the request then only times out
@@ -119,6 +121,15 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
         raise ToolError(f"NATS at {url} failed: {type(exc).__name__}: {exc or 'no detail'}") from None
     finally:
         await nc.close()
+
+
+async def _check_audit_mirror(nc: nats.NATS) -> None:
+    """ToolError when the plan's mirror (which the tools read the plan through) is of an older KIPVS_PLAN:
+    what it holds is not the plan the nodes follow, and every answer read from it would be wrong (false lag,
+    false drift, deltas missing). Missing streams are left to the tool, which names them."""
+    found = await topology.audit_mirror_staleness(nc.jetstream(timeout=10))
+    if found is not None and found[1]:
+        raise ToolError(f"{found[1]}: run 'kipvs topology apply' (it declares the mirror again)")
 
 
 @contextlib.asynccontextmanager

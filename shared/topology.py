@@ -262,14 +262,67 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
 PLAN_AUDIT_STREAM = "KIPVS_PLAN_AUDIT"
 
 
-def plan_audit_stream(replicas: int = 1) -> StreamSpec:
+# The mirror's stream metadata (nats-server >= 2.10) records which KIPVS_PLAN it mirrors: that stream's
+# creation time. A mirror outlives the stream it mirrors: after KIPVS_PLAN is deleted and declared again (a
+# wiped store, an admin's 'nats stream rm'), the server's mirror keeps the old stream's sequences 1..N, skips
+# the new stream's up to N and then appends the rest onto the old ones, for good.
+MIRROR_SOURCE_CREATED = "kipvs.io/source-created"
+
+
+def plan_audit_stream(replicas: int = 1, source_created: str = "") -> StreamSpec:
+    """The mirror of KIPVS_PLAN; ``source_created`` is that stream's creation time (ISO 8601, as
+    :func:`stream_identity` gives it), recorded in the mirror's metadata."""
     return StreamSpec(
         StreamConfig(name=PLAN_AUDIT_STREAM, description="kipvs: a read-only mirror of KIPVS_PLAN for the audit tools",
                      mirror=StreamSource(name=PLAN_STREAM), retention=RetentionPolicy.LIMITS,
                      storage=StorageType.FILE, num_replicas=replicas, discard=DiscardPolicy.OLD,
-                     duplicate_window=None),  # a mirror has none of its own
+                     duplicate_window=None,  # a mirror has none of its own
+                     metadata={MIRROR_SOURCE_CREATED: source_created} if source_created else None),
         "the plan as the audit tools read it (they may not create consumers on KIPVS_PLAN)",
     )
+
+
+def stale_mirror(source: StreamIdentity, recorded_created: str, mirror_last_seq: int) -> str:
+    """Why the audit mirror (whose metadata records ``recorded_created``, "" when none, and whose last
+    sequence is ``mirror_last_seq``) is not a mirror of ``source`` (KIPVS_PLAN now), in one sentence; ""
+    when it is. A mirror ahead of its source is of another stream even when the creation time is lost."""
+    if not recorded_created:
+        return (f"the audit mirror {PLAN_AUDIT_STREAM} does not record which {PLAN_STREAM} it mirrors (an older "
+                "kipvs declared it)")
+    if source.created and recorded_created != source.created:
+        return (f"the audit mirror {PLAN_AUDIT_STREAM} is of an older {PLAN_STREAM} (created at {recorded_created}; "
+                f"{PLAN_STREAM} was created at {source.created})")
+    if mirror_last_seq > source.last_seq:
+        return (f"the audit mirror {PLAN_AUDIT_STREAM} is of an older {PLAN_STREAM} (it holds sequence "
+                f"{mirror_last_seq}, {PLAN_STREAM} ends at {source.last_seq})")
+    return ""
+
+
+async def audit_mirror_staleness(js: JetStreamContext) -> tuple[StreamIdentity, str] | None:
+    """KIPVS_PLAN's identity and why the audit mirror is not of it ("" when it is); None when either stream
+    does not exist. Two stream-info requests; nats-py's errors when the bus fails."""
+    source = await stream_identity(js, PLAN_STREAM)
+    if source is None:
+        return None
+    try:
+        mirror = await js.stream_info(PLAN_AUDIT_STREAM)
+    except NotFoundError:
+        return None
+    recorded = (mirror.config.metadata or {}).get(MIRROR_SOURCE_CREATED, "")
+    return source, stale_mirror(source, recorded, mirror.state.last_seq)
+
+
+async def ensure_plan_audit(js: JetStreamContext, replicas: int = 1) -> None:
+    """Declare the audit mirror of the KIPVS_PLAN that exists now (declared first): a mirror of an older
+    KIPVS_PLAN, or one that does not say which it mirrors, is deleted and created again (it then copies the
+    whole current stream). TopologyError as :func:`ensure_stream`."""
+    found = await audit_mirror_staleness(js)
+    if found is not None and found[1]:
+        log.warning("%s: deleting it and creating it again from the current %s", found[1], PLAN_STREAM)
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(PLAN_AUDIT_STREAM)
+    source = found[0] if found is not None else await stream_identity(js, PLAN_STREAM)
+    await ensure_stream(js, plan_audit_stream(replicas, source.created if source is not None else ""))
 
 
 SNAPSHOT_BUCKET = "kipvs-snapshots"  # JetStream object store (stream OBJ_kipvs-snapshots)
@@ -424,7 +477,7 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     for spec in streams(replicas):
         await ensure_stream(js, spec)
-    await ensure_stream(js, plan_audit_stream(replicas))
+    await ensure_plan_audit(js, replicas)
     try:
         snapshots = (await js.stream_info(f"OBJ_{SNAPSHOT_BUCKET}")).config
     except NotFoundError:
