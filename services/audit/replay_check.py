@@ -22,7 +22,7 @@ from nats.js.errors import NotFoundError
 
 from kipvs.planner.core import Planner, PlannerConfig
 from kipvs.shared import events, topology
-from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
+from kipvs.shared.log_client import Entry, RecordedLog, ToolError, add_nats_arguments, open_log, read_all, run_tool
 
 from . import records
 
@@ -81,7 +81,8 @@ async def replay(args: argparse.Namespace, out: Any = None) -> int:
         raise ToolError(str(exc)) from None
     async with open_log(args) as js:
         try:
-            await js.stream_info(topology.KUBE_STREAM)
+            if not isinstance(js, RecordedLog):  # a recorded log (--log FILE) has what it has
+                await js.stream_info(topology.KUBE_STREAM)
         except NotFoundError:
             raise ToolError(f"there is no {topology.KUBE_STREAM} stream on this NATS: nothing to replay (run "
                             "'kipvs topology apply', or start the services)") from None
