@@ -126,8 +126,12 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
 async def _check_audit_mirror(nc: nats.NATS) -> None:
     """ToolError when the plan's mirror (which the tools read the plan through) is of an older KIPVS_PLAN:
     what it holds is not the plan the nodes follow, and every answer read from it would be wrong (false lag,
-    false drift, deltas missing). Missing streams are left to the tool, which names them."""
-    found = await topology.audit_mirror_staleness(nc.jetstream(timeout=10))
+    false drift, deltas missing), or is missing while KIPVS_PLAN exists (every plan read would find nothing:
+    "does not forward", "no plan change"). A missing KIPVS_PLAN is left to the tool, which names it."""
+    js = nc.jetstream(timeout=10)
+    found = await topology.audit_mirror_staleness(js)
+    if found is None and await topology.stream_identity(js, topology.PLAN_STREAM) is not None:
+        found = (None, f"the audit mirror {topology.PLAN_AUDIT_STREAM} of {topology.PLAN_STREAM} does not exist")
     if found is not None and found[1]:
         raise ToolError(f"{found[1]}: run 'kipvs topology apply' (it declares the mirror again)")
 

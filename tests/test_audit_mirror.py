@@ -123,6 +123,16 @@ async def test_a_replaced_plan_stream_gets_a_new_mirror_and_the_tools_read_it(se
         await report_applied(await _shared_head(js))
         code, out, err = await kipvs("status", *as_tools, "--max-lag", "60", capsys=capsys)
         assert code == 0 and "Traceback" not in err, out + err
+
+        # The mirror alone deleted: every plan read found nothing ("does not forward", "no plan change")
+        # and said so with exit 0; now the tools name the missing mirror in one line.
+        await js.delete_stream(topology.PLAN_AUDIT_STREAM)
+        for tool in (("why", "--node", "node-a", "10.96.0.99:80"), ("history", "Service/default/web-late"),
+                     ("tap", "--stream", "plan", "--since", "1", "--no-follow"), ("status",)):
+            code, out, err = await kipvs(*tool, *as_tools, capsys=capsys)
+            said = [line for line in err.splitlines() if "audit mirror" in line]
+            assert code != 0 and len(said) == 1 and "does not exist" in said[0] \
+                and "run 'kipvs topology apply'" in said[0], (tool, out, err)
     finally:
         stop.set()
         await asyncio.wait_for(planner, 30)

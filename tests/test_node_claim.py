@@ -18,7 +18,7 @@ from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.node_claim import NodeClaim
 from kipvs.audit import status as status_tool
-from kipvs.shared import config, events, runtime, topology
+from kipvs.shared import config, events, node_claims, runtime, topology
 from kipvs.shared import nats_permissions as perms
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.metrics import Registry
@@ -266,3 +266,22 @@ async def test_when_the_applier_that_took_the_node_stops_the_idle_one_takes_it_b
 async def _at(stack: Stack, applier: str, planner) -> bool:
     seq = (await planner()).value("kipvs_planner_delta_seq")
     return (await stack.scrape(applier)).value("kipvs_applier_plan_seq") == seq
+
+
+async def test_a_claim_value_of_another_node_or_an_older_applier_does_not_idle_the_holder(nc) -> None:
+    """A well-formed value written on the claim key that names another node, or an applier started before
+    the holder, idled the holder for good (found by a re-check); only a newer applier of the node wins."""
+    js = nc.jetstream(timeout=5)
+    await topology.ensure_claims_bucket(js)
+    kv = await js.key_value(topology.APPLIER_CLAIMS_BUCKET)
+    key = topology.node_key("node-a")
+    claim = NodeClaim(js, "node-a", Registry("applier"), instance="pod-a/7/aaaaaa", started_ns=5_000)
+    assert await claim.take(asyncio.Event())
+    for forged in (node_claims.Claim(node="node-b", instance="x/1/1", since_ns=1, started_ns=9_000),
+                   node_claims.Claim(node="node-a", instance="x/1/1", since_ns=1, started_ns=1)):
+        await kv.put(key, node_claims.encode(forged))
+        assert await claim.still_held() and claim.held, forged
+        assert node_claims.decode_claim((await kv.get(key)).value).instance == claim.instance
+    newer = node_claims.Claim(node="node-a", instance="pod-b/9/bbbbbb", since_ns=1, started_ns=9_000)
+    await kv.put(key, node_claims.encode(newer))
+    assert not await claim.still_held() and claim.lost and claim.holder == "pod-b/9/bbbbbb"

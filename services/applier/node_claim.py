@@ -103,6 +103,8 @@ class NodeClaim:
         previous = None
         with contextlib.suppress(KeyNotFoundError):
             previous = node_claims.decode_claim((await kv.get(key)).value)
+        if previous is not None and previous.node != self.node:
+            previous = None  # not a claim of this node (a forged value): nobody holds it
         # the service started again in this process (the bus failed, a stream was replaced): not a takeover
         restarted = previous is not None and _process(previous.instance) == _process(self.instance)
         if previous is not None and not restarted and previous.started_ns > self.started_ns:
@@ -135,13 +137,21 @@ class NodeClaim:
         claim = node_claims.decode_claim(entry.value)
         if entry.revision == self.revision or (claim is not None and claim.instance == self.instance):
             return True
-        if claim is None:  # unreadable (not a claim: a node's own junk): no other applier named, so claim again
-            log.warning("node %s: the claim key holds no readable claim; claiming it again", self.node)
+        if claim is None or claim.node != self.node or self._older(claim):
+            # unreadable, of another node, or of an applier started before this one (which never claims over
+            # a newer one: _take): not a takeover (a node's own junk, a forged value), so claim again
+            log.warning("node %s: the claim key holds no claim of a newer applier of this node; claiming it "
+                        "again", self.node)
             with contextlib.suppress(*bus.INFRASTRUCTURE_ERRORS):
                 await self._take()
             return True
         self._lose(claim.instance)
         return False
+
+    def _older(self, claim: node_claims.Claim) -> bool:
+        """``claim`` is another process's, started before this one (0: a kipvs before started_ns: unknown)."""
+        return (0 < claim.started_ns < self.started_ns
+                and _process(claim.instance) != _process(self.instance))
 
     def _lose(self, holder: str) -> None:
         self.held, self.lost, self.holder = False, True, holder
