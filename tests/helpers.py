@@ -6,7 +6,7 @@ import asyncio
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 60.0, what: str = "condition") -> None:
@@ -16,6 +16,15 @@ async def eventually(predicate: Callable[[], bool], within: float = 60.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = 60.0) -> None:
+    """``eventually`` for an asynchronous check (a scrape, a stream read): awaited every 0.2 s until it holds;
+    the test fails when it does not within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out after {within}s waiting for {what}"
+        await asyncio.sleep(0.2)
 
 
 async def publish_kube(js, lines: list[str], source: str) -> None:

@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 from kipvs.planner.main import PlannerServiceConfig, plan
 from kipvs.shared import bus, config, events, topology
 from tests import kube
-from tests.helpers import kipvs, publish_kube, start_service
+from tests.helpers import kipvs, publish_kube, start_service, until
 from tests.secure_nats import SecureNats
 
 
@@ -82,7 +82,7 @@ async def test_a_replaced_plan_stream_gets_a_new_mirror_and_the_tools_read_it(se
             record=events.ApplyReport(node="node-a", plan_seq=seq, operations=0, duration_ms=0)))
 
     try:
-        await _until(mirrored, 60, "the first plan mirrored")
+        await until(mirrored, "the first plan mirrored")
         old = await _plan(js)
         assert len(old) >= 6, old
 
@@ -91,7 +91,7 @@ async def test_a_replaced_plan_stream_gets_a_new_mirror_and_the_tools_read_it(se
         plan_spec = next(s for s in topology.streams(1) if s.config.name == topology.PLAN_STREAM)
         await js.delete_stream(topology.PLAN_STREAM)
         await js.add_stream(plan_spec.config)
-        await _until(lambda: _plan_has(js, 1), 60, "the planner published into the new KIPVS_PLAN")
+        await until(lambda: _plan_has(js, 1), "the planner published into the new KIPVS_PLAN")
         # Until the mirror is declared again, the tools name it in one line instead of false lag.
         for tool in (("status",), ("replay",), ("tap", "--stream", "plan", "--since", "1", "--no-follow")):
             code, out, err = await kipvs(*tool, *as_tools, capsys=capsys)
@@ -102,9 +102,9 @@ async def test_a_replaced_plan_stream_gets_a_new_mirror_and_the_tools_read_it(se
 
         await bus.setup(admin, 1, [topology.planner_consumer()])  # what 'kipvs topology apply' does
         await publish_kube(wjs, [_service("web-late", "10.96.0.99")], "after")
-        await _until(mirrored, 60, "the new plan mirrored")
-        await _until(lambda: _has_vip(js, "10.96.0.99"), 60, "the late change planned")
-        await _until(mirrored, 60, "the late change mirrored")
+        await until(mirrored, "the new plan mirrored")
+        await until(lambda: _has_vip(js, "10.96.0.99"), "the late change planned")
+        await until(mirrored, "the late change mirrored")
 
         new = await _plan(js)
         code, out, err = await kipvs("tap", "--stream", "plan", "--since", "1", "--no-follow", "--json",
@@ -152,9 +152,3 @@ async def _has_vip(js, ip: str) -> bool:
                 async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)])
 
 
-async def _until(check, within: float, what: str) -> None:
-    """Wait until the coroutine ``check()`` returns true; fail (never hang) after ``within`` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.1)

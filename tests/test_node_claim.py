@@ -23,6 +23,7 @@ from kipvs.shared import nats_permissions as perms
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.metrics import Registry
 from tests import kube
+from tests.helpers import until
 from tests.stack import Scrape, Stack, start_stack
 
 
@@ -37,13 +38,6 @@ async def _second_applier(stack: Stack, nats_url: str,
                                                    stop=stop or stack.stop))
     stack.tasks.append(task)
     return kernel, task
-
-
-async def _until(check, what: str, within: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 def _held(scrape: Scrape) -> float:
@@ -67,8 +61,8 @@ async def test_a_second_applier_of_a_node_takes_over_and_the_first_stops(nats_ur
         assert _held(await stack.scrape("applier")) == 1
         first_kernel = stack.kernel
         second_kernel, _ = await _second_applier(stack, nats_url)
-        await _until(lambda: stack.ready("second"), "the second applier ready")
-        await _until(lambda: _not(stack.ready("applier")), "the first applier not ready (superseded)")
+        await until(lambda: stack.ready("second"), "the second applier ready")
+        await until(lambda: _not(stack.ready("applier")), "the first applier not ready (superseded)")
         first = await stack.scrape("applier")
         assert _held(first) == 0
         assert _held(await stack.scrape("second")) == 1
@@ -80,7 +74,7 @@ async def test_a_second_applier_of_a_node_takes_over_and_the_first_stops(nats_ur
             seq = (await stack.scrape("planner")).value("kipvs_planner_delta_seq")
             return seq >= 4 and (await stack.scrape("second")).value("kipvs_applier_plan_seq") == seq \
                 and _reals(second_kernel) == {"10.244.1.20"}
-        await _until(second_caught_up, "the second applier holding every change")
+        await until(second_caught_up, "the second applier holding every change")
         assert (await stack.scrape("applier")).value("kipvs_applier_plan_seq") == frozen  # it applied nothing
         assert "10.244.1.20" not in _reals(first_kernel)
         assert any("took over this node's claim; this applier" in line for line in said), said
@@ -148,7 +142,7 @@ async def test_without_the_claims_bucket_the_node_is_applied_and_claimed_once_it
     assert not claim.held and not claim.lost and await claim.still_held()
     watching = asyncio.create_task(claim.watch(stop))
     await topology.ensure_claims_bucket(js)
-    await _until(lambda: _true(claim.held), "the claim taken once the bucket exists", within=10)
+    await until(lambda: _true(claim.held), "the claim taken once the bucket exists", within=10)
     newer = NodeClaim(js, "node-a", Registry("applier"), check_every=0.1)
     await newer.take(stop)
     await asyncio.wait_for(watching, 10)  # the watch ends: the claim is lost
@@ -181,8 +175,8 @@ async def test_an_applier_superseded_while_bootstrapping_leaves_the_durable_alon
                                                    stop=stop))
     stack = Stack(None, MemoryKernel(), {"applier": port}, [task], stop)  # type: ignore[arg-type]
     try:
-        await _until(lambda: _true(bool(newer)), "the newer claim taken during the bootstrap")
-        await _until(lambda: _not(stack.ready("applier")), "not ready")
+        await until(lambda: _true(bool(newer)), "the newer claim taken during the bootstrap")
+        await until(lambda: _not(stack.ready("applier")), "not ready")
         await asyncio.sleep(0.5)  # past the check before the consumer
         assert _held(await stack.scrape("applier")) == 0 and not await stack.ready("applier")
         nc = await nats.connect(nats_url)
@@ -241,11 +235,11 @@ async def test_when_the_applier_that_took_the_node_stops_the_idle_one_takes_it_b
         await stack.sim.apply(kube.service("web"))
         await stack.until(lambda s: s.value("kipvs_applier_plan_seq") == 2, "web on node-a")
         _, second = await _second_applier(stack, nats_url, second_stop)
-        await _until(lambda: stack.ready("second"), "the second applier ready")
-        await _until(lambda: _not(stack.ready("applier")), "the first applier not ready (superseded)")
+        await until(lambda: stack.ready("second"), "the second applier ready")
+        await until(lambda: _not(stack.ready("applier")), "the first applier not ready (superseded)")
         await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint("10.244.1.1")]))
         planner_seq = lambda: stack.scrape("planner")  # noqa: E731
-        await _until(lambda: _at(stack, "second", planner_seq), "the second applier at the planner's delta")
+        await until(lambda: _at(stack, "second", planner_seq), "the second applier at the planner's delta")
         nc = await nats.connect(nats_url)
         answered = {msgspec.msgpack.decode((await nc.request(topology.inspect_subject("node-a"), b"", timeout=5)).data,
                                            type=events.IpvsInspectReply).plan_seq for _ in range(8)}
@@ -253,10 +247,10 @@ async def test_when_the_applier_that_took_the_node_stops_the_idle_one_takes_it_b
         assert answered == {(await stack.scrape("second")).value("kipvs_applier_plan_seq")}, answered
         second_stop.set()
         await asyncio.wait_for(second, 30)
-        await _until(lambda: stack.ready("applier"), "the first applier ready again", within=60)
+        await until(lambda: stack.ready("applier"), "the first applier ready again", within=60)
         assert _held(await stack.scrape("applier")) == 1
         await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint("10.244.1.2")]))
-        await _until(lambda: _true(_reals(stack.kernel) == {"10.244.1.2"}), "the first applier applying again")
+        await until(lambda: _true(_reals(stack.kernel) == {"10.244.1.2"}), "the first applier applying again")
         assert _held(await stack.scrape("applier")) == 1
     finally:
         second_stop.set()

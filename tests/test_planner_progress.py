@@ -18,7 +18,7 @@ from kipvs.planner.progress import LagClock
 from kipvs.shared import config, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from tests import kube
-from tests.helpers import publish_kube, start_service
+from tests.helpers import publish_kube, start_service, until
 from tests.stack import Scrape
 
 
@@ -37,13 +37,6 @@ async def _get(port: int, path: str) -> tuple[int, str]:
         return r.status, await r.text()
 
 
-async def _until(check, what: str, within: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
-
-
 def _service(i: int) -> str:
     return json.dumps({"type": "ADDED", "object": kube.service(f"s{i}", cluster_ip=f"10.96.{i // 250}.{i % 250 + 1}")})
 
@@ -56,9 +49,9 @@ async def test_the_planner_is_not_ready_while_the_plan_stream_refuses_its_deltas
     js = nc.jetstream()
     churn: asyncio.Task | None = None
     try:
-        await _until(lambda: _ready(port), "the planner ready")
+        await until(lambda: _ready(port), "the planner ready")
         await publish_kube(js, [_service(0)], "first")
-        await _until(lambda: _metric(port, "kipvs_planner_source_seq", 1), "the first record planned")
+        await until(lambda: _metric(port, "kipvs_planner_source_seq", 1), "the first record planned")
         # The plan stream is full: it refuses every new delta (a store at its limit).
         info = await js.stream_info(topology.PLAN_STREAM)
         await js.update_stream(dataclasses.replace(info.config, max_msgs=info.state.messages,
@@ -77,20 +70,20 @@ async def test_the_planner_is_not_ready_while_the_plan_stream_refuses_its_deltas
             status, text = await _get(port, "/readyz")
             return status == 503 and "cannot publish" in text
 
-        await _until(refusing, "/readyz to say the planner cannot publish", 30)
+        await until(refusing, "/readyz to say the planner cannot publish", 30)
         scrape = Scrape.parse((await _get(port, "/metrics"))[1])
         assert scrape.value("kipvs_planner_unpublished_deltas") > 0
         assert scrape.value("kipvs_planner_publish_errors_total") > 0
-        await _until(lambda: _metric(port, "kipvs_planner_behind_seconds", 1.0), "the planner's lag clock running", 30)
+        await until(lambda: _metric(port, "kipvs_planner_behind_seconds", 1.0), "the planner's lag clock running", 30)
         churn.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await churn
         info = await js.stream_info(topology.PLAN_STREAM)
         await js.update_stream(dataclasses.replace(info.config, max_msgs=-1, discard=DiscardPolicy.OLD))
-        await _until(lambda: _ready(port), "the planner ready again once the stream takes deltas", 60)
+        await until(lambda: _ready(port), "the planner ready again once the stream takes deltas", 60)
         head = (await js.stream_info(topology.KUBE_STREAM)).state.last_seq
-        await _until(lambda: _metric(port, "kipvs_planner_source_seq", head), "every record planned")
-        await _until(lambda: _exactly(port, "kipvs_planner_behind_seconds", 0.0), "the lag clock back at 0", 30)
+        await until(lambda: _metric(port, "kipvs_planner_source_seq", head), "every record planned")
+        await until(lambda: _exactly(port, "kipvs_planner_behind_seconds", 0.0), "the lag clock back at 0", 30)
     finally:
         if churn is not None:
             churn.cancel()

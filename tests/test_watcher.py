@@ -377,13 +377,7 @@ async def test_restored_api_server_resyncs_log_and_planner(nats_url: str, sim: S
         await sim.apply(kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i}"))
     kc = kubeconfig_for(sim, tmp_path)
     w = start_watcher(nats_url, kc, kinds=["Service"])
-    await until_logged(nats_url, sim)
-    await _restore_history(sim, 0)
-    await until_logged(nats_url, sim)
-    await sim.restore()
-    for i in range(30):
-        await sim.apply(kube.service(f"svc-{i % 10}", cluster_ip=f"10.96.50.{i}"))
-    await until_restored(nats_url, sim)
+    await _through_a_restore(nats_url, sim)
     logging.getLogger("kipvs.watcher").removeHandler(warnings)
     assert any("resourceVersions went back" in line and "re-syncing the log" in line for line in warnings.lines)
     await w.close()
@@ -528,6 +522,18 @@ async def test_a_resync_record_over_the_max_payload_is_logged_in_key_ranges(nats
     assert {key for _, key in planner.versions} == set(list(live)[::5000]), "the parts deleted what the list lacks"
 
 
+
+async def _through_a_restore(nats_url: str, sim: Simulator) -> None:
+    """The issue's scenario once the first list is logged: 100 changes, a restore to the snapshot taken
+    before them, then 30 changes; returns when the log holds the API server's objects."""
+    await until_logged(nats_url, sim)
+    await _restore_history(sim, 0)
+    await until_logged(nats_url, sim)
+    await sim.restore()
+    for i in range(30):
+        await sim.apply(kube.service(f"svc-{i % 10}", cluster_ip=f"10.96.50.{i}"))
+    await until_restored(nats_url, sim)
+
 async def test_two_watchers_through_a_restore_log_each_change_once(nats_url: str, sim: Simulator,
                                                                    tmp_path: Path) -> None:
     """Both watchers see the restore; the log follows the API server, and no object's history holds the
@@ -536,13 +542,7 @@ async def test_two_watchers_through_a_restore_log_each_change_once(nats_url: str
         await sim.apply(kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i}"))
     kc = kubeconfig_for(sim, tmp_path)
     a, b = start_watcher(nats_url, kc, kinds=["Service"]), start_watcher(nats_url, kc, kinds=["Service"])
-    await until_logged(nats_url, sim)
-    await _restore_history(sim, 0)
-    await until_logged(nats_url, sim)
-    await sim.restore()
-    for i in range(30):
-        await sim.apply(kube.service(f"svc-{i % 10}", cluster_ip=f"10.96.50.{i}"))
-    await until_restored(nats_url, sim)
+    await _through_a_restore(nats_url, sim)
     await asyncio.sleep(1.0)  # let the slower watcher finish its own re-sync
     await a.close()
     await b.close()
