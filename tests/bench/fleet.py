@@ -21,6 +21,8 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import dataclasses
+import itertools
 import json
 import os
 import random
@@ -41,6 +43,7 @@ from kipvs.applier import plan_consumer
 from kipvs.shared import events
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.simulator.server import Simulator
+from tests.bench import fleet_nodes
 from tests.helpers import wait_port
 
 KIPVS = str(Path(sys.executable).with_name("kipvs"))
@@ -169,8 +172,10 @@ class Observer:
     # node -> (plan seq, when the applier made the report: its kernel written, when the report reached us)
     reports: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     apply_ms: list[tuple[float, float]] = field(default_factory=list)  # (time, the applier's own batch time)
+    nc: nats.NATS | None = None
 
     async def start(self, nc: nats.NATS) -> None:
+        self.nc = nc
         async def on_plan(msg) -> None:
             env = events.decode(msg.data)
             rec = env.record
@@ -188,6 +193,7 @@ class Observer:
 
         await nc.subscribe("kipvs.plan.>", cb=on_plan)
         await nc.subscribe("kipvs.status.*.applied", cb=on_report)
+        await nc.subscribe(f"{fleet_nodes.CORE_REPORTS}.*.applied", cb=on_report)  # --reports core
 
     def reached(self, node: str, seq: int, seen: bool = False) -> float | None:
         """When ``node`` had applied a plan at or after ``seq`` (its report's time: the kernel was written;
@@ -220,6 +226,8 @@ class Options:
     consumer: str = "r1-memory"
     per_process: int = 250  # appliers per fleet process
     fetch_wait: float = 0.0  # seconds each applier's fetch waits at the server; 0: kipvs's own
+    acks: str = "explicit"  # none: consumers without acks (fleet_nodes.without_acks), to measure their cost
+    reports: str = "stream"  # core: reports on core NATS, not into KIPVS_STATUS, to measure their cost
 
 
 async def _run(opt: Options, root: Path) -> list[dict[str, float]]:
@@ -306,6 +314,7 @@ async def _step(opt: Options, n: int, started: int, procs: list[subprocess.Popen
 
     # Steady churn: one endpoint's readiness flips in a random Service, `rate` times a second.
     plan_before, apply_before = len(observer.plan), len(observer.apply_ms)
+    status_before = await _status_stream(observer)
     cpu0, wall0 = cluster.cpu_seconds(), time.monotonic()
     fleet_cpu0 = sum(cpu_seconds(pid) for pid in fleet_pids)
     changes: list[tuple[float, str]] = []
@@ -338,6 +347,7 @@ async def _step(opt: Options, n: int, started: int, procs: list[subprocess.Popen
         raise RuntimeError(f"{exc} ({done} of {n} had; the furthest behind: "
                            + ", ".join(f"{w} at {s}" for s, w in behind[:3]) + f"; the last delta is {last})") from None
     churn_wall = time.monotonic() - wall0
+    status_after = await _status_stream(observer)
     churn_cpu = (cluster.cpu_seconds() - cpu0) / churn_wall
     fleet_cpu = (sum(cpu_seconds(pid) for pid in fleet_pids) - fleet_cpu0) / churn_wall
     lat, seen = [], []
@@ -371,16 +381,27 @@ async def _step(opt: Options, n: int, started: int, procs: list[subprocess.Popen
         # inside each applier, per batch: resolve, diff, (memory) kernel write; O(change) if it does
         # not grow with --services
         "node_apply_ms_p50": statistics.median([ms for _, ms in observer.apply_ms[apply_before:]] or [0.0]),
+        # what the churn added to KIPVS_STATUS (every kind of report), per change and node
+        "status_msgs_per_change_node": (status_after[0] - status_before[0]) / opt.changes / n,
+        "status_bytes_per_change": (status_after[1] - status_before[1]) / opt.changes,
+        "status_msgs_per_node_s": (status_after[0] - status_before[0]) / churn_wall / n,
     }
     row["bootstrap_s"] = await _bootstrap(cluster.url, opt, observer, root, n)
     return row
+
+
+async def _status_stream(observer: Observer) -> tuple[int, int]:
+    """(messages, bytes) KIPVS_STATUS holds now."""
+    assert observer.nc is not None
+    state = (await observer.nc.jetstream(timeout=10).stream_info("KIPVS_STATUS")).state
+    return state.messages, state.bytes
 
 
 def _fleet(url: str, prefix: str, first: int, count: int, opt: Options, root: Path,
            stdout: Any = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "tests.bench.fleet_nodes", "--nats-url", url, "--prefix", prefix,
             "--first", str(first), "--count", str(count), "--consumer", opt.consumer,
-            "--fetch-wait", str(opt.fetch_wait)]
+            "--fetch-wait", str(opt.fetch_wait), "--acks", opt.acks, "--reports", opt.reports]
     return _spawn(argv, root / f"fleet-{prefix}{first}.log", stdout)
 
 
@@ -436,13 +457,55 @@ def report(opt: Options, rows: list[dict[str, float]]) -> None:
           + ", ".join(f"N={r['nodes']:.0f} {r['fleet_up_s']:.1f}" for r in rows))
     print("apply ms per batch inside a node (resolve + diff + memory kernel), p50: "
           + ", ".join(f"N={r['nodes']:.0f} {r['node_apply_ms_p50']:.2f}" for r in rows))
+    print("KIPVS_STATUS growth under churn, messages per change per node / bytes per change / messages per node "
+          "per second: " + ", ".join(f"N={r['nodes']:.0f} {r['status_msgs_per_change_node']:.2f} / "
+                                     f"{r['status_bytes_per_change']:.0f} / {r['status_msgs_per_node_s']:.2f}"
+                                     for r in rows))
+    if len(rows) > 1:
+        print("servers' RSS per added node, MiB: " + ", ".join(
+            f"N={a['nodes']:.0f}->{b['nodes']:.0f} {rss_per_node(a, b):.2f}" for a, b in itertools.pairwise(rows)))
     print(f"ratios (x) are against N={base['nodes']:.0f} from this run; cpu is the three servers together, in cores")
     print(f"goals: messages per endpoint change {GOALS['messages_per_change']:g} whatever N; p99 at N=1,000 at most "
           f"x{GOALS['p99_ratio_at_1000']:g} the p99 at N=1; a new node bootstrapped from 10,000 Services in under "
           f"{GOALS['bootstrap_s_at_10000']:g} s (kernel writes excluded)")
 
 
-def options(argv: list[str] | None = None) -> Options:
+def rss_per_node(a: dict[str, float], b: dict[str, float]) -> float:
+    return (b["servers_rss_mib"] - a["servers_rss_mib"]) / (b["nodes"] - a["nodes"])
+
+
+# --split: the same fleet three times, taking one cost away each time (fleet_nodes.py's knobs)
+SPLIT = (("as configured", {}), ("reports on core NATS", {"reports": "core"}),
+         ("and no acks", {"reports": "core", "acks": "none"}))
+
+
+def split(opt: Options) -> None:
+    """Run the fleet with each of SPLIT's settings and print the servers' CPU and RSS per change per node
+    taken by the status reports (first minus second), the acknowledgements (second minus third) and the
+    delivery itself (the third: pull requests and messages)."""
+    runs = []
+    for label, change in SPLIT:
+        print(f"-- {label}", flush=True)
+        one = dataclasses.replace(opt, **change)
+        rows = run(one)
+        report(one, rows)
+        runs.append(rows)
+    print("== where the servers' CPU per change per node goes (ms; differences of the runs above) ==")
+    for i, row in enumerate(runs[0]):
+        if any(len(r) <= i for r in runs):
+            break
+        cpu = [r[i]["servers_cpu_ms_per_change_node"] for r in runs]
+        print(f"N={row['nodes']:.0f}: total {cpu[0]:.3f} = status reports {cpu[0] - cpu[1]:.3f} + acks "
+              f"{cpu[1] - cpu[2]:.3f} + delivery (pull requests, messages) {cpu[2]:.3f}; KIPVS_STATUS "
+              f"{runs[0][i]['status_msgs_per_change_node']:.2f} messages and "
+              f"{runs[0][i]['status_bytes_per_change'] / max(row['nodes'], 1):.0f} bytes per change per node")
+    if all(len(r) > 1 for r in runs):
+        rss = [rss_per_node(r[0], r[1]) for r in runs]
+        print(f"servers' RSS per added node, MiB: total {rss[0]:.2f} = status reports {rss[0] - rss[1]:.2f} + acks "
+              f"{rss[1] - rss[2]:.2f} + delivery {rss[2]:.2f} (noisy: one sample each)")
+
+
+def options(argv: list[str] | None = None) -> tuple[Options, bool]:
     parser = argparse.ArgumentParser(prog="python -m tests.bench fleet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="1,20,100", help="fleet sizes, comma-separated (default 1,20,100)")
     parser.add_argument("--services", type=int, default=2_000, help="Services (default 2,000)")
@@ -454,6 +517,13 @@ def options(argv: list[str] | None = None) -> Options:
                              "(what they inherited from the stream before issue 17)")
     parser.add_argument("--fetch-wait", type=float, default=0.0,
                         help="seconds each applier's fetch waits at the server (default 0: kipvs's own)")
+    parser.add_argument("--acks", choices=["explicit", "none"], default="explicit",
+                        help="none: applier consumers without acknowledgements (a measurement, not a design)")
+    parser.add_argument("--reports", choices=["stream", "core"], default="stream",
+                        help="core: apply reports on core NATS instead of KIPVS_STATUS (a measurement)")
+    parser.add_argument("--split", action="store_true",
+                        help="run three times (as configured; reports on core NATS; and no acks) and print where "
+                             "the servers' CPU and memory per node go")
     parser.add_argument("--per-process", type=int, default=250, help="appliers per fleet process (default 250)")
     args = parser.parse_args(argv)
     try:
@@ -464,10 +534,13 @@ def options(argv: list[str] | None = None) -> Options:
         parser.error("--nodes, --services, --endpoints and --changes must be at least 1")
     return Options(nodes=nodes, services=args.services, endpoints=args.endpoints, changes=args.changes,
                    rate=args.rate, consumer=args.consumer, per_process=args.per_process,
-                   fetch_wait=args.fetch_wait)
+                   fetch_wait=args.fetch_wait, acks=args.acks, reports=args.reports), args.split
 
 
 def main(argv: list[str] | None = None) -> int:
-    opt = options(argv)
+    opt, split_costs = options(argv)
+    if split_costs:
+        split(opt)
+        return 0
     report(opt, run(opt))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -17,10 +18,12 @@ import signal
 import sys
 import time
 
+from nats.js.api import AckPolicy
+
 from kipvs.applier import plan_consumer
 from kipvs.applier.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.shared import runtime, topology
+from kipvs.applier.main import Applier, ApplierConfig, apply_plan
+from kipvs.shared import bus, events, runtime, topology
 
 CONSUMERS = {"r3": (3, False), "r1": (1, False), "r1-memory": (1, True)}
 
@@ -30,6 +33,37 @@ def use_consumer_design(design: str) -> None:
     production uses topology.applier_consumer's defaults)."""
     replicas, memory = CONSUMERS[design]
     topology.applier_consumer = functools.partial(topology.applier_consumer, replicas=replicas, memory=memory)
+
+
+def without_acks() -> None:
+    """The benchmark's knob to measure what acknowledgements cost the servers: consumers with
+    ``AckPolicy.NONE`` and no acks sent (not a design: nothing would redeliver a batch the applier failed)."""
+    with_acks = topology.applier_consumer
+
+    def spec(*args, **kwargs) -> topology.ConsumerSpec:
+        made = with_acks(*args, **kwargs)
+        return dataclasses.replace(made, config=dataclasses.replace(made.config, ack_policy=AckPolicy.NONE))
+
+    async def count_only(self: bus.DurableConsumer, deliveries: list[bus.Delivery]) -> None:
+        self.delivered += len(deliveries)
+
+    topology.applier_consumer = spec
+    bus.DurableConsumer._ack = count_only  # type: ignore[method-assign]
+
+
+CORE_REPORTS = "bench.status"  # reports on core NATS (no stream): what the status stream costs is the difference
+
+
+def reports_on_core_nats() -> None:
+    """The benchmark's knob to measure what the status reports cost: each report published on core NATS
+    under ``bench.status.<node>.<kind>`` (no stream stores it; the benchmark's observer still sees it)."""
+    async def send(self: Applier) -> None:
+        while self.unsent_reports:
+            kind = min(self.unsent_reports)
+            envelope = self.unsent_reports.pop(kind)
+            await self.ctx.nc.publish(f"{CORE_REPORTS}.{topology.token(self.node)}.{kind}", events.encode(envelope))
+
+    Applier.send_reports = send  # type: ignore[method-assign]
 
 
 def _dump_tasks() -> None:
@@ -62,9 +96,17 @@ def main() -> int:
     parser.add_argument("--consumer", choices=sorted(CONSUMERS), default="r1-memory")
     parser.add_argument("--fetch-wait", type=float, default=0.0,
                         help="seconds each applier's fetch waits at the server (0: kipvs's own)")
+    parser.add_argument("--acks", choices=["explicit", "none"], default="explicit",
+                        help="none: consumers without acknowledgements (to measure what they cost)")
+    parser.add_argument("--reports", choices=["stream", "core"], default="stream",
+                        help="core: apply reports on core NATS, not into KIPVS_STATUS (to measure what they cost)")
     parser.add_argument("--stagger", type=float, default=0.02, help="seconds between two appliers' starts")
     args = parser.parse_args()
     use_consumer_design(args.consumer)
+    if args.acks == "none":
+        without_acks()
+    if args.reports == "core":
+        reports_on_core_nats()
     if args.fetch_wait:
         plan_consumer.FETCH_WAIT = args.fetch_wait
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
