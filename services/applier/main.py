@@ -34,7 +34,7 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
+from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer, report_pacer
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -92,6 +92,10 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
         "else enforce")] = "auto"
 
+    report_interval: Annotated[float, describe(
+        "seconds between two apply reports of this node on kipvs.status.<node>.applied: a burst of changes is "
+        "one report, the newest (0: one per batch)"), msgspec.Meta(ge=0, le=60)] = report_pacer.REPORT_INTERVAL
+
     shadow: Annotated[bool, describe(
         "shadow mode, for migrations: program nothing and compare the kernel (kube-proxy's IPVS table, "
         "kube-ipvs0 addresses, ipsets) with kipvs's plan every --shadow-sync-period; divergences go to "
@@ -139,8 +143,7 @@ class Applier:
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
         self.desired = DesiredState()
         self.health_wanted: dict[str, tuple[int, int]] = {}  # health_check.wanted_ports, kept per change
-        self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
-        self.reporter: asyncio.Task | None = None  # publishing unsent_reports
+        self.reports = report_pacer.ReportPacer(self.publish_report)  # paced: at most one per kind a second
         self.conntrack_cleanup = True
         self.timeouts = Timeouts()
         self.strict_arp = False
@@ -480,39 +483,19 @@ class Applier:
             desired_digest=digest(want), observed_digest=digest(observed.state)))
 
     async def report(self, record: events.ApplyReport | events.DriftReport) -> None:
-        """Queue a status report; it is published off the consume loop (:meth:`send_reports`), so the next
-        delta is not held up by the STATUS stream, which takes one report per node per batch: with a
-        thousand nodes that fan-in, not the apply, set the pace (issue 17, docs/architecture.md "Scale").
-        Reports queued while one is being published are coalesced: the newest of each kind goes next."""
+        """Queue a status report; :mod:`.report_pacer` publishes it off the consume loop, at most one per kind
+        per interval and only when it says something new (docs/architecture.md "Scale")."""
         what = "applied" if isinstance(record, events.ApplyReport) else "drift"
         envelope = events.Envelope(id=f"{what}/{self.node}/{record.plan_seq}/{time.time_ns()}",
                                    time_ns=time.time_ns(), producer=f"applier/{self.node}", record=record)
-        self.unsent_reports[what] = envelope
-        if self.reporter is None or self.reporter.done():
-            self.reporter = asyncio.create_task(self.send_reports())
+        self.reports.offer(what, envelope)
 
-    async def send_reports(self) -> None:
-        """Publish the newest report of each kind until none is left. The kernel is already written: a report
-        the bus refuses (a full store, a timeout) is logged and the newest one of its kind is sent again with
-        the next report or drift check, never a reason to redo or park the delta it describes."""
-        while self.unsent_reports:
-            kind = min(self.unsent_reports)
-            pending = self.unsent_reports[kind]
-            try:
-                await bus.publish(self.ctx.js, topology.status_subject(self.node, kind), pending)
-            except bus.INFRASTRUCTURE_ERRORS as exc:
-                log.warning("status report %s not published (%s: %s); it goes out with the next one",
-                            pending.id, type(exc).__name__, exc or "")
-                return
-            if self.unsent_reports.get(kind) is pending:  # else a newer one came meanwhile: it goes next
-                del self.unsent_reports[kind]
+    async def publish_report(self, kind: str, envelope: events.Envelope) -> None:
+        await bus.publish(self.ctx.js, topology.status_subject(self.node, kind), envelope)
 
     async def flush_reports(self, within: float = 10.0) -> None:
-        """Wait (bounded) for the queued reports to be published: at stop, the last one says what the kernel
-        holds."""
-        if self.reporter is not None and not self.reporter.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.reporter), within)
+        """Publish the queued reports now (bounded): at stop, the last one says what the kernel holds."""
+        await self.reports.flush(within)
 
 
 def _healthy(ctx: runtime.ServiceContext) -> bool:
@@ -546,6 +529,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.conntrack_cleanup = cfg.conntrack_cleanup
     applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
     applier.strict_arp = cfg.ipvs_strict_arp
+    applier.reports.interval = cfg.report_interval
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
         ctx.set_not_ready(f"claiming node {cfg.node}")

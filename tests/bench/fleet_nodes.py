@@ -57,13 +57,10 @@ CORE_REPORTS = "bench.status"  # reports on core NATS (no stream): what the stat
 def reports_on_core_nats() -> None:
     """The benchmark's knob to measure what the status reports cost: each report published on core NATS
     under ``bench.status.<node>.<kind>`` (no stream stores it; the benchmark's observer still sees it)."""
-    async def send(self: Applier) -> None:
-        while self.unsent_reports:
-            kind = min(self.unsent_reports)
-            envelope = self.unsent_reports.pop(kind)
-            await self.ctx.nc.publish(f"{CORE_REPORTS}.{topology.token(self.node)}.{kind}", events.encode(envelope))
+    async def publish(self: Applier, kind: str, envelope: events.Envelope) -> None:
+        await self.ctx.nc.publish(f"{CORE_REPORTS}.{topology.token(self.node)}.{kind}", events.encode(envelope))
 
-    Applier.send_reports = send  # type: ignore[method-assign]
+    Applier.publish_report = publish  # type: ignore[method-assign]
 
 
 def _dump_tasks() -> None:
