@@ -203,9 +203,9 @@ def _own_claim(node: str) -> list[str]:
 
 
 def applier(node: str) -> Permissions:
-    """One node's applier: its own consumer of the plan, the plan snapshot through its own reader, its claim,
-    its own status subjects (the fixed kinds only) and parked subject, and answering the kernel view's
-    requests for its node. Nothing of another node's, and no consumer of any other name."""
+    """One node's applier: its own plan feed and consumer of the plan, the plan snapshot through its own
+    reader, its claim, its own status subjects (the fixed kinds only) and parked subject, and answering the
+    kernel view's requests for its node. Nothing of another node's, and no consumer of any other name."""
     durable, reader, plan = applier_durable(node), applier_reader(node), topology.PLAN_STREAM
     own_plan = (topology.PLAN_ALL_SUBJECT, topology.plan_node_subject(node))
     return Permissions(
@@ -223,7 +223,9 @@ def applier(node: str) -> Permissions:
             f"{JS}.CONSUMER.DELETE.{plan}.{reader}",
             *_own_object_reader(reader), *_own_claim(node),
         ),
-        subscribe=(f"{inbox_prefix(durable)}.>", f"kipvs.inspect.{topology.token(node)}.>"),
+        # the plan feed (services/applier/plan_feed.py): its own node's subject and the shared one, nothing else
+        subscribe=(f"{inbox_prefix(durable)}.>", f"kipvs.inspect.{topology.token(node)}.>",
+                   *(topology.plan_feed_subject(s) for s in own_plan)),
         allow_responses=True,
         inbox_prefix=inbox_prefix(durable),
     )

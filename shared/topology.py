@@ -13,6 +13,7 @@ kipvs.kube.resync.<kind>               KUBE        the live key set after each (
 kipvs.plan.all                         PLAN        deltas every node needs (shared state)
 kipvs.plan.node.<node>                 PLAN        deltas only <node> needs
 kipvs.plan.leader                      PLAN        the active planner's fence (one per takeover)
+kipvs.feed.all, .feed.node.<node>     (none)      KIPVS_PLAN's republish of what it stored (appliers)
 kipvs.status.<node>.<what>             STATUS      applier reports, drift, node facts
 kipvs.parked.<service>                 PARKED      messages a service could not take, with reason
 (a mirror of PLAN)                     PLAN_AUDIT  the plan as the audit tools read it
@@ -37,6 +38,7 @@ from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -133,6 +135,17 @@ def plan_node_subject(node: str) -> str:
     return f"kipvs.plan.node.{token(node)}"
 
 
+# KIPVS_PLAN republishes every message it stores from kipvs.plan.<rest> to kipvs.feed.<rest> (core NATS, with
+# the stream sequence and the subject's previous one in headers): the appliers' plan feed (issue 27,
+# services/applier/plan_feed.py).
+PLAN_FEED_DEST = "kipvs.feed.>"
+
+
+def plan_feed_subject(plan_subject: str) -> str:
+    """``kipvs.plan.<rest>`` -> ``kipvs.feed.<rest>``, where KIPVS_PLAN republishes it."""
+    return "kipvs.feed." + plan_subject.removeprefix("kipvs.plan.")
+
+
 # What an applier reports on kipvs.status.<node>.<what>: its permissions name these kinds, not ``>``, so a
 # node cannot open subjects of its own in the status stream.
 STATUS_KINDS = ("applied", "drift", "facts", "shadow")
@@ -213,6 +226,9 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
                 # server drops the field, and the planner then refuses to run with --leader-elect).
                 allow_atomic=True,
                 max_consumers=FLEET_MAX_CONSUMERS,
+                # Once, by the stream's leader, after storing: one core-NATS message per node and change
+                # instead of a consumer, a pull and an ack per node (issue 27, docs/architecture.md "Scale").
+                republish=RePublish(src="kipvs.plan.>", dest=PLAN_FEED_DEST),
             ),
             "what each node's kernel should hold, as ordered deltas",
         ),
@@ -415,7 +431,8 @@ def _differences(wanted: object, echoed: object, fields: tuple[str, ...]) -> lis
 
 
 _STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "duplicate_window", "max_age",
-                  "discard", "allow_direct", "max_consumers", "max_msg_size", "max_msgs_per_subject", "max_bytes")
+                  "discard", "allow_direct", "max_consumers", "max_msg_size", "max_msgs_per_subject", "max_bytes",
+                  "republish")
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:

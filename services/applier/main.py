@@ -34,7 +34,17 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer, report_pacer
+from . import (
+    health_check,
+    inspect,
+    node_claim,
+    node_facts,
+    node_settings,
+    plan_cache,
+    plan_consumer,
+    plan_feed,
+    report_pacer,
+)
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -92,6 +102,10 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
         "else enforce")] = "auto"
 
+    plan_feed: Annotated[Literal["feed", "consumer"], describe(
+        "feed: the plan by core-NATS subscription to what KIPVS_PLAN republishes, read from the stream only to "
+        "repair a gap; consumer: a durable consumer per node (before issue 27; also taken when the stream does "
+        "not republish)")] = "feed"
     report_interval: Annotated[float, describe(
         "seconds between two apply reports of this node on kipvs.status.<node>.applied: a burst of changes is "
         "one report, the newest (0: one per batch)"), msgspec.Meta(ge=0, le=60)] = report_pacer.REPORT_INTERVAL
@@ -158,7 +172,7 @@ class Applier:
         m.gauge("kipvs_applier_plan_seq", "last shared delta applied", read=lambda: self.plan.seq)
         m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
                 read=lambda: len(self.drainer.deadlines))
-        self.consumer: bus.DurableConsumer | None = None
+        self.consumer: plan_feed.PlanInput | None = None
         self.claim: node_claim.NodeClaim | None = None  # one applier per node (node_claim.py)
         self.metrics = ProgrammingMetrics(m, node, self.programmed_counts, lambda: self.calico,
                                           lambda: self.consumer.pending if self.consumer is not None else 0)
@@ -554,11 +568,11 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
             ctx.nc, cfg.node, kernel,
             lambda: ("apply", applier.plan.seq, applier.local_addresses if applier.use_interfaces else ()),
             applier.read_kernel)
-        # Created here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read.
-        keeper = plan_consumer.ConsumerKeeper(ctx.js, cfg.node, lambda: applier.stream_seq, guard=ctx.stream_guard)
-        # superseded while bootstrapping: the durable is the newer applier's now, not to be recreated
-        spec = await keeper.start(ctx.stop, held=claim.still_held)
-        if spec is None:  # told to stop before the bus would create it, or superseded
+        # Opened here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read
+        # (plan_feed.py; the durable consumer on a plan stream that does not republish).
+        consumer = await plan_feed.open_input(ctx, cfg.node, applier.handle, lambda: applier.stream_seq, cfg.batch,
+                                              idle, claim.still_held, cfg.plan_feed)
+        if consumer is None:  # told to stop first, or superseded while bootstrapping
             with contextlib.suppress(Exception):
                 await inspection.unsubscribe()
             if claim.lost:
@@ -569,9 +583,6 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         # The kernel holds the newest published plan: ready now, not after the first fetch that finds nothing
         # (it waits plan_consumer.FETCH_WAIT, and never ends empty under steady churn).
         ctx.set_ready()
-        consumer = bus.DurableConsumer(ctx.js, spec, spec.config.durable_name or "applier", applier.handle,
-                                       batch=cfg.batch, idle=idle, on_fetch_error=keeper.on_fetch_error,
-                                       fetch_wait=plan_consumer.FETCH_WAIT)
         applier.consumer = consumer
         ctx.queued_since = consumer.queued_since
 
