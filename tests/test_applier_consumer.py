@@ -1,7 +1,8 @@
-"""The applier's durable consumer on a real nats-server (issue 17): it starts where the bootstrap stopped
-reading, never at the beginning of the plan stream; when it is lost (deleted under a running applier, or
-gone with the server that held it in memory) the applier creates it again from the last sequence it applied,
-converges, and never reports an older plan than one it reported before."""
+"""The applier's durable consumer on a real nats-server (issue 17; ``--plan-feed consumer`` since issue 27, and
+what a plan stream without the republish gets): it starts where the bootstrap stopped reading, never at the
+beginning of the plan stream; when it is lost (deleted under a running applier, or gone with the server that
+held it in memory) the applier creates it again from the last sequence it applied, converges, and never
+reports an older plan than one it reported before."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ async def test_a_new_nodes_consumer_starts_after_what_its_bootstrap_read(nats_ur
         deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT))
 
     kernel = MemoryKernel()
-    cfg = config.load(ApplierConfig, {**common, "node": "node-b", "backend": "memory"}, {})
+    cfg = config.load(ApplierConfig, {**common, "node": "node-b", "backend": "memory", "plan_feed": "consumer"}, {})
     applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
     try:
         await eventually(lambda: _has(kernel, 1, 12), what="node-b's bootstrap")
@@ -114,7 +115,7 @@ async def test_a_lost_consumer_is_created_again_and_the_node_never_goes_back(tmp
     planner_task, planner_stop = start_service(
         "planner", config.load(PlannerServiceConfig, {**common, "snapshot_every": "4"}, {}), plan)
     kernel = MemoryKernel()
-    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory"}, {})
+    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "plan_feed": "consumer"}, {})
     applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
     try:
         await publish_kube(js, _services(1, 5, 100), "first")
@@ -165,7 +166,7 @@ async def test_the_consumers_server_dies_and_the_node_moves_on(tmp_path: Path) -
     planner_task, planner_stop = start_service(
         "planner", config.load(PlannerServiceConfig, {**common, "snapshot_every": "4"}, {}), plan)
     kernel = MemoryKernel()
-    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory"}, {})
+    cfg = config.load(ApplierConfig, {**common, "node": "node-a", "backend": "memory", "plan_feed": "consumer"}, {})
     applier, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
     try:
         await publish_kube(js, _services(1, 5, 100), "first")
