@@ -47,7 +47,8 @@ from tests.bench import fleet_nodes
 from tests.helpers import wait_port
 
 KIPVS = str(Path(sys.executable).with_name("kipvs"))
-GOALS = {"messages_per_change": 1.0, "p99_ratio_at_1000": 5.0, "bootstrap_s_at_10000": 10.0}
+GOALS = {"messages_per_change": 1.0, "p99_ratio_at_1000": 5.0, "bootstrap_s_at_10000": 10.0,
+         "cpu_ms_at_100": 0.076, "rss_mib_per_node": 0.3}
 NAMESPACE = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -228,6 +229,8 @@ class Options:
     fetch_wait: float = 0.0  # seconds each applier's fetch waits at the server; 0: kipvs's own
     acks: str = "explicit"  # none: consumers without acks (fleet_nodes.without_acks), to measure their cost
     reports: str = "stream"  # core: reports on core NATS, not into KIPVS_STATUS, to measure their cost
+    plan_feed: str = "feed"  # the appliers' plan input: feed (issue 27) or consumer (a durable per node)
+    report_interval: float = 1.0  # seconds between two apply reports of a node; 0: one per batch
 
 
 async def _run(opt: Options, root: Path) -> list[dict[str, float]]:
@@ -401,7 +404,8 @@ def _fleet(url: str, prefix: str, first: int, count: int, opt: Options, root: Pa
            stdout: Any = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "tests.bench.fleet_nodes", "--nats-url", url, "--prefix", prefix,
             "--first", str(first), "--count", str(count), "--consumer", opt.consumer,
-            "--fetch-wait", str(opt.fetch_wait), "--acks", opt.acks, "--reports", opt.reports]
+            "--fetch-wait", str(opt.fetch_wait), "--acks", opt.acks, "--reports", opt.reports,
+            "--plan-feed", opt.plan_feed, "--report-interval", str(opt.report_interval)]
     return _spawn(argv, root / f"fleet-{prefix}{first}.log", stdout)
 
 
@@ -430,8 +434,11 @@ def run(opt: Options) -> list[dict[str, float]]:
 
 def report(opt: Options, rows: list[dict[str, float]]) -> None:
     print(f"== fleet: {opt.services:,} Services x {opt.endpoints} endpoints, {opt.changes} endpoint changes at "
-          f"{opt.rate:g}/s per fleet size; 3 nats-servers (R3 streams), applier consumers {opt.consumer}, fetch "
-          f"wait {opt.fetch_wait or plan_consumer.FETCH_WAIT:g} s ==")
+          f"{opt.rate:g}/s per fleet size; 3 nats-servers (R3 streams); plan input: "
+          + ("the republished feed" if opt.plan_feed == "feed" else
+             f"consumers {opt.consumer}, fetch wait {opt.fetch_wait or plan_consumer.FETCH_WAIT:g} s, acks {opt.acks}")
+          + f"; reports {'on core NATS' if opt.reports == 'core' else 'into KIPVS_STATUS'}, at most one per "
+          f"{opt.report_interval:g} s per node ==")
     if not rows:
         print("nothing measured: not even the first fleet size could be run")
         return
@@ -465,6 +472,10 @@ def report(opt: Options, rows: list[dict[str, float]]) -> None:
         print("servers' RSS per added node, MiB: " + ", ".join(
             f"N={a['nodes']:.0f}->{b['nodes']:.0f} {rss_per_node(a, b):.2f}" for a, b in itertools.pairwise(rows)))
     print(f"ratios (x) are against N={base['nodes']:.0f} from this run; cpu is the three servers together, in cores")
+    print(f"issue 27's goals: servers' CPU per change per node at N=100 at most {GOALS['cpu_ms_at_100']:g} ms "
+          f"(a tenth of 0.76, the issue's figure for the consumer design on this machine); servers' RSS per added node "
+          f"at most {GOALS['rss_mib_per_node']:g} MiB; KIPVS_STATUS messages per change per node at most 1 and per "
+          f"node per second at most 1")
     print(f"goals: messages per endpoint change {GOALS['messages_per_change']:g} whatever N; p99 at N=1,000 at most "
           f"x{GOALS['p99_ratio_at_1000']:g} the p99 at N=1; a new node bootstrapped from 10,000 Services in under "
           f"{GOALS['bootstrap_s_at_10000']:g} s (kernel writes excluded)")
@@ -521,6 +532,12 @@ def options(argv: list[str] | None = None) -> tuple[Options, bool]:
                         help="none: applier consumers without acknowledgements (a measurement, not a design)")
     parser.add_argument("--reports", choices=["stream", "core"], default="stream",
                         help="core: apply reports on core NATS instead of KIPVS_STATUS (a measurement)")
+    parser.add_argument("--plan-feed", choices=["feed", "consumer"], default="feed",
+                        help="the appliers' plan input: feed (the republished plan, issue 27; default) or consumer "
+                             "(a durable consumer per node, before issue 27)")
+    parser.add_argument("--report-interval", type=float, default=1.0,
+                        help="seconds between two apply reports of a node (default 1; 0: one per batch, before "
+                             "issue 27)")
     parser.add_argument("--split", action="store_true",
                         help="run three times (as configured; reports on core NATS; and no acks) and print where "
                              "the servers' CPU and memory per node go")
@@ -534,7 +551,8 @@ def options(argv: list[str] | None = None) -> tuple[Options, bool]:
         parser.error("--nodes, --services, --endpoints and --changes must be at least 1")
     return Options(nodes=nodes, services=args.services, endpoints=args.endpoints, changes=args.changes,
                    rate=args.rate, consumer=args.consumer, per_process=args.per_process,
-                   fetch_wait=args.fetch_wait, acks=args.acks, reports=args.reports), args.split
+                   fetch_wait=args.fetch_wait, acks=args.acks, reports=args.reports,
+                   plan_feed=args.plan_feed, report_interval=args.report_interval), args.split
 
 
 def main(argv: list[str] | None = None) -> int:

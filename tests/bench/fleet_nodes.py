@@ -70,12 +70,14 @@ def _dump_tasks() -> None:
     sys.stderr.flush()
 
 
-async def run(url: str, nodes: list[str], replicas: int, stagger: float) -> None:
+async def run(url: str, nodes: list[str], replicas: int, stagger: float, plan_feed: str = "feed",
+              report_interval: float = 1.0) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _dump_tasks)
     tasks = []
     for node in nodes:
         cfg = ApplierConfig(node=node, backend="memory", nats_url=url, nats_replicas=replicas, http_listen="",
-                            healthz_bind_address="", drift_period=3600.0, log_level="warning")
+                            healthz_bind_address="", drift_period=3600.0, log_level="warning",
+                            plan_feed=plan_feed, report_interval=report_interval)
         print(json.dumps({"node": node, "started": time.time()}), flush=True)
         tasks.append(asyncio.create_task(runtime.run_service(
             "applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel()), stop=asyncio.Event())))
@@ -97,6 +99,10 @@ def main() -> int:
                         help="none: consumers without acknowledgements (to measure what they cost)")
     parser.add_argument("--reports", choices=["stream", "core"], default="stream",
                         help="core: apply reports on core NATS, not into KIPVS_STATUS (to measure what they cost)")
+    parser.add_argument("--plan-feed", choices=["feed", "consumer"], default="feed",
+                        help="the appliers' plan input (kipvs applier --plan-feed)")
+    parser.add_argument("--report-interval", type=float, default=1.0,
+                        help="seconds between two apply reports of a node (kipvs applier --report-interval)")
     parser.add_argument("--stagger", type=float, default=0.02, help="seconds between two appliers' starts")
     args = parser.parse_args()
     use_consumer_design(args.consumer)
@@ -108,7 +114,7 @@ def main() -> int:
         plan_consumer.FETCH_WAIT = args.fetch_wait
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     nodes = [f"{args.prefix}{i}" for i in range(args.first, args.first + args.count)]
-    asyncio.run(run(args.nats_url, nodes, args.replicas, args.stagger))
+    asyncio.run(run(args.nats_url, nodes, args.replicas, args.stagger, args.plan_feed, args.report_interval))
     return 0
 
 
