@@ -297,7 +297,7 @@ class Applier:
             self.applied_ops.inc(len(done))
 
     async def handle(self, batch: list[bus.Delivery]) -> None:
-        if self.claim is not None and not await self.claim.still_held():
+        if self.claim is not None and not await self.claim.held_lately():
             raise bus.Retry(f"node {self.node} is applied by {self.claim.holder} now")
         async with self.kernel_lock:
             await self._handle(batch)

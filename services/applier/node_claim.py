@@ -13,8 +13,11 @@ takes the node back), renewing ``<key>.superseded`` so that
 ``kipvs status`` names it, and deleting it when it stops.
 
 Checking costs one key read per node per :data:`CHECK_S` (a get of one message); the claim is also
-checked before each batch is applied and each drift check (:meth:`NodeClaim.still_held`), so a superseded
-applier applies at most the batch it had in hand, and never reverts the new one's writes."""
+checked before each drift check (:meth:`NodeClaim.still_held`), so a superseded applier never reverts the new
+one's writes, and before a batch is applied when it was not read in the last :data:`BATCH_CHECK_S`
+(:meth:`NodeClaim.held_lately`): a superseded applier applies at most the batches of that second, the same
+deltas the new one applies (each applier takes every delta from the plan feed; issue 27: a read per node
+per batch was a request per node and change for the servers)."""
 
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ log = logging.getLogger("kipvs.applier")
 # (plan_consumer.FETCH_WAIT), so checking at most doubles an idle node's requests. A busy one checks before
 # every batch and every drift check anyway.
 CHECK_S = 5.0
+BATCH_CHECK_S = 1.0  # the claim read before a batch, at most this often (held_lately)
 SUPERSEDED_RENEW_S = 30.0
 PROCESS_STARTED_NS = time.time_ns()  # this process's start, as the node's clock has it (Claim.started_ns)
 
@@ -72,6 +76,7 @@ class NodeClaim:
         self.holder = ""
         self.revision = 0
         self._kv: KeyValue | None = None
+        self._read_at: float | None = None  # event-loop time of the last read in held_lately
         metrics.gauge("kipvs_applier_node_claim_held",
                       "1 while this applier holds its node's claim and applies; 0 once a newer applier of the "
                       "same node took it over (this one then applies nothing)", read=lambda: float(self.held))
@@ -120,6 +125,15 @@ class NodeClaim:
         if taken and previous is not None:
             log.warning("node %s: this applier (%s) takes over from %s; that one stops applying within %.0fs",
                         self.node, self.instance, previous.instance, self.check_every)
+
+    async def held_lately(self, within: float = BATCH_CHECK_S) -> bool:
+        """:meth:`still_held`, read from the bus at most once per ``within`` seconds (the answer in between:
+        held, unless already lost)."""
+        now = asyncio.get_running_loop().time()
+        if self.lost or self._read_at is None or now - self._read_at >= within:
+            self._read_at = now
+            return await self.still_held()
+        return True
 
     async def still_held(self) -> bool:
         """Read the key back: False (and say so, once) when another applier's claim is on it. The bus failing
