@@ -495,7 +495,8 @@ def split(opt: Options) -> None:
     taken by the status reports (first minus second), the acknowledgements (second minus third) and the
     delivery itself (the third: pull requests and messages)."""
     runs = []
-    for label, change in SPLIT:
+    # the feed has no acknowledgements: its third run would repeat the second
+    for label, change in SPLIT if opt.plan_feed == "consumer" else SPLIT[:2]:
         print(f"-- {label}", flush=True)
         one = dataclasses.replace(opt, **change)
         rows = run(one)
@@ -506,12 +507,14 @@ def split(opt: Options) -> None:
         if any(len(r) <= i for r in runs):
             break
         cpu = [r[i]["servers_cpu_ms_per_change_node"] for r in runs]
+        cpu += cpu[-1:] * (3 - len(cpu))
         print(f"N={row['nodes']:.0f}: total {cpu[0]:.3f} = status reports {cpu[0] - cpu[1]:.3f} + acks "
               f"{cpu[1] - cpu[2]:.3f} + delivery (pull requests, messages) {cpu[2]:.3f}; KIPVS_STATUS "
               f"{runs[0][i]['status_msgs_per_change_node']:.2f} messages and "
               f"{runs[0][i]['status_bytes_per_change'] / max(row['nodes'], 1):.0f} bytes per change per node")
     if all(len(r) > 1 for r in runs):
         rss = [rss_per_node(r[0], r[1]) for r in runs]
+        rss += rss[-1:] * (3 - len(rss))
         print(f"servers' RSS per added node, MiB: total {rss[0]:.2f} = status reports {rss[0] - rss[1]:.2f} + acks "
               f"{rss[1] - rss[2]:.2f} + delivery {rss[2]:.2f} (noisy: one sample each)")
 
