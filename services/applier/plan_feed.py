@@ -196,17 +196,18 @@ class PlanFeed:
     async def _take_queued(self) -> None:
         """Hand over the queued messages up to the first gap (which sets ``repair``), skipping duplicates."""
         taken: list[FeedMsg] = []
+        have = dict(self.position)  # as it will be once ``taken`` is handled
         while self.queue and len(taken) < self.batch:
             msg = self.queue[0]
-            have = max([self.position[msg.subject], *(m.seq for m in taken if m.subject == msg.subject)])
-            if msg.seq <= have:
+            if msg.seq <= have[msg.subject]:
                 self.queue.popleft()
                 continue
-            if msg.last > have:
+            if msg.last > have[msg.subject]:
                 log.info("plan feed: %s gap (stream sequence %d follows %d, the last handled is %d); reading "
-                         "the stream from there", msg.subject, msg.seq, msg.last, have)
+                         "the stream from there", msg.subject, msg.seq, msg.last, have[msg.subject])
                 self.repair = True
                 break
+            have[msg.subject] = msg.seq
             taken.append(self.queue.popleft())
         if taken:
             await self._deliver(taken)
