@@ -17,6 +17,7 @@ from nats.js.api import ConsumerConfig, DiscardPolicy
 from kipvs.planner.core import Planner
 from kipvs.shared import bus, events, nats_credentials, nats_permissions, pki, plan_log, topology
 from kipvs.shared.nats_credentials import ClientAuth
+from tests.helpers import eventually
 from tests.secure_nats import SecureNats
 
 
@@ -270,9 +271,23 @@ async def test_a_node_gets_its_own_rights_and_nothing_else(callout: SecureNats, 
     ack = await js.publish(topology.parked_subject("applier-node-a"), b"x")
     assert ack.stream == topology.PARKED_STREAM
 
+    # its plan feed (KIPVS_PLAN's republish): the shared subject and its own node's, nothing of another node's
+    fed: list[str] = []
+
+    async def take(msg) -> None:
+        fed.append(msg.subject)
+
+    for subject in (topology.PLAN_ALL_SUBJECT, topology.plan_node_subject("node-a")):
+        await nc.subscribe(topology.plan_feed_subject(subject), cb=take)
+    await nc.flush(timeout=2)
     admin = await callout.connect("admin")
     await bus.setup(admin, 1, [topology.applier_consumer("node-b")])
+    await admin.jetstream(timeout=5).publish(topology.PLAN_ALL_SUBJECT, b"{}")
     await admin.close()
+    await eventually(lambda: fed == ["kipvs.feed.all"], 10, "the republished delta on node-a's feed")
+    for subject in (topology.plan_feed_subject(topology.plan_node_subject("node-b")), "kipvs.feed.>"):
+        refusal = await permission_error(nc, lambda subject=subject: _subscribe_and_flush(nc, subject))
+        assert subject in refusal, refusal
 
     refusal = await permission_error(nc, lambda: js.publish(topology.PLAN_ALL_SUBJECT, b"{}", timeout=1))
     assert "kipvs.plan.all" in refusal
