@@ -36,7 +36,7 @@ DESIGNS = {
     "consumer": ("consumer", 0.0, True),  # before issue 27: a durable per node, a report per batch
     "consumer-core-reports": ("consumer", None, True),
     "consumer-no-acks": ("consumer", None, False),  # and reports on core NATS
-    "feed": ("feed", 1.0, True),  # issue 27: the republished feed, reports paced
+    "feed": ("feed", report_pacer.REPORT_INTERVAL, True),  # issue 27: the republished feed, reports paced
     "feed-core-reports": ("feed", None, True),
 }
 
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", default="100", help="fleet sizes, comma-separated (default 100)")
     parser.add_argument("--changes", type=int, default=100, help="plan deltas per size (default 100)")
     parser.add_argument("--rate", type=float, default=5.0, help="deltas per second (default 5)")
+    parser.add_argument("--report-interval", type=float, default=report_pacer.REPORT_INTERVAL,
+                        help="seconds between two reports of a node on the feed (default: kipvs applier's)")
     parser.add_argument("--designs", default=",".join(DESIGNS),
                         help="comma-separated, in this order, of: " + ", ".join(DESIGNS))
     args = parser.parse_args(argv)
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in designs if d not in DESIGNS]
     if unknown or not sizes or sizes[0] < 1:
         parser.error(f"unknown design {unknown[0]!r}" if unknown else "--nodes: at least 1")
+    DESIGNS["feed"] = ("feed", args.report_interval, True)
     results = {d: asyncio.run(run_design(d, sizes, args.changes, args.rate)) for d in designs}
     report(results, args.changes, args.rate)
     return 0
