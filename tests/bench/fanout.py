@@ -1,15 +1,15 @@
-"""Fan-out benchmark (issue 27): what one node costs the NATS servers per plan change, with nothing else on
-the machine competing for the CPU the way a fleet of real appliers does.
+"""Fan-out benchmark (issue 27): what one node costs the NATS servers per plan change, with nothing else on the
+machine competing for the CPU the way a fleet of real appliers does.
 
 Three nats-server processes in one JetStream cluster with kipvs's topology (R3 streams, as in deploy/), one
-publisher of plan deltas (real envelopes, ~0.5 KB, on ``kipvs.plan.all`` at a steady rate) and N nodes in
-one process, each with its own NATS connection running the applier's production bus code with a handler that
-only counts: the durable consumer (``bus.DurableConsumer`` on ``topology.applier_consumer``, acks, a status
-report per batch) or the plan feed (``plan_feed.PlanFeed``, reports paced by ``report_pacer``). The fleet
-benchmark (fleet.py) runs the whole appliers; on a shared 2-core machine their CPU queueing batches many
-changes per fetch and hides the per-change cost, which this one measures. Printed per design and N: the
-servers' CPU per change per node (churn minus idle), their RSS per added node, KIPVS_STATUS messages per
-change per node and per node per second. Nothing is asserted.
+publisher of plan deltas (real envelopes, ~0.5 KB, on ``kipvs.plan.all`` at a steady rate) and N nodes in one
+process, each with its own NATS connection running the applier's production bus code with a handler that reads
+the node's claim (as the applier does) and counts: the durable consumer (``bus.DurableConsumer`` on
+``topology.applier_consumer``, acks, a status report per batch) or the plan feed (``plan_feed.PlanFeed``,
+reports paced by ``report_pacer``). The fleet benchmark (fleet.py) runs the whole appliers; on a shared 2-core
+machine their CPU queueing batches many changes per fetch and hides the per-change cost, which this one
+measures. Printed per design and N: the servers' CPU per change per node (churn minus idle), their RSS per
+added node, KIPVS_STATUS messages per change per node and per node per second. Nothing is asserted.
 
     python -m tests.bench fanout --nodes 100,300 --changes 100 --rate 5
 """
@@ -27,8 +27,9 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier import plan_feed, report_pacer
+from kipvs.applier import node_claim, plan_feed, report_pacer
 from kipvs.shared import bus, events, topology
+from kipvs.shared.metrics import Registry
 from tests.bench import fleet, fleet_nodes
 
 DESIGNS = {
@@ -70,8 +71,14 @@ async def start_node(url: str, name: str, design: str) -> Node:
             await bus.publish(js, topology.status_subject(name, what), envelope)
 
     pacer = report_pacer.ReportPacer(publish, interval or 0.0)
+    # the node's claim, read before a batch as the applier does: every batch before issue 27, then at most
+    # once a second (node_claim.py)
+    claim = node_claim.NodeClaim(js, name, Registry("applier"), instance=f"bench/{name}")
+    await claim.take(asyncio.Event())
+    held = claim.still_held if kind == "consumer" else claim.held_lately
 
     async def handle(batch: list[bus.Delivery]) -> None:
+        await held()
         node.last = max(node.last, *(d.envelope.record.seq for d in batch))
         record = events.ApplyReport(node=name, plan_seq=node.last, operations=1, duration_ms=0.1,
                                     desired_digest=str(node.last))
