@@ -1,5 +1,16 @@
 """The planner's core: a state machine from Kubernetes events to plan deltas. No I/O.
 
+Rules of this room:
+- No I/O, no clock, no randomness: the same records in the same order give the same deltas, byte for byte
+  (ids, times and causation come from the records). ``kipvs replay`` gates upgrades on exactly this.
+- Records arrive in log order, each once (``log_replay.py`` feeds every replay, the service's included);
+  ``source_seq`` is the last record's KIPVS_KUBE sequence, ``seq`` the last delta's.
+- Bad input never raises: an object kube-proxy would ignore is ignored, one it would reject becomes a
+  warning in the plan (``SetWarning``), never an exception out of ``handle``.
+- State is held once for every node; what differs per node is resolved by ``shared/plan/resolve.py``.
+- A delta is emitted only when the published plan changes; ``correction`` is the one way to compare the
+  state with a published plan read back.
+
 ``Planner.handle(envelope, source_seq)`` takes one record from the Kubernetes event log and returns the
 deltas it causes (usually one, or none). Deterministic: the same records in the same order give the same
 deltas, byte for byte (delta ids and times come from the input, never from the clock).
@@ -13,6 +24,7 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +48,7 @@ from kipvs.shared.events import (
     SetService,
     SetWarning,
 )
+from kipvs.shared.plan.plan_state import SharedPlan
 
 from . import parse
 from .calico import CalicoState, nodeport_problem
@@ -437,3 +450,24 @@ def build_plan(spec: parse.ServiceSpec, slices: list[parse.SliceSpec]) -> Servic
 
 def _with_port(ep: Endpoint, port: int) -> Endpoint:
     return msgspec.structs.replace(ep, port=port)
+
+
+def correction(published: SharedPlan, planner: Planner) -> list[PlanOp]:
+    """The operations that turn the published shared plan (snapshot + deltas, as read back from the plan
+    stream) into the planner's state: set what differs, remove what the planner lacks; services, then nodes,
+    then warnings, each in key order (deterministic, as every delta)."""
+    return [*_changes(published.services, planner.plans, SetService, RemoveService),
+            *_changes(published.nodes, planner.nodes, SetNode, RemoveNode),
+            *_changes(published.warnings, planner.warnings, SetWarning, ClearWarning)]
+
+
+def _changes(have: dict[str, Any], want: dict[str, Any], set_op: Callable[[Any], PlanOp],
+             remove_op: Callable[[str], PlanOp]) -> list[PlanOp]:
+    """Set what differs, remove what ``want`` lacks, in key order."""
+    ops: list[PlanOp] = []
+    for key in sorted(set(have) | set(want)):
+        if key not in want:
+            ops.append(remove_op(key))
+        elif have.get(key) != want[key]:
+            ops.append(set_op(want[key]))
+    return ops

@@ -49,17 +49,18 @@ def plan_events(envelopes: Iterable[events.Envelope], config: PlannerConfig) -> 
     return planner
 
 
-async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
+async def replay_log(js: JetStreamContext, planner: Planner, upto: int | None,
                      deltas: Callable[[list[events.Envelope]], None] | None = None) -> int:
     """Feed KIPVS_KUBE's records after the planner's position up to ``upto`` (a stream sequence) through the
-    core, read with an ephemeral consumer of a random name (the planner's identity may make any); hand the
+    core (None: to the end the log had when the read began), read with an ephemeral consumer of a random name
+    (the planner's and the demo's identities may make any); hand the
     deltas to ``deltas`` (None: discard them, they were published before). Returns the records replayed.
     Raises ``bus.IncompleteRead`` when a record up to ``upto`` was not read; NotFoundError: no such stream."""
-    if upto <= planner.source_seq:
+    if upto is not None and upto <= planner.source_seq:
         return 0
     count = 0
     async for msg in bus.read_stream(js, bus.LogReader(topology.KUBE_STREAM), KUBE_SUBJECTS,
-                                     start_seq=planner.source_seq + 1, upto=upto):
+                                     start_seq=planner.source_seq + 1, upto=upto or 0):
         try:
             envelope: events.Envelope | None = events.decode(msg.data)
         except events.ContractError:
@@ -68,7 +69,8 @@ async def replay_log(js: JetStreamContext, planner: Planner, upto: int,
         if deltas is not None and envelope is not None:
             deltas(produced)
         count += envelope is not None
-    await check_read_to(js, planner.source_seq, upto, count)
+    if upto is not None:
+        await check_read_to(js, planner.source_seq, upto, count)
     return count
 
 

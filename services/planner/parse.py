@@ -1,5 +1,10 @@
 """Kubernetes objects into the planner's validated inputs. Pure; every rejection says exactly why.
 
+Rules of this room: input is whatever the API server (or a recording) holds, so nothing here trusts a
+field's presence or type; a rejection is :class:`Invalid` with one precise sentence (the field and the
+problem), which the core turns into a plan warning; never another exception, never a default kube-proxy
+does not use.
+
 Follows what kube-proxy reads (pkg/proxy/serviceport.go, endpointslicecache.go): which Services are
 ignored, defaults (protocol TCP, affinity timeout 10800 s), EndpointSlice conditions (nil ready means
 ready, nil serving means serving), only an endpoint's first address.

@@ -14,81 +14,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
-from kipvs.shared import events, topology
+from kipvs.shared import bus, topology
+from kipvs.shared.log_client import ToolError, add_nats_arguments, ns_of, open_log, parse_point, read_all
 from kipvs.shared.plan.resolve import resolve_node
 
 from .core import Planner, PlannerConfig
+from .log_replay import ReplayError, plan_events, read_events, replay
 from .render import ipvsadm, json_text, node_warnings, warning_line
-
-KINDS = set(events.KUBE_KINDS)
-
-
-class ReplayError(Exception):
-    pass
-
-
-def read_events(lines: Iterable[str | bytes], source: str = "-",
-                report: Callable[[str], None] | None = None) -> Iterator[events.Envelope]:
-    """Watch-format lines (text, or bytes decoded here as UTF-8) as envelopes. Unreadable lines raise
-    ReplayError naming the line. Skipped: objects of kinds kipvs does not watch (they cannot matter to the
-    plan), BOOKMARK events (a position in the watch, no object), and ERROR events (a 410 Expired or another
-    Status the API server sent instead of an object), each of the latter reported through ``report``."""
-    for number, raw in enumerate(lines, 1):
-        where = f"{source}:{number}"
-        if isinstance(raw, bytes):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ReplayError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
-        else:
-            line = raw
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except ValueError as exc:
-            raise ReplayError(f"{where}: not JSON: {exc}") from None
-        kind_of_event = doc.get("type") if isinstance(doc, dict) else None
-        if kind_of_event == "BOOKMARK":
-            continue
-        if kind_of_event == "ERROR":
-            status = doc.get("object") if isinstance(doc.get("object"), dict) else {}
-            if report is not None:
-                report(f"{where}: ERROR event skipped (code {status.get('code', '?')}, "
-                       f"{status.get('reason') or 'no reason'}: {status.get('message') or 'no message'})")
-            continue
-        if not isinstance(doc, dict) or kind_of_event not in ("ADDED", "MODIFIED", "DELETED") \
-                or not isinstance(doc.get("object"), dict):
-            raise ReplayError(f'{where}: not a watch event ({{"type": "ADDED"|"MODIFIED"|"DELETED"|"BOOKMARK"|'
-                              '"ERROR", "object": ...}})')
-        obj = doc["object"]
-        kind = obj.get("kind")
-        if kind not in KINDS:
-            continue
-        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-        name, namespace = meta.get("name"), meta.get("namespace") or ""
-        if not isinstance(name, str) or not name:
-            raise ReplayError(f"{where}: {kind} without metadata.name")
-        record = events.KubeEvent(kind=kind, action=doc["type"], namespace=namespace, name=name,
-                                  resource_version=str(meta.get("resourceVersion") or number), object=obj)
-        yield events.Envelope(id=f"{source}#{number}", time_ns=number, producer="replay", record=record)
-
-
-def plan_events(envelopes: Iterable[events.Envelope], config: PlannerConfig) -> Planner:
-    planner = Planner(config)
-    for seq, env in enumerate(envelopes, 1):
-        planner.handle(env, seq)
-    return planner
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kipvs.shared.log_client import add_nats_arguments
-
     parser.add_argument("--events", default="", metavar="FILE",
                         help="watch-format JSON lines; - for stdin; default: the live log over NATS")
     parser.add_argument("--node", required=True, help="the node whose state to print")
@@ -120,30 +58,23 @@ def _note(message: str) -> None:
 
 
 async def _from_log(args: argparse.Namespace, config: PlannerConfig) -> Planner:
-    from kipvs.shared.log_client import ns_of, open_log, parse_point, read_all
-
     point = parse_point(args.at) if args.at else None
-    async with open_log(args) as js:
-        log = await read_all(js, topology.KUBE_STREAM, upto=point if isinstance(point, int) else 0)
-    limit = ns_of(point) if point is not None and not isinstance(point, int) else None
+    async with open_log(args) as log:
+        upto = point if isinstance(point, int) else 0
+        entries = await read_all(log, bus.LogReader(topology.KUBE_STREAM), upto=upto)
+    if point is not None and not isinstance(point, int):
+        limit = ns_of(point)  # parked records (no envelope, no time) are skipped, whatever their time
+        entries = list(itertools.takewhile(lambda e: e.envelope is None or e.envelope.time_ns <= limit, entries))
     planner = Planner(config)
-    last = None
-    for entry in log:
-        if entry.envelope is None:
-            planner.source_seq = entry.seq
-            continue
-        if limit is not None and entry.envelope.time_ns > limit:
-            break
-        planner.handle(entry.envelope, entry.seq)
-        last = entry
-    where = f"KUBE #{last.seq}" if last else "the empty log"
+    last = 0
+    for seq, _ in replay(planner, ((entry.seq, entry.envelope) for entry in entries)):
+        last = seq
+    where = f"KUBE #{last}" if last else "the empty log"
     print(f"kipvs plan: the desired state of {args.node} as of {where}", file=sys.stderr)
     return planner
 
 
 def run(args: argparse.Namespace) -> int:
-    from kipvs.shared.log_client import ToolError
-
     try:
         config = PlannerConfig(default_scheduler=args.scheduler)
         planner = _from_file(args, config) if args.events else asyncio.run(_from_log(args, config))

@@ -20,11 +20,20 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
-from kipvs.planner.core import Planner, PlannerConfig
-from kipvs.shared import events, topology
-from kipvs.shared.log_client import Entry, RecordedLog, ToolError, add_nats_arguments, open_log, read_all, run_tool
+from kipvs.shared import bus, events, records, topology
+from kipvs.shared.log_client import (
+    Entry,
+    RecordedLog,
+    ToolError,
+    add_nats_arguments,
+    open_log,
+    plan_source,
+    read_all,
+    run_tool,
+)
 
-from . import records
+from . import log_replay
+from .core import Planner, PlannerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,17 +49,9 @@ def compare(kube: list[Entry], published: list[Entry], config: PlannerConfig, fi
             last: int = 0) -> tuple[int, list[str]]:
     """Replay ``kube`` (in order) and compare the deltas caused by KUBE #first..#last with ``published``.
     Returns (deltas compared, differences). Pure."""
-    planner = Planner(config)
-    produced: dict[str, events.Envelope] = {}
-    for entry in kube:
-        if last and entry.seq > last:
-            break
-        if entry.envelope is None:
-            planner.source_seq = entry.seq  # it was parked when first consumed
-            continue
-        for env in planner.handle(entry.envelope, entry.seq):
-            if entry.seq >= first:
-                produced[env.id] = env
+    logged = ((entry.seq, entry.envelope) for entry in kube if not last or entry.seq <= last)
+    produced = {env.id: env for seq, deltas in log_replay.replay(Planner(config), logged) if seq >= first
+                for env in deltas}
     in_range = {}
     for entry in published:
         env = entry.envelope
@@ -86,8 +87,8 @@ async def replay(args: argparse.Namespace, out: Any = None) -> int:
         except NotFoundError:
             raise ToolError(f"there is no {topology.KUBE_STREAM} stream on this NATS: nothing to replay (run "
                             "'kipvs topology apply', or start the services)") from None
-        kube = await read_all(js, topology.KUBE_STREAM, upto=args.last)
-        plan = await read_all(js, topology.PLAN_STREAM)
+        kube = await read_all(js, bus.LogReader(topology.KUBE_STREAM), upto=args.last)
+        plan = await read_all(js, plan_source(args))
     if not kube:
         raise ToolError("the Kubernetes log is empty: nothing to replay")
     compared, problems = compare(kube, plan, config, args.first, args.last)
