@@ -5,6 +5,7 @@ their reader, and every replay of the log goes through the one replay."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,15 @@ from kipvs.shared import bus, events
 from tests import kube
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("watcher", "planner", "applier", "audit", "auth")  # the services and the tools; not the harnesses
-HARNESSES = ("demo", "guest", "simulator")
+# the services and the tools (not the test harnesses, which run everything), as folders
+SERVICES = ("services/watcher", "services/planner", "services/applier", "services/audit", "services/auth")
+HARNESSES = ("services/demo", "services/guest", "services/simulator")
+
+
+def package_of(folder: str) -> str:
+    """The import name of a folder: pyproject's package-dir mapping when it has one, else the path itself."""
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-dir", {})
+    return next((name for name, path in mapping.items() if path == folder), folder.replace("/", "."))
 
 
 def _modules(folder: Path) -> list[tuple[Path, ast.Module]]:
@@ -35,8 +43,9 @@ def _imported(tree: ast.AST) -> list[str]:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_no_service_package_imports_another(service: str) -> None:
-    others = {f"kipvs.{name}" for name in (*SERVICES, *HARNESSES) if name != service}
-    found = [f"{path.relative_to(ROOT)}: {name}" for path, tree in _modules(ROOT / "services" / service)
+    assert (ROOT / service).is_dir(), service
+    others = {package_of(folder) for folder in (*SERVICES, *HARNESSES) if folder != service}
+    found = [f"{path.relative_to(ROOT)}: {name}" for path, tree in _modules(ROOT / service)
              for name in _imported(tree) if any(name == o or name.startswith(o + ".") for o in others)]
     assert not found, f"what two services need belongs under shared/: {found}"
 
