@@ -93,6 +93,18 @@ async def _bus_failed(ctx: runtime.ServiceContext, lease: Lease, identity: str, 
         await asyncio.wait_for(ctx.stop.wait(), cfg.leader_elect_lease_duration)
 
 
+async def _stand_by(ctx: runtime.ServiceContext, lease: Lease, planner: Planner, period: float) -> bool:
+    """Keep ``planner`` warm until the lease is ours (True) or the service is told to stop (False)."""
+    ctx.set_not_ready("standby: starting")
+    warm = asyncio.create_task(_warm(ctx, planner, period), name="planner-warm")
+    try:
+        return await lease.acquire(ctx.stop)
+    finally:
+        warm.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warm
+
+
 async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
     """The planner service with leader election: alternate standby and active until told to stop."""
     cfg = ctx.config
@@ -110,15 +122,7 @@ async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
              topology.PLANNER_LEASE_KEY)
     while not ctx.stop.is_set():
         planner = planner or cfg.new_planner()
-        ctx.set_not_ready("standby: starting")
-        warm = asyncio.create_task(_warm(ctx, planner, cfg.leader_elect_retry_period), name="planner-warm")
-        try:
-            acquired = await lease.acquire(ctx.stop)
-        finally:
-            warm.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await warm
-        if not acquired:
+        if not await _stand_by(ctx, lease, planner, cfg.leader_elect_retry_period):
             return
         took = time.monotonic()
         deposed = asyncio.Event()
