@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -184,37 +184,43 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
             for name in names:
                 if not last[name]:
                     last[name] = await _last_seq(js, name)
-        queue: asyncio.Queue[Entry] = asyncio.Queue()
-
-        async def pump(name: str) -> None:
-            async for entry in follow(js, sources[name], name, last[name]):
-                await queue.put(entry)
-
-        pumps = [asyncio.create_task(pump(n)) for n in names]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            while not stop.is_set():
-                getter = asyncio.ensure_future(queue.get())
-                stopper = asyncio.ensure_future(stop.wait())
-                # a pump that ended (a closed connection) ends the wait too: never a silent stop
-                done, _ = await asyncio.wait({getter, stopper, *pumps}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    show(getter.result())
-                else:
-                    getter.cancel()
-                stopper.cancel()
-                for pump_task in pumps:
-                    if pump_task.done() and pump_task.exception() is not None:
-                        raise pump_task.exception()  # type: ignore[misc]
-        finally:
-            for pump_task in pumps:
-                pump_task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+        await _follow_all(js, sources, last, show)
     return 0
+
+
+async def _follow_all(js: JetStreamContext, sources: dict[str, bus.LogReader], last: dict[str, int],
+                      show: Callable[[Entry], None]) -> None:
+    """Follow every stream named in ``sources`` after its ``last`` sequence, showing entries as they come,
+    until SIGINT/SIGTERM; a follower that ends (a closed connection) raises here, never a silent stop."""
+    queue: asyncio.Queue[Entry] = asyncio.Queue()
+
+    async def pump(name: str) -> None:
+        async for entry in follow(js, sources[name], name, last[name]):
+            await queue.put(entry)
+
+    pumps = [asyncio.create_task(pump(n)) for n in sources]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            getter = asyncio.ensure_future(queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper, *pumps}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                show(getter.result())
+            else:
+                getter.cancel()
+            stopper.cancel()
+            for pump_task in pumps:
+                if pump_task.done() and pump_task.exception() is not None:
+                    raise pump_task.exception()  # type: ignore[misc]
+    finally:
+        for pump_task in pumps:
+            pump_task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 async def _last_seq(js: JetStreamContext, name: str) -> int:
