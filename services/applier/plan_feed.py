@@ -9,8 +9,9 @@ duplicate ``Nats-Msg-Id``) is never republished. Each applier subscribes to ``ki
 consumer, pull request or acknowledgement (docs/architecture.md "Scale": these were most of the servers'
 cost per node).
 
-This is Calico Typha's model (``typha/pkg/syncserver``: one write per client per update, a client that
-falls behind is sent a snapshot) with NATS's own parts: the applier knows, per subject, the stream
+This is Calico Typha's model (``typha/pkg/syncserver/sync_server.go``: a new client gets a snapshot, then
+one write per update; a client too far behind, ``MaxFallBehind``, is dropped and starts again from a
+snapshot) with NATS's own parts: the applier knows, per subject, the stream
 sequence of the last message it handled. A message whose ``Nats-Last-Sequence`` is newer than that is past a
 gap (a message lost while disconnected, dropped as a slow consumer, or republished by a leader that died):
 the messages after the position are read from the stream by sequence (``bus.read_stream``, the node's one
