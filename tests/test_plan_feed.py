@@ -62,8 +62,8 @@ async def test_the_feed_starts_after_the_bootstrap_and_takes_only_its_nodes_subj
     await publish(js, 1, 3)
     after = (await js.get_last_msg(topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)).seq - 1  # read up to delta 2
     rec = Recorder()
-    bus.READER_NAME.set("reader-node-a")  # as the runtime sets it for an applier: its reads delete their consumer
-    async with running(plan_feed.PlanFeed(nc, js, NODE, rec.handle, after, "applier-node-a")) as feed:
+    reader = bus.LogReader(topology.PLAN_STREAM, "reader-node-a")  # as the applier's: its reads delete their consumer
+    async with running(plan_feed.PlanFeed(nc, js, NODE, rec.handle, after, "applier-node-a", reader=reader)) as feed:
         await eventually(lambda: rec.seqs() == [3], 20, "the delta stored between bootstrap and feed")
         await publish(js, 4, 6)
         await publish(js, 1, 2, scope="node-b")  # another node's: never this node's
@@ -119,7 +119,7 @@ async def test_what_was_published_while_disconnected_is_read_after_the_reconnect
     server = NatsServer(tmp_path)
     server.start()
     try:
-        feed_nc = await nats.connect(server.url, reconnect_time_wait=3, max_reconnect_attempts=-1)
+        feed_nc = await nats.connect(server.url, reconnect_time_wait=8, max_reconnect_attempts=-1)
         js = await bus.setup(feed_nc)
         rec = Recorder()
         async with running(plan_feed.PlanFeed(feed_nc, js, NODE, rec.handle, 0, "applier-node-a")) as feed:
@@ -128,7 +128,7 @@ async def test_what_was_published_while_disconnected_is_read_after_the_reconnect
             assert feed.repairs == 0  # nothing was stored before it started
             server.stop()
             server.start()
-            pub = await nats.connect(server.url)  # before the feed's client is back (it waits 3 s)
+            pub = await nats.connect(server.url)  # before the feed's client is back (it waits 8 s)
             await publish(pub.jetstream(timeout=10), 3, 5)
             await pub.close()
             await eventually(lambda: rec.seqs() == [1, 2, 3, 4, 5], 30, "the deltas published meanwhile")

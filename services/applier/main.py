@@ -574,7 +574,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         # Opened here, after the bootstrap, from the first plan-stream sequence the bootstrap did not read
         # (plan_feed.py; the durable consumer on a plan stream that does not republish).
         consumer = await plan_feed.open_input(ctx, cfg.node, applier.handle, lambda: applier.stream_seq, cfg.batch,
-                                              idle, claim.still_held, cfg.plan_feed)
+                                              idle, claim.still_held, cfg.plan_feed, applier.plan_reader)
         if consumer is None:  # told to stop first, or superseded while bootstrapping
             with contextlib.suppress(Exception):
                 await inspection.unsubscribe()

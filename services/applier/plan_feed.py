@@ -113,11 +113,14 @@ class PlanFeed:
 
     def __init__(self, nc: NATS, js: JetStreamContext, node: str, handler: bus.BatchHandler, after: int,
                  service: str, batch: int = 500, idle: Callable[[], Awaitable[None]] | None = None,
-                 check_period: float = CHECK_PERIOD, guard: StreamGuard | None = None) -> None:
+                 check_period: float = CHECK_PERIOD, guard: StreamGuard | None = None,
+                 reader: bus.LogReader | None = None) -> None:
         self.nc, self.js, self.handler, self.service = nc, js, handler, service
         # the plan stream as bootstrapped from: checked after a reconnect (a server that came back with a wiped
         # store has a new KIPVS_PLAN whose sequences start over; the runtime then starts the applier again)
         self.guard = guard
+        # how the stream is read on a gap: the node's one reader name (its permissions name no other consumer)
+        self.reader = reader or bus.LogReader(topology.PLAN_STREAM)
         self.batch, self.idle, self.check_period = batch, idle, check_period
         self.subjects = (topology.PLAN_ALL_SUBJECT, topology.plan_node_subject(node))
         self.position = dict.fromkeys(self.subjects, after)  # last stream sequence handled, per subject
@@ -240,8 +243,7 @@ class PlanFeed:
         while cursor <= last and not self._stop.is_set():
             upto = min(last, cursor + READ_WINDOW - 1)
             # Read whole before handling: the handler may re-bootstrap, which reads with the same reader name.
-            msgs = [m async for m in bus.read_stream(self.js, topology.PLAN_STREAM, subject, start_seq=cursor,
-                                                     upto=upto)]
+            msgs = [m async for m in bus.read_stream(self.js, self.reader, subject, start_seq=cursor, upto=upto)]
             for i in range(0, len(msgs), self.batch):
                 if not await self._deliver(msgs[i:i + self.batch]):
                     return  # read again from its position (repair is set)
@@ -301,11 +303,12 @@ PlanInput = PlanFeed | bus.DurableConsumer
 
 async def open_input(ctx: runtime.ServiceContext, node: str, handler: bus.BatchHandler, position: Callable[[], int],
                      batch: int, idle: Callable[[], Awaitable[None]], held: Callable[[], Awaitable[bool]],
-                     mode: str = "feed") -> PlanInput | None:
+                     mode: str = "feed", reader: bus.LogReader | None = None) -> PlanInput | None:
     """The node's plan input, from the first plan-stream sequence after ``position()`` (what the bootstrap
     read): the feed (``mode`` "feed", on a KIPVS_PLAN that republishes), else the durable consumer
-    (:mod:`.plan_consumer`). None when told to stop first, or when ``held()`` says another applier holds the
-    node now. The bus failing meanwhile (a cluster electing leaders) is retried with backoff."""
+    (:mod:`.plan_consumer`); ``reader``: how the feed reads the stream on a gap. None when told to stop
+    first, or when ``held()`` says another applier holds the node now. The bus failing meanwhile (a cluster
+    electing leaders) is retried with backoff."""
     durable = topology.applier_durable(node)
     if mode == "feed":
         backoff = Backoff(initial=0.5, maximum=10.0)
@@ -322,7 +325,7 @@ async def open_input(ctx: runtime.ServiceContext, node: str, handler: bus.BatchH
                 with contextlib.suppress(NotFoundError):
                     await ctx.js.delete_consumer(topology.PLAN_STREAM, durable)
                 return PlanFeed(ctx.nc, ctx.js, node, handler, position(), durable, batch=batch, idle=idle,
-                                guard=ctx.stream_guard)
+                                guard=ctx.stream_guard, reader=reader)
             except bus.INFRASTRUCTURE_ERRORS as exc:
                 delay = backoff.next()
                 log.warning("cannot open the plan feed of %s yet (%s: %s); retrying in %.1fs", node,
