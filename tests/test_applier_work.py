@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from kipvs.applier import health_check, ops
 from kipvs.applier import main as applier_main
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import Applier, ApplierConfig
 from kipvs.planner.core import Planner
 from kipvs.planner.replay import read_events

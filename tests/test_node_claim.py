@@ -14,7 +14,7 @@ import nats
 import pytest
 
 from kipvs.applier import main as applier_main
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.node_claim import NodeClaim
 from kipvs.audit import status as status_tool

@@ -10,8 +10,8 @@ import struct
 import aiohttp
 import pytest
 
-from kipvs.applier import ipvs_wire
 from kipvs.applier.health_check import HealthServers, local_endpoints, wanted_ports
+from kipvs.applier.kernel import ipvs_wire
 from kipvs.applier.node_settings import STRICT_ARP, Timeouts, sysctls_to_set
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.events import Endpoint, PortPlan, ServicePlan
@@ -102,7 +102,7 @@ def test_ipvs_config_encoding_round_trips() -> None:
 
 @pytest.mark.parametrize("protocol", ["UDP", "TCP"])
 async def test_applier_clears_udp_flows_of_a_real_server_that_left(protocol: str) -> None:
-    from kipvs.applier.backend import MemoryKernel
+    from kipvs.applier.kernel.backend import MemoryKernel
     from kipvs.applier.main import Applier
     from kipvs.applier.ops import DelReal, DelService
 

@@ -35,14 +35,14 @@ from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
 from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
-from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
-from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .health_check import HealthServers
+from .kernel.backend import Backend, CapabilityError, KernelError, MemoryKernel
+from .kernel.endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
+from .kernel.rules import NftRules, RulesConfig
 from .node_settings import Timeouts
 from .ops import AddReal, DelReal, DelService, DesiredState, Op, diff, digest
 from .programming_metrics import ProgrammingMetrics
-from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
 
@@ -674,7 +674,7 @@ async def _facts_loop(ctx: runtime.ServiceContext, applier: Applier, kernel: Bac
 def make_backend(cfg: ApplierConfig) -> Backend:
     if cfg.backend == "memory":
         return MemoryKernel()
-    from .netlink_writer import NetlinkKernel
+    from .kernel.netlink_writer import NetlinkKernel
 
     return NetlinkKernel()
 

@@ -28,7 +28,7 @@ from typing import Literal
 
 from kipvs.shared.events import NodeFactsReport
 
-from .backend import LINK
+from .kernel.backend import LINK
 
 log = logging.getLogger("kipvs.applier")
 

@@ -36,12 +36,9 @@ from kipvs.shared.plan.node_state import (
     ipset_name,
 )
 
-from . import ipset_wire, ipvs_wire
-from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
-from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
-from .node_facts import LINK_ALIAS
-from .node_settings import Timeouts
-from .ops import (
+from ..node_facts import LINK_ALIAS
+from ..node_settings import Timeouts
+from ..ops import (
     AddAddress,
     AddEntry,
     AddReal,
@@ -54,6 +51,9 @@ from .ops import (
     EditService,
     Op,
 )
+from . import ipset_wire, ipvs_wire
+from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
+from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
 
 log = logging.getLogger("kipvs.applier")
 
