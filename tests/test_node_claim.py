@@ -13,7 +13,7 @@ import msgspec
 import nats
 import pytest
 
-from kipvs.applier import main as applier_main
+from kipvs.applier import shell as applier_shell
 from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.node_claim import NodeClaim
@@ -159,14 +159,14 @@ async def test_an_applier_superseded_while_bootstrapping_leaves_the_durable_alon
     the node's durable, which is the newer one's now; it idles, not ready."""
 
     newer: list[NodeClaim] = []
-    original = applier_main.Applier.bootstrap
+    original = applier_shell.Applier.bootstrap
 
     async def bootstrap_then_superseded(self) -> None:
         await original(self)
         claim = NodeClaim(self.ctx.js, "node-a", Registry("applier"))
         await claim.take(asyncio.Event())
         newer.append(claim)
-    monkeypatch.setattr(applier_main.Applier, "bootstrap", bootstrap_then_superseded)
+    monkeypatch.setattr(applier_shell.Applier, "bootstrap", bootstrap_then_superseded)
     port = free_loopback_port()
     stop = asyncio.Event()
     cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}", "node": "node-a",
