@@ -33,8 +33,10 @@ from kipvs.shared.config import describe
 
 from . import inspect, node_claim, node_facts, plan_cache, plan_consumer
 from .kernel.backend import Backend, CapabilityError, MemoryKernel
+from .kernel.netlink_writer import NetlinkKernel
 from .kernel.rules import NftRules, RulesConfig
 from .node_settings import Timeouts
+from .shadow import run_shadow
 from .shell import Applier, ApplierSettings
 
 log = logging.getLogger("kipvs.applier")
@@ -281,8 +283,6 @@ async def _facts_loop(ctx: runtime.ServiceContext, applier: Applier, recheck: fl
 def make_backend(cfg: ApplierConfig) -> Backend:
     if cfg.backend == "memory":
         return MemoryKernel()
-    from .kernel.netlink_writer import NetlinkKernel
-
     return NetlinkKernel()
 
 
@@ -308,8 +308,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"kipvs applier: {exc}", file=sys.stderr)
             return 2
         if cfg.shadow:
-            from .shadow import run_shadow
-
             # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
             await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
             await kernel.close()
