@@ -19,7 +19,7 @@ from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig
 from kipvs.applier.shell import Applier, ApplierSettings
 from kipvs.planner.core import Planner
-from kipvs.planner.replay import read_events
+from kipvs.planner.log_replay import read_events
 from kipvs.shared import bus, runtime
 from tests import kube
 

@@ -57,10 +57,12 @@ class EndpointMarkRules:
             await self.rules.set_endpoint_marks(marks, members)
 
 
-async def last_node_state(js: JetStreamContext, node: str) -> tuple[int, events.SetNodeCalico] | None:
+async def last_node_state(js: JetStreamContext, reader: bus.LogReader,
+                          node: str) -> tuple[int, events.SetNodeCalico] | None:
     """(delta seq, Calico state) from the node subject's last message, which is the node's whole state. If
     that message is unusable (it was parked when consumed), the subject is read back to the last usable one:
-    never a crash loop. None: the node has no Calico state yet."""
+    never a crash loop. None: the node has no Calico state yet. ``reader``: the node's plan reader (its
+    permissions allow no other name)."""
     subject = topology.plan_node_subject(node)
     try:
         msg = await js.get_last_msg(topology.PLAN_STREAM, subject)
@@ -68,7 +70,7 @@ async def last_node_state(js: JetStreamContext, node: str) -> tuple[int, events.
         if found is None:
             # unusable, or a part of a chunked delta: read back whole deltas, chunked ones put together
             log.warning("the last message on %s is not a whole delta; reading the subject back", subject)
-            async for _, delta in plan_log.complete_deltas(bus.read_stream(js, topology.PLAN_STREAM, subject)):
+            async for _, delta in plan_log.complete_deltas(bus.read_stream(js, reader, subject)):
                 found = _calico_of(delta) or found
     except NotFoundError:
         return None

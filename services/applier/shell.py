@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from kipvs.shared import bus, delta_chunks, events, plan_log, runtime, topology
+from kipvs.shared.nats_permissions import applier_reader
 from kipvs.shared.plan.plan_state import SequenceGap
 
 from . import marks, node_claim, node_facts
@@ -74,6 +75,8 @@ class Applier:
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
+        # history of the plan is read under the node's one reader name: its permissions allow no other
+        self.plan_reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(node))
         self.consumer: bus.DurableConsumer | None = None
         self.claim: node_claim.NodeClaim | None = None  # one applier per node (node_claim.py)
         self.reports = Reports(ctx.js, node)
@@ -108,14 +111,14 @@ class Applier:
         ``plan_stream_seq`` onwards). A restart therefore never programs a state older than the newest one
         published, which is never older than what this node last applied."""
         core = self.core
-        plan, stream_seq = await plan_log.load_snapshot(self.ctx.js)
-        caught_up, read_upto = await plan_log.catch_up_to(self.ctx.js, plan, stream_seq)
+        plan, stream_seq = await plan_log.load_snapshot(self.ctx.js, self.plan_reader)
+        caught_up, read_upto = await plan_log.catch_up_to(self.ctx.js, self.plan_reader, plan, stream_seq)
         self.stream_seq = max(self.stream_seq, read_upto)
         if core.use_interfaces:
             core.local_addresses = await self.kernel.node_addresses()
         core.reset(plan)
         found = await self.converge()
-        calico = await marks.last_node_state(self.ctx.js, self.node)
+        calico = await marks.last_node_state(self.ctx.js, self.plan_reader, self.node)
         if calico is not None:
             core.calico_seq, core.calico = calico
         self.marks.bootstrap(core.calico)
