@@ -21,8 +21,9 @@ import time
 from nats.js.api import AckPolicy
 
 from kipvs.applier import plan_consumer
-from kipvs.applier.backend import MemoryKernel
-from kipvs.applier.main import Applier, ApplierConfig, apply_plan
+from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.applier.reports import Reports
 from kipvs.shared import bus, events, runtime, topology
 
 CONSUMERS = {"r3": (3, False), "r1": (1, False), "r1-memory": (1, True)}
@@ -57,10 +58,10 @@ CORE_REPORTS = "bench.status"  # reports on core NATS (no stream): what the stat
 def reports_on_core_nats() -> None:
     """The benchmark's knob to measure what the status reports cost: each report published on core NATS
     under ``bench.status.<node>.<kind>`` (no stream stores it; the benchmark's observer still sees it)."""
-    async def publish(self: Applier, kind: str, envelope: events.Envelope) -> None:
+    async def publish(self: Reports, kind: str, envelope: events.Envelope) -> None:
         await self.ctx.nc.publish(f"{CORE_REPORTS}.{topology.token(self.node)}.{kind}", events.encode(envelope))
 
-    Applier.publish_report = publish  # type: ignore[method-assign]
+    Reports.publish = publish  # type: ignore[method-assign]
 
 
 def _dump_tasks() -> None:
