@@ -4,10 +4,11 @@
     check the kernel (precise error and exit 2 if it cannot do IPVS) -> set up link and sets
     bootstrap: the latest snapshot, resolved for this node; converge the kernel to it (diff after read-back)
     bootstrap Calico's state for this node: the last message on kipvs.plan.node.<node> (it is the whole state)
-    consume kipvs.plan.all + kipvs.plan.node.<node> (one durable consumer, two filter subjects):
+    take kipvs.plan.all + kipvs.plan.node.<node> from the plan feed (plan_feed.py: KIPVS_PLAN's republish by
+    core-NATS subscription, a gap read from the stream; --plan-feed consumer: one durable consumer):
         apply each delta to the shared plan (skip what the snapshot already had; a gap re-bootstraps)
         re-resolve only the Services the batch touched (all of them if this node's facts changed)
-        write the operations, then ack; publish an apply report
+        write the operations, then move the position on (ack); an apply report, paced (reports.py)
         a node delta replaces the node's Calico state; in enforce mode the endpoint-mark rules follow
     every --drift-period (and on SIGUSR1): read the kernel back, repair any difference, report it
     on every link change (netlink) and every --drift-period: publish the node's facts when they change
