@@ -125,14 +125,14 @@ async def test_what_was_published_while_disconnected_is_read_after_the_reconnect
         async with running(plan_feed.PlanFeed(feed_nc, js, NODE, rec.handle, 0, "applier-node-a")) as feed:
             await publish(js, 1, 2)
             await eventually(lambda: rec.seqs() == [1, 2], 20, "the first deltas")
-            assert feed.repairs == 0  # nothing was stored before it started
+            before = feed.repairs  # 0, or 1 when its first read already found them
             server.stop()
             server.start()
             pub = await nats.connect(server.url)  # before the feed's client is back (it waits 8 s)
             await publish(pub.jetstream(timeout=10), 3, 5)
             await pub.close()
             await eventually(lambda: rec.seqs() == [1, 2, 3, 4, 5], 30, "the deltas published meanwhile")
-            assert feed.repairs == 1  # read from the stream after the reconnect
+            assert feed.repairs == before + 1  # read from the stream after the reconnect
         await feed_nc.close()
     finally:
         server.stop()
