@@ -28,15 +28,13 @@ from kipvs.shared import events
 from kipvs.shared.plan.node_state import (
     ALL_IPSETS,
     IPSET_TYPES,
-    NodeState,
     RealKey,
-    VirtualService,
     VSKey,
     family_of,
     ipset_name,
 )
 
-from . import ipset_wire, ipvs_wire
+from . import ipset_wire, ipvs_wire, kernel_readback
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
 from .node_facts import LINK_ALIAS
@@ -67,8 +65,8 @@ V6_NETMASK = socket.inet_ntoa(struct.pack("=I", 128))
 IPSET_ERR_EXIST = ipset_wire.IPSET_ERR_EXIST  # "element already exists" / "element does not exist"
 IPSET_BENIGN = frozenset({errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST})
 
-PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
-PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
+PROTOCOL_NAMES = kernel_readback.IPVS_PROTOCOLS
+PROTOCOL_NUMBERS = {v: k for k, v in PROTOCOL_NAMES.items()}
 PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
 SET_TYPES = dict(IPSET_TYPES)
 
@@ -107,10 +105,6 @@ def _kind(op: Op) -> str:
     return "ipvs"
 
 
-def _attrs(msg: Any) -> dict[str, Any]:
-    return dict(msg["attrs"])
-
-
 class NetlinkKernel:
     label = "netlink (this host's kernel)"
 
@@ -120,6 +114,7 @@ class NetlinkKernel:
         self.ipset: AsyncIPSet | None = None
         self.writer: BatchSocket | None = None  # IPVS writes
         self.ipset_writer: BatchSocket | None = None  # ipset member writes
+        self.reader: kernel_readback.KernelReader | None = None  # every read-back (hand-decoded dumps)
         self.ipvs_family = 0
         self.link_index = 0
 
@@ -130,6 +125,7 @@ class NetlinkKernel:
             self.ipvs_family = self.ipvs.prid
             self.writer = BatchSocket(NETLINK_GENERIC)
             self.ipset_writer = BatchSocket(NETLINK_NETFILTER)
+            self.reader = kernel_readback.KernelReader(self.ipvs_family)
             self.ipr = AsyncIPRoute()
             await self.ipr.__aenter__()
             self.ipset = AsyncIPSet()
@@ -194,37 +190,9 @@ class NetlinkKernel:
                 self.ipset._attr_revision = None
 
     async def observe(self) -> Observed:
-        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
-        state = NodeState()
-        connections = {}
-        for msg in await self.ipvs.service("dump"):
-            svc = _attrs(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))
-            if svc.get("IPVS_SVC_ATTR_FWMARK"):
-                continue  # fwmark services are never kipvs's
-            protocol = PROTOCOL_NAMES.get(svc["IPVS_SVC_ATTR_PROTOCOL"])
-            if protocol is None:
-                continue
-            key = (protocol, svc["IPVS_SVC_ATTR_ADDR"], svc["IPVS_SVC_ATTR_PORT"])
-            persistent = svc["IPVS_SVC_ATTR_FLAGS"]["flags"] & PERSISTENT
-            vs = VirtualService(protocol, key[1], key[2], svc["IPVS_SVC_ATTR_SCHED_NAME"],
-                                svc["IPVS_SVC_ATTR_TIMEOUT"] if persistent else 0)
-            for dmsg in await self.ipvs.dest("dump", service=_service(key)):
-                d = _attrs(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
-                real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
-                vs.reals[real] = d["IPVS_DEST_ATTR_WEIGHT"]
-                active, inactive = d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0), d.get("IPVS_DEST_ATTR_INACT_CONNS", 0)
-                connections[(key, real)] = active + inactive
-            state.ipvs[key] = vs
-        async for addr in await self.ipr.addr("dump", index=self.link_index):
-            state.addresses.add(addr.get_attr("IFA_ADDRESS"))
-        owned: set[VSKey] = set()
-        for name in (*ALL_IPSETS, *OWNED_SETS.values()):
-            entries = await self._members(name)
-            if name in OWNED_SETS.values():
-                owned |= {parse_owned_entry(e) for e in entries}
-            else:
-                state.ipsets[name] = entries
-        return Observed(state, owned, connections)
+        """kipvs's objects as the kernel holds them (``kernel_readback.observe``)."""
+        assert self.reader is not None
+        return await kernel_readback.observe(self.reader, self.link_index, _TYPES_BY_NAME, tuple(OWNED_SETS.values()))
 
     async def kernel_table(self) -> events.KernelTable:
         """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``)."""
@@ -234,27 +202,16 @@ class NetlinkKernel:
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
         """Active + inactive connections per real server of the given services (one dump per service)."""
-        assert self.ipvs is not None
-        out = {}
-        for key in services:
-            try:
-                dests = await self.ipvs.dest("dump", service=_service(key))
-            except NetlinkError:
-                continue  # the service is gone: nothing left to drain
-            for dmsg in dests:
-                d = _attrs(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
-                real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
-                out[(key, real)] = d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0) + d.get("IPVS_DEST_ATTR_INACT_CONNS", 0)
-        return out
+        assert self.reader is not None
+        return await kernel_readback.connections(self.reader, services)
 
     async def node_addresses(self) -> tuple[str, ...]:
         """This node's own addresses, as kube-proxy takes them for NodePorts: every local address except
         those on kube-ipvs0, loopback and IPv6 link-local."""
-        assert self.ipr is not None
+        assert self.reader is not None
         out = []
-        async for addr in await self.ipr.addr("dump"):
-            ip = addr.get_attr("IFA_ADDRESS")
-            if not ip or addr["index"] == self.link_index:
+        for index, ip in await self.reader.addresses():
+            if index == self.link_index:
                 continue
             parsed = ipaddress.ip_address(ip)
             if parsed.is_loopback or (parsed.version == 6 and parsed.is_link_local):
@@ -263,16 +220,12 @@ class NetlinkKernel:
         return tuple(sorted(set(out), key=lambda a: (":" in a, a)))
 
     async def _members(self, name: str) -> set[str]:
-        assert self.ipset is not None
-        kind = _set_type(name)
-        out: set[str] = set()
-        async for msg in await self.ipset.list(name):
-            adt = msg.get_attr("IPSET_ATTR_ADT")
-            if not adt:
-                continue
-            for data in adt.get_attrs("IPSET_ATTR_DATA"):
-                out.add(_format_member(kind, data))
-        return out
+        """ipset ``name``'s members in kube-proxy's syntax; NetlinkError ENOENT when there is no such set."""
+        assert self.reader is not None
+        found = await self.reader.members(name, _set_type(name))
+        if found is None:
+            raise NetlinkError(errno.ENOENT, f"no ipset {name}")
+        return set(found)
 
     async def apply(self, ops: list[Op]) -> None:
         """Write ``ops`` in order, batched: each run of IPVS operations goes out as multi-message netlink
@@ -451,32 +404,8 @@ class NetlinkKernel:
         return deleted
 
     async def close(self) -> None:
-        for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer):
+        for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer, self.reader):
             if sock is not None:
                 sock.close()
-        self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = None
-
-
-def _format_member(kind: str, data: Any) -> str:
-    """An ipset member in kube-proxy's entry syntax."""
-    attrs = dict(data["attrs"])
-    if kind == "bitmap:port":
-        return str(attrs["IPSET_ATTR_PORT_FROM"] if "IPSET_ATTR_PORT_FROM" in attrs else attrs["IPSET_ATTR_PORT"])
-    ip = _ip(attrs["IPSET_ATTR_IP_FROM"])
-    if kind == "hash:ip":
-        return ip
-    port = attrs.get("IPSET_ATTR_PORT_FROM", attrs.get("IPSET_ATTR_PORT"))
-    protocol = PROTOCOL_NAMES[attrs["IPSET_ATTR_PROTO"]].lower()
-    out = f"{ip},{protocol}:{port}"
-    if kind == "hash:ip,port,ip":
-        out += "," + _ip(attrs["IPSET_ATTR_IP2"])
-    elif kind == "hash:ip,port,net":
-        out += f",{_ip(attrs['IPSET_ATTR_IP2'])}/{attrs['IPSET_ATTR_CIDR2']}"
-    return out
-
-
-def _ip(nested: Any) -> str:
-    for _, value in nested["attrs"]:
-        return str(value)
-    raise KernelError("ipset member without an address")
+        self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = self.reader = None
 
