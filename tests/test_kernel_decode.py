@@ -1,0 +1,44 @@
+"""The dump decoders' pure parts (services/applier/kernel_decode.py) on hand-built replies: the kernel's own
+output is checked in the guest (tests/guest/kernel_readback.py); here, the shapes and the errors."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from kipvs.applier import ipset_wire, ipvs_wire, kernel_decode
+from kipvs.applier.netlink_batch import attr
+
+GENL = struct.pack("=BBH", 1, 1, 0)
+
+
+def test_service_and_its_key_from_a_dump_message() -> None:
+    svc = ipvs_wire.service_full(socket.IPPROTO_TCP, "fd00::10", 443, "wrr", 600)
+    decoded = kernel_decode.service(GENL + svc)
+    assert (decoded.family, decoded.protocol, decoded.address, decoded.port) == (socket.AF_INET6, 6, "fd00::10", 443)
+    assert (decoded.scheduler, decoded.flags & 1, decoded.timeout) == ("wrr", 1, 600)
+    assert decoded.key == ipvs_wire.service_key(socket.IPPROTO_TCP, "fd00::10", 443)
+
+
+def test_a_real_server_of_the_other_family_keeps_its_own() -> None:
+    raw = ipvs_wire.dest("10.244.1.5", 8080, 3)  # carries IPVS_DEST_ATTR_ADDR_FAMILY
+    decoded = kernel_decode.dest(GENL + raw, socket.AF_INET6)
+    assert (decoded.address, decoded.port, decoded.weight, decoded.forward) == ("10.244.1.5", 8080, 3, 0)
+
+
+def test_ipset_members_in_kube_proxy_syntax() -> None:
+    entries = ["10.96.0.10,tcp:80,192.0.2.0/24", "fd00::1,sctp:3868,fd00::2/64"]
+    adt = b"".join(ipset_wire.data("hash:ip,port,net", e) for e in entries)
+    payload = struct.pack("=BBH", 2, 0, 0) + attr(kernel_decode.ATTR_ADT, adt)
+    assert kernel_decode.ipset_members(payload, "hash:ip,port,net") == entries
+    assert kernel_decode.ipset_members(struct.pack("=BBH", 2, 0, 0), "hash:ip") == []  # the header message
+
+
+def test_an_attribute_overrunning_its_message_is_an_error() -> None:
+    svc = ipvs_wire.service_full(socket.IPPROTO_UDP, "10.96.0.10", 53, "rr", 0)
+    with pytest.raises(kernel_decode.DecodeError, match="overruns"):
+        kernel_decode.service(GENL + svc[:-6])
+    with pytest.raises(kernel_decode.DecodeError, match="without attribute"):
+        kernel_decode.service(GENL + attr(ipvs_wire.ATTR_SERVICE, attr(ipvs_wire.SVC_AF, b"\2\0")))
