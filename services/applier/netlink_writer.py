@@ -34,9 +34,10 @@ from kipvs.shared.plan.node_state import (
     ipset_name,
 )
 
-from . import ipset_wire, ipvs_wire, kernel_readback
+from . import address_wire, ipset_wire, ipvs_wire, kernel_read, kernel_readback
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
+from .netlink_dump import NETLINK_ROUTE
 from .node_facts import LINK_ALIAS
 from .node_settings import Timeouts
 from .ops import (
@@ -114,6 +115,7 @@ class NetlinkKernel:
         self.ipset: AsyncIPSet | None = None
         self.writer: BatchSocket | None = None  # IPVS writes
         self.ipset_writer: BatchSocket | None = None  # ipset member writes
+        self.address_writer: BatchSocket | None = None  # kube-ipvs0 address writes
         self.reader: kernel_readback.KernelReader | None = None  # every read-back (hand-decoded dumps)
         self.ipvs_family = 0
         self.link_index = 0
@@ -125,6 +127,7 @@ class NetlinkKernel:
             self.ipvs_family = self.ipvs.prid
             self.writer = BatchSocket(NETLINK_GENERIC)
             self.ipset_writer = BatchSocket(NETLINK_NETFILTER)
+            self.address_writer = BatchSocket(NETLINK_ROUTE)
             self.reader = kernel_readback.KernelReader(self.ipvs_family)
             self.ipr = AsyncIPRoute()
             await self.ipr.__aenter__()
@@ -196,9 +199,7 @@ class NetlinkKernel:
 
     async def kernel_table(self) -> events.KernelTable:
         """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``)."""
-        from .kernel_read import read_table
-
-        return await read_table(self)
+        return await kernel_read.read_table(self)
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
         """Active + inactive connections per real server of the given services (one dump per service)."""
@@ -229,7 +230,7 @@ class NetlinkKernel:
 
     async def apply(self, ops: list[Op]) -> None:
         """Write ``ops`` in order, batched: each run of IPVS operations goes out as multi-message netlink
-        sends, each run of ipset member changes likewise; addresses one by one (there are few).
+        sends, each run of ipset member changes and each run of kube-ipvs0 address changes likewise.
 
         A service's ownership marker is written before the service exists and removed after it is gone,
         so a crash in between never leaves a kipvs service that kipvs would not recognise as its own."""
@@ -259,17 +260,17 @@ class NetlinkKernel:
         elif kind == "ipset":
             await self._ipset_batch(ops)  # type: ignore[arg-type]
         else:
-            for op in ops:
-                try:
-                    await self._address(op)
-                except NetlinkError as exc:
-                    raise KernelError(f"{op}: {exc}") from None
+            await self._address_batch(ops)  # type: ignore[arg-type]
 
-    async def _address(self, op: Op) -> None:
-        assert self.ipr is not None
-        if isinstance(op, AddAddress | DelAddress):
-            command = "add" if isinstance(op, AddAddress) else "del"
-            await self.ipr.addr(command, index=self.link_index, address=op.ip, prefixlen=128 if ":" in op.ip else 32)
+    async def _address_batch(self, ops: list[AddAddress | DelAddress]) -> None:
+        """kube-ipvs0 address changes, many per send; an address already as wanted is not an error."""
+        bodies = []
+        for op in ops:
+            try:
+                bodies.append(address_wire.request(isinstance(op, AddAddress), op.ip, self.link_index))
+            except (ValueError, OSError) as exc:
+                raise KernelError(f"{op}: not an IP address ({exc})") from None
+        await self._send(self.address_writer, bodies, ops, address_wire.BENIGN)
 
     async def _ipvs_batch(self, ops: list[Op]) -> None:
         await self._send(self.writer, [self._ipvs_message(op) for op in ops], ops, frozenset())
@@ -404,8 +405,10 @@ class NetlinkKernel:
         return deleted
 
     async def close(self) -> None:
-        for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer, self.reader):
+        for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer, self.address_writer,
+                     self.reader):
             if sock is not None:
                 sock.close()
-        self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = self.reader = None
+        self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = self.address_writer = None
+        self.reader = None
 

@@ -17,10 +17,12 @@ import subprocess
 
 import pytest
 
+from kipvs.applier.backend import KernelError
 from kipvs.applier.kernel_decode import Dest, Service
 from kipvs.applier.kernel_read import read_table
 from kipvs.applier.kernel_readback import KernelReader
 from kipvs.applier.netlink_writer import NetlinkKernel
+from kipvs.applier.ops import AddAddress, DelAddress
 from kipvs.audit.ipvsadm_format import render
 from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
@@ -203,3 +205,34 @@ def test_ipset_members_are_those_ipset_save_prints(loaded: None) -> None:
     saved = sorted(line for line in sh("ipset save").splitlines() if line.startswith("add KUBE-"))
     assert ours == saved
     assert len(found["KUBE-CLUSTER-IP"] or ()) == BIG_SET_MEMBERS + 3
+
+
+def link_addresses() -> set[str]:
+    return {line.split()[3].split("/")[0] for line in sh("ip -o addr show dev kube-ipvs0").splitlines()}
+
+
+def test_addresses_are_written_in_batches(loaded: None) -> None:
+    ips = [f"10.98.{i // 250}.{i % 250 + 1}" for i in range(600)] + [f"fd00::98:{i:x}" for i in range(1, 301)]
+    before = link_addresses()
+
+    async def write() -> tuple[set[str], set[str]]:
+        kernel = NetlinkKernel()
+        await kernel.check()
+        kernel.link_index = socket.if_nametoindex("kube-ipvs0")
+        try:
+            await kernel.apply([AddAddress(ip) for ip in ips])
+            added = link_addresses()
+            await kernel.apply([AddAddress(ips[0]), DelAddress("10.99.0.1")])  # already as wanted: no error
+            await kernel.apply([DelAddress(ip) for ip in ips])
+            with pytest.raises(KernelError, match=r"10\.98\.0\.300.*not an IP address"):
+                await kernel.apply([AddAddress("10.98.0.300")])
+            kernel.link_index = 999_999
+            with pytest.raises(KernelError, match=r"10\.98\.9\.9.*No such device"):
+                await kernel.apply([AddAddress("10.98.9.9")])
+            return added, link_addresses()
+        finally:
+            await kernel.close()
+
+    added, after = asyncio.run(write())
+    assert added == before | set(ips)
+    assert after == before
