@@ -54,14 +54,17 @@ class KernelReader:
         payloads = await self.genl.dump(self.ipvs_family, kernel_decode.ipvs_dump_request(CMD_GET_DEST, service.key))
         return [kernel_decode.dest(p, service.family) for p in payloads]
 
-    async def table(self, wanted: Callable[[Service], bool] | None = None) -> Table:
-        """Every service (or those ``wanted``) with its real servers, in the kernel's order."""
+    async def table(self, wanted: Callable[[Service], bool] | None = None,
+                    dests_of: Callable[[Service], bool] | None = None) -> Table:
+        """Every service (or those ``wanted``) with its real servers (only for those ``dests_of`` accepts,
+        if given; the others' lists are empty), in the kernel's order."""
         out: Table = []
         for n, service in enumerate(await self.services()):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             if wanted is None or wanted(service):
-                out.append((service, await self.dests(service)))
+                read = dests_of is None or dests_of(service)
+                out.append((service, await self.dests(service) if read else []))
         return out
 
     async def addresses(self, index: int = 0) -> list[tuple[int, str]]:
@@ -97,15 +100,21 @@ def _kipvs_shaped(service: Service) -> bool:
     return not service.fwmark and service.protocol in IPVS_PROTOCOLS  # fwmark services are never kipvs's
 
 
-async def observe(reader: KernelReader, link_index: int, sets: dict[str, str],
-                  owned_sets: tuple[str, ...]) -> Observed:
+def _key(service: Service) -> VSKey:
+    return (IPVS_PROTOCOLS[service.protocol], service.address, service.port)
+
+
+async def observe(reader: KernelReader, link_index: int, sets: dict[str, str], owned_sets: tuple[str, ...],
+                  checked: Callable[[VSKey], bool] | None = None) -> Observed:
     """What the drift check compares with the plan: IPVS services of kipvs's shape with their weights and
-    connection counts, ``link_index``'s addresses, and the members of ``sets`` (name -> type); members of
-    ``owned_sets`` are parsed as ownership markers. A set that does not exist reads as empty."""
+    connection counts (real servers only of the services ``checked`` accepts, if given), ``link_index``'s
+    addresses, and the members of ``sets`` (name -> type); members of ``owned_sets`` are parsed as
+    ownership markers. A set that does not exist reads as empty."""
     state = NodeState()
     connections: dict[tuple[VSKey, RealKey], int] = {}
-    for service, dests in await reader.table(_kipvs_shaped):
-        key = (IPVS_PROTOCOLS[service.protocol], service.address, service.port)
+    dests_of = None if checked is None else (lambda service: checked(_key(service)))
+    for service, dests in await reader.table(_kipvs_shaped, dests_of):
+        key = _key(service)
         vs = VirtualService(key[0], key[1], key[2], service.scheduler,
                             service.timeout if service.flags & PERSISTENT else 0)
         for d in dests:

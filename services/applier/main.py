@@ -37,6 +37,7 @@ from kipvs.shared.plan.resolve import resolve_service
 from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
+from .drift_slices import SERVICES_PER_CHECK, DriftSlices
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .health_check import HealthServers
 from .node_settings import Timeouts
@@ -52,6 +53,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     backend: Annotated[Literal["netlink", "memory"], describe(
         "netlink: this host's kernel; memory: a simulated kernel for dry runs (programs nothing)")] = "netlink"
     drift_period: Annotated[float, describe("seconds between kernel read-backs"), msgspec.Meta(gt=0)] = 60.0
+    drift_check_services: Annotated[int, describe(
+        "IPVS services whose real servers one drift check reads; the others' in the next checks, so a drifted "
+        "real server is found within ceil(services / this) drift periods"), msgspec.Meta(ge=1)] = SERVICES_PER_CHECK
     batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
     drain_timeout: Annotated[float, describe(
         "seconds a removed TCP real server may drain (weight 0) before deletion; 0: at once"),
@@ -128,6 +132,7 @@ class Applier:
         self.use_interfaces = interface_addresses
         self.local_addresses: tuple[str, ...] = ()
         self.drainer = Drainer(drain_timeout)
+        self.drift_slices = DriftSlices()  # per_check: --drift-check-services, set by main()
         # One writer at a time: a drift check reads the kernel back and repairs it, which must not interleave
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()
@@ -457,15 +462,18 @@ class Applier:
                 await self.kernel.apply(ops)
                 if self.rules is not None:
                     await self.rules.apply(ops)
-        observed = await self.kernel.observe()
         want = self.desired.state()
+        checked, _ = self.drift_slices.next(len(want.ipvs))
+        observed = await self.kernel.observe(checked)
+        DriftSlices.assume_unchecked(want, observed.state, checked)
         ops = self.drainer.keep_draining(diff(want, observed.state, observed.owned))
         found = [describe_op(op) for op in ops]
         if ops:
             await self.kernel.apply(ops)
             self.drift_repairs.inc(len(ops))
             log.warning("drift: repaired %d kernel objects", len(ops))
-            observed = await self.kernel.observe()
+            observed = await self.kernel.observe(checked)
+            DriftSlices.assume_unchecked(want, observed.state, checked)
         if self.rules is not None:
             members = await self.rules.members()
             marks = self.rules.marks
@@ -544,6 +552,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier = Applier(ctx, cfg.node, kernel, rules, cfg.drain_timeout, cfg.node_addresses == "interfaces",
                       cfg.endpoint_marks)
     applier.conntrack_cleanup = cfg.conntrack_cleanup
+    applier.drift_slices.per_check = cfg.drift_check_services
     applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
     applier.strict_arp = cfg.ipvs_strict_arp
     await applier.health.serve_node_health(cfg.healthz_bind_address)

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +193,12 @@ class NetlinkKernel:
             finally:
                 self.ipset._attr_revision = None
 
-    async def observe(self) -> Observed:
-        """kipvs's objects as the kernel holds them (``kernel_readback.observe``)."""
+    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
+        """kipvs's objects as the kernel holds them (``kernel_readback.observe``); with ``checked``, the real
+        servers of the services it accepts only."""
         assert self.reader is not None
-        return await kernel_readback.observe(self.reader, self.link_index, _TYPES_BY_NAME, tuple(OWNED_SETS.values()))
+        return await kernel_readback.observe(self.reader, self.link_index, _TYPES_BY_NAME,
+                                             tuple(OWNED_SETS.values()), checked)
 
     async def kernel_table(self) -> events.KernelTable:
         """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``)."""
