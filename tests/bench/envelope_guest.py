@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from kipvs.applier.drift_slices import DriftSlices
 from kipvs.applier.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
 from kipvs.shared import events
@@ -80,6 +81,11 @@ async def cold_start(kernel: NetlinkKernel, services: int, endpoints: int) -> tu
     return desired, ops, time.perf_counter() - started
 
 
+def show(figures: dict[str, float]) -> None:
+    """Figures so far, for a long run watched by hand (the last line is the result)."""
+    print("KIPVS-ENVELOPE-SO-FAR " + json.dumps(figures), flush=True)
+
+
 def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
@@ -96,17 +102,23 @@ async def main(services: int, endpoints: int) -> dict[str, float]:
     clean()
     kernel = NetlinkKernel()
     desired, ops, f["cold_start_s"] = await cold_start(kernel, services, endpoints)
+    show(f)
     f["ops"] = len(ops)
     want = desired.state()
     observed, f["drift_clean_wall_s"], f["drift_clean_cpu_s"] = await timed(kernel.observe())
     assert not diff(want, observed.state, observed.owned), "the kernel does not hold the plan after cold start"
     sh("ipvsadm -d -t 10.96.0.1:80 -r 10.64.0.1:8080")
     observed, f["drift_one_wall_s"], f["drift_one_cpu_s"] = await timed(kernel.observe())
+    show(f)
+    checked, f["drift_slices"] = DriftSlices().next(len(want.ipvs))
+    _, f["drift_slice_wall_s"], f["drift_slice_cpu_s"] = await timed(kernel.observe(checked))
     repair = diff(want, observed.state, observed.owned)
     f["drift_one_repairs"] = len(repair)
     await kernel.apply(repair)
+    show(f)
     _, f["kernel_table_wall_s"], f["kernel_table_cpu_s"] = await timed(kernel.kernel_table())
     f["ipvsadm_Sn_s"] = sh("ipvsadm -S -n > /dev/null")
+    show(f)
     big_changes = await change_latencies(kernel, desired, services, endpoints)
     f.update(change_p50_s=p(big_changes, 50), change_p99_s=p(big_changes, 99),
              change_100_p50_s=p(small_changes, 50), change_100_p99_s=p(small_changes, 99))
@@ -114,6 +126,7 @@ async def main(services: int, endpoints: int) -> dict[str, float]:
     await kernel.cleanup()
     await kernel.close()
     clean()
+    show(f)
     f.update(baselines(ops))
     clean()
     return f
