@@ -47,6 +47,10 @@ def report(f: dict[str, float]) -> None:
     print(f"cold start (observe, resolve, diff, write IPVS + kube-ipvs0 + ipsets; not nftables) {f['cold_start_s']:.1f}"
           f" s; baselines ipvsadm -R {f['ipvsadm_R_s']:.1f} s + ip -batch {f['ip_batch_s']:.1f} s + ipset restore "
           f"{f['ipset_restore_s']:.1f} s = {baseline:.1f} s (x{baseline / f['cold_start_s']:.2f})")
+    if "cold_setup_s" in f:
+        print(f"  cold start's parts: setup (link, 36 ipsets, sysctls) {f['cold_setup_s']:.1f} s, read back "
+              f"{f['cold_observe_s']:.1f} s, resolve + diff {f['cold_resolve_s']:.1f} s, "
+              f"write {f['cold_write_s']:.1f} s")
     print(f"drift check, nothing drifted: {f['drift_clean_wall_s']:.2f} s wall, {f['drift_clean_cpu_s']:.2f} s CPU;"
           f" one object drifted: {f['drift_one_wall_s']:.2f} s wall, {f['drift_one_cpu_s']:.2f} s CPU, "
           f"{f['drift_one_repairs']:.0f} repair(s)")
