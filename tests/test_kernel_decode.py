@@ -42,3 +42,32 @@ def test_an_attribute_overrunning_its_message_is_an_error() -> None:
         kernel_decode.service(GENL + svc[:-6])
     with pytest.raises(kernel_decode.DecodeError, match="without attribute"):
         kernel_decode.service(GENL + attr(ipvs_wire.ATTR_SERVICE, attr(ipvs_wire.SVC_AF, b"\2\0")))
+
+
+def kernel_dest(ip: str, port: int, weight: int, active: int, order: tuple[int, ...] | None = None) -> bytes:
+    """A destination message laid out as Linux 6.1's ip_vs_genl_fill_dest lays it out (or in ``order``)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    raw = socket.inet_pton(family, ip).ljust(16, b"\0")
+    counters = b"".join(attr(i, struct.pack("=Q", i)) for i in range(1, 11))
+    plain = {1: attr(1, raw), 2: attr(2, struct.pack("!H", port)), 3: attr(3, struct.pack("=I", 0)),
+             4: attr(4, struct.pack("=I", weight)), 13: attr(13, b"\0"), 14: attr(14, b"\0\0"),
+             15: attr(15, b"\0\0"), 5: attr(5, b"\0" * 4), 6: attr(6, b"\0" * 4),
+             7: attr(7, struct.pack("=I", active)), 8: attr(8, struct.pack("=I", 2)), 9: attr(9, b"\0" * 4),
+             11: attr(11, struct.pack("=H", family))}
+    inner = b"".join(plain[k] for k in order or plain) + attr(10 | 0x8000, counters) + attr(12 | 0x8000, counters)
+    return GENL + attr(2 | 0x8000, inner)
+
+
+def test_destinations_decode_alike_on_the_learned_layout_and_off_it() -> None:
+    first = kernel_dest("10.244.1.5", 8080, 3, 7)
+    general = kernel_decode.dest(first, socket.AF_INET)  # decoded attribute by attribute; teaches the layout
+    assert kernel_decode._learned
+    for message, want in [(first, ("10.244.1.5", 8080, 3, 7, 2)),
+                          (kernel_dest("fd00::5", 443, 1, 0), ("fd00::5", 443, 1, 0, 2)),
+                          (kernel_dest("10.244.1.6", 80, 9, 1, order=(2, 1, 4, 3, 7, 8, 11)),
+                           ("10.244.1.6", 80, 9, 1, 2))]:
+        d = kernel_decode.dest(message, socket.AF_INET)
+        assert (d.address, d.port, d.weight, d.active, d.inactive) == want
+        assert kernel_decode.stats(d.stats)["outbps"] == 10
+    fast = kernel_decode.dest(first, socket.AF_INET)
+    assert fast[:6] == general[:6] and kernel_decode.stats(fast.stats) == kernel_decode.stats(general.stats)

@@ -167,9 +167,71 @@ def service_probe(protocol: int, ip: str, port: int) -> Service:
     return Service(family, protocol, ip, port, 0, "", 0, 0, b"", b"", ipvs_wire.service_key(protocol, ip, port))
 
 
+class _Layout(NamedTuple):
+    """The plain attributes one kernel's ``ip_vs_genl_fill_dest`` (net/netfilter/ipvs/ip_vs_ctl.c) puts
+    before the nested counters, always in the same order and sizes: one struct reads every header and
+    value at once. ``where`` maps an attribute type to its value's index in the unpacked tuple."""
+
+    reader: struct.Struct
+    headers: tuple[int, ...]  # (length, type) of each attribute, flattened
+    where: dict[int, int]
+
+
+_VALUE_FORMATS = {20: "16s", 8: "I", 6: "H2x", 5: "B3x"}  # attribute length -> its padded value's format
+_learned: list[_Layout] = []  # this kernel's layout, learned from the first destination decoded
+
+
+def _learn(payload: bytes) -> _Layout | None:
+    fmt, headers, where = "=4xHH", [], {}
+    offset = 8  # after the genl header and IPVS_CMD_ATTR_DEST's header
+    while offset + 4 <= len(payload):
+        length, kind = _NLA.unpack_from(payload, offset)
+        if kind & ~NLA_TYPE_MASK or length not in _VALUE_FORMATS:
+            break
+        where[kind] = 4 + 3 * (len(headers) // 2)
+        fmt += "HH" + _VALUE_FORMATS[length]
+        headers += [length, kind]
+        offset += (length + 3) & ~3
+    needed = {ipvs_wire.DEST_ADDR, ipvs_wire.DEST_PORT, ipvs_wire.DEST_FWD, ipvs_wire.DEST_WEIGHT,
+              DEST_ACTIVE_CONNS, DEST_INACT_CONNS}
+    return _Layout(struct.Struct(fmt), tuple(headers), where) if needed <= where.keys() else None
+
+
 def dest(payload: bytes, family: int) -> Dest:
     """One IPVS_CMD_NEW_DEST dump message's payload; ``family`` is its service's (a real server of another
-    family carries IPVS_DEST_ATTR_ADDR_FAMILY)."""
+    family carries IPVS_DEST_ATTR_ADDR_FAMILY). Each message is checked against the layout learned from
+    the first (every attribute's type and length); one that differs is decoded attribute by attribute."""
+    if _learned:
+        layout = _learned[0]
+        size = layout.reader.size
+        if len(payload) >= size:
+            v = layout.reader.unpack_from(payload)
+            end = 4 + v[0]
+            if (v[1] & NLA_TYPE_MASK == ipvs_wire.ATTR_DEST and size <= end <= len(payload)
+                    and tuple(v[i] for i in _HEADER_INDEXES[:len(layout.headers)]) == layout.headers):
+                w = layout.where
+                own = w.get(ipvs_wire.DEST_FAMILY)
+                tunnel = w.get(DEST_TUN_TYPE)
+                return Dest(_ip(v[own] if own else family, v[w[ipvs_wire.DEST_ADDR]]),
+                            socket.ntohs(v[w[ipvs_wire.DEST_PORT]]), v[w[ipvs_wire.DEST_FWD]],
+                            v[w[ipvs_wire.DEST_WEIGHT]], v[w[DEST_ACTIVE_CONNS]], v[w[DEST_INACT_CONNS]],
+                            _Counters(payload[size:end]), v[tunnel] if tunnel else 0)
+    out = _dest_general(payload, family)
+    layout = _learn(payload)
+    if layout is not None:
+        _learned[:] = [layout]
+    return out
+
+
+_HEADER_INDEXES = tuple(i for n in range(32) for i in (2 + 3 * n, 3 + 3 * n))
+
+
+class _Counters(bytes):
+    """The attributes after the plain ones (IPVS_DEST_ATTR_STATS, _STATS64), not decoded until asked."""
+
+
+def _dest_general(payload: bytes, family: int) -> Dest:
+    """Any attribute order and set (older kernels have no tunnel attributes)."""
     found = attrs(_need(attrs(payload, 4), ipvs_wire.ATTR_DEST, "an IPVS destination message"))
     own = found.get(ipvs_wire.DEST_FAMILY)
     if own is not None:
@@ -183,6 +245,9 @@ def dest(payload: bytes, family: int) -> Dest:
 
 def stats(raw: bytes) -> dict[str, int]:
     """IPVS counters (nested IPVS_STATS_ATTR_*, 32- or 64-bit each) by ``ipvsadm --stats`` name."""
+    if isinstance(raw, _Counters):  # a destination's undecoded tail: the 64-bit counters if there
+        found = attrs(raw)
+        raw = found.get(DEST_STATS64) or found.get(DEST_STATS, b"")
     out = {}
     for kind, value in attrs(raw).items():
         name = STAT_NAMES.get(kind)
