@@ -19,9 +19,11 @@ Every decoder checks lengths: an attribute that overruns its message raises :cla
 
 from __future__ import annotations
 
+import operator
 import socket
 import struct
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from . import ipvs_wire
 from .netlink_batch import attr
@@ -174,7 +176,9 @@ class _Layout(NamedTuple):
 
     reader: struct.Struct
     headers: tuple[int, ...]  # (length, type) of each attribute, flattened
-    where: dict[int, int]
+    pick_headers: Callable[[tuple[Any, ...]], tuple[int, ...]]  # those of an unpacked message
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # family, address, port, forward, weight, active, inactive
+    tunnel: int  # index of IPVS_DEST_ATTR_TUN_TYPE's value, 0 if absent
 
 
 _VALUE_FORMATS = {20: "16s", 8: "I", 6: "H2x", 5: "B3x"}  # attribute length -> its padded value's format
@@ -194,7 +198,14 @@ def _learn(payload: bytes) -> _Layout | None:
         offset += (length + 3) & ~3
     needed = {ipvs_wire.DEST_ADDR, ipvs_wire.DEST_PORT, ipvs_wire.DEST_FWD, ipvs_wire.DEST_WEIGHT,
               DEST_ACTIVE_CONNS, DEST_INACT_CONNS}
-    return _Layout(struct.Struct(fmt), tuple(headers), where) if needed <= where.keys() else None
+    if not needed <= where.keys() or ipvs_wire.DEST_FAMILY not in where:
+        return None
+    indexes = [i for n in range(len(headers) // 2) for i in (2 + 3 * n, 3 + 3 * n)]
+    pick = operator.itemgetter(*(where[k] for k in (ipvs_wire.DEST_FAMILY, ipvs_wire.DEST_ADDR, ipvs_wire.DEST_PORT,
+                                                    ipvs_wire.DEST_FWD, ipvs_wire.DEST_WEIGHT, DEST_ACTIVE_CONNS,
+                                                    DEST_INACT_CONNS)))
+    return _Layout(struct.Struct(fmt), tuple(headers), operator.itemgetter(*indexes), pick,
+                   where.get(DEST_TUN_TYPE, 0))
 
 
 def dest(payload: bytes, family: int) -> Dest:
@@ -208,22 +219,16 @@ def dest(payload: bytes, family: int) -> Dest:
             v = layout.reader.unpack_from(payload)
             end = 4 + v[0]
             if (v[1] & NLA_TYPE_MASK == ipvs_wire.ATTR_DEST and size <= end <= len(payload)
-                    and tuple(v[i] for i in _HEADER_INDEXES[:len(layout.headers)]) == layout.headers):
-                w = layout.where
-                own = w.get(ipvs_wire.DEST_FAMILY)
-                tunnel = w.get(DEST_TUN_TYPE)
-                return Dest(_ip(v[own] if own else family, v[w[ipvs_wire.DEST_ADDR]]),
-                            socket.ntohs(v[w[ipvs_wire.DEST_PORT]]), v[w[ipvs_wire.DEST_FWD]],
-                            v[w[ipvs_wire.DEST_WEIGHT]], v[w[DEST_ACTIVE_CONNS]], v[w[DEST_INACT_CONNS]],
-                            _Counters(payload[size:end]), v[tunnel] if tunnel else 0)
+                    and layout.pick_headers(v) == layout.headers):
+                own, raw, port, forward, weight, active, inactive = layout.pick(v)
+                return Dest(socket.inet_ntop(own, raw[:4] if own == socket.AF_INET else raw), socket.ntohs(port),
+                            forward, weight, active, inactive, _Counters(payload[size:end]),
+                            v[layout.tunnel] if layout.tunnel else 0)
     out = _dest_general(payload, family)
     layout = _learn(payload)
     if layout is not None:
         _learned[:] = [layout]
     return out
-
-
-_HEADER_INDEXES = tuple(i for n in range(32) for i in (2 + 3 * n, 3 + 3 * n))
 
 
 class _Counters(bytes):
