@@ -13,7 +13,7 @@ import sys
 import time
 
 from kipvs.applier.drift_slices import DriftSlices
-from kipvs.applier.netlink_writer import NetlinkKernel
+from kipvs.applier.kernel.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
 from kipvs.shared import events
 from kipvs.shared.plan.resolve import resolve_service

@@ -17,11 +17,11 @@ import subprocess
 
 import pytest
 
-from kipvs.applier.backend import KernelError
-from kipvs.applier.kernel_decode import Dest, Service
-from kipvs.applier.kernel_read import read_table
-from kipvs.applier.kernel_readback import KernelReader
-from kipvs.applier.netlink_writer import NetlinkKernel
+from kipvs.applier.kernel.backend import KernelError
+from kipvs.applier.kernel.kernel_decode import Dest, Service
+from kipvs.applier.kernel.kernel_read import read_table
+from kipvs.applier.kernel.kernel_readback import KernelReader
+from kipvs.applier.kernel.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddAddress, DelAddress
 from kipvs.audit.ipvsadm_format import render
 from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name

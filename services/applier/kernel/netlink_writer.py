@@ -11,37 +11,24 @@ Reads back everything it owns in one dump per object kind, for drift checks; it 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
-import socket
-import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
-from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
 from pyroute2.ipset import AsyncIPSet
-from pyroute2.ipvs import IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import events
 from kipvs.shared.plan.node_state import (
     ALL_IPSETS,
-    IPSET_TYPES,
     RealKey,
     VSKey,
     family_of,
-    ipset_name,
 )
 
-from . import address_wire, ipset_wire, ipvs_wire, kernel_read, kernel_readback
-from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
-from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
-from .netlink_dump import NETLINK_ROUTE
-from .node_facts import LINK_ALIAS
-from .node_settings import Timeouts
-from .ops import (
+from ..node_facts import LINK_ALIAS
+from ..node_settings import Timeouts
+from ..ops import (
     AddAddress,
     AddEntry,
     AddReal,
@@ -54,6 +41,13 @@ from .ops import (
     EditService,
     Op,
 )
+from . import address_wire, conntrack_netlink, ipset_wire, ipvs_wire
+from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, owned_entry, parse_owned_entry
+from .ipvs_wire import PROTOCOL_NUMBERS
+from .kernel_readback import KernelReader
+from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
+from .netlink_dump import NETLINK_ROUTE
+from .netlink_read_back import NetlinkReadBack, service_of, set_family, set_type
 
 log = logging.getLogger("kipvs.applier")
 
@@ -62,38 +56,8 @@ log = logging.getLogger("kipvs.applier")
 SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
            "net.ipv4.vs.expire_quiescent_template": "1", "net.ipv4.ip_forward": "1"}
 
-# The kernel reads the netmask attribute's raw bytes as a host-order prefix length for IPv6 (see ipvs_wire).
-V6_NETMASK = socket.inet_ntoa(struct.pack("=I", 128))
 IPSET_ERR_EXIST = ipset_wire.IPSET_ERR_EXIST  # "element already exists" / "element does not exist"
 IPSET_BENIGN = frozenset({errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST})
-
-PROTOCOL_NAMES = kernel_readback.IPVS_PROTOCOLS
-PROTOCOL_NUMBERS = {v: k for k, v in PROTOCOL_NAMES.items()}
-PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
-SET_TYPES = dict(IPSET_TYPES)
-
-
-_TYPES_BY_NAME = {ipset_name(base, fam): kind for base, kind in SET_TYPES.items() for fam in (4, 6)}
-_TYPES_BY_NAME.update({OWNED_SETS[4]: "hash:ip,port", OWNED_SETS[6]: "hash:ip,port"})
-
-
-def _set_type(name: str) -> str:
-    return _TYPES_BY_NAME[name]
-
-
-def _set_family(name: str) -> int:
-    return socket.AF_INET6 if name.startswith(("KUBE-6-", "KIPVS-6-")) else socket.AF_INET
-
-
-def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService:
-    protocol, ip, port = key
-    v6 = family_of(ip) == 6
-    # af first: pyroute2 encodes the address according to the family attribute it has already seen.
-    return IPVSService(af=socket.AF_INET6 if v6 else socket.AF_INET, protocol=PROTOCOL_NUMBERS[protocol], addr=ip,
-                       port=port, sched_name=scheduler, timeout=timeout,
-                       flags={"flags": PERSISTENT if timeout else 0, "mask": 0xFFFFFFFF},
-                       netmask=V6_NETMASK if v6 else "255.255.255.255")
-
 
 def netlink_message(kind: int, seq: int, body: bytes) -> bytes:
     return header(len(body), kind, seq) + body
@@ -107,7 +71,9 @@ def _kind(op: Op) -> str:
     return "ipvs"
 
 
-class NetlinkKernel:
+class NetlinkKernel(NetlinkReadBack):
+    """The netlink writer (see the module docstring); the read-back half is ``NetlinkReadBack``."""
+
     label = "netlink (this host's kernel)"
 
     def __init__(self) -> None:
@@ -117,7 +83,7 @@ class NetlinkKernel:
         self.writer: BatchSocket | None = None  # IPVS writes
         self.ipset_writer: BatchSocket | None = None  # ipset member writes
         self.address_writer: BatchSocket | None = None  # kube-ipvs0 address writes
-        self.reader: kernel_readback.KernelReader | None = None  # every read-back (hand-decoded dumps)
+        self.reader: KernelReader | None = None  # every read-back (hand-decoded dumps)
         self.ipvs_family = 0
         self.link_index = 0
 
@@ -129,7 +95,7 @@ class NetlinkKernel:
             self.writer = BatchSocket(NETLINK_GENERIC)
             self.ipset_writer = BatchSocket(NETLINK_NETFILTER)
             self.address_writer = BatchSocket(NETLINK_ROUTE)
-            self.reader = kernel_readback.KernelReader(self.ipvs_family)
+            self.reader = KernelReader(self.ipvs_family)
             self.ipr = AsyncIPRoute()
             await self.ipr.__aenter__()
             self.ipset = AsyncIPSet()
@@ -179,9 +145,9 @@ class NetlinkKernel:
             log.info("%s exists already: kipvs uses it (its node facts say who created it)", LINK)
         self.link_index = found[0]
         for name in (*ALL_IPSETS, *OWNED_SETS.values()):
-            kind = _set_type(name)
+            kind = set_type(name)
             extra = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
-            family = _set_family(name)
+            family = set_family(name)
             try:
                 # pyroute2 asks the kernel for the newest revision of a type for IPv4 only; ask for the set's
                 # own family (IPv6 revisions can differ, and the wrong one is EINVAL).
@@ -193,47 +159,9 @@ class NetlinkKernel:
             finally:
                 self.ipset._attr_revision = None
 
-    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
-        """kipvs's objects as the kernel holds them (``kernel_readback.observe``); with ``checked``, the real
-        servers of the services it accepts only."""
-        assert self.reader is not None
-        return await kernel_readback.observe(self.reader, self.link_index, _TYPES_BY_NAME,
-                                             tuple(OWNED_SETS.values()), checked)
-
-    async def kernel_table(self) -> events.KernelTable:
-        """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``)."""
-        return await kernel_read.read_table(self)
-
-    async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
-        """Active + inactive connections per real server of the given services (one dump per service)."""
-        assert self.reader is not None
-        return await kernel_readback.connections(self.reader, services)
-
-    async def node_addresses(self) -> tuple[str, ...]:
-        """This node's own addresses, as kube-proxy takes them for NodePorts: every local address except
-        those on kube-ipvs0, loopback and IPv6 link-local."""
-        assert self.reader is not None
-        out = []
-        for index, ip in await self.reader.addresses():
-            if index == self.link_index:
-                continue
-            parsed = ipaddress.ip_address(ip)
-            if parsed.is_loopback or (parsed.version == 6 and parsed.is_link_local):
-                continue
-            out.append(str(parsed))
-        return tuple(sorted(set(out), key=lambda a: (":" in a, a)))
-
-    async def _members(self, name: str) -> set[str]:
-        """ipset ``name``'s members in kube-proxy's syntax; NetlinkError ENOENT when there is no such set."""
-        assert self.reader is not None
-        found = await self.reader.members(name, _set_type(name))
-        if found is None:
-            raise NetlinkError(errno.ENOENT, f"no ipset {name}")
-        return set(found)
-
     async def apply(self, ops: list[Op]) -> None:
         """Write ``ops`` in order, batched: each run of IPVS operations goes out as multi-message netlink
-        sends, each run of ipset member changes and each run of kube-ipvs0 address changes likewise.
+        sends, each run of ipset member changes likewise; addresses one by one (there are few).
 
         A service's ownership marker is written before the service exists and removed after it is gone,
         so a crash in between never leaves a kipvs service that kipvs would not recognise as its own."""
@@ -315,10 +243,10 @@ class NetlinkKernel:
         bodies = []
         for op in ops:
             try:
-                data = ipset_wire.data(_set_type(op.set), op.entry)
+                data = ipset_wire.data(set_type(op.set), op.entry)
             except (ValueError, KeyError, IndexError, OSError) as exc:
                 raise KernelError(f"{op}: not an entry of {op.set} ({exc})") from None
-            bodies.append(ipset_wire.request(isinstance(op, AddEntry), op.set, _set_family(op.set), data))
+            bodies.append(ipset_wire.request(isinstance(op, AddEntry), op.set, set_family(op.set), data))
         await self._send(self.ipset_writer, bodies, ops, IPSET_BENIGN)
 
     async def cleanup(self) -> None:
@@ -333,7 +261,7 @@ class NetlinkKernel:
                 continue
         for key in sorted(owned):
             try:
-                await self.ipvs.service("del", service=_service(key))
+                await self.ipvs.service("del", service=service_of(key))
             except NetlinkError as exc:
                 if exc.code != errno.ESRCH and exc.code != errno.ENOENT:
                     raise
@@ -378,34 +306,7 @@ class NetlinkKernel:
                 log.warning("could not set %s=%s (%s)", key, value, exc.strerror)
 
     async def clear_conntrack(self, flows: list[tuple[VSKey, RealKey | None]]) -> int:
-        """Delete the conntrack entries of UDP/SCTP flows to a virtual service whose reply came from a real
-        server that left it (real None: the whole virtual service left), as kube-proxy does after a sync:
-        a client's next datagram is then load-balanced again instead of following the stale entry.
-        Returns how many entries were deleted. Over netlink (pyroute2's conntrack), never the binary."""
-        deleted = 0
-        sockets: dict[int, AsyncConntrack] = {}
-        try:
-            for (protocol, vip, port), real in flows:
-                number = PROTOCOL_NUMBERS[protocol]
-                family = socket.AF_INET6 if ":" in vip else socket.AF_INET
-                if family not in sockets:
-                    sockets[family] = AsyncConntrack(nfgen_family=family)
-                    await sockets[family].__aenter__()
-                ct = sockets[family]
-                orig = NFCTAttrTuple(family=family, proto=number, daddr=vip, dport=port)
-                reply = NFCTAttrTuple(family=family, proto=number, saddr=real[0], sport=real[1]) if real else None
-                entries = [entry async for entry in await ct.dump_entries(tuple_orig=orig, tuple_reply=reply)]
-                for entry in entries:
-                    try:
-                        await ct.delete(entry)
-                        deleted += 1
-                    except NetlinkError as exc:
-                        if exc.code != errno.ENOENT:  # gone by itself meanwhile: as wanted
-                            log.warning("could not delete a conntrack entry of %s %s:%d: %s", protocol, vip, port, exc)
-        finally:
-            for ct in sockets.values():
-                ct.close()
-        return deleted
+        return await conntrack_netlink.clear_conntrack(flows)
 
     async def close(self) -> None:
         for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer, self.address_writer,
@@ -414,4 +315,3 @@ class NetlinkKernel:
                 sock.close()
         self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = self.address_writer = None
         self.reader = None
-
