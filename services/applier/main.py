@@ -32,6 +32,7 @@ from kipvs.shared import bus, config, logs, runtime, topology
 from kipvs.shared.config import describe
 
 from . import inspect, node_claim, node_facts, plan_cache, plan_consumer
+from .drift_slices import SERVICES_PER_CHECK
 from .kernel.backend import Backend, CapabilityError, MemoryKernel
 from .kernel.netlink_writer import NetlinkKernel
 from .kernel.rules import NftRules, RulesConfig
@@ -47,6 +48,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     backend: Annotated[Literal["netlink", "memory"], describe(
         "netlink: this host's kernel; memory: a simulated kernel for dry runs (programs nothing)")] = "netlink"
     drift_period: Annotated[float, describe("seconds between kernel read-backs"), msgspec.Meta(gt=0)] = 60.0
+    drift_check_services: Annotated[int, describe(
+        "IPVS services whose real servers one drift check reads; the others' in the next checks, so a drifted "
+        "real server is found within ceil(services / this) drift periods"), msgspec.Meta(ge=1)] = SERVICES_PER_CHECK
     batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
     drain_timeout: Annotated[float, describe(
         "seconds a removed TCP real server may drain (weight 0) before deletion; 0: at once"),
@@ -108,7 +112,7 @@ def settings_of(cfg: ApplierConfig) -> ApplierSettings:
     return ApplierSettings(drain_timeout=cfg.drain_timeout, interface_addresses=cfg.node_addresses == "interfaces",
                            endpoint_marks=cfg.endpoint_marks, conntrack_cleanup=cfg.conntrack_cleanup,
                            timeouts=Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout),
-                           strict_arp=cfg.ipvs_strict_arp)
+                           strict_arp=cfg.ipvs_strict_arp, drift_check_services=cfg.drift_check_services)
 
 
 async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRules | None = None) -> None:

@@ -30,6 +30,7 @@ from . import marks, node_claim, node_facts
 from .conntrack import ConntrackCleanup
 from .core import ApplierCore
 from .drift import DriftCheck, describe_op
+from .drift_slices import SERVICES_PER_CHECK
 from .health_check import HealthChecks, HealthServers
 from .kernel.backend import Backend, KernelError
 from .kernel.rules import NftRules
@@ -51,6 +52,7 @@ class ApplierSettings:
     conntrack_cleanup: bool = True  # --conntrack-cleanup
     timeouts: Timeouts = field(default_factory=Timeouts)  # --ipvs-tcp-timeout ...
     strict_arp: bool = False  # --ipvs-strict-arp
+    drift_check_services: int = SERVICES_PER_CHECK  # --drift-check-services
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Applier:
             "conntrack entries of UDP/SCTP flows deleted after their real server left"))
         self.node_settings = NodeSettings(kernel, s.timeouts, s.strict_arp)
         self.drift = DriftCheck(self.core, kernel, rules, self.reports, m.counter(
-            "kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back"))
+            "kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back"), s.drift_check_services)
         self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
         m.gauge("kipvs_applier_plan_seq", "last shared delta applied", read=lambda: self.core.plan.seq)
         m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
