@@ -226,7 +226,8 @@ def _add_kube_proxy_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Str
             group.add_argument(*names, dest=dest, nargs="?", const="true", default=None, metavar="true|false",
                                help=helptext)
         else:
-            group.add_argument(*names, dest=dest, default=None, metavar="N" if flag == "v" else None, help=helptext)
+            group.add_argument(*names, dest=dest, default=None, metavar="N" if flag == "v" else flag.upper().replace("-", "_"),
+                               help=helptext)
 
 
 def _is_seconds(cls: type, name: str) -> bool:

@@ -120,7 +120,7 @@ def _mode(value: Any, where: str) -> dict[str, Any]:
 
 def _node_ports(value: Any, where: str) -> dict[str, Any]:
     """kube-proxy's nodePortAddresses: ``primary`` is kipvs's --node-addresses node (the Node object's
-    addresses), ``all`` or CIDRs its --node-addresses interfaces, filtered to the CIDRs (--nodeport-addresses)."""
+    addresses), ``all`` or CIDRs its --node-addresses interfaces, filtered to the CIDRs (--nodeport-cidrs)."""
     items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise ValueError(f"{where} must be a list of CIDRs or primary/all, got {value!r}")
@@ -130,7 +130,7 @@ def _node_ports(value: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: primary with CIDRs is not supported by kipvs; give primary alone, or CIDRs")
     if "all" in items:
         return {"node_addresses": "interfaces"}
-    return {"node_addresses": "interfaces", "nodeport_addresses": cidrs(items, where)}
+    return {"node_addresses": "interfaces", "nodeport_cidrs": cidrs(items, where)}
 
 
 def _log_format(value: Any, where: str) -> str:

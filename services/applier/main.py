@@ -28,38 +28,59 @@ import msgspec
 from nats.js.errors import NotFoundError
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import bus, config, delta_chunks, events, logs, plan_log, runtime, topology
+from kipvs.shared import bus, config, delta_chunks, events, kube_proxy_config, logs, plan_log, runtime, topology
 from kipvs.shared.config import describe
 from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
+from . import (
+    health_check,
+    inspect,
+    node_claim,
+    node_facts,
+    node_settings,
+    nodeport_addresses,
+    plan_cache,
+    plan_consumer,
+)
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .health_check import HealthServers
 from .node_settings import Timeouts
 from .ops import AddReal, DelReal, DelService, DesiredState, Op, diff, digest
-from .programming_metrics import ProgrammingMetrics
+from .programming_metrics import ProgrammingMetrics, health_counters, service_keys
 from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
+KUBE_PROXY_METRICS = "127.0.0.1:10249"  # kube-proxy's --metrics-bind-address default
 
 
 class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
-    node: Annotated[str, describe("this node's name, as in its Node object (in Kubernetes: spec.nodeName)")] = ""
+    node: Annotated[str, describe(
+        "this node's name, as in its Node object (in Kubernetes: spec.nodeName; kube-proxy's "
+        "--hostname-override)")] = ""
+    http_listen: Annotated[str, describe(
+        "host:port for /metrics, /proxyMode, /healthz, /livez and /readyz: kube-proxy's "
+        "--metrics-bind-address, with its default (with --shadow, where kube-proxy holds that port, the "
+        "default is any free port); port 0: any free port, logged; empty disables it")] = KUBE_PROXY_METRICS
     backend: Annotated[Literal["netlink", "memory"], describe(
         "netlink: this host's kernel; memory: a simulated kernel for dry runs (programs nothing)")] = "netlink"
-    drift_period: Annotated[float, describe("seconds between kernel read-backs"), msgspec.Meta(gt=0)] = 60.0
+    drift_period: Annotated[float, describe(
+        "seconds between kernel read-backs (kube-proxy's --ipvs-sync-period, ipvs.syncPeriod, sets it)"),
+        msgspec.Meta(gt=0), config.SECONDS] = 60.0
     batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
     drain_timeout: Annotated[float, describe(
         "seconds a removed TCP real server may drain (weight 0) before deletion; 0: at once"),
-        msgspec.Meta(ge=0)] = 300.0
+        msgspec.Meta(ge=0), config.SECONDS] = 300.0
     cleanup: Annotated[bool, describe("remove everything kipvs owns on this node, then exit")] = False
     node_addresses: Annotated[Literal["node", "interfaces"], describe(
         "NodePort addresses: node = the InternalIPs of the Node object (as kipvs plan --node), interfaces = "
         "this host's own addresses, as kube-proxy does")] = "node"
+    nodeport_cidrs: Annotated[list[str], describe(
+        "only the node's addresses (as --node-addresses finds them) inside these CIDRs serve NodePorts and "
+        "health-check node ports (kube-proxy's --nodeport-addresses sets it); empty: all of them")] = []
     rules: Annotated[Literal["nftables", "none"], describe(
         "nftables: masquerade, VIP port filter and source ranges in table inet kipvs; none: IPVS only")] = "nftables"
     cluster_cidr: Annotated[list[str], describe(
@@ -71,13 +92,13 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "(a rebooted node needs its Services to find NATS); empty: no cache")] = ""
     ipvs_tcp_timeout: Annotated[int, describe(
         "IPVS timeout for idle TCP connections, seconds; 0 leaves the kernel's value (kube-proxy's "
-        "--ipvs-tcp-timeout, ipvsadm --set)"), msgspec.Meta(ge=0)] = 0
+        "--ipvs-tcp-timeout, ipvsadm --set)"), msgspec.Meta(ge=0), config.SECONDS] = 0
     ipvs_tcpfin_timeout: Annotated[int, describe(
         "IPVS timeout for TCP connections after FIN, seconds; 0 leaves the kernel's value "
-        "(kube-proxy's --ipvs-tcpfin-timeout)"), msgspec.Meta(ge=0)] = 0
+        "(kube-proxy's --ipvs-tcpfin-timeout)"), msgspec.Meta(ge=0), config.SECONDS] = 0
     ipvs_udp_timeout: Annotated[int, describe(
         "IPVS timeout for UDP flows, seconds; 0 leaves the kernel's value (kube-proxy's --ipvs-udp-timeout)"),
-        msgspec.Meta(ge=0)] = 0
+        msgspec.Meta(ge=0), config.SECONDS] = 0
     ipvs_strict_arp: Annotated[bool, describe(
         "arp_ignore=1 and arp_announce=2 on all interfaces (kube-proxy's --ipvs-strict-arp; MetalLB and "
         "kube-vip in layer-2 mode need it)")] = False
@@ -97,7 +118,8 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "kube-ipvs0 addresses, ipsets) with kipvs's plan every --shadow-sync-period; divergences go to "
         "kipvs.status.<node>.shadow, kipvs_shadow_divergences and kipvs status")] = False
     shadow_sync_period: Annotated[float, describe(
-        "seconds between shadow comparisons (as kube-proxy's --ipvs-sync-period)"), msgspec.Meta(gt=0)] = 30.0
+        "seconds between shadow comparisons (as kube-proxy's --ipvs-sync-period)"), msgspec.Meta(gt=0),
+        config.SECONDS] = 30.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +129,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         if self.shadow and self.cleanup:
             raise ValueError("shadow and cleanup exclude each other: shadow mode never changes the kernel")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
+        kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
+        if self.shadow and self.http_listen == KUBE_PROXY_METRICS:
+            self.http_listen = "127.0.0.1:0"  # kube-proxy, which the shadow runs beside, holds that port
 
 
 def describe_op(op: Op) -> str:
@@ -144,10 +169,12 @@ class Applier:
         self.conntrack_cleanup = True
         self.timeouts = Timeouts()
         self.strict_arp = False
+        self.nodeport_cidrs: tuple[str, ...] = ()
         m = ctx.metrics
         self.health = HealthServers(lambda: _healthy(ctx),
                                     m.counter("kipvs_applier_health_check_bind_errors_total",
-                                              "health-check node ports (and the node health port) not bound"))
+                                              "health-check node ports (and the node health port) not bound"),
+                                    *health_counters(m))
         self.conntrack_deleted = m.counter("kipvs_applier_conntrack_entries_deleted_total",
                                            "conntrack entries of UDP/SCTP flows deleted after their real server left")
         self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
@@ -249,12 +276,12 @@ class Applier:
         await bus.publish(self.ctx.js, topology.status_subject(self.node, "facts"), envelope)
 
     def facts(self) -> events.NodeFacts | None:
-        """This node's facts from the plan; with --node-addresses interfaces, its addresses are its own."""
+        """This node's facts from the plan; with --node-addresses interfaces, its addresses are its own;
+        with --nodeport-cidrs, only those inside them."""
         facts = self.plan.nodes.get(self.node)
-        if not self.use_interfaces:
-            return facts
-        base = facts or events.NodeFacts(name=self.node)
-        return msgspec.structs.replace(base, addresses=self.local_addresses)
+        if self.use_interfaces:
+            facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=self.local_addresses)
+        return nodeport_addresses.filtered(facts, self.nodeport_cidrs)
 
     async def converge(self) -> list[str]:
         observed = await self.kernel.observe()
@@ -287,6 +314,7 @@ class Applier:
 
     async def _handle(self, batch: list[bus.Delivery]) -> None:
         started = time.perf_counter()
+        self.metrics.queued()
         touched: set[str] = set()
         facts_before = self.facts()
         calico_before = self.calico
@@ -305,6 +333,7 @@ class Applier:
                         if isinstance(op, events.SetNodeCalico):
                             self.calico, self.calico_seq = op, record.seq
                 continue
+            before = {key: self.plan.services.get(key) for key in service_keys(record)}
             try:
                 if not self.plan.apply(record):
                     continue
@@ -319,6 +348,7 @@ class Applier:
                 if not self.plan.apply(record):
                     continue
             applied.append(envelope)
+            self.metrics.count_changes(before, self.plan.services)
             touched |= {op.service.key if isinstance(op, events.SetService) else op.key
                         for op in record.ops if isinstance(op, events.SetService | events.RemoveService)}
         self.stream_seq = max(self.stream_seq, batch[-1].stream_sequence)
@@ -546,6 +576,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.conntrack_cleanup = cfg.conntrack_cleanup
     applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
     applier.strict_arp = cfg.ipvs_strict_arp
+    applier.nodeport_cidrs = tuple(cfg.nodeport_cidrs)
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
         ctx.set_not_ready(f"claiming node {cfg.node}")
