@@ -222,12 +222,12 @@ def _add_kube_proxy_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Str
         helptext = f"kube-proxy's {name}: honoured by {setting.owner}" if setting else argparse.SUPPRESS
         names = ["-v", "--v"] if flag == "v" else ["--" + flag]
         dest = KUBE_PROXY_DEST + flag
+        metavar = "N" if flag == "v" else flag.upper().replace("-", "_")
         if flag in kube_proxy_config.BOOL_FLAGS:
             group.add_argument(*names, dest=dest, nargs="?", const="true", default=None, metavar="true|false",
                                help=helptext)
         else:
-            group.add_argument(*names, dest=dest, default=None, metavar="N" if flag == "v" else flag.upper().replace("-", "_"),
-                               help=helptext)
+            group.add_argument(*names, dest=dest, default=None, metavar=metavar, help=helptext)
 
 
 def _is_seconds(cls: type, name: str) -> bool:
