@@ -187,9 +187,12 @@ async def _start_http(health: Health, listen: str, proxy_mode: str = "") -> tupl
     app.router.add_get("/healthz", endpoint(health.healthy))
     app.router.add_get("/readyz", endpoint(health.ready))
     app.router.add_get("/metrics", metrics)
+    async def mode(_: web.Request) -> web.Response:
+        return web.Response(text=proxy_mode, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
     if proxy_mode:
-        app.router.add_get("/proxyMode", lambda _: web.Response(
-            text=proxy_mode, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}))
+        app.router.add_get("/proxyMode", mode)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, _, port = listen.rpartition(":")

@@ -43,8 +43,9 @@ def _without_endpoints(plan: ServicePlan | None) -> ServicePlan | None:
     return msgspec.structs.replace(plan, ports=tuple(msgspec.structs.replace(p, endpoints=()) for p in plan.ports))
 
 
-def _endpoints(plan: ServicePlan | None) -> tuple[tuple[events.Endpoint, ...], ...]:
-    return tuple(p.endpoints for p in plan.ports) if plan is not None else ()
+def _endpoints(plan: ServicePlan | None) -> tuple[tuple[str, str, events.Endpoint], ...]:
+    """Each endpoint with the port (name, protocol) it serves: a Service without endpoints has none."""
+    return tuple((p.name, p.protocol, ep) for p in plan.ports for ep in p.endpoints) if plan is not None else ()
 
 
 def change_kinds(before: ServicePlan | None, after: ServicePlan | None) -> tuple[bool, bool]:
