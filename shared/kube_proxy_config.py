@@ -87,6 +87,15 @@ def cidrs(value: Any, where: str) -> list[str]:
     return items
 
 
+def count(value: Any, where: str) -> int:
+    """A whole number 0 or above (an int32 of kube-proxy's), also from a flag's text."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be a whole number 0 or above, got {value!r}")
+    return value
+
+
 def verbosity(value: Any, where: str) -> str:
     """klog's -v level as a kipvs log level: 4 and above is debug (Kubernetes' logging conventions: V(4) is
     debug, V(2) the usual default), below is info."""
@@ -156,6 +165,13 @@ FIELDS: dict[str, Setting] = {
     "ipvs.tcpFinTimeout": _one("ipvs_tcpfin_timeout", whole_seconds),
     "ipvs.udpTimeout": _one("ipvs_udp_timeout", whole_seconds),
     "iptables.masqueradeAll": _one("masquerade_all", boolean),  # the field kube-proxy's IPVS mode reads
+    "conntrack.maxPerCore": _one("conntrack_max_per_core", count),
+    "conntrack.min": _one("conntrack_min", count),
+    "conntrack.tcpEstablishedTimeout": _one("conntrack_tcp_timeout_established", whole_seconds),
+    "conntrack.tcpCloseWaitTimeout": _one("conntrack_tcp_timeout_close_wait", whole_seconds),
+    "conntrack.tcpBeLiberal": _one("conntrack_tcp_be_liberal", boolean),
+    "conntrack.udpTimeout": _one("conntrack_udp_timeout", whole_seconds),
+    "conntrack.udpStreamTimeout": _one("conntrack_udp_timeout_stream", whole_seconds),
     "clientConnection.kubeconfig": _one("kubeconfig", text, "the watcher and the auth service"),
     "logging.verbosity": _one("log_level", verbosity, EVERY_SERVICE),
     "logging.format": _one("log_format", _log_format, EVERY_SERVICE),
@@ -169,10 +185,8 @@ NO_MEANING = frozenset({
     "iptables.snatNodeInternalIP", "nftables.masqueradeBit", "nftables.masqueradeAll", "nftables.syncPeriod",
     "nftables.minSyncPeriod", "winkernel.networkName", "winkernel.sourceVip", "winkernel.enableDSR",
     "winkernel.rootHnsEndpointName", "winkernel.forwardHealthCheckVip", "detectLocal.bridgeInterface",
-    "detectLocal.interfaceNamePrefix", "conntrack.maxPerCore", "conntrack.min", "conntrack.tcpEstablishedTimeout",
-    "conntrack.tcpCloseWaitTimeout", "conntrack.tcpBeLiberal", "conntrack.udpTimeout", "conntrack.udpStreamTimeout",
-    "clientConnection.acceptContentTypes", "clientConnection.contentType", "clientConnection.qps",
-    "clientConnection.burst", "logging.flushFrequency", "logging.options", "logging.vmodule",
+    "detectLocal.interfaceNamePrefix", "clientConnection.acceptContentTypes", "clientConnection.contentType",
+    "clientConnection.qps", "clientConnection.burst", "logging.flushFrequency", "logging.options", "logging.vmodule",
 })
 
 
@@ -194,17 +208,18 @@ FLAGS: dict[str, str] = {
     "ipvs-tcpfin-timeout": "ipvs.tcpFinTimeout", "ipvs-udp-timeout": "ipvs.udpTimeout",
     "masquerade-all": "iptables.masqueradeAll", "kubeconfig": "clientConnection.kubeconfig",
     "v": "logging.verbosity", "logging-format": "logging.format", "detect-local-mode": "detectLocalMode",
+    "conntrack-max-per-core": "conntrack.maxPerCore", "conntrack-min": "conntrack.min",
+    "conntrack-tcp-timeout-established": "conntrack.tcpEstablishedTimeout",
+    "conntrack-tcp-timeout-close-wait": "conntrack.tcpCloseWaitTimeout", "conntrack-tcp-be-liberal":
+    "conntrack.tcpBeLiberal", "conntrack-udp-timeout": "conntrack.udpTimeout", "conntrack-udp-timeout-stream":
+    "conntrack.udpStreamTimeout",
     # accepted, no meaning in kipvs (warned)
     "bind-address": "bindAddress", "feature-gates": "featureGates", "oom-score-adj": "oomScoreAdj",
     "config-sync-period": "configSyncPeriod", "profiling": "enableProfiling",
     "bind-address-hard-fail": "bindAddressHardFail", "ipvs-min-sync-period": "ipvs.minSyncPeriod",
     "iptables-masquerade-bit": "iptables.masqueradeBit", "iptables-sync-period": "iptables.syncPeriod",
     "iptables-min-sync-period": "iptables.minSyncPeriod", "iptables-localhost-nodeports":
-    "iptables.localhostNodePorts", "conntrack-max-per-core": "conntrack.maxPerCore", "conntrack-min": "conntrack.min",
-    "conntrack-tcp-timeout-established": "conntrack.tcpEstablishedTimeout",
-    "conntrack-tcp-timeout-close-wait": "conntrack.tcpCloseWaitTimeout", "conntrack-tcp-be-liberal":
-    "conntrack.tcpBeLiberal", "conntrack-udp-timeout": "conntrack.udpTimeout", "conntrack-udp-timeout-stream":
-    "conntrack.udpStreamTimeout", "pod-bridge-interface": "detectLocal.bridgeInterface",
+    "iptables.localhostNodePorts", "pod-bridge-interface": "detectLocal.bridgeInterface",
     "pod-interface-name-prefix": "detectLocal.interfaceNamePrefix", "kube-api-qps": "clientConnection.qps",
     "kube-api-burst": "clientConnection.burst", "kube-api-content-type": "clientConnection.contentType",
     "show-hidden-metrics-for-version": "showHiddenMetricsForVersion",

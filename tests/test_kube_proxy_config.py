@@ -33,7 +33,7 @@ configSyncPeriod: 0s
 conntrack:
   maxPerCore: 65536
   min: null
-  tcpCloseWaitTimeout: null
+  tcpCloseWaitTimeout: 1h
   tcpEstablishedTimeout: null
   udpStreamTimeout: 0s
   udpTimeout: 0s
@@ -125,12 +125,14 @@ def test_a_kubeadm_file_configures_the_applier(tmp_path: Path, caplog_config: py
     assert (cfg.node_addresses, cfg.nodeport_cidrs) == ("interfaces", ["10.0.0.0/8"])
     assert (cfg.http_listen, cfg.healthz_bind_address, cfg.log_level) == ("127.0.0.1:10249", "127.0.0.1:10256",
                                                                           "debug")
+    assert (cfg.conntrack_max_per_core, cfg.conntrack_min, cfg.conntrack_tcp_timeout_established) == (65536, 0, 0)
+    assert (cfg.conntrack_tcp_timeout_close_wait, cfg.conntrack_udp_timeout) == (3600, 0)
     lines = _warnings(caplog_config)
     path = tmp_path / "kube-proxy.yaml"
     # every non-zero field kipvs cannot use, in one line; zero values (kubeadm's "unset") in none
     ignored = [line for line in lines if "no meaning in kipvs" in line]
     assert len(ignored) == 1, lines
-    for name in ("conntrack.maxPerCore", "ipvs.minSyncPeriod", "oomScoreAdj", "logging.options"):
+    for name in ("ipvs.minSyncPeriod", "oomScoreAdj", "logging.options"):
         assert f"{name} in config file {path}" in ignored[0]
     for zero in ("bindAddress", "configSyncPeriod", "conntrack.udpTimeout", "featureGates", "iptables.syncPeriod"):
         assert f"{zero} in config file" not in " ".join(lines), zero
@@ -202,13 +204,16 @@ def test_kube_proxy_flags_on_the_applier(caplog_config: pytest.LogCaptureFixture
         "--ipvs-udp-timeout=1h2m3s", "--ipvs-sync-period", "1m", "--nodeport-addresses", "10.0.0.0/8,fd00::/8",
         "--masquerade-all=true", "--ipvs-strict-arp=false", "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56",
         "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "", "-v", "4", "--proxy-mode", "ipvs",
-        "--ipvs-scheduler", "sh", "--conntrack-max-per-core", "0", "--oom-score-adj=-999", "--drain-timeout", "2m"])
+        "--ipvs-scheduler", "sh", "--conntrack-max-per-core", "0", "--oom-score-adj=-999", "--drain-timeout", "2m",
+        "--conntrack-tcp-timeout-established", "24h", "--conntrack-tcp-be-liberal"])
     cfg = config.load(ApplierConfig, flags, {})
     assert cfg.node == "node-c"
     assert (cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout) == (900, 30, 3723)
     assert (cfg.drift_period, cfg.drain_timeout) == (60.0, 120.0)
     assert (cfg.node_addresses, cfg.nodeport_cidrs) == ("interfaces", ["10.0.0.0/8", "fd00::/8"])
     assert cfg.masquerade_all and not cfg.ipvs_strict_arp
+    assert (cfg.conntrack_max_per_core, cfg.conntrack_tcp_timeout_established, cfg.conntrack_tcp_be_liberal) == (
+        0, 86400, True)
     assert cfg.cluster_cidr == ["10.244.0.0/16", "fd00:10:244::/56"]
     assert (cfg.http_listen, cfg.healthz_bind_address, cfg.log_level) == ("127.0.0.1:0", "", "debug")
     lines = _warnings(caplog_config)
@@ -216,7 +221,7 @@ def test_kube_proxy_flags_on_the_applier(caplog_config: pytest.LogCaptureFixture
                                "cluster-wide") for line in lines), lines
     assert any(line.startswith("kube-proxy settings with no meaning in kipvs, ignored: flag --oom-score-adj")
                for line in lines), lines
-    assert not any("conntrack" in line for line in lines)  # given at its zero value: unset, as kube-proxy reads it
+    assert not any("conntrack" in line for line in lines)
 
 
 @pytest.mark.parametrize(("argv", "level"), [(["-v", "4"], "debug"), (["--v=2"], "info"), (["-v5"], "debug"),
@@ -227,11 +232,11 @@ def test_v_is_a_log_level(argv: list[str], level: str) -> None:
 
 def test_planner_takes_ipvs_scheduler_and_says_what_it_cannot(caplog_config: pytest.LogCaptureFixture) -> None:
     flags = _parse(PlannerServiceConfig, ["--ipvs-scheduler", "wrr", "--ipvs-tcp-timeout", "15m",
-                                          "--masquerade-all", "--hostname-override", "n"])
+                                          "--masquerade-all", "--hostname-override", "n", "--conntrack-min", "0"])
     assert config.load(PlannerServiceConfig, flags, {}).scheduler == "wrr"
     lines = _warnings(caplog_config)
     assert lines == ["not honoured by this service, only by the applier (on each node): flag --hostname-override, "
-                     "flag --ipvs-tcp-timeout, flag --masquerade-all"], lines
+                     "flag --ipvs-tcp-timeout, flag --masquerade-all, flag --conntrack-min"], lines
 
 
 def test_watcher_takes_kubeconfig_from_either_spelling(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -35,6 +36,7 @@ from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
 from . import (
+    conntrack_settings,
     health_check,
     inspect,
     node_claim,
@@ -55,6 +57,7 @@ from .rules import NftRules, RulesConfig
 
 log = logging.getLogger("kipvs.applier")
 KUBE_PROXY_METRICS = "127.0.0.1:10249"  # kube-proxy's --metrics-bind-address default
+CPUS = os.cpu_count() or 1  # kube-proxy's detectNumCPU, for --conntrack-max-per-core
 
 
 class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
@@ -99,6 +102,27 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     ipvs_udp_timeout: Annotated[int, describe(
         "IPVS timeout for UDP flows, seconds; 0 leaves the kernel's value (kube-proxy's --ipvs-udp-timeout)"),
         msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_max_per_core: Annotated[int, describe(
+        "nf_conntrack_max = this x CPUs (at least --conntrack-min); 0 leaves the node's (kube-proxy's "
+        "--conntrack-max-per-core, whose default is 32768)"), msgspec.Meta(ge=0)] = 0
+    conntrack_min: Annotated[int, describe(
+        "the least nf_conntrack_max that --conntrack-max-per-core sets (kube-proxy's --conntrack-min)"),
+        msgspec.Meta(ge=0)] = 0
+    conntrack_tcp_timeout_established: Annotated[int, describe(
+        "nf_conntrack_tcp_timeout_established, seconds; 0 leaves the node's (kube-proxy's "
+        "--conntrack-tcp-timeout-established, default there 24h)"), msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_tcp_timeout_close_wait: Annotated[int, describe(
+        "nf_conntrack_tcp_timeout_close_wait, seconds; 0 leaves the node's (kube-proxy's "
+        "--conntrack-tcp-timeout-close-wait, default there 1h)"), msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_tcp_be_liberal: Annotated[bool, describe(
+        "nf_conntrack_tcp_be_liberal=1: out-of-window TCP packets are not INVALID (kube-proxy's "
+        "--conntrack-tcp-be-liberal)")] = False
+    conntrack_udp_timeout: Annotated[int, describe(
+        "nf_conntrack_udp_timeout, seconds; 0 leaves the node's (kube-proxy's --conntrack-udp-timeout)"),
+        msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_udp_timeout_stream: Annotated[int, describe(
+        "nf_conntrack_udp_timeout_stream, seconds; 0 leaves the node's (kube-proxy's "
+        "--conntrack-udp-timeout-stream)"), msgspec.Meta(ge=0), config.SECONDS] = 0
     ipvs_strict_arp: Annotated[bool, describe(
         "arp_ignore=1 and arp_announce=2 on all interfaces (kube-proxy's --ipvs-strict-arp; MetalLB and "
         "kube-vip in layer-2 mode need it)")] = False
@@ -170,6 +194,7 @@ class Applier:
         self.timeouts = Timeouts()
         self.strict_arp = False
         self.nodeport_cidrs: tuple[str, ...] = ()
+        self.conntrack = conntrack_settings.Conntrack()
         m = ctx.metrics
         self.health = HealthServers(lambda: _healthy(ctx),
                                     m.counter("kipvs_applier_health_check_bind_errors_total",
@@ -433,6 +458,11 @@ class Applier:
         if changes:
             log.info("strict ARP: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
             self.kernel.set_sysctls(changes)
+        wanted = self.conntrack.sysctls(CPUS)
+        changes = conntrack_settings.to_set(self.conntrack, CPUS, self.kernel.sysctls(list(wanted)))
+        if changes:
+            log.info("conntrack: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            self.kernel.set_sysctls(changes)
 
     async def clear_stale_flows(self, ops: list[Op]) -> None:
         """UDP and SCTP have no connection end, so conntrack keeps steering a client's datagrams the way
@@ -577,6 +607,10 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
     applier.strict_arp = cfg.ipvs_strict_arp
     applier.nodeport_cidrs = tuple(cfg.nodeport_cidrs)
+    applier.conntrack = conntrack_settings.Conntrack(
+        cfg.conntrack_max_per_core, cfg.conntrack_min, cfg.conntrack_tcp_timeout_established,
+        cfg.conntrack_tcp_timeout_close_wait, cfg.conntrack_tcp_be_liberal, cfg.conntrack_udp_timeout,
+        cfg.conntrack_udp_timeout_stream)
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
         ctx.set_not_ready(f"claiming node {cfg.node}")
