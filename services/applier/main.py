@@ -158,6 +158,13 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
             self.http_listen = "127.0.0.1:0"  # kube-proxy, which the shadow runs beside, holds that port
 
 
+def conntrack_of(cfg: ApplierConfig) -> conntrack_settings.Conntrack:
+    return conntrack_settings.Conntrack(
+        cfg.conntrack_max_per_core, cfg.conntrack_min, cfg.conntrack_tcp_timeout_established,
+        cfg.conntrack_tcp_timeout_close_wait, cfg.conntrack_tcp_be_liberal, cfg.conntrack_udp_timeout,
+        cfg.conntrack_udp_timeout_stream)
+
+
 def describe_op(op: Op) -> str:
     return f"{type(op).__name__} " + " ".join(str(v) for v in vars(op).values())
 
@@ -607,10 +614,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
     applier.strict_arp = cfg.ipvs_strict_arp
     applier.nodeport_cidrs = tuple(cfg.nodeport_cidrs)
-    applier.conntrack = conntrack_settings.Conntrack(
-        cfg.conntrack_max_per_core, cfg.conntrack_min, cfg.conntrack_tcp_timeout_established,
-        cfg.conntrack_tcp_timeout_close_wait, cfg.conntrack_tcp_be_liberal, cfg.conntrack_udp_timeout,
-        cfg.conntrack_udp_timeout_stream)
+    applier.conntrack = conntrack_of(cfg)
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
         ctx.set_not_ready(f"claiming node {cfg.node}")
