@@ -96,6 +96,23 @@ def count(value: Any, where: str) -> int:
     return value
 
 
+def bind_address(default_port: int) -> Callable[[Any, str], str]:
+    """kube-proxy's ``healthzBindAddress`` / ``metricsBindAddress`` as kipvs's host:port: an address without a
+    port gets kube-proxy's default one (pkg/proxy/util ``AppendPortIfNeeded``, applied by its defaulting),
+    and ``[v6]:port`` loses its brackets (kipvs takes the host as everything before the last colon)."""
+    def read(value: Any, where: str) -> str:
+        address = text(value, where)
+        host, sep, port = address.rpartition(":")
+        if host.startswith("[") and host.endswith("]") and sep:
+            return f"{host[1:-1]}:{port}"
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            return address  # host:port already, or malformed: the setting's own check says which
+        return f"{address}:{default_port}"
+    return read
+
+
 def verbosity(value: Any, where: str) -> str:
     """klog's -v level as a kipvs log level: 4 and above is debug (Kubernetes' logging conventions: V(4) is
     debug, V(2) the usual default), below is info."""
@@ -153,8 +170,8 @@ EVERY_SERVICE = "every kipvs service"
 FIELDS: dict[str, Setting] = {
     "mode": Setting(_mode, EVERY_SERVICE),
     "hostnameOverride": _one("node", text),
-    "healthzBindAddress": _one("healthz_bind_address", text),
-    "metricsBindAddress": _one("http_listen", text, EVERY_SERVICE),
+    "healthzBindAddress": _one("healthz_bind_address", bind_address(10256)),
+    "metricsBindAddress": _one("http_listen", bind_address(10249), EVERY_SERVICE),
     "clusterCIDR": _one("cluster_cidr", cidrs),
     "nodePortAddresses": Setting(_node_ports),
     "ipvs.scheduler": _one("scheduler", text, "the planner", SCHEDULER_NOTE),

@@ -181,7 +181,7 @@ def test_kipvs_own_file_keeps_working(tmp_path: Path) -> None:
     (("clusterCIDR: 10.244.0.0/16,", "clusterCIDR: 10.244.0.0/33,"), r"'10.244.0.0/33' is not a CIDR"),
     (("- 10.0.0.0/8", "- primary\n- 10.0.0.0/8"), r"primary with CIDRs is not supported"),
     (("verbosity: 4", "verbosity: loud"), r"^logging.verbosity in config file \S+ must be a verbosity 0 or above"),
-    (("metricsBindAddress: 127.0.0.1:10249", "metricsBindAddress: 127.0.0.1"), r"http_listen must be host:port"),
+    (("metricsBindAddress: 127.0.0.1:10249", "metricsBindAddress: localhost"), r"http_listen must be host:port"),
 ])
 def test_bad_kube_proxy_file_is_one_line(tmp_path: Path, change: tuple[str, str], error: str) -> None:
     assert change[0] in KUBEADM
@@ -277,3 +277,16 @@ def test_durations_in_environment_and_the_applier_default_listen() -> None:
     # with --shadow kube-proxy holds that port: any free one
     assert config.load(ApplierConfig, {"node": "n", "shadow": True}, {}).http_listen == "127.0.0.1:0"
     assert config.load(PlannerServiceConfig, {}, {}).http_listen == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize(("given", "metrics", "health"), [
+    ("0.0.0.0", "0.0.0.0:10249", "0.0.0.0:10256"),  # kube-proxy appends its default port (AppendPortIfNeeded)
+    ("::", ":::10249", ":::10256"),
+    ("[::1]:9999", "::1:9999", "::1:9999"),
+    ("10.0.0.1:9999", "10.0.0.1:9999", "10.0.0.1:9999"),
+])
+def test_bind_addresses_as_kube_proxy_defaults_them(tmp_path: Path, given: str, metrics: str, health: str) -> None:
+    text = KUBEADM.replace("metricsBindAddress: 127.0.0.1:10249", f'metricsBindAddress: "{given}"').replace(
+        "healthzBindAddress: 127.0.0.1:10256", f'healthzBindAddress: "{given}"')
+    cfg = config.load(ApplierConfig, {"config": _file(tmp_path, text)}, {})
+    assert (cfg.http_listen, cfg.healthz_bind_address) == (metrics, health)

@@ -148,7 +148,8 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.node:
-            raise ValueError("node is required (--node, KIPVS_NODE): the name of this node's Node object")
+            raise ValueError("node is required (--node, KIPVS_NODE, kube-proxy's --hostname-override or "
+                             "hostnameOverride): the name of this node's Node object")
         topology.token(self.node)
         if self.shadow and self.cleanup:
             raise ValueError("shadow and cleanup exclude each other: shadow mode never changes the kernel")
