@@ -213,13 +213,17 @@ def _add_kube_proxy_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Str
     has no own flag by that name for; those with no meaning in kipvs are accepted, warned, not listed."""
     own = {f.name.replace("_", "-") for f in msgspec.structs.fields(cls)}
     group = parser.add_argument_group(
-        "kube-proxy's flags", "kube-proxy's spellings of the settings above (docs/kube-proxy.md); one a service "
-        "cannot honour (e.g. --ipvs-scheduler on an applier: the scheduler is the planner's) is said in one line")
+        "kube-proxy's flags", "kube-proxy's spellings of the settings above (docs/kube-proxy.md). Every kube-proxy "
+        "flag kipvs knows is accepted; one this service cannot honour (e.g. --ipvs-scheduler on an applier: the "
+        "scheduler is the planner's) is said in one line at start, one with no meaning in kipvs too")
     for flag, name in kube_proxy_config.FLAGS.items():
         if flag in own:
             continue
         setting = kube_proxy_config.FIELDS.get(name)
-        helptext = f"kube-proxy's {name}: honoured by {setting.owner}" if setting else argparse.SUPPRESS
+        # Listed only where honoured: the others are accepted so that one kube-proxy command line or file
+        # serves every service, and said at start.
+        honoured = setting is not None and set(setting.sets) <= {f.name for f in msgspec.structs.fields(cls)}
+        helptext = f"kube-proxy's {name}" if honoured else argparse.SUPPRESS
         names = ["-v", "--v"] if flag == "v" else ["--" + flag]
         dest = KUBE_PROXY_DEST + flag
         metavar = "N" if flag == "v" else flag.upper().replace("-", "_")

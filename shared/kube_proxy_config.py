@@ -131,11 +131,12 @@ class Setting:
     read: Callable[[Any, str], dict[str, Any]]
     owner: str = "the applier (on each node)"
     note: str = ""  # how kipvs differs, said when a service without the setting is given it
+    sets: tuple[str, ...] = ()  # the kipvs settings ``read`` may set (none: a check only)
 
 
 def _one(name: str, convert: Callable[[Any, str], Any], owner: str = "the applier (on each node)",
          note: str = "") -> Setting:
-    return Setting(lambda value, where: {name: convert(value, where)}, owner, note)
+    return Setting(lambda value, where: {name: convert(value, where)}, owner, note, (name,))
 
 
 def _mode(value: Any, where: str) -> dict[str, Any]:
@@ -173,7 +174,7 @@ FIELDS: dict[str, Setting] = {
     "healthzBindAddress": _one("healthz_bind_address", bind_address(10256)),
     "metricsBindAddress": _one("http_listen", bind_address(10249), EVERY_SERVICE),
     "clusterCIDR": _one("cluster_cidr", cidrs),
-    "nodePortAddresses": Setting(_node_ports),
+    "nodePortAddresses": Setting(_node_ports, sets=("node_addresses", "nodeport_cidrs")),
     "ipvs.scheduler": _one("scheduler", text, "the planner", SCHEDULER_NOTE),
     "ipvs.syncPeriod": _one("drift_period", seconds),
     "ipvs.excludeCIDRs": _one("ipvs_exclude_cidrs", cidrs),
