@@ -292,14 +292,16 @@ def _from_kube_proxy_flags(flags: dict[str, Any]) -> kube_proxy_config.Translati
 
 
 def _not_here(known: set[str], merged: dict[str, tuple[Any, str]],
-              translations: list[kube_proxy_config.Translation]) -> list[str]:
-    """kube-proxy settings this service has no setting for: dropped from ``merged``, said in one line per
-    service that does honour them (and one per setting with a note on how kipvs differs)."""
+              translations: list[kube_proxy_config.Translation], proxy: bool) -> list[str]:
+    """kube-proxy settings this service has no setting for (or, ``proxy`` False, only the proxy takes from
+    a file): dropped from ``merged``, said in one line per service that does honour them (and one per
+    setting with a note on how kipvs differs)."""
     by_owner: dict[str, list[str]] = {}
     lines = []
     for found in translations:
         for key, (source, setting) in found.owners.items():
-            if key in known or merged.get(key, (None, ""))[1] != source:
+            here = key in known and (proxy or key not in found.proxy_only)
+            if here or merged.get(key, (None, ""))[1] != source:
                 continue
             del merged[key]
             if setting.note:
@@ -354,7 +356,7 @@ def load(cls: type[T], flags: Mapping[str, Any] | None = None,
     merged.update(from_flags.values)
     merged.update({k: (v, "flag --" + k.replace("_", "-")) for k, v in flags.items() if v is not None})
     known = {f.name for f in msgspec.structs.fields(cls)}
-    warnings = _not_here(known, merged, [from_file, from_flags])
+    warnings = _not_here(known, merged, [from_file, from_flags], bool(getattr(cls, "KUBE_PROXY", False)))
     warnings += [line for line in (from_file.warning(), from_flags.warning()) if line]
     for key, (_, source) in merged.items():
         if key not in known:

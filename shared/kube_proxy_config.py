@@ -132,11 +132,14 @@ class Setting:
     owner: str = "the applier (on each node)"
     note: str = ""  # how kipvs differs, said when a service without the setting is given it
     sets: tuple[str, ...] = ()  # the kipvs settings ``read`` may set (none: a check only)
+    # From a file, only the proxy (the applier) takes it: the file describes kube-proxy, and a planner on the
+    # same host taking kube-proxy's metrics port would collide with the applier. A flag is taken anywhere.
+    proxy_only: bool = False
 
 
 def _one(name: str, convert: Callable[[Any, str], Any], owner: str = "the applier (on each node)",
-         note: str = "") -> Setting:
-    return Setting(lambda value, where: {name: convert(value, where)}, owner, note, (name,))
+         note: str = "", proxy_only: bool = False) -> Setting:
+    return Setting(lambda value, where: {name: convert(value, where)}, owner, note, (name,), proxy_only)
 
 
 def _mode(value: Any, where: str) -> dict[str, Any]:
@@ -172,7 +175,7 @@ FIELDS: dict[str, Setting] = {
     "mode": Setting(_mode, EVERY_SERVICE),
     "hostnameOverride": _one("node", text),
     "healthzBindAddress": _one("healthz_bind_address", bind_address(10256)),
-    "metricsBindAddress": _one("http_listen", bind_address(10249), EVERY_SERVICE),
+    "metricsBindAddress": _one("http_listen", bind_address(10249), proxy_only=True),
     "clusterCIDR": _one("cluster_cidr", cidrs),
     "nodePortAddresses": Setting(_node_ports, sets=("node_addresses", "nodeport_cidrs")),
     "ipvs.scheduler": _one("scheduler", text, "the planner", SCHEDULER_NOTE),
@@ -256,6 +259,7 @@ class Translation:
     owners: dict[str, tuple[str, Setting]] = field(default_factory=dict)
     no_meaning: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
+    proxy_only: set[str] = field(default_factory=set)  # settings only the proxy takes (Setting.proxy_only)
 
     def take(self, name: str, value: Any, source: str, explicit: bool = False) -> None:
         """One kube-proxy field (``name``: its v1alpha1 path) with its value; ValueError when malformed.
@@ -275,6 +279,8 @@ class Translation:
         for key, converted in got.items():
             self.values[key] = (converted, source)
             self.owners[key] = (source, setting)
+            if setting.proxy_only and not explicit:
+                self.proxy_only.add(key)
 
     def warning(self) -> str:
         """The one line for what is ignored; "" when nothing is."""

@@ -147,9 +147,16 @@ def test_the_same_file_gives_the_planner_its_scheduler(tmp_path: Path,
                                                          caplog_config: pytest.LogCaptureFixture) -> None:
     cfg = config.load(PlannerServiceConfig, {"config": _file(tmp_path, KUBEADM)}, {})
     assert cfg.scheduler == "lc" and cfg.log_level == "debug"
+    # kube-proxy's metrics port is the applier's: a planner on the same host keeps its own default
+    assert cfg.http_listen == "127.0.0.1:0"
     lines = _warnings(caplog_config)
     applier_only = [line for line in lines if "only by the applier (on each node)" in line]
     assert len(applier_only) == 1 and "hostnameOverride" in applier_only[0] and "ipvs.tcpTimeout" in applier_only[0]
+    assert "metricsBindAddress" in applier_only[0]
+    # a flag is the operator's choice for this service
+    flags = _parse(PlannerServiceConfig, ["--config", str(tmp_path / "kube-proxy.yaml"),
+                                          "--metrics-bind-address", "127.0.0.1:9"])
+    assert config.load(PlannerServiceConfig, flags, {}).http_listen == "127.0.0.1:9"
     assert not any("ipvs.scheduler" in line for line in lines)
 
 

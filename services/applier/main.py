@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 from nats.js.errors import NotFoundError
@@ -61,6 +61,7 @@ CPUS = os.cpu_count() or 1  # kube-proxy's detectNumCPU, for --conntrack-max-per
 
 
 class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
+    KUBE_PROXY: ClassVar[bool] = True  # takes a kube-proxy file's own addresses (kube_proxy_config.Setting)
     node: Annotated[str, describe(
         "this node's name, as in its Node object (in Kubernetes: spec.nodeName; kube-proxy's "
         "--hostname-override)")] = ""
