@@ -13,7 +13,7 @@ from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import Applier, ApplierConfig
 from kipvs.applier.nodeport_addresses import within
 from kipvs.planner.core import Planner
-from kipvs.planner.replay import read_events
+from kipvs.planner.log_replay import read_events
 from kipvs.shared import bus, config, runtime
 from tests import kube
 
