@@ -154,6 +154,9 @@ def _node_ports(value: Any, where: str) -> dict[str, Any]:
     items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise ValueError(f"{where} must be a list of CIDRs or primary/all, got {value!r}")
+    if "localhost" in items:
+        raise ValueError(f"{where}: localhost: NodePorts are not served on loopback addresses in IPVS mode "
+                         "(kube-proxy's IPVS mode skips them too); leave it out")
     if items == ["primary"]:
         return {"node_addresses": "node"}
     if "primary" in items:
@@ -161,6 +164,12 @@ def _node_ports(value: Any, where: str) -> dict[str, Any]:
     if "all" in items:
         return {"node_addresses": "interfaces"}
     return {"node_addresses": "interfaces", "nodeport_cidrs": cidrs(items, where)}
+
+
+def _hostname(value: Any, where: str) -> str:
+    """The node name as kube-proxy takes hostnameOverride: trimmed and lower-cased (component-helpers
+    node util ``GetHostname``)."""
+    return text(value, where).strip().lower()
 
 
 def _log_format(value: Any, where: str) -> str:
@@ -173,7 +182,7 @@ def _log_format(value: Any, where: str) -> str:
 EVERY_SERVICE = "every kipvs service"
 FIELDS: dict[str, Setting] = {
     "mode": Setting(_mode, EVERY_SERVICE),
-    "hostnameOverride": _one("node", text),
+    "hostnameOverride": _one("node", _hostname),
     "healthzBindAddress": _one("healthz_bind_address", bind_address(10256)),
     "metricsBindAddress": _one("http_listen", bind_address(10249), proxy_only=True),
     "clusterCIDR": _one("cluster_cidr", cidrs),

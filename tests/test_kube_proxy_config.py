@@ -187,6 +187,7 @@ def test_kipvs_own_file_keeps_working(tmp_path: Path) -> None:
                                               r"'maybe'$"),
     (("clusterCIDR: 10.244.0.0/16,", "clusterCIDR: 10.244.0.0/33,"), r"'10.244.0.0/33' is not a CIDR"),
     (("- 10.0.0.0/8", "- primary\n- 10.0.0.0/8"), r"primary with CIDRs is not supported"),
+    (("- 10.0.0.0/8", "- localhost"), r"^nodePortAddresses in config file \S+: localhost: NodePorts are not served"),
     (("verbosity: 4", "verbosity: loud"), r"^logging.verbosity in config file \S+ must be a verbosity 0 or above"),
     (("metricsBindAddress: 127.0.0.1:10249", "metricsBindAddress: localhost"), r"http_listen must be host:port"),
 ])
@@ -207,7 +208,7 @@ def _parse(cls: type, argv: list[str]) -> dict[str, Any]:
 
 def test_kube_proxy_flags_on_the_applier(caplog_config: pytest.LogCaptureFixture) -> None:
     flags = _parse(ApplierConfig, [
-        "--hostname-override", "node-c", "--ipvs-tcp-timeout", "15m", "--ipvs-tcpfin-timeout", "30s",
+        "--hostname-override", " Node-C ", "--ipvs-tcp-timeout", "15m", "--ipvs-tcpfin-timeout", "30s",
         "--ipvs-udp-timeout=1h2m3s", "--ipvs-sync-period", "1m", "--nodeport-addresses", "10.0.0.0/8,fd00::/8",
         "--masquerade-all=true", "--ipvs-strict-arp=false", "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56",
         "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "", "-v", "4", "--proxy-mode", "ipvs",
