@@ -3,15 +3,13 @@ step on the memory kernel; the real sysctls are read back in the guest: tests/gu
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from kipvs.applier import main as applier_main
-from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.conntrack_settings import Conntrack, to_set
-from kipvs.applier.main import Applier, ApplierConfig
-from kipvs.shared import bus, config, runtime
+from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, settings_of
+from kipvs.applier.node_settings import NodeSettings
+from kipvs.shared import config
 
 
 @pytest.mark.parametrize(("wish", "cpus", "want"), [
@@ -36,23 +34,19 @@ def test_only_what_is_asked_and_differs_is_set() -> None:
     assert Conntrack().sysctls(4) == {}
 
 
-async def test_the_applier_sets_them_and_repairs_them(nc, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(applier_main, "CPUS", 2)
+async def test_the_applier_sets_them_and_repairs_them() -> None:
+    """From the applier's flags (kube-proxy's spellings and durations) to the node-settings manager, which
+    runs at start and at every drift check."""
     flags = {"node": "node-a", "backend": "memory", "http_listen": "", "healthz_bind_address": "",
-             "config": None, "conntrack_max_per_core": "1000", "conntrack_min": "5000",
+             "conntrack_max_per_core": "1000", "conntrack_min": "5000",
              "conntrack_tcp_timeout_close_wait": "1h", "conntrack_udp_timeout_stream": "2m"}
-    cfg = config.load(ApplierConfig, flags, {})
-    ctx = runtime.ServiceContext(name="applier", config=cfg, nc=nc, js=await bus.setup(nc), stop=asyncio.Event())
+    settings = settings_of(config.load(ApplierConfig, flags, {}))
     kernel = MemoryKernel()
-    applier = Applier(ctx, "node-a", kernel)
-    applier.conntrack = applier_main.conntrack_of(cfg)
-    try:
-        await applier.sync_node_settings()
-        want = {"net.netfilter.nf_conntrack_max": "5000", "net.netfilter.nf_conntrack_tcp_timeout_close_wait": "3600",
-                "net.netfilter.nf_conntrack_udp_timeout_stream": "120"}
-        assert {k: v for k, v in kernel.sysctl_values.items() if "conntrack" in k} == want
-        kernel.sysctl_values["net.netfilter.nf_conntrack_max"] = "65536"  # someone else changed it
-        await applier.sync_node_settings()  # the drift check's step
-        assert kernel.sysctl_values["net.netfilter.nf_conntrack_max"] == "5000"
-    finally:
-        await applier.health.close()
+    manager = NodeSettings(kernel, settings.timeouts, settings.strict_arp, settings.conntrack, cpus=2)
+    await manager.sync()
+    want = {"net.netfilter.nf_conntrack_max": "5000", "net.netfilter.nf_conntrack_tcp_timeout_close_wait": "3600",
+            "net.netfilter.nf_conntrack_udp_timeout_stream": "120"}
+    assert {k: v for k, v in kernel.sysctl_values.items() if "conntrack" in k} == want
+    kernel.sysctl_values["net.netfilter.nf_conntrack_max"] = "65536"  # someone else changed it
+    await manager.sync()  # the drift check's step
+    assert kernel.sysctl_values["net.netfilter.nf_conntrack_max"] == "5000"

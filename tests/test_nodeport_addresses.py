@@ -9,9 +9,10 @@ import json
 
 from nats.aio.msg import Msg
 
-from kipvs.applier.backend import MemoryKernel
-from kipvs.applier.main import Applier, ApplierConfig
+from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, settings_of
 from kipvs.applier.nodeport_addresses import within
+from kipvs.applier.shell import Applier
 from kipvs.planner.core import Planner
 from kipvs.planner.log_replay import read_events
 from kipvs.shared import bus, config, runtime
@@ -46,9 +47,8 @@ async def _nodeport_addresses(nc, flags: dict[str, str]) -> set[str]:
     ctx = runtime.ServiceContext(name="applier", config=cfg, nc=nc, js=await bus.setup(nc), stop=asyncio.Event())
     kernel = MemoryKernel(interface_addresses=("10.1.0.5", "192.168.7.5"))
     await kernel.setup()
-    applier = Applier(ctx, NODE, kernel, interface_addresses=cfg.node_addresses == "interfaces")
-    applier.nodeport_cidrs = tuple(cfg.nodeport_cidrs)
-    applier.local_addresses = await kernel.node_addresses()
+    applier = Applier(ctx, NODE, kernel, settings=settings_of(cfg))
+    applier.core.local_addresses = await kernel.node_addresses()
     port = {"name": "p", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30080}
     try:
         await applier.handle(_deliveries([
@@ -56,7 +56,7 @@ async def _nodeport_addresses(nc, flags: dict[str, str]) -> set[str]:
             kube.endpoint_slice("web-x", "web", [kube.endpoint("10.244.0.9", NODE)])]))
         return {ip for (_, ip, p) in kernel.ipvs if p == 30080}
     finally:
-        await applier.flush_reports()
+        await applier.reports.flush()
         await applier.health.close()
 
 

@@ -14,9 +14,11 @@ does not raise ``/sys/module/nf_conntrack/parameters/hashsize`` with the maximum
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 PREFIX = "net.netfilter."
+CPUS = os.cpu_count() or 1  # kube-proxy's detectNumCPU
 
 
 @dataclass(frozen=True)
