@@ -34,7 +34,7 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
+from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer, takeover
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -98,6 +98,14 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "kipvs.status.<node>.shadow, kipvs_shadow_divergences and kipvs status")] = False
     shadow_sync_period: Annotated[float, describe(
         "seconds between shadow comparisons (as kube-proxy's --ipvs-sync-period)"), msgspec.Meta(gt=0)] = 30.0
+    adopt: Annotated[bool, describe(
+        "take the node over from kube-proxy's IPVS mode in place: its virtual services in kipvs's plan become "
+        "kipvs's own as they are, only differences are written, and kube-proxy's iptables chains are removed "
+        "once kipvs's nftables table is in place (docs/architecture.md, 'Takeover')")] = False
+    hand_back: Annotated[bool, describe(
+        "leave this node to kube-proxy in place, then exit: remove kipvs's nftables table and ownership "
+        "records, keep IPVS, kube-ipvs0 and the ipsets for kube-proxy to adopt (run it once kube-proxy runs)")] \
+        = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +114,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         topology.token(self.node)
         if self.shadow and self.cleanup:
             raise ValueError("shadow and cleanup exclude each other: shadow mode never changes the kernel")
+        if sum((self.shadow, self.cleanup, self.hand_back)) > 1 or (self.adopt and (self.shadow or self.hand_back
+                                                                                   or self.cleanup)):
+            raise ValueError("shadow, cleanup, hand-back and adopt exclude each other")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
 
 
@@ -142,6 +153,8 @@ class Applier:
         self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
         self.reporter: asyncio.Task | None = None  # publishing unsent_reports
         self.conntrack_cleanup = True
+        self.adopt = False  # --adopt: take kube-proxy's state over at the next bootstrap (takeover.py)
+        self.adopt_exclude_cidrs: tuple[str, ...] = ()  # never adopted (--ipvs-exclude-cidrs)
         self.timeouts = Timeouts()
         self.strict_arp = False
         m = ctx.metrics
@@ -182,11 +195,16 @@ class Applier:
         if self.use_interfaces:
             self.local_addresses = await self.kernel.node_addresses()
         self.desired = DesiredState.of(self.plan.services, self.facts())
+        if self.adopt:  # before the first write: kube-proxy's services are only edited, never re-created
+            await takeover.adopt(self.kernel, self.desired.state(), self.adopt_exclude_cidrs)
         found = await self.converge()
         await self.bootstrap_calico()
         if self.rules is not None:
             self.rules.marks = self.endpoint_marks()
             await self.rules.install(self.desired.state().ipsets)
+        if self.adopt and self.rules is not None:  # kipvs's table carries the traffic now
+            await takeover.remove_kube_proxy_chains()
+            self.adopt = False
         await self.sync_node_settings()
         await self.sync_health_checks()
         self.metrics.services_changed(self.plan.services, set(self.plan.services) | set(self.metrics.by_service))
@@ -546,6 +564,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.conntrack_cleanup = cfg.conntrack_cleanup
     applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
     applier.strict_arp = cfg.ipvs_strict_arp
+    applier.adopt = cfg.adopt
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
         ctx.set_not_ready(f"claiming node {cfg.node}")
@@ -706,6 +725,15 @@ def run(args: argparse.Namespace) -> int:
             # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
             await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
             await kernel.close()
+            return 0
+        if cfg.hand_back:
+            if cfg.backend != "netlink":
+                print("kipvs applier: --hand-back needs --backend netlink", file=sys.stderr)
+                return 2
+            await takeover.hand_back(kernel, rules)  # type: ignore[arg-type]
+            await kernel.close()
+            print("kipvs applier: handed this node back: kipvs's nftables table and ownership records removed; "
+                  "IPVS, kube-ipvs0 and the ipsets left for kube-proxy")
             return 0
         if cfg.cleanup:
             if rules is not None:

@@ -389,6 +389,18 @@ class NetlinkKernel:
                 if exc.code != errno.ENOENT:
                     log.warning("could not destroy ipset %s: %s", name, exc)
 
+    async def forget_ownership(self) -> None:
+        """Destroy the ownership sets only (``--hand-back``): kipvs's services become foreign, for kube-proxy
+        to adopt; nothing that forwards is touched."""
+        await self._open()
+        assert self.ipset is not None
+        for name in OWNED_SETS.values():
+            try:
+                await self.ipset.destroy(name)
+            except NetlinkError as exc:
+                if exc.code != errno.ENOENT:
+                    raise
+
     async def ipvs_timeouts(self) -> Timeouts:
         await self._open()
         assert self.writer is not None
