@@ -1,0 +1,49 @@
+"""Running a set of guest test files in one boot of the QEMU guest and reading their results back, for the
+host test modules that report each guest test as their own (tests/test_kernel.py, tests/test_disruption.py).
+
+If the guest cannot run, the caller's tests FAIL with the reason (a kernel test is never silently skipped).
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from kipvs.guest.vm import GuestUnavailable, run_in_guest
+
+
+def guest_results(files: list[Path], pattern: str, timeout: float = 1800) -> dict[str, tuple[str, str]]:
+    """test name -> (passed | failed | skipped, detail) for every test in ``files`` (whose names match
+    ``pattern``) run by pytest in one guest boot; ``__log__`` holds the end of the guest's output."""
+    paths = " ".join(str(f) for f in files)
+    command = (f"python -m pytest -q -s -p no:cacheprovider -o python_files='{pattern}' {paths} "
+               "--junitxml=/run/tmp/junit.xml > /run/tmp/pytest.log 2>&1; "
+               "echo JUNIT-BEGIN; cat /run/tmp/junit.xml; echo; echo JUNIT-END; tail -40 /run/tmp/pytest.log")
+    try:
+        run = run_in_guest(command, timeout=timeout, memory="1536M")
+    except GuestUnavailable as exc:
+        pytest.fail(f"KERNEL TESTS COULD NOT RUN: {exc}", pytrace=False)
+    match = re.search(r"JUNIT-BEGIN\n(.*?)\nJUNIT-END", run.output, re.S)
+    if not match or not match.group(1).strip():
+        pytest.fail(f"KERNEL TESTS COULD NOT RUN: the guest produced no results:\n{run.output[-4000:]}", pytrace=False)
+    results: dict[str, tuple[str, str]] = {}
+    for case in ET.fromstring(match.group(1)).iter("testcase"):
+        # `is not None`, never truthiness: an Element without children is falsy.
+        problem = case.find("failure")
+        if problem is None:
+            problem = case.find("error")
+        skipped = case.find("skipped")
+        out = case.find("system-out")
+        printed = out.text or "" if out is not None else ""
+        if problem is not None:
+            results[case.get("name", "")] = ("failed", (problem.get("message") or "") + "\n" + (problem.text or "")
+                                             + printed)
+        elif skipped is not None:
+            results[case.get("name", "")] = ("skipped", skipped.get("message") or "")
+        else:
+            results[case.get("name", "")] = ("passed", printed)
+    results["__log__"] = ("log", run.output[-4000:])
+    return results
