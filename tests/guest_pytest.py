@@ -19,7 +19,8 @@ def guest_results(files: list[Path], pattern: str, timeout: float = 1800) -> dic
     """test name -> (passed | failed | skipped, detail) for every test in ``files`` (whose names match
     ``pattern``) run by pytest in one guest boot; ``__log__`` holds the end of the guest's output."""
     paths = " ".join(str(f) for f in files)
-    command = (f"python -m pytest -q -s -p no:cacheprovider -o python_files='{pattern}' {paths} "
+    command = (f"python -m pytest -q -p no:cacheprovider -o junit_logging=system-out -o python_files='{pattern}' "
+               f"{paths} "
                "--junitxml=/run/tmp/junit.xml > /run/tmp/pytest.log 2>&1; "
                "echo JUNIT-BEGIN; cat /run/tmp/junit.xml; echo; echo JUNIT-END; tail -40 /run/tmp/pytest.log")
     try:
