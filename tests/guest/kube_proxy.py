@@ -145,9 +145,9 @@ def write_iptables(netns: str, state: NodeState, cluster_cidr: str) -> None:
 
 def start(netns: str, state: NodeState, cluster_cidr: str) -> None:
     """What kube-proxy's IPVS mode holds on the node once it has synced ``state``."""
+    write_ipvs(netns, state)  # first: loading ip_vs makes its sysctls
     for key, value in SYSCTLS.items():
         run(netns, "sysctl", "-qw", f"{key}={value}")
-    write_ipvs(netns, state)
     write_ipsets(netns, state)
     write_iptables(netns, state, cluster_cidr)
 
