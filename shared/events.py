@@ -333,7 +333,9 @@ class NodeFactsReport(Record, tag="apply.node-facts"):
 
     ``kube_ipvs0`` is ``absent``, ``kipvs`` (created by kipvs: its alias says so) or ``other`` (created
     by someone else, normally kube-proxy). ``conflicts`` name every sign of another IPVS-mode proxy on the
-    node, each a sentence an operator can act on; empty when kipvs is alone.
+    node, each a sentence an operator can act on; empty when kipvs is alone. ``taken_over`` is when kipvs
+    took the node over from kube-proxy in place (``kipvs applier --adopt``; UTC, ISO 8601, read from
+    kube-ipvs0's alias, so it outlives applier restarts), empty if it never did or handed it back.
     """
 
     node: str
@@ -342,6 +344,7 @@ class NodeFactsReport(Record, tag="apply.node-facts"):
     endpoint_marks: Literal["enforce", "observe", "off"]  # the mode in effect (``--endpoint-marks`` resolved)
     endpoint_marks_reason: str  # why that mode
     conflicts: tuple[str, ...] = ()
+    taken_over: str = ""
 
 
 class ShadowReport(Record, tag="apply.shadow"):

@@ -4,9 +4,12 @@ real kernel is tests/test_disruption.py."""
 
 from __future__ import annotations
 
-from kipvs.applier import takeover
+import re
+
+from kipvs.applier import node_facts, takeover
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.ops import AddService, DelService, diff
+from kipvs.audit.status import NodeStatus, render
 from kipvs.shared.plan.node_state import NodeState, VirtualService
 
 WEB, DNS, API = ("TCP", "10.96.0.10", 80), ("UDP", "10.96.0.53", 53), ("TCP", "10.96.0.20", 8080)
@@ -77,3 +80,16 @@ def test_kube_proxy_chains_are_removed_as_kube_proxy_cleans_them_up() -> None:
     assert commands[0] == ["iptables", "-w", "5", "-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment",
                            "kubernetes service portals", "-j", "KUBE-SERVICES"]
     assert {(argv[4], argv[6]) for argv in commands if argv[5] == "-X"} == set(takeover.KUBE_PROXY_CHAINS)
+
+
+async def test_the_takeover_is_recorded_on_the_link_and_shown_by_node_facts() -> None:
+    kernel = await kube_proxy_node()
+    await takeover.adopt(kernel, plan())
+    owner, when = node_facts.link_owner(kernel.link_alias)
+    assert owner == "kipvs" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", when), kernel.link_alias
+    assert node_facts.link_owner(node_facts.LINK_ALIAS) == ("kipvs", "")
+    assert node_facts.link_owner(None) == node_facts.link_owner("") == ("other", "")
+    observation = node_facts.Observation(ipvs_available=True, kube_ipvs0=owner, taken_over=when)
+    assert node_facts.report("node-a", observation, "off", "").taken_over == when
+    shown = render([NodeStatus("node-a", applied_seq=3, behind=0, report_age_s=1.0, taken_over=when)], 3)
+    assert f"taken over from kube-proxy in place at {when}" in shown

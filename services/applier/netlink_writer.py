@@ -389,6 +389,14 @@ class NetlinkKernel:
                 if exc.code != errno.ENOENT:
                     log.warning("could not destroy ipset %s: %s", name, exc)
 
+    async def set_link_alias(self, alias: str) -> None:
+        """kube-ipvs0's alias (who owns the link, ``node_facts.link_owner``); nothing if there is no link."""
+        await self._open()
+        assert self.ipr is not None
+        found = await self.ipr.link_lookup(ifname=LINK)
+        if found:
+            await self.ipr.link("set", index=found[0], ifalias=alias)
+
     async def forget_ownership(self) -> None:
         """Destroy the ownership sets only (``--hand-back``): kipvs's services become foreign, for kube-proxy
         to adopt; nothing that forwards is touched."""

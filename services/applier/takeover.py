@@ -30,6 +30,7 @@ they are.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import logging
 import shutil
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 from kipvs.shared.plan.node_state import NodeState, VSKey, family_of
 
 from .backend import OWNED_SETS, Backend, Observed, owned_entry
+from .node_facts import TAKEOVER_ALIAS
 from .ops import AddEntry
 
 if TYPE_CHECKING:
@@ -150,6 +152,9 @@ async def adopt(kernel: Backend, desired: NodeState, exclude_cidrs: Iterable[str
     entries = adoption(desired, observed, exclude_cidrs)
     if entries:
         await kernel.apply(list(entries))
+        # when, recorded on the link itself (node facts and `kipvs status` read it): it lasts as the link does
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await kernel.set_link_alias(TAKEOVER_ALIAS + when)
     left = foreign(desired, observed)
     log.info("takeover: adopted %d IPVS virtual services as they are (%d already kipvs's); %d not in kipvs's "
              "plan left alone%s", len(entries), len(observed.owned), len(left),
@@ -164,3 +169,4 @@ async def hand_back(kernel: NetlinkKernel, rules: NftRules | None) -> None:
     if rules is not None:
         await rules.remove()
     await kernel.forget_ownership()
+    await kernel.set_link_alias("")  # kube-proxy's link again
