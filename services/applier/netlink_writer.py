@@ -188,6 +188,11 @@ class NetlinkKernel:
                 self.ipset._attr_revision = (await self.ipset.get_supported_revisions(kind, family=family))[1]
                 await self.ipset.create(name, stype=kind, family=family, exclusive=False, **extra)
             except NetlinkError as exc:
+                if exc.code == errno.EEXIST and await self._set_type_of(name) == kind:
+                    # The same set made with other options: kube-proxy's (ipset.go adds "comment" and its own
+                    # hashsize/maxelem). Members are what count; used as it is (a takeover, takeover.py).
+                    log.info("ipset %s exists already (%s, other options): kipvs uses it", name, kind)
+                    continue
                 raise CapabilityError(f"cannot create ipset {name} ({kind}): {exc}; load ip_set and "
                                       f"ip_set_{kind.replace(':', '_').replace(',', '')}") from None
             finally:
@@ -261,6 +266,12 @@ class NetlinkKernel:
                 continue
             out.append(str(parsed))
         return tuple(sorted(set(out), key=lambda a: (":" in a, a)))
+
+    async def _set_type_of(self, name: str) -> str:
+        """The type of the existing ipset ``name`` ("hash:ip,port"), "" if there is none."""
+        assert self.ipset is not None
+        kinds = [msg.get_attr("IPSET_ATTR_TYPENAME") async for msg in await self.ipset.list(name)]  # read it all
+        return next((kind for kind in kinds if kind), "")
 
     async def _members(self, name: str) -> set[str]:
         assert self.ipset is not None
