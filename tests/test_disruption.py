@@ -20,7 +20,8 @@ pytestmark = pytest.mark.guest
 
 @pytest.fixture(scope="module")
 def guest_results() -> dict[str, tuple[str, str]]:
-    return run_guest(GUEST_FILES, "disruption_*.py", timeout=1500)
+    # -x: every moment starts from the state the one before left
+    return run_guest(GUEST_FILES, "disruption_*.py", timeout=1500, progress=True, extra="-x")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -117,6 +117,8 @@ async def cluster():
         cluster.kube_proxy_state = cluster.node_state(await cluster.planned(), NODE)  # type: ignore[attr-defined]
         kube_proxy.start(NODE, cluster.kube_proxy_state, CLUSTER_CIDR)  # type: ignore[attr-defined]
         network.sh("ip", "route", "add", LB_IP, "via", NODE_IP)  # the cloud load balancer sends to node-a
+        await cluster.start("auth")  # the applier's identity; started now, so no moment waits for it
+        await cluster.auth_listening(within=120 * time_scale())
         echo = await asyncio.create_subprocess_exec(sys.executable, TRAFFIC, "serve", "pod-echo-1", "pod-echo-2",
                                                     stdout=asyncio.subprocess.PIPE)
         assert echo.stdout is not None
@@ -139,12 +141,12 @@ class Traffic:
         for name, argv in (("pod", ["ip", "netns", "exec", "pod-client-1", sys.executable, TRAFFIC, "load",
                                     *FROM_POD]),
                            ("outside", [sys.executable, TRAFFIC, "load", *FROM_OUTSIDE])):
-            process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
-                                                           stdout=asyncio.subprocess.PIPE,
-                                                           stderr=asyncio.subprocess.PIPE)
-            self.sources[name] = process
+            self.sources[name] = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                                      stdout=asyncio.subprocess.PIPE,
+                                                                      stderr=asyncio.subprocess.PIPE)
+        for name, process in self.sources.items():  # both start at once: a Python start is slow here
             assert process.stdout is not None
-            line = await asyncio.wait_for(process.stdout.readline(), 60 * time_scale())
+            line = await asyncio.wait_for(process.stdout.readline(), 120 * time_scale())
             if line.strip() != b"ready":
                 err = await process.stderr.read() if process.stderr else b""
                 raise AssertionError(f"traffic from {name} did not start: {line!r} {err.decode()[-1500:]}")
@@ -179,10 +181,14 @@ def assert_no_loss(moment: str, results: dict[str, dict]) -> None:
 
 async def moment(action, settle: float = 3.0) -> dict[str, dict]:
     traffic = Traffic()
+    began = time.monotonic()
     await traffic.start()
+    print(f"DISRUPTION {action.__name__}: traffic up after {time.monotonic() - began:.0f}s", flush=True)
     try:
         await asyncio.sleep(settle)
+        began = time.monotonic()
         await action()
+        print(f"DISRUPTION {action.__name__}: done in {time.monotonic() - began:.0f}s", flush=True)
         await asyncio.sleep(settle)
     finally:
         results = await traffic.stop(action.__name__)

@@ -26,8 +26,6 @@ import socket
 import sys
 import time
 
-from pyroute2 import netns
-
 ECHO_PORT = 9000
 SCALE = float(os.environ.get("KIPVS_GUEST_TIME_SCALE", "1"))
 STALL_S = 3.0 * SCALE
@@ -168,6 +166,10 @@ async def load(longs: list[str], news: list[str], udps: list[str]) -> dict:
 
 
 async def serve(namespaces: list[str]) -> None:
+    # Here, not at the top: the load processes start once per moment under emulation, and pyroute2 costs
+    # them seconds to import.
+    from pyroute2 import netns
+
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(4096):
