@@ -28,7 +28,9 @@ def guest_results(files: list[Path], pattern: str, timeout: float = 1800, progre
                f"--junitxml=/run/tmp/junit.xml {output}; "
                "echo JUNIT-BEGIN; cat /run/tmp/junit.xml; echo; echo JUNIT-END; tail -40 /run/tmp/pytest.log")
     try:
-        run = run_in_guest(command, timeout=timeout, memory="1536M")
+        # progress: each console line also printed here as it comes (seen with pytest -s)
+        run = run_in_guest(command, timeout=timeout, memory="1536M",
+                           on_line=(lambda line: print(line, flush=True)) if progress else None)
     except GuestUnavailable as exc:
         pytest.fail(f"KERNEL TESTS COULD NOT RUN: {exc}", pytrace=False)
     match = re.search(r"JUNIT-BEGIN\n(.*?)\nJUNIT-END", run.output, re.S)
