@@ -69,7 +69,10 @@ KUBE_PROXY_CHAINS: tuple[tuple[str, str], ...] = (
     ("filter", "KUBE-FORWARD"), ("filter", "KUBE-NODE-PORT"), ("filter", "KUBE-PROXY-FIREWALL"),
     ("filter", "KUBE-SOURCE-RANGES-FIREWALL"), ("filter", "KUBE-IPVS-FILTER"), ("filter", "KUBE-IPVS-OUT-FILTER"),
 )
-IPTABLES = ("iptables", "ip6tables")  # kube-proxy's proxier per family (NewDualStackProxier)
+# kube-proxy's proxier per family (NewDualStackProxier), in whichever backend its image chose (iptables-wrapper
+# picks the one holding rules): both are cleaned where the binaries exist, else plain iptables/ip6tables.
+IPTABLES = ("iptables-nft", "ip6tables-nft", "iptables-legacy", "ip6tables-legacy")
+PLAIN_IPTABLES = ("iptables", "ip6tables")
 
 
 def excluded(ip: str, cidrs: Iterable[str]) -> bool:
@@ -117,7 +120,8 @@ async def _run(argv: list[str], within: float = 30.0) -> tuple[int, str]:
 def _absent(message: str) -> bool:
     """iptables' words for a rule or chain that is not there (already removed, or never written)."""
     return any(word in message for word in ("does not exist", "No chain/target/match", "Bad rule",
-                                            "No such file", "Couldn't load target", "doesn't exist"))
+                                            "No such file", "Couldn't load target", "doesn't exist",
+                                            "can't initialize", "Table does not exist"))
 
 
 async def remove_kube_proxy_chains() -> list[str]:
@@ -127,11 +131,11 @@ async def remove_kube_proxy_chains() -> list[str]:
     they forward correctly until removed by hand (``kube-proxy --cleanup`` must not be used: it flushes
     IPVS)."""
     removed: list[str] = []
-    for binary in IPTABLES:
-        if shutil.which(binary) is None:
-            log.warning("takeover: %s is missing here: kube-proxy's %s chains (if any) are left in place; they "
-                        "match the ipsets kipvs keeps, so they stay correct", binary, binary)
-            continue
+    binaries = [b for b in IPTABLES if shutil.which(b)] or [b for b in PLAIN_IPTABLES if shutil.which(b)]
+    if not binaries:
+        log.warning("takeover: no iptables command here: kube-proxy's chains (if any) are left in place; they "
+                    "match the ipsets kipvs keeps, so they stay correct")
+    for binary in binaries:
         for argv in removal_commands(binary):
             code, err = await _run(argv)
             if code == 0 and argv[5] == "-X":
