@@ -16,14 +16,15 @@ from kipvs.guest.vm import GuestUnavailable, run_in_guest
 
 
 def guest_results(files: list[Path], pattern: str, timeout: float = 1800, progress: bool = False,
-                  extra: str = "") -> dict[str, tuple[str, str]]:
+                  extra: str = "", env: str = "") -> dict[str, tuple[str, str]]:
     """test name -> (passed | failed | skipped, detail) for every test in ``files`` (whose names match
     ``pattern``) run by pytest in one guest boot; ``__log__`` holds the end of the guest's output.
     ``progress``: pytest's output (``-s``: what the tests print) goes to the console as it comes, so a
-    guest that runs out of time still shows how far it got; ``extra``: more pytest options."""
+    guest that runs out of time still shows how far it got; ``extra``: more pytest options; ``env``:
+    ``NAME=value`` words for the guest's pytest."""
     paths = " ".join(str(f) for f in files)
     output = "2>&1 | tee /run/tmp/pytest.log" if progress else "> /run/tmp/pytest.log 2>&1"
-    command = (f"python -m pytest -q -p no:cacheprovider -o junit_logging=system-out -o python_files='{pattern}' "
+    command = (f"{env} python -m pytest -q -p no:cacheprovider -o junit_logging=system-out -o python_files='{pattern}' "
                f"{'-s ' if progress else ''}{extra} {paths} "
                f"--junitxml=/run/tmp/junit.xml {output}; "
                "echo JUNIT-BEGIN; cat /run/tmp/junit.xml; echo; echo JUNIT-END; tail -40 /run/tmp/pytest.log")
