@@ -225,7 +225,9 @@ async def applier_in_step(cluster: Cluster, since: int) -> None:
         if process is not None and process.returncode is not None:
             raise AssertionError(f"the applier exited with {process.returncode}: "
                                  + (cluster.workdir / "logs" / f"applier-{NODE}.log").read_text()[-3000:])
-        assert asyncio.get_running_loop().time() < deadline, "the applier did not apply the plan"
+        log = cluster.workdir / "logs" / f"applier-{NODE}.log"
+        assert asyncio.get_running_loop().time() < deadline, \
+            "the applier did not apply the plan: " + (log.read_text()[-3000:] if log.exists() else "no log")
         await asyncio.sleep(0.3)
 
 
