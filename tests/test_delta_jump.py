@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier.main import Applier
+from kipvs.applier.shell import Applier
 from kipvs.shared import bus, events, topology
 from kipvs.simulator.server import Simulator
 from tests import kube
@@ -22,7 +22,7 @@ async def _parked_reasons(url: str) -> list[str]:
     nc = await nats.connect(url)
     try:
         reasons = []
-        async for msg in bus.read_stream(nc.jetstream(), topology.PARKED_STREAM):
+        async for msg in bus.read_stream(nc.jetstream(), bus.LogReader(topology.PARKED_STREAM)):
             reasons.append((msg.headers or {}).get(topology.PARK_REASON, ""))
         return reasons
     finally:

@@ -14,12 +14,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
 from kipvs.applier import inspect
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.shadow import run_shadow
+from kipvs.planner.active import plan
 from kipvs.planner.core import PlannerConfig
-from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.shared.plan.node_state import VirtualService
 from kipvs.shared.plan.resolve import resolve_node
@@ -49,7 +50,7 @@ async def planned(nats_url: str):
     async def published() -> bool:
         from kipvs.shared import plan_log
 
-        got = await plan_log.published_plan(js)
+        got = await plan_log.published_plan(js, bus.LogReader(topology.PLAN_STREAM))
         return resolve_node(got.services.values(), got.nodes.get("node-a")).ipvs == want.ipvs
 
     for _ in range(1200):
@@ -83,7 +84,7 @@ async def test_kernel_view_of_a_running_applier_and_its_diff(planned, nats_url: 
         assert lines[0] == "IP Virtual Server version simulated (size=0)"
         assert lines[1] == "Prot LocalAddress:Port Scheduler Flags"
         assert "TCP  10.96.0.10:80 rr" in lines
-        assert sum(line.startswith(("TCP  ", "UDP  ", "SCTP  ")) for line in lines) == len(want.ipvs)
+        assert sum(line.startswith(("TCP  ", "UDP  ", "SCTP ")) for line in lines) == len(want.ipvs)
         assert sum(line.startswith("  -> ") for line in lines) == 1 + sum(len(vs.reals) for vs in want.ipvs.values())
 
         code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--json", capsys=capsys)

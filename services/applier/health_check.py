@@ -11,6 +11,9 @@
   ``0.0.0.0:10256``): ``/healthz`` is 200 while the applier handles its input within the bound, else 503,
   with ``{"lastUpdated", "currentTime", "nodeEligible"}``; ``/livez`` is 200 while the process runs.
 
+:class:`HealthChecks` is the manager: after each batch (``on_applied``) the ports the plan asks for follow
+the Services the batch touched; at bootstrap, every Service.
+
 A port that cannot be bound (in use, an address the node does not have) is logged, counted in
 ``kipvs_applier_health_check_bind_errors_total`` and reported in ``problems``; never fatal.
 """
@@ -62,9 +65,14 @@ def update_wanted(wanted: dict[str, tuple[int, int]], services: dict[str, Servic
 class HealthServers:
     """Per-Service health-check node port servers and the node health server."""
 
-    def __init__(self, healthy: Callable[[], bool], bind_errors: Any = None) -> None:
+    def __init__(self, healthy: Callable[[], bool], bind_errors: Any = None, healthz_total: Any = None,
+                 livez_total: Any = None) -> None:
         self.healthy = healthy
         self.bind_errors = bind_errors
+        # kube-proxy's proxy_healthz_total / proxy_livez_total{code} (pkg/proxy/metrics/metrics.go): the node
+        # health server's answers by HTTP status, counted as proxier_health.go's handlers do.
+        self.healthz_total = healthz_total
+        self.livez_total = livez_total
         self.counts: dict[str, int] = {}  # Service key -> local endpoints, read by the handlers
         self.ports: dict[int, str] = {}  # port -> Service key it serves
         self.runners: dict[int, web.AppRunner] = {}
@@ -141,9 +149,14 @@ class HealthServers:
             now = datetime.now(UTC)
             body = {"lastUpdated": datetime.fromtimestamp(self.last_updated, UTC).isoformat(),
                     "currentTime": now.isoformat(), "nodeEligible": True}
-            return web.json_response(body, status=200 if healthy else 503)
+            status = 200 if healthy else 503
+            if self.healthz_total is not None:
+                self.healthz_total.labels(str(status)).inc()
+            return web.json_response(body, status=status)
 
         async def livez(_: web.Request) -> web.Response:
+            if self.livez_total is not None:
+                self.livez_total.labels("200").inc()
             return web.Response(text="ok\n")
 
         app = web.Application()
@@ -168,3 +181,25 @@ class HealthServers:
         if self.node_runner is not None:
             await self.node_runner.cleanup()
             self.node_runner = None
+
+
+class HealthChecks:
+    """The health-check node ports the plan asks for, and the servers answering on them."""
+
+    def __init__(self, node: str, servers: HealthServers) -> None:
+        self.node = node
+        self.servers = servers
+        self.wanted: dict[str, tuple[int, int]] = {}  # wanted_ports, kept per change
+
+    async def on_applied(self, services: dict[str, ServicePlan], touched: set[str] | None,
+                         addresses: tuple[str, ...]) -> None:
+        """Every Service's ports (``touched`` None: at bootstrap) or only those a batch touched; the servers
+        are synced only when what they serve changed."""
+        if touched is None:
+            self.wanted = wanted_ports(services, self.node)
+            changed = True
+        else:
+            changed = update_wanted(self.wanted, services, touched, self.node)
+        if changed or addresses != self.servers.addresses:
+            await self.servers.sync(self.wanted, addresses)
+        self.servers.touched()

@@ -29,11 +29,12 @@ import msgspec
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kipvs.shared import bus, events, plan_log, runtime, topology
+from kipvs.shared.nats_permissions import applier_reader
 from kipvs.shared.plan.divergence import divergences
 from kipvs.shared.plan.resolve import resolve_node
 
-from . import inspect
-from .backend import Backend
+from . import inspect, nodeport_addresses
+from .kernel.backend import Backend
 
 log = logging.getLogger("kipvs.applier")
 
@@ -48,6 +49,7 @@ class Shadow:
         self.node = node
         self.kernel = kernel
         self.use_interfaces = interface_addresses
+        self.nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs
         self.heartbeat = heartbeat
         self.lock = asyncio.Lock()  # one kernel read at a time (the comparison and inspections share sockets)
         self.plan_seq = 0
@@ -66,12 +68,14 @@ class Shadow:
 
     async def compare(self) -> tuple[str, ...]:
         """One comparison: the published plan for this node against the kernel; report it."""
-        plan = await plan_log.published_plan(self.ctx.js)
+        reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(self.node))  # its one reader name
+        plan = await plan_log.published_plan(self.ctx.js, reader)
         table = await self.read()  # first: it finds kube-ipvs0, whose addresses are not the node's own
         facts = plan.nodes.get(self.node)
         if self.use_interfaces:
             addresses = await self.kernel.node_addresses()
             facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=addresses)
+        facts = nodeport_addresses.filtered(facts, self.nodeport_cidrs)
         want = resolve_node(plan.services.values(), facts)
         found = tuple(divergences(table, want))
         for line in sorted(set(found) - set(self.divergences or ())):
@@ -102,6 +106,7 @@ async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float
     log.info("SHADOW MODE on %s: nothing is programmed; comparing the kernel with kipvs's plan every %.0fs "
              "(backend: %s)", node, period, kernel.label)
     shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces")  # type: ignore[attr-defined]
+    shadow.nodeport_cidrs = tuple(cfg.nodeport_cidrs)  # type: ignore[attr-defined]
     subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read)
     try:
         while not ctx.stop.is_set():

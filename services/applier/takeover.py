@@ -39,13 +39,13 @@ from typing import TYPE_CHECKING
 
 from kipvs.shared.plan.node_state import NodeState, VSKey, family_of
 
-from .backend import OWNED_SETS, Backend, Observed, owned_entry
+from .kernel.backend import OWNED_SETS, Backend, Observed, owned_entry
 from .node_facts import TAKEOVER_ALIAS
 from .ops import AddEntry
 
 if TYPE_CHECKING:
-    from .netlink_writer import NetlinkKernel
-    from .rules import NftRules
+    from .kernel.netlink_writer import NetlinkKernel
+    from .kernel.rules import NftRules
 
 log = logging.getLogger("kipvs.applier")
 

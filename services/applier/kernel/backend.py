@@ -11,14 +11,15 @@ are its own and never touches a foreign one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kipvs.shared import events
 from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
 
-from .node_settings import Timeouts
-from .ops import (
+from ..node_settings import Timeouts
+from ..ops import (
     AddAddress,
     AddEntry,
     AddReal,
@@ -71,7 +72,10 @@ class Backend(Protocol):
 
     async def setup(self) -> None: ...
 
-    async def observe(self) -> Observed: ...
+    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
+        """kipvs's objects as the kernel holds them; with ``checked``, real servers are read only for the
+        services it accepts (the others' ``reals`` may be empty: see drift_slices.py)."""
+        ...
 
     async def apply(self, ops: list[Op]) -> None: ...
 
@@ -147,7 +151,8 @@ class MemoryKernel:
         for name in (*ALL_IPSETS, *OWNED_SETS.values()):
             self.ipsets.setdefault(name, set())
 
-    async def observe(self) -> Observed:
+    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
+        """Everything (``checked`` is not needed: reading memory costs nothing)."""
         assert self.ipsets is not None, "setup() first"
         state = NodeState()
         state.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, v.persistence_timeout, dict(v.reals))
