@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from kipvs.applier import node_facts, takeover
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.ops import AddService, DelService, diff
 from kipvs.audit.status import NodeStatus, render
 from kipvs.shared.plan.node_state import NodeState, VirtualService
