@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # qemu-system-x86 runs the guest (Debian's kernel: real IPVS and nf_tables); the rest are the tools the guest
 # uses from the host's root (it sees it read-only over 9p): modprobe, ip, ipvsadm, nft, ipset, conntrack.
-DEBS   := qemu-system-x86 kmod iproute2 ipvsadm nftables ipset
+# prometheus ships promtool, which tests/test_alerts_promtool.py runs on deploy/monitoring.
+DEBS   := qemu-system-x86 kmod iproute2 ipvsadm nftables ipset prometheus
 GUEST  ?= $(or $(KIPVS_GUEST_DIR),$(CURDIR)/.cache/guest)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
