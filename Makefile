@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Debian packages the guest needs (no recommends: QEMU without its GUI).
+# kubectl (for `kubectl kustomize` in tests/test_kustomize.py): Debian's kubernetes-client, unless one is there.
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v kubectl >/dev/null 2>&1 || missing="$$missing kubernetes-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
