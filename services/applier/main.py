@@ -40,7 +40,7 @@ from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .health_check import HealthServers
 from .node_settings import Timeouts
-from .ops import AddReal, DelReal, DelService, DesiredState, Op, diff, digest
+from .ops import AddReal, DelReal, DelService, DesiredState, Op, describe_changes, diff, digest
 from .programming_metrics import ProgrammingMetrics
 from .rules import NftRules, RulesConfig
 
@@ -191,12 +191,12 @@ class Applier:
         await self.sync_health_checks()
         self.metrics.services_changed(self.plan.services, set(self.plan.services) | set(self.metrics.by_service))
         self.metrics.synced()
-        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, "
-                 "%d repairs to reach it", self.plan.seq, caught_up, len(self.desired.services), len(found))
+        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, %s",
+                 self.plan.seq, caught_up, len(self.desired.services), describe_changes(found))
         # Say at once what this instance holds: the last report on the status stream may be a previous
         # instance's, newer or older than what the kernel now holds.
         await self.report(events.ApplyReport(node=self.node, plan_seq=self.plan.seq, operations=len(found),
-                                             duration_ms=0.0, desired_digest=self.desired.digest()))
+                                             duration_ms=0.0, desired_digest=self.desired.digest(), bootstrap=True))
 
     async def bootstrap_calico(self) -> None:
         """The node subject's last message is the node's whole Calico state. If that message is unusable (it

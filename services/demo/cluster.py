@@ -120,7 +120,8 @@ class Cluster:
         assert self.sim is not None
         pod = await self.sim.apply({"apiVersion": "v1", "kind": "Pod",
                                     "metadata": {"name": f"kipvs-applier-{node}", "namespace": "kipvs-system"},
-                                    "spec": {"nodeName": node, "serviceAccountName": "kipvs-applier"}})
+                                    "spec": {"nodeName": node, "serviceAccountName": "kipvs-applier",
+                                             "hostNetwork": True}})  # as the DaemonSet: no endpoint mark
         issued = self.sim.tokens.request("kipvs-system", "kipvs-applier", {"spec": {
             "audiences": ["kipvs-nats"], "expirationSeconds": 24 * 3600,
             "boundObjectRef": {"kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}}})

@@ -120,12 +120,16 @@ def _note(message: str) -> None:
 
 
 async def _from_log(args: argparse.Namespace, config: PlannerConfig) -> Planner:
-    from kipvs.shared.log_client import ns_of, open_log, parse_point, read_all
+    from kipvs.shared.log_client import ToolError, clock, ns_of, open_log, parse_point, read_all
 
     point = parse_point(args.at) if args.at else None
     async with open_log(args) as js:
         log = await read_all(js, topology.KUBE_STREAM, upto=point if isinstance(point, int) else 0)
-    limit = ns_of(point) if point is not None and not isinstance(point, int) else None
+    # a moment covers its last digit: a time copied from the tools' output (milliseconds, log_client.clock)
+    # includes the records of that millisecond, the first one among them
+    limit = None
+    if point is not None and not isinstance(point, int):
+        limit = ns_of(point) + (999_999 if point.microsecond % 1000 == 0 else 999)
     planner = Planner(config)
     last = None
     for entry in log:
@@ -136,6 +140,10 @@ async def _from_log(args: argparse.Namespace, config: PlannerConfig) -> Planner:
             break
         planner.handle(entry.envelope, entry.seq)
         last = entry
+    if last is None and limit is not None and any(e.envelope is not None for e in log):
+        first = next(e for e in log if e.envelope is not None)
+        raise ToolError(f"--at {args.at} is before the log's first record (KUBE #{first.seq}, "
+                        f"{clock(first.envelope.time_ns)}): nothing was planned yet")
     where = f"KUBE #{last.seq}" if last else "the empty log"
     print(f"kipvs plan: the desired state of {args.node} as of {where}", file=sys.stderr)
     return planner
