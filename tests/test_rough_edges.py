@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -155,3 +156,35 @@ def test_kipvs_nats_stop_is_a_clean_stop_for_the_servers_owner(tmp_path: Path) -
             owner.kill()
             owner.wait()
     assert owner.returncode == 0 and "ERROR" not in out and "was stopped" in out, (owner.returncode, out)
+
+
+def test_a_failed_demo_step_copies_the_services_logs_out(tmp_path: Path, capsys) -> None:
+    """A demo step that fails (here the auth service's start, its wait squeezed to nothing) copies the
+    services' logs to --copy-logs-to (in the guest: its share with the host), and the host keeps them:
+    the error's "see .../auth.log" pointed into a guest that was gone."""
+    from kipvs.demo.main import keep_guest_logs
+
+    env = {**os.environ, "KIPVS_GUEST_TIME_SCALE": "0.0001"}
+    done = subprocess.run([sys.executable, "-m", "kipvs.demo.run", "--backend", "memory", "--workdir",
+                           str(tmp_path / "work"), "--copy-logs-to", str(tmp_path / "share" / "logs")],
+                          capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "the auth service did not start within" in out, out[-3000:]
+    assert (tmp_path / "share" / "logs" / "auth.log").is_file(), out[-3000:]
+    assert f"the services' logs are copied to {tmp_path / 'share' / 'logs'}" in out
+    capsys.readouterr()
+    keep_guest_logs(tmp_path / "share" / "logs", tmp_path / "kept")
+    assert (tmp_path / "kept" / "auth.log").is_file()
+    assert f"logs from the guest are kept in {tmp_path / 'kept'}" in capsys.readouterr().out
+
+
+def test_the_demos_waits_follow_the_machines_pace(monkeypatch) -> None:
+    """Calibration never shortens the guest's scale and stretches it when a Python start is slow."""
+    from kipvs.demo import pace
+
+    monkeypatch.setenv("KIPVS_GUEST_TIME_SCALE", "3")
+    monkeypatch.setattr(pace, "REFERENCE_START_S", 1e-6)  # as if this machine were very slow
+    assert pace.calibrate() == pytest.approx(3 * pace.MAX_STRETCH)
+    monkeypatch.setenv("KIPVS_GUEST_TIME_SCALE", "3")
+    monkeypatch.setattr(pace, "REFERENCE_START_S", 1e6)  # as if it were very fast
+    assert pace.calibrate() == 3.0

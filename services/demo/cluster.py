@@ -132,6 +132,7 @@ class Cluster:
     async def auth_listening(self, within: float) -> None:
         """Wait until the auth callout answers (its log says so): appliers connecting before it would wait
         for the server's authorization timeout."""
+        within *= time_scale()  # a Python start is slow under emulation or on a loaded machine
         log = self.workdir / "logs" / "auth.log"
         deadline = asyncio.get_running_loop().time() + within
         while "answering NATS authorization requests" not in (log.read_text() if log.exists() else ""):
@@ -158,7 +159,7 @@ class Cluster:
         else:
             if "auth" not in self.processes:  # an applier's identity comes from the auth callout
                 await self.start("auth")
-                await self.auth_listening(within=60 * time_scale())  # a first Python start under TCG is slow
+                await self.auth_listening(within=60)
             node = service.removeprefix("applier-")
             argv = [KIPVS, "applier", "--node", node, "--drift-period", "10",
                     "--drain-timeout", str(self.drain_timeout), *common,
