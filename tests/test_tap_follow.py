@@ -201,3 +201,33 @@ async def _until(check, what: str) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_follow_of_a_missing_stream_says_so_once_and_starts_when_it_comes(nats_url: str, capsys,
+                                                                                monkeypatch) -> None:
+    """A stream that does not exist (yet) is said once, not every second, and followed once it exists."""
+    from kipvs.shared import topology
+
+    monkeypatch.setattr(tap, "RETRY_PAUSE", 0.2)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    seen: list[bytes] = []
+
+    async def pump() -> None:
+        async for entry in tap.follow(js, "status", 1):
+            seen.append(entry.raw)
+
+    task = asyncio.create_task(pump())
+    try:
+        await asyncio.sleep(3.0)  # about 15 attempts
+        js = await bus.setup(nc)
+        await js.publish(STATUS, b"1")
+        await js.publish(STATUS, b"2")
+        await _until(lambda: seen == [b"2"], "the record after seq 1 once the stream exists")
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await nc.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "again after seq" in line]
+    assert len(lines) == 1 and topology.STATUS_STREAM in lines[0] and "NotFound" in lines[0], lines

@@ -123,19 +123,22 @@ async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterat
     nc = js._nc
     after_seq = after_seq or await until_answered(nc, lambda: _last_seq(js, name))
     assembler = EntryAssembler()
+    said = ""  # the last failure said: one that repeats (a stream still missing) is not said every second
     while True:
         await until_connected(nc)
         try:
             async for msg in _follow_from(js, name, after_seq):
-                after_seq = msg.metadata.sequence.stream
+                after_seq, said = msg.metadata.sequence.stream, ""
                 for entry in assembler.feed(stored_entry(stream, msg)):
                     yield entry
         except (nats.errors.Error, TimeoutError, _Lost) as exc:
             if nc.is_closed:
                 raise nats.errors.ConnectionClosedError() from None
-            if nc.is_connected and not isinstance(exc, _Reconnected):
-                print(f"kipvs tap: following {stream} again after seq {after_seq} ({type(exc).__name__}: "
-                      f"{exc or 'no answer in time'})", file=sys.stderr, flush=True)
+            reason = f"{type(exc).__name__}: {exc or 'no answer in time'}"
+            if nc.is_connected and not isinstance(exc, _Reconnected) and reason != said:
+                print(f"kipvs tap: following {stream} again after seq {after_seq} ({reason})", file=sys.stderr,
+                      flush=True)
+                said = reason
             await asyncio.sleep(RETRY_PAUSE)
 
 
