@@ -114,6 +114,7 @@ async def test_why_does_not_read_a_nodes_start_up_wait_as_latency(nats_url: str,
         await until(reported, "node-a's bootstrap report")
         code, out, _ = await kipvs("why", "--nats-url", nats_url, "--node", "node-a", "10.96.0.10:80", capsys=capsys)
         assert code == 0 and "start-up wait, not programming latency" in out, out
+        assert "node-a started at plan seq=" in out and "kernel ops to reach it" in out, out
         assert "ms after the Kubernetes change)" not in out, out
         code, out, _ = await kipvs("why", "--nats-url", nats_url, "--node", "node-a", "10.96.0.10:80", "--json",
                                    capsys=capsys)
