@@ -100,6 +100,7 @@ async def test_live_tap_follows_through_a_server_restart(tmp_path: Path) -> None
             code = await follower.stop()
         lost = [line for line in follower.errors if "was lost" in line]
         assert len(lost) == 1 and lost[0].startswith("kipvs tap: the connection to NATS at"), follower.errors
+        assert not any("Server Shutdown" in line for line in follower.errors), "the loss is said once"
         assert any("again; following on" in line for line in follower.errors), follower.errors
         assert not any("Traceback" in line for line in follower.errors), follower.errors
         assert code == 0, (code, follower.errors)

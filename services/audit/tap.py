@@ -106,6 +106,7 @@ FOLLOW_WAIT = 5.0  # seconds one pull waits at the server for a first message (o
 ANSWER_MARGIN = 10.0  # seconds more a pull waits here for the server's answer (a loaded machine is slow)
 FOLLOW_BATCH = 256  # messages one pull asks for, at most (and PULL_MAX_BYTES: jetstream_pull)
 RETRY_PAUSE = 1.0  # seconds between attempts to follow again
+SERVER_SHUTDOWN = "Server Shutdown"  # nats-server's 409 to waiting pulls when it stops (2.15: seen here)
 QUEUE_MAX = 1024  # entries the live streams may have waiting to be printed
 
 
@@ -147,7 +148,8 @@ class _Lost(Exception):
 
 
 class _Reconnected(_Lost):
-    """The connection was lost and made again: what the server sent meanwhile is gone."""
+    """The connection was lost (or the server is shutting down) and made again: what the server sent
+    meanwhile is gone. Not said again: the connection's loss and return are (log_client.connect)."""
 
 
 async def until_connected(nc: nats.NATS) -> None:
@@ -190,6 +192,8 @@ async def _follow_from(js: JetStreamContext, name: str, after_seq: int) -> Async
                 yield msg
             if js._nc.stats["reconnects"] != reconnects:
                 raise _Reconnected("the connection was lost and made again")
+            if got.status == "409" and got.description == SERVER_SHUTDOWN:  # the connection goes next
+                raise _Reconnected(got.description)
             if got.status == "409" and not got.at_byte_bound:
                 raise _Lost(f"the server ended a pull: {got.description or got.status}")
     finally:
