@@ -18,7 +18,7 @@ import nats
 import pytest
 
 from kipvs.audit import tap
-from kipvs.shared import bus
+from kipvs.shared import bus, topology
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from tests.conftest import NatsServer
 from tests.helpers import wait_port
@@ -170,7 +170,7 @@ async def test_follow_goes_on_after_a_stalled_server(tmp_path: Path, monkeypatch
     seen: list[bytes] = []
 
     async def pump() -> None:
-        async for entry in tap.follow(js, "status", 0):
+        async for entry in tap.follow(js, bus.LogReader(topology.STATUS_STREAM), "status", 0):
             seen.append(entry.raw)
 
     try:
@@ -207,15 +207,13 @@ async def _until(check, what: str) -> None:
 async def test_follow_of_a_missing_stream_says_so_once_and_starts_when_it_comes(nats_url: str, capsys,
                                                                                 monkeypatch) -> None:
     """A stream that does not exist (yet) is said once, not every second, and followed once it exists."""
-    from kipvs.shared import topology
-
     monkeypatch.setattr(tap, "RETRY_PAUSE", 0.2)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     seen: list[bytes] = []
 
     async def pump() -> None:
-        async for entry in tap.follow(js, "status", 1):
+        async for entry in tap.follow(js, bus.LogReader(topology.STATUS_STREAM), "status", 1):
             seen.append(entry.raw)
 
     task = asyncio.create_task(pump())

@@ -1,5 +1,10 @@
 """Kubernetes objects into the planner's validated inputs. Pure; every rejection says exactly why.
 
+Rules of this room: input is whatever the API server (or a recording) holds, so nothing here trusts a
+field's presence or type; a rejection is :class:`Invalid` with one precise sentence (the field and the
+problem), which the core turns into a plan warning; never another exception, never a default kube-proxy
+does not use.
+
 Follows what kube-proxy reads (pkg/proxy/serviceport.go, endpointslicecache.go): which Services are
 ignored, defaults (protocol TCP, affinity timeout 10800 s), EndpointSlice conditions (nil ready means
 ready, nil serving means serving), only an endpoint's first address.
@@ -141,53 +146,12 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
     if not raw_ips:
         raise Invalid("spec.clusterIP: missing (a proxied Service needs one)")
     cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(raw_ips))
-    ports = []
-    seen: set[tuple[str, str]] = set()
-    for i, raw in enumerate(_list(spec.get("ports"), "spec.ports")):
-        p = _mapping(raw, f"spec.ports[{i}]")
-        name = p.get("name") or ""
-        protocol = _protocol(p.get("protocol"), f"spec.ports[{i}].protocol")
-        if (name, protocol) in seen:
-            raise Invalid(f"spec.ports[{i}]: duplicate port name {name!r} for {protocol}")
-        seen.add((name, protocol))
-        node_port = _port(p.get("nodePort") or 0, f"spec.ports[{i}].nodePort", allow_zero=True)
-        ports.append(ServicePort(name, protocol, _port(p.get("port"), f"spec.ports[{i}].port"),
-                                 node_port if kind in ("NodePort", "LoadBalancer") else 0))
+    ports = _service_ports(spec, kind in ("NodePort", "LoadBalancer"))
     external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(_list(spec.get("externalIPs"),
                                                                                       "spec.externalIPs")))
-    lb_ips: list[str] = []
-    ranges: list[str] = []
-    if kind == "LoadBalancer":
-        status = _mapping(obj.get("status"), "status")
-        ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
-                        "status.loadBalancer.ingress")
-        for i, raw in enumerate(ingress):
-            entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
-            if entry.get("ip") and entry.get("ipMode") != "Proxy":
-                lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip"))
-        for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
-            try:
-                ranges.append(str(ipaddress.ip_network(str(cidr).strip(), strict=False)))
-            except ValueError:
-                raise Invalid(f"spec.loadBalancerSourceRanges[{i}]: {cidr!r} is not a CIDR") from None
-    persistence = 0
-    if spec.get("sessionAffinity") == "ClientIP":
-        config = _mapping(_mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
-                          "spec.sessionAffinityConfig.clientIP")
-        persistence = config.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT
-        if isinstance(persistence, bool) or not isinstance(persistence, int) or not (
-                1 <= persistence <= MAX_AFFINITY_TIMEOUT):
-            raise Invalid(f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {persistence!r} is not 1-86400")
-    elif spec.get("sessionAffinity") not in (None, "None"):
-        raise Invalid(f"spec.sessionAffinity: unknown value {spec.get('sessionAffinity')!r} (None, ClientIP)")
-    scheduler, problem = default_scheduler, ""
-    wanted = _mapping(meta.get("annotations"), "metadata.annotations").get(SCHEDULER_ANNOTATION)
-    if wanted is not None:
-        if wanted in SCHEDULERS:
-            scheduler = wanted
-        else:
-            problem = (f"annotation {SCHEDULER_ANNOTATION}={wanted!r} is not an IPVS scheduler "
-                       f"({', '.join(sorted(SCHEDULERS))}); using {default_scheduler!r}")
+    lb_ips, ranges = _load_balancer(obj, spec) if kind == "LoadBalancer" else ([], [])
+    persistence = _affinity_timeout(spec)
+    scheduler, problem = _scheduler(meta, default_scheduler)
     externally_accessible = bool(external_ips or lb_ips or any(p.node_port for p in ports))
     external_local = externally_accessible and spec.get("externalTrafficPolicy") == "Local"
     health_check = 0
@@ -200,6 +164,66 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
         external_policy_local=external_local,
         internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports),
         health_check_node_port=health_check)
+
+
+def _service_ports(spec: dict[str, Any], with_node_ports: bool) -> list[ServicePort]:
+    """spec.ports; a nodePort only counts for NodePort and LoadBalancer Services."""
+    ports = []
+    seen: set[tuple[str, str]] = set()
+    for i, raw in enumerate(_list(spec.get("ports"), "spec.ports")):
+        p = _mapping(raw, f"spec.ports[{i}]")
+        name = p.get("name") or ""
+        protocol = _protocol(p.get("protocol"), f"spec.ports[{i}].protocol")
+        if (name, protocol) in seen:
+            raise Invalid(f"spec.ports[{i}]: duplicate port name {name!r} for {protocol}")
+        seen.add((name, protocol))
+        node_port = _port(p.get("nodePort") or 0, f"spec.ports[{i}].nodePort", allow_zero=True)
+        ports.append(ServicePort(name, protocol, _port(p.get("port"), f"spec.ports[{i}].port"),
+                                 node_port if with_node_ports else 0))
+    return ports
+
+
+def _load_balancer(obj: dict[str, Any], spec: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(ingress IPs that are not ipMode Proxy, loadBalancerSourceRanges as networks) of a LoadBalancer."""
+    lb_ips: list[str] = []
+    ranges: list[str] = []
+    status = _mapping(obj.get("status"), "status")
+    ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
+                    "status.loadBalancer.ingress")
+    for i, raw in enumerate(ingress):
+        entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
+        if entry.get("ip") and entry.get("ipMode") != "Proxy":
+            lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip"))
+    for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
+        try:
+            ranges.append(str(ipaddress.ip_network(str(cidr).strip(), strict=False)))
+        except ValueError:
+            raise Invalid(f"spec.loadBalancerSourceRanges[{i}]: {cidr!r} is not a CIDR") from None
+    return lb_ips, ranges
+
+
+def _affinity_timeout(spec: dict[str, Any]) -> int:
+    """The ClientIP affinity timeout in seconds (kube-proxy's default 10800), 0 without affinity."""
+    if spec.get("sessionAffinity") == "ClientIP":
+        config = _mapping(_mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
+                          "spec.sessionAffinityConfig.clientIP")
+        persistence = config.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT
+        if isinstance(persistence, bool) or not isinstance(persistence, int) or not (
+                1 <= persistence <= MAX_AFFINITY_TIMEOUT):
+            raise Invalid(f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {persistence!r} is not 1-86400")
+        return persistence
+    if spec.get("sessionAffinity") not in (None, "None"):
+        raise Invalid(f"spec.sessionAffinity: unknown value {spec.get('sessionAffinity')!r} (None, ClientIP)")
+    return 0
+
+
+def _scheduler(meta: dict[str, Any], default_scheduler: str) -> tuple[str, str]:
+    """(the scheduler, why the annotation's was not used: "" when it was, or there was none)."""
+    wanted = _mapping(meta.get("annotations"), "metadata.annotations").get(SCHEDULER_ANNOTATION)
+    if wanted is None or wanted in SCHEDULERS:
+        return wanted or default_scheduler, ""
+    return default_scheduler, (f"annotation {SCHEDULER_ANNOTATION}={wanted!r} is not an IPVS scheduler "
+                               f"({', '.join(sorted(SCHEDULERS))}); using {default_scheduler!r}")
 
 
 class _Conditions(msgspec.Struct):
