@@ -96,7 +96,7 @@ class Cluster:
         await self.nats_server.start(port=4222 if self.host_link else 0)
         admin = self.nats_server.identity("admin")
         self.nc = await nats.connect(self.url, name="kipvs-demo", **(admin.connect_options() if admin else {}))
-        self.js = self.nc.jetstream()
+        self.js = self.nc.jetstream(timeout=5 * time_scale())  # nats-py's default 5 s, at this machine's pace
 
     async def start_simulator(self) -> None:
         self.sim = Simulator(bookmark_interval=5.0)
