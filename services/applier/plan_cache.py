@@ -21,7 +21,7 @@ import msgspec
 from kipvs.shared import events
 from kipvs.shared.plan.plan_state import SharedPlan
 
-from .backend import Backend
+from .kernel.backend import Backend
 from .ops import DesiredState, diff
 
 log = logging.getLogger("kipvs.applier")

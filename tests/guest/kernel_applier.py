@@ -13,9 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.drain import Drainer
-from kipvs.applier.netlink_writer import NetlinkKernel
+from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.kernel.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
 from kipvs.planner.core import Planner
 from kipvs.planner.log_replay import plan_events, read_events
