@@ -18,7 +18,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio import config as kube_config
 
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.ops import DesiredState, describe_changes, diff
 from kipvs.planner.main import PlannerServiceConfig, plan
