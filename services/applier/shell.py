@@ -28,14 +28,16 @@ from kipvs.shared.plan.plan_state import SequenceGap
 
 from . import marks, node_claim, node_facts
 from .conntrack import ConntrackCleanup
+from .conntrack_settings import Conntrack
 from .core import ApplierCore
 from .drift import DriftCheck, describe_op
+from .drift_slices import SERVICES_PER_CHECK
 from .health_check import HealthChecks, HealthServers
 from .kernel.backend import Backend, KernelError
 from .kernel.rules import NftRules
 from .node_settings import NodeSettings, Timeouts
 from .ops import Op, describe_changes
-from .programming_metrics import ProgrammingMetrics
+from .programming_metrics import ProgrammingMetrics, health_counters, service_keys
 from .reports import Reports
 
 log = logging.getLogger("kipvs.applier")
@@ -51,6 +53,9 @@ class ApplierSettings:
     conntrack_cleanup: bool = True  # --conntrack-cleanup
     timeouts: Timeouts = field(default_factory=Timeouts)  # --ipvs-tcp-timeout ...
     strict_arp: bool = False  # --ipvs-strict-arp
+    drift_check_services: int = SERVICES_PER_CHECK  # --drift-check-services
+    nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs (kube-proxy's --nodeport-addresses)
+    conntrack: Conntrack = field(default_factory=Conntrack)  # --conntrack-max-per-core ...
 
 
 @dataclass
@@ -70,7 +75,7 @@ class Applier:
         s = settings or ApplierSettings()
         m = ctx.metrics
         self.ctx, self.node, self.kernel, self.rules = ctx, node, kernel, rules
-        self.core = ApplierCore(node, s.drain_timeout, s.interface_addresses)
+        self.core = ApplierCore(node, s.drain_timeout, s.interface_addresses, s.nodeport_cidrs)
         # One writer at a time: a drift check reads the kernel back and repairs it, which must not interleave
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()
@@ -84,14 +89,15 @@ class Applier:
         self.marks = marks.EndpointMarkRules(s.endpoint_marks, rules, self.facts_publisher.publish)
         self.health = HealthServers(lambda: _healthy(ctx),
                                     m.counter("kipvs_applier_health_check_bind_errors_total",
-                                              "health-check node ports (and the node health port) not bound"))
+                                              "health-check node ports (and the node health port) not bound"),
+                                    *health_counters(m))
         self.health_checks = HealthChecks(node, self.health)
         self.conntrack = ConntrackCleanup(kernel, s.conntrack_cleanup, m.counter(
             "kipvs_applier_conntrack_entries_deleted_total",
             "conntrack entries of UDP/SCTP flows deleted after their real server left"))
-        self.node_settings = NodeSettings(kernel, s.timeouts, s.strict_arp)
+        self.node_settings = NodeSettings(kernel, s.timeouts, s.strict_arp, s.conntrack)
         self.drift = DriftCheck(self.core, kernel, rules, self.reports, m.counter(
-            "kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back"))
+            "kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back"), s.drift_check_services)
         self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
         m.gauge("kipvs_applier_plan_seq", "last shared delta applied", read=lambda: self.core.plan.seq)
         m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
@@ -151,6 +157,7 @@ class Applier:
             raise bus.Retry(f"node {self.node} is applied by {self.claim.holder} now")
         async with self.kernel_lock:
             started = time.perf_counter()
+            self.metrics.queued()
             facts_before, calico_before = self.core.facts(), self.core.calico
             taken = await self._take(batch)
             self.stream_seq = max(self.stream_seq, batch[-1].stream_sequence)
@@ -167,6 +174,7 @@ class Applier:
             record = envelope.record
             if not isinstance(record, events.PlanDelta):
                 raise ValueError(f"{type(record).__name__} does not belong on a plan subject")
+            before = {key: self.core.plan.services.get(key) for key in service_keys(record)}
             try:
                 touched = self.core.take(record)
             except SequenceGap as exc:
@@ -181,6 +189,7 @@ class Applier:
             if touched is not None:
                 taken.applied.append(envelope)
                 taken.touched |= touched
+                self.metrics.count_changes(before, self.core.plan.services)
         return taken
 
     async def _whole(self, envelope: events.Envelope) -> events.Envelope | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kipvs.audit import why
+from kipvs.guest.vm import time_scale
 from kipvs.shared import bus, records, topology
 from kipvs.shared.log_client import decode_entry, read_all
 from kipvs.simulator import scenario as scenarios
@@ -142,7 +143,7 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     for service in ("auth", "watcher", "planner", *(f"applier-{n}" for n in cluster.node_names())):
         await cluster.start(service)
         if service == "auth":
-            await cluster.auth_listening(within=30)
+            await cluster.auth_listening(within=60 * time_scale())  # a first Python start under TCG is slow
         say(f"      started {service}")
     step(4, "waiting until every node holds its plan ...")
     took = await cluster.converged(within=120)

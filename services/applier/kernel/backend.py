@@ -11,6 +11,7 @@ are its own and never touches a foreign one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,7 +72,10 @@ class Backend(Protocol):
 
     async def setup(self) -> None: ...
 
-    async def observe(self) -> Observed: ...
+    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
+        """kipvs's objects as the kernel holds them; with ``checked``, real servers are read only for the
+        services it accepts (the others' ``reals`` may be empty: see drift_slices.py)."""
+        ...
 
     async def apply(self, ops: list[Op]) -> None: ...
 
@@ -141,7 +145,8 @@ class MemoryKernel:
         for name in (*ALL_IPSETS, *OWNED_SETS.values()):
             self.ipsets.setdefault(name, set())
 
-    async def observe(self) -> Observed:
+    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
+        """Everything (``checked`` is not needed: reading memory costs nothing)."""
         assert self.ipsets is not None, "setup() first"
         state = NodeState()
         state.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, v.persistence_timeout, dict(v.reals))
