@@ -306,6 +306,8 @@ class ApplyReport(Record, tag="apply.report"):
 
     ``desired_digest`` is a hash of the node's whole desired state after the batch; a drift check
     publishes the digest of what it read back, so an auditor can tell a node is exactly in sync.
+    ``bootstrap``: the report a starting applier publishes once it has programmed the whole plan (its
+    time after a change is the node's start-up wait, not programming latency: ``kipvs why`` says so).
     """
 
     node: str
@@ -314,6 +316,7 @@ class ApplyReport(Record, tag="apply.report"):
     duration_ms: float
     errors: tuple[str, ...] = ()
     desired_digest: str = ""
+    bootstrap: bool = False
 
 
 class DriftReport(Record, tag="apply.drift"):

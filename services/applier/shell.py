@@ -36,7 +36,7 @@ from .health_check import HealthChecks, HealthServers
 from .kernel.backend import Backend, KernelError
 from .kernel.rules import NftRules
 from .node_settings import NodeSettings, Timeouts
-from .ops import Op
+from .ops import Op, describe_changes
 from .programming_metrics import ProgrammingMetrics, health_counters, service_keys
 from .reports import Reports
 
@@ -143,12 +143,13 @@ class Applier:
         await self._sync_health_checks(None)
         self.metrics.services_changed(core.plan.services, set(core.plan.services) | set(self.metrics.by_service))
         self.metrics.synced()
-        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, "
-                 "%d repairs to reach it", core.plan.seq, caught_up, len(core.desired.services), len(found))
+        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, %s",
+                 core.plan.seq, caught_up, len(core.desired.services), describe_changes(found))
         # Say at once what this instance holds: the last report on the status stream may be a previous
         # instance's, newer or older than what the kernel now holds.
         self.reports.report(events.ApplyReport(node=self.node, plan_seq=core.plan.seq, operations=len(found),
-                                               duration_ms=0.0, desired_digest=core.desired.digest()))
+                                               duration_ms=0.0, desired_digest=core.desired.digest(),
+                                               bootstrap=True))
 
     async def converge(self) -> list[str]:
         """Read the kernel back and write what makes it the desired state; the operations, described."""
