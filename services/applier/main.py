@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from kipvs.shared import config, kube_proxy_config, logs, runtime, topology
 from kipvs.shared.config import describe
 
-from . import inspect, node_claim, node_facts, plan_cache, plan_consumer, plan_feed, report_pacer
+from . import inspect, node_claim, node_facts, plan_cache, plan_consumer, plan_feed, report_pacer, takeover
 from .conntrack_settings import Conntrack
 from .drift_slices import SERVICES_PER_CHECK
 from .kernel.backend import Backend, CapabilityError, MemoryKernel
@@ -142,6 +142,14 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     shadow_sync_period: Annotated[float, describe(
         "seconds between shadow comparisons (as kube-proxy's --ipvs-sync-period)"), msgspec.Meta(gt=0),
         config.SECONDS] = 30.0
+    adopt: Annotated[bool, describe(
+        "take the node over from kube-proxy's IPVS mode in place: its virtual services in kipvs's plan become "
+        "kipvs's own as they are, only differences are written, and kube-proxy's iptables chains are removed "
+        "once kipvs's nftables table is in place (docs/architecture.md, 'Takeover')")] = False
+    hand_back: Annotated[bool, describe(
+        "leave this node to kube-proxy in place, then exit: remove kipvs's nftables table and ownership "
+        "records, keep IPVS, kube-ipvs0 and the ipsets for kube-proxy to adopt (run it once kube-proxy runs)")] \
+        = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,6 +159,8 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         topology.token(self.node)
         if self.shadow and self.cleanup:
             raise ValueError("shadow and cleanup exclude each other: shadow mode never changes the kernel")
+        if sum((self.shadow, self.cleanup, self.hand_back, self.adopt)) > 1:
+            raise ValueError("shadow, cleanup, hand-back and adopt exclude each other")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
         kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
         if self.shadow and self.http_listen == KUBE_PROXY_METRICS:
@@ -163,7 +173,7 @@ def settings_of(cfg: ApplierConfig) -> ApplierSettings:
                            timeouts=Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout),
                            strict_arp=cfg.ipvs_strict_arp, report_interval=cfg.report_interval,
                            drift_check_services=cfg.drift_check_services,
-                           nodeport_cidrs=tuple(cfg.nodeport_cidrs),
+                           nodeport_cidrs=tuple(cfg.nodeport_cidrs), adopt=cfg.adopt,
                            conntrack=Conntrack(cfg.conntrack_max_per_core, cfg.conntrack_min,
                                                cfg.conntrack_tcp_timeout_established,
                                                cfg.conntrack_tcp_timeout_close_wait, cfg.conntrack_tcp_be_liberal,
@@ -369,6 +379,15 @@ def run(args: argparse.Namespace) -> int:
             # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
             await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
             await kernel.close()
+            return 0
+        if cfg.hand_back:
+            if cfg.backend != "netlink":
+                print("kipvs applier: --hand-back needs --backend netlink", file=sys.stderr)
+                return 2
+            await takeover.hand_back(kernel, rules)  # type: ignore[arg-type]
+            await kernel.close()
+            print("kipvs applier: handed this node back: kipvs's nftables table and ownership records removed; "
+                  "IPVS, kube-ipvs0 and the ipsets left for kube-proxy")
             return 0
         if cfg.cleanup:
             if rules is not None:

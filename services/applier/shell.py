@@ -26,7 +26,7 @@ from kipvs.shared import bus, delta_chunks, events, plan_log, runtime, topology
 from kipvs.shared.nats_permissions import applier_reader
 from kipvs.shared.plan.plan_state import SequenceGap
 
-from . import marks, node_claim, node_facts, plan_feed
+from . import marks, node_claim, node_facts, plan_feed, takeover
 from .conntrack import ConntrackCleanup
 from .conntrack_settings import Conntrack
 from .core import ApplierCore
@@ -36,7 +36,7 @@ from .health_check import HealthChecks, HealthServers
 from .kernel.backend import Backend, KernelError
 from .kernel.rules import NftRules
 from .node_settings import NodeSettings, Timeouts
-from .ops import Op
+from .ops import Op, describe_changes
 from .programming_metrics import ProgrammingMetrics, health_counters, service_keys
 from .report_pacer import REPORT_INTERVAL
 from .reports import Reports
@@ -58,6 +58,8 @@ class ApplierSettings:
     drift_check_services: int = SERVICES_PER_CHECK  # --drift-check-services
     nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs (kube-proxy's --nodeport-addresses)
     conntrack: Conntrack = field(default_factory=Conntrack)  # --conntrack-max-per-core ...
+    adopt: bool = False  # --adopt: take kube-proxy's state over at the bootstrap (takeover.py)
+    adopt_exclude_cidrs: tuple[str, ...] = ()  # never adopted (room for --ipvs-exclude-cidrs)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Applier:
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
+        self.adopt, self.adopt_exclude_cidrs = s.adopt, s.adopt_exclude_cidrs
         # history of the plan is read under the node's one reader name: its permissions allow no other
         self.plan_reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(node))
         self.consumer: plan_feed.PlanInput | None = None
@@ -125,6 +128,8 @@ class Applier:
         if core.use_interfaces:
             core.local_addresses = await self.kernel.node_addresses()
         core.reset(plan)
+        if self.adopt:  # before the first write: kube-proxy's services are only edited, never re-created
+            await takeover.adopt(self.kernel, core.desired.state(), self.adopt_exclude_cidrs)
         found = await self.converge()
         calico = await marks.last_node_state(self.ctx.js, self.plan_reader, self.node)
         if calico is not None:
@@ -133,16 +138,20 @@ class Applier:
         if self.rules is not None:
             self.rules.marks = self.marks.marks(core.calico)
             await self.rules.install(core.desired.state().ipsets)
+        if self.adopt and self.rules is not None:  # kipvs's table carries the traffic now
+            await takeover.remove_kube_proxy_chains()
+            self.adopt = False
         await self.node_settings.sync()
         await self._sync_health_checks(None)
         self.metrics.services_changed(core.plan.services, set(core.plan.services) | set(self.metrics.by_service))
         self.metrics.synced()
-        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, "
-                 "%d repairs to reach it", core.plan.seq, caught_up, len(core.desired.services), len(found))
+        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, %s",
+                 core.plan.seq, caught_up, len(core.desired.services), describe_changes(found))
         # Say at once what this instance holds: the last report on the status stream may be a previous
         # instance's, newer or older than what the kernel now holds.
         self.reports.report(events.ApplyReport(node=self.node, plan_seq=core.plan.seq, operations=len(found),
-                                               duration_ms=0.0, desired_digest=core.desired.digest()))
+                                               duration_ms=0.0, desired_digest=core.desired.digest(),
+                                               bootstrap=True))
 
     async def converge(self) -> list[str]:
         """Read the kernel back and write what makes it the desired state; the operations, described."""

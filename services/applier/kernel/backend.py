@@ -99,6 +99,8 @@ class Backend(Protocol):
 
     async def clear_conntrack(self, flows: list[tuple[VSKey, RealKey | None]]) -> int: ...
 
+    async def set_link_alias(self, alias: str) -> None: ...
+
 
 @dataclass
 class MemoryKernel:
@@ -114,6 +116,10 @@ class MemoryKernel:
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(900, 120, 300))  # the kernel's defaults
     sysctl_values: dict[str, str] = field(default_factory=dict)
     conntrack_cleared: list[tuple[VSKey, RealKey | None]] = field(default_factory=list)
+    link_alias: str = ""
+
+    async def set_link_alias(self, alias: str) -> None:
+        self.link_alias = alias
 
     async def ipvs_timeouts(self) -> Timeouts:
         return self.timeouts

@@ -154,6 +154,11 @@ class NetlinkKernel(NetlinkReadBack):
                 self.ipset._attr_revision = (await self.ipset.get_supported_revisions(kind, family=family))[1]
                 await self.ipset.create(name, stype=kind, family=family, exclusive=False, **extra)
             except NetlinkError as exc:
+                if exc.code == errno.EEXIST and await self._set_type_of(name) == kind:
+                    # The same set made with other options: kube-proxy's (ipset.go adds "comment" and its own
+                    # hashsize/maxelem). Members are what count; used as it is (a takeover, takeover.py).
+                    log.info("ipset %s exists already (%s, other options): kipvs uses it", name, kind)
+                    continue
                 raise CapabilityError(f"cannot create ipset {name} ({kind}): {exc}; load ip_set and "
                                       f"ip_set_{kind.replace(':', '_').replace(',', '')}") from None
             finally:
@@ -273,6 +278,32 @@ class NetlinkKernel(NetlinkReadBack):
             except NetlinkError as exc:
                 if exc.code != errno.ENOENT:
                     log.warning("could not destroy ipset %s: %s", name, exc)
+
+    async def _set_type_of(self, name: str) -> str:
+        """The type of the existing ipset ``name`` ("hash:ip,port"), "" if there is none."""
+        assert self.ipset is not None
+        kinds = [msg.get_attr("IPSET_ATTR_TYPENAME") async for msg in await self.ipset.list(name)]  # read it all
+        return next((kind for kind in kinds if kind), "")
+
+    async def set_link_alias(self, alias: str) -> None:
+        """kube-ipvs0's alias (who owns the link, ``node_facts.link_owner``); nothing if there is no link."""
+        await self._open()
+        assert self.ipr is not None
+        found = await self.ipr.link_lookup(ifname=LINK)
+        if found:
+            await self.ipr.link("set", index=found[0], ifalias=alias)
+
+    async def forget_ownership(self) -> None:
+        """Destroy the ownership sets only (``--hand-back``): kipvs's services become foreign, for kube-proxy
+        to adopt; nothing that forwards is touched."""
+        await self._open()
+        assert self.ipset is not None
+        for name in OWNED_SETS.values():
+            try:
+                await self.ipset.destroy(name)
+            except NetlinkError as exc:
+                if exc.code != errno.ENOENT:
+                    raise
 
     async def ipvs_timeouts(self) -> Timeouts:
         await self._open()
