@@ -225,6 +225,7 @@ class Planner:
             self._warn(ops, scheduler_warning, "invalid-scheduler", "Service", key, spec.scheduler_problem)
         else:
             self._clear(ops, scheduler_warning)
+        self._legacy(ops, "Service", key, spec.legacy if spec is not None else ())
         if spec is None:
             self.services.pop(key, None)
         else:
@@ -251,6 +252,7 @@ class Planner:
                     self._clear(ops, warning_id)
         else:
             self._clear(ops, warning_id)
+        self._legacy(ops, "EndpointSlice", key, spec.legacy if spec is not None else ())
         if spec is not None:
             self.slices[key] = spec
             self.slices_by_service[spec.service_key].add(key)
@@ -260,10 +262,10 @@ class Planner:
 
     def _on_node(self, name: str, obj: dict[str, Any] | None, ops: list[PlanOp]) -> None:
         warning_id = f"Node/{name}"
-        facts = None
+        facts, legacy = None, ()
         if obj is not None:
             try:
-                facts, problems = parse.node(obj)
+                facts, problems, legacy = parse.node(obj)
             except parse.Invalid as exc:  # skipped like an invalid Service: as if absent, and said so
                 self._warn(ops, warning_id, "invalid-node", "Node", name, f"Node {name} skipped: {exc}")
             else:
@@ -274,6 +276,7 @@ class Planner:
                     self._clear(ops, warning_id)
         else:
             self._clear(ops, warning_id)
+        self._legacy(ops, "Node", name, legacy)
         current = self.nodes.get(name)
         if facts is None:
             if current is not None:
@@ -364,6 +367,15 @@ class Planner:
         if self.warnings.get(id) != warning:
             self.warnings[id] = warning
             ops.append(SetWarning(warning))
+
+    def _legacy(self, ops: list[PlanOp], kind: str, key: str, notes: tuple[str, ...]) -> None:
+        """The ``legacy-address`` warning: the object is planned, its addresses read as kube-proxy reads
+        legacy ones (leading zeros: CVE-2021-29923); the message names each field, so it can be fixed."""
+        warning_id = f"{kind}/{key}/legacy-address"
+        if notes:
+            self._warn(ops, warning_id, "legacy-address", kind, key, f"{kind} {key}: " + "; ".join(notes))
+        else:
+            self._clear(ops, warning_id)
 
     def _clear(self, ops: list[PlanOp], id: str) -> None:
         if self.warnings.pop(id, None) is not None:
