@@ -34,7 +34,7 @@ from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
-from . import health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
+from . import exclude, health_check, inspect, node_claim, node_facts, node_settings, plan_cache, plan_consumer
 from .backend import Backend, CapabilityError, KernelError, MemoryKernel
 from .drain import Drainer
 from .endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
@@ -87,6 +87,10 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     healthz_bind_address: Annotated[str, describe(
         "host:port of the node health server (kube-proxy's --healthz-bind-address: /healthz, /livez); "
         "empty disables it")] = "0.0.0.0:10256"
+    ipvs_exclude_cidrs: Annotated[list[str], describe(
+        "CIDRs whose IPVS virtual services belong to another program: kipvs never programs, edits or deletes "
+        "a virtual service there, nor binds such an address (kube-proxy's --ipvs-exclude-cidrs; "
+        "comma-separated)")] = []
     endpoint_marks: Annotated[Literal["auto", "observe", "enforce"], describe(
         "Calico endpoint marks: enforce = kipvs writes the marking rules (nodes without Felix), observe = "
         "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
@@ -107,6 +111,7 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         if self.shadow and self.cleanup:
             raise ValueError("shadow and cleanup exclude each other: shadow mode never changes the kernel")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
+        exclude.parse(self.ipvs_exclude_cidrs)
 
 
 def describe_op(op: Op) -> str:
@@ -137,6 +142,7 @@ class Applier:
         self.plan = SharedPlan()
         self.chunks = delta_chunks.Assembler()  # chunked deltas in progress, kept across re-bootstraps
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
+        self.exclude = exclude.ExcludeCIDRs()  # --ipvs-exclude-cidrs
         self.desired = DesiredState()
         self.health_wanted: dict[str, tuple[int, int]] = {}  # health_check.wanted_ports, kept per change
         self.unsent_reports: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
@@ -181,7 +187,7 @@ class Applier:
         self.stream_seq = max(self.stream_seq, read_upto)
         if self.use_interfaces:
             self.local_addresses = await self.kernel.node_addresses()
-        self.desired = DesiredState.of(self.plan.services, self.facts())
+        self.desired = DesiredState.of(self.plan.services, self.facts(), self.exclude.contribution)
         found = await self.converge()
         await self.bootstrap_calico()
         if self.rules is not None:
@@ -257,7 +263,7 @@ class Applier:
         return msgspec.structs.replace(base, addresses=self.local_addresses)
 
     async def converge(self) -> list[str]:
-        observed = await self.kernel.observe()
+        observed = self.exclude.hide(await self.kernel.observe())
         ops = diff(self.desired.state(), observed.state, observed.owned)
         ops = self.drainer.keep_draining(self.drainer.resume(ops, observed.state, time.monotonic()))
         if ops:
@@ -394,14 +400,15 @@ class Applier:
             await self.sync_node_settings()
 
     async def sync_node_settings(self) -> None:
-        """The IPVS timeouts and strict ARP as configured (at start, then at every drift check)."""
+        """The IPVS timeouts, strict ARP and conn_reuse_mode (by kernel version), at start and at every
+        drift check."""
         current = await self.kernel.ipvs_timeouts()
         if self.timeouts.differs(current):
             log.info("IPVS timeouts %s -> %s", current, self.timeouts)
             await self.kernel.set_ipvs_timeouts(self.timeouts)
-        changes = node_settings.sysctls_to_set(self.strict_arp, self.kernel.sysctls(list(node_settings.STRICT_ARP)))
+        changes = node_settings.sysctls_to_set(self.strict_arp, self.kernel.sysctls(list(node_settings.KEYS)))
         if changes:
-            log.info("strict ARP: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            log.info("node sysctls: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
             self.kernel.set_sysctls(changes)
 
     async def clear_stale_flows(self, ops: list[Op]) -> None:
@@ -457,7 +464,7 @@ class Applier:
                 await self.kernel.apply(ops)
                 if self.rules is not None:
                     await self.rules.apply(ops)
-        observed = await self.kernel.observe()
+        observed = self.exclude.hide(await self.kernel.observe())
         want = self.desired.state()
         ops = self.drainer.keep_draining(diff(want, observed.state, observed.owned))
         found = [describe_op(op) for op in ops]
@@ -465,7 +472,7 @@ class Applier:
             await self.kernel.apply(ops)
             self.drift_repairs.inc(len(ops))
             log.warning("drift: repaired %d kernel objects", len(ops))
-            observed = await self.kernel.observe()
+            observed = self.exclude.hide(await self.kernel.observe())
         if self.rules is not None:
             members = await self.rules.members()
             marks = self.rules.marks
@@ -546,6 +553,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
     applier.conntrack_cleanup = cfg.conntrack_cleanup
     applier.timeouts = Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout)
     applier.strict_arp = cfg.ipvs_strict_arp
+    applier.exclude = exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs))
     await applier.health.serve_node_health(cfg.healthz_bind_address)
     try:
         ctx.set_not_ready(f"claiming node {cfg.node}")

@@ -69,7 +69,7 @@ IPSET_BENIGN = frozenset({errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST})
 
 PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
-PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
+PERSISTENT = ipvs_wire.PERSISTENT
 SET_TYPES = dict(IPSET_TYPES)
 
 
@@ -91,8 +91,17 @@ def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService
     # af first: pyroute2 encodes the address according to the family attribute it has already seen.
     return IPVSService(af=socket.AF_INET6 if v6 else socket.AF_INET, protocol=PROTOCOL_NUMBERS[protocol], addr=ip,
                        port=port, sched_name=scheduler, timeout=timeout,
-                       flags={"flags": PERSISTENT if timeout else 0, "mask": 0xFFFFFFFF},
+                       flags={"flags": ipvs_wire.service_flags(scheduler, timeout), "mask": 0xFFFFFFFF},
                        netmask=V6_NETMASK if v6 else "255.255.255.255")
+
+
+def observed_scheduler(name: str, flags: int) -> str:
+    """The scheduler as read back, compared with the plan's: an ``mh`` service without ``mh-port`` (written
+    by an older kipvs, or by hand) reads as ``mh without mh-port``, so a read-back repairs its flags
+    (an EditService) and shadow mode reports it."""
+    if name == "mh" and not flags & ipvs_wire.MH_PORT:
+        return "mh without mh-port"
+    return name
 
 
 def netlink_message(kind: int, seq: int, body: bytes) -> bytes:
@@ -205,9 +214,9 @@ class NetlinkKernel:
             if protocol is None:
                 continue
             key = (protocol, svc["IPVS_SVC_ATTR_ADDR"], svc["IPVS_SVC_ATTR_PORT"])
-            persistent = svc["IPVS_SVC_ATTR_FLAGS"]["flags"] & PERSISTENT
-            vs = VirtualService(protocol, key[1], key[2], svc["IPVS_SVC_ATTR_SCHED_NAME"],
-                                svc["IPVS_SVC_ATTR_TIMEOUT"] if persistent else 0)
+            flags = svc["IPVS_SVC_ATTR_FLAGS"]["flags"]
+            vs = VirtualService(protocol, key[1], key[2], observed_scheduler(svc["IPVS_SVC_ATTR_SCHED_NAME"], flags),
+                                svc["IPVS_SVC_ATTR_TIMEOUT"] if flags & PERSISTENT else 0)
             for dmsg in await self.ipvs.dest("dump", service=_service(key)):
                 d = _attrs(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
                 real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
