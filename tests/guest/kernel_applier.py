@@ -13,13 +13,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from kipvs.applier import node_settings
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.drain import Drainer
 from kipvs.applier.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
+from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, EditService, Op, diff
 from kipvs.planner.core import Planner
 from kipvs.planner.render import ipvsadm
 from kipvs.planner.replay import plan_events, read_events
+from kipvs.shared.plan.node_state import NodeState, VirtualService
 from kipvs.shared.plan.resolve import resolve_service
 from tests.golden.regenerate import EVENTS
 
@@ -233,3 +235,34 @@ async def _wait_for(predicate, within: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+async def test_mh_scheduler_is_written_with_mh_port_and_repaired_without_it(kernel: NetlinkKernel) -> None:
+    """kube-proxy sets IP_VS_SVC_F_SCHED_MH_PORT with mh (kubernetes#115526): ipvsadm shows ``mh-port``."""
+    key = ("TCP", "10.96.7.7", 80)
+    await kernel.apply([AddService(key, "mh", 0), AddService(("TCP", "10.96.7.8", 80), "mh", 600)])
+    listing = sh("ipvsadm -Ln")
+    lines = [line for line in listing.splitlines() if "10.96.7.7:80" in line or "10.96.7.8:80" in line]
+    assert len(lines) == 2 and all("mh-port" in line for line in lines), listing
+    sh("ipvsadm -E -t 10.96.7.7:80 -s mh")  # rewritten by hand without the flag
+    assert "mh-port" not in next(line for line in sh("ipvsadm -Ln").splitlines() if "10.96.7.7:80" in line)
+    want = NodeState()
+    want.ipvs[key] = VirtualService("TCP", "10.96.7.7", 80, "mh")
+    want.ipvs[("TCP", "10.96.7.8", 80)] = VirtualService("TCP", "10.96.7.8", 80, "mh", 600)
+    observed = await kernel.observe()
+    repair = [op for op in diff(want, observed.state, observed.owned) if isinstance(op, EditService)]
+    assert repair == [EditService(key, "mh", 0)]
+    await kernel.apply(repair)
+    assert "mh-port" in next(line for line in sh("ipvsadm -Ln").splitlines() if "10.96.7.7:80" in line)
+
+
+async def test_conn_reuse_mode_is_written_on_the_kernels_kube_proxy_sets_it_on(kernel: NetlinkKernel) -> None:
+    sh("sysctl -w net.ipv4.vs.conn_reuse_mode=1")
+    current = kernel.sysctls(list(node_settings.KEYS))
+    assert current[node_settings.OSRELEASE].startswith("6."), "this guest's kernel is 6.x"
+    assert node_settings.sysctls_to_set(False, current) == {}, "5.9 and newer: left as it is"
+    # The same read-back with the release of RHEL 8's kernel: written, to the real sysctl.
+    changes = node_settings.sysctls_to_set(False, {**current, node_settings.OSRELEASE: "4.18.0-305.el8.x86_64"})
+    kernel.set_sysctls(changes)
+    assert sh("sysctl -n net.ipv4.vs.conn_reuse_mode").strip() == "0"
+    assert kernel.sysctls([node_settings.CONN_REUSE_MODE]) == {node_settings.CONN_REUSE_MODE: "0"}
