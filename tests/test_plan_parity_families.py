@@ -184,3 +184,44 @@ def test_what_kube_proxy_cannot_read_either_is_still_invalid(plan, bad: str) -> 
     state = plan(added(*NODES, web(clusterIP=bad, clusterIPs=[bad])), "node-a", "json")
     assert [w["code"] for w in state["warnings"]] == ["invalid-service"]
     assert "spec.clusterIPs[0]" in state["warnings"][0]["message"]
+
+
+# --- 9. a LoadBalancer turned ClusterIP before its status is cleared ----------------------------------------
+
+
+def _turned_cluster_ip() -> tuple[dict, dict]:
+    lb = web(type="LoadBalancer", ports=HTTP, loadBalancerSourceRanges=["198.51.100.0/24"])
+    lb["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}
+    turned = web()  # the controller has not cleared the status yet (MetalLB issue 190, kube-vip issue 1700)
+    turned["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}
+    return lb, turned
+
+
+def test_a_service_no_longer_a_load_balancer_stops_serving_its_old_address_at_once(plan) -> None:
+    """kipvs's chosen behaviour (docs/plan-format.md, parity notes): kube-proxy keeps serving the address
+    until the status is cleared; kipvs drops it with the type, and warns while the status lingers."""
+    _, turned = _turned_cluster_ip()
+    state = plan(added(*NODES, turned, slice_(kube.endpoint("10.244.1.5"))), "node-a", "json")
+    assert "203.0.113.9" not in state["addresses"] and state["ipsets"]["KUBE-LOAD-BALANCER"] == []
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == []
+    assert "10.96.0.10" in state["addresses"], "the ClusterIP is served as always"
+    (warning,) = state["warnings"]
+    assert warning["code"] == "stale-load-balancer-status" and "203.0.113.9" in warning["message"]
+
+
+def test_the_change_of_type_is_live_and_the_warning_clears_with_the_status() -> None:
+    lb, turned = _turned_cluster_ip()
+    steps = [*added(*NODES, lb), {"type": "MODIFIED", "object": turned}]
+    live = _plan(steps)
+    assert live.plans["default/web"].load_balancer_ips == ()
+    assert "Service/default/web/stale-load-balancer-status" in live.warnings
+    cleared = web()
+    live = _plan([*steps, {"type": "MODIFIED", "object": cleared}])
+    assert "Service/default/web/stale-load-balancer-status" not in live.warnings
+    assert live.plans == _plan(added(*NODES, cleared)).plans
+
+
+def test_a_cluster_ip_service_with_a_status_of_the_wrong_shape_is_still_planned(plan) -> None:
+    svc = web()
+    svc["status"] = {"loadBalancer": {"ingress": "203.0.113.9"}}  # never read for a ClusterIP Service
+    assert plan(added(*NODES, svc), "node-a", "json")["warnings"] == []

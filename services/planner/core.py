@@ -226,6 +226,13 @@ class Planner:
         else:
             self._clear(ops, scheduler_warning)
         self._legacy(ops, "Service", key, spec.legacy if spec is not None else ())
+        stale_warning = f"Service/{key}/stale-load-balancer-status"
+        if spec is not None and spec.stale_ingress:
+            self._warn(ops, stale_warning, "stale-load-balancer-status", "Service", key,
+                       f"Service {key} is no LoadBalancer but its status still lists {', '.join(spec.stale_ingress)}: "
+                       "not served (kube-proxy serves it until the load-balancer controller clears the status)")
+        else:
+            self._clear(ops, stale_warning)
         if spec is None:
             self.services.pop(key, None)
         else:

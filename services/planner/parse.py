@@ -54,6 +54,7 @@ class ServiceSpec(msgspec.Struct, frozen=True, gc=False):
     ports: tuple[ServicePort, ...]
     health_check_node_port: int = 0
     legacy: tuple[str, ...] = ()  # addresses read as kube-proxy reads legacy ones (leading zeros), and where
+    stale_ingress: tuple[str, ...] = ()  # status.loadBalancer.ingress IPs of a Service no longer a LoadBalancer
 
 
 class SlicePort(msgspec.Struct, frozen=True, gc=False):
@@ -167,28 +168,8 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
                                  node_port if kind in ("NodePort", "LoadBalancer") else 0))
     external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]", legacy)
                          for i, ip in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs")))
-    lb_ips: list[str] = []
-    ranges: list[str] = []
-    if kind == "LoadBalancer":
-        status = _mapping(obj.get("status"), "status")
-        ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
-                        "status.loadBalancer.ingress")
-        for i, raw in enumerate(ingress):
-            entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
-            if entry.get("ip") and entry.get("ipMode") != "Proxy":
-                lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", legacy))
-        for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
-            ranges.append(_cidr(cidr, f"spec.loadBalancerSourceRanges[{i}]", legacy))
-    persistence = 0
-    if spec.get("sessionAffinity") == "ClientIP":
-        config = _mapping(_mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
-                          "spec.sessionAffinityConfig.clientIP")
-        persistence = config.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT
-        if isinstance(persistence, bool) or not isinstance(persistence, int) or not (
-                1 <= persistence <= MAX_AFFINITY_TIMEOUT):
-            raise Invalid(f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {persistence!r} is not 1-86400")
-    elif spec.get("sessionAffinity") not in (None, "None"):
-        raise Invalid(f"spec.sessionAffinity: unknown value {spec.get('sessionAffinity')!r} (None, ClientIP)")
+    lb_ips, ranges, stale = _load_balancer(obj, spec, kind, legacy)
+    persistence = _persistence(spec)
     scheduler, problem = default_scheduler, ""
     wanted = _mapping(meta.get("annotations"), "metadata.annotations").get(SCHEDULER_ANNOTATION)
     if wanted is not None:
@@ -207,11 +188,55 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
         health_check = _port(spec.get("healthCheckNodePort") or 0, "spec.healthCheckNodePort", allow_zero=True)
     return ServiceSpec(
         key=object_key(obj), cluster_ips=cluster_ips, external_ips=external_ips,
-        load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(ranges), scheduler=scheduler,
+        load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges, scheduler=scheduler,
         scheduler_problem=problem, persistence_timeout=persistence,
         external_policy_local=external_local,
         internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports),
-        health_check_node_port=health_check, legacy=tuple(legacy))
+        health_check_node_port=health_check, legacy=tuple(legacy), stale_ingress=stale)
+
+
+def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
+                   legacy: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(ingress IPs to program, loadBalancerSourceRanges, stale ingress IPs of a Service that is no longer
+    a LoadBalancer). ipMode Proxy entries are not programmed locally (serviceport.go ``IsVIPMode``).
+
+    A Service turned from LoadBalancer into another type keeps its ingress until the controller clears it
+    (MetalLB issue 190, kube-vip issue 1700). kube-proxy reads the status whatever the type (serviceport.go
+    ``newBaseServiceInfo``) and keeps serving the old address; kipvs stops at once and says so
+    (docs/plan-format.md, parity notes)."""
+    try:
+        status = _mapping(obj.get("status"), "status")
+        ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
+                        "status.loadBalancer.ingress")
+    except Invalid:
+        if kind == "LoadBalancer":
+            raise
+        ingress = []  # a status kipvs does not read for this type: its shape does not matter
+    if kind != "LoadBalancer":
+        return (), (), tuple(str(raw["ip"]) for raw in ingress if isinstance(raw, dict) and raw.get("ip"))
+    lb_ips, ranges = [], []
+    for i, raw in enumerate(ingress):
+        entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
+        if entry.get("ip") and entry.get("ipMode") != "Proxy":
+            lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", legacy))
+    for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
+        ranges.append(_cidr(cidr, f"spec.loadBalancerSourceRanges[{i}]", legacy))
+    return tuple(lb_ips), tuple(ranges), ()
+
+
+def _persistence(spec: dict[str, Any]) -> int:
+    """ClientIP affinity's timeout in seconds (default 10800), 0 without affinity."""
+    if spec.get("sessionAffinity") == "ClientIP":
+        config = _mapping(_mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
+                          "spec.sessionAffinityConfig.clientIP")
+        persistence = config.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT
+        if isinstance(persistence, bool) or not isinstance(persistence, int) or not (
+                1 <= persistence <= MAX_AFFINITY_TIMEOUT):
+            raise Invalid(f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {persistence!r} is not 1-86400")
+        return persistence
+    if spec.get("sessionAffinity") not in (None, "None"):
+        raise Invalid(f"spec.sessionAffinity: unknown value {spec.get('sessionAffinity')!r} (None, ClientIP)")
+    return 0
 
 
 def _cidr(value: Any, field: str, legacy: list[str]) -> str:
