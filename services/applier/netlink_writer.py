@@ -97,8 +97,8 @@ def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService
 
 def observed_scheduler(name: str, flags: int) -> str:
     """The scheduler as read back, compared with the plan's: an ``mh`` service without ``mh-port`` (written
-    by an older kipvs, or by hand) reads as ``mh without mh-port``, so a read-back repairs its flags
-    (an EditService) and shadow mode reports it."""
+    by an older kipvs, or by hand) reads as ``mh without mh-port``, so a read-back (bootstrap, drift check)
+    repairs its flags with an EditService."""
     if name == "mh" and not flags & ipvs_wire.MH_PORT:
         return "mh without mh-port"
     return name
