@@ -7,7 +7,9 @@ it did not create this round, except those whose address is in these ranges (pkg
 virtual service there (which would take over a service someone else made), never deletes or edits one
 (even one an earlier run created), never binds or unbinds such an address on kube-ipvs0, and keeps such
 addresses out of its sets, so its nftables rules do not touch the other program's traffic either. The
-other program owns the range; a Service planned there is logged, once per change.
+other program owns the range; a Service planned there is logged, once per change. ``--cleanup`` is the
+exception: it removes every service kipvs created, in the ranges too (kube-proxy's ``--cleanup`` flushes
+the whole IPVS table).
 
 Pure: a filter over what the planner resolves and what the kernel read back.
 """
