@@ -266,3 +266,49 @@ async def test_conn_reuse_mode_is_written_on_the_kernels_kube_proxy_sets_it_on(k
     kernel.set_sysctls(changes)
     assert sh("sysctl -n net.ipv4.vs.conn_reuse_mode").strip() == "0"
     assert kernel.sysctls([node_settings.CONN_REUSE_MODE]) == {node_settings.CONN_REUSE_MODE: "0"}
+
+
+LB_CLIENT = ("import socket, sys\n"
+             "s = socket.socket(); s.settimeout(3)\n"
+             "try:\n"
+             "    s.connect((sys.argv[1], 80)); s.sendall(b'hi'); print(s.recv(10).decode() or 'closed')\n"
+             "except ConnectionRefusedError: print('refused')\n"
+             "except OSError as e: print('dropped', e.errno)\n")
+POD_SERVER = ("import socket\n"
+              "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "s.bind(('0.0.0.0', 8080)); s.listen(); print('ready', flush=True)\n"
+              "while True:\n"
+              "    c, _ = s.accept(); c.recv(10); c.sendall(b'pod'); c.close()\n")
+
+
+async def test_source_ranges_hold_for_a_connection_from_the_node_itself(kernel: NetlinkKernel) -> None:
+    """IPVS takes the node's own connection to a load-balancer IP at LOCAL_OUT, past the input hook
+    (kubernetes#119656): kipvs's output hook drops it unless the node may reach the address (-SOURCE-IP)."""
+    from kipvs.applier.rules import NftRules, RulesConfig
+
+    vip, key = "198.51.100.77", ("TCP", "198.51.100.77", 80)
+    sh("ip netns add lbpod; ip link add lbh type veth peer name lbp; ip link set lbp netns lbpod; "
+       "ip addr add 10.250.0.1/24 dev lbh; ip link set lbh up; "
+       "ip -n lbpod addr add 10.250.0.2/24 dev lbp; ip -n lbpod link set lbp up; ip -n lbpod link set lo up; "
+       "ip -n lbpod route add default via 10.250.0.1")
+    server = subprocess.Popen(["ip", "netns", "exec", "lbpod", sys.executable, "-c", POD_SERVER],
+                              stdout=subprocess.PIPE, text=True)
+    rules = NftRules(RulesConfig())
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        entry = f"{vip},tcp:80"
+        await kernel.apply([AddAddress(vip), AddService(key, "rr", 0), AddReal(key, ("10.250.0.2", 8080), 1),
+                            AddEntry("KUBE-IPVS-IPS", vip), AddEntry("KUBE-LOAD-BALANCER", entry),
+                            AddEntry("KUBE-LOAD-BALANCER-FW", entry),
+                            AddEntry("KUBE-LOAD-BALANCER-SOURCE-CIDR", f"{entry},192.0.2.0/24")])
+        members = {name: entries for name, entries in (await kernel.observe()).state.ipsets.items()}
+        await rules.install(members)
+        assert sh(f"{sys.executable} -c \"{LB_CLIENT}\" {vip}").startswith("dropped"), "no node address in range"
+        members["KUBE-LOAD-BALANCER-SOURCE-IP"] = {f"{entry},{vip}"}  # a node address is in a range
+        await rules.install(members)
+        assert sh(f"{sys.executable} -c \"{LB_CLIENT}\" {vip}").strip() == "pod"
+    finally:
+        server.kill()
+        server.wait()
+        await rules.remove()
+        sh("ip netns del lbpod; ip link del lbh 2>/dev/null || true")
