@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
 import logging
 import ssl
@@ -443,42 +442,54 @@ class DurableConsumer:
         self.delivered += len(deliveries)
 
 
-async def read_stream(js: JetStreamContext, stream: str, subject: str = ">",
+@dataclass(frozen=True)
+class LogReader:
+    """How a history read reads a stream: which stream, through which stream its consumer is made, and
+    under which consumer name. Every reader says it at the call site, no context decides it far away.
+
+    ``stream``: the stream read (what the entries are labelled with); ``via``: the stream the consumer is
+    made on when it is not ``stream`` itself: a mirror of it (the tools read KIPVS_PLAN through
+    KIPVS_PLAN_AUDIT: they may not make consumers on the plan stream, ``topology.PLAN_AUDIT_STREAM``);
+    ``reader``: the one fixed consumer name of a least-privilege identity (a node's applier: its permissions
+    name that consumer, not any consumer of the stream, which would include other nodes' durables;
+    ``nats_permissions.applier_reader``), else None: a random name, left to expire."""
+
+    stream: str
+    reader: str | None = None
+    via: str = ""
+
+    @property
+    def consumer_stream(self) -> str:
+        """The stream the read's consumer is made on."""
+        return self.via or self.stream
+
+    def of(self, stream: str) -> LogReader:
+        """The same reader (its consumer name) reading another stream directly."""
+        return LogReader(stream, self.reader)
+
+
+async def read_stream(js: JetStreamContext, source: LogReader, subject: str = ">",
                       deliver: DeliverPolicy = DeliverPolicy.ALL, start_seq: int = 0,
                       upto: int = 0, start_time: datetime | None = None) -> AsyncIterator[Msg]:
-    """Read a stream with an ephemeral, unacknowledged consumer to its end: stream sequence ``upto`` when
-    given, else what it held when the read began: the one way kipvs reads history (state rebuilds,
-    catch-ups, replays, audits). It starts at ``start_seq`` or at ``start_time`` (when the server stored the
-    message) when given. Pulls are bounded by bytes, and a read that cannot reach its end raises
-    :class:`IncompleteRead` (after retrying from the last message read): see :mod:`.stream_reader`.
-    NotFoundError when the stream does not exist."""
+    """Read ``source`` (see :class:`LogReader`: the stream, and the consumer's stream and name) with an
+    ephemeral, unacknowledged consumer to its end: stream sequence ``upto`` when given, else what it held
+    when the read began: the one way kipvs reads history (state rebuilds, catch-ups, replays, audits). It
+    starts at ``start_seq`` or at ``start_time`` (when the server stored the message) when given. Pulls are
+    bounded by bytes, and a read that cannot reach its end raises :class:`IncompleteRead` (after retrying
+    from the last message read): see :mod:`.stream_reader`. NotFoundError when the stream does not exist."""
     config = ConsumerConfig(deliver_policy=deliver, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
                             mem_storage=True)
     if start_seq:
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
     elif start_time is not None:
         config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start_time.isoformat()
-    stream = readable(stream)
-    reader = READER_NAME.get()
+    reader = source.reader
     # one read at a time per fixed name: each attempt deletes and creates that consumer
     async with _reader_locks.setdefault(reader, asyncio.Lock()) if reader else contextlib.nullcontext():
-        async for msg in stream_reader.read(js, stream, subject, config, reader, upto):
+        async for msg in stream_reader.read(js, source.consumer_stream, subject, config, reader, upto):
             yield msg
 
 
-# Streams a reader reads through another (the tools: the plan's mirror, see topology.PLAN_AUDIT_STREAM).
-STREAM_ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("kipvs_stream_aliases",
-                                                                                     default=None)
-
-
-def readable(stream: str) -> str:
-    """The stream to create a reader's consumer on for ``stream`` (itself unless aliased)."""
-    return (STREAM_ALIASES.get() or {}).get(stream, stream)
-
-
-# The one consumer name a least-privilege reader (a node's applier) reads history with: its permissions
-# name that consumer, not any consumer of the stream (which would include other nodes' durables).
-READER_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("kipvs_reader_name", default=None)
 _reader_locks: dict[str, asyncio.Lock] = {}
 
 

@@ -80,7 +80,7 @@ def tools_identity(args: argparse.Namespace) -> ClientAuth | None:
 async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
     """One connection to the live bus as the tools identity (:func:`tools_identity`); ToolError, one
     sentence, when it cannot be made. With an identity of its own, plan history is read through the
-    plan's mirror (the tools may not create consumers on KIPVS_PLAN)."""
+    plan's mirror (:func:`plan_source`), which is checked here."""
     url = nats_url(args)
     auth = tools_identity(args)
     errors: list[BaseException] = []
@@ -96,8 +96,6 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         cause = errors[0] if errors else exc
         raise ToolError(f"cannot reach NATS at {url}: {bus.describe_refusal(cause, auth)}") from None
-    if auth is not None and auth.nkey_file:
-        bus.STREAM_ALIASES.set({topology.PLAN_STREAM: topology.PLAN_AUDIT_STREAM})
     refusals = [str(e) for e in errors if "permissions violation" in str(e).lower()]
 
     async def refused(exc: Exception) -> None:
@@ -134,6 +132,19 @@ async def _check_audit_mirror(nc: nats.NATS) -> None:
         found = (None, f"the audit mirror {topology.PLAN_AUDIT_STREAM} of {topology.PLAN_STREAM} does not exist")
     if found is not None and found[1]:
         raise ToolError(f"{found[1]}: run 'kipvs topology apply' (it declares the mirror again)")
+
+
+def plan_source(args: argparse.Namespace) -> bus.LogReader:
+    """How this tool reads the plan's history: with an identity of its own (the tools identity, which may not
+    create consumers on KIPVS_PLAN), through the plan's audit mirror (``topology.PLAN_AUDIT_STREAM``); with
+    none (an open bus) or from a recorded log (``--log``), KIPVS_PLAN itself. ToolError for unusable
+    identity files."""
+    if getattr(args, "log", ""):
+        return bus.LogReader(topology.PLAN_STREAM)
+    auth = tools_identity(args)
+    if auth is not None and auth.nkey_file:
+        return bus.LogReader(topology.PLAN_STREAM, via=topology.PLAN_AUDIT_STREAM)
+    return bus.LogReader(topology.PLAN_STREAM)
 
 
 @contextlib.asynccontextmanager
@@ -260,13 +271,15 @@ def assembled(entries: list[Entry]) -> list[Entry]:
     return sorted(out + rest, key=lambda e: e.seq) if rest else out
 
 
-async def read_all(js: Any, stream: str, subject: str = ">", upto: int = 0) -> list[Entry]:
-    """Every message of a stream (optionally up to a stream sequence), chunked plan deltas put back together
-    (:func:`assembled`); [] when the stream is empty or absent."""
+async def read_all(js: Any, source: bus.LogReader, subject: str = ">", upto: int = 0) -> list[Entry]:
+    """Every message of ``source``'s stream (optionally up to a stream sequence), chunked plan deltas put back
+    together (:func:`assembled`); [] when the stream is empty or absent. ``js``: the live log or a
+    :class:`RecordedLog` (which has one copy of each stream: ``source.stream``)."""
+    stream = source.stream
     if isinstance(js, RecordedLog):
         return assembled(js.read(stream, subject, upto))
     try:
-        return assembled([decode_entry(stream, m) async for m in bus.read_stream(js, stream, subject, upto=upto)])
+        return assembled([decode_entry(stream, m) async for m in bus.read_stream(js, source, subject, upto=upto)])
     except nats.js.errors.NotFoundError:
         return []
 

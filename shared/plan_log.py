@@ -1,6 +1,10 @@
 """Reading the published plan back from NATS: the latest shared snapshot, then every shared delta stored
 after it, by stream sequence. What an applier holds after bootstrap, and what the planner checks its own
-rebuilt state against at start: one reader, so both see the same published state."""
+rebuilt state against at start: one reader, so both see the same published state.
+
+Every function takes the :class:`bus.LogReader` the plan is read with (``source``): KIPVS_PLAN itself (the
+planner), KIPVS_PLAN under a node's one reader name (an applier: the snapshot bucket's chunks are read under
+that name too), or KIPVS_PLAN through its audit mirror (the tools)."""
 
 from __future__ import annotations
 
@@ -27,15 +31,16 @@ SNAPSHOT_READS = 3
 SNAPSHOT_RETRY_S = 0.5
 
 
-async def _read_snapshot(js: JetStreamContext) -> bytes | None:
+async def _read_snapshot(js: JetStreamContext, reader: str | None) -> bytes | None:
     """The snapshot object's bytes, None when there is none. A snapshot replaced while it is being read
     has its old chunks purged (seen with 200 appliers bootstrapping while the planner wrote its next
     snapshot): each read is bounded and retried, and TimeoutError (an infrastructure error: the service
-    starts again) after the last."""
+    starts again) after the last. ``reader``: the fixed consumer name the chunks are read with (None: any)."""
     store = await js.object_store(topology.SNAPSHOT_BUCKET)
     for attempt in range(1, SNAPSHOT_READS + 1):
         try:
-            return await asyncio.wait_for(_read_object(js, store, topology.snapshot_object("all")), SNAPSHOT_READ_S)
+            read = _read_object(js, store, topology.snapshot_object("all"), reader)
+            return await asyncio.wait_for(read, SNAPSHOT_READ_S)
         except (ObjectNotFoundError, NotFoundError):
             return None
         except (TimeoutError, _Incomplete) as exc:
@@ -49,12 +54,12 @@ class _Incomplete(Exception):
     """The object's chunks read do not make the object its metadata describes."""
 
 
-async def _read_object(js: JetStreamContext, store: ObjectStore, name: str) -> bytes:
+async def _read_object(js: JetStreamContext, store: ObjectStore, name: str, reader: str | None) -> bytes:
     """One object's bytes, read the way nats-py's ``ObjectStore.get`` does (metadata, then the chunks by
     their subject ``$O.<bucket>.C.<nuid>``, then the SHA-256 digest) but through :func:`bus.read_stream`:
     ``get`` creates an ordered consumer with a name the server chooses, which a node's permissions could
     only allow by letting it create any consumer on the bucket's stream (issue 21: 5,000 of them cost the
-    servers 248 MiB). bus.read_stream uses the node's one reader name. _Incomplete when the chunks do not
+    servers 248 MiB). ``reader``: the node's one reader name. _Incomplete when the chunks do not
     add up to the size and digest (replaced while read)."""
     info = await store.get_info(name)
     if not info.nuid or info.is_link():
@@ -63,7 +68,7 @@ async def _read_object(js: JetStreamContext, store: ObjectStore, name: str) -> b
     data, digest = bytearray(), hashlib.sha256()
     subject = f"$O.{topology.SNAPSHOT_BUCKET}.C.{info.nuid}"
     if size:
-        async for msg in bus.read_stream(js, f"OBJ_{topology.SNAPSHOT_BUCKET}", subject):
+        async for msg in bus.read_stream(js, bus.LogReader(f"OBJ_{topology.SNAPSHOT_BUCKET}", reader), subject):
             if len(data) + len(msg.data) > size:
                 raise _Incomplete(f"chunks beyond the object's {size} bytes")
             data += msg.data
@@ -74,10 +79,10 @@ async def _read_object(js: JetStreamContext, store: ObjectStore, name: str) -> b
     return bytes(data)
 
 
-async def load_snapshot(js: JetStreamContext) -> tuple[SharedPlan, int]:
+async def load_snapshot(js: JetStreamContext, source: bus.LogReader) -> tuple[SharedPlan, int]:
     """The latest shared snapshot and the plan-stream sequence it covers; an empty plan at stream
     sequence 0 when there is none or it is unusable (then every delta is read from the stream)."""
-    raw = await _read_snapshot(js)
+    raw = await _read_snapshot(js, source.reader)
     if raw is None:
         return SharedPlan(), 0  # no planner has written one yet: start from the first delta
     try:
@@ -122,13 +127,14 @@ async def _other_stream(js: JetStreamContext, snap: events.PlanSnapshot) -> str:
     return f"stream sequence {snap.plan_stream_seq} holds {held}, not shared delta {snap.seq}"
 
 
-async def catch_up(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> int:
+async def catch_up(js: JetStreamContext, source: bus.LogReader, plan: SharedPlan, after_stream_seq: int) -> int:
     """Apply to ``plan`` the shared deltas stored after ``after_stream_seq``, in order; returns how many.
     Unusable messages are skipped (their consumers park them); a sequence gap stops the catch-up there."""
-    return (await catch_up_to(js, plan, after_stream_seq))[0]
+    return (await catch_up_to(js, source, plan, after_stream_seq))[0]
 
 
-async def catch_up_to(js: JetStreamContext, plan: SharedPlan, after_stream_seq: int) -> tuple[int, int]:
+async def catch_up_to(js: JetStreamContext, source: bus.LogReader, plan: SharedPlan,
+                      after_stream_seq: int) -> tuple[int, int]:
     """:func:`catch_up`, also returning the plan-stream sequence it read up to (``after_stream_seq`` when
     nothing was stored after it): where a consumer that takes over from this reading must start, minus one.
     Chunked deltas are put back together (``delta_chunks``); the sequence returned is never inside one whose
@@ -136,8 +142,7 @@ async def catch_up_to(js: JetStreamContext, plan: SharedPlan, after_stream_seq: 
     there delivers all of its parts."""
     applied, last = 0, after_stream_seq
     chunks = delta_chunks.Assembler()
-    async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT,
-                                     start_seq=after_stream_seq + 1):
+    async for msg in bus.read_stream(js, source, topology.PLAN_ALL_SUBJECT, start_seq=after_stream_seq + 1):
         seq = msg.metadata.sequence.stream
         try:
             record = _whole_delta(chunks, events.decode(msg.data or b""), plan.seq)
@@ -184,8 +189,8 @@ async def complete_deltas(msgs: AsyncIterator[Msg]) -> AsyncIterator[tuple[int, 
             yield msg.metadata.sequence.stream, record
 
 
-async def published_plan(js: JetStreamContext) -> SharedPlan:
-    """The shared plan as published: snapshot + the deltas after it."""
-    plan, stream_seq = await load_snapshot(js)
-    await catch_up(js, plan, stream_seq)
+async def published_plan(js: JetStreamContext, source: bus.LogReader) -> SharedPlan:
+    """The shared plan as published: snapshot + the deltas after it, read with ``source``."""
+    plan, stream_seq = await load_snapshot(js, source)
+    await catch_up(js, source, plan, stream_seq)
     return plan

@@ -35,7 +35,7 @@ from .backoff import Backoff
 from .config import CommonConfig, StartupError
 from .embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from .metrics import Registry
-from .nats_permissions import applier_durable, applier_reader
+from .nats_permissions import applier_durable
 from .stream_guard import StreamGuard
 
 log = logging.getLogger("kipvs.runtime")
@@ -547,8 +547,6 @@ async def run_service(name: str, config: CommonConfig, main: Main,
         "service opened again, with its identity and CA files read again")
     try:
         async with nats_server_for(config) as url:
-            if name == "applier" and getattr(config, "node", ""):
-                bus.READER_NAME.set(applier_reader(config.node))  # type: ignore[attr-defined]
             first = True
             while not stop.is_set():
                 opened = await _open(name, config, url, consumers, stop, health, first)

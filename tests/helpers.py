@@ -30,7 +30,7 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, within: float =
 async def publish_kube(js, lines: list[str], source: str) -> None:
     """Watch-format lines into KIPVS_KUBE as the watcher would log them (``source`` names the ids: distinct
     per batch, or JetStream de-duplicates them)."""
-    from kipvs.planner.replay import read_events
+    from kipvs.planner.log_replay import read_events
     from kipvs.shared import bus, topology
 
     for env in read_events(lines, source):

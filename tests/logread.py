@@ -10,7 +10,7 @@ from kipvs.shared import bus, events, topology
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">") -> list[tuple[str, events.Envelope]]:
     """Every message of a stream, decoded ([] when the stream is empty)."""
-    return [(m.subject, events.decode(m.data)) async for m in bus.read_stream(js, stream, subject)]
+    return [(m.subject, events.decode(m.data)) async for m in bus.read_stream(js, bus.LogReader(stream), subject)]
 
 
 async def parked_reasons(js: JetStreamContext) -> list[str]:

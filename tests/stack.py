@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import config, runtime, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.simulator.server import Simulator

@@ -15,10 +15,11 @@ import pytest
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.rules import NftRules, RulesConfig
+from kipvs.planner.active import plan
 from kipvs.planner.core import PlannerConfig
 from kipvs.planner.endpoint_marks import interface_name
-from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, topology
 from tests import kube
 from tests.helpers import publish_kube, start_service

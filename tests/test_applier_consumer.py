@@ -14,7 +14,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, topology
 from tests import kube
 from tests.conftest import NatsServer

@@ -11,9 +11,10 @@ import nats
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.ops import digest
+from kipvs.planner.active import plan
 from kipvs.planner.core import PlannerConfig
-from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, topology
 from kipvs.shared.plan.resolve import resolve_node
 from tests import kube

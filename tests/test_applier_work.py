@@ -18,7 +18,7 @@ from kipvs.applier import main as applier_main
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import Applier, ApplierConfig
 from kipvs.planner.core import Planner
-from kipvs.planner.replay import read_events
+from kipvs.planner.log_replay import read_events
 from kipvs.shared import bus, runtime
 from tests import kube
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from nats.js.errors import NotFoundError
 
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, topology
 from tests import kube
 from tests.helpers import kipvs, publish_kube, start_service, until
@@ -29,13 +30,13 @@ def _service(name: str, ip: str) -> str:
 async def _plan(js) -> list[tuple[int, str, str]]:
     """KIPVS_PLAN itself as the admin reads it: (stream seq, subject, envelope id)."""
     return [(m.metadata.sequence.stream, m.subject, events.decode(m.data).id)
-            async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+            async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)]
 
 
 async def _shared_head(js) -> int:
     """The newest shared delta's sequence in KIPVS_PLAN (0 when none)."""
     records = [events.decode(m.data).record
-               async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+               async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)]
     return max((getattr(r, "seq", 0) for r in records), default=0)
 
 
@@ -149,6 +150,6 @@ async def _plan_has(js, count: int) -> bool:
 
 async def _has_vip(js, ip: str) -> bool:
     return any([ip in m.data.decode("utf-8", "replace")
-                async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)])
+                async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)])
 
 

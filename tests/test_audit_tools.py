@@ -16,7 +16,8 @@ import pytest
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.audit import tap as tap_module
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, cli, config, events, topology
 from tests.golden.regenerate import EVENTS
 from tests.helpers import kipvs, publish_kube, start_service
@@ -237,8 +238,8 @@ async def test_plan_at_a_past_moment(system, nats_url: str, capsys, tmp_path: Pa
 
 
 def test_object_filter_matches_plan_deltas_by_the_objects_key() -> None:
-    from kipvs.audit.records import Filter
     from kipvs.shared.log_client import Entry
+    from kipvs.shared.records import Filter
 
     def delta(*ops) -> Entry:
         record = events.PlanDelta(scope="all", seq=1, source_seq=1, ops=ops)

@@ -16,9 +16,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.planner.active import plan
 from kipvs.planner.core import Planner
 from kipvs.planner.fence import raise_fence
-from kipvs.planner.main import BATCH_ID, PlannerServiceConfig, PlanPublisher, plan
+from kipvs.planner.publisher import BATCH_ID, PlanPublisher
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, delta_chunks, events, jetstream_pull, plan_log, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.plan.plan_state import SharedPlan
@@ -101,7 +103,7 @@ async def test_a_planner_restarted_mid_chunk_publish_neither_repeats_nor_loses(n
         await bus.publish(js, topology.PLAN_ALL_SUBJECT, env)
     # A node bootstrapping now reads deltas 1 and 2 and must start its consumer at the big delta's part 1.
     read = SharedPlan()
-    assert await plan_log.catch_up_to(js, read, 0) == (2, 2) and read.seq == 2
+    assert await plan_log.catch_up_to(js, bus.LogReader(topology.PLAN_STREAM), read, 0) == (2, 2) and read.seq == 2
     sub = await js.pull_subscribe_bind(durable=topology.PLANNER_CONSUMER, stream=topology.KUBE_STREAM)
     taken = await sub.fetch(3, timeout=5)
     for msg in taken[:2]:
@@ -262,7 +264,7 @@ async def test_behind_the_fence_a_chunked_delta_is_one_atomic_batch(nats_url: st
         publisher = PlanPublisher(js, {}, fence, asyncio.Event(), nc)
         publisher.add(deltas)
         assert await publisher.flush() == 3
-        msgs = [m async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+        msgs = [m async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)]
         assert [events.decode(m.data).id for m in msgs] == [
             "plan/all/1", "plan/all/2", *(f"plan/all/3/part/{i}-of-4" for i in range(1, 5))]
         batches = [m.headers[BATCH_ID] for m in msgs]
@@ -277,7 +279,7 @@ async def test_behind_the_fence_a_chunked_delta_is_one_atomic_batch(nats_url: st
                                                  record=bigger.record), 4))
         with pytest.raises(bus.Retry, match="another planner took over"):
             await stale.flush()
-        after = [m async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+        after = [m async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)]
         assert len(after) == len(msgs)
     finally:
         await nc.close()

@@ -92,7 +92,7 @@ def test_help_shows_defaults_and_allowed_values() -> None:
         config.load(Choices, {"mode": "slow"}, {})
 
 
-@pytest.mark.parametrize(("module", "cls"), [("kipvs.planner.main", "PlannerServiceConfig"),
+@pytest.mark.parametrize(("module", "cls"), [("kipvs.planner.service_config", "PlannerServiceConfig"),
                                              ("kipvs.watcher.main", "WatcherConfig"),
                                              ("kipvs.applier.main", "ApplierConfig")])
 def test_every_services_flag_shows_its_default(module: str, cls: str) -> None:

@@ -101,19 +101,20 @@ def test_atomic_batches_never_split_a_delta(monkeypatch) -> None:
     """The planner's fenced batches (pure part): a delta's parts always share one batch."""
     from types import SimpleNamespace
 
-    from kipvs.planner import main as planner_main
+    from kipvs.planner import publisher as publisher_module
 
-    monkeypatch.setattr(planner_main, "ATOMIC_BATCH_MAX", 5)
+    monkeypatch.setattr(publisher_module, "ATOMIC_BATCH_MAX", 5)
     planner = Planner()
     log = [big_service(ports=1, endpoints=1, name="small", cluster_ip="10.96.0.10")[0], *big_service()]
     deltas = [d for seq, env in enumerate(log, 1) for d in planner.handle(env, seq)]
-    publisher = planner_main.PlanPublisher(None, {}, nc=SimpleNamespace(max_payload=1 << 20))  # type: ignore[arg-type]
+    publisher = publisher_module.PlanPublisher(None, {}, nc=SimpleNamespace(max_payload=1 << 20))  # type: ignore[arg-type]
     publisher.add(deltas)
     batches = [[msg.id for _, msg in batch] for batch in publisher._batches()]
     assert batches == [["plan/all/1", "plan/all/2"], [f"plan/all/3/part/{i}-of-4" for i in range(1, 5)]]
-    monkeypatch.setattr(planner_main, "ATOMIC_BATCH_MAX", 3)  # the big delta fits no batch: it is the head's fault
+    monkeypatch.setattr(publisher_module, "ATOMIC_BATCH_MAX", 3)  # the big delta fits no batch: it is the head's fault
     publisher.outbox = publisher.outbox[2:]
-    with pytest.raises(planner_main.Unpublishable, match="delta plan/all/3 cannot be published: it needs 4 messages"):
+    with pytest.raises(publisher_module.Unpublishable,
+                       match="delta plan/all/3 cannot be published: it needs 4 messages"):
         publisher._batches()
 
 

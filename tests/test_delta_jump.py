@@ -22,7 +22,7 @@ async def _parked_reasons(url: str) -> list[str]:
     nc = await nats.connect(url)
     try:
         reasons = []
-        async for msg in bus.read_stream(nc.jetstream(), topology.PARKED_STREAM):
+        async for msg in bus.read_stream(nc.jetstream(), bus.LogReader(topology.PARKED_STREAM)):
             reasons.append((msg.headers or {}).get(topology.PARK_REASON, ""))
         return reasons
     finally:

@@ -28,7 +28,7 @@ from nats.js.errors import APIError, KeyWrongLastSequenceError
 from kipvs.planner.core import Planner
 from kipvs.planner.fence import PUBLISHER, Deposed, raise_fence
 from kipvs.planner.lease import Lease, LeaseTiming, Observation, lease_value
-from kipvs.planner.main import PlanPublisher
+from kipvs.planner.publisher import PlanPublisher
 from kipvs.shared import bus, events, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from tests import kube
@@ -169,7 +169,7 @@ async def test_the_fence_refuses_every_delta_of_a_deposed_planner(nats_url: str)
         # A planner that finds it lost the lease after reading the subject raises no marker.
         with pytest.raises(Deposed):
             await raise_fence(js, "planner-a", 1, lambda: False)
-        msgs = [m async for m in bus.read_stream(js, topology.PLAN_STREAM)]
+        msgs = [m async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM))]
         by = [(m.subject, m.headers.get(PUBLISHER)) for m in msgs]
         assert by == [(topology.PLAN_LEADER_SUBJECT, "planner-a"), (topology.PLAN_ALL_SUBJECT, "planner-a"),
                       (topology.PLAN_ALL_SUBJECT, "planner-a"), (topology.PLAN_LEADER_SUBJECT, "planner-b"),
@@ -278,14 +278,14 @@ async def _exactly_once(js) -> list[tuple[int, str]]:
     equal; returns (stream seq, publisher) of every message of the plan stream."""
     replay = Planner()
     want = []
-    async for msg in bus.read_stream(js, topology.KUBE_STREAM, "kipvs.kube.>"):
+    async for msg in bus.read_stream(js, bus.LogReader(topology.KUBE_STREAM), "kipvs.kube.>"):
         try:
             env = events.decode(msg.data)
         except events.ContractError:
             continue
         want += [env.record for env in replay.handle(env, msg.metadata.sequence.stream)]
     got, who = [], []
-    async for msg in bus.read_stream(js, topology.PLAN_STREAM):
+    async for msg in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM)):
         who.append((msg.metadata.sequence.stream, (msg.headers or {}).get(PUBLISHER, "")))
         if msg.subject != topology.PLAN_LEADER_SUBJECT:
             got.append(events.decode(msg.data).record)
@@ -426,7 +426,7 @@ async def test_a_batch_whose_outcome_was_unknown_is_read_back_not_stored_twice(n
         with pytest.raises(bus.Retry, match="duplicate"):
             await again.flush()  # an atomic batch holding a stored id is refused whole
         assert await again.flush() == 1  # read back first: only delta 3 is sent
-        msgs = [m async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+        msgs = [m async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)]
         assert [events.decode(m.data).record.seq for m in msgs] == [1, 2, 3]
         assert again.published == {"all": 3} and again.stream_seq == msgs[-1].metadata.sequence.stream
     finally:

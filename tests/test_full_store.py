@@ -17,9 +17,10 @@ import pytest
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.planner.active import plan
 from kipvs.planner.core import PlannerConfig
-from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import config
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.shared.plan.resolve import resolve_node

@@ -17,9 +17,10 @@ from kipvs.applier import inspect
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.shadow import run_shadow
+from kipvs.planner.active import plan
 from kipvs.planner.core import PlannerConfig
-from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, runtime, topology
 from kipvs.shared.plan.node_state import VirtualService
 from kipvs.shared.plan.resolve import resolve_node
@@ -49,7 +50,7 @@ async def planned(nats_url: str):
     async def published() -> bool:
         from kipvs.shared import plan_log
 
-        got = await plan_log.published_plan(js)
+        got = await plan_log.published_plan(js, bus.LogReader(topology.PLAN_STREAM))
         return resolve_node(got.services.values(), got.nodes.get("node-a")).ipvs == want.ipvs
 
     for _ in range(1200):

@@ -17,8 +17,9 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from kipvs.planner.active import plan
 from kipvs.planner.core import Planner
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, stream_reader, topology
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.shared.plan.plan_state import SharedPlan
@@ -179,7 +180,7 @@ async def test_reader_reads_every_large_message(url: str) -> None:
     await _large_stream(js, 200)
 
     async def seqs(**kw) -> list[int]:
-        return [m.metadata.sequence.stream async for m in bus.read_stream(js, "BIG", **kw)]
+        return [m.metadata.sequence.stream async for m in bus.read_stream(js, bus.LogReader("BIG"), **kw)]
 
     assert await seqs() == list(range(1, 201))
     assert await seqs(upto=150) == list(range(1, 151))
@@ -228,21 +229,17 @@ async def test_reader_recovers_lost_deliveries_and_a_lost_consumer(url: str) -> 
     nc, thief = await nats.connect(url), await nats.connect(url)
     js = nc.jetstream()
     await _large_stream(js, 120)
-    token = bus.READER_NAME.set("test-reader")
     got: list[int] = []
-    try:
-        async for msg in bus.read_stream(js, "BIG"):
-            got.append(msg.metadata.sequence.stream)
-            if len(got) == 10:  # the reader holds one pull's messages: take the next one from its consumer
-                inbox = thief.new_inbox()
-                sub = await thief.subscribe(inbox)
-                await thief.publish("$JS.API.CONSUMER.MSG.NEXT.BIG.test-reader", b'{"batch": 1}', reply=inbox)
-                stolen = await sub.next_msg(10)
-                assert stolen.metadata.sequence.stream > 10, stolen.headers
-            if len(got) == 60:
-                await thief.jetstream().delete_consumer("BIG", "test-reader")
-    finally:
-        bus.READER_NAME.reset(token)
+    async for msg in bus.read_stream(js, bus.LogReader("BIG", reader="test-reader")):
+        got.append(msg.metadata.sequence.stream)
+        if len(got) == 10:  # the reader holds one pull's messages: take the next one from its consumer
+            inbox = thief.new_inbox()
+            sub = await thief.subscribe(inbox)
+            await thief.publish("$JS.API.CONSUMER.MSG.NEXT.BIG.test-reader", b'{"batch": 1}', reply=inbox)
+            stolen = await sub.next_msg(10)
+            assert stolen.metadata.sequence.stream > 10, stolen.headers
+        if len(got) == 60:
+            await thief.jetstream().delete_consumer("BIG", "test-reader")
     assert got == list(range(1, 121))
     await nc.close()
     await thief.close()
@@ -256,7 +253,7 @@ async def test_a_read_that_cannot_complete_raises(url: str, monkeypatch) -> None
     await _large_stream(js, 60)
     got = 0
     with pytest.raises(bus.IncompleteRead) as raised:
-        async for _ in bus.read_stream(js, "BIG"):
+        async for _ in bus.read_stream(js, bus.LogReader("BIG")):
             got += 1
             if got == 5:
                 await js.delete_stream("BIG")
@@ -300,7 +297,7 @@ async def test_tap_follow_survives_a_lost_consumer(url: str) -> None:
     seen: asyncio.Queue = asyncio.Queue()
 
     async def pump() -> None:
-        async for entry in tap.follow(js, "status", 0):
+        async for entry in tap.follow(js, bus.LogReader(topology.STATUS_STREAM), "status", 0):
             await seen.put(entry.raw)
 
     task = asyncio.create_task(pump())
@@ -343,7 +340,7 @@ async def test_a_rebuild_short_of_the_ack_floor_publishes_nothing(url: str, kipv
         n = 0
         async for msg in whole(js_, stream, *args, **kw):
             n += 1
-            if stream == topology.KUBE_STREAM and n > 3:
+            if stream.stream == topology.KUBE_STREAM and n > 3:
                 return
             yield msg
 

@@ -18,7 +18,7 @@ import nats
 
 from kipvs.applier.ops import digest
 from kipvs.planner.core import PlannerConfig
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
 from kipvs.shared import topology
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.shared.plan.resolve import resolve_node

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kipvs.planner.core import Planner
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
 from kipvs.shared.cli import main as kipvs
 from tests import kube
 from tests.test_plan_rules import added, slice_, web

@@ -13,7 +13,7 @@ import pytest
 
 from kipvs.applier.ops import AddEntry, DelEntry, DesiredState
 from kipvs.planner.core import Planner
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
 from kipvs.shared.plan.resolve import resolve_service
 from tests import kube
 from tests.test_plan_rules import added, slice_, web

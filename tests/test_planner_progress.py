@@ -13,8 +13,9 @@ import aiohttp
 import nats
 from nats.js.api import DiscardPolicy
 
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
 from kipvs.planner.progress import LagClock
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import config, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from tests import kube

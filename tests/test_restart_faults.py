@@ -13,9 +13,10 @@ import nats
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
+from kipvs.planner.active import plan
 from kipvs.planner.core import PlannerConfig
-from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.planner.replay import plan_events, read_events
+from kipvs.planner.log_replay import plan_events, read_events
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, plan_log, topology
 from kipvs.shared.plan.plan_state import SharedPlan
 from kipvs.shared.plan.resolve import resolve_node
@@ -195,11 +196,13 @@ async def test_a_deleted_log_record_then_a_restart_never_drops_the_next_change(n
     await js.purge_stream(topology.PLAN_STREAM, subject=topology.PLAN_ALL_SUBJECT, keep=1)
     await (await js.object_store(topology.SNAPSHOT_BUCKET)).delete(topology.snapshot_object("all"))
     task, stop = start_service("planner", planner_cfg, plan)
+    plan_reader = bus.LogReader(topology.PLAN_STREAM)
     for _ in range(1200):  # up to a minute on a loaded machine; returns as soon as it holds
-        if (await plan_log.published_plan(js)).services == want.plans:
+        if (await plan_log.published_plan(js, plan_reader)).services == want.plans:
             break
         await asyncio.sleep(0.05)
     stop.set()
     await task
-    assert (await plan_log.published_plan(js)).services == want.plans, "snapshot + stream give the state again"
+    again = await plan_log.published_plan(js, plan_reader)
+    assert again.services == want.plans, "snapshot + stream give the state again"
     await nc.close()

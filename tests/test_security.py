@@ -161,7 +161,7 @@ async def test_tools_read_but_cannot_write(declared: SecureNats) -> None:
 
     tools = await declared.connect("tools", inbox_prefix="_INBOX_tools")
     js = tools.jetstream(timeout=3)
-    read = [m async for m in bus.read_stream(js, topology.KUBE_STREAM)]
+    read = [m async for m in bus.read_stream(js, bus.LogReader(topology.KUBE_STREAM))]
     assert len(read) == 1
     refusal = await permission_error(tools, lambda: js.publish(topology.PLAN_ALL_SUBJECT, b"x", timeout=1))
     assert topology.PLAN_ALL_SUBJECT in refusal
@@ -371,7 +371,7 @@ async def test_the_pipeline_runs_with_identities_tls_and_the_callout(callout: Se
     from kipvs.applier.backend import MemoryKernel
     from kipvs.applier.main import ApplierConfig, apply_plan
     from kipvs.planner import failover
-    from kipvs.planner.main import PlannerServiceConfig
+    from kipvs.planner.service_config import PlannerServiceConfig
     from kipvs.shared import config, events, runtime
     from kipvs.simulator import scenario
     from kipvs.watcher.main import WatcherConfig, watch
@@ -418,7 +418,7 @@ async def test_the_pipeline_runs_with_identities_tls_and_the_callout(callout: Se
     await asyncio.wait_for(asyncio.gather(watcher, planner, *(t for t, _ in appliers.values())), 60)
 
     tools = await callout.connect("tools", inbox_prefix="_INBOX_tools")
-    status = [m async for m in bus.read_stream(tools.jetstream(timeout=5), topology.STATUS_STREAM)]
+    status = [m async for m in bus.read_stream(tools.jetstream(timeout=5), bus.LogReader(topology.STATUS_STREAM))]
     await tools.close()
     reporters = {events.decode(m.data).record.node for m in status
                  if isinstance(events.decode(m.data).record, events.ApplyReport)}
@@ -613,7 +613,8 @@ async def test_the_tools_tap_and_replay_as_the_tools_identity(declared: SecureNa
     import subprocess
     import sys
 
-    from kipvs.planner.main import PlannerServiceConfig, plan
+    from kipvs.planner.active import plan
+    from kipvs.planner.service_config import PlannerServiceConfig
     from kipvs.shared import config
     from tests.golden.regenerate import EVENTS
     from tests.helpers import publish_kube, start_service
@@ -744,7 +745,8 @@ async def test_a_service_waits_for_the_topology_and_says_so_until_admin_declares
     import subprocess
     import sys
 
-    from kipvs.planner.main import PlannerServiceConfig, plan
+    from kipvs.planner.active import plan
+    from kipvs.planner.service_config import PlannerServiceConfig
     from kipvs.shared import config, runtime
     from tests.helpers import eventually
 
@@ -917,11 +919,7 @@ async def test_a_hostile_node_cannot_make_consumers_or_fill_the_bus(callout: Sec
     assert f"consumer.create.{obj}".lower() in refusal.lower()
     store = await js.object_store(topology.SNAPSHOT_BUCKET)  # nats-py's get: a consumer the server names
     await permission_error(nc, lambda: asyncio.wait_for(store.get(topology.snapshot_object("all")), 3))
-    token_var = bus.READER_NAME.set(nats_permissions.applier_reader("node-a"))
-    try:
-        read = await plan_log._read_snapshot(js)  # its own reader: allowed
-    finally:
-        bus.READER_NAME.reset(token_var)
+    read = await plan_log._read_snapshot(js, nats_permissions.applier_reader("node-a"))  # its own reader: allowed
     assert read == snapshot
     refusal = await permission_error(nc, lambda: nc.request(topology.inspect_subject("node-b"), b"", timeout=1))
     assert "kipvs.inspect.node-b" in refusal
@@ -970,7 +968,8 @@ async def test_the_planner_and_the_tools_read_the_snapshot_with_their_identities
     for role in ("planner", "tools"):
         nc = await declared.connect(role)
         try:
-            assert await asyncio.wait_for(plan_log._read_snapshot(nc.jetstream(timeout=3)), 30) == snapshot, role
+            read = plan_log._read_snapshot(nc.jetstream(timeout=3), None)
+            assert await asyncio.wait_for(read, 30) == snapshot, role
         finally:
             await nc.close()
 

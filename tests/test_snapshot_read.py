@@ -37,7 +37,7 @@ async def test_a_snapshot_replaced_while_read_is_read_again(nc, monkeypatch: pyt
     store = await js.object_store(topology.SNAPSHOT_BUCKET)
     await store.put(topology.snapshot_object("all"), _snapshot(7))
     await _orphan_the_snapshot(js)
-    reader = asyncio.create_task(plan_log.load_snapshot(js))
+    reader = asyncio.create_task(plan_log.load_snapshot(js, bus.LogReader(topology.PLAN_STREAM)))
     await asyncio.sleep(0.3)
     await store.put(topology.snapshot_object("all"), _snapshot(9))  # the planner's next snapshot
     _, stream_seq = await asyncio.wait_for(reader, 10)
@@ -52,5 +52,5 @@ async def test_a_snapshot_that_cannot_be_read_is_a_bus_error_not_a_hang(nc, monk
     await _orphan_the_snapshot(js)
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="could not be read in 3 attempts"):
-        await plan_log.load_snapshot(js)
+        await plan_log.load_snapshot(js, bus.LogReader(topology.PLAN_STREAM))
     assert time.monotonic() - started < 10

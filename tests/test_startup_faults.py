@@ -18,7 +18,8 @@ import nats
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from tests import kube

@@ -132,6 +132,6 @@ async def test_a_delta_in_parts_is_timed_by_when_it_was_stored(nats_url: str) ->
     before = time.time_ns() - 1_000_000_000
     for part in parts:
         await js.publish(topology.PLAN_ALL_SUBJECT, events.encode(part))
-    times = await delta_times(js, before)
+    times = await delta_times(js, bus.LogReader(topology.PLAN_STREAM), before)
     await nc.close()
     assert set(times) == {1} and before < times[1] <= time.time_ns()

@@ -17,7 +17,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, cli, config, topology
 from tests import kube
 from tests.helpers import publish_kube, start_service
@@ -71,8 +72,8 @@ async def test_parked_records_show_their_time_and_exact_bytes(nats_url: str, cap
 
 
 def test_a_long_parked_payload_is_cut_on_its_line_and_says_so() -> None:
-    from kipvs.audit.records import one_line
     from kipvs.shared.log_client import Entry
+    from kipvs.shared.records import one_line
 
     entry = Entry(topology.PARKED_STREAM, 3, "kipvs.parked.applier", None, b"\x01" * 5000, {})
     line = one_line(entry)

@@ -283,7 +283,7 @@ async def test_garbage_last_on_an_objects_subject_is_appended_over_not_a_crash_l
     async def logged_web() -> list[events.KubeEvent]:
         nc = await nats.connect(nats_url)
         out = []
-        async for msg in bus.read_stream(nc.jetstream(), topology.KUBE_STREAM,
+        async for msg in bus.read_stream(nc.jetstream(), bus.LogReader(topology.KUBE_STREAM),
                                          topology.kube_object_subject("Service", "default", "web")):
             with contextlib.suppress(events.ContractError):  # the garbage itself
                 out.append(events.decode(msg.data).record)
@@ -310,7 +310,7 @@ async def log_state(nats_url: str) -> tuple[dict[tuple[str, str, str], events.Ku
     try:
         last: dict[tuple[str, str, str], events.KubeEvent] = {}
         planner = Planner()
-        async for msg in bus.read_stream(nc.jetstream(), topology.KUBE_STREAM):
+        async for msg in bus.read_stream(nc.jetstream(), bus.LogReader(topology.KUBE_STREAM)):
             env = events.decode(msg.data)
             if isinstance(env.record, events.KubeEvent):
                 last[(env.record.kind, env.record.namespace, env.record.name)] = env.record
@@ -509,7 +509,8 @@ async def test_a_resync_record_over_the_max_payload_is_logged_in_key_ranges(nats
         planner.handle(events.Envelope(id=f"p{seq}", time_ns=1, producer="t", record=events.KubeEvent(
             kind="Pod", action="ADDED", namespace=ns, name=name, resource_version="5",
             object=kube.pod(name, ns=ns))), seq)
-    msgs = [m async for m in bus.read_stream(js, topology.KUBE_STREAM, topology.kube_resync_subject("Pod"))]
+    resyncs = bus.read_stream(js, bus.LogReader(topology.KUBE_STREAM), topology.kube_resync_subject("Pod"))
+    msgs = [m async for m in resyncs]
     assert all(len(m.data) <= nc.max_payload for m in msgs)
     covered: dict[str, str] = {}
     for seq, msg in enumerate(msgs, start=100):

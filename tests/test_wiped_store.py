@@ -17,7 +17,8 @@ import nats
 
 from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.main import PlannerServiceConfig, plan
+from kipvs.planner.active import plan
+from kipvs.planner.service_config import PlannerServiceConfig
 from kipvs.shared import bus, config, events, topology
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.simulator.server import Simulator
@@ -67,7 +68,7 @@ async def test_a_wiped_store_is_detected_and_every_node_converges_again(sim: Sim
             assert planner.ack_floor.stream_seq <= kube_info.state.last_seq
             # Exactly once in the new plan stream: every shared delta from 1, once, in order.
             seqs = [events.decode(m.data).record.seq
-                    async for m in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)]
+                    async for m in bus.read_stream(js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)]
             assert seqs == list(range(1, len(seqs) + 1)), seqs
         finally:
             await nc.close()

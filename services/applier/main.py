@@ -30,6 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kipvs.shared import bus, config, delta_chunks, events, logs, plan_log, runtime, topology
 from kipvs.shared.config import describe
+from kipvs.shared.nats_permissions import applier_reader
 from kipvs.shared.plan.node_state import RealKey, VSKey
 from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
@@ -137,6 +138,8 @@ class Applier:
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()
         self.node = node
+        # history of the plan is read under the node's one reader name: its permissions allow no other
+        self.plan_reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(node))
         self.kernel = kernel
         self.rules = rules
         self.plan = SharedPlan()
@@ -182,8 +185,8 @@ class Applier:
         never be delivered again: they are read from the stream by sequence (the snapshot's
         ``plan_stream_seq`` onwards). A restart therefore never programs a state older than the newest one
         published, which is never older than what this node last applied."""
-        self.plan, stream_seq = await plan_log.load_snapshot(self.ctx.js)
-        caught_up, read_upto = await plan_log.catch_up_to(self.ctx.js, self.plan, stream_seq)
+        self.plan, stream_seq = await plan_log.load_snapshot(self.ctx.js, self.plan_reader)
+        caught_up, read_upto = await plan_log.catch_up_to(self.ctx.js, self.plan_reader, self.plan, stream_seq)
         self.stream_seq = max(self.stream_seq, read_upto)
         if self.use_interfaces:
             self.local_addresses = await self.kernel.node_addresses()
@@ -215,7 +218,7 @@ class Applier:
                 # unusable, or a part of a chunked delta: read back whole deltas, chunked ones put together
                 log.warning("the last message on %s is not a whole delta; reading the subject back", subject)
                 async for _, delta in plan_log.complete_deltas(
-                        bus.read_stream(self.ctx.js, topology.PLAN_STREAM, subject)):
+                        bus.read_stream(self.ctx.js, self.plan_reader, subject)):
                     found = _calico_of(delta) or found
         except NotFoundError:
             found = None

@@ -29,6 +29,7 @@ import msgspec
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kipvs.shared import bus, events, plan_log, runtime, topology
+from kipvs.shared.nats_permissions import applier_reader
 from kipvs.shared.plan.divergence import divergences
 from kipvs.shared.plan.resolve import resolve_node
 
@@ -66,7 +67,8 @@ class Shadow:
 
     async def compare(self) -> tuple[str, ...]:
         """One comparison: the published plan for this node against the kernel; report it."""
-        plan = await plan_log.published_plan(self.ctx.js)
+        reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(self.node))  # its one reader name
+        plan = await plan_log.published_plan(self.ctx.js, reader)
         table = await self.read()  # first: it finds kube-ipvs0, whose addresses are not the node's own
         facts = plan.nodes.get(self.node)
         if self.use_interfaces:

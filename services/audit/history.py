@@ -13,10 +13,16 @@ import json
 import sys
 from typing import Any
 
-from kipvs.shared import events, topology
-from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
-
-from . import records
+from kipvs.shared import bus, events, records, topology
+from kipvs.shared.log_client import (
+    Entry,
+    ToolError,
+    add_nats_arguments,
+    open_log,
+    plan_source,
+    read_all,
+    run_tool,
+)
 
 IGNORED = ("metadata.resourceVersion", "metadata.managedFields", "metadata.generation")
 KINDS = {k.lower(): k for k in events.KUBE_KINDS}
@@ -73,8 +79,8 @@ async def history(args: argparse.Namespace, out: Any = None) -> int:
     kind, namespace, name = parse_object(args.object)
     subject = topology.kube_object_subject(kind, namespace, name)
     async with open_log(args) as js:
-        changes_seen = await read_all(js, topology.KUBE_STREAM, subject)
-        caused = caused_by(await read_all(js, topology.PLAN_STREAM)) if changes_seen else {}
+        changes_seen = await read_all(js, bus.LogReader(topology.KUBE_STREAM), subject)
+        caused = caused_by(await read_all(js, plan_source(args))) if changes_seen else {}
     label = f"{kind} {events.object_key(namespace, name)}"
     if not changes_seen:
         print(f"{label}: no recorded change (subject {subject})", file=out)

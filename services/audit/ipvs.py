@@ -30,9 +30,10 @@ from typing import Any
 import msgspec
 import nats
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
 from nats.js.api import Header
 
-from kipvs.shared import events, log_client, plan_log, topology
+from kipvs.shared import bus, events, log_client, plan_log, topology
 from kipvs.shared.log_client import ToolError, run_tool
 from kipvs.shared.plan.divergence import divergences
 from kipvs.shared.plan.resolve import resolve_node
@@ -121,10 +122,12 @@ async def _collect(sub: Any, node: str, subject: str, deadline: float, wait: flo
             return whole
 
 
-async def plan_differences(js: object, reply: events.IpvsInspectReply) -> tuple[int, list[str]]:
-    """(the published plan's shared delta, the differences between the reply's kernel and that plan)."""
+async def plan_differences(js: JetStreamContext, plan_reader: bus.LogReader,
+                           reply: events.IpvsInspectReply) -> tuple[int, list[str]]:
+    """(the published plan's shared delta, the differences between the reply's kernel and that plan); the
+    plan is read with ``plan_reader`` (``log_client.plan_source``)."""
     assert reply.table is not None
-    plan = await plan_log.published_plan(js)  # type: ignore[arg-type]
+    plan = await plan_log.published_plan(js, plan_reader)
     facts = plan.nodes.get(reply.node)
     if reply.node_addresses:  # the applier uses its interfaces' addresses for NodePorts, not the Node's
         facts = msgspec.structs.replace(facts or events.NodeFacts(name=reply.node), addresses=reply.node_addresses)
@@ -141,7 +144,7 @@ async def ipvs(args: argparse.Namespace) -> int:
                 assert reply.table is not None
                 sys.stdout.write(render(reply.table, "stats" if args.stats else "rate" if args.rate else "table"))
             return 0
-        plan_seq, found = await plan_differences(nc.jetstream(), reply)
+        plan_seq, found = await plan_differences(nc.jetstream(), log_client.plan_source(args), reply)
     if args.json:
         sys.stdout.write(msgspec.json.encode({"node": args.node, "mode": reply.mode, "plan_seq": plan_seq,
                                               "applier_plan_seq": reply.plan_seq, "differences": found}).decode()

@@ -92,12 +92,12 @@ async def read_planner_stage(js: Any, now_ns: int, max_lag: float) -> Stage:
     return planner_verdict(head, position, oldest, now_ns, max_lag)
 
 
-async def delta_times(js: Any, since_ns: int) -> dict[int, int]:
+async def delta_times(js: Any, plan: bus.LogReader, since_ns: int) -> dict[int, int]:
     """Shared delta seq -> the server time it was stored (its first part's, for a delta in parts), for the
-    deltas stored since ``since_ns``."""
+    deltas stored since ``since_ns``, read with ``plan`` (``log_client.plan_source``)."""
     out: dict[int, int] = {}
     start = datetime.fromtimestamp(since_ns / 1e9, UTC)
-    async for msg in bus.read_stream(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT, start_time=start):
+    async for msg in bus.read_stream(js, plan, topology.PLAN_ALL_SUBJECT, start_time=start):
         try:
             record = events.decode(msg.data or b"").record
         except events.ContractError:

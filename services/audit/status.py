@@ -35,7 +35,15 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from kipvs.shared import bus, events, node_claims, plan_log, topology
-from kipvs.shared.log_client import RecordedLog, ToolError, add_nats_arguments, open_log, read_all, run_tool
+from kipvs.shared.log_client import (
+    RecordedLog,
+    ToolError,
+    add_nats_arguments,
+    open_log,
+    plan_source,
+    read_all,
+    run_tool,
+)
 
 from . import pipeline
 
@@ -84,13 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_nats_arguments(parser)
 
 
-async def _last_records(js: Any) -> tuple[dict[str, events.Envelope], int, set[str]]:
-    """(status subject -> its last envelope, the planner's newest shared delta seq, nodes of the plan)."""
+async def _last_records(js: Any, plan_log_reader: bus.LogReader) -> tuple[dict[str, events.Envelope], int, set[str]]:
+    """(status subject -> its last envelope, the planner's newest shared delta seq, nodes of the plan); the
+    plan is read with ``plan_log_reader`` (``log_client.plan_source``)."""
+    status_log = bus.LogReader(topology.STATUS_STREAM)
     last: dict[str, events.Envelope] = {}
     newest = 0
     nodes: set[str] = set()
     if isinstance(js, RecordedLog):
-        entries = await read_all(js, topology.STATUS_STREAM) + await read_all(js, topology.PLAN_STREAM)
+        entries = await read_all(js, status_log) + await read_all(js, plan_log_reader)
         for entry in entries:
             if entry.envelope is None:
                 continue
@@ -100,7 +110,7 @@ async def _last_records(js: Any) -> tuple[dict[str, events.Envelope], int, set[s
                 newest = max(newest, entry.envelope.record.seq)
                 nodes |= _plan_nodes(entry.envelope.record)
         return last, newest, nodes
-    async for msg in bus.read_stream(js, topology.STATUS_STREAM, "kipvs.status.>", DeliverPolicy.LAST_PER_SUBJECT):
+    async for msg in bus.read_stream(js, status_log, "kipvs.status.>", DeliverPolicy.LAST_PER_SUBJECT):
         try:
             envelope = events.decode(msg.data or b"")
         except events.ContractError:
@@ -109,7 +119,7 @@ async def _last_records(js: Any) -> tuple[dict[str, events.Envelope], int, set[s
         stored = msg.metadata.timestamp
         last[msg.subject] = envelope if stored is None else msgspec.structs.replace(
             envelope, time_ns=int(stored.timestamp() * 1e9))
-    plan = await plan_log.published_plan(js)
+    plan = await plan_log.published_plan(js, plan_log_reader)
     return last, plan.seq, set(plan.nodes)
 
 
@@ -233,13 +243,14 @@ async def second_appliers(js: Any, nodes: list[str], now_ns: int) -> dict[str, s
 async def status(args: argparse.Namespace) -> int:
     stage: pipeline.Stage | None = None
     times: dict[int, int] | None = None
+    plan_reader = plan_source(args)
     async with open_log(args) as js:
         now_ns = time.time_ns()
         try:
             if not isinstance(js, RecordedLog):  # a recording has no consumer positions nor server times
                 stage = await pipeline.read_planner_stage(js, now_ns, args.max_lag)
-                times = await pipeline.delta_times(js, now_ns - int(args.max_lag * 1e9))
-            last, newest, plan_nodes = await _last_records(js)
+                times = await pipeline.delta_times(js, plan_reader, now_ns - int(args.max_lag * 1e9))
+            last, newest, plan_nodes = await _last_records(js, plan_reader)
         except NotFoundError as exc:
             raise ToolError(f"a stream kipvs needs does not exist ({exc.description}): a new or wiped NATS store "
                             "that nobody declared again yet (the services do at start, or 'kipvs topology apply')"

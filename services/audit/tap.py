@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kipvs.shared import bus, stream_reader
+from kipvs.shared import bus, records, stream_reader
 from kipvs.shared.log_client import (
     STREAMS,
     Entry,
@@ -44,10 +44,9 @@ from kipvs.shared.log_client import (
     ns_of,
     open_log,
     parse_point,
+    plan_source,
     run_tool,
 )
-
-from . import records
 
 SUBJECTS = {"kube": "kipvs.kube.>", "plan": "kipvs.plan.>", "status": "kipvs.status.>", "parked": "kipvs.parked.>"}
 
@@ -86,34 +85,35 @@ def _consumer(start: int | datetime | None, after_seq: int = 0) -> ConsumerConfi
     return config
 
 
-async def backlog(js: Any, name: str, start: int | datetime) -> list[Entry]:
-    """What a stream holds from ``start`` on, now."""
-    stream = STREAMS[name]
+async def backlog(js: Any, source: bus.LogReader, name: str, start: int | datetime) -> list[Entry]:
+    """What a stream (``name``, read with ``source``) holds from ``start`` on, now."""
+    stream = source.stream
     if isinstance(js, RecordedLog):
         return assembled([e for e in js.read(stream) if (e.seq >= start if isinstance(start, int) else
                                                          e.envelope is None or e.envelope.time_ns >= ns_of(start))])
     try:
         return assembled([stored_entry(stream, m) async for m in bus.read_stream(
-            js, stream, SUBJECTS[name], start_seq=start if isinstance(start, int) else 0,
+            js, source, SUBJECTS[name], start_seq=start if isinstance(start, int) else 0,
             start_time=start if isinstance(start, datetime) else None)])
     except nats.js.errors.NotFoundError:
         return []
 
 
-async def follow(js: JetStreamContext, name: str, after_seq: int) -> AsyncIterator[Entry]:
+async def follow(js: JetStreamContext, source: bus.LogReader, name: str, after_seq: int) -> AsyncIterator[Entry]:
     """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now); a chunked
     plan delta once its last part has arrived, whole. It never stops on its own: a consumer lost (a server
     restart or a leader change drops an in-memory one), deliveries lost (a gap in its delivery sequence) or a
     failed fetch make the consumer again after the last message shown. A closed connection raises (the tool
     then says so in one line). Each fetch asks for few enough messages that the largest the server allows
-    stay far below its max_pending (slow consumer)."""
-    stream = STREAMS[name]
+    stay far below its max_pending (slow consumer). ``source``: where the consumer is made (``bus.LogReader``;
+    its fixed name is not used: a follow is no history read)."""
+    stream = source.stream
     after_seq = after_seq or await _last_seq(js, name)
     batch = max(1, stream_reader.READ_MAX_BYTES // js._nc.max_payload)
     assembler = EntryAssembler()
     while True:
         try:
-            async for msg in _follow_from(js, name, after_seq, batch):
+            async for msg in _follow_from(js, source, name, after_seq, batch):
                 after_seq = msg.metadata.sequence.stream
                 for entry in assembler.feed(stored_entry(stream, msg)):
                     yield entry
@@ -129,8 +129,9 @@ class _Lost(Exception):
     """Messages the consumer delivered never arrived."""
 
 
-async def _follow_from(js: JetStreamContext, name: str, after_seq: int, batch: int) -> AsyncIterator[Any]:
-    sub = await js.pull_subscribe(SUBJECTS[name], stream=bus.readable(STREAMS[name]),
+async def _follow_from(js: JetStreamContext, source: bus.LogReader, name: str, after_seq: int,
+                       batch: int) -> AsyncIterator[Any]:
+    sub = await js.pull_subscribe(SUBJECTS[name], stream=source.consumer_stream,
                                   config=_consumer(None if after_seq else 1, after_seq))
     delivered = 0
     try:
@@ -163,13 +164,15 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
         if keep.keep(entry):
             print(render(entry), file=out, flush=True)
 
+    # the plan through its audit mirror for an identity of its own (log_client.plan_source), the rest directly
+    sources = {n: plan_source(args) if n == "plan" else bus.LogReader(STREAMS[n]) for n in names}
     async with open_log(args) as js:
         if isinstance(js, RecordedLog):  # a recording has no future: print it and stop
             args.no_follow = True
             start = start if start is not None else 1
         last = dict.fromkeys(names, 0)
         if start is not None:
-            entries = [e for name in names for e in await backlog(js, name, start)]
+            entries = [e for name in names for e in await backlog(js, sources[name], name, start)]
             for entry in sorted(entries, key=_order):
                 show(entry)
             for entry in entries:
@@ -181,37 +184,43 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
             for name in names:
                 if not last[name]:
                     last[name] = await _last_seq(js, name)
-        queue: asyncio.Queue[Entry] = asyncio.Queue()
-
-        async def pump(name: str) -> None:
-            async for entry in follow(js, name, last[name]):
-                await queue.put(entry)
-
-        pumps = [asyncio.create_task(pump(n)) for n in names]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            while not stop.is_set():
-                getter = asyncio.ensure_future(queue.get())
-                stopper = asyncio.ensure_future(stop.wait())
-                # a pump that ended (a closed connection) ends the wait too: never a silent stop
-                done, _ = await asyncio.wait({getter, stopper, *pumps}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    show(getter.result())
-                else:
-                    getter.cancel()
-                stopper.cancel()
-                for pump_task in pumps:
-                    if pump_task.done() and pump_task.exception() is not None:
-                        raise pump_task.exception()  # type: ignore[misc]
-        finally:
-            for pump_task in pumps:
-                pump_task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+        await _follow_all(js, sources, last, show)
     return 0
+
+
+async def _follow_all(js: JetStreamContext, sources: dict[str, bus.LogReader], last: dict[str, int],
+                      show: Callable[[Entry], None]) -> None:
+    """Follow every stream named in ``sources`` after its ``last`` sequence, showing entries as they come,
+    until SIGINT/SIGTERM; a follower that ends (a closed connection) raises here, never a silent stop."""
+    queue: asyncio.Queue[Entry] = asyncio.Queue()
+
+    async def pump(name: str) -> None:
+        async for entry in follow(js, sources[name], name, last[name]):
+            await queue.put(entry)
+
+    pumps = [asyncio.create_task(pump(n)) for n in sources]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            getter = asyncio.ensure_future(queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper, *pumps}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                show(getter.result())
+            else:
+                getter.cancel()
+            stopper.cancel()
+            for pump_task in pumps:
+                if pump_task.done() and pump_task.exception() is not None:
+                    raise pump_task.exception()  # type: ignore[misc]
+    finally:
+        for pump_task in pumps:
+            pump_task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 async def _last_seq(js: JetStreamContext, name: str) -> int:

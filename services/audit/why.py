@@ -17,13 +17,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from kipvs.shared import events, topology
-from kipvs.shared.log_client import Entry, ToolError, add_nats_arguments, open_log, read_all, run_tool
+from kipvs.shared import bus, events, records, topology
+from kipvs.shared.log_client import (
+    Entry,
+    ToolError,
+    add_nats_arguments,
+    open_log,
+    plan_source,
+    read_all,
+    run_tool,
+)
 from kipvs.shared.plan.node_state import RealKey, VirtualService, VSKey
 from kipvs.shared.plan.plan_state import SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
-
-from . import records
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -239,13 +245,14 @@ async def why(args: argparse.Namespace, out: Any = None) -> int:
         applied = topology.status_subject(args.node, "applied")
     except ValueError as exc:
         raise ToolError(f"--node: {exc}") from None
+    kube_log, status_log = bus.LogReader(topology.KUBE_STREAM), bus.LogReader(topology.STATUS_STREAM)
     async with open_log(args) as js:
-        plan = await read_all(js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT)
-        kube = await read_all(js, topology.KUBE_STREAM)
-        reports = await read_all(js, topology.STATUS_STREAM, applied)
+        plan = await read_all(js, plan_source(args), topology.PLAN_ALL_SUBJECT)
+        kube = await read_all(js, kube_log)
+        reports = await read_all(js, status_log, applied)
         # a node the log does not know: no Node object, no plan facts, no report of any kind from it
         known = bool(reports) or node_in_log(args.node, kube, plan) or bool(
-            await read_all(js, topology.STATUS_STREAM, topology.status_subject(args.node, ">")))
+            await read_all(js, status_log, topology.status_subject(args.node, ">")))
     if not known:
         message = f"unknown node {args.node!r}: no Node object in the log and no reports from it"
         if args.json:

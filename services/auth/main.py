@@ -34,6 +34,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kipvs.shared import config, nats_credentials, nats_jwt, runtime, topology
 from kipvs.shared import nats_permissions as perms
 from kipvs.shared.config import StartupError, describe
+from kipvs.shared.kube_client import api_client
 
 from .decide import ApplierPolicy, judge, token_of
 
@@ -161,10 +162,9 @@ def issuer_key(cfg: AuthConfig) -> nkeys.KeyPair:
 
 
 async def serve(ctx: runtime.ServiceContext) -> None:
-    from kipvs.watcher.main import api_client
-
-    cfg: AuthConfig = ctx.config  # type: ignore[assignment]
-    api = await api_client(cfg)  # type: ignore[arg-type]  # only its kubeconfig is read
+    cfg = ctx.config
+    assert isinstance(cfg, AuthConfig)
+    api = await api_client(cfg.kubeconfig)
     policy = ApplierPolicy(cfg.applier_namespace, cfg.applier_service_account, cfg.token_audience)
     callout = Callout(issuer_key(cfg), token_reviewer(api), policy, cfg.user_jwt_ttl)
     decisions = ctx.metrics.counter("kipvs_auth_decisions_total", "authorization requests answered, by result",

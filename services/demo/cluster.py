@@ -28,6 +28,7 @@ from kipvs.applier.exclude import parse as parse_cidrs
 from kipvs.applier.ops import digest
 from kipvs.guest.vm import time_scale
 from kipvs.planner.core import Planner, PlannerConfig
+from kipvs.planner.log_replay import replay_log
 from kipvs.planner.render import ipvsadm
 from kipvs.shared import bus, events, topology
 from kipvs.shared.embedded_nats import EmbeddedNats
@@ -223,11 +224,7 @@ class Cluster:
         call (the core is deterministic: incremental equals from scratch), so polling it stays cheap."""
         assert self.js is not None
         with contextlib.suppress(NotFoundError):  # no stream yet: the watcher has not started
-            async for msg in bus.read_stream(self.js, topology.KUBE_STREAM, start_seq=self.view.source_seq + 1):
-                try:
-                    self.view.handle(events.decode(msg.data), msg.metadata.sequence.stream)
-                except events.ContractError:
-                    self.view.source_seq = msg.metadata.sequence.stream  # parked by the planner too
+            await replay_log(self.js, self.view, None)  # to the log's end
         return self.view
 
     def node_state(self, planner: Planner, node: str) -> NodeState:
@@ -246,7 +243,8 @@ class Cluster:
         """The node's apply reports with their times (ns)."""
         assert self.js is not None
         return [(e.envelope.time_ns, e.envelope.record)
-                for e in await read_all(self.js, topology.STATUS_STREAM, topology.status_subject(node, "applied"))
+                for e in await read_all(self.js, bus.LogReader(topology.STATUS_STREAM),
+                                        topology.status_subject(node, "applied"))
                 if e.envelope is not None and isinstance(e.envelope.record, events.ApplyReport)]
 
     async def reports(self, node: str) -> list[events.ApplyReport]:

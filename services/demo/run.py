@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kipvs.audit import records, why
-from kipvs.shared import bus, topology
+from kipvs.audit import why
+from kipvs.shared import bus, records, topology
 from kipvs.shared.log_client import decode_entry, read_all
 from kipvs.simulator import scenario as scenarios
 
@@ -143,7 +143,8 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
         say("\n  --- each node's facts, as its applier reports them: SIMULATED kernels report IPVS and kube-ipvs0 "
             "as present ---")
     for node in cluster.node_names():
-        facts = await read_all(cluster.js, topology.STATUS_STREAM, topology.status_subject(node, "facts"))
+        facts = await read_all(cluster.js, bus.LogReader(topology.STATUS_STREAM),
+                               topology.status_subject(node, "facts"))
         say(f"  {records.one_line(facts[-1]) if facts else node + ': no facts report yet'}")
     planner = await cluster.planned()
     calico = planner.node_calico("node-a")
@@ -195,10 +196,11 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
 
     step(8, "audit trail: why does node-a forward 10.96.0.10:80? (kipvs why --node node-a 10.96.0.10:80)")
     assert cluster.js is not None
-    story = why.provenance(await read_all(cluster.js, topology.PLAN_STREAM, topology.PLAN_ALL_SUBJECT), "node-a",
-                           ("TCP", "10.96.0.10", 80))
-    explainer = why.Explainer(await read_all(cluster.js, topology.KUBE_STREAM),
-                              await read_all(cluster.js, topology.STATUS_STREAM, "kipvs.status.node-a.applied"))
+    plan = await read_all(cluster.js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)
+    story = why.provenance(plan, "node-a", ("TCP", "10.96.0.10", 80))
+    explainer = why.Explainer(await read_all(cluster.js, bus.LogReader(topology.KUBE_STREAM)),
+                              await read_all(cluster.js, bus.LogReader(topology.STATUS_STREAM),
+                                             "kipvs.status.node-a.applied"))
     out = io.StringIO()
     why.print_text(why.render(story, explainer), out)
     say(_indent(out.getvalue(), "  "))
@@ -221,7 +223,7 @@ async def _save_log(cluster: Cluster, where: str) -> None:
     assert cluster.js is not None
     lines = [records.as_json(entry) for stream in (topology.KUBE_STREAM, topology.PLAN_STREAM,
                                                    topology.STATUS_STREAM, topology.PARKED_STREAM)
-             for entry in await read_all(cluster.js, stream)]
+             for entry in await read_all(cluster.js, bus.LogReader(stream))]
     if where == "-":
         say(LOG_BEGIN)
         for line in lines:
@@ -259,7 +261,8 @@ async def _live_change(cluster: Cluster, change: Any) -> None:
     planner = await cluster.planned()
     say("      the records it caused (kipvs tap):")
     for stream, after in ((topology.KUBE_STREAM, kube_before), (topology.PLAN_STREAM, plan_before)):
-        async for msg in bus.read_stream(cluster.js, stream, start_seq=after + 1):  # only what the change caused
+        # only what the change caused
+        async for msg in bus.read_stream(cluster.js, bus.LogReader(stream), start_seq=after + 1):
             say(f"        {records.one_line(decode_entry(stream, msg))}")
     timings = []
     for node in cluster.node_names():

@@ -2,5 +2,6 @@
 
 COMMANDS = [
     ("planner", "kipvs.planner.main", "consume the Kubernetes event log and publish plan deltas"),
-    ("plan", "kipvs.planner.replay", "replay watch events (a file) and print a node's desired state"),
+    ("plan", "kipvs.planner.plan", "replay watch events (a file) and print a node's desired state"),
+    ("replay", "kipvs.planner.replay", "re-run the planner over the log and diff against what was published"),
 ]

@@ -1,5 +1,16 @@
 """The planner's core: a state machine from Kubernetes events to plan deltas. No I/O.
 
+Rules of this room:
+- No I/O, no clock, no randomness: the same records in the same order give the same deltas, byte for byte
+  (ids, times and causation come from the records). ``kipvs replay`` gates upgrades on exactly this.
+- Records arrive in log order, each once (``log_replay.py`` feeds every replay, the service's included);
+  ``source_seq`` is the last record's KIPVS_KUBE sequence, ``seq`` the last delta's.
+- Bad input never raises: an object kube-proxy would ignore is ignored, one it would reject becomes a
+  warning in the plan (``SetWarning``), never an exception out of ``handle``.
+- State is held once for every node; what differs per node is resolved by ``shared/plan/resolve.py``.
+- A delta is emitted only when the published plan changes; ``correction`` is the one way to compare the
+  state with a published plan read back.
+
 ``Planner.handle(envelope, source_seq)`` takes one record from the Kubernetes event log and returns the
 deltas it causes (usually one, or none). Deterministic: the same records in the same order give the same
 deltas, byte for byte (delta ids and times come from the input, never from the clock).
@@ -13,6 +24,7 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +48,11 @@ from kipvs.shared.events import (
     SetService,
     SetWarning,
 )
+from kipvs.shared.plan.plan_state import SharedPlan
 
 from . import parse
-from .calico import CalicoState, nodeport_problem
+from .address_warnings import AddressWarnings
+from .calico import CalicoState
 from .trigger_time import trigger_time_ns
 
 SHARED_SCOPE = "all"
@@ -72,7 +86,7 @@ def _rv_not_newer(rv: str, than: str) -> bool:
 
 
 @dataclass
-class Planner:
+class Planner(AddressWarnings):
     config: PlannerConfig = field(default_factory=PlannerConfig)
     services: dict[str, parse.ServiceSpec] = field(default_factory=dict)
     slices: dict[str, parse.SliceSpec] = field(default_factory=dict)
@@ -149,16 +163,6 @@ class Planner:
         """The node's Calico state (node-specific: published on that node's subject only)."""
         return self.calico.state(node)
 
-    def _check_node_ports(self, key: str, ops: list[PlanOp]) -> None:
-        """The shared nodeport-outside-ranges warning of one Service (set, changed or cleared)."""
-        warning_id = f"Service/{key}/nodeport-outside-ranges"
-        ports = self.node_ports.get(key, ())
-        problem = nodeport_problem(key, ports, self.calico.range_groups()) if ports else ""
-        if problem:
-            self._warn(ops, warning_id, "nodeport-outside-ranges", "Service", key, problem)
-        else:
-            self._clear(ops, warning_id)
-
     def _on_event(self, kind: str, action: str, obj: dict[str, Any], rv: str, ops: list[PlanOp],
                   seq: int = 0) -> None:
         key = parse.object_key(obj)
@@ -226,13 +230,7 @@ class Planner:
         else:
             self._clear(ops, scheduler_warning)
         self._legacy(ops, "Service", key, spec.legacy if spec is not None else ())
-        stale_warning = f"Service/{key}/stale-load-balancer-status"
-        if spec is not None and spec.stale_ingress:
-            self._warn(ops, stale_warning, "stale-load-balancer-status", "Service", key,
-                       f"Service {key} is no LoadBalancer but its status still lists {', '.join(spec.stale_ingress)}: "
-                       "not served (kube-proxy serves it until the load-balancer controller clears the status)")
-        else:
-            self._clear(ops, stale_warning)
+        self._stale_status(ops, key, spec.stale_ingress if spec is not None else ())
         if spec is None:
             self.services.pop(key, None)
         else:
@@ -325,69 +323,6 @@ class Planner:
                 self.node_ports.pop(key, None)
             self._check_node_ports(key, ops)
 
-    def _index_addresses(self, key: str, plan: ServicePlan | None, ops: list[PlanOp]) -> None:
-        """Keep the address indexes for one Service and re-check the warnings its change can move."""
-        vips = frozenset((p.protocol, ip, p.port) for p in plan.ports
-                         for ip in (*plan.cluster_ips, *plan.external_ips, *plan.load_balancer_ips)) \
-            if plan else frozenset()
-        externals = frozenset((*plan.external_ips, *plan.load_balancer_ips)) if plan else frozenset()
-        old_vips = _reindex(self.service_vips, self.vip_services, key, vips)
-        if vips != old_vips:
-            sharing = {key}.union(*(self.vip_services.get(vip, ()) for vip in old_vips | vips))
-            for other in sorted(sharing):
-                self._check_shared_vips(other, ops)
-        if _reindex(self.service_externals, self.external_services, key, externals) != externals:
-            self._check_node_addresses(key, ops)
-
-    def _check_shared_vips(self, key: str, ops: list[PlanOp]) -> None:
-        """address-conflict: two Services on one address, protocol and port. Every node programs the
-        Service first by namespace/name (resolve.py); the warning names the one not honoured and its owner."""
-        lost = sorted((vip, min(self.vip_services[vip])) for vip in self.service_vips.get(key, ())
-                      if min(self.vip_services[vip]) != key)
-        warning_id = f"Service/{key}/address-conflict"
-        if not lost:
-            self._clear(ops, warning_id)
-            return
-        taken = "; ".join(f"{proto} {_hostport(ip, port)} belongs to Service {owner}"
-                          for (proto, ip, port), owner in lost)
-        self._warn(ops, warning_id, "address-conflict", "Service", key,
-                   f"Service {key} is not programmed where another Service holds the same address and port "
-                   f"(the first by namespace/name owns it on every node): {taken}")
-
-    def _check_node_addresses(self, key: str, ops: list[PlanOp]) -> None:
-        """service-address-is-node-address: an external or load-balancer address that is a node's
-        InternalIP. That node keeps it unbound (it owns it); every other node binds it on kube-ipvs0 and
-        from then on reaches the Service, not that node, at that address."""
-        clashes = sorted((ip, sorted(self.address_nodes[ip])) for ip in self.service_externals.get(key, ())
-                         if self.address_nodes.get(ip))
-        warning_id = f"Service/{key}/node-address"
-        if not clashes:
-            self._clear(ops, warning_id)
-            return
-        detail = "; ".join(f"{ip} is the InternalIP of {', '.join(nodes)}" for ip, nodes in clashes)
-        self._warn(ops, warning_id, "service-address-is-node-address", "Service", key,
-                   f"Service {key} uses a node's own address: {detail}. That node leaves it unbound; every "
-                   "other node binds it on kube-ipvs0 and can no longer reach that node at it")
-
-    def _warn(self, ops: list[PlanOp], id: str, code: str, kind: str, obj: str, message: str) -> None:
-        warning = PlanWarning(id=id, code=code, kind=kind, object=obj, message=message)
-        if self.warnings.get(id) != warning:
-            self.warnings[id] = warning
-            ops.append(SetWarning(warning))
-
-    def _legacy(self, ops: list[PlanOp], kind: str, key: str, notes: tuple[str, ...]) -> None:
-        """The ``legacy-address`` warning: the object is planned, its addresses read as kube-proxy reads
-        legacy ones (leading zeros: CVE-2021-29923); the message names each field, so it can be fixed."""
-        warning_id = f"{kind}/{key}/legacy-address"
-        if notes:
-            self._warn(ops, warning_id, "legacy-address", kind, key, f"{kind} {key}: " + "; ".join(notes))
-        else:
-            self._clear(ops, warning_id)
-
-    def _clear(self, ops: list[PlanOp], id: str) -> None:
-        if self.warnings.pop(id, None) is not None:
-            ops.append(ClearWarning(id))
-
     # --- output -------------------------------------------------------------------------------
 
     def snapshot(self, plan_stream_seq: int = 0) -> PlanSnapshot:
@@ -396,28 +331,6 @@ class Planner:
                             services=tuple(self.plans[k] for k in sorted(self.plans)),
                             nodes=tuple(self.nodes[k] for k in sorted(self.nodes)),
                             warnings=tuple(self.warnings[k] for k in sorted(self.warnings)))
-
-
-def _reindex(forward: dict[str, frozenset[Any]], reverse: dict[Any, set[str]], key: str,
-             values: frozenset[Any]) -> frozenset[Any]:
-    """Set ``forward[key]`` to ``values`` (dropped when empty) and keep ``reverse`` (value -> keys) in
-    step; returns the values ``key`` had before."""
-    old = forward.get(key, frozenset())
-    for value in old - values:
-        reverse[value].discard(key)
-        if not reverse[value]:
-            del reverse[value]
-    for value in values - old:
-        reverse[value].add(key)
-    if values:
-        forward[key] = values
-    else:
-        forward.pop(key, None)
-    return old
-
-
-def _hostport(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _rank(ep: Endpoint) -> tuple[bool, bool, bool, str, str, tuple[str, ...], tuple[str, ...]]:
@@ -456,3 +369,24 @@ def build_plan(spec: parse.ServiceSpec, slices: list[parse.SliceSpec]) -> Servic
 
 def _with_port(ep: Endpoint, port: int) -> Endpoint:
     return msgspec.structs.replace(ep, port=port)
+
+
+def correction(published: SharedPlan, planner: Planner) -> list[PlanOp]:
+    """The operations that turn the published shared plan (snapshot + deltas, as read back from the plan
+    stream) into the planner's state: set what differs, remove what the planner lacks; services, then nodes,
+    then warnings, each in key order (deterministic, as every delta)."""
+    return [*_changes(published.services, planner.plans, SetService, RemoveService),
+            *_changes(published.nodes, planner.nodes, SetNode, RemoveNode),
+            *_changes(published.warnings, planner.warnings, SetWarning, ClearWarning)]
+
+
+def _changes(have: dict[str, Any], want: dict[str, Any], set_op: Callable[[Any], PlanOp],
+             remove_op: Callable[[str], PlanOp]) -> list[PlanOp]:
+    """Set what differs, remove what ``want`` lacks, in key order."""
+    ops: list[PlanOp] = []
+    for key in sorted(set(have) | set(want)):
+        if key not in want:
+            ops.append(remove_op(key))
+        elif have.get(key) != want[key]:
+            ops.append(set_op(want[key]))
+    return ops

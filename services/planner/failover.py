@@ -8,7 +8,7 @@ One planner's life, in roles (each change logged and shown by ``kipvs_planner_le
   what the dead planner had not acknowledged, not the whole log. Ready (``/readyz``) once caught up with that
   floor: a standby that can take over is what a rollout or a disruption budget should count.
 - **active**: raise the fence (``fence.py``) first, then run the planner as a single one would
-  (``main.plan``): read what is published, plan what the previous holder took but did not acknowledge,
+  (``active.plan``): read what is published, plan what the previous holder took but did not acknowledge,
   consume. It stays active until told to stop (it then releases the lease, so a standby takes over at once),
   or until it is deposed: the lease was taken, not renewed in time, or the plan stream refused a delta behind
   its fence. A deposed planner drops its core (it may hold deltas it never published) and stands by again.
@@ -27,10 +27,12 @@ import time
 from kipvs.shared import bus, runtime, topology
 from kipvs.shared.config import StartupError
 
-from . import main
+from .active import plan
 from .core import Planner, tune_gc
 from .fence import Deposed, raise_fence
 from .lease import Lease
+from .log_replay import replay_log
+from .service_config import PlannerServiceConfig
 
 log = logging.getLogger("kipvs.planner")
 
@@ -63,7 +65,7 @@ async def _warm(ctx: runtime.ServiceContext, planner: Planner, period: float) ->
             if floor > planner.source_seq:
                 if first:  # later, a lag of one poll period is the normal state of a warm standby
                     ctx.set_not_ready(f"standby: replaying the Kubernetes event log up to seq {floor}")
-                await main.replay_log(ctx.js, planner, floor)
+                await replay_log(ctx.js, planner, floor)
             if first:
                 tune_gc()
                 log.info("standby: warm, %d logged records replayed in %.2fs (up to log seq %d)", planner.source_seq,
@@ -86,15 +88,27 @@ async def _bus_failed(ctx: runtime.ServiceContext, lease: Lease, identity: str, 
                 type(exc).__name__, exc or "")
     await lease.release()
     cfg = ctx.config
-    assert isinstance(cfg, main.PlannerServiceConfig)
+    assert isinstance(cfg, PlannerServiceConfig)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ctx.stop.wait(), cfg.leader_elect_lease_duration)
+
+
+async def _stand_by(ctx: runtime.ServiceContext, lease: Lease, planner: Planner, period: float) -> bool:
+    """Keep ``planner`` warm until the lease is ours (True) or the service is told to stop (False)."""
+    ctx.set_not_ready("standby: starting")
+    warm = asyncio.create_task(_warm(ctx, planner, period), name="planner-warm")
+    try:
+        return await lease.acquire(ctx.stop)
+    finally:
+        warm.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warm
 
 
 async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
     """The planner service with leader election: alternate standby and active until told to stop."""
     cfg = ctx.config
-    assert isinstance(cfg, main.PlannerServiceConfig)
+    assert isinstance(cfg, PlannerServiceConfig)
     identity = identity or default_identity()
     m = ctx.metrics
     master = m.gauge("kipvs_planner_leader_election_master_status",
@@ -107,16 +121,8 @@ async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
     log.info("planner %s: standby (leader election on; lease %s/%s)", identity, topology.PLANNER_LEASE_BUCKET,
              topology.PLANNER_LEASE_KEY)
     while not ctx.stop.is_set():
-        planner = planner or main.new_planner(cfg)
-        ctx.set_not_ready("standby: starting")
-        warm = asyncio.create_task(_warm(ctx, planner, cfg.leader_elect_retry_period), name="planner-warm")
-        try:
-            acquired = await lease.acquire(ctx.stop)
-        finally:
-            warm.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await warm
-        if not acquired:
+        planner = planner or cfg.new_planner()
+        if not await _stand_by(ctx, lease, planner, cfg.leader_elect_retry_period):
             return
         took = time.monotonic()
         deposed = asyncio.Event()
@@ -132,7 +138,7 @@ async def run(ctx: runtime.ServiceContext, identity: str | None = None) -> None:
             log.info("planner %s: ACTIVE (lease revision %d, fence at plan stream seq %d%s; warm up to log seq %d)",
                      identity, lease.revision, fence.marker_seq,
                      f", took over from {lease.previous}" if lease.previous else "", planner.source_seq)
-            await main.plan(ctx, planner, fence, deposed)
+            await plan(ctx, planner, fence, deposed)
         except (bus.Retry, *bus.INFRASTRUCTURE_ERRORS) as exc:
             if deposed.is_set():  # refused behind another planner's fence while starting: deposed, below
                 log.info("planner %s: %s", identity, exc)

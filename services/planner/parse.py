@@ -1,5 +1,10 @@
 """Kubernetes objects into the planner's validated inputs. Pure; every rejection says exactly why.
 
+Rules of this room: input is whatever the API server (or a recording) holds, so nothing here trusts a
+field's presence or type; a rejection is :class:`Invalid` with one precise sentence (the field and the
+problem), which the core turns into a plan warning; never another exception, never a default kube-proxy
+does not use.
+
 Follows what kube-proxy reads (pkg/proxy/serviceport.go, endpointslicecache.go): which Services are
 ignored, defaults (protocol TCP, affinity timeout 10800 s), EndpointSlice conditions (nil ready means
 ready, nil serving means serving), only an endpoint's first address.
@@ -154,30 +159,12 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
         raise Invalid("spec.clusterIP: missing (a proxied Service needs one)")
     legacy: list[str] = []
     cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]", legacy) for i, ip in enumerate(raw_ips))
-    ports = []
-    seen: set[tuple[str, str]] = set()
-    for i, raw in enumerate(_list(spec.get("ports"), "spec.ports")):
-        p = _mapping(raw, f"spec.ports[{i}]")
-        name = p.get("name") or ""
-        protocol = _protocol(p.get("protocol"), f"spec.ports[{i}].protocol")
-        if (name, protocol) in seen:
-            raise Invalid(f"spec.ports[{i}]: duplicate port name {name!r} for {protocol}")
-        seen.add((name, protocol))
-        node_port = _port(p.get("nodePort") or 0, f"spec.ports[{i}].nodePort", allow_zero=True)
-        ports.append(ServicePort(name, protocol, _port(p.get("port"), f"spec.ports[{i}].port"),
-                                 node_port if kind in ("NodePort", "LoadBalancer") else 0))
+    ports = _service_ports(spec, kind in ("NodePort", "LoadBalancer"))
     external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]", legacy)
                          for i, ip in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs")))
     lb_ips, ranges, stale = _load_balancer(obj, spec, kind, legacy)
-    persistence = _persistence(spec)
-    scheduler, problem = default_scheduler, ""
-    wanted = _mapping(meta.get("annotations"), "metadata.annotations").get(SCHEDULER_ANNOTATION)
-    if wanted is not None:
-        if wanted in SCHEDULERS:
-            scheduler = wanted
-        else:
-            problem = (f"annotation {SCHEDULER_ANNOTATION}={wanted!r} is not an IPVS scheduler "
-                       f"({', '.join(sorted(SCHEDULERS))}); using {default_scheduler!r}")
+    persistence = _affinity_timeout(spec)
+    scheduler, problem = _scheduler(meta, default_scheduler)
     # pkg/api/v1/service/util.go ExternallyAccessible / ExternalPolicyLocal / NeedsHealthCheck: by type,
     # not by what is allocated or reported (an LB still pending, with ipMode Proxy addresses only, or with
     # allocateLoadBalancerNodePorts false has its health-check port all the same: kubernetes#130776)
@@ -224,8 +211,37 @@ def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
     return tuple(lb_ips), tuple(ranges), ()
 
 
-def _persistence(spec: dict[str, Any]) -> int:
-    """ClientIP affinity's timeout in seconds (default 10800), 0 without affinity."""
+def _cidr(value: Any, field: str, legacy: list[str]) -> str:
+    """A CIDR read as kube-proxy reads loadBalancerSourceRanges: spaces trimmed (validation let them
+    through), ``ParseCIDRSloppy``, host bits masked (serviceport.go ``newBaseServiceInfo``)."""
+    text = value.strip() if isinstance(value, str) else ""
+    parsed = sloppy.parse_cidr(text)
+    if parsed is None:
+        raise Invalid(f"{field}: {value!r} is not a CIDR")
+    if parsed[1]:
+        legacy.append(legacy_note(field, value, parsed[0]))
+    return parsed[0]
+
+
+def _service_ports(spec: dict[str, Any], with_node_ports: bool) -> list[ServicePort]:
+    """spec.ports; a nodePort only counts for NodePort and LoadBalancer Services."""
+    ports = []
+    seen: set[tuple[str, str]] = set()
+    for i, raw in enumerate(_list(spec.get("ports"), "spec.ports")):
+        p = _mapping(raw, f"spec.ports[{i}]")
+        name = p.get("name") or ""
+        protocol = _protocol(p.get("protocol"), f"spec.ports[{i}].protocol")
+        if (name, protocol) in seen:
+            raise Invalid(f"spec.ports[{i}]: duplicate port name {name!r} for {protocol}")
+        seen.add((name, protocol))
+        node_port = _port(p.get("nodePort") or 0, f"spec.ports[{i}].nodePort", allow_zero=True)
+        ports.append(ServicePort(name, protocol, _port(p.get("port"), f"spec.ports[{i}].port"),
+                                 node_port if with_node_ports else 0))
+    return ports
+
+
+def _affinity_timeout(spec: dict[str, Any]) -> int:
+    """The ClientIP affinity timeout in seconds (kube-proxy's default 10800), 0 without affinity."""
     if spec.get("sessionAffinity") == "ClientIP":
         config = _mapping(_mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
                           "spec.sessionAffinityConfig.clientIP")
@@ -239,16 +255,13 @@ def _persistence(spec: dict[str, Any]) -> int:
     return 0
 
 
-def _cidr(value: Any, field: str, legacy: list[str]) -> str:
-    """A CIDR read as kube-proxy reads loadBalancerSourceRanges: spaces trimmed (validation let them
-    through), ``ParseCIDRSloppy``, host bits masked (serviceport.go ``newBaseServiceInfo``)."""
-    text = value.strip() if isinstance(value, str) else ""
-    parsed = sloppy.parse_cidr(text)
-    if parsed is None:
-        raise Invalid(f"{field}: {value!r} is not a CIDR")
-    if parsed[1]:
-        legacy.append(legacy_note(field, value, parsed[0]))
-    return parsed[0]
+def _scheduler(meta: dict[str, Any], default_scheduler: str) -> tuple[str, str]:
+    """(the scheduler, why the annotation's was not used: "" when it was, or there was none)."""
+    wanted = _mapping(meta.get("annotations"), "metadata.annotations").get(SCHEDULER_ANNOTATION)
+    if wanted is None or wanted in SCHEDULERS:
+        return wanted or default_scheduler, ""
+    return default_scheduler, (f"annotation {SCHEDULER_ANNOTATION}={wanted!r} is not an IPVS scheduler "
+                               f"({', '.join(sorted(SCHEDULERS))}); using {default_scheduler!r}")
 
 
 class _Conditions(msgspec.Struct):

@@ -43,7 +43,7 @@ def producer_name() -> str:
 async def read_logged(js: JetStreamContext, kind: str) -> dict[str, LoggedObject]:
     """The last record of every object of ``kind`` in the log, via an ephemeral last-per-subject consumer."""
     logged: dict[str, LoggedObject] = {}
-    async for msg in bus.read_stream(js, topology.KUBE_STREAM, topology.kube_kind_filter(kind),
+    async for msg in bus.read_stream(js, bus.LogReader(topology.KUBE_STREAM), topology.kube_kind_filter(kind),
                                      DeliverPolicy.LAST_PER_SUBJECT):
         try:
             record = events.decode(msg.data).record

@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
-import yaml
-from kubernetes_asyncio import client
-from kubernetes_asyncio import config as kube_config
-from kubernetes_asyncio.config.config_exception import ConfigException
 
 from kipvs.shared import config, events, runtime
 from kipvs.shared.config import StartupError, describe
+from kipvs.shared.kube_client import api_client
 
 from .event_log import EventLog, open_record_file, read_logged
 from .list_watch import KindWatcher, WatchMetrics, WatchSettings, list_function
@@ -41,25 +38,6 @@ class WatcherConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
             raise ValueError(f"unknown kinds {unknown}; known: {', '.join(events.KUBE_KINDS)}")
 
 
-async def api_client(cfg: WatcherConfig) -> client.ApiClient:
-    """The Kubernetes client: --kubeconfig, else in-cluster, else ~/.kube/config. StartupError (one
-    sentence) when none can be loaded: a missing, unreadable or malformed file."""
-    configuration = client.Configuration()
-    where = cfg.kubeconfig or "~/.kube/config (no in-cluster service account either)"
-    try:
-        if cfg.kubeconfig:
-            await kube_config.load_kube_config(config_file=cfg.kubeconfig, client_configuration=configuration)
-        else:
-            try:
-                kube_config.load_incluster_config(client_configuration=configuration)
-            except ConfigException:
-                await kube_config.load_kube_config(client_configuration=configuration)
-    except (ConfigException, OSError, ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise StartupError(f"cannot load the kubeconfig {where}: {reason}") from None
-    return client.ApiClient(configuration)
-
-
 async def watch(ctx: runtime.ServiceContext) -> None:
     cfg = ctx.config
     assert isinstance(cfg, WatcherConfig)
@@ -78,7 +56,7 @@ async def watch(ctx: runtime.ServiceContext) -> None:
     settings = WatchSettings(list_chunk=cfg.list_chunk, watch_timeout=cfg.watch_timeout,
                              read_timeout=cfg.read_timeout)
     record_file = open_record_file(cfg.record)
-    api = await api_client(cfg)
+    api = await api_client(cfg.kubeconfig)
     try:
         watchers = []
         for kind in cfg.kinds:

@@ -1,4 +1,7 @@
-"""A node's desired kernel state, and the per-Service contributions it is assembled from.
+"""A node's desired kernel state, and the per-Service contributions it is assembled from. Pure.
+
+Rules of this room: values only (no kernel handle, no I/O); names and keys are kube-proxy's (``ipvsadm``
+addresses, KUBE-* ipset names) so a state can be diffed against a kube-proxy node's kernel.
 
 This is what the applier writes and what ``kipvs plan --node`` prints. Keys are chosen so two states can
 be diffed cheaply: virtual services by (protocol, address, port), real servers by (address, port).

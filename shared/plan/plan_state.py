@@ -1,5 +1,8 @@
 """The shared plan as a consumer holds it: a snapshot plus deltas applied in order. Pure.
 
+Rules of this room: deltas apply strictly in sequence (a gap is :class:`SequenceGap`: the consumer
+re-bootstraps from a snapshot, it never skips) and an old one is a no-op (a redelivery).
+
 The applier keeps one of these (and resolves its node from it); tests use it to check that the deltas
 the planner emits rebuild exactly the planner's own state.
 """

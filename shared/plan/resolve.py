@@ -1,5 +1,8 @@
 """Per-node resolution: the shared plan plus a node's name gives that node's kernel state. Pure.
 
+Rules of this room: the output depends only on the plan and the node's facts (no clock, no kernel
+read); the same inputs give the same :class:`NodeState`, whichever process resolves it.
+
 The one function both the applier (which knows its node) and ``kipvs plan --node`` use, so a node's
 state is never computed two ways. Shared state is published once for every node; what differs per node
 (NodePort addresses, Local traffic policies, topology hints, hairpin entries) is decided here.

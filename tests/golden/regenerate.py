@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from kipvs.planner.core import Planner, PlannerConfig
-from kipvs.planner.replay import read_events
+from kipvs.planner.log_replay import read_events
 from kipvs.shared import events
 from kipvs.simulator import scenario
 from kipvs.simulator.server import Simulator

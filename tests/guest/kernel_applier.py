@@ -19,8 +19,8 @@ from kipvs.applier.drain import Drainer
 from kipvs.applier.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, EditService, Op, diff
 from kipvs.planner.core import Planner
+from kipvs.planner.log_replay import plan_events, read_events
 from kipvs.planner.render import ipvsadm
-from kipvs.planner.replay import plan_events, read_events
 from kipvs.shared.plan.node_state import NodeState, VirtualService
 from kipvs.shared.plan.resolve import resolve_service
 from tests.golden.regenerate import EVENTS

@@ -18,8 +18,8 @@ import nats
 import pytest
 
 from kipvs.planner.core import PlannerConfig
+from kipvs.planner.log_replay import plan_events, read_events
 from kipvs.planner.render import ipvsadm
-from kipvs.planner.replay import plan_events, read_events
 from kipvs.shared import bus, topology
 from kipvs.shared.embedded_nats import free_loopback_port, server_binary
 from kipvs.shared.plan.resolve import resolve_node
