@@ -47,6 +47,19 @@ KIPVS = str(Path(sys.executable).with_name("kipvs"))
 CLUSTER_CIDR = "10.244.0.0/16"  # every node's pod CIDR (10.244.N.0/24) is inside it
 
 
+def node_state(planner: Planner, node: str, exclude_cidrs: tuple[str, ...] = ()) -> NodeState:
+    """What the node's applier programs: the plan resolved for it, less its --ipvs-exclude-cidrs."""
+    if not exclude_cidrs:
+        return resolve_node(planner.plans.values(), planner.nodes.get(node))
+    only = ExcludeCIDRs(parse_cidrs(exclude_cidrs)).contribution
+    state, facts = NodeState(), planner.nodes.get(node)
+    for key in sorted(planner.plans):
+        part = only(resolve_service(planner.plans[key], facts))
+        assert part is not None
+        state.add(part)
+    return state.finish()
+
+
 @dataclass
 class Cluster:
     workdir: Path
@@ -228,16 +241,7 @@ class Cluster:
         return self.view
 
     def node_state(self, planner: Planner, node: str) -> NodeState:
-        """What the node's applier programs: the plan resolved for it, less the excluded ranges."""
-        if not self.exclude_cidrs:
-            return resolve_node(planner.plans.values(), planner.nodes.get(node))
-        only = ExcludeCIDRs(parse_cidrs(self.exclude_cidrs)).contribution
-        state, facts = NodeState(), planner.nodes.get(node)
-        for key in sorted(planner.plans):
-            part = only(resolve_service(planner.plans[key], facts))
-            assert part is not None
-            state.add(part)
-        return state.finish()
+        return node_state(planner, node, self.exclude_cidrs)
 
     async def report_entries(self, node: str) -> list[tuple[int, events.ApplyReport]]:
         """The node's apply reports with their times (ns)."""
