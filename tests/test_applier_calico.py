@@ -12,9 +12,9 @@ import uuid
 import nats
 import pytest
 
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.kernel.rules import NftRules, RulesConfig
 from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.applier.rules import NftRules, RulesConfig
 from kipvs.planner.active import plan
 from kipvs.planner.core import PlannerConfig
 from kipvs.planner.endpoint_marks import interface_name

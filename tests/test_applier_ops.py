@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kipvs.applier.backend import CapabilityError, MemoryKernel
-from kipvs.applier.netlink_writer import NetlinkKernel
+from kipvs.applier.kernel.backend import CapabilityError, MemoryKernel
+from kipvs.applier.kernel.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddService, DesiredState, diff, digest
 from kipvs.shared.plan.node_state import VirtualService
 from kipvs.shared.plan.resolve import resolve_node, resolve_service

@@ -8,7 +8,7 @@ import json
 
 import nats
 
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.ops import digest
 from kipvs.planner.active import plan

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 import pytest
 from nats.aio.msg import Msg
 
+from kipvs.applier import core as applier_core
 from kipvs.applier import health_check, ops
-from kipvs.applier import main as applier_main
-from kipvs.applier.backend import MemoryKernel
-from kipvs.applier.main import Applier, ApplierConfig
+from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig
+from kipvs.applier.shell import Applier, ApplierSettings
 from kipvs.planner.core import Planner
 from kipvs.planner.log_replay import read_events
 from kipvs.shared import bus, runtime
@@ -66,7 +67,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(applier_main, "resolve_service", counting("resolve_service", applier_main.resolve_service))
+    monkeypatch.setattr(applier_core, "resolve_service", counting("resolve_service", applier_core.resolve_service))
     monkeypatch.setattr(health_check, "local_endpoints", counting("local_endpoints", health_check.local_endpoints))
     monkeypatch.setattr(ops.DesiredState, "state", counting("desired_state", ops.DesiredState.state))
     return calls
@@ -79,14 +80,13 @@ async def test_one_endpoint_change_costs_one_service_not_all_of_them(nc, counted
     ctx = runtime.ServiceContext(name="applier", config=cfg, nc=nc, js=js, stop=asyncio.Event())
     kernel = MemoryKernel()
     await kernel.setup()
-    applier = Applier(ctx, NODE, kernel)
-    applier.conntrack_cleanup = True
+    applier = Applier(ctx, NODE, kernel, settings=ApplierSettings(conntrack_cleanup=True))
     planner = Planner()
     try:
         build = _deliveries(planner, _objects(services), 1, "build")
         await applier.handle(build)
-        assert len(applier.desired.contributions) == services
-        assert len(applier.health_wanted) == services // 3
+        assert len(applier.core.desired.contributions) == services
+        assert len(applier.health_checks.wanted) == services // 3
         assert counted["resolve_service"] >= services  # the build resolves every Service once
 
         counted.clear()
@@ -105,8 +105,8 @@ async def test_one_endpoint_change_costs_one_service_not_all_of_them(nc, counted
         change = _deliveries(planner, (o for o in _objects(services, changed=lb)
                                        if o["metadata"]["name"] == f"s{lb}-x"), 20_000, "lb")
         await applier.handle(change)
-        assert applier.health_wanted[f"default/s{lb}"] == (32000 + lb, 3)
+        assert applier.health_checks.wanted[f"default/s{lb}"] == (32000 + lb, 3)
         assert counted == Counter(resolve_service=1, local_endpoints=1), counted
     finally:
-        await applier.flush_reports()
+        await applier.reports.flush()
         await applier.health.close()

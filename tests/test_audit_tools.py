@@ -13,7 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.audit import tap as tap_module
 from kipvs.planner.active import plan

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier.main import Applier
+from kipvs.applier.shell import Applier
 from kipvs.shared import bus, events, topology
 from kipvs.simulator.server import Simulator
 from tests import kube

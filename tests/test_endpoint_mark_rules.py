@@ -19,8 +19,8 @@ import uuid
 
 import pytest
 
-from kipvs.applier.endpoint_mark_rules import EndpointMarks, resolve_mode
-from kipvs.applier.rules import NftRules, RulesConfig
+from kipvs.applier.kernel.endpoint_mark_rules import EndpointMarks, resolve_mode
+from kipvs.applier.kernel.rules import NftRules, RulesConfig
 from kipvs.planner.endpoint_marks import interface_name, layout
 from kipvs.shared import events
 

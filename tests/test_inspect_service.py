@@ -14,7 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
 from kipvs.applier import inspect
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.applier.shadow import run_shadow
 from kipvs.planner.active import plan

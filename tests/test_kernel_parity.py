@@ -8,14 +8,21 @@ import struct
 
 import pytest
 
-from kipvs.applier import exclude, ipvs_wire, rules
-from kipvs.applier.backend import MemoryKernel, Observed
-from kipvs.applier.main import Applier, ApplierConfig
-from kipvs.applier.netlink_writer import observed_scheduler
-from kipvs.applier.node_settings import CONN_REUSE_MODE, OSRELEASE, conn_reuse_mode, sysctls_to_set
+from kipvs.applier import exclude
+from kipvs.applier.kernel import ipvs_wire, rules
+from kipvs.applier.kernel.backend import MemoryKernel, Observed
+from kipvs.applier.kernel.ipvs_wire import observed_scheduler
+from kipvs.applier.main import ApplierConfig
+from kipvs.applier.node_settings import (
+    CONN_REUSE_MODE,
+    OSRELEASE,
+    NodeSettings,
+    Timeouts,
+    conn_reuse_mode,
+    sysctls_to_set,
+)
 from kipvs.applier.ops import AddService, DelAddress, DelService, DesiredState, EditService, diff
 from kipvs.shared.cli import main as kipvs
-from kipvs.shared.metrics import Registry
 from kipvs.shared.plan.node_state import Contribution, NodeState, VirtualService
 
 # --- 5. the mh scheduler's port flag ------------------------------------------------------------------
@@ -61,12 +68,8 @@ def test_conn_reuse_mode_is_set_to_0_from_4_1_to_5_8_as_kube_proxy_does(release:
 
 @pytest.mark.parametrize(("release", "written"), [("5.4.0-42-generic", "0"), ("6.1.0-13-amd64", "1")])
 async def test_the_applier_writes_conn_reuse_mode_by_the_kernels_release(release: str, written: str) -> None:
-    class Ctx:
-        metrics = Registry("applier")
-        queued_since = None
-
     kernel = MemoryKernel(sysctl_values={OSRELEASE: release, CONN_REUSE_MODE: "1"})
-    await Applier(Ctx(), "node-a", kernel).sync_node_settings()  # type: ignore[arg-type]
+    await NodeSettings(kernel, Timeouts(), strict_arp=False).sync()
     assert kernel.sysctl_values[CONN_REUSE_MODE] == written
 
 
@@ -125,3 +128,24 @@ def test_exclude_cidrs_flag_is_kube_proxys_and_a_bad_range_is_one_line(capsys) -
     with pytest.raises(SystemExit):
         kipvs(["applier", "--help"])
     assert "--ipvs-exclude-cidrs" in capsys.readouterr().out
+
+
+def test_the_applier_core_keeps_out_of_the_excluded_ranges_at_bootstrap_and_drift() -> None:
+    from kipvs.applier.core import ApplierCore
+    from kipvs.shared.events import PortPlan, ServicePlan
+    from kipvs.shared.plan.plan_state import SharedPlan
+
+    plan = SharedPlan()
+    plan.services["default/other"] = ServicePlan(key="default/other", cluster_ips=("10.97.0.5",),
+                                                 ports=(PortPlan(name="http", port=80),))
+    plan.services["default/web"] = ServicePlan(key="default/web", cluster_ips=("10.96.0.5",),
+                                               ports=(PortPlan(name="http", port=80),))
+    core = ApplierCore("node-a", exclude=EXCLUDED)
+    core.reset(plan)
+    foreign = NodeState()
+    foreign.ipvs[("TCP", "10.97.0.5", 80)] = VirtualService("TCP", "10.97.0.5", 80, "wlc")
+    foreign.addresses.add("10.97.0.5")
+    observed = Observed(foreign, owned={("TCP", "10.97.0.5", 80)})
+    for ops in (core.converge(observed, 0.0), core.repair(core.desired.state(), observed)):
+        assert AddService(("TCP", "10.96.0.5", 80), "rr", 0) in ops
+        assert not [op for op in ops if "10.97.0.5" in repr(op)], ops

@@ -10,8 +10,8 @@ import struct
 import aiohttp
 import pytest
 
-from kipvs.applier import ipvs_wire
 from kipvs.applier.health_check import HealthServers, local_endpoints, wanted_ports
+from kipvs.applier.kernel import ipvs_wire
 from kipvs.applier.node_settings import STRICT_ARP, Timeouts, sysctls_to_set
 from kipvs.shared.embedded_nats import free_loopback_port
 from kipvs.shared.events import Endpoint, PortPlan, ServicePlan
@@ -102,22 +102,24 @@ def test_ipvs_config_encoding_round_trips() -> None:
 
 @pytest.mark.parametrize("protocol", ["UDP", "TCP"])
 async def test_applier_clears_udp_flows_of_a_real_server_that_left(protocol: str) -> None:
-    from kipvs.applier.backend import MemoryKernel
-    from kipvs.applier.main import Applier
+    from kipvs.applier.kernel.backend import MemoryKernel
     from kipvs.applier.ops import DelReal, DelService
+    from kipvs.applier.shell import Applier, ApplierSettings
 
     class Ctx:
         metrics = Registry("applier")
         queued_since = None
+        js = None
 
     kernel = MemoryKernel()
-    applier = Applier(Ctx(), "node-a", kernel)  # type: ignore[arg-type]
+    applier = Applier(Ctx(), "node-a", kernel,  # type: ignore[arg-type]
+                      settings=ApplierSettings(timeouts=Timeouts(tcp=901), strict_arp=True))
     vip = (protocol, "10.96.0.53", 53)
-    await applier.clear_stale_flows([DelReal(vip, ("10.244.1.5", 8053)), DelService((protocol, "10.96.0.54", 53))])
+    await applier.conntrack.on_applied([DelReal(vip, ("10.244.1.5", 8053)), DelService((protocol, "10.96.0.54", 53))],
+                                       applier.core.desired.services)
     expected = [(vip, ("10.244.1.5", 8053)), ((protocol, "10.96.0.54", 53), None)] if protocol == "UDP" else []
     assert kernel.conntrack_cleared == expected, "TCP connections end by themselves; UDP flows do not"
-    applier.timeouts, applier.strict_arp = Timeouts(tcp=901), True
-    await applier.sync_node_settings()
+    await applier.node_settings.sync()
     assert kernel.timeouts == Timeouts(901, 120, 300)
     assert kernel.sysctl_values == {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.auth.main import AuthConfig, serve
 from kipvs.planner.active import plan

@@ -368,7 +368,7 @@ async def test_the_pipeline_runs_with_identities_tls_and_the_callout(callout: Se
     """watcher -> planner (leader-elected) -> appliers of node-a and node-b, each with its own identity over TLS
     (static NKEYs for the watcher and the planner, pod tokens through the callout for the appliers); no
     service needs a subject its role does not have: the server logs no permission violation."""
-    from kipvs.applier.backend import MemoryKernel
+    from kipvs.applier.kernel.backend import MemoryKernel
     from kipvs.applier.main import ApplierConfig, apply_plan
     from kipvs.planner import failover
     from kipvs.planner.service_config import PlannerServiceConfig
@@ -821,7 +821,7 @@ async def test_a_kernel_view_in_parts_passes_the_appliers_own_permissions(declar
     send that many messages to the asker's reply subject (one response was the limit), and the tools
     identity takes them."""
     from kipvs.applier import inspect
-    from kipvs.applier.backend import MemoryKernel
+    from kipvs.applier.kernel.backend import MemoryKernel
     from kipvs.shared import cli
     from kipvs.shared import nats_permissions as perms
     from kipvs.shared.plan.node_state import VirtualService

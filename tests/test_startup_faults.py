@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.planner.active import plan
 from kipvs.planner.service_config import PlannerServiceConfig

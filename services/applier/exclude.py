@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from kipvs.shared.plan.node_state import Contribution
 
-from .backend import Observed
+from .kernel.backend import Observed
 
 log = logging.getLogger("kipvs.applier")
 

@@ -11,6 +11,9 @@
   ``0.0.0.0:10256``): ``/healthz`` is 200 while the applier handles its input within the bound, else 503,
   with ``{"lastUpdated", "currentTime", "nodeEligible"}``; ``/livez`` is 200 while the process runs.
 
+:class:`HealthChecks` is the manager: after each batch (``on_applied``) the ports the plan asks for follow
+the Services the batch touched; at bootstrap, every Service.
+
 A port that cannot be bound (in use, an address the node does not have) is logged, counted in
 ``kipvs_applier_health_check_bind_errors_total`` and reported in ``problems``; never fatal.
 """
@@ -168,3 +171,25 @@ class HealthServers:
         if self.node_runner is not None:
             await self.node_runner.cleanup()
             self.node_runner = None
+
+
+class HealthChecks:
+    """The health-check node ports the plan asks for, and the servers answering on them."""
+
+    def __init__(self, node: str, servers: HealthServers) -> None:
+        self.node = node
+        self.servers = servers
+        self.wanted: dict[str, tuple[int, int]] = {}  # wanted_ports, kept per change
+
+    async def on_applied(self, services: dict[str, ServicePlan], touched: set[str] | None,
+                         addresses: tuple[str, ...]) -> None:
+        """Every Service's ports (``touched`` None: at bootstrap) or only those a batch touched; the servers
+        are synced only when what they serve changed."""
+        if touched is None:
+            self.wanted = wanted_ports(services, self.node)
+            changed = True
+        else:
+            changed = update_wanted(self.wanted, services, touched, self.node)
+        if changed or addresses != self.servers.addresses:
+            await self.servers.sync(self.wanted, addresses)
+        self.servers.touched()

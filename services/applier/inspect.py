@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kipvs.shared import events, topology
 
-from .backend import Backend, KernelError
+from .kernel.backend import Backend, KernelError
 
 log = logging.getLogger("kipvs.applier")
 

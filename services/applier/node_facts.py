@@ -10,7 +10,8 @@ record (``apply.node-facts`` on ``kipvs.status.<node>.facts``) at start and when
   kube-proxy's IPVS-mode chains in the iptables-nft tables. Each is a conflict, reported loudly.
 
 Link changes are watched over netlink (an rtnetlink socket subscribed to link events); processes and
-chains have no events and are looked at again every drift period.
+chains have no events and are looked at again every drift period. :class:`FactsPublisher` is the manager:
+it publishes on every new observation and on every change of endpoint-mark mode.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from nats.js import JetStreamContext
+
+from kipvs.shared import bus, events, topology
 from kipvs.shared.events import NodeFactsReport
 
-from .backend import LINK
+from .kernel.backend import LINK
 
 log = logging.getLogger("kipvs.applier")
 
@@ -172,3 +177,28 @@ async def watch(probe: NodeProbe, on_change: Callable[[Observation], Awaitable[N
             await asyncio.sleep(settle)  # a burst of link messages is one look
     finally:
         links.close()
+
+
+class FactsPublisher:
+    """This node's facts on ``kipvs.status.<node>.facts``, with the endpoint-mark mode ``mode()`` gives."""
+
+    def __init__(self, js: JetStreamContext, node: str,
+                 mode: Callable[[], tuple[Literal["enforce", "observe", "off"], str]]) -> None:
+        self.js = js
+        self.node = node
+        self.mode = mode
+        self.observation: Observation | None = None
+
+    async def on_observation(self, observation: Observation) -> None:
+        self.observation = observation
+        for conflict in conflicts(observation):
+            log.error("CONFLICT on %s: %s", self.node, conflict)
+        await self.publish()
+
+    async def publish(self) -> None:
+        if self.observation is None:
+            return
+        record = report(self.node, self.observation, *self.mode())
+        envelope = events.Envelope(id=f"facts/{self.node}/{time.time_ns()}", time_ns=time.time_ns(),
+                                   producer=f"applier/{self.node}", record=record)
+        await bus.publish(self.js, topology.status_subject(self.node, "facts"), envelope)

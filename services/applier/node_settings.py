@@ -3,14 +3,22 @@ timeouts (``--ipvs-tcp-timeout``, ``--ipvs-tcpfin-timeout``, ``--ipvs-udp-timeou
 0 leaves the kernel's value) and strict ARP (``--ipvs-strict-arp``: ``arp_ignore=1`` and
 ``arp_announce=2`` on all interfaces, which MetalLB and kube-vip in layer-2 mode need once load-balancer
 addresses sit on kube-ipvs0), and ``net.ipv4.vs.conn_reuse_mode=0`` on the kernels that need it (below).
-Pure: what to change, given what the kernel holds; the netlink and /proc writes are in the backend.
-``--cleanup`` leaves these as they are, as kube-proxy's does: kipvs restores nothing, and so never
-restores over a value someone else set since.
+What to change, given what the kernel holds, is pure; the netlink and /proc writes are in the backend;
+:class:`NodeSettings` (the manager) syncs them at start and at every drift check. ``--cleanup`` leaves
+these as they are, as kube-proxy's does: kipvs restores nothing, and so never restores over a value
+someone else set since.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the backend uses Timeouts: the type only, for the hints
+    from .kernel.backend import Backend
+
+log = logging.getLogger("kipvs.applier")
 
 STRICT_ARP = {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2"}
 CONN_REUSE_MODE = "net.ipv4.vs.conn_reuse_mode"
@@ -71,3 +79,23 @@ def sysctls_to_set(strict_arp: bool, current: dict[str, str]) -> dict[str, str]:
     if reuse is not None:
         wanted[CONN_REUSE_MODE] = reuse
     return {key: value for key, value in wanted.items() if current.get(key) != value}
+
+
+class NodeSettings:
+    """The IPVS timeouts, strict ARP and conn_reuse_mode (by kernel version), synced at start and at
+    every drift check."""
+
+    def __init__(self, kernel: Backend, timeouts: Timeouts, strict_arp: bool) -> None:
+        self.kernel = kernel
+        self.timeouts = timeouts
+        self.strict_arp = strict_arp
+
+    async def sync(self) -> None:
+        current = await self.kernel.ipvs_timeouts()
+        if self.timeouts.differs(current):
+            log.info("IPVS timeouts %s -> %s", current, self.timeouts)
+            await self.kernel.set_ipvs_timeouts(self.timeouts)
+        changes = sysctls_to_set(self.strict_arp, self.kernel.sysctls(list(KEYS)))
+        if changes:
+            log.info("node sysctls: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            self.kernel.set_sysctls(changes)

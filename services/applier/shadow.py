@@ -34,7 +34,7 @@ from kipvs.shared.plan.divergence import divergences
 from kipvs.shared.plan.resolve import resolve_node
 
 from . import inspect
-from .backend import Backend
+from .kernel.backend import Backend
 
 log = logging.getLogger("kipvs.applier")
 

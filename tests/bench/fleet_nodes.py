@@ -18,7 +18,7 @@ import sys
 import time
 
 from kipvs.applier import plan_consumer
-from kipvs.applier.backend import MemoryKernel
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.main import ApplierConfig, apply_plan
 from kipvs.shared import runtime, topology
 

@@ -14,9 +14,9 @@ import msgspec
 import pytest
 
 from kipvs.applier import node_settings
-from kipvs.applier.backend import MemoryKernel
 from kipvs.applier.drain import Drainer
-from kipvs.applier.netlink_writer import NetlinkKernel
+from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.kernel.netlink_writer import NetlinkKernel
 from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, EditService, Op, diff
 from kipvs.planner.core import Planner
 from kipvs.planner.log_replay import plan_events, read_events
@@ -284,7 +284,7 @@ POD_SERVER = ("import socket\n"
 async def test_source_ranges_hold_for_a_connection_from_the_node_itself(kernel: NetlinkKernel) -> None:
     """IPVS takes the node's own connection to a load-balancer IP at LOCAL_OUT, past the input hook
     (kubernetes#119656): kipvs's output hook drops it unless the node may reach the address (-SOURCE-IP)."""
-    from kipvs.applier.rules import NftRules, RulesConfig
+    from kipvs.applier.kernel.rules import NftRules, RulesConfig
 
     vip, key = "198.51.100.77", ("TCP", "198.51.100.77", 80)
     sh("ip netns add lbpod; ip link add lbh type veth peer name lbp; ip link set lbp netns lbpod; "

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 
 from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
+from ..ops import AddEntry, DelEntry, Op
 from . import endpoint_mark_rules
 from .backend import CapabilityError, KernelError
 from .endpoint_mark_rules import EndpointMarks
-from .ops import AddEntry, DelEntry, Op
 
 TABLE = "kipvs"
 MASQ_MARK = 0x4000

@@ -17,8 +17,8 @@ from typing import Protocol
 from kipvs.shared import events
 from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
 
-from .node_settings import Timeouts
-from .ops import (
+from ..node_settings import Timeouts
+from ..ops import (
     AddAddress,
     AddEntry,
     AddReal,

@@ -25,7 +25,7 @@ from kipvs.shared.plan.node_state import ALL_IPSETS
 
 from . import ipvs_wire
 from .backend import LINK
-from .netlink_writer import PERSISTENT, PROTOCOL_NAMES
+from .ipvs_wire import PERSISTENT, PROTOCOL_NAMES
 
 if TYPE_CHECKING:
     from .netlink_writer import NetlinkKernel

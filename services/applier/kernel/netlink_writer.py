@@ -11,37 +11,24 @@ Reads back everything it owns in one dump per object kind, for drift checks; it 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
-import socket
-import struct
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
-from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
 from pyroute2.ipset import AsyncIPSet
-from pyroute2.ipvs import IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import events
 from kipvs.shared.plan.node_state import (
     ALL_IPSETS,
-    IPSET_TYPES,
-    NodeState,
     RealKey,
-    VirtualService,
     VSKey,
     family_of,
-    ipset_name,
 )
 
-from . import ipset_wire, ipvs_wire
-from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, Observed, owned_entry, parse_owned_entry
-from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
-from .node_facts import LINK_ALIAS
-from .node_settings import Timeouts
-from .ops import (
+from ..node_facts import LINK_ALIAS
+from ..node_settings import Timeouts
+from ..ops import (
     AddAddress,
     AddEntry,
     AddReal,
@@ -54,6 +41,11 @@ from .ops import (
     EditService,
     Op,
 )
+from . import conntrack_netlink, ipset_wire, ipvs_wire
+from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, owned_entry, parse_owned_entry
+from .ipvs_wire import PROTOCOL_NUMBERS
+from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
+from .netlink_read_back import NetlinkReadBack, service_of, set_family, set_type
 
 log = logging.getLogger("kipvs.applier")
 
@@ -62,47 +54,8 @@ log = logging.getLogger("kipvs.applier")
 SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",
            "net.ipv4.vs.expire_quiescent_template": "1", "net.ipv4.ip_forward": "1"}
 
-# The kernel reads the netmask attribute's raw bytes as a host-order prefix length for IPv6 (see ipvs_wire).
-V6_NETMASK = socket.inet_ntoa(struct.pack("=I", 128))
 IPSET_ERR_EXIST = ipset_wire.IPSET_ERR_EXIST  # "element already exists" / "element does not exist"
 IPSET_BENIGN = frozenset({errno.EEXIST, errno.ENOENT, IPSET_ERR_EXIST})
-
-PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
-PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
-PERSISTENT = ipvs_wire.PERSISTENT
-SET_TYPES = dict(IPSET_TYPES)
-
-
-_TYPES_BY_NAME = {ipset_name(base, fam): kind for base, kind in SET_TYPES.items() for fam in (4, 6)}
-_TYPES_BY_NAME.update({OWNED_SETS[4]: "hash:ip,port", OWNED_SETS[6]: "hash:ip,port"})
-
-
-def _set_type(name: str) -> str:
-    return _TYPES_BY_NAME[name]
-
-
-def _set_family(name: str) -> int:
-    return socket.AF_INET6 if name.startswith(("KUBE-6-", "KIPVS-6-")) else socket.AF_INET
-
-
-def _service(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSService:
-    protocol, ip, port = key
-    v6 = family_of(ip) == 6
-    # af first: pyroute2 encodes the address according to the family attribute it has already seen.
-    return IPVSService(af=socket.AF_INET6 if v6 else socket.AF_INET, protocol=PROTOCOL_NUMBERS[protocol], addr=ip,
-                       port=port, sched_name=scheduler, timeout=timeout,
-                       flags={"flags": ipvs_wire.service_flags(scheduler, timeout), "mask": 0xFFFFFFFF},
-                       netmask=V6_NETMASK if v6 else "255.255.255.255")
-
-
-def observed_scheduler(name: str, flags: int) -> str:
-    """The scheduler as read back, compared with the plan's: an ``mh`` service without ``mh-port`` (written
-    by an older kipvs, or by hand) reads as ``mh without mh-port``, so a read-back (bootstrap, drift check)
-    repairs its flags with an EditService."""
-    if name == "mh" and not flags & ipvs_wire.MH_PORT:
-        return "mh without mh-port"
-    return name
-
 
 def netlink_message(kind: int, seq: int, body: bytes) -> bytes:
     return header(len(body), kind, seq) + body
@@ -116,11 +69,9 @@ def _kind(op: Op) -> str:
     return "ipvs"
 
 
-def _attrs(msg: Any) -> dict[str, Any]:
-    return dict(msg["attrs"])
+class NetlinkKernel(NetlinkReadBack):
+    """The netlink writer (see the module docstring); the read-back half is ``NetlinkReadBack``."""
 
-
-class NetlinkKernel:
     label = "netlink (this host's kernel)"
 
     def __init__(self) -> None:
@@ -188,9 +139,9 @@ class NetlinkKernel:
             log.info("%s exists already: kipvs uses it (its node facts say who created it)", LINK)
         self.link_index = found[0]
         for name in (*ALL_IPSETS, *OWNED_SETS.values()):
-            kind = _set_type(name)
+            kind = set_type(name)
             extra = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
-            family = _set_family(name)
+            family = set_family(name)
             try:
                 # pyroute2 asks the kernel for the newest revision of a type for IPv4 only; ask for the set's
                 # own family (IPv6 revisions can differ, and the wrong one is EINVAL).
@@ -201,87 +152,6 @@ class NetlinkKernel:
                                       f"ip_set_{kind.replace(':', '_').replace(',', '')}") from None
             finally:
                 self.ipset._attr_revision = None
-
-    async def observe(self) -> Observed:
-        assert self.ipvs is not None and self.ipr is not None and self.ipset is not None
-        state = NodeState()
-        connections = {}
-        for msg in await self.ipvs.service("dump"):
-            svc = _attrs(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))
-            if svc.get("IPVS_SVC_ATTR_FWMARK"):
-                continue  # fwmark services are never kipvs's
-            protocol = PROTOCOL_NAMES.get(svc["IPVS_SVC_ATTR_PROTOCOL"])
-            if protocol is None:
-                continue
-            key = (protocol, svc["IPVS_SVC_ATTR_ADDR"], svc["IPVS_SVC_ATTR_PORT"])
-            flags = svc["IPVS_SVC_ATTR_FLAGS"]["flags"]
-            vs = VirtualService(protocol, key[1], key[2], observed_scheduler(svc["IPVS_SVC_ATTR_SCHED_NAME"], flags),
-                                svc["IPVS_SVC_ATTR_TIMEOUT"] if flags & PERSISTENT else 0)
-            for dmsg in await self.ipvs.dest("dump", service=_service(key)):
-                d = _attrs(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
-                real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
-                vs.reals[real] = d["IPVS_DEST_ATTR_WEIGHT"]
-                active, inactive = d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0), d.get("IPVS_DEST_ATTR_INACT_CONNS", 0)
-                connections[(key, real)] = active + inactive
-            state.ipvs[key] = vs
-        async for addr in await self.ipr.addr("dump", index=self.link_index):
-            state.addresses.add(addr.get_attr("IFA_ADDRESS"))
-        owned: set[VSKey] = set()
-        for name in (*ALL_IPSETS, *OWNED_SETS.values()):
-            entries = await self._members(name)
-            if name in OWNED_SETS.values():
-                owned |= {parse_owned_entry(e) for e in entries}
-            else:
-                state.ipsets[name] = entries
-        return Observed(state, owned, connections)
-
-    async def kernel_table(self) -> events.KernelTable:
-        """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``)."""
-        from .kernel_read import read_table
-
-        return await read_table(self)
-
-    async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
-        """Active + inactive connections per real server of the given services (one dump per service)."""
-        assert self.ipvs is not None
-        out = {}
-        for key in services:
-            try:
-                dests = await self.ipvs.dest("dump", service=_service(key))
-            except NetlinkError:
-                continue  # the service is gone: nothing left to drain
-            for dmsg in dests:
-                d = _attrs(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
-                real = (d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
-                out[(key, real)] = d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0) + d.get("IPVS_DEST_ATTR_INACT_CONNS", 0)
-        return out
-
-    async def node_addresses(self) -> tuple[str, ...]:
-        """This node's own addresses, as kube-proxy takes them for NodePorts: every local address except
-        those on kube-ipvs0, loopback and IPv6 link-local."""
-        assert self.ipr is not None
-        out = []
-        async for addr in await self.ipr.addr("dump"):
-            ip = addr.get_attr("IFA_ADDRESS")
-            if not ip or addr["index"] == self.link_index:
-                continue
-            parsed = ipaddress.ip_address(ip)
-            if parsed.is_loopback or (parsed.version == 6 and parsed.is_link_local):
-                continue
-            out.append(str(parsed))
-        return tuple(sorted(set(out), key=lambda a: (":" in a, a)))
-
-    async def _members(self, name: str) -> set[str]:
-        assert self.ipset is not None
-        kind = _set_type(name)
-        out: set[str] = set()
-        async for msg in await self.ipset.list(name):
-            adt = msg.get_attr("IPSET_ATTR_ADT")
-            if not adt:
-                continue
-            for data in adt.get_attrs("IPSET_ATTR_DATA"):
-                out.add(_format_member(kind, data))
-        return out
 
     async def apply(self, ops: list[Op]) -> None:
         """Write ``ops`` in order, batched: each run of IPVS operations goes out as multi-message netlink
@@ -367,10 +237,10 @@ class NetlinkKernel:
         bodies = []
         for op in ops:
             try:
-                data = ipset_wire.data(_set_type(op.set), op.entry)
+                data = ipset_wire.data(set_type(op.set), op.entry)
             except (ValueError, KeyError, IndexError, OSError) as exc:
                 raise KernelError(f"{op}: not an entry of {op.set} ({exc})") from None
-            bodies.append(ipset_wire.request(isinstance(op, AddEntry), op.set, _set_family(op.set), data))
+            bodies.append(ipset_wire.request(isinstance(op, AddEntry), op.set, set_family(op.set), data))
         await self._send(self.ipset_writer, bodies, ops, IPSET_BENIGN)
 
     async def cleanup(self) -> None:
@@ -385,7 +255,7 @@ class NetlinkKernel:
                 continue
         for key in sorted(owned):
             try:
-                await self.ipvs.service("del", service=_service(key))
+                await self.ipvs.service("del", service=service_of(key))
             except NetlinkError as exc:
                 if exc.code != errno.ESRCH and exc.code != errno.ENOENT:
                     raise
@@ -430,62 +300,10 @@ class NetlinkKernel:
                 log.warning("could not set %s=%s (%s)", key, value, exc.strerror)
 
     async def clear_conntrack(self, flows: list[tuple[VSKey, RealKey | None]]) -> int:
-        """Delete the conntrack entries of UDP/SCTP flows to a virtual service whose reply came from a real
-        server that left it (real None: the whole virtual service left), as kube-proxy does after a sync:
-        a client's next datagram is then load-balanced again instead of following the stale entry.
-        Returns how many entries were deleted. Over netlink (pyroute2's conntrack), never the binary."""
-        deleted = 0
-        sockets: dict[int, AsyncConntrack] = {}
-        try:
-            for (protocol, vip, port), real in flows:
-                number = PROTOCOL_NUMBERS[protocol]
-                family = socket.AF_INET6 if ":" in vip else socket.AF_INET
-                if family not in sockets:
-                    sockets[family] = AsyncConntrack(nfgen_family=family)
-                    await sockets[family].__aenter__()
-                ct = sockets[family]
-                orig = NFCTAttrTuple(family=family, proto=number, daddr=vip, dport=port)
-                reply = NFCTAttrTuple(family=family, proto=number, saddr=real[0], sport=real[1]) if real else None
-                entries = [entry async for entry in await ct.dump_entries(tuple_orig=orig, tuple_reply=reply)]
-                for entry in entries:
-                    try:
-                        await ct.delete(entry)
-                        deleted += 1
-                    except NetlinkError as exc:
-                        if exc.code != errno.ENOENT:  # gone by itself meanwhile: as wanted
-                            log.warning("could not delete a conntrack entry of %s %s:%d: %s", protocol, vip, port, exc)
-        finally:
-            for ct in sockets.values():
-                ct.close()
-        return deleted
+        return await conntrack_netlink.clear_conntrack(flows)
 
     async def close(self) -> None:
         for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer):
             if sock is not None:
                 sock.close()
         self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = None
-
-
-def _format_member(kind: str, data: Any) -> str:
-    """An ipset member in kube-proxy's entry syntax."""
-    attrs = dict(data["attrs"])
-    if kind == "bitmap:port":
-        return str(attrs["IPSET_ATTR_PORT_FROM"] if "IPSET_ATTR_PORT_FROM" in attrs else attrs["IPSET_ATTR_PORT"])
-    ip = _ip(attrs["IPSET_ATTR_IP_FROM"])
-    if kind == "hash:ip":
-        return ip
-    port = attrs.get("IPSET_ATTR_PORT_FROM", attrs.get("IPSET_ATTR_PORT"))
-    protocol = PROTOCOL_NAMES[attrs["IPSET_ATTR_PROTO"]].lower()
-    out = f"{ip},{protocol}:{port}"
-    if kind == "hash:ip,port,ip":
-        out += "," + _ip(attrs["IPSET_ATTR_IP2"])
-    elif kind == "hash:ip,port,net":
-        out += f",{_ip(attrs['IPSET_ATTR_IP2'])}/{attrs['IPSET_ATTR_CIDR2']}"
-    return out
-
-
-def _ip(nested: Any) -> str:
-    for _, value in nested["attrs"]:
-        return str(value)
-    raise KernelError("ipset member without an address")
-

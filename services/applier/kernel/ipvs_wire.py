@@ -24,6 +24,8 @@ DEST_ADDR, DEST_PORT, DEST_FWD, DEST_WEIGHT, DEST_UTHRESH, DEST_LTHRESH, DEST_FA
 GENL_VERSION = 1
 PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
 MH_PORT = 0x10  # IP_VS_SVC_F_SCHED_MH_PORT (= IP_VS_SVC_F_SCHED2): ipvsadm's "mh-port"
+PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
 MASQUERADE = 0
 
 
@@ -34,6 +36,15 @@ def service_flags(scheduler: str, timeout: int) -> int:
     proxier.ipvsScheduler == "mh" { serv.Flags |= utilipvs.FlagSourceHash }``, 0x10; kubernetes#115526,
     PR 115527). Without it every connection of one client lands on one pod."""
     return (PERSISTENT if timeout else 0) | (MH_PORT if scheduler == "mh" else 0)
+
+
+def observed_scheduler(name: str, flags: int) -> str:
+    """The scheduler as read back, compared with the plan's: an ``mh`` service without ``mh-port`` (written
+    by an older kipvs, or by hand) reads as ``mh without mh-port``, so a read-back (bootstrap, drift check)
+    repairs its flags with an EditService."""
+    if name == "mh" and not flags & MH_PORT:
+        return "mh without mh-port"
+    return name
 
 
 def _addr(ip: str) -> tuple[int, bytes]:

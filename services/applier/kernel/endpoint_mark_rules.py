@@ -17,7 +17,7 @@ The interface -> mark lookup is one verdict map (``endpoint_dispatch``) whose el
 per mark value (``em_<mark>``), the nftables form of Felix's ``cali-set-endpoint-mark`` dispatch: O(1)
 per packet, and a pod change is a few element and chain changes in one transaction.
 
-Pure: text in, text out. :class:`~kipvs.applier.rules.NftRules` runs it.
+Pure: text in, text out. :class:`~kipvs.applier.kernel.rules.NftRules` runs it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""The drift check: the manager that reads the kernel back and repairs it (``check``, every --drift-period
+and on SIGUSR1, never while a batch is being written).
+
+As kube-proxy's periodic full sync (pkg/proxy/ipvs/proxier.go, ``syncProxyRules`` every --ipvs-sync-period)
+but read-back first: the kernel is read (``observe``), diffed with the desired state and only what differs
+is written; the nftables table is rewritten when its set members or endpoint marks differ. With
+--node-addresses interfaces, an interface address that came or went first moves the NodePorts. Every check
+ends with a drift report (``kipvs.status.<node>.drift``): what was found, desired and observed digests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kipvs.shared import events
+
+from .core import ApplierCore
+from .kernel.backend import Backend
+from .kernel.rules import NftRules
+from .ops import Op, digest
+from .reports import Reports
+
+log = logging.getLogger("kipvs.applier")
+
+
+def describe_op(op: Op) -> str:
+    """One operation as a line of a report: its type and fields (``AddReal ('TCP', ...) ('10.0.0.1', 80)``)."""
+    return f"{type(op).__name__} " + " ".join(str(v) for v in vars(op).values())
+
+
+class DriftCheck:
+    """Read back, repair, report."""
+
+    def __init__(self, core: ApplierCore, kernel: Backend, rules: NftRules | None, reports: Reports,
+                 repairs: Any) -> None:
+        self.core = core
+        self.kernel = kernel
+        self.rules = rules
+        self.reports = reports
+        self.repairs = repairs  # kipvs_applier_drift_repairs_total
+
+    async def check(self) -> None:
+        if self.core.use_interfaces:
+            await self._follow_addresses()
+        observed = self.core.exclude.hide(await self.kernel.observe())
+        want = self.core.desired.state()
+        ops = self.core.repair(want, observed)
+        found = [describe_op(op) for op in ops]
+        if ops:
+            await self.kernel.apply(ops)
+            self.repairs.inc(len(ops))
+            log.warning("drift: repaired %d kernel objects", len(ops))
+            observed = self.core.exclude.hide(await self.kernel.observe())
+        found += await self._check_rules(want.ipsets)
+        self.reports.report(events.DriftReport(
+            node=self.core.node, plan_seq=self.core.plan.seq, found=events.summarised(found), repaired=True,
+            desired_digest=digest(want), observed_digest=digest(observed.state)))
+
+    async def _follow_addresses(self) -> None:
+        """An interface address came or went: NodePorts follow."""
+        ops = self.core.readdress(await self.kernel.node_addresses(), time.monotonic())
+        if ops is not None:
+            await self.kernel.apply(ops)
+            if self.rules is not None:
+                await self.rules.apply(ops)
+
+    async def _check_rules(self, ipsets: dict[str, set[str]]) -> list[str]:
+        if self.rules is None:
+            return []
+        members = await self.rules.members()
+        marks = self.rules.marks
+        if any(members.get(name, set()) != entries for name, entries in ipsets.items()):
+            await self.rules.install(ipsets)
+            return ["nftables table inet kipvs: set members differed; table rewritten"]
+        if (await self.rules.installed_marks()) != (marks.marks if marks is not None else None):
+            await self.rules.install(ipsets)
+            return ["nftables table inet kipvs: endpoint marks differed; table rewritten"]
+        return []
