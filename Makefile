@@ -5,7 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # qemu-system-x86 runs the guest (Debian's kernel: real IPVS and nf_tables); the rest are the tools the guest
 # uses from the host's root (it sees it read-only over 9p): modprobe, ip, ipvsadm, nft, ipset, conntrack.
-DEBS   := qemu-system-x86 kmod iproute2 ipvsadm nftables ipset
+# iptables: kube-proxy's chains in the takeover test (tests/guest/kube_proxy.py); prometheus ships promtool,
+# which tests/test_alerts_promtool.py runs on deploy/monitoring.
+DEBS   := qemu-system-x86 kmod iproute2 ipvsadm nftables ipset iptables prometheus
 GUEST  ?= $(or $(KIPVS_GUEST_DIR),$(CURDIR)/.cache/guest)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -25,8 +27,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Debian packages the guest needs (no recommends: QEMU without its GUI).
+# kubectl (for `kubectl kustomize` in tests/test_kustomize.py): Debian's kubernetes-client, unless one is there.
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v kubectl >/dev/null 2>&1 || missing="$$missing kubernetes-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

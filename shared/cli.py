@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if waiter.done():
+            if server.process.returncode == 0:  # its graceful shutdown: SIGTERM from `kipvs nats --stop`
+                log.info("the NATS server was stopped (kipvs nats --stop, or a SIGTERM to it)")
+                return 0
             log.error("nats-server exited on its own with %s", server.process.returncode)
             return 1
         waiter.cancel()

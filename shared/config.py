@@ -4,6 +4,12 @@ Each service declares its settings once, as a msgspec Struct whose fields carry 
 (``Annotated[..., Meta(description=...)]``). From that one declaration come the command-line flags
 (``--drift-period``), the environment variables (``KIPVS_DRIFT_PERIOD``) and the file keys
 (``drift_period``, in YAML or JSON). Every error names the setting, where it came from and what was wrong.
+
+kube-proxy's configuration is taken too (shared/kube_proxy_config.py, docs/kube-proxy.md): ``--config`` may
+name a ``KubeProxyConfiguration`` file, every service accepts kube-proxy's flag spellings (``--ipvs-sync-period
+30s``, ``--hostname-override``, ``-v 4``), a setting held in seconds takes Go's duration syntax (``15m``),
+a boolean flag ``--flag=true|false`` and a list flag comma-separated values. What kipvs cannot honour, or
+this service does not, is said in warning lines once the settings are valid, never silently dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import typing
 from collections.abc import Mapping
@@ -20,6 +27,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 import yaml
+
+from . import kube_proxy_config, logs
+from .go_duration import parse_duration
 
 ENV_PREFIX = "KIPVS_"
 T = TypeVar("T", bound=msgspec.Struct)
@@ -41,6 +51,17 @@ def describe(text: str) -> msgspec.Meta:
     return msgspec.Meta(description=text)
 
 
+class Seconds:
+    """Marks a setting held in seconds (``Annotated[float, describe(...), SECONDS]``): besides a number it
+    takes Go's duration syntax (``300ms``, ``15m``, ``1h2m3s``), as kube-proxy's flags and file do; an
+    ``int`` setting takes whole seconds (truncated as kube-proxy does, refused when that leaves 0)."""
+
+
+SECONDS = Seconds()
+KUBE_PROXY_DEST = "kube-proxy:"  # argparse dest prefix of kube-proxy's flags a service has no own flag for
+log = logging.getLogger("kipvs.config")
+
+
 class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Settings every service has."""
 
@@ -50,10 +71,11 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_replicas: Annotated[int, describe("JetStream stream replicas (3 on a clustered NATS)"),
                              msgspec.Meta(ge=1, le=5)] = 1
     http_listen: Annotated[str, describe(
-        "host:port for /healthz, /readyz and /metrics; empty disables it")] = "127.0.0.1:0"
+        "host:port for /metrics, /healthz, /livez and /readyz (kube-proxy's --metrics-bind-address, which "
+        "sets it too); port 0: any free port, logged; empty disables it")] = "127.0.0.1:0"
     healthz_stale_after: Annotated[float, describe(
         "seconds an input may wait unhandled before /healthz reports 503 (kube-proxy's healthz meaning)"),
-        msgspec.Meta(gt=0)] = 60.0
+        msgspec.Meta(gt=0), SECONDS] = 60.0
     nats_nkey_file: Annotated[str, describe(
         "file holding this service's NKEY seed (its role's identity on the bus); empty: the embedded "
         "server's, when it has credentials")] = ""
@@ -132,10 +154,32 @@ def _default_text(f: msgspec.structs.FieldInfo) -> str:
     return str(value) if value != "" else "empty"
 
 
+class GoBool(argparse.Action):
+    """A boolean flag as Go's pflag takes it (``--masquerade-all``, ``--masquerade-all=false``), and
+    ``--no-masquerade-all``: kube-proxy's manifests write the first two."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs="?", metavar="true|false")
+        super().__init__([*option_strings, "--no-" + option_strings[0][2:]], dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        negative = bool(option_string and option_string.startswith("--no-"))
+        if negative and values is not None:
+            parser.error(f"{option_string} takes no value")
+        try:
+            value = not negative if values is None else kube_proxy_config.boolean(values, str(option_string))
+        except ValueError as exc:
+            parser.error(str(exc))
+        setattr(namespace, self.dest, value)
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Struct]) -> None:
     """One flag per setting. Flags default to None so that 'not given' is distinguishable; the help shows
-    each setting's real default, its allowed values (Literal types) and its environment variable."""
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with settings (keys as below, snake_case)")
+    each setting's real default, its allowed values (Literal types) and its environment variable. Then
+    kube-proxy's flags this service has no flag of its own for (_add_kube_proxy_flags)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with settings (keys as below, "
+                        "snake_case), or kube-proxy's KubeProxyConfiguration file (docs/kube-proxy.md)")
     for f in msgspec.structs.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(cls, f.name)
@@ -147,17 +191,52 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Struct]) -> Non
         choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
         if choices:
             notes.append(f"one of: {', '.join(map(str, choices))}")
+        if _is_seconds(cls, f.name):
+            notes.append("or a duration: 30s, 15m, 1h2m3s")
         notes.append(f"env {ENV_PREFIX}{f.name.upper()}" + (f" or {STANDARD_ENV[f.name]}"
                                                              if f.name in STANDARD_ENV else ""))
         helptext = f"{helptext} ({'; '.join(notes)})".replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+            parser.add_argument(flag, dest=f.name, action=GoBool, default=None, help=helptext)
         elif typing.get_origin(kind) in (list, tuple):
-            parser.add_argument(flag, dest=f.name, action="append", default=None, help=helptext + "; repeatable")
+            parser.add_argument(flag, dest=f.name, action="append", default=None,
+                                help=helptext + "; repeatable, or comma-separated")
         else:
             # Allowed values in the usage line too; they are checked with the other sources' (one message).
             metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
             parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=helptext)
+    _add_kube_proxy_flags(parser, cls)
+
+
+def _add_kube_proxy_flags(parser: argparse.ArgumentParser, cls: type[msgspec.Struct]) -> None:
+    """kube-proxy's spellings (cmd/kube-proxy/app/options.go) of the settings, for the flags the service
+    has no own flag by that name for; those with no meaning in kipvs are accepted, warned, not listed."""
+    own = {f.name.replace("_", "-") for f in msgspec.structs.fields(cls)}
+    group = parser.add_argument_group(
+        "kube-proxy's flags", "kube-proxy's spellings of the settings above (docs/kube-proxy.md). Every kube-proxy "
+        "flag kipvs knows is accepted; one this service cannot honour (e.g. --ipvs-scheduler on an applier: the "
+        "scheduler is the planner's) is said in one line at start, one with no meaning in kipvs too")
+    for flag, name in kube_proxy_config.FLAGS.items():
+        if flag in own:
+            continue
+        setting = kube_proxy_config.FIELDS.get(name)
+        # Listed only where honoured: the others are accepted so that one kube-proxy command line or file
+        # serves every service, and said at start.
+        honoured = setting is not None and set(setting.sets) <= {f.name for f in msgspec.structs.fields(cls)}
+        helptext = f"kube-proxy's {name}" if honoured else argparse.SUPPRESS
+        names = ["-v", "--v"] if flag == "v" else ["--" + flag]
+        dest = KUBE_PROXY_DEST + flag
+        metavar = "N" if flag == "v" else flag.upper().replace("-", "_")
+        if flag in kube_proxy_config.BOOL_FLAGS:
+            group.add_argument(*names, dest=dest, nargs="?", const="true", default=None, metavar="true|false",
+                               help=helptext)
+        else:
+            group.add_argument(*names, dest=dest, default=None, metavar=metavar, help=helptext)
+
+
+def _is_seconds(cls: type, name: str) -> bool:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return any(meta is SECONDS for meta in getattr(hints.get(name), "__metadata__", ()))
 
 
 def _from_env(cls: type[msgspec.Struct], environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
@@ -174,7 +253,7 @@ def _from_env(cls: type[msgspec.Struct], environ: Mapping[str, str]) -> dict[str
     return found
 
 
-def _from_file(path: str) -> dict[str, tuple[Any, str]]:
+def _read_file(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -183,31 +262,108 @@ def _from_file(path: str) -> dict[str, tuple[Any, str]]:
         doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         language = "JSON" if path.endswith(".json") else "YAML"
-        raise ConfigError(f"config file {path} is not valid {language}: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid {language}: {' '.join(str(exc).split())}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(doc).__name__}")
-    return {str(k).replace("-", "_"): (v, f"config file {path}") for k, v in doc.items()}
+    return doc
+
+
+def _from_file(path: str) -> kube_proxy_config.Translation:
+    """The file's settings: kipvs's own keys, or a KubeProxyConfiguration's translated."""
+    doc = _read_file(path)
+    if kube_proxy_config.is_kube_proxy(doc):
+        try:
+            return kube_proxy_config.from_file(doc, path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    found = kube_proxy_config.Translation()
+    found.values = {str(k).replace("-", "_"): (v, f"config file {path}") for k, v in doc.items()}
+    return found
+
+
+def _from_kube_proxy_flags(flags: dict[str, Any]) -> kube_proxy_config.Translation:
+    given = {k.removeprefix(KUBE_PROXY_DEST): flags.pop(k) for k in list(flags) if k.startswith(KUBE_PROXY_DEST)}
+    try:
+        return kube_proxy_config.from_flags(given)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _not_here(known: set[str], merged: dict[str, tuple[Any, str]],
+              translations: list[kube_proxy_config.Translation], proxy: bool) -> list[str]:
+    """kube-proxy settings this service has no setting for (or, ``proxy`` False, only the proxy takes from
+    a file): dropped from ``merged``, said in one line per service that does honour them (and one per
+    setting with a note on how kipvs differs)."""
+    by_owner: dict[str, list[str]] = {}
+    lines = []
+    for found in translations:
+        for key, (source, setting) in found.owners.items():
+            here = key in known and (proxy or key not in found.proxy_only)
+            if here or merged.get(key, (None, ""))[1] != source:
+                continue
+            del merged[key]
+            if setting.note:
+                lines.append(f"{source}: not honoured by this service: {setting.note}")
+            else:
+                by_owner.setdefault(setting.owner, []).append(source)
+    lines += [f"not honoured by this service, only by {owner}: {', '.join(names)}" for owner, names in by_owner.items()]
+    return lines
+
+
+def _coerce(cls: type[msgspec.Struct], merged: dict[str, tuple[Any, str]]) -> None:
+    """Go durations in seconds settings; comma-separated values in list flags."""
+    fields = {f.name: f for f in msgspec.structs.fields(cls)}
+    for key, (value, source) in list(merged.items()):
+        kind = _base_type(cls, key)
+        if source.startswith("flag ") and typing.get_origin(kind) in (list, tuple) and isinstance(value, list):
+            merged[key] = ([p.strip() for v in value for p in str(v).split(",") if p.strip()], source)
+        elif _is_seconds(cls, key) and isinstance(value, str) and not _is_number(value):
+            where = f"{key.replace('_', '-')} (from {source})"
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise ConfigError(f"invalid configuration: {where}: {exc}") from None
+            if fields[key].type is int or kind is int:
+                if 0 < seconds < 1:
+                    raise ConfigError(f"invalid configuration: {where}: {value!r} is under a second, the "
+                                      "kernel's resolution")
+                seconds = int(seconds)
+            merged[key] = (seconds, source)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load(cls: type[T], flags: Mapping[str, Any] | None = None,
-                            environ: Mapping[str, str] | None = None) -> T:
-    """Merge defaults < file < environment < flags and validate the result."""
+         environ: Mapping[str, str] | None = None) -> T:
+    """Merge defaults < file < environment < flags and validate the result; then log, in one line each,
+    what of kube-proxy's settings is ignored (docs/kube-proxy.md). ConfigError: one line naming the setting
+    and where it came from."""
     flags = dict(flags or {})
     environ = os.environ if environ is None else environ
     config_file = flags.pop("config", None) or environ.get(f"{ENV_PREFIX}CONFIG")
-    merged: dict[str, tuple[Any, str]] = {}
-    if config_file:
-        merged.update(_from_file(config_file))
+    from_file = _from_file(config_file) if config_file else kube_proxy_config.Translation()
+    from_flags = _from_kube_proxy_flags(flags)
+    merged: dict[str, tuple[Any, str]] = dict(from_file.values)
     merged.update(_from_env(cls, environ))
+    merged.update(from_flags.values)
     merged.update({k: (v, "flag --" + k.replace("_", "-")) for k, v in flags.items() if v is not None})
     known = {f.name for f in msgspec.structs.fields(cls)}
+    warnings = _not_here(known, merged, [from_file, from_flags], bool(getattr(cls, "KUBE_PROXY", False)))
+    warnings += [line for line in (from_file.warning(), from_flags.warning()) if line]
     for key, (_, source) in merged.items():
         if key not in known:
             raise ConfigError(f"unknown setting {key!r} in {source}; known settings: {', '.join(sorted(known))}")
+    _coerce(cls, merged)
     try:
-        return msgspec.convert({k: v for k, (v, _) in merged.items()}, cls, strict=False)
+        loaded = msgspec.convert({k: v for k, (v, _) in merged.items()}, cls, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         where = ""
@@ -215,3 +371,8 @@ def load(cls: type[T], flags: Mapping[str, Any] | None = None,
             if f"$.{key}`" in message or f"$.{key}[" in message:
                 where = f" (from {source})"
         raise ConfigError(f"invalid configuration{where}: {message}") from None
+    if warnings:
+        logs.setup(getattr(loaded, "log_format", "human"), getattr(loaded, "log_level", "info"))
+        for line in warnings:
+            log.warning("%s", line)
+    return loaded

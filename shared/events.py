@@ -306,6 +306,8 @@ class ApplyReport(Record, tag="apply.report"):
 
     ``desired_digest`` is a hash of the node's whole desired state after the batch; a drift check
     publishes the digest of what it read back, so an auditor can tell a node is exactly in sync.
+    ``bootstrap``: the report a starting applier publishes once it has programmed the whole plan (its
+    time after a change is the node's start-up wait, not programming latency: ``kipvs why`` says so).
     """
 
     node: str
@@ -314,6 +316,7 @@ class ApplyReport(Record, tag="apply.report"):
     duration_ms: float
     errors: tuple[str, ...] = ()
     desired_digest: str = ""
+    bootstrap: bool = False
 
 
 class DriftReport(Record, tag="apply.drift"):
@@ -333,7 +336,9 @@ class NodeFactsReport(Record, tag="apply.node-facts"):
 
     ``kube_ipvs0`` is ``absent``, ``kipvs`` (created by kipvs: its alias says so) or ``other`` (created
     by someone else, normally kube-proxy). ``conflicts`` name every sign of another IPVS-mode proxy on the
-    node, each a sentence an operator can act on; empty when kipvs is alone.
+    node, each a sentence an operator can act on; empty when kipvs is alone. ``taken_over`` is when kipvs
+    took the node over from kube-proxy in place (``kipvs applier --adopt``; UTC, ISO 8601, read from
+    kube-ipvs0's alias, so it outlives applier restarts), empty if it never did or handed it back.
     """
 
     node: str
@@ -342,6 +347,7 @@ class NodeFactsReport(Record, tag="apply.node-facts"):
     endpoint_marks: Literal["enforce", "observe", "off"]  # the mode in effect (``--endpoint-marks`` resolved)
     endpoint_marks_reason: str  # why that mode
     conflicts: tuple[str, ...] = ()
+    taken_over: str = ""
 
 
 class ShadowReport(Record, tag="apply.shadow"):

@@ -77,10 +77,14 @@ def tools_identity(args: argparse.Namespace) -> ClientAuth | None:
 
 
 @contextlib.asynccontextmanager
-async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
+async def connect(args: argparse.Namespace, reconnect: str = "") -> AsyncIterator[nats.NATS]:
     """One connection to the live bus as the tools identity (:func:`tools_identity`); ToolError, one
     sentence, when it cannot be made. With an identity of its own, plan history is read through the
-    plan's mirror (:func:`plan_source`), which is checked here."""
+    plan's mirror (:func:`plan_source`), which is checked here.
+
+    A tool's answer ends with a lost connection (ToolError). A tool that follows the log live (``reconnect``:
+    its name, e.g. "tap") keeps its connection instead: once made, nats-py reconnects for as long as the
+    tool runs, and the loss and the return are each said in one line on stderr (not the tool's own close)."""
     url = nats_url(args)
     auth = tools_identity(args)
     errors: list[BaseException] = []
@@ -103,6 +107,8 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
             refusals.append(str(exc))
 
     nc._error_cb = refused  # after the connection: what the server refuses this identity, for the sentence below
+    if reconnect:
+        _keep_reconnecting(nc, f"kipvs {reconnect}", url)
     try:
         if auth is not None and auth.nkey_file:
             await _check_audit_mirror(nc)
@@ -119,6 +125,24 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[nats.NATS]:
         raise ToolError(f"NATS at {url} failed: {type(exc).__name__}: {exc or 'no detail'}") from None
     finally:
         await nc.close()
+
+
+def _keep_reconnecting(nc: nats.NATS, tool: str, url: str) -> None:
+    """Let nats-py reconnect ``nc`` forever from now on (the first connection was one attempt, so that a
+    wrong URL is one sentence, not a hang), saying so in one line each way. nats-py reads these options and
+    callbacks when the connection is lost (``Client._process_op_err``, ``_attempt_reconnect``); a negative
+    max_reconnect_attempts never gives up (``Client._select_next_server``)."""
+    nc.options["allow_reconnect"], nc.options["max_reconnect_attempts"] = True, -1
+
+    async def lost() -> None:
+        if not nc.is_closed:  # the tool's own close calls this too: nothing was lost
+            print(f"{tool}: the connection to NATS at {url} was lost; reconnecting, then following on after "
+                  "the last record shown", file=sys.stderr, flush=True)
+
+    async def back() -> None:
+        print(f"{tool}: connected to NATS at {url} again; following on", file=sys.stderr, flush=True)
+
+    nc._disconnected_cb, nc._reconnected_cb = lost, back
 
 
 async def _check_audit_mirror(nc: nats.NATS) -> None:
@@ -148,12 +172,13 @@ def plan_source(args: argparse.Namespace) -> bus.LogReader:
 
 
 @contextlib.asynccontextmanager
-async def open_log(args: argparse.Namespace) -> AsyncIterator[Any]:
-    """The live log (a JetStream context) or, with ``--log FILE``, a :class:`RecordedLog`."""
+async def open_log(args: argparse.Namespace, reconnect: str = "") -> AsyncIterator[Any]:
+    """The live log (a JetStream context) or, with ``--log FILE``, a :class:`RecordedLog`. ``reconnect``:
+    see :func:`connect`."""
     if getattr(args, "log", ""):
         yield RecordedLog.load(Path(args.log))
         return
-    async with connect(args) as nc:
+    async with connect(args, reconnect) as nc:
         yield nc.jetstream()
 
 

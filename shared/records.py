@@ -103,6 +103,8 @@ def one_line(entry: Entry) -> str:
         return f"{head} snapshot {r.scope} seq={r.seq}: {len(r.services)} services, {len(r.nodes)} nodes"
     if isinstance(r, events.ApplyReport):
         errors = f", errors: {'; '.join(r.errors)}" if r.errors else ""
+        if r.bootstrap:  # the whole plan programmed at the applier's start: no batch, no duration
+            return f"{head} {r.node} started at plan seq={r.plan_seq}: {r.operations} kernel ops to reach it{errors}"
         return f"{head} {r.node} applied plan seq={r.plan_seq}: {r.operations} kernel ops in {r.duration_ms} ms{errors}"
     if isinstance(r, events.DriftReport):
         found = "; ".join(r.found) if r.found else "nothing"

@@ -163,7 +163,12 @@ class Health:
         return (True, "ready") if ctx.ready else (False, ctx.ready_reason)
 
 
-async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None, int]:
+# /proxyMode on the metrics address, as kube-proxy's metrics server answers it (cmd/kube-proxy/app/server.go,
+# serveMetrics: the mode as text/plain), for the service that is the node's proxy.
+PROXY_MODES = {"applier": "ipvs"}
+
+
+async def _start_http(health: Health, listen: str, proxy_mode: str = "") -> tuple[web.AppRunner | None, int]:
     if not listen:
         return None, 0
 
@@ -182,6 +187,12 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
     app.router.add_get("/healthz", endpoint(health.healthy))
     app.router.add_get("/readyz", endpoint(health.ready))
     app.router.add_get("/metrics", metrics)
+    async def mode(_: web.Request) -> web.Response:
+        return web.Response(text=proxy_mode, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    if proxy_mode:
+        app.router.add_get("/proxyMode", mode)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, _, port = listen.rpartition(":")
@@ -194,7 +205,8 @@ async def _start_http(health: Health, listen: str) -> tuple[web.AppRunner | None
     server = site._server
     sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
     bound = sockets[0].getsockname()[1] if sockets else int(port)
-    log.info("health and metrics on http://%s:%d/ (livez, healthz, readyz, metrics)", host or "127.0.0.1", bound)
+    log.info("health and metrics on http://%s:%d/ (livez, healthz, readyz, metrics%s)", host or "127.0.0.1", bound,
+             ", proxyMode" if proxy_mode else "")
     return runner, bound
 
 
@@ -540,7 +552,7 @@ async def run_service(name: str, config: CommonConfig, main: Main,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     health = Health(stale_after=config.healthz_stale_after, metrics=Registry(name))
-    runner, port = await _start_http(health, config.http_listen)
+    runner, port = await _start_http(health, config.http_listen, PROXY_MODES.get(name, ""))
     reopened = health.metrics.counter(
         "kipvs_nats_connections_reopened_total",
         "NATS connections the server closed for good (an identity expired, refused at reconnect) and the "

@@ -112,4 +112,7 @@ def test_services_help_is_the_users_view(capsys: pytest.CaptureFixture[str]) -> 
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert exit_info.value.code == 0
     assert "--backend {netlink,memory}" in out and "(default: netlink; one of: netlink, memory; env" in out
-    assert "--drift-period DRIFT_PERIOD seconds between kernel read-backs (default: 60; env" in out
+    assert ("--drift-period DRIFT_PERIOD seconds between kernel read-backs (kube-proxy's --ipvs-sync-period, "
+            "ipvs.syncPeriod, sets it) (default: 60; or a duration: 30s, 15m, 1h2m3s; env") in out
+    assert "--hostname-override HOSTNAME_OVERRIDE kube-proxy's hostnameOverride" in out
+    assert "--ipvs-scheduler IPVS_SCHEDULER" not in out  # accepted (and said at start), not listed: the planner's

@@ -58,6 +58,7 @@ def test_demo_with_simulated_kernels() -> None:
         assert f"[{step}/8]" in out
     assert "from the Kubernetes change to the SIMULATED kernel" in out
     assert "node-a forwards TCP 10.96.0.10:80 for Service default/web" in out
+    assert "(?)" not in out, "every pod with an endpoint mark is named (the applier's pod is host network)"
     assert "stopped: nothing of the demo is left running" in out
     _nothing_left("kipvs-demo-")
     _log_is_usable()

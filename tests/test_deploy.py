@@ -22,7 +22,7 @@ from kipvs.shared.credentials_command import service_names
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / ".venv" / "schemas"
-MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+MANIFESTS = sorted(p for p in (ROOT / "deploy" / "kubernetes").glob("*.yaml") if p.name != "kustomization.yaml")
 
 
 def compose_schema() -> dict[str, Any]:

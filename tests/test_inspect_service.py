@@ -84,7 +84,7 @@ async def test_kernel_view_of_a_running_applier_and_its_diff(planned, nats_url: 
         assert lines[0] == "IP Virtual Server version simulated (size=0)"
         assert lines[1] == "Prot LocalAddress:Port Scheduler Flags"
         assert "TCP  10.96.0.10:80 rr" in lines
-        assert sum(line.startswith(("TCP  ", "UDP  ", "SCTP  ")) for line in lines) == len(want.ipvs)
+        assert sum(line.startswith(("TCP  ", "UDP  ", "SCTP ")) for line in lines) == len(want.ipvs)
         assert sum(line.startswith("  -> ") for line in lines) == 1 + sum(len(vs.reals) for vs in want.ipvs.values())
 
         code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--json", capsys=capsys)

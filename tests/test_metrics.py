@@ -10,10 +10,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
+import msgspec
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
-from kipvs.applier.programming_metrics import no_local_endpoints
+from kipvs.applier.programming_metrics import change_kinds, no_local_endpoints
 from kipvs.planner.core import Planner
 from kipvs.planner.trigger_time import TRIGGER_TIME_ANNOTATION, trigger_time_ns
 from kipvs.shared import events
@@ -296,3 +298,46 @@ def test_programming_samples_start_at_the_trigger_time_and_skip_changes_from_bef
     metrics.programmed([delta(now, trigger_ns=now - 3 * 10**9)])
     assert registry.sample(SLI + "_count") == 1 and registry.sample(SLI + "_bucket", {"le": "2.0"}) == 0
     assert 3 <= registry.sample(SLI + "_sum") < 4
+
+
+async def test_kube_proxy_change_counters_last_queued_and_proxy_mode(nats_url: str, sim: Simulator,
+                                                                      tmp_path: Path) -> None:
+    """kube-proxy's sync_proxy_rules_{service,endpoint}_changes_total, ..._last_queued_timestamp_seconds
+    and /proxyMode (the applier's only) as kipvs serves them."""
+    started = time.time()
+    stack = await start_stack(nats_url, sim, tmp_path)
+    try:
+        svc, eps = "kipvs_sync_proxy_rules_service_changes_total", "kipvs_sync_proxy_rules_endpoint_changes_total"
+        before = await web_on_node_b(stack)  # web added (a Service change), then its slice (an endpoints change)
+        assert (before.value(svc), before.value(eps)) == (1, 1)
+        queued = before.value("kipvs_sync_proxy_rules_last_queued_timestamp_seconds")
+        assert started < queued <= before.value("kipvs_sync_proxy_rules_last_timestamp_seconds")
+        await stack.sim.apply(kube.endpoint_slice("web-abc", "web", [kube.endpoint("10.244.2.6", "node-b")]))
+        after = await next_delta(stack, before)
+        assert (after.value(svc), after.value(eps)) == (1, 2)
+        assert after.value("kipvs_sync_proxy_rules_last_queued_timestamp_seconds") > queued
+        await stack.sim.apply(kube.service("web", ports=[{"name": "http", "port": 81, "protocol": "TCP",
+                                                          "targetPort": 8080}]))
+        moved = await next_delta(stack, after)
+        assert moved.value(svc) == 2  # the port moved; whether the endpoints did is the planner's matching
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{stack.ports['applier']}/proxyMode") as r:
+                assert (r.status, await r.text(), r.content_type) == (200, "ipvs", "text/plain")
+            async with http.get(f"http://127.0.0.1:{stack.ports['planner']}/proxyMode") as r:
+                assert r.status == 404  # the planner is no proxy
+    finally:
+        await stack.close()
+
+
+@pytest.mark.parametrize(("change", "kinds"), [
+    ({}, (False, False)),
+    ({"scheduler": "lc"}, (True, False)),
+    ({"endpoints": ()}, (False, True)),
+])
+def test_change_kinds(change: dict, kinds: tuple[bool, bool]) -> None:
+    port = events.PortPlan(port=80, endpoints=(events.Endpoint(ip="10.0.0.1", port=8080),))
+    plan = events.ServicePlan(key="default/web", ports=(port,))
+    endpoints = change.pop("endpoints", port.endpoints)
+    after = msgspec.structs.replace(plan, ports=(msgspec.structs.replace(port, endpoints=endpoints),), **change)
+    assert change_kinds(plan, after) == kinds
+    assert change_kinds(None, plan) == (True, True) and change_kinds(plan, None) == (True, True)

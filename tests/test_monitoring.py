@@ -151,9 +151,26 @@ async def test_every_metric_the_rules_and_dashboard_use_is_exported(nats_url: st
     finally:
         await stack.close()
     exprs = [rule["expr"] for rule in alerts().values()] + dashboard_exprs()
-    used = {name for expr in exprs for name in metric_names(expr)}
+    used = {name for expr in exprs for name in metric_names(expr)} - set(SCRAPE_SERIES)
     assert used, "nothing referenced"
     assert not used - set(exported), f"referenced but not exported: {sorted(used - set(exported))}"
     # a label value selected on (code="nodeport-outside-ranges", reason="gone") is one the series carry
     for name, label, value in {m for expr in exprs for m in equality_matchers(expr)}:
+        if name in SCRAPE_SERIES:
+            assert value in scrape_label_values()[label], f'{name}{{{label}="{value}"}}: not what the scrape gives'
+            continue
         assert any(labels.get(label) == value for labels in exported[name]), f'{name}{{{label}="{value}"}}'
+
+
+# Series Prometheus makes for each target itself (not exported by the services), selected on by the labels
+# prometheus-scrape.yaml gives: job (its job_name) and service (the pod's app.kubernetes.io/name).
+SCRAPE_SERIES = ("up",)
+
+
+def scrape_label_values() -> dict[str, set[str]]:
+    (job,) = yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
+    apps = {doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+            for path in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text())
+            if doc and "template" in (doc.get("spec") or {})}
+    return {"job": {job["job_name"]}, "service": apps}

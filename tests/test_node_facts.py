@@ -68,7 +68,7 @@ async def test_kube_proxy_ipvs_chains_are_a_conflict(netns: str) -> None:
     obs = await probe.observe()
     assert obs.ipvs_mode_chains == ("ip nat KUBE-LOAD-BALANCER",)
     (problem,) = conflicts(obs)
-    assert "another kube-proxy in IPVS mode" in problem and "kube-proxy --cleanup" in problem
+    assert "another kube-proxy in IPVS mode" in problem and "restart the applier with --adopt" in problem
 
 
 def test_kube_proxy_processes_are_found_with_their_mode(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from kipvs.shared.plan.node_state import NodeState
 from kipvs.shared.plan.plan_state import SharedPlan
 from kipvs.shared.plan.resolve import resolve_service
 
+from . import nodeport_addresses
 from .drain import Drainer
 from .exclude import ExcludeCIDRs
 from .kernel.backend import Observed
@@ -36,8 +37,9 @@ class ApplierCore:
     """One node's plan and desired kernel state; :meth:`take` a delta, :meth:`resolve` the batch's ops."""
 
     def __init__(self, node: str, drain_timeout: float = 300.0, interface_addresses: bool = False,
-                 exclude: ExcludeCIDRs | None = None) -> None:
+                 nodeport_cidrs: tuple[str, ...] = (), exclude: ExcludeCIDRs | None = None) -> None:
         self.node = node
+        self.nodeport_cidrs = nodeport_cidrs  # --nodeport-cidrs: only the addresses inside serve NodePorts
         self.exclude = exclude or ExcludeCIDRs()  # --ipvs-exclude-cidrs: never programmed, read back as absent
         self.use_interfaces = interface_addresses  # --node-addresses interfaces: NodePorts on this host's own
         self.local_addresses: tuple[str, ...] = ()
@@ -49,12 +51,12 @@ class ApplierCore:
         self.chunks = delta_chunks.Assembler()  # chunked deltas in progress, kept across re-bootstraps
 
     def facts(self) -> events.NodeFacts | None:
-        """This node's facts from the plan; with --node-addresses interfaces, its addresses are its own."""
+        """This node's facts from the plan; with --node-addresses interfaces, its addresses are its own;
+        with --nodeport-cidrs, only those inside them."""
         facts = self.plan.nodes.get(self.node)
-        if not self.use_interfaces:
-            return facts
-        base = facts or events.NodeFacts(name=self.node)
-        return msgspec.structs.replace(base, addresses=self.local_addresses)
+        if self.use_interfaces:
+            facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=self.local_addresses)
+        return nodeport_addresses.filtered(facts, self.nodeport_cidrs)
 
     def programmed_counts(self) -> tuple[int, int]:
         """(virtual services, real servers) the node's kernel is meant to hold now."""

@@ -17,6 +17,7 @@ from typing import Any
 from kipvs.shared import events
 
 from .core import ApplierCore
+from .drift_slices import SERVICES_PER_CHECK, DriftSlices
 from .kernel.backend import Backend
 from .kernel.rules import NftRules
 from .ops import Op, digest
@@ -34,25 +35,29 @@ class DriftCheck:
     """Read back, repair, report."""
 
     def __init__(self, core: ApplierCore, kernel: Backend, rules: NftRules | None, reports: Reports,
-                 repairs: Any) -> None:
+                 repairs: Any, per_check: int = SERVICES_PER_CHECK) -> None:
         self.core = core
         self.kernel = kernel
         self.rules = rules
         self.reports = reports
         self.repairs = repairs  # kipvs_applier_drift_repairs_total
+        self.slices = DriftSlices(per_check)  # whose real servers each check reads (drift_slices.py)
 
     async def check(self) -> None:
         if self.core.use_interfaces:
             await self._follow_addresses()
-        observed = self.core.exclude.hide(await self.kernel.observe())
         want = self.core.desired.state()
+        checked, _ = self.slices.next(len(want.ipvs))
+        observed = self.core.exclude.hide(await self.kernel.observe(checked))
+        DriftSlices.assume_unchecked(want, observed.state, checked)
         ops = self.core.repair(want, observed)
         found = [describe_op(op) for op in ops]
         if ops:
             await self.kernel.apply(ops)
             self.repairs.inc(len(ops))
             log.warning("drift: repaired %d kernel objects", len(ops))
-            observed = self.core.exclude.hide(await self.kernel.observe())
+            observed = self.core.exclude.hide(await self.kernel.observe(checked))
+            DriftSlices.assume_unchecked(want, observed.state, checked)
         found += await self._check_rules(want.ipsets)
         self.reports.report(events.DriftReport(
             node=self.core.node, plan_seq=self.core.plan.seq, found=events.summarised(found), repaired=True,

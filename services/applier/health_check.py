@@ -65,9 +65,14 @@ def update_wanted(wanted: dict[str, tuple[int, int]], services: dict[str, Servic
 class HealthServers:
     """Per-Service health-check node port servers and the node health server."""
 
-    def __init__(self, healthy: Callable[[], bool], bind_errors: Any = None) -> None:
+    def __init__(self, healthy: Callable[[], bool], bind_errors: Any = None, healthz_total: Any = None,
+                 livez_total: Any = None) -> None:
         self.healthy = healthy
         self.bind_errors = bind_errors
+        # kube-proxy's proxy_healthz_total / proxy_livez_total{code} (pkg/proxy/metrics/metrics.go): the node
+        # health server's answers by HTTP status, counted as proxier_health.go's handlers do.
+        self.healthz_total = healthz_total
+        self.livez_total = livez_total
         self.counts: dict[str, int] = {}  # Service key -> local endpoints, read by the handlers
         self.ports: dict[int, str] = {}  # port -> Service key it serves
         self.runners: dict[int, web.AppRunner] = {}
@@ -144,9 +149,14 @@ class HealthServers:
             now = datetime.now(UTC)
             body = {"lastUpdated": datetime.fromtimestamp(self.last_updated, UTC).isoformat(),
                     "currentTime": now.isoformat(), "nodeEligible": True}
-            return web.json_response(body, status=200 if healthy else 503)
+            status = 200 if healthy else 503
+            if self.healthz_total is not None:
+                self.healthz_total.labels(str(status)).inc()
+            return web.json_response(body, status=status)
 
         async def livez(_: web.Request) -> web.Response:
+            if self.livez_total is not None:
+                self.livez_total.labels("200").inc()
             return web.Response(text="ok\n")
 
         app = web.Application()

@@ -23,15 +23,17 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 from nats.aio.subscription import Subscription
 
-from kipvs.shared import bus, config, logs, runtime, topology
+from kipvs.shared import bus, config, kube_proxy_config, logs, runtime, topology
 from kipvs.shared.config import describe
 
-from . import exclude, inspect, node_claim, node_facts, plan_cache, plan_consumer
+from . import exclude, inspect, node_claim, node_facts, plan_cache, plan_consumer, takeover
+from .conntrack_settings import Conntrack
+from .drift_slices import SERVICES_PER_CHECK
 from .kernel.backend import Backend, CapabilityError, MemoryKernel
 from .kernel.netlink_writer import NetlinkKernel
 from .kernel.rules import NftRules, RulesConfig
@@ -40,21 +42,37 @@ from .shadow import run_shadow
 from .shell import Applier, ApplierSettings
 
 log = logging.getLogger("kipvs.applier")
+KUBE_PROXY_METRICS = "127.0.0.1:10249"  # kube-proxy's --metrics-bind-address default
 
 
 class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
-    node: Annotated[str, describe("this node's name, as in its Node object (in Kubernetes: spec.nodeName)")] = ""
+    KUBE_PROXY: ClassVar[bool] = True  # takes a kube-proxy file's own addresses (kube_proxy_config.Setting)
+    node: Annotated[str, describe(
+        "this node's name, as in its Node object (in Kubernetes: spec.nodeName; kube-proxy's "
+        "--hostname-override)")] = ""
+    http_listen: Annotated[str, describe(
+        "host:port for /metrics, /proxyMode, /healthz, /livez and /readyz: kube-proxy's "
+        "--metrics-bind-address, with its default (with --shadow, where kube-proxy holds that port, the "
+        "default is any free port); port 0: any free port, logged; empty disables it")] = KUBE_PROXY_METRICS
     backend: Annotated[Literal["netlink", "memory"], describe(
         "netlink: this host's kernel; memory: a simulated kernel for dry runs (programs nothing)")] = "netlink"
-    drift_period: Annotated[float, describe("seconds between kernel read-backs"), msgspec.Meta(gt=0)] = 60.0
+    drift_period: Annotated[float, describe(
+        "seconds between kernel read-backs (kube-proxy's --ipvs-sync-period, ipvs.syncPeriod, sets it)"),
+        msgspec.Meta(gt=0), config.SECONDS] = 60.0
+    drift_check_services: Annotated[int, describe(
+        "IPVS services whose real servers one drift check reads; the others' in the next checks, so a drifted "
+        "real server is found within ceil(services / this) drift periods"), msgspec.Meta(ge=1)] = SERVICES_PER_CHECK
     batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
     drain_timeout: Annotated[float, describe(
         "seconds a removed TCP real server may drain (weight 0) before deletion; 0: at once"),
-        msgspec.Meta(ge=0)] = 300.0
+        msgspec.Meta(ge=0), config.SECONDS] = 300.0
     cleanup: Annotated[bool, describe("remove everything kipvs owns on this node, then exit")] = False
     node_addresses: Annotated[Literal["node", "interfaces"], describe(
         "NodePort addresses: node = the InternalIPs of the Node object (as kipvs plan --node), interfaces = "
         "this host's own addresses, as kube-proxy does")] = "node"
+    nodeport_cidrs: Annotated[list[str], describe(
+        "only the node's addresses (as --node-addresses finds them) inside these CIDRs serve NodePorts and "
+        "health-check node ports (kube-proxy's --nodeport-addresses sets it); empty: all of them")] = []
     rules: Annotated[Literal["nftables", "none"], describe(
         "nftables: masquerade, VIP port filter and source ranges in table inet kipvs; none: IPVS only")] = "nftables"
     cluster_cidr: Annotated[list[str], describe(
@@ -66,13 +84,34 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "(a rebooted node needs its Services to find NATS); empty: no cache")] = ""
     ipvs_tcp_timeout: Annotated[int, describe(
         "IPVS timeout for idle TCP connections, seconds; 0 leaves the kernel's value (kube-proxy's "
-        "--ipvs-tcp-timeout, ipvsadm --set)"), msgspec.Meta(ge=0)] = 0
+        "--ipvs-tcp-timeout, ipvsadm --set)"), msgspec.Meta(ge=0), config.SECONDS] = 0
     ipvs_tcpfin_timeout: Annotated[int, describe(
         "IPVS timeout for TCP connections after FIN, seconds; 0 leaves the kernel's value "
-        "(kube-proxy's --ipvs-tcpfin-timeout)"), msgspec.Meta(ge=0)] = 0
+        "(kube-proxy's --ipvs-tcpfin-timeout)"), msgspec.Meta(ge=0), config.SECONDS] = 0
     ipvs_udp_timeout: Annotated[int, describe(
         "IPVS timeout for UDP flows, seconds; 0 leaves the kernel's value (kube-proxy's --ipvs-udp-timeout)"),
+        msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_max_per_core: Annotated[int, describe(
+        "nf_conntrack_max = this x CPUs (at least --conntrack-min); 0 leaves the node's (kube-proxy's "
+        "--conntrack-max-per-core, whose default is 32768)"), msgspec.Meta(ge=0)] = 0
+    conntrack_min: Annotated[int, describe(
+        "the least nf_conntrack_max that --conntrack-max-per-core sets (kube-proxy's --conntrack-min)"),
         msgspec.Meta(ge=0)] = 0
+    conntrack_tcp_timeout_established: Annotated[int, describe(
+        "nf_conntrack_tcp_timeout_established, seconds; 0 leaves the node's (kube-proxy's "
+        "--conntrack-tcp-timeout-established, default there 24h)"), msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_tcp_timeout_close_wait: Annotated[int, describe(
+        "nf_conntrack_tcp_timeout_close_wait, seconds; 0 leaves the node's (kube-proxy's "
+        "--conntrack-tcp-timeout-close-wait, default there 1h)"), msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_tcp_be_liberal: Annotated[bool, describe(
+        "nf_conntrack_tcp_be_liberal=1: out-of-window TCP packets are not INVALID (kube-proxy's "
+        "--conntrack-tcp-be-liberal)")] = False
+    conntrack_udp_timeout: Annotated[int, describe(
+        "nf_conntrack_udp_timeout, seconds; 0 leaves the node's (kube-proxy's --conntrack-udp-timeout)"),
+        msgspec.Meta(ge=0), config.SECONDS] = 0
+    conntrack_udp_timeout_stream: Annotated[int, describe(
+        "nf_conntrack_udp_timeout_stream, seconds; 0 leaves the node's (kube-proxy's "
+        "--conntrack-udp-timeout-stream)"), msgspec.Meta(ge=0), config.SECONDS] = 0
     ipvs_strict_arp: Annotated[bool, describe(
         "arp_ignore=1 and arp_announce=2 on all interfaces (kube-proxy's --ipvs-strict-arp; MetalLB and "
         "kube-vip in layer-2 mode need it)")] = False
@@ -96,25 +135,46 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "kube-ipvs0 addresses, ipsets) with kipvs's plan every --shadow-sync-period; divergences go to "
         "kipvs.status.<node>.shadow, kipvs_shadow_divergences and kipvs status")] = False
     shadow_sync_period: Annotated[float, describe(
-        "seconds between shadow comparisons (as kube-proxy's --ipvs-sync-period)"), msgspec.Meta(gt=0)] = 30.0
+        "seconds between shadow comparisons (as kube-proxy's --ipvs-sync-period)"), msgspec.Meta(gt=0),
+        config.SECONDS] = 30.0
+    adopt: Annotated[bool, describe(
+        "take the node over from kube-proxy's IPVS mode in place: its virtual services in kipvs's plan become "
+        "kipvs's own as they are, only differences are written, and kube-proxy's iptables chains are removed "
+        "once kipvs's nftables table is in place (docs/architecture.md, 'Takeover')")] = False
+    hand_back: Annotated[bool, describe(
+        "leave this node to kube-proxy in place, then exit: remove kipvs's nftables table and ownership "
+        "records, keep IPVS, kube-ipvs0 and the ipsets for kube-proxy to adopt (run it once kube-proxy runs)")] \
+        = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.node:
-            raise ValueError("node is required (--node, KIPVS_NODE): the name of this node's Node object")
+            raise ValueError("node is required (--node, KIPVS_NODE, kube-proxy's --hostname-override or "
+                             "hostnameOverride): the name of this node's Node object")
         topology.token(self.node)
         if self.shadow and self.cleanup:
             raise ValueError("shadow and cleanup exclude each other: shadow mode never changes the kernel")
+        if sum((self.shadow, self.cleanup, self.hand_back, self.adopt)) > 1:
+            raise ValueError("shadow, cleanup, hand-back and adopt exclude each other")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
         exclude.parse(self.ipvs_exclude_cidrs)
+        kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
+        if self.shadow and self.http_listen == KUBE_PROXY_METRICS:
+            self.http_listen = "127.0.0.1:0"  # kube-proxy, which the shadow runs beside, holds that port
 
 
 def settings_of(cfg: ApplierConfig) -> ApplierSettings:
     return ApplierSettings(drain_timeout=cfg.drain_timeout, interface_addresses=cfg.node_addresses == "interfaces",
                            endpoint_marks=cfg.endpoint_marks, conntrack_cleanup=cfg.conntrack_cleanup,
                            timeouts=Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout),
-                           strict_arp=cfg.ipvs_strict_arp,
-                           exclude=exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)))
+                           strict_arp=cfg.ipvs_strict_arp, drift_check_services=cfg.drift_check_services,
+                           nodeport_cidrs=tuple(cfg.nodeport_cidrs), adopt=cfg.adopt,
+                           adopt_exclude_cidrs=tuple(cfg.ipvs_exclude_cidrs),
+                           exclude=exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)),
+                           conntrack=Conntrack(cfg.conntrack_max_per_core, cfg.conntrack_min,
+                                               cfg.conntrack_tcp_timeout_established,
+                                               cfg.conntrack_tcp_timeout_close_wait, cfg.conntrack_tcp_be_liberal,
+                                               cfg.conntrack_udp_timeout, cfg.conntrack_udp_timeout_stream))
 
 
 async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRules | None = None) -> None:
@@ -317,6 +377,15 @@ def run(args: argparse.Namespace) -> int:
             # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
             await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
             await kernel.close()
+            return 0
+        if cfg.hand_back:
+            if cfg.backend != "netlink":
+                print("kipvs applier: --hand-back needs --backend netlink", file=sys.stderr)
+                return 2
+            await takeover.hand_back(kernel, rules)  # type: ignore[arg-type]
+            await kernel.close()
+            print("kipvs applier: handed this node back: kipvs's nftables table and ownership records removed; "
+                  "IPVS, kube-ipvs0 and the ipsets left for kube-proxy")
             return 0
         if cfg.cleanup:
             if rules is not None:

@@ -38,6 +38,8 @@ from .kernel.backend import LINK
 log = logging.getLogger("kipvs.applier")
 
 LINK_ALIAS = "kipvs"  # set on kube-ipvs0 when kipvs creates it: who owns the link is read from the kernel
+# set on kube-ipvs0 when kipvs adopts kube-proxy's (takeover.py), with the time: "kipvs taken over <ISO time>"
+TAKEOVER_ALIAS = "kipvs taken over "
 RTMGRP_LINK = 0x1
 # Chains only kube-proxy's IPVS mode creates (its iptables mode has KUBE-NODEPORTS, not KUBE-NODE-PORT).
 IPVS_MODE_CHAINS = frozenset({"KUBE-IPVS-FILTER", "KUBE-LOAD-BALANCER", "KUBE-NODE-PORT", "KUBE-IPVS-OUT-FILTER"})
@@ -49,6 +51,7 @@ class Observation:
     kube_ipvs0: Literal["absent", "kipvs", "other"]
     kube_proxy_processes: tuple[str, ...] = ()  # "pid 42: kube-proxy --proxy-mode=ipvs ..."
     ipvs_mode_chains: tuple[str, ...] = ()  # "ip nat KUBE-LOAD-BALANCER", ...
+    taken_over: str = ""  # when kipvs took kube-ipvs0 over from kube-proxy (its alias says so)
 
 
 def conflicts(obs: Observation) -> tuple[str, ...]:
@@ -57,13 +60,25 @@ def conflicts(obs: Observation) -> tuple[str, ...]:
            "(delete its DaemonSet or add a nodeSelector) before running kipvs" for p in obs.kube_proxy_processes]
     if obs.ipvs_mode_chains:
         out.append(f"kube-proxy's IPVS-mode chains exist ({', '.join(obs.ipvs_mode_chains)}): another kube-proxy in "
-                   "IPVS mode runs or ran here; if it is stopped, remove them with 'kube-proxy --cleanup'")
+                   "IPVS mode runs or ran here; if it is stopped, restart the applier with --adopt: it removes them "
+                   "once its own rules are in place (never 'kube-proxy --cleanup' on a live node: it deletes "
+                   "every IPVS service)")
     return tuple(out)
 
 
 def report(node: str, obs: Observation, mode: Literal["enforce", "observe", "off"], reason: str) -> NodeFactsReport:
     return NodeFactsReport(node=node, ipvs_available=obs.ipvs_available, kube_ipvs0=obs.kube_ipvs0,
-                           endpoint_marks=mode, endpoint_marks_reason=reason, conflicts=conflicts(obs))
+                           endpoint_marks=mode, endpoint_marks_reason=reason, conflicts=conflicts(obs),
+                           taken_over=obs.taken_over)
+
+
+def link_owner(alias: str | None) -> tuple[Literal["kipvs", "other"], str]:
+    """(who owns kube-ipvs0, when kipvs took it over from kube-proxy or "") from the link's alias. Pure."""
+    if alias == LINK_ALIAS:
+        return "kipvs", ""
+    if alias and alias.startswith(TAKEOVER_ALIAS):
+        return "kipvs", alias.removeprefix(TAKEOVER_ALIAS)
+    return "other", ""
 
 
 def kube_proxy_processes(proc: Path = Path("/proc")) -> tuple[str, ...]:
@@ -105,9 +120,10 @@ class NodeProbe:
         ipvs = rc == 0
         rc, out = await self._run("ip", "-j", "-d", "link", "show", "dev", LINK)
         link: Literal["absent", "kipvs", "other"] = "absent"
+        taken_over = ""
         if rc == 0 and out.strip():
             (info,) = json.loads(out)
-            link = "kipvs" if info.get("ifalias") == LINK_ALIAS else "other"
+            link, taken_over = link_owner(info.get("ifalias"))
         chains = []
         rc, out = await self._run("nft", "-j", "list", "chains")
         if rc == 0 and out.strip():
@@ -117,7 +133,7 @@ class NodeProbe:
                     chains.append(f"{chain['family']} {chain['table']} {chain['name']}")
         processes = kube_proxy_processes(self.proc) if self.proc is not None else ()
         return Observation(ipvs_available=ipvs, kube_ipvs0=link, kube_proxy_processes=processes,
-                           ipvs_mode_chains=tuple(sorted(chains)))
+                           ipvs_mode_chains=tuple(sorted(chains)), taken_over=taken_over)
 
 
 class LinkWatch:

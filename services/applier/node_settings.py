@@ -15,6 +15,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .conntrack_settings import CPUS, Conntrack
+from .conntrack_settings import to_set as conntrack_to_set
+
 if TYPE_CHECKING:  # the backend uses Timeouts: the type only, for the hints
     from .kernel.backend import Backend
 
@@ -82,13 +85,16 @@ def sysctls_to_set(strict_arp: bool, current: dict[str, str]) -> dict[str, str]:
 
 
 class NodeSettings:
-    """The IPVS timeouts, strict ARP and conn_reuse_mode (by kernel version), synced at start and at
-    every drift check."""
+    """The IPVS timeouts, strict ARP, conn_reuse_mode (by kernel version) and the conntrack sysctls
+    (conntrack_settings.py) as configured, synced at start and at every drift check."""
 
-    def __init__(self, kernel: Backend, timeouts: Timeouts, strict_arp: bool) -> None:
+    def __init__(self, kernel: Backend, timeouts: Timeouts, strict_arp: bool, conntrack: Conntrack | None = None,
+                 cpus: int = CPUS) -> None:
         self.kernel = kernel
         self.timeouts = timeouts
         self.strict_arp = strict_arp
+        self.conntrack = conntrack or Conntrack()
+        self.cpus = cpus
 
     async def sync(self) -> None:
         current = await self.kernel.ipvs_timeouts()
@@ -98,4 +104,9 @@ class NodeSettings:
         changes = sysctls_to_set(self.strict_arp, self.kernel.sysctls(list(KEYS)))
         if changes:
             log.info("node sysctls: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            self.kernel.set_sysctls(changes)
+        wanted = self.conntrack.sysctls(self.cpus)
+        changes = conntrack_to_set(self.conntrack, self.cpus, self.kernel.sysctls(list(wanted)))
+        if changes:
+            log.info("conntrack: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
             self.kernel.set_sysctls(changes)

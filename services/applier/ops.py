@@ -285,3 +285,15 @@ class DesiredState:
         for name, entry in self.entry_refs:
             out.ipsets[name].add(entry)
         return out.finish()
+
+
+def describe_changes(descriptions: list[str]) -> str:
+    """What a bootstrap's kernel operations were, for its log line: ``descriptions`` as ``describe_op``
+    gives them (the op's type name first). Additions, changes and removals are counted apart: a fresh
+    node's first programming is all additions, not "repairs" of anything."""
+    if not descriptions:
+        return "the kernel already matched it"
+    kinds = Counter(d.split(" ", 1)[0][:3] for d in descriptions)
+    parts = [f"{kinds[k]} {word}" for k, word in (("Add", "added"), ("Edi", "changed"), ("Del", "removed"))
+             if kinds[k]]
+    return f"{len(descriptions)} kernel changes to reach it ({', '.join(parts)})"

@@ -6,7 +6,12 @@ Sources followed: kubernetes pkg/proxy/metrics/metrics.go (names, buckets, meani
 pkg/proxy/endpointschangetracker.go (a trigger time before the proxy started is not measured) and the
 proxiers' syncProxyRules (``sync_proxy_rules_no_local_endpoints_total``: a gauge recounted every sync,
 per Service port, of ``internal`` / ``external`` traffic policy Local with no local endpoint, a ready
-one or else a serving-terminating one).
+one or else a serving-terminating one); the changes counters and the last-queued timestamp
+(``sync_proxy_rules_service_changes_total`` / ``..._endpoint_changes_total``: each Service / endpoints
+change the proxy takes in, servicechangetracker.go and endpointschangetracker.go;
+``sync_proxy_rules_last_queued_timestamp_seconds``: when a sync was last asked for, so a value well past
+``..._last_timestamp_seconds`` means a hung proxy); ``proxy_healthz_total`` / ``proxy_livez_total`` by
+``code`` (proxier_health.go).
 """
 
 from __future__ import annotations
@@ -14,11 +19,45 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import msgspec
+
 from kipvs.shared import events
 from kipvs.shared.events import ServicePlan
 from kipvs.shared.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_PROXY_RULES_BUCKETS, Registry
 
 TRAFFIC_POLICIES = ("internal", "external")
+HTTP_CODES = ("200", "503")
+
+
+def health_counters(m: Registry) -> tuple[object, object]:
+    """(healthz, livez) answer counters of the node health server, by HTTP status, both codes from 0."""
+    return (m.counter("kipvs_proxy_healthz_total", "node health server /healthz answers, by HTTP status",
+                      labels={"code": HTTP_CODES}),
+            m.counter("kipvs_proxy_livez_total", "node health server /livez answers, by HTTP status",
+                      labels={"code": HTTP_CODES}))
+
+
+def _without_endpoints(plan: ServicePlan | None) -> ServicePlan | None:
+    if plan is None:
+        return None
+    return msgspec.structs.replace(plan, ports=tuple(msgspec.structs.replace(p, endpoints=()) for p in plan.ports))
+
+
+def _endpoints(plan: ServicePlan | None) -> tuple[tuple[str, str, events.Endpoint], ...]:
+    """Each endpoint with the port (name, protocol) it serves: a Service without endpoints has none."""
+    return tuple((p.name, p.protocol, ep) for p in plan.ports for ep in p.endpoints) if plan is not None else ()
+
+
+def change_kinds(before: ServicePlan | None, after: ServicePlan | None) -> tuple[bool, bool]:
+    """(the Service changed, its endpoints changed) from one plan of it to the next (None: absent); a
+    Service added or removed with endpoints changes both, as kube-proxy sees its Service and its slices."""
+    return _without_endpoints(before) != _without_endpoints(after), _endpoints(before) != _endpoints(after)
+
+
+def service_keys(delta: events.PlanDelta) -> list[str]:
+    """The Services a shared delta sets or removes."""
+    return [op.service.key if isinstance(op, events.SetService) else op.key
+            for op in delta.ops if isinstance(op, events.SetService | events.RemoveService)]
 
 
 def no_local_endpoints(plan: ServicePlan, node: str) -> tuple[int, int]:
@@ -66,6 +105,12 @@ class ProgrammingMetrics:
                                          SYNC_PROXY_RULES_BUCKETS)
         self.last_sync = m.gauge("kipvs_sync_proxy_rules_last_timestamp_seconds",
                                  "Unix time the kernel last matched the plan (a batch applied, or bootstrapped)")
+        self.last_queued = m.gauge("kipvs_sync_proxy_rules_last_queued_timestamp_seconds",
+                                   "Unix time plan deltas were last taken in to be applied")
+        self.service_changes = m.counter("kipvs_sync_proxy_rules_service_changes_total",
+                                         "Service changes taken in from plan deltas (endpoints aside)")
+        self.endpoint_changes = m.counter("kipvs_sync_proxy_rules_endpoint_changes_total",
+                                          "changes of a Service's endpoints taken in from plan deltas")
         self.no_local = m.gauge("kipvs_sync_proxy_rules_no_local_endpoints_total",
                                 "Service ports with a Local traffic policy and no local endpoint on this node",
                                 labels={"traffic_policy": TRAFFIC_POLICIES})
@@ -92,6 +137,20 @@ class ProgrammingMetrics:
                 self.by_service[key] = counts
         self.no_local.labels("internal").set(sum(c[0] for c in self.by_service.values()))
         self.no_local.labels("external").set(sum(c[1] for c in self.by_service.values()))
+
+    def queued(self) -> None:
+        """Plan deltas arrived to be applied (kube-proxy: a sync was queued)."""
+        self.last_queued.set(time.time())
+
+    def count_changes(self, before: dict[str, ServicePlan | None], after: dict[str, ServicePlan]) -> None:
+        """Count one applied delta's changes: ``before`` its Services' plans before it (service_keys),
+        ``after`` the plan's Services once applied."""
+        for key, old in before.items():
+            service, endpoints = change_kinds(old, after.get(key))
+            if service:
+                self.service_changes.inc()
+            if endpoints:
+                self.endpoint_changes.inc()
 
     def synced(self, seconds: float | None = None) -> None:
         """The kernel matches the plan now; ``seconds``: how long the batch took (None: not a batch)."""

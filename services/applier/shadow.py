@@ -33,7 +33,7 @@ from kipvs.shared.nats_permissions import applier_reader
 from kipvs.shared.plan.divergence import divergences
 from kipvs.shared.plan.resolve import resolve_node
 
-from . import inspect
+from . import inspect, nodeport_addresses
 from .kernel.backend import Backend
 
 log = logging.getLogger("kipvs.applier")
@@ -49,6 +49,7 @@ class Shadow:
         self.node = node
         self.kernel = kernel
         self.use_interfaces = interface_addresses
+        self.nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs
         self.heartbeat = heartbeat
         self.lock = asyncio.Lock()  # one kernel read at a time (the comparison and inspections share sockets)
         self.plan_seq = 0
@@ -74,6 +75,7 @@ class Shadow:
         if self.use_interfaces:
             addresses = await self.kernel.node_addresses()
             facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=addresses)
+        facts = nodeport_addresses.filtered(facts, self.nodeport_cidrs)
         want = resolve_node(plan.services.values(), facts)
         found = tuple(divergences(table, want))
         for line in sorted(set(found) - set(self.divergences or ())):
@@ -104,6 +106,7 @@ async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float
     log.info("SHADOW MODE on %s: nothing is programmed; comparing the kernel with kipvs's plan every %.0fs "
              "(backend: %s)", node, period, kernel.label)
     shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces")  # type: ignore[attr-defined]
+    shadow.nodeport_cidrs = tuple(cfg.nodeport_cidrs)  # type: ignore[attr-defined]
     subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read)
     try:
         while not ctx.stop.is_set():

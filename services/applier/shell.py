@@ -26,17 +26,19 @@ from kipvs.shared import bus, delta_chunks, events, plan_log, runtime, topology
 from kipvs.shared.nats_permissions import applier_reader
 from kipvs.shared.plan.plan_state import SequenceGap
 
-from . import marks, node_claim, node_facts
+from . import marks, node_claim, node_facts, takeover
 from .conntrack import ConntrackCleanup
+from .conntrack_settings import Conntrack
 from .core import ApplierCore
 from .drift import DriftCheck, describe_op
+from .drift_slices import SERVICES_PER_CHECK
 from .exclude import ExcludeCIDRs
 from .health_check import HealthChecks, HealthServers
 from .kernel.backend import Backend, KernelError
 from .kernel.rules import NftRules
 from .node_settings import NodeSettings, Timeouts
-from .ops import Op
-from .programming_metrics import ProgrammingMetrics
+from .ops import Op, describe_changes
+from .programming_metrics import ProgrammingMetrics, health_counters, service_keys
 from .reports import Reports
 
 log = logging.getLogger("kipvs.applier")
@@ -52,6 +54,11 @@ class ApplierSettings:
     conntrack_cleanup: bool = True  # --conntrack-cleanup
     timeouts: Timeouts = field(default_factory=Timeouts)  # --ipvs-tcp-timeout ...
     strict_arp: bool = False  # --ipvs-strict-arp
+    drift_check_services: int = SERVICES_PER_CHECK  # --drift-check-services
+    nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs (kube-proxy's --nodeport-addresses)
+    conntrack: Conntrack = field(default_factory=Conntrack)  # --conntrack-max-per-core ...
+    adopt: bool = False  # --adopt: take kube-proxy's state over at the bootstrap (takeover.py)
+    adopt_exclude_cidrs: tuple[str, ...] = ()  # never adopted: --ipvs-exclude-cidrs
     exclude: ExcludeCIDRs = field(default_factory=ExcludeCIDRs)  # --ipvs-exclude-cidrs
 
 
@@ -72,11 +79,12 @@ class Applier:
         s = settings or ApplierSettings()
         m = ctx.metrics
         self.ctx, self.node, self.kernel, self.rules = ctx, node, kernel, rules
-        self.core = ApplierCore(node, s.drain_timeout, s.interface_addresses, s.exclude)
+        self.core = ApplierCore(node, s.drain_timeout, s.interface_addresses, s.nodeport_cidrs, s.exclude)
         # One writer at a time: a drift check reads the kernel back and repairs it, which must not interleave
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
+        self.adopt, self.adopt_exclude_cidrs = s.adopt, s.adopt_exclude_cidrs
         # history of the plan is read under the node's one reader name: its permissions allow no other
         self.plan_reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(node))
         self.consumer: bus.DurableConsumer | None = None
@@ -86,14 +94,15 @@ class Applier:
         self.marks = marks.EndpointMarkRules(s.endpoint_marks, rules, self.facts_publisher.publish)
         self.health = HealthServers(lambda: _healthy(ctx),
                                     m.counter("kipvs_applier_health_check_bind_errors_total",
-                                              "health-check node ports (and the node health port) not bound"))
+                                              "health-check node ports (and the node health port) not bound"),
+                                    *health_counters(m))
         self.health_checks = HealthChecks(node, self.health)
         self.conntrack = ConntrackCleanup(kernel, s.conntrack_cleanup, m.counter(
             "kipvs_applier_conntrack_entries_deleted_total",
             "conntrack entries of UDP/SCTP flows deleted after their real server left"))
-        self.node_settings = NodeSettings(kernel, s.timeouts, s.strict_arp)
+        self.node_settings = NodeSettings(kernel, s.timeouts, s.strict_arp, s.conntrack)
         self.drift = DriftCheck(self.core, kernel, rules, self.reports, m.counter(
-            "kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back"))
+            "kipvs_applier_drift_repairs_total", "kernel objects repaired after a read-back"), s.drift_check_services)
         self.applied_ops = m.counter("kipvs_applier_operations_total", "kernel operations written")
         m.gauge("kipvs_applier_plan_seq", "last shared delta applied", read=lambda: self.core.plan.seq)
         m.gauge("kipvs_applier_draining_real_servers", "removed TCP real servers still draining",
@@ -119,6 +128,8 @@ class Applier:
         if core.use_interfaces:
             core.local_addresses = await self.kernel.node_addresses()
         core.reset(plan)
+        if self.adopt:  # before the first write: kube-proxy's services are only edited, never re-created
+            await takeover.adopt(self.kernel, core.desired.state(), self.adopt_exclude_cidrs)
         found = await self.converge()
         calico = await marks.last_node_state(self.ctx.js, self.plan_reader, self.node)
         if calico is not None:
@@ -127,16 +138,20 @@ class Applier:
         if self.rules is not None:
             self.rules.marks = self.marks.marks(core.calico)
             await self.rules.install(core.desired.state().ipsets)
+        if self.adopt and self.rules is not None:  # kipvs's table carries the traffic now
+            await takeover.remove_kube_proxy_chains()
+            self.adopt = False
         await self.node_settings.sync()
         await self._sync_health_checks(None)
         self.metrics.services_changed(core.plan.services, set(core.plan.services) | set(self.metrics.by_service))
         self.metrics.synced()
-        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, "
-                 "%d repairs to reach it", core.plan.seq, caught_up, len(core.desired.services), len(found))
+        log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, %s",
+                 core.plan.seq, caught_up, len(core.desired.services), describe_changes(found))
         # Say at once what this instance holds: the last report on the status stream may be a previous
         # instance's, newer or older than what the kernel now holds.
         self.reports.report(events.ApplyReport(node=self.node, plan_seq=core.plan.seq, operations=len(found),
-                                               duration_ms=0.0, desired_digest=core.desired.digest()))
+                                               duration_ms=0.0, desired_digest=core.desired.digest(),
+                                               bootstrap=True))
 
     async def converge(self) -> list[str]:
         """Read the kernel back and write what makes it the desired state; the operations, described."""
@@ -152,6 +167,7 @@ class Applier:
             raise bus.Retry(f"node {self.node} is applied by {self.claim.holder} now")
         async with self.kernel_lock:
             started = time.perf_counter()
+            self.metrics.queued()
             facts_before, calico_before = self.core.facts(), self.core.calico
             taken = await self._take(batch)
             self.stream_seq = max(self.stream_seq, batch[-1].stream_sequence)
@@ -168,6 +184,7 @@ class Applier:
             record = envelope.record
             if not isinstance(record, events.PlanDelta):
                 raise ValueError(f"{type(record).__name__} does not belong on a plan subject")
+            before = {key: self.core.plan.services.get(key) for key in service_keys(record)}
             try:
                 touched = self.core.take(record)
             except SequenceGap as exc:
@@ -182,6 +199,7 @@ class Applier:
             if touched is not None:
                 taken.applied.append(envelope)
                 taken.touched |= touched
+                self.metrics.count_changes(before, self.core.plan.services)
         return taken
 
     async def _whole(self, envelope: events.Envelope) -> events.Envelope | None:

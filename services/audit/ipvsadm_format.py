@@ -48,7 +48,9 @@ def _hostport(family: int, ip: str, port: int) -> str:
 def _service_name(vs: KernelVirtualServer) -> str:
     if vs.fwmark:
         return f"FWM  {vs.fwmark}" + (" IPv6" if vs.family == 6 else "")
-    name = f"{vs.protocol}  {_hostport(vs.family, vs.address, vs.port)}"
+    # Debian's ipvsadm 1.31 pads the protocol to four columns: "TCP  10.96.0.10:80", "SCTP 10.96.2.2:3868"
+    # (seen in the guest: tests/guest/kernel_readback.py).
+    name = f"{vs.protocol:<4} {_hostport(vs.family, vs.address, vs.port)}"
     return name if vs.family == 6 else name[:33]  # ipvsadm cuts an IPv4 name at 33 characters
 
 

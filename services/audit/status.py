@@ -62,6 +62,7 @@ class NodeStatus:
     gone: bool = False  # it reported once but has no Node object any more
     shadow: int | None = None  # in shadow mode (its newest report is a shadow one): divergences from the plan
     shadow_found: list[str] = field(default_factory=list)
+    taken_over: str = ""  # when kipvs took the node over from kube-proxy in place
 
     @property
     def ok(self) -> bool:
@@ -153,6 +154,7 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
         elif what == "facts" and isinstance(record, events.NodeFactsReport):
             status.conflicts = list(record.conflicts)
             status.endpoint_marks = record.endpoint_marks
+            status.taken_over = record.taken_over
         elif what == "shadow" and isinstance(record, events.ShadowReport):
             shadow[node] = (envelope.time_ns, record)
     for node, (time_ns, record) in shadow.items():
@@ -215,6 +217,7 @@ def render(statuses: list[NodeStatus], newest: int, stage: pipeline.Stage | None
                      f"{s.endpoint_marks or '-':<9} "
                      f"{'not in the cluster (old reports)' if s.gone else 'ok' if s.ok else '; '.join(s.problems)}")
         lines += [f"{'':<24} conflict: {c}" for c in s.conflicts]
+        lines += [f"{'':<24} taken over from kube-proxy in place at {s.taken_over}"] if s.taken_over else []
         lines += [f"{'':<24} shadow: {d}" for d in s.shadow_found]
     return "\n".join(lines) + "\n"
 

@@ -20,18 +20,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 import nats
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kipvs.shared import bus, records, stream_reader
+from kipvs.shared import bus, records
+from kipvs.shared.jetstream_pull import Puller
 from kipvs.shared.log_client import (
     STREAMS,
     Entry,
@@ -99,55 +101,106 @@ async def backlog(js: Any, source: bus.LogReader, name: str, start: int | dateti
         return []
 
 
+FOLLOW_WAIT = 5.0  # seconds one pull waits at the server for a first message (one request per wait)
+ANSWER_MARGIN = 10.0  # seconds more a pull waits here for the server's answer (a loaded machine is slow)
+FOLLOW_BATCH = 256  # messages one pull asks for, at most (and PULL_MAX_BYTES: jetstream_pull)
+RETRY_PAUSE = 1.0  # seconds between attempts to follow again
+SERVER_SHUTDOWN = "Server Shutdown"  # nats-server's 409 to waiting pulls when it stops (2.15: seen here)
+QUEUE_MAX = 1024  # entries the live streams may have waiting to be printed
+
+
 async def follow(js: JetStreamContext, source: bus.LogReader, name: str, after_seq: int) -> AsyncIterator[Entry]:
     """New messages of a stream, as they arrive (after stream sequence ``after_seq``; 0: from now); a chunked
     plan delta once its last part has arrived, whole. It never stops on its own: a consumer lost (a server
-    restart or a leader change drops an in-memory one), deliveries lost (a gap in its delivery sequence) or a
-    failed fetch make the consumer again after the last message shown. A closed connection raises (the tool
-    then says so in one line). Each fetch asks for few enough messages that the largest the server allows
-    stay far below its max_pending (slow consumer). ``source``: where the consumer is made (``bus.LogReader``;
-    its fixed name is not used: a follow is no history read)."""
+    restart or a leader change drops an in-memory one), deliveries lost (a gap in its delivery sequence, or
+    a reconnect: what the server sent meanwhile is gone), a pull or request that timed out (nats-py raises
+    its TimeoutError or a bare asyncio one) or any other failed request make the consumer again after the
+    last message shown, said in one line (once while the same failure repeats); while the connection is
+    down (nats-py reconnects; the connection's owner says so) it waits, silently. A closed connection raises
+    ConnectionClosedError (the tool then says so in one line). Pulls are bounded by bytes
+    (:mod:`kipvs.shared.jetstream_pull`): what is in flight stays far below nats-server's max_pending (a
+    slow-consumer drop). ``source``: where the consumer is made (``bus.LogReader``; its fixed name is not
+    used: a follow is no history read)."""
     stream = source.stream
-    after_seq = after_seq or await _last_seq(js, name)
-    batch = max(1, stream_reader.READ_MAX_BYTES // js._nc.max_payload)
+    nc = js._nc
+    after_seq = after_seq or await until_answered(nc, lambda: _last_seq(js, name))
     assembler = EntryAssembler()
+    said = ""  # the last failure said: one that repeats (a stream still missing) is not said every second
     while True:
+        await until_connected(nc)
         try:
-            async for msg in _follow_from(js, source, name, after_seq, batch):
-                after_seq = msg.metadata.sequence.stream
+            async for msg in _follow_from(js, source, name, after_seq):
+                after_seq, said = msg.metadata.sequence.stream, ""
                 for entry in assembler.feed(stored_entry(stream, msg)):
                     yield entry
-        except nats.errors.ConnectionClosedError:
-            raise
         except (nats.errors.Error, TimeoutError, _Lost) as exc:
-            print(f"kipvs tap: following {stream} again after seq {after_seq} ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
-            await asyncio.sleep(1.0)
+            if nc.is_closed:
+                raise nats.errors.ConnectionClosedError() from None
+            reason = f"{type(exc).__name__}: {exc or 'no answer in time'}"
+            if nc.is_connected and not isinstance(exc, _Reconnected) and reason != said:
+                print(f"kipvs tap: following {stream} again after seq {after_seq} ({reason})", file=sys.stderr,
+                      flush=True)
+                said = reason
+            await asyncio.sleep(RETRY_PAUSE)
 
 
 class _Lost(Exception):
-    """Messages the consumer delivered never arrived."""
+    """Messages the consumer delivered never arrived, or it is gone."""
 
 
-async def _follow_from(js: JetStreamContext, source: bus.LogReader, name: str, after_seq: int,
-                       batch: int) -> AsyncIterator[Any]:
-    sub = await js.pull_subscribe(SUBJECTS[name], stream=source.consumer_stream,
-                                  config=_consumer(None if after_seq else 1, after_seq))
+class _Reconnected(_Lost):
+    """The connection was lost (or the server is shutting down) and made again: what the server sent
+    meanwhile is gone. Not said again: the connection's loss and return are (log_client.connect)."""
+
+
+async def until_connected(nc: nats.NATS) -> None:
+    """Return once ``nc`` is connected (at once when it is): requests sent while nats-py reconnects would
+    pile up in its buffer and all go at once. ConnectionClosedError when it is closed for good."""
+    while not nc.is_connected:
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError()
+        await asyncio.sleep(0.2)
+
+
+async def until_answered(nc: nats.NATS, ask: Callable[[], Awaitable[int]]) -> int:
+    """``ask()``'s answer, asked again (once connected) while it times out: a loaded server is slow, not
+    gone. ConnectionClosedError when the connection is closed for good."""
+    while True:
+        await until_connected(nc)
+        try:
+            return await ask()
+        except TimeoutError:  # nats-py's TimeoutError is an asyncio.TimeoutError, which is TimeoutError
+            await asyncio.sleep(RETRY_PAUSE)
+
+
+async def _follow_from(js: JetStreamContext, source: bus.LogReader, name: str,
+                       after_seq: int) -> AsyncIterator[Msg]:
+    """One consumer's part of a follow: raises _Lost (or what a request raises) when it cannot go on."""
+    stream = source.consumer_stream
+    config = _consumer(None if after_seq else 1, after_seq)
+    config.name, config.filter_subject = f"kipvs-tap-{secrets.token_hex(8)}", SUBJECTS[name]
+    reconnects = js._nc.stats["reconnects"]
+    await js.add_consumer(stream, config)  # left to expire (inactive_threshold): the tools may not delete
+    puller = await Puller.open(js, stream, config.name)
     delivered = 0
     try:
         while True:
-            try:
-                msgs = await sub.fetch(batch, timeout=1)
-            except (NatsTimeoutError, TimeoutError):  # nats-py raises both (asyncio's is TimeoutError): none yet
-                continue
-            for msg in msgs:
+            got = await puller.pull(FOLLOW_BATCH, wait=FOLLOW_WAIT + ANSWER_MARGIN, next_wait=ANSWER_MARGIN,
+                                    expires=FOLLOW_WAIT)
+            for msg in got.msgs:
                 if msg.metadata.sequence.consumer != delivered + 1:
                     raise _Lost(f"delivery #{msg.metadata.sequence.consumer} came after #{delivered}")
                 delivered = msg.metadata.sequence.consumer
                 yield msg
+            if js._nc.stats["reconnects"] != reconnects:
+                raise _Reconnected("the connection was lost and made again")
+            if got.status == "409" and got.description == SERVER_SHUTDOWN:  # the connection goes next
+                raise _Reconnected(got.description)
+            if got.status == "409" and not got.at_byte_bound:
+                raise _Lost(f"the server ended a pull: {got.description or got.status}")
     finally:
         with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+            await puller.close()
 
 
 async def tap(args: argparse.Namespace, out: Any = None) -> int:
@@ -166,7 +219,7 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
 
     # the plan through its audit mirror for an identity of its own (log_client.plan_source), the rest directly
     sources = {n: plan_source(args) if n == "plan" else bus.LogReader(STREAMS[n]) for n in names}
-    async with open_log(args) as js:
+    async with open_log(args, reconnect="" if args.no_follow else "tap") as js:
         if isinstance(js, RecordedLog):  # a recording has no future: print it and stop
             args.no_follow = True
             start = start if start is not None else 1
@@ -183,7 +236,7 @@ async def tap(args: argparse.Namespace, out: Any = None) -> int:
         if start is not None:  # streams with nothing yet: follow from the start of what comes
             for name in names:
                 if not last[name]:
-                    last[name] = await _last_seq(js, name)
+                    last[name] = await until_answered(js._nc, lambda name=name: _last_seq(js, name))
         await _follow_all(js, sources, last, show)
     return 0
 
@@ -192,7 +245,8 @@ async def _follow_all(js: JetStreamContext, sources: dict[str, bus.LogReader], l
                       show: Callable[[Entry], None]) -> None:
     """Follow every stream named in ``sources`` after its ``last`` sequence, showing entries as they come,
     until SIGINT/SIGTERM; a follower that ends (a closed connection) raises here, never a silent stop."""
-    queue: asyncio.Queue[Entry] = asyncio.Queue()
+    # bounded: a slow reader of the output slows the pulls, never fills this process's memory
+    queue: asyncio.Queue[Entry] = asyncio.Queue(maxsize=QUEUE_MAX)
 
     async def pump(name: str) -> None:
         async for entry in follow(js, sources[name], name, last[name]):

@@ -170,9 +170,19 @@ class Explainer:
         cause = self.cause(delta)
         applied = applied_at(self.reports, delta.envelope.record.seq)
         out = {"delta": records.one_line(delta), "cause": records.one_line(cause) if cause else None,
-               "applied": records.one_line(applied) if applied else None, "latency_ms": None}
+               "applied": records.one_line(applied) if applied else None, "latency_ms": None,
+               "at_node_start": False}
         if cause is not None and applied is not None and cause.envelope and applied.envelope:
-            out["latency_ms"] = round((applied.envelope.time_ns - cause.envelope.time_ns) / 1e6, 1)
+            after_ms = round((applied.envelope.time_ns - cause.envelope.time_ns) / 1e6, 1)
+            # A starting applier programs the whole plan at once: its report's time after the change is how
+            # long the node was not running, not how long programming took (kube-proxy likewise leaves
+            # changes older than its start out of network programming latency: pkg/proxy/
+            # endpointschangetracker.go, EndpointSliceUpdate, trigger times before trackerStartTime).
+            record = applied.envelope.record
+            if isinstance(record, events.ApplyReport) and record.bootstrap:
+                out["at_node_start"], out["after_ms"] = True, after_ms
+            else:
+                out["latency_ms"] = after_ms
         return out
 
 
@@ -200,6 +210,9 @@ def print_text(doc: dict, out) -> None:
             print(f"{indent}from  {item['cause']}", file=out)
         if item["applied"]:
             latency = "" if item["latency_ms"] is None else f" ({item['latency_ms']} ms after the Kubernetes change)"
+            if item.get("at_node_start"):
+                latency = (f" (when the node's applier started, {item['after_ms']} ms after the Kubernetes change: "
+                           "start-up wait, not programming latency)")
             print(f"{indent}applied {item['applied']}{latency}", file=out)
         else:
             print(f"{indent}applied: no apply report from {doc['node']} covers it yet", file=out)

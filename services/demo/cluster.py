@@ -112,7 +112,7 @@ class Cluster:
         await self.nats_server.start(port=4222 if self.host_link else 0)
         admin = self.nats_server.identity("admin")
         self.nc = await nats.connect(self.url, name="kipvs-demo", **(admin.connect_options() if admin else {}))
-        self.js = self.nc.jetstream()
+        self.js = self.nc.jetstream(timeout=5 * time_scale())  # nats-py's default 5 s, at this machine's pace
 
     async def start_simulator(self) -> None:
         self.sim = Simulator(bookmark_interval=5.0)
@@ -137,7 +137,8 @@ class Cluster:
         assert self.sim is not None
         pod = await self.sim.apply({"apiVersion": "v1", "kind": "Pod",
                                     "metadata": {"name": f"kipvs-applier-{node}", "namespace": "kipvs-system"},
-                                    "spec": {"nodeName": node, "serviceAccountName": "kipvs-applier"}})
+                                    "spec": {"nodeName": node, "serviceAccountName": "kipvs-applier",
+                                             "hostNetwork": True}})  # as the DaemonSet: no endpoint mark
         issued = self.sim.tokens.request("kipvs-system", "kipvs-applier", {"spec": {
             "audiences": ["kipvs-nats"], "expirationSeconds": 24 * 3600,
             "boundObjectRef": {"kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}}})
@@ -148,6 +149,7 @@ class Cluster:
     async def auth_listening(self, within: float) -> None:
         """Wait until the auth callout answers (its log says so): appliers connecting before it would wait
         for the server's authorization timeout."""
+        within *= time_scale()  # a Python start is slow under emulation or on a loaded machine
         log = self.workdir / "logs" / "auth.log"
         deadline = asyncio.get_running_loop().time() + within
         while "answering NATS authorization requests" not in (log.read_text() if log.exists() else ""):
@@ -174,7 +176,7 @@ class Cluster:
         else:
             if "auth" not in self.processes:  # an applier's identity comes from the auth callout
                 await self.start("auth")
-                await self.auth_listening(within=60 * time_scale())  # a first Python start under TCG is slow
+                await self.auth_listening(within=60)
             node = service.removeprefix("applier-")
             argv = [KIPVS, "applier", "--node", node, "--drift-period", "10",
                     "--drain-timeout", str(self.drain_timeout), *common,

@@ -16,6 +16,7 @@ from pathlib import Path
 from .run import LOG_BEGIN, LOG_END
 
 LOG_FILE = Path(tempfile.gettempdir()) / "kipvs-demo" / "log.jsonl"
+GUEST_LOGS = LOG_FILE.parent / "guest-logs"  # the services' logs, when a step in the guest failed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     credentials = demo_credentials(*([] if problem else [link.guest_address]))
     command = [sys.executable, "-m", "kipvs.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
                "--credentials", str(credentials),
-               "--stop-file", f"{guest.SHARE_IN_GUEST}/stop", "--save-log", "-", *(["--keep"] if args.keep else []),
+               "--stop-file", f"{guest.SHARE_IN_GUEST}/stop", "--copy-logs-to", f"{guest.SHARE_IN_GUEST}/logs",
+               "--save-log", "-", *(["--keep"] if args.keep else []),
                *([] if problem else ["--host-link", f"{link.guest_address}/{link.prefix}"])]
     saved: list[str] = []
     capturing = False
@@ -116,12 +118,23 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         link.remove()
+        keep_guest_logs(share / "logs", GUEST_LOGS)
         shutil.rmtree(share, ignore_errors=True)
     if saved:
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
         LOG_FILE.write_text("\n".join(saved) + "\n")
         _explore(LOG_FILE, len(saved))
     return 130 if asked and not args.keep else result.status
+
+
+def keep_guest_logs(copied: Path, to: Path) -> None:
+    """The services' logs the guest copied into its share when a step failed (gone with the guest
+    otherwise), kept on this host in ``to`` and named in one line."""
+    if not copied.is_dir() or not any(copied.iterdir()):
+        return
+    shutil.rmtree(to, ignore_errors=True)
+    shutil.copytree(copied, to)
+    print(f"kipvs demo: the services' logs from the guest are kept in {to}", flush=True)
 
 
 def _explore(log: Path, records: int) -> None:

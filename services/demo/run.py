@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from kipvs.audit import why
+from kipvs.guest.vm import time_scale
 from kipvs.shared import bus, records, topology
 from kipvs.shared.log_client import decode_entry, read_all
 from kipvs.simulator import scenario as scenarios
 
-from . import network
+from . import network, pace
 from .cluster import Cluster, workdir_for
 from .network import NetworkError
 
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-link", default="", metavar="ADDRESS/PREFIX",
                         help="the guest's end of a link from the host (eth0): NATS listens there too, so tools on "
                              "the host reach the live log")
+    parser.add_argument("--copy-logs-to", default="", metavar="DIR",
+                        help="when a step fails, copy the services' logs here (the guest's share with the host: "
+                             "the guest's own files are gone once it stops)")
     parser.add_argument("--save-log", default="", metavar="PATH|-",
                         help="write the whole log as 'kipvs tap --json' lines to PATH (-: to the console, "
                              "between markers, for the host to save)")
@@ -85,11 +89,23 @@ async def demo(args: argparse.Namespace) -> int:
         stopper.cancel()
         say("stopping everything ...")
         await cluster.stop()
+        if status != 0 and status != 130 and args.copy_logs_to:
+            _copy_logs(cluster.workdir / "logs", Path(args.copy_logs_to))
         if own_workdir and status == 0:
             shutil.rmtree(cluster.workdir, ignore_errors=True)
         elif own_workdir:
             say(f"the services' logs are kept in {cluster.workdir / 'logs'}")
         say("stopped: nothing of the demo is left running")
+
+
+def _copy_logs(logs: Path, to: Path) -> None:
+    """The services' logs (every file of ``logs``) into ``to``; said in one line, also when it fails."""
+    try:
+        shutil.copytree(logs, to, dirs_exist_ok=True)
+    except OSError as exc:
+        say(f"the services' logs could not be copied to {to}: {exc}")
+        return
+    say(f"the services' logs are copied to {to} ({', '.join(sorted(p.name for p in to.iterdir()))})")
 
 
 async def _stop_requested(args: argparse.Namespace) -> None:
@@ -127,7 +143,7 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     for service in ("auth", "watcher", "planner", *(f"applier-{n}" for n in cluster.node_names())):
         await cluster.start(service)
         if service == "auth":
-            await cluster.auth_listening(within=30)
+            await cluster.auth_listening(within=60 * time_scale())  # a first Python start under TCG is slow
         say(f"      started {service}")
     step(4, "waiting until every node holds its plan ...")
     took = await cluster.converged(within=120)
@@ -318,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kipvs.demo.run")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    scale = pace.calibrate()
+    if scale > 1.0:
+        say(f"kipvs demo: waits stretched x{scale:.1f} to this machine's pace (emulation or load)")
     try:
         return asyncio.run(demo(args))
     except KeyboardInterrupt:

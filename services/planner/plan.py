@@ -18,7 +18,7 @@ import sys
 from typing import IO
 
 from kipvs.shared import bus, topology
-from kipvs.shared.log_client import ToolError, add_nats_arguments, ns_of, open_log, parse_point, read_all
+from kipvs.shared.log_client import ToolError, add_nats_arguments, clock, ns_of, open_log, parse_point, read_all
 from kipvs.shared.plan.resolve import resolve_node
 
 from .core import Planner, PlannerConfig
@@ -63,7 +63,14 @@ async def _from_log(args: argparse.Namespace, config: PlannerConfig) -> Planner:
         upto = point if isinstance(point, int) else 0
         entries = await read_all(log, bus.LogReader(topology.KUBE_STREAM), upto=upto)
     if point is not None and not isinstance(point, int):
-        limit = ns_of(point)  # parked records (no envelope, no time) are skipped, whatever their time
+        # a moment covers its last digit: a time copied from the tools' output (milliseconds,
+        # log_client.clock) includes the records of that millisecond, the first one among them
+        limit = ns_of(point) + (999_999 if point.microsecond % 1000 == 0 else 999)
+        timed = [e for e in entries if e.envelope is not None]
+        if timed and timed[0].envelope.time_ns > limit:
+            raise ToolError(f"--at {args.at} is before the log's first record (KUBE #{timed[0].seq}, "
+                            f"{clock(timed[0].envelope.time_ns)}): nothing was planned yet")
+        # parked records (no envelope, no time) are skipped, whatever their time
         entries = list(itertools.takewhile(lambda e: e.envelope is None or e.envelope.time_ns <= limit, entries))
     planner = Planner(config)
     last = 0

@@ -23,10 +23,27 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from .store import BY_KIND, BY_PLURAL, ApiError, Resource, Store, decode_continue, encode_continue
+from .store import BY_KIND, BY_PLURAL, RESOURCES, ApiError, Resource, Store, decode_continue, encode_continue
 from .tokens import TokenAuthority
 
 log = logging.getLogger("kipvs.simulator")
+
+
+_VERBS = ["create", "delete", "get", "list", "update", "watch"]
+_SHORT_NAMES = {"Service": ["svc"], "Pod": ["po"], "Node": ["no"], "FelixConfiguration": ["felixconfig"]}
+# What the simulator serves besides the stored kinds: the token request and review kipvs auth uses.
+_SUBRESOURCES: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("", "v1"): [{"name": "serviceaccounts/token", "singularName": "", "namespaced": True,
+                  "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}],
+    ("authentication.k8s.io", "v1"): [{"name": "tokenreviews", "singularName": "tokenreview",
+                                       "namespaced": False, "kind": "TokenReview", "verbs": ["create"]}],
+}
+
+
+def _discovered(resource: Resource) -> dict[str, Any]:
+    """An APIResource (meta/v1) for a stored kind."""
+    return {"name": resource.plural, "singularName": resource.kind.lower(), "namespaced": resource.namespaced,
+            "kind": resource.kind, "verbs": _VERBS, "shortNames": _SHORT_NAMES.get(resource.kind, [])}
 
 
 def truthy(value: str | None) -> bool:
@@ -162,6 +179,11 @@ class Simulator:
         # before the generic routes, which would take them for unknown resources
         r.add_post("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", self._token_request)
         r.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        for slash in ("", "/"):  # the Kubernetes client asks for /api/v1/, kubectl for /api/v1
+            r.add_get("/api" + slash, self._core_versions)
+            r.add_get("/apis" + slash, self._groups)
+            r.add_get("/api/{version}" + slash, self._resources)
+            r.add_get("/apis/{group}/{version}" + slash, self._resources)
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}", self._collection)
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}/{name}", self._item)
@@ -186,6 +208,31 @@ class Simulator:
 
     async def _version(self, _: web.Request) -> web.Response:
         return web.json_response({"major": "1", "minor": "34", "gitVersion": "v1.34.0-kipvs-simulator"})
+
+    # Discovery, as kube-apiserver serves it without aggregation (what kubectl falls back to when the
+    # answer is plain JSON, not an APIGroupDiscoveryList): staging/src/k8s.io/apiserver/pkg/endpoints/
+    # discovery (legacy.go, root.go, version.go). kubectl needs it before any request for a resource.
+
+    async def _core_versions(self, request: web.Request) -> web.Response:
+        return web.json_response({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+            {"clientCIDR": "0.0.0.0/0", "serverAddress": request.host}]})
+
+    async def _groups(self, _: web.Request) -> web.Response:
+        groups = sorted({(r.group, r.version) for r in RESOURCES if r.group} | {("authentication.k8s.io", "v1")})
+        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": group, "versions": [{"groupVersion": f"{group}/{version}", "version": version}],
+             "preferredVersion": {"groupVersion": f"{group}/{version}", "version": version}}
+            for group, version in groups]})
+
+    async def _resources(self, request: web.Request) -> web.Response:
+        group, version = request.match_info.get("group", ""), request.match_info["version"]
+        served = [r for r in RESOURCES if (r.group, r.version) == (group, version)]
+        extra = _SUBRESOURCES.get((group, version), [])
+        if not served and not extra:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({request.path})")
+        return web.json_response({"kind": "APIResourceList", "apiVersion": "v1",
+                                  "groupVersion": f"{group}/{version}" if group else version,
+                                  "resources": [_discovered(r) for r in served] + extra})
 
     async def _get_kubeconfig(self, _: web.Request) -> web.Response:
         return web.Response(text=self.kubeconfig(), content_type="application/yaml")

@@ -99,7 +99,10 @@ SCENARIO = Scenario(objects=[
     _slice("other", [("10.244.1.11", "node-a")]),
     _slice("dns", [("10.244.2.53", "node-b")], port=("dns", 8053, "UDP")),
 ])
-APPLIER_ARGS = ("--ipvs-tcp-timeout", "901", "--ipvs-udp-timeout", "301", "--ipvs-strict-arp",
+# kube-proxy's spellings and durations: the conntrack ones are per network namespace, so each node's own
+APPLIER_ARGS = ("--ipvs-tcp-timeout", "901", "--ipvs-udp-timeout", "5m1s", "--ipvs-strict-arp",
+                "--conntrack-tcp-timeout-established", "25h", "--conntrack-udp-timeout", "31s",
+                "--conntrack-tcp-be-liberal=true",
                 # to show the UDP test needs the cleanup: KIPVS_TEST_NO_CONNTRACK_CLEANUP=1 makes it fail
                 *(("--no-conntrack-cleanup",) if os.environ.get("KIPVS_TEST_NO_CONNTRACK_CLEANUP") else ()))
 
@@ -364,12 +367,15 @@ async def test_node_health_port(cluster: Cluster) -> None:
     assert status == 200 and body["nodeEligible"] is True and "lastUpdated" in body
 
 
-async def test_ipvs_timeouts_and_strict_arp_read_back_from_the_kernel(cluster: Cluster) -> None:
+async def test_ipvs_timeouts_strict_arp_and_conntrack_read_back_from_the_kernel(cluster: Cluster) -> None:
     out = subprocess.run(["ip", "netns", "exec", "node-a", "ipvsadm", "-L", "--timeout"], capture_output=True,
                          text=True, check=True).stdout
     assert "Timeout (tcp tcpfin udp): 901 120 301" in out, out
-    for key, want in (("arp_ignore", "1"), ("arp_announce", "2")):
-        got = subprocess.run(["ip", "netns", "exec", "node-a", "sysctl", "-n", f"net.ipv4.conf.all.{key}"],
+    for key, want in (("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2"),
+                      ("net.netfilter.nf_conntrack_tcp_timeout_established", "90000"),
+                      ("net.netfilter.nf_conntrack_udp_timeout", "31"),
+                      ("net.netfilter.nf_conntrack_tcp_be_liberal", "1")):
+        got = subprocess.run(["ip", "netns", "exec", "node-a", "sysctl", "-n", key],
                              capture_output=True, text=True, check=True).stdout.strip()
         assert got == want, (key, got)
 

@@ -11,6 +11,7 @@ are its own and never touches a foreign one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,7 +72,10 @@ class Backend(Protocol):
 
     async def setup(self) -> None: ...
 
-    async def observe(self) -> Observed: ...
+    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
+        """kipvs's objects as the kernel holds them; with ``checked``, real servers are read only for the
+        services it accepts (the others' ``reals`` may be empty: see drift_slices.py)."""
+        ...
 
     async def apply(self, ops: list[Op]) -> None: ...
 
@@ -95,6 +99,8 @@ class Backend(Protocol):
 
     async def clear_conntrack(self, flows: list[tuple[VSKey, RealKey | None]]) -> int: ...
 
+    async def set_link_alias(self, alias: str) -> None: ...
+
 
 @dataclass
 class MemoryKernel:
@@ -110,6 +116,10 @@ class MemoryKernel:
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(900, 120, 300))  # the kernel's defaults
     sysctl_values: dict[str, str] = field(default_factory=dict)
     conntrack_cleared: list[tuple[VSKey, RealKey | None]] = field(default_factory=list)
+    link_alias: str = ""
+
+    async def set_link_alias(self, alias: str) -> None:
+        self.link_alias = alias
 
     async def ipvs_timeouts(self) -> Timeouts:
         return self.timeouts
@@ -141,7 +151,8 @@ class MemoryKernel:
         for name in (*ALL_IPSETS, *OWNED_SETS.values()):
             self.ipsets.setdefault(name, set())
 
-    async def observe(self) -> Observed:
+    async def observe(self, checked: Callable[[VSKey], bool] | None = None) -> Observed:
+        """Everything (``checked`` is not needed: reading memory costs nothing)."""
         assert self.ipsets is not None, "setup() first"
         state = NodeState()
         state.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, v.persistence_timeout, dict(v.reals))

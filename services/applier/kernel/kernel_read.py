@@ -12,20 +12,17 @@ The IPVS version and connection-table size (ipvsadm's header line) come from IPV
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
-
-from pyroute2.ipvs import IPVSService
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
 
 from kipvs.shared import events
-from kipvs.shared.plan.node_state import ALL_IPSETS
+from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
-from . import ipvs_wire
+from . import ipvs_wire, kernel_decode
 from .backend import LINK
-from .ipvs_wire import PERSISTENT, PROTOCOL_NAMES
+from .kernel_decode import Dest, Service
+from .kernel_readback import IPVS_PROTOCOLS, PERSISTENT
 
 if TYPE_CHECKING:
     from .netlink_writer import NetlinkKernel
@@ -35,6 +32,7 @@ INFO_VERSION, INFO_CONN_TAB_SIZE = 1, 2
 FORWARD_NAMES = {0: "Masq", 1: "Local", 2: "Tunnel", 3: "Route"}  # IP_VS_CONN_F_FWD_MASK, ipvsadm's names
 FWD_MASK = 0x7
 ONE_PACKET = 0x4  # IP_VS_SVC_F_ONEPACKET
+IPSET_TYPES_BY_NAME = {ipset_name(base, family): kind for base, kind in IPSET_TYPES.items() for family in (4, 6)}
 STAT_FIELDS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes", "cps", "inpps", "outpps", "inbps", "outbps")
 
 
@@ -58,81 +56,51 @@ def parse_info(payload: bytes) -> tuple[str, int]:
     return f"{version >> 16 & 0xFF}.{version >> 8 & 0xFF}.{version & 0xFF}", found.get(INFO_CONN_TAB_SIZE, 0)
 
 
-def _stats(attrs: dict[str, Any], prefix: str) -> events.IpvsStats:
-    raw = attrs.get(f"{prefix}_STATS64") or attrs.get(f"{prefix}_STATS")
-    if raw is None:
-        return events.IpvsStats()
-    values = dict(raw["attrs"])
-    return events.IpvsStats(**{name: int(values.get(f"IPVS_STATS_ATTR_{name.upper()}", 0)) for name in STAT_FIELDS})
+def _stats(raw: bytes) -> events.IpvsStats:
+    return events.IpvsStats(**kernel_decode.stats(raw)) if raw else events.IpvsStats()
 
 
-def _netmask(family: int, raw: str | None) -> str:
-    if raw is None:
+def _netmask(family: int, raw: bytes) -> str:
+    if not raw:
         return ""
     if family == 4:
-        return raw
-    # IPv6: the kernel's be32 holds a host-order prefix length (see ipvs_wire); pyroute2 decodes it as IPv4
-    return str(struct.unpack("=I", socket.inet_aton(raw))[0])
+        return socket.inet_ntoa(raw)
+    # IPv6: the kernel's be32 holds a host-order prefix length (see ipvs_wire)
+    return str(struct.unpack("=I", raw)[0])
 
 
-def virtual_server(svc: dict[str, Any], dests: list[dict[str, Any]]) -> events.KernelVirtualServer:
-    """One service and its destinations, from pyroute2's decoded attributes (name -> value)."""
-    family = 6 if svc.get("IPVS_SVC_ATTR_AF") == socket.AF_INET6 else 4
-    fwmark = svc.get("IPVS_SVC_ATTR_FWMARK") or 0
-    flags = svc.get("IPVS_SVC_ATTR_FLAGS", {"flags": 0})["flags"]
-    reals = []
-    for d in dests:
-        reals.append(events.KernelRealServer(
-            address=d["IPVS_DEST_ATTR_ADDR"], port=d["IPVS_DEST_ATTR_PORT"],
-            forward=FORWARD_NAMES.get(d.get("IPVS_DEST_ATTR_FWD_METHOD", 0) & FWD_MASK, "Masq"),  # type: ignore[arg-type]
-            weight=d.get("IPVS_DEST_ATTR_WEIGHT", 0),
-            active_conns=d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0), inactive_conns=d.get("IPVS_DEST_ATTR_INACT_CONNS", 0),
-            stats=_stats(d, "IPVS_DEST_ATTR")))
+def virtual_server(svc: Service, dests: list[Dest]) -> events.KernelVirtualServer:
+    """One service and its destinations, as :mod:`.kernel_decode` decodes them."""
+    family = 6 if svc.family == socket.AF_INET6 else 4
+    reals = tuple(events.KernelRealServer(
+        address=d.address, port=d.port,
+        forward=FORWARD_NAMES.get(d.forward & FWD_MASK, "Masq"),  # type: ignore[arg-type]
+        weight=d.weight, active_conns=d.active, inactive_conns=d.inactive, stats=_stats(d.stats)) for d in dests)
     return events.KernelVirtualServer(
         family=family,  # type: ignore[arg-type]
-        protocol="" if fwmark else PROTOCOL_NAMES.get(svc.get("IPVS_SVC_ATTR_PROTOCOL", 0), "?"),
-        address="" if fwmark else svc.get("IPVS_SVC_ATTR_ADDR", ""),
-        port=0 if fwmark else svc.get("IPVS_SVC_ATTR_PORT", 0),
-        fwmark=fwmark, scheduler=svc.get("IPVS_SVC_ATTR_SCHED_NAME", ""),
-        persistence_timeout=svc.get("IPVS_SVC_ATTR_TIMEOUT", 0) if flags & PERSISTENT else 0,
-        netmask=_netmask(family, svc.get("IPVS_SVC_ATTR_NETMASK")), one_packet=bool(flags & ONE_PACKET),
-        stats=_stats(svc, "IPVS_SVC_ATTR"), real_servers=tuple(reals))
+        protocol="" if svc.fwmark else IPVS_PROTOCOLS.get(svc.protocol, "?"),
+        address=svc.address, port=svc.port, fwmark=svc.fwmark, scheduler=svc.scheduler,
+        persistence_timeout=svc.timeout if svc.flags & PERSISTENT else 0,
+        netmask=_netmask(family, svc.netmask), one_packet=bool(svc.flags & ONE_PACKET),
+        stats=_stats(svc.stats), real_servers=reals)
 
 
 async def read_table(kernel: NetlinkKernel) -> events.KernelTable:
     """Read a :class:`~.netlink_writer.NetlinkKernel`'s kernel whole (see the module's docstring), with its
-    sockets (opened if needed); creates nothing. Raises NetlinkError/OSError when the kernel refuses a dump.
-    Virtual and real servers stay in the kernel's dump order (``ipvsadm_format`` needs it)."""
+    sockets (opened if needed); creates nothing. Raises DumpError (an OSError) when the kernel refuses a
+    dump. Virtual and real servers stay in the kernel's dump order (``ipvsadm_format`` needs it)."""
     await kernel._open()
-    ipvs, ipr = kernel.ipvs, kernel.ipr
-    assert ipvs is not None and ipr is not None and kernel.writer is not None
+    reader, ipr = kernel.reader, kernel.ipr
+    assert reader is not None and ipr is not None and kernel.writer is not None
     version, size = parse_info(await kernel.writer.query(kernel.ipvs_family, get_info()))
-    services = []
-    for msg in await ipvs.service("dump"):
-        svc = dict(msg.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"])
-        key = IPVSService(af=svc["IPVS_SVC_ATTR_AF"], fwmark=svc["IPVS_SVC_ATTR_FWMARK"]) \
-            if svc.get("IPVS_SVC_ATTR_FWMARK") else \
-            IPVSService(af=svc["IPVS_SVC_ATTR_AF"], protocol=svc["IPVS_SVC_ATTR_PROTOCOL"],
-                        addr=svc["IPVS_SVC_ATTR_ADDR"], port=svc["IPVS_SVC_ATTR_PORT"])
-        try:
-            dests = [dict(d.get_attr("IPVS_CMD_ATTR_DEST")["attrs"]) for d in await ipvs.dest("dump", service=key)]
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.ESRCH):
-                raise
-            continue  # deleted between the two dumps
-        services.append(virtual_server(svc, dests))
+    services = [virtual_server(svc, dests) for svc, dests in await reader.table()]
     found = await ipr.link_lookup(ifname=LINK)
     kernel.link_index = found[0] if found else 0  # node_addresses() leaves this link's addresses out
-    addresses: list[str] = []
-    if found:
-        async for addr in await ipr.addr("dump", index=found[0]):
-            addresses.append(addr.get_attr("IFA_ADDRESS"))
+    addresses = [ip for _, ip in await reader.addresses(found[0])] if found else []
     ipsets: dict[str, tuple[str, ...]] = {}
     for name in ALL_IPSETS:
-        try:
-            ipsets[name] = tuple(sorted(await kernel._members(name)))
-        except NetlinkError as exc:
-            if exc.code != errno.ENOENT:
-                raise
+        members = await reader.members(name, IPSET_TYPES_BY_NAME[name])
+        if members is not None:
+            ipsets[name] = tuple(sorted(members))
     return events.KernelTable(ipvs_version=version, conn_table_size=size, virtual_servers=tuple(services),
                               link=bool(found), addresses=tuple(sorted(addresses)), ipsets=ipsets)

@@ -41,10 +41,12 @@ from ..ops import (
     EditService,
     Op,
 )
-from . import conntrack_netlink, ipset_wire, ipvs_wire
+from . import address_wire, conntrack_netlink, ipset_wire, ipvs_wire
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, owned_entry, parse_owned_entry
 from .ipvs_wire import PROTOCOL_NUMBERS
+from .kernel_readback import KernelReader
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket, header
+from .netlink_dump import NETLINK_ROUTE
 from .netlink_read_back import NetlinkReadBack, service_of, set_family, set_type
 
 log = logging.getLogger("kipvs.applier")
@@ -80,6 +82,8 @@ class NetlinkKernel(NetlinkReadBack):
         self.ipset: AsyncIPSet | None = None
         self.writer: BatchSocket | None = None  # IPVS writes
         self.ipset_writer: BatchSocket | None = None  # ipset member writes
+        self.address_writer: BatchSocket | None = None  # kube-ipvs0 address writes
+        self.reader: KernelReader | None = None  # every read-back (hand-decoded dumps)
         self.ipvs_family = 0
         self.link_index = 0
 
@@ -90,6 +94,8 @@ class NetlinkKernel(NetlinkReadBack):
             self.ipvs_family = self.ipvs.prid
             self.writer = BatchSocket(NETLINK_GENERIC)
             self.ipset_writer = BatchSocket(NETLINK_NETFILTER)
+            self.address_writer = BatchSocket(NETLINK_ROUTE)
+            self.reader = KernelReader(self.ipvs_family)
             self.ipr = AsyncIPRoute()
             await self.ipr.__aenter__()
             self.ipset = AsyncIPSet()
@@ -148,6 +154,11 @@ class NetlinkKernel(NetlinkReadBack):
                 self.ipset._attr_revision = (await self.ipset.get_supported_revisions(kind, family=family))[1]
                 await self.ipset.create(name, stype=kind, family=family, exclusive=False, **extra)
             except NetlinkError as exc:
+                if exc.code == errno.EEXIST and await self._set_type_of(name) == kind:
+                    # The same set made with other options: kube-proxy's (ipset.go adds "comment" and its own
+                    # hashsize/maxelem). Members are what count; used as it is (a takeover, takeover.py).
+                    log.info("ipset %s exists already (%s, other options): kipvs uses it", name, kind)
+                    continue
                 raise CapabilityError(f"cannot create ipset {name} ({kind}): {exc}; load ip_set and "
                                       f"ip_set_{kind.replace(':', '_').replace(',', '')}") from None
             finally:
@@ -185,17 +196,17 @@ class NetlinkKernel(NetlinkReadBack):
         elif kind == "ipset":
             await self._ipset_batch(ops)  # type: ignore[arg-type]
         else:
-            for op in ops:
-                try:
-                    await self._address(op)
-                except NetlinkError as exc:
-                    raise KernelError(f"{op}: {exc}") from None
+            await self._address_batch(ops)  # type: ignore[arg-type]
 
-    async def _address(self, op: Op) -> None:
-        assert self.ipr is not None
-        if isinstance(op, AddAddress | DelAddress):
-            command = "add" if isinstance(op, AddAddress) else "del"
-            await self.ipr.addr(command, index=self.link_index, address=op.ip, prefixlen=128 if ":" in op.ip else 32)
+    async def _address_batch(self, ops: list[AddAddress | DelAddress]) -> None:
+        """kube-ipvs0 address changes, many per send; an address already as wanted is not an error."""
+        bodies = []
+        for op in ops:
+            try:
+                bodies.append(address_wire.request(isinstance(op, AddAddress), op.ip, self.link_index))
+            except (ValueError, OSError) as exc:
+                raise KernelError(f"{op}: not an IP address ({exc})") from None
+        await self._send(self.address_writer, bodies, ops, address_wire.BENIGN)
 
     async def _ipvs_batch(self, ops: list[Op]) -> None:
         await self._send(self.writer, [self._ipvs_message(op) for op in ops], ops, frozenset())
@@ -268,6 +279,32 @@ class NetlinkKernel(NetlinkReadBack):
                 if exc.code != errno.ENOENT:
                     log.warning("could not destroy ipset %s: %s", name, exc)
 
+    async def _set_type_of(self, name: str) -> str:
+        """The type of the existing ipset ``name`` ("hash:ip,port"), "" if there is none."""
+        assert self.ipset is not None
+        kinds = [msg.get_attr("IPSET_ATTR_TYPENAME") async for msg in await self.ipset.list(name)]  # read it all
+        return next((kind for kind in kinds if kind), "")
+
+    async def set_link_alias(self, alias: str) -> None:
+        """kube-ipvs0's alias (who owns the link, ``node_facts.link_owner``); nothing if there is no link."""
+        await self._open()
+        assert self.ipr is not None
+        found = await self.ipr.link_lookup(ifname=LINK)
+        if found:
+            await self.ipr.link("set", index=found[0], ifalias=alias)
+
+    async def forget_ownership(self) -> None:
+        """Destroy the ownership sets only (``--hand-back``): kipvs's services become foreign, for kube-proxy
+        to adopt; nothing that forwards is touched."""
+        await self._open()
+        assert self.ipset is not None
+        for name in OWNED_SETS.values():
+            try:
+                await self.ipset.destroy(name)
+            except NetlinkError as exc:
+                if exc.code != errno.ENOENT:
+                    raise
+
     async def ipvs_timeouts(self) -> Timeouts:
         await self._open()
         assert self.writer is not None
@@ -303,7 +340,9 @@ class NetlinkKernel(NetlinkReadBack):
         return await conntrack_netlink.clear_conntrack(flows)
 
     async def close(self) -> None:
-        for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer):
+        for sock in (self.ipvs, self.ipr, self.ipset, self.writer, self.ipset_writer, self.address_writer,
+                     self.reader):
             if sock is not None:
                 sock.close()
-        self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = None
+        self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = self.address_writer = None
+        self.reader = None

@@ -1,0 +1,321 @@
+"""Decoding the kernel's netlink dumps by hand, and the dump requests: pure (bytes in, values out).
+
+The write side is encoded by hand (:mod:`.ipvs_wire`, :mod:`.ipset_wire`); this is the read side, for the
+three dumps a read-back needs, each decoded straight from the attribute bytes with ``struct`` instead of
+pyroute2's generic decoder (which builds a tree of Python objects per message: ~60 ms per IPVS service of
+10 real servers in the project's guest, issue 22):
+
+- IPVS (generic netlink, include/uapi/linux/ip_vs.h): IPVS_CMD_GET_SERVICE and, per service,
+  IPVS_CMD_GET_DEST; the kernel's replies are built by ``ip_vs_genl_fill_service`` /
+  ``ip_vs_genl_fill_dest`` (net/netfilter/ipvs/ip_vs_ctl.c): addresses are 16-byte ``nf_inet_addr``
+  unions, ports big-endian, the 64-bit counters in IPVS_*_ATTR_STATS64;
+- addresses (rtnetlink RTM_GETADDR, ``struct ifaddrmsg`` then IFA_* attributes);
+- ipset members (nfnetlink IPSET_CMD_LIST, include/uapi/linux/netfilter/ipset/ip_set.h): one
+  IPSET_ATTR_ADT per reply holding an IPSET_ATTR_DATA per member, printed in kube-proxy's entry syntax
+  (the syntax ``ipset save`` prints and ``ipset_wire`` parses).
+
+Every decoder checks lengths: an attribute that overruns its message raises :class:`DecodeError`.
+"""
+
+from __future__ import annotations
+
+import operator
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import ipvs_wire
+from .netlink_batch import attr
+
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+_NLA = struct.Struct("=HH")
+_U16, _U32, _U64, _BE16 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("=Q"), struct.Struct("!H")
+
+# IPVS (include/uapi/linux/ip_vs.h)
+CMD_GET_SERVICE, CMD_GET_DEST = 4, 8
+SVC_FWMARK, SVC_STATS, SVC_STATS64 = 5, 10, 12
+DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_PERSIST_CONNS, DEST_STATS, DEST_STATS64 = 7, 8, 9, 10, 12
+DEST_TUN_TYPE = 13  # u8: IP_VS_CONN_F_TUNNEL_TYPE_IPIP 0, _GUE 1, _GRE 2
+STAT_NAMES = {1: "conns", 2: "inpkts", 3: "outpkts", 4: "inbytes", 5: "outbytes", 6: "cps", 7: "inpps",
+              8: "outpps", 9: "inbps", 10: "outbps"}
+# rtnetlink
+RTM_NEWADDR, RTM_GETADDR, IFA_ADDRESS = 20, 22, 1
+_IFADDRMSG = struct.Struct("=BBBBI")
+# ipset
+NFNL_SUBSYS_IPSET, IPSET_CMD_LIST, IPSET_PROTOCOL = 6, 7, 6
+ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA, ATTR_ADT = 1, 2, 7, 8
+ATTR_IP, ATTR_CIDR, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 3, 4, 7, 20, 21
+IPADDR_IPV4, IPADDR_IPV6 = 1, 2
+PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}
+IPVS_PROTOCOLS = {number: name.upper() for number, name in PROTOCOL_NAMES.items()}  # the plan's names
+
+
+class DecodeError(OSError):
+    """A reply is not what the kernel's own encoder produces (an attribute overruns its message, a
+    required attribute is missing): the message says which."""
+
+
+def attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """The attributes from ``offset`` to the end of ``data``: type (flags masked off) -> payload. A later
+    attribute of the same type wins. DecodeError if one overruns ``data``."""
+    out: dict[int, bytes] = {}
+    end = len(data)
+    while offset + 4 <= end:
+        length, kind = _NLA.unpack_from(data, offset)
+        if length < 4 or offset + length > end:
+            raise DecodeError(f"netlink attribute {kind & NLA_TYPE_MASK} of {length} bytes overruns its message "
+                              f"({end - offset} bytes left)")
+        out[kind & NLA_TYPE_MASK] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def attr_list(data: bytes) -> list[bytes]:
+    """The payloads of every attribute in ``data`` in order (a nested list such as ipset's ADT)."""
+    out = []
+    offset, end = 0, len(data)
+    while offset + 4 <= end:
+        length, kind = _NLA.unpack_from(data, offset)
+        if length < 4 or offset + length > end:
+            raise DecodeError(f"netlink attribute {kind & NLA_TYPE_MASK} of {length} bytes overruns its list")
+        out.append(data[offset + 4:offset + length])
+        offset += (length + 3) & ~3
+    return out
+
+
+def _need(found: dict[int, bytes], kind: int, what: str) -> bytes:
+    try:
+        return found[kind]
+    except KeyError:
+        raise DecodeError(f"{what} without attribute {kind}") from None
+
+
+def _u32(found: dict[int, bytes], kind: int) -> int:
+    raw = found.get(kind)
+    return _U32.unpack(raw[:4])[0] if raw is not None and len(raw) >= 4 else 0
+
+
+def _ip(family: int, raw: bytes) -> str:
+    return socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw[:16])
+
+
+class Service(NamedTuple):
+    """One IPVS virtual service as the kernel dumps it. Protocol-less (fwmark != 0) services have address
+    "" and port 0. ``netmask`` is the raw be32 (an IPv6 service's holds a host-order prefix length, see
+    :mod:`.ipvs_wire`); ``stats`` the raw nested counters (:func:`stats`); ``key`` the encoded
+    IPVS_CMD_ATTR_SERVICE naming it (for its destinations' dump)."""
+
+    family: int  # socket.AF_INET / AF_INET6
+    protocol: int  # IPPROTO_*
+    address: str
+    port: int
+    fwmark: int
+    scheduler: str
+    flags: int  # IP_VS_SVC_F_*
+    timeout: int  # persistence, seconds
+    netmask: bytes
+    stats: bytes
+    key: bytes
+
+
+class Dest(NamedTuple):
+    """One IPVS real server as the kernel dumps it (``forward``: IP_VS_CONN_F_* forwarding bits;
+    ``tunnel``: the IP_VS_CONN_F_TUNNEL_TYPE_* of a tunnelled one)."""
+
+    address: str
+    port: int
+    forward: int
+    weight: int
+    active: int
+    inactive: int
+    stats: bytes
+    tunnel: int
+
+
+def ipvs_dump_request(cmd: int, service_key: bytes = b"") -> bytes:
+    """An IPVS dump request's payload (after the netlink header): GET_SERVICE, or GET_DEST of one service."""
+    return struct.pack("=BBH", cmd, ipvs_wire.GENL_VERSION, 0) + service_key
+
+
+def service(payload: bytes) -> Service:
+    """One IPVS_CMD_NEW_SERVICE dump message's payload (after the netlink header)."""
+    found = attrs(_need(attrs(payload, 4), ipvs_wire.ATTR_SERVICE, "an IPVS service message"))
+    af_raw = _need(found, ipvs_wire.SVC_AF, "an IPVS service")
+    family = _U16.unpack(af_raw[:2])[0]
+    fwmark = _u32(found, SVC_FWMARK)
+    if fwmark:
+        protocol, address, port = 0, "", 0
+        key = attr(ipvs_wire.SVC_AF, af_raw) + attr(SVC_FWMARK, found[SVC_FWMARK])
+    else:
+        proto_raw = _need(found, ipvs_wire.SVC_PROTOCOL, "an IPVS service")
+        addr_raw = _need(found, ipvs_wire.SVC_ADDR, "an IPVS service")
+        port_raw = _need(found, ipvs_wire.SVC_PORT, "an IPVS service")
+        protocol, address, port = _U16.unpack(proto_raw[:2])[0], _ip(family, addr_raw), _BE16.unpack(port_raw[:2])[0]
+        key = (attr(ipvs_wire.SVC_AF, af_raw) + attr(ipvs_wire.SVC_PROTOCOL, proto_raw)
+               + attr(ipvs_wire.SVC_ADDR, addr_raw) + attr(ipvs_wire.SVC_PORT, port_raw))
+    flags = found.get(ipvs_wire.SVC_FLAGS, b"\0\0\0\0")
+    return Service(family, protocol, address, port, fwmark,
+                   found.get(ipvs_wire.SVC_SCHED, b"").split(b"\0", 1)[0].decode(errors="replace"),
+                   _U32.unpack(flags[:4])[0], _u32(found, ipvs_wire.SVC_TIMEOUT),
+                   found.get(ipvs_wire.SVC_NETMASK, b"\0\0\0\0")[:4],
+                   found.get(SVC_STATS64) or found.get(SVC_STATS, b""), attr(ipvs_wire.ATTR_SERVICE, key))
+
+
+def service_probe(protocol: int, ip: str, port: int) -> Service:
+    """A Service naming (protocol, ip, port) for :func:`ipvs_dump_request` of its destinations, without
+    dumping the services first (its other fields are empty)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return Service(family, protocol, ip, port, 0, "", 0, 0, b"", b"", ipvs_wire.service_key(protocol, ip, port))
+
+
+class _Layout(NamedTuple):
+    """The plain attributes one kernel's ``ip_vs_genl_fill_dest`` (net/netfilter/ipvs/ip_vs_ctl.c) puts
+    before the nested counters, always in the same order and sizes: one struct reads every header and
+    value at once. ``where`` maps an attribute type to its value's index in the unpacked tuple."""
+
+    reader: struct.Struct
+    headers: tuple[int, ...]  # (length, type) of each attribute, flattened
+    pick_headers: Callable[[tuple[Any, ...]], tuple[int, ...]]  # those of an unpacked message
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # family, address, port, forward, weight, active, inactive
+    tunnel: int  # index of IPVS_DEST_ATTR_TUN_TYPE's value, 0 if absent
+
+
+_VALUE_FORMATS = {20: "16s", 8: "I", 6: "H2x", 5: "B3x"}  # attribute length -> its padded value's format
+_learned: list[_Layout] = []  # this kernel's layout, learned from the first destination decoded
+
+
+def _learn(payload: bytes) -> _Layout | None:
+    fmt, headers, where = "=4xHH", [], {}
+    offset = 8  # after the genl header and IPVS_CMD_ATTR_DEST's header
+    while offset + 4 <= len(payload):
+        length, kind = _NLA.unpack_from(payload, offset)
+        if kind & ~NLA_TYPE_MASK or length not in _VALUE_FORMATS:
+            break
+        where[kind] = 4 + 3 * (len(headers) // 2)
+        fmt += "HH" + _VALUE_FORMATS[length]
+        headers += [length, kind]
+        offset += (length + 3) & ~3
+    needed = {ipvs_wire.DEST_ADDR, ipvs_wire.DEST_PORT, ipvs_wire.DEST_FWD, ipvs_wire.DEST_WEIGHT,
+              DEST_ACTIVE_CONNS, DEST_INACT_CONNS}
+    if not needed <= where.keys() or ipvs_wire.DEST_FAMILY not in where:
+        return None
+    indexes = [i for n in range(len(headers) // 2) for i in (2 + 3 * n, 3 + 3 * n)]
+    pick = operator.itemgetter(*(where[k] for k in (ipvs_wire.DEST_FAMILY, ipvs_wire.DEST_ADDR, ipvs_wire.DEST_PORT,
+                                                    ipvs_wire.DEST_FWD, ipvs_wire.DEST_WEIGHT, DEST_ACTIVE_CONNS,
+                                                    DEST_INACT_CONNS)))
+    return _Layout(struct.Struct(fmt), tuple(headers), operator.itemgetter(*indexes), pick,
+                   where.get(DEST_TUN_TYPE, 0))
+
+
+def dest(payload: bytes, family: int) -> Dest:
+    """One IPVS_CMD_NEW_DEST dump message's payload; ``family`` is its service's (a real server of another
+    family carries IPVS_DEST_ATTR_ADDR_FAMILY). Each message is checked against the layout learned from
+    the first (every attribute's type and length); one that differs is decoded attribute by attribute."""
+    if _learned:
+        layout = _learned[0]
+        size = layout.reader.size
+        if len(payload) >= size:
+            v = layout.reader.unpack_from(payload)
+            end = 4 + v[0]
+            if (v[1] & NLA_TYPE_MASK == ipvs_wire.ATTR_DEST and size <= end <= len(payload)
+                    and layout.pick_headers(v) == layout.headers):
+                own, raw, port, forward, weight, active, inactive = layout.pick(v)
+                return Dest(socket.inet_ntop(own, raw[:4] if own == socket.AF_INET else raw), socket.ntohs(port),
+                            forward, weight, active, inactive, _Counters(payload[size:end]),
+                            v[layout.tunnel] if layout.tunnel else 0)
+    out = _dest_general(payload, family)
+    layout = _learn(payload)
+    if layout is not None:
+        _learned[:] = [layout]
+    return out
+
+
+class _Counters(bytes):
+    """The attributes after the plain ones (IPVS_DEST_ATTR_STATS, _STATS64), not decoded until asked."""
+
+
+def _dest_general(payload: bytes, family: int) -> Dest:
+    """Any attribute order and set (older kernels have no tunnel attributes)."""
+    found = attrs(_need(attrs(payload, 4), ipvs_wire.ATTR_DEST, "an IPVS destination message"))
+    own = found.get(ipvs_wire.DEST_FAMILY)
+    if own is not None:
+        family = _U16.unpack(own[:2])[0]
+    return Dest(_ip(family, _need(found, ipvs_wire.DEST_ADDR, "an IPVS destination")),
+                _BE16.unpack(_need(found, ipvs_wire.DEST_PORT, "an IPVS destination")[:2])[0],
+                _u32(found, ipvs_wire.DEST_FWD), _u32(found, ipvs_wire.DEST_WEIGHT),
+                _u32(found, DEST_ACTIVE_CONNS), _u32(found, DEST_INACT_CONNS),
+                found.get(DEST_STATS64) or found.get(DEST_STATS, b""), found.get(DEST_TUN_TYPE, b"\0")[0])
+
+
+def stats(raw: bytes) -> dict[str, int]:
+    """IPVS counters (nested IPVS_STATS_ATTR_*, 32- or 64-bit each) by ``ipvsadm --stats`` name."""
+    if isinstance(raw, _Counters):  # a destination's undecoded tail: the 64-bit counters if there
+        found = attrs(raw)
+        raw = found.get(DEST_STATS64) or found.get(DEST_STATS, b"")
+    out = {}
+    for kind, value in attrs(raw).items():
+        name = STAT_NAMES.get(kind)
+        if name is not None:
+            out[name] = _U64.unpack(value[:8])[0] if len(value) >= 8 else _U32.unpack(value[:4])[0]
+    return out
+
+
+def address_dump_request(index: int) -> bytes:
+    """RTM_GETADDR dump payload: every family; ``index`` filters in kernels with strict checking on
+    (NETLINK_GET_STRICT_CHK), and :func:`address` is given it too for kernels without."""
+    return _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, index)
+
+
+def address(payload: bytes) -> tuple[int, str] | None:
+    """(interface index, address) of one RTM_NEWADDR message's payload; None without IFA_ADDRESS."""
+    if len(payload) < _IFADDRMSG.size:
+        raise DecodeError(f"an address message of {len(payload)} bytes")
+    family, _, _, _, index = _IFADDRMSG.unpack_from(payload)
+    raw = attrs(payload, _IFADDRMSG.size).get(IFA_ADDRESS)
+    if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return index, _ip(family, raw)
+
+
+def ipset_list_request(name: str) -> tuple[int, bytes]:
+    """(netlink message type, payload) of ``ipset list NAME`` as a dump."""
+    body = (struct.pack("=BBH", socket.AF_INET, 0, 0) + attr(ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
+            + attr(ATTR_SETNAME, name.encode() + b"\0"))
+    return (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST, body
+
+
+def ipset_members(payload: bytes, set_type: str) -> list[str]:
+    """The members in one IPSET_CMD_LIST reply's payload (after the netlink header), in kube-proxy's entry
+    syntax for a set of ``set_type`` (hash:ip, hash:ip,port, hash:ip,port,ip, hash:ip,port,net,
+    bitmap:port). The header message (no IPSET_ATTR_ADT) has none."""
+    adt = attrs(payload, 4).get(ATTR_ADT)
+    if adt is None:
+        return []
+    return [_member(set_type, attrs(data)) for data in attr_list(adt)]
+
+
+def _member(set_type: str, found: dict[int, bytes]) -> str:
+    port = _BE16.unpack(found[ATTR_PORT][:2])[0] if ATTR_PORT in found else 0
+    if set_type == "bitmap:port":
+        return str(port)
+    ip = _nested_ip(_need(found, ATTR_IP, "an ipset member"))
+    if set_type == "hash:ip":
+        return ip
+    proto = found.get(ATTR_PROTO, b"\0")[0]
+    out = f"{ip},{PROTOCOL_NAMES.get(proto, str(proto))}:{port}"
+    if set_type == "hash:ip,port,ip":
+        out += "," + _nested_ip(_need(found, ATTR_IP2, "an ipset member"))
+    elif set_type == "hash:ip,port,net":
+        cidr = found.get(ATTR_CIDR2, b"\0")[0]
+        out += f",{_nested_ip(_need(found, ATTR_IP2, 'an ipset member'))}/{cidr}"
+    return out
+
+
+def _nested_ip(raw: bytes) -> str:
+    found = attrs(raw)
+    if IPADDR_IPV4 in found:
+        return socket.inet_ntop(socket.AF_INET, found[IPADDR_IPV4][:4])
+    if IPADDR_IPV6 in found:
+        return socket.inet_ntop(socket.AF_INET6, found[IPADDR_IPV6][:16])
+    raise DecodeError("an ipset address without IPSET_ATTR_IPADDR_IPV4/IPV6")

@@ -1,0 +1,167 @@
+"""Runs INSIDE the QEMU guest (tests/bench/envelope.py boots it): one node at S Services x E endpoints
+through the applier's own code (plan -> resolve -> diff -> NetlinkKernel), against the kernel's tools doing
+the same work on the same kernel. Prints one JSON line of figures. S and E: argv[1], argv[2]."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from kipvs.applier.drift_slices import DriftSlices
+from kipvs.applier.kernel.netlink_writer import NetlinkKernel
+from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
+from kipvs.shared import events
+from kipvs.shared.plan.resolve import resolve_service
+
+FACTS = events.NodeFacts(name="node-a", addresses=("192.168.0.2",))
+CHANGES = 40
+
+
+def python_loop() -> float:
+    """A fixed pure-Python workload (seconds): the guest's slowdown against the host is its ratio."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i % 7
+    return time.perf_counter() - started
+
+
+def plan(i: int, endpoints: int, shift: int = 0) -> events.ServicePlan:
+    eps = tuple(events.Endpoint(ip=f"10.{64 + i // 250 % 64}.{i % 250}.{(e + shift) % 250 + 1}", port=8080,
+                                node="node-b") for e in range(endpoints))
+    return events.ServicePlan(key=f"bench/svc-{i}", cluster_ips=(f"10.96.{i // 250}.{i % 250 + 1}",),
+                              ports=(events.PortPlan(name="http", port=80, endpoints=eps),))
+
+
+def sh(command: str, stdin: str | None = None) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, shell=True, check=True, input=stdin, text=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def clean() -> None:
+    sh("ipvsadm -C; ip link del kube-ipvs0 2>/dev/null || true")
+    out = subprocess.run("ipset list -n", shell=True, capture_output=True, text=True).stdout.split()
+    sh("ipset restore", "".join(f"destroy {n}\n" for n in out if n.startswith(("KUBE-", "KIPVS-"))))
+
+
+async def timed(coro) -> tuple[object, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = await coro
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+async def change_latencies(kernel: NetlinkKernel, desired: DesiredState, services: int, endpoints: int) -> list[float]:
+    """One endpoint of one Service replaced, delta to kernel: resolve, diff, write (seconds each)."""
+    out = []
+    for c in range(CHANGES):
+        i = (c * 7919) % services
+        started = time.perf_counter()
+        ops = desired.update(f"bench/svc-{i}", resolve_service(plan(i, endpoints, shift=c + 1), FACTS))
+        await kernel.apply(ops)
+        out.append(time.perf_counter() - started)
+        await kernel.apply(desired.update(f"bench/svc-{i}", resolve_service(plan(i, endpoints), FACTS)))  # back
+    return out
+
+
+async def cold_start(kernel: NetlinkKernel, services: int, endpoints: int
+                     ) -> tuple[DesiredState, list[Op], dict[str, float]]:
+    """A new node: links, sets and sysctls (setup), read back the empty kernel, resolve and diff the plan,
+    write it. Returns the parts' seconds (``cold_start_s`` their sum)."""
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    plans = {f"bench/svc-{i}": plan(i, endpoints) for i in range(services)}
+    await kernel.check()
+    await kernel.setup()
+    times["cold_setup_s"] = time.perf_counter() - started
+    mark = time.perf_counter()
+    observed = await kernel.observe()
+    times["cold_observe_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    desired = DesiredState.of(plans, FACTS)
+    ops = diff(desired.state(), observed.state, observed.owned)
+    times["cold_resolve_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    await kernel.apply(ops)
+    times["cold_write_s"] = time.perf_counter() - mark
+    times["cold_start_s"] = time.perf_counter() - started
+    return desired, ops, times
+
+
+def show(figures: dict[str, float]) -> None:
+    """Figures so far, for a long run watched by hand (the last line is the result)."""
+    print("KIPVS-ENVELOPE-SO-FAR " + json.dumps(figures), flush=True)
+
+
+def p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+async def main(services: int, endpoints: int) -> dict[str, float]:
+    subprocess.run("ip route add 10.64.0.0/10 dev lo", shell=True, check=False)
+    f: dict[str, float] = {"services": services, "endpoints": endpoints, "python_loop_s": python_loop()}
+    clean()
+    small = NetlinkKernel()
+    desired, _, _ = await cold_start(small, 100, endpoints)
+    small_changes = await change_latencies(small, desired, 100, endpoints)
+    await small.close()  # clean() below empties the kernel (cleanup() deletes services one by one: minutes)
+    clean()
+    kernel = NetlinkKernel()
+    desired, ops, cold = await cold_start(kernel, services, endpoints)
+    f.update(cold)
+    show(f)
+    f["ops"] = len(ops)
+    want = desired.state()
+    observed, f["drift_clean_wall_s"], f["drift_clean_cpu_s"] = await timed(kernel.observe())
+    assert not diff(want, observed.state, observed.owned), "the kernel does not hold the plan after cold start"
+    sh("ipvsadm -d -t 10.96.0.1:80 -r 10.64.0.1:8080")
+    observed, f["drift_one_wall_s"], f["drift_one_cpu_s"] = await timed(kernel.observe())
+    show(f)
+    checked, f["drift_slices"] = DriftSlices().next(len(want.ipvs))
+    _, f["drift_slice_wall_s"], f["drift_slice_cpu_s"] = await timed(kernel.observe(checked))
+    repair = diff(want, observed.state, observed.owned)
+    f["drift_one_repairs"] = len(repair)
+    await kernel.apply(repair)
+    show(f)
+    _, f["kernel_table_wall_s"], f["kernel_table_cpu_s"] = await timed(kernel.kernel_table())
+    f["ipvsadm_Sn_s"] = sh("ipvsadm -S -n > /dev/null")
+    show(f)
+    big_changes = await change_latencies(kernel, desired, services, endpoints)
+    f.update(change_p50_s=p(big_changes, 50), change_p99_s=p(big_changes, 99),
+             change_100_p50_s=p(small_changes, 50), change_100_p99_s=p(small_changes, 99))
+    f["rss_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    await kernel.close()
+    clean()
+    show(f)
+    f.update(baselines(ops))
+    clean()
+    return f
+
+
+def baselines(ops: list[Op]) -> dict[str, float]:
+    """The same writes with the kernel's tools: ipvsadm -R, ip -batch, ipset restore (one process each)."""
+    ipvs, addrs, sets = [], [], ["create KUBE-CLUSTER-IP hash:ip,port", "create KIPVS-OWNED-VS hash:ip,port"]
+    for op in ops:
+        if isinstance(op, AddService):
+            ipvs.append(f"-A -t {op.key[1]}:{op.key[2]} -s {op.scheduler}")
+            sets.append(f"add KIPVS-OWNED-VS {op.key[1]},tcp:{op.key[2]}")
+        elif isinstance(op, AddReal):
+            ipvs.append(f"-a -t {op.service[1]}:{op.service[2]} -r {op.real[0]}:{op.real[1]} -m -w {op.weight}")
+        elif isinstance(op, AddAddress):
+            addrs.append(f"address add {op.ip}/32 dev kube-ipvs0")
+        elif isinstance(op, AddEntry) and op.set == "KUBE-CLUSTER-IP":
+            sets.append(f"add {op.set} {op.entry}")
+    sh("ip link add kube-ipvs0 type dummy")
+    return {"ipvsadm_R_s": sh("ipvsadm -R", "\n".join(ipvs) + "\n"),
+            "ip_batch_s": sh("ip -batch -", "\n".join(addrs) + "\n"),
+            "ipset_restore_s": sh("ipset restore", "\n".join(sets) + "\n")}
+
+
+if __name__ == "__main__":
+    figures = asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    print("KIPVS-ENVELOPE " + json.dumps(figures))

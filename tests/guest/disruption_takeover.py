@@ -1,0 +1,315 @@
+"""Connection disruption while a node changes hands between kube-proxy and kipvs (run INSIDE the QEMU guest
+by tests/test_disruption.py, one boot for the module): every moment an operator fears, measured with
+traffic, zero loss required.
+
+One node (network namespace node-a), two echo pods and a client pod on it (namespaces behind Calico-named
+veths); the guest's root namespace is the outside world (192.168.50.1, the LB IP routed to node-a). The
+real watcher, planner, auth callout and nats-server run; the node is first programmed exactly as
+kube-proxy's IPVS mode programs it (``kube_proxy.py``). During each moment ``traffic.py`` runs from the
+client pod and from outside: long-lived TCP connections with data flowing through a ClusterIP, a NodePort
+and a LoadBalancer IP, new connections to each every 200 ms, UDP exchanges through a ClusterIP and a
+NodePort. Per moment: resets, stalls, failed new connections, lost datagrams, printed; any one fails.
+
+The moments, in order (each starts from the state the previous one left): kube-proxy alone (the harness
+itself), takeover in place (``kipvs applier --adopt``), an applier restart (SIGKILL), hand back to
+kube-proxy in place (``--hand-back``), and last the old runbook (``kube-proxy --cleanup`` before the
+switch), which must show losses: the measure can fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import pytest
+import pytest_asyncio
+
+from kipvs.demo import network
+from kipvs.demo.cluster import CLUSTER_CIDR, KIPVS, Cluster, _logged_all, workdir_for
+from kipvs.guest.vm import time_scale
+from kipvs.simulator.scenario import Scenario
+from tests.guest import kube_proxy
+
+NODE, NODE_IP = "node-a", "192.168.50.11"
+LB_IP = "198.51.100.7"
+TRAFFIC = str(Path(__file__).with_name("traffic.py"))
+FROM_POD = ["--long", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
+            "--new", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
+            "--udp", "10.96.0.53:53"]
+FROM_OUTSIDE = ["--long", f"{NODE_IP}:30090", f"{LB_IP}:80",
+                "--new", f"{NODE_IP}:30090", f"{LB_IP}:80",
+                "--udp", f"{NODE_IP}:30053"]
+
+
+def _pod(name: str, ip: str, app: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "c"}]},
+            "status": {"phase": "Running", "podIP": ip}}
+
+
+def _slice(service: str, port: tuple[str, int, str]) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service}-x1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "ports": [{"name": port[0], "port": port[1], "protocol": port[2]}],
+            "endpoints": [{"addresses": [ip], "nodeName": NODE,
+                           "conditions": {"ready": True, "serving": True, "terminating": False}}
+                          for ip in ("10.244.1.11", "10.244.1.12")]}
+
+
+def _service(name: str, kind: str, cluster_ip: str, port: dict, status: dict | None = None) -> dict:
+    obj = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"selector": {"app": "echo"}, "type": kind, "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                    "ports": [port]}}
+    if status:
+        obj["status"] = status
+    return obj
+
+
+ECHO_PORT = {"name": "echo", "port": 80, "targetPort": 9000, "protocol": "TCP"}
+SCENARIO = Scenario(objects=[
+    {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+     "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}},
+    _service("echo", "ClusterIP", "10.96.0.10", ECHO_PORT),
+    _service("echo-np", "NodePort", "10.96.0.20", {**ECHO_PORT, "nodePort": 30090}),
+    _service("echo-lb", "LoadBalancer", "10.96.0.30", {**ECHO_PORT, "nodePort": 30091},
+             {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}),
+    _service("dns", "NodePort", "10.96.0.53", {"name": "dns", "port": 53, "targetPort": 8053, "protocol": "UDP",
+                                               "nodePort": 30053}),
+    _pod("echo-1", "10.244.1.11", "echo"), _pod("echo-2", "10.244.1.12", "echo"),
+    _pod("client-1", "10.244.1.50", "client"),
+    *(_slice(s, ("echo", 9000, "TCP")) for s in ("echo", "echo-np", "echo-lb")),
+    _slice("dns", ("dns", 8053, "UDP")),
+])
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def sh(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
+    return done.stdout
+
+
+def in_node(*argv: str) -> str:
+    return sh("ip", "netns", "exec", NODE, *argv)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster():
+    cluster = Cluster(workdir_for(Path("/run/tmp/disruption")), "netlink", SCENARIO)
+    echo = None
+    try:
+        await cluster.start_nats()
+        await cluster.start_simulator()
+        for service in ("watcher", "planner"):
+            await cluster.start(service)
+        deadline = asyncio.get_running_loop().time() + 120 * time_scale()
+        while not _logged_all(await cluster.planned(), cluster.sim):  # type: ignore[arg-type]
+            assert asyncio.get_running_loop().time() < deadline, "the planner did not plan the scenario"
+            await asyncio.sleep(0.3)
+        cluster.kube_proxy_state = cluster.node_state(await cluster.planned(), NODE)  # type: ignore[attr-defined]
+        kube_proxy.start(NODE, cluster.kube_proxy_state, CLUSTER_CIDR)  # type: ignore[attr-defined]
+        network.sh("ip", "route", "add", LB_IP, "via", NODE_IP)  # the cloud load balancer sends to node-a
+        await cluster.start("auth")  # the applier's identity; started now, so no moment waits for it
+        await cluster.auth_listening(within=120 * time_scale())
+        echo = await asyncio.create_subprocess_exec(sys.executable, TRAFFIC, "serve", "pod-echo-1", "pod-echo-2",
+                                                    stdout=asyncio.subprocess.PIPE)
+        assert echo.stdout is not None
+        assert (await asyncio.wait_for(echo.stdout.readline(), 60 * time_scale())).strip() == b"ready"
+        yield cluster
+    finally:
+        if echo is not None:
+            echo.kill()
+            await echo.wait()
+        await cluster.stop()
+
+
+class Traffic:
+    """Both traffic sources of one moment."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self) -> None:
+        for name, argv in (("pod", ["ip", "netns", "exec", "pod-client-1", sys.executable, TRAFFIC, "load",
+                                    *FROM_POD]),
+                           ("outside", [sys.executable, TRAFFIC, "load", *FROM_OUTSIDE])):
+            self.sources[name] = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                                      stdout=asyncio.subprocess.PIPE,
+                                                                      stderr=asyncio.subprocess.PIPE)
+        for name, process in self.sources.items():  # both start at once: a Python start is slow here
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), 120 * time_scale())
+            if line.strip() != b"ready":
+                err = await process.stderr.read() if process.stderr else b""
+                raise AssertionError(f"traffic from {name} did not start: {line!r} {err.decode()[-1500:]}")
+
+    async def stop(self, moment: str) -> dict[str, dict]:
+        """Stop both sources; print and return their counts."""
+        results = {}
+        for name, process in self.sources.items():
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(b"stop\n")
+            await process.stdin.drain()
+            line = await asyncio.wait_for(process.stdout.readline(), 60 * time_scale())
+            await process.wait()
+            results[name] = json.loads(line)
+        for name, counts in results.items():
+            print(f"DISRUPTION {moment} from {name}: " + json.dumps(counts), flush=True)
+        return results
+
+
+def losses(results: dict[str, dict]) -> dict[str, int]:
+    return {f"{name} {kind}": counts[kind] for name, counts in results.items()
+            for kind in ("resets", "stalls", "new_failed", "udp_lost") if counts[kind]}
+
+
+def assert_no_loss(moment: str, results: dict[str, dict]) -> None:
+    for name, counts in results.items():
+        assert counts["long_lived"] >= 2 and counts["new_ok"] > 0 and counts["udp_ok"] > 0, (name, counts)
+    lost = losses(results)
+    failures = [line for counts in results.values() for line in counts["first_failures"]]
+    assert not lost, f"{moment}: connections lost {lost}: {failures}"
+
+
+async def moment(action, settle: float = 3.0) -> dict[str, dict]:
+    traffic = Traffic()
+    began = time.monotonic()
+    await traffic.start()
+    print(f"DISRUPTION {action.__name__}: traffic up after {time.monotonic() - began:.0f}s", flush=True)
+    try:
+        await asyncio.sleep(settle)
+        began = time.monotonic()
+        await action()
+        print(f"DISRUPTION {action.__name__}: done in {time.monotonic() - began:.0f}s", flush=True)
+        await asyncio.sleep(settle)
+    finally:
+        results = await traffic.stop(action.__name__)
+    return results
+
+
+def ipvs_table() -> list[str]:
+    return sorted(in_node("ipvsadm", "-S", "-n").splitlines())
+
+
+def service_conns() -> dict[str, int]:
+    """Connections each virtual service has counted since it was created (``ipvsadm -Ln --stats``): a
+    service deleted and added again starts again from 0."""
+    out = {}
+    for line in in_node("ipvsadm", "-L", "-n", "--stats").splitlines():
+        words = line.split()
+        if words and words[0] in ("TCP", "UDP"):
+            out[f"{words[0]} {words[1]}"] = int(words[2])
+    return out
+
+
+async def applier_in_step(cluster: Cluster, since: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 180 * time_scale()
+    while True:
+        try:
+            planner = await cluster.planned()
+            reports = await cluster.report_entries(NODE)
+            if reports and reports[-1][0] > since and await cluster.node_in_step(planner, NODE):
+                return
+        except nats.errors.TimeoutError:  # this test's own look at the bus, on a loaded host: look again
+            pass
+        process = cluster.processes.get(f"applier-{NODE}")
+        if process is not None and process.returncode is not None:
+            raise AssertionError(f"the applier exited with {process.returncode}: "
+                                 + (cluster.workdir / "logs" / f"applier-{NODE}.log").read_text()[-3000:])
+        log = cluster.workdir / "logs" / f"applier-{NODE}.log"
+        assert asyncio.get_running_loop().time() < deadline, \
+            "the applier did not apply the plan: " + (log.read_text()[-3000:] if log.exists() else "no log")
+        await asyncio.sleep(0.3)
+
+
+async def test_kube_proxy_alone_forwards_everything(cluster: Cluster) -> None:
+    async def kube_proxy_alone() -> None:
+        pass
+
+    assert kube_proxy.chains(NODE), "kube-proxy's chains were written"
+    assert_no_loss("kube-proxy alone", await moment(kube_proxy_alone))
+
+
+async def test_takeover_in_place_loses_no_connection(cluster: Cluster) -> None:
+    table, before = ipvs_table(), service_conns()
+    started = asyncio.get_running_loop().time()
+
+    async def takeover() -> None:
+        cluster.applier_args = ("--adopt",)
+        since = time.time_ns()
+        await cluster.start(f"applier-{NODE}")
+        await applier_in_step(cluster, since)
+        deadline = asyncio.get_running_loop().time() + 60 * time_scale()
+        while kube_proxy.chains(NODE):  # removed once kipvs's table is in place
+            assert asyncio.get_running_loop().time() < deadline, kube_proxy.chains(NODE)
+            await asyncio.sleep(0.3)
+
+    results = await moment(takeover)
+    print(f"DISRUPTION takeover took {asyncio.get_running_loop().time() - started:.1f}s", flush=True)
+    assert_no_loss("takeover", results)
+    assert ipvs_table() == table, "the takeover changed IPVS (nothing differed)"
+    after = service_conns()
+    assert all(after[key] >= count for key, count in before.items()), ("a service was re-created", before, after)
+    owned = in_node("ipset", "list", "KIPVS-OWNED-VS")
+    state = cluster.kube_proxy_state  # type: ignore[attr-defined]
+    assert all(f"{ip},{proto.lower()}:{port}" in owned for proto, ip, port in state.ipvs), owned
+    assert "table inet kipvs" in in_node("nft", "list", "tables")
+    assert kube_proxy.chains(NODE) == []
+
+
+async def test_applier_restart_loses_no_connection(cluster: Cluster) -> None:
+    table = ipvs_table()
+
+    async def applier_restart() -> None:
+        await cluster.kill(f"applier-{NODE}")  # SIGKILL: no goodbye
+        since = time.time_ns()
+        await cluster.start(f"applier-{NODE}")
+        await applier_in_step(cluster, since)
+
+    assert_no_loss("applier restart", await moment(applier_restart))
+    assert ipvs_table() == table
+
+
+async def test_hand_back_to_kube_proxy_in_place_loses_no_connection(cluster: Cluster) -> None:
+    table, before = ipvs_table(), service_conns()
+    state = cluster.kube_proxy_state  # type: ignore[attr-defined]
+
+    async def hand_back() -> None:
+        process = cluster.processes.pop(f"applier-{NODE}")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60 * time_scale()) == 0
+        kube_proxy.start(NODE, state, CLUSTER_CIDR)  # kube-proxy starts and adopts the table
+        done = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", NODE, KIPVS, "applier", "--node", NODE, "--hand-back",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(done.communicate(), 120 * time_scale())
+        assert done.returncode == 0, out.decode()
+
+    assert_no_loss("hand back", await moment(hand_back))
+    assert ipvs_table() == table
+    after = service_conns()
+    assert all(after[key] >= count for key, count in before.items()), ("a service was re-created", before, after)
+    assert "kipvs" not in in_node("nft", "list", "tables")
+    assert "KIPVS-" not in in_node("ipset", "list", "-n")
+    assert kube_proxy.chains(NODE), "kube-proxy's chains are back"
+
+
+async def test_the_old_runbook_loses_connections_and_the_harness_sees_it(cluster: Cluster) -> None:
+    state = cluster.kube_proxy_state  # type: ignore[attr-defined]
+
+    async def cleanup_then_switch() -> None:
+        kube_proxy.cleanup(NODE)  # `kube-proxy --cleanup`, as the runbook used to say
+        await asyncio.sleep(2)
+        kube_proxy.start(NODE, state, CLUSTER_CIDR)  # the next proxy programs the node again
+
+    lost = losses(await moment(cleanup_then_switch))
+    assert any("resets" in kind or "stalls" in kind for kind in lost), lost

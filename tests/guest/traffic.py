@@ -1,0 +1,211 @@
+"""Traffic for the connection-disruption tests (run as a script inside the QEMU guest), in the style of
+Cilium's connection-disruption checks: what a proxy switch must not break, counted.
+
+    python traffic.py serve NETNS...    a TCP echo server on port 9000 in each pod namespace; prints "ready"
+    python traffic.py load --long H:P ... --new H:P ... --udp H:P ...
+        --long: two long-lived TCP connections per target, a 64-byte message echoed every 100 ms; a
+                connection reset or closed is a *reset*, an echo later than the stall bound a *stall*
+                (either ends that connection's count: it is lost)
+        --new:  a new TCP connection to each target every 200 ms (connect, echo, close); any failure counts
+        --udp:  a datagram to each target every 200 ms from one socket per target (a long-lived flow);
+                no answer within the bound is a lost datagram
+    It prints "ready" once every long-lived connection is up, runs until a line "stop" (or EOF) on stdin,
+    then prints one JSON object: the counts, the first failures described, the slowest echo.
+
+Bounds scale with KIPVS_GUEST_TIME_SCALE (3 under emulation): a stall is an echo slower than 3 s x scale,
+which no healthy path comes near, and which a deleted virtual service or a lost NAT binding always passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+
+ECHO_PORT = 9000
+SCALE = float(os.environ.get("KIPVS_GUEST_TIME_SCALE", "1"))
+STALL_S = 3.0 * SCALE
+UDP_WAIT_S = 1.0 * SCALE
+PERIOD_S = 0.2
+
+
+def _target(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.long = 0
+        self.echoes = 0
+        self.resets: list[str] = []
+        self.stalls: list[str] = []
+        self.new_ok = 0
+        self.new_failed: list[str] = []
+        self.udp_ok = 0
+        self.udp_lost: list[str] = []
+        self.slowest_echo_ms = 0.0
+        self.started = time.monotonic()
+
+    def at(self) -> str:
+        return f"{time.monotonic() - self.started:.1f}s"
+
+    def result(self) -> dict:
+        return {"long_lived": self.long, "echoes": self.echoes, "resets": len(self.resets),
+                "stalls": len(self.stalls), "new_ok": self.new_ok, "new_failed": len(self.new_failed),
+                "udp_ok": self.udp_ok, "udp_lost": len(self.udp_lost),
+                "slowest_echo_ms": round(self.slowest_echo_ms, 1),
+                "first_failures": (self.resets + self.stalls + self.new_failed + self.udp_lost)[:12]}
+
+
+async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Event, up: asyncio.Event) -> None:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), STALL_S)
+    counts.long += 1
+    up.set()
+    n = 0
+    try:
+        while not stop.is_set():
+            message = f"{n:063d}\n".encode()
+            began = time.monotonic()
+            writer.write(message)
+            try:
+                echoed = await asyncio.wait_for(reader.readexactly(len(message)), STALL_S)
+            except TimeoutError:
+                counts.stalls.append(f"{counts.at()} long-lived {target[0]}:{target[1]} stalled "
+                                     f"(no echo in {STALL_S}s)")
+                return
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} reset ({type(exc).__name__})")
+                return
+            if echoed != message:
+                counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} got other bytes")
+                return
+            counts.echoes += 1
+            counts.slowest_echo_ms = max(counts.slowest_echo_ms, (time.monotonic() - began) * 1000)
+            n += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+    finally:
+        writer.close()
+
+
+async def one_connection(target: tuple[str, int], counts: Counts) -> None:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), STALL_S)
+        try:
+            writer.write(b"hello, new connection\n")
+            line = await asyncio.wait_for(reader.readline(), STALL_S)
+        finally:
+            writer.close()
+        if line != b"hello, new connection\n":
+            raise ConnectionError(f"echoed {line!r}")
+        counts.new_ok += 1
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        counts.new_failed.append(f"{counts.at()} new connection to {target[0]}:{target[1]} failed "
+                                 f"({type(exc).__name__} {exc})")
+
+
+async def new_connections(target: tuple[str, int], counts: Counts, stop: asyncio.Event) -> None:
+    tasks = set()
+    while not stop.is_set():
+        task = asyncio.create_task(one_connection(target, counts))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), PERIOD_S)
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+async def datagrams(target: tuple[str, int], counts: Counts, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect(target)
+    try:
+        while not stop.is_set():
+            while True:  # a late answer to an earlier datagram is not this one's
+                try:
+                    sock.recv(2048)
+                except (BlockingIOError, ConnectionRefusedError):
+                    break
+            began = time.monotonic()
+            try:
+                await loop.sock_sendall(sock, b"ping")
+                await asyncio.wait_for(loop.sock_recv(sock, 2048), UDP_WAIT_S)
+                counts.udp_ok += 1
+            except (OSError, TimeoutError) as exc:
+                counts.udp_lost.append(f"{counts.at()} datagram to {target[0]}:{target[1]} lost ({type(exc).__name__})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, PERIOD_S - (time.monotonic() - began)))
+    finally:
+        sock.close()
+
+
+async def load(longs: list[str], news: list[str], udps: list[str]) -> dict:
+    counts, stop = Counts(), asyncio.Event()
+    ups = [asyncio.Event() for _ in longs for _ in range(2)]
+    tasks = [asyncio.create_task(long_lived(_target(t), counts, stop, ups[2 * i + j]))
+             for i, t in enumerate(longs) for j in range(2)]
+    tasks += [asyncio.create_task(new_connections(_target(t), counts, stop)) for t in news]
+    tasks += [asyncio.create_task(datagrams(_target(t), counts, stop)) for t in udps]
+    await asyncio.wait_for(asyncio.gather(*(up.wait() for up in ups)), STALL_S * 2)
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    while (line := await loop.run_in_executor(None, sys.stdin.readline)) and line.strip() != "stop":
+        pass
+    stop.set()
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            counts.resets.append(f"{counts.at()} {type(outcome).__name__}: {outcome}")
+    return counts.result()
+
+
+async def serve(namespaces: list[str]) -> None:
+    # Here, not at the top: the load processes start once per moment under emulation, and pyroute2 costs
+    # them seconds to import.
+    from pyroute2 import netns
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(4096):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    servers = []
+    for name in namespaces:
+        netns.pushns(name)
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", ECHO_PORT))
+            sock.listen(256)
+            sock.setblocking(False)
+        finally:
+            netns.popns()
+        servers.append(await asyncio.start_server(echo, sock=sock))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["serve"]:
+        asyncio.run(serve(argv[1:]))
+        return
+    groups: dict[str, list[str]] = {"--long": [], "--new": [], "--udp": []}
+    current = None
+    for word in argv[1:]:
+        if word in groups:
+            current = word
+        elif current is not None:
+            groups[current].append(word)
+    print(json.dumps(asyncio.run(load(groups["--long"], groups["--new"], groups["--udp"]))), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

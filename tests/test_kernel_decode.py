@@ -1,0 +1,73 @@
+"""The dump decoders' pure parts (services/applier/kernel_decode.py) on hand-built replies: the kernel's own
+output is checked in the guest (tests/guest/kernel_readback.py); here, the shapes and the errors."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from kipvs.applier.kernel import ipset_wire, ipvs_wire, kernel_decode
+from kipvs.applier.kernel.netlink_batch import attr
+
+GENL = struct.pack("=BBH", 1, 1, 0)
+
+
+def test_service_and_its_key_from_a_dump_message() -> None:
+    svc = ipvs_wire.service_full(socket.IPPROTO_TCP, "fd00::10", 443, "wrr", 600)
+    decoded = kernel_decode.service(GENL + svc)
+    assert (decoded.family, decoded.protocol, decoded.address, decoded.port) == (socket.AF_INET6, 6, "fd00::10", 443)
+    assert (decoded.scheduler, decoded.flags & 1, decoded.timeout) == ("wrr", 1, 600)
+    assert decoded.key == ipvs_wire.service_key(socket.IPPROTO_TCP, "fd00::10", 443)
+
+
+def test_a_real_server_of_the_other_family_keeps_its_own() -> None:
+    raw = ipvs_wire.dest("10.244.1.5", 8080, 3)  # carries IPVS_DEST_ATTR_ADDR_FAMILY
+    decoded = kernel_decode.dest(GENL + raw, socket.AF_INET6)
+    assert (decoded.address, decoded.port, decoded.weight, decoded.forward) == ("10.244.1.5", 8080, 3, 0)
+
+
+def test_ipset_members_in_kube_proxy_syntax() -> None:
+    entries = ["10.96.0.10,tcp:80,192.0.2.0/24", "fd00::1,sctp:3868,fd00::2/64"]
+    adt = b"".join(ipset_wire.data("hash:ip,port,net", e) for e in entries)
+    payload = struct.pack("=BBH", 2, 0, 0) + attr(kernel_decode.ATTR_ADT, adt)
+    assert kernel_decode.ipset_members(payload, "hash:ip,port,net") == entries
+    assert kernel_decode.ipset_members(struct.pack("=BBH", 2, 0, 0), "hash:ip") == []  # the header message
+
+
+def test_an_attribute_overrunning_its_message_is_an_error() -> None:
+    svc = ipvs_wire.service_full(socket.IPPROTO_UDP, "10.96.0.10", 53, "rr", 0)
+    with pytest.raises(kernel_decode.DecodeError, match="overruns"):
+        kernel_decode.service(GENL + svc[:-6])
+    with pytest.raises(kernel_decode.DecodeError, match="without attribute"):
+        kernel_decode.service(GENL + attr(ipvs_wire.ATTR_SERVICE, attr(ipvs_wire.SVC_AF, b"\2\0")))
+
+
+def kernel_dest(ip: str, port: int, weight: int, active: int, order: tuple[int, ...] | None = None) -> bytes:
+    """A destination message laid out as Linux 6.1's ip_vs_genl_fill_dest lays it out (or in ``order``)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    raw = socket.inet_pton(family, ip).ljust(16, b"\0")
+    counters = b"".join(attr(i, struct.pack("=Q", i)) for i in range(1, 11))
+    plain = {1: attr(1, raw), 2: attr(2, struct.pack("!H", port)), 3: attr(3, struct.pack("=I", 0)),
+             4: attr(4, struct.pack("=I", weight)), 13: attr(13, b"\0"), 14: attr(14, b"\0\0"),
+             15: attr(15, b"\0\0"), 5: attr(5, b"\0" * 4), 6: attr(6, b"\0" * 4),
+             7: attr(7, struct.pack("=I", active)), 8: attr(8, struct.pack("=I", 2)), 9: attr(9, b"\0" * 4),
+             11: attr(11, struct.pack("=H", family))}
+    inner = b"".join(plain[k] for k in order or plain) + attr(10 | 0x8000, counters) + attr(12 | 0x8000, counters)
+    return GENL + attr(2 | 0x8000, inner)
+
+
+def test_destinations_decode_alike_on_the_learned_layout_and_off_it() -> None:
+    first = kernel_dest("10.244.1.5", 8080, 3, 7)
+    general = kernel_decode.dest(first, socket.AF_INET)  # decoded attribute by attribute; teaches the layout
+    assert kernel_decode._learned
+    for message, want in [(first, ("10.244.1.5", 8080, 3, 7, 2)),
+                          (kernel_dest("fd00::5", 443, 1, 0), ("fd00::5", 443, 1, 0, 2)),
+                          (kernel_dest("10.244.1.6", 80, 9, 1, order=(2, 1, 4, 3, 7, 8, 11)),
+                           ("10.244.1.6", 80, 9, 1, 2))]:
+        d = kernel_decode.dest(message, socket.AF_INET)
+        assert (d.address, d.port, d.weight, d.active, d.inactive) == want
+        assert kernel_decode.stats(d.stats)["outbps"] == 10
+    fast = kernel_decode.dest(first, socket.AF_INET)
+    assert fast[:6] == general[:6] and kernel_decode.stats(fast.stats) == kernel_decode.stats(general.stats)
