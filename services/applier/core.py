@@ -28,6 +28,7 @@ from kipvs.shared.plan.resolve import resolve_service
 
 from . import nodeport_addresses
 from .drain import Drainer
+from .exclude import ExcludeCIDRs
 from .kernel.backend import Observed
 from .ops import DesiredState, Op, diff
 
@@ -36,15 +37,16 @@ class ApplierCore:
     """One node's plan and desired kernel state; :meth:`take` a delta, :meth:`resolve` the batch's ops."""
 
     def __init__(self, node: str, drain_timeout: float = 300.0, interface_addresses: bool = False,
-                 nodeport_cidrs: tuple[str, ...] = ()) -> None:
+                 nodeport_cidrs: tuple[str, ...] = (), exclude: ExcludeCIDRs | None = None) -> None:
         self.node = node
         self.nodeport_cidrs = nodeport_cidrs  # --nodeport-cidrs: only the addresses inside serve NodePorts
+        self.exclude = exclude or ExcludeCIDRs()  # --ipvs-exclude-cidrs: never programmed, read back as absent
         self.use_interfaces = interface_addresses  # --node-addresses interfaces: NodePorts on this host's own
         self.local_addresses: tuple[str, ...] = ()
         self.plan = SharedPlan()
         self.calico: events.SetNodeCalico | None = None  # this node's Calico state, as planned
         self.calico_seq = 0
-        self.desired = DesiredState()
+        self.desired = DesiredState(only=self.exclude.contribution)
         self.drainer = Drainer(drain_timeout)
         self.chunks = delta_chunks.Assembler()  # chunked deltas in progress, kept across re-bootstraps
 
@@ -64,17 +66,19 @@ class ApplierCore:
     def reset(self, plan: SharedPlan) -> None:
         """A bootstrap's plan (snapshot + catch-up): the desired state is computed again from all of it."""
         self.plan = plan
-        self.desired = DesiredState.of(plan.services, self.facts())
+        self.desired = DesiredState.of(plan.services, self.facts(), self.exclude.contribution)
 
     def converge(self, observed: Observed, now: float) -> list[Op]:
         """What makes a read-back kernel the desired state at bootstrap: drains found in the kernel (weight 0)
         resume, with their deadline counted from ``now``."""
+        observed = self.exclude.hide(observed)
         ops = diff(self.desired.state(), observed.state, observed.owned)
         return self.drainer.keep_draining(self.drainer.resume(ops, observed.state, now))
 
     def repair(self, want: NodeState, observed: Observed) -> list[Op]:
         """What makes a read-back kernel ``want`` (``desired.state()``) again (drift); a drain in progress is
         left alone."""
+        observed = self.exclude.hide(observed)
         return self.drainer.keep_draining(diff(want, observed.state, observed.owned))
 
     def whole(self, envelope: events.Envelope) -> events.Envelope | None:

@@ -48,7 +48,7 @@ class DriftCheck:
             await self._follow_addresses()
         want = self.core.desired.state()
         checked, _ = self.slices.next(len(want.ipvs))
-        observed = await self.kernel.observe(checked)
+        observed = self.core.exclude.hide(await self.kernel.observe(checked))
         DriftSlices.assume_unchecked(want, observed.state, checked)
         ops = self.core.repair(want, observed)
         found = [describe_op(op) for op in ops]
@@ -56,7 +56,7 @@ class DriftCheck:
             await self.kernel.apply(ops)
             self.repairs.inc(len(ops))
             log.warning("drift: repaired %d kernel objects", len(ops))
-            observed = await self.kernel.observe(checked)
+            observed = self.core.exclude.hide(await self.kernel.observe(checked))
             DriftSlices.assume_unchecked(want, observed.state, checked)
         found += await self._check_rules(want.ipsets)
         self.reports.report(events.DriftReport(

@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from kipvs.shared import config, kube_proxy_config, logs, runtime, topology
 from kipvs.shared.config import describe
 
-from . import inspect, node_claim, node_facts, plan_cache, plan_consumer, plan_feed, report_pacer, takeover
+from . import exclude, inspect, node_claim, node_facts, plan_cache, plan_consumer, plan_feed, report_pacer, takeover
 from .conntrack_settings import Conntrack
 from .drift_slices import SERVICES_PER_CHECK
 from .kernel.backend import Backend, CapabilityError, MemoryKernel
@@ -122,6 +122,10 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     healthz_bind_address: Annotated[str, describe(
         "host:port of the node health server (kube-proxy's --healthz-bind-address: /healthz, /livez); "
         "empty disables it")] = "0.0.0.0:10256"
+    ipvs_exclude_cidrs: Annotated[list[str], describe(
+        "CIDRs whose IPVS virtual services belong to another program: kipvs never programs, edits or deletes "
+        "a virtual service there, nor binds such an address (kube-proxy's --ipvs-exclude-cidrs; "
+        "comma-separated)")] = []
     endpoint_marks: Annotated[Literal["auto", "observe", "enforce"], describe(
         "Calico endpoint marks: enforce = kipvs writes the marking rules (nodes without Felix), observe = "
         "publish and warn only (Felix writes them), auto = observe where a calico-node pod runs on the node, "
@@ -162,6 +166,7 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         if sum((self.shadow, self.cleanup, self.hand_back, self.adopt)) > 1:
             raise ValueError("shadow, cleanup, hand-back and adopt exclude each other")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
+        exclude.parse(self.ipvs_exclude_cidrs)
         kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
         if self.shadow and self.http_listen == KUBE_PROXY_METRICS:
             self.http_listen = "127.0.0.1:0"  # kube-proxy, which the shadow runs beside, holds that port
@@ -174,6 +179,8 @@ def settings_of(cfg: ApplierConfig) -> ApplierSettings:
                            strict_arp=cfg.ipvs_strict_arp, report_interval=cfg.report_interval,
                            drift_check_services=cfg.drift_check_services,
                            nodeport_cidrs=tuple(cfg.nodeport_cidrs), adopt=cfg.adopt,
+                           adopt_exclude_cidrs=tuple(cfg.ipvs_exclude_cidrs),
+                           exclude=exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)),
                            conntrack=Conntrack(cfg.conntrack_max_per_core, cfg.conntrack_min,
                                                cfg.conntrack_tcp_timeout_established,
                                                cfg.conntrack_tcp_timeout_close_wait, cfg.conntrack_tcp_be_liberal,
@@ -399,7 +406,8 @@ def run(args: argparse.Namespace) -> int:
         if cfg.backend == "memory":
             logging.getLogger("kipvs.applier").warning("--backend memory: a SIMULATED kernel, nothing is programmed")
         if cfg.plan_cache:
-            await plan_cache.restore(Path(cfg.plan_cache), cfg.node, kernel)
+            await plan_cache.restore(Path(cfg.plan_cache), cfg.node, kernel,
+                                     exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)))
         # No consumer here: apply_plan creates it after the bootstrap, where the bootstrap stopped reading.
         await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules))
         return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -206,11 +207,14 @@ class DesiredState:
     address_refs: Counter[str] = field(default_factory=Counter)
     entry_refs: Counter[tuple[str, str]] = field(default_factory=Counter)
     _digest: int = 0  # XOR of the hashes of every desired object (see digest())
+    # what of a contribution this node programs (--ipvs-exclude-cidrs: exclude.ExcludeCIDRs.contribution)
+    only: Callable[[Contribution | None], Contribution | None] | None = None
 
     @classmethod
-    def of(cls, services: dict[str, ServicePlan], facts: NodeFacts | None) -> DesiredState:
+    def of(cls, services: dict[str, ServicePlan], facts: NodeFacts | None,
+           only: Callable[[Contribution | None], Contribution | None] | None = None) -> DesiredState:
         """A node's desired state from the shared plan's Services (resolved with the node's facts)."""
-        desired = cls()
+        desired = cls(only=only)
         for key in sorted(services):
             desired.update(key, resolve_service(services[key], facts))
         return desired
@@ -225,6 +229,8 @@ class DesiredState:
         Two Services on one VIP:port: the smallest Service key holds it (as ``resolve_node`` decides), and
         when the holder lets go, the next claimant takes it over in the same update."""
         old = self.contributions.pop(service, None)
+        if self.only is not None:
+            new = self.only(new)
         if new is not None:
             self.contributions[service] = new
         old_keys, new_keys = _vs_keys(old), _vs_keys(new)

@@ -21,6 +21,7 @@ import msgspec
 from kipvs.shared import events
 from kipvs.shared.plan.plan_state import SharedPlan
 
+from .exclude import ExcludeCIDRs
 from .kernel.backend import Backend
 from .ops import DesiredState, diff
 
@@ -80,15 +81,17 @@ def read(path: Path, node: str) -> PlanCache | None:
     return cache
 
 
-async def restore(path: Path, node: str, kernel: Backend) -> int:
-    """Program the kernel from the cache (read back, diff, write). Returns the Services restored."""
+async def restore(path: Path, node: str, kernel: Backend, exclude: ExcludeCIDRs | None = None) -> int:
+    """Program the kernel from the cache (read back, diff, write), never in ``exclude``'s ranges
+    (--ipvs-exclude-cidrs). Returns the Services restored."""
     cache = await asyncio.to_thread(read, path, node)
     if cache is None:
         return 0
     plan = SharedPlan.from_snapshot(cache.snapshot)
-    desired = DesiredState.of(plan.services, plan.nodes.get(node))
+    exclude = exclude or ExcludeCIDRs()
+    desired = DesiredState.of(plan.services, plan.nodes.get(node), exclude.contribution)
     await kernel.setup()
-    observed = await kernel.observe()
+    observed = exclude.hide(await kernel.observe())
     ops = diff(desired.state(), observed.state, observed.owned)
     if ops:
         await kernel.apply(ops)

@@ -32,6 +32,7 @@ from .conntrack_settings import Conntrack
 from .core import ApplierCore
 from .drift import DriftCheck, describe_op
 from .drift_slices import SERVICES_PER_CHECK
+from .exclude import ExcludeCIDRs
 from .health_check import HealthChecks, HealthServers
 from .kernel.backend import Backend, KernelError
 from .kernel.rules import NftRules
@@ -59,7 +60,8 @@ class ApplierSettings:
     nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs (kube-proxy's --nodeport-addresses)
     conntrack: Conntrack = field(default_factory=Conntrack)  # --conntrack-max-per-core ...
     adopt: bool = False  # --adopt: take kube-proxy's state over at the bootstrap (takeover.py)
-    adopt_exclude_cidrs: tuple[str, ...] = ()  # never adopted (room for --ipvs-exclude-cidrs)
+    adopt_exclude_cidrs: tuple[str, ...] = ()  # never adopted: --ipvs-exclude-cidrs
+    exclude: ExcludeCIDRs = field(default_factory=ExcludeCIDRs)  # --ipvs-exclude-cidrs
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Applier:
         s = settings or ApplierSettings()
         m = ctx.metrics
         self.ctx, self.node, self.kernel, self.rules = ctx, node, kernel, rules
-        self.core = ApplierCore(node, s.drain_timeout, s.interface_addresses, s.nodeport_cidrs)
+        self.core = ApplierCore(node, s.drain_timeout, s.interface_addresses, s.nodeport_cidrs, s.exclude)
         # One writer at a time: a drift check reads the kernel back and repairs it, which must not interleave
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()

@@ -23,6 +23,8 @@ import nats
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from kipvs.applier.exclude import ExcludeCIDRs
+from kipvs.applier.exclude import parse as parse_cidrs
 from kipvs.applier.ops import digest
 from kipvs.guest.vm import time_scale
 from kipvs.planner.core import Planner, PlannerConfig
@@ -33,7 +35,7 @@ from kipvs.shared.embedded_nats import EmbeddedNats
 from kipvs.shared.log_client import read_all
 from kipvs.shared.pki import write_private
 from kipvs.shared.plan.node_state import NodeState
-from kipvs.shared.plan.resolve import resolve_node
+from kipvs.shared.plan.resolve import resolve_node, resolve_service
 from kipvs.simulator import scenario as scenarios
 from kipvs.simulator.server import Simulator
 
@@ -43,6 +45,19 @@ from .network import NodeSpec, PodSpec
 Backend = Literal["netlink", "memory"]
 KIPVS = str(Path(sys.executable).with_name("kipvs"))
 CLUSTER_CIDR = "10.244.0.0/16"  # every node's pod CIDR (10.244.N.0/24) is inside it
+
+
+def node_state(planner: Planner, node: str, exclude_cidrs: tuple[str, ...] = ()) -> NodeState:
+    """What the node's applier programs: the plan resolved for it, less its --ipvs-exclude-cidrs."""
+    if not exclude_cidrs:
+        return resolve_node(planner.plans.values(), planner.nodes.get(node))
+    only = ExcludeCIDRs(parse_cidrs(exclude_cidrs)).contribution
+    state, facts = NodeState(), planner.nodes.get(node)
+    for key in sorted(planner.plans):
+        part = only(resolve_service(planner.plans[key], facts))
+        assert part is not None
+        state.add(part)
+    return state.finish()
 
 
 @dataclass
@@ -63,6 +78,7 @@ class Cluster:
     view: Planner = field(default_factory=lambda: Planner(PlannerConfig()))  # see planned()
     keeping: bool = False  # the script reached --keep's wait: a stop then is the normal end
     applier_args: tuple[str, ...] = ()  # more flags for every applier (netlink backend)
+    exclude_cidrs: tuple[str, ...] = ()  # every applier's --ipvs-exclude-cidrs (its nodes' state leaves them out)
     credentials: Path | None = None  # the bus's credentials, made beforehand (the guest's are the host's)
 
     @property
@@ -169,6 +185,7 @@ class Cluster:
                 argv += ["--backend", "memory"]
             else:
                 argv = ["ip", "netns", "exec", node, *argv, "--cluster-cidr", CLUSTER_CIDR, *self.applier_args]
+                argv += [f"--ipvs-exclude-cidrs={cidr}" for cidr in self.exclude_cidrs]
         self.processes[service] = await asyncio.create_subprocess_exec(
             *argv, stdout=self._log(service), stderr=asyncio.subprocess.STDOUT, start_new_session=True)
 
@@ -226,7 +243,7 @@ class Cluster:
         return self.view
 
     def node_state(self, planner: Planner, node: str) -> NodeState:
-        return resolve_node(planner.plans.values(), planner.nodes.get(node))
+        return node_state(planner, node, self.exclude_cidrs)
 
     async def report_entries(self, node: str) -> list[tuple[int, events.ApplyReport]]:
         """The node's apply reports with their times (ns)."""

@@ -89,6 +89,26 @@ class AddressWarnings:
             self.warnings[id] = warning
             ops.append(SetWarning(warning))
 
+    def _legacy(self, ops: list[PlanOp], kind: str, key: str, notes: tuple[str, ...]) -> None:
+        """legacy-address: the object is planned, its addresses read as kube-proxy reads legacy ones
+        (leading zeros: CVE-2021-29923); the message names each field, so it can be fixed."""
+        warning_id = f"{kind}/{key}/legacy-address"
+        if notes:
+            self._warn(ops, warning_id, "legacy-address", kind, key, f"{kind} {key}: " + "; ".join(notes))
+        else:
+            self._clear(ops, warning_id)
+
+    def _stale_status(self, ops: list[PlanOp], key: str, ingress: tuple[str, ...]) -> None:
+        """stale-load-balancer-status: a Service no longer a LoadBalancer whose status still lists ingress
+        addresses; kipvs does not serve them (docs/plan-format.md, parity notes)."""
+        warning_id = f"Service/{key}/stale-load-balancer-status"
+        if ingress:
+            self._warn(ops, warning_id, "stale-load-balancer-status", "Service", key,
+                       f"Service {key} is no LoadBalancer but its status still lists {', '.join(ingress)}: not "
+                       "served (kube-proxy serves it until the load-balancer controller clears the status)")
+        else:
+            self._clear(ops, warning_id)
+
     def _clear(self, ops: list[PlanOp], id: str) -> None:
         if self.warnings.pop(id, None) is not None:
             ops.append(ClearWarning(id))

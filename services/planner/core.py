@@ -229,6 +229,8 @@ class Planner(AddressWarnings):
             self._warn(ops, scheduler_warning, "invalid-scheduler", "Service", key, spec.scheduler_problem)
         else:
             self._clear(ops, scheduler_warning)
+        self._legacy(ops, "Service", key, spec.legacy if spec is not None else ())
+        self._stale_status(ops, key, spec.stale_ingress if spec is not None else ())
         if spec is None:
             self.services.pop(key, None)
         else:
@@ -255,6 +257,7 @@ class Planner(AddressWarnings):
                     self._clear(ops, warning_id)
         else:
             self._clear(ops, warning_id)
+        self._legacy(ops, "EndpointSlice", key, spec.legacy if spec is not None else ())
         if spec is not None:
             self.slices[key] = spec
             self.slices_by_service[spec.service_key].add(key)
@@ -264,10 +267,10 @@ class Planner(AddressWarnings):
 
     def _on_node(self, name: str, obj: dict[str, Any] | None, ops: list[PlanOp]) -> None:
         warning_id = f"Node/{name}"
-        facts = None
+        facts, legacy = None, ()
         if obj is not None:
             try:
-                facts, problems = parse.node(obj)
+                facts, problems, legacy = parse.node(obj)
             except parse.Invalid as exc:  # skipped like an invalid Service: as if absent, and said so
                 self._warn(ops, warning_id, "invalid-node", "Node", name, f"Node {name} skipped: {exc}")
             else:
@@ -278,6 +281,7 @@ class Planner(AddressWarnings):
                     self._clear(ops, warning_id)
         else:
             self._clear(ops, warning_id)
+        self._legacy(ops, "Node", name, legacy)
         current = self.nodes.get(name)
         if facts is None:
             if current is not None:

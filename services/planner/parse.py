@@ -13,13 +13,14 @@ ready, nil serving means serving), only an endpoint's first address.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import socket
 from typing import Any
 
 import msgspec
 
 from kipvs.shared.events import Endpoint, NodeFacts
+
+from . import sloppy
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos"})
@@ -57,6 +58,8 @@ class ServiceSpec(msgspec.Struct, frozen=True, gc=False):
     internal_policy_local: bool
     ports: tuple[ServicePort, ...]
     health_check_node_port: int = 0
+    legacy: tuple[str, ...] = ()  # addresses read as kube-proxy reads legacy ones (leading zeros), and where
+    stale_ingress: tuple[str, ...] = ()  # status.loadBalancer.ingress IPs of a Service no longer a LoadBalancer
 
 
 class SlicePort(msgspec.Struct, frozen=True, gc=False):
@@ -71,12 +74,14 @@ class SliceSpec(msgspec.Struct, frozen=True, gc=False):
     ports: tuple[SlicePort, ...]
     endpoints: tuple[Endpoint, ...]  # port 0: filled in per Service port by the planner
     problems: tuple[str, ...]  # endpoints skipped and why
+    legacy: tuple[str, ...] = ()  # addresses read as kube-proxy reads legacy ones (leading zeros), and where
 
 
 @functools.lru_cache(maxsize=1 << 17)
 def canonical_ip(text: str) -> str | None:
-    """The canonical form of an IP address ('fd00:0::a' -> 'fd00::a'), None if it is not one.
-    C parsers and a cache: endpoint addresses are parsed on every slice change, the hot path."""
+    """The canonical form of an IP address ('fd00:0::a' -> 'fd00::a'), None if it is not one (a legacy
+    address with leading zeros is not: see :func:`sloppy.parse_ip`). C parsers and a cache: endpoint
+    addresses are parsed on every slice change, the hot path."""
     try:
         if ":" not in text:
             socket.inet_pton(socket.AF_INET, text)  # glibc accepts only canonical dotted quads (no leading 0)
@@ -86,11 +91,18 @@ def canonical_ip(text: str) -> str | None:
         return None
 
 
-def _ip(value: Any, field: str) -> str:
-    ip = canonical_ip(value.strip()) if isinstance(value, str) else None
-    if ip is None:
+def legacy_note(field: str, raw: str, read: str) -> str:
+    return f"{field}: {raw!r} read as {read} (leading zeros are decimal, as kube-proxy's ParseIPSloppy reads them)"
+
+
+def _ip(value: Any, field: str, legacy: list[str]) -> str:
+    """An address field read as kube-proxy reads it (``ParseIPSloppy``); a legacy form is noted in ``legacy``."""
+    parsed = sloppy.parse_ip(value.strip()) if isinstance(value, str) else None
+    if parsed is None:
         raise Invalid(f"{field}: {value!r} is not an IP address")
-    return ip
+    if parsed[1]:
+        legacy.append(legacy_note(field, value, parsed[0]))
+    return parsed[0]
 
 
 def _port(value: Any, field: str, allow_zero: bool = False) -> int:
@@ -145,25 +157,70 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
     raw_ips = _list(spec.get("clusterIPs"), "spec.clusterIPs") or ([cluster_ip] if cluster_ip else [])
     if not raw_ips:
         raise Invalid("spec.clusterIP: missing (a proxied Service needs one)")
-    cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(raw_ips))
+    legacy: list[str] = []
+    cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]", legacy) for i, ip in enumerate(raw_ips))
     ports = _service_ports(spec, kind in ("NodePort", "LoadBalancer"))
-    external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(_list(spec.get("externalIPs"),
-                                                                                      "spec.externalIPs")))
-    lb_ips, ranges = _load_balancer(obj, spec) if kind == "LoadBalancer" else ([], [])
+    external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]", legacy)
+                         for i, ip in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs")))
+    lb_ips, ranges, stale = _load_balancer(obj, spec, kind, legacy)
     persistence = _affinity_timeout(spec)
     scheduler, problem = _scheduler(meta, default_scheduler)
-    externally_accessible = bool(external_ips or lb_ips or any(p.node_port for p in ports))
+    # pkg/api/v1/service/util.go ExternallyAccessible / ExternalPolicyLocal / NeedsHealthCheck: by type,
+    # not by what is allocated or reported (an LB still pending, with ipMode Proxy addresses only, or with
+    # allocateLoadBalancerNodePorts false has its health-check port all the same: kubernetes#130776)
+    externally_accessible = kind in ("LoadBalancer", "NodePort") or bool(external_ips)
     external_local = externally_accessible and spec.get("externalTrafficPolicy") == "Local"
     health_check = 0
-    if kind == "LoadBalancer" and external_local:  # kube-proxy's NeedsHealthCheck (pkg/api/v1/service)
+    if kind == "LoadBalancer" and external_local:
         health_check = _port(spec.get("healthCheckNodePort") or 0, "spec.healthCheckNodePort", allow_zero=True)
     return ServiceSpec(
         key=object_key(obj), cluster_ips=cluster_ips, external_ips=external_ips,
-        load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(ranges), scheduler=scheduler,
+        load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges, scheduler=scheduler,
         scheduler_problem=problem, persistence_timeout=persistence,
         external_policy_local=external_local,
         internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports),
-        health_check_node_port=health_check)
+        health_check_node_port=health_check, legacy=tuple(legacy), stale_ingress=stale)
+
+
+def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
+                   legacy: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(ingress IPs to program, loadBalancerSourceRanges, stale ingress IPs of a Service that is no longer
+    a LoadBalancer). ipMode Proxy entries are not programmed locally (serviceport.go ``IsVIPMode``).
+
+    A Service turned from LoadBalancer into another type keeps its ingress until the controller clears it
+    (MetalLB issue 190, kube-vip issue 1700). kube-proxy reads the status whatever the type (serviceport.go
+    ``newBaseServiceInfo``) and keeps serving the old address; kipvs stops at once and says so
+    (docs/plan-format.md, parity notes)."""
+    try:
+        status = _mapping(obj.get("status"), "status")
+        ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
+                        "status.loadBalancer.ingress")
+    except Invalid:
+        if kind == "LoadBalancer":
+            raise
+        ingress = []  # a status kipvs does not read for this type: its shape does not matter
+    if kind != "LoadBalancer":
+        return (), (), tuple(str(raw["ip"]) for raw in ingress if isinstance(raw, dict) and raw.get("ip"))
+    lb_ips, ranges = [], []
+    for i, raw in enumerate(ingress):
+        entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
+        if entry.get("ip") and entry.get("ipMode") != "Proxy":
+            lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", legacy))
+    for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
+        ranges.append(_cidr(cidr, f"spec.loadBalancerSourceRanges[{i}]", legacy))
+    return tuple(lb_ips), tuple(ranges), ()
+
+
+def _cidr(value: Any, field: str, legacy: list[str]) -> str:
+    """A CIDR read as kube-proxy reads loadBalancerSourceRanges: spaces trimmed (validation let them
+    through), ``ParseCIDRSloppy``, host bits masked (serviceport.go ``newBaseServiceInfo``)."""
+    text = value.strip() if isinstance(value, str) else ""
+    parsed = sloppy.parse_cidr(text)
+    if parsed is None:
+        raise Invalid(f"{field}: {value!r} is not a CIDR")
+    if parsed[1]:
+        legacy.append(legacy_note(field, value, parsed[0]))
+    return parsed[0]
 
 
 def _service_ports(spec: dict[str, Any], with_node_ports: bool) -> list[ServicePort]:
@@ -181,25 +238,6 @@ def _service_ports(spec: dict[str, Any], with_node_ports: bool) -> list[ServiceP
         ports.append(ServicePort(name, protocol, _port(p.get("port"), f"spec.ports[{i}].port"),
                                  node_port if with_node_ports else 0))
     return ports
-
-
-def _load_balancer(obj: dict[str, Any], spec: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(ingress IPs that are not ipMode Proxy, loadBalancerSourceRanges as networks) of a LoadBalancer."""
-    lb_ips: list[str] = []
-    ranges: list[str] = []
-    status = _mapping(obj.get("status"), "status")
-    ingress = _list(_mapping(status.get("loadBalancer"), "status.loadBalancer").get("ingress"),
-                    "status.loadBalancer.ingress")
-    for i, raw in enumerate(ingress):
-        entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
-        if entry.get("ip") and entry.get("ipMode") != "Proxy":
-            lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip"))
-    for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
-        try:
-            ranges.append(str(ipaddress.ip_network(str(cidr).strip(), strict=False)))
-        except ValueError:
-            raise Invalid(f"spec.loadBalancerSourceRanges[{i}]: {cidr!r} is not a CIDR") from None
-    return lb_ips, ranges
 
 
 def _affinity_timeout(spec: dict[str, Any]) -> int:
@@ -297,13 +335,18 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
     first_port = ports[0].port if ports else 0  # endpoints carry it: reused as is for single-port slices
     want_v6 = sl.address_type == "IPv6"
     canonical = canonical_ip
-    endpoints, problems = [], []
+    endpoints, problems, legacy = [], [], []
     for i, ep in enumerate(sl.endpoints or ()):
         addresses = ep.addresses
         if not addresses:
             problems.append(f"endpoints[{i}].addresses: missing or empty")
             continue
         ip = canonical(addresses[0])
+        if ip is None and not want_v6:  # rare: a legacy address, read as kube-proxy does
+            parsed = sloppy.parse_ip(addresses[0])
+            if parsed is not None:
+                ip = parsed[0]
+                legacy.append(legacy_note(f"endpoints[{i}].addresses[0]", addresses[0], ip))
         if ip is None or (":" in ip) is not want_v6:
             problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} address")
             continue
@@ -318,26 +361,28 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
                                       hints=hints, node_hints=node_hints, ready=c.ready is not False,
                                       serving=c.serving is not False, terminating=c.terminating is True))
     return SliceSpec(key=object_key(obj), service_key=f"{sl.metadata.namespace}/{service_name}", ports=tuple(ports),
-                     endpoints=tuple(endpoints), problems=tuple(problems))
+                     endpoints=tuple(endpoints), problems=tuple(problems), legacy=tuple(legacy))
 
 
-def node(obj: dict[str, Any]) -> tuple[NodeFacts, tuple[str, ...]]:
-    """The node's facts and the problems found (addresses skipped). Invalid when the object's shape is
-    wrong (labels not an object, status not an object, addresses not a list), naming the field."""
+def node(obj: dict[str, Any]) -> tuple[NodeFacts, tuple[str, ...], tuple[str, ...]]:
+    """The node's facts, the problems found (addresses skipped) and the legacy addresses read (leading
+    zeros, read as kube-proxy's pkg/util/node ``GetNodeHostIPs`` does with ParseIPSloppy). Invalid when
+    the object's shape is wrong (labels not an object, status not an object, addresses not a list),
+    naming the field."""
     meta = _mapping(obj.get("metadata"), "metadata")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     status = _mapping(obj.get("status"), "status")
-    addresses, problems = [], []
+    addresses, problems, legacy = [], [], []
     for i, raw in enumerate(_list(status.get("addresses"), "status.addresses")):
         entry = _mapping(raw, f"status.addresses[{i}]")
         if entry.get("type") != "InternalIP":
             continue
         try:
-            ip = _ip(entry.get("address"), f"status.addresses[{i}].address")
+            ip = _ip(entry.get("address"), f"status.addresses[{i}].address", legacy)
         except Invalid as exc:
             problems.append(str(exc))
             continue
         if ip not in addresses:
             addresses.append(ip)
     return NodeFacts(name=str(meta.get("name", "")), zone=str(labels.get(ZONE_LABEL) or ""),
-                     addresses=tuple(addresses)), tuple(problems)
+                     addresses=tuple(addresses)), tuple(problems), tuple(legacy)

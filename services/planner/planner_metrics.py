@@ -18,7 +18,8 @@ from .core import Planner
 # Every code the planner (core.py, calico.py) warns with, so each has a series (0) from the start.
 WARNING_CODES = ("invalid-service", "invalid-scheduler", "invalid-endpointslice", "invalid-node", "address-conflict",
                  "service-address-is-node-address", "nodeport-outside-ranges", "invalid-felix-configuration",
-                 "calico-bpf-dataplane", "endpoint-marks-exhausted")
+                 "calico-bpf-dataplane", "endpoint-marks-exhausted", "legacy-address",
+                 "stale-load-balancer-status")
 STAGE_BUCKETS = (*DEFAULT_BUCKETS, 30.0, 60.0, 120.0, 300.0)
 
 

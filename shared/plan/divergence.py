@@ -18,7 +18,9 @@ What legitimately differs between two correct proxies, and is therefore never re
 - an absent ipset the plan leaves empty (kube-proxy creates the IPv6 sets only in dual-stack), and kipvs's
   own KIPVS-* sets. An absent set the plan fills is one line, not one per entry (kube-proxy before 1.28 has
   no KUBE-IPVS-IPS or KUBE-HEALTH-CHECK-NODE-PORT: expected there, and the operator's call);
-- persistence netmask and scheduler flags: kube-proxy sets neither, nor does kipvs;
+- persistence netmask and scheduler flags: kube-proxy sets no netmask, nor does kipvs; both set ``mh-port``
+  with the ``mh`` scheduler (kube-proxy from PR 115527 on), and an older kube-proxy's lack of it is not
+  reported;
 - iptables/nftables rules and chains: kube-proxy's are iptables chains, kipvs's an nftables table; they
   are different implementations of the same filtering, compared by their ipsets.
 """

@@ -12,23 +12,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kipvs.shared.events import NodeFacts, ServicePlan
+from kipvs.shared.events import NodeFacts, PortPlan, ServicePlan
 
 from .endpoints import select
 from .node_state import Contribution, NodeState, family_of, ipset_name
 from .service_types import cluster_ip, external_ip, load_balancer, node_port
 
 
+def externally_accessible(plan: ServicePlan, port: PortPlan, family: int) -> bool:
+    """Whether this port takes traffic from outside in this family: a node port, or an external or
+    load-balancer IP *of the family*. kube-proxy runs one proxier per family and hands each the
+    Service's addresses of its family only (serviceport.go ``newBaseServiceInfo``), so its
+    ``BaseServicePortInfo.ExternallyAccessible`` (and so ``UsesClusterEndpoints`` / ``UsesLocalEndpoints``)
+    is per family: an IPv4-only external IP does not make the IPv6 side reachable from outside."""
+    return bool(port.node_port or any(family_of(ip) == family for ip in plan.external_ips)
+                or any(family_of(ip) == family for ip in plan.load_balancer_ips))
+
+
 def resolve_service(plan: ServicePlan, node: NodeFacts | None) -> Contribution:
     """What one Service programs on one node (``node`` None: a node the plan has no facts for yet)."""
     out = Contribution()
-    externally_accessible = bool(plan.external_ips or plan.load_balancer_ips or any(p.node_port for p in plan.ports))
     families = sorted({family_of(ip) for ip in plan.cluster_ips})
     for port in plan.ports:
         for family in families:
             endpoints = tuple(ep for ep in port.endpoints if family_of(ep.ip) == family)
             chosen = select(endpoints, node, plan.internal_policy_local, plan.external_policy_local,
-                            externally_accessible)
+                            externally_accessible(plan, port, family))
             cluster_ip.program(plan, port, family, chosen.internal, out)
             node_port.program(plan, port, family, node, chosen.external, out)
             external_ip.program(plan, port, family, node, chosen.external, out)

@@ -13,13 +13,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from kipvs.applier import node_settings
 from kipvs.applier.drain import Drainer
 from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.applier.kernel.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
+from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, EditService, Op, diff
 from kipvs.planner.core import Planner
 from kipvs.planner.log_replay import plan_events, read_events
 from kipvs.planner.render import ipvsadm
+from kipvs.shared.plan.node_state import NodeState, VirtualService
 from kipvs.shared.plan.resolve import resolve_service
 from tests.golden.regenerate import EVENTS
 
@@ -233,3 +235,80 @@ async def _wait_for(predicate, within: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+async def test_mh_scheduler_is_written_with_mh_port_and_repaired_without_it(kernel: NetlinkKernel) -> None:
+    """kube-proxy sets IP_VS_SVC_F_SCHED_MH_PORT with mh (kubernetes#115526): ipvsadm shows ``mh-port``."""
+    key = ("TCP", "10.96.7.7", 80)
+    await kernel.apply([AddService(key, "mh", 0), AddService(("TCP", "10.96.7.8", 80), "mh", 600)])
+    listing = sh("ipvsadm -Ln")
+    lines = [line for line in listing.splitlines() if "10.96.7.7:80" in line or "10.96.7.8:80" in line]
+    assert len(lines) == 2 and all("mh-port" in line for line in lines), listing
+    sh("ipvsadm -E -t 10.96.7.7:80 -s mh")  # rewritten by hand without the flag
+    assert "mh-port" not in next(line for line in sh("ipvsadm -Ln").splitlines() if "10.96.7.7:80" in line)
+    want = NodeState()
+    want.ipvs[key] = VirtualService("TCP", "10.96.7.7", 80, "mh")
+    want.ipvs[("TCP", "10.96.7.8", 80)] = VirtualService("TCP", "10.96.7.8", 80, "mh", 600)
+    observed = await kernel.observe()
+    repair = [op for op in diff(want, observed.state, observed.owned) if isinstance(op, EditService)]
+    assert repair == [EditService(key, "mh", 0)]
+    await kernel.apply(repair)
+    assert "mh-port" in next(line for line in sh("ipvsadm -Ln").splitlines() if "10.96.7.7:80" in line)
+
+
+async def test_conn_reuse_mode_is_written_on_the_kernels_kube_proxy_sets_it_on(kernel: NetlinkKernel) -> None:
+    sh("sysctl -w net.ipv4.vs.conn_reuse_mode=1")
+    current = kernel.sysctls(list(node_settings.KEYS))
+    assert current[node_settings.OSRELEASE].startswith("6."), "this guest's kernel is 6.x"
+    assert node_settings.sysctls_to_set(False, current) == {}, "5.9 and newer: left as it is"
+    # The same read-back with the release of RHEL 8's kernel: written, to the real sysctl.
+    changes = node_settings.sysctls_to_set(False, {**current, node_settings.OSRELEASE: "4.18.0-305.el8.x86_64"})
+    kernel.set_sysctls(changes)
+    assert sh("sysctl -n net.ipv4.vs.conn_reuse_mode").strip() == "0"
+    assert kernel.sysctls([node_settings.CONN_REUSE_MODE]) == {node_settings.CONN_REUSE_MODE: "0"}
+
+
+LB_CLIENT = ("import socket, sys\n"
+             "s = socket.socket(); s.settimeout(3)\n"
+             "try:\n"
+             "    s.connect((sys.argv[1], 80)); s.sendall(b'hi'); print(s.recv(10).decode() or 'closed')\n"
+             "except ConnectionRefusedError: print('refused')\n"
+             "except OSError as e: print('dropped', e.errno)\n")
+POD_SERVER = ("import socket\n"
+              "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "s.bind(('0.0.0.0', 8080)); s.listen(); print('ready', flush=True)\n"
+              "while True:\n"
+              "    c, _ = s.accept(); c.recv(10); c.sendall(b'pod'); c.close()\n")
+
+
+async def test_source_ranges_hold_for_a_connection_from_the_node_itself(kernel: NetlinkKernel) -> None:
+    """IPVS takes the node's own connection to a load-balancer IP at LOCAL_OUT, past the input hook
+    (kubernetes#119656): kipvs's output hook drops it unless the node may reach the address (-SOURCE-IP)."""
+    from kipvs.applier.kernel.rules import NftRules, RulesConfig
+
+    vip, key = "198.51.100.77", ("TCP", "198.51.100.77", 80)
+    sh("ip netns add lbpod; ip link add lbh type veth peer name lbp; ip link set lbp netns lbpod; "
+       "ip addr add 10.250.0.1/24 dev lbh; ip link set lbh up; "
+       "ip -n lbpod addr add 10.250.0.2/24 dev lbp; ip -n lbpod link set lbp up; ip -n lbpod link set lo up; "
+       "ip -n lbpod route add default via 10.250.0.1")
+    server = subprocess.Popen(["ip", "netns", "exec", "lbpod", sys.executable, "-c", POD_SERVER],
+                              stdout=subprocess.PIPE, text=True)
+    rules = NftRules(RulesConfig())
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        entry = f"{vip},tcp:80"
+        await kernel.apply([AddAddress(vip), AddService(key, "rr", 0), AddReal(key, ("10.250.0.2", 8080), 1),
+                            AddEntry("KUBE-IPVS-IPS", vip), AddEntry("KUBE-LOAD-BALANCER", entry),
+                            AddEntry("KUBE-LOAD-BALANCER-FW", entry),
+                            AddEntry("KUBE-LOAD-BALANCER-SOURCE-CIDR", f"{entry},192.0.2.0/24")])
+        members = {name: entries for name, entries in (await kernel.observe()).state.ipsets.items()}
+        await rules.install(members)
+        assert sh(f"{sys.executable} -c \"{LB_CLIENT}\" {vip}").startswith("dropped"), "no node address in range"
+        members["KUBE-LOAD-BALANCER-SOURCE-IP"] = {f"{entry},{vip}"}  # a node address is in a range
+        await rules.install(members)
+        assert sh(f"{sys.executable} -c \"{LB_CLIENT}\" {vip}").strip() == "pod"
+    finally:
+        server.kill()
+        server.wait()
+        await rules.remove()
+        sh("ip netns del lbpod; ip link del lbh 2>/dev/null || true")

@@ -23,9 +23,28 @@ SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED, SVC_FLAGS, SVC_TIMEOUT, SVC
 DEST_ADDR, DEST_PORT, DEST_FWD, DEST_WEIGHT, DEST_UTHRESH, DEST_LTHRESH, DEST_FAMILY = 1, 2, 3, 4, 5, 6, 11
 GENL_VERSION = 1
 PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
+MH_PORT = 0x10  # IP_VS_SVC_F_SCHED_MH_PORT (= IP_VS_SVC_F_SCHED2): ipvsadm's "mh-port"
 PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
 MASQUERADE = 0
+
+
+def service_flags(scheduler: str, timeout: int) -> int:
+    """IPVS_SVC_ATTR_FLAGS for a virtual service: persistent with ClientIP affinity; with the ``mh``
+    scheduler always ``mh-port``, so the source port is hashed too and one client's connections spread over
+    the real servers, as kube-proxy does (pkg/proxy/ipvs/proxier.go ``syncService``: ``if
+    proxier.ipvsScheduler == "mh" { serv.Flags |= utilipvs.FlagSourceHash }``, 0x10; kubernetes#115526,
+    PR 115527). Without it every connection of one client lands on one pod."""
+    return (PERSISTENT if timeout else 0) | (MH_PORT if scheduler == "mh" else 0)
+
+
+def observed_scheduler(name: str, flags: int) -> str:
+    """The scheduler as read back, compared with the plan's: an ``mh`` service without ``mh-port`` (written
+    by an older kipvs, or by hand) reads as ``mh without mh-port``, so a read-back (bootstrap, drift check)
+    repairs its flags with an EditService."""
+    if name == "mh" and not flags & MH_PORT:
+        return "mh without mh-port"
+    return name
 
 
 def _addr(ip: str) -> tuple[int, bytes]:
@@ -49,7 +68,7 @@ def service_full(protocol: int, ip: str, port: int, scheduler: str, timeout: int
     return attr(ATTR_SERVICE, attr(SVC_AF, struct.pack("=H", family)) + attr(SVC_PROTOCOL, struct.pack("=H", protocol))
                 + attr(SVC_ADDR, raw) + attr(SVC_PORT, struct.pack("!H", port))
                 + attr(SVC_SCHED, scheduler.encode() + b"\0")
-                + attr(SVC_FLAGS, struct.pack("=II", PERSISTENT if timeout else 0, 0xFFFFFFFF))
+                + attr(SVC_FLAGS, struct.pack("=II", service_flags(scheduler, timeout), 0xFFFFFFFF))
                 + attr(SVC_TIMEOUT, struct.pack("=I", timeout)) + attr(SVC_NETMASK, netmask))
 
 

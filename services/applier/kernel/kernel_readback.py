@@ -20,6 +20,7 @@ from kipvs.shared.plan.node_state import NodeState, RealKey, VirtualService, VSK
 
 from . import kernel_decode
 from .backend import Observed, parse_owned_entry
+from .ipvs_wire import observed_scheduler
 from .kernel_decode import CMD_GET_DEST, CMD_GET_SERVICE, Dest, Service
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER
 from .netlink_dump import NETLINK_ROUTE, DumpError, DumpSocket
@@ -115,7 +116,7 @@ async def observe(reader: KernelReader, link_index: int, sets: dict[str, str], o
     dests_of = None if checked is None else (lambda service: checked(_key(service)))
     for service, dests in await reader.table(_kipvs_shaped, dests_of):
         key = _key(service)
-        vs = VirtualService(key[0], key[1], key[2], service.scheduler,
+        vs = VirtualService(key[0], key[1], key[2], observed_scheduler(service.scheduler, service.flags),
                             service.timeout if service.flags & PERSISTENT else 0)
         for d in dests:
             vs.reals[(d.address, d.port)] = d.weight

@@ -27,7 +27,7 @@ from kipvs.shared.plan.node_state import (
 
 from . import kernel_readback
 from .backend import OWNED_SETS, Observed
-from .ipvs_wire import PERSISTENT, PROTOCOL_NUMBERS
+from .ipvs_wire import PROTOCOL_NUMBERS, service_flags
 from .kernel_read import read_table
 from .kernel_readback import KernelReader
 
@@ -54,7 +54,7 @@ def service_of(key: VSKey, scheduler: str = "rr", timeout: int = 0) -> IPVSServi
     # af first: pyroute2 encodes the address according to the family attribute it has already seen.
     return IPVSService(af=socket.AF_INET6 if v6 else socket.AF_INET, protocol=PROTOCOL_NUMBERS[protocol], addr=ip,
                        port=port, sched_name=scheduler, timeout=timeout,
-                       flags={"flags": PERSISTENT if timeout else 0, "mask": 0xFFFFFFFF},
+                       flags={"flags": service_flags(scheduler, timeout), "mask": 0xFFFFFFFF},
                        netmask=V6_NETMASK if v6 else "255.255.255.255")
 
 

@@ -12,9 +12,20 @@ kept, for parity and for tools that read them) and rules that do kube-proxy's jo
   kube-ipvs0 on a port that is no Service port is rejected, except a health-check node port
   (KUBE-HEALTH-CHECK-NODE-PORT: a cloud load balancer probes it on the LB address, kubernetes PR 117723);
 - loadBalancerSourceRanges: traffic to a load-balancer VIP:port with source ranges is dropped unless
-  its source is in a range (or is the node itself: the -SOURCE-IP entries);
+  its source is in a range (or is the node itself: the -SOURCE-IP entries), on the input path and on the
+  output path (below);
 - forwarding of marked and established traffic is accepted;
 - Calico's endpoint marks, where this node's mode is ``enforce`` (see :mod:`.endpoint_mark_rules`).
+
+A connection from the node itself (or a hostNetwork pod) to a load-balancer IP never crosses the input
+hook: IPVS takes it at LOCAL_OUT (ip_vs_core.c ``ip_vs_local_request4``, priority NF_IP_PRI_NAT_DST + 1)
+and rewrites its destination to the pod. So the source-range chain is also hooked on output, at priority
+-110, before IPVS, where the destination is still the VIP; the node's source there is the VIP itself (its
+route is local), which only a -SOURCE-IP entry lets through, i.e. when a node address is in a range.
+kube-proxy fixed the same hole with an OUTPUT rule ``-s LBIP -m ipvs --vaddr LBIP -j DROP`` for each
+load-balancer IP no node address is allowed to reach (pkg/proxy/ipvs/proxier.go ``writeIptablesRules``,
+``lbNoNodeAccessIPs``; kubernetes#119656, PR 119791). nftables has no ipvs match, hence the hook before
+IPVS; the result is the same except that kipvs filters per port, as the sets are.
 
 The whole table is (re)written in one ``nft -f`` transaction (flush + define); member changes are one
 transaction per batch. kipvs never touches another table.
@@ -37,6 +48,7 @@ from .endpoint_mark_rules import EndpointMarks
 
 TABLE = "kipvs"
 MASQ_MARK = 0x4000
+OUTPUT_PRIORITY = -110  # before IPVS's LOCAL_OUT hook (NF_IP_PRI_NAT_DST + 1 = -99) and nat output (-100)
 
 # ipset -> (nft set name, element type, needs interval flag)
 _ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -172,6 +184,8 @@ def _chains(config: RulesConfig) -> list[str]:
         "  chain vip_filter {", *vip_filter, "  }",
         "  chain filter_input {", "    type filter hook input priority filter; policy accept;",
         "    jump source_ranges", "    jump vip_filter", "  }",
+        "  chain filter_output {", f"    type filter hook output priority {OUTPUT_PRIORITY}; policy accept;",
+        "    jump source_ranges", "  }",
         "  chain filter_forward {", "    type filter hook forward priority filter; policy accept;",
         f"    meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} accept", "    ct state related,established accept", "  }",
     ]

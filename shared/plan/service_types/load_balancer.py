@@ -3,7 +3,14 @@ bound to kube-ipvs0 unless the node owns the address (an ingress IP equal to a n
 k3s's service load balancer: binding it would put the node's own address in KUBE-IPVS-IPS and the VIP
 port filter would refuse ssh and the kubelet on it; kube-proxy checks every external address against the
 node's before binding, kubernetes issue 114815); loadBalancerSourceRanges become the -FW / -SOURCE-CIDR /
--SOURCE-IP sets the applier's firewall rules match, exactly as kube-proxy fills them."""
+-SOURCE-IP sets the applier's firewall rules match, exactly as kube-proxy fills them.
+
+Source ranges are per family (kubernetes#33035): each of kube-proxy's per-family proxiers gets the ranges
+of its own family only (pkg/proxy/serviceport.go ``newBaseServiceInfo``, ``MapCIDRsByIPFamily``), and
+``syncProxyRules`` (pkg/proxy/ipvs/proxier.go) firewalls a load-balancer IP only ``if
+len(svcInfo.LoadBalancerSourceRanges()) != 0``. So a dual-stack Service with IPv4 ranges only is filtered
+on IPv4 and open on IPv6; the node may reach the address (-SOURCE-IP) when one of *its family's* node
+addresses is in a range."""
 
 from __future__ import annotations
 
@@ -17,9 +24,9 @@ from .common import external_address
 
 def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | None,
             endpoints: tuple[Endpoint, ...], out: Contribution) -> None:
-    ranges = [ipaddress.ip_network(r) for r in plan.load_balancer_source_ranges]
-    node_ips = [ipaddress.ip_address(ip) for ip in (node.addresses if node else ())]
-    allow_from_node = any(ip in net for net in ranges for ip in node_ips if ip.version == net.version)
+    ranges = [net for net in map(ipaddress.ip_network, plan.load_balancer_source_ranges) if net.version == family]
+    node_ips = [ipaddress.ip_address(ip) for ip in (node.addresses if node else ()) if family_of(ip) == family]
+    allow_from_node = any(ip in net for net in ranges for ip in node_ips)
     for ip in plan.load_balancer_ips:
         if family_of(ip) != family:
             continue
@@ -27,7 +34,6 @@ def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | No
         if ranges:
             out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-FW", family), e))
             for net in ranges:
-                if net.version == family:
-                    out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-SOURCE-CIDR", family), f"{e},{net}"))
+                out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-SOURCE-CIDR", family), f"{e},{net}"))
             if allow_from_node:
                 out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-SOURCE-IP", family), f"{e},{ip}"))
