@@ -7,7 +7,9 @@ from __future__ import annotations
 import re
 
 from kipvs.applier import node_facts, takeover
+from kipvs.applier.exclude import ExcludeCIDRs, parse
 from kipvs.applier.kernel.backend import MemoryKernel
+from kipvs.applier.main import ApplierConfig, settings_of
 from kipvs.applier.ops import AddService, DelService, diff
 from kipvs.audit.status import NodeStatus, render
 from kipvs.shared.plan.node_state import NodeState, VirtualService
@@ -15,6 +17,7 @@ from kipvs.shared.plan.node_state import NodeState, VirtualService
 WEB, DNS, API = ("TCP", "10.96.0.10", 80), ("UDP", "10.96.0.53", 53), ("TCP", "10.96.0.20", 8080)
 OTHER = ("TCP", "192.0.2.9", 443)  # someone else's (a keepalived VIP): not in kipvs's plan
 EXCLUDED = ("TCP", "10.200.0.5", 80)  # in the plan, but inside an excluded CIDR
+EXCLUDE = ExcludeCIDRs(parse(["10.200.0.0/16"]))
 
 
 def vs(key: tuple[str, str, int], *reals: str) -> VirtualService:
@@ -44,14 +47,14 @@ def plan() -> NodeState:
 
 async def test_adoption_owns_the_planned_services_as_they_are_and_writes_only_differences() -> None:
     kernel, desired = await kube_proxy_node(), plan()
-    assert await takeover.adopt(kernel, desired, ["10.200.0.0/16"]) == 3
+    assert await takeover.adopt(kernel, desired, EXCLUDE) == 3
     observed = await kernel.observe()
     assert observed.owned == {WEB, DNS, API}, "the planned services outside the excluded CIDRs"
     ops = diff(desired, observed.state, observed.owned)
     assert not [op for op in ops if isinstance(op, AddService | DelService)], ops  # nothing re-created
     await kernel.apply(ops)
     assert kernel.ipvs[WEB].reals == {("10.244.1.11", 8080): 1, ("10.244.2.11", 8080): 1}
-    assert await takeover.adopt(kernel, desired, ["10.200.0.0/16"]) == 0, "adopting again is a no-op"
+    assert await takeover.adopt(kernel, desired, EXCLUDE) == 0, "adopting again is a no-op"
 
 
 async def test_an_adopted_service_leaving_the_plan_is_deleted_a_foreign_one_never() -> None:
@@ -93,3 +96,13 @@ async def test_the_takeover_is_recorded_on_the_link_and_shown_by_node_facts() ->
     assert node_facts.report("node-a", observation, "off", "").taken_over == when
     shown = render([NodeStatus("node-a", applied_seq=3, behind=0, report_age_s=1.0, taken_over=when)], 3)
     assert f"taken over from kube-proxy in place at {when}" in shown
+
+
+async def test_adopt_reads_a_comma_separated_exclude_flag_as_the_applier_does() -> None:
+    """`--adopt --ipvs-exclude-cidrs "10.200.0.0/16, fd00:97::/64"`: one parsed value serves both the
+    takeover and the exclusion (it crashed on ip_network of the raw flag string)."""
+    settings = settings_of(ApplierConfig(node="n", adopt=True,
+                                         ipvs_exclude_cidrs=["10.200.0.0/16, fd00:97::/64", "10.201.0.0/16"]))
+    kernel, desired = await kube_proxy_node(), plan()
+    assert await takeover.adopt(kernel, desired, settings.exclude) == 3
+    assert (await kernel.observe()).owned == {WEB, DNS, API}

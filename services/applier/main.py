@@ -179,7 +179,6 @@ def settings_of(cfg: ApplierConfig) -> ApplierSettings:
                            strict_arp=cfg.ipvs_strict_arp, report_interval=cfg.report_interval,
                            drift_check_services=cfg.drift_check_services,
                            nodeport_cidrs=tuple(cfg.nodeport_cidrs), adopt=cfg.adopt,
-                           adopt_exclude_cidrs=tuple(cfg.ipvs_exclude_cidrs),
                            exclude=exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)),
                            conntrack=Conntrack(cfg.conntrack_max_per_core, cfg.conntrack_min,
                                                cfg.conntrack_tcp_timeout_established,

@@ -60,8 +60,7 @@ class ApplierSettings:
     nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs (kube-proxy's --nodeport-addresses)
     conntrack: Conntrack = field(default_factory=Conntrack)  # --conntrack-max-per-core ...
     adopt: bool = False  # --adopt: take kube-proxy's state over at the bootstrap (takeover.py)
-    adopt_exclude_cidrs: tuple[str, ...] = ()  # never adopted: --ipvs-exclude-cidrs
-    exclude: ExcludeCIDRs = field(default_factory=ExcludeCIDRs)  # --ipvs-exclude-cidrs
+    exclude: ExcludeCIDRs = field(default_factory=ExcludeCIDRs)  # --ipvs-exclude-cidrs (also never adopted)
 
 
 @dataclass
@@ -86,7 +85,7 @@ class Applier:
         # with a batch being written (it would "repair" what the batch is adding: EEXIST).
         self.kernel_lock = asyncio.Lock()
         self.stream_seq = 0  # the last plan-stream sequence applied (read at bootstrap or delivered)
-        self.adopt, self.adopt_exclude_cidrs = s.adopt, s.adopt_exclude_cidrs
+        self.adopt, self.exclude = s.adopt, s.exclude
         # history of the plan is read under the node's one reader name: its permissions allow no other
         self.plan_reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(node))
         self.consumer: plan_feed.PlanInput | None = None
@@ -131,7 +130,7 @@ class Applier:
             core.local_addresses = await self.kernel.node_addresses()
         core.reset(plan)
         if self.adopt:  # before the first write: kube-proxy's services are only edited, never re-created
-            await takeover.adopt(self.kernel, core.desired.state(), self.adopt_exclude_cidrs)
+            await takeover.adopt(self.kernel, core.desired.state(), self.exclude)
         found = await self.converge()
         calico = await marks.last_node_state(self.ctx.js, self.plan_reader, self.node)
         if calico is not None:

@@ -12,7 +12,7 @@ with its nftables table ``inet kipvs``. So a takeover is:
    before the first write. The bootstrap's read-back + diff then writes only the differences (a weight,
    a missing real server); nothing is deleted and re-added, so IPVS's connection entries stay valid.
    A service the plan does not hold stays foreign: kipvs still never deletes a service not its own, and a
-   service inside an excluded CIDR (``excluded``, for ``--ipvs-exclude-cidrs``) is never adopted;
+   service inside an excluded CIDR (``--ipvs-exclude-cidrs``) is never adopted;
 2. kipvs's nftables table is installed (by the bootstrap) next to kube-proxy's chains; both mark 0x4000
    and masquerade, and a connection is NATed once (its conntrack entry keeps the first binding);
 3. only then kube-proxy's iptables chains are unlinked, flushed and deleted, exactly as kube-proxy's own
@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import logging
 import shutil
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kipvs.shared.plan.node_state import NodeState, VSKey, family_of
 
+from .exclude import ExcludeCIDRs
 from .kernel.backend import OWNED_SETS, Backend, Observed, owned_entry
 from .node_facts import TAKEOVER_ALIAS
 from .ops import AddEntry
@@ -74,19 +73,15 @@ KUBE_PROXY_CHAINS: tuple[tuple[str, str], ...] = (
 IPTABLES = ("iptables-nft", "ip6tables-nft", "iptables-legacy", "ip6tables-legacy")
 PLAIN_IPTABLES = ("iptables", "ip6tables")
 
-
-def excluded(ip: str, cidrs: Iterable[str]) -> bool:
-    """Whether ``ip`` lies in one of ``cidrs`` (kube-proxy's ``isIPInExcludeCIDRs``)."""
-    address = ipaddress.ip_address(ip)
-    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+NO_EXCLUDE = ExcludeCIDRs()
 
 
-def adoption(desired: NodeState, observed: Observed, exclude_cidrs: Iterable[str] = ()) -> list[AddEntry]:
+def adoption(desired: NodeState, observed: Observed, exclude: ExcludeCIDRs = NO_EXCLUDE) -> list[AddEntry]:
     """The ownership entries that make kube-proxy's virtual services kipvs's own: one per service that is
-    in the kernel and in the plan, not owned yet and outside ``exclude_cidrs``. Pure."""
-    cidrs = tuple(exclude_cidrs)
+    in the kernel and in the plan, not owned yet and outside ``exclude`` (``--ipvs-exclude-cidrs``, parsed
+    once by exclude.parse; kube-proxy's ``isIPInExcludeCIDRs``). Pure."""
     keys: list[VSKey] = sorted(key for key in desired.ipvs if key in observed.state.ipvs
-                               and key not in observed.owned and not excluded(key[1], cidrs))
+                               and key not in observed.owned and not exclude.covers(key[1]))
     return [AddEntry(OWNED_SETS[family_of(key[1])], owned_entry(key)) for key in keys]
 
 
@@ -149,11 +144,11 @@ async def remove_kube_proxy_chains() -> list[str]:
     return removed
 
 
-async def adopt(kernel: Backend, desired: NodeState, exclude_cidrs: Iterable[str] = ()) -> int:
+async def adopt(kernel: Backend, desired: NodeState, exclude: ExcludeCIDRs = NO_EXCLUDE) -> int:
     """Make the virtual services kube-proxy left that kipvs's plan holds kipvs's own (``adoption``), before
     the bootstrap's first write; the number adopted. Foreign ones are named in the log and left alone."""
     observed = await kernel.observe()
-    entries = adoption(desired, observed, exclude_cidrs)
+    entries = adoption(desired, observed, exclude)
     if entries:
         await kernel.apply(list(entries))
         # when, recorded on the link itself (node facts and `kipvs status` read it): it lasts as the link does
