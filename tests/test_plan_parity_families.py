@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kipvs.applier.ops import AddEntry, DelEntry, DesiredState
+from kipvs.planner import sloppy
 from kipvs.planner.core import Planner
 from kipvs.planner.log_replay import plan_events, read_events
 from kipvs.shared.plan.resolve import resolve_service
@@ -169,6 +170,35 @@ def test_every_address_field_is_read_sloppily(plan) -> None:
         assert field in fields["default/web"], field
     assert "endpoints[0].addresses[0]" in fields["default/web-1"]
     assert "status.addresses[0].address" in fields["node-a"]
+
+
+def test_ipv4_mapped_ipv6_forms_are_ipv4_as_kube_proxy_reads_them(plan) -> None:
+    """Go's net.ParseIP + To4(): ``::ffff:a.b.c.d`` is IPv4, and ParseCIDRSloppy reads ``::ffff:a.b.c.d/96+n``
+    as ``a.b.c.d/n`` (IPNet.String). Before: the range left the LB open, the external IP and ingress were
+    dropped, the endpoint skipped and the clusterIP put in the KUBE-6 sets."""
+    svc = web(type="LoadBalancer", ports=HTTP, clusterIP="::ffff:10.96.0.19", clusterIPs=["::ffff:10.96.0.19"],
+              externalIPs=["::ffff:203.0.113.5"], loadBalancerSourceRanges=["::ffff:198.51.100.0/120"])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "::ffff:203.0.113.18"}]}}
+    eps = slice_(kube.endpoint("::ffff:10.244.1.20", "node-a"))
+    state = plan(added(*NODES, svc, eps), "node-a", "json")
+    assert state["ipsets"]["KUBE-CLUSTER-IP"] == ["10.96.0.19,tcp:80"]
+    assert state["ipsets"]["KUBE-6-CLUSTER-IP"] == []
+    assert state["ipsets"]["KUBE-EXTERNAL-IP"] == ["203.0.113.5,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == ["203.0.113.18,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-CIDR"] == ["203.0.113.18,tcp:80,198.51.100.0/24"]
+    assert state["ipsets"]["KUBE-LOOP-BACK"] == ["10.244.1.20,tcp:8080,10.244.1.20"]
+    fields = {w["object"]: w["message"] for w in state["warnings"] if w["code"] == "legacy-address"}
+    for field in ("spec.clusterIPs[0]", "spec.externalIPs[0]", "spec.loadBalancerSourceRanges[0]",
+                  "status.loadBalancer.ingress[0].ip"):
+        assert field in fields["default/web"], field
+    assert "::ffff:198.51.100.0/120" in fields["default/web"] and "IPv4-mapped" in fields["default/web"]
+    assert "endpoints[0].addresses[0]" in fields["default/web-1"]
+
+
+@pytest.mark.parametrize(("raw", "read"), [("::ffff:10.0.0.1/96", "0.0.0.0/0"), ("::ffff:10.0.0.1/64", "::/64"),
+                                           ("::10.0.0.1/120", "::a00:0/120"), ("::ffff:10.0.0.1/128", "10.0.0.1/32")])
+def test_mapped_cidrs_follow_go_parse_cidr(raw: str, read: str) -> None:
+    assert sloppy.parse_cidr(raw) == (read, read != "::/64" and read != "::a00:0/120")
 
 
 def test_legacy_warning_clears_when_the_address_is_rewritten() -> None:

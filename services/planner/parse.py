@@ -92,6 +92,8 @@ def canonical_ip(text: str) -> str | None:
 
 
 def legacy_note(field: str, raw: str, read: str) -> str:
+    if ":" in raw:
+        return f"{field}: {raw!r} read as {read} (an IPv4-mapped IPv6 address is IPv4 to kube-proxy: Go's To4)"
     return f"{field}: {raw!r} read as {read} (leading zeros are decimal, as kube-proxy's ParseIPSloppy reads them)"
 
 
@@ -342,7 +344,7 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
             problems.append(f"endpoints[{i}].addresses: missing or empty")
             continue
         ip = canonical(addresses[0])
-        if ip is None and not want_v6:  # rare: a legacy address, read as kube-proxy does
+        if ip is None or (":" in ip and "." in ip):  # rare: a legacy or IPv4-mapped address, as kube-proxy reads it
             parsed = sloppy.parse_ip(addresses[0])
             if parsed is not None:
                 ip = parsed[0]
