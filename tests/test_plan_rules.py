@@ -189,6 +189,18 @@ def test_scheduler_default_flag_and_annotation(plan) -> None:
     assert state["warnings"][0]["code"] == "invalid-scheduler" and "'fastest'" in state["warnings"][0]["message"]
 
 
+def test_mh_is_printed_with_the_port_flag_the_applier_programs(plan) -> None:
+    """``ipvsadm -R`` of ``kipvs plan`` must reproduce the kernel: the applier writes mh with mh-port
+    (shared/plan/ipvs_flags.service_flags), and ipvsadm -Sn prints it after -p as ``-b mh-port`` (ipvsadm.c
+    ``print_service_entry``, FMT_RULE)."""
+    svc = web()
+    assert plan(added(svc), "node-a", "ipvsadm", "--scheduler", "mh") == ["-A -t 10.96.0.10:80 -s mh -b mh-port"]
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    assert plan(added(svc), "node-a", "ipvsadm", "--scheduler", "mh") == [
+        "-A -t 10.96.0.10:80 -s mh -p 10800 -b mh-port"]
+    assert plan(added(svc), "node-a", "ipvsadm", "--scheduler", "sh") == ["-A -t 10.96.0.10:80 -s sh -p 10800"]
+
+
 def test_session_affinity_is_persistence(plan) -> None:
     svc = web(sessionAffinity="ClientIP")
     assert plan(added(svc)) == ["-A -t 10.96.0.10:80 -s rr -p 10800"]

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kipvs.shared.events import PlanWarning, SetNodeCalico
+from kipvs.shared.plan.ipvs_flags import sched_flag_names, service_flags
 from kipvs.shared.plan.node_state import NodeState, VirtualService, sort_key_ip
 
 _PROTOCOL_FLAG = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
@@ -26,13 +27,17 @@ def _reals(vs: VirtualService) -> list[tuple[tuple[str, int], int]]:
 
 def ipvsadm(state: NodeState) -> str:
     """The IPVS table as ``ipvsadm -S -n`` writes it, sorted: services by protocol, address, port; each
-    followed by its real servers by address and port. Masquerade forwarding (-m) throughout."""
+    followed by its real servers by address and port. Masquerade forwarding (-m) throughout; the scheduler
+    flags the applier programs (``-b mh-port``), so ``ipvsadm -R`` of it reproduces the kernel."""
     lines = []
     for vs in sorted(state.ipvs.values(), key=_vs_order):
         flag = _PROTOCOL_FLAG[vs.protocol]
         head = f"-A {flag} {_hostport(vs.ip, vs.port)} -s {vs.scheduler}"
         if vs.persistence_timeout:
             head += f" -p {vs.persistence_timeout}"
+        sched_flags = sched_flag_names(vs.scheduler, service_flags(vs.scheduler, vs.persistence_timeout))
+        if sched_flags:  # as the applier programs them (ipvsadm -Sn prints -b after -p)
+            head += " -b " + ",".join(sched_flags)
         lines.append(head)
         for (ip, port), weight in _reals(vs):
             lines.append(f"-a {flag} {_hostport(vs.ip, vs.port)} -r {_hostport(ip, port)} -m -w {weight}")

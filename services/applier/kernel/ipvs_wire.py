@@ -12,6 +12,8 @@ import functools
 import socket
 import struct
 
+from kipvs.shared.plan.ipvs_flags import MH_PORT, service_flags
+
 from .netlink_batch import attr
 
 CMD_NEW_SERVICE, CMD_SET_SERVICE, CMD_DEL_SERVICE = 1, 2, 3
@@ -22,20 +24,9 @@ ATTR_SERVICE, ATTR_DEST = 1, 2
 SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 1, 2, 3, 4, 6, 7, 8, 9
 DEST_ADDR, DEST_PORT, DEST_FWD, DEST_WEIGHT, DEST_UTHRESH, DEST_LTHRESH, DEST_FAMILY = 1, 2, 3, 4, 5, 6, 11
 GENL_VERSION = 1
-PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
-MH_PORT = 0x10  # IP_VS_SVC_F_SCHED_MH_PORT (= IP_VS_SVC_F_SCHED2): ipvsadm's "mh-port"
 PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
 MASQUERADE = 0
-
-
-def service_flags(scheduler: str, timeout: int) -> int:
-    """IPVS_SVC_ATTR_FLAGS for a virtual service: persistent with ClientIP affinity; with the ``mh``
-    scheduler always ``mh-port``, so the source port is hashed too and one client's connections spread over
-    the real servers, as kube-proxy does (pkg/proxy/ipvs/proxier.go ``syncService``: ``if
-    proxier.ipvsScheduler == "mh" { serv.Flags |= utilipvs.FlagSourceHash }``, 0x10; kubernetes#115526,
-    PR 115527). Without it every connection of one client lands on one pod."""
-    return (PERSISTENT if timeout else 0) | (MH_PORT if scheduler == "mh" else 0)
 
 
 def observed_scheduler(name: str, flags: int) -> str:
