@@ -239,6 +239,18 @@ def test_a_service_no_longer_a_load_balancer_stops_serving_its_old_address_at_on
     assert warning["code"] == "stale-load-balancer-status" and "203.0.113.9" in warning["message"]
 
 
+def test_the_stale_status_warning_lists_only_what_kube_proxy_would_still_serve(plan) -> None:
+    """Not ipMode Proxy entries (serviceport.go ``IsVIPMode``), not unparseable ones; each as read."""
+    turned = web()
+    turned["status"] = {"loadBalancer": {"ingress": [
+        {"ip": "203.0.113.9"}, {"ip": "203.0.113.10", "ipMode": "Proxy"}, {"ip": "not-an-ip"},
+        {"ip": "203.000.113.011"}, {"ip": "::ffff:203.0.113.12"}, {"hostname": "lb.example"}]}}
+    (warning,) = plan(added(*NODES, turned), "node-a", "json")["warnings"]
+    assert "lists 203.0.113.9, 203.0.113.11, 203.0.113.12:" in warning["message"], warning["message"]
+    turned["status"]["loadBalancer"]["ingress"] = [{"ip": "203.0.113.10", "ipMode": "Proxy"}, {"ip": "x"}]
+    assert plan(added(*NODES, turned), "node-a", "json")["warnings"] == []
+
+
 def test_the_change_of_type_is_live_and_the_warning_clears_with_the_status() -> None:
     lb, turned = _turned_cluster_ip()
     steps = [*added(*NODES, lb), {"type": "MODIFIED", "object": turned}]

@@ -202,7 +202,7 @@ def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
             raise
         ingress = []  # a status kipvs does not read for this type: its shape does not matter
     if kind != "LoadBalancer":
-        return (), (), tuple(str(raw["ip"]) for raw in ingress if isinstance(raw, dict) and raw.get("ip"))
+        return (), (), _stale_ingress(ingress)
     lb_ips, ranges = [], []
     for i, raw in enumerate(ingress):
         entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
@@ -211,6 +211,19 @@ def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
     for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
         ranges.append(_cidr(cidr, f"spec.loadBalancerSourceRanges[{i}]", legacy))
     return tuple(lb_ips), tuple(ranges), ()
+
+
+def _stale_ingress(ingress: list[Any]) -> tuple[str, ...]:
+    """The ingress addresses kube-proxy would still serve for a Service no longer a LoadBalancer: VIP-mode
+    entries (not ``ipMode: Proxy``, serviceport.go ``IsVIPMode``) it can read (``ParseIPSloppy``), each
+    in its canonical form; the rest it ignores too."""
+    stale = []
+    for raw in ingress:
+        if isinstance(raw, dict) and isinstance(raw.get("ip"), str) and raw.get("ipMode") != "Proxy":
+            parsed = sloppy.parse_ip(raw["ip"].strip())
+            if parsed is not None:
+                stale.append(parsed[0])
+    return tuple(stale)
 
 
 def _cidr(value: Any, field: str, legacy: list[str]) -> str:
