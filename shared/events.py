@@ -584,6 +584,9 @@ class IpvsInspectReply(msgspec.Struct, frozen=True, kw_only=True):
     node_addresses: tuple[str, ...] = ()
     table: KernelTable | None = None
     error: str = ""
+    # The applier's --ipvs-exclude-cidrs (CIDR strings): another program's ranges, which it never programs;
+    # ``kipvs ipvs --diff`` leaves them out. Added with a default: an older applier sends none.
+    exclude_cidrs: tuple[str, ...] = ()
 
 
 def object_key(namespace: str, name: str) -> str:

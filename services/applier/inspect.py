@@ -36,11 +36,12 @@ Context = Callable[[], tuple[str, int, tuple[str, ...]]]
 
 async def answer(node: str, kernel: Backend, context: Context,
                  read: Callable[[], Awaitable[events.KernelTable]] | None = None,
-                 data: bytes = b"") -> events.IpvsInspectReply:
-    """The reply to one request's bytes (empty bytes: a request with every default)."""
+                 data: bytes = b"", exclude_cidrs: tuple[str, ...] = ()) -> events.IpvsInspectReply:
+    """The reply to one request's bytes (empty bytes: a request with every default); ``exclude_cidrs``:
+    the applier's --ipvs-exclude-cidrs, which ``kipvs ipvs --diff`` leaves out."""
     mode, plan_seq, addresses = context()
     base = {"node": node, "backend": kernel.label, "mode": mode, "plan_seq": plan_seq,
-            "node_addresses": addresses}
+            "node_addresses": addresses, "exclude_cidrs": exclude_cidrs}
     try:
         request = _request_decoder.decode(data) if data else events.IpvsInspectRequest()
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -79,7 +80,8 @@ def reply_messages(reply: events.IpvsInspectReply, max_payload: int, parts: bool
 
 
 async def serve(nc: NATS, node: str, kernel: Backend, context: Context,
-                read: Callable[[], Awaitable[events.KernelTable]] | None = None) -> Subscription:
+                read: Callable[[], Awaitable[events.KernelTable]] | None = None,
+                exclude_cidrs: tuple[str, ...] = ()) -> Subscription:
     """Subscribe to this node's inspect subject; the caller unsubscribes when it stops."""
 
     async def handle(msg: Msg) -> None:
@@ -89,7 +91,7 @@ async def serve(nc: NATS, node: str, kernel: Backend, context: Context,
             # nats-server does not check a consumer creator's publish rights on deliver_subject). Answering
             # would read the whole kernel for every message of that stream (found by a hostile review).
             return
-        reply = await answer(node, kernel, context, read, msg.data)
+        reply = await answer(node, kernel, context, read, msg.data, exclude_cidrs)
         for payload, headers in reply_messages(reply, nc.max_payload, _wants_parts(msg.data)):
             await nc.publish(msg.reply, payload, headers=headers or None)
 

@@ -205,7 +205,7 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         inspection = await inspect.serve(
             ctx.nc, cfg.node, kernel,
             lambda: ("apply", core.plan.seq, core.local_addresses if core.use_interfaces else ()),
-            applier.read_kernel)
+            applier.read_kernel, tuple(map(str, applier.exclude.networks)))
         consumer = await _start_consumer(ctx, applier, claim, inspection)
         if consumer is None:
             return

@@ -10,7 +10,7 @@ kernel kube-proxy wrote.
 - ``--json``: the reply as JSON (the table with every counter, kube-ipvs0's addresses, the ipsets);
 - ``--diff``: the kernel against the published plan for the node (snapshot + deltas, resolved as the
   applier and ``kipvs plan`` resolve it), one line per difference (``shared/plan/divergence.py``), exit 1
-  when they differ.
+  when they differ; what lies in the applier's ``--ipvs-exclude-cidrs`` (sent in its reply) is left out.
 
 Exit 2, with one sentence, when NATS cannot be reached, no applier answers within ``--timeout``, or the
 applier answers with an error (it cannot read its kernel). A table over the server's max_payload (10,000
@@ -131,7 +131,7 @@ async def plan_differences(js: JetStreamContext, plan_reader: bus.LogReader,
     facts = plan.nodes.get(reply.node)
     if reply.node_addresses:  # the applier uses its interfaces' addresses for NodePorts, not the Node's
         facts = msgspec.structs.replace(facts or events.NodeFacts(name=reply.node), addresses=reply.node_addresses)
-    return plan.seq, divergences(reply.table, resolve_node(plan.services.values(), facts))
+    return plan.seq, divergences(reply.table, resolve_node(plan.services.values(), facts), reply.exclude_cidrs)
 
 
 async def ipvs(args: argparse.Namespace) -> int:

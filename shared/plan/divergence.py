@@ -21,11 +21,20 @@ What legitimately differs between two correct proxies, and is therefore never re
 - persistence netmask and scheduler flags: kube-proxy sets no netmask, nor does kipvs; both set ``mh-port``
   with the ``mh`` scheduler (kube-proxy from PR 115527 on), and an older kube-proxy's lack of it is not
   reported;
+- what lies in the node's ``--ipvs-exclude-cidrs`` (``exclude``): another program's ranges, where the
+  applier never programs, deletes nor binds (services/applier/exclude.py): virtual servers, kube-ipvs0
+  addresses and ipset entries about such an address;
 - iptables/nftables rules and chains: kube-proxy's are iptables chains, kipvs's an nftables table; they
   are different implementations of the same filtering, compared by their ipsets.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterable
+
+import msgspec
 
 from kipvs.shared.events import KernelTable, KernelVirtualServer
 from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, VirtualService, sort_key_ip
@@ -45,9 +54,13 @@ def _order(key: tuple[str, str, int]) -> tuple[object, ...]:
     return (key[0], sort_key_ip(key[1]), key[2])
 
 
-def divergences(table: KernelTable, want: NodeState) -> list[str]:
+def divergences(table: KernelTable, want: NodeState, exclude: Iterable[str] = ()) -> list[str]:
     """Every difference between ``table`` (read from a kernel) and ``want`` (the node's resolved plan),
-    one line each, in a stable order: virtual servers, then addresses, then ipsets."""
+    one line each, in a stable order: virtual servers, then addresses, then ipsets; nothing in the
+    ``exclude`` CIDRs (strings, e.g. ``"10.97.0.0/16"``; ValueError for one that is not a CIDR)."""
+    networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in exclude)
+    if networks:
+        table, want = _outside(table, networks), _plan_outside(want, networks)
     out: list[str] = []
     have = {(vs.protocol, vs.address, vs.port): vs for vs in table.virtual_servers if not vs.fwmark}
     for key in sorted(set(have) | set(want.ipvs), key=_order):
@@ -102,3 +115,34 @@ def _virtual_server(key: tuple[str, str, int], have: KernelVirtualServer | None,
             if held.forward != "Masq":
                 out.append(f"{where} forward {held.forward}, planned Masq")
     return out
+
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _covered(ip: str, networks: Networks) -> bool:
+    """Whether an address (or an ipset entry's first field, ``ip,proto:port[,...]``) lies in ``networks``;
+    a bare port (bitmap:port entry) is about no address."""
+    first = ip.split(",", 1)[0]
+    if first.isdigit():
+        return False
+    try:
+        addr = ipaddress.ip_address(first)
+    except ValueError:  # a net (hash:net entry) or a name: compared as it is
+        return False
+    return any(addr in net for net in networks if net.version == addr.version)
+
+
+def _outside(table: KernelTable, networks: Networks) -> KernelTable:
+    return msgspec.structs.replace(
+        table, virtual_servers=tuple(vs for vs in table.virtual_servers if vs.fwmark or not _covered(vs.address,
+                                                                                                      networks)),
+        addresses=tuple(ip for ip in table.addresses if not _covered(ip, networks)),
+        ipsets={name: tuple(e for e in entries if not _covered(e, networks)) for name, entries in table.ipsets.items()})
+
+
+def _plan_outside(want: NodeState, networks: Networks) -> NodeState:
+    return dataclasses.replace(
+        want, ipvs={key: vs for key, vs in want.ipvs.items() if not _covered(key[1], networks)},
+        addresses={ip for ip in want.addresses if not _covered(ip, networks)},
+        ipsets={name: {e for e in entries if not _covered(e, networks)} for name, entries in want.ipsets.items()})
