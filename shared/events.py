@@ -529,6 +529,8 @@ class KernelVirtualServer(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     one_packet: bool = False  # IP_VS_SVC_F_ONEPACKET
     stats: IpvsStats = IpvsStats()
     real_servers: tuple[KernelRealServer, ...] = ()
+    # IP_VS_SVC_F_SCHED1-3 as ipvsadm names them ("mh-port", "sh-fallback", "flag-1"); added with a default
+    sched_flags: tuple[str, ...] = ()
 
 
 class KernelTable(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -4,6 +4,7 @@ a real nats-server in tests/test_inspect_service.py.)"""
 
 from __future__ import annotations
 
+from kipvs.applier.kernel.backend import MemoryKernel
 from kipvs.audit.ipvsadm_format import largenum, render
 from kipvs.shared.events import IpvsStats, KernelRealServer, KernelTable, KernelVirtualServer
 from kipvs.shared.plan.divergence import divergences
@@ -148,3 +149,13 @@ def test_order_is_ipvsadms_even_where_its_comparison_wraps_around() -> None:
     for dump_order in ((cluster_ip, node_port, udp), (udp, node_port, cluster_ip)):
         heads = render(KernelTable(virtual_servers=dump_order)).splitlines()[3:]
         assert heads == ["TCP  192.168.50.11:30080 rr", "TCP  10.96.0.10:80 rr", "UDP  10.96.0.1:53 rr"]
+
+
+async def test_kipvs_ipvs_shows_the_scheduler_flags_as_ipvsadm_does() -> None:
+    """The memory kernel's mh service, read into the kernel view, prints ``mh (mh-port)`` as ipvsadm -Ln
+    does (checked against the real ipvsadm in the guest: tests/guest/kernel_readback.py)."""
+    kernel = MemoryKernel()
+    await kernel.setup()
+    kernel.ipvs[("TCP", "10.96.0.30", 80)] = VirtualService("TCP", "10.96.0.30", 80, "mh", 60)
+    (line,) = [line for line in render(await kernel.kernel_table()).splitlines() if "10.96.0.30" in line]
+    assert line == "TCP  10.96.0.30:80 mh (mh-port) persistent 60"

@@ -126,6 +126,8 @@ def _service_line(vs: KernelVirtualServer, layout: Layout) -> str:
     if layout != "table":
         return f"{name:<33}{_counters(vs.stats, layout)}"
     line = f"{name} {vs.scheduler}"
+    if vs.sched_flags:  # ipvsadm.c print_service_entry: "(flags)" right after the scheduler
+        line += f" ({','.join(vs.sched_flags)})"
     if vs.persistence_timeout:
         line += f" persistent {vs.persistence_timeout}"
         if vs.netmask and vs.netmask not in ("255.255.255.255", "128"):

@@ -8,6 +8,7 @@ MH_PORT = 0x10  # IP_VS_SVC_F_SCHED_MH_PORT (= IP_VS_SVC_F_SCHED2): ipvsadm's "m
 # ipvsadm.c print_sched_flags: IP_VS_SVC_F_SCHED1/2/3 named per scheduler
 _SCHED_FLAG_NAMES = {"sh": ((0x8, "sh-fallback"), (0x10, "sh-port")),
                      "mh": ((0x8, "mh-fallback"), (0x10, "mh-port"))}
+_GENERIC = ((0x8, "flag-1"), (0x10, "flag-2"), (0x20, "flag-3"))  # any other scheduler
 
 
 def service_flags(scheduler: str, timeout: int) -> int:
@@ -22,4 +23,4 @@ def service_flags(scheduler: str, timeout: int) -> int:
 def sched_flag_names(scheduler: str, flags: int) -> list[str]:
     """The scheduler flags as ipvsadm names them (``-b``'s argument, ``ipvsadm -Ln``'s parentheses):
     ``("mh", 0x10)`` -> ``["mh-port"]``."""
-    return [name for bit, name in _SCHED_FLAG_NAMES.get(scheduler, ()) if flags & bit]
+    return [name for bit, name in _SCHED_FLAG_NAMES.get(scheduler, _GENERIC) if flags & bit]

@@ -52,6 +52,7 @@ def ipvs_rules() -> str:
         "-A -t 10.96.2.4:443 -s rr -p 300 -M 255.255.255.0", "-a -t 10.96.2.4:443 -r 10.244.2.4:8443 -g -w 1",
         "-A -u 10.96.2.5:5000 -s rr -o", "-a -u 10.96.2.5:5000 -r 10.244.2.5:5000 -i -w 1",
         "-A -t 10.96.2.6:80 -s sh -b sh-fallback,sh-port", "-a -t 10.96.2.6:80 -r 10.244.2.6:80 -m -w 1",
+        "-A -t 10.96.2.7:80 -s mh -b mh-port -p 60", "-a -t 10.96.2.7:80 -r 10.244.2.7:80 -m -w 1",
         "-A -f 5 -s wlc", "-a -f 5 -r 10.244.3.1:0 -m -w 1",
         "-A -f 6 -6 -s rr -p 60", "-a -f 6 -6 -r [fd00::3:1]:0 -m -w 2",
         "-A -t [fd00::96:1]:80 -s rr", "-a -t [fd00::96:1]:80 -r [fd00::244:1]:8080 -m -w 1",
@@ -130,7 +131,8 @@ def save_lines(table: list[tuple[Service, list[Dest]]]) -> list[str]:
                 line += f" -M {mask}"
         if svc.flags & 0x4:
             line += " -o"
-        sched_flags = [name for bit, name in ((0x8, "sh-fallback"), (0x10, "sh-port")) if svc.flags & bit]
+        sched_flags = [f"{svc.scheduler}-{name}" for bit, name in ((0x8, "fallback"), (0x10, "port"))
+                       if svc.flags & bit and svc.scheduler in ("sh", "mh")]
         if sched_flags:
             line += " -b " + ",".join(sched_flags)
         out.append(line)
@@ -164,10 +166,9 @@ def test_kernel_table_renders_as_ipvsadm_ln(loaded: None) -> None:
             await kernel.close()
 
     table = asyncio.run(read())
-    # KernelVirtualServer has no scheduler flags (ipvsadm prints "sh (sh-fallback,sh-port)"): that line aside,
-    # the rendering is ipvsadm's.
-    printed = sh("ipvsadm -L -n").replace(" sh (sh-fallback,sh-port)\n", " sh\n")
-    assert render(table) == printed
+    printed = sh("ipvsadm -L -n")
+    assert " sh (sh-fallback,sh-port)\n" in printed and " mh (mh-port) persistent 60\n" in printed, printed
+    assert render(table) == printed, "scheduler flags included (KernelVirtualServer.sched_flags)"
     assert render(table, "stats") == sh("ipvsadm -L -n --stats")
     assert table.link and set(table.addresses) == {"10.96.0.10", "10.96.0.11", "fd00::10", "fd00::11"}
 

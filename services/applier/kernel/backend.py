@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kipvs.shared import events
+from kipvs.shared.plan.ipvs_flags import sched_flag_names, service_flags
 from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
 
 from ..node_settings import Timeouts
@@ -172,6 +173,7 @@ class MemoryKernel:
             family=family_of(vs.ip), protocol=vs.protocol, address=vs.ip, port=vs.port,  # type: ignore[arg-type]
             scheduler=vs.scheduler, persistence_timeout=vs.persistence_timeout,
             netmask="" if not vs.persistence_timeout else "255.255.255.255" if family_of(vs.ip) == 4 else "128",
+            sched_flags=tuple(sched_flag_names(vs.scheduler, service_flags(vs.scheduler, vs.persistence_timeout))),
             real_servers=tuple(events.KernelRealServer(address=ip, port=port, weight=weight,
                                                        active_conns=self.conns.get((key, (ip, port)), 0))
                                for (ip, port), weight in vs.reals.items()))

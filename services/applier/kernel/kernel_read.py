@@ -17,6 +17,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from kipvs.shared import events
+from kipvs.shared.plan.ipvs_flags import sched_flag_names
 from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
 from . import ipvs_wire, kernel_decode
@@ -82,7 +83,7 @@ def virtual_server(svc: Service, dests: list[Dest]) -> events.KernelVirtualServe
         address=svc.address, port=svc.port, fwmark=svc.fwmark, scheduler=svc.scheduler,
         persistence_timeout=svc.timeout if svc.flags & PERSISTENT else 0,
         netmask=_netmask(family, svc.netmask), one_packet=bool(svc.flags & ONE_PACKET),
-        stats=_stats(svc.stats), real_servers=reals)
+        stats=_stats(svc.stats), real_servers=reals, sched_flags=tuple(sched_flag_names(svc.scheduler, svc.flags)))
 
 
 async def read_table(kernel: NetlinkKernel) -> events.KernelTable:
