@@ -302,6 +302,8 @@ class Translation:
 
 
 def _is_zero(name: str, value: Any) -> bool:
+    if isinstance(value, dict):  # kubeadm's logging.options.json.infoBufferSize: "0" is as unset as {}
+        return all(_is_zero(key, item) for key, item in value.items())
     if value is None or value is False or value in ("", 0, "0s", "0") or value == {} or value == []:
         return True
     return name == "bindAddress" and value in ("0.0.0.0", "::")  # kube-proxy's default: no override

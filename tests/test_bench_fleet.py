@@ -12,7 +12,8 @@ from tests.bench import fleet
 
 
 def test_the_fleet_benchmark_runs_end_to_end(capsys) -> None:
-    opt, _split = fleet.options(["--nodes", "1,3", "--services", "20", "--endpoints", "3", "--changes", "6", "--rate", "20"])
+    opt, _split = fleet.options(["--nodes", "1,3", "--services", "20", "--endpoints", "3", "--changes", "6",
+                                 "--rate", "20"])
     rows = fleet.run(opt)
     fleet.report(opt, rows)
     assert [r["nodes"] for r in rows] == [1, 3]
