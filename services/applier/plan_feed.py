@@ -128,6 +128,7 @@ class PlanFeed:
         self.wake = asyncio.Event()
         self.repair = True  # read the stream before taking the feed: what came between bootstrap and subscribe
         self.repairs = 0  # reads of the stream after a gap, a reconnect or a check found something missing
+        self.recheck = False  # ask the guard whether the plan stream was replaced (after a reconnect...)
         self.delivered = 0
         self.parked = 0
         self._queued_at: float | None = None
@@ -168,8 +169,13 @@ class PlanFeed:
             while not self._stop.is_set():
                 if self.nc.stats.get("reconnects", 0) != reconnects:
                     reconnects, self.repair = self.nc.stats.get("reconnects", 0), True  # published meanwhile
+                    self.recheck = True
+                if self.recheck:
                     if await self._replaced():
                         return
+                    # A wiped store's stream is missing at first: asked again (each turn, about a second
+                    # apart) until it is back, when the guard tells a new stream from the old one.
+                    self.recheck = self.guard is not None and bool(self.guard.missing)
                 if loop.time() >= next_check:
                     next_check, self.repair = loop.time() + self.check_period, True  # a lost last message
                 if self.repair:
@@ -237,6 +243,8 @@ class PlanFeed:
         except NotFoundError:
             return  # nothing on the subject yet
         cursor = self.position[subject] + 1
+        if last < self.position[subject]:
+            self.recheck = True  # the subject's sequence went back: the stream may have been replaced
         if last < cursor:
             return
         self.repairs += 1
