@@ -48,6 +48,15 @@ class BatchError(Exception):
         self.code = code
 
 
+async def recv_datagram(sock: socket.socket, buffer: bytearray) -> int:
+    """One netlink datagram into ``buffer`` (its size in bytes): at once when one is queued, else when the
+    event loop sees the non-blocking socket readable."""
+    try:
+        return sock.recv_into(buffer)
+    except BlockingIOError:
+        return await asyncio.get_running_loop().sock_recv_into(sock, buffer)
+
+
 class BatchSocket:
     """A netlink socket of one protocol that writes batches of already-encoded requests."""
 
@@ -92,10 +101,7 @@ class BatchSocket:
         failure: BatchError | None = None
         buffer = self.buffer
         while pending:
-            try:
-                size = self.sock.recv_into(buffer)
-            except BlockingIOError:
-                size = await asyncio.get_running_loop().sock_recv_into(self.sock, buffer)
+            size = await recv_datagram(self.sock, buffer)
             offset = 0
             while offset + 20 <= size:
                 length, kind, _, seq, _, code = _ACK.unpack_from(buffer, offset)
@@ -113,10 +119,7 @@ class BatchSocket:
         seq = self.reserve(1)
         self.sock.send(_HEADER.pack(16 + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
         while True:
-            try:
-                size = self.sock.recv_into(self.buffer)
-            except BlockingIOError:
-                size = await asyncio.get_running_loop().sock_recv_into(self.sock, self.buffer)
+            size = await recv_datagram(self.sock, self.buffer)
             offset = 0
             while offset + 16 <= size:
                 length, reply_kind, _, reply_seq, _ = _HEADER.unpack_from(self.buffer, offset)

@@ -13,13 +13,12 @@ together in one ``send``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
 import struct
 
-from .netlink_batch import BatchSocket
+from .netlink_batch import BatchSocket, recv_datagram
 
 NETLINK_ROUTE = 0
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
@@ -65,10 +64,7 @@ class DumpSocket(BatchSocket):
         total = 0
         buffer = self.buffer
         while True:
-            try:
-                size = self.sock.recv_into(buffer)
-            except BlockingIOError:
-                size = await asyncio.get_running_loop().sock_recv_into(self.sock, buffer)
+            size = await recv_datagram(self.sock, buffer)
             total += size
             if total > max_bytes:
                 await self._drain(seq)
@@ -93,10 +89,7 @@ class DumpSocket(BatchSocket):
     async def _drain(self, seq: int) -> None:
         """Read a dump we gave up on to its end, so that the socket can take the next one."""
         while True:
-            try:
-                size = self.sock.recv_into(self.buffer)
-            except BlockingIOError:
-                size = await asyncio.get_running_loop().sock_recv_into(self.sock, self.buffer)
+            size = await recv_datagram(self.sock, self.buffer)
             offset = 0
             while offset + 16 <= size:
                 length, reply_kind, _, reply_seq, _ = _HEADER.unpack_from(self.buffer, offset)
