@@ -214,7 +214,8 @@ Main = Callable[[ServiceContext], Awaitable[None]]
 
 
 # The streams each service's guard pins: checked every few seconds for the _POLLED services, by an applier
-# only when its consumer fails (services/applier/plan_consumer.py; a fleet polling would load the servers).
+# only when its consumer fails (plan_consumer.py) or its plan feed reconnects or sees a sequence go back
+# (plan_feed.py): a fleet polling would load the servers.
 _GUARDED_STREAMS = {"watcher": (topology.KUBE_STREAM,), "planner": (topology.KUBE_STREAM, topology.PLAN_STREAM),
                     "applier": (topology.PLAN_STREAM,)}
 _POLLED = ("watcher", "planner")
