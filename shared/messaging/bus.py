@@ -94,41 +94,9 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
     Each attempt is bounded in time and ends at once on ``stop``: nats-py's ``connect()`` can wait forever
     (an unreachable server with unbounded attempts; a TLS handshake that failed while it may reconnect,
     e.g. a ``nats://`` URL to a server that wants TLS), silently and deaf to SIGTERM."""
-    backoff = Backoff(initial=0.2, maximum=10.0)
-    clients: list[NATS] = []  # the client, once connected (the callbacks look at its state)
-
-    async def disconnected() -> None:
-        if clients and (clients[0].is_closed or clients[0].is_draining):
-            return  # our own close or drain (a tool's end, a service's stop): nothing was lost
-        log.warning("NATS connection lost; reconnecting", extra={"url": url})
-
-    async def reconnected() -> None:
-        log.info("NATS connection restored", extra={"url": url})
-
-    last_error: list[BaseException] = []
+    watch = _ConnectionEvents(url, name, auth, on_error)
     options = auth.connect_options() if auth is not None else {}
-
-    async def error(exc: Exception) -> None:
-        last_error[:] = [exc]
-        if on_error is not None:
-            on_error(exc)
-        if "permissions violation" in str(exc).lower():
-            # The request that caused it only times out: this line says why.
-            log.warning("NATS refused %s (%s): %s", name, auth.describe() if auth else "no identity", exc)
-        elif clients and _refuses_files(exc) and not clients[0].is_closed:
-            log.warning("NATS refused %s at reconnect (%s); closing the connection to open a new one with the "
-                        "identity and CA files read again", name, describe_refusal(exc, auth))
-            closing = asyncio.get_running_loop().create_task(clients[0].close())
-            # closing a client whose socket the server reset raises in nats-py: retrieved, not an asyncio
-            # "Task exception was never retrieved" traceback in the service's log
-            closing.add_done_callback(lambda task: task.cancelled() or task.exception())
-            if asyncio.current_task() is getattr(clients[0], "_reconnection_task", None):
-                # End nats-py's reconnect loop here: after this callback it sets the client RECONNECTING
-                # again, over the CLOSED that close() set, and the client would look alive for good.
-                raise asyncio.CancelledError
-        else:
-            log.debug("NATS client error: %s", exc)
-
+    backoff = Backoff(initial=0.2, maximum=10.0)
     attempt_bound = 3.0 * len(servers(url)) + 2.0  # connect_timeout per server, and the handshake
     while True:
         if stop is not None and stop.is_set():
@@ -139,8 +107,8 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
             # one attempt per round (this loop does the retrying).
             await _bounded(nc.connect(
                 servers(url), name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5,
-                allow_reconnect="tls" not in options, connect_timeout=3, disconnected_cb=disconnected,
-                reconnected_cb=reconnected, error_cb=error, **options,
+                allow_reconnect="tls" not in options, connect_timeout=3, disconnected_cb=watch.disconnected,
+                reconnected_cb=watch.reconnected, error_cb=watch.error, **options,
             ), attempt_bound, stop)
             break
         except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -149,19 +117,68 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, auth: 
             if stop is not None and stop.is_set():
                 raise Stopped(f"stopped before NATS at {url} could be reached") from None
             delay = backoff.next()
-            cause = last_error[0] if last_error else exc
+            cause = watch.last_error or exc
             log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", url, describe_refusal(cause, auth), delay)
-            if stop is None:
-                await asyncio.sleep(delay)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-    clients.append(nc)
+            await _pause(delay, stop)
+    watch.client = nc
     nc.options["allow_reconnect"] = True  # from now on nats-py reconnects by itself, forever
     nc.options["max_reconnect_attempts"] = -1
     version = nc.connected_server_version
     topology.check_server_version((version.major, version.minor, version.patch))
     return nc
+
+
+@dataclass
+class _ConnectionEvents:
+    """nats-py's callbacks for one connection made by :func:`connect`: losses and refusals logged with their
+    reason, the last error kept for the retry's log line, a client whose files are refused at reconnect closed."""
+
+    url: str
+    name: str
+    auth: ClientAuth | None
+    on_error: Callable[[Exception], None] | None
+    client: NATS | None = None  # once connected (the callbacks look at its state)
+    last_error: BaseException | None = None
+
+    async def disconnected(self) -> None:
+        if self.client is not None and (self.client.is_closed or self.client.is_draining):
+            return  # our own close or drain (a tool's end, a service's stop): nothing was lost
+        log.warning("NATS connection lost; reconnecting", extra={"url": self.url})
+
+    async def reconnected(self) -> None:
+        log.info("NATS connection restored", extra={"url": self.url})
+
+    async def error(self, exc: Exception) -> None:
+        self.last_error = exc
+        if self.on_error is not None:
+            self.on_error(exc)
+        client = self.client
+        if "permissions violation" in str(exc).lower():
+            # The request that caused it only times out: this line says why.
+            log.warning("NATS refused %s (%s): %s", self.name, self.auth.describe() if self.auth else "no identity",
+                        exc)
+        elif client is not None and _refuses_files(exc) and not client.is_closed:
+            log.warning("NATS refused %s at reconnect (%s); closing the connection to open a new one with the "
+                        "identity and CA files read again", self.name, describe_refusal(exc, self.auth))
+            closing = asyncio.get_running_loop().create_task(client.close())
+            # closing a client whose socket the server reset raises in nats-py: retrieved, not an asyncio
+            # "Task exception was never retrieved" traceback in the service's log
+            closing.add_done_callback(lambda task: task.cancelled() or task.exception())
+            if asyncio.current_task() is getattr(client, "_reconnection_task", None):
+                # End nats-py's reconnect loop here: after this callback it sets the client RECONNECTING
+                # again, over the CLOSED that close() set, and the client would look alive for good.
+                raise asyncio.CancelledError
+        else:
+            log.debug("NATS client error: %s", exc)
+
+
+async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``seconds``, or less when ``stop`` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def _bounded(attempt: Awaitable[None], seconds: float, stop: asyncio.Event | None) -> None:
