@@ -29,6 +29,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -195,81 +196,44 @@ DUPLICATE_WINDOW_S = 600.0  # how long JetStream remembers Nats-Msg-Id; longer t
 
 def streams(replicas: int = 1) -> list[StreamSpec]:
     """The streams kipvs needs. ``replicas`` is 3 on a clustered production NATS, 1 on the embedded one."""
-    file = StorageType.FILE
     return [
-        StreamSpec(
-            StreamConfig(
-                name=KUBE_STREAM,
-                description="kipvs: every Kubernetes change the watcher saw, in order",
-                subjects=["kipvs.kube.>"],
-                retention=RetentionPolicy.LIMITS,
-                storage=file,
-                num_replicas=replicas,
-                duplicate_window=DUPLICATE_WINDOW_S,
-                discard=DiscardPolicy.OLD,
-                allow_direct=True,
-            ),
-            "the Kubernetes event log (the planner's input, the auditor's record)",
-        ),
-        StreamSpec(
-            StreamConfig(
-                name=PLAN_STREAM,
-                description="kipvs: planner deltas, shared and per node",
-                subjects=["kipvs.plan.>"],
-                retention=RetentionPolicy.LIMITS,
-                storage=file,
-                num_replicas=replicas,
-                duplicate_window=DUPLICATE_WINDOW_S,
-                discard=DiscardPolicy.OLD,
-                allow_direct=True,
-                # Planners with leader election publish fenced atomic batches (nats-server >= 2.12; an older
-                # server drops the field, and the planner then refuses to run with --leader-elect).
-                allow_atomic=True,
-                max_consumers=FLEET_MAX_CONSUMERS,
-                # Once, by the stream's leader, after storing: one core-NATS message per node and change
-                # instead of a consumer, a pull and an ack per node (issue 27, docs/architecture.md "Scale").
-                republish=RePublish(src="kipvs.plan.>", dest=PLAN_FEED_DEST),
-            ),
-            "what each node's kernel should hold, as ordered deltas",
-        ),
-        StreamSpec(
-            StreamConfig(
-                name=STATUS_STREAM,
-                description="kipvs: applier reports, drift and node facts",
-                subjects=["kipvs.status.>"],
-                retention=RetentionPolicy.LIMITS,
-                storage=file,
-                num_replicas=replicas,
-                duplicate_window=120.0,
-                max_age=7 * 24 * 3600.0,
-                discard=DiscardPolicy.OLD,
-                allow_direct=True,
-                # Bounded by the server, not by the appliers' good manners: a node's identity may publish
-                # only its STATUS_KINDS subjects, each keeps STATUS_PER_SUBJECT reports of at most
-                # STATUS_MAX_MSG bytes, and the whole stream drops its oldest past STATUS_MAX_BYTES, never
-                # refusing a write (a full store stopped the whole cluster, issue 21).
-                max_msg_size=STATUS_MAX_MSG,
-                max_msgs_per_subject=STATUS_PER_SUBJECT,
-                max_bytes=STATUS_MAX_BYTES,
-            ),
-            "what each node applied and found",
-        ),
-        StreamSpec(
-            StreamConfig(
-                name=PARKED_STREAM,
-                description="kipvs: messages a service could not take, with the reason in headers",
-                subjects=["kipvs.parked.>"],
-                retention=RetentionPolicy.LIMITS,
-                storage=file,
-                num_replicas=replicas,
-                duplicate_window=120.0,
-                discard=DiscardPolicy.OLD,
-                max_msg_size=PARKED_MAX_MSG,
-                max_bytes=PARKED_MAX_BYTES,
-            ),
-            "the dead-letter store: nothing is dropped silently",
-        ),
+        StreamSpec(_log(KUBE_STREAM, "every Kubernetes change the watcher saw, in order", "kipvs.kube.>", replicas,
+                        allow_direct=True),
+                   "the Kubernetes event log (the planner's input, the auditor's record)"),
+        StreamSpec(_log(PLAN_STREAM, "planner deltas, shared and per node", "kipvs.plan.>", replicas,
+                        allow_direct=True,
+                        # Planners with leader election publish fenced atomic batches (nats-server >= 2.12; an
+                        # older server drops the field, and the planner then refuses to run with --leader-elect).
+                        allow_atomic=True,
+                        max_consumers=FLEET_MAX_CONSUMERS,
+                        # Once, by the stream's leader, after storing: one core-NATS message per node and change
+                        # instead of a consumer, a pull and an ack per node (issue 27, docs/architecture.md
+                        # "Scale").
+                        republish=RePublish(src="kipvs.plan.>", dest=PLAN_FEED_DEST)),
+                   "what each node's kernel should hold, as ordered deltas"),
+        StreamSpec(_log(STATUS_STREAM, "applier reports, drift and node facts", "kipvs.status.>", replicas,
+                        duplicate_window=120.0, max_age=7 * 24 * 3600.0, allow_direct=True,
+                        # Bounded by the server, not by the appliers' good manners: a node's identity may publish
+                        # only its STATUS_KINDS subjects, each keeps STATUS_PER_SUBJECT reports of at most
+                        # STATUS_MAX_MSG bytes, and the whole stream drops its oldest past STATUS_MAX_BYTES,
+                        # never refusing a write (a full store stopped the whole cluster, issue 21).
+                        max_msg_size=STATUS_MAX_MSG, max_msgs_per_subject=STATUS_PER_SUBJECT,
+                        max_bytes=STATUS_MAX_BYTES),
+                   "what each node applied and found"),
+        StreamSpec(_log(PARKED_STREAM, "messages a service could not take, with the reason in headers",
+                        "kipvs.parked.>", replicas, duplicate_window=120.0,
+                        max_msg_size=PARKED_MAX_MSG, max_bytes=PARKED_MAX_BYTES),
+                   "the dead-letter store: nothing is dropped silently"),
     ]
+
+
+def _log(name: str, description: str, subjects: str, replicas: int, duplicate_window: float = DUPLICATE_WINDOW_S,
+         **limits: Any) -> StreamConfig:
+    """What every kipvs stream is: a log on file (limits retention) of one subject tree, dropping its oldest
+    when full; ``limits`` are the stream's own further StreamConfig fields."""
+    return StreamConfig(name=name, description=f"kipvs: {description}", subjects=[subjects],
+                        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, num_replicas=replicas,
+                        duplicate_window=duplicate_window, discard=DiscardPolicy.OLD, **limits)
 
 
 # A mirror of the plan for readers that may not create consumers on KIPVS_PLAN itself (the tools): any
