@@ -553,9 +553,7 @@ async def run_service(name: str, config: CommonConfig, main: Main,
     logs.setup(config.log_format, config.log_level)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    _on_signals(loop, stop.set)
     health = Health(stale_after=config.healthz_stale_after, metrics=Registry(name))
     runner, port = await _start_http(health, config.http_listen, PROXY_MODES.get(name, ""))
     reopened = health.metrics.counter(
@@ -591,17 +589,33 @@ async def run_service(name: str, config: CommonConfig, main: Main,
                     await _close(session.nc)
                 if not closed:
                     return
-                health.ctx = None
-                health.closed_since = loop.time()
-                health.closed_reason = bus.describe_refusal(session.nc.last_error, session.auth)
-                health.phase = f"reconnecting: the server closed the connection ({health.closed_reason})"
-                ctx.set_not_ready(health.phase)
-                log.warning("%s: the server closed the NATS connection for good (%s); connecting again with the "
-                            "identity and CA files read again", name, health.closed_reason)
+                _closed_for_good(name, session, ctx, health)
     finally:
         if runner is not None:
             await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+        _on_signals(loop, None)
     log.info("%s stopped", name)
+
+
+def _on_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None] | None) -> None:
+    """SIGTERM and SIGINT call ``handler`` (None: their handlers are removed); where the loop cannot take
+    signals (not the main thread, Windows), nothing."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            if handler is None:
+                loop.remove_signal_handler(sig)
+            else:
+                loop.add_signal_handler(sig, handler)
+
+
+def _closed_for_good(name: str, session: _Session, ctx: ServiceContext, health: Health) -> None:
+    """The server closed the session's connection for good: not ready, with the reason, until the runtime's
+    next connection (made with the identity and CA files read again) is up."""
+    assert session.nc is not None
+    health.ctx = None
+    health.closed_since = asyncio.get_running_loop().time()
+    health.closed_reason = bus.describe_refusal(session.nc.last_error, session.auth)
+    health.phase = f"reconnecting: the server closed the connection ({health.closed_reason})"
+    ctx.set_not_ready(health.phase)
+    log.warning("%s: the server closed the NATS connection for good (%s); connecting again with the "
+                "identity and CA files read again", name, health.closed_reason)
