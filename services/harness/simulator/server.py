@@ -13,50 +13,19 @@ raw line into open watches (a malformed object on the wire).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 from aiohttp import web
 
-from .store import BY_KIND, BY_PLURAL, RESOURCES, ApiError, Resource, Store, decode_continue, encode_continue
+from . import discovery
+from .store import BY_KIND, BY_PLURAL, ApiError, Resource, Store, decode_continue, encode_continue
 from .tokens import TokenAuthority
+from .watches import Watch, Watches, truthy
 
 log = logging.getLogger("kipvs.simulator")
-
-
-_VERBS = ["create", "delete", "get", "list", "update", "watch"]
-_SHORT_NAMES = {"Service": ["svc"], "Pod": ["po"], "Node": ["no"], "FelixConfiguration": ["felixconfig"]}
-# What the simulator serves besides the stored kinds: the token request and review kipvs auth uses.
-_SUBRESOURCES: dict[tuple[str, str], list[dict[str, Any]]] = {
-    ("", "v1"): [{"name": "serviceaccounts/token", "singularName": "", "namespaced": True,
-                  "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}],
-    ("authentication.k8s.io", "v1"): [{"name": "tokenreviews", "singularName": "tokenreview",
-                                       "namespaced": False, "kind": "TokenReview", "verbs": ["create"]}],
-}
-
-
-def _discovered(resource: Resource) -> dict[str, Any]:
-    """An APIResource (meta/v1) for a stored kind."""
-    return {"name": resource.plural, "singularName": resource.kind.lower(), "namespaced": resource.namespaced,
-            "kind": resource.kind, "verbs": _VERBS, "shortNames": _SHORT_NAMES.get(resource.kind, [])}
-
-
-def truthy(value: str | None) -> bool:
-    return (value or "").lower() in ("true", "1")
-
-
-@dataclass(eq=False)
-class _Watch:
-    kind: str
-    namespace: str | None
-    dropped: asyncio.Event = field(default_factory=asyncio.Event)
-    stalled: bool = False
-    raw_lines: list[str] = field(default_factory=list)
 
 
 class Simulator:
@@ -65,14 +34,18 @@ class Simulator:
     def __init__(self, bookmark_interval: float = 60.0) -> None:
         self.store = Store()
         self.bookmark_interval = bookmark_interval
-        self.watches: set[_Watch] = set()
-        self._changed = asyncio.Condition()
+        self.watching = Watches(self.store)
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every API request, for tests
         self.raw_items: dict[str, list[str]] = {}  # kind -> verbatim JSON texts served as extra list items
         self.tokens = TokenAuthority(self.store)
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self.port = 0
+
+    @property
+    def watches(self) -> set[Watch]:
+        """The open watch connections."""
+        return self.watching.open
 
     # --- driving the cluster (from tests, scenarios and the /_sim API) -----------------------------
 
@@ -96,20 +69,15 @@ class Simulator:
         return result
 
     async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        await self.watching.notify()
 
     def drop_watches(self) -> int:
         """Close every open watch connection abruptly (what a load-balancer reset looks like)."""
-        for watch in self.watches:
-            watch.dropped.set()
-        return len(self.watches)
+        return self.watching.drop()
 
     def stall_watches(self) -> int:
         """Open watches stay connected but receive nothing more, ever: a half-open stream."""
-        for watch in self.watches:
-            watch.stalled = True
-        return len(self.watches)
+        return self.watching.stall()
 
     def compact(self) -> int:
         """Forget the watch history so far: watches from older versions get 410 Gone."""
@@ -136,11 +104,7 @@ class Simulator:
 
     async def inject_watch_line(self, kind: str, line: str) -> int:
         """Write ``line`` verbatim into every open watch of ``kind`` (malformed input on the wire)."""
-        targets = [w for w in self.watches if w.kind == kind]
-        for watch in targets:
-            watch.raw_lines.append(line)
-        await self._notify()
-        return len(targets)
+        return await self.watching.inject_line(kind, line)
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -173,17 +137,17 @@ class Simulator:
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
         r = app.router
-        r.add_get("/version", self._version)
+        r.add_get("/version", discovery.version)
         r.add_get("/_sim/kubeconfig", self._get_kubeconfig)
         r.add_post("/_sim/fault/{fault}", self._fault)
         # before the generic routes, which would take them for unknown resources
         r.add_post("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", self._token_request)
         r.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         for slash in ("", "/"):  # the Kubernetes client asks for /api/v1/, kubectl for /api/v1
-            r.add_get("/api" + slash, self._core_versions)
-            r.add_get("/apis" + slash, self._groups)
-            r.add_get("/api/{version}" + slash, self._resources)
-            r.add_get("/apis/{group}/{version}" + slash, self._resources)
+            r.add_get("/api" + slash, discovery.core_versions)
+            r.add_get("/apis" + slash, discovery.groups)
+            r.add_get("/api/{version}" + slash, discovery.resources)
+            r.add_get("/apis/{group}/{version}" + slash, discovery.resources)
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}", self._collection)
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}/{name}", self._item)
@@ -205,34 +169,6 @@ class Simulator:
 
     async def _token_review(self, request: web.Request) -> web.Response:
         return web.json_response(self.tokens.review(await request.json()), status=201)
-
-    async def _version(self, _: web.Request) -> web.Response:
-        return web.json_response({"major": "1", "minor": "34", "gitVersion": "v1.34.0-kipvs-simulator"})
-
-    # Discovery, as kube-apiserver serves it without aggregation (what kubectl falls back to when the
-    # answer is plain JSON, not an APIGroupDiscoveryList): staging/src/k8s.io/apiserver/pkg/endpoints/
-    # discovery (legacy.go, root.go, version.go). kubectl needs it before any request for a resource.
-
-    async def _core_versions(self, request: web.Request) -> web.Response:
-        return web.json_response({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-            {"clientCIDR": "0.0.0.0/0", "serverAddress": request.host}]})
-
-    async def _groups(self, _: web.Request) -> web.Response:
-        groups = sorted({(r.group, r.version) for r in RESOURCES if r.group} | {("authentication.k8s.io", "v1")})
-        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {"name": group, "versions": [{"groupVersion": f"{group}/{version}", "version": version}],
-             "preferredVersion": {"groupVersion": f"{group}/{version}", "version": version}}
-            for group, version in groups]})
-
-    async def _resources(self, request: web.Request) -> web.Response:
-        group, version = request.match_info.get("group", ""), request.match_info["version"]
-        served = [r for r in RESOURCES if (r.group, r.version) == (group, version)]
-        extra = _SUBRESOURCES.get((group, version), [])
-        if not served and not extra:
-            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({request.path})")
-        return web.json_response({"kind": "APIResourceList", "apiVersion": "v1",
-                                  "groupVersion": f"{group}/{version}" if group else version,
-                                  "resources": [_discovered(r) for r in served] + extra})
 
     async def _get_kubeconfig(self, _: web.Request) -> web.Response:
         return web.Response(text=self.kubeconfig(), content_type="application/yaml")
@@ -274,7 +210,7 @@ class Simulator:
         namespace = request.match_info.get("namespace")
         if request.method == "GET":
             if truthy(request.query.get("watch")):
-                return await self._watch(request, resource, namespace)
+                return await self.watching.serve(request, resource, namespace, self.bookmark_interval)
             limit = int(request.query.get("limit") or 0)
             listed = self.store.list(resource.kind, namespace, limit, request.query.get("continue", ""))
             raw = self.raw_items.get(resource.kind)
@@ -320,66 +256,3 @@ class Simulator:
             await self._notify()
             return web.json_response(deleted)
         raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported on an object")
-
-    async def _watch(self, request: web.Request, resource: Resource, namespace: str | None) -> web.StreamResponse:
-        bookmarks = truthy(request.query.get("allowWatchBookmarks"))
-        timeout = float(request.query.get("timeoutSeconds") or 0) or None
-        raw_rv = request.query.get("resourceVersion", "")
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        watch = _Watch(resource.kind, namespace)
-        self.watches.add(watch)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout if timeout else None
-        try:
-            if raw_rv in ("", "0"):
-                # No version: start with synthetic ADDED events for the current state, as the API does.
-                for obj in self.store.list(resource.kind, namespace)["items"]:
-                    await self._send(response, "ADDED", obj)
-                last = self.store.rv
-            else:
-                last = int(raw_rv)
-            next_bookmark = loop.time() + self.bookmark_interval
-            while True:
-                if watch.dropped.is_set():
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-                if watch.stalled:
-                    await watch.dropped.wait()  # half-open: silence until the client gives up
-                    continue
-                for line in watch.raw_lines:
-                    await response.write(line.encode() + b"\n")
-                watch.raw_lines.clear()
-                flushed_to = self.store.rv  # the window is read synchronously: consistent up to here
-                try:
-                    pending = list(self.store.changes_since(resource.kind, namespace, last))
-                except ApiError as exc:
-                    await response.write(json.dumps({"type": "ERROR", "object": exc.status()}).encode() + b"\n")
-                    return response
-                for change in pending:
-                    await self._send(response, change.type, change.object)
-                last = max(last, flushed_to)
-                now = loop.time()
-                if deadline is not None and now >= deadline:
-                    return response
-                # kube-apiserver's cacheWatcher sends no bookmark older than the version the watch started
-                # from: a watch from a future version (after a restore) hears nothing at all
-                if bookmarks and now >= next_bookmark and self.store.rv >= last:
-                    await self._send(response, "BOOKMARK", {
-                        "kind": resource.kind, "apiVersion": resource.api_version,
-                        "metadata": {"resourceVersion": str(last)}})
-                    next_bookmark = now + self.bookmark_interval
-                wake = min(x for x in (deadline, next_bookmark if bookmarks else None, now + 1.0) if x is not None)
-                async with self._changed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), max(0.0, wake - loop.time()))
-        except (ConnectionResetError, asyncio.CancelledError):
-            return response
-        finally:
-            self.watches.discard(watch)
-
-    @staticmethod
-    async def _send(response: web.StreamResponse, kind: str, obj: dict[str, Any]) -> None:
-        await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
