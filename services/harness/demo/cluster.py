@@ -61,6 +61,22 @@ def node_state(planner: Planner, node: str, exclude_cidrs: tuple[str, ...] = ())
     return state.finish()
 
 
+async def applier_token(sim: Simulator | None, node: str, folder: Path) -> Path:
+    """What the kubelet does for the applier's pod on ``node``: the pod, and a projected token bound to it
+    (audience kipvs-nats), in a file of ``folder`` only its owner reads."""
+    assert sim is not None
+    pod = await sim.apply({"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"name": f"kipvs-applier-{node}", "namespace": "kipvs-system"},
+                           "spec": {"nodeName": node, "serviceAccountName": "kipvs-applier",
+                                    "hostNetwork": True}})  # as the DaemonSet: no endpoint mark
+    issued = sim.tokens.request("kipvs-system", "kipvs-applier", {"spec": {
+        "audiences": ["kipvs-nats"], "expirationSeconds": 24 * 3600,
+        "boundObjectRef": {"kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}}})
+    path = folder / f"{node}.token"
+    write_private(path, issued["status"]["token"].encode())
+    return path
+
+
 @dataclass
 class Cluster:
     workdir: Path
@@ -132,21 +148,6 @@ class Cluster:
         assert self.nats_server is not None
         return self.nats_server.auth_dir
 
-    async def applier_token(self, node: str) -> Path:
-        """What the kubelet does for the applier's pod on ``node``: the pod, and a projected token bound to it
-        (audience kipvs-nats), in a file only its owner reads."""
-        assert self.sim is not None
-        pod = await self.sim.apply({"apiVersion": "v1", "kind": "Pod",
-                                    "metadata": {"name": f"kipvs-applier-{node}", "namespace": "kipvs-system"},
-                                    "spec": {"nodeName": node, "serviceAccountName": "kipvs-applier",
-                                             "hostNetwork": True}})  # as the DaemonSet: no endpoint mark
-        issued = self.sim.tokens.request("kipvs-system", "kipvs-applier", {"spec": {
-            "audiences": ["kipvs-nats"], "expirationSeconds": 24 * 3600,
-            "boundObjectRef": {"kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}}})
-        path = self.workdir / "tokens" / f"{node}.token"
-        write_private(path, issued["status"]["token"].encode())
-        return path
-
     async def auth_listening(self, within: float) -> None:
         """Wait until the auth callout answers (its log says so): appliers connecting before it would wait
         for the server's authorization timeout."""
@@ -181,7 +182,7 @@ class Cluster:
             node = service.removeprefix("applier-")
             argv = [KIPVS, "applier", "--node", node, "--drift-period", "10",
                     "--drain-timeout", str(self.drain_timeout), *common,
-                    "--nats-token-file", str(await self.applier_token(node))]
+                    "--nats-token-file", str(await applier_token(self.sim, node, self.workdir / "tokens"))]
             if self.backend == "memory":
                 argv += ["--backend", "memory"]
             else:
@@ -281,12 +282,8 @@ class Cluster:
             await asyncio.sleep(0.2)
 
     async def kernel_table(self, node: str) -> list[str]:
-        """The node's IPVS table (``ipvsadm -S``), less the real servers draining at weight 0 (gone from the
-        plan, kept until their connections close or the drain timeout passes, as kube-proxy does)."""
-        code, out = await network.in_node(node, "ipvsadm", "-S", "-n")
-        if code != 0:
-            return [f"ipvsadm failed: {out}"]
-        return sorted(line for line in out.splitlines() if not line.endswith(" -w 0"))
+        """The node's IPVS table, less its draining real servers (:func:`network.ipvs_table`)."""
+        return await network.ipvs_table(node)
 
     async def ipvsadm_list(self, node: str) -> str:
         if self.backend == "memory":
@@ -295,22 +292,10 @@ class Cluster:
         return (await network.in_node(node, "ipvsadm", "-L", "-n"))[1]
 
     async def requests(self, node: str, ip: str, port: int, count: int = 1) -> list[str]:
-        """``count`` HTTP requests from inside ``node`` through ``ip:port`` (one client process, each request
-        its own connection): the answering pods' lines, or "no answer (...)". The node's traffic to a VIP
-        is masqueraded by kipvs's nftables rules, as kube-proxy's rule does: replies from a pod on another
-        node come back to this node, not to the VIP that every node holds."""
-        script = ("import socket,sys\nfor _ in range(int(sys.argv[3])):\n"
-                  " try:\n"
-                  "  s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)\n"
-                  "  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  d=b''\n  while (c:=s.recv(4096)): d+=c\n"
-                  "  print(d.split(b'\\r\\n\\r\\n',1)[-1].decode().strip(),flush=True)\n"
-                  " except OSError as e:\n  print(f'no answer ({e})',flush=True)\n")
-        code, out = await network.in_node(node, sys.executable, "-c", script, ip, str(port), str(count),
-                                          within=10 + 4 * count)
-        answers = out.strip().splitlines()
-        if code != 0 or len(answers) != count:
-            return answers + [f"no answer ({answers[-1] if answers else code})"] * (count - len(answers))
-        return answers
+        """``count`` HTTP requests from inside ``node`` through ``ip:port`` (:func:`network.requests`). The
+        node's traffic to a VIP is masqueraded by kipvs's nftables rules, as kube-proxy's rule does: replies
+        from a pod on another node come back to this node, not to the VIP that every node holds."""
+        return await network.requests(node, ip, port, count)
 
     async def request(self, node: str, ip: str, port: int) -> str:
         return (await self.requests(node, ip, port))[0]

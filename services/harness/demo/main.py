@@ -13,6 +13,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from services.harness.guest import vm as guest
+from shared.messaging.embedded_nats import default_state_dir
+from shared.security import nats_credentials, pki
+
+from . import run as script
+from .network import BRIDGE_IP
 from .run import LOG_BEGIN, LOG_END
 
 LOG_FILE = Path(tempfile.gettempdir()) / "kipvs-demo" / "log.jsonl"
@@ -29,11 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_credentials(*names: str) -> Path:
     """The guest demo's bus credentials, in the state directory: CA, server certificate for the guest's bridge
     and host link, role NKEYs. Made once; the tools use ``tools.nk`` and ``ca.pem`` from here."""
-    from shared.messaging.embedded_nats import default_state_dir
-    from shared.security import nats_credentials, pki
-
-    from .network import BRIDGE_IP
-
     where = default_state_dir() / "demo-credentials"
     wanted = (*pki.LOCAL_NAMES, BRIDGE_IP, *names)
     cert = where / nats_credentials.SERVER_CERT
@@ -44,8 +45,6 @@ def demo_credentials(*names: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.harness.guest import vm as guest
-
     if args.backend == "memory":
         return _memory(args, "asked for with --backend memory")
     reason = guest.unavailable_reason()
@@ -56,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
         return _memory(args, reason)
     print(f"kipvs demo: booting a QEMU guest running Debian's kernel (real IPVS and nftables; "
           f"{guest.accelerator().upper()}) ...", flush=True)
+    return _in_guest(args)
+
+
+def _in_guest(args: argparse.Namespace) -> int:
+    """The demo's script in the QEMU guest, its console printed here and its log saved; a Ctrl-C asks the
+    script to stop at whatever step, a second one (or SIGTERM, SIGHUP) kills the guest."""
     link = guest.HostLink()
     problem = link.create()
     if problem:
@@ -64,43 +69,16 @@ def run(args: argparse.Namespace) -> int:
     # The bus's credentials are made here, where the guest reads them (the host's root, read-only) and where the
     # tools on this host find them to follow the live log.
     credentials = demo_credentials(*([] if problem else [link.guest_address]))
-    command = [sys.executable, "-m", "services.harness.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
-               "--credentials", str(credentials),
-               "--stop-file", f"{guest.SHARE_IN_GUEST}/stop", "--copy-logs-to", f"{guest.SHARE_IN_GUEST}/logs",
-               "--save-log", "-", *(["--keep"] if args.keep else []),
-               *([] if problem else ["--host-link", f"{link.guest_address}/{link.prefix}"])]
-    saved: list[str] = []
-    capturing = False
-
-    def on_line(line: str) -> None:
-        nonlocal capturing
-        if line == LOG_BEGIN:
-            capturing = True
-        elif line == LOG_END:
-            capturing = False
-        elif capturing:
-            saved.append(line)
-        else:
-            print(line, flush=True)
-
+    command = _guest_command(args, credentials, "" if problem else f"{link.guest_address}/{link.prefix}")
+    console = _Console()
     share = Path(tempfile.mkdtemp(prefix="kipvs-guest-demo-"))  # the guest's uncached share (/run/kipvs)
-    asked: list[int] = []
-
-    def on_stop(signum: int, _frame: object) -> None:
-        asked.append(signum)
-        if len(asked) == 1 and signum == signal.SIGINT:
-            # seen at once on the guest's uncached share: the demo stops cleanly at whatever step
-            (share / "stop").touch()
-            print("\nkipvs demo: stopping (Ctrl-C again to kill the guest at once) ...", flush=True)
-            return
-        raise KeyboardInterrupt  # a second Ctrl-C, SIGTERM or SIGHUP: the guest is killed (run_in_guest)
-
-    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stopper = _Stopper(share)
+    previous = {sig: signal.signal(sig, stopper.on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if not problem:
             link.configure_when_up()
         result = guest.run_in_guest(shlex.join(command), timeout=86400 if args.keep else 900, memory="1536M",
-                                    on_line=on_line, tap=None if problem else link.name, share=share)
+                                    on_line=console.line, tap=None if problem else link.name, share=share)
     except guest.GuestTimeout as exc:
         print(f"kipvs demo: {exc}", file=sys.stderr)
         return 1
@@ -120,11 +98,57 @@ def run(args: argparse.Namespace) -> int:
         link.remove()
         keep_guest_logs(share / "logs", GUEST_LOGS)
         shutil.rmtree(share, ignore_errors=True)
-    if saved:
+    if console.saved:
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
-        LOG_FILE.write_text("\n".join(saved) + "\n")
-        _explore(LOG_FILE, len(saved))
-    return 130 if asked and not args.keep else result.status
+        LOG_FILE.write_text("\n".join(console.saved) + "\n")
+        _explore(LOG_FILE, len(console.saved))
+    return 130 if stopper.asked and not args.keep else result.status
+
+
+def _guest_command(args: argparse.Namespace, credentials: Path, host_link: str) -> list[str]:
+    """The demo's script as the guest runs it (``host_link``: the guest's end of the link from the host,
+    ADDRESS/PREFIX, "" for none)."""
+    return [sys.executable, "-m", "services.harness.demo.run", "--backend", "netlink", "--workdir", "/run/tmp/demo",
+            "--credentials", str(credentials),
+            "--stop-file", f"{guest.SHARE_IN_GUEST}/stop", "--copy-logs-to", f"{guest.SHARE_IN_GUEST}/logs",
+            "--save-log", "-", *(["--keep"] if args.keep else []),
+            *(["--host-link", host_link] if host_link else [])]
+
+
+class _Console:
+    """The guest's console lines: printed, except the saved log between its markers, which is kept."""
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+        self._capturing = False
+
+    def line(self, line: str) -> None:
+        if line == LOG_BEGIN:
+            self._capturing = True
+        elif line == LOG_END:
+            self._capturing = False
+        elif self._capturing:
+            self.saved.append(line)
+        else:
+            print(line, flush=True)
+
+
+class _Stopper:
+    """The signal handler while the guest runs: a first Ctrl-C asks the demo to stop cleanly (the stop file,
+    seen at once on the guest's uncached ``share``); a second one, SIGTERM or SIGHUP kills the guest
+    (KeyboardInterrupt, which run_in_guest answers so)."""
+
+    def __init__(self, share: Path) -> None:
+        self.share = share
+        self.asked: list[int] = []
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.asked.append(signum)
+        if len(self.asked) == 1 and signum == signal.SIGINT:
+            (self.share / "stop").touch()
+            print("\nkipvs demo: stopping (Ctrl-C again to kill the guest at once) ...", flush=True)
+            return
+        raise KeyboardInterrupt
 
 
 def keep_guest_logs(copied: Path, to: Path) -> None:
@@ -146,8 +170,6 @@ def _explore(log: Path, records: int) -> None:
 
 
 def _memory(args: argparse.Namespace, reason: str) -> int:
-    from . import run as script
-
     print("kipvs demo: SIMULATED KERNELS. The appliers run with --backend memory: nothing is programmed and no "
           f"packet flows, because: {reason}", flush=True)
     LOG_FILE.parent.mkdir(parents=True, exist_ok=True)

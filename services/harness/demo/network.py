@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from services.harness.guest.vm import GUEST_NIC, time_scale
@@ -124,3 +125,31 @@ async def in_node(node: str, *argv: str, within: float = 10) -> tuple[int, str]:
         await process.wait()
         return 124, "timed out"
     return process.returncode or 0, out.decode(errors="replace")
+
+
+async def ipvs_table(node: str) -> list[str]:
+    """The node's IPVS table (``ipvsadm -S``), less the real servers draining at weight 0 (gone from the
+    plan, kept until their connections close or the drain timeout passes, as kube-proxy does)."""
+    code, out = await in_node(node, "ipvsadm", "-S", "-n")
+    if code != 0:
+        return [f"ipvsadm failed: {out}"]
+    return sorted(line for line in out.splitlines() if not line.endswith(" -w 0"))
+
+
+# One client process, each request its own connection; an answer's body, or why there was none, a line each.
+_CLIENT = ("import socket,sys\nfor _ in range(int(sys.argv[3])):\n"
+           " try:\n"
+           "  s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)\n"
+           "  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  d=b''\n  while (c:=s.recv(4096)): d+=c\n"
+           "  print(d.split(b'\\r\\n\\r\\n',1)[-1].decode().strip(),flush=True)\n"
+           " except OSError as e:\n  print(f'no answer ({e})',flush=True)\n")
+
+
+async def requests(node: str, ip: str, port: int, count: int) -> list[str]:
+    """``count`` HTTP requests from inside ``node`` through ``ip:port``: the answering pods' lines, or
+    "no answer (...)", always ``count`` of them."""
+    code, out = await in_node(node, sys.executable, "-c", _CLIENT, ip, str(port), str(count), within=10 + 4 * count)
+    answers = out.strip().splitlines()
+    if code != 0 or len(answers) != count:
+        return answers + [f"no answer ({answers[-1] if answers else code})"] * (count - len(answers))
+    return answers

@@ -127,9 +127,29 @@ async def _stop_requested(args: argparse.Namespace) -> None:
 
 
 async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    await _start(cluster)
+    await _converged(cluster, started)
+    step(5, "requests through Services, from inside node-a")
+    await _requests(cluster, [("ClusterIP web", "10.96.0.10", 80, 6), ("NodePort api", "192.168.50.11", 30080, 3),
+                              ("ClusterIP session (ClientIP affinity)", "10.96.0.40", 80, 4),
+                              ("LoadBalancer shop (eTP Local, pod on node-a)", "198.51.100.7", 80, 2)])
+    await _changes(cluster)
+    await _audit(cluster)
+    if args.keep:
+        await _keep(cluster, args)
+    else:
+        say(f"\ndone in {time.monotonic() - started:.0f} s. 'make demo ARGS=--keep' keeps it running to explore with "
+            "kipvs tap / history / why / replay.")
+    if args.save_log:
+        await _save_log(cluster, args.save_log)
+    return 0
+
+
+async def _start(cluster: Cluster) -> None:
+    """Steps 1-3: the bus, the Kubernetes API simulator, then every service."""
     real = cluster.backend == "netlink"
     counts = collections.Counter(o["kind"] for o in cluster.scenario.objects)
-    started = time.monotonic()
     step(1, "NATS JetStream (the event log) ...")
     await cluster.start_nats()
     say(f"      listening on {cluster.url}; store and logs in {cluster.workdir}")
@@ -147,6 +167,11 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
         if service == "auth":
             await cluster.auth_listening(within=60 * time_scale())  # a first Python start under TCG is slow
         say(f"      started {service}")
+
+
+async def _converged(cluster: Cluster, started: float) -> None:
+    """Step 4: every node holds its plan; each node's table, facts, and node-a's Calico endpoint marks."""
+    real = cluster.backend == "netlink"
     step(4, "waiting until every node holds its plan ...")
     took = await cluster.converged(within=120)
     say(f"      converged {took:.1f} s after the services started ({time.monotonic() - started:.1f} s in all)")
@@ -173,11 +198,10 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     for interface, mark in sorted(calico.endpoint_marks.items()):
         say(f"  {interface} ({by_interface.get(interface, '?')}): {mark:#010x}")
 
-    step(5, "requests through Services, from inside node-a")
-    await _requests(cluster, [("ClusterIP web", "10.96.0.10", 80, 6), ("NodePort api", "192.168.50.11", 30080, 3),
-                              ("ClusterIP session (ClientIP affinity)", "10.96.0.40", 80, 4),
-                              ("LoadBalancer shop (eTP Local, pod on node-a)", "198.51.100.7", 80, 2)])
 
+async def _changes(cluster: Cluster) -> None:
+    """Steps 6 and 7: a pod deleted, then a Deployment scaled, each followed to every node's kernel."""
+    real = cluster.backend == "netlink"
     step(6, "live change: pod web-2 is deleted (its endpoint leaves EndpointSlice web-x1)")
     slice_ = _slice(cluster, "web-x1")
 
@@ -212,6 +236,9 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     await _live_change(cluster, scale_web)
     await _requests(cluster, [("ClusterIP web", "10.96.0.10", 80, 6)])
 
+
+async def _audit(cluster: Cluster) -> None:
+    """Step 8: why node-a forwards 10.96.0.10:80, from the log alone (``kipvs why``)."""
     step(8, "audit trail: why does node-a forward 10.96.0.10:80? (kipvs why --node node-a 10.96.0.10:80)")
     assert cluster.js is not None
     plan = await read_all(cluster.js, bus.LogReader(topology.PLAN_STREAM), topology.PLAN_ALL_SUBJECT)
@@ -222,15 +249,6 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     out = io.StringIO()
     why.print_text(why.render(story, explainer), out)
     say(_indent(out.getvalue(), "  "))
-
-    if args.keep:
-        await _keep(cluster, args)
-    else:
-        say(f"\ndone in {time.monotonic() - started:.0f} s. 'make demo ARGS=--keep' keeps it running to explore with "
-            "kipvs tap / history / why / replay.")
-    if args.save_log:
-        await _save_log(cluster, args.save_log)
-    return 0
 
 
 LOG_BEGIN, LOG_END = "=====KIPVS-DEMO-LOG-BEGIN=====", "=====KIPVS-DEMO-LOG-END====="
