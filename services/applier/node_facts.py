@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from nats.js import JetStreamContext
+from pyroute2 import netns as pyroute2_netns
 
 from shared.contract import events, topology
 from shared.contract.events import NodeFactsReport
@@ -149,8 +150,6 @@ class LinkWatch:
     def _open(netns: str | None) -> socket.socket:
         if netns is None:
             return _subscribe()
-        from pyroute2 import netns as pyroute2_netns
-
         pyroute2_netns.pushns(netns)  # the socket belongs to the namespace it is created in
         try:
             return _subscribe()

@@ -24,6 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
+
+from shared.contract import topology
+from shared.messaging import bus
 from shared.security.nats_credentials import (
     AUTH_DIR,
     CA_CERT,
@@ -36,6 +40,7 @@ from shared.security.nats_credentials import (
     write_server_config,
 )
 from shared.security.nats_credentials import ensure as ensure_credentials
+from shared.security.nats_permissions import applier_durable, inbox_prefix
 from shared.security.pki import LOCAL_NAMES
 
 RUNFILE = "nats-server.json"
@@ -225,11 +230,6 @@ class EmbeddedNats:
 
     async def declare(self) -> None:
         """The admin identity declares the streams and the planner's consumer (each applier creates its own)."""
-        import nats
-
-        from shared.contract import topology
-        from shared.messaging import bus
-
         admin = self.identity("admin")
         nc = await nats.connect(self.client_url, name="kipvs-embedded-admin", allow_reconnect=False, connect_timeout=5,
                                 **(admin.connect_options() if admin else {}))
@@ -252,8 +252,6 @@ class EmbeddedNats:
             pid = int(json.loads((self.state_dir / RUNFILE).read_text()).get("pid", 0))
             os.kill(pid, signal.SIGHUP)  # nats-server reloads its users without dropping anyone
             await asyncio.sleep(0.5)
-        from shared.security.nats_permissions import applier_durable, inbox_prefix
-
         return ClientAuth(nkey_file=str(local_applier_seed(self.auth_dir, node)),
                           ca_file=str(self.auth_dir / CA_CERT), inbox_prefix=inbox_prefix(applier_durable(node)))
 

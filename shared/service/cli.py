@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
 
 from shared.messaging.embedded_nats import EmbeddedNats, EmbeddedNatsError, default_state_dir
 from shared.security.nats_credentials import CredentialsError
@@ -45,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     logs.setup("human", "info")
     log = logging.getLogger("kipvs.nats")
 
@@ -96,8 +96,6 @@ def run(args: argparse.Namespace) -> int:
 
 def version() -> str:
     """The installed distribution's version (its metadata, not a constant that could drift from it)."""
-    from importlib import metadata
-
     try:
         return metadata.version("kipvs")
     except metadata.PackageNotFoundError:
