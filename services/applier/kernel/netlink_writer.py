@@ -66,6 +66,27 @@ def _kind(op: Op) -> str:
     return "ipvs"
 
 
+def ipvs_request(family: int, op: Op) -> tuple[int, bytes]:
+    """The generic-netlink (family, body) request that performs one IPVS operation; KernelError for an
+    operation that is not one."""
+    match op:
+        case AddService(key, scheduler, timeout) | EditService(key, scheduler, timeout):
+            cmd = ipvs_wire.CMD_NEW_SERVICE if isinstance(op, AddService) else ipvs_wire.CMD_SET_SERVICE
+            svc = ipvs_wire.service_full(PROTOCOL_NUMBERS[key[0]], key[1], key[2], scheduler, timeout)
+            return family, ipvs_wire.body(cmd, svc)
+        case DelService(key):
+            svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[key[0]], key[1], key[2])
+            return family, ipvs_wire.body(ipvs_wire.CMD_DEL_SERVICE, svc)
+        case AddReal(service, (ip, port), weight) | EditReal(service, (ip, port), weight):
+            cmd = ipvs_wire.CMD_NEW_DEST if isinstance(op, AddReal) else ipvs_wire.CMD_SET_DEST
+            svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
+            return family, ipvs_wire.body(cmd, svc, ipvs_wire.dest(ip, port, weight))
+        case DelReal(service, (ip, port)):
+            svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
+            return family, ipvs_wire.body(ipvs_wire.CMD_DEL_DEST, svc, ipvs_wire.dest(ip, port, None))
+    raise KernelError(f"{op} is not an IPVS operation")
+
+
 class NetlinkKernel(NetlinkReadBack):
     """The netlink writer (see the module docstring); the read-back half is ``NetlinkReadBack``."""
 
@@ -139,25 +160,7 @@ class NetlinkKernel(NetlinkReadBack):
         else:
             log.info("%s exists already: kipvs uses it (its node facts say who created it)", LINK)
         self.link_index = found[0]
-        for name in (*ALL_IPSETS, *OWNED_SETS.values()):
-            kind = set_type(name)
-            extra = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
-            family = set_family(name)
-            try:
-                # pyroute2 asks the kernel for the newest revision of a type for IPv4 only; ask for the set's
-                # own family (IPv6 revisions can differ, and the wrong one is EINVAL).
-                self.ipset._attr_revision = (await self.ipset.get_supported_revisions(kind, family=family))[1]
-                await self.ipset.create(name, stype=kind, family=family, exclusive=False, **extra)
-            except NetlinkError as exc:
-                if exc.code == errno.EEXIST and await self._set_type_of(name) == kind:
-                    # The same set made with other options: kube-proxy's (ipset.go adds "comment" and its own
-                    # hashsize/maxelem). Members are what count; used as it is (a takeover, takeover.py).
-                    log.info("ipset %s exists already (%s, other options): kipvs uses it", name, kind)
-                    continue
-                raise CapabilityError(f"cannot create ipset {name} ({kind}): {exc}; load ip_set and "
-                                      f"ip_set_{kind.replace(':', '_').replace(',', '')}") from None
-            finally:
-                self.ipset._attr_revision = None
+        await create_sets(self.ipset)
 
     async def apply(self, ops: list[Op]) -> None:
         """Write ``ops`` in order, batched: each run of IPVS operations goes out as multi-message netlink
@@ -204,7 +207,7 @@ class NetlinkKernel(NetlinkReadBack):
         await self._send(self.address_writer, bodies, ops, address_wire.BENIGN)
 
     async def _ipvs_batch(self, ops: list[Op]) -> None:
-        await self._send(self.writer, [self._ipvs_message(op) for op in ops], ops, frozenset())
+        await self._send(self.writer, [ipvs_request(self.ipvs_family, op) for op in ops], ops, frozenset())
 
     async def _send(self, writer: BatchSocket | None, bodies: list[tuple[int, bytes]], ops: list[Any],
                     tolerated: frozenset[int]) -> None:
@@ -218,24 +221,6 @@ class NetlinkKernel(NetlinkReadBack):
                 await writer.send(messages, first, tolerated)
             except BatchError as exc:
                 raise KernelError(f"{ops[start + exc.index]}: {exc}") from None
-
-    def _ipvs_message(self, op: Op) -> tuple[int, bytes]:
-        match op:
-            case AddService(key, scheduler, timeout) | EditService(key, scheduler, timeout):
-                cmd = ipvs_wire.CMD_NEW_SERVICE if isinstance(op, AddService) else ipvs_wire.CMD_SET_SERVICE
-                svc = ipvs_wire.service_full(PROTOCOL_NUMBERS[key[0]], key[1], key[2], scheduler, timeout)
-                return self.ipvs_family, ipvs_wire.body(cmd, svc)
-            case DelService(key):
-                svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[key[0]], key[1], key[2])
-                return self.ipvs_family, ipvs_wire.body(ipvs_wire.CMD_DEL_SERVICE, svc)
-            case AddReal(service, (ip, port), weight) | EditReal(service, (ip, port), weight):
-                cmd = ipvs_wire.CMD_NEW_DEST if isinstance(op, AddReal) else ipvs_wire.CMD_SET_DEST
-                svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
-                return self.ipvs_family, ipvs_wire.body(cmd, svc, ipvs_wire.dest(ip, port, weight))
-            case DelReal(service, (ip, port)):
-                svc = ipvs_wire.service_key(PROTOCOL_NUMBERS[service[0]], service[1], service[2])
-                return self.ipvs_family, ipvs_wire.body(ipvs_wire.CMD_DEL_DEST, svc, ipvs_wire.dest(ip, port, None))
-        raise KernelError(f"{op} is not an IPVS operation")
 
     async def _ipset_batch(self, ops: list[AddEntry | DelEntry]) -> None:
         """Member changes, many per send. Adding a present member or deleting an absent one is not an
@@ -273,12 +258,6 @@ class NetlinkKernel(NetlinkReadBack):
             except NetlinkError as exc:
                 if exc.code != errno.ENOENT:
                     log.warning("could not destroy ipset %s: %s", name, exc)
-
-    async def _set_type_of(self, name: str) -> str:
-        """The type of the existing ipset ``name`` ("hash:ip,port"), "" if there is none."""
-        assert self.ipset is not None
-        kinds = [msg.get_attr("IPSET_ATTR_TYPENAME") async for msg in await self.ipset.list(name)]  # read it all
-        return next((kind for kind in kinds if kind), "")
 
     async def set_link_alias(self, alias: str) -> None:
         """kube-ipvs0's alias (who owns the link, ``node_facts.link_owner``); nothing if there is no link."""
@@ -341,3 +320,33 @@ class NetlinkKernel(NetlinkReadBack):
                 sock.close()
         self.ipvs = self.ipr = self.ipset = self.writer = self.ipset_writer = self.address_writer = None
         self.reader = None
+
+
+async def create_sets(ipset: AsyncIPSet) -> None:
+    """Create every ipset the plan names and the ownership sets; one that exists with the same type is used
+    as it is. CapabilityError, naming the modules to load, for any other failure."""
+    for name in (*ALL_IPSETS, *OWNED_SETS.values()):
+        kind = set_type(name)
+        extra = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
+        family = set_family(name)
+        try:
+            # pyroute2 asks the kernel for the newest revision of a type for IPv4 only; ask for the set's
+            # own family (IPv6 revisions can differ, and the wrong one is EINVAL).
+            ipset._attr_revision = (await ipset.get_supported_revisions(kind, family=family))[1]
+            await ipset.create(name, stype=kind, family=family, exclusive=False, **extra)
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST and await _set_type_of(ipset, name) == kind:
+                # The same set made with other options: kube-proxy's (ipset.go adds "comment" and its own
+                # hashsize/maxelem). Members are what count; used as it is (a takeover, takeover.py).
+                log.info("ipset %s exists already (%s, other options): kipvs uses it", name, kind)
+                continue
+            raise CapabilityError(f"cannot create ipset {name} ({kind}): {exc}; load ip_set and "
+                                  f"ip_set_{kind.replace(':', '_').replace(',', '')}") from None
+        finally:
+            ipset._attr_revision = None
+
+
+async def _set_type_of(ipset: AsyncIPSet, name: str) -> str:
+    """The type of the existing ipset ``name`` ("hash:ip,port"), "" if there is none."""
+    kinds = [msg.get_attr("IPSET_ATTR_TYPENAME") async for msg in await ipset.list(name)]  # read it all
+    return next((kind for kind in kinds if kind), "")
