@@ -1,1 +1,1 @@
-"""The SREs' tools over the log: ``kipvs tap``, ``history``, ``why`` and ``replay``."""
+"""The read-only tools over the log and the node: ``kipvs tap``, ``history``, ``why``, ``ipvs`` and ``status``."""
