@@ -384,6 +384,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if cfg.shadow:
             # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
+            if cfg.http_listen == "127.0.0.1:0":
+                log.info("shadow mode: kube-proxy holds %s, so metrics are on a free loopback port (logged "
+                         "below); --http-listen with another port chooses it", KUBE_PROXY_METRICS)
             await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
             await kernel.close()
             return 0
