@@ -216,6 +216,52 @@ def test_what_kube_proxy_cannot_read_either_is_still_invalid(plan, bad: str) -> 
     assert "spec.clusterIPs[0]" in state["warnings"][0]["message"]
 
 
+def _with_bad_entries(ranges: list[str]) -> dict:
+    svc = web(type="LoadBalancer", ports=HTTP, externalIPs=["0x0a.1.2.3", "203.0.113.5", " "],
+              loadBalancerSourceRanges=ranges)
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.300"}, {"ip": "203.0.113.9"}]}}
+    return svc
+
+
+def test_an_entry_kube_proxy_cannot_read_either_is_skipped_and_the_service_planned(plan) -> None:
+    """kube-proxy skips the entry and logs it (pkg/proxy/util/utils.go ``MapIPsByIPFamily`` "Skipping invalid
+    IP", ``MapCIDRsByIPFamily`` "Invalid CIDR ignored"; an ingress IP ``ParseIPSloppy`` refuses has no family:
+    serviceport.go ``newBaseServiceInfo``). kipvs dropped the whole Service, ClusterIP too (invalid-service)."""
+    svc = _with_bad_entries(["198.51.100.0/33", "198.51.100.0/24"])
+    state = plan(added(*NODES, svc, slice_(kube.endpoint("10.244.1.5"))), "node-a", "json")
+    assert "10.96.0.10" in state["addresses"], "the ClusterIP is served"
+    assert state["ipsets"]["KUBE-EXTERNAL-IP"] == ["203.0.113.5,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.9,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-CIDR"] == ["203.0.113.9,tcp:80,198.51.100.0/24"]
+    (warning,) = state["warnings"]
+    assert (warning["code"], warning["object"]) == ("invalid-address", "default/web")
+    message = warning["message"]
+    for said in ("spec.externalIPs[0]: '0x0a.1.2.3' is not an IP address: skipped",
+                 "spec.loadBalancerSourceRanges[0]: '198.51.100.0/33' is not a CIDR: skipped",
+                 "status.loadBalancer.ingress[0].ip: '203.0.113.300' is not an IP address: skipped"):
+        assert said in message, message
+    assert "externalIPs[2]" not in message, "an empty entry is skipped without a word, as kube-proxy"
+    assert "open to every source" not in message
+
+
+def test_with_every_source_range_skipped_the_load_balancer_is_open_as_kube_proxy_leaves_it(plan) -> None:
+    state = plan(added(*NODES, _with_bad_entries(["198.51.100.0/33", "x"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == [], "syncProxyRules firewalls only with ranges"
+    assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.9,tcp:80"]
+    (warning,) = state["warnings"]
+    assert "no range left, so the load balancer is open to every source" in warning["message"]
+
+
+def test_the_skipped_entry_warning_clears_when_the_entry_is_fixed() -> None:
+    broken = _with_bad_entries(["198.51.100.0/24"])
+    fixed = _with_bad_entries(["198.51.100.0/24"])
+    fixed["spec"]["externalIPs"] = ["203.0.113.5"]
+    fixed["status"]["loadBalancer"]["ingress"] = [{"ip": "203.0.113.9"}]
+    live = _plan([*added(*NODES, broken), {"type": "MODIFIED", "object": fixed}])
+    assert "Service/default/web/invalid-address" not in live.warnings
+    assert live.plans == _plan(added(*NODES, fixed)).plans
+
+
 # --- 9. a LoadBalancer turned ClusterIP before its status is cleared ----------------------------------------
 
 
