@@ -97,6 +97,20 @@ def test_node_may_reach_the_address_only_in_the_family_whose_range_holds_a_node_
     assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "IPv4: the node's address is in no range"
 
 
+def test_node_may_reach_the_address_only_by_its_one_node_ip_of_the_family(plan) -> None:
+    """kube-proxy checks its one nodeIP per family (proxier.go ``syncProxyRules``: ``cidr.Contains(
+    proxier.nodeIP)``; the first of the family, pkg/util/node ``GetNodeHostIPs``); kipvs checked every
+    InternalIP of the family, so a second one in a range let the node in."""
+    two = kube.node("node-a", "192.0.2.1")
+    two["status"]["addresses"].append({"type": "InternalIP", "address": "198.51.100.20"})  # in the range
+    state = plan(added(two, _dual_stack_lb(["198.51.100.0/24"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == ["203.0.113.9,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "192.0.2.1, the node IP, is in no range"
+    two["status"]["addresses"].reverse()  # now 198.51.100.20 is the node IP
+    state = plan(added(two, _dual_stack_lb(["198.51.100.0/24"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == ["203.0.113.9,tcp:80,203.0.113.9"]
+
+
 def _reals(lines: list[str], vip: str) -> list[str]:
     return [line.split(" -r ")[1].split(" ")[0] for line in lines if line.startswith(f"-a -t {vip} ")]
 
