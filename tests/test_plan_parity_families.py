@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from services.applier.ops import AddEntry, DelEntry, DesiredState
-from services.planner import sloppy
 from services.planner.core import Planner
 from services.planner.log_replay import plan_events, read_events
 from shared.plan.resolve import resolve_service
+from shared.service import sloppy
 from tests import kube
 from tests.test_plan_rules import added, slice_, web
 

@@ -20,8 +20,7 @@ from typing import Any
 import msgspec
 
 from shared.contract.events import Endpoint, NodeFacts
-
-from . import sloppy
+from shared.service import sloppy
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos"})
