@@ -168,7 +168,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
             raise ValueError("shadow, cleanup, hand-back and adopt exclude each other")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
         exclude.parse(self.ipvs_exclude_cidrs)
-        kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
+        # canonical forms, read as kube-proxy reads its CIDR flags (ParseCIDRSloppy)
+        self.nodeport_cidrs = kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
+        self.cluster_cidr = kube_proxy_config.cidrs(self.cluster_cidr, "cluster_cidr")
         if self.shadow and self.http_listen == KUBE_PROXY_METRICS:
             self.http_listen = "127.0.0.1:0"  # kube-proxy, which the shadow runs beside, holds that port
 
