@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .store import RESOURCES, ApiError, Resource
 
-_VERBS = ["create", "delete", "get", "list", "update", "watch"]
+_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 _SHORT_NAMES = {"Service": ["svc"], "Pod": ["po"], "Node": ["no"], "FelixConfiguration": ["felixconfig"]}
 # What the simulator serves besides the stored kinds: the token request and review kipvs auth uses.
 _SUBRESOURCES: dict[tuple[str, str], list[dict[str, Any]]] = {
