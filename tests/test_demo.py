@@ -104,7 +104,7 @@ def test_demo_in_the_guest_kept_running_and_explored_live_from_the_host() -> Non
             demo.wait()
     assert demo.returncode == 0, rest[-3000:]
     assert "stopped: nothing of the demo is left running" in rest
-    _nothing_left("kipvs-guest-")
+    _nothing_left("kipvs-guest-demo-")  # the demo's guest (its share); not another test's guest on this machine
     assert subprocess.run(["ip", "link", "show", "kipvs-demo0"], capture_output=True).returncode != 0, \
         "the host end of the demo's link is gone"
     _log_is_usable()
