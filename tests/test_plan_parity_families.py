@@ -111,6 +111,21 @@ def test_node_may_reach_the_address_only_by_its_one_node_ip_of_the_family(plan) 
     assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == ["203.0.113.9,tcp:80,203.0.113.9"]
 
 
+def test_node_ip_of_a_family_without_internal_ip_is_its_first_external_ip(plan) -> None:
+    """GetNodeHostIPs (pkg/util/node): InternalIPs first, then ExternalIPs; the first of each family. A
+    node with an IPv4 InternalIP and an IPv6 ExternalIP has an IPv6 node IP, so it may reach the IPv6
+    load-balancer address its range covers; the ExternalIP serves no NodePort (addresses: InternalIPs)."""
+    node = kube.node("node-a", "192.0.2.1")
+    node["status"]["addresses"] += [{"type": "ExternalIP", "address": "198.51.100.7"},
+                                    {"type": "ExternalIP", "address": "2001:db8::1"},
+                                    {"type": "InternalIP", "address": "192.0.2.99"}]
+    state = plan(added(node, _dual_stack_lb(["198.51.100.0/24", "2001:db8::/64"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-6-LOAD-BALANCER-SOURCE-IP"] == ["2001:db8:9::9,tcp:80,2001:db8:9::9"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "IPv4: the InternalIP 192.0.2.1 comes first"
+    facts = _plan(added(node)).nodes["node-a"]
+    assert (facts.addresses, facts.host_ips) == (("192.0.2.1", "192.0.2.99"), ("192.0.2.1", "2001:db8::1"))
+
+
 def _reals(lines: list[str], vip: str) -> list[str]:
     return [line.split(" -r ")[1].split(" ")[0] for line in lines if line.startswith(f"-a -t {vip} ")]
 

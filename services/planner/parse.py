@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from shared.contract.events import Endpoint, NodeFacts
+from shared.plan.node_state import family_of
 from shared.service import sloppy
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -409,23 +410,36 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
 
 def node(obj: dict[str, Any]) -> tuple[NodeFacts, tuple[str, ...], tuple[str, ...]]:
     """The node's facts, the problems found (addresses skipped) and the legacy addresses read (leading
-    zeros, read as kube-proxy's pkg/util/node ``GetNodeHostIPs`` does with ParseIPSloppy). Invalid when
-    the object's shape is wrong (labels not an object, status not an object, addresses not a list),
-    naming the field."""
+    zeros, read as kube-proxy's pkg/util/node ``GetNodeHostIPs`` does with ParseIPSloppy). ``addresses``
+    are the InternalIPs; ``host_ips`` kube-proxy's node IPs (:func:`host_ips`). Invalid when the object's
+    shape is wrong (labels not an object, status not an object, addresses not a list), naming the field."""
     meta = _mapping(obj.get("metadata"), "metadata")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     status = _mapping(obj.get("status"), "status")
-    addresses, problems, legacy = [], [], []
+    read: dict[str, list[str]] = {"InternalIP": [], "ExternalIP": []}
+    problems, legacy = [], []
     for i, raw in enumerate(_list(status.get("addresses"), "status.addresses")):
         entry = _mapping(raw, f"status.addresses[{i}]")
-        if entry.get("type") != "InternalIP":
+        kind = entry.get("type")
+        if kind not in read:
             continue
         try:
             ip = _ip(entry.get("address"), f"status.addresses[{i}].address", legacy)
         except Invalid as exc:
             problems.append(str(exc))
             continue
-        if ip not in addresses:
-            addresses.append(ip)
+        if ip not in read[kind]:
+            read[kind].append(ip)
     return NodeFacts(name=str(meta.get("name", "")), zone=str(labels.get(ZONE_LABEL) or ""),
-                     addresses=tuple(addresses)), tuple(problems), tuple(legacy)
+                     addresses=tuple(read["InternalIP"]),
+                     host_ips=host_ips(read["InternalIP"] + read["ExternalIP"])), tuple(problems), tuple(legacy)
+
+
+def host_ips(ordered: list[str]) -> tuple[str, ...]:
+    """kube-proxy's node IPs from the Node's InternalIPs then ExternalIPs (in that order): the first
+    address, then the first of the other family if any (pkg/util/node ``GetNodeHostIPs``, what
+    cmd/kube-proxy ``detectNodeIPs`` hands each per-family proxier as ``nodeIP``). So per family: the
+    first InternalIP of the family, else its first ExternalIP."""
+    out = ordered[:1]
+    out += [ip for ip in ordered if family_of(ip) != family_of(out[0])][:1] if out else []
+    return tuple(out)
