@@ -285,6 +285,11 @@ def test_durations_in_environment_and_the_applier_default_listen() -> None:
     assert cfg.http_listen == "127.0.0.1:10249"  # kube-proxy's --metrics-bind-address default
     # with --shadow kube-proxy holds that port: any free one
     assert config.load(ApplierConfig, {"node": "n", "shadow": True}, {}).http_listen == "127.0.0.1:0"
+    for taken in (":10249", "0.0.0.0:10249", ":::10249", "192.0.2.1:10249"):  # kube-proxy's ConfigMap forms
+        flags = _parse(ApplierConfig, ["--node", "n", "--shadow", "--metrics-bind-address", taken])
+        shadow = config.load(ApplierConfig, flags, {})
+        assert shadow.http_listen == "127.0.0.1:0", taken
+    assert config.load(ApplierConfig, {"node": "n", "shadow": True, "http_listen": ":9"}, {}).http_listen == ":9"
     assert config.load(PlannerServiceConfig, {}, {}).http_listen == "127.0.0.1:0"
 
 
