@@ -281,6 +281,22 @@ def test_with_every_source_range_skipped_the_load_balancer_is_open_as_kube_proxy
     assert "no range left, so the load balancer is open to every source" in warning["message"]
 
 
+def test_a_family_whose_every_source_range_is_skipped_is_said_to_be_open(plan) -> None:
+    """["10.0.0.0/33", "2001:db8::/64"] on dual-stack: IPv6 is filtered, IPv4 has no range left and is open
+    (MapCIDRsByIPFamily gives the IPv4 proxier none): the warning says so for IPv4, not for IPv6."""
+    state = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/33", "2001:db8::/64"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == [] and state["ipsets"]["KUBE-6-LOAD-BALANCER-FW"]
+    (warning,) = state["warnings"]
+    assert warning["message"].endswith(
+        "spec.loadBalancerSourceRanges[0]: '198.51.100.0/33' is not a CIDR: skipped; spec.loadBalancerSourceRanges: "
+        "no IPv4 range left, so the load balancer is open to every IPv4 source (as kube-proxy leaves a family "
+        "without ranges)"), warning["message"]
+    assert "IPv6 source" not in warning["message"]
+    both = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/33", "198.51.100.0/24", "2001:db8::/64"])),
+                "node-a", "json")
+    assert "open" not in both["warnings"][0]["message"], "a readable IPv4 range is left"
+
+
 def test_the_skipped_entry_warning_clears_when_the_entry_is_fixed() -> None:
     broken = _with_bad_entries(["198.51.100.0/24"])
     fixed = _with_bad_entries(["198.51.100.0/24"])

@@ -239,7 +239,21 @@ def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str, legacy:
     if not ranges and any(not isinstance(r, str) or r.strip() for r in written):
         skipped.append("spec.loadBalancerSourceRanges: no range left, so the load balancer is open to every "
                        "source (as kube-proxy leaves it)")
+    elif ranges:
+        skipped += [f"spec.loadBalancerSourceRanges: no IPv{family} range left, so the load balancer is open to "
+                    f"every IPv{family} source (as kube-proxy leaves a family without ranges)"
+                    for family in _families_left_open(written, ranges)]
     return tuple(lb_ips), tuple(ranges), ()
+
+
+def _families_left_open(written: list[Any], ranges: list[str]) -> list[int]:
+    """The families (4, 6) of the source ranges skipped as unreadable that no readable range is left for:
+    kube-proxy firewalls a family only with ranges of that family (``MapCIDRsByIPFamily``), so that
+    family is open. An unreadable entry's family is guessed from its text (a colon: IPv6)."""
+    kept = {6 if ":" in r else 4 for r in ranges}
+    dropped = {6 if ":" in r else 4 for r in written
+               if isinstance(r, str) and r.strip() and sloppy.parse_cidr(r.strip()) is None}
+    return sorted(dropped - kept)
 
 
 def _stale_ingress(ingress: list[Any]) -> tuple[str, ...]:
