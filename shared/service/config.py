@@ -104,6 +104,14 @@ def listen_on(value: str) -> tuple[str | None, int]:
     return host or None, int(port)
 
 
+def url_host(host: str | None) -> str:
+    """A listening host as a URL writes it (RFC 3986): an IPv6 address in brackets (``[::1]``), every
+    interface (None, from ``:PORT``) as ``*``."""
+    if not host:
+        return "*"
+    return f"[{host}]" if ":" in host else host
+
+
 def check_listen(name: str, value: str) -> None:
     """A host:port setting (empty allowed: off); ValueError naming the setting otherwise."""
     if value:
