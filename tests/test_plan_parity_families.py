@@ -224,6 +224,20 @@ def test_ipv4_mapped_ipv6_forms_are_ipv4_as_kube_proxy_reads_them(plan) -> None:
     assert "endpoints[0].addresses[0]" in fields["default/web-1"]
 
 
+def test_an_ipv4_mapped_address_in_an_ipv6_slice_is_skipped_with_one_message(plan) -> None:
+    """An IPv6 EndpointSlice's ``::ffff:10.244.1.20`` is IPv4 (To4() != nil), which kube-apiserver's
+    IsValidIPv6Address refuses for an IPv6 slice: skipped as not an IPv6 address, once, not also reported
+    as a legacy address read as 10.244.1.20 (an endpoint that was not used)."""
+    svc = web(clusterIP="fd00::10", clusterIPs=["fd00::10"], ipFamilies=["IPv6"])
+    eps = slice_(kube.endpoint("::ffff:10.244.1.20", "node-a"), kube.endpoint("fd00:244::5", "node-a"),
+                 family="IPv6")
+    state = plan(added(*NODES, svc, eps), "node-a", "json")
+    assert state["ipsets"]["KUBE-6-LOOP-BACK"] == ["fd00:244::5,tcp:8080,fd00:244::5"]
+    about = [(w["code"], w["message"]) for w in state["warnings"] if w["object"] == "default/web-1"]
+    assert about == [("invalid-endpointslice", "EndpointSlice default/web-1: skipped endpoints: endpoints[0].addresses"
+                      "[0]: '::ffff:10.244.1.20' is not an IPv6 address (an IPv4-mapped address is IPv4)")], about
+
+
 @pytest.mark.parametrize(("raw", "read"), [("::ffff:10.0.0.1/96", "0.0.0.0/0"), ("::ffff:10.0.0.1/64", "::/64"),
                                            ("::10.0.0.1/120", "::a00:0/120"), ("::ffff:10.0.0.1/128", "10.0.0.1/32")])
 def test_mapped_cidrs_follow_go_parse_cidr(raw: str, read: str) -> None:

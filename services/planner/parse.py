@@ -399,15 +399,20 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
         if not addresses:
             problems.append(f"endpoints[{i}].addresses: missing or empty")
             continue
-        ip = canonical(addresses[0])
+        ip, note = canonical(addresses[0]), ""
         if ip is None or (":" in ip and "." in ip):  # rare: a legacy or IPv4-mapped address, as kube-proxy reads it
             parsed = sloppy.parse_ip(addresses[0])
             if parsed is not None:
-                ip = parsed[0]
-                legacy.append(legacy_note(f"endpoints[{i}].addresses[0]", addresses[0], ip))
+                ip, note = parsed[0], legacy_note(f"endpoints[{i}].addresses[0]", addresses[0], parsed[0])
         if ip is None or (":" in ip) is not want_v6:
-            problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} address")
+            # one message: an IPv4-mapped address in an IPv6 slice is IPv4, which kube-apiserver's
+            # IsValidIPv6Address refuses too (To4() != nil), so it is skipped, not read
+            mapped = " (an IPv4-mapped address is IPv4)" if note and ":" in addresses[0] else ""
+            problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} "
+                            f"address{mapped}")
             continue
+        if note:
+            legacy.append(note)
         c = ep.conditions
         hints = tuple(sorted({z.name for z in ep.hints.for_zones or ()} - {""})) if ep.hints else ()
         node_hints = tuple(sorted({n.name for n in ep.hints.for_nodes or ()} - {""})) if ep.hints else ()
