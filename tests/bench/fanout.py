@@ -141,6 +141,7 @@ async def measure(cluster: fleet.Cluster, nodes: list[Node], publisher, changes:
     idle = (cluster.cpu_seconds() - cpu0) / idle_s
     status0 = (await js.stream_info(topology.STATUS_STREAM)).state.messages
     c1, cpu0, t0 = counters(cluster), cluster.cpu_seconds(), time.monotonic()
+    rss_idle = cluster.rss_mib()  # the nodes connected and idle, before the changes
     for seq in range(first, first + changes):
         await bus.publish(js, topology.PLAN_ALL_SUBJECT, delta(seq))
         await asyncio.sleep(1 / rate)
@@ -156,7 +157,8 @@ async def measure(cluster: fleet.Cluster, nodes: list[Node], publisher, changes:
     return {"nodes": len(nodes), "idle_cpu": idle, "churn_cpu": churn, "cpu_ms_per_change": per_change,
             "cpu_ms_per_change_node": per_change / n,
             "status_per_change_node": status / changes / n, "status_per_node_s": status / wall / n,
-            "servers_rss_mib": cluster.rss_mib(), **per_change_node(c0, c1, c2, idle_s, wall, changes, n)}
+            "servers_rss_mib": cluster.rss_mib(), "servers_rss_idle_mib": rss_idle,
+            **per_change_node(c0, c1, c2, idle_s, wall, changes, n)}
 
 
 async def run_design(design: str, sizes: list[int], changes: int, rate: float) -> list[dict[str, float]]:
@@ -185,6 +187,7 @@ async def run_design(design: str, sizes: list[int], changes: int, rate: float) -
                     print(f"  {design} at N={size}: {exc}; not grown further", flush=True)
                     break
                 row["rss_mib_per_node"] = (row["servers_rss_mib"] - rss0) / size
+                row["rss_idle_mib_per_node"] = (row["servers_rss_idle_mib"] - rss0) / size
                 row["base_cpu_ms_per_change"] = base
                 row["marginal_cpu_ms_per_change_node"] = (row["cpu_ms_per_change"] - base) / size
                 seq += changes
@@ -221,12 +224,14 @@ def report(results: dict[str, list[dict[str, float]]], changes: int, rate: float
     print("messages per change per node, from the servers' own counters (/varz, /connz; idle subtracted): "
           "written to the nodes' connections, read from them, every message the three servers wrote (routes "
           "included); subscriptions per node connection")
-    print(f"{'design':<22} {'N':>5} {'to nodes':>9} {'from nodes':>10} {'servers out':>11} {'subs/node':>9}")
+    print(f"{'design':<22} {'N':>5} {'to nodes':>9} {'from nodes':>10} {'servers out':>11} {'subs/node':>9} "
+          f"{'RSS MiB/node idle':>17}")
     for design, rows in results.items():
         for r in rows:
             print(f"{design:<22} {r['nodes']:>5.0f} {r['to_nodes_per_change_node']:>9.3f} "
                   f"{r['from_nodes_per_change_node']:>10.3f} "
-                  f"{r['out_msgs_per_change_node']:>11.3f} {r['subs_per_node']:>9.1f}")
+                  f"{r['out_msgs_per_change_node']:>11.3f} {r['subs_per_node']:>9.1f} "
+                  f"{r['rss_idle_mib_per_node']:>17.3f}")
     split = [results.get(d) for d in ("consumer", "consumer-core-reports", "consumer-no-acks")]
     if all(split):
         for i, row in enumerate(split[0]):  # type: ignore[index]
