@@ -4,6 +4,8 @@ behaviours in a real kernel, with packets: tests/guest/kernel_applier.py and ker
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import struct
 
 import pytest
@@ -12,7 +14,7 @@ from services.applier import exclude
 from services.applier.kernel import ipvs_wire, rules
 from services.applier.kernel.backend import MemoryKernel, Observed
 from services.applier.kernel.ipvs_wire import observed_scheduler
-from services.applier.main import ApplierConfig
+from services.applier.main import ApplierConfig, settings_of
 from services.applier.node_settings import (
     CONN_REUSE_MODE,
     OSRELEASE,
@@ -23,6 +25,7 @@ from services.applier.node_settings import (
 )
 from services.applier.ops import AddService, DelAddress, DelService, DesiredState, EditService, diff
 from shared.plan.node_state import Contribution, NodeState, VirtualService
+from shared.service import config
 from shared.service.cli import main as kipvs
 
 # --- 5. the mh scheduler's port flag ------------------------------------------------------------------
@@ -130,6 +133,25 @@ def test_exclude_cidrs_flag_is_kube_proxys_and_a_bad_range_is_one_line(capsys) -
     assert "--ipvs-exclude-cidrs" in capsys.readouterr().out
 
 
+def test_legacy_cidrs_in_the_applier_flags_are_read_as_kube_proxy_reads_them() -> None:
+    """kube-proxy validates and reads --ipvs-exclude-cidrs, --nodeport-addresses and --cluster-cidr with
+    ParseCIDRSloppy (pkg/proxy/apis/config/validation ``validateIPVSExcludeCIDRs``,
+    ``validateKubeProxyNodePortAddress``; proxier.go ``parseExcludedCIDRs``): leading zeros decimal,
+    ``::ffff:a.b.c.d/120`` IPv4. kipvs refused them. A bare address is no CIDR to either."""
+    flags = _cli(ApplierConfig, ["--node", "n", "--ipvs-exclude-cidrs", "10.097.0.0/16, ::ffff:203.0.113.0/120",
+                                   "--nodeport-addresses", "192.000.2.0/24", "--cluster-cidr", "10.244.000.0/16"])
+    cfg = config.load(ApplierConfig, flags, {})
+    assert exclude.parse(cfg.ipvs_exclude_cidrs) == (ipaddress.ip_network("10.97.0.0/16"),
+                                                     ipaddress.ip_network("203.0.113.0/24"))
+    assert settings_of(cfg).exclude.covers("10.97.0.5") and not settings_of(cfg).exclude.covers("10.96.0.5")
+    assert (cfg.nodeport_cidrs, settings_of(cfg).nodeport_cidrs) == (["192.0.2.0/24"], ("192.0.2.0/24",))
+    assert cfg.cluster_cidr == ["10.244.0.0/16"]
+    with pytest.raises(ValueError, match=r"ipvs_exclude_cidrs: '10.97.0.1' is not a CIDR"):
+        ApplierConfig(node="n", ipvs_exclude_cidrs=["10.97.0.1"])
+    with pytest.raises(ValueError, match=r"nodeport_cidrs: '192.0.2.256/24' is not a CIDR"):
+        ApplierConfig(node="n", nodeport_cidrs=["192.0.2.256/24"])
+
+
 def test_the_applier_core_keeps_out_of_the_excluded_ranges_at_bootstrap_and_drift() -> None:
     from services.applier.core import ApplierCore
     from shared.contract.events import PortPlan, ServicePlan
@@ -149,3 +171,10 @@ def test_the_applier_core_keeps_out_of_the_excluded_ranges_at_bootstrap_and_drif
     for ops in (core.converge(observed, 0.0), core.repair(core.desired.state(), observed)):
         assert AddService(("TCP", "10.96.0.5", 80), "rr", 0) in ops
         assert not [op for op in ops if "10.97.0.5" in repr(op)], ops
+
+
+def _cli(cls: type, argv: list[str]) -> dict:
+    """Command-line flags as ``kipvs applier`` parses them (kube-proxy's names included)."""
+    parser = argparse.ArgumentParser()
+    config.add_flags(parser, cls)
+    return vars(parser.parse_args(argv))

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from services.applier.ops import AddEntry, DelEntry, DesiredState
-from services.planner import sloppy
 from services.planner.core import Planner
 from services.planner.log_replay import plan_events, read_events
 from shared.plan.resolve import resolve_service
+from shared.service import sloppy
 from tests import kube
 from tests.test_plan_rules import added, slice_, web
 
@@ -95,6 +95,20 @@ def test_node_may_reach_the_address_only_in_the_family_whose_range_holds_a_node_
     state = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/24", "2001:db8::/64"])), "node-a", "json")
     assert state["ipsets"]["KUBE-6-LOAD-BALANCER-SOURCE-IP"] == ["2001:db8:9::9,tcp:80,2001:db8:9::9"]
     assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "IPv4: the node's address is in no range"
+
+
+def test_node_may_reach_the_address_only_by_its_one_node_ip_of_the_family(plan) -> None:
+    """kube-proxy checks its one nodeIP per family (proxier.go ``syncProxyRules``: ``cidr.Contains(
+    proxier.nodeIP)``; the first of the family, pkg/util/node ``GetNodeHostIPs``); kipvs checked every
+    InternalIP of the family, so a second one in a range let the node in."""
+    two = kube.node("node-a", "192.0.2.1")
+    two["status"]["addresses"].append({"type": "InternalIP", "address": "198.51.100.20"})  # in the range
+    state = plan(added(two, _dual_stack_lb(["198.51.100.0/24"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == ["203.0.113.9,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "192.0.2.1, the node IP, is in no range"
+    two["status"]["addresses"].reverse()  # now 198.51.100.20 is the node IP
+    state = plan(added(two, _dual_stack_lb(["198.51.100.0/24"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == ["203.0.113.9,tcp:80,203.0.113.9"]
 
 
 def _reals(lines: list[str], vip: str) -> list[str]:
@@ -214,6 +228,52 @@ def test_what_kube_proxy_cannot_read_either_is_still_invalid(plan, bad: str) -> 
     state = plan(added(*NODES, web(clusterIP=bad, clusterIPs=[bad])), "node-a", "json")
     assert [w["code"] for w in state["warnings"]] == ["invalid-service"]
     assert "spec.clusterIPs[0]" in state["warnings"][0]["message"]
+
+
+def _with_bad_entries(ranges: list[str]) -> dict:
+    svc = web(type="LoadBalancer", ports=HTTP, externalIPs=["0x0a.1.2.3", "203.0.113.5", " "],
+              loadBalancerSourceRanges=ranges)
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.300"}, {"ip": "203.0.113.9"}]}}
+    return svc
+
+
+def test_an_entry_kube_proxy_cannot_read_either_is_skipped_and_the_service_planned(plan) -> None:
+    """kube-proxy skips the entry and logs it (pkg/proxy/util/utils.go ``MapIPsByIPFamily`` "Skipping invalid
+    IP", ``MapCIDRsByIPFamily`` "Invalid CIDR ignored"; an ingress IP ``ParseIPSloppy`` refuses has no family:
+    serviceport.go ``newBaseServiceInfo``). kipvs dropped the whole Service, ClusterIP too (invalid-service)."""
+    svc = _with_bad_entries(["198.51.100.0/33", "198.51.100.0/24"])
+    state = plan(added(*NODES, svc, slice_(kube.endpoint("10.244.1.5"))), "node-a", "json")
+    assert "10.96.0.10" in state["addresses"], "the ClusterIP is served"
+    assert state["ipsets"]["KUBE-EXTERNAL-IP"] == ["203.0.113.5,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.9,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-CIDR"] == ["203.0.113.9,tcp:80,198.51.100.0/24"]
+    (warning,) = state["warnings"]
+    assert (warning["code"], warning["object"]) == ("invalid-address", "default/web")
+    message = warning["message"]
+    for said in ("spec.externalIPs[0]: '0x0a.1.2.3' is not an IP address: skipped",
+                 "spec.loadBalancerSourceRanges[0]: '198.51.100.0/33' is not a CIDR: skipped",
+                 "status.loadBalancer.ingress[0].ip: '203.0.113.300' is not an IP address: skipped"):
+        assert said in message, message
+    assert "externalIPs[2]" not in message, "an empty entry is skipped without a word, as kube-proxy"
+    assert "open to every source" not in message
+
+
+def test_with_every_source_range_skipped_the_load_balancer_is_open_as_kube_proxy_leaves_it(plan) -> None:
+    state = plan(added(*NODES, _with_bad_entries(["198.51.100.0/33", "x"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == [], "syncProxyRules firewalls only with ranges"
+    assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.9,tcp:80"]
+    (warning,) = state["warnings"]
+    assert "no range left, so the load balancer is open to every source" in warning["message"]
+
+
+def test_the_skipped_entry_warning_clears_when_the_entry_is_fixed() -> None:
+    broken = _with_bad_entries(["198.51.100.0/24"])
+    fixed = _with_bad_entries(["198.51.100.0/24"])
+    fixed["spec"]["externalIPs"] = ["203.0.113.5"]
+    fixed["status"]["loadBalancer"]["ingress"] = [{"ip": "203.0.113.9"}]
+    live = _plan([*added(*NODES, broken), {"type": "MODIFIED", "object": fixed}])
+    assert "Service/default/web/invalid-address" not in live.warnings
+    assert live.plans == _plan(added(*NODES, fixed)).plans
 
 
 # --- 9. a LoadBalancer turned ClusterIP before its status is cleared ----------------------------------------

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from shared.plan.node_state import Contribution
+from shared.service import sloppy
 
 from .kernel.backend import Observed
 
@@ -31,15 +32,17 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse(values: Iterable[str]) -> tuple[Network, ...]:
-    """The ranges, from flag values that may each hold a comma-separated list (as kube-proxy's flag).
+    """The ranges, from flag values that may each hold a comma-separated list (as kube-proxy's flag), read
+    as kube-proxy reads them (``ParseCIDRSloppy``: proxier.go ``parseExcludedCIDRs``, validation.go
+    ``validateIPVSExcludeCIDRs``; leading zeros decimal, IPv4-mapped forms IPv4: shared/service/sloppy.py).
     Raises ValueError naming the value that is no CIDR."""
     out = []
     for value in values:
         for part in filter(None, (p.strip() for p in value.split(","))):
-            try:
-                out.append(ipaddress.ip_network(part, strict=False))
-            except ValueError:
-                raise ValueError(f"ipvs_exclude_cidrs: {part!r} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/8)") from None
+            parsed = sloppy.parse_cidr(part)
+            if parsed is None:
+                raise ValueError(f"ipvs_exclude_cidrs: {part!r} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/8)")
+            out.append(ipaddress.ip_network(parsed[0]))
     return tuple(out)
 
 

@@ -168,7 +168,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
             raise ValueError("shadow, cleanup, hand-back and adopt exclude each other")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
         exclude.parse(self.ipvs_exclude_cidrs)
-        kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
+        # canonical forms, read as kube-proxy reads its CIDR flags (ParseCIDRSloppy)
+        self.nodeport_cidrs = kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
+        self.cluster_cidr = kube_proxy_config.cidrs(self.cluster_cidr, "cluster_cidr")
         if self.shadow and self.http_listen == KUBE_PROXY_METRICS:
             self.http_listen = "127.0.0.1:0"  # kube-proxy, which the shadow runs beside, holds that port
 
@@ -386,6 +388,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if cfg.shadow:
             # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
+            if cfg.http_listen == "127.0.0.1:0":
+                log.info("shadow mode: kube-proxy holds %s, so metrics are on a free loopback port (logged "
+                         "below); --http-listen with another port chooses it", KUBE_PROXY_METRICS)
             await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
             await kernel.close()
             return 0

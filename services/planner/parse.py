@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from shared.contract.events import Endpoint, NodeFacts
-
-from . import sloppy
+from shared.service import sloppy
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos"})
@@ -59,6 +59,7 @@ class ServiceSpec(msgspec.Struct, frozen=True, gc=False):
     ports: tuple[ServicePort, ...]
     health_check_node_port: int = 0
     legacy: tuple[str, ...] = ()  # addresses read as kube-proxy reads legacy ones (leading zeros), and where
+    skipped: tuple[str, ...] = ()  # list entries kube-proxy cannot read either, skipped: field, value, why
     stale_ingress: tuple[str, ...] = ()  # status.loadBalancer.ingress IPs of a Service no longer a LoadBalancer
 
 
@@ -160,11 +161,12 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
     if not raw_ips:
         raise Invalid("spec.clusterIP: missing (a proxied Service needs one)")
     legacy: list[str] = []
+    skipped: list[str] = []
     cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]", legacy) for i, ip in enumerate(raw_ips))
     ports = _service_ports(spec, kind in ("NodePort", "LoadBalancer"))
-    external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]", legacy)
-                         for i, ip in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs")))
-    lb_ips, ranges, stale = _load_balancer(obj, spec, kind, legacy)
+    external_ips = tuple(_each(_ip, _list(spec.get("externalIPs"), "spec.externalIPs"), "spec.externalIPs",
+                               legacy, skipped))
+    lb_ips, ranges, stale = _load_balancer(obj, spec, kind, legacy, skipped)
     persistence = _affinity_timeout(spec)
     scheduler, problem = _scheduler(meta, default_scheduler)
     # pkg/api/v1/service/util.go ExternallyAccessible / ExternalPolicyLocal / NeedsHealthCheck: by type,
@@ -181,13 +183,33 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
         scheduler_problem=problem, persistence_timeout=persistence,
         external_policy_local=external_local,
         internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports),
-        health_check_node_port=health_check, legacy=tuple(legacy), stale_ingress=stale)
+        health_check_node_port=health_check, legacy=tuple(legacy), skipped=tuple(skipped), stale_ingress=stale)
 
 
-def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
-                   legacy: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def _each(read: Callable[[Any, str, list[str]], str], values: list[Any], field: str, legacy: list[str],
+          skipped: list[str]) -> list[str]:
+    """Every entry of a list field that ``read`` (``_ip``, ``_cidr``) can read. One it cannot is skipped and
+    noted in ``skipped``, the rest kept, as kube-proxy does (pkg/proxy/util/utils.go ``MapIPsByIPFamily``:
+    "Skipping invalid IP"; ``MapCIDRsByIPFamily``: "Invalid CIDR ignored"); an empty string is skipped
+    without a word, as there."""
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(read(value, f"{field}[{i}]", legacy))
+        except Invalid as exc:
+            if not isinstance(value, str) or value.strip():
+                skipped.append(f"{exc}: skipped")
+    return out
+
+
+def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str, legacy: list[str],
+                   skipped: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(ingress IPs to program, loadBalancerSourceRanges, stale ingress IPs of a Service that is no longer
-    a LoadBalancer). ipMode Proxy entries are not programmed locally (serviceport.go ``IsVIPMode``).
+    a LoadBalancer). ipMode Proxy entries are not programmed locally (serviceport.go ``IsVIPMode``). An
+    ingress IP or a source range kube-proxy cannot read is skipped, the rest kept (serviceport.go
+    ``newBaseServiceInfo``: an ingress IP ``ParseIPSloppy`` refuses has no family and is left out; the
+    ranges go through ``MapCIDRsByIPFamily``), and noted in ``skipped``; with every range skipped the
+    load balancer is open to all, as kube-proxy leaves it (``syncProxyRules`` firewalls only with ranges).
 
     A Service turned from LoadBalancer into another type keeps its ingress until the controller clears it
     (MetalLB issue 190, kube-vip issue 1700). kube-proxy reads the status whatever the type (serviceport.go
@@ -203,13 +225,19 @@ def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
         ingress = []  # a status kipvs does not read for this type: its shape does not matter
     if kind != "LoadBalancer":
         return (), (), _stale_ingress(ingress)
-    lb_ips, ranges = [], []
+    lb_ips = []
     for i, raw in enumerate(ingress):
         entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
         if entry.get("ip") and entry.get("ipMode") != "Proxy":
-            lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", legacy))
-    for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
-        ranges.append(_cidr(cidr, f"spec.loadBalancerSourceRanges[{i}]", legacy))
+            try:
+                lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", legacy))
+            except Invalid as exc:
+                skipped.append(f"{exc}: skipped")
+    written = _list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
+    ranges = _each(_cidr, written, "spec.loadBalancerSourceRanges", legacy, skipped)
+    if not ranges and any(not isinstance(r, str) or r.strip() for r in written):
+        skipped.append("spec.loadBalancerSourceRanges: no range left, so the load balancer is open to every "
+                       "source (as kube-proxy leaves it)")
     return tuple(lb_ips), tuple(ranges), ()
 
 

@@ -96,6 +96,14 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         check_nats_url(self.nats_url)
 
 
+def listen_on(value: str) -> tuple[str | None, int]:
+    """A checked ``host:port`` setting as (host, port) for a listening socket. An empty host (``:10249``) is
+    every interface, IPv4 and IPv6, as Go's ``net.Listen`` reads it in kube-proxy's bind addresses: None,
+    which aiohttp binds on every address family."""
+    host, _, port = value.rpartition(":")
+    return host or None, int(port)
+
+
 def check_listen(name: str, value: str) -> None:
     """A host:port setting (empty allowed: off); ValueError naming the setting otherwise."""
     if value:

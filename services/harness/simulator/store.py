@@ -178,6 +178,18 @@ class Store:
 
     # --- reads ----------------------------------------------------------------------------------
 
+    def patch(self, kind: str, namespace: str, name: str, patch: Any) -> dict[str, Any]:
+        """Apply a JSON merge patch (RFC 7386, what ``kubectl annotate``, ``label`` and ``patch --type merge``
+        send) to the stored object and store the result as an update (MODIFIED). A patch that changes the
+        name, or is not a JSON object, is a 422 / 400 as kube-apiserver answers."""
+        if not isinstance(patch, dict):
+            raise ApiError(400, "BadRequest", "the patch must be a JSON object")
+        current = self.get(kind, namespace, name)
+        patched = merge_patch(current, patch)
+        if not isinstance(patched.get("metadata"), dict) or patched["metadata"].get("name") != name:
+            raise ApiError(422, "Invalid", f"{kind} {name!r}: metadata.name: the patch may not change it")
+        return self.update(patched)
+
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         resource = self._resource(kind)
         obj = self.objects.get((kind, namespace if resource.namespaced else "", name))
@@ -246,3 +258,18 @@ def decode_continue(token: str) -> tuple[int, int]:
         return int(doc["rv"]), int(doc["start"])
     except (ValueError, KeyError, TypeError):
         raise ApiError(400, "BadRequest", "invalid continue token") from None
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge key by key, ``null`` removes a key, anything else (lists
+    included) replaces. A new value; neither argument is changed. (kube-apiserver's strategic merge patch
+    differs only for lists with a patch strategy, which the simulator does not model.)"""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged

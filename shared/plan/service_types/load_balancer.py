@@ -9,8 +9,10 @@ Source ranges are per family (kubernetes#33035): each of kube-proxy's per-family
 of its own family only (pkg/proxy/serviceport.go ``newBaseServiceInfo``, ``MapCIDRsByIPFamily``), and
 ``syncProxyRules`` (pkg/proxy/ipvs/proxier.go) firewalls a load-balancer IP only ``if
 len(svcInfo.LoadBalancerSourceRanges()) != 0``. So a dual-stack Service with IPv4 ranges only is filtered
-on IPv4 and open on IPv6; the node may reach the address (-SOURCE-IP) when one of *its family's* node
-addresses is in a range."""
+on IPv4 and open on IPv6; the node may reach the address (-SOURCE-IP) when *its family's* node IP is in a
+range. That is kube-proxy's one ``proxier.nodeIP`` per family (``syncProxyRules``: ``cidr.Contains(proxier.nodeIP)``),
+the first of the family in the Node's addresses (pkg/util/node ``GetNodeHostIPs``; kipvs reads InternalIPs,
+which that function puts first), not any of them: a second InternalIP in a range does not let the node in."""
 
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from .common import external_address
 def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | None,
             endpoints: tuple[Endpoint, ...], out: Contribution) -> None:
     ranges = [net for net in map(ipaddress.ip_network, plan.load_balancer_source_ranges) if net.version == family]
-    node_ips = [ipaddress.ip_address(ip) for ip in (node.addresses if node else ()) if family_of(ip) == family]
-    allow_from_node = any(ip in net for net in ranges for ip in node_ips)
+    node_ip = next((ipaddress.ip_address(ip) for ip in (node.addresses if node else ()) if family_of(ip) == family),
+                   None)
+    allow_from_node = node_ip is not None and any(node_ip in net for net in ranges)
     for ip in plan.load_balancer_ips:
         if family_of(ip) != family:
             continue
