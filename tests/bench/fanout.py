@@ -9,7 +9,10 @@ the node's claim (as the applier does) and counts: the durable consumer (``bus.D
 reports paced by ``report_pacer``). The fleet benchmark (fleet.py) runs the whole appliers; on a shared 2-core
 machine their CPU queueing batches many changes per fetch and hides the per-change cost, which this one
 measures. Printed per design and N: the servers' CPU per change per node (churn minus idle), their RSS per
-added node, KIPVS_STATUS messages per change per node and per node per second. Nothing is asserted.
+added node (idle, and after the changes), KIPVS_STATUS messages per change per node and per node per second,
+and from the servers' own counters (their loopback monitoring port: /varz, /connz) the messages they wrote to
+and read from the nodes' connections and wrote in all (routes included) per change per node, and each node
+connection's subscriptions; then issue 27's goals against the feed's figures. Nothing is asserted.
 
     python -m tests.bench fanout --nodes 100,300 --changes 100 --rate 5
 """
