@@ -225,6 +225,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         if not ctx.replaced:  # else the runtime starts apply_plan again on the same kernel
             await kernel.close()
     finally:
+        if applier.claim is not None:
+            await applier.claim.close()
         await applier.health.close()
 
 
@@ -233,7 +235,7 @@ async def _claim_and_bootstrap(ctx: runtime.ServiceContext, applier: Applier) ->
     None: stop here (told to stop, or no plan came)."""
     node = applier.node
     ctx.set_not_ready(f"claiming node {node}")
-    claim = applier.claim = node_claim.NodeClaim(ctx.js, node, ctx.metrics)
+    claim = applier.claim = node_claim.NodeClaim(ctx.js, node, ctx.metrics, nc=ctx.nc)
     if not await claim.take(ctx.stop):
         await applier.kernel.close()
         return None
