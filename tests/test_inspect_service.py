@@ -116,14 +116,18 @@ async def test_kernel_view_of_a_running_applier_and_its_diff(planned, nats_url: 
 
 async def test_diff_leaves_out_the_nodes_excluded_ranges(planned, nats_url: str, capsys) -> None:
     """--ipvs-exclude-cidrs: the applier never programs there, and another program's virtual service
-    there is not kipvs's business; --diff reported the planned ones missing forever, and the other's extra."""
+    there is not kipvs's business; --diff reported the planned ones missing forever, and the other's extra.
+    With the pod network excluded too, the hairpin entries (KUBE-LOOP-BACK, keyed by pod IP) stay."""
     kernel = MemoryKernel()
     cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-a", "backend": "memory",
-                                      "ipvs_exclude_cidrs": ["10.96.0.10/32, fd00:97::/64"]}, {})
+                                      "ipvs_exclude_cidrs": ["10.96.0.10/32, fd00:97::/64", "10.244.0.0/16"]}, {})
     task, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
     programmed = {key for key in planned_node_a().ipvs if key[1] != "10.96.0.10"}
+    hairpin = planned_node_a().ipsets["KUBE-LOOP-BACK"]
+    assert hairpin, "the small cluster has pods on node-a behind their own Service"
     try:
         await eventually(lambda: set(kernel.ipvs) == programmed, what="node-a's kernel programmed")
+        await eventually(lambda: kernel.ipsets.get("KUBE-LOOP-BACK") == hairpin, what="the hairpin entries kept")
         kernel.ipvs[("TCP", "10.96.0.10", 9999)] = VirtualService("TCP", "10.96.0.10", 9999, "wrr")  # not ours
         for _ in range(200):  # the inspect subscription comes up right after bootstrap
             code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--diff",

@@ -24,6 +24,8 @@ from services.applier.node_settings import (
     sysctls_to_set,
 )
 from services.applier.ops import AddService, DelAddress, DelService, DesiredState, EditService, diff
+from shared.contract.events import KernelTable
+from shared.plan.divergence import divergences
 from shared.plan.node_state import Contribution, NodeState, VirtualService
 from shared.service import config
 from shared.service.cli import main as kipvs
@@ -122,6 +124,27 @@ def test_nothing_in_the_excluded_ranges_is_deleted_edited_or_unbound_even_if_kip
     taken.update("default/x", _contribution("10.97.0.5"))
     assert not [op for op in diff(taken.state(), seen.state, seen.owned) if "10.97.0.5" in repr(op)], \
         "a planned Service on another program's service does not take it over"
+
+
+def test_excluded_pod_ranges_keep_the_hairpin_entries() -> None:
+    """--ipvs-exclude-cidrs covering the pod network: only entries keyed by a virtual address go; the
+    KUBE-LOOP-BACK entry (podIP,proto:port,podIP) of a pod reaching itself through its Service stays, in
+    the applier's filter and in shadow mode's comparison."""
+    pods = exclude.ExcludeCIDRs(exclude.parse(["10.244.0.0/16", "fd00:244::/64"]))
+    c = _contribution("10.244.9.9")  # a virtual service on a pod address is still excluded
+    c.ipset_entries |= {("KUBE-LOOP-BACK", "10.244.1.5,tcp:8080,10.244.1.5"),
+                        ("KUBE-6-LOOP-BACK", "fd00:244::5,tcp:8080,fd00:244::5"),
+                        ("KUBE-LOAD-BALANCER-SOURCE-CIDR", "10.244.9.9,tcp:80,10.0.0.0/8")}
+    kept = pods.contribution(c)
+    assert kept is not None and kept.ipset_entries == {
+        ("KUBE-LOOP-BACK", "10.244.1.5,tcp:8080,10.244.1.5"), ("KUBE-6-LOOP-BACK", "fd00:244::5,tcp:8080,fd00:244::5"),
+        ("KUBE-NODE-PORT-TCP", "30080")}
+    want = NodeState()
+    want.add(kept)
+    table = KernelTable(ipsets={"KUBE-LOOP-BACK": (), "KUBE-6-LOOP-BACK": (), "KUBE-NODE-PORT-TCP": ("30080",)})
+    assert divergences(table, want.finish(), ["10.244.0.0/16", "fd00:244::/64"]) == [
+        "ipset KUBE-LOOP-BACK entry 10.244.1.5,tcp:8080,10.244.1.5 missing",
+        "ipset KUBE-6-LOOP-BACK entry fd00:244::5,tcp:8080,fd00:244::5 missing"]
 
 
 def test_exclude_cidrs_flag_is_kube_proxys_and_a_bad_range_is_one_line(capsys) -> None:

@@ -111,6 +111,21 @@ def test_node_may_reach_the_address_only_by_its_one_node_ip_of_the_family(plan) 
     assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == ["203.0.113.9,tcp:80,203.0.113.9"]
 
 
+def test_node_ip_of_a_family_without_internal_ip_is_its_first_external_ip(plan) -> None:
+    """GetNodeHostIPs (pkg/util/node): InternalIPs first, then ExternalIPs; the first of each family. A
+    node with an IPv4 InternalIP and an IPv6 ExternalIP has an IPv6 node IP, so it may reach the IPv6
+    load-balancer address its range covers; the ExternalIP serves no NodePort (addresses: InternalIPs)."""
+    node = kube.node("node-a", "192.0.2.1")
+    node["status"]["addresses"] += [{"type": "ExternalIP", "address": "198.51.100.7"},
+                                    {"type": "ExternalIP", "address": "2001:db8::1"},
+                                    {"type": "InternalIP", "address": "192.0.2.99"}]
+    state = plan(added(node, _dual_stack_lb(["198.51.100.0/24", "2001:db8::/64"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-6-LOAD-BALANCER-SOURCE-IP"] == ["2001:db8:9::9,tcp:80,2001:db8:9::9"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "IPv4: the InternalIP 192.0.2.1 comes first"
+    facts = _plan(added(node)).nodes["node-a"]
+    assert (facts.addresses, facts.host_ips) == (("192.0.2.1", "192.0.2.99"), ("192.0.2.1", "2001:db8::1"))
+
+
 def _reals(lines: list[str], vip: str) -> list[str]:
     return [line.split(" -r ")[1].split(" ")[0] for line in lines if line.startswith(f"-a -t {vip} ")]
 
@@ -209,6 +224,20 @@ def test_ipv4_mapped_ipv6_forms_are_ipv4_as_kube_proxy_reads_them(plan) -> None:
     assert "endpoints[0].addresses[0]" in fields["default/web-1"]
 
 
+def test_an_ipv4_mapped_address_in_an_ipv6_slice_is_skipped_with_one_message(plan) -> None:
+    """An IPv6 EndpointSlice's ``::ffff:10.244.1.20`` is IPv4 (To4() != nil), which kube-apiserver's
+    IsValidIPv6Address refuses for an IPv6 slice: skipped as not an IPv6 address, once, not also reported
+    as a legacy address read as 10.244.1.20 (an endpoint that was not used)."""
+    svc = web(clusterIP="fd00::10", clusterIPs=["fd00::10"], ipFamilies=["IPv6"])
+    eps = slice_(kube.endpoint("::ffff:10.244.1.20", "node-a"), kube.endpoint("fd00:244::5", "node-a"),
+                 family="IPv6")
+    state = plan(added(*NODES, svc, eps), "node-a", "json")
+    assert state["ipsets"]["KUBE-6-LOOP-BACK"] == ["fd00:244::5,tcp:8080,fd00:244::5"]
+    about = [(w["code"], w["message"]) for w in state["warnings"] if w["object"] == "default/web-1"]
+    assert about == [("invalid-endpointslice", "EndpointSlice default/web-1: skipped endpoints: endpoints[0].addresses"
+                      "[0]: '::ffff:10.244.1.20' is not an IPv6 address (an IPv4-mapped address is IPv4)")], about
+
+
 @pytest.mark.parametrize(("raw", "read"), [("::ffff:10.0.0.1/96", "0.0.0.0/0"), ("::ffff:10.0.0.1/64", "::/64"),
                                            ("::10.0.0.1/120", "::a00:0/120"), ("::ffff:10.0.0.1/128", "10.0.0.1/32")])
 def test_mapped_cidrs_follow_go_parse_cidr(raw: str, read: str) -> None:
@@ -264,6 +293,22 @@ def test_with_every_source_range_skipped_the_load_balancer_is_open_as_kube_proxy
     assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.9,tcp:80"]
     (warning,) = state["warnings"]
     assert "no range left, so the load balancer is open to every source" in warning["message"]
+
+
+def test_a_family_whose_every_source_range_is_skipped_is_said_to_be_open(plan) -> None:
+    """["10.0.0.0/33", "2001:db8::/64"] on dual-stack: IPv6 is filtered, IPv4 has no range left and is open
+    (MapCIDRsByIPFamily gives the IPv4 proxier none): the warning says so for IPv4, not for IPv6."""
+    state = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/33", "2001:db8::/64"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == [] and state["ipsets"]["KUBE-6-LOAD-BALANCER-FW"]
+    (warning,) = state["warnings"]
+    assert warning["message"].endswith(
+        "spec.loadBalancerSourceRanges[0]: '198.51.100.0/33' is not a CIDR: skipped; spec.loadBalancerSourceRanges: "
+        "no IPv4 range left, so the load balancer is open to every IPv4 source (as kube-proxy leaves a family "
+        "without ranges)"), warning["message"]
+    assert "IPv6 source" not in warning["message"]
+    both = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/33", "198.51.100.0/24", "2001:db8::/64"])),
+                "node-a", "json")
+    assert "open" not in both["warnings"][0]["message"], "a readable IPv4 range is left"
 
 
 def test_the_skipped_entry_warning_clears_when_the_entry_is_fixed() -> None:

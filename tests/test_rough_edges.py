@@ -22,7 +22,7 @@ from services.applier.kernel.backend import MemoryKernel
 from services.applier.main import ApplierConfig, apply_plan
 from services.applier.ops import DesiredState, describe_changes, diff
 from services.harness.simulator.server import Simulator
-from services.harness.simulator.store import merge_patch
+from services.harness.simulator.store import Store, merge_patch
 from services.planner.main import PlannerServiceConfig, plan
 from shared.contract import topology
 from shared.messaging import bus
@@ -87,10 +87,32 @@ async def test_kubectl_annotate_patches_a_service_in_the_simulator(sim: Simulato
     service = json.loads(await run("get", "service", "web", "-o", "json"))
     assert service["metadata"]["annotations"] == {"kipvs.io/scheduler": "sh"}
     assert service["spec"]["clusterIP"] == "10.96.0.10", "the patch kept what it did not name"
+    assert service["metadata"]["generation"] == 1, "metadata only: kube-apiserver leaves generation"
     assert [c.type for c in sim.store.history if c.rv > rv] == ["MODIFIED"]
     await run("annotate", "service", "web", "kipvs.io/scheduler-")
     service = json.loads(await run("get", "service", "web", "-o", "json"))
     assert "kipvs.io/scheduler" not in (service["metadata"].get("annotations") or {})
+
+
+def test_generation_counts_spec_changes_only() -> None:
+    """kube-apiserver's ``PrepareForUpdate``: generation + 1 for a spec change, not for labels, annotations
+    or status; an EndpointSlice's labels count (pkg/registry/discovery/endpointslice/strategy.go)."""
+    store = Store()
+    store.create(kube.service("web", cluster_ip="10.96.0.10"))
+
+    def generation() -> int:
+        return store.get("Service", "default", "web")["metadata"]["generation"]
+
+    store.patch("Service", "default", "web", {"metadata": {"labels": {"a": "b"}, "annotations": {"c": "d"}}})
+    store.patch("Service", "default", "web", {"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}})
+    assert generation() == 1
+    store.patch("Service", "default", "web", {"spec": {"sessionAffinity": "ClientIP"}})
+    assert generation() == 2
+    store.create(kube.endpoint_slice("web-1", "web", [kube.endpoint("10.244.1.5")]))
+    store.patch("EndpointSlice", "default", "web-1", {"metadata": {"annotations": {"c": "d"}}})
+    assert store.get("EndpointSlice", "default", "web-1")["metadata"]["generation"] == 1
+    store.patch("EndpointSlice", "default", "web-1", {"metadata": {"labels": {"kubernetes.io/service-name": "x"}}})
+    assert store.get("EndpointSlice", "default", "web-1")["metadata"]["generation"] == 2
 
 
 def test_merge_patch_follows_rfc_7386() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from shared.contract.events import Endpoint, NodeFacts
+from shared.plan.node_state import family_of
 from shared.service import sloppy
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -238,7 +239,21 @@ def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str, legacy:
     if not ranges and any(not isinstance(r, str) or r.strip() for r in written):
         skipped.append("spec.loadBalancerSourceRanges: no range left, so the load balancer is open to every "
                        "source (as kube-proxy leaves it)")
+    elif ranges:
+        skipped += [f"spec.loadBalancerSourceRanges: no IPv{family} range left, so the load balancer is open to "
+                    f"every IPv{family} source (as kube-proxy leaves a family without ranges)"
+                    for family in _families_left_open(written, ranges)]
     return tuple(lb_ips), tuple(ranges), ()
+
+
+def _families_left_open(written: list[Any], ranges: list[str]) -> list[int]:
+    """The families (4, 6) of the source ranges skipped as unreadable that no readable range is left for:
+    kube-proxy firewalls a family only with ranges of that family (``MapCIDRsByIPFamily``), so that
+    family is open. An unreadable entry's family is guessed from its text (a colon: IPv6)."""
+    kept = {6 if ":" in r else 4 for r in ranges}
+    dropped = {6 if ":" in r else 4 for r in written
+               if isinstance(r, str) and r.strip() and sloppy.parse_cidr(r.strip()) is None}
+    return sorted(dropped - kept)
 
 
 def _stale_ingress(ingress: list[Any]) -> tuple[str, ...]:
@@ -384,15 +399,20 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
         if not addresses:
             problems.append(f"endpoints[{i}].addresses: missing or empty")
             continue
-        ip = canonical(addresses[0])
+        ip, note = canonical(addresses[0]), ""
         if ip is None or (":" in ip and "." in ip):  # rare: a legacy or IPv4-mapped address, as kube-proxy reads it
             parsed = sloppy.parse_ip(addresses[0])
             if parsed is not None:
-                ip = parsed[0]
-                legacy.append(legacy_note(f"endpoints[{i}].addresses[0]", addresses[0], ip))
+                ip, note = parsed[0], legacy_note(f"endpoints[{i}].addresses[0]", addresses[0], parsed[0])
         if ip is None or (":" in ip) is not want_v6:
-            problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} address")
+            # one message: an IPv4-mapped address in an IPv6 slice is IPv4, which kube-apiserver's
+            # IsValidIPv6Address refuses too (To4() != nil), so it is skipped, not read
+            mapped = " (an IPv4-mapped address is IPv4)" if note and ":" in addresses[0] else ""
+            problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} "
+                            f"address{mapped}")
             continue
+        if note:
+            legacy.append(note)
         c = ep.conditions
         hints = tuple(sorted({z.name for z in ep.hints.for_zones or ()} - {""})) if ep.hints else ()
         node_hints = tuple(sorted({n.name for n in ep.hints.for_nodes or ()} - {""})) if ep.hints else ()
@@ -409,23 +429,36 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
 
 def node(obj: dict[str, Any]) -> tuple[NodeFacts, tuple[str, ...], tuple[str, ...]]:
     """The node's facts, the problems found (addresses skipped) and the legacy addresses read (leading
-    zeros, read as kube-proxy's pkg/util/node ``GetNodeHostIPs`` does with ParseIPSloppy). Invalid when
-    the object's shape is wrong (labels not an object, status not an object, addresses not a list),
-    naming the field."""
+    zeros, read as kube-proxy's pkg/util/node ``GetNodeHostIPs`` does with ParseIPSloppy). ``addresses``
+    are the InternalIPs; ``host_ips`` kube-proxy's node IPs (:func:`host_ips`). Invalid when the object's
+    shape is wrong (labels not an object, status not an object, addresses not a list), naming the field."""
     meta = _mapping(obj.get("metadata"), "metadata")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     status = _mapping(obj.get("status"), "status")
-    addresses, problems, legacy = [], [], []
+    read: dict[str, list[str]] = {"InternalIP": [], "ExternalIP": []}
+    problems, legacy = [], []
     for i, raw in enumerate(_list(status.get("addresses"), "status.addresses")):
         entry = _mapping(raw, f"status.addresses[{i}]")
-        if entry.get("type") != "InternalIP":
+        kind = entry.get("type")
+        if kind not in read:
             continue
         try:
             ip = _ip(entry.get("address"), f"status.addresses[{i}].address", legacy)
         except Invalid as exc:
             problems.append(str(exc))
             continue
-        if ip not in addresses:
-            addresses.append(ip)
+        if ip not in read[kind]:
+            read[kind].append(ip)
     return NodeFacts(name=str(meta.get("name", "")), zone=str(labels.get(ZONE_LABEL) or ""),
-                     addresses=tuple(addresses)), tuple(problems), tuple(legacy)
+                     addresses=tuple(read["InternalIP"]),
+                     host_ips=host_ips(read["InternalIP"] + read["ExternalIP"])), tuple(problems), tuple(legacy)
+
+
+def host_ips(ordered: list[str]) -> tuple[str, ...]:
+    """kube-proxy's node IPs from the Node's InternalIPs then ExternalIPs (in that order): the first
+    address, then the first of the other family if any (pkg/util/node ``GetNodeHostIPs``, what
+    cmd/kube-proxy ``detectNodeIPs`` hands each per-family proxier as ``nodeIP``). So per family: the
+    first InternalIP of the family, else its first ExternalIP."""
+    out = ordered[:1]
+    out += [ip for ip in ordered if family_of(ip) != family_of(out[0])][:1] if out else []
+    return tuple(out)

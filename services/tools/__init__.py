@@ -1,1 +1,2 @@
-"""The read-only tools over the log and the node: ``kipvs tap``, ``history``, ``why``, ``ipvs`` and ``status``."""
+"""The SREs' tools over the log and the nodes: ``kipvs tap``, ``history``, ``why``, ``ipvs`` and ``status``
+(``kipvs replay``, which re-runs the planner, lives with it: services/planner/replay.py)."""

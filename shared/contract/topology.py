@@ -192,6 +192,10 @@ PARKED_MAX_BYTES = 256 * 1024**2
 # nats-server's JSInsufficientResourcesErr, JSStorageResourcesExceededErr ("insufficient storage resources")
 _INSUFFICIENT_RESOURCES = (10023, 10047)
 DUPLICATE_WINDOW_S = 600.0  # how long JetStream remembers Nats-Msg-Id; longer than any watcher restart
+# KIPVS_STATUS's: long enough for a report re-sent at once after a publish that timed out; a later repeat is
+# a harmless second copy. Each remembered id costs every replica about 220 bytes: at 5,000 nodes reporting
+# once a second, 2 min held ~130 MiB per server, 10 s ~11 MiB (issue 27, docs/architecture.md "Scale").
+STATUS_DUPLICATE_WINDOW_S = 10.0
 
 
 def streams(replicas: int = 1) -> list[StreamSpec]:
@@ -212,7 +216,7 @@ def streams(replicas: int = 1) -> list[StreamSpec]:
                         republish=RePublish(src="kipvs.plan.>", dest=PLAN_FEED_DEST)),
                    "what each node's kernel should hold, as ordered deltas"),
         StreamSpec(_log(STATUS_STREAM, "applier reports, drift and node facts", "kipvs.status.>", replicas,
-                        duplicate_window=120.0, max_age=7 * 24 * 3600.0, allow_direct=True,
+                        duplicate_window=STATUS_DUPLICATE_WINDOW_S, max_age=7 * 24 * 3600.0, allow_direct=True,
                         # Bounded by the server, not by the appliers' good manners: a node's identity may publish
                         # only its STATUS_KINDS subjects, each keeps STATUS_PER_SUBJECT reports of at most
                         # STATUS_MAX_MSG bytes, and the whole stream drops its oldest past STATUS_MAX_BYTES,

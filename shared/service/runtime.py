@@ -210,7 +210,7 @@ async def _start_http(health: Health, listen: str, proxy_mode: str = "") -> tupl
     server = site._server
     sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
     bound = sockets[0].getsockname()[1] if sockets else port
-    log.info("health and metrics on http://%s:%d/ (livez, healthz, readyz, metrics%s)", host or "*", bound,
+    log.info("health and metrics on http://%s:%d/ (livez, healthz, readyz, metrics%s)", config.url_host(host), bound,
              ", proxyMode" if proxy_mode else "")
     return runner, bound
 

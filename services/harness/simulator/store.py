@@ -136,7 +136,7 @@ class Store:
             obj["metadata"].pop("namespace", None)
         obj["metadata"]["uid"] = current["metadata"].get("uid")
         obj["metadata"]["creationTimestamp"] = current["metadata"].get("creationTimestamp")
-        obj["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        obj["metadata"]["generation"] = current["metadata"].get("generation", 1) + _spec_changed(current, obj)
         obj["metadata"]["resourceVersion"] = str(self._next())
         self.objects[key] = obj
         self.history.append(Change(self.rv, "MODIFIED", kind, namespace, obj, current))
@@ -273,3 +273,16 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             merged[key] = merge_patch(merged.get(key), value)
     return merged
+
+
+def _spec_changed(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """1 when an update changes the object outside ``metadata`` and ``status`` (and the type fields), else
+    0: kube-apiserver bumps ``metadata.generation`` for spec changes only (the registries'
+    ``PrepareForUpdate``); a label or annotation, as ``kubectl annotate``/``label`` write, leaves it, except
+    an EndpointSlice's labels (its service-name label; pkg/registry/discovery/endpointslice/strategy.go
+    ``PrepareForUpdate`` compares ``Labels`` too)."""
+    ignored = ("metadata", "status", "apiVersion", "kind")
+    if {k: v for k, v in old.items() if k not in ignored} != {k: v for k, v in new.items() if k not in ignored}:
+        return 1
+    labels = (old["metadata"].get("labels"), new["metadata"].get("labels"))
+    return int(new.get("kind") == "EndpointSlice" and labels[0] != labels[1])
