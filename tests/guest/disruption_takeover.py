@@ -39,6 +39,7 @@ from tests.guest import kube_proxy
 NODE, NODE_IP = "node-a", "192.168.50.11"
 LB_IP = "198.51.100.7"
 TRAFFIC = str(Path(__file__).with_name("traffic.py"))
+EVIDENCE = Path("/run/tmp/disruption-evidence")  # what traffic.py captured at a stall or reset
 FROM_POD = ["--long", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
             "--new", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
             "--udp", "10.96.0.53:53"]
@@ -139,9 +140,10 @@ class Traffic:
         self.sources: dict[str, asyncio.subprocess.Process] = {}
 
     async def start(self) -> None:
+        evidence = ["--evidence", str(EVIDENCE), NODE, "pod-echo-1", "pod-echo-2"]
         for name, argv in (("pod", ["ip", "netns", "exec", "pod-client-1", sys.executable, TRAFFIC, "load",
-                                    *FROM_POD]),
-                           ("outside", [sys.executable, TRAFFIC, "load", *FROM_OUTSIDE])):
+                                    *FROM_POD, *evidence]),
+                           ("outside", [sys.executable, TRAFFIC, "load", *FROM_OUTSIDE, *evidence])):
             self.sources[name] = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                                       stdout=asyncio.subprocess.PIPE,
                                                                       stderr=asyncio.subprocess.PIPE)
@@ -177,7 +179,19 @@ def assert_no_loss(moment: str, results: dict[str, dict]) -> None:
         assert counts["long_lived"] >= 2 and counts["new_ok"] > 0 and counts["udp_ok"] > 0, (name, counts)
     lost = losses(results)
     failures = [line for counts in results.values() for line in counts["first_failures"]]
+    if lost:
+        print_evidence(results)
     assert not lost, f"{moment}: connections lost {lost}: {failures}"
+
+
+def print_evidence(results: dict[str, dict]) -> None:
+    """What traffic.py captured when a connection failed, and the end of the applier's log: to find why."""
+    for counts in results.values():
+        for path in counts["evidence"]:
+            print(f"DISRUPTION evidence {path}:\n{Path(path).read_text()}", flush=True)
+    log = Path("/run/tmp/disruption/logs") / f"applier-{NODE}.log"
+    if log.exists():
+        print(f"DISRUPTION applier log (end):\n{log.read_text()[-6000:]}", flush=True)
 
 
 async def moment(action, settle: float = 3.0) -> dict[str, dict]:

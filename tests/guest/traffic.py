@@ -9,6 +9,9 @@ Cilium's connection-disruption checks: what a proxy switch must not break, count
         --new:  a new TCP connection to each target every 200 ms (connect, echo, close); any failure counts
         --udp:  a datagram to each target every 200 ms from one socket per target (a long-lived flow);
                 no answer within the bound is a lost datagram
+        --evidence DIR NODE POD...: on a stall or reset, what the node's kernel holds for that connection
+                (its conntrack entries, IPVS connection entries, rules, the sockets at both ends) is
+                written to DIR/<source>-<n>.txt, for the test to print
     It prints "ready" once every long-lived connection is up, runs until a line "stop" (or EOF) on stdin,
     then prints one JSON object: the counts, the first failures described, the slowest echo.
 
@@ -23,14 +26,22 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 ECHO_PORT = 9000
 SCALE = float(os.environ.get("KIPVS_GUEST_TIME_SCALE", "1"))
 STALL_S = 3.0 * SCALE
 UDP_WAIT_S = 1.0 * SCALE
 PERIOD_S = 0.2
+
+
+def _clock() -> str:
+    """Wall-clock time, UTC, as the services' JSON logs write it: to line a failure up with their logs."""
+    now = time.time()
+    return time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
 
 def _target(text: str) -> tuple[str, int]:
@@ -50,6 +61,7 @@ class Counts:
         self.udp_lost: list[str] = []
         self.slowest_echo_ms = 0.0
         self.started = time.monotonic()
+        self.evidence: Evidence | None = None
 
     def at(self) -> str:
         return f"{time.monotonic() - self.started:.1f}s"
@@ -59,7 +71,58 @@ class Counts:
                 "stalls": len(self.stalls), "new_ok": self.new_ok, "new_failed": len(self.new_failed),
                 "udp_ok": self.udp_ok, "udp_lost": len(self.udp_lost),
                 "slowest_echo_ms": round(self.slowest_echo_ms, 1),
-                "first_failures": (self.resets + self.stalls + self.new_failed + self.udp_lost)[:12]}
+                "first_failures": (self.resets + self.stalls + self.new_failed + self.udp_lost)[:12],
+                "evidence": self.evidence.files if self.evidence is not None else []}
+
+
+class Evidence:
+    """What the kernel holds for a failed long-lived connection, captured when it fails (a stall is seen
+    STALL_S after its last echo; the state that stalls it is still there)."""
+
+    def __init__(self, folder: str, node: str, pods: list[str]) -> None:
+        self.folder, self.node, self.pods = Path(folder), node, pods
+        self.n = 0
+        self.files: list[str] = []
+
+    def _run(self, *argv: str) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30 * SCALE)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"$ {' '.join(argv)}: {exc}\n"
+        return f"$ {' '.join(argv)}\n{done.stdout}{done.stderr}"
+
+    def _grep(self, text: str, *words: str) -> str:
+        lines = text.splitlines()
+        return "\n".join(lines[:1] + [line for line in lines[1:] if any(w in line for w in words)]) + "\n"
+
+    def capture(self, what: str, local: tuple[str, int], remote: tuple[str, int]) -> str:
+        """Write the evidence file; its path."""
+        self.n += 1
+        node = ("ip", "netns", "exec", self.node)
+        port = str(local[1])
+        parts = [f"{_clock()} {what}: {local[0]}:{port} -> {remote[0]}:{remote[1]}\n",
+                 self._run("ss", "-tnioe", "sport", "=", f":{port}"),
+                 self._grep(self._run(*node, "cat", "/proc/net/nf_conntrack"), f"sport={port} ", f"dport={port} "),
+                 self._grep(self._run(*node, "ipvsadm", "-Lnc"), f":{port} "),
+                 self._run(*node, "ipvsadm", "-Ln", "--stats"),
+                 self._run(*node, "ipvsadm", "-Ln"),
+                 *(self._grep(self._run("ip", "netns", "exec", pod, "ss", "-tnie", "state", "established"),
+                              ":9000 ") for pod in self.pods),
+                 self._run(*node, "nft", "list", "ruleset"),
+                 self._run(*node, "ip", "-s", "link"),
+                 self._run(*node, "ip", "addr")]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{os.getpid()}-{self.n}.txt"
+        path.write_text("\n".join(parts))
+        self.files.append(str(path))
+        return str(path)
+
+
+async def _capture(counts: Counts, what: str, writer: asyncio.StreamWriter) -> None:
+    if counts.evidence is not None and counts.evidence.n < 3:  # the first few tell; more only slow the stop
+        sock = writer.get_extra_info("socket")
+        local, remote = sock.getsockname(), sock.getpeername()
+        await asyncio.get_running_loop().run_in_executor(None, counts.evidence.capture, what, local, remote)
 
 
 async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Event, up: asyncio.Event) -> None:
@@ -67,6 +130,7 @@ async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Even
     counts.long += 1
     up.set()
     n = 0
+    last_echo = _clock()
     try:
         while not stop.is_set():
             message = f"{n:063d}\n".encode()
@@ -75,16 +139,21 @@ async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Even
             try:
                 echoed = await asyncio.wait_for(reader.readexactly(len(message)), STALL_S)
             except TimeoutError:
+                port = writer.get_extra_info("sockname")[1]
                 counts.stalls.append(f"{counts.at()} long-lived {target[0]}:{target[1]} stalled "
-                                     f"(no echo in {STALL_S}s)")
+                                     f"(no echo in {STALL_S}s; from port {port}, last echo at {last_echo} UTC)")
+                await _capture(counts, f"stall after the echo at {last_echo}", writer)
                 return
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} reset ({type(exc).__name__})")
+                with contextlib.suppress(OSError):
+                    await _capture(counts, f"reset ({type(exc).__name__}) after the echo at {last_echo}", writer)
                 return
             if echoed != message:
                 counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} got other bytes")
                 return
             counts.echoes += 1
+            last_echo = _clock()
             counts.slowest_echo_ms = max(counts.slowest_echo_ms, (time.monotonic() - began) * 1000)
             n += 1
             with contextlib.suppress(TimeoutError):
@@ -146,8 +215,10 @@ async def datagrams(target: tuple[str, int], counts: Counts, stop: asyncio.Event
         sock.close()
 
 
-async def load(longs: list[str], news: list[str], udps: list[str]) -> dict:
+async def load(longs: list[str], news: list[str], udps: list[str], evidence: list[str]) -> dict:
     counts, stop = Counts(), asyncio.Event()
+    if evidence:
+        counts.evidence = Evidence(evidence[0], evidence[1], evidence[2:])
     ups = [asyncio.Event() for _ in longs for _ in range(2)]
     tasks = [asyncio.create_task(long_lived(_target(t), counts, stop, ups[2 * i + j]))
              for i, t in enumerate(longs) for j in range(2)]
@@ -197,14 +268,15 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["serve"]:
         asyncio.run(serve(argv[1:]))
         return
-    groups: dict[str, list[str]] = {"--long": [], "--new": [], "--udp": []}
+    groups: dict[str, list[str]] = {"--long": [], "--new": [], "--udp": [], "--evidence": []}
     current = None
     for word in argv[1:]:
         if word in groups:
             current = word
         elif current is not None:
             groups[current].append(word)
-    print(json.dumps(asyncio.run(load(groups["--long"], groups["--new"], groups["--udp"]))), flush=True)
+    print(json.dumps(asyncio.run(load(groups["--long"], groups["--new"], groups["--udp"],
+                                     groups["--evidence"]))), flush=True)
 
 
 if __name__ == "__main__":
