@@ -1,7 +1,7 @@
 """Traffic for the connection-disruption tests (run as a script inside the QEMU guest), in the style of
 Cilium's connection-disruption checks: what a proxy switch must not break, counted.
 
-    python traffic.py serve NETNS...    a TCP echo server on port 9000 in each pod namespace; prints "ready"
+    python traffic.py serve NETNS...    a TCP echo server on ports 9000-9002 in each pod namespace; prints "ready"
     python traffic.py load --long H:P ... --new H:P ... --udp H:P ...
         --long: two long-lived TCP connections per target, a 64-byte message echoed every 100 ms; a
                 connection reset or closed is a *reset*, an echo later than the stall bound a *stall*
@@ -14,6 +14,9 @@ Cilium's connection-disruption checks: what a proxy switch must not break, count
                 written to DIR/<source>-<n>.txt, for the test to print
     It prints "ready" once every long-lived connection is up, runs until a line "stop" (or EOF) on stdin,
     then prints one JSON object: the counts, the first failures described, the slowest echo.
+    python traffic.py shared-port NODE A B   a connection to A from a fixed source port, then one to B from
+                the same port on the same pod, then an echo on the first; prints one JSON object: whether
+                it echoed within the stall bound
 
 Bounds scale with KIPVS_GUEST_TIME_SCALE (3 under emulation): a stall is an echo slower than 3 s x scale,
 which no healthy path comes near, and which a deleted virtual service or a lost NAT binding always passes.
@@ -31,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-ECHO_PORT = 9000
+ECHO_PORTS = (9000, 9001, 9002)  # one per Service under test: no two Services share a real server
 SCALE = float(os.environ.get("KIPVS_GUEST_TIME_SCALE", "1"))
 STALL_S = 3.0 * SCALE
 UDP_WAIT_S = 1.0 * SCALE
@@ -107,7 +110,7 @@ class Evidence:
                  self._run(*node, "ipvsadm", "-Ln", "--stats"),
                  self._run(*node, "ipvsadm", "-Ln"),
                  *(self._grep(self._run("ip", "netns", "exec", pod, "ss", "-tnie", "state", "established"),
-                              ":9000 ") for pod in self.pods),
+                              *(f":{p} " for p in ECHO_PORTS)) for pod in self.pods),
                  self._run(*node, "nft", "list", "ruleset"),
                  self._run(*node, "ip", "-s", "link"),
                  self._run(*node, "ip", "addr")]
@@ -250,23 +253,89 @@ async def serve(namespaces: list[str]) -> None:
 
     servers = []
     for name in namespaces:
-        netns.pushns(name)
-        try:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", ECHO_PORT))
-            sock.listen(256)
-            sock.setblocking(False)
-        finally:
-            netns.popns()
-        servers.append(await asyncio.start_server(echo, sock=sock))
+        for port in ECHO_PORTS:
+            netns.pushns(name)
+            try:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("0.0.0.0", port))
+                sock.listen(256)
+                sock.setblocking(False)
+            finally:
+                netns.popns()
+            servers.append(await asyncio.start_server(echo, sock=sock))
     print("ready", flush=True)
     await asyncio.Event().wait()
+
+
+def _bound(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # on every one: they share the port
+    sock.bind(("0.0.0.0", port))
+    sock.settimeout(STALL_S)
+    return sock
+
+
+def _echoes(sock: socket.socket, message: bytes) -> bool:
+    sock.sendall(message)
+    try:
+        got = b""
+        while len(got) < len(message) and (chunk := sock.recv(len(message) - len(got))):
+            got += chunk
+    except TimeoutError:
+        return False
+    return got == message
+
+
+def _pod_of(node: str, sock: socket.socket, service: tuple[str, int]) -> str:
+    """The pod IPVS sent this connection to (its entry in ``ipvsadm -Lnc``, in the node)."""
+    address, port = sock.getsockname()
+    local = f"{address}:{port}"
+    out = subprocess.run(["ip", "netns", "exec", node, "ipvsadm", "-Lnc"], capture_output=True, text=True,
+                         timeout=30 * SCALE, check=True).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 6 and words[3] == local and words[4] == f"{service[0]}:{service[1]}":
+            return words[5].rpartition(":")[0]
+    raise AssertionError(f"no IPVS entry for {local} -> {service[0]}:{service[1]}:\n{out}")
+
+
+def shared_port(node: str, first: tuple[str, int], second: tuple[str, int]) -> dict:
+    """Two Services, one client source port (connect() allows it: the destinations differ): the first
+    connection must keep its replies while a connection to the second Service from its port, on its pod,
+    lives. Round robin is steered there by a probe or two from other ports (no other traffic runs). The
+    port lies below the ephemeral range, so no other connection of the pod takes it."""
+    port = 20000 + os.getpid() % 5000
+    sockets = []
+    try:
+        sock = _bound(port)
+        sockets.append(sock)
+        sock.connect(first)
+        result: dict = {"port": port, "first_echoed": _echoes(sock, b"first\n"),
+                        "first_pod": _pod_of(node, sock, first)}
+        for _ in range(2):  # round robin over two pods: the next one after a probe elsewhere is the first's
+            with socket.create_connection(second, STALL_S) as probe:
+                _echoes(probe, b"probe\n")
+                if _pod_of(node, probe, second) != result["first_pod"]:
+                    break
+        other = _bound(port)
+        sockets.append(other)
+        other.connect(second)
+        result["second_echoed"] = _echoes(other, b"second\n")
+        result["second_pod"] = _pod_of(node, other, second)
+        result["first_echoed_after"] = _echoes(sock, b"first again\n")
+        return result
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["serve"]:
         asyncio.run(serve(argv[1:]))
+        return
+    if argv[:1] == ["shared-port"]:
+        print(json.dumps(shared_port(argv[1], _target(argv[2]), _target(argv[3]))), flush=True)
         return
     groups: dict[str, list[str]] = {"--long": [], "--new": [], "--udp": [], "--evidence": []}
     current = None
