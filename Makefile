@@ -39,7 +39,7 @@ debs:
 # The guest's kernel (the one linux-image-amd64 depends on) and busybox-static, downloaded and unpacked into
 # $(GUEST), never installed on the host; a second run finds it ready and does nothing.
 guest: debs $(STAMP)
-	@$(BIN)/python -m kipvs.guest.image --dir "$(GUEST)"
+	@$(BIN)/python -m services.harness.guest.image --dir "$(GUEST)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -53,7 +53,7 @@ bench: guest
 # The whole system on this machine: real IPVS in the QEMU guest (else simulated kernels, said so).
 # ARGS=--keep keeps it running until Ctrl-C; ARGS="--backend memory" skips the guest.
 demo: debs $(STAMP)
-	@$(BIN)/python -m kipvs.guest.image --dir "$(GUEST)" || echo "make demo: no guest image; the demo says why and runs simulated"
+	@$(BIN)/python -m services.harness.guest.image --dir "$(GUEST)" || echo "make demo: no guest image; the demo says why and runs simulated"
 	$(BIN)/kipvs demo $(ARGS)
 
 clean:

@@ -12,8 +12,8 @@ from typing import Any
 import nats
 import pytest
 
-from kipvs.shared.cli import main as kipvs_main
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
+from shared.service.cli import main as kipvs_main
 from tests.helpers import wait_port
 
 
@@ -70,7 +70,7 @@ async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
 @pytest.fixture
 async def sim():
     """The Kubernetes API simulator on a free loopback port, with a short bookmark interval."""
-    from kipvs.simulator.server import Simulator
+    from services.harness.simulator.server import Simulator
 
     simulator = Simulator(bookmark_interval=0.3)
     await simulator.start()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kipvs.guest.vm import GuestUnavailable, run_in_guest
+from services.harness.guest.vm import GuestUnavailable, run_in_guest
 
 
 def guest_results(files: list[Path], pattern: str, timeout: float = 1800, progress: bool = False,

@@ -30,8 +30,9 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, within: float =
 async def publish_kube(js, lines: list[str], source: str) -> None:
     """Watch-format lines into KIPVS_KUBE as the watcher would log them (``source`` names the ids: distinct
     per batch, or JetStream de-duplicates them)."""
-    from kipvs.planner.log_replay import read_events
-    from kipvs.shared import bus, topology
+    from services.planner.log_replay import read_events
+    from shared.contract import topology
+    from shared.messaging import bus
 
     for env in read_events(lines, source):
         r = env.record
@@ -40,7 +41,8 @@ async def publish_kube(js, lines: list[str], source: str) -> None:
 
 def start_service(name: str, cfg, main) -> tuple[asyncio.Task, asyncio.Event]:
     """Run a service (planner or applier) in this process with its real runtime; set the event to stop it."""
-    from kipvs.shared import runtime, topology
+    from shared.contract import topology
+    from shared.service import runtime
 
     stop = asyncio.Event()
     consumers = [topology.planner_consumer()] if name == "planner" else []  # an applier creates its own
@@ -63,7 +65,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 async def kipvs(*argv: str, capsys) -> tuple[int, str, str]:
     """Run a kipvs subcommand as a user would (its own event loop, in a thread): (exit code, stdout, stderr)."""
-    from kipvs.shared import cli
+    from shared.service import cli
 
     capsys.readouterr()
     code = await asyncio.to_thread(cli.main, list(argv))

@@ -7,7 +7,7 @@ from typing import Any
 
 from kubernetes_asyncio import client, config
 
-from kipvs.simulator.server import Simulator
+from services.harness.simulator.server import Simulator
 
 
 async def api_client(sim: Simulator, tmp_path: Path) -> client.ApiClient:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, events, topology
+from shared.contract import events, topology
+from shared.messaging import bus
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str = ">") -> list[tuple[str, events.Envelope]]:

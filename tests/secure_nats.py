@@ -1,5 +1,5 @@
 """A real nats-server with kipvs's generated security: TLS from the local CA, NKEY role users with their
-permissions and (optionally) the auth callout, all from kipvs.shared.nats_credentials."""
+permissions and (optionally) the auth callout, all from shared.security.nats_credentials."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import nats
 
-from kipvs.shared import nats_credentials as creds
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
+from shared.security import nats_credentials as creds
 from tests.helpers import wait_port
 
 

@@ -11,14 +11,15 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.active import plan
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import config, runtime, topology
-from kipvs.shared.embedded_nats import free_loopback_port
-from kipvs.simulator.server import Simulator
-from kipvs.watcher.main import WatcherConfig, watch
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.harness.simulator.server import Simulator
+from services.planner.active import plan
+from services.planner.service_config import PlannerServiceConfig
+from services.watcher.main import WatcherConfig, watch
+from shared.contract import topology
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.service import config, runtime
 
 
 @dataclass

@@ -12,15 +12,17 @@ import uuid
 import nats
 import pytest
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.kernel.rules import NftRules, RulesConfig
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.active import plan
-from kipvs.planner.core import PlannerConfig
-from kipvs.planner.endpoint_marks import interface_name
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, events, topology
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.kernel.rules import NftRules, RulesConfig
+from services.applier.main import ApplierConfig, apply_plan
+from services.planner.active import plan
+from services.planner.core import PlannerConfig
+from services.planner.endpoint_marks import interface_name
+from services.planner.log_replay import plan_events, read_events
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.service import config
 from tests import kube
 from tests.helpers import publish_kube, start_service
 from tests.logread import read_stream

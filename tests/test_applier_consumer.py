@@ -13,11 +13,13 @@ from pathlib import Path
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.active import plan
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, topology
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.planner.active import plan
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import topology
+from shared.messaging import bus
+from shared.service import config
 from tests import kube
 from tests.conftest import NatsServer
 from tests.helpers import eventually, publish_kube, start_service

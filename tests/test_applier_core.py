@@ -6,11 +6,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from kipvs.applier.conntrack import stale_flows
-from kipvs.applier.core import ApplierCore
-from kipvs.applier.ops import AddReal, AddService, DelReal, DelService, EditReal
-from kipvs.shared import events
-from kipvs.shared.plan.plan_state import SequenceGap
+from services.applier.conntrack import stale_flows
+from services.applier.core import ApplierCore
+from services.applier.ops import AddReal, AddService, DelReal, DelService, EditReal
+from shared.contract import events
+from shared.plan.plan_state import SequenceGap
 
 NODE = "node-a"
 VIP = ("TCP", "10.96.0.10", 80)

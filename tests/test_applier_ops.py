@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kipvs.applier.kernel.backend import CapabilityError, MemoryKernel
-from kipvs.applier.kernel.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddService, DesiredState, diff, digest
-from kipvs.shared.plan.node_state import VirtualService
-from kipvs.shared.plan.resolve import resolve_node, resolve_service
+from services.applier.kernel.backend import CapabilityError, MemoryKernel
+from services.applier.kernel.netlink_writer import NetlinkKernel
+from services.applier.ops import AddService, DesiredState, diff, digest
+from shared.plan.node_state import VirtualService
+from shared.plan.resolve import resolve_node, resolve_service
 from tests import kube
 from tests.test_planner_properties import Driver, step
 
@@ -84,7 +84,7 @@ async def test_capability_check_on_a_kernel_without_ipvs_says_so() -> None:
 
 
 async def test_two_services_on_one_vip_port_hand_over_at_once() -> None:
-    from kipvs.shared.events import Endpoint, PortPlan, ServicePlan
+    from shared.contract.events import Endpoint, PortPlan, ServicePlan
 
     def svc(name: str, pod_ip: str) -> ServicePlan:
         return ServicePlan(key=f"default/{name}", cluster_ips=("10.96.0.50",),

@@ -8,15 +8,17 @@ import json
 
 import nats
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.applier.ops import digest
-from kipvs.planner.active import plan
-from kipvs.planner.core import PlannerConfig
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, events, topology
-from kipvs.shared.plan.resolve import resolve_node
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.applier.ops import digest
+from services.planner.active import plan
+from services.planner.core import PlannerConfig
+from services.planner.log_replay import plan_events, read_events
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.plan.resolve import resolve_node
+from shared.service import config
 from tests import kube
 from tests.golden.regenerate import EVENTS
 from tests.helpers import eventually, publish_kube, start_service
@@ -155,7 +157,7 @@ async def test_drift_checks_never_interleave_with_a_batch(nats_url: str) -> None
 
 async def test_plan_cache_programs_a_rebooted_node_before_nats_is_reachable(nats_url: str, tmp_path) -> None:
     """The applier keeps its last plan on disk; a fresh kernel (a reboot) gets it back with no NATS at all."""
-    from kipvs.applier import plan_cache
+    from services.applier import plan_cache
 
     lines = EVENTS.read_text().splitlines()
     nc = await nats.connect(nats_url)
@@ -193,8 +195,8 @@ def test_the_applier_restores_from_its_cache_before_connecting(tmp_path) -> None
     import sys
     from pathlib import Path
 
-    from kipvs.applier import plan_cache
-    from kipvs.shared.plan.plan_state import SharedPlan
+    from services.applier import plan_cache
+    from shared.plan.plan_state import SharedPlan
 
     expected = plan_events(read_events(EVENTS.read_text().splitlines(), "x"), PlannerConfig())
     shared = SharedPlan(services=dict(expected.plans), nodes=dict(expected.nodes), seq=expected.seq)
@@ -219,8 +221,8 @@ def test_the_applier_restores_from_its_cache_before_connecting(tmp_path) -> None
 
 async def test_plan_cache_records_the_version_it_wrote_not_the_one_after(tmp_path) -> None:
     """The plan moves on while the file is written: the next round must write again."""
-    from kipvs.applier import plan_cache
-    from kipvs.shared.plan.plan_state import SharedPlan
+    from services.applier import plan_cache
+    from shared.plan.plan_state import SharedPlan
 
     shared = SharedPlan(seq=1)
     writer = plan_cache.CacheWriter(tmp_path / "cache", "node-a")

@@ -13,14 +13,15 @@ from collections.abc import Iterator
 import pytest
 from nats.aio.msg import Msg
 
-from kipvs.applier import core as applier_core
-from kipvs.applier import health_check, ops
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig
-from kipvs.applier.shell import Applier, ApplierSettings
-from kipvs.planner.core import Planner
-from kipvs.planner.log_replay import read_events
-from kipvs.shared import bus, runtime
+from services.applier import core as applier_core
+from services.applier import health_check, ops
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig
+from services.applier.shell import Applier, ApplierSettings
+from services.planner.core import Planner
+from services.planner.log_replay import read_events
+from shared.messaging import bus
+from shared.service import runtime
 from tests import kube
 
 NODE = "node-a"

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from nats.js.errors import NotFoundError
 
-from kipvs.planner.active import plan
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, events, topology
+from services.planner.active import plan
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.service import config
 from tests import kube
 from tests.helpers import kipvs, publish_kube, start_service, until
 from tests.secure_nats import SecureNats

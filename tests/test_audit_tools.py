@@ -13,12 +13,14 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.audit import tap as tap_module
-from kipvs.planner.active import plan
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, cli, config, events, topology
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.planner.active import plan
+from services.planner.service_config import PlannerServiceConfig
+from services.tools import tap as tap_module
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.service import cli, config
 from tests.golden.regenerate import EVENTS
 from tests.helpers import kipvs, publish_kube, start_service
 from tests.logread import read_stream
@@ -230,7 +232,7 @@ async def test_plan_at_a_past_moment(system, nats_url: str, capsys, tmp_path: Pa
                                capsys=capsys)
     assert code == 2 and "number of lines" in err
     first_time = (await read_stream(system, topology.KUBE_STREAM))[0][1].time_ns
-    from kipvs.shared.log_client import clock
+    from shared.tools.log_client import clock
 
     # the first record's time as the tools show it (to the millisecond) covers that millisecond: it is not
     # "before the log" (tests/test_rough_edges.py), and what was logged within it is planned
@@ -240,8 +242,8 @@ async def test_plan_at_a_past_moment(system, nats_url: str, capsys, tmp_path: Pa
 
 
 def test_object_filter_matches_plan_deltas_by_the_objects_key() -> None:
-    from kipvs.shared.log_client import Entry
-    from kipvs.shared.records import Filter
+    from shared.tools.log_client import Entry
+    from shared.tools.records import Filter
 
     def delta(*ops) -> Entry:
         record = events.PlanDelta(scope="all", seq=1, source_seq=1, ops=ops)
@@ -277,7 +279,7 @@ async def test_status_shows_each_node_and_fails_for_a_node_behind(system, nats_u
 
 
 def test_status_verdicts_behind_old_and_conflicting() -> None:
-    from kipvs.audit.status import collect
+    from services.tools.status import collect
 
     def env(record, at_s: float) -> events.Envelope:
         return events.Envelope(id="x", time_ns=int(at_s * 1e9), producer="t", record=record)
@@ -315,7 +317,7 @@ async def test_history_shows_an_unreadable_record_instead_of_failing(system, nat
 
 
 def test_status_a_node_that_left_the_cluster_does_not_fail_the_check(capsys) -> None:
-    from kipvs.audit.status import collect
+    from services.tools.status import collect
 
     old = events.Envelope(id="x", time_ns=1, producer="t",
                           record=events.ApplyReport(node="gone", plan_seq=1, operations=0, duration_ms=0))

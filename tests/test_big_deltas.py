@@ -14,16 +14,18 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.active import plan
-from kipvs.planner.core import Planner
-from kipvs.planner.fence import raise_fence
-from kipvs.planner.publisher import BATCH_ID, PlanPublisher
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, delta_chunks, events, jetstream_pull, plan_log, topology
-from kipvs.shared.embedded_nats import free_loopback_port
-from kipvs.shared.plan.plan_state import SharedPlan
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.planner.active import plan
+from services.planner.core import Planner
+from services.planner.fence import raise_fence
+from services.planner.publisher import BATCH_ID, PlanPublisher
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import delta_chunks, events, topology
+from shared.messaging import bus, jetstream_pull, plan_log
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.plan.plan_state import SharedPlan
+from shared.service import config
 from tests import kube
 from tests.helpers import eventually, kipvs, start_service
 from tests.logread import parked_reasons, read_stream

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 import pytest
 
-from kipvs.shared import config
+from shared.service import config
 
 
 class Example(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
@@ -92,9 +92,9 @@ def test_help_shows_defaults_and_allowed_values() -> None:
         config.load(Choices, {"mode": "slow"}, {})
 
 
-@pytest.mark.parametrize(("module", "cls"), [("kipvs.planner.service_config", "PlannerServiceConfig"),
-                                             ("kipvs.watcher.main", "WatcherConfig"),
-                                             ("kipvs.applier.main", "ApplierConfig")])
+@pytest.mark.parametrize(("module", "cls"), [("services.planner.service_config", "PlannerServiceConfig"),
+                                             ("services.watcher.main", "WatcherConfig"),
+                                             ("services.applier.main", "ApplierConfig")])
 def test_every_services_flag_shows_its_default(module: str, cls: str) -> None:
     settings = getattr(importlib.import_module(module), cls)
     hints = typing.get_type_hints(settings)
@@ -105,7 +105,7 @@ def test_every_services_flag_shows_its_default(module: str, cls: str) -> None:
 
 
 def test_services_help_is_the_users_view(capsys: pytest.CaptureFixture[str]) -> None:
-    from kipvs.shared.cli import main
+    from shared.service.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["applier", "--help"])

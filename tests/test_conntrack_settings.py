@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from kipvs.applier.conntrack_settings import Conntrack, to_set
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, settings_of
-from kipvs.applier.node_settings import NodeSettings
-from kipvs.shared import config
+from services.applier.conntrack_settings import Conntrack, to_set
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, settings_of
+from services.applier.node_settings import NodeSettings
+from shared.service import config
 
 
 @pytest.mark.parametrize(("wish", "cpus", "want"), [

@@ -9,7 +9,8 @@ import msgspec
 import nats
 from nats.js.api import ConsumerConfig
 
-from kipvs.shared import bus, events, topology
+from shared.contract import events, topology
+from shared.messaging import bus
 from tests.helpers import eventually
 
 

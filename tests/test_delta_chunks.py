@@ -1,16 +1,16 @@
 """Chunked plan deltas, pure: a delta over the message limit is cut into parts that put back together give
 the same envelope byte for byte; a small delta is left as it is; a part missing, repeated, out of order or
-garbled is never half applied (shared/delta_chunks.py)."""
+garbled is never half applied (shared/contract/delta_chunks.py)."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from kipvs.planner.core import Planner
-from kipvs.shared import delta_chunks, events
-from kipvs.shared.delta_chunks import Assembler, ChunkGap
-from kipvs.shared.plan.plan_state import SharedPlan
+from services.planner.core import Planner
+from shared.contract import delta_chunks, events
+from shared.contract.delta_chunks import Assembler, ChunkGap
+from shared.plan.plan_state import SharedPlan
 from tests import kube
 
 LIMIT = (1 << 20) - delta_chunks.HEADER_HEADROOM
@@ -101,7 +101,7 @@ def test_atomic_batches_never_split_a_delta(monkeypatch) -> None:
     """The planner's fenced batches (pure part): a delta's parts always share one batch."""
     from types import SimpleNamespace
 
-    from kipvs.planner import publisher as publisher_module
+    from services.planner import publisher as publisher_module
 
     monkeypatch.setattr(publisher_module, "ATOMIC_BATCH_MAX", 5)
     planner = Planner()
@@ -121,7 +121,7 @@ def test_atomic_batches_never_split_a_delta(monkeypatch) -> None:
 def test_a_delta_published_again_whole_settles_its_parts() -> None:
     """A planner killed after two parts, restarted against a server whose max_payload was raised, publishes
     the same delta in one message: the parts held are dropped, and the tools show them as they are."""
-    from kipvs.shared.log_client import Entry, assembled
+    from shared.tools.log_client import Entry, assembled
 
     delta = big_delta()
     parts = delta_chunks.split(delta, LIMIT)

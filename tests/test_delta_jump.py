@@ -10,9 +10,10 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier.shell import Applier
-from kipvs.shared import bus, events, topology
-from kipvs.simulator.server import Simulator
+from services.applier.shell import Applier
+from services.harness.simulator.server import Simulator
+from shared.contract import events, topology
+from shared.messaging import bus
 from tests import kube
 from tests.helpers import eventually
 from tests.stack import start_stack

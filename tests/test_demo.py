@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kipvs.demo.main import LOG_FILE
+from services.harness.demo.main import LOG_FILE
 
 KIPVS = str(Path(sys.executable).with_name("kipvs"))
 
@@ -89,7 +89,7 @@ def test_demo_in_the_guest_kept_running_and_explored_live_from_the_host() -> Non
         url = "nats://10.254.254.2:4222"
         assert f"and on {url}, reachable from the host" in out
         # as the read-only tools identity, with the credentials the demo made on this host
-        from kipvs.demo.main import demo_credentials
+        from services.harness.demo.main import demo_credentials
 
         creds = demo_credentials("10.254.254.2")
         why = subprocess.run([KIPVS, "why", "--nats-url", url, "--node", "node-c", "10.96.0.10:80",

@@ -17,8 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kipvs.shared import bus, topology
-from kipvs.shared.credentials_command import service_names
+from shared.contract import topology
+from shared.messaging import bus
+from shared.security.credentials_command import service_names
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / ".venv" / "schemas"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kipvs.applier.drain import Drainer
-from kipvs.applier.ops import AddReal, DelReal, DelService, EditReal
+from services.applier.drain import Drainer
+from services.applier.ops import AddReal, DelReal, DelService, EditReal
 
 TCP = ("TCP", "10.96.0.10", 80)
 UDP = ("UDP", "10.96.0.53", 53)
@@ -46,8 +46,8 @@ def test_zero_timeout_removes_at_once() -> None:
 
 
 def test_a_restarted_applier_resumes_drains_it_finds_at_weight_zero() -> None:
-    from kipvs.applier.ops import DelReal
-    from kipvs.shared.plan.node_state import NodeState, VirtualService
+    from services.applier.ops import DelReal
+    from shared.plan.node_state import NodeState, VirtualService
 
     tcp, udp = ("TCP", "10.96.0.10", 80), ("UDP", "10.96.0.53", 53)
     observed = NodeState()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 
-from kipvs.applier.drift_slices import DriftSlices, parts_for
-from kipvs.applier.ops import AddReal, diff
-from kipvs.shared.plan.node_state import NodeState, VirtualService
+from services.applier.drift_slices import DriftSlices, parts_for
+from services.applier.ops import AddReal, diff
+from shared.plan.node_state import NodeState, VirtualService
 
 
 def state(services: int) -> NodeState:

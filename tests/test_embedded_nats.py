@@ -15,8 +15,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.shared import nats_credentials, topology
-from kipvs.shared.embedded_nats import CONFIG, EmbeddedNats, free_loopback_port
+from shared.contract import topology
+from shared.messaging.embedded_nats import CONFIG, EmbeddedNats, free_loopback_port
+from shared.security import nats_credentials
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ async def test_a_node_identity_a_racing_write_dropped_is_written_again(embedded:
 _ADD = """
 import asyncio, sys
 from pathlib import Path
-from kipvs.shared.embedded_nats import EmbeddedNats
+from shared.messaging.embedded_nats import EmbeddedNats
 async def main():
     server = EmbeddedNats.running_in(Path(sys.argv[1]))
     await server.add_local_applier(sys.argv[2])

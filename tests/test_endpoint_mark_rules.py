@@ -19,10 +19,10 @@ import uuid
 
 import pytest
 
-from kipvs.applier.kernel.endpoint_mark_rules import EndpointMarks, resolve_mode
-from kipvs.applier.kernel.rules import NftRules, RulesConfig
-from kipvs.planner.endpoint_marks import interface_name, layout
-from kipvs.shared import events
+from services.applier.kernel.endpoint_mark_rules import EndpointMarks, resolve_mode
+from services.applier.kernel.rules import NftRules, RulesConfig
+from services.planner.endpoint_marks import interface_name, layout
+from shared.contract import events
 
 LAYOUT = layout(0xFFFF0000)
 EM, NON_CALICO = LAYOUT.endpoint_mask, LAYOUT.non_calico

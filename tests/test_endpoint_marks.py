@@ -8,15 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kipvs.planner.endpoint_marks import (
-    InvalidMask,
-    MarkAllocator,
-    deposit,
-    fnv1_32,
-    interface_name,
-    layout,
-)
-from kipvs.planner.felix_config import FelixSettings, effective
+from services.planner.endpoint_marks import InvalidMask, MarkAllocator, deposit, fnv1_32, interface_name, layout
+from services.planner.felix_config import FelixSettings, effective
 
 
 def test_default_mask_split_without_wireguard() -> None:

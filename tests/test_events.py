@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from kipvs.shared import events, topology
+from shared.contract import events, topology
 
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default",
            "resourceVersion": "12"}, "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}

@@ -25,12 +25,13 @@ import nats
 import pytest
 from nats.js.errors import APIError, KeyWrongLastSequenceError
 
-from kipvs.planner.core import Planner
-from kipvs.planner.fence import PUBLISHER, Deposed, raise_fence
-from kipvs.planner.lease import Lease, LeaseTiming, Observation, lease_value
-from kipvs.planner.publisher import PlanPublisher
-from kipvs.shared import bus, events, topology
-from kipvs.shared.embedded_nats import free_loopback_port
+from services.planner.core import Planner
+from services.planner.fence import PUBLISHER, Deposed, raise_fence
+from services.planner.lease import Lease, LeaseTiming, Observation, lease_value
+from services.planner.publisher import PlanPublisher
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.messaging.embedded_nats import free_loopback_port
 from tests import kube
 from tests.helpers import eventually
 from tests.test_nats_faults import NODES, Server, System, _burst, _converged, _expected

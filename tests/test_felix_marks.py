@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kipvs.planner.calico import CalicoState
-from kipvs.planner.endpoint_marks import (
+from services.planner.calico import CalicoState
+from services.planner.endpoint_marks import (
     BPF_MARKS,
     NON_CALICO,
     InvalidMask,
@@ -21,7 +21,7 @@ from kipvs.planner.endpoint_marks import (
     fnv1_32,
     layout,
 )
-from kipvs.planner.felix_config import FelixSettings, effective
+from services.planner.felix_config import FelixSettings, effective
 from tests import kube
 
 # --- Felix, transliterated (the reference the layout is checked against) ---------------------------------

@@ -15,15 +15,15 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.active import plan
-from kipvs.planner.core import PlannerConfig
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import config
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
-from kipvs.shared.plan.resolve import resolve_node
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.planner.active import plan
+from services.planner.core import PlannerConfig
+from services.planner.log_replay import plan_events, read_events
+from services.planner.service_config import PlannerServiceConfig
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
+from shared.plan.resolve import resolve_node
+from shared.service import config
 from tests import kube
 from tests.helpers import start_service, wait_port
 from tests.logread import parked_reasons

@@ -1,4 +1,4 @@
-"""The real-kernel substrate itself (kipvs.guest): the image's pure parts here, and one boot that checks
+"""The real-kernel substrate itself (services.harness.guest): the image's pure parts here, and one boot that checks
 what every kernel test relies on (exit status, output, the accelerator and time scale, module autoloading
 of IPVS and nf_tables, the host's files read-only under a writable overlay)."""
 
@@ -9,7 +9,7 @@ import lzma
 
 import pytest
 
-from kipvs.guest import image, vm
+from services.harness.guest import image, vm
 
 ELF = b"\x7fELF" + bytes(60)
 

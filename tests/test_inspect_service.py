@@ -13,17 +13,19 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
-from kipvs.applier import inspect
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.applier.shadow import run_shadow
-from kipvs.planner.active import plan
-from kipvs.planner.core import PlannerConfig
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, events, runtime, topology
-from kipvs.shared.plan.node_state import VirtualService
-from kipvs.shared.plan.resolve import resolve_node
+from services.applier import inspect
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.applier.shadow import run_shadow
+from services.planner.active import plan
+from services.planner.core import PlannerConfig
+from services.planner.log_replay import plan_events, read_events
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.plan.node_state import VirtualService
+from shared.plan.resolve import resolve_node
+from shared.service import config, runtime
 from tests.golden.regenerate import EVENTS
 from tests.helpers import eventually, kipvs, publish_kube, start_service
 from tests.logread import read_stream
@@ -48,7 +50,7 @@ async def planned(nats_url: str):
     want = planned_node_a()
 
     async def published() -> bool:
-        from kipvs.shared import plan_log
+        from shared.messaging import plan_log
 
         got = await plan_log.published_plan(js, bus.LogReader(topology.PLAN_STREAM))
         return resolve_node(got.services.values(), got.nodes.get("node-a")).ipvs == want.ipvs
@@ -279,7 +281,7 @@ async def test_a_table_over_the_max_payload_is_shown_whole(nats_url: str, capsys
 
 def test_a_reply_in_parts_only_for_an_asker_that_takes_them() -> None:
     """An older tool (no ``parts`` in its request) is told in one message that the table does not fit."""
-    from kipvs.applier import inspect
+    from services.applier import inspect
 
     table = events.KernelTable(virtual_servers=tuple(
         events.KernelVirtualServer(protocol="TCP", address=f"10.96.{i >> 8}.{i & 255}", port=80, scheduler="rr")
@@ -297,7 +299,7 @@ def test_a_reply_in_parts_only_for_an_asker_that_takes_them() -> None:
 
 
 async def test_unreadable_requests_and_kernel_failures_are_answered_not_dropped() -> None:
-    from kipvs.applier import inspect
+    from services.applier import inspect
 
     def context() -> tuple[str, int, tuple[str, ...]]:
         return ("apply", 3, ())

@@ -1,5 +1,5 @@
 """The applier against a real IPVS + nf_tables kernel: tests/guest/kernel_*.py, run inside the QEMU guest
-(Debian's kernel, kipvs.guest).
+(Debian's kernel, services.harness.guest).
 
 The guest boots once for this module and runs every guest test; each is reported here as its own test.
 If the guest cannot run, every test here FAILS with the reason (a kernel test is never silently skipped).

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from kipvs.applier.kernel import ipset_wire, ipvs_wire, kernel_decode
-from kipvs.applier.kernel.netlink_batch import attr
+from services.applier.kernel import ipset_wire, ipvs_wire, kernel_decode
+from services.applier.kernel.netlink_batch import attr
 
 GENL = struct.pack("=BBH", 1, 1, 0)
 

@@ -8,12 +8,12 @@ import struct
 
 import pytest
 
-from kipvs.applier import exclude
-from kipvs.applier.kernel import ipvs_wire, rules
-from kipvs.applier.kernel.backend import MemoryKernel, Observed
-from kipvs.applier.kernel.ipvs_wire import observed_scheduler
-from kipvs.applier.main import ApplierConfig
-from kipvs.applier.node_settings import (
+from services.applier import exclude
+from services.applier.kernel import ipvs_wire, rules
+from services.applier.kernel.backend import MemoryKernel, Observed
+from services.applier.kernel.ipvs_wire import observed_scheduler
+from services.applier.main import ApplierConfig
+from services.applier.node_settings import (
     CONN_REUSE_MODE,
     OSRELEASE,
     NodeSettings,
@@ -21,9 +21,9 @@ from kipvs.applier.node_settings import (
     conn_reuse_mode,
     sysctls_to_set,
 )
-from kipvs.applier.ops import AddService, DelAddress, DelService, DesiredState, EditService, diff
-from kipvs.shared.cli import main as kipvs
-from kipvs.shared.plan.node_state import Contribution, NodeState, VirtualService
+from services.applier.ops import AddService, DelAddress, DelService, DesiredState, EditService, diff
+from shared.plan.node_state import Contribution, NodeState, VirtualService
+from shared.service.cli import main as kipvs
 
 # --- 5. the mh scheduler's port flag ------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ def _contribution(ip: str, port: int = 80) -> Contribution:
 def test_a_service_in_the_excluded_ranges_is_never_programmed_nor_bound() -> None:
     desired = DesiredState(only=EXCLUDED.contribution)
     assert desired.update("default/x", _contribution("10.97.0.5")) == [
-        __import__("kipvs.applier.ops", fromlist=["AddEntry"]).AddEntry("KUBE-NODE-PORT-TCP", "30080")]
+        __import__("services.applier.ops", fromlist=["AddEntry"]).AddEntry("KUBE-NODE-PORT-TCP", "30080")]
     state = desired.state()
     assert not state.ipvs and not state.addresses and state.ipsets["KUBE-CLUSTER-IP"] == set()
     ops = desired.update("default/y", _contribution("10.96.0.5"))
@@ -131,9 +131,9 @@ def test_exclude_cidrs_flag_is_kube_proxys_and_a_bad_range_is_one_line(capsys) -
 
 
 def test_the_applier_core_keeps_out_of_the_excluded_ranges_at_bootstrap_and_drift() -> None:
-    from kipvs.applier.core import ApplierCore
-    from kipvs.shared.events import PortPlan, ServicePlan
-    from kipvs.shared.plan.plan_state import SharedPlan
+    from services.applier.core import ApplierCore
+    from shared.contract.events import PortPlan, ServicePlan
+    from shared.plan.plan_state import SharedPlan
 
     plan = SharedPlan()
     plan.services["default/other"] = ServicePlan(key="default/other", cluster_ips=("10.97.0.5",),

@@ -4,11 +4,11 @@ a real nats-server in tests/test_inspect_service.py.)"""
 
 from __future__ import annotations
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.audit.ipvsadm_format import largenum, render
-from kipvs.shared.events import IpvsStats, KernelRealServer, KernelTable, KernelVirtualServer
-from kipvs.shared.plan.divergence import divergences
-from kipvs.shared.plan.node_state import NodeState, VirtualService
+from services.applier.kernel.backend import MemoryKernel
+from services.tools.ipvsadm_format import largenum, render
+from shared.contract.events import IpvsStats, KernelRealServer, KernelTable, KernelVirtualServer
+from shared.plan.divergence import divergences
+from shared.plan.node_state import NodeState, VirtualService
 
 DNS = KernelVirtualServer(protocol="UDP", address="10.96.0.10", port=53, scheduler="rr", real_servers=(
     KernelRealServer(address="10.244.2.7", port=53, weight=1, inactive_conns=3,

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from kipvs.applier.main import ApplierConfig
-from kipvs.planner.main import PlannerServiceConfig
-from kipvs.shared import config
-from kipvs.shared.go_duration import parse_duration
-from kipvs.watcher.main import WatcherConfig
+from services.applier.main import ApplierConfig
+from services.planner.main import PlannerServiceConfig
+from services.watcher.main import WatcherConfig
+from shared.service import config
+from shared.service.go_duration import parse_duration
 
 # What kubeadm writes (every field, most at their zero value), with kube-proxy IPVS settings filled in.
 KUBEADM = """\

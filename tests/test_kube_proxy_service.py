@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from kipvs.shared.embedded_nats import free_loopback_port
+from shared.messaging.embedded_nats import free_loopback_port
 from tests.stack import Scrape
 
 KIPVS = str(Path(sys.executable).with_name("kipvs"))

@@ -16,12 +16,14 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kipvs.planner.active import plan
-from kipvs.planner.core import Planner
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, events, stream_reader, topology
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
-from kipvs.shared.plan.plan_state import SharedPlan
+from services.planner.active import plan
+from services.planner.core import Planner
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import events, topology
+from shared.messaging import bus, stream_reader
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
+from shared.plan.plan_state import SharedPlan
+from shared.service import config
 from tests import kube
 from tests.helpers import eventually, kipvs, start_service, wait_port
 from tests.logread import read_stream
@@ -288,7 +290,7 @@ async def test_tools_read_large_status_messages_and_a_large_history(url: str, ca
 async def test_tap_follow_survives_a_lost_consumer(url: str) -> None:
     """``kipvs tap``'s live follow goes on after its consumer is gone (as after a server restart): it makes
     the consumer again after the last message shown, instead of stalling or ending quietly."""
-    from kipvs.audit import tap
+    from services.tools import tap
 
     nc = await nats.connect(url)
     js = await bus.setup(nc)

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from kipvs.planner.core import Planner
-from kipvs.planner.log_replay import feed, plan_events, replay
-from kipvs.shared import bus, events
+from services.planner.core import Planner
+from services.planner.log_replay import feed, plan_events, replay
+from shared.contract import events
+from shared.messaging import bus
 from tests import kube
 
 ROOT = Path(__file__).resolve().parent.parent
 # the services and the tools (not the test harnesses, which run everything), as folders
-SERVICES = ("services/watcher", "services/planner", "services/applier", "services/audit", "services/auth")
-HARNESSES = ("services/demo", "services/guest", "services/simulator")
+SERVICES = ("services/watcher", "services/planner", "services/applier", "services/tools", "services/auth")
+HARNESSES = ("services/harness/demo", "services/harness/guest", "services/harness/simulator")
 
 
 def package_of(folder: str) -> str:
@@ -67,12 +68,12 @@ def test_only_the_one_replay_feeds_the_core() -> None:
              and isinstance(node.ctx, ast.Load) and path not in allowed
              and isinstance(node.value, ast.Attribute | ast.Name)
              and getattr(node.value, "attr", getattr(node.value, "id", "")) in ("planner", "view", "expected")]
-    assert not found, f"replay through kipvs.planner.log_replay: {found}"
+    assert not found, f"replay through services.planner.log_replay: {found}"
 
 
 def test_the_bus_has_no_hidden_reader() -> None:
     """Which stream and consumer name a history read uses is an argument, never a context variable."""
-    tree = ast.parse((ROOT / "shared/bus.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "shared/messaging/bus.py").read_text(encoding="utf-8"))
     assert "contextvars" not in _imported(tree)
     reader = bus.LogReader("KIPVS_PLAN", via="KIPVS_PLAN_AUDIT")
     assert (reader.consumer_stream, bus.LogReader("KIPVS_KUBE").consumer_stream) == ("KIPVS_PLAN_AUDIT", "KIPVS_KUBE")

@@ -15,12 +15,12 @@ import msgspec
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
-from kipvs.applier.programming_metrics import change_kinds, no_local_endpoints
-from kipvs.planner.core import Planner
-from kipvs.planner.trigger_time import TRIGGER_TIME_ANNOTATION, trigger_time_ns
-from kipvs.shared import events
-from kipvs.shared.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_PROXY_RULES_BUCKETS, Registry, version
-from kipvs.simulator.server import Simulator
+from services.applier.programming_metrics import change_kinds, no_local_endpoints
+from services.harness.simulator.server import Simulator
+from services.planner.core import Planner
+from services.planner.trigger_time import TRIGGER_TIME_ANNOTATION, trigger_time_ns
+from shared.contract import events
+from shared.service.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_PROXY_RULES_BUCKETS, Registry, version
 from tests import kube
 from tests.stack import Scrape, Stack, start_stack
 
@@ -281,7 +281,7 @@ async def test_watcher_counts_events_410s_restarts_and_parked_lines_per_kind(nat
 def test_programming_samples_start_at_the_trigger_time_and_skip_changes_from_before_the_start() -> None:
     """As kube-proxy's tracker: a change older than the process is not a programming latency (a restart
     re-reads old changes); the trigger time wins over the record time when the delta has one."""
-    from kipvs.applier.programming_metrics import ProgrammingMetrics
+    from services.applier.programming_metrics import ProgrammingMetrics
 
     registry = Registry("applier")
     metrics = ProgrammingMetrics(registry, "node-a", lambda: (0, 0), lambda: None, lambda: 0)

@@ -14,7 +14,7 @@ import promql_parser
 import pytest
 import yaml
 
-from kipvs.simulator.server import Simulator
+from services.harness.simulator.server import Simulator
 from tests.stack import start_stack
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.shared import bus, config, nats_credentials, runtime
+from shared.messaging import bus
+from shared.security import nats_credentials
+from shared.service import config, runtime
 from tests.secure_nats import SecureNats
 
 NAME = "nats.kipvs-system.svc"

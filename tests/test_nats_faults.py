@@ -16,12 +16,12 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier.ops import digest
-from kipvs.planner.core import PlannerConfig
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.shared import topology
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
-from kipvs.shared.plan.resolve import resolve_node
+from services.applier.ops import digest
+from services.planner.core import PlannerConfig
+from services.planner.log_replay import plan_events, read_events
+from shared.contract import topology
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
+from shared.plan.resolve import resolve_node
 from tests import kube
 from tests.helpers import wait_port
 from tests.logread import parked_reasons, read_stream

@@ -13,15 +13,16 @@ import msgspec
 import nats
 import pytest
 
-from kipvs.applier import shell as applier_shell
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.applier.node_claim import NodeClaim
-from kipvs.audit import status as status_tool
-from kipvs.shared import config, events, node_claims, runtime, topology
-from kipvs.shared import nats_permissions as perms
-from kipvs.shared.embedded_nats import free_loopback_port
-from kipvs.shared.metrics import Registry
+from services.applier import shell as applier_shell
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.applier.node_claim import NodeClaim
+from services.tools import status as status_tool
+from shared.contract import events, node_claims, topology
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.security import nats_permissions as perms
+from shared.service import config, runtime
+from shared.service.metrics import Registry
 from tests import kube
 from tests.helpers import until
 from tests.stack import Scrape, Stack, start_stack

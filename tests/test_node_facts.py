@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kipvs.applier.node_facts import LINK_ALIAS, NodeProbe, Observation, conflicts, kube_proxy_processes, watch
+from services.applier.node_facts import LINK_ALIAS, NodeProbe, Observation, conflicts, kube_proxy_processes, watch
 
 
 def _ip(*args: str) -> None:

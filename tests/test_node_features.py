@@ -10,12 +10,12 @@ import struct
 import aiohttp
 import pytest
 
-from kipvs.applier.health_check import HealthServers, local_endpoints, wanted_ports
-from kipvs.applier.kernel import ipvs_wire
-from kipvs.applier.node_settings import STRICT_ARP, Timeouts, sysctls_to_set
-from kipvs.shared.embedded_nats import free_loopback_port
-from kipvs.shared.events import Endpoint, PortPlan, ServicePlan
-from kipvs.shared.metrics import Registry
+from services.applier.health_check import HealthServers, local_endpoints, wanted_ports
+from services.applier.kernel import ipvs_wire
+from services.applier.node_settings import STRICT_ARP, Timeouts, sysctls_to_set
+from shared.contract.events import Endpoint, PortPlan, ServicePlan
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.service.metrics import Registry
 
 
 def _plan(node_of_endpoints: list[tuple[str, str, bool]], port: int = 32210) -> ServicePlan:
@@ -102,9 +102,9 @@ def test_ipvs_config_encoding_round_trips() -> None:
 
 @pytest.mark.parametrize("protocol", ["UDP", "TCP"])
 async def test_applier_clears_udp_flows_of_a_real_server_that_left(protocol: str) -> None:
-    from kipvs.applier.kernel.backend import MemoryKernel
-    from kipvs.applier.ops import DelReal, DelService
-    from kipvs.applier.shell import Applier, ApplierSettings
+    from services.applier.kernel.backend import MemoryKernel
+    from services.applier.ops import DelReal, DelService
+    from services.applier.shell import Applier, ApplierSettings
 
     class Ctx:
         metrics = Registry("applier")
@@ -136,8 +136,8 @@ async def test_a_port_is_opened_once_the_node_has_addresses() -> None:
 
 
 def test_a_bad_health_address_is_a_config_error() -> None:
-    from kipvs.applier.main import ApplierConfig
-    from kipvs.shared import config
+    from services.applier.main import ApplierConfig
+    from shared.service import config
 
     for bad in ("nonsense", "127.0.0.1:99999", ":abc"):
         with pytest.raises(config.ConfigError, match="healthz_bind_address must be host:port"):

@@ -9,13 +9,14 @@ import json
 
 from nats.aio.msg import Msg
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, settings_of
-from kipvs.applier.nodeport_addresses import within
-from kipvs.applier.shell import Applier
-from kipvs.planner.core import Planner
-from kipvs.planner.log_replay import read_events
-from kipvs.shared import bus, config, runtime
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, settings_of
+from services.applier.nodeport_addresses import within
+from services.applier.shell import Applier
+from services.planner.core import Planner
+from services.planner.log_replay import read_events
+from shared.messaging import bus
+from shared.service import config, runtime
 from tests import kube
 
 NODE = "node-a"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier import plan_feed
-from kipvs.shared import bus, events, topology
+from services.applier import plan_feed
+from shared.contract import events, topology
+from shared.messaging import bus
 from tests.conftest import NatsServer
 from tests.helpers import eventually
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from kipvs.planner.core import Planner
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.shared.cli import main as kipvs
+from services.planner.core import Planner
+from services.planner.log_replay import plan_events, read_events
+from shared.service.cli import main as kipvs
 from tests import kube
 from tests.test_plan_rules import added, slice_, web
 

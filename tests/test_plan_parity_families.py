@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from kipvs.applier.ops import AddEntry, DelEntry, DesiredState
-from kipvs.planner import sloppy
-from kipvs.planner.core import Planner
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.shared.plan.resolve import resolve_service
+from services.applier.ops import AddEntry, DelEntry, DesiredState
+from services.planner import sloppy
+from services.planner.core import Planner
+from services.planner.log_replay import plan_events, read_events
+from shared.plan.resolve import resolve_service
 from tests import kube
 from tests.test_plan_rules import added, slice_, web
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kipvs.shared.cli import main as kipvs
+from shared.service.cli import main as kipvs
 from tests import kube
 
 
@@ -278,7 +278,7 @@ def felix(name: str, **spec: Any) -> dict[str, Any]:
 
 
 def test_calico_endpoint_marks_layout_and_ranges(plan) -> None:
-    from kipvs.planner.endpoint_marks import interface_name, layout
+    from services.planner.endpoint_marks import interface_name, layout
 
     host = kube.pod("host", node_name="node-a")
     host["spec"]["hostNetwork"] = True

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kipvs.shared.events import NodeFacts, PlanDelta, PlanSnapshot, RemoveNode, SetNode
-from kipvs.shared.plan.plan_state import SequenceGap, SharedPlan
+from shared.contract.events import NodeFacts, PlanDelta, PlanSnapshot, RemoveNode, SetNode
+from shared.plan.plan_state import SequenceGap, SharedPlan
 
 
 def delta(seq: int, *ops) -> PlanDelta:

@@ -13,11 +13,12 @@ import aiohttp
 import nats
 from nats.js.api import DiscardPolicy
 
-from kipvs.planner.active import plan
-from kipvs.planner.progress import LagClock
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import config, topology
-from kipvs.shared.embedded_nats import free_loopback_port
+from services.planner.active import plan
+from services.planner.progress import LagClock
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import topology
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.service import config
 from tests import kube
 from tests.helpers import publish_kube, start_service, until
 from tests.stack import Scrape

@@ -15,10 +15,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kipvs.planner.core import Planner
-from kipvs.shared import events
-from kipvs.shared.plan.plan_state import SharedPlan
-from kipvs.shared.plan.resolve import resolve_node
+from services.planner.core import Planner
+from shared.contract import events
+from shared.plan.plan_state import SharedPlan
+from shared.plan.resolve import resolve_node
 from tests import kube
 
 NODE_NAMES = ("node-a", "node-b")

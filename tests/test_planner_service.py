@@ -13,9 +13,10 @@ from pathlib import Path
 
 import nats
 
-from kipvs.planner.core import Planner
-from kipvs.shared import bus, events, topology
-from kipvs.shared.plan.plan_state import SharedPlan
+from services.planner.core import Planner
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.plan.plan_state import SharedPlan
 from tests import kube
 from tests.logread import read_stream
 

@@ -15,13 +15,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.auth.main import AuthConfig, serve
-from kipvs.planner.active import plan
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, nats_credentials, runtime, topology
-from kipvs.shared.embedded_nats import free_loopback_port
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.auth.main import AuthConfig, serve
+from services.planner.active import plan
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import topology
+from shared.messaging import bus
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.security import nats_credentials
+from shared.service import config, runtime
 from tests import kube
 from tests.helpers import eventually, publish_kube, start_service
 from tests.secure_nats import SecureNats

@@ -8,8 +8,8 @@ import asyncio
 
 import nats.errors
 
-from kipvs.applier.report_pacer import ReportPacer
-from kipvs.shared import events
+from services.applier.report_pacer import ReportPacer
+from shared.contract import events
 
 INTERVAL = 0.3
 

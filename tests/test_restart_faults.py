@@ -11,15 +11,17 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.active import plan
-from kipvs.planner.core import PlannerConfig
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, events, plan_log, topology
-from kipvs.shared.plan.plan_state import SharedPlan
-from kipvs.shared.plan.resolve import resolve_node
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.planner.active import plan
+from services.planner.core import PlannerConfig
+from services.planner.log_replay import plan_events, read_events
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import events, topology
+from shared.messaging import bus, plan_log
+from shared.plan.plan_state import SharedPlan
+from shared.plan.resolve import resolve_node
+from shared.service import config
 from tests import kube
 from tests.helpers import eventually, publish_kube, start_service
 from tests.logread import read_stream

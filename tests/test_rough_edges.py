@@ -18,13 +18,15 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio import config as kube_config
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.applier.ops import DesiredState, describe_changes, diff
-from kipvs.planner.main import PlannerServiceConfig, plan
-from kipvs.shared import bus, config, topology
-from kipvs.shared.embedded_nats import free_loopback_port
-from kipvs.simulator.server import Simulator
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.applier.ops import DesiredState, describe_changes, diff
+from services.harness.simulator.server import Simulator
+from services.planner.main import PlannerServiceConfig, plan
+from shared.contract import topology
+from shared.messaging import bus
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.service import config
 from tests import kube
 from tests.golden.regenerate import EVENTS
 from tests.helpers import kipvs, publish_kube, start_service, until
@@ -163,10 +165,10 @@ def test_a_failed_demo_step_copies_the_services_logs_out(tmp_path: Path, capsys)
     """A demo step that fails (here the auth service's start, its wait squeezed to nothing) copies the
     services' logs to --copy-logs-to (in the guest: its share with the host), and the host keeps them:
     the error's "see .../auth.log" pointed into a guest that was gone."""
-    from kipvs.demo.main import keep_guest_logs
+    from services.harness.demo.main import keep_guest_logs
 
     env = {**os.environ, "KIPVS_GUEST_TIME_SCALE": "0.0001"}
-    done = subprocess.run([sys.executable, "-m", "kipvs.demo.run", "--backend", "memory", "--workdir",
+    done = subprocess.run([sys.executable, "-m", "services.harness.demo.run", "--backend", "memory", "--workdir",
                            str(tmp_path / "work"), "--copy-logs-to", str(tmp_path / "share" / "logs")],
                           capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     out = done.stdout + done.stderr
@@ -181,7 +183,7 @@ def test_a_failed_demo_step_copies_the_services_logs_out(tmp_path: Path, capsys)
 
 def test_the_demos_waits_follow_the_machines_pace(monkeypatch) -> None:
     """Calibration never shortens the guest's scale and stretches it when a Python start is slow."""
-    from kipvs.demo import pace
+    from services.harness.demo import pace
 
     monkeypatch.setenv("KIPVS_GUEST_TIME_SCALE", "3")
     monkeypatch.setattr(pace, "REFERENCE_START_S", 1e-6)  # as if this machine were very slow

@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from kipvs.applier.kernel.rules import NftRules, RulesConfig, ruleset
-from kipvs.applier.ops import AddEntry, DelEntry
+from services.applier.kernel.rules import NftRules, RulesConfig, ruleset
+from services.applier.ops import AddEntry, DelEntry
 
 MEMBERS = {
     "KUBE-CLUSTER-IP": {"10.96.0.10,tcp:80"},

@@ -14,8 +14,9 @@ import aiohttp
 import nats
 import pytest
 
-from kipvs.shared import config, runtime, topology
-from kipvs.shared.embedded_nats import EmbeddedNats
+from shared.contract import topology
+from shared.messaging.embedded_nats import EmbeddedNats
+from shared.service import config, runtime
 from tests.helpers import eventually
 
 
@@ -89,7 +90,7 @@ async def test_embedded_default_starts_a_server_and_a_second_service_reuses_it(t
 
 
 def test_kipvs_nats_runs_jetstream_on_loopback_and_stops_on_sigterm(tmp_path: Path) -> None:
-    from kipvs.shared.embedded_nats import free_loopback_port
+    from shared.messaging.embedded_nats import free_loopback_port
 
     port = free_loopback_port()
     exe = Path(sys.executable).parent / "kipvs"
@@ -101,7 +102,7 @@ def test_kipvs_nats_runs_jetstream_on_loopback_and_stops_on_sigterm(tmp_path: Pa
         assert f"listening on nats://127.0.0.1:{port}" in line
 
         async def use() -> None:
-            from kipvs.shared import nats_credentials
+            from shared.security import nats_credentials
 
             # secured by default: TLS and an identity, made in the state directory on first start
             with pytest.raises((nats.errors.Error, OSError)):

@@ -14,9 +14,11 @@ import nkeys
 import pytest
 from nats.js.api import ConsumerConfig, DiscardPolicy
 
-from kipvs.planner.core import Planner
-from kipvs.shared import bus, events, nats_credentials, nats_permissions, pki, plan_log, topology
-from kipvs.shared.nats_credentials import ClientAuth
+from services.planner.core import Planner
+from shared.contract import events, topology
+from shared.messaging import bus, plan_log
+from shared.security import nats_credentials, nats_permissions, pki
+from shared.security.nats_credentials import ClientAuth
 from tests.helpers import eventually
 from tests.secure_nats import SecureNats
 
@@ -214,8 +216,8 @@ async def pod_token(sim, tmp_path: Path, pod: str, node: str | None, service_acc
 @pytest.fixture
 async def callout(tmp_path: Path, sim) -> AsyncIterator[SecureNats]:
     """A secured server with the auth callout on, the topology declared, and ``kipvs auth`` answering."""
-    from kipvs.auth.main import AuthConfig, serve
-    from kipvs.shared import config, runtime
+    from services.auth.main import AuthConfig, serve
+    from shared.service import config, runtime
 
     server = SecureNats(tmp_path / "nats", callout=True)
     server.start()
@@ -383,13 +385,14 @@ async def test_the_pipeline_runs_with_identities_tls_and_the_callout(callout: Se
     """watcher -> planner (leader-elected) -> appliers of node-a and node-b, each with its own identity over TLS
     (static NKEYs for the watcher and the planner, pod tokens through the callout for the appliers); no
     service needs a subject its role does not have: the server logs no permission violation."""
-    from kipvs.applier.kernel.backend import MemoryKernel
-    from kipvs.applier.main import ApplierConfig, apply_plan
-    from kipvs.planner import failover
-    from kipvs.planner.service_config import PlannerServiceConfig
-    from kipvs.shared import config, events, runtime
-    from kipvs.simulator import scenario
-    from kipvs.watcher.main import WatcherConfig, watch
+    from services.applier.kernel.backend import MemoryKernel
+    from services.applier.main import ApplierConfig, apply_plan
+    from services.harness.simulator import scenario
+    from services.planner import failover
+    from services.planner.service_config import PlannerServiceConfig
+    from services.watcher.main import WatcherConfig, watch
+    from shared.contract import events
+    from shared.service import config, runtime
     from tests.helpers import eventually, start_service
 
     cluster = scenario.load(Path(scenario.__file__).parent / "scenarios" / "small-cluster.yaml")
@@ -460,7 +463,7 @@ def test_each_workload_mounts_only_its_own_identity_and_the_secrets_exist(tmp_pa
     import kubernetes_validate
     import yaml
 
-    from kipvs.shared.cli import main as kipvs
+    from shared.service.cli import main as kipvs
     from tests.test_deploy import documents
 
     assert kipvs(["credentials", "--dir", str(tmp_path / "c"), "--secrets", str(tmp_path / "secrets.yaml")]) == 0
@@ -497,8 +500,8 @@ def test_the_manifests_nats_config_runs_secured(tmp_path: Path) -> None:
 
     import yaml
 
-    from kipvs.shared.cli import main as kipvs
-    from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+    from shared.messaging.embedded_nats import free_loopback_port, server_binary
+    from shared.service.cli import main as kipvs
     from tests.helpers import wait_port
 
     creds_dir = tmp_path / "c"
@@ -587,8 +590,8 @@ async def test_composes_server_config_with_a_static_node_identity(tmp_path: Path
     import json
     import subprocess
 
-    from kipvs.shared.cli import main as kipvs
-    from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+    from shared.messaging.embedded_nats import free_loopback_port, server_binary
+    from shared.service.cli import main as kipvs
     from tests.helpers import wait_port
 
     d = tmp_path / "creds"
@@ -628,9 +631,9 @@ async def test_the_tools_tap_and_replay_as_the_tools_identity(declared: SecureNa
     import subprocess
     import sys
 
-    from kipvs.planner.active import plan
-    from kipvs.planner.service_config import PlannerServiceConfig
-    from kipvs.shared import config
+    from services.planner.active import plan
+    from services.planner.service_config import PlannerServiceConfig
+    from shared.service import config
     from tests.golden.regenerate import EVENTS
     from tests.helpers import publish_kube, start_service
 
@@ -682,9 +685,9 @@ async def test_the_tools_tap_and_replay_as_the_tools_identity(declared: SecureNa
 async def test_an_applier_on_the_embedded_default_gets_its_own_node_identity(tmp_path: Path) -> None:
     """No flags at all: the embedded server is secured; 'kipvs applier --node node-a' gets a static identity with
     node-a's rights (made on first use, the running server reloaded) and its consumer declared by admin."""
-    from kipvs.applier.main import ApplierConfig
-    from kipvs.shared import config, runtime
-    from kipvs.shared.embedded_nats import EmbeddedNats
+    from services.applier.main import ApplierConfig
+    from shared.messaging.embedded_nats import EmbeddedNats
+    from shared.service import config, runtime
 
     seen: dict[str, object] = {}
 
@@ -713,7 +716,7 @@ def test_jwts_round_trip_and_reject_tampering() -> None:
     import base64
     import json
 
-    from kipvs.shared import nats_jwt
+    from shared.security import nats_jwt
 
     account = nkeys.from_seed(nkeys.encode_seed(b"\x02" * 32, nkeys.PREFIX_BYTE_ACCOUNT))
     user = nkeys.from_seed(nkeys.encode_seed(b"\x03" * 32, nkeys.PREFIX_BYTE_USER)).public_key.decode()
@@ -760,9 +763,9 @@ async def test_a_service_waits_for_the_topology_and_says_so_until_admin_declares
     import subprocess
     import sys
 
-    from kipvs.planner.active import plan
-    from kipvs.planner.service_config import PlannerServiceConfig
-    from kipvs.shared import config, runtime
+    from services.planner.active import plan
+    from services.planner.service_config import PlannerServiceConfig
+    from shared.service import config, runtime
     from tests.helpers import eventually
 
     lines: list[str] = []
@@ -806,7 +809,8 @@ async def test_the_kernel_view_runs_as_the_tools_identity(declared: SecureNats, 
     stays within it; without an applier answering it says so in one sentence."""
     import msgspec
 
-    from kipvs.shared import cli, events
+    from shared.contract import events
+    from shared.service import cli
 
     admin = await declared.connect("admin")  # stands in for node-a's applier: only the tool is under test
 
@@ -835,11 +839,11 @@ async def test_a_kernel_view_in_parts_passes_the_appliers_own_permissions(declar
     """A 10,000-Service table is answered in parts by an applier with its node's identity: the server lets it
     send that many messages to the asker's reply subject (one response was the limit), and the tools
     identity takes them."""
-    from kipvs.applier import inspect
-    from kipvs.applier.kernel.backend import MemoryKernel
-    from kipvs.shared import cli
-    from kipvs.shared import nats_permissions as perms
-    from kipvs.shared.plan.node_state import VirtualService
+    from services.applier import inspect
+    from services.applier.kernel.backend import MemoryKernel
+    from shared.plan.node_state import VirtualService
+    from shared.security import nats_permissions as perms
+    from shared.service import cli
 
     nats_credentials.ensure_local_applier(declared.dir, "node-a")
     declared.stop()
@@ -869,7 +873,7 @@ async def test_a_kernel_view_in_parts_passes_the_appliers_own_permissions(declar
 def test_a_missing_role_identity_is_never_replaced_by_the_admins(tmp_path: Path) -> None:
     """On the embedded credentials, a role whose seed is gone is an error naming the file, not the admin's
     identity in its place (least privilege)."""
-    from kipvs.shared import nats_credentials
+    from shared.security import nats_credentials
 
     directory = tmp_path / "nats-auth"
     nats_credentials.ensure(directory)
@@ -882,7 +886,7 @@ def test_a_missing_role_identity_is_never_replaced_by_the_admins(tmp_path: Path)
 def test_an_identity_given_on_the_embedded_bus_trusts_its_servers_ca(tmp_path: Path) -> None:
     """``--nats-nkey-file`` without ``--nats-ca-file`` on a state directory's embedded server retried for
     ever on "certificate not trusted": the embedded server's own CA is the one to trust."""
-    from kipvs.shared import nats_credentials
+    from shared.security import nats_credentials
 
     directory = tmp_path / "nats-auth"
     nats_credentials.ensure(directory)
@@ -896,7 +900,7 @@ def test_an_identity_given_on_the_embedded_bus_trusts_its_servers_ca(tmp_path: P
 async def test_a_tool_with_another_roles_identity_says_what_was_refused(declared: SecureNats, capsys) -> None:
     """A valid identity of the wrong role (the watcher's) on a tool: the server's refusal in one sentence and
     exit 2, not a time-out traceback."""
-    from kipvs.shared import cli
+    from shared.service import cli
 
     flags = ["--nats-url", declared.url, "--nats-nkey-file", str(declared.dir / "watcher.nk"),
              "--nats-ca-file", str(declared.dir / "ca.pem")]
@@ -993,8 +997,8 @@ async def test_the_tools_read_the_appliers_claims(declared: SecureNats) -> None:
     """kipvs status reads each node's superseded-applier record from the claims bucket as the tools identity."""
     import time
 
-    from kipvs.audit.status import second_appliers
-    from kipvs.shared import node_claims
+    from services.tools.status import second_appliers
+    from shared.contract import node_claims
 
     admin = await declared.connect("admin")
     kv = await admin.jetstream().key_value(node_claims.BUCKET)

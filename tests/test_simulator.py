@@ -10,8 +10,8 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from kipvs.simulator import scenario as scenarios
-from kipvs.simulator.server import Simulator
+from services.harness.simulator import scenario as scenarios
+from services.harness.simulator.server import Simulator
 from tests import kube
 
 

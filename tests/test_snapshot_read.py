@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from kipvs.planner.core import Planner
-from kipvs.shared import bus, events, plan_log, topology
+from services.planner.core import Planner
+from shared.contract import events, topology
+from shared.messaging import bus, plan_log
 
 
 def _snapshot(stream_seq: int) -> bytes:

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.planner.active import plan
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, config, topology
-from kipvs.shared.embedded_nats import free_loopback_port
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.planner.active import plan
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import topology
+from shared.messaging import bus
+from shared.messaging.embedded_nats import free_loopback_port
+from shared.service import config
 from tests import kube
 from tests.helpers import eventually, publish_kube, start_service
 

@@ -10,9 +10,10 @@ import time
 
 import nats
 
-from kipvs.audit.pipeline import delta_times, planner_verdict
-from kipvs.audit.status import collect
-from kipvs.shared import bus, delta_chunks, events, topology
+from services.tools.pipeline import delta_times, planner_verdict
+from services.tools.status import collect
+from shared.contract import delta_chunks, events, topology
+from shared.messaging import bus
 from tests import kube
 from tests.helpers import kipvs, publish_kube
 

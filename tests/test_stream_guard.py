@@ -1,4 +1,4 @@
-"""A stream's identity (shared/stream_guard.py): the same stream across a server restart and a purge, another
+"""A stream's identity (shared/messaging/stream_guard.py): the same stream across a server restart and a purge, another
 one once it was deleted and declared again (a wiped store), on a real nats-server."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import nats
 
-from kipvs.shared import topology
-from kipvs.shared.stream_guard import StreamGuard
+from shared.contract import topology
+from shared.messaging.stream_guard import StreamGuard
 from tests.conftest import NatsServer
 
 

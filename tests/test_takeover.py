@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import re
 
-from kipvs.applier import node_facts, takeover
-from kipvs.applier.exclude import ExcludeCIDRs, parse
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, settings_of
-from kipvs.applier.ops import AddService, DelService, diff
-from kipvs.audit.status import NodeStatus, render
-from kipvs.shared.plan.node_state import NodeState, VirtualService
+from services.applier import node_facts, takeover
+from services.applier.exclude import ExcludeCIDRs, parse
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, settings_of
+from services.applier.ops import AddService, DelService, diff
+from services.tools.status import NodeStatus, render
+from shared.plan.node_state import NodeState, VirtualService
 
 WEB, DNS, API = ("TCP", "10.96.0.10", 80), ("UDP", "10.96.0.53", 53), ("TCP", "10.96.0.20", 8080)
 OTHER = ("TCP", "192.0.2.9", 443)  # someone else's (a keepalived VIP): not in kipvs's plan

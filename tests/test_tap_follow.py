@@ -17,9 +17,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.audit import tap
-from kipvs.shared import bus, topology
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
+from services.tools import tap
+from shared.contract import topology
+from shared.messaging import bus
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
 from tests.conftest import NatsServer
 from tests.helpers import wait_port
 

@@ -17,9 +17,11 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.planner.active import plan
-from kipvs.planner.service_config import PlannerServiceConfig
-from kipvs.shared import bus, cli, config, topology
+from services.planner.active import plan
+from services.planner.service_config import PlannerServiceConfig
+from shared.contract import topology
+from shared.messaging import bus
+from shared.service import cli, config
 from tests import kube
 from tests.helpers import publish_kube, start_service
 from tests.logread import read_stream
@@ -72,8 +74,8 @@ async def test_parked_records_show_their_time_and_exact_bytes(nats_url: str, cap
 
 
 def test_a_long_parked_payload_is_cut_on_its_line_and_says_so() -> None:
-    from kipvs.shared.log_client import Entry
-    from kipvs.shared.records import one_line
+    from shared.tools.log_client import Entry
+    from shared.tools.records import one_line
 
     entry = Entry(topology.PARKED_STREAM, 3, "kipvs.parked.applier", None, b"\x01" * 5000, {})
     line = one_line(entry)

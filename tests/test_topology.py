@@ -6,7 +6,8 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from kipvs.shared import bus, topology
+from shared.contract import topology
+from shared.messaging import bus
 
 
 async def test_setup_creates_every_stream_and_is_idempotent(nats_url: str) -> None:

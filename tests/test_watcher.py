@@ -16,10 +16,12 @@ from pathlib import Path
 
 import nats
 
-from kipvs.planner.core import Planner
-from kipvs.shared import bus, config, events, runtime, topology
-from kipvs.simulator.server import Simulator
-from kipvs.watcher.main import WatcherConfig, watch
+from services.harness.simulator.server import Simulator
+from services.planner.core import Planner
+from services.watcher.main import WatcherConfig, watch
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.service import config, runtime
 from tests import kube
 from tests.helpers import eventually
 from tests.logread import parked_reasons, read_stream
@@ -245,9 +247,9 @@ async def _churn(sim: Simulator, n: int) -> None:
 async def test_record_file_follows_the_log_when_an_ack_was_lost(nats_url: str, tmp_path: Path) -> None:
     """An append whose acknowledgement was lost (NATS killed after storing it) is retried and answered
     'duplicate': the change is in the log, so it must be in --record too (issue 13)."""
-    from kipvs.shared import bus
-    from kipvs.watcher.event_log import EventLog
-    from kipvs.watcher.objects import plan_event
+    from services.watcher.event_log import EventLog
+    from services.watcher.objects import plan_event
+    from shared.messaging import bus
 
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc)
@@ -272,7 +274,7 @@ async def test_record_file_follows_the_log_when_an_ack_was_lost(nats_url: str, t
 async def test_garbage_last_on_an_objects_subject_is_appended_over_not_a_crash_loop(nats_url: str, sim: Simulator,
                                                                                  tmp_path: Path) -> None:
     """Found by a new user: garbage last on an object's subject made every watcher start fail (issue 13)."""
-    from kipvs.shared import bus
+    from shared.messaging import bus
 
     nc = await nats.connect(nats_url)
     await bus.setup(nc)
@@ -495,7 +497,7 @@ async def test_deep_and_oversized_objects_in_a_watch_are_parked_the_rest_logged(
 async def test_a_resync_record_over_the_max_payload_is_logged_in_key_ranges(nats_url: str) -> None:
     """30,000 live Pods make a 1.4 MB resync record: the server refused it, and the list retried forever.
     Now the live set goes in KubeResyncRange parts; a planner holding Pods the list lacks deletes them."""
-    from kipvs.watcher.event_log import EventLog
+    from services.watcher.event_log import EventLog
 
     nc = await nats.connect(nats_url)
     js = await bus.setup(nc)
@@ -561,9 +563,9 @@ async def test_a_list_page_over_its_byte_bound_is_asked_again_smaller(nats_url: 
                                                                       tmp_path: Path) -> None:
     """A list page was read whole, however large; now it has a bound, and the page is asked again with
     half the limit until it fits."""
-    from kipvs.shared.metrics import Registry
-    from kipvs.watcher.event_log import EventLog
-    from kipvs.watcher.list_watch import KindWatcher, WatchMetrics, WatchSettings, list_function
+    from services.watcher.event_log import EventLog
+    from services.watcher.list_watch import KindWatcher, WatchMetrics, WatchSettings, list_function
+    from shared.service.metrics import Registry
 
     for i in range(20):
         obj = kube.service(f"svc-{i}", cluster_ip=f"10.96.0.{i + 1}")

@@ -6,10 +6,9 @@ import itertools
 
 import pytest
 
-from kipvs.planner.core import Planner
-from kipvs.shared import events
-from kipvs.watcher.list_watch import LineSplitter
-from kipvs.watcher.objects import (
+from services.planner.core import Planner
+from services.watcher.list_watch import LineSplitter
+from services.watcher.objects import (
     MAX_DEPTH,
     InvalidObject,
     LoggedObject,
@@ -22,6 +21,7 @@ from kipvs.watcher.objects import (
     split_resync,
     strip,
 )
+from shared.contract import events
 from tests import kube
 
 

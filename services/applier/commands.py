@@ -1,3 +1,3 @@
 """The applier's subcommands (imported by ``kipvs`` at start: keep this module import-light)."""
 
-COMMANDS = [("applier", "kipvs.applier.main", "write this node's plan into the kernel (IPVS, kube-ipvs0, ipsets)")]
+COMMANDS = [("applier", "services.applier.main", "write this node's plan into the kernel (IPVS, kube-ipvs0, ipsets)")]

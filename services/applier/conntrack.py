@@ -15,7 +15,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared.plan.node_state import RealKey, VirtualService, VSKey
+from shared.plan.node_state import RealKey, VirtualService, VSKey
 
 from .kernel.backend import Backend
 from .ops import AddReal, DelReal, DelService, Op

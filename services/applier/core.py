@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import msgspec
 
-from kipvs.shared import delta_chunks, events
-from kipvs.shared.plan.node_state import NodeState
-from kipvs.shared.plan.plan_state import SharedPlan
-from kipvs.shared.plan.resolve import resolve_service
+from shared.contract import delta_chunks, events
+from shared.plan.node_state import NodeState
+from shared.plan.plan_state import SharedPlan
+from shared.plan.resolve import resolve_service
 
 from . import nodeport_addresses
 from .drain import Drainer

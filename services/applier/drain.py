@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kipvs.shared.plan.node_state import NodeState, RealKey, VSKey
+from shared.plan.node_state import NodeState, RealKey, VSKey
 
 from .ops import AddReal, DelReal, DelService, EditReal, Op
 

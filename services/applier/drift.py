@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from kipvs.shared import events
+from shared.contract import events
 
 from .core import ApplierCore
 from .drift_slices import SERVICES_PER_CHECK, DriftSlices

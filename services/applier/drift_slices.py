@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kipvs.shared.plan.node_state import NodeState, VSKey
+from shared.plan.node_state import NodeState, VSKey
 
 SERVICES_PER_CHECK = 1000  # --drift-check-services' default
 

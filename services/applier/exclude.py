@@ -21,7 +21,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from kipvs.shared.plan.node_state import Contribution
+from shared.plan.node_state import Contribution
 
 from .kernel.backend import Observed
 

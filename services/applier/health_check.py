@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kipvs.shared.events import ServicePlan
+from shared.contract.events import ServicePlan
 
 log = logging.getLogger("kipvs.applier")
 

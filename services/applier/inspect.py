@@ -1,7 +1,7 @@
 """The applier's answer to ``kipvs ipvs --node``: core NATS request/reply on ``kipvs.inspect.<node>.ipvs``.
 
 Core NATS, not JetStream: an inspection is a question about now, never stored or replayed. The request
-and reply are the versioned Structs of ``shared/events.py`` (``IpvsInspectRequest``/``IpvsInspectReply``);
+and reply are the versioned Structs of ``shared/contract/events.py`` (``IpvsInspectRequest``/``IpvsInspectReply``);
 a request of a newer version than this build knows, or that is not a request at all, is answered with an
 ``error`` rather than ignored, so the asking tool never waits for nothing.
 """
@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import events, topology
+from shared.contract import events, topology
 
 from .kernel.backend import Backend, KernelError
 
@@ -59,7 +59,7 @@ async def answer(node: str, kernel: Backend, context: Context,
 
 def reply_messages(reply: events.IpvsInspectReply, max_payload: int, parts: bool) -> list[tuple[bytes, dict[str, str]]]:
     """The messages (payload, headers) that carry ``reply``: one when it fits in ``max_payload``; in parts
-    (:class:`~kipvs.shared.events.IpvsInspectPart`) when the asker takes them; else one reply saying the
+    (:class:`~shared.contract.events.IpvsInspectPart`) when the asker takes them; else one reply saying the
     table does not fit (an older tool)."""
     payload = _encoder.encode(reply)
     if len(payload) <= max_payload:

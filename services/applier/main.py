@@ -29,8 +29,9 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 from nats.aio.subscription import Subscription
 
-from kipvs.shared import config, kube_proxy_config, logs, runtime, topology
-from kipvs.shared.config import describe
+from shared.contract import topology
+from shared.service import config, kube_proxy_config, logs, runtime
+from shared.service.config import describe
 
 from . import exclude, inspect, node_claim, node_facts, plan_cache, plan_consumer, plan_feed, report_pacer, takeover
 from .conntrack_settings import Conntrack

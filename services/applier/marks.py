@@ -16,7 +16,8 @@ from typing import Literal
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, events, plan_log, topology
+from shared.contract import events, topology
+from shared.messaging import bus, plan_log
 
 from .kernel.endpoint_mark_rules import EndpointMarks, Mode, resolve_mode
 from .kernel.rules import NftRules

@@ -2,7 +2,7 @@
 taken stops applying and says so (issue 21: two appliers of one node split its durable's deltas and each
 one's drift check would revert the other's writes).
 
-The claim is a key of the ``kipvs-appliers`` key-value bucket (shared/node_claims.py). The newest one
+The claim is a key of the ``kipvs-appliers`` key-value bucket (shared/contract/node_claims.py). The newest one
 wins, so that a DaemonSet rollout (maxSurge, or a pod replaced) hands the node over within one check period
 without waiting for the old pod to end; an applier started by mistake for a node also wins, and the log,
 ``kipvs status``, the readiness of the one it replaced and ``kipvs_applier_node_claim_held`` 0 there say so.
@@ -34,9 +34,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from kipvs.shared import bus, node_claims
-from kipvs.shared.backoff import Backoff
-from kipvs.shared.metrics import Registry
+from shared.contract import node_claims
+from shared.messaging import bus
+from shared.messaging.backoff import Backoff
+from shared.service.metrics import Registry
 
 log = logging.getLogger("kipvs.applier")
 

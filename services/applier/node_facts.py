@@ -30,8 +30,9 @@ from typing import Literal
 
 from nats.js import JetStreamContext
 
-from kipvs.shared import bus, events, topology
-from kipvs.shared.events import NodeFactsReport
+from shared.contract import events, topology
+from shared.contract.events import NodeFactsReport
+from shared.messaging import bus
 
 from .kernel.backend import LINK
 

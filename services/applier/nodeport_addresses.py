@@ -3,7 +3,7 @@
 
 Followed: kubernetes pkg/proxy/util/nodeport_addresses.go (``NodePortAddresses.GetNodeIPs``: the node's
 addresses inside any of the CIDRs; no CIDR: all of them). kube-proxy's keywords are translated before
-this (shared/kube_proxy_config.py): ``primary`` is ``--node-addresses node``, ``all`` no CIDR.
+this (shared/service/kube_proxy_config.py): ``primary`` is ``--node-addresses node``, ``all`` no CIDR.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ipaddress
 
 import msgspec
 
-from kipvs.shared import events
+from shared.contract import events
 
 
 def within(addresses: tuple[str, ...], cidrs: tuple[str, ...]) -> tuple[str, ...]:

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from kipvs.shared.events import NodeFacts, ServicePlan
-from kipvs.shared.plan.node_state import Contribution, NodeState, RealKey, VirtualService, VSKey, family_of, ipset_name
-from kipvs.shared.plan.resolve import resolve_service
+from shared.contract.events import NodeFacts, ServicePlan
+from shared.plan.node_state import Contribution, NodeState, RealKey, VirtualService, VSKey, family_of, ipset_name
+from shared.plan.resolve import resolve_service
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 
-from kipvs.shared import events
-from kipvs.shared.plan.plan_state import SharedPlan
+from shared.contract import events
+from shared.plan.plan_state import SharedPlan
 
 from .exclude import ExcludeCIDRs
 from .kernel.backend import Backend

@@ -1,13 +1,13 @@
 """The node's durable consumer on the plan stream: created after the bootstrap, from the first stream
 sequence the bootstrap did not read, and created again when the bus loses it.
 
-An applier's consumer has one replica held in memory (shared/topology.py, ``applier_consumer``): a server
+An applier's consumer has one replica held in memory (shared/contract/topology.py, ``applier_consumer``): a server
 restart, the consumer's server dying, or an operator deleting it loses it. Its position is not needed to
 recover: the applier knows the last plan-stream sequence it applied, and the deltas after it are still in
 the stream (kept forever), so a new consumer from there delivers exactly what the node has not seen. A lost
 consumer shows as fetches that fail ("no responders": nothing serves the consumer's subject any more).
 
-The position may fall between the parts of a chunked delta (``shared/delta_chunks.py``): the parts before it
+The position may fall between the parts of a chunked delta (``shared/contract/delta_chunks.py``): the parts before it
 are held by the applier's assembler, which outlives the consumer, so the new consumer's first message is the
 next part. A new process starts from its bootstrap instead, which never stops inside a chunked delta."""
 
@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, topology
-from kipvs.shared.backoff import Backoff
-from kipvs.shared.stream_guard import StreamGuard
+from shared.contract import topology
+from shared.messaging import bus
+from shared.messaging.backoff import Backoff
+from shared.messaging.stream_guard import StreamGuard
 
 log = logging.getLogger("kipvs.applier")
 

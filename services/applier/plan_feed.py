@@ -1,7 +1,7 @@
 """The node's plan feed (issue 27): deltas by plain core-NATS subscription, JetStream only to repair a gap.
 
 KIPVS_PLAN republishes every message it stores (``RePublish``, ``kipvs.plan.>`` -> ``kipvs.feed.>``,
-shared/topology.py): once, by the stream's leader, after it is stored, with the stream's headers
+shared/contract/topology.py): once, by the stream's leader, after it is stored, with the stream's headers
 ``Nats-Sequence`` (its stream sequence) and ``Nats-Last-Sequence`` (the stream sequence of the previous
 message on the same subject, 0 for none). A message the stream refused (a deposed planner's fenced delta, a
 duplicate ``Nats-Msg-Id``) is never republished. Each applier subscribes to ``kipvs.feed.all`` and
@@ -40,9 +40,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, events, runtime, topology
-from kipvs.shared.backoff import Backoff
-from kipvs.shared.stream_guard import StreamGuard
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.messaging.backoff import Backoff
+from shared.messaging.stream_guard import StreamGuard
+from shared.service import runtime
 
 from . import plan_consumer
 

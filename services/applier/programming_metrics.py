@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-from kipvs.shared import events
-from kipvs.shared.events import ServicePlan
-from kipvs.shared.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_PROXY_RULES_BUCKETS, Registry
+from shared.contract import events
+from shared.contract.events import ServicePlan
+from shared.service.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_PROXY_RULES_BUCKETS, Registry
 
 TRAFFIC_POLICIES = ("internal", "external")
 HTTP_CODES = ("200", "503")

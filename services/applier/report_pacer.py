@@ -25,7 +25,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from kipvs.shared import bus, events
+from shared.contract import events
+from shared.messaging import bus
 
 log = logging.getLogger("kipvs.applier")
 

@@ -15,7 +15,8 @@ import time
 
 from nats.js import JetStreamContext
 
-from kipvs.shared import bus, events, topology
+from shared.contract import events, topology
+from shared.messaging import bus
 
 from .report_pacer import REPORT_INTERVAL, ReportPacer
 

@@ -28,10 +28,12 @@ import time
 import msgspec
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import bus, events, plan_log, runtime, topology
-from kipvs.shared.nats_permissions import applier_reader
-from kipvs.shared.plan.divergence import divergences
-from kipvs.shared.plan.resolve import resolve_node
+from shared.contract import events, topology
+from shared.messaging import bus, plan_log
+from shared.plan.divergence import divergences
+from shared.plan.resolve import resolve_node
+from shared.security.nats_permissions import applier_reader
+from shared.service import runtime
 
 from . import inspect, nodeport_addresses
 from .kernel.backend import Backend

@@ -22,9 +22,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from kipvs.shared import bus, delta_chunks, events, plan_log, runtime, topology
-from kipvs.shared.nats_permissions import applier_reader
-from kipvs.shared.plan.plan_state import SequenceGap
+from shared.contract import delta_chunks, events, topology
+from shared.messaging import bus, plan_log
+from shared.plan.plan_state import SequenceGap
+from shared.security.nats_permissions import applier_reader
+from shared.service import runtime
 
 from . import marks, node_claim, node_facts, plan_feed, takeover
 from .conntrack import ConntrackCleanup

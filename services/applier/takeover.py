@@ -35,7 +35,7 @@ import logging
 import shutil
 from typing import TYPE_CHECKING
 
-from kipvs.shared.plan.node_state import NodeState, VSKey, family_of
+from shared.plan.node_state import NodeState, VSKey, family_of
 
 from .exclude import ExcludeCIDRs
 from .kernel.backend import OWNED_SETS, Backend, Observed, owned_entry

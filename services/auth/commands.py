@@ -1,3 +1,3 @@
 """The auth service's subcommand (imported by ``kipvs`` at start: keep this module import-light)."""
 
-COMMANDS = [("auth", "kipvs.auth.main", "NATS auth callout: per-node applier identities from ServiceAccount tokens")]
+COMMANDS = [("auth", "services.auth.main", "NATS auth callout: per-node applier identities from ServiceAccount tokens")]

@@ -8,7 +8,7 @@ its pod's projected ServiceAccount token (audience ``kipvs-nats``); this service
 2. asks the Kubernetes API whether the token is valid (TokenReview), for the applier ServiceAccount;
 3. reads the node from the review (``authentication.kubernetes.io/node-name``);
 4. answers with a user JWT, signed by the callout issuer key, holding that node's permissions only
-   (``kipvs.shared.nats_permissions.applier``), expiring no later than the token (and ``--user-jwt-ttl``).
+   (``shared.security.nats_permissions.applier``), expiring no later than the token (and ``--user-jwt-ttl``).
 
 Anything else is refused, with the reason in the answer (the server logs it) and in this service's log.
 Tokens are never logged. Upstream: docs.nats.io "Auth Callout", nats-server ``server/auth_callout.go``.
@@ -31,10 +31,12 @@ import nkeys
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from kipvs.shared import config, nats_credentials, nats_jwt, runtime, topology
-from kipvs.shared import nats_permissions as perms
-from kipvs.shared.config import StartupError, describe
-from kipvs.shared.kube_client import api_client
+from shared.contract import topology
+from shared.security import nats_credentials, nats_jwt
+from shared.security import nats_permissions as perms
+from shared.service import config, runtime
+from shared.service.config import StartupError, describe
+from shared.service.kube_client import api_client
 
 from .decide import ApplierPolicy, judge, token_of
 

@@ -20,7 +20,9 @@ import time
 
 from nats.js import JetStreamContext
 
-from kipvs.shared import bus, events, plan_log, runtime, topology
+from shared.contract import events, topology
+from shared.messaging import bus, plan_log
+from shared.service import runtime
 
 from .core import SHARED_SCOPE, Planner, correction, tune_gc
 from .fence import Fence

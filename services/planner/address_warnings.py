@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from kipvs.shared.events import ClearWarning, PlanOp, PlanWarning, ServicePlan, SetWarning
+from shared.contract.events import ClearWarning, PlanOp, PlanWarning, ServicePlan, SetWarning
 
 from .calico import CalicoState, nodeport_problem
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kipvs.shared.events import MarkLayoutRecord, PlanWarning, SetNodeCalico
+from shared.contract.events import MarkLayoutRecord, PlanWarning, SetNodeCalico
 
 from .endpoint_marks import MarkAllocator, interface_name
 from .felix_config import FelixSettings, effective

@@ -30,8 +30,8 @@ from typing import Any
 
 import msgspec
 
-from kipvs.shared import events
-from kipvs.shared.events import (
+from shared.contract import events
+from shared.contract.events import (
     ClearWarning,
     Endpoint,
     NodeFacts,
@@ -48,7 +48,7 @@ from kipvs.shared.events import (
     SetService,
     SetWarning,
 )
-from kipvs.shared.plan.plan_state import SharedPlan
+from shared.plan.plan_state import SharedPlan
 
 from . import parse
 from .address_warnings import AddressWarnings

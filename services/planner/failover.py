@@ -24,8 +24,10 @@ import secrets
 import socket
 import time
 
-from kipvs.shared import bus, runtime, topology
-from kipvs.shared.config import StartupError
+from shared.contract import topology
+from shared.messaging import bus
+from shared.service import runtime
+from shared.service.config import StartupError
 
 from .active import plan
 from .core import Planner, tune_gc

@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from kipvs.shared import bus, topology
+from shared.contract import topology
+from shared.messaging import bus
 
 log = logging.getLogger("kipvs.planner.fence")
 

@@ -31,8 +31,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from kipvs.shared import bus, topology
-from kipvs.shared.backoff import Backoff
+from shared.contract import topology
+from shared.messaging import bus
+from shared.messaging.backoff import Backoff
 
 log = logging.getLogger("kipvs.planner.lease")
 

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, events, topology
+from shared.contract import events, topology
+from shared.messaging import bus
 
 from .core import Planner, PlannerConfig
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from kipvs.shared import config, runtime, topology
+from shared.contract import topology
+from shared.service import config, runtime
 
 from . import failover
 from .active import plan

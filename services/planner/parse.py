@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from kipvs.shared.events import Endpoint, NodeFacts
+from shared.contract.events import Endpoint, NodeFacts
 
 from . import sloppy
 

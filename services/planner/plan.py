@@ -17,9 +17,10 @@ import itertools
 import sys
 from typing import IO
 
-from kipvs.shared import bus, topology
-from kipvs.shared.log_client import ToolError, add_nats_arguments, clock, ns_of, open_log, parse_point, read_all
-from kipvs.shared.plan.resolve import resolve_node
+from shared.contract import topology
+from shared.messaging import bus
+from shared.plan.resolve import resolve_node
+from shared.tools.log_client import ToolError, add_nats_arguments, clock, ns_of, open_log, parse_point, read_all
 
 from .core import Planner, PlannerConfig
 from .log_replay import ReplayError, plan_events, read_events, replay

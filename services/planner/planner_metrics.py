@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kipvs.shared import events
-from kipvs.shared.metrics import DEFAULT_BUCKETS, Registry
+from shared.contract import events
+from shared.service.metrics import DEFAULT_BUCKETS, Registry
 
 from .core import Planner
 

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, runtime, topology
-from kipvs.shared.metrics import Registry
+from shared.contract import topology
+from shared.messaging import bus
+from shared.service import runtime
+from shared.service.metrics import Registry
 
 log = logging.getLogger("kipvs.planner")
 

@@ -4,7 +4,7 @@ Rules of this room:
 - A delta leaves in order, once: its id is its ``Nats-Msg-Id`` (JetStream drops a duplicate inside the
   stream's duplicate window) and a delta whose sequence is already in the plan stream is never added again
   (:func:`last_published` reads where each subject stands).
-- A delta too large for one message is split (``shared/delta_chunks.py``); its parts are never pipelined
+- A delta too large for one message is split (``shared/contract/delta_chunks.py``); its parts are never pipelined
   with other messages and, fenced, never split across two atomic batches: no reader finds half a delta.
 - With leader election every publish carries the fence (``fence.py``): the server stores a whole batch only
   while this planner's marker is the last on ``kipvs.plan.leader``.
@@ -26,7 +26,8 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from kipvs.shared import bus, delta_chunks, events, plan_log, topology
+from shared.contract import delta_chunks, events, topology
+from shared.messaging import bus, plan_log
 
 from .core import SHARED_SCOPE
 from .fence import PUBLISHER, Fence

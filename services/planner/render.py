@@ -6,9 +6,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from kipvs.shared.events import PlanWarning, SetNodeCalico
-from kipvs.shared.plan.ipvs_flags import sched_flag_names, service_flags
-from kipvs.shared.plan.node_state import NodeState, VirtualService, sort_key_ip
+from shared.contract.events import PlanWarning, SetNodeCalico
+from shared.plan.ipvs_flags import sched_flag_names, service_flags
+from shared.plan.node_state import NodeState, VirtualService, sort_key_ip
 
 _PROTOCOL_FLAG = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
 

@@ -20,8 +20,10 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
-from kipvs.shared import bus, events, records, topology
-from kipvs.shared.log_client import (
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.tools import records
+from shared.tools.log_client import (
     Entry,
     RecordedLog,
     ToolError,

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import msgspec
 
-from kipvs.shared import config
-from kipvs.shared.config import describe
+from shared.service import config
+from shared.service.config import describe
 
 from . import parse
 from .core import Planner, PlannerConfig

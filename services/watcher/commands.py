@@ -1,3 +1,3 @@
 """The watcher's subcommands (imported by ``kipvs`` at start: keep this module import-light)."""
 
-COMMANDS = [("watcher", "kipvs.watcher.main", "list and watch the Kubernetes API into the event log")]
+COMMANDS = [("watcher", "services.watcher.main", "list and watch the Kubernetes API into the event log")]

@@ -25,7 +25,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
-from kipvs.shared import bus, events, topology
+from shared.contract import events, topology
+from shared.messaging import bus
 
 from .objects import LoggedObject, Planned, TooLarge, resync_id, resync_range_id, rv_newer, split_resync, wire_line
 

@@ -35,10 +35,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
 from prometheus_client import Counter
 
-from kipvs.shared import bus
-from kipvs.shared import events as kipvs_events
-from kipvs.shared.backoff import Backoff
-from kipvs.shared.metrics import Registry
+from shared.contract import events as kipvs_events
+from shared.messaging import bus
+from shared.messaging.backoff import Backoff
+from shared.service.metrics import Registry
 
 from .event_log import EventLog
 from .objects import InvalidObject, Planned, TooLarge, check_depth, identify, plan_event, reconcile, restore_evidence

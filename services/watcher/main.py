@@ -11,9 +11,10 @@ from typing import Annotated
 
 import msgspec
 
-from kipvs.shared import config, events, runtime
-from kipvs.shared.config import StartupError, describe
-from kipvs.shared.kube_client import api_client
+from shared.contract import events
+from shared.service import config, runtime
+from shared.service.config import StartupError, describe
+from shared.service.kube_client import api_client
 
 from .event_log import EventLog, open_record_file, read_logged
 from .list_watch import KindWatcher, WatchMetrics, WatchSettings, list_function

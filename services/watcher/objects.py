@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kipvs.shared import events, topology
+from shared.contract import events, topology
 
 NAMESPACED = {"Service": True, "EndpointSlice": True, "Pod": True, "Node": False, "FelixConfiguration": False}
 API_VERSIONS = {"Service": "v1", "Pod": "v1", "Node": "v1", "EndpointSlice": "discovery.k8s.io/v1",

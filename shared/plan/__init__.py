@@ -2,4 +2,4 @@
 per-node resolution of it into a node's kernel state (``resolve``, with ``endpoints`` choosing each node's
 endpoints and ``service_types`` saying what each kind of Service address programs), and that state
 (``node_state``). Pure: the planner, ``kipvs plan`` and the applier all resolve a node through here, so a
-node's state is never computed two ways, and the applier depends on ``kipvs.shared`` alone."""
+node's state is never computed two ways, and the applier depends on ``shared`` alone."""

@@ -36,8 +36,8 @@ from collections.abc import Iterable
 
 import msgspec
 
-from kipvs.shared.events import KernelTable, KernelVirtualServer
-from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, VirtualService, sort_key_ip
+from shared.contract.events import KernelTable, KernelVirtualServer
+from shared.plan.node_state import ALL_IPSETS, NodeState, VirtualService, sort_key_ip
 
 LINK = "kube-ipvs0"
 

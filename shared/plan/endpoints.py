@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kipvs.shared.events import Endpoint, NodeFacts
+from shared.contract.events import Endpoint, NodeFacts
 
 TopologyMode = Literal["", "node", "zone"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kipvs.shared.events import (
+from shared.contract.events import (
     ClearWarning,
     NodeFacts,
     PlanDelta,

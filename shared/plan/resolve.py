@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kipvs.shared.events import NodeFacts, PortPlan, ServicePlan
+from shared.contract.events import NodeFacts, PortPlan, ServicePlan
 
 from .endpoints import select
 from .node_state import Contribution, NodeState, family_of, ipset_name

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-from kipvs.guest.vm import run_in_guest
+from services.harness.guest.vm import run_in_guest
 
 
 def run() -> dict[str, float]:

@@ -8,8 +8,8 @@ import json
 import subprocess
 import time
 
-from kipvs.applier.kernel.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddReal, AddService, DelReal, Op
+from services.applier.kernel.netlink_writer import NetlinkKernel
+from services.applier.ops import AddReal, AddService, DelReal, Op
 
 SERVICES, REALS, CHANGES = 2000, 5, 1000
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import re
 
-from kipvs.guest.vm import run_in_guest
+from services.harness.guest.vm import run_in_guest
 from tests.bench.envelope_guest import python_loop
 
 DEFAULT_SERVICES, DEFAULT_ENDPOINTS = 1000, 10

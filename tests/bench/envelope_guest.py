@@ -12,11 +12,11 @@ import subprocess
 import sys
 import time
 
-from kipvs.applier.drift_slices import DriftSlices
-from kipvs.applier.kernel.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
-from kipvs.shared import events
-from kipvs.shared.plan.resolve import resolve_service
+from services.applier.drift_slices import DriftSlices
+from services.applier.kernel.netlink_writer import NetlinkKernel
+from services.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
+from shared.contract import events
+from shared.plan.resolve import resolve_service
 
 FACTS = events.NodeFacts(name="node-a", addresses=("192.168.0.2",))
 CHANGES = 40

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import nats
 
-from kipvs.applier import node_claim, plan_feed, report_pacer
-from kipvs.shared import bus, events, topology
-from kipvs.shared.metrics import Registry
+from services.applier import node_claim, plan_feed, report_pacer
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.service.metrics import Registry
 from tests.bench import fleet, fleet_nodes
 
 DESIGNS = {

@@ -39,10 +39,10 @@ from typing import Any
 import nats
 from nats.js.api import StorageType, StreamConfig
 
-from kipvs.applier import plan_consumer
-from kipvs.shared import events
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
-from kipvs.simulator.server import Simulator
+from services.applier import plan_consumer
+from services.harness.simulator.server import Simulator
+from shared.contract import events
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
 from tests.bench import fleet_nodes
 from tests.helpers import wait_port
 

@@ -20,11 +20,13 @@ import time
 
 from nats.js.api import AckPolicy
 
-from kipvs.applier import plan_consumer
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.main import ApplierConfig, apply_plan
-from kipvs.applier.reports import Reports
-from kipvs.shared import bus, events, runtime, topology
+from services.applier import plan_consumer
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.main import ApplierConfig, apply_plan
+from services.applier.reports import Reports
+from shared.contract import events, topology
+from shared.messaging import bus
+from shared.service import runtime
 
 CONSUMERS = {"r3": (3, False), "r1": (1, False), "r1-memory": (1, True)}
 

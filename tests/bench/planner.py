@@ -13,9 +13,9 @@ import statistics
 import time
 from typing import Any
 
-from kipvs.planner.core import Planner, tune_gc
-from kipvs.shared import events
-from kipvs.shared.plan.resolve import resolve_node
+from services.planner.core import Planner, tune_gc
+from shared.contract import events
+from shared.plan.resolve import resolve_node
 
 TARGETS = {"build_events_per_s": 50_000, "p99_ms": 1.0, "messages_per_change": 1, "rss_mib": 1024}
 

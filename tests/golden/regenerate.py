@@ -7,14 +7,14 @@ import asyncio
 import json
 from pathlib import Path
 
-from kipvs.planner.core import Planner, PlannerConfig
-from kipvs.planner.log_replay import read_events
-from kipvs.shared import events
-from kipvs.simulator import scenario
-from kipvs.simulator.server import Simulator
+from services.harness.simulator import scenario
+from services.harness.simulator.server import Simulator
+from services.planner.core import Planner, PlannerConfig
+from services.planner.log_replay import read_events
+from shared.contract import events
 
 HERE = Path(__file__).parent
-SCENARIO = HERE.parent.parent / "services" / "simulator" / "scenarios" / "small-cluster.yaml"
+SCENARIO = HERE.parent.parent / "services" / "harness" / "simulator" / "scenarios" / "small-cluster.yaml"
 EVENTS = HERE / "small-cluster.events.jsonl"
 DELTAS = HERE / "small-cluster.deltas.jsonl"
 

@@ -32,10 +32,10 @@ import nats
 import pytest
 import pytest_asyncio
 
-from kipvs.demo import network
-from kipvs.demo.cluster import CLUSTER_CIDR, KIPVS, Cluster, _logged_all, workdir_for
-from kipvs.guest.vm import time_scale
-from kipvs.simulator.scenario import Scenario
+from services.harness.demo import network
+from services.harness.demo.cluster import CLUSTER_CIDR, KIPVS, Cluster, _logged_all, workdir_for
+from services.harness.guest.vm import time_scale
+from services.harness.simulator.scenario import Scenario
 from tests.guest import kube_proxy
 
 NODE, NODE_IP = "node-a", "192.168.50.11"

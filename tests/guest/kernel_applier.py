@@ -1,4 +1,4 @@
-"""Applier tests that need a real IPVS kernel. They run INSIDE the QEMU guest (kipvs.guest.vm),
+"""Applier tests that need a real IPVS kernel. They run INSIDE the QEMU guest (services.harness.guest.vm),
 driven by tests/test_kernel.py; on the host they would fail (no IPVS), so the host never collects them."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kipvs.applier import node_settings
-from kipvs.applier.drain import Drainer
-from kipvs.applier.kernel.backend import MemoryKernel
-from kipvs.applier.kernel.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, EditService, Op, diff
-from kipvs.planner.core import Planner
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.planner.render import ipvsadm
-from kipvs.shared.plan.node_state import NodeState, VirtualService
-from kipvs.shared.plan.resolve import resolve_service
+from services.applier import node_settings
+from services.applier.drain import Drainer
+from services.applier.kernel.backend import MemoryKernel
+from services.applier.kernel.netlink_writer import NetlinkKernel
+from services.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, EditService, Op, diff
+from services.planner.core import Planner
+from services.planner.log_replay import plan_events, read_events
+from services.planner.render import ipvsadm
+from shared.plan.node_state import NodeState, VirtualService
+from shared.plan.resolve import resolve_service
 from tests.golden.regenerate import EVENTS
 
 NODE = "node-a"
@@ -208,7 +208,7 @@ async def test_node_addresses_are_the_hosts_own_minus_kube_ipvs0_loopback_and_li
 
 
 async def test_node_facts_see_ipvs_and_kipvs_owned_link_and_follow_link_changes(kernel: NetlinkKernel) -> None:
-    from kipvs.applier.node_facts import NodeProbe, Observation, watch
+    from services.applier.node_facts import NodeProbe, Observation, watch
 
     probe = NodeProbe(proc=None)
     assert await probe.observe() == Observation(ipvs_available=True, kube_ipvs0="kipvs"), "setup made it, with alias"
@@ -284,7 +284,7 @@ POD_SERVER = ("import socket\n"
 async def test_source_ranges_hold_for_a_connection_from_the_node_itself(kernel: NetlinkKernel) -> None:
     """IPVS takes the node's own connection to a load-balancer IP at LOCAL_OUT, past the input hook
     (kubernetes#119656): kipvs's output hook drops it unless the node may reach the address (-SOURCE-IP)."""
-    from kipvs.applier.kernel.rules import NftRules, RulesConfig
+    from services.applier.kernel.rules import NftRules, RulesConfig
 
     vip, key = "198.51.100.77", ("TCP", "198.51.100.77", 80)
     sh("ip netns add lbpod; ip link add lbh type veth peer name lbp; ip link set lbp netns lbpod; "

@@ -20,13 +20,13 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.demo import network
-from kipvs.demo.cluster import Cluster, workdir_for
-from kipvs.demo.network import NodeSpec
-from kipvs.demo.run import SCENARIO
-from kipvs.guest.vm import time_scale
-from kipvs.shared.embedded_nats import EmbeddedNats
-from kipvs.simulator import scenario as scenarios
+from services.harness.demo import network
+from services.harness.demo.cluster import Cluster, workdir_for
+from services.harness.demo.network import NodeSpec
+from services.harness.demo.run import SCENARIO
+from services.harness.guest.vm import time_scale
+from services.harness.simulator import scenario as scenarios
+from shared.messaging.embedded_nats import EmbeddedNats
 
 NEW_NODE = "node-c"
 TLS_NAME = "nats.kipvs-system.svc"  # deploy/kubernetes/05-bootstrap.yaml's nats-tls-server-name

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from kipvs.demo import network
-from kipvs.demo.cluster import Cluster, workdir_for
-from kipvs.simulator.scenario import Scenario
+from services.harness.demo import network
+from services.harness.demo.cluster import Cluster, workdir_for
+from services.harness.simulator.scenario import Scenario
 
 NODES = {"node-a": "192.168.50.11", "node-b": "192.168.50.12", "node-c": "192.168.50.13"}
 OUTSIDE, STRANGER = "192.168.50.1", "192.168.50.200"  # the root namespace: an allowed and a refused source
@@ -262,7 +262,7 @@ def _http(where: str | None, url: str) -> tuple[int, dict]:
 
 
 async def _until(check, within: float = 60.0) -> None:
-    from kipvs.guest.vm import time_scale
+    from services.harness.guest.vm import time_scale
 
     deadline = asyncio.get_running_loop().time() + within * time_scale()
     while not await check():

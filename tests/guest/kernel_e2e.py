@@ -9,9 +9,9 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from kipvs.demo.cluster import Cluster, workdir_for
-from kipvs.demo.run import SCENARIO, _pod, _slice, _with_endpoints
-from kipvs.simulator import scenario as scenarios
+from services.harness.demo.cluster import Cluster, workdir_for
+from services.harness.demo.run import SCENARIO, _pod, _slice, _with_endpoints
+from services.harness.simulator import scenario as scenarios
 
 
 def _endpoint(pod: dict) -> dict:

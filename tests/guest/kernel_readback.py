@@ -17,14 +17,14 @@ import subprocess
 
 import pytest
 
-from kipvs.applier.kernel.backend import KernelError
-from kipvs.applier.kernel.kernel_decode import Dest, Service
-from kipvs.applier.kernel.kernel_read import read_table
-from kipvs.applier.kernel.kernel_readback import KernelReader
-from kipvs.applier.kernel.netlink_writer import NetlinkKernel
-from kipvs.applier.ops import AddAddress, DelAddress
-from kipvs.audit.ipvsadm_format import render
-from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
+from services.applier.kernel.backend import KernelError
+from services.applier.kernel.kernel_decode import Dest, Service
+from services.applier.kernel.kernel_read import read_table
+from services.applier.kernel.kernel_readback import KernelReader
+from services.applier.kernel.netlink_writer import NetlinkKernel
+from services.applier.ops import AddAddress, DelAddress
+from services.tools.ipvsadm_format import render
+from shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos")
 FORWARD = {0: "-m", 1: "-m", 2: "-i", 3: "-g"}  # ipvsadm -S: Local (1) is printed as masquerade too

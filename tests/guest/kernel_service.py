@@ -17,12 +17,13 @@ from pathlib import Path
 import nats
 import pytest
 
-from kipvs.planner.core import PlannerConfig
-from kipvs.planner.log_replay import plan_events, read_events
-from kipvs.planner.render import ipvsadm
-from kipvs.shared import bus, topology
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
-from kipvs.shared.plan.resolve import resolve_node
+from services.planner.core import PlannerConfig
+from services.planner.log_replay import plan_events, read_events
+from services.planner.render import ipvsadm
+from shared.contract import topology
+from shared.messaging import bus
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
+from shared.plan.resolve import resolve_node
 from tests.golden.regenerate import EVENTS
 
 KIPVS = str(Path(sys.executable).parent / "kipvs")

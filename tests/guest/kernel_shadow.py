@@ -25,9 +25,10 @@ import nats
 import pytest
 import yaml
 
-from kipvs.shared import cli, events, topology
-from kipvs.shared.embedded_nats import free_loopback_port, server_binary
-from kipvs.shared.plan.node_state import IPSET_TYPES
+from shared.contract import events, topology
+from shared.messaging.embedded_nats import free_loopback_port, server_binary
+from shared.plan.node_state import IPSET_TYPES
+from shared.service import cli
 from tests.golden.regenerate import SCENARIO
 
 KIPVS = str(Path(sys.executable).parent / "kipvs")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import subprocess
 
-from kipvs.applier.takeover import KUBE_PROXY_CHAINS, KUBE_PROXY_JUMPS
-from kipvs.shared.plan.node_state import IPSET_TYPES, NodeState
+from services.applier.takeover import KUBE_PROXY_CHAINS, KUBE_PROXY_JUMPS
+from shared.plan.node_state import IPSET_TYPES, NodeState
 
 MARK = f"{0x4000:#08x}"  # fmt.Sprintf("%#08x", 1 << masqueradeBit)
 SYSCTLS = {"net.ipv4.vs.conntrack": "1", "net.ipv4.vs.expire_nodest_conn": "1",

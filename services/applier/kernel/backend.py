@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kipvs.shared import events
-from kipvs.shared.plan.ipvs_flags import sched_flag_names, service_flags
-from kipvs.shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
+from shared.contract import events
+from shared.plan.ipvs_flags import sched_flag_names, service_flags
+from shared.plan.node_state import ALL_IPSETS, NodeState, RealKey, VirtualService, VSKey, family_of
 
 from ..node_settings import Timeouts
 from ..ops import (

@@ -9,7 +9,7 @@ import socket
 from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared.plan.node_state import RealKey, VSKey
+from shared.plan.node_state import RealKey, VSKey
 
 from .ipvs_wire import PROTOCOL_NUMBERS
 

@@ -17,7 +17,7 @@ The interface -> mark lookup is one verdict map (``endpoint_dispatch``) whose el
 per mark value (``em_<mark>``), the nftables form of Felix's ``cali-set-endpoint-mark`` dispatch: O(1)
 per packet, and a pod change is a few element and chain changes in one transaction.
 
-Pure: text in, text out. :class:`~kipvs.applier.kernel.rules.NftRules` runs it.
+Pure: text in, text out. :class:`~services.applier.kernel.rules.NftRules` runs it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kipvs.shared.events import SetNodeCalico
+from shared.contract.events import SetNodeCalico
 
 TABLE = "kipvs"
 WORKLOAD_PREFIX = "cali"  # Calico's CNI names host-side workload interfaces cali + 11 hex characters

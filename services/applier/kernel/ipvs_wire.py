@@ -12,7 +12,7 @@ import functools
 import socket
 import struct
 
-from kipvs.shared.plan.ipvs_flags import MH_PORT, service_flags
+from shared.plan.ipvs_flags import MH_PORT, service_flags
 
 from .netlink_batch import attr
 

@@ -16,9 +16,9 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
-from kipvs.shared import events
-from kipvs.shared.plan.ipvs_flags import sched_flag_names
-from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
+from shared.contract import events
+from shared.plan.ipvs_flags import sched_flag_names
+from shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
 from . import ipvs_wire, kernel_decode
 from .backend import LINK

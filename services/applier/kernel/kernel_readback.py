@@ -16,7 +16,7 @@ import asyncio
 import errno
 from collections.abc import Callable
 
-from kipvs.shared.plan.node_state import NodeState, RealKey, VirtualService, VSKey
+from shared.plan.node_state import NodeState, RealKey, VirtualService, VSKey
 
 from . import kernel_decode
 from .backend import Observed, parse_owned_entry

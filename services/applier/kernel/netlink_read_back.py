@@ -16,14 +16,8 @@ from collections.abc import Callable
 from pyroute2.ipvs import IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared import events
-from kipvs.shared.plan.node_state import (
-    IPSET_TYPES,
-    RealKey,
-    VSKey,
-    family_of,
-    ipset_name,
-)
+from shared.contract import events
+from shared.plan.node_state import IPSET_TYPES, RealKey, VSKey, family_of, ipset_name
 
 from . import kernel_readback
 from .backend import OWNED_SETS, Observed

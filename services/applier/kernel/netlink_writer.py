@@ -19,12 +19,7 @@ from pyroute2 import AsyncIPRoute, AsyncIPVS
 from pyroute2.ipset import AsyncIPSet
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kipvs.shared.plan.node_state import (
-    ALL_IPSETS,
-    RealKey,
-    VSKey,
-    family_of,
-)
+from shared.plan.node_state import ALL_IPSETS, RealKey, VSKey, family_of
 
 from ..node_facts import LINK_ALIAS
 from ..node_settings import Timeouts

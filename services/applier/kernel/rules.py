@@ -39,7 +39,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kipvs.shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
+from shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
 from ..ops import AddEntry, DelEntry, Op
 from . import endpoint_mark_rules

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kipvs.shared.events import Endpoint, PortPlan, ServicePlan
+from shared.contract.events import Endpoint, PortPlan, ServicePlan
 
 from ..node_state import Contribution, family_of, ipset_name
 from .common import entry, virtual_service

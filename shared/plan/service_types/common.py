@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kipvs.shared.events import Endpoint, NodeFacts, PortPlan, ServicePlan
+from shared.contract.events import Endpoint, NodeFacts, PortPlan, ServicePlan
 
 from ..node_state import Contribution, VirtualService, family_of, ipset_name
 

@@ -8,7 +8,7 @@ IPs differ: they go into both sets (``load_balancer``)."""
 
 from __future__ import annotations
 
-from kipvs.shared.events import Endpoint, NodeFacts, PortPlan, ServicePlan
+from shared.contract.events import Endpoint, NodeFacts, PortPlan, ServicePlan
 
 from ..node_state import Contribution, family_of
 from .common import external_address

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from kipvs.shared.events import Endpoint, NodeFacts, PortPlan, ServicePlan
+from shared.contract.events import Endpoint, NodeFacts, PortPlan, ServicePlan
 
 from ..node_state import Contribution, family_of, ipset_name
 from .common import external_address

@@ -7,7 +7,7 @@ kube-proxy does.
 
 from __future__ import annotations
 
-from kipvs.shared.events import Endpoint, NodeFacts, PortPlan, ServicePlan
+from shared.contract.events import Endpoint, NodeFacts, PortPlan, ServicePlan
 
 from ..node_state import Contribution, family_of, ipset_name
 from .common import entry, virtual_service

@@ -1,0 +1,1 @@
+"""What runs: the services (watcher, planner, applier, auth), the read-only tools and the harnesses."""

@@ -1,5 +1,0 @@
-"""The demo's subcommand (imported by ``kipvs`` at start: keep this module import-light)."""
-
-COMMANDS = [
-    ("demo", "kipvs.demo.main", "run the whole system on this machine and show it working (make demo)"),
-]

@@ -1,3 +1,0 @@
-"""The simulator's subcommands (imported by ``kipvs`` at start: keep this module import-light)."""
-
-COMMANDS = [("simulate", "kipvs.simulator.main", "run the Kubernetes API simulator, optionally with a scenario")]

@@ -1,0 +1,1 @@
+"""The bus's security: the CA and certificates, credentials, permissions, JWTs and the kipvs credentials command."""

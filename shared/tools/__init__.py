@@ -1,0 +1,1 @@
+"""What the tools share: opening the log for a person, and a record on one line."""
