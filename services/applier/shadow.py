@@ -5,7 +5,8 @@ For migrations: on a node where kube-proxy still runs in IPVS mode, the applier 
 on kube-ipvs0 and the KUBE-* ipsets, which kube-proxy and kipvs name alike — and compares it with the
 published plan resolved for this node (``plan_log.published_plan`` + ``resolve_node``: what ``kipvs plan
 --node`` prints and a kipvs applier would program). Every divergence is one line (``shared/plan/
-divergence.py`` says what is not one), and goes to:
+divergence.py`` says what is not one; nor is anything in the node's ``--ipvs-exclude-cidrs``, which a kipvs
+applier would leave to the other program there), and goes to:
 
 - a ``ShadowReport`` on ``kipvs.status.<node>.shadow`` when the list changes, and at least every
   ``HEARTBEAT_S`` so ``kipvs status`` can tell a silent node from a quiet one;
@@ -35,7 +36,7 @@ from shared.plan.resolve import resolve_node
 from shared.security.nats_permissions import applier_reader
 from shared.service import runtime
 
-from . import inspect, nodeport_addresses
+from . import exclude, inspect, nodeport_addresses
 from .kernel.backend import Backend
 
 log = logging.getLogger("kipvs.applier")
@@ -52,6 +53,7 @@ class Shadow:
         self.kernel = kernel
         self.use_interfaces = interface_addresses
         self.nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs
+        self.exclude_cidrs: tuple[str, ...] = ()  # --ipvs-exclude-cidrs: another program's, not compared
         self.heartbeat = heartbeat
         self.lock = asyncio.Lock()  # one kernel read at a time (the comparison and inspections share sockets)
         self.plan_seq = 0
@@ -79,7 +81,7 @@ class Shadow:
             facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=addresses)
         facts = nodeport_addresses.filtered(facts, self.nodeport_cidrs)
         want = resolve_node(plan.services.values(), facts)
-        found = tuple(divergences(table, want))
+        found = tuple(divergences(table, want, self.exclude_cidrs))
         for line in sorted(set(found) - set(self.divergences or ())):
             log.warning("shadow: %s", line)
         if self.divergences and not found:
@@ -109,7 +111,9 @@ async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float
              "(backend: %s)", node, period, kernel.label)
     shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces")  # type: ignore[attr-defined]
     shadow.nodeport_cidrs = tuple(cfg.nodeport_cidrs)  # type: ignore[attr-defined]
-    subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read)
+    shadow.exclude_cidrs = tuple(map(str, exclude.parse(cfg.ipvs_exclude_cidrs)))  # type: ignore[attr-defined]
+    subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read,
+                                       shadow.exclude_cidrs)
     try:
         while not ctx.stop.is_set():
             try:
