@@ -11,7 +11,9 @@ and a LoadBalancer IP, new connections to each every 200 ms, UDP exchanges throu
 NodePort. Per moment: resets, stalls, failed new connections, lost datagrams, printed; any one fails.
 
 The moments, in order (each starts from the state the previous one left): kube-proxy alone (the harness
-itself), takeover in place (``kipvs applier --adopt``), an applier restart (SIGKILL), hand back to
+itself), a source port shared by two Services (the measure's premise: no loss the kernel makes whoever
+proxies), takeover in place (``kipvs applier --adopt``), an applier restart (SIGKILL), a NATS outage
+(a Service added meanwhile), a reboot-like restart from ``--plan-cache`` while NATS is down, hand back to
 kube-proxy in place (``--hand-back``), and last the old runbook (``kube-proxy --cleanup`` before the
 switch), which must show losses: the measure can fail.
 """
@@ -39,6 +41,9 @@ from tests.guest import kube_proxy
 NODE, NODE_IP = "node-a", "192.168.50.11"
 LB_IP = "198.51.100.7"
 TRAFFIC = str(Path(__file__).with_name("traffic.py"))
+EVIDENCE = Path("/run/tmp/disruption-evidence")  # what traffic.py captured at a stall or reset
+PLAN_CACHE = Path("/run/tmp/disruption-plan-cache")  # the applier's --plan-cache from the restart moment on
+LATE = "echo-late"  # a Service added while NATS is down: the applier must catch up with it
 FROM_POD = ["--long", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
             "--new", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
             "--udp", "10.96.0.53:53"]
@@ -73,19 +78,29 @@ def _service(name: str, kind: str, cluster_ip: str, port: dict, status: dict | N
     return obj
 
 
-ECHO_PORT = {"name": "echo", "port": 80, "targetPort": 9000, "protocol": "TCP"}
+def _echo_port(target: int) -> dict:
+    return {"name": "echo", "port": 80, "targetPort": target, "protocol": "TCP"}
+
+
+# Each Service its own container port, so no two Services share a real server: IPVS matches a reply to its
+# connection by client address:port and real server address:port only, not by virtual service
+# (ip_vs_conn.c, ip_vs_conn_out_get; kubernetes#107249, open). With shared real servers, a new connection
+# through one Service from the source port of a long-lived one through another, scheduled to the same pod,
+# took that connection's replies for as long as its own IPVS entry lived (up to 2 minutes in TIME_WAIT):
+# the long-lived one stalled, whichever proxy ran and whatever the moment (test_a_source_port_...).
+ECHO_TARGETS = {"echo": 9000, "echo-np": 9001, "echo-lb": 9002}
 SCENARIO = Scenario(objects=[
     {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
      "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}},
-    _service("echo", "ClusterIP", "10.96.0.10", ECHO_PORT),
-    _service("echo-np", "NodePort", "10.96.0.20", {**ECHO_PORT, "nodePort": 30090}),
-    _service("echo-lb", "LoadBalancer", "10.96.0.30", {**ECHO_PORT, "nodePort": 30091},
+    _service("echo", "ClusterIP", "10.96.0.10", _echo_port(ECHO_TARGETS["echo"])),
+    _service("echo-np", "NodePort", "10.96.0.20", {**_echo_port(ECHO_TARGETS["echo-np"]), "nodePort": 30090}),
+    _service("echo-lb", "LoadBalancer", "10.96.0.30", {**_echo_port(ECHO_TARGETS["echo-lb"]), "nodePort": 30091},
              {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}),
     _service("dns", "NodePort", "10.96.0.53", {"name": "dns", "port": 53, "targetPort": 8053, "protocol": "UDP",
                                                "nodePort": 30053}),
     _pod("echo-1", "10.244.1.11", "echo"), _pod("echo-2", "10.244.1.12", "echo"),
     _pod("client-1", "10.244.1.50", "client"),
-    *(_slice(s, ("echo", 9000, "TCP")) for s in ("echo", "echo-np", "echo-lb")),
+    *(_slice(s, ("echo", port, "TCP")) for s, port in ECHO_TARGETS.items()),
     _slice("dns", ("dns", 8053, "UDP")),
 ])
 
@@ -139,9 +154,10 @@ class Traffic:
         self.sources: dict[str, asyncio.subprocess.Process] = {}
 
     async def start(self) -> None:
+        evidence = ["--evidence", str(EVIDENCE), NODE, "pod-echo-1", "pod-echo-2"]
         for name, argv in (("pod", ["ip", "netns", "exec", "pod-client-1", sys.executable, TRAFFIC, "load",
-                                    *FROM_POD]),
-                           ("outside", [sys.executable, TRAFFIC, "load", *FROM_OUTSIDE])):
+                                    *FROM_POD, *evidence]),
+                           ("outside", [sys.executable, TRAFFIC, "load", *FROM_OUTSIDE, *evidence])):
             self.sources[name] = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                                       stdout=asyncio.subprocess.PIPE,
                                                                       stderr=asyncio.subprocess.PIPE)
@@ -177,7 +193,19 @@ def assert_no_loss(moment: str, results: dict[str, dict]) -> None:
         assert counts["long_lived"] >= 2 and counts["new_ok"] > 0 and counts["udp_ok"] > 0, (name, counts)
     lost = losses(results)
     failures = [line for counts in results.values() for line in counts["first_failures"]]
+    if lost:
+        print_evidence(results)
     assert not lost, f"{moment}: connections lost {lost}: {failures}"
+
+
+def print_evidence(results: dict[str, dict]) -> None:
+    """What traffic.py captured when a connection failed, and the end of the applier's log: to find why."""
+    for counts in results.values():
+        for path in counts["evidence"]:
+            print(f"DISRUPTION evidence {path}:\n{Path(path).read_text()}", flush=True)
+    log = Path("/run/tmp/disruption/logs") / f"applier-{NODE}.log"
+    if log.exists():
+        print(f"DISRUPTION applier log (end):\n{log.read_text()[-6000:]}", flush=True)
 
 
 async def moment(action, settle: float = 3.0) -> dict[str, dict]:
@@ -239,6 +267,24 @@ async def test_kube_proxy_alone_forwards_everything(cluster: Cluster) -> None:
     assert_no_loss("kube-proxy alone", await moment(kube_proxy_alone))
 
 
+async def test_a_source_port_shared_by_two_services_stalls_no_connection(cluster: Cluster) -> None:
+    """The measure's premise: a connection is lost only by what a moment does. A pod's connections to two
+    Services may share a source port (connect() picks ports per destination); with the Services' real
+    servers shared, IPVS gave the older one's replies to the newer one (ECHO_TARGETS), which stalled
+    a long-lived connection through the LB IP at random moments, under kube-proxy as under kipvs."""
+    done = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", "pod-client-1", sys.executable, TRAFFIC, "shared-port", NODE, f"{LB_IP}:80",
+        "10.96.0.10:80",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(done.communicate(), 120 * time_scale())
+    assert done.returncode == 0, err.decode()[-2000:]
+    result = json.loads(out)
+    print(f"DISRUPTION shared source port: {result}", flush=True)
+    assert result["first_echoed"] and result["second_echoed"], result
+    assert result["first_pod"] == result["second_pod"], f"round robin was not steered: {result}"
+    assert result["first_echoed_after"], f"the LB connection lost its replies to a ClusterIP one: {result}"
+
+
 async def test_takeover_in_place_loses_no_connection(cluster: Cluster) -> None:
     table, before = ipvs_table(), service_conns()
     started = asyncio.get_running_loop().time()
@@ -272,10 +318,69 @@ async def test_applier_restart_loses_no_connection(cluster: Cluster) -> None:
     async def applier_restart() -> None:
         await cluster.kill(f"applier-{NODE}")  # SIGKILL: no goodbye
         since = time.time_ns()
+        cluster.applier_args = ("--adopt", "--plan-cache", str(PLAN_CACHE))  # for the moments after this
         await cluster.start(f"applier-{NODE}")
         await applier_in_step(cluster, since)
 
     assert_no_loss("applier restart", await moment(applier_restart))
+    assert ipvs_table() == table
+
+
+
+async def until(what: str, check, within: float = 180.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within * time_scale()
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.3)
+
+
+async def test_nats_outage_loses_no_connection(cluster: Cluster) -> None:
+    """NATS stopped for 10 s while traffic flows, a Service added meanwhile: the kernel forwards as it is
+    (nothing in it depends on NATS) and, once NATS is back, the applier catches up (the new Service is
+    programmed)."""
+    server = cluster.nats_server
+    assert server is not None and PLAN_CACHE.exists(), "the applier restarted with --plan-cache wrote it"
+
+    async def nats_outage() -> None:
+        port = server.port
+        await server.stop()
+        await cluster.sim.apply(_service(LATE, "ClusterIP", "10.96.0.40", _echo_port(ECHO_TARGETS["echo"])))
+        await cluster.sim.apply(_slice(LATE, ("echo", ECHO_TARGETS["echo"], "TCP")))
+        await asyncio.sleep(10)
+        since = time.time_ns()
+        await server.start(port=port)
+        await until("the applier did not program the Service added during the outage",
+                    lambda: "10.96.0.40:80" in in_node("ipvsadm", "-S", "-n"))
+        await applier_in_step(cluster, since)
+
+    assert_no_loss("NATS outage", await moment(nats_outage))
+    assert cluster.processes[f"applier-{NODE}"].returncode is None, "the applier rode the outage out"
+
+
+async def test_restart_from_plan_cache_while_nats_is_down_loses_no_connection(cluster: Cluster) -> None:
+    """A reboot-like restart (SIGKILL) while NATS is down: the applier programs the node from its
+    --plan-cache before it can reach NATS (nothing to write: the kernel holds that plan), then catches up
+    once NATS is back."""
+    server = cluster.nats_server
+    assert server is not None
+    log = cluster.workdir / "logs" / f"applier-{NODE}.log"
+    table = ipvs_table()
+
+    async def restart_from_cache() -> None:
+        port = server.port
+        await cluster.kill(f"applier-{NODE}")
+        await server.stop()
+        offset = log.stat().st_size
+        since = time.time_ns()
+        await cluster.start(f"applier-{NODE}")
+        await until("the applier did not restore from its plan cache",
+                    lambda: "from the plan cache" in log.read_text()[offset:])
+        assert "; 0 kernel writes)" in log.read_text()[offset:], log.read_text()[offset:][-2000:]
+        await asyncio.sleep(5)
+        await server.start(port=port)
+        await applier_in_step(cluster, since)
+
+    assert_no_loss("restart from the plan cache", await moment(restart_from_cache))
     assert ipvs_table() == table
 
 

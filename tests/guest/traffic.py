@@ -1,7 +1,7 @@
 """Traffic for the connection-disruption tests (run as a script inside the QEMU guest), in the style of
 Cilium's connection-disruption checks: what a proxy switch must not break, counted.
 
-    python traffic.py serve NETNS...    a TCP echo server on port 9000 in each pod namespace; prints "ready"
+    python traffic.py serve NETNS...    a TCP echo server on ports 9000-9002 in each pod namespace; prints "ready"
     python traffic.py load --long H:P ... --new H:P ... --udp H:P ...
         --long: two long-lived TCP connections per target, a 64-byte message echoed every 100 ms; a
                 connection reset or closed is a *reset*, an echo later than the stall bound a *stall*
@@ -9,8 +9,14 @@ Cilium's connection-disruption checks: what a proxy switch must not break, count
         --new:  a new TCP connection to each target every 200 ms (connect, echo, close); any failure counts
         --udp:  a datagram to each target every 200 ms from one socket per target (a long-lived flow);
                 no answer within the bound is a lost datagram
+        --evidence DIR NODE POD...: on a stall or reset, what the node's kernel holds for that connection
+                (its conntrack entries, IPVS connection entries, rules, the sockets at both ends) is
+                written to DIR/<source>-<n>.txt, for the test to print
     It prints "ready" once every long-lived connection is up, runs until a line "stop" (or EOF) on stdin,
     then prints one JSON object: the counts, the first failures described, the slowest echo.
+    python traffic.py shared-port NODE A B   a connection to A from a fixed source port, then one to B from
+                the same port on the same pod, then an echo on the first; prints one JSON object: whether
+                it echoed within the stall bound
 
 Bounds scale with KIPVS_GUEST_TIME_SCALE (3 under emulation): a stall is an echo slower than 3 s x scale,
 which no healthy path comes near, and which a deleted virtual service or a lost NAT binding always passes.
@@ -23,14 +29,22 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-ECHO_PORT = 9000
+ECHO_PORTS = (9000, 9001, 9002)  # one per Service under test: no two Services share a real server
 SCALE = float(os.environ.get("KIPVS_GUEST_TIME_SCALE", "1"))
 STALL_S = 3.0 * SCALE
 UDP_WAIT_S = 1.0 * SCALE
 PERIOD_S = 0.2
+
+
+def _clock() -> str:
+    """Wall-clock time, UTC, as the services' JSON logs write it: to line a failure up with their logs."""
+    now = time.time()
+    return time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
 
 def _target(text: str) -> tuple[str, int]:
@@ -50,6 +64,7 @@ class Counts:
         self.udp_lost: list[str] = []
         self.slowest_echo_ms = 0.0
         self.started = time.monotonic()
+        self.evidence: Evidence | None = None
 
     def at(self) -> str:
         return f"{time.monotonic() - self.started:.1f}s"
@@ -59,7 +74,58 @@ class Counts:
                 "stalls": len(self.stalls), "new_ok": self.new_ok, "new_failed": len(self.new_failed),
                 "udp_ok": self.udp_ok, "udp_lost": len(self.udp_lost),
                 "slowest_echo_ms": round(self.slowest_echo_ms, 1),
-                "first_failures": (self.resets + self.stalls + self.new_failed + self.udp_lost)[:12]}
+                "first_failures": (self.resets + self.stalls + self.new_failed + self.udp_lost)[:12],
+                "evidence": self.evidence.files if self.evidence is not None else []}
+
+
+class Evidence:
+    """What the kernel holds for a failed long-lived connection, captured when it fails (a stall is seen
+    STALL_S after its last echo; the state that stalls it is still there)."""
+
+    def __init__(self, folder: str, node: str, pods: list[str]) -> None:
+        self.folder, self.node, self.pods = Path(folder), node, pods
+        self.n = 0
+        self.files: list[str] = []
+
+    def _run(self, *argv: str) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30 * SCALE)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"$ {' '.join(argv)}: {exc}\n"
+        return f"$ {' '.join(argv)}\n{done.stdout}{done.stderr}"
+
+    def _grep(self, text: str, *words: str) -> str:
+        lines = text.splitlines()
+        return "\n".join(lines[:1] + [line for line in lines[1:] if any(w in line for w in words)]) + "\n"
+
+    def capture(self, what: str, local: tuple[str, int], remote: tuple[str, int]) -> str:
+        """Write the evidence file; its path."""
+        self.n += 1
+        node = ("ip", "netns", "exec", self.node)
+        port = str(local[1])
+        parts = [f"{_clock()} {what}: {local[0]}:{port} -> {remote[0]}:{remote[1]}\n",
+                 self._run("ss", "-tnioe", "sport", "=", f":{port}"),
+                 self._grep(self._run(*node, "cat", "/proc/net/nf_conntrack"), f"sport={port} ", f"dport={port} "),
+                 self._grep(self._run(*node, "ipvsadm", "-Lnc"), f":{port} "),
+                 self._run(*node, "ipvsadm", "-Ln", "--stats"),
+                 self._run(*node, "ipvsadm", "-Ln"),
+                 *(self._grep(self._run("ip", "netns", "exec", pod, "ss", "-tnie", "state", "established"),
+                              *(f":{p} " for p in ECHO_PORTS)) for pod in self.pods),
+                 self._run(*node, "nft", "list", "ruleset"),
+                 self._run(*node, "ip", "-s", "link"),
+                 self._run(*node, "ip", "addr")]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{os.getpid()}-{self.n}.txt"
+        path.write_text("\n".join(parts))
+        self.files.append(str(path))
+        return str(path)
+
+
+async def _capture(counts: Counts, what: str, writer: asyncio.StreamWriter) -> None:
+    if counts.evidence is not None and counts.evidence.n < 3:  # the first few tell; more only slow the stop
+        sock = writer.get_extra_info("socket")
+        local, remote = sock.getsockname(), sock.getpeername()
+        await asyncio.get_running_loop().run_in_executor(None, counts.evidence.capture, what, local, remote)
 
 
 async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Event, up: asyncio.Event) -> None:
@@ -67,6 +133,7 @@ async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Even
     counts.long += 1
     up.set()
     n = 0
+    last_echo = _clock()
     try:
         while not stop.is_set():
             message = f"{n:063d}\n".encode()
@@ -75,16 +142,21 @@ async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Even
             try:
                 echoed = await asyncio.wait_for(reader.readexactly(len(message)), STALL_S)
             except TimeoutError:
+                port = writer.get_extra_info("sockname")[1]
                 counts.stalls.append(f"{counts.at()} long-lived {target[0]}:{target[1]} stalled "
-                                     f"(no echo in {STALL_S}s)")
+                                     f"(no echo in {STALL_S}s; from port {port}, last echo at {last_echo} UTC)")
+                await _capture(counts, f"stall after the echo at {last_echo}", writer)
                 return
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} reset ({type(exc).__name__})")
+                with contextlib.suppress(OSError):
+                    await _capture(counts, f"reset ({type(exc).__name__}) after the echo at {last_echo}", writer)
                 return
             if echoed != message:
                 counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} got other bytes")
                 return
             counts.echoes += 1
+            last_echo = _clock()
             counts.slowest_echo_ms = max(counts.slowest_echo_ms, (time.monotonic() - began) * 1000)
             n += 1
             with contextlib.suppress(TimeoutError):
@@ -146,8 +218,10 @@ async def datagrams(target: tuple[str, int], counts: Counts, stop: asyncio.Event
         sock.close()
 
 
-async def load(longs: list[str], news: list[str], udps: list[str]) -> dict:
+async def load(longs: list[str], news: list[str], udps: list[str], evidence: list[str]) -> dict:
     counts, stop = Counts(), asyncio.Event()
+    if evidence:
+        counts.evidence = Evidence(evidence[0], evidence[1], evidence[2:])
     ups = [asyncio.Event() for _ in longs for _ in range(2)]
     tasks = [asyncio.create_task(long_lived(_target(t), counts, stop, ups[2 * i + j]))
              for i, t in enumerate(longs) for j in range(2)]
@@ -179,32 +253,99 @@ async def serve(namespaces: list[str]) -> None:
 
     servers = []
     for name in namespaces:
-        netns.pushns(name)
-        try:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", ECHO_PORT))
-            sock.listen(256)
-            sock.setblocking(False)
-        finally:
-            netns.popns()
-        servers.append(await asyncio.start_server(echo, sock=sock))
+        for port in ECHO_PORTS:
+            netns.pushns(name)
+            try:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("0.0.0.0", port))
+                sock.listen(256)
+                sock.setblocking(False)
+            finally:
+                netns.popns()
+            servers.append(await asyncio.start_server(echo, sock=sock))
     print("ready", flush=True)
     await asyncio.Event().wait()
+
+
+def _bound(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # on every one: they share the port
+    sock.bind(("0.0.0.0", port))
+    sock.settimeout(STALL_S)
+    return sock
+
+
+def _echoes(sock: socket.socket, message: bytes) -> bool:
+    sock.sendall(message)
+    try:
+        got = b""
+        while len(got) < len(message) and (chunk := sock.recv(len(message) - len(got))):
+            got += chunk
+    except TimeoutError:
+        return False
+    return got == message
+
+
+def _pod_of(node: str, sock: socket.socket, service: tuple[str, int]) -> str:
+    """The pod IPVS sent this connection to (its entry in ``ipvsadm -Lnc``, in the node)."""
+    address, port = sock.getsockname()
+    local = f"{address}:{port}"
+    out = subprocess.run(["ip", "netns", "exec", node, "ipvsadm", "-Lnc"], capture_output=True, text=True,
+                         timeout=30 * SCALE, check=True).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 6 and words[3] == local and words[4] == f"{service[0]}:{service[1]}":
+            return words[5].rpartition(":")[0]
+    raise AssertionError(f"no IPVS entry for {local} -> {service[0]}:{service[1]}:\n{out}")
+
+
+def shared_port(node: str, first: tuple[str, int], second: tuple[str, int]) -> dict:
+    """Two Services, one client source port (connect() allows it: the destinations differ): the first
+    connection must keep its replies while a connection to the second Service from its port, on its pod,
+    lives. Round robin is steered there by a probe or two from other ports (no other traffic runs). The
+    port lies below the ephemeral range, so no other connection of the pod takes it."""
+    port = 20000 + os.getpid() % 5000
+    sockets = []
+    try:
+        sock = _bound(port)
+        sockets.append(sock)
+        sock.connect(first)
+        result: dict = {"port": port, "first_echoed": _echoes(sock, b"first\n"),
+                        "first_pod": _pod_of(node, sock, first)}
+        for _ in range(2):  # round robin over two pods: the next one after a probe elsewhere is the first's
+            with socket.create_connection(second, STALL_S) as probe:
+                _echoes(probe, b"probe\n")
+                if _pod_of(node, probe, second) != result["first_pod"]:
+                    break
+        other = _bound(port)
+        sockets.append(other)
+        other.connect(second)
+        result["second_echoed"] = _echoes(other, b"second\n")
+        result["second_pod"] = _pod_of(node, other, second)
+        result["first_echoed_after"] = _echoes(sock, b"first again\n")
+        return result
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["serve"]:
         asyncio.run(serve(argv[1:]))
         return
-    groups: dict[str, list[str]] = {"--long": [], "--new": [], "--udp": []}
+    if argv[:1] == ["shared-port"]:
+        print(json.dumps(shared_port(argv[1], _target(argv[2]), _target(argv[3]))), flush=True)
+        return
+    groups: dict[str, list[str]] = {"--long": [], "--new": [], "--udp": [], "--evidence": []}
     current = None
     for word in argv[1:]:
         if word in groups:
             current = word
         elif current is not None:
             groups[current].append(word)
-    print(json.dumps(asyncio.run(load(groups["--long"], groups["--new"], groups["--udp"]))), flush=True)
+    print(json.dumps(asyncio.run(load(groups["--long"], groups["--new"], groups["--udp"],
+                                     groups["--evidence"]))), flush=True)
 
 
 if __name__ == "__main__":
