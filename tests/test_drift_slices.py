@@ -4,11 +4,17 @@ service covered within ceil(services / per_check) checks, and a drifted real ser
 from __future__ import annotations
 
 import copy
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
 
 from services.applier.core import ApplierCore
 from services.applier.drift import DriftCheck
 from services.applier.drift_slices import Checked, DriftSlices, parts_for
 from services.applier.kernel.backend import MemoryKernel, Observed
+from services.applier.kernel.rules import SETS, NftRules, RulesConfig
 from services.applier.ops import AddReal, diff, digest
 from shared.contract import events
 from shared.plan.node_state import NodeState, VirtualService
@@ -129,3 +135,43 @@ async def test_a_check_compares_every_service_but_only_its_slice_s_real_servers(
     assert "AddService ('TCP', '10.96.0.20', 80) rr 0" in sink.reports[0].found
     assert kernel.ipvs[("TCP", "10.96.0.20", 80)].reals == core.desired.services[("TCP", "10.96.0.20", 80)].reals
     assert sink.reports[0].observed_digest == core.desired.digest()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"kipvs-drift-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+class _CountedRules(NftRules):
+    """kipvs's real nftables table in a test netns; counts the listings (each an ``nft`` process)."""
+
+    listings = 0
+
+    async def listed(self) -> tuple[dict[str, set[str]], dict[str, int] | None]:
+        self.listings += 1
+        return await super().listed()
+
+
+async def test_the_nftables_table_is_listed_only_after_an_nf_tables_transaction(netns: str) -> None:
+    core, kernel = await _programmed(20)
+    rules = _CountedRules(RulesConfig(), netns=netns)
+    want = core.desired.state().ipsets
+    await rules.install(want)
+    sink = _Collected()
+    drift = DriftCheck(core, kernel, rules, sink, sink, per_check=100)  # type: ignore[arg-type]
+    for _ in range(3):
+        await drift.check()
+    assert rules.listings == 1, "listed once, then the generation said nothing changed"
+    before = await rules.generation()
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "element", "inet", "kipvs",
+                    SETS["KUBE-CLUSTER-IP"].name, "{ 10.96.0.3 . tcp . 80 }"], check=True)
+    assert await rules.generation() != before
+    await drift.check()
+    assert sink.reports[-1].found == ("nftables table inet kipvs: set members differed; table rewritten",)
+    assert (await rules.members())["KUBE-CLUSTER-IP"] == want["KUBE-CLUSTER-IP"]
+    await drift.check()
+    await drift.check()
+    assert sink.reports[-1].found == () and rules.listings == 4, "after the rewrite: listed once, then not"

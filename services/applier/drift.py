@@ -43,6 +43,8 @@ class DriftCheck:
         self.reports = reports
         self.repairs = repairs  # kipvs_applier_drift_repairs_total
         self.slices = DriftSlices(per_check)  # whose real servers each check reads (drift_slices.py)
+        # (nf_tables generation, desired digest, endpoint marks) when the table last matched: see _check_rules
+        self.rules_matched: tuple[int | None, str, object] | None = None
 
     async def check(self) -> None:
         if self.core.use_interfaces:
@@ -84,14 +86,30 @@ class DriftCheck:
                 await self.rules.apply(ops)
 
     async def _check_rules(self, ipsets: dict[str, set[str]]) -> list[str]:
+        """The nftables table against ``ipsets`` and the endpoint marks: listed (an ``nft`` process, and
+        the whole table decoded) only when an nf_tables transaction happened since it last matched this
+        desired state, or the generation cannot be read."""
         if self.rules is None:
             return []
-        members = await self.rules.members()
         marks = self.rules.marks
+        seen = (await self._generation(), self.core.desired.digest(), marks)
+        if seen[0] is not None and seen == self.rules_matched:
+            return []
+        self.rules_matched = None
+        members, installed = await self.rules.listed()
         if any(members.get(name, set()) != entries for name, entries in ipsets.items()):
             await self.rules.install(ipsets)
             return ["nftables table inet kipvs: set members differed; table rewritten"]
-        if (await self.rules.installed_marks()) != (marks.marks if marks is not None else None):
+        if installed != (marks.marks if marks is not None else None):
             await self.rules.install(ipsets)
             return ["nftables table inet kipvs: endpoint marks differed; table rewritten"]
+        self.rules_matched = seen
         return []
+
+    async def _generation(self) -> int | None:
+        assert self.rules is not None
+        try:
+            return await self.rules.generation()
+        except OSError as exc:  # then every check lists the table, as before the generation was read
+            log.debug("nf_tables generation unreadable (%s): the drift check lists the table", exc)
+            return None
