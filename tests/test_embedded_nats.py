@@ -95,8 +95,9 @@ async def test_the_port_given_to_kipvs_nats_is_where_it_comes_back_after_a_crash
 def test_topology_apply_uses_the_embedded_server_of_kipvs_state_dir(embedded: EmbeddedNats) -> None:
     kipvs = str(Path(sys.executable).parent / "kipvs")
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "KIPVS_NATS_NKEY_FILE", "KIPVS_NATS_CA_FILE")}
-    done = subprocess.run([kipvs, "topology", "apply", "--node", "node-t"], capture_output=True, text=True,
-                          timeout=60, env={**env, "KIPVS_STATE_DIR": str(embedded.state_dir)})
+    here = {**env, "KIPVS_STATE_DIR": str(embedded.state_dir)}
+    done = subprocess.run([kipvs, "topology", "apply", "--node", "node-t", "--plan-feed", "consumer"],
+                          capture_output=True, text=True, timeout=60, env=here)
     assert done.returncode == 0, done.stderr
 
     async def declared() -> str:
@@ -105,9 +106,17 @@ def test_topology_apply_uses_the_embedded_server_of_kipvs_state_dir(embedded: Em
         try:
             info = await nc.jetstream().consumer_info(topology.PLAN_STREAM, topology.applier_durable("node-t"))
             return str(info.name)
+        except nats.js.errors.NotFoundError:
+            return ""
         finally:
             await nc.close()
     assert asyncio.run(declared()) == "applier-node-t"
+    # Issue 27: on the plan feed (the appliers' default) a node has no durable; --node declared one anyway,
+    # which the node's applier then deleted. Now topology follows the feed: it deletes the one left.
+    done = subprocess.run([kipvs, "topology", "apply", "--node", "node-t"], capture_output=True, text=True,
+                          timeout=60, env=here)
+    assert done.returncode == 0, done.stderr
+    assert asyncio.run(declared()) == "" and "deleted the durable an older kipvs left for node-t" in done.stderr
     nowhere = subprocess.run([kipvs, "topology", "apply"], capture_output=True, text=True, timeout=60,
                              env={**env, "KIPVS_STATE_DIR": str(embedded.state_dir / "none")})
     assert nowhere.returncode == 2 and len(nowhere.stderr.strip().splitlines()) == 1, nowhere.stderr

@@ -116,14 +116,18 @@ async def test_kernel_view_of_a_running_applier_and_its_diff(planned, nats_url: 
 
 async def test_diff_leaves_out_the_nodes_excluded_ranges(planned, nats_url: str, capsys) -> None:
     """--ipvs-exclude-cidrs: the applier never programs there, and another program's virtual service
-    there is not kipvs's business; --diff reported the planned ones missing forever, and the other's extra."""
+    there is not kipvs's business; --diff reported the planned ones missing forever, and the other's extra.
+    With the pod network excluded too, the hairpin entries (KUBE-LOOP-BACK, keyed by pod IP) stay."""
     kernel = MemoryKernel()
     cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-a", "backend": "memory",
-                                      "ipvs_exclude_cidrs": ["10.96.0.10/32, fd00:97::/64"]}, {})
+                                      "ipvs_exclude_cidrs": ["10.96.0.10/32, fd00:97::/64", "10.244.0.0/16"]}, {})
     task, stop = start_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel))
     programmed = {key for key in planned_node_a().ipvs if key[1] != "10.96.0.10"}
+    hairpin = planned_node_a().ipsets["KUBE-LOOP-BACK"]
+    assert hairpin, "the small cluster has pods on node-a behind their own Service"
     try:
         await eventually(lambda: set(kernel.ipvs) == programmed, what="node-a's kernel programmed")
+        await eventually(lambda: kernel.ipsets.get("KUBE-LOOP-BACK") == hairpin, what="the hairpin entries kept")
         kernel.ipvs[("TCP", "10.96.0.10", 9999)] = VirtualService("TCP", "10.96.0.10", 9999, "wrr")  # not ours
         for _ in range(200):  # the inspect subscription comes up right after bootstrap
             code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--diff",
@@ -242,6 +246,40 @@ async def test_shadow_mode_reports_exactly_the_divergence_and_writes_nothing(pla
         assert reports[-1][1].record.divergences == ()
         code, out, _ = await kipvs("status", "--nats-url", nats_url, "--node", "node-a", capsys=capsys)
         assert code == 0, out
+    finally:
+        stop.set()
+        await task
+
+
+async def test_shadow_mode_leaves_out_the_nodes_excluded_ranges(planned, nats_url: str, capsys) -> None:
+    """--shadow with --ipvs-exclude-cidrs: kube-proxy's kernel matches the plan outside the ranges, and in
+    them holds another program's service and not the planned one. A kipvs applier would leave both alone
+    there, so the shadow reports no divergence (it reported both) and ``kipvs ipvs --diff`` is quiet."""
+    want = planned_node_a()
+    kernel = MemoryKernel()
+    await kernel.setup()
+    kernel.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, v.persistence_timeout, dict(v.reals))
+                   for k, v in want.ipvs.items() if k[1] != "10.96.0.10"}
+    kernel.ipvs[("TCP", "10.96.0.10", 9999)] = VirtualService("TCP", "10.96.0.10", 9999, "wrr")  # not kipvs's
+    kernel.addresses = set(want.addresses) - {"10.96.0.10"}
+    for name, entries in want.ipsets.items():
+        kernel.ipsets[name] = {e for e in entries if e.split(",")[0] != "10.96.0.10"}
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-a", "backend": "memory",
+                                      "shadow": "true", "shadow_sync_period": "0.2",
+                                      "ipvs_exclude_cidrs": ["10.96.0.10/32"]}, {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel), stop=stop))
+    try:
+        for _ in range(1200):
+            reports = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
+            if reports:
+                break
+            await asyncio.sleep(0.05)
+        assert reports, "no shadow report"
+        assert reports[-1][1].record.divergences == ()
+        code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--diff", capsys=capsys)
+        assert (code, out) == (0, ""), err
+        assert "0 differences" in err
     finally:
         stop.set()
         await task

@@ -1,4 +1,4 @@
-"""The dump decoders' pure parts (services/applier/kernel_decode.py) on hand-built replies: the kernel's own
+"""The dump decoders' pure parts (services/applier/kernel/kernel_decode.py) on hand-built replies: the kernel's own
 output is checked in the guest (tests/guest/kernel_readback.py); here, the shapes and the errors."""
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ behaviours in a real kernel, with packets: tests/guest/kernel_applier.py and ker
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import struct
 
 import pytest
@@ -12,7 +14,7 @@ from services.applier import exclude
 from services.applier.kernel import ipvs_wire, rules
 from services.applier.kernel.backend import MemoryKernel, Observed
 from services.applier.kernel.ipvs_wire import observed_scheduler
-from services.applier.main import ApplierConfig
+from services.applier.main import ApplierConfig, settings_of
 from services.applier.node_settings import (
     CONN_REUSE_MODE,
     OSRELEASE,
@@ -22,7 +24,10 @@ from services.applier.node_settings import (
     sysctls_to_set,
 )
 from services.applier.ops import AddService, DelAddress, DelService, DesiredState, EditService, diff
+from shared.contract.events import KernelTable
+from shared.plan.divergence import divergences
 from shared.plan.node_state import Contribution, NodeState, VirtualService
+from shared.service import config
 from shared.service.cli import main as kipvs
 
 # --- 5. the mh scheduler's port flag ------------------------------------------------------------------
@@ -121,6 +126,27 @@ def test_nothing_in_the_excluded_ranges_is_deleted_edited_or_unbound_even_if_kip
         "a planned Service on another program's service does not take it over"
 
 
+def test_excluded_pod_ranges_keep_the_hairpin_entries() -> None:
+    """--ipvs-exclude-cidrs covering the pod network: only entries keyed by a virtual address go; the
+    KUBE-LOOP-BACK entry (podIP,proto:port,podIP) of a pod reaching itself through its Service stays, in
+    the applier's filter and in shadow mode's comparison."""
+    pods = exclude.ExcludeCIDRs(exclude.parse(["10.244.0.0/16", "fd00:244::/64"]))
+    c = _contribution("10.244.9.9")  # a virtual service on a pod address is still excluded
+    c.ipset_entries |= {("KUBE-LOOP-BACK", "10.244.1.5,tcp:8080,10.244.1.5"),
+                        ("KUBE-6-LOOP-BACK", "fd00:244::5,tcp:8080,fd00:244::5"),
+                        ("KUBE-LOAD-BALANCER-SOURCE-CIDR", "10.244.9.9,tcp:80,10.0.0.0/8")}
+    kept = pods.contribution(c)
+    assert kept is not None and kept.ipset_entries == {
+        ("KUBE-LOOP-BACK", "10.244.1.5,tcp:8080,10.244.1.5"), ("KUBE-6-LOOP-BACK", "fd00:244::5,tcp:8080,fd00:244::5"),
+        ("KUBE-NODE-PORT-TCP", "30080")}
+    want = NodeState()
+    want.add(kept)
+    table = KernelTable(ipsets={"KUBE-LOOP-BACK": (), "KUBE-6-LOOP-BACK": (), "KUBE-NODE-PORT-TCP": ("30080",)})
+    assert divergences(table, want.finish(), ["10.244.0.0/16", "fd00:244::/64"]) == [
+        "ipset KUBE-LOOP-BACK entry 10.244.1.5,tcp:8080,10.244.1.5 missing",
+        "ipset KUBE-6-LOOP-BACK entry fd00:244::5,tcp:8080,fd00:244::5 missing"]
+
+
 def test_exclude_cidrs_flag_is_kube_proxys_and_a_bad_range_is_one_line(capsys) -> None:
     assert ApplierConfig(node="n", ipvs_exclude_cidrs=["10.97.0.0/16,fd00::/8"]).ipvs_exclude_cidrs
     with pytest.raises(ValueError, match=r"ipvs_exclude_cidrs: '10.97.0.0/33' is not a CIDR"):
@@ -128,6 +154,25 @@ def test_exclude_cidrs_flag_is_kube_proxys_and_a_bad_range_is_one_line(capsys) -
     with pytest.raises(SystemExit):
         kipvs(["applier", "--help"])
     assert "--ipvs-exclude-cidrs" in capsys.readouterr().out
+
+
+def test_legacy_cidrs_in_the_applier_flags_are_read_as_kube_proxy_reads_them() -> None:
+    """kube-proxy validates and reads --ipvs-exclude-cidrs, --nodeport-addresses and --cluster-cidr with
+    ParseCIDRSloppy (pkg/proxy/apis/config/validation ``validateIPVSExcludeCIDRs``,
+    ``validateKubeProxyNodePortAddress``; proxier.go ``parseExcludedCIDRs``): leading zeros decimal,
+    ``::ffff:a.b.c.d/120`` IPv4. kipvs refused them. A bare address is no CIDR to either."""
+    flags = _cli(ApplierConfig, ["--node", "n", "--ipvs-exclude-cidrs", "10.097.0.0/16, ::ffff:203.0.113.0/120",
+                                   "--nodeport-addresses", "192.000.2.0/24", "--cluster-cidr", "10.244.000.0/16"])
+    cfg = config.load(ApplierConfig, flags, {})
+    assert exclude.parse(cfg.ipvs_exclude_cidrs) == (ipaddress.ip_network("10.97.0.0/16"),
+                                                     ipaddress.ip_network("203.0.113.0/24"))
+    assert settings_of(cfg).exclude.covers("10.97.0.5") and not settings_of(cfg).exclude.covers("10.96.0.5")
+    assert (cfg.nodeport_cidrs, settings_of(cfg).nodeport_cidrs) == (["192.0.2.0/24"], ("192.0.2.0/24",))
+    assert cfg.cluster_cidr == ["10.244.0.0/16"]
+    with pytest.raises(ValueError, match=r"ipvs_exclude_cidrs: '10.97.0.1' is not a CIDR"):
+        ApplierConfig(node="n", ipvs_exclude_cidrs=["10.97.0.1"])
+    with pytest.raises(ValueError, match=r"nodeport_cidrs: '192.0.2.256/24' is not a CIDR"):
+        ApplierConfig(node="n", nodeport_cidrs=["192.0.2.256/24"])
 
 
 def test_the_applier_core_keeps_out_of_the_excluded_ranges_at_bootstrap_and_drift() -> None:
@@ -149,3 +194,10 @@ def test_the_applier_core_keeps_out_of_the_excluded_ranges_at_bootstrap_and_drif
     for ops in (core.converge(observed, 0.0), core.repair(core.desired.state(), observed)):
         assert AddService(("TCP", "10.96.0.5", 80), "rr", 0) in ops
         assert not [op for op in ops if "10.97.0.5" in repr(op)], ops
+
+
+def _cli(cls: type, argv: list[str]) -> dict:
+    """Command-line flags as ``kipvs applier`` parses them (kube-proxy's names included)."""
+    parser = argparse.ArgumentParser()
+    config.add_flags(parser, cls)
+    return vars(parser.parse_args(argv))

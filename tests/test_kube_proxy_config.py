@@ -279,12 +279,30 @@ def test_go_boolean_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--masquerade-all must be true or false, got 'maybe'" in capsys.readouterr().err
 
 
+def test_a_bad_value_names_the_flag_or_variable_it_came_from() -> None:
+    """A check in the settings' ``__post_init__`` names the setting (http_listen); the user gave a flag or a
+    variable, maybe kube-proxy's spelling: the error names that too."""
+    cases = ((["--node", "n", "--metrics-bind-address", ":99999"], {}, "flag --metrics-bind-address"),
+             (["--node", "n", "--http-listen", ":99999"], {}, "flag --http-listen"),
+             (["--node", "n", "--ipvs-exclude-cidrs", "10.0.0.0/33"], {}, "flag --ipvs-exclude-cidrs"),
+             (["--node", "n"], {"KIPVS_CLUSTER_CIDR": "10.0.0.0/33"}, "environment variable KIPVS_CLUSTER_CIDR"))
+    for argv, environ, source in cases:
+        with pytest.raises(config.ConfigError, match=rf"^invalid configuration \(from {source}\): ") as raised:
+            config.load(ApplierConfig, _parse(ApplierConfig, argv), environ)
+        assert "\n" not in str(raised.value)
+
+
 def test_durations_in_environment_and_the_applier_default_listen() -> None:
     cfg = config.load(ApplierConfig, {"node": "n"}, {"KIPVS_DRIFT_PERIOD": "2m", "KIPVS_IPVS_UDP_TIMEOUT": "30"})
     assert (cfg.drift_period, cfg.ipvs_udp_timeout) == (120.0, 30)
     assert cfg.http_listen == "127.0.0.1:10249"  # kube-proxy's --metrics-bind-address default
     # with --shadow kube-proxy holds that port: any free one
     assert config.load(ApplierConfig, {"node": "n", "shadow": True}, {}).http_listen == "127.0.0.1:0"
+    for taken in (":10249", "0.0.0.0:10249", ":::10249", "192.0.2.1:10249"):  # kube-proxy's ConfigMap forms
+        flags = _parse(ApplierConfig, ["--node", "n", "--shadow", "--metrics-bind-address", taken])
+        shadow = config.load(ApplierConfig, flags, {})
+        assert shadow.http_listen == "127.0.0.1:0", taken
+    assert config.load(ApplierConfig, {"node": "n", "shadow": True, "http_listen": ":9"}, {}).http_listen == ":9"
     assert config.load(PlannerServiceConfig, {}, {}).http_listen == "127.0.0.1:0"
 
 

@@ -90,6 +90,26 @@ async def test_applier_runs_from_a_kube_proxy_config_and_flags(nats_url: str, tm
     assert "Traceback" not in err
 
 
+async def test_a_bind_address_without_a_host_listens_on_every_interface(nats_url: str) -> None:
+    """``--metrics-bind-address :PORT`` is every interface to kube-proxy (Go's net.Listen), as is
+    ``--healthz-bind-address :PORT``: a Prometheus scraping the node's address reaches it. 127.0.0.2 is
+    another address of the loopback interface; a socket bound to 127.0.0.1 alone would refuse it."""
+    metrics, health = free_loopback_port(), free_loopback_port()
+    proc = subprocess.Popen([KIPVS, "applier", "--node", "node-a", "--backend", "memory", "--nats-url", nats_url,
+                             f"--metrics-bind-address=:{metrics}", f"--healthz-bind-address=:{health}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for host in ("127.0.0.1", "127.0.0.2"):
+                assert await get(http, f"http://{host}:{metrics}/proxyMode") == (200, "text/plain", "ipvs"), host
+                assert (await get(http, f"http://{host}:{health}/livez"))[0] == 200, host
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"health and metrics on http://*:{metrics}/" in err, err
+
+
 async def test_a_kube_proxy_file_in_another_mode_is_refused_in_one_line(tmp_path: Path) -> None:
     path = kube_proxy_file(tmp_path, free_loopback_port(), free_loopback_port(), mode="nftables")
     done = await asyncio.to_thread(subprocess.run, [KIPVS, "applier", "--config", str(path), "--backend", "memory"],

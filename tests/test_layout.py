@@ -5,6 +5,7 @@ their reader, and every replay of the log goes through the one replay."""
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from pathlib import Path
 
@@ -99,3 +100,17 @@ def test_a_parked_record_only_moves_the_position_on() -> None:
     plain = plan_events([_envelope(1, svc), _envelope(2, sl)], with_gap.config)
     assert with_gap.plans == plain.plans
     assert feed(Planner(), 7, None) == []
+
+
+PATH_NAMED = re.compile(r"\b(?:services|shared)/[A-Za-z0-9_/]+\.py\b")
+
+
+def test_every_source_path_named_in_docs_and_docstrings_exists() -> None:
+    """A file moved by the regroup (issue 25) must not be named at its old place: every ``services/...py`` or
+    ``shared/...py`` in README.md, docs/, deploy/ and the source exists."""
+    texts = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "deploy").rglob("*.yaml")]
+    for folder in ("services", "shared", "tests"):
+        texts += sorted((ROOT / folder).rglob("*.py"))
+    stale = sorted({f"{p.relative_to(ROOT)}: {name}" for p in texts
+                    for name in PATH_NAMED.findall(p.read_text(encoding="utf-8")) if not (ROOT / name).exists()})
+    assert not stale, stale

@@ -283,3 +283,34 @@ async def test_a_claim_value_of_another_node_or_an_older_applier_does_not_idle_t
     newer = node_claims.Claim(node="node-a", instance="pod-b/9/bbbbbb", since_ns=1, started_ns=9_000)
     await kv.put(key, node_claims.encode(newer))
     assert not await claim.still_held() and claim.lost and claim.holder == "pod-b/9/bbbbbb"
+
+
+async def test_before_a_batch_the_claim_is_read_only_after_a_write_to_its_key(nc, nats_url: str) -> None:
+    """Issue 27: the claim read before a batch (at most once a second) was a request per node and change
+    under churn. The applier watches its key's subject instead: no read while nobody else writes the key,
+    and a takeover is seen at the next batch, not a second (or a check period) later."""
+    js = nc.jetstream(timeout=5)
+    await topology.ensure_claims_bucket(js)
+    claim = NodeClaim(js, "node-a", Registry("applier"), instance="pod-a/7/aaaaaa", started_ns=5_000, nc=nc)
+    assert await claim.take(asyncio.Event()) and claim.held
+    assert await claim.held_lately(within=0.0)
+    reads = claim.reads
+    for _ in range(20):  # 20 batches, however close: the key is not read again
+        assert await claim.held_lately(within=0.0)
+    assert claim.reads == reads
+    # a reconnect (as nats-py counts it) may have hidden a write: the key is read once, then not again
+    nc.stats["reconnects"] += 1
+    assert await claim.held_lately(within=0.0) and await claim.held_lately(within=0.0)
+    assert claim.reads == reads + 1
+    other = await nats.connect(nats_url)
+    try:
+        newer = NodeClaim(other.jetstream(timeout=5), "node-a", Registry("applier"), instance="pod-b/9/bbbbbb",
+                          started_ns=9_000)
+        assert await newer.take(asyncio.Event()) and newer.held
+        # within=3600: a poll would not read again for an hour; the write on the key's subject is what tells
+        await until(lambda: _not(claim.held_lately(within=3600.0)), "the takeover seen before the next batch",
+                    within=5)
+        assert claim.lost and claim.holder == "pod-b/9/bbbbbb"
+    finally:
+        await claim.close()
+        await other.close()

@@ -214,6 +214,28 @@ def test_two_services_on_one_address_the_owner_is_kept_and_the_other_warned(plan
     assert "Service/default/beta/address-conflict" not in gone.warnings, "beta owns it once alpha is gone"
 
 
+def test_an_address_of_a_family_a_service_has_no_cluster_ip_in_is_no_conflict(plan) -> None:
+    """alpha is IPv4-only with an IPv6 external IP: neither kube-proxy's IPv6 proxier (it skips a Service
+    without a cluster IP of its family: servicechangetracker.go ``serviceToServiceMap``) nor kipvs serves it
+    there, so beta, which does, holds it alone: no address-conflict (there was one, naming beta), nor a
+    node-address warning about an address alpha never binds."""
+    first = kube.service("alpha", cluster_ip="10.96.0.11", externalIPs=["2001:db8::5", "192.0.2.2"])
+    second = kube.service("beta", cluster_ip="fd00::12", externalIPs=["2001:db8::5"])
+    eps = [kube.endpoint_slice("alpha-1", "alpha", [kube.endpoint("10.244.1.1", "node-1")]),
+           kube.endpoint_slice("beta-1", "beta", [kube.endpoint("fd00:244::2", "node-1")], family="IPv6")]
+    v6_node = kube.node("node-2", "192.0.2.2")
+    v6_node["status"]["addresses"].append({"type": "InternalIP", "address": "2001:db8::5"})
+    events = added(NODES3[0], v6_node, first, second, *eps)
+    assert reals(plan(events, "node-1"), "[2001:db8::5]:80") == ["[fd00:244::2]:8080"], "beta's"
+    warnings = plan(events, "node-1", "json")["warnings"]
+    assert [(w["code"], w["object"]) for w in warnings] == [
+        ("service-address-is-node-address", "default/alpha"), ("service-address-is-node-address", "default/beta")]
+    alpha_says = next(w["message"] for w in warnings if w["object"] == "default/alpha")
+    assert "192.0.2.2 is the InternalIP" in alpha_says and "2001:db8::5" not in alpha_says, alpha_says
+    live = _plan([*added(NODES3[0], v6_node, first), {"type": "ADDED", "object": second}])
+    assert "Service/default/beta/address-conflict" not in live.warnings
+
+
 # --- bad input on the same path -----------------------------------------------------------------
 
 

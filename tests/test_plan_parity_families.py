@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from services.applier.ops import AddEntry, DelEntry, DesiredState
-from services.planner import sloppy
 from services.planner.core import Planner
 from services.planner.log_replay import plan_events, read_events
 from shared.plan.resolve import resolve_service
+from shared.service import sloppy
 from tests import kube
 from tests.test_plan_rules import added, slice_, web
 
@@ -95,6 +95,35 @@ def test_node_may_reach_the_address_only_in_the_family_whose_range_holds_a_node_
     state = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/24", "2001:db8::/64"])), "node-a", "json")
     assert state["ipsets"]["KUBE-6-LOAD-BALANCER-SOURCE-IP"] == ["2001:db8:9::9,tcp:80,2001:db8:9::9"]
     assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "IPv4: the node's address is in no range"
+
+
+def test_node_may_reach_the_address_only_by_its_one_node_ip_of_the_family(plan) -> None:
+    """kube-proxy checks its one nodeIP per family (proxier.go ``syncProxyRules``: ``cidr.Contains(
+    proxier.nodeIP)``; the first of the family, pkg/util/node ``GetNodeHostIPs``); kipvs checked every
+    InternalIP of the family, so a second one in a range let the node in."""
+    two = kube.node("node-a", "192.0.2.1")
+    two["status"]["addresses"].append({"type": "InternalIP", "address": "198.51.100.20"})  # in the range
+    state = plan(added(two, _dual_stack_lb(["198.51.100.0/24"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == ["203.0.113.9,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "192.0.2.1, the node IP, is in no range"
+    two["status"]["addresses"].reverse()  # now 198.51.100.20 is the node IP
+    state = plan(added(two, _dual_stack_lb(["198.51.100.0/24"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == ["203.0.113.9,tcp:80,203.0.113.9"]
+
+
+def test_node_ip_of_a_family_without_internal_ip_is_its_first_external_ip(plan) -> None:
+    """GetNodeHostIPs (pkg/util/node): InternalIPs first, then ExternalIPs; the first of each family. A
+    node with an IPv4 InternalIP and an IPv6 ExternalIP has an IPv6 node IP, so it may reach the IPv6
+    load-balancer address its range covers; the ExternalIP serves no NodePort (addresses: InternalIPs)."""
+    node = kube.node("node-a", "192.0.2.1")
+    node["status"]["addresses"] += [{"type": "ExternalIP", "address": "198.51.100.7"},
+                                    {"type": "ExternalIP", "address": "2001:db8::1"},
+                                    {"type": "InternalIP", "address": "192.0.2.99"}]
+    state = plan(added(node, _dual_stack_lb(["198.51.100.0/24", "2001:db8::/64"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-6-LOAD-BALANCER-SOURCE-IP"] == ["2001:db8:9::9,tcp:80,2001:db8:9::9"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-IP"] == [], "IPv4: the InternalIP 192.0.2.1 comes first"
+    facts = _plan(added(node)).nodes["node-a"]
+    assert (facts.addresses, facts.host_ips) == (("192.0.2.1", "192.0.2.99"), ("192.0.2.1", "2001:db8::1"))
 
 
 def _reals(lines: list[str], vip: str) -> list[str]:
@@ -195,6 +224,20 @@ def test_ipv4_mapped_ipv6_forms_are_ipv4_as_kube_proxy_reads_them(plan) -> None:
     assert "endpoints[0].addresses[0]" in fields["default/web-1"]
 
 
+def test_an_ipv4_mapped_address_in_an_ipv6_slice_is_skipped_with_one_message(plan) -> None:
+    """An IPv6 EndpointSlice's ``::ffff:10.244.1.20`` is IPv4 (To4() != nil), which kube-apiserver's
+    IsValidIPv6Address refuses for an IPv6 slice: skipped as not an IPv6 address, once, not also reported
+    as a legacy address read as 10.244.1.20 (an endpoint that was not used)."""
+    svc = web(clusterIP="fd00::10", clusterIPs=["fd00::10"], ipFamilies=["IPv6"])
+    eps = slice_(kube.endpoint("::ffff:10.244.1.20", "node-a"), kube.endpoint("fd00:244::5", "node-a"),
+                 family="IPv6")
+    state = plan(added(*NODES, svc, eps), "node-a", "json")
+    assert state["ipsets"]["KUBE-6-LOOP-BACK"] == ["fd00:244::5,tcp:8080,fd00:244::5"]
+    about = [(w["code"], w["message"]) for w in state["warnings"] if w["object"] == "default/web-1"]
+    assert about == [("invalid-endpointslice", "EndpointSlice default/web-1: skipped endpoints: endpoints[0].addresses"
+                      "[0]: '::ffff:10.244.1.20' is not an IPv6 address (an IPv4-mapped address is IPv4)")], about
+
+
 @pytest.mark.parametrize(("raw", "read"), [("::ffff:10.0.0.1/96", "0.0.0.0/0"), ("::ffff:10.0.0.1/64", "::/64"),
                                            ("::10.0.0.1/120", "::a00:0/120"), ("::ffff:10.0.0.1/128", "10.0.0.1/32")])
 def test_mapped_cidrs_follow_go_parse_cidr(raw: str, read: str) -> None:
@@ -214,6 +257,68 @@ def test_what_kube_proxy_cannot_read_either_is_still_invalid(plan, bad: str) -> 
     state = plan(added(*NODES, web(clusterIP=bad, clusterIPs=[bad])), "node-a", "json")
     assert [w["code"] for w in state["warnings"]] == ["invalid-service"]
     assert "spec.clusterIPs[0]" in state["warnings"][0]["message"]
+
+
+def _with_bad_entries(ranges: list[str]) -> dict:
+    svc = web(type="LoadBalancer", ports=HTTP, externalIPs=["0x0a.1.2.3", "203.0.113.5", " "],
+              loadBalancerSourceRanges=ranges)
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.300"}, {"ip": "203.0.113.9"}]}}
+    return svc
+
+
+def test_an_entry_kube_proxy_cannot_read_either_is_skipped_and_the_service_planned(plan) -> None:
+    """kube-proxy skips the entry and logs it (pkg/proxy/util/utils.go ``MapIPsByIPFamily`` "Skipping invalid
+    IP", ``MapCIDRsByIPFamily`` "Invalid CIDR ignored"; an ingress IP ``ParseIPSloppy`` refuses has no family:
+    serviceport.go ``newBaseServiceInfo``). kipvs dropped the whole Service, ClusterIP too (invalid-service)."""
+    svc = _with_bad_entries(["198.51.100.0/33", "198.51.100.0/24"])
+    state = plan(added(*NODES, svc, slice_(kube.endpoint("10.244.1.5"))), "node-a", "json")
+    assert "10.96.0.10" in state["addresses"], "the ClusterIP is served"
+    assert state["ipsets"]["KUBE-EXTERNAL-IP"] == ["203.0.113.5,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.9,tcp:80"]
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-SOURCE-CIDR"] == ["203.0.113.9,tcp:80,198.51.100.0/24"]
+    (warning,) = state["warnings"]
+    assert (warning["code"], warning["object"]) == ("invalid-address", "default/web")
+    message = warning["message"]
+    for said in ("spec.externalIPs[0]: '0x0a.1.2.3' is not an IP address: skipped",
+                 "spec.loadBalancerSourceRanges[0]: '198.51.100.0/33' is not a CIDR: skipped",
+                 "status.loadBalancer.ingress[0].ip: '203.0.113.300' is not an IP address: skipped"):
+        assert said in message, message
+    assert "externalIPs[2]" not in message, "an empty entry is skipped without a word, as kube-proxy"
+    assert "open to every source" not in message
+
+
+def test_with_every_source_range_skipped_the_load_balancer_is_open_as_kube_proxy_leaves_it(plan) -> None:
+    state = plan(added(*NODES, _with_bad_entries(["198.51.100.0/33", "x"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == [], "syncProxyRules firewalls only with ranges"
+    assert state["ipsets"]["KUBE-LOAD-BALANCER"] == ["203.0.113.9,tcp:80"]
+    (warning,) = state["warnings"]
+    assert "no range left, so the load balancer is open to every source" in warning["message"]
+
+
+def test_a_family_whose_every_source_range_is_skipped_is_said_to_be_open(plan) -> None:
+    """["10.0.0.0/33", "2001:db8::/64"] on dual-stack: IPv6 is filtered, IPv4 has no range left and is open
+    (MapCIDRsByIPFamily gives the IPv4 proxier none): the warning says so for IPv4, not for IPv6."""
+    state = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/33", "2001:db8::/64"])), "node-a", "json")
+    assert state["ipsets"]["KUBE-LOAD-BALANCER-FW"] == [] and state["ipsets"]["KUBE-6-LOAD-BALANCER-FW"]
+    (warning,) = state["warnings"]
+    assert warning["message"].endswith(
+        "spec.loadBalancerSourceRanges[0]: '198.51.100.0/33' is not a CIDR: skipped; spec.loadBalancerSourceRanges: "
+        "no IPv4 range left, so the load balancer is open to every IPv4 source (as kube-proxy leaves a family "
+        "without ranges)"), warning["message"]
+    assert "IPv6 source" not in warning["message"]
+    both = plan(added(*NODES, _dual_stack_lb(["198.51.100.0/33", "198.51.100.0/24", "2001:db8::/64"])),
+                "node-a", "json")
+    assert "open" not in both["warnings"][0]["message"], "a readable IPv4 range is left"
+
+
+def test_the_skipped_entry_warning_clears_when_the_entry_is_fixed() -> None:
+    broken = _with_bad_entries(["198.51.100.0/24"])
+    fixed = _with_bad_entries(["198.51.100.0/24"])
+    fixed["spec"]["externalIPs"] = ["203.0.113.5"]
+    fixed["status"]["loadBalancer"]["ingress"] = [{"ip": "203.0.113.9"}]
+    live = _plan([*added(*NODES, broken), {"type": "MODIFIED", "object": fixed}])
+    assert "Service/default/web/invalid-address" not in live.warnings
+    assert live.plans == _plan(added(*NODES, fixed)).plans
 
 
 # --- 9. a LoadBalancer turned ClusterIP before its status is cleared ----------------------------------------

@@ -1,4 +1,4 @@
-"""Issue 26's smaller rough edges, each as a user meets it: kubectl against the simulator, ``kipvs plan
+"""Issue 26's smaller rough edges, each as a user meets it: kubectl against the simulator (get, annotate), ``kipvs plan
 --at`` before the log began, ``kipvs why`` on a node that started after the change, a fresh node's first
 apply in the applier's log, ``kipvs nats --stop`` seen by the server's owner."""
 
@@ -22,6 +22,7 @@ from services.applier.kernel.backend import MemoryKernel
 from services.applier.main import ApplierConfig, apply_plan
 from services.applier.ops import DesiredState, describe_changes, diff
 from services.harness.simulator.server import Simulator
+from services.harness.simulator.store import Store, merge_patch
 from services.planner.main import PlannerServiceConfig, plan
 from shared.contract import topology
 from shared.messaging import bus
@@ -62,6 +63,68 @@ async def test_kubectl_lists_the_simulators_services(sim: Simulator, tmp_path: P
         assert "discovery.k8s.io" in {g.name for g in groups.groups}
     finally:
         await api.close()
+
+
+async def test_kubectl_annotate_patches_a_service_in_the_simulator(sim: Simulator, tmp_path: Path) -> None:
+    """docs/kube-proxy.md's example, ``kubectl annotate service web kipvs.io/scheduler=sh``, works against the
+    simulator: kubectl sends a JSON merge patch (the simulator answered 405 to PATCH before), a watch sees it
+    as MODIFIED, and ``key-`` removes the annotation again."""
+    await sim.apply(kube.service("web", cluster_ip="10.96.0.10"))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(sim.kubeconfig())
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: run `make debs` (Debian's kubernetes-client ships it)")
+
+    async def run(*argv: str) -> str:
+        done = await asyncio.to_thread(subprocess.run, [kubectl, "--kubeconfig", str(kubeconfig), *argv],
+                                       capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (argv, done.stdout, done.stderr)
+        return done.stdout
+
+    rv = sim.store.rv
+    await run("annotate", "service", "web", "kipvs.io/scheduler=sh")
+    service = json.loads(await run("get", "service", "web", "-o", "json"))
+    assert service["metadata"]["annotations"] == {"kipvs.io/scheduler": "sh"}
+    assert service["spec"]["clusterIP"] == "10.96.0.10", "the patch kept what it did not name"
+    assert service["metadata"]["generation"] == 1, "metadata only: kube-apiserver leaves generation"
+    assert [c.type for c in sim.store.history if c.rv > rv] == ["MODIFIED"]
+    await run("annotate", "service", "web", "kipvs.io/scheduler-")
+    service = json.loads(await run("get", "service", "web", "-o", "json"))
+    assert "kipvs.io/scheduler" not in (service["metadata"].get("annotations") or {})
+
+
+def test_generation_counts_spec_changes_only() -> None:
+    """kube-apiserver's ``PrepareForUpdate``: generation + 1 for a spec change, not for labels, annotations
+    or status; an EndpointSlice's labels count (pkg/registry/discovery/endpointslice/strategy.go)."""
+    store = Store()
+    store.create(kube.service("web", cluster_ip="10.96.0.10"))
+
+    def generation() -> int:
+        return store.get("Service", "default", "web")["metadata"]["generation"]
+
+    store.patch("Service", "default", "web", {"metadata": {"labels": {"a": "b"}, "annotations": {"c": "d"}}})
+    store.patch("Service", "default", "web", {"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}})
+    assert generation() == 1
+    store.patch("Service", "default", "web", {"spec": {"sessionAffinity": "ClientIP"}})
+    assert generation() == 2
+    store.create(kube.endpoint_slice("web-1", "web", [kube.endpoint("10.244.1.5")]))
+    store.patch("EndpointSlice", "default", "web-1", {"metadata": {"annotations": {"c": "d"}}})
+    assert store.get("EndpointSlice", "default", "web-1")["metadata"]["generation"] == 1
+    store.patch("EndpointSlice", "default", "web-1", {"metadata": {"labels": {"kubernetes.io/service-name": "x"}}})
+    assert store.get("EndpointSlice", "default", "web-1")["metadata"]["generation"] == 2
+
+
+def test_merge_patch_follows_rfc_7386() -> None:
+    """RFC 7386's own examples (appendix A), plus: neither argument is changed."""
+    target = {"a": "b", "c": {"d": "e", "f": "g"}}
+    assert merge_patch(target, {"a": "z", "c": {"f": None}}) == {"a": "z", "c": {"d": "e"}}
+    assert target == {"a": "b", "c": {"d": "e", "f": "g"}}
+    assert merge_patch({"a": ["b"]}, {"a": "c"}) == {"a": "c"}
+    assert merge_patch({"a": [{"b": "c"}]}, {"a": [1]}) == {"a": [1]}
+    assert merge_patch({"e": None}, {"a": 1}) == {"e": None, "a": 1}
+    assert merge_patch([1, 2], {"a": "b", "c": None}) == {"a": "b"}
+    assert merge_patch({}, {"a": {"bb": {"ccc": None}}}) == {"a": {"bb": {}}}
 
 
 async def test_plan_at_a_moment_before_the_first_record_says_so(nats_url: str, capsys) -> None:

@@ -49,6 +49,20 @@ async def test_http_endpoints_follow_service_state(nats_url: str) -> None:
     assert "kipvs_test_things_total 3" in seen["/metrics"][1]
 
 
+async def test_an_ipv6_listen_address_is_logged_in_brackets(caplog: pytest.LogCaptureFixture) -> None:
+    """``--http-listen ::1:0`` (kube-proxy's ``[::1]:0`` reads the same): the log gives a URL one can paste."""
+    caplog.set_level("INFO", logger="kipvs.runtime")
+    runner, port = await runtime._start_http(runtime.Health(stale_after=5.0), "::1:0")
+    try:
+        assert f"health and metrics on http://[::1]:{port}/ " in caplog.text, caplog.text
+        async with aiohttp.ClientSession() as http, http.get(f"http://[::1]:{port}/livez") as r:
+            assert r.status == 200
+    finally:
+        assert runner is not None
+        await runner.cleanup()
+    assert [config.url_host(h) for h in (None, "0.0.0.0", "::")] == ["*", "0.0.0.0", "[::]"]
+
+
 async def test_embedded_default_starts_a_server_and_a_second_service_reuses_it(tmp_path: Path) -> None:
     cfg = config.load(config.CommonConfig, {"state_dir": str(tmp_path), "http_listen": ""}, {})
     stop = asyncio.Event()

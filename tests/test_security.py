@@ -291,6 +291,20 @@ async def test_a_node_gets_its_own_rights_and_nothing_else(callout: SecureNats, 
         refusal = await permission_error(nc, lambda subject=subject: _subscribe_and_flush(nc, subject))
         assert subject in refusal, refusal
 
+    # its claim's key (node_claim.py: a takeover seen without a read per batch, issue 27), no other node's
+    claims = f"$KV.{topology.APPLIER_CLAIMS_BUCKET}"
+    own_key, other_key = f"{claims}.{topology.node_key('node-a')}", f"{claims}.{topology.node_key('node-b')}"
+    seen: list[str] = []
+
+    async def saw(msg) -> None:
+        seen.append(msg.subject)
+    await nc.subscribe(own_key, cb=saw)
+    await nc.flush(timeout=2)
+    await js.publish(own_key, b"{}")
+    await eventually(lambda: seen == [own_key], 10, "node-a's own claim write on its key's subject")
+    refusal = await permission_error(nc, lambda: _subscribe_and_flush(nc, other_key))
+    assert other_key.lower() in refusal.lower(), refusal
+
     refusal = await permission_error(nc, lambda: js.publish(topology.PLAN_ALL_SUBJECT, b"{}", timeout=1))
     assert "kipvs.plan.all" in refusal
     other = await js.pull_subscribe_bind(durable="applier-node-b", stream=topology.PLAN_STREAM)

@@ -6,7 +6,8 @@ it did not create this round, except those whose address is in these ranges (pkg
 (the KIPVS-OWNED-VS sets); in these ranges it goes further and keeps out entirely: it never programs a
 virtual service there (which would take over a service someone else made), never deletes or edits one
 (even one an earlier run created), never binds or unbinds such an address on kube-ipvs0, and keeps such
-addresses out of its sets, so its nftables rules do not touch the other program's traffic either. The
+addresses out of its sets (the entries keyed by a virtual address; KUBE-LOOP-BACK's pod-keyed entries
+stay), so its nftables rules do not touch the other program's traffic either. The
 other program owns the range; a Service planned there is logged, once per change. ``--cleanup`` is the
 exception: it removes every service kipvs created, in the ranges too (kube-proxy's ``--cleanup`` flushes
 the whole IPVS table).
@@ -21,7 +22,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from shared.plan.node_state import Contribution
+from shared.plan.node_state import Contribution, entry_virtual_address
+from shared.service import sloppy
 
 from .kernel.backend import Observed
 
@@ -31,22 +33,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse(values: Iterable[str]) -> tuple[Network, ...]:
-    """The ranges, from flag values that may each hold a comma-separated list (as kube-proxy's flag).
+    """The ranges, from flag values that may each hold a comma-separated list (as kube-proxy's flag), read
+    as kube-proxy reads them (``ParseCIDRSloppy``: proxier.go ``parseExcludedCIDRs``, validation.go
+    ``validateIPVSExcludeCIDRs``; leading zeros decimal, IPv4-mapped forms IPv4: shared/service/sloppy.py).
     Raises ValueError naming the value that is no CIDR."""
     out = []
     for value in values:
         for part in filter(None, (p.strip() for p in value.split(","))):
-            try:
-                out.append(ipaddress.ip_network(part, strict=False))
-            except ValueError:
-                raise ValueError(f"ipvs_exclude_cidrs: {part!r} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/8)") from None
+            parsed = sloppy.parse_cidr(part)
+            if parsed is None:
+                raise ValueError(f"ipvs_exclude_cidrs: {part!r} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/8)")
+            out.append(ipaddress.ip_network(parsed[0]))
     return tuple(out)
-
-
-def _entry_ip(entry: str) -> str | None:
-    """The address an ipset entry is about (``ip,proto:port[,...]`` or ``ip``); None for a bare port."""
-    first = entry.split(",", 1)[0]
-    return None if first.isdigit() else first
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,10 @@ class ExcludeCIDRs:
         return any(addr in net for net in self.networks if net.version == addr.version)
 
     def contribution(self, c: Contribution | None) -> Contribution | None:
-        """A Service's contribution without what lies in the ranges."""
+        """A Service's contribution without what lies in the ranges: virtual services, kube-ipvs0
+        addresses and the set entries keyed by such an address. Entries about an endpoint stay (a pod
+        reaching itself through its Service needs its KUBE-LOOP-BACK entry even when pod IPs are in
+        the ranges)."""
         if c is None or not self.networks:
             return c
         kept = [vs for vs in c.virtual_services if not self.covers(vs.ip)]
@@ -68,7 +69,8 @@ class ExcludeCIDRs:
             skipped = sorted({f"{vs.ip}:{vs.port}" for vs in c.virtual_services if self.covers(vs.ip)})
             log.warning("not programming %s of %s: in --ipvs-exclude-cidrs (another program's IPVS services)",
                         ", ".join(skipped), c.virtual_services[0].service)
-        entries = {(name, e) for name, e in c.ipset_entries if (ip := _entry_ip(e)) is None or not self.covers(ip)}
+        entries = {(name, e) for name, e in c.ipset_entries
+                   if (ip := entry_virtual_address(name, e)) is None or not self.covers(ip)}
         return replace(c, virtual_services=kept, addresses={ip for ip in c.addresses if not self.covers(ip)},
                        ipset_entries=entries)
 

@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from shared.contract.events import ServicePlan
+from shared.service import config
 
 log = logging.getLogger("kipvs.applier")
 
@@ -164,9 +165,9 @@ class HealthServers:
         app.router.add_get("/livez", livez)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        host, _, port = listen.rpartition(":")
+        host, port = config.listen_on(listen)
         try:
-            await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+            await web.TCPSite(runner, host, port).start()
         except OSError as exc:
             await runner.cleanup()
             log.warning("node health: cannot listen on %s (%s); not served", listen, exc.strerror or exc)

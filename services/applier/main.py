@@ -45,6 +45,8 @@ from .shell import Applier, ApplierSettings
 
 log = logging.getLogger("kipvs.applier")
 KUBE_PROXY_METRICS = "127.0.0.1:10249"  # kube-proxy's --metrics-bind-address default
+KUBE_PROXY_METRICS_PORT = 10249
+SHADOW_METRICS = "127.0.0.1:0"  # where a shadow's metrics go instead: a free loopback port, logged
 
 
 class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
@@ -54,8 +56,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "--hostname-override)")] = ""
     http_listen: Annotated[str, describe(
         "host:port for /metrics, /proxyMode, /healthz, /livez and /readyz: kube-proxy's "
-        "--metrics-bind-address, with its default (with --shadow, where kube-proxy holds that port, the "
-        "default is any free port); port 0: any free port, logged; empty disables it")] = KUBE_PROXY_METRICS
+        "--metrics-bind-address, with its default (with --shadow, where kube-proxy holds that port, any "
+        "address on port 10249 becomes a free loopback port); port 0: any free port, logged; empty disables "
+        "it")] = KUBE_PROXY_METRICS
     backend: Annotated[Literal["netlink", "memory"], describe(
         "netlink: this host's kernel; memory: a simulated kernel for dry runs (programs nothing)")] = "netlink"
     drift_period: Annotated[float, describe(
@@ -169,9 +172,13 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
             raise ValueError("shadow, cleanup, hand-back and adopt exclude each other")
         config.check_listen("healthz_bind_address", self.healthz_bind_address)
         exclude.parse(self.ipvs_exclude_cidrs)
-        kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
-        if self.shadow and self.http_listen == KUBE_PROXY_METRICS:
-            self.http_listen = "127.0.0.1:0"  # kube-proxy, which the shadow runs beside, holds that port
+        # canonical forms, read as kube-proxy reads its CIDR flags (ParseCIDRSloppy)
+        self.nodeport_cidrs = kube_proxy_config.cidrs(self.nodeport_cidrs, "nodeport_cidrs")
+        self.cluster_cidr = kube_proxy_config.cidrs(self.cluster_cidr, "cluster_cidr")
+        if self.shadow and self.http_listen and config.listen_on(self.http_listen)[1] == KUBE_PROXY_METRICS_PORT:
+            # kube-proxy, which the shadow runs beside, holds that port on some address (`:10249` and
+            # `0.0.0.0:10249` from its own ConfigMap collide with it as much as its default does)
+            self.http_listen = SHADOW_METRICS
 
 
 def settings_of(cfg: ApplierConfig) -> ApplierSettings:
@@ -219,6 +226,8 @@ async def apply_plan(ctx: runtime.ServiceContext, kernel: Backend, rules: NftRul
         if not ctx.replaced:  # else the runtime starts apply_plan again on the same kernel
             await kernel.close()
     finally:
+        if applier.claim is not None:
+            await applier.claim.close()
         await applier.health.close()
 
 
@@ -227,7 +236,7 @@ async def _claim_and_bootstrap(ctx: runtime.ServiceContext, applier: Applier) ->
     None: stop here (told to stop, or no plan came)."""
     node = applier.node
     ctx.set_not_ready(f"claiming node {node}")
-    claim = applier.claim = node_claim.NodeClaim(ctx.js, node, ctx.metrics)
+    claim = applier.claim = node_claim.NodeClaim(ctx.js, node, ctx.metrics, nc=ctx.nc)
     if not await claim.take(ctx.stop):
         await applier.kernel.close()
         return None
@@ -385,6 +394,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if cfg.shadow:
             # Read-only: no setup, no rules, no plan cache, no health ports (kube-proxy holds them).
+            if cfg.http_listen == SHADOW_METRICS:
+                log.info("shadow mode: kube-proxy holds port %d, so metrics are on a free loopback port "
+                         "(logged below); --http-listen (kube-proxy's --metrics-bind-address) with another "
+                         "port chooses it", KUBE_PROXY_METRICS_PORT)
             await runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel))
             await kernel.close()
             return 0

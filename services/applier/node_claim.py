@@ -14,10 +14,18 @@ takes the node back), renewing ``<key>.superseded`` so that
 
 Checking costs one key read per node per :data:`CHECK_S` (a get of one message); the claim is also
 checked before each drift check (:meth:`NodeClaim.still_held`), so a superseded applier never reverts the new
-one's writes, and before a batch is applied when it was not read in the last :data:`BATCH_CHECK_S`
-(:meth:`NodeClaim.held_lately`): a superseded applier applies at most the batches of that second, the same
-deltas the new one applies (each applier takes every delta from the plan feed; issue 27: a read per node
-per batch was a request per node and change for the servers)."""
+one's writes. Before a batch (:meth:`NodeClaim.held_lately`) it is read only when something may have changed
+it: the applier subscribes (core NATS) to its own key's subject ``$KV.kipvs-appliers.<key>``, on which every
+put and delete of the key is published, and reads the key back when a write that is not its own claim
+arrives or after a reconnect (when one may have been missed). Issue 27: a read per node per batch was a
+request per node and change for the servers, then one a second under churn; now none while nobody else
+writes the key. A takeover is seen as soon as the new applier's put is published (the superseded applier
+then applies no further batch); one made while the subscription's interest was still reaching the other
+servers, at this applier's own start, is found by the periodic check (:data:`CHECK_S`). Without a
+connection to subscribe on, :meth:`held_lately` reads at most once per :data:`BATCH_CHECK_S` as before.
+Upstream: Kubernetes leader election (client-go ``tools/leaderelection``) polls its lease; kipvs's claim
+is a key-value entry, so it is watched by its subject instead, the way a NATS KV watcher sees puts, without
+a consumer per node."""
 
 from __future__ import annotations
 
@@ -30,6 +38,9 @@ import time
 import uuid
 
 import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -45,7 +56,7 @@ log = logging.getLogger("kipvs.applier")
 # (plan_consumer.FETCH_WAIT), so checking at most doubles an idle node's requests. A busy one checks before
 # every batch and every drift check anyway.
 CHECK_S = 5.0
-BATCH_CHECK_S = 1.0  # the claim read before a batch, at most this often (held_lately)
+BATCH_CHECK_S = 1.0  # without a subscription to the key: the claim read before a batch at most this often
 SUPERSEDED_RENEW_S = 30.0
 PROCESS_STARTED_NS = time.time_ns()  # this process's start, as the node's clock has it (Claim.started_ns)
 
@@ -65,11 +76,12 @@ class NodeClaim:
     """The node's claim, as one applier holds it. ``held``: the claim is this applier's; ``lost``: another
     applier's claim was seen (``holder`` names it), for good. Neither: the bucket is not declared yet (a
     kipvs upgraded without 'kipvs topology apply'): the node is applied all the same, with a warning, and
-    the claim is taken as soon as the bucket exists."""
+    the claim is taken as soon as the bucket exists. ``nc``: the connection to watch the key's subject on
+    (see the module; None: :meth:`held_lately` polls)."""
 
     def __init__(self, js: JetStreamContext, node: str, metrics: Registry, instance: str = "",
-                 check_every: float = CHECK_S, started_ns: int = 0) -> None:
-        self.js, self.node, self.instance = js, node, instance or instance_name()
+                 check_every: float = CHECK_S, started_ns: int = 0, nc: NATS | None = None) -> None:
+        self.js, self.node, self.instance, self.nc = js, node, instance or instance_name(), nc
         self.started_ns = started_ns or PROCESS_STARTED_NS
         self.check_every = check_every
         self.held = False
@@ -78,6 +90,10 @@ class NodeClaim:
         self.revision = 0
         self._kv: KeyValue | None = None
         self._read_at: float | None = None  # event-loop time of the last read in held_lately
+        self._sub: Subscription | None = None  # the key's subject (every put and delete of it)
+        self._written = True  # a write to the key that is not this applier's claim arrived: read it back
+        self._reconnects = 0  # the connection's reconnects when the key was last read (one may hide a write)
+        self.reads = 0  # reads of the key (a request to the servers each)
         metrics.gauge("kipvs_applier_node_claim_held",
                       "1 while this applier holds its node's claim and applies; 0 once a newer applier of the "
                       "same node took it over (this one then applies nothing)", read=lambda: float(self.held))
@@ -105,6 +121,7 @@ class NodeClaim:
 
     async def _take(self) -> None:
         kv = self._kv = self._kv or await self.js.key_value(node_claims.BUCKET)
+        await self._listen()  # before the key is read: no write after the read goes unseen
         key = node_claims.claim_key(self.node)
         previous = None
         with contextlib.suppress(KeyNotFoundError):
@@ -127,11 +144,33 @@ class NodeClaim:
             log.warning("node %s: this applier (%s) takes over from %s; that one stops applying within %.0fs",
                         self.node, self.instance, previous.instance, self.check_every)
 
+    async def _listen(self) -> None:
+        """Subscribe to the key's subject (once; the interest on the server before returning)."""
+        if self.nc is None or self._sub is not None:
+            return
+        subject = f"$KV.{node_claims.BUCKET}.{node_claims.claim_key(self.node)}"
+        self._sub = await self.nc.subscribe(subject, cb=self._on_write, pending_msgs_limit=64)
+        await self.nc.flush()
+
+    async def _on_write(self, msg: Msg) -> None:
+        claim = node_claims.decode_claim(msg.data) if msg.data else None
+        if claim is None or claim.instance != self.instance:  # a delete, a purge, another applier's claim
+            self._written = True
+
+    def _may_have_changed(self) -> bool:
+        """Whether the key may hold something this applier has not read: a write seen, or a reconnect."""
+        return self._written or self.nc is None or self.nc.stats.get("reconnects", 0) != self._reconnects
+
     async def held_lately(self, within: float = BATCH_CHECK_S) -> bool:
-        """:meth:`still_held`, read from the bus at most once per ``within`` seconds (the answer in between:
-        held, unless already lost)."""
+        """Whether this applier still holds the node, before a batch: read from the bus only when the key's
+        subject carried a write that is not this applier's, after a reconnect (see the module), or, without
+        a subscription, at most once per ``within`` seconds. In between: held, unless already lost."""
+        if self.lost:
+            return False
+        if self._sub is not None:
+            return await self.still_held() if self._may_have_changed() else True
         now = asyncio.get_running_loop().time()
-        if self.lost or self._read_at is None or now - self._read_at >= within:
+        if self._read_at is None or now - self._read_at >= within:
             self._read_at = now
             return await self.still_held()
         return True
@@ -141,6 +180,9 @@ class NodeClaim:
         keeps the last answer (the check is repeated); a deleted key (an admin's) is claimed again."""
         if self.lost or not self.held or self._kv is None:
             return not self.lost
+        # cleared before the read: a write arriving during it is read at the next check
+        self._written, self._reconnects = False, self.nc.stats.get("reconnects", 0) if self.nc else 0
+        self.reads += 1
         try:
             entry = await self._kv.get(node_claims.claim_key(self.node))
         except KeyNotFoundError:
@@ -148,6 +190,7 @@ class NodeClaim:
                 await self._take()
             return True
         except bus.INFRASTRUCTURE_ERRORS:
+            self._written = True  # read again at the next batch
             return True
         claim = node_claims.decode_claim(entry.value)
         if entry.revision == self.revision or (claim is not None and claim.instance == self.instance):
@@ -221,6 +264,13 @@ class NodeClaim:
         except bus.INFRASTRUCTURE_ERRORS:
             return False
         return False
+
+    async def close(self) -> None:
+        """Unsubscribe from the key's subject (the service ends; a restart makes a new NodeClaim)."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):  # a closed connection has no subscriptions left
+                await self._sub.unsubscribe()
+            self._sub = None
 
     async def release(self) -> None:
         """At this applier's stop, while it holds the node: delete the node's claim (only at this applier's

@@ -5,7 +5,8 @@ For migrations: on a node where kube-proxy still runs in IPVS mode, the applier 
 on kube-ipvs0 and the KUBE-* ipsets, which kube-proxy and kipvs name alike — and compares it with the
 published plan resolved for this node (``plan_log.published_plan`` + ``resolve_node``: what ``kipvs plan
 --node`` prints and a kipvs applier would program). Every divergence is one line (``shared/plan/
-divergence.py`` says what is not one), and goes to:
+divergence.py`` says what is not one; nor is anything in the node's ``--ipvs-exclude-cidrs``, which a kipvs
+applier would leave to the other program there), and goes to:
 
 - a ``ShadowReport`` on ``kipvs.status.<node>.shadow`` when the list changes, and at least every
   ``HEARTBEAT_S`` so ``kipvs status`` can tell a silent node from a quiet one;
@@ -35,7 +36,7 @@ from shared.plan.resolve import resolve_node
 from shared.security.nats_permissions import applier_reader
 from shared.service import runtime
 
-from . import inspect, nodeport_addresses
+from . import exclude, inspect, nodeport_addresses
 from .drift_slices import SERVICES_PER_CHECK, Checked, DriftSlices
 from .kernel.backend import Backend
 
@@ -53,6 +54,7 @@ class Shadow:
         self.kernel = kernel
         self.use_interfaces = interface_addresses
         self.nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs
+        self.exclude_cidrs: tuple[str, ...] = ()  # --ipvs-exclude-cidrs: another program's, not compared
         self.heartbeat = heartbeat
         self.lock = asyncio.Lock()  # one kernel read at a time (the comparison and inspections share sockets)
         self.slices = DriftSlices(per_check)  # whose real servers each comparison reads
@@ -87,7 +89,7 @@ class Shadow:
         facts = nodeport_addresses.filtered(facts, self.nodeport_cidrs)
         want = resolve_node(plan.services.values(), facts)
         self.compared_services = len(want.ipvs)
-        found = tuple(divergences(table, want, reals_read=checked, last=self.real_lines))
+        found = tuple(divergences(table, want, self.exclude_cidrs, reals_read=checked, last=self.real_lines))
         for line in sorted(set(found) - set(self.divergences or ())):
             log.warning("shadow: %s", line)
         if self.divergences and not found:
@@ -118,7 +120,9 @@ async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float
     shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces",  # type: ignore[attr-defined]
                     per_check=cfg.drift_check_services)  # type: ignore[attr-defined]
     shadow.nodeport_cidrs = tuple(cfg.nodeport_cidrs)  # type: ignore[attr-defined]
-    subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read)
+    shadow.exclude_cidrs = tuple(map(str, exclude.parse(cfg.ipvs_exclude_cidrs)))  # type: ignore[attr-defined]
+    subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read,
+                                       shadow.exclude_cidrs)
     try:
         while not ctx.stop.is_set():
             try:

@@ -13,12 +13,14 @@ from collections import defaultdict
 from typing import Any
 
 from shared.contract.events import ClearWarning, PlanOp, PlanWarning, ServicePlan, SetWarning
+from shared.plan.node_state import family_of
 
 from .calico import CalicoState, nodeport_problem
 
 
 class AddressWarnings:
-    """address-conflict, service-address-is-node-address and nodeport-outside-ranges, for the Planner."""
+    """address-conflict, service-address-is-node-address, nodeport-outside-ranges, legacy-address,
+    invalid-address and stale-load-balancer-status, for the Planner."""
 
     warnings: dict[str, PlanWarning]
     calico: CalicoState
@@ -41,10 +43,9 @@ class AddressWarnings:
 
     def _index_addresses(self, key: str, plan: ServicePlan | None, ops: list[PlanOp]) -> None:
         """Keep the address indexes for one Service and re-check the warnings its change can move."""
+        externals = frozenset(_served_externals(plan)) if plan else frozenset()
         vips = frozenset((p.protocol, ip, p.port) for p in plan.ports
-                         for ip in (*plan.cluster_ips, *plan.external_ips, *plan.load_balancer_ips)) \
-            if plan else frozenset()
-        externals = frozenset((*plan.external_ips, *plan.load_balancer_ips)) if plan else frozenset()
+                         for ip in (*plan.cluster_ips, *externals)) if plan else frozenset()
         old_vips = _reindex(self.service_vips, self.vip_services, key, vips)
         if vips != old_vips:
             sharing = {key}.union(*(self.vip_services.get(vip, ()) for vip in old_vips | vips))
@@ -98,6 +99,16 @@ class AddressWarnings:
         else:
             self._clear(ops, warning_id)
 
+    def _skipped(self, ops: list[PlanOp], key: str, notes: tuple[str, ...]) -> None:
+        """invalid-address: the Service is planned without the list entries kube-proxy cannot read either
+        (an external IP, a load-balancer ingress IP, a source range: parse.py ``_each``); the message names
+        each field and value, so it can be fixed."""
+        warning_id = f"Service/{key}/invalid-address"
+        if notes:
+            self._warn(ops, warning_id, "invalid-address", "Service", key, f"Service {key}: " + "; ".join(notes))
+        else:
+            self._clear(ops, warning_id)
+
     def _stale_status(self, ops: list[PlanOp], key: str, ingress: tuple[str, ...]) -> None:
         """stale-load-balancer-status: a Service no longer a LoadBalancer whose status still lists ingress
         addresses; kipvs does not serve them (docs/plan-format.md, parity notes)."""
@@ -112,6 +123,17 @@ class AddressWarnings:
     def _clear(self, ops: list[PlanOp], id: str) -> None:
         if self.warnings.pop(id, None) is not None:
             ops.append(ClearWarning(id))
+
+
+def _served_externals(plan: ServicePlan) -> tuple[str, ...]:
+    """The external and load-balancer IPs a Service is programmed on: those of a family it has a cluster IP
+    in. kube-proxy runs one proxier per family, and a proxier skips a Service
+    without a cluster IP of its family (serviceport.go ``newBaseServiceInfo`` takes
+    ``GetClusterIPByFamily``; servicechangetracker.go ``serviceToServiceMap`` returns nothing for it), so
+    an IPv6 external IP of an IPv4-only Service is served nowhere (shared/plan/resolve.py, likewise), and
+    a Service that really holds that address is no conflict."""
+    families = {family_of(ip) for ip in plan.cluster_ips}
+    return tuple(ip for ip in (*plan.external_ips, *plan.load_balancer_ips) if family_of(ip) in families)
 
 
 def _reindex(forward: dict[str, frozenset[Any]], reverse: dict[Any, set[str]], key: str,

@@ -230,6 +230,7 @@ class Planner(AddressWarnings):
         else:
             self._clear(ops, scheduler_warning)
         self._legacy(ops, "Service", key, spec.legacy if spec is not None else ())
+        self._skipped(ops, key, spec.skipped if spec is not None else ())
         self._stale_status(ops, key, spec.stale_ingress if spec is not None else ())
         if spec is None:
             self.services.pop(key, None)

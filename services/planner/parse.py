@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from shared.contract.events import Endpoint, NodeFacts
-
-from . import sloppy
+from shared.plan.node_state import family_of
+from shared.service import sloppy
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos"})
@@ -59,6 +60,7 @@ class ServiceSpec(msgspec.Struct, frozen=True, gc=False):
     ports: tuple[ServicePort, ...]
     health_check_node_port: int = 0
     legacy: tuple[str, ...] = ()  # addresses read as kube-proxy reads legacy ones (leading zeros), and where
+    skipped: tuple[str, ...] = ()  # list entries kube-proxy cannot read either, skipped: field, value, why
     stale_ingress: tuple[str, ...] = ()  # status.loadBalancer.ingress IPs of a Service no longer a LoadBalancer
 
 
@@ -160,11 +162,12 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
     if not raw_ips:
         raise Invalid("spec.clusterIP: missing (a proxied Service needs one)")
     legacy: list[str] = []
+    skipped: list[str] = []
     cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]", legacy) for i, ip in enumerate(raw_ips))
     ports = _service_ports(spec, kind in ("NodePort", "LoadBalancer"))
-    external_ips = tuple(_ip(ip, f"spec.externalIPs[{i}]", legacy)
-                         for i, ip in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs")))
-    lb_ips, ranges, stale = _load_balancer(obj, spec, kind, legacy)
+    external_ips = tuple(_each(_ip, _list(spec.get("externalIPs"), "spec.externalIPs"), "spec.externalIPs",
+                               legacy, skipped))
+    lb_ips, ranges, stale = _load_balancer(obj, spec, kind, legacy, skipped)
     persistence = _affinity_timeout(spec)
     scheduler, problem = _scheduler(meta, default_scheduler)
     # pkg/api/v1/service/util.go ExternallyAccessible / ExternalPolicyLocal / NeedsHealthCheck: by type,
@@ -181,13 +184,33 @@ def service(obj: dict[str, Any], default_scheduler: str) -> ServiceSpec | None:
         scheduler_problem=problem, persistence_timeout=persistence,
         external_policy_local=external_local,
         internal_policy_local=spec.get("internalTrafficPolicy") == "Local", ports=tuple(ports),
-        health_check_node_port=health_check, legacy=tuple(legacy), stale_ingress=stale)
+        health_check_node_port=health_check, legacy=tuple(legacy), skipped=tuple(skipped), stale_ingress=stale)
 
 
-def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
-                   legacy: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def _each(read: Callable[[Any, str, list[str]], str], values: list[Any], field: str, legacy: list[str],
+          skipped: list[str]) -> list[str]:
+    """Every entry of a list field that ``read`` (``_ip``, ``_cidr``) can read. One it cannot is skipped and
+    noted in ``skipped``, the rest kept, as kube-proxy does (pkg/proxy/util/utils.go ``MapIPsByIPFamily``:
+    "Skipping invalid IP"; ``MapCIDRsByIPFamily``: "Invalid CIDR ignored"); an empty string is skipped
+    without a word, as there."""
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(read(value, f"{field}[{i}]", legacy))
+        except Invalid as exc:
+            if not isinstance(value, str) or value.strip():
+                skipped.append(f"{exc}: skipped")
+    return out
+
+
+def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str, legacy: list[str],
+                   skipped: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(ingress IPs to program, loadBalancerSourceRanges, stale ingress IPs of a Service that is no longer
-    a LoadBalancer). ipMode Proxy entries are not programmed locally (serviceport.go ``IsVIPMode``).
+    a LoadBalancer). ipMode Proxy entries are not programmed locally (serviceport.go ``IsVIPMode``). An
+    ingress IP or a source range kube-proxy cannot read is skipped, the rest kept (serviceport.go
+    ``newBaseServiceInfo``: an ingress IP ``ParseIPSloppy`` refuses has no family and is left out; the
+    ranges go through ``MapCIDRsByIPFamily``), and noted in ``skipped``; with every range skipped the
+    load balancer is open to all, as kube-proxy leaves it (``syncProxyRules`` firewalls only with ranges).
 
     A Service turned from LoadBalancer into another type keeps its ingress until the controller clears it
     (MetalLB issue 190, kube-vip issue 1700). kube-proxy reads the status whatever the type (serviceport.go
@@ -203,14 +226,34 @@ def _load_balancer(obj: dict[str, Any], spec: dict[str, Any], kind: str,
         ingress = []  # a status kipvs does not read for this type: its shape does not matter
     if kind != "LoadBalancer":
         return (), (), _stale_ingress(ingress)
-    lb_ips, ranges = [], []
+    lb_ips = []
     for i, raw in enumerate(ingress):
         entry = _mapping(raw, f"status.loadBalancer.ingress[{i}]")
         if entry.get("ip") and entry.get("ipMode") != "Proxy":
-            lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", legacy))
-    for i, cidr in enumerate(_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
-        ranges.append(_cidr(cidr, f"spec.loadBalancerSourceRanges[{i}]", legacy))
+            try:
+                lb_ips.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", legacy))
+            except Invalid as exc:
+                skipped.append(f"{exc}: skipped")
+    written = _list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
+    ranges = _each(_cidr, written, "spec.loadBalancerSourceRanges", legacy, skipped)
+    if not ranges and any(not isinstance(r, str) or r.strip() for r in written):
+        skipped.append("spec.loadBalancerSourceRanges: no range left, so the load balancer is open to every "
+                       "source (as kube-proxy leaves it)")
+    elif ranges:
+        skipped += [f"spec.loadBalancerSourceRanges: no IPv{family} range left, so the load balancer is open to "
+                    f"every IPv{family} source (as kube-proxy leaves a family without ranges)"
+                    for family in _families_left_open(written, ranges)]
     return tuple(lb_ips), tuple(ranges), ()
+
+
+def _families_left_open(written: list[Any], ranges: list[str]) -> list[int]:
+    """The families (4, 6) of the source ranges skipped as unreadable that no readable range is left for:
+    kube-proxy firewalls a family only with ranges of that family (``MapCIDRsByIPFamily``), so that
+    family is open. An unreadable entry's family is guessed from its text (a colon: IPv6)."""
+    kept = {6 if ":" in r else 4 for r in ranges}
+    dropped = {6 if ":" in r else 4 for r in written
+               if isinstance(r, str) and r.strip() and sloppy.parse_cidr(r.strip()) is None}
+    return sorted(dropped - kept)
 
 
 def _stale_ingress(ingress: list[Any]) -> tuple[str, ...]:
@@ -356,15 +399,20 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
         if not addresses:
             problems.append(f"endpoints[{i}].addresses: missing or empty")
             continue
-        ip = canonical(addresses[0])
+        ip, note = canonical(addresses[0]), ""
         if ip is None or (":" in ip and "." in ip):  # rare: a legacy or IPv4-mapped address, as kube-proxy reads it
             parsed = sloppy.parse_ip(addresses[0])
             if parsed is not None:
-                ip = parsed[0]
-                legacy.append(legacy_note(f"endpoints[{i}].addresses[0]", addresses[0], ip))
+                ip, note = parsed[0], legacy_note(f"endpoints[{i}].addresses[0]", addresses[0], parsed[0])
         if ip is None or (":" in ip) is not want_v6:
-            problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} address")
+            # one message: an IPv4-mapped address in an IPv6 slice is IPv4, which kube-apiserver's
+            # IsValidIPv6Address refuses too (To4() != nil), so it is skipped, not read
+            mapped = " (an IPv4-mapped address is IPv4)" if note and ":" in addresses[0] else ""
+            problems.append(f"endpoints[{i}].addresses[0]: {addresses[0]!r} is not an {sl.address_type} "
+                            f"address{mapped}")
             continue
+        if note:
+            legacy.append(note)
         c = ep.conditions
         hints = tuple(sorted({z.name for z in ep.hints.for_zones or ()} - {""})) if ep.hints else ()
         node_hints = tuple(sorted({n.name for n in ep.hints.for_nodes or ()} - {""})) if ep.hints else ()
@@ -381,23 +429,36 @@ def endpoint_slice(obj: dict[str, Any]) -> SliceSpec | None:
 
 def node(obj: dict[str, Any]) -> tuple[NodeFacts, tuple[str, ...], tuple[str, ...]]:
     """The node's facts, the problems found (addresses skipped) and the legacy addresses read (leading
-    zeros, read as kube-proxy's pkg/util/node ``GetNodeHostIPs`` does with ParseIPSloppy). Invalid when
-    the object's shape is wrong (labels not an object, status not an object, addresses not a list),
-    naming the field."""
+    zeros, read as kube-proxy's pkg/util/node ``GetNodeHostIPs`` does with ParseIPSloppy). ``addresses``
+    are the InternalIPs; ``host_ips`` kube-proxy's node IPs (:func:`host_ips`). Invalid when the object's
+    shape is wrong (labels not an object, status not an object, addresses not a list), naming the field."""
     meta = _mapping(obj.get("metadata"), "metadata")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     status = _mapping(obj.get("status"), "status")
-    addresses, problems, legacy = [], [], []
+    read: dict[str, list[str]] = {"InternalIP": [], "ExternalIP": []}
+    problems, legacy = [], []
     for i, raw in enumerate(_list(status.get("addresses"), "status.addresses")):
         entry = _mapping(raw, f"status.addresses[{i}]")
-        if entry.get("type") != "InternalIP":
+        kind = entry.get("type")
+        if kind not in read:
             continue
         try:
             ip = _ip(entry.get("address"), f"status.addresses[{i}].address", legacy)
         except Invalid as exc:
             problems.append(str(exc))
             continue
-        if ip not in addresses:
-            addresses.append(ip)
+        if ip not in read[kind]:
+            read[kind].append(ip)
     return NodeFacts(name=str(meta.get("name", "")), zone=str(labels.get(ZONE_LABEL) or ""),
-                     addresses=tuple(addresses)), tuple(problems), tuple(legacy)
+                     addresses=tuple(read["InternalIP"]),
+                     host_ips=host_ips(read["InternalIP"] + read["ExternalIP"])), tuple(problems), tuple(legacy)
+
+
+def host_ips(ordered: list[str]) -> tuple[str, ...]:
+    """kube-proxy's node IPs from the Node's InternalIPs then ExternalIPs (in that order): the first
+    address, then the first of the other family if any (pkg/util/node ``GetNodeHostIPs``, what
+    cmd/kube-proxy ``detectNodeIPs`` hands each per-family proxier as ``nodeIP``). So per family: the
+    first InternalIP of the family, else its first ExternalIP."""
+    out = ordered[:1]
+    out += [ip for ip in ordered if family_of(ip) != family_of(out[0])][:1] if out else []
+    return tuple(out)

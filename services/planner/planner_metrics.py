@@ -19,7 +19,7 @@ from .core import Planner
 WARNING_CODES = ("invalid-service", "invalid-scheduler", "invalid-endpointslice", "invalid-node", "address-conflict",
                  "service-address-is-node-address", "nodeport-outside-ranges", "invalid-felix-configuration",
                  "calico-bpf-dataplane", "endpoint-marks-exhausted", "legacy-address",
-                 "stale-load-balancer-status")
+                 "stale-load-balancer-status", "invalid-address")
 STAGE_BUCKETS = (*DEFAULT_BUCKETS, 30.0, 60.0, 120.0, 300.0)
 
 

@@ -50,8 +50,13 @@ def node_warnings(warnings: Iterable[PlanWarning], calico: SetNodeCalico | None 
 
 
 def warning_line(w: PlanWarning) -> str:
-    """One warning as one line: ``endpoint-marks-exhausted Node node-a: 2 pods on node-a have no ...``."""
-    return f"{w.code} {w.kind} {w.object}: {w.message}".replace("\n", " ")
+    """One warning as one line: ``endpoint-marks-exhausted Node node-a: 2 pods on node-a have no ...``. A
+    message that already starts with the object (``Service default/web skipped: ...``) is not prefixed
+    with it again."""
+    named = f"{w.kind} {w.object}"
+    if w.message.startswith((f"{named}:", f"{named} ")):
+        return f"{w.code} {w.message}".replace("\n", " ")
+    return f"{w.code} {named}: {w.message}".replace("\n", " ")
 
 
 def as_json(state: NodeState, warnings: Iterable[PlanWarning], node: str,

@@ -2,7 +2,7 @@
 
 Asks the node's applier over core NATS request/reply (``kipvs.inspect.<node>.ipvs``, the versioned
 ``IpvsInspectRequest``/``IpvsInspectReply`` of ``shared/contract/events.py``); the applier reads its kernel through
-its backend (netlink: ``services/applier/kernel_read.py``). An applier in shadow mode answers with the
+its backend (netlink: ``services/applier/kernel/kernel_read.py``). An applier in shadow mode answers with the
 kernel kube-proxy wrote.
 
 - default: ``ipvsadm -Ln``; ``--stats``: ``ipvsadm -Ln --stats``; ``--rate``: ``ipvsadm -Ln --rate``

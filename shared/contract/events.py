@@ -159,6 +159,10 @@ class NodeFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, g
     name: str
     zone: str = ""
     addresses: tuple[str, ...] = ()  # InternalIP addresses, every family
+    # kube-proxy's node IPs (pkg/util/node GetNodeHostIPs): at most one per family, the primary first; per
+    # family the first InternalIP, else the first ExternalIP. Empty from a planner before it: take the
+    # first address of the family instead.
+    host_ips: tuple[str, ...] = ()
 
 
 class PlanWarning(msgspec.Struct, frozen=True, kw_only=True):

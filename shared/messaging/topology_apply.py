@@ -2,8 +2,12 @@
 
 On a bus with identities, the services may only use the topology: this command (a Job in the manifests,
 a step of the embedded server's start and of the demo) creates or updates every stream, the object
-store, the planner's durable consumer and, for the nodes named, their appliers' consumers (the auth
-service also creates a node's consumer when its applier first connects). Idempotent: run it after every
+store, the planner's durable consumer and, for the nodes named, what their appliers take the plan from.
+On the plan feed (``--plan-feed feed``, the appliers' default: KIPVS_PLAN republishes to ``kipvs.feed.>``,
+services/applier/plan_feed.py) a node has no durable consumer at all, so ``--node`` declares none and
+deletes one an older kipvs left (its applier would delete it at start anyway; until then it costs the
+servers a consumer per node, issue 27). With ``--plan-feed consumer`` (appliers run with the same flag)
+each named node's durable is declared ahead of its applier, as before. Idempotent: run it after every
 upgrade. Exit 0 when the topology is in place, 2 for a user's mistake, 1 when the server refused it.
 """
 
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
+
+from nats.js.errors import NotFoundError
 
 from shared.contract import topology
 from shared.messaging import bus
@@ -43,18 +50,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats-replicas", type=int, default=int(os.environ.get("KIPVS_NATS_REPLICAS", "1")),
                         help="stream replicas (3 on a clustered NATS; env KIPVS_NATS_REPLICAS)")
     parser.add_argument("--node", action="append", default=[],
-                        help="also declare this node's applier consumer ahead of its applier (which replaces it "
-                             "from its own position at start); repeatable")
+                        help="a node whose applier runs with the same --plan-feed: on the feed, delete the durable "
+                             "consumer an older kipvs left for it; with 'consumer', declare its durable ahead of its "
+                             "applier (which replaces it from its own position at start); repeatable")
+    parser.add_argument("--plan-feed", choices=["feed", "consumer"],
+                        default=os.environ.get("KIPVS_PLAN_FEED", "feed"),
+                        help="what the appliers take the plan from, as their own --plan-feed (env KIPVS_PLAN_FEED; "
+                             "default feed: no durable consumer per node)")
 
 
 async def apply(url: str, auth: nats_credentials.ClientAuth | None, replicas: int = 1,
-                nodes: list[str] | tuple[str, ...] = ()) -> None:
-    """Connect as ``auth`` (the admin) and declare everything; TopologyError when the server refuses."""
+                nodes: list[str] | tuple[str, ...] = (), plan_feed: str = "feed") -> list[str]:
+    """Connect as ``auth`` (the admin) and declare everything; the nodes' durables declared (``plan_feed``
+    "consumer") or deleted (on the feed: those an older kipvs left), by node. TopologyError when the server
+    refuses."""
     stop = asyncio.Event()
     nc = await bus.connect(url, "kipvs-topology", stop, auth=auth)
     try:
-        consumers = [topology.planner_consumer(), *(topology.applier_consumer(n) for n in nodes)]
-        await bus.setup(nc, replicas, consumers)
+        per_node = [topology.applier_consumer(n) for n in nodes] if plan_feed == "consumer" else []
+        js = await bus.setup(nc, replicas, [topology.planner_consumer(), *per_node])
+        if plan_feed == "consumer":
+            return list(nodes)
+        deleted = []
+        for node in nodes:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_consumer(topology.PLAN_STREAM, topology.applier_durable(node))
+                deleted.append(node)
+        return deleted
     finally:
         await nc.close()
 
@@ -93,10 +115,15 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise StartupError(f"--node: {exc}") from None
     try:
-        asyncio.run(apply(url, auth, args.nats_replicas, args.node))
+        touched = asyncio.run(apply(url, auth, args.nats_replicas, args.node, args.plan_feed))
     except topology.TopologyError as exc:
         log.error("%s", exc)
         return 1
+    if args.plan_feed == "consumer":
+        nodes = f" and {len(touched)} applier consumer(s)" if touched else ""
+    else:
+        nodes = "; the nodes take the plan feed (no applier consumer)" + (
+            f"; deleted the durable an older kipvs left for {', '.join(touched)}" if touched else "")
     log.info("topology in place: %d streams, the snapshot, lease and claims buckets, the planner's consumer%s",
-             len(topology.streams()), f" and {len(args.node)} applier consumer(s)" if args.node else "")
+             len(topology.streams()), nodes)
     return 0

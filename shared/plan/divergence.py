@@ -37,7 +37,14 @@ from collections.abc import Callable, Iterable
 import msgspec
 
 from shared.contract.events import KernelTable, KernelVirtualServer
-from shared.plan.node_state import ALL_IPSETS, NodeState, VirtualService, VSKey, sort_key_ip
+from shared.plan.node_state import (
+    ALL_IPSETS,
+    NodeState,
+    VirtualService,
+    VSKey,
+    entry_virtual_address,
+    sort_key_ip,
+)
 
 LINK = "kube-ipvs0"
 
@@ -145,16 +152,19 @@ Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 def _covered(ip: str, networks: Networks) -> bool:
-    """Whether an address (or an ipset entry's first field, ``ip,proto:port[,...]``) lies in ``networks``;
-    a bare port (bitmap:port entry) is about no address."""
-    first = ip.split(",", 1)[0]
-    if first.isdigit():
-        return False
+    """Whether an address lies in ``networks``."""
     try:
-        addr = ipaddress.ip_address(first)
-    except ValueError:  # a net (hash:net entry) or a name: compared as it is
+        addr = ipaddress.ip_address(ip)
+    except ValueError:  # not an address: compared as it is
         return False
     return any(addr in net for net in networks if net.version == addr.version)
+
+
+def _entry_covered(name: str, entry: str, networks: Networks) -> bool:
+    """Whether an ipset entry is about a virtual address in ``networks``; entries about an endpoint
+    (KUBE-LOOP-BACK) or a port are never left out."""
+    ip = entry_virtual_address(name, entry)
+    return ip is not None and _covered(ip, networks)
 
 
 def _outside(table: KernelTable, networks: Networks) -> KernelTable:
@@ -162,11 +172,13 @@ def _outside(table: KernelTable, networks: Networks) -> KernelTable:
         table, virtual_servers=tuple(vs for vs in table.virtual_servers if vs.fwmark or not _covered(vs.address,
                                                                                                       networks)),
         addresses=tuple(ip for ip in table.addresses if not _covered(ip, networks)),
-        ipsets={name: tuple(e for e in entries if not _covered(e, networks)) for name, entries in table.ipsets.items()})
+        ipsets={name: tuple(e for e in entries if not _entry_covered(name, e, networks))
+                for name, entries in table.ipsets.items()})
 
 
 def _plan_outside(want: NodeState, networks: Networks) -> NodeState:
     return dataclasses.replace(
         want, ipvs={key: vs for key, vs in want.ipvs.items() if not _covered(key[1], networks)},
         addresses={ip for ip in want.addresses if not _covered(ip, networks)},
-        ipsets={name: {e for e in entries if not _covered(e, networks)} for name, entries in want.ipsets.items()})
+        ipsets={name: {e for e in entries if not _entry_covered(name, e, networks)}
+                for name, entries in want.ipsets.items()})

@@ -66,6 +66,24 @@ IPSET_TYPES: dict[str, str] = {
 }
 ALL_IPSETS: tuple[str, ...] = tuple(ipset_name(base, fam) for fam in (4, 6) for base in IPSET_TYPES)
 
+# The sets whose entries start with the address a virtual service listens on (cluster, external or
+# load-balancer IP; a node address for the SCTP node-port sets; a kube-ipvs0 address), as kube-proxy
+# fills them (pkg/proxy/ipvs/proxier.go ``syncService`` callers in ``syncProxyRules``). KUBE-LOOP-BACK is
+# not one: its entries are ``podIP,proto:port,podIP`` (an endpoint's address), and the bitmap:port sets
+# hold ports only.
+_VIRTUAL_ADDRESS_KEYED = ("KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP", "KUBE-EXTERNAL-IP-LOCAL", "KUBE-LOAD-BALANCER",
+                          "KUBE-LOAD-BALANCER-LOCAL", "KUBE-LOAD-BALANCER-FW", "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+                          "KUBE-LOAD-BALANCER-SOURCE-IP", "KUBE-NODE-PORT-SCTP-HASH",
+                          "KUBE-NODE-PORT-LOCAL-SCTP-HASH", "KUBE-IPVS-IPS")
+VIRTUAL_ADDRESS_SETS: frozenset[str] = frozenset(ipset_name(base, fam) for fam in (4, 6)
+                                                 for base in _VIRTUAL_ADDRESS_KEYED)
+
+
+def entry_virtual_address(set_name: str, entry: str) -> str | None:
+    """The virtual address an ipset entry is about (its first field, ``ip[,proto:port[,...]]``), or None
+    when the set is not keyed by one (KUBE-LOOP-BACK's pod IPs, bitmap:port sets' ports)."""
+    return entry.split(",", 1)[0] if set_name in VIRTUAL_ADDRESS_SETS else None
+
 
 @dataclass
 class Contribution:

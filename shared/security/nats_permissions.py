@@ -225,7 +225,9 @@ def applier(node: str) -> Permissions:
         ),
         # the plan feed (services/applier/plan_feed.py): its own node's subject and the shared one, nothing else
         subscribe=(f"{inbox_prefix(durable)}.>", f"kipvs.inspect.{topology.token(node)}.>",
-                   *(topology.plan_feed_subject(s) for s in own_plan)),
+                   *(topology.plan_feed_subject(s) for s in own_plan),
+                   # its claim's key, to see a takeover without reading the key per batch (node_claim.py)
+                   f"$KV.{topology.APPLIER_CLAIMS_BUCKET}.{topology.node_key(node)}"),
         allow_responses=True,
         inbox_prefix=inbox_prefix(durable),
     )

@@ -96,6 +96,22 @@ class CommonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         check_nats_url(self.nats_url)
 
 
+def listen_on(value: str) -> tuple[str | None, int]:
+    """A checked ``host:port`` setting as (host, port) for a listening socket. An empty host (``:10249``) is
+    every interface, IPv4 and IPv6, as Go's ``net.Listen`` reads it in kube-proxy's bind addresses: None,
+    which aiohttp binds on every address family."""
+    host, _, port = value.rpartition(":")
+    return host or None, int(port)
+
+
+def url_host(host: str | None) -> str:
+    """A listening host as a URL writes it (RFC 3986): an IPv6 address in brackets (``[::1]``), every
+    interface (None, from ``:PORT``) as ``*``."""
+    if not host:
+        return "*"
+    return f"[{host}]" if ":" in host else host
+
+
 def check_listen(name: str, value: str) -> None:
     """A host:port setting (empty allowed: off); ValueError naming the setting otherwise."""
     if value:
@@ -333,6 +349,14 @@ def _coerce(cls: type[msgspec.Struct], merged: dict[str, tuple[Any, str]]) -> No
             merged[key] = (seconds, source)
 
 
+def _names(message: str, key: str) -> bool:
+    """Whether a validation message is about setting ``key``: msgspec's type errors give its path
+    (``$.key``); a check in ``__post_init__`` starts with the setting's name, so the flag or variable
+    it came from (``--metrics-bind-address`` for http_listen) can be named too."""
+    return (f"$.{key}`" in message or f"$.{key}[" in message
+            or message.startswith((f"{key} ", f"{key}:")))
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -366,10 +390,7 @@ def load(cls: type[T], flags: Mapping[str, Any] | None = None,
         loaded = msgspec.convert({k: v for k, (v, _) in merged.items()}, cls, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
-        where = ""
-        for key, (_, source) in merged.items():
-            if f"$.{key}`" in message or f"$.{key}[" in message:
-                where = f" (from {source})"
+        where = next((f" (from {source})" for key, (_, source) in merged.items() if _names(message, key)), "")
         raise ConfigError(f"invalid configuration{where}: {message}") from None
     if warnings:
         logs.setup(getattr(loaded, "log_format", "human"), getattr(loaded, "log_level", "info"))

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import sloppy
 from .go_duration import parse_duration
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
@@ -75,16 +76,21 @@ def whole_seconds(value: Any, where: str) -> int:
 
 
 def cidrs(value: Any, where: str) -> list[str]:
-    """A list of CIDRs, or one comma-separated string of them (a flag; kube-proxy's dual-stack clusterCIDR)."""
+    """A list of CIDRs, or one comma-separated string of them (a flag; kube-proxy's dual-stack clusterCIDR),
+    each in its canonical form. Read as kube-proxy validates and reads them, with ``ParseCIDRSloppy``
+    (pkg/proxy/apis/config/validation ``validateIPVSExcludeCIDRs``, ``validateKubeProxyNodePortAddress``,
+    ``validateDualStackCIDRStrings``): leading zeros are decimal (``10.096.0.0/16`` is ``10.96.0.0/16``),
+    ``::ffff:a.b.c.d/120`` is ``a.b.c.d/24``, host bits are masked; a bare address is no CIDR."""
     items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise ValueError(f"{where} must be a list of CIDRs, got {value!r}")
+    out = []
     for item in items:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(f"{where}: {item!r} is not a CIDR (such as 10.0.0.0/8 or fd00::/64)") from None
-    return items
+        parsed = sloppy.parse_cidr(item.strip())
+        if parsed is None:
+            raise ValueError(f"{where}: {item!r} is not a CIDR (such as 10.0.0.0/8 or fd00::/64)")
+        out.append(parsed[0])
+    return out
 
 
 def count(value: Any, where: str) -> int:

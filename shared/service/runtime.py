@@ -39,6 +39,7 @@ from shared.security import nats_credentials
 from shared.security.nats_permissions import applier_durable
 from shared.service import logs
 
+from . import config
 from .config import CommonConfig, StartupError
 from .metrics import Registry
 
@@ -199,8 +200,8 @@ async def _start_http(health: Health, listen: str, proxy_mode: str = "") -> tupl
         app.router.add_get("/proxyMode", mode)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    host, _, port = listen.rpartition(":")
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+    host, port = config.listen_on(listen)
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as exc:
@@ -208,8 +209,8 @@ async def _start_http(health: Health, listen: str, proxy_mode: str = "") -> tupl
         raise StartupError(f"cannot listen on {listen} for health and metrics: {exc.strerror or exc}") from None
     server = site._server
     sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
-    bound = sockets[0].getsockname()[1] if sockets else int(port)
-    log.info("health and metrics on http://%s:%d/ (livez, healthz, readyz, metrics%s)", host or "127.0.0.1", bound,
+    bound = sockets[0].getsockname()[1] if sockets else port
+    log.info("health and metrics on http://%s:%d/ (livez, healthz, readyz, metrics%s)", config.url_host(host), bound,
              ", proxyMode" if proxy_mode else "")
     return runner, bound
 

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class Cluster:
         self.root = root
         self.ports = [free_loopback_port() for _ in range(size)]
         self.cluster_ports = [free_loopback_port() for _ in range(size)]
+        self.monitor_ports = [free_loopback_port() for _ in range(size)]  # /varz, /connz, /subsz, /jsz
         self.procs: list[subprocess.Popen] = []
 
     @property
@@ -87,7 +89,8 @@ class Cluster:
             routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.cluster_ports) if j != i)
             argv = [server_binary(), "--jetstream", "--store_dir", str(self.root / f"n{i}"), "--addr", "127.0.0.1",
                     "--port", str(port), "--server_name", f"n{i}", "--cluster_name", "kipvs-bench",
-                    "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes]
+                    "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes,
+                    "--http_port", str(self.monitor_ports[i])]
             self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port, proc in zip(self.ports, self.procs, strict=True):
             wait_port(port, proc)
@@ -125,6 +128,15 @@ class Cluster:
 
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def monitor(self, endpoint: str) -> list[dict[str, Any]]:
+        """Each server's monitoring endpoint (``varz``, ``connz?subs=1``, ``subsz``, ``jsz``...) as JSON, over
+        loopback HTTP (nats-server's own counters: what it read and wrote, per server)."""
+        answers = []
+        for port in self.monitor_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{endpoint}", timeout=10) as reply:
+                answers.append(json.loads(reply.read(64 * 1024**2)))
+        return answers
 
 
 def _spawn(argv: list[str], log: Path, stdout: Any = None) -> subprocess.Popen:

@@ -13,16 +13,21 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.applier import node_settings
+from services.applier import inspect, node_settings, takeover
+from services.applier.core import ApplierCore
 from services.applier.drain import Drainer
+from services.applier.exclude import ExcludeCIDRs
+from services.applier.exclude import parse as parse_cidrs
 from services.applier.kernel.backend import MemoryKernel
 from services.applier.kernel.netlink_writer import NetlinkKernel
 from services.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, EditService, Op, diff
 from services.planner.core import Planner
 from services.planner.log_replay import plan_events, read_events
 from services.planner.render import ipvsadm
+from shared.plan.divergence import divergences
 from shared.plan.node_state import NodeState, VirtualService
-from shared.plan.resolve import resolve_service
+from shared.plan.plan_state import SharedPlan
+from shared.plan.resolve import resolve_node, resolve_service
 from tests.golden.regenerate import EVENTS
 
 NODE = "node-a"
@@ -312,3 +317,106 @@ async def test_source_ranges_hold_for_a_connection_from_the_node_itself(kernel: 
         server.wait()
         await rules.remove()
         sh("ip netns del lbpod; ip link del lbh 2>/dev/null || true")
+
+
+# --ipvs-exclude-cidrs (issue 23, item 8): web's ClusterIP and shop's load-balancer IP of the golden plan
+EXCLUDE_FLAG = "10.96.0.10/32, 198.51.100.0/24"
+
+
+async def test_excluded_ranges_are_never_written_deleted_adopted_nor_reported(kernel: NetlinkKernel) -> None:
+    """kube-proxy's --ipvs-exclude-cidrs (proxier.go ``cleanLegacyService`` / ``isIPInExcludeCIDRs``), kipvs
+    stricter (services/applier/exclude.py): another program's virtual service in a range, one kipvs's plan
+    also holds, and its address on kube-ipvs0 are left as they are through takeover, bootstrap and a drift
+    repair; kipvs writes nothing there itself; ``kipvs ipvs --diff``'s comparison is quiet about them."""
+    excluded = ExcludeCIDRs(parse_cidrs([EXCLUDE_FLAG]))
+    planner = planned()
+    plan = SharedPlan(services=dict(planner.plans), nodes=dict(planner.nodes))
+    core = ApplierCore(NODE, exclude=excluded)
+    core.reset(plan)
+    others = ["-A -t 198.51.100.7:80 -s wlc", "-a -t 198.51.100.7:80 -r 10.244.9.9:80 -m -w 3",  # shop's LB IP
+              "-A -t 10.96.0.10:80 -s wlc", "-a -t 10.96.0.10:80 -r 10.244.9.8:80 -m -w 2",  # web's ClusterIP
+              "-A -t 192.0.2.99:8443 -s wlc"]  # outside the ranges, not planned: left alone as always
+    for line in others:
+        sh(f"ipvsadm {line}")
+    sh("ipvsadm -A -t 10.96.0.20:8080 -s rr")  # api, as kube-proxy left it: planned, outside: adopted
+    sh("ip addr add 198.51.100.7/32 dev kube-ipvs0")
+    assert await takeover.adopt(kernel, core.desired.state(), excluded) == 1
+    assert (await kernel.observe()).owned == {("TCP", "10.96.0.20", 8080)}, "never adopted in the ranges"
+    await kernel.apply(core.converge(await kernel.observe(), time.monotonic()))
+    table = kernel_table()
+    assert set(others) <= set(table), table
+    assert [line for line in table if "10.96.0.10:" in line or "198.51.100." in line] == sorted(others[:4]), \
+        "nothing written, edited nor deleted in the ranges"
+    bound = sh("ip -o addr show dev kube-ipvs0")
+    assert "198.51.100.7/32" in bound and "10.96.0.10/32" not in bound, "neither unbound nor bound"
+    assert not [e for e in sh("ipset list KUBE-CLUSTER-IP").splitlines() if e.startswith("10.96.0.10,")]
+    sh("ipvsadm -e -t 198.51.100.7:80 -r 10.244.9.9:80 -m -w 5; ipvsadm -D -t 10.96.0.40:80")  # drift
+    repair = core.repair(core.desired.state(), await kernel.observe())
+    assert repair and not [op for op in repair if "10.96.0.10'" in repr(op) or "198.51.100." in repr(op)], repair
+    await kernel.apply(repair)
+    assert "-a -t 198.51.100.7:80 -r 10.244.9.9:80 -m -w 5" in kernel_table()
+    # kipvs ipvs --diff: the applier's reply carries its ranges; the tool's comparison leaves them out
+    reply = await inspect.answer(NODE, kernel, lambda: ("apply", 1, ()), None, b"",
+                                 tuple(map(str, excluded.networks)))
+    assert reply.table is not None and reply.exclude_cidrs == ("10.96.0.10/32", "198.51.100.0/24")
+    want = resolve_node(plan.services.values(), plan.nodes.get(NODE))
+    assert divergences(reply.table, want, reply.exclude_cidrs) == ["virtual server TCP 192.0.2.99:8443 extra "
+                                                                  "(wlc, 0 real servers)"]
+    unfiltered = divergences(reply.table, want)
+    assert any("198.51.100.7:80" in line for line in unfiltered), "the ranges are what keeps it quiet"
+
+
+MH_VIP = "10.96.8.8"
+NAMED_SERVER = ("import socket, sys\n"
+                "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                "s.bind(('0.0.0.0', 8080)); s.listen(64); print('ready', flush=True)\n"
+                "while True:\n"
+                "    c, _ = s.accept(); c.sendall(sys.argv[1].encode()); c.close()\n")
+
+
+def _mh_answers(count: int) -> list[str]:
+    """Which pod answers each of ``count`` new connections from this node (one client IP, a new source
+    port each) to the mh Service."""
+    names = []
+    for _ in range(count):
+        with socket.create_connection((MH_VIP, 80), timeout=5) as c:
+            names.append(c.recv(10).decode())
+    return names
+
+
+def _mh_destinations() -> set[str]:
+    """The real servers ``ipvsadm -Lnc`` lists connections to for the mh Service."""
+    lines = [line.split() for line in sh("ipvsadm -Lnc").splitlines()]
+    return {f[5] for f in lines if len(f) >= 6 and f[4] == f"{MH_VIP}:80"}
+
+
+async def test_mh_spreads_one_clients_connections_by_source_port(kernel: NetlinkKernel) -> None:
+    """kube-proxy sets IP_VS_SVC_F_SCHED_MH_PORT with mh (kubernetes#115526, PR 115527): the source port is
+    hashed too, so one client's connections land on more than one pod. Without the flag (the control at the
+    end, written by hand) all of them land on one."""
+    key, pods = ("TCP", MH_VIP, 80), {"mha": "10.244.3.1", "mhb": "10.244.3.2"}
+    servers = []
+    try:
+        for name, ip in pods.items():
+            sh(f"ip netns add {name}; ip link add v-{name} type veth peer name eth0 netns {name}; "
+               f"ip -n {name} addr add {ip}/32 dev eth0; ip -n {name} link set eth0 up; "
+               f"ip -n {name} link set lo up; ip -n {name} route add default dev eth0; ip link set v-{name} up; "
+               f"ip route add {ip}/32 dev v-{name}")
+            server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", NAMED_SERVER, name],
+                                      stdout=subprocess.PIPE, text=True)
+            servers.append(server)
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        await kernel.apply([AddAddress(MH_VIP), AddService(key, "mh", 0),
+                            *(AddReal(key, (ip, 8080), 1) for ip in pods.values())])
+        assert "mh-port" in next(line for line in sh("ipvsadm -Ln").splitlines() if f"{MH_VIP}:80" in line)
+        answers = _mh_answers(24)
+        assert set(answers) == set(pods), f"one client's connections all on one pod: {answers}"
+        assert _mh_destinations() == {f"{ip}:8080" for ip in pods.values()}, sh("ipvsadm -Lnc")
+        sh(f"ipvsadm -E -t {MH_VIP}:80 -s mh")  # the control: mh without the port flag
+        assert len(set(_mh_answers(24))) == 1, "without mh-port the source address alone picks the pod"
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+        for name in pods:
+            sh(f"ip netns del {name} 2>/dev/null || true; ip link del v-{name} 2>/dev/null || true")

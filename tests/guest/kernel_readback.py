@@ -1,4 +1,4 @@
-"""The hand-written dump decoders (services/applier/kernel_decode.py, kernel_readback.py) against the
+"""The hand-written dump decoders (services/applier/kernel/kernel_decode.py, kernel_readback.py) against the
 kernel's own tools, INSIDE the QEMU guest (driven by tests/test_kernel.py, one boot for every guest test).
 
 The kernel is written with ``ipvsadm -R``, ``ip addr`` and ``ipset restore`` (every IPVS scheduler, TCP,

@@ -1,4 +1,4 @@
-"""The Kubernetes API simulator's HTTP server (aiohttp): list/watch/get/create/update/delete, faults.
+"""The Kubernetes API simulator's HTTP server (aiohttp): list/watch/get/create/update/patch/delete, faults.
 
 The wire protocol follows kube-apiserver closely enough that the real kubernetes-asyncio client cannot
 tell the difference for what kipvs uses: collection resourceVersion on lists, ``limit``/``continue``,
@@ -29,7 +29,9 @@ from .tokens import TokenAuthority
 log = logging.getLogger("kipvs.simulator")
 
 
-_VERBS = ["create", "delete", "get", "list", "update", "watch"]
+_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+# kubectl annotate/label send a merge patch; a strategic one is the same for the maps they change.
+_MERGE_PATCHES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 _SHORT_NAMES = {"Service": ["svc"], "Pod": ["po"], "Node": ["no"], "FelixConfiguration": ["felixconfig"]}
 # What the simulator serves besides the stored kinds: the token request and review kipvs auth uses.
 _SUBRESOURCES: dict[tuple[str, str], list[dict[str, Any]]] = {
@@ -315,6 +317,13 @@ class Simulator:
             updated = self.store.update(body)
             await self._notify()
             return web.json_response(updated)
+        if request.method == "PATCH":
+            if request.content_type not in _MERGE_PATCHES:
+                raise ApiError(415, "UnsupportedMediaType", f"the simulator takes {' or '.join(_MERGE_PATCHES)} "
+                               f"patches, not {request.content_type}")
+            patched = self.store.patch(resource.kind, namespace, name, await request.json())
+            await self._notify()
+            return web.json_response(patched)
         if request.method == "DELETE":
             deleted = self.store.delete(resource.kind, namespace, name)
             await self._notify()

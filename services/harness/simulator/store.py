@@ -136,7 +136,7 @@ class Store:
             obj["metadata"].pop("namespace", None)
         obj["metadata"]["uid"] = current["metadata"].get("uid")
         obj["metadata"]["creationTimestamp"] = current["metadata"].get("creationTimestamp")
-        obj["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        obj["metadata"]["generation"] = current["metadata"].get("generation", 1) + _spec_changed(current, obj)
         obj["metadata"]["resourceVersion"] = str(self._next())
         self.objects[key] = obj
         self.history.append(Change(self.rv, "MODIFIED", kind, namespace, obj, current))
@@ -177,6 +177,18 @@ class Store:
         return rv
 
     # --- reads ----------------------------------------------------------------------------------
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Any) -> dict[str, Any]:
+        """Apply a JSON merge patch (RFC 7386, what ``kubectl annotate``, ``label`` and ``patch --type merge``
+        send) to the stored object and store the result as an update (MODIFIED). A patch that changes the
+        name, or is not a JSON object, is a 422 / 400 as kube-apiserver answers."""
+        if not isinstance(patch, dict):
+            raise ApiError(400, "BadRequest", "the patch must be a JSON object")
+        current = self.get(kind, namespace, name)
+        patched = merge_patch(current, patch)
+        if not isinstance(patched.get("metadata"), dict) or patched["metadata"].get("name") != name:
+            raise ApiError(422, "Invalid", f"{kind} {name!r}: metadata.name: the patch may not change it")
+        return self.update(patched)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         resource = self._resource(kind)
@@ -246,3 +258,31 @@ def decode_continue(token: str) -> tuple[int, int]:
         return int(doc["rv"]), int(doc["start"])
     except (ValueError, KeyError, TypeError):
         raise ApiError(400, "BadRequest", "invalid continue token") from None
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge key by key, ``null`` removes a key, anything else (lists
+    included) replaces. A new value; neither argument is changed. (kube-apiserver's strategic merge patch
+    differs only for lists with a patch strategy, which the simulator does not model.)"""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def _spec_changed(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """1 when an update changes the object outside ``metadata`` and ``status`` (and the type fields), else
+    0: kube-apiserver bumps ``metadata.generation`` for spec changes only (the registries'
+    ``PrepareForUpdate``); a label or annotation, as ``kubectl annotate``/``label`` write, leaves it, except
+    an EndpointSlice's labels (its service-name label; pkg/registry/discovery/endpointslice/strategy.go
+    ``PrepareForUpdate`` compares ``Labels`` too)."""
+    ignored = ("metadata", "status", "apiVersion", "kind")
+    if {k: v for k, v in old.items() if k not in ignored} != {k: v for k, v in new.items() if k not in ignored}:
+        return 1
+    labels = (old["metadata"].get("labels"), new["metadata"].get("labels"))
+    return int(new.get("kind") == "EndpointSlice" and labels[0] != labels[1])

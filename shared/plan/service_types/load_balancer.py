@@ -9,8 +9,10 @@ Source ranges are per family (kubernetes#33035): each of kube-proxy's per-family
 of its own family only (pkg/proxy/serviceport.go ``newBaseServiceInfo``, ``MapCIDRsByIPFamily``), and
 ``syncProxyRules`` (pkg/proxy/ipvs/proxier.go) firewalls a load-balancer IP only ``if
 len(svcInfo.LoadBalancerSourceRanges()) != 0``. So a dual-stack Service with IPv4 ranges only is filtered
-on IPv4 and open on IPv6; the node may reach the address (-SOURCE-IP) when one of *its family's* node
-addresses is in a range."""
+on IPv4 and open on IPv6; the node may reach the address (-SOURCE-IP) when *its family's* node IP is in a
+range. That is kube-proxy's one ``proxier.nodeIP`` per family (``syncProxyRules``: ``cidr.Contains(proxier.nodeIP)``),
+per family the Node's first InternalIP, else its first ExternalIP (pkg/util/node ``GetNodeHostIPs``:
+``NodeFacts.host_ips``), not any of its addresses: a second InternalIP in a range does not let the node in."""
 
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from .common import external_address
 def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | None,
             endpoints: tuple[Endpoint, ...], out: Contribution) -> None:
     ranges = [net for net in map(ipaddress.ip_network, plan.load_balancer_source_ranges) if net.version == family]
-    node_ips = [ipaddress.ip_address(ip) for ip in (node.addresses if node else ()) if family_of(ip) == family]
-    allow_from_node = any(ip in net for net in ranges for ip in node_ips)
+    node_ip = _node_ip(node, family)
+    allow_from_node = node_ip is not None and any(node_ip in net for net in ranges)
     for ip in plan.load_balancer_ips:
         if family_of(ip) != family:
             continue
@@ -37,3 +39,10 @@ def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | No
                 out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-SOURCE-CIDR", family), f"{e},{net}"))
             if allow_from_node:
                 out.ipset_entries.add((ipset_name("KUBE-LOAD-BALANCER-SOURCE-IP", family), f"{e},{ip}"))
+
+
+def _node_ip(node: NodeFacts | None, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """kube-proxy's ``nodeIP`` of the family (``NodeFacts.host_ips``; facts published before that field:
+    the first address of the family)."""
+    ips = (node.host_ips or node.addresses) if node else ()
+    return next((ipaddress.ip_address(ip) for ip in ips if family_of(ip) == family), None)
