@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from services.applier.kernel import ipset_wire, ipvs_wire, kernel_decode
+from services.applier.kernel.decode_memo import DecodeMemo
 from services.applier.kernel.netlink_batch import attr
 
 GENL = struct.pack("=BBH", 1, 1, 0)
@@ -71,3 +72,21 @@ def test_destinations_decode_alike_on_the_learned_layout_and_off_it() -> None:
         assert kernel_decode.stats(d.stats)["outbps"] == 10
     fast = kernel_decode.dest(first, socket.AF_INET)
     assert fast[:6] == general[:6] and kernel_decode.stats(fast.stats) == kernel_decode.stats(general.stats)
+
+
+def test_a_memo_decodes_only_messages_not_in_the_last_read() -> None:
+    def message(i: int, counter: int = 0) -> bytes:
+        svc = ipvs_wire.service_full(socket.IPPROTO_TCP, f"10.96.0.{i}", 80, "rr", 0)
+        stats = attr(kernel_decode.SVC_STATS64 | 0x8000, attr(1, struct.pack("=Q", counter)))
+        return GENL + attr(ipvs_wire.ATTR_SERVICE, svc[4:] + stats)
+
+    memo = DecodeMemo(kernel_decode.service)
+    first = [message(i) for i in range(1, 101)]
+    assert memo(first) == [kernel_decode.service(p) for p in first] and memo.decoded == 100
+    assert memo([bytes(bytearray(p)) for p in first]) == memo(first) and memo.decoded == 100, "same bytes: no decode"
+    second = [*first[:50], message(51, counter=7), *first[51:]]
+    assert memo(second)[50].stats == attr(1, struct.pack("=Q", 7)) and memo.decoded == 101, "the one that changed"
+    assert len(memo.last) == 100, "only the last read is kept"
+    with pytest.raises(kernel_decode.DecodeError):
+        memo([*first, b"\x01\x01\x00\x00\xff\x00\x01\x00"])
+    assert list(memo.last) == second, "a bad read leaves the memo as it was"

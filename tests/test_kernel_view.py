@@ -4,6 +4,9 @@ a real nats-server in tests/test_inspect_service.py.)"""
 
 from __future__ import annotations
 
+import msgspec
+
+from services.applier.drift_slices import DriftSlices
 from services.applier.kernel.backend import MemoryKernel
 from services.tools.ipvsadm_format import largenum, render
 from shared.contract.events import IpvsStats, KernelRealServer, KernelTable, KernelVirtualServer
@@ -159,3 +162,35 @@ async def test_kipvs_ipvs_shows_the_scheduler_flags_as_ipvsadm_does() -> None:
     kernel.ipvs[("TCP", "10.96.0.30", 80)] = VirtualService("TCP", "10.96.0.30", 80, "mh", 60)
     (line,) = [line for line in render(await kernel.kernel_table()).splitlines() if "10.96.0.30" in line]
     assert line == "TCP  10.96.0.30:80 mh (mh-port) persistent 60"
+
+
+async def test_a_sliced_comparison_reads_real_servers_in_turns_and_keeps_the_last_lines() -> None:
+    """Shadow mode's comparison as the drift check's: real servers of one slice per comparison; a service's
+    real-server lines stay as last read until its slice comes round again, and an unread service's (absent)
+    real servers are never reported missing."""
+    want = NodeState()
+    for i in range(1, 7):
+        vs = VirtualService("TCP", f"10.96.0.{i}", 80, "rr", reals={(f"10.244.0.{i}", 8080): 1})
+        want.ipvs[vs.key] = vs
+    kernel = MemoryKernel()
+    await kernel.setup()
+    kernel.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, reals=dict(v.reals))
+                   for k, v in want.ipvs.items()}
+    kernel.ipvs[("TCP", "10.96.0.4", 80)].reals[("10.244.0.4", 8080)] = 5
+    line = "real server 10.244.0.4:8080 of TCP 10.96.0.4:80 weight 5, planned 1"
+    slices, last = DriftSlices(per_check=2), {}
+    seen = []
+    for turn in range(6):
+        if turn == 3:
+            kernel.ipvs[("TCP", "10.96.0.4", 80)].reals[("10.244.0.4", 8080)] = 1  # fixed by hand
+        checked, parts = slices.next(len(want.ipvs))
+        table = await kernel.kernel_table()
+        table = msgspec.structs.replace(table, virtual_servers=tuple(  # what read_table(reals_of) reads
+            vs if checked((vs.protocol, vs.address, vs.port)) else msgspec.structs.replace(vs, real_servers=())
+            for vs in table.virtual_servers))
+        seen.append((checked(("TCP", "10.96.0.4", 80)), divergences(table, want, reals_read=checked, last=last)))
+    assert parts == 3
+    first = next(t for t, (read, _) in enumerate(seen) if read)
+    assert all(lines == [] for _, lines in seen[:first]), "not read yet: nothing, and no false 'missing'"
+    assert all(lines == [line] for _, lines in seen[first:first + 3]), "found in its turn, kept until the next"
+    assert seen[first + 3] == (True, []) and seen[first + 3:] == [(True, [])] + [(False, [])] * (2 - first)

@@ -19,10 +19,12 @@ Rules (what the shell, ``shell.py``, may rely on; the kernel and the bus are the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from shared.contract import delta_chunks, events
-from shared.plan.node_state import NodeState
+from shared.plan.node_state import NodeState, VSKey
 from shared.plan.plan_state import SharedPlan
 from shared.plan.resolve import resolve_service
 
@@ -75,11 +77,12 @@ class ApplierCore:
         ops = diff(self.desired.state(), observed.state, observed.owned)
         return self.drainer.keep_draining(self.drainer.resume(ops, observed.state, now))
 
-    def repair(self, want: NodeState, observed: Observed) -> list[Op]:
+    def repair(self, want: NodeState, observed: Observed,
+               reals_read: Callable[[VSKey], bool] | None = None) -> list[Op]:
         """What makes a read-back kernel ``want`` (``desired.state()``) again (drift); a drain in progress is
-        left alone."""
+        left alone. ``reals_read``: whose real servers were read (``ops.diff``; default every service's)."""
         observed = self.exclude.hide(observed)
-        return self.drainer.keep_draining(diff(want, observed.state, observed.owned))
+        return self.drainer.keep_draining(diff(want, observed.state, observed.owned, reals_read))
 
     def whole(self, envelope: events.Envelope) -> events.Envelope | None:
         """The delta a message completes: itself, or the chunked delta whose last part it is; None for a part

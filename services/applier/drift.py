@@ -15,10 +15,11 @@ import time
 from typing import Any
 
 from shared.contract import events
+from shared.plan.node_state import NodeState
 
 from .core import ApplierCore
-from .drift_slices import SERVICES_PER_CHECK, DriftSlices
-from .kernel.backend import Backend
+from .drift_slices import SERVICES_PER_CHECK, Checked, DriftSlices
+from .kernel.backend import Backend, Observed
 from .kernel.rules import NftRules
 from .ops import Op, digest
 from .reports import Reports
@@ -42,26 +43,39 @@ class DriftCheck:
         self.reports = reports
         self.repairs = repairs  # kipvs_applier_drift_repairs_total
         self.slices = DriftSlices(per_check)  # whose real servers each check reads (drift_slices.py)
+        # (nf_tables generation, desired digest, endpoint marks) when the table last matched: see _check_rules
+        self.rules_matched: tuple[int | None, str, object] | None = None
 
     async def check(self) -> None:
         if self.core.use_interfaces:
             await self._follow_addresses()
         want = self.core.desired.state()
         checked, _ = self.slices.next(len(want.ipvs))
-        observed = self.core.exclude.hide(await self.kernel.observe(checked))
-        DriftSlices.assume_unchecked(want, observed.state, checked)
-        ops = self.core.repair(want, observed)
+        observed = await self.kernel.observe(checked)
+        ops = self.core.repair(want, observed, checked)
         found = [describe_op(op) for op in ops]
+        left: list[Op] = []
         if ops:
             await self.kernel.apply(ops)
             self.repairs.inc(len(ops))
             log.warning("drift: repaired %d kernel objects", len(ops))
-            observed = self.core.exclude.hide(await self.kernel.observe(checked))
-            DriftSlices.assume_unchecked(want, observed.state, checked)
+            observed = await self.kernel.observe(checked)
+            left = self.core.repair(want, observed, checked)
         found += await self._check_rules(want.ipsets)
         self.reports.report(events.DriftReport(
             node=self.core.node, plan_seq=self.core.plan.seq, found=events.summarised(found), repaired=True,
-            desired_digest=digest(want), observed_digest=digest(observed.state)))
+            desired_digest=self.core.desired.digest(),
+            observed_digest=self._observed_digest(want, observed, left, checked)))
+
+    def _observed_digest(self, want: NodeState, observed: Observed, left: list[Op], checked: Checked) -> str:
+        """The desired digest when what was read matches it after the repair (kept per change, so a check
+        hashes nothing: drift_slices.py); else the digest of what was read, unread real servers taken as
+        desired (a repair that did not take: rare, so its whole-table hash is affordable)."""
+        if not left:
+            return self.core.desired.digest()
+        state = self.core.exclude.hide(observed).state
+        DriftSlices.assume_unchecked(want, state, checked)
+        return digest(state)
 
     async def _follow_addresses(self) -> None:
         """An interface address came or went: NodePorts follow."""
@@ -72,14 +86,30 @@ class DriftCheck:
                 await self.rules.apply(ops)
 
     async def _check_rules(self, ipsets: dict[str, set[str]]) -> list[str]:
+        """The nftables table against ``ipsets`` and the endpoint marks: listed (an ``nft`` process, and
+        the whole table decoded) only when an nf_tables transaction happened since it last matched this
+        desired state, or the generation cannot be read."""
         if self.rules is None:
             return []
-        members = await self.rules.members()
         marks = self.rules.marks
+        seen = (await self._generation(), self.core.desired.digest(), marks)
+        if seen[0] is not None and seen == self.rules_matched:
+            return []
+        self.rules_matched = None
+        members, installed = await self.rules.listed()
         if any(members.get(name, set()) != entries for name, entries in ipsets.items()):
             await self.rules.install(ipsets)
             return ["nftables table inet kipvs: set members differed; table rewritten"]
-        if (await self.rules.installed_marks()) != (marks.marks if marks is not None else None):
+        if installed != (marks.marks if marks is not None else None):
             await self.rules.install(ipsets)
             return ["nftables table inet kipvs: endpoint marks differed; table rewritten"]
+        self.rules_matched = seen
         return []
+
+    async def _generation(self) -> int | None:
+        assert self.rules is not None
+        try:
+            return await self.rules.generation()
+        except OSError as exc:  # then every check lists the table, as before the generation was read
+            log.debug("nf_tables generation unreadable (%s): the drift check lists the table", exc)
+            return None

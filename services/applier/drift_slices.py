@@ -4,12 +4,12 @@
 A full read-back costs one destination dump per IPVS service (libipvs and kube-proxy's ``ipvs.GetRealServers``
 in pkg/proxy/ipvs/proxier.go ``syncProxyRules`` do the same, every sync); at 10,000 Services that is most of a
 drift check. So each check reads every service (one dump: scheduler, persistence, existence), every
-kube-ipvs0 address and every ipset, but the real servers of only one slice of at most ``per_check``
-services; the slices take turns, so every service's real servers are read within ``parts`` checks
-(``ceil(services / per_check)``), i.e. a drifted real server is found within that many drift periods (one
-period up to ``per_check`` Services). Services outside the slice are taken to hold their desired real
-servers for this check (:meth:`DriftSlices.assume_unchecked`), so the diff neither adds nor deletes any
-of theirs.
+kube-ipvs0 address and every ipset (decoded only where their bytes changed: kernel/decode_memo.py), but the
+real servers of only one slice of at most ``per_check`` services; the slices take turns, so every service's
+real servers are read within ``parts`` checks (``ceil(services / per_check)``), i.e. a drifted real server
+is found within that many drift periods (one period up to ``per_check`` Services). The diff compares no
+real server outside the slice (``ops.diff``'s ``reals_read``); :meth:`DriftSlices.assume_unchecked` gives
+them their desired ones where a whole read-back state is needed (the digest of a repair that did not take).
 """
 
 from __future__ import annotations

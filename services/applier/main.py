@@ -65,8 +65,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "seconds between kernel read-backs (kube-proxy's --ipvs-sync-period, ipvs.syncPeriod, sets it)"),
         msgspec.Meta(gt=0), config.SECONDS] = 60.0
     drift_check_services: Annotated[int, describe(
-        "IPVS services whose real servers one drift check reads; the others' in the next checks, so a drifted "
-        "real server is found within ceil(services / this) drift periods"), msgspec.Meta(ge=1)] = SERVICES_PER_CHECK
+        "IPVS services whose real servers one drift check (or shadow comparison) reads; the others' in the next "
+        "ones, so a drifted real server is found within ceil(services / this) periods"),
+        msgspec.Meta(ge=1)] = SERVICES_PER_CHECK
     batch: Annotated[int, describe("plan deltas fetched per batch"), msgspec.Meta(ge=1, le=10_000)] = 500
     drain_timeout: Annotated[float, describe(
         "seconds a removed TCP real server may drain (weight 0) before deletion; 0: at once"),

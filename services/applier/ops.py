@@ -151,11 +151,19 @@ def _service_ops(want: VirtualService | None, have: VirtualService | None) -> li
     return ops
 
 
-def diff(desired: NodeState, observed: NodeState, owned: set[VSKey]) -> list[Op]:
-    """Everything that must change for the kernel to hold ``desired``; foreign services are left alone."""
+def diff(desired: NodeState, observed: NodeState, owned: set[VSKey],
+         reals_read: Callable[[VSKey], bool] | None = None) -> list[Op]:
+    """Everything that must change for the kernel to hold ``desired``; foreign services are left alone.
+    With ``reals_read``, the real servers of a service present on both sides are compared only where it
+    accepts the key (the others were not read back: drift_slices.py); a missing service gets them all."""
     ops: list[Op] = []
     for key, want in desired.ipvs.items():
-        ops.extend(_service_ops(want, observed.ipvs.get(key)))
+        have = observed.ipvs.get(key)
+        if have is not None and reals_read is not None and not reals_read(key):
+            if (have.scheduler, have.persistence_timeout) != (want.scheduler, want.persistence_timeout):
+                ops.append(EditService(key, want.scheduler, want.persistence_timeout))
+            continue
+        ops.extend(_service_ops(want, have))
     for key in observed.ipvs:
         if key not in desired.ipvs and key in owned:
             ops.append(DelService(key))

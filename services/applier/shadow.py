@@ -31,12 +31,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from shared.contract import events, topology
 from shared.messaging import bus, plan_log
-from shared.plan.divergence import divergences
+from shared.plan.divergence import RealLines, divergences
 from shared.plan.resolve import resolve_node
 from shared.security.nats_permissions import applier_reader
 from shared.service import runtime
 
 from . import exclude, inspect, nodeport_addresses
+from .drift_slices import SERVICES_PER_CHECK, Checked, DriftSlices
 from .kernel.backend import Backend
 
 log = logging.getLogger("kipvs.applier")
@@ -47,7 +48,7 @@ METRIC = "kipvs_shadow_divergences"
 
 class Shadow:
     def __init__(self, ctx: runtime.ServiceContext, node: str, kernel: Backend, interface_addresses: bool = False,
-                 heartbeat: float = HEARTBEAT_S) -> None:
+                 heartbeat: float = HEARTBEAT_S, per_check: int = SERVICES_PER_CHECK) -> None:
         self.ctx = ctx
         self.node = node
         self.kernel = kernel
@@ -56,6 +57,9 @@ class Shadow:
         self.exclude_cidrs: tuple[str, ...] = ()  # --ipvs-exclude-cidrs: another program's, not compared
         self.heartbeat = heartbeat
         self.lock = asyncio.Lock()  # one kernel read at a time (the comparison and inspections share sockets)
+        self.slices = DriftSlices(per_check)  # whose real servers each comparison reads
+        self.compared_services = 0  # virtual services planned at the last comparison (0: read them all)
+        self.real_lines: RealLines = {}  # each service's real-server divergences at its last read
         self.plan_seq = 0
         self.divergences: tuple[str, ...] | None = None  # None: not compared yet
         self.published: tuple[tuple[str, ...], float] | None = None  # (divergences, monotonic time) last sent
@@ -66,22 +70,26 @@ class Shadow:
                     "shadow comparison (NaN until the first)",
             read=lambda: math.nan if self.divergences is None else float(len(self.divergences)))
 
-    async def read(self) -> events.KernelTable:
+    async def read(self, reals_of: Checked | None = None) -> events.KernelTable:
         async with self.lock:
-            return await self.kernel.kernel_table()
+            return await self.kernel.kernel_table(reals_of)
 
     async def compare(self) -> tuple[str, ...]:
-        """One comparison: the published plan for this node against the kernel; report it."""
+        """One comparison: the published plan for this node against the kernel; report it. Real servers
+        are read and compared for one slice of the services per comparison, as the drift check does
+        (drift_slices.py); the others' lines are those of their last read (``divergences``' ``last``)."""
         reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(self.node))  # its one reader name
         plan = await plan_log.published_plan(self.ctx.js, reader)
-        table = await self.read()  # first: it finds kube-ipvs0, whose addresses are not the node's own
+        checked, _ = self.slices.next(self.compared_services)
+        table = await self.read(checked)  # first: it finds kube-ipvs0, whose addresses are not the node's own
         facts = plan.nodes.get(self.node)
         if self.use_interfaces:
             addresses = await self.kernel.node_addresses()
             facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=addresses)
         facts = nodeport_addresses.filtered(facts, self.nodeport_cidrs)
         want = resolve_node(plan.services.values(), facts)
-        found = tuple(divergences(table, want, self.exclude_cidrs))
+        self.compared_services = len(want.ipvs)
+        found = tuple(divergences(table, want, self.exclude_cidrs, reals_read=checked, last=self.real_lines))
         for line in sorted(set(found) - set(self.divergences or ())):
             log.warning("shadow: %s", line)
         if self.divergences and not found:
@@ -109,7 +117,8 @@ async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float
     period = period if period is not None else cfg.shadow_sync_period  # type: ignore[attr-defined]
     log.info("SHADOW MODE on %s: nothing is programmed; comparing the kernel with kipvs's plan every %.0fs "
              "(backend: %s)", node, period, kernel.label)
-    shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces")  # type: ignore[attr-defined]
+    shadow = Shadow(ctx, node, kernel, cfg.node_addresses == "interfaces",  # type: ignore[attr-defined]
+                    per_check=cfg.drift_check_services)  # type: ignore[attr-defined]
     shadow.nodeport_cidrs = tuple(cfg.nodeport_cidrs)  # type: ignore[attr-defined]
     shadow.exclude_cidrs = tuple(map(str, exclude.parse(cfg.ipvs_exclude_cidrs)))  # type: ignore[attr-defined]
     subscription = await inspect.serve(ctx.nc, node, kernel, lambda: ("shadow", shadow.plan_seq, ()), shadow.read,

@@ -32,12 +32,19 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
 from shared.contract.events import KernelTable, KernelVirtualServer
-from shared.plan.node_state import ALL_IPSETS, NodeState, VirtualService, entry_virtual_address, sort_key_ip
+from shared.plan.node_state import (
+    ALL_IPSETS,
+    NodeState,
+    VirtualService,
+    VSKey,
+    entry_virtual_address,
+    sort_key_ip,
+)
 
 LINK = "kube-ipvs0"
 
@@ -54,17 +61,36 @@ def _order(key: tuple[str, str, int]) -> tuple[object, ...]:
     return (key[0], sort_key_ip(key[1]), key[2])
 
 
-def divergences(table: KernelTable, want: NodeState, exclude: Iterable[str] = ()) -> list[str]:
+RealLines = dict[VSKey, list[str]]
+
+
+def divergences(table: KernelTable, want: NodeState, exclude: Iterable[str] = (),
+                reals_read: Callable[[VSKey], bool] | None = None, last: RealLines | None = None) -> list[str]:
     """Every difference between ``table`` (read from a kernel) and ``want`` (the node's resolved plan),
     one line each, in a stable order: virtual servers, then addresses, then ipsets; nothing in the
-    ``exclude`` CIDRs (strings, e.g. ``"10.97.0.0/16"``; ValueError for one that is not a CIDR)."""
+    ``exclude`` CIDRs (strings, e.g. ``"10.97.0.0/16"``; ValueError for one that is not a CIDR).
+
+    Sliced (shadow mode, as the drift check: services/applier/drift_slices.py): with ``reals_read``, the
+    real servers of a virtual server on both sides are compared only where it accepts the key (the table
+    holds no others); ``last`` (kept by the caller across calls) maps each such key to its real-server
+    lines from its last read: updated for the keys read, given back for the others, dropped for keys no
+    longer on both sides."""
     networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in exclude)
     if networks:
         table, want = _outside(table, networks), _plan_outside(want, networks)
     out: list[str] = []
     have = {(vs.protocol, vs.address, vs.port): vs for vs in table.virtual_servers if not vs.fwmark}
+    memory: RealLines = last if last is not None else {}
     for key in sorted(set(have) | set(want.ipvs), key=_order):
-        out += _virtual_server(key, have.get(key), want.ipvs.get(key))
+        held, planned = have.get(key), want.ipvs.get(key)
+        out += _virtual_server(key, held, planned)
+        if held is None or planned is None:
+            memory.pop(key, None)
+        elif reals_read is None or reals_read(key):
+            memory[key] = _real_servers(_vs_name(*key), held, planned)
+            out += memory[key]
+        else:
+            out += memory.get(key, [])
     planned_addresses = want.addresses
     if planned_addresses and not table.link:
         out.append(f"link {LINK} missing ({len(planned_addresses)} addresses planned)")
@@ -100,6 +126,11 @@ def _virtual_server(key: tuple[str, str, int], have: KernelVirtualServer | None,
     if have.persistence_timeout != want.persistence_timeout:
         out.append(f"virtual server {name} persistence {have.persistence_timeout}s, "
                    f"planned {want.persistence_timeout}s")
+    return out
+
+
+def _real_servers(name: str, have: KernelVirtualServer, want: VirtualService) -> list[str]:
+    out = []
     reals = {(rs.address, rs.port): rs for rs in have.real_servers}
     for real in sorted(set(reals) | set(want.reals), key=lambda r: (sort_key_ip(r[0]), r[1])):
         where = f"real server {_hostport(*real)} of {name}"

@@ -82,7 +82,10 @@ class Backend(Protocol):
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]: ...
 
-    async def kernel_table(self) -> events.KernelTable: ...
+    async def kernel_table(self, reals_of: Callable[[VSKey], bool] | None = None) -> events.KernelTable:
+        """Everything the kernel holds (``kipvs ipvs``, shadow mode); with ``reals_of``, real servers may be
+        left out for the services it refuses (shadow mode's slice)."""
+        ...
 
     async def node_addresses(self) -> tuple[str, ...]: ...
 
@@ -166,9 +169,10 @@ class MemoryKernel:
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
         return {k: v for k, v in self.conns.items() if k[0] in services}
 
-    async def kernel_table(self) -> events.KernelTable:
+    async def kernel_table(self, reals_of: Callable[[VSKey], bool] | None = None) -> events.KernelTable:
         """The simulated table in the kernel view's form: masquerade, no counters (nothing is forwarded),
-        ``conns`` as active connections; the sets that exist (none before ``setup``)."""
+        ``conns`` as active connections; the sets that exist (none before ``setup``); every real server
+        (reading memory costs nothing)."""
         vss = tuple(events.KernelVirtualServer(
             family=family_of(vs.ip), protocol=vs.protocol, address=vs.ip, port=vs.port,  # type: ignore[arg-type]
             scheduler=vs.scheduler, persistence_timeout=vs.persistence_timeout,

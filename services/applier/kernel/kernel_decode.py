@@ -47,6 +47,8 @@ NFNL_SUBSYS_IPSET, IPSET_CMD_LIST, IPSET_PROTOCOL = 6, 7, 6
 ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA, ATTR_ADT = 1, 2, 7, 8
 ATTR_IP, ATTR_CIDR, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 3, 4, 7, 20, 21
 IPADDR_IPV4, IPADDR_IPV6 = 1, 2
+# nf_tables (include/uapi/linux/netfilter/nf_tables.h)
+NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NFTA_GEN_ID = 10, 16, 1
 PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}
 IPVS_PROTOCOLS = {number: name.upper() for number, name in PROTOCOL_NAMES.items()}  # the plan's names
 
@@ -283,6 +285,21 @@ def ipset_list_request(name: str) -> tuple[int, bytes]:
     body = (struct.pack("=BBH", socket.AF_INET, 0, 0) + attr(ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
             + attr(ATTR_SETNAME, name.encode() + b"\0"))
     return (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST, body
+
+
+def nft_generation_request() -> tuple[int, bytes]:
+    """(netlink message type, payload) of NFT_MSG_GETGEN: the netns's nf_tables ruleset generation."""
+    return (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+
+
+def nft_generation(payloads: list[bytes]) -> int:
+    """The generation in the NFT_MSG_NEWGEN reply to :func:`nft_generation_request` (NFTA_GEN_ID, be32:
+    ``nf_tables_fill_gen_info`` in net/netfilter/nf_tables_api.c). DecodeError without one."""
+    for payload in payloads:
+        raw = attrs(payload, 4).get(NFTA_GEN_ID)
+        if raw is not None and len(raw) >= 4:
+            return struct.unpack("!I", raw[:4])[0]
+    raise DecodeError("an nf_tables generation reply without NFTA_GEN_ID")
 
 
 def ipset_members(payload: bytes, set_type: str) -> list[str]:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared.contract import events
 from shared.plan.ipvs_flags import sched_flag_names
-from shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
+from shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, VSKey, ipset_name
 
 from . import ipvs_wire, kernel_decode
 from .backend import LINK
@@ -86,15 +87,20 @@ def virtual_server(svc: Service, dests: list[Dest]) -> events.KernelVirtualServe
         stats=_stats(svc.stats), real_servers=reals, sched_flags=tuple(sched_flag_names(svc.scheduler, svc.flags)))
 
 
-async def read_table(kernel: NetlinkKernel) -> events.KernelTable:
+async def read_table(kernel: NetlinkKernel, reals_of: Callable[[VSKey], bool] | None = None) -> events.KernelTable:
     """Read a :class:`~.netlink_writer.NetlinkKernel`'s kernel whole (see the module's docstring), with its
     sockets (opened if needed); creates nothing. Raises DumpError (an OSError) when the kernel refuses a
-    dump. Virtual and real servers stay in the kernel's dump order (``ipvsadm_format`` needs it)."""
+    dump. Virtual and real servers stay in the kernel's dump order (``ipvsadm_format`` needs it). With
+    ``reals_of``, real servers only of the (protocol, address, port) services it accepts (shadow mode's
+    slice: ``divergence.divergences``' ``reals_read``); firewall-mark services' then none."""
     await kernel._open()
     reader, ipr = kernel.reader, kernel.ipr
     assert reader is not None and ipr is not None and kernel.writer is not None
     version, size = parse_info(await kernel.writer.query(kernel.ipvs_family, get_info()))
-    services = [virtual_server(svc, dests) for svc, dests in await reader.table()]
+    dests_of = None if reals_of is None else (
+        lambda svc: not svc.fwmark and svc.protocol in IPVS_PROTOCOLS
+        and reals_of((IPVS_PROTOCOLS[svc.protocol], svc.address, svc.port)))
+    services = [virtual_server(svc, dests) for svc, dests in await reader.table(dests_of=dests_of)]
     found = await ipr.link_lookup(ifname=LINK)
     kernel.link_index = found[0] if found else 0  # node_addresses() leaves this link's addresses out
     addresses = [ip for _, ip in await reader.addresses(found[0])] if found else []

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 from collections.abc import Callable
 
 from shared.plan.node_state import NodeState, RealKey, VirtualService, VSKey
 
 from . import kernel_decode
 from .backend import Observed, parse_owned_entry
+from .decode_memo import DecodeMemo
 from .ipvs_wire import observed_scheduler
 from .kernel_decode import CMD_GET_DEST, CMD_GET_SERVICE, Dest, Service
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER
@@ -43,11 +45,15 @@ class KernelReader:
         self.genl = DumpSocket(NETLINK_GENERIC)
         self.nfnl = DumpSocket(NETLINK_NETFILTER)
         self.route = DumpSocket(NETLINK_ROUTE)
+        # decode only messages that changed since the last read (decode_memo.py)
+        self.service_memo = DecodeMemo(kernel_decode.service)
+        self.address_memo = DecodeMemo(kernel_decode.address)
+        self.member_memos: dict[tuple[str, str], DecodeMemo[list[str]]] = {}  # (set, type)
 
     async def services(self) -> list[Service]:
         """Every IPVS virtual service, in the kernel's dump order."""
         payloads = await self.genl.dump(self.ipvs_family, kernel_decode.ipvs_dump_request(CMD_GET_SERVICE))
-        return [kernel_decode.service(p) for p in payloads]
+        return self.service_memo(payloads)
 
     async def dests(self, service: Service) -> list[Dest]:
         """One service's real servers in the kernel's order (none if the service is gone meanwhile: the
@@ -71,12 +77,8 @@ class KernelReader:
     async def addresses(self, index: int = 0) -> list[tuple[int, str]]:
         """(interface index, address) of every address, or of interface ``index``'s only (index > 0)."""
         payloads = await self.route.dump(kernel_decode.RTM_GETADDR, kernel_decode.address_dump_request(index))
-        out = []
-        for payload in payloads:
-            found = kernel_decode.address(payload)
-            if found is not None and (index == 0 or found[0] == index):
-                out.append(found)
-        return out
+        return [found for found in self.address_memo(payloads)
+                if found is not None and (index == 0 or found[0] == index)]
 
     async def members(self, name: str, set_type: str) -> list[str] | None:
         """The members of ipset ``name`` (of ``set_type``) in kube-proxy's entry syntax; None when no set
@@ -87,9 +89,13 @@ class KernelReader:
             if exc.errno == errno.ENOENT:
                 return None
             raise
+        memo = self.member_memos.get((name, set_type))
+        if memo is None:
+            memo = self.member_memos[(name, set_type)] = DecodeMemo(
+                functools.partial(kernel_decode.ipset_members, set_type=set_type))
         out: list[str] = []
-        for payload in payloads:
-            out += kernel_decode.ipset_members(payload, set_type)
+        for members in memo(payloads):
+            out += members
         return out
 
     def close(self) -> None:

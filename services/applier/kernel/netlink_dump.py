@@ -21,7 +21,7 @@ import struct
 from .netlink_batch import BatchSocket, recv_datagram
 
 NETLINK_ROUTE = 0
-NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x4, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 _HEADER = struct.Struct("=IHHII")
@@ -56,9 +56,17 @@ class DumpSocket(BatchSocket):
                 return payloads
         raise DumpError(errno.EAGAIN, f"the dump of type {kind} was interrupted by changes {DUMP_RETRIES} times")
 
-    async def _dump_once(self, kind: int, body: bytes, max_bytes: int) -> tuple[list[bytes], bool]:
+    async def request(self, kind: int, body: bytes, max_bytes: int = 1 << 16) -> list[bytes]:
+        """Every reply message's payload of one plain (not dump) request, asked with NLM_F_ACK so that the
+        kernel's acknowledgement ends the replies (``netlink_rcv_skb`` acks after the handler's unicast
+        reply). Raises DumpError as :meth:`dump` does."""
+        payloads, _ = await self._dump_once(kind, body, max_bytes, NLM_F_REQUEST | NLM_F_ACK)
+        return payloads
+
+    async def _dump_once(self, kind: int, body: bytes, max_bytes: int,
+                         flags: int = NLM_F_REQUEST | NLM_F_DUMP) -> tuple[list[bytes], bool]:
         seq = self.reserve(1)
-        self.sock.send(_HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        self.sock.send(_HEADER.pack(16 + len(body), kind, flags, seq, 0) + body)
         payloads: list[bytes] = []
         interrupted = False
         total = 0

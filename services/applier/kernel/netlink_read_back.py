@@ -67,9 +67,10 @@ class NetlinkReadBack:
         return await kernel_readback.observe(self.reader, self.link_index, TYPES_BY_NAME,
                                              tuple(OWNED_SETS.values()), checked)
 
-    async def kernel_table(self) -> events.KernelTable:
-        """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``)."""
-        return await read_table(self)  # type: ignore[arg-type]  # self is the NetlinkKernel
+    async def kernel_table(self, reals_of: Callable[[VSKey], bool] | None = None) -> events.KernelTable:
+        """Everything the kernel holds, read-only, with IPVS's counters (``kernel_read``); real servers
+        only of the services ``reals_of`` accepts, if given."""
+        return await read_table(self, reals_of)  # type: ignore[arg-type]  # self is the NetlinkKernel
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
         """Active + inactive connections per real server of the given services (one dump per service)."""

@@ -39,12 +39,16 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pyroute2.netns import popns, pushns
+
 from shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
 from ..ops import AddEntry, DelEntry, Op
-from . import endpoint_mark_rules
+from . import endpoint_mark_rules, kernel_decode
 from .backend import CapabilityError, KernelError
 from .endpoint_mark_rules import EndpointMarks
+from .netlink_batch import NETLINK_NETFILTER
+from .netlink_dump import DumpSocket
 
 TABLE = "kipvs"
 MASQ_MARK = 0x4000
@@ -207,8 +211,10 @@ class NftRules:
 
     def __init__(self, config: RulesConfig, netns: str | None = None) -> None:
         self.config = config
+        self.netns = netns
         self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.marks: EndpointMarks | None = None  # the endpoint marks in the table (enforce mode), else None
+        self.nfnl: DumpSocket | None = None  # for generation(), opened at first use in the table's netns
 
     async def _nft(self, *args: str, script: str | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -252,18 +258,24 @@ class NftRules:
             await self._nft("-f", "-", script=script)
 
     async def members(self) -> dict[str, set[str]]:
-        """The nft sets' members, in ipset entry syntax (for drift checks)."""
+        """The nft sets' members, in ipset entry syntax."""
+        return (await self.listed())[0]
+
+    async def listed(self) -> tuple[dict[str, set[str]], dict[str, int] | None]:
+        """The sets' members and the endpoint-mark pairs (``installed_marks``) of one ``nft -j list table``:
+        what a drift check compares."""
         doc = json.loads(await self._nft("-j", "list", "table", "inet", TABLE))
-        by_name = {s.name: s for s in SETS.values()}
-        out: dict[str, set[str]] = {s.ipset: set() for s in SETS.values()}
-        for item in doc.get("nftables", []):
-            nft_set = item.get("set")
-            if not nft_set or nft_set.get("name") not in by_name:
-                continue
-            spec = by_name[nft_set["name"]]
-            for elem in nft_set.get("elem", []):
-                out[spec.ipset].add(_entry_from_json(_set_type(spec.ipset), elem))
-        return out
+        return _members(doc), endpoint_mark_rules.parse_dispatch(doc)
+
+    async def generation(self) -> int:
+        """The netns's nf_tables ruleset generation (NFT_MSG_GETGEN), which every committed nf_tables
+        transaction bumps (``nf_tables_commit`` in net/netfilter/nf_tables_api.c, ``base_seq``): equal
+        generations mean no table, set or element changed in between. libnftables keys its cache on it
+        the same way (``mnl_genid_get`` in nftables' src/mnl.c). One netlink request, no ``nft`` process.
+        Raises OSError (DumpError) when the kernel refuses it."""
+        if self.nfnl is None:
+            self.nfnl = _socket_in(self.netns)
+        return kernel_decode.nft_generation(await self.nfnl.request(*kernel_decode.nft_generation_request()))
 
     async def remove(self) -> None:
         try:
@@ -271,6 +283,30 @@ class NftRules:
         except KernelError as exc:
             if "No such file" not in str(exc):
                 raise
+
+
+def _socket_in(netns: str | None) -> DumpSocket:
+    """An nfnetlink socket in ``netns`` (a socket keeps the namespace it was opened in)."""
+    if netns is None:
+        return DumpSocket(NETLINK_NETFILTER)
+    pushns(netns)
+    try:
+        return DumpSocket(NETLINK_NETFILTER)
+    finally:
+        popns()
+
+
+def _members(doc: dict) -> dict[str, set[str]]:
+    by_name = {s.name: s for s in SETS.values()}
+    out: dict[str, set[str]] = {s.ipset: set() for s in SETS.values()}
+    for item in doc.get("nftables", []):
+        nft_set = item.get("set")
+        if not nft_set or nft_set.get("name") not in by_name:
+            continue
+        spec = by_name[nft_set["name"]]
+        for elem in nft_set.get("elem", []):
+            out[spec.ipset].add(_entry_from_json(_set_type(spec.ipset), elem))
+    return out
 
 
 def _entry_from_json(set_type: str, elem: object) -> str:
