@@ -11,7 +11,7 @@ Cilium's connection-disruption checks: what a proxy switch must not break, count
                 no answer within the bound is a lost datagram
         --evidence DIR NODE POD...: on a stall or reset, what the node's kernel holds for that connection
                 (its conntrack entries, IPVS connection entries, rules, the sockets at both ends) is
-                written to DIR/<source>-<n>.txt, for the test to print
+                written to DIR/<pid>-<n>.txt (the first three), for the test to print
     It prints "ready" once every long-lived connection is up, runs until a line "stop" (or EOF) on stdin,
     then prints one JSON object: the counts, the first failures described, the slowest echo.
     python traffic.py shared-port NODE A B   a connection to A from a fixed source port, then one to B from
