@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import uuid
 
 import nats
 
 from services.applier.kernel.backend import MemoryKernel
+from services.applier.kernel.rules import NftRules, RulesConfig
 from services.applier.main import ApplierConfig, apply_plan
 from services.applier.ops import digest
 from services.planner.active import plan
@@ -180,10 +183,18 @@ async def test_plan_cache_programs_a_rebooted_node_before_nats_is_reachable(nats
         await asyncio.gather(applier, planner_task, return_exceptions=True)
         await nc.close()
 
-    rebooted = MemoryKernel()
-    assert await plan_cache.restore(cache, "node-a", rebooted) == len(expected.plans)
+    rebooted, netns = MemoryKernel(), f"kipvs-cache-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:  # a rebooted node has no nftables table either: the cache installs it (kipvs's real table, in a netns)
+        rules = NftRules(RulesConfig(), netns=netns)
+        assert await plan_cache.restore(cache, "node-a", rebooted, rules=rules) == len(expected.plans)
+        in_table = await rules.members()
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=True)
     got = await rebooted.observe()
     assert got.state.ipvs == want.ipvs and got.state.addresses == want.addresses and got.state.ipsets == want.ipsets
+    assert in_table == {name: want.ipsets.get(name, set()) for name in in_table}
+    assert in_table["KUBE-CLUSTER-IP"], "the table holds the cached Services"
     assert await plan_cache.restore(cache, "node-b", MemoryKernel()) == 0, "another node's cache is not used"
     cache.write_bytes(b"garbage")
     assert await plan_cache.restore(cache, "node-a", MemoryKernel()) == 0, "an unreadable cache is said and skipped"

@@ -421,7 +421,8 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("kipvs.applier").warning("--backend memory: a SIMULATED kernel, nothing is programmed")
         if cfg.plan_cache:
             await plan_cache.restore(Path(cfg.plan_cache), cfg.node, kernel,
-                                     exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)))
+                                     exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)), rules,
+                                     cfg.endpoint_marks)
         # No consumer here: apply_plan creates it after the bootstrap, where the bootstrap stopped reading.
         await runtime.run_service("applier", cfg, lambda ctx: apply_plan(ctx, kernel, rules))
         return 0

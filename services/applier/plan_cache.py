@@ -23,6 +23,8 @@ from shared.plan.plan_state import SharedPlan
 
 from .exclude import ExcludeCIDRs
 from .kernel.backend import Backend
+from .kernel.rules import NftRules
+from .marks import EndpointMarkRules, Flag
 from .ops import DesiredState, diff
 
 log = logging.getLogger("kipvs.applier")
@@ -81,9 +83,14 @@ def read(path: Path, node: str) -> PlanCache | None:
     return cache
 
 
-async def restore(path: Path, node: str, kernel: Backend, exclude: ExcludeCIDRs | None = None) -> int:
+async def restore(path: Path, node: str, kernel: Backend, exclude: ExcludeCIDRs | None = None,
+                  rules: NftRules | None = None, endpoint_marks: Flag = "auto") -> int:
     """Program the kernel from the cache (read back, diff, write), never in ``exclude``'s ranges
-    (--ipvs-exclude-cidrs). Returns the Services restored."""
+    (--ipvs-exclude-cidrs), and install kipvs's nftables table from it (``rules``; with the cached Calico
+    state's endpoint marks as ``endpoint_marks`` decides), as the bootstrap does: after a reboot the table
+    is gone with the rest, and without it nothing is masqueraded nor filtered by loadBalancerSourceRanges
+    until NATS is back. The table is replaced in one transaction (``nft -f``), so an applier restart's
+    established connections keep their NAT. Returns the Services restored. KernelError from a write."""
     cache = await asyncio.to_thread(read, path, node)
     if cache is None:
         return 0
@@ -95,10 +102,19 @@ async def restore(path: Path, node: str, kernel: Backend, exclude: ExcludeCIDRs 
     ops = diff(desired.state(), observed.state, observed.owned)
     if ops:
         await kernel.apply(ops)
+    if rules is not None:
+        marks = EndpointMarkRules(endpoint_marks, rules, _nothing_to_publish)
+        marks.bootstrap(cache.calico)
+        rules.marks = marks.marks(cache.calico)
+        await rules.install(desired.state().ipsets)
     age = (time.time_ns() - cache.written_ns) / 1e9
     log.info("restored %d Services from the plan cache (plan delta %d, %.0f s old; %d kernel writes) before "
              "reaching NATS", len(plan.services), plan.seq, age, len(ops))
     return len(plan.services)
+
+
+async def _nothing_to_publish() -> None:
+    """Before NATS there is nobody to tell of the endpoint-mark mode; the bootstrap publishes it."""
 
 
 class CacheWriter:
