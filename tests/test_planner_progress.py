@@ -11,6 +11,7 @@ import json
 
 import aiohttp
 import nats
+from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy
 
 from services.planner.active import plan
@@ -54,8 +55,11 @@ async def test_the_planner_is_not_ready_while_the_plan_stream_refuses_its_deltas
         await until(lambda: _ready(port), "the planner ready")
         await publish_kube(js, [_service(0)], "first")
         await until(lambda: _metric(port, "kipvs_planner_source_seq", 1), "the first record planned")
-        # The plan stream is full: it refuses every new delta (a store at its limit).
+        # Once the first delta is stored (planned is not yet published; and max_msgs 0 would be no limit to
+        # the server), the plan stream is full: it refuses every new delta (a store at its limit).
+        await until(lambda: _plan_stream_holds_a_delta(js), "the first delta stored")
         info = await js.stream_info(topology.PLAN_STREAM)
+        assert info.state.messages > 0
         await js.update_stream(dataclasses.replace(info.config, max_msgs=info.state.messages,
                                                    discard=DiscardPolicy.NEW))
         counter = itertools.count(1)
@@ -99,6 +103,10 @@ async def _ready(port: int) -> bool:
         return (await _get(port, "/readyz"))[0] == 200
     except aiohttp.ClientError:
         return False
+
+
+async def _plan_stream_holds_a_delta(js: JetStreamContext) -> bool:
+    return (await js.stream_info(topology.PLAN_STREAM)).state.messages > 0
 
 
 async def _metric(port: int, name: str, at_least: float) -> bool:
