@@ -202,12 +202,7 @@ async def test_shadow_mode_reports_exactly_the_divergence_and_writes_nothing(pla
     task = asyncio.create_task(runtime.run_service("applier", cfg, main, stop=stop))
     expected = f"real server {real[0]}:{real[1]} of TCP 10.96.0.10:80 weight 3, planned {want.ipvs[key].reals[real]}"
     try:
-        for _ in range(1200):
-            reports = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
-            if reports:
-                break
-            await asyncio.sleep(0.05)
-        assert reports, "no shadow report"
+        reports = await _shadow_reports(planned)
         record = reports[-1][1].record
         assert isinstance(record, events.ShadowReport)
         assert record.divergences == (expected,)
@@ -270,12 +265,7 @@ async def test_shadow_mode_leaves_out_the_nodes_excluded_ranges(planned, nats_ur
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel), stop=stop))
     try:
-        for _ in range(1200):
-            reports = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
-            if reports:
-                break
-            await asyncio.sleep(0.05)
-        assert reports, "no shadow report"
+        reports = await _shadow_reports(planned)
         assert reports[-1][1].record.divergences == ()
         code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--diff", capsys=capsys)
         assert (code, out) == (0, ""), err
@@ -391,3 +381,13 @@ async def test_stream_messages_pushed_to_the_inspect_subject_are_not_answered(na
     finally:
         await sub.unsubscribe()
         await nc.close()
+
+
+async def _shadow_reports(js) -> list:
+    """The node's shadow reports, once there is one (within 60 s)."""
+    for _ in range(1200):
+        reports = await read_stream(js, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
+        if reports:
+            return reports
+        await asyncio.sleep(0.05)
+    raise AssertionError("no shadow report")

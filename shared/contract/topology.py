@@ -73,6 +73,15 @@ PARK_SEQUENCE = "Kipvs-Original-Sequence"
 PARK_SERVICE = "Kipvs-Parked-By"
 
 
+def node_tokens(names: list[str], flag: str) -> None:
+    """Check each node name given on a command line (``token``); ValueError naming ``flag`` otherwise."""
+    for name in names:
+        try:
+            token(name)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+
+
 def token(name: str) -> str:
     """A Kubernetes name as one subject token.
 

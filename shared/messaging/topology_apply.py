@@ -109,11 +109,10 @@ def run(args: argparse.Namespace) -> int:
             auth.check()
     except nats_credentials.CredentialsError as exc:
         raise StartupError(str(exc)) from None
-    for node in args.node:
-        try:
-            topology.token(node)
-        except ValueError as exc:
-            raise StartupError(f"--node: {exc}") from None
+    try:
+        topology.node_tokens(args.node, "--node")
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     try:
         touched = asyncio.run(apply(url, auth, args.nats_replicas, args.node, args.plan_feed))
     except topology.TopologyError as exc:

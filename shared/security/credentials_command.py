@@ -69,11 +69,10 @@ def secrets(directory: Path, namespace: str) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     names = [*pki.LOCAL_NAMES, *service_names(args.namespace), *args.name]
-    for node in args.local_applier:
-        try:
-            topology.token(node)
-        except ValueError as exc:
-            raise StartupError(f"--local-applier: {exc}") from None
+    try:
+        topology.node_tokens(args.local_applier, "--local-applier")
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     try:
         creds.ensure(directory, names)
         for node in args.local_applier:
