@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from services.harness.demo.main import LOG_FILE
+from services.harness.demo.run import kipvs_command
 
 KIPVS = str(Path(sys.executable).with_name("kipvs"))
 
@@ -47,6 +48,25 @@ def _log_is_usable() -> None:
     done = subprocess.run([KIPVS, "why", "--log", str(LOG_FILE), "--node", "node-b", "10.96.0.10:80"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "node-b forwards TCP 10.96.0.10:80" in done.stdout
+
+
+def test_the_demo_names_the_kipvs_its_reader_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    venv = tmp_path / "checkout" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "kipvs").write_text("#!/bin/sh\n")
+    (venv / "kipvs").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.chdir(tmp_path / "checkout")
+    assert kipvs_command() == ".venv/bin/kipvs"  # make demo in a checkout
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert kipvs_command() == str(venv / "kipvs")
+    monkeypatch.setenv("PATH", str(venv))
+    assert kipvs_command() == "kipvs"  # an installed kipvs on PATH
+    (venv / "kipvs").unlink()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert kipvs_command() == "kipvs"  # pip install --user: the command is elsewhere on PATH
 
 
 def test_demo_with_simulated_kernels() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import lzma
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,14 @@ def test_output_that_imitates_the_markers_or_lacks_a_newline_is_handed_back_whol
     assert run.status == 3
     assert run.output.split("\n") == ["before", f"{vm.END} 0", "after", "a\rb"]
     assert lines[:4] == ["before", f"{vm.END} 0", "after", "a\rb"], "on_line sees every line, in order"
+
+
+def test_the_image_folder_is_the_checkouts_else_the_users_cache(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    monkeypatch.delenv("KIPVS_GUEST_DIR", raising=False)
+    assert image.cache_dir() == image.ROOT / ".cache" / "guest"  # running from this checkout
+    monkeypatch.setattr(image, "ROOT", tmp_path / "site-packages")  # an installed package: no checkout
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert image.cache_dir() == tmp_path / "cache" / "kipvs" / "guest"
+    monkeypatch.setenv("KIPVS_GUEST_DIR", "chosen")
+    assert image.cache_dir() == Path("chosen").absolute()

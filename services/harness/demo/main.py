@@ -19,7 +19,7 @@ from shared.security import nats_credentials, pki
 
 from . import run as script
 from .network import BRIDGE_IP
-from .run import LOG_BEGIN, LOG_END
+from .run import LOG_BEGIN, LOG_END, kipvs_command
 
 LOG_FILE = Path(tempfile.gettempdir()) / "kipvs-demo" / "log.jsonl"
 GUEST_LOGS = LOG_FILE.parent / "guest-logs"  # the services' logs, when a step in the guest failed
@@ -166,7 +166,7 @@ def _explore(log: Path, records: int) -> None:
     for example in ("tap --log {}", "why --log {} --node node-b 10.96.0.10:80",
                     "history --log {} EndpointSlice/default/web-x1", "replay --log {}",
                     "plan --log {} --node node-c --at 20"):
-        print(f"  .venv/bin/kipvs {example.format(log)}")
+        print(f"  {kipvs_command()} {example.format(log)}")
 
 
 def _memory(args: argparse.Namespace, reason: str) -> int:

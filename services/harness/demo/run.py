@@ -308,6 +308,20 @@ async def _live_change(cluster: Cluster, change: Any) -> None:
     say(f"      from the Kubernetes change to the {what} (apply reports; tables checked): {', '.join(timings)}")
 
 
+def kipvs_command() -> str:
+    """How the reader of the demo runs kipvs from another terminal: ``kipvs`` when the one on PATH is this
+    installation's, else the ``kipvs`` beside this Python (a checkout's ``.venv/bin/kipvs``), relative to the
+    working folder when inside it."""
+    beside = Path(sys.executable).with_name("kipvs")
+    on_path = shutil.which("kipvs")
+    if not beside.exists() or (on_path and Path(on_path).resolve() == beside.resolve()):
+        return "kipvs"
+    try:
+        return str(beside.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside.absolute())
+
+
 async def _last(cluster: Cluster, stream: str) -> int:
     assert cluster.js is not None
     return (await cluster.js.stream_info(stream)).state.last_seq
@@ -315,7 +329,8 @@ async def _last(cluster: Cluster, stream: str) -> int:
 
 async def _keep(cluster: Cluster, args: argparse.Namespace) -> None:
     url = cluster.public_url
-    say("\neverything keeps running. Explore from another terminal (.venv/bin/kipvs), as the read-only tools identity:")
+    say(f"\neverything keeps running. Explore from another terminal ({kipvs_command()}), as the read-only tools "
+        "identity:")
     say(f"  export NATS_URL={url} KIPVS_NATS_NKEY_FILE={cluster.auth_dir / 'tools.nk'} "
         f"KIPVS_NATS_CA_FILE={cluster.auth_dir / 'ca.pem'}")
     say("  kipvs tap --since 1h          # the whole log, then live")

@@ -8,7 +8,8 @@
 - ``initramfs.gz``: ``busybox-static`` (also fetched, not installed), the modules needed to reach the host's
   root over virtio 9p and overlay it, and ``init`` (this package's ``init.sh``).
 
-Layout of the cache (``KIPVS_GUEST_DIR``, default ``<checkout>/.cache/guest``)::
+Layout of the cache (``KIPVS_GUEST_DIR``; default ``<checkout>/.cache/guest``, or ``~/.cache/kipvs/guest``
+for an installed package)::
 
     <dir>/READY                      {"release": ..., "sizes": {file: bytes}}, written last; checked on use
     <dir>/root/lib/modules/<release>/ the unpacked modules, depmod'ed
@@ -35,7 +36,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]  # the checkout (an editable install)
+ROOT = Path(__file__).resolve().parents[3]  # the checkout, when kipvs runs from one (an editable install)
 META_PACKAGE = "linux-image-amd64"
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 # What init needs before the host's root is reachable: virtio PCI, 9p over virtio, overlayfs, and the NIC
@@ -52,8 +53,16 @@ class ImageError(Exception):
 
 
 def cache_dir() -> Path:
-    """The image folder, absolute: $KIPVS_GUEST_DIR, else <checkout>/.cache/guest."""
-    return Path(os.environ.get("KIPVS_GUEST_DIR") or ROOT / ".cache" / "guest").absolute()
+    """The image folder, absolute: $KIPVS_GUEST_DIR, else <checkout>/.cache/guest when kipvs runs from its
+    checkout (where ``make`` puts it), else $XDG_CACHE_HOME/kipvs/guest (``~/.cache/kipvs/guest``) for an
+    installed package, whose files sit in site-packages and have no checkout around them."""
+    chosen = os.environ.get("KIPVS_GUEST_DIR")
+    if chosen:
+        return Path(chosen).absolute()
+    if (ROOT / "pyproject.toml").is_file():
+        return (ROOT / ".cache" / "guest").absolute()
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(user_cache) / "kipvs" / "guest").absolute()
 
 
 def ready_release(directory: Path | None = None) -> str | None:
@@ -222,8 +231,8 @@ def _run(argv: list[str], cwd: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.harness.guest.image",
                                      description="Prepare the QEMU guest's kernel and initramfs (idempotent).")
-    parser.add_argument("--dir", type=Path, default=None, help="cache folder (default: $KIPVS_GUEST_DIR or "
-                                                                "<checkout>/.cache/guest)")
+    parser.add_argument("--dir", type=Path, default=None, help="cache folder (default: $KIPVS_GUEST_DIR, else "
+                                                                f"{cache_dir()})")
     parser.add_argument("--rebuild", action="store_true", help="make the image again even if it looks complete")
     args = parser.parse_args(argv)
     try:
