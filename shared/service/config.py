@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -357,6 +358,19 @@ def _names(message: str, key: str) -> bool:
             or message.startswith((f"{key} ", f"{key}:")))
 
 
+BOUND = re.compile(r"Expected `\w+` (?P<op>[<>]=?) (?P<bound>\S+) - at `\$\.(?P<key>\w+)`")
+
+
+def _plainly(message: str, merged: dict[str, tuple[Any, str]]) -> str:
+    """msgspec's bound message (``Expected `float` > 0.0 - at `$.drift_period```) in the operator's words:
+    the setting as given, the bound, and the value it had."""
+    bound = BOUND.fullmatch(message)
+    if bound is None or bound["key"] not in merged:
+        return message
+    value, _ = merged[bound["key"]]
+    return f"{bound['key'].replace('_', '-')} must be {bound['op']} {bound['bound']}, not {value}"
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -391,7 +405,7 @@ def load(cls: type[T], flags: Mapping[str, Any] | None = None,
     except msgspec.ValidationError as exc:
         message = str(exc)
         where = next((f" (from {source})" for key, (_, source) in merged.items() if _names(message, key)), "")
-        raise ConfigError(f"invalid configuration{where}: {message}") from None
+        raise ConfigError(f"invalid configuration{where}: {_plainly(message, merged)}") from None
     if warnings:
         logs.setup(getattr(loaded, "log_format", "human"), getattr(loaded, "log_level", "info"))
         for line in warnings:
