@@ -33,6 +33,14 @@ log = logging.getLogger("kipvs.applier")
 # Seconds between two reports of one kind from one node. At 5,000 nodes this is at most 5,000 writes a
 # second into KIPVS_STATUS whatever the change rate; `kipvs status --max-lag` (default 30 s) is far above it.
 REPORT_INTERVAL = 1.0
+# Under sustained churn (BUSY_AFTER reports in a row each held back for the interval) the pace widens to this
+# until a report goes out at once again (none of its kind for this long): the reports were most of what a
+# node still cost the servers per change (issue 27, docs/architecture.md "Scale"). `kipvs status` then sees
+# a busy node's position up to this late, far below its --max-lag (30 s); a lone change is still reported at
+# once. kubelet's node status has the same shape: 10 s while something changes, else every 5 min
+# (pkg/kubelet/kubelet_node_status.go, nodeStatusUpdateFrequency / nodeStatusReportFrequency).
+BUSY_REPORT_INTERVAL = 5.0
+BUSY_AFTER = 3
 
 Publish = Callable[[str, events.Envelope], Awaitable[None]]
 
@@ -50,16 +58,21 @@ def same_news(last: events.Envelope | None, new: events.Envelope) -> bool:
 class ReportPacer:
     """Publishes offered reports with ``publish(kind, envelope)`` at most once per ``interval`` seconds per
     kind (0: every offer, as before issue 27), the newest one of each kind, skipping repeats
-    (:func:`same_news`). ``clock`` is monotonic seconds."""
+    (:func:`same_news`); once ``BUSY_AFTER`` reports of a kind in a row were held back, at most once per
+    ``busy_interval`` (never less than ``interval``) until one goes out at once. ``clock`` is monotonic
+    seconds."""
 
     def __init__(self, publish: Publish, interval: float = REPORT_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, busy_interval: float = BUSY_REPORT_INTERVAL) -> None:
         self.publish = publish
         self.interval = interval
+        self.busy_interval = max(busy_interval, interval)
         self.clock = clock
         self.unsent: dict[str, events.Envelope] = {}  # the newest report of each kind not yet on the bus
         self.sent: dict[str, events.Envelope] = {}  # the last report of each kind on the bus
         self.sent_at: dict[str, float] = {}
+        self.held: set[str] = set()  # kinds whose unsent report was offered before it was due
+        self.held_in_a_row: dict[str, int] = {}  # per kind: reports sent in a row that had been held back
         self.published = 0
         self.task: asyncio.Task | None = None
 
@@ -68,13 +81,18 @@ class ReportPacer:
         if kind not in self.unsent and same_news(self.sent.get(kind), envelope):
             return
         self.unsent[kind] = envelope
+        if self.due_in(kind) > 0:
+            self.held.add(kind)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self.send())
 
     def due_in(self, kind: str) -> float:
         """Seconds until a report of ``kind`` may go out (0: now)."""
         last = self.sent_at.get(kind)
-        return 0.0 if last is None else max(0.0, last + self.interval - self.clock())
+        if last is None:
+            return 0.0
+        busy = self.held_in_a_row.get(kind, 0) >= BUSY_AFTER
+        return max(0.0, last + (self.busy_interval if busy else self.interval) - self.clock())
 
     async def send(self) -> None:
         """Publish what is due until nothing is left; a failed publish ends the round (kept for the next)."""
@@ -92,6 +110,8 @@ class ReportPacer:
                             pending.id, type(exc).__name__, exc or "")
                 return
             self.sent[kind], self.sent_at[kind] = pending, self.clock()
+            self.held_in_a_row[kind] = self.held_in_a_row.get(kind, 0) + 1 if kind in self.held else 0
+            self.held.discard(kind)
             self.published += 1
             if self.unsent.get(kind) is pending:  # else a newer one came meanwhile: it goes next
                 del self.unsent[kind]

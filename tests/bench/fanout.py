@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import nats
 
@@ -36,17 +37,31 @@ from shared.messaging import bus
 from shared.service.metrics import Registry
 from tests.bench import fleet, fleet_nodes
 
+
+class Design(NamedTuple):
+    plan: str  # "consumer" (a durable per node) or "feed" (plan_feed.PlanFeed)
+    interval: float | None  # seconds between two reports of a node; None: reports on core NATS, stored nowhere
+    acks: bool
+    watch: bool  # the claim watched on its key's subject (else read before a batch: each one, or once a second)
+    status_replicas: int = 3  # KIPVS_STATUS's replicas (R3 as in deploy/)
+
+
 DESIGNS = {
-    # name: (plan input, report interval (None: reports on core NATS, not into KIPVS_STATUS), acks,
-    #        the claim watched on its key's subject (else read before a batch: each one, or once a second))
-    "consumer": ("consumer", 0.0, True, False),  # before issue 27: a durable per node, a report per batch
-    "consumer-core-reports": ("consumer", None, True, False),
-    "consumer-no-acks": ("consumer", None, False, False),  # and reports on core NATS
+    "consumer": Design("consumer", 0.0, True, False),  # before issue 27: a durable per node, a report per batch
+    "consumer-core-reports": Design("consumer", None, True, False),
+    "consumer-no-acks": Design("consumer", None, False, False),  # and reports on core NATS
     # issue 27, first part: the republished feed, reports paced, the claim read at most once a second
-    "feed-claim-poll": ("feed", report_pacer.REPORT_INTERVAL, True, False),
-    "feed": ("feed", report_pacer.REPORT_INTERVAL, True, True),  # and the claim watched: the applier now
-    "feed-core-reports": ("feed", None, True, True),
+    "feed-claim-poll": Design("feed", report_pacer.REPORT_INTERVAL, True, False),
+    "feed": Design("feed", report_pacer.REPORT_INTERVAL, True, True),  # and the claim watched: the applier now
+    "feed-core-reports": Design("feed", None, True, True),
+    # the reports' variants (issue 27, third session): paced wider under churn, or into an R1 status stream
+    "feed-1s": Design("feed", 1.0, True, True),
+    "feed-2s": Design("feed", 2.0, True, True),
+    "feed-5s": Design("feed", 5.0, True, True),
+    "feed-status-r1": Design("feed", 1.0, True, True, status_replicas=1),
 }
+# `make bench`: the split of the consumer design, the feed and what its reports cost
+DEFAULT_DESIGNS = ("consumer", "consumer-core-reports", "consumer-no-acks", "feed", "feed-core-reports")
 GOAL_CPU_MS = 0.076  # servers' CPU per change per node at N=100 (issue 27: a tenth of 0.76 ms), or x0.1 of "consumer"
 GOAL_RSS_MIB = 0.3  # servers' RSS per added node
 
@@ -95,7 +110,7 @@ def delta(seq: int) -> events.Envelope:
 
 
 async def start_node(url: str, name: str, design: str) -> Node:
-    kind, interval, _, watch = DESIGNS[design]
+    kind, interval, _, watch, _ = DESIGNS[design]
     nc = await nats.connect(url.split(","), max_reconnect_attempts=-1, name=f"{NODE_CONN}{name}")
     js = nc.jetstream(timeout=10)
     node = Node(name, nc)
@@ -164,8 +179,17 @@ async def measure(cluster: fleet.Cluster, nodes: list[Node], publisher, changes:
             **per_change_node(c0, c1, c2, idle_s, wall, changes, n)}
 
 
+async def status_replicas(nc: nats.NATS, replicas: int) -> None:
+    """KIPVS_STATUS declared again with ``replicas`` (empty: the run has not started)."""
+    js = nc.jetstream(timeout=10)
+    config = (await js.stream_info(topology.STATUS_STREAM)).config
+    await js.delete_stream(topology.STATUS_STREAM)
+    config.num_replicas = replicas
+    await js.add_stream(config)
+
+
 async def run_design(design: str, sizes: list[int], changes: int, rate: float) -> list[dict[str, float]]:
-    if not DESIGNS[design][2]:
+    if not DESIGNS[design].acks:
         fleet_nodes.without_acks()  # for the rest of this process: the designs without acks come after
     with tempfile.TemporaryDirectory(prefix="kipvs-fanout-") as tmp:
         cluster = fleet.Cluster(Path(tmp))
@@ -176,6 +200,8 @@ async def run_design(design: str, sizes: list[int], changes: int, rate: float) -
             await cluster.ready()
             publisher = await nats.connect(cluster.url.split(","), max_reconnect_attempts=-1)
             await bus.setup(publisher, replicas=3)
+            if DESIGNS[design].status_replicas != 3:
+                await status_replicas(publisher, DESIGNS[design].status_replicas)
             await asyncio.sleep(2)
             rss0 = cluster.rss_mib()
             # no node: what a change costs the servers whatever N (the planner's write, replicated)
@@ -278,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-interval", type=float, default=report_pacer.REPORT_INTERVAL,
                         help="seconds between two reports of a node on the feed (default: kipvs applier's)")
     # feed-claim-poll only by name: the first session's applier, kept to show what the claim watch saved
-    parser.add_argument("--designs", default=",".join(d for d in DESIGNS if d != "feed-claim-poll"),
+    parser.add_argument("--designs", default=",".join(DEFAULT_DESIGNS),
                         help="comma-separated, in this order, of: " + ", ".join(DESIGNS))
     args = parser.parse_args(argv)
     sizes = sorted({int(n) for n in args.nodes.split(",") if n.strip()})
@@ -287,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not sizes or sizes[0] < 1:
         parser.error(f"unknown design {unknown[0]!r}" if unknown else "--nodes: at least 1")
     for name in ("feed", "feed-claim-poll"):
-        DESIGNS[name] = (*DESIGNS[name][:1], args.report_interval, *DESIGNS[name][2:])
+        DESIGNS[name] = DESIGNS[name]._replace(interval=args.report_interval)
     results = {d: asyncio.run(run_design(d, sizes, args.changes, args.rate)) for d in designs}
     report(results, args.changes, args.rate)
     return 0
