@@ -5,6 +5,7 @@ test_status_truth.py."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import nats.errors
 
@@ -117,7 +118,7 @@ async def test_sustained_churn_widens_the_pace_until_a_report_goes_out_at_once_a
         seq += 1
         pacer.offer("applied", applied(seq))
         await asyncio.sleep(0.02)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) >= BUSY_AFTER + 1, times
     assert all(g < 0.5 for g in gaps[:BUSY_AFTER]), gaps  # the short pace first: a short burst is not churn
     assert all(g >= 0.55 for g in gaps[BUSY_AFTER:]), gaps  # then the busy pace

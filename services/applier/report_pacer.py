@@ -111,10 +111,12 @@ class ReportPacer:
                 return
             self.sent[kind], self.sent_at[kind] = pending, self.clock()
             self.held_in_a_row[kind] = self.held_in_a_row.get(kind, 0) + 1 if kind in self.held else 0
-            self.held.discard(kind)
             self.published += 1
-            if self.unsent.get(kind) is pending:  # else a newer one came meanwhile: it goes next
+            if self.unsent.get(kind) is pending:
                 del self.unsent[kind]
+                self.held.discard(kind)
+            else:  # a newer one came meanwhile: it goes next, after the interval
+                self.held.add(kind)
 
     async def flush(self, within: float = 10.0) -> None:
         """Publish what is queued now, without waiting for the interval (at stop: the last report says what

@@ -35,7 +35,7 @@ from services.applier import node_claim, plan_feed, report_pacer
 from shared.contract import events, topology
 from shared.messaging import bus
 from shared.service.metrics import Registry
-from tests.bench import fleet, fleet_nodes
+from tests.bench import fanout_conns, fleet, fleet_nodes
 
 
 class Design(NamedTuple):
@@ -312,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     # feed-claim-poll only by name: the first session's applier, kept to show what the claim watch saved
     parser.add_argument("--designs", default=",".join(DEFAULT_DESIGNS),
                         help="comma-separated, in this order, of: " + ", ".join(DESIGNS))
+    parser.add_argument("--connection-cost", type=int, default=0, metavar="N",
+                        help="instead: what one connection costs the servers' memory, taken apart, with N of them "
+                             "(fanout_conns.py)")
     args = parser.parse_args(argv)
+    if args.connection_cost > 0:
+        return fanout_conns.main(args.connection_cost)
     sizes = sorted({int(n) for n in args.nodes.split(",") if n.strip()})
     designs = [d.strip() for d in args.designs.split(",") if d.strip()]
     unknown = [d for d in designs if d not in DESIGNS]
