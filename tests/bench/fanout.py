@@ -12,9 +12,14 @@ measures. Printed per design and N: the servers' CPU per change per node (churn 
 added node (idle, and after the changes), KIPVS_STATUS messages per change per node and per node per second,
 and from the servers' own counters (their loopback monitoring port: /varz, /connz) the messages they wrote to
 and read from the nodes' connections and wrote in all (routes included) per change per node, and each node
-connection's subscriptions; then issue 27's goals against the feed's figures. Nothing is asserted.
+connection's subscriptions; then issue 27's goals against each feed design's figures. The designs
+(``--designs``, ``DESIGNS``) take one cost away at a time or vary the reports: their pace under churn
+(``feed-1s``, ``feed-2s``, ``feed-5s``; ``feed`` is the applier's default) and KIPVS_STATUS's replicas
+(``feed-status-r1``). ``--connection-cost N`` instead takes one connection's memory apart
+(``fanout_conns.py``). Nothing is asserted.
 
     python -m tests.bench fanout --nodes 100,300 --changes 100 --rate 5
+    python -m tests.bench fanout --nodes 100 --designs consumer,feed-1s,feed,feed-core-reports
 """
 
 from __future__ import annotations
@@ -285,15 +290,14 @@ def goals(results: dict[str, list[dict[str, float]]]) -> None:
     for design, f in feeds:
         cpu = f["cpu_ms_per_change_node"]
         line = (f"goals, {design} at N={f['nodes']:.0f}: servers' CPU per change per node {cpu:.4f} ms "
-                f"(goal <= {GOAL_CPU_MS})")
-        ok = cpu <= GOAL_CPU_MS
+                f"(goal <= {GOAL_CPU_MS}): {_met(cpu <= GOAL_CPU_MS)}")
         b = before.get(f["nodes"])
         if b:
             ratio = cpu / b["cpu_ms_per_change_node"]
             marginal = f["marginal_cpu_ms_per_change_node"] / b["marginal_cpu_ms_per_change_node"]
-            line += f", x{ratio:.3f} of this run's consumer design (x{marginal:.3f} minus no-node; goal <= x0.1)"
-            ok = ok or ratio <= 0.1
-        print(f"{line}: {_met(ok)}" + ("" if f["nodes"] == 100 else " (the goal is stated at N=100)"))
+            line += (f"; x{ratio:.3f} of this run's consumer design (x{marginal:.3f} minus no-node; goal <= x0.1): "
+                     f"{_met(ratio <= 0.1)}")
+        print(line + ("" if f["nodes"] == 100 else " (the goals are stated at N=100)"))
         print(f"  servers' RSS per added node {f['rss_mib_per_node']:.3f} MiB after the changes, "
               f"{f['rss_idle_mib_per_node']:.3f} connected and idle (goal <= {GOAL_RSS_MIB}): after the changes "
               f"{_met(f['rss_mib_per_node'] <= GOAL_RSS_MIB)}, idle {_met(f['rss_idle_mib_per_node'] <= GOAL_RSS_MIB)}")
