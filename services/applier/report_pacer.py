@@ -5,7 +5,11 @@ is N replicated writes per change, the largest part of the servers' cost per nod
 ``python -m tests.bench fleet --split``; docs/architecture.md "Scale"). What ``kipvs status`` needs is where
 each node is, not every step it took; so the pacer publishes a report at once when none of its kind went
 out in the last ``interval`` seconds (a lone change is reported without delay), else holds the newest one and
-publishes it when the interval has passed (a burst of changes is one report). An ``ApplyReport`` that says
+publishes it when the interval has passed (a burst of changes is one report). Under sustained churn (three
+reports in a row held back) the pace widens to ``busy_interval`` (5 s) until a report goes out at once again:
+the second session's one report per node per second was still most of what a node cost the servers per
+change, and `kipvs status` needs a busy node's position within its --max-lag (30 s), not within a second
+(issue 27, third session). An ``ApplyReport`` that says
 what the last one said (the same plan delta and desired state, no operations, no errors) is not published
 at all. Drift reports (one per drift period) and everything else pass at the same pace.
 
@@ -38,7 +42,8 @@ REPORT_INTERVAL = 1.0
 # node still cost the servers per change (issue 27, docs/architecture.md "Scale"). `kipvs status` then sees
 # a busy node's position up to this late, far below its --max-lag (30 s); a lone change is still reported at
 # once. kubelet's node status has the same shape: 10 s while something changes, else every 5 min
-# (pkg/kubelet/kubelet_node_status.go, nodeStatusUpdateFrequency / nodeStatusReportFrequency).
+# (pkg/kubelet/kubelet_node_status.go, tryUpdateNodeStatus: computed every nodeStatusUpdateFrequency, posted
+# only when changed or nodeStatusReportFrequency has passed).
 BUSY_REPORT_INTERVAL = 5.0
 BUSY_AFTER = 3
 
