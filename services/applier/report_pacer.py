@@ -6,7 +6,8 @@ is N replicated writes per change, the largest part of the servers' cost per nod
 each node is, not every step it took; so the pacer publishes a report at once when none of its kind went
 out in the last ``interval`` seconds (a lone change is reported without delay), else holds the newest one and
 publishes it when the interval has passed (a burst of changes is one report). Under sustained churn (three
-reports in a row held back) the pace widens to ``busy_interval`` (5 s) until a report goes out at once again:
+reports in a row held back) the pace widens to ``busy_interval`` (5 s), or a quiet ``interval`` after the newest
+offer when the churn ends, until a report goes out at once again:
 the second session's one report per node per second was still most of what a node cost the servers per
 change, and `kipvs status` needs a busy node's position within its --max-lag (30 s), not within a second
 (issue 27, third session). An ``ApplyReport`` that says
@@ -77,6 +78,7 @@ class ReportPacer:
         self.sent: dict[str, events.Envelope] = {}  # the last report of each kind on the bus
         self.sent_at: dict[str, float] = {}
         self.held: set[str] = set()  # kinds whose unsent report was offered before it was due
+        self.offered_at: dict[str, float] = {}  # when the newest unsent report of each kind was offered
         self.held_in_a_row: dict[str, int] = {}  # per kind: reports sent in a row that had been held back
         self.published = 0
         self.task: asyncio.Task | None = None
@@ -86,18 +88,24 @@ class ReportPacer:
         if kind not in self.unsent and same_news(self.sent.get(kind), envelope):
             return
         self.unsent[kind] = envelope
+        self.offered_at[kind] = self.clock()
         if self.due_in(kind) > 0:
             self.held.add(kind)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self.send())
 
     def due_in(self, kind: str) -> float:
-        """Seconds until a report of ``kind`` may go out (0: now)."""
+        """Seconds until a report of ``kind`` may go out (0: now). A busy kind's report goes out
+        ``busy_interval`` after the last one, or sooner once no newer one was offered for ``interval`` (the
+        churn ended: its last position is not held back)."""
         last = self.sent_at.get(kind)
         if last is None:
             return 0.0
-        busy = self.held_in_a_row.get(kind, 0) >= BUSY_AFTER
-        return max(0.0, last + (self.busy_interval if busy else self.interval) - self.clock())
+        due = last + self.interval
+        if self.held_in_a_row.get(kind, 0) >= BUSY_AFTER:
+            quiet = self.offered_at.get(kind, last) + self.interval
+            due = min(last + self.busy_interval, max(due, quiet))
+        return max(0.0, due - self.clock())
 
     async def send(self) -> None:
         """Publish what is due until nothing is left; a failed publish ends the round (kept for the next)."""
