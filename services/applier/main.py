@@ -145,8 +145,9 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
         "one report, the newest (0: one per batch)"), msgspec.Meta(ge=0, le=60)] = report_pacer.REPORT_INTERVAL
     busy_report_interval: Annotated[float, describe(
         "seconds between two reports of one kind once a node is busy (3 reports in a row held back for "
-        "--report-interval), until one goes out at once again; kipvs status sees a busy node's position up to "
-        "this late (never below --report-interval)"), msgspec.Meta(ge=0, le=60)] = report_pacer.BUSY_REPORT_INTERVAL
+        "--report-interval), until one goes out at once again; the last one when the churn ends goes out a quiet "
+        "--report-interval after it; kipvs status sees a busy node's position up to this late (never below "
+        "--report-interval)"), msgspec.Meta(ge=0, le=60)] = report_pacer.BUSY_REPORT_INTERVAL
 
     shadow: Annotated[bool, describe(
         "shadow mode, for migrations: program nothing and compare the kernel (kube-proxy's IPVS table, "
