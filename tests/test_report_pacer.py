@@ -5,10 +5,11 @@ test_status_truth.py."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import nats.errors
 
-from services.applier.report_pacer import ReportPacer
+from services.applier.report_pacer import BUSY_AFTER, ReportPacer
 from shared.contract import events
 
 INTERVAL = 0.3
@@ -98,3 +99,39 @@ async def test_flush_publishes_the_held_report_without_waiting_for_the_interval(
     pacer.offer("applied", applied(2))
     await asyncio.wait_for(pacer.flush(), 2)
     assert sink.got == [("applied", 1), ("applied", 2)]
+
+
+async def test_sustained_churn_widens_the_pace_until_a_report_goes_out_at_once_again() -> None:
+    """Issue 27: BUSY_AFTER reports in a row held back make the node busy: one report per busy interval, the
+    newest, and the last position a quiet interval after the churn ends; a quiet busy interval ends it (a
+    lone change at once, the next at the short pace)."""
+    times: list[float] = []
+    sink = Sink()
+    loop = asyncio.get_running_loop()
+
+    async def publish(kind: str, envelope: events.Envelope) -> None:
+        times.append(loop.time())
+        await sink.publish(kind, envelope)
+
+    pacer = ReportPacer(publish, 0.3, busy_interval=2.0)
+    end, seq = loop.time() + 3.2, 0
+    while loop.time() < end:  # 3.2 s of churn, 50 changes a second
+        seq += 1
+        pacer.offer("applied", applied(seq))
+        await asyncio.sleep(0.02)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) >= BUSY_AFTER + 1, times
+    assert all(g < 1.0 for g in gaps[:BUSY_AFTER]), gaps  # the short pace first: a short burst is not churn
+    assert all(g >= 1.9 for g in gaps[BUSY_AFTER:]), gaps  # then the busy pace
+    assert len(times) <= BUSY_AFTER + 1 + 1, times
+    churn_ended = loop.time()
+    await asyncio.sleep(2.6)  # the held report goes out, then a quiet busy interval
+    assert sink.got[-1] == ("applied", seq)  # the newest
+    assert times[-1] - churn_ended < 0.9, times  # a quiet interval after the churn, not the busy one
+    quiet = loop.time()
+    pacer.offer("applied", applied(seq + 1))
+    await asyncio.sleep(0.02)
+    pacer.offer("applied", applied(seq + 2))
+    await asyncio.sleep(0.8)
+    assert sink.got[-2:] == [("applied", seq + 1), ("applied", seq + 2)]
+    assert times[-1] - quiet < 0.75, times  # at the short pace again

@@ -143,6 +143,11 @@ class ApplierConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     report_interval: Annotated[float, describe(
         "seconds between two apply reports of this node on kipvs.status.<node>.applied: a burst of changes is "
         "one report, the newest (0: one per batch)"), msgspec.Meta(ge=0, le=60)] = report_pacer.REPORT_INTERVAL
+    busy_report_interval: Annotated[float, describe(
+        "seconds between two reports of one kind once a node is busy (3 reports in a row held back for "
+        "--report-interval), until one goes out at once again; the last one when the churn ends goes out a quiet "
+        "--report-interval after it; kipvs status sees a busy node's position up to this late (never below "
+        "--report-interval)"), msgspec.Meta(ge=0, le=60)] = report_pacer.BUSY_REPORT_INTERVAL
 
     shadow: Annotated[bool, describe(
         "shadow mode, for migrations: program nothing and compare the kernel (kube-proxy's IPVS table, "
@@ -186,6 +191,7 @@ def settings_of(cfg: ApplierConfig) -> ApplierSettings:
                            endpoint_marks=cfg.endpoint_marks, conntrack_cleanup=cfg.conntrack_cleanup,
                            timeouts=Timeouts(cfg.ipvs_tcp_timeout, cfg.ipvs_tcpfin_timeout, cfg.ipvs_udp_timeout),
                            strict_arp=cfg.ipvs_strict_arp, report_interval=cfg.report_interval,
+                           busy_report_interval=cfg.busy_report_interval,
                            drift_check_services=cfg.drift_check_services,
                            nodeport_cidrs=tuple(cfg.nodeport_cidrs), adopt=cfg.adopt,
                            exclude=exclude.ExcludeCIDRs(exclude.parse(cfg.ipvs_exclude_cidrs)),

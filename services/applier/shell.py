@@ -41,7 +41,7 @@ from .kernel.rules import NftRules
 from .node_settings import NodeSettings, Timeouts
 from .ops import Op, describe_changes
 from .programming_metrics import ProgrammingMetrics, health_counters, service_keys
-from .report_pacer import REPORT_INTERVAL
+from .report_pacer import BUSY_REPORT_INTERVAL, REPORT_INTERVAL
 from .reports import Reports
 
 log = logging.getLogger("kipvs.applier")
@@ -58,6 +58,7 @@ class ApplierSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)  # --ipvs-tcp-timeout ...
     strict_arp: bool = False  # --ipvs-strict-arp
     report_interval: float = REPORT_INTERVAL  # --report-interval, seconds
+    busy_report_interval: float = BUSY_REPORT_INTERVAL  # --busy-report-interval, seconds
     drift_check_services: int = SERVICES_PER_CHECK  # --drift-check-services
     nodeport_cidrs: tuple[str, ...] = ()  # --nodeport-cidrs (kube-proxy's --nodeport-addresses)
     conntrack: Conntrack = field(default_factory=Conntrack)  # --conntrack-max-per-core ...
@@ -92,7 +93,7 @@ class Applier:
         self.plan_reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(node))
         self.consumer: plan_feed.PlanInput | None = None
         self.claim: node_claim.NodeClaim | None = None  # one applier per node (node_claim.py)
-        self.reports = Reports(ctx.js, node, s.report_interval)
+        self.reports = Reports(ctx.js, node, s.report_interval, s.busy_report_interval)
         self.facts_publisher = node_facts.FactsPublisher(ctx.js, node, lambda: self.marks.mode)
         self.marks = marks.EndpointMarkRules(s.endpoint_marks, rules, self.facts_publisher.publish)
         self.health = HealthServers(lambda: _healthy(ctx),

@@ -74,13 +74,14 @@ def _dump_tasks() -> None:
 
 
 async def run(url: str, nodes: list[str], replicas: int, stagger: float, plan_feed: str = "feed",
-              report_interval: float = 1.0) -> None:
+              report_interval: float = 1.0, busy_report_interval: float = 1.0) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _dump_tasks)
     tasks = []
     for node in nodes:
         cfg = ApplierConfig(node=node, backend="memory", nats_url=url, nats_replicas=replicas, http_listen="",
                             healthz_bind_address="", drift_period=3600.0, log_level="warning",
-                            plan_feed=plan_feed, report_interval=report_interval)
+                            plan_feed=plan_feed, report_interval=report_interval,
+                            busy_report_interval=busy_report_interval)
         print(json.dumps({"node": node, "started": time.time()}), flush=True)
         tasks.append(asyncio.create_task(runtime.run_service(
             "applier", cfg, lambda ctx: apply_plan(ctx, MemoryKernel()), stop=asyncio.Event())))
@@ -106,6 +107,8 @@ def main() -> int:
                         help="the appliers' plan input (kipvs applier --plan-feed)")
     parser.add_argument("--report-interval", type=float, default=1.0,
                         help="seconds between two apply reports of a node (kipvs applier --report-interval)")
+    parser.add_argument("--busy-report-interval", type=float, default=1.0,
+                        help="... under sustained churn (kipvs applier --busy-report-interval)")
     parser.add_argument("--stagger", type=float, default=0.02, help="seconds between two appliers' starts")
     args = parser.parse_args()
     use_consumer_design(args.consumer)
@@ -117,7 +120,8 @@ def main() -> int:
         plan_consumer.FETCH_WAIT = args.fetch_wait
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     nodes = [f"{args.prefix}{i}" for i in range(args.first, args.first + args.count)]
-    asyncio.run(run(args.nats_url, nodes, args.replicas, args.stagger, args.plan_feed, args.report_interval))
+    asyncio.run(run(args.nats_url, nodes, args.replicas, args.stagger, args.plan_feed, args.report_interval,
+                    args.busy_report_interval))
     return 0
 
 
