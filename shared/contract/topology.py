@@ -51,9 +51,9 @@ log = logging.getLogger("kipvs.topology")
 
 MIN_SERVER_VERSION = (2, 10, 0)  # multiple filter subjects per consumer
 # nats-server 2.15 limits every stream to 1,000 consumers unless the stream sets its own limit
-# (default_max_consumers). Every node's applier holds a durable on KIPVS_PLAN and, while it bootstraps, a
-# reader there and one on the snapshot bucket: a fleet above ~1,000 nodes would be refused (found by the
-# fleet benchmark at N=1,000). The streams the fleet reads set this instead.
+# (default_max_consumers). Every node's applier, while it bootstraps or repairs a gap, holds a reader on
+# KIPVS_PLAN and one on the snapshot bucket (with --plan-feed consumer, a durable too): a fleet above ~1,000
+# nodes would be refused (found by the fleet benchmark at N=1,000). The streams the fleet reads set this instead.
 FLEET_MAX_CONSUMERS = 100_000
 LEADER_ELECTION_SERVER_VERSION = (2, 12, 0)  # atomic batch publish, expected last sequence of another subject
 
