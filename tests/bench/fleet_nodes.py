@@ -1,8 +1,8 @@
 """One process of the fleet benchmark's appliers: ``count`` real appliers (the production service runtime,
 consumer, plan and resolve code) on the memory kernel, each with its own NATS connection, following the plan
 feed (``--plan-feed feed``, the default, as production) or a durable consumer each (``--plan-feed consumer``,
-the design the feed replaced), as asyncio tasks. Started by tests/bench/fleet.py; prints one JSON line per applier when it starts
-(``{"node": ..., "started": <unix time>}``) so the harness can time a new node's bootstrap.
+the design the feed replaced), as asyncio tasks. Started by tests/bench/fleet.py; prints one JSON line per
+applier when it starts (``{"node": ..., "started": <unix time>}``) so the harness can time a new node's bootstrap.
 
     python -m tests.bench.fleet_nodes --nats-url URL --prefix node- --first 0 --count 100 --consumer r1-memory
 """
