@@ -13,6 +13,7 @@ import msgspec
 import nats
 import pytest
 
+from services.applier import node_claim
 from services.applier import shell as applier_shell
 from services.applier.kernel.backend import MemoryKernel
 from services.applier.main import ApplierConfig, apply_plan
@@ -312,5 +313,36 @@ async def test_before_a_batch_the_claim_is_read_only_after_a_write_to_its_key(nc
                     within=5)
         assert claim.lost and claim.holder == "pod-b/9/bbbbbb"
     finally:
+        await claim.close()
+        await other.close()
+
+
+async def test_an_idle_holder_reads_its_claim_once_a_quiet_period_and_wakes_on_a_takeover(
+        nc, nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27: an idle applier read its claim every 5 s (1,000 reads a second at 5,000 nodes). Once its
+    subscription has settled it reads it once per quiet period, and a takeover's put on the key's subject
+    wakes it at once (not a period later)."""
+    monkeypatch.setattr(node_claim, "QUIET_CHECK_S", 3600.0)
+    js = nc.jetstream(timeout=5)
+    await topology.ensure_claims_bucket(js)
+    claim = NodeClaim(js, "node-a", Registry("applier"), instance="pod-a/7/aaaaaa", started_ns=5_000, nc=nc,
+                      check_every=0.05)
+    stop = asyncio.Event()
+    assert await claim.take(stop) and claim.held
+    watching = asyncio.create_task(claim.watch(stop))
+    other = await nats.connect(nats_url)
+    try:
+        await until(lambda: _true(claim.reads >= node_claim.SETTLING_CHECKS), "the settling checks read the key",
+                    within=10)
+        reads = claim.reads
+        await asyncio.sleep(1.0)  # 20 check periods of 0.05 s
+        assert claim.reads == reads and not watching.done(), "no read while nobody else writes the key"
+        newer = NodeClaim(other.jetstream(timeout=5), "node-a", Registry("applier"), instance="pod-b/9/bbbbbb",
+                          started_ns=9_000)
+        assert await newer.take(asyncio.Event()) and newer.held
+        await asyncio.wait_for(watching, 10)  # returns: the claim lost, seen from the write
+        assert claim.lost and claim.holder == "pod-b/9/bbbbbb" and claim.reads == reads + 1
+    finally:
+        stop.set()
         await claim.close()
         await other.close()

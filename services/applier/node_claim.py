@@ -12,17 +12,20 @@ time, and an older process never takes a newer one's claim; a restart of the pro
 takes the node back), renewing ``<key>.superseded`` so that
 ``kipvs status`` names it, and deleting it when it stops.
 
-Checking costs one key read per node per :data:`CHECK_S` (a get of one message); the claim is also
-checked before each drift check (:meth:`NodeClaim.still_held`), so a superseded applier never reverts the new
-one's writes. Before a batch (:meth:`NodeClaim.held_lately`) it is read only when something may have changed
-it: the applier subscribes (core NATS) to its own key's subject ``$KV.kipvs-appliers.<key>``, on which every
-put and delete of the key is published, and reads the key back when a write that is not its own claim
-arrives or after a reconnect (when one may have been missed). Issue 27: a read per node per batch was a
-request per node and change for the servers, then one a second under churn; now none while nobody else
-writes the key. A takeover is seen as soon as the new applier's put is published (the superseded applier
-then applies no further batch); one made while the subscription's interest was still reaching the other
-servers, at this applier's own start, is found by the periodic check (:data:`CHECK_S`). Without a
-connection to subscribe on, :meth:`held_lately` reads at most once per :data:`BATCH_CHECK_S` as before.
+The claim is read back (a get of one message) when something may have changed it: the applier subscribes
+(core NATS) to its own key's subject ``$KV.kipvs-appliers.<key>``, on which every put and delete of the key
+is published, and reads the key back when a write that is not its own claim arrives or after a reconnect
+(when one may have been missed): before a batch (:meth:`NodeClaim.held_lately`) and in :meth:`NodeClaim.watch`,
+which wakes on such a write. A takeover is thus seen as soon as the new applier's put is published (the
+superseded applier then applies no further batch and turns not ready). A write missed all the same (one made
+while the subscription's interest was still reaching the other servers, at this applier's own start; a
+message dropped by a slow subscriber) is found by the periodic read: every :data:`CHECK_S` for the first
+:data:`SETTLING_CHECKS` checks, then every :data:`QUIET_CHECK_S`. The claim is also read before each drift
+check (:meth:`NodeClaim.still_held`), so a superseded applier never reverts the new one's writes. Issue 27:
+a read per node per batch was a request per node and change for the servers, then a read every 5 s per
+idle node (1,000 a second at 5,000 nodes); now one a minute while nobody else writes the key. Without a
+connection to subscribe on, :meth:`held_lately` reads at most once per :data:`BATCH_CHECK_S` and
+:meth:`NodeClaim.watch` every :data:`CHECK_S`, as before.
 Upstream: Kubernetes leader election (client-go ``tools/leaderelection``) polls its lease; kipvs's claim
 is a key-value entry, so it is watched by its subject instead, the way a NATS KV watcher sees puts, without
 a consumer per node."""
@@ -52,10 +55,12 @@ from shared.service.metrics import Registry
 
 log = logging.getLogger("kipvs.applier")
 
-# How often an idle applier reads its claim back (one direct get): as often as an idle consumer fetches
-# (plan_consumer.FETCH_WAIT), so checking at most doubles an idle node's requests. A busy one checks before
-# every batch and every drift check anyway.
+# How often an applier reads its claim back (one direct get) when no write on the key's subject said it
+# changed: every CHECK_S while the subscription's interest may still be settling on the other servers (and
+# always without a subscription), then every QUIET_CHECK_S, a safety net for a write the subscription missed.
 CHECK_S = 5.0
+SETTLING_CHECKS = 3
+QUIET_CHECK_S = 60.0
 BATCH_CHECK_S = 1.0  # without a subscription to the key: the claim read before a batch at most this often
 SUPERSEDED_RENEW_S = 30.0
 PROCESS_STARTED_NS = time.time_ns()  # this process's start, as the node's clock has it (Claim.started_ns)
@@ -93,6 +98,7 @@ class NodeClaim:
         self._sub: Subscription | None = None  # the key's subject (every put and delete of it)
         self._written = True  # a write to the key that is not this applier's claim arrived: read it back
         self._reconnects = 0  # the connection's reconnects when the key was last read (one may hide a write)
+        self._write_seen = asyncio.Event()  # wakes watch() when _written is set by the subscription
         self.reads = 0  # reads of the key (a request to the servers each)
         metrics.gauge("kipvs_applier_node_claim_held",
                       "1 while this applier holds its node's claim and applies; 0 once a newer applier of the "
@@ -156,6 +162,7 @@ class NodeClaim:
         claim = node_claims.decode_claim(msg.data) if msg.data else None
         if claim is None or claim.instance != self.instance:  # a delete, a purge, another applier's claim
             self._written = True
+            self._write_seen.set()
 
     def _may_have_changed(self) -> bool:
         """Whether the key may hold something this applier has not read: a write seen, or a reconnect."""
@@ -182,6 +189,7 @@ class NodeClaim:
             return not self.lost
         # cleared before the read: a write arriving during it is read at the next check
         self._written, self._reconnects = False, self.nc.stats.get("reconnects", 0) if self.nc else 0
+        self._write_seen.clear()
         self.reads += 1
         try:
             entry = await self._kv.get(node_claims.claim_key(self.node))
@@ -218,10 +226,14 @@ class NodeClaim:
                   self.instance)
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Return when the claim is lost (or ``stop`` is set), checking every ``check_every`` seconds."""
+        """Return when the claim is lost (or ``stop`` is set): the key read back as soon as a write on its
+        subject is not this applier's, else every ``check_every`` seconds for the first
+        :data:`SETTLING_CHECKS` checks (always, without a subscription), then every :data:`QUIET_CHECK_S`."""
+        checks = 0
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.check_every)
+            quiet = self._sub is not None and checks >= SETTLING_CHECKS
+            await self._wait_for_check(stop, QUIET_CHECK_S if quiet else self.check_every)
+            checks += 1
             if stop.is_set():
                 return
             if not self.held and not self.lost:  # unclaimed: the bucket may exist by now
@@ -229,6 +241,15 @@ class NodeClaim:
                     await self._take()
             elif not await self.still_held():
                 return
+
+    async def _wait_for_check(self, stop: asyncio.Event, period: float) -> None:
+        """Until ``period`` seconds passed, ``stop`` is set or the key's subject carried another's write."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._write_seen.wait())]
+        try:
+            await asyncio.wait(waits, timeout=period, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def idle(self, stop: asyncio.Event) -> None:
         """Superseded: renew ``<key>.superseded`` every SUPERSEDED_RENEW_S and read the node's claim every
