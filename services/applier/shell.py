@@ -130,6 +130,7 @@ class Applier:
         self.stream_seq = max(self.stream_seq, read_upto)
         if core.use_interfaces:
             core.local_addresses = await self.kernel.node_addresses()
+        heap.hold()  # the plan read: out of the full collections the resolve and diff below set off
         core.reset(plan)
         if self.adopt:  # before the first write: kube-proxy's services are only edited, never re-created
             await takeover.adopt(self.kernel, core.desired.state(), self.exclude)

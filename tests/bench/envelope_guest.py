@@ -128,6 +128,7 @@ async def cold_start(kernel: NetlinkKernel, services: int, endpoints: int, netns
     observed = await kernel.observe()
     times["cold_observe_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
+    heap.hold()  # as the applier's bootstrap does once it holds the plan
     desired = DesiredState.of(plans, FACTS)
     ops = diff(desired.state(), observed.state, observed.owned)
     times["cold_resolve_s"] = time.perf_counter() - mark
