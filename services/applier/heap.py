@@ -8,7 +8,8 @@ costs time proportional to the whole plan: 28-40 ms on the host at 2,000-10,000 
 (measured with ``tests/bench/envelope_guest.py``'s plan; under the guest's TCG, seconds). That is the tail
 of "one endpoint change" at scale. ``gc.freeze()`` moves every object alive now into a permanent
 generation that collections do not walk (the CPython documentation's advice for long-lived state,
-``gc.freeze``); reference counting still frees them as usual when the plan drops them. Only reference
+``gc.freeze``; the planner does the same with its state, ``services/planner/core.py`` ``tune_gc``);
+reference counting still frees them as usual when the plan drops them. Only reference
 cycles among frozen objects would stay uncollected, so :func:`settle` first unfreezes what an earlier
 bootstrap froze and collects once (one full pause per bootstrap, which reads and writes far more anyway).
 """

