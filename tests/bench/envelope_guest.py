@@ -50,7 +50,9 @@ def plan(i: int, endpoints: int, shift: int = 0) -> events.ServicePlan:
 
 def sh(command: str, stdin: str | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run(command, shell=True, check=True, input=stdin, text=True, capture_output=True)
+    done = subprocess.run(command, shell=True, check=False, input=stdin, text=True, capture_output=True)
+    if done.returncode:
+        raise RuntimeError(f"{command!r} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return time.perf_counter() - started
 
 
@@ -228,7 +230,8 @@ def baselines(ops: list[Op], members: dict[str, set[str]]) -> dict[str, float]:
         elif isinstance(op, AddEntry) and op.set == "KUBE-CLUSTER-IP":
             sets.append(f"add {op.set} {op.entry}")
     into = f"ip netns exec {TOOLS_NETNS} "
-    sh(f"ip netns add {TOOLS_NETNS}; {into}ip link add kube-ipvs0 type dummy")
+    sh(f"ip netns add {TOOLS_NETNS}; {into}ip link set lo up; {into}ip route add 10.64.0.0/10 dev lo; "
+       f"{into}ip link add kube-ipvs0 type dummy")
     try:
         return {"ipvsadm_R_s": sh(f"{into}ipvsadm -R", "\n".join(ipvs) + "\n"),
                 "ip_batch_s": sh(f"{into}ip -batch -", "\n".join(addrs) + "\n"),
