@@ -3,9 +3,13 @@ tests, no bus, no kernel (the services around them are tested in test_applier_*.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import msgspec
 import pytest
 
+from services.applier import heap
 from services.applier.conntrack import stale_flows
 from services.applier.core import ApplierCore
 from services.applier.ops import AddReal, AddService, DelReal, DelService, EditReal
@@ -86,3 +90,27 @@ def test_stale_flows_are_those_of_datagram_real_servers_that_left_or_came_first(
     assert stale_flows(ops, {udp: core.desired.services[udp]}) == [(udp, None)], "0 -> N: the node's own flows"
     gone = [DelReal(udp, ("10.244.0.5", 8080)), DelService(("SCTP", "10.96.0.9", 9)), DelReal(VIP, ("1.2.3.4", 1))]
     assert stale_flows(gone, {}) == [(udp, ("10.244.0.5", 8080)), (("SCTP", "10.96.0.9", 9), None)]
+
+
+def test_a_bootstraps_state_is_frozen_out_of_full_collections_and_older_cycles_still_go() -> None:
+    """heap.settle (called at the end of every bootstrap): what is alive is frozen (CPython's full
+    collections no longer walk the plan), and a reference cycle frozen by an earlier settle is collected
+    by the next one rather than kept for ever."""
+    class Node:
+        other: object = None
+
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        held = {"plan": [Node() for _ in range(1000)]}
+        frozen = heap.settle()
+        assert frozen >= 1000 and gc.get_freeze_count() == frozen
+        assert not any(x is held for x in gc.get_objects())  # the frozen are in no generation
+        del a, b
+        gc.collect()
+        assert gone() is not None  # frozen: a collection does not look at it
+        heap.settle()
+        assert gone() is None
+    finally:
+        gc.unfreeze()

@@ -52,6 +52,14 @@ async def test_incremental_ops_reach_the_desired_state(steps) -> None:
     # the holder lets go (the next claimant takes it over at once).
     scratch = resolve_node(driver.planner.plans.values(), driver.planner.nodes.get(NODE))
     assert want.ipvs == scratch.ipvs and want.addresses == scratch.addresses and want.ipsets == scratch.ipsets
+    # A bootstrap's DesiredState.of (built without the per-change operations) is the same state and digest,
+    # and its diff against an empty kernel programs exactly that state.
+    whole = DesiredState.of(driver.planner.plans, driver.planner.nodes.get(NODE))
+    assert whole.digest() == desired.digest() and whole.owners == desired.owners
+    fresh = MemoryKernel()
+    await fresh.setup()
+    await fresh.apply(diff(whole.state(), (await fresh.observe()).state, set()))
+    assert (await fresh.observe()).state.ipvs == want.ipvs
 
 
 async def test_diff_leaves_foreign_services_alone_and_removes_stale_owned_ones() -> None:

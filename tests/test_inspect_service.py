@@ -27,7 +27,7 @@ from shared.plan.node_state import VirtualService
 from shared.plan.resolve import resolve_node
 from shared.service import config, runtime
 from tests.golden.regenerate import EVENTS
-from tests.helpers import eventually, kipvs, publish_kube, start_service
+from tests.helpers import eventually, kipvs, publish_kube, start_service, until
 from tests.logread import read_stream
 
 LINES = EVENTS.read_text().splitlines()
@@ -270,6 +270,59 @@ async def test_shadow_mode_leaves_out_the_nodes_excluded_ranges(planned, nats_ur
         code, out, err = await kipvs("ipvs", "--node", "node-a", "--nats-url", nats_url, "--diff", capsys=capsys)
         assert (code, out) == (0, ""), err
         assert "0 differences" in err
+    finally:
+        stop.set()
+        await task
+
+
+async def test_shadow_mode_follows_the_plans_deltas(planned, nats_url: str, monkeypatch) -> None:
+    """After its first comparison, shadow mode reads only the deltas published since (no snapshot read
+    again, no whole-plan resolve): a Service added later shows as missing from kube-proxy's kernel at the
+    next comparisons, and goes once the kernel has it. (It reread the snapshot and resolved every Service
+    each --shadow-sync-period.)"""
+    from services.applier import shadow as shadow_module
+
+    loads = []
+    original = shadow_module.plan_log.load_snapshot
+
+    async def counted(*args, **kwargs):
+        loads.append(1)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(shadow_module.plan_log, "load_snapshot", counted)
+    want = planned_node_a()
+    kernel = MemoryKernel()
+    await kernel.setup()
+    kernel.ipvs = {k: VirtualService(v.protocol, v.ip, v.port, v.scheduler, v.persistence_timeout, dict(v.reals))
+                   for k, v in want.ipvs.items()}
+    kernel.addresses = set(want.addresses)
+    for name, entries in want.ipsets.items():
+        kernel.ipsets[name] = set(entries)
+    cfg = config.load(ApplierConfig, {"nats_url": nats_url, "http_listen": "", "node": "node-a", "backend": "memory",
+                                      "shadow": "true", "shadow_sync_period": "0.2"}, {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run_service("applier", cfg, lambda ctx: run_shadow(ctx, kernel), stop=stop))
+    try:
+        assert (await _shadow_reports(planned))[-1][1].record.divergences == ()
+        web = next(json.loads(line) for line in LINES if json.loads(line)["object"]["metadata"]["name"] == "web")
+        meta = web["object"]["metadata"]
+        web["object"] = {**web["object"], "metadata": {**meta, "name": "web2", "resourceVersion": "900"},
+                         "spec": {**web["object"]["spec"], "clusterIP": "10.96.0.99", "clusterIPs": ["10.96.0.99"]}}
+        await publish_kube(planned, [json.dumps(web)], "later")
+
+        async def shadow_says(check) -> bool:
+            reports = await read_stream(planned, topology.STATUS_STREAM, "kipvs.status.node-a.shadow")
+            return check(reports[-1][1].record.divergences)
+
+        await until(lambda: shadow_says(lambda found: any("10.96.0.99" in line for line in found)),
+                    "the added Service reported missing")
+        kernel.ipvs[("TCP", "10.96.0.99", 80)] = VirtualService("TCP", "10.96.0.99", 80, "rr")
+        kernel.addresses.add("10.96.0.99")
+        kernel.ipsets["KUBE-CLUSTER-IP"].add("10.96.0.99,tcp:80")
+        kernel.ipsets["KUBE-IPVS-IPS"].add("10.96.0.99")
+        await until(lambda: shadow_says(lambda found: not any("10.96.0.99" in line for line in found)),
+                    "the added Service no longer reported once the kernel has it")
+        assert len(loads) == 1, f"the snapshot was read {len(loads)} times"
     finally:
         stop.set()
         await task

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
-from services.applier.programming_metrics import change_kinds, no_local_endpoints
+from services.applier.programming_metrics import ProgrammingMetrics, change_kinds, no_local_endpoints
 from services.harness.simulator.server import Simulator
 from services.planner.core import Planner
 from services.planner.trigger_time import TRIGGER_TIME_ANNOTATION, trigger_time_ns
@@ -204,6 +204,32 @@ def test_no_local_endpoints_follows_kube_proxys_local_endpoint_choice() -> None:
     assert no_local_endpoints(plan(not_ready), "node-a") == (2, 0)
     terminating = events.Endpoint(ip="10.0.0.2", port=80, node="node-a", ready=False, serving=True, terminating=True)
     assert no_local_endpoints(plan(terminating, external=True), "node-a") == (0, 0)
+
+
+def test_the_no_local_endpoints_gauge_is_kept_per_change() -> None:
+    """The gauge is a running total moved by each touched Service (a batch no longer sums every Service
+    that has no local endpoint): after any sequence of changes it equals the recount from scratch."""
+    registry = Registry("applier")
+    metrics = ProgrammingMetrics(registry, "node-a", lambda: (0, 0), lambda: None, lambda: 0)
+    elsewhere = events.Endpoint(ip="10.0.0.1", port=80, node="node-b")
+    here = events.Endpoint(ip="10.0.0.2", port=80, node="node-a")
+
+    def plan(key: str, endpoint: events.Endpoint, external: bool) -> events.ServicePlan:
+        return events.ServicePlan(key=key, internal_policy_local=True, external_policy_local=external,
+                                  ports=(events.PortPlan(name="a", port=80, endpoints=(endpoint,)),))
+
+    services: dict[str, events.ServicePlan] = {}
+    steps = [("s1", elsewhere, False), ("s2", elsewhere, True), ("s1", here, False), ("s3", elsewhere, True),
+             ("s2", None, False), ("s1", elsewhere, True), ("s3", here, True)]
+    for key, endpoint, external in steps:
+        if endpoint is None:
+            services.pop(key)
+        else:
+            services[key] = plan(key, endpoint, external)
+        metrics.services_changed(services, {key})
+        want = [sum(no_local_endpoints(p, "node-a")[i] for p in services.values()) for i in (0, 1)]
+        assert [registry.sample("kipvs_sync_proxy_rules_no_local_endpoints_total", {"traffic_policy": policy})
+                for policy in ("internal", "external")] == want
 
 
 def test_the_planner_carries_the_slices_trigger_time_on_its_delta() -> None:

@@ -57,6 +57,8 @@ class Drainer:
 
     def keep_draining(self, ops: list[Op]) -> list[Op]:
         """A drift repair must not delete or re-weight a server that is draining."""
+        if not self.deadlines:
+            return ops  # nothing drains (a cold start's tens of thousands of additions: no walk)
         return [op for op in ops
                 if not (isinstance(op, DelReal | EditReal) and (op.service, op.real) in self.deadlines)]
 

@@ -14,6 +14,8 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from shared.contract import events
 from shared.plan.node_state import NodeState
 
@@ -29,7 +31,7 @@ log = logging.getLogger("kipvs.applier")
 
 def describe_op(op: Op) -> str:
     """One operation as a line of a report: its type and fields (``AddReal ('TCP', ...) ('10.0.0.1', 80)``)."""
-    return f"{type(op).__name__} " + " ".join(str(v) for v in vars(op).values())
+    return f"{type(op).__name__} " + " ".join(str(v) for v in msgspec.structs.astuple(op))
 
 
 class DriftCheck:

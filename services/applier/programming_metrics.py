@@ -96,6 +96,7 @@ class ProgrammingMetrics:
         self.node = node
         self.started_ns = time.time_ns()
         self.by_service: dict[str, tuple[int, int]] = {}
+        self.no_local_totals = (0, 0)  # (internal, external): by_service summed, kept per change
         self.programming = m.histogram(
             "kipvs_network_programming_duration_seconds",
             "from a change (the EndpointSlice's last-change-trigger-time, else the log's record time) to this "
@@ -131,12 +132,15 @@ class ProgrammingMetrics:
         for key in keys:
             plan = services.get(key)
             counts = no_local_endpoints(plan, self.node) if plan is not None else (0, 0)
-            if counts == (0, 0):
-                self.by_service.pop(key, None)
-            else:
+            old = self.by_service.pop(key, (0, 0))
+            if counts != (0, 0):
                 self.by_service[key] = counts
-        self.no_local.labels("internal").set(sum(c[0] for c in self.by_service.values()))
-        self.no_local.labels("external").set(sum(c[1] for c in self.by_service.values()))
+            # running totals: on a node where most Local-policy Services have no endpoint, a sum over
+            # by_service per batch was a walk of thousands of Services for a one-endpoint change
+            self.no_local_totals = (self.no_local_totals[0] + counts[0] - old[0],
+                                    self.no_local_totals[1] + counts[1] - old[1])
+        self.no_local.labels("internal").set(self.no_local_totals[0])
+        self.no_local.labels("external").set(self.no_local_totals[1])
 
     def queued(self) -> None:
         """Plan deltas arrived to be applied (kube-proxy: a sync was queued)."""

@@ -32,13 +32,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 from shared.contract import events, topology
 from shared.messaging import bus, plan_log
 from shared.plan.divergence import RealLines, divergences
-from shared.plan.resolve import resolve_node
+from shared.plan.node_state import NodeState
+from shared.plan.plan_state import SharedPlan
+from shared.plan.resolve import resolve_service
 from shared.security.nats_permissions import applier_reader
 from shared.service import runtime
 
 from . import exclude, inspect, nodeport_addresses
 from .drift_slices import SERVICES_PER_CHECK, Checked, DriftSlices
 from .kernel.backend import Backend
+from .ops import DesiredState
 
 log = logging.getLogger("kipvs.applier")
 
@@ -61,6 +64,12 @@ class Shadow:
         self.compared_services = 0  # virtual services planned at the last comparison (0: read them all)
         self.real_lines: RealLines = {}  # each service's real-server divergences at its last read
         self.plan_seq = 0
+        self.reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(node))  # its one reader name
+        self.plan: SharedPlan | None = None  # the published plan as last followed (None: read the snapshot)
+        self.stream_seq = 0  # the plan-stream sequence it was followed up to
+        self.desired: DesiredState | None = None  # this node's state from it, kept per Service
+        self.facts: events.NodeFacts | None = None  # the facts it was resolved with
+        self.identity: topology.StreamIdentity | None = None  # the plan stream it follows
         self.divergences: tuple[str, ...] | None = None  # None: not compared yet
         self.published: tuple[tuple[str, ...], float] | None = None  # (divergences, monotonic time) last sent
         # NaN before the first comparison: "0" would claim an agreement nobody has checked yet. Declaring it
@@ -78,16 +87,9 @@ class Shadow:
         """One comparison: the published plan for this node against the kernel; report it. Real servers
         are read and compared for one slice of the services per comparison, as the drift check does
         (drift_slices.py); the others' lines are those of their last read (``divergences``' ``last``)."""
-        reader = bus.LogReader(topology.PLAN_STREAM, applier_reader(self.node))  # its one reader name
-        plan = await plan_log.published_plan(self.ctx.js, reader)
         checked, _ = self.slices.next(self.compared_services)
         table = await self.read(checked)  # first: it finds kube-ipvs0, whose addresses are not the node's own
-        facts = plan.nodes.get(self.node)
-        if self.use_interfaces:
-            addresses = await self.kernel.node_addresses()
-            facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=addresses)
-        facts = nodeport_addresses.filtered(facts, self.nodeport_cidrs)
-        want = resolve_node(plan.services.values(), facts)
+        plan, want = await self._want()
         self.compared_services = len(want.ipvs)
         found = tuple(divergences(table, want, self.exclude_cidrs, reals_read=checked, last=self.real_lines))
         for line in sorted(set(found) - set(self.divergences or ())):
@@ -108,6 +110,42 @@ class Shadow:
                 log.warning("shadow report not published (%s: %s); it goes out with the next comparison",
                             type(exc).__name__, exc or "")
         return found
+
+
+    async def _want(self) -> tuple[SharedPlan, NodeState]:
+        """The published plan and this node's state from it, following the deltas: the first comparison
+        (or one after a gap, or once the plan stream was replaced: its identity, ``topology.replacement``)
+        reads the snapshot and resolves every Service; later ones read only the deltas stored since and
+        re-resolve only the Services they touched (every Service when this node's facts changed), as the
+        applier's core does."""
+        identity = await topology.stream_identity(self.ctx.js, topology.PLAN_STREAM)
+        touched: set[str] | None = None
+        if self.plan is not None and self.desired is not None and identity is not None and \
+                self.identity is not None and not topology.replacement(self.identity, identity):
+            followed = await plan_log.follow(self.ctx.js, self.reader, self.plan, self.stream_seq)
+            self.stream_seq, touched = followed.last, (None if followed.stopped else followed.touched)
+        if touched is None:  # (re)load: the snapshot, then every delta after it
+            self.identity = identity
+            self.plan, self.stream_seq = await plan_log.load_snapshot(self.ctx.js, self.reader)
+            self.stream_seq = (await plan_log.follow(self.ctx.js, self.reader, self.plan, self.stream_seq)).last
+            self.desired, self.facts = DesiredState(), None
+        assert self.plan is not None and self.desired is not None
+        facts = await self._facts(self.plan)
+        if facts != self.facts or touched is None:
+            touched = set(self.desired.contributions) | set(self.plan.services)
+            self.facts = facts
+        for key in sorted(touched):
+            service = self.plan.services.get(key)
+            self.desired.update(key, resolve_service(service, facts) if service else None)
+        return self.plan, self.desired.state()
+
+    async def _facts(self, plan: SharedPlan) -> events.NodeFacts | None:
+        """This node's facts as an applier of it would use them (--node-addresses, --nodeport-cidrs)."""
+        facts = plan.nodes.get(self.node)
+        if self.use_interfaces:
+            addresses = await self.kernel.node_addresses()
+            facts = msgspec.structs.replace(facts or events.NodeFacts(name=self.node), addresses=addresses)
+        return nodeport_addresses.filtered(facts, self.nodeport_cidrs)
 
 
 async def run_shadow(ctx: runtime.ServiceContext, kernel: Backend, period: float | None = None) -> None:

@@ -28,7 +28,7 @@ from shared.plan.plan_state import SequenceGap
 from shared.security.nats_permissions import applier_reader
 from shared.service import runtime
 
-from . import marks, node_claim, node_facts, plan_feed, takeover
+from . import heap, marks, node_claim, node_facts, plan_feed, takeover
 from .conntrack import ConntrackCleanup
 from .conntrack_settings import Conntrack
 from .core import ApplierCore
@@ -131,6 +131,7 @@ class Applier:
         self.stream_seq = max(self.stream_seq, read_upto)
         if core.use_interfaces:
             core.local_addresses = await self.kernel.node_addresses()
+        heap.hold()  # the plan read: out of the full collections the resolve and diff below set off
         core.reset(plan)
         if self.adopt:  # before the first write: kube-proxy's services are only edited, never re-created
             await takeover.adopt(self.kernel, core.desired.state(), self.exclude)
@@ -149,6 +150,7 @@ class Applier:
         await self._sync_health_checks(None)
         self.metrics.services_changed(core.plan.services, set(core.plan.services) | set(self.metrics.by_service))
         self.metrics.synced()
+        heap.settle()  # the plan and desired state, out of every later full collection (heap.py)
         log.info("bootstrapped at plan delta %d (%d read from the stream after the snapshot): %d services, %s",
                  core.plan.seq, caught_up, len(core.desired.services), describe_changes(found))
         # Say at once what this instance holds: the last report on the status stream may be a previous

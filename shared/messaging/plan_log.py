@@ -13,6 +13,7 @@ import base64
 import hashlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -141,7 +142,27 @@ async def catch_up_to(js: JetStreamContext, source: bus.LogReader, plan: SharedP
     Chunked deltas are put back together (``delta_chunks``); the sequence returned is never inside one whose
     last part is not stored yet (a planner publishing it, or restarted while it did), so the consumer from
     there delivers all of its parts."""
-    applied, last = 0, after_stream_seq
+    followed = await follow(js, source, plan, after_stream_seq)
+    return followed.applied, followed.last
+
+
+@dataclass
+class Followed:
+    """What :func:`follow` did: deltas applied, the stream sequence read up to (as :func:`catch_up_to`),
+    the keys of the Services they set or removed, and whether it stopped early at a sequence gap or a
+    broken chunked delta (the plan is then behind the stream: reload it from a snapshot)."""
+
+    applied: int = 0
+    last: int = 0
+    touched: set[str] = field(default_factory=set)
+    stopped: bool = False
+
+
+async def follow(js: JetStreamContext, source: bus.LogReader, plan: SharedPlan, after_stream_seq: int) -> Followed:
+    """Apply to ``plan`` the shared deltas stored after ``after_stream_seq`` (see :func:`catch_up_to`) and
+    say which Services they touched: a reader that keeps its plan (shadow mode) reads each delta once and
+    re-resolves only those. Unusable messages are skipped (their consumers park them)."""
+    out = Followed(last=after_stream_seq)
     chunks = delta_chunks.Assembler()
     async for msg in bus.read_stream(js, source, topology.PLAN_ALL_SUBJECT, start_seq=after_stream_seq + 1):
         seq = msg.metadata.sequence.stream
@@ -151,18 +172,23 @@ async def catch_up_to(js: JetStreamContext, source: bus.LogReader, plan: SharedP
             record = None  # its consumers park it
         except delta_chunks.ChunkGap as exc:
             log.warning("reading the published plan: %s", exc)
+            out.stopped = True
             break
         if record is None:
             if not chunks.pending(SHARED):
-                last = seq
+                out.last = seq
             continue
         try:
-            applied += plan.apply(record)
+            if plan.apply(record):
+                out.applied += 1
+                out.touched.update(op.service.key if isinstance(op, events.SetService) else op.key
+                                   for op in record.ops if isinstance(op, events.SetService | events.RemoveService))
         except SequenceGap as exc:
             log.warning("reading the published plan: %s", exc)
+            out.stopped = True
             break
-        last = seq
-    return applied, last
+        out.last = seq
+    return out
 
 
 def _whole_delta(chunks: delta_chunks.Assembler, envelope: events.Envelope, have: int) -> events.PlanDelta | None:

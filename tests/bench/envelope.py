@@ -64,7 +64,8 @@ def report(f: dict[str, float]) -> None:
           f"{f['drift_clean_wall_s']:.2f} s (x{read_ratio:.2f}); shadow comparison / kipvs ipvs read "
           f"(kernel_table, with counters) {f['kernel_table_wall_s']:.2f} s wall, {f['kernel_table_cpu_s']:.2f} s CPU")
     print(f"one endpoint change: p50 {f['change_p50_s'] * 1e3:.1f} ms p99 {f['change_p99_s'] * 1e3:.1f} ms; at 100 "
-          f"Services p50 {f['change_100_p50_s'] * 1e3:.1f} ms p99 {f['change_100_p99_s'] * 1e3:.1f} ms "
+          f"Services (its own netns, measured side by side) p50 {f['change_100_p50_s'] * 1e3:.1f} ms "
+          f"p99 {f['change_100_p99_s'] * 1e3:.1f} ms "
           f"(x{change_ratio:.2f})")
     print(f"idle CPU, estimated for a real node: steady drift-check CPU / slowdown / {DRIFT_PERIOD_S:.0f} s = "
           f"{idle:.2f}% of a core (mean of {IDLE_CHECKS - 1} checks); peak RSS {f['rss_peak_mib']:.0f} MiB")

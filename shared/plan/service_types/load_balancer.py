@@ -26,8 +26,10 @@ from .common import external_address
 
 def program(plan: ServicePlan, port: PortPlan, family: int, node: NodeFacts | None,
             endpoints: tuple[Endpoint, ...], out: Contribution) -> None:
+    if not plan.load_balancer_ips:
+        return  # most Services: nothing to parse (a node's cold start resolves every Service)
     ranges = [net for net in map(ipaddress.ip_network, plan.load_balancer_source_ranges) if net.version == family]
-    node_ip = _node_ip(node, family)
+    node_ip = _node_ip(node, family) if ranges else None
     allow_from_node = node_ip is not None and any(node_ip in net for net in ranges)
     for ip in plan.load_balancer_ips:
         if family_of(ip) != family:
