@@ -12,8 +12,10 @@ NodePort. Per moment: resets, stalls, failed new connections, lost datagrams, pr
 
 The moments, in order (each starts from the state the previous one left): kube-proxy alone (the harness
 itself), a source port shared by two Services (the measure's premise: no loss the kernel makes whoever
-proxies), takeover in place (``kipvs applier --adopt``), an applier restart (SIGKILL), a NATS outage
-(a Service added meanwhile), a reboot-like restart from ``--plan-cache`` while NATS is down, hand back to
+proxies), takeover in place (``kipvs applier --adopt``), an applier restart (SIGKILL) into a version whose
+nftables table changed, a planner failover (two planners with the lease; a Service added meanwhile), a
+NATS outage (a Service added meanwhile), a restart from ``--plan-cache`` while NATS is down, a reboot
+(the node's kernel state lost, NATS down: new traffic must flow once the cache is restored), hand back to
 kube-proxy in place (``--hand-back``), and last the old runbook (``kube-proxy --cleanup`` before the
 switch), which must show losses: the measure can fail.
 """
