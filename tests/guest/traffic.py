@@ -14,6 +14,9 @@ Cilium's connection-disruption checks: what a proxy switch must not break, count
                 written to DIR/<pid>-<n>.txt (the first three), for the test to print
     It prints "ready" once every long-lived connection is up, runs until a line "stop" (or EOF) on stdin,
     then prints one JSON object: the counts, the first failures described, the slowest echo.
+    A line "lap" prints that object for the run since the last lap and counts again from zero, the traffic
+    going on: one process measures several moments in turn (a long-lived connection lost in one lap is
+    gone from the next; long_lived counts those alive when the lap began).
     A line "mark" on stdin (answered "marked") splits the run: only what fails in an attempt begun at or
     after the mark counts (resets, stalls, new_failed, udp_lost); earlier attempts' failures are counted
     apart (failed_before_mark), and new_ok_after_mark / udp_ok_after_mark say traffic flowed after it. For a
@@ -91,6 +94,19 @@ class Counts:
         mark = self.mark if self.mark is not None else float("-inf")
         return [t for began, t in kind if began >= mark], [t for began, t in kind if began < mark]
 
+    def lap(self) -> dict:
+        """The result so far, then every count from zero (``long`` less the connections lost)."""
+        out = self.result()
+        self.long -= len(self.resets) + len(self.stalls)
+        self.echoes = self.new_ok = self.udp_ok = 0
+        self.resets, self.stalls, self.new_failed, self.udp_lost = [], [], [], []
+        self.slowest_echo_ms = 0.0
+        self.mark = None
+        self.ok_after_mark = {"new": 0, "udp": 0}
+        if self.evidence is not None:
+            self.evidence.files = []
+        return out
+
     def result(self) -> dict:
         (resets, r0), (stalls, s0), (new_failed, n0), (udp_lost, u0) = map(
             self._counted, (self.resets, self.stalls, self.new_failed, self.udp_lost))
@@ -150,7 +166,7 @@ class Evidence:
 
 
 async def _capture(counts: Counts, what: str, writer: asyncio.StreamWriter) -> None:
-    if counts.evidence is not None and counts.evidence.n < 3:  # the first few tell; more only slow the stop
+    if counts.evidence is not None and len(counts.evidence.files) < 3:  # the first few tell; more slow the stop
         sock = writer.get_extra_info("socket")
         local, remote = sock.getsockname(), sock.getpeername()
         await asyncio.get_running_loop().run_in_executor(None, counts.evidence.capture, what, local, remote)
@@ -267,6 +283,8 @@ async def load(longs: list[str], news: list[str], udps: list[str], evidence: lis
         if line.strip() == "mark":
             counts.mark = time.monotonic()
             print("marked", flush=True)
+        elif line.strip() == "lap":
+            print(json.dumps(counts.lap()), flush=True)
     stop.set()
     for outcome in await asyncio.gather(*tasks, return_exceptions=True):
         if isinstance(outcome, BaseException):

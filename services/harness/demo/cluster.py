@@ -129,7 +129,9 @@ class Cluster:
                                         names=(network.BRIDGE_IP, *extra), credentials=self.credentials)
         await self.nats_server.start(port=4222 if self.host_link else 0)
         admin = self.nats_server.identity("admin")
-        self.nc = await nats.connect(self.url, name="kipvs-demo", **(admin.connect_options() if admin else {}))
+        # Reconnecting for ever: a test stops the server as long as it needs (beyond nats-py's 60 attempts)
+        self.nc = await nats.connect(self.url, name="kipvs-demo", max_reconnect_attempts=-1,
+                                     **(admin.connect_options() if admin else {}))
         self.js = self.nc.jetstream(timeout=5 * time_scale())  # nats-py's default 5 s, at this machine's pace
 
     async def start_simulator(self) -> None:
