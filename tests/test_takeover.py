@@ -5,6 +5,10 @@ real kernel is tests/test_disruption.py."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
 from services.applier import node_facts, takeover
 from services.applier.exclude import ExcludeCIDRs, parse
@@ -13,6 +17,7 @@ from services.applier.main import ApplierConfig, settings_of
 from services.applier.ops import AddService, DelService, diff
 from services.tools.status import NodeStatus, render
 from shared.plan.node_state import NodeState, VirtualService
+from tests.guest import kube_proxy
 
 WEB, DNS, API = ("TCP", "10.96.0.10", 80), ("UDP", "10.96.0.53", 53), ("TCP", "10.96.0.20", 8080)
 OTHER = ("TCP", "192.0.2.9", 443)  # someone else's (a keepalived VIP): not in kipvs's plan
@@ -106,3 +111,29 @@ async def test_adopt_reads_a_comma_separated_exclude_flag_as_the_applier_does() 
     kernel, desired = await kube_proxy_node(), plan()
     assert await takeover.adopt(kernel, desired, settings.exclude) == 3
     assert (await kernel.observe()).owned == {WEB, DNS, API}
+
+
+CREATE_SETS = """
+import asyncio
+from pyroute2 import AsyncIPSet
+from services.applier.kernel.netlink_writer import create_sets
+async def main():
+    async with AsyncIPSet() as ipset:  # as the applier's writer opens it (NetlinkWriter._open)
+        await create_sets(ipset)
+asyncio.run(main())
+"""
+
+
+def test_kube_proxy_syncs_over_the_ipsets_kipvs_made() -> None:
+    """A node handed back to kube-proxy after kipvs made its ipsets (a reboot under kipvs, or a node kube-proxy
+    never ran on): kube-proxy's ``ipset create NAME TYPE ... comment -exist`` (ipset.go ``createSet``, as
+    tests/guest/kube_proxy.py writes it) must accept each set, or every kube-proxy sync fails. Real ipsets,
+    in a fresh network namespace (found by the disruption test's reboot then hand back)."""
+    netns = f"kipvs-sets-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", CREATE_SETS], check=True, timeout=60,
+                       cwd=Path(__file__).parent.parent)
+        kube_proxy.write_ipsets(netns, NodeState())  # raises, naming the set, when the kernel refuses one
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=True)

@@ -12,8 +12,10 @@ NodePort. Per moment: resets, stalls, failed new connections, lost datagrams, pr
 
 The moments, in order (each starts from the state the previous one left): kube-proxy alone (the harness
 itself), a source port shared by two Services (the measure's premise: no loss the kernel makes whoever
-proxies), takeover in place (``kipvs applier --adopt``), an applier restart (SIGKILL), a NATS outage
-(a Service added meanwhile), a reboot-like restart from ``--plan-cache`` while NATS is down, hand back to
+proxies), takeover in place (``kipvs applier --adopt``), an applier restart (SIGKILL) into a version whose
+nftables table changed, a planner failover (two planners with the lease; a Service added meanwhile), a
+NATS outage (a Service added meanwhile), a restart from ``--plan-cache`` while NATS is down, a reboot
+(the node's kernel state lost, NATS down: new traffic must flow once the cache is restored), hand back to
 kube-proxy in place (``--hand-back``), and last the old runbook (``kube-proxy --cleanup`` before the
 switch), which must show losses: the measure can fail.
 """
@@ -21,7 +23,9 @@ switch), which must show losses: the measure can fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +37,7 @@ import pytest
 import pytest_asyncio
 
 from services.harness.demo import network
-from services.harness.demo.cluster import CLUSTER_CIDR, KIPVS, Cluster, _logged_all, workdir_for
+from services.harness.demo.cluster import CLUSTER_CIDR, KIPVS, Cluster, _logged_all, active_planner, workdir_for
 from services.harness.guest.vm import time_scale
 from services.harness.simulator.scenario import Scenario
 from tests.guest import kube_proxy
@@ -44,6 +48,7 @@ TRAFFIC = str(Path(__file__).with_name("traffic.py"))
 EVIDENCE = Path("/run/tmp/disruption-evidence")  # what traffic.py captured at a stall or reset
 PLAN_CACHE = Path("/run/tmp/disruption-plan-cache")  # the applier's --plan-cache from the restart moment on
 LATE = "echo-late"  # a Service added while NATS is down: the applier must catch up with it
+FAILOVER = "echo-failover"  # a Service added while the active planner is dead: the standby must plan it
 FROM_POD = ["--long", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
             "--new", "10.96.0.10:80", f"{NODE_IP}:30090", f"{LB_IP}:80",
             "--udp", "10.96.0.53:53"]
@@ -124,7 +129,7 @@ async def cluster():
     try:
         await cluster.start_nats()
         await cluster.start_simulator()
-        for service in ("watcher", "planner"):
+        for service in ("watcher", "planner-1", "planner-2"):  # two planners with the lease, as deployed
             await cluster.start(service)
         deadline = asyncio.get_running_loop().time() + 120 * time_scale()
         while not _logged_all(await cluster.planned(), cluster.sim):  # type: ignore[arg-type]
@@ -141,6 +146,8 @@ async def cluster():
         assert (await asyncio.wait_for(echo.stdout.readline(), 60 * time_scale())).strip() == b"ready"
         yield cluster
     finally:
+        for traffic in KEPT:
+            traffic.kill()
         if echo is not None:
             echo.kill()
             await echo.wait()
@@ -148,16 +155,25 @@ async def cluster():
 
 
 class Traffic:
-    """Both traffic sources of one moment."""
+    """Both traffic sources of one moment. ``long=False``: new connections and datagrams only (a moment
+    no established connection can survive: a reboot)."""
 
-    def __init__(self) -> None:
+    def __init__(self, long: bool = True) -> None:
         self.sources: dict[str, asyncio.subprocess.Process] = {}
+        self.long = long
+        self.fresh = True  # no moment measured yet: let it flow a while first
+
+    def _argv(self, argv: list[str]) -> list[str]:
+        if self.long:
+            return argv
+        cut = argv.index("--new")
+        return argv[cut:]
 
     async def start(self) -> None:
         evidence = ["--evidence", str(EVIDENCE), NODE, "pod-echo-1", "pod-echo-2"]
         for name, argv in (("pod", ["ip", "netns", "exec", "pod-client-1", sys.executable, TRAFFIC, "load",
-                                    *FROM_POD, *evidence]),
-                           ("outside", [sys.executable, TRAFFIC, "load", *FROM_OUTSIDE, *evidence])):
+                                    *self._argv(FROM_POD), *evidence]),
+                           ("outside", [sys.executable, TRAFFIC, "load", *self._argv(FROM_OUTSIDE), *evidence])):
             self.sources[name] = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                                       stdout=asyncio.subprocess.PIPE,
                                                                       stderr=asyncio.subprocess.PIPE)
@@ -168,19 +184,65 @@ class Traffic:
                 err = await process.stderr.read() if process.stderr else b""
                 raise AssertionError(f"traffic from {name} did not start: {line!r} {err.decode()[-1500:]}")
 
+    async def mark(self) -> None:
+        """From now on every failure counts (traffic.py's "mark"); the failures before are counted apart."""
+        for process in self.sources.values():
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(b"mark\n")
+            await process.stdin.drain()
+        for name, process in self.sources.items():
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), 60 * time_scale())
+            assert line.strip() == b"marked", (name, line)
+
     async def stop(self, moment: str) -> dict[str, dict]:
         """Stop both sources; print and return their counts."""
-        results = {}
-        for name, process in self.sources.items():
-            assert process.stdin is not None and process.stdout is not None
-            process.stdin.write(b"stop\n")
-            await process.stdin.drain()
-            line = await asyncio.wait_for(process.stdout.readline(), 60 * time_scale())
+        results = await self._ask(b"stop", moment)
+        for process in self.sources.values():
             await process.wait()
-            results[name] = json.loads(line)
+        return results
+
+    async def lap(self, moment: str) -> dict[str, dict]:
+        """Both sources' counts since their last lap, printed and returned; the traffic goes on."""
+        self.fresh = False
+        return await self._ask(b"lap", moment)
+
+    async def _ask(self, command: bytes, moment: str) -> dict[str, dict]:
+        results = {}
+        for process in self.sources.values():  # both at once: each answers once its pending echoes are in
+            assert process.stdin is not None
+            process.stdin.write(command + b"\n")
+            await process.stdin.drain()
+        for name, process in self.sources.items():
+            assert process.stdout is not None
+            results[name] = json.loads(await asyncio.wait_for(process.stdout.readline(), 60 * time_scale()))
         for name, counts in results.items():
             print(f"DISRUPTION {moment} from {name}: " + json.dumps(counts), flush=True)
         return results
+
+    def kill(self) -> None:
+        for process in self.sources.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
+
+KEPT: list[Traffic] = []  # the traffic that runs on across consecutive moments (each a lap of it)
+
+
+async def kept_traffic() -> Traffic:
+    """The traffic kept running from one moment to the next, started if none runs: a new one costs two
+    Python starts in the guest, and connections that live through several moments prove no less."""
+    if not KEPT:
+        KEPT.append(Traffic())
+        began = time.monotonic()
+        await KEPT[0].start()
+        print(f"DISRUPTION kept traffic up after {time.monotonic() - began:.0f}s", flush=True)
+    return KEPT[0]
+
+
+async def end_kept_traffic() -> None:
+    if KEPT:
+        assert_no_loss("between moments", await KEPT.pop().stop("after the last lap"))
 
 
 def losses(results: dict[str, dict]) -> dict[str, int]:
@@ -208,19 +270,26 @@ def print_evidence(results: dict[str, dict]) -> None:
         print(f"DISRUPTION applier log (end):\n{log.read_text()[-6000:]}", flush=True)
 
 
-async def moment(action, settle: float = 3.0) -> dict[str, dict]:
-    traffic = Traffic()
-    began = time.monotonic()
-    await traffic.start()
-    print(f"DISRUPTION {action.__name__}: traffic up after {time.monotonic() - began:.0f}s", flush=True)
+async def moment(action, settle: float = 3.0, traffic: Traffic | None = None) -> dict[str, dict]:
+    """Run ``action`` under traffic: ``traffic`` not started yet or none (then a new one): started, then
+    stopped; a running one: a lap of it. ``settle`` seconds of traffic before (only for traffic just
+    started) and after."""
+    first = time.monotonic()
+    traffic = traffic or Traffic()
+    own = not traffic.sources
+    if not traffic.sources:
+        await traffic.start()
+        print(f"DISRUPTION {action.__name__}: traffic up after {time.monotonic() - first:.0f}s", flush=True)
     try:
-        await asyncio.sleep(settle)
+        if traffic.fresh:
+            await asyncio.sleep(settle)
         began = time.monotonic()
         await action()
         print(f"DISRUPTION {action.__name__}: done in {time.monotonic() - began:.0f}s", flush=True)
         await asyncio.sleep(settle)
     finally:
-        results = await traffic.stop(action.__name__)
+        results = await (traffic.stop(action.__name__) if own else traffic.lap(action.__name__))
+    print(f"DISRUPTION {action.__name__}: the moment took {time.monotonic() - first:.0f}s", flush=True)
     return results
 
 
@@ -299,7 +368,7 @@ async def test_takeover_in_place_loses_no_connection(cluster: Cluster) -> None:
             assert asyncio.get_running_loop().time() < deadline, kube_proxy.chains(NODE)
             await asyncio.sleep(0.3)
 
-    results = await moment(takeover)
+    results = await moment(takeover, traffic=await kept_traffic())
     print(f"DISRUPTION takeover took {asyncio.get_running_loop().time() - started:.1f}s", flush=True)
     assert_no_loss("takeover", results)
     assert ipvs_table() == table, "the takeover changed IPVS (nothing differed)"
@@ -312,18 +381,91 @@ async def test_takeover_in_place_loses_no_connection(cluster: Cluster) -> None:
     assert kube_proxy.chains(NODE) == []
 
 
-async def test_applier_restart_loses_no_connection(cluster: Cluster) -> None:
-    table = ipvs_table()
+def nft_table() -> str:
+    return in_node("nft", "list", "table", "inet", "kipvs")
 
-    async def applier_restart() -> None:
+
+def table_shape(listing: str) -> list[str]:
+    """The sets and chains of an ``nft list table`` listing, and whether its masquerade is fully random."""
+    return [*sorted(re.findall(r"^\s*((?:set|chain) \S+)", listing, re.MULTILINE)), str("fully-random" in listing)]
+
+
+# How an older kipvs's table differs from this one's (what an upgrade meets in the kernel): chains named
+# otherwise, a masquerade without fully-random, and a set and a base chain this version no longer has.
+OLDER_NAMES = (("mark_masq", "masq_mark"), ("nat_postrouting", "nat_post"), (" fully-random", ""))
+OLDER_EXTRA = ("\tset legacy_node_ports_v4 {\n\t\ttype inet_service\n\t}\n"
+               "\tchain legacy_accounting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n"
+               "\t\tcounter\n\t}\n")
+
+
+def older_table(listing: str) -> str:
+    """``listing`` (this kipvs's table) as an older kipvs wrote it, in one transaction as it did."""
+    for name, older in OLDER_NAMES:
+        listing = listing.replace(name, older)
+    head, _, _ = listing.rpartition("}")
+    return f"table inet kipvs {{}}\ndelete table inet kipvs\n{head}{OLDER_EXTRA}}}\n"
+
+
+async def test_applier_restart_into_a_version_whose_table_changed_loses_no_connection(cluster: Cluster) -> None:
+    """An applier restart (SIGKILL) that is also an upgrade: the kernel holds the nftables table an older
+    kipvs wrote (``older_table``), the new applier replaces it as its bootstrap always installs its table:
+    one ``nft -f`` transaction that deletes and defines it (rules.ruleset), so no packet meets a kernel
+    without masquerade or the loadBalancerSourceRanges filter."""
+    table, listing = ipvs_table(), nft_table()
+    log = cluster.workdir / "logs" / f"applier-{NODE}.log"
+
+    async def applier_upgrade() -> None:
         await cluster.kill(f"applier-{NODE}")  # SIGKILL: no goodbye
-        since = time.time_ns()
+        subprocess.run(["ip", "netns", "exec", NODE, "nft", "-f", "-"], input=older_table(listing), text=True,
+                       check=True, timeout=60)
+        assert "legacy_accounting" in nft_table() and "masq_mark" in nft_table()
+        since, offset = time.time_ns(), log.stat().st_size
         cluster.applier_args = ("--adopt", "--plan-cache", str(PLAN_CACHE))  # for the moments after this
         await cluster.start(f"applier-{NODE}")
         await applier_in_step(cluster, since)
+        assert "bootstrapped" in log.read_text()[offset:]
 
-    assert_no_loss("applier restart", await moment(applier_restart))
+    assert_no_loss("applier upgrade", await moment(applier_upgrade, traffic=await kept_traffic()))
     assert ipvs_table() == table
+    assert table_shape(nft_table()) == table_shape(listing), nft_table()
+
+
+async def test_planner_failover_loses_no_connection(cluster: Cluster) -> None:
+    """Two planners with ``--leader-elect``, as deploy/kubernetes/40-planner.yaml runs them: the active one
+    is killed (SIGKILL: the lease is not released) under traffic and a Service added meanwhile; the warm
+    standby takes the lease once it expires, plans the Service and the applier programs it. Nothing in
+    IPVS is deleted and re-created (each virtual service's connection counter only grows)."""
+    table, before = ipvs_table(), service_conns()
+    roles: list[str] = []
+
+    async def settled() -> bool:
+        active = await active_planner(cluster)
+        if active is None:
+            return False
+        standby = "planner-2" if active == "planner-1" else "planner-1"
+        roles[:] = [active, standby]
+        return "standby: warm" in (cluster.workdir / "logs" / f"{standby}.log").read_text()
+
+    deadline = asyncio.get_running_loop().time() + 120 * time_scale()
+    while not await settled():
+        assert asyncio.get_running_loop().time() < deadline, f"no active planner with a warm standby: {roles}"
+        await asyncio.sleep(0.5)
+    active, standby = roles
+    wanted = [f"-a -t 10.96.0.50:80 -r {ip}:{ECHO_TARGETS['echo']}" for ip in ("10.244.1.11", "10.244.1.12")]
+
+    async def planner_failover() -> None:
+        await cluster.kill(active)
+        await cluster.sim.apply(_service(FAILOVER, "ClusterIP", "10.96.0.50", _echo_port(ECHO_TARGETS["echo"])))
+        await cluster.sim.apply(_slice(FAILOVER, ("echo", ECHO_TARGETS["echo"], "TCP")))
+        await until("the Service added while the active planner was dead did not reach the kernel",
+                    lambda: all(line in in_node("ipvsadm", "-S", "-n") for line in wanted))
+
+    assert_no_loss("planner failover", await moment(planner_failover, traffic=await kept_traffic()))
+    assert await active_planner(cluster) == standby
+    assert "took over from" in (cluster.workdir / "logs" / f"{standby}.log").read_text()
+    after = service_conns()
+    assert all(after[key] >= count for key, count in before.items()), ("a service was re-created", before, after)
+    assert set(table) < set(ipvs_table()), "only the new Service was added"
 
 
 
@@ -353,7 +495,7 @@ async def test_nats_outage_loses_no_connection(cluster: Cluster) -> None:
                     lambda: "10.96.0.40:80" in in_node("ipvsadm", "-S", "-n"))
         await applier_in_step(cluster, since)
 
-    assert_no_loss("NATS outage", await moment(nats_outage))
+    assert_no_loss("NATS outage", await moment(nats_outage, traffic=await kept_traffic()))
     assert cluster.processes[f"applier-{NODE}"].returncode is None, "the applier rode the outage out"
 
 
@@ -380,7 +522,66 @@ async def test_restart_from_plan_cache_while_nats_is_down_loses_no_connection(cl
         await server.start(port=port)
         await applier_in_step(cluster, since)
 
-    assert_no_loss("restart from the plan cache", await moment(restart_from_cache))
+    assert_no_loss("restart from the plan cache", await moment(restart_from_cache, traffic=await kept_traffic()))
+    assert ipvs_table() == table
+
+
+# What a reboot resets in the node's network namespace besides the tables: the sysctls kipvs sets at setup
+# (netlink_writer.SYSCTLS), back to the kernel's defaults.
+REBOOT_SYSCTLS = ("net.ipv4.vs.conntrack=0", "net.ipv4.vs.expire_nodest_conn=0",
+                  "net.ipv4.vs.expire_quiescent_template=0", "net.ipv4.ip_forward=0")
+FLUSH_CONNTRACK = "from pyroute2 import Conntrack; Conntrack().flush()"
+
+
+def reboot_node() -> None:
+    """The node's kernel state as after a reboot: IPVS empty, no kube-ipvs0, no ipsets, no kipvs table, no
+    conntrack entries, the sysctls at their defaults. (The pods and their routes stay: the CNI's part.)"""
+    in_node("ipvsadm", "-C")
+    in_node("ip", "link", "del", "kube-ipvs0")
+    in_node("nft", "delete", "table", "inet", "kipvs")
+    in_node("ipset", "destroy")  # every set: none is referenced once kipvs's table and kube-proxy's chains are gone
+    in_node("sysctl", "-qw", *REBOOT_SYSCTLS)
+    in_node(sys.executable, "-c", FLUSH_CONNTRACK)
+
+
+async def test_a_reboot_then_the_plan_cache_while_nats_is_down_serves_new_traffic(cluster: Cluster) -> None:
+    """A reboot loses the node's kernel state (``reboot_node``) and every established connection with it:
+    no proxy keeps those, so this moment runs new connections and datagrams only, from the client pod and
+    from outside. NATS is down; the applier starts with --plan-cache. Failures count from the moment its
+    log says the cache is restored (traffic.py's mark): none may follow, and traffic must flow then. Then
+    NATS comes back and the applier catches up."""
+    server = cluster.nats_server
+    assert server is not None
+    log = cluster.workdir / "logs" / f"applier-{NODE}.log"
+    await end_kept_traffic()  # no established connection survives a reboot: new traffic only
+    table, traffic, took = ipvs_table(), Traffic(long=False), {}
+
+    async def reboot() -> None:
+        port = server.port
+        await cluster.kill(f"applier-{NODE}")
+        await server.stop()
+        reboot_node()
+        offset, since, began = log.stat().st_size, time.time_ns(), time.monotonic()
+        await cluster.start(f"applier-{NODE}")
+        await until("the applier did not restore from its plan cache",
+                    lambda: "from the plan cache" in log.read_text()[offset:])
+        took["restored"] = time.monotonic() - began
+        await traffic.mark()
+        await asyncio.sleep(5)  # served from the cache alone
+        await server.start(port=port)
+        await applier_in_step(cluster, since)
+
+    results = await moment(reboot, traffic=traffic)
+    print(f"DISRUPTION reboot: node programmed from the plan cache {took['restored']:.1f}s after the applier "
+          "started", flush=True)
+    for name, counts in results.items():
+        assert counts["failed_before_mark"] > 0, (name, "the reboot cut no traffic: the measure sees nothing")
+        assert counts["new_ok_after_mark"] > 0 and counts["udp_ok_after_mark"] > 0, (name, counts)
+    lost = losses(results)
+    if lost:
+        print_evidence(results)
+    assert not lost, f"reboot: failures after the plan cache was restored {lost}: " + str(
+        [line for counts in results.values() for line in counts["first_failures"]])
     assert ipvs_table() == table
 
 
@@ -399,7 +600,7 @@ async def test_hand_back_to_kube_proxy_in_place_loses_no_connection(cluster: Clu
         out, _ = await asyncio.wait_for(done.communicate(), 120 * time_scale())
         assert done.returncode == 0, out.decode()
 
-    assert_no_loss("hand back", await moment(hand_back))
+    assert_no_loss("hand back", await moment(hand_back, traffic=await kept_traffic()))
     assert ipvs_table() == table
     after = service_conns()
     assert all(after[key] >= count for key, count in before.items()), ("a service was re-created", before, after)
@@ -416,5 +617,6 @@ async def test_the_old_runbook_loses_connections_and_the_harness_sees_it(cluster
         await asyncio.sleep(2)
         kube_proxy.start(NODE, state, CLUSTER_CIDR)  # the next proxy programs the node again
 
-    lost = losses(await moment(cleanup_then_switch))
+    lost = losses(await moment(cleanup_then_switch, traffic=await kept_traffic()))
+    KEPT.pop().kill()  # its connections are lost: that was the point
     assert any("resets" in kind or "stalls" in kind for kind in lost), lost

@@ -14,6 +14,13 @@ Cilium's connection-disruption checks: what a proxy switch must not break, count
                 written to DIR/<pid>-<n>.txt (the first three), for the test to print
     It prints "ready" once every long-lived connection is up, runs until a line "stop" (or EOF) on stdin,
     then prints one JSON object: the counts, the first failures described, the slowest echo.
+    A line "lap" prints that object for the run since the last lap and counts again from zero, the traffic
+    going on: one process measures several moments in turn (a long-lived connection lost in one lap is
+    gone from the next; long_lived counts those alive when the lap began).
+    A line "mark" on stdin (answered "marked") splits the run: only what fails in an attempt begun at or
+    after the mark counts (resets, stalls, new_failed, udp_lost); earlier attempts' failures are counted
+    apart (failed_before_mark), and new_ok_after_mark / udp_ok_after_mark say traffic flowed after it. For a
+    moment in which loss is expected until a point (a reboot: until the node is programmed again).
     python traffic.py shared-port NODE A B   a connection to A from a fixed source port, then one to B from
                 the same port on the same pod, then an echo on the first; prints one JSON object: whether
                 it echoed within the stall bound
@@ -56,26 +63,63 @@ class Counts:
     def __init__(self) -> None:
         self.long = 0
         self.echoes = 0
-        self.resets: list[str] = []
-        self.stalls: list[str] = []
+        # failures as (when the attempt began, monotonic s; what failed)
+        self.resets: list[tuple[float, str]] = []
+        self.stalls: list[tuple[float, str]] = []
         self.new_ok = 0
-        self.new_failed: list[str] = []
+        self.new_failed: list[tuple[float, str]] = []
         self.udp_ok = 0
-        self.udp_lost: list[str] = []
+        self.udp_lost: list[tuple[float, str]] = []
         self.slowest_echo_ms = 0.0
         self.started = time.monotonic()
         self.evidence: Evidence | None = None
+        self.mark: float | None = None  # monotonic time of the "mark" line, if one came
+        self.ok_after_mark = {"new": 0, "udp": 0}
 
     def at(self) -> str:
         return f"{time.monotonic() - self.started:.1f}s"
 
+    @staticmethod
+    def fail(kind: list[tuple[float, str]], began: float, text: str) -> None:
+        """Count a failure of an attempt begun at ``began`` (monotonic s): classified by the mark at the end,
+        as the mark may come while the attempt still runs."""
+        kind.append((began, text))
+
+    def ok(self, kind: str, began: float) -> None:
+        if self.mark is not None and began >= self.mark:
+            self.ok_after_mark[kind] += 1
+
+    def _counted(self, kind: list[tuple[float, str]]) -> tuple[list[str], list[str]]:
+        """(failures that count, failures of attempts begun before the mark)."""
+        mark = self.mark if self.mark is not None else float("-inf")
+        return [t for began, t in kind if began >= mark], [t for began, t in kind if began < mark]
+
+    def lap(self) -> dict:
+        """The result so far, then every count from zero (``long`` less the connections lost)."""
+        out = self.result()
+        self.long -= len(self.resets) + len(self.stalls)
+        self.echoes = self.new_ok = self.udp_ok = 0
+        self.resets, self.stalls, self.new_failed, self.udp_lost = [], [], [], []
+        self.slowest_echo_ms = 0.0
+        self.mark = None
+        self.ok_after_mark = {"new": 0, "udp": 0}
+        if self.evidence is not None:
+            self.evidence.files = []
+        return out
+
     def result(self) -> dict:
-        return {"long_lived": self.long, "echoes": self.echoes, "resets": len(self.resets),
-                "stalls": len(self.stalls), "new_ok": self.new_ok, "new_failed": len(self.new_failed),
-                "udp_ok": self.udp_ok, "udp_lost": len(self.udp_lost),
-                "slowest_echo_ms": round(self.slowest_echo_ms, 1),
-                "first_failures": (self.resets + self.stalls + self.new_failed + self.udp_lost)[:12],
-                "evidence": self.evidence.files if self.evidence is not None else []}
+        (resets, r0), (stalls, s0), (new_failed, n0), (udp_lost, u0) = map(
+            self._counted, (self.resets, self.stalls, self.new_failed, self.udp_lost))
+        out = {"long_lived": self.long, "echoes": self.echoes, "resets": len(resets),
+               "stalls": len(stalls), "new_ok": self.new_ok, "new_failed": len(new_failed),
+               "udp_ok": self.udp_ok, "udp_lost": len(udp_lost),
+               "slowest_echo_ms": round(self.slowest_echo_ms, 1),
+               "first_failures": (resets + stalls + new_failed + udp_lost)[:12],
+               "evidence": self.evidence.files if self.evidence is not None else []}
+        if self.mark is not None:
+            out |= {"failed_before_mark": len(r0 + s0 + n0 + u0), "new_ok_after_mark": self.ok_after_mark["new"],
+                    "udp_ok_after_mark": self.ok_after_mark["udp"]}
+        return out
 
 
 class Evidence:
@@ -122,7 +166,7 @@ class Evidence:
 
 
 async def _capture(counts: Counts, what: str, writer: asyncio.StreamWriter) -> None:
-    if counts.evidence is not None and counts.evidence.n < 3:  # the first few tell; more only slow the stop
+    if counts.evidence is not None and len(counts.evidence.files) < 3:  # the first few tell; more slow the stop
         sock = writer.get_extra_info("socket")
         local, remote = sock.getsockname(), sock.getpeername()
         await asyncio.get_running_loop().run_in_executor(None, counts.evidence.capture, what, local, remote)
@@ -143,17 +187,18 @@ async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Even
                 echoed = await asyncio.wait_for(reader.readexactly(len(message)), STALL_S)
             except TimeoutError:
                 port = writer.get_extra_info("sockname")[1]
-                counts.stalls.append(f"{counts.at()} long-lived {target[0]}:{target[1]} stalled "
+                counts.fail(counts.stalls, began, f"{counts.at()} long-lived {target[0]}:{target[1]} stalled "
                                      f"(no echo in {STALL_S}s; from port {port}, last echo at {last_echo} UTC)")
                 await _capture(counts, f"stall after the echo at {last_echo}", writer)
                 return
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} reset ({type(exc).__name__})")
+                counts.fail(counts.resets, began,
+                            f"{counts.at()} long-lived {target[0]}:{target[1]} reset ({type(exc).__name__})")
                 with contextlib.suppress(OSError):
                     await _capture(counts, f"reset ({type(exc).__name__}) after the echo at {last_echo}", writer)
                 return
             if echoed != message:
-                counts.resets.append(f"{counts.at()} long-lived {target[0]}:{target[1]} got other bytes")
+                counts.fail(counts.resets, began, f"{counts.at()} long-lived {target[0]}:{target[1]} got other bytes")
                 return
             counts.echoes += 1
             last_echo = _clock()
@@ -166,6 +211,7 @@ async def long_lived(target: tuple[str, int], counts: Counts, stop: asyncio.Even
 
 
 async def one_connection(target: tuple[str, int], counts: Counts) -> None:
+    began = time.monotonic()
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), STALL_S)
         try:
@@ -176,8 +222,9 @@ async def one_connection(target: tuple[str, int], counts: Counts) -> None:
         if line != b"hello, new connection\n":
             raise ConnectionError(f"echoed {line!r}")
         counts.new_ok += 1
+        counts.ok("new", began)
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        counts.new_failed.append(f"{counts.at()} new connection to {target[0]}:{target[1]} failed "
+        counts.fail(counts.new_failed, began, f"{counts.at()} new connection to {target[0]}:{target[1]} failed "
                                  f"({type(exc).__name__} {exc})")
 
 
@@ -210,8 +257,10 @@ async def datagrams(target: tuple[str, int], counts: Counts, stop: asyncio.Event
                 await loop.sock_sendall(sock, b"ping")
                 await asyncio.wait_for(loop.sock_recv(sock, 2048), UDP_WAIT_S)
                 counts.udp_ok += 1
+                counts.ok("udp", began)
             except (OSError, TimeoutError) as exc:
-                counts.udp_lost.append(f"{counts.at()} datagram to {target[0]}:{target[1]} lost ({type(exc).__name__})")
+                counts.fail(counts.udp_lost, began,
+                            f"{counts.at()} datagram to {target[0]}:{target[1]} lost ({type(exc).__name__})")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, PERIOD_S - (time.monotonic() - began)))
     finally:
@@ -231,11 +280,15 @@ async def load(longs: list[str], news: list[str], udps: list[str], evidence: lis
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     while (line := await loop.run_in_executor(None, sys.stdin.readline)) and line.strip() != "stop":
-        pass
+        if line.strip() == "mark":
+            counts.mark = time.monotonic()
+            print("marked", flush=True)
+        elif line.strip() == "lap":
+            print(json.dumps(counts.lap()), flush=True)
     stop.set()
     for outcome in await asyncio.gather(*tasks, return_exceptions=True):
         if isinstance(outcome, BaseException):
-            counts.resets.append(f"{counts.at()} {type(outcome).__name__}: {outcome}")
+            counts.fail(counts.resets, time.monotonic(), f"{counts.at()} {type(outcome).__name__}: {outcome}")
     return counts.result()
 
 

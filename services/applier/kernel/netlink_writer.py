@@ -324,10 +324,21 @@ class NetlinkKernel(NetlinkReadBack):
 
 async def create_sets(ipset: AsyncIPSet) -> None:
     """Create every ipset the plan names and the ownership sets; one that exists with the same type is used
-    as it is. CapabilityError, naming the modules to load, for any other failure."""
+    as it is. CapabilityError, naming the modules to load, for any other failure.
+
+    kube-proxy's sets are made with kube-proxy's options (pkg/proxy/ipvs/ipset/ipset.go ``createSet``:
+    ``family``, ``hashsize 1024``, ``maxelem 65536`` or ``range 0-65535``, and ``comment``): kube-proxy
+    creates them with ``-exist``, which the kernel accepts only for a set made with the same options
+    (ip_set_core.c ``ip_set_create``, ``same_set``), and otherwise fails every sync. So a node handed back
+    to kube-proxy (``--hand-back``) after kipvs made its sets (a reboot, a node kube-proxy never ran on)
+    is synced by kube-proxy at once."""
     for name in (*ALL_IPSETS, *OWNED_SETS.values()):
         kind = set_type(name)
-        extra = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
+        extra: dict = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
+        if name in ALL_IPSETS:
+            extra["comment"] = True
+            if kind.startswith("hash:"):
+                extra |= {"hashsize": 1024, "maxelem": 65536}
         family = set_family(name)
         try:
             # pyroute2 asks the kernel for the newest revision of a type for IPv4 only; ask for the set's

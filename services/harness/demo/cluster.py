@@ -30,6 +30,7 @@ from services.harness.guest.vm import time_scale
 from services.harness.simulator import scenario as scenarios
 from services.harness.simulator.server import Simulator
 from services.planner.core import Planner, PlannerConfig
+from services.planner.lease import parse_value as parse_lease
 from services.planner.log_replay import replay_log
 from services.planner.render import ipvsadm
 from shared.contract import events, topology
@@ -128,7 +129,9 @@ class Cluster:
                                         names=(network.BRIDGE_IP, *extra), credentials=self.credentials)
         await self.nats_server.start(port=4222 if self.host_link else 0)
         admin = self.nats_server.identity("admin")
-        self.nc = await nats.connect(self.url, name="kipvs-demo", **(admin.connect_options() if admin else {}))
+        # Reconnecting for ever: a test stops the server as long as it needs (beyond nats-py's 60 attempts)
+        self.nc = await nats.connect(self.url, name="kipvs-demo", max_reconnect_attempts=-1,
+                                     **(admin.connect_options() if admin else {}))
         self.js = self.nc.jetstream(timeout=5 * time_scale())  # nats-py's default 5 s, at this machine's pace
 
     async def start_simulator(self) -> None:
@@ -163,18 +166,20 @@ class Cluster:
             await asyncio.sleep(0.1)
 
     async def start(self, service: str) -> None:
-        """Start (or restart) one service: auth, watcher, planner or applier-<node>."""
+        """Start (or restart) one service: auth, watcher, planner, planner-<n> (one of several, with
+        ``--leader-elect``, as deploy/kubernetes/40-planner.yaml runs them) or applier-<node>."""
         common = ["--nats-url", self.url, "--http-listen", "", "--log-format", "json",
                   "--nats-ca-file", str(self.auth_dir / "ca.pem")]
-        if service in ("auth", "watcher", "planner"):
-            common += ["--nats-nkey-file", str(self.auth_dir / f"{service}.nk")]
+        role = "planner" if service.startswith("planner") else service
+        if role in ("auth", "watcher", "planner"):
+            common += ["--nats-nkey-file", str(self.auth_dir / f"{role}.nk")]
         if service == "auth":
             argv = [KIPVS, "auth", "--kubeconfig", str(self.workdir / "kubeconfig"),
                     "--issuer-nkey-file", str(self.auth_dir / "issuer.nk"), *common]
         elif service == "watcher":
             argv = [KIPVS, "watcher", "--kubeconfig", str(self.workdir / "kubeconfig"), *common]
-        elif service == "planner":
-            argv = [KIPVS, "planner", *common]
+        elif role == "planner":
+            argv = [KIPVS, "planner", *common, *(leader_elect_flags() if service != "planner" else ())]
         else:
             if "auth" not in self.processes:  # an applier's identity comes from the auth callout
                 await self.start("auth")
@@ -324,6 +329,28 @@ class Cluster:
             await self.nats_server.stop()
         if self.backend == "netlink":
             network.teardown(self.nodes, list(self.pods.values()))
+
+
+def leader_elect_flags() -> list[str]:
+    """``--leader-elect`` with the lease's timing (the defaults, 3/2/0.5 s) stretched by half the time
+    scale: under emulation a renewal can take longer than 2 s without any planner being dead."""
+    stretch = max(1.0, time_scale() / 2)
+    return ["--leader-elect", f"--leader-elect-lease-duration={3.0 * stretch}",
+            f"--leader-elect-renew-deadline={2.0 * stretch}", f"--leader-elect-retry-period={0.5 * stretch}"]
+
+
+async def active_planner(cluster: Cluster) -> str | None:
+    """The name of the planner-<n> process holding the lease (its holderIdentity is
+    ``<host>_<pid>_<random>``, failover.default_identity), or None while none holds it."""
+    assert cluster.js is not None
+    try:
+        entry = await (await cluster.js.key_value(topology.PLANNER_LEASE_BUCKET)).get(topology.PLANNER_LEASE_KEY)
+    except (NotFoundError, nats.errors.TimeoutError):  # KeyNotFoundError is one
+        return None
+    holder, _ = parse_lease(entry.value)
+    pid = holder.split("_")[-2] if holder.count("_") >= 2 else ""
+    return next((name for name, process in cluster.processes.items()
+                 if name.startswith("planner-") and str(process.pid) == pid), None)
 
 
 def _internal_ip(node: dict[str, Any]) -> str:
