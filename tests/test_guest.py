@@ -89,7 +89,10 @@ def test_the_image_folder_is_the_checkouts_else_the_users_cache(monkeypatch: pyt
                                                                 tmp_path: Path) -> None:
     monkeypatch.delenv("KIPVS_GUEST_DIR", raising=False)
     assert image.cache_dir() == image.ROOT / ".cache" / "guest"  # running from this checkout
-    monkeypatch.setattr(image, "ROOT", tmp_path / "site-packages")  # an installed package: no checkout
+    site_packages = tmp_path / "site-packages"  # an installed package: no checkout, another's pyproject.toml
+    site_packages.mkdir()
+    (site_packages / "pyproject.toml").write_text('[project]\nname = "kubernetes_asyncio"\n')
+    monkeypatch.setattr(image, "ROOT", site_packages)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert image.cache_dir() == tmp_path / "cache" / "kipvs" / "guest"
     monkeypatch.setenv("KIPVS_GUEST_DIR", "chosen")

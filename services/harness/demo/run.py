@@ -139,8 +139,8 @@ async def _script(cluster: Cluster, args: argparse.Namespace) -> int:
     if args.keep:
         await _keep(cluster, args)
     else:
-        say(f"\ndone in {time.monotonic() - started:.0f} s. 'make demo ARGS=--keep' keeps it running to explore with "
-            "kipvs tap / history / why / replay.")
+        say(f"\ndone in {time.monotonic() - started:.0f} s. '{kipvs_command()} demo --keep' keeps it running to "
+            "explore with kipvs tap / history / why / replay.")
     if args.save_log:
         await _save_log(cluster, args.save_log)
     return 0

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zlib
 from pathlib import Path
 
@@ -52,6 +53,15 @@ class ImageError(Exception):
     """The guest image could not be prepared; the message says why in one sentence."""
 
 
+def _is_checkout(folder: Path) -> bool:
+    """Whether ``folder`` is kipvs's checkout: its pyproject.toml names kipvs (site-packages may hold another
+    distribution's pyproject.toml: kubernetes_asyncio installs one there)."""
+    try:
+        return tomllib.loads((folder / "pyproject.toml").read_text()).get("project", {}).get("name") == "kipvs"
+    except (OSError, ValueError):
+        return False
+
+
 def cache_dir() -> Path:
     """The image folder, absolute: $KIPVS_GUEST_DIR, else <checkout>/.cache/guest when kipvs runs from its
     checkout (where ``make`` puts it), else $XDG_CACHE_HOME/kipvs/guest (``~/.cache/kipvs/guest``) for an
@@ -59,7 +69,7 @@ def cache_dir() -> Path:
     chosen = os.environ.get("KIPVS_GUEST_DIR")
     if chosen:
         return Path(chosen).absolute()
-    if (ROOT / "pyproject.toml").is_file():
+    if _is_checkout(ROOT):
         return (ROOT / ".cache" / "guest").absolute()
     user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return (Path(user_cache) / "kipvs" / "guest").absolute()
