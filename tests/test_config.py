@@ -11,6 +11,9 @@ from typing import Annotated, Literal
 import msgspec
 import pytest
 
+from services.applier.main import ApplierConfig
+from services.auth.main import AuthConfig
+from services.watcher.main import WatcherConfig
 from shared.service import config
 
 
@@ -40,10 +43,10 @@ def test_bad_value_names_setting_and_source() -> None:
         config.load(Example, {}, {"KIPVS_PERIOD": "soon"})
     with pytest.raises(config.ConfigError) as refused:
         config.load(Example, {"period": "-1"}, {})
-    assert str(refused.value) == "invalid configuration (from flag --period): period must be > 0.0, not -1"
+    assert str(refused.value) == "invalid configuration (from flag --period): --period must be > 0.0, not -1"
     with pytest.raises(config.ConfigError) as refused:
         config.load(Timed, {"period": "-2s"}, {})  # a Go duration, in seconds once read
-    assert str(refused.value) == "invalid configuration (from flag --period): period must be > 0.0, not -2.0"
+    assert str(refused.value) == "invalid configuration (from flag --period): --period must be > 0.0, not -2.0"
 
 
 def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
@@ -124,3 +127,16 @@ def test_services_help_is_the_users_view(capsys: pytest.CaptureFixture[str]) -> 
             "ipvs.syncPeriod, sets it) (default: 60; or a duration: 30s, 15m, 1h2m3s; env") in out
     assert "--hostname-override HOSTNAME_OVERRIDE kube-proxy's hostnameOverride" in out
     assert "--ipvs-scheduler IPVS_SCHEDULER" not in out  # accepted (and said at start), not listed: the planner's
+
+
+def test_every_seconds_setting_takes_a_go_duration() -> None:
+    """Each setting in seconds reads a Go duration as kube-proxy's flags do (--report-interval 500ms
+    was refused with msgspec's 'Expected float, got str': found by a reviewer)."""
+    loaded = config.load(ApplierConfig, {"node": "n", "report_interval": "500ms", "busy_report_interval": "5s",
+                                         "drift_period": "1m"}, {})
+    assert (loaded.report_interval, loaded.busy_report_interval, loaded.drift_period) == (0.5, 5.0, 60.0)
+    assert config.load(WatcherConfig, {"read_timeout": "1m30s"}, {}).read_timeout == 90.0
+    assert config.load(AuthConfig, {"user_jwt_ttl": "2h"}, {}).user_jwt_ttl == 7200.0
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(ApplierConfig, {"node": "n"}, {"KIPVS_REPORT_INTERVAL": "-1s"})
+    assert str(refused.value).endswith(": KIPVS_REPORT_INTERVAL must be >= 0.0, not -1.0")

@@ -56,7 +56,7 @@ class AuthConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=True):
         "longest life of an applier's identity, seconds (never past its token's expiry); at its end the server "
         "closes the applier's connection and the applier connects again with its token read again (values "
         "below a minute are for tests: each end costs a reconnect and a restart of the applier's consumer)"),
-        msgspec.Meta(ge=2)] = 3600.0
+        msgspec.Meta(ge=2), config.SECONDS] = 3600.0
 
 
 def _token_expiry(token: str) -> float | None:

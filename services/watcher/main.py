@@ -30,7 +30,8 @@ class WatcherConfig(config.CommonConfig, kw_only=True, forbid_unknown_fields=Tru
     list_chunk: Annotated[int, describe("objects per list request (limit/continue)"), msgspec.Meta(ge=1)] = 500
     watch_timeout: Annotated[int, describe("timeoutSeconds of each watch request"), msgspec.Meta(ge=1)] = 300
     read_timeout: Annotated[float, describe(
-        "seconds without a byte (not even a bookmark) after which a watch is taken as dead"), msgspec.Meta(gt=0)] = 90.0
+        "seconds without a byte (not even a bookmark) after which a watch is taken as dead"), msgspec.Meta(gt=0),
+        config.SECONDS] = 90.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -367,8 +367,18 @@ def _plainly(message: str, merged: dict[str, tuple[Any, str]]) -> str:
     bound = BOUND.fullmatch(message)
     if bound is None or bound["key"] not in merged:
         return message
-    value, _ = merged[bound["key"]]
-    return f"{bound['key'].replace('_', '-')} must be {bound['op']} {bound['bound']}, not {value}"
+    value, source = merged[bound["key"]]
+    return f"{_as_typed(source, bound['key'])} must be {bound['op']} {bound['bound']}, not {value}"
+
+
+def _as_typed(source: str, key: str) -> str:
+    """The setting's name as the operator wrote it: the flag, the variable, the KubeProxyConfiguration
+    field (``ipvs.syncPeriod in config file F``), else kipvs's own key."""
+    if source.startswith(("flag ", "environment variable ")):
+        return source.rsplit(" ", 1)[-1]
+    if " in config file " in source:
+        return source.split(" in config file ", 1)[0]
+    return key
 
 
 def _is_number(text: str) -> bool:
