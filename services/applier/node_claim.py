@@ -40,7 +40,6 @@ import socket
 import time
 import uuid
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -147,8 +146,9 @@ class NodeClaim:
         self.revision = await kv.put(key, node_claims.encode(claim))
         self.held, self.holder = True, self.instance
         if taken and previous is not None:
-            log.warning("node %s: this applier (%s) takes over from %s; that one stops applying within %.0fs",
-                        self.node, self.instance, previous.instance, self.check_every)
+            log.warning("node %s: this applier (%s) takes over from %s; that one sees it on the claim's subject "
+                        "and stops applying at once (within %.0fs if it is still starting)", self.node,
+                        self.instance, previous.instance, self.check_every)
 
     async def _listen(self) -> None:
         """Subscribe to the key's subject (once; the interest on the server before returning)."""
@@ -303,6 +303,6 @@ class NodeClaim:
         self.held = False
 
 
-class ClaimReleased(nats.errors.Error):
+class ClaimReleased(bus.RestartService):
     """The applier that held the node released it: a bus event the runtime answers by starting the service
     again (``runtime._restarting`` restarts on nats-py's errors), which then takes the node."""

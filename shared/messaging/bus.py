@@ -274,6 +274,11 @@ class Retry(Exception):
     """Raised by a handler for a transient failure: the batch is not acked and will be redelivered."""
 
 
+class RestartService(nats.errors.Error):
+    """Raised by a service when a bus event asks for its restart on purpose (not a failure): the runtime
+    starts it again at once and logs the message as information (e.g. the applier's ClaimReleased)."""
+
+
 # Failures of the bus itself (a full store, a timeout, no responders, a lost connection): never the
 # message's fault, so never a reason to park it. The handler's batch is redelivered instead.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, ConnectionError)

@@ -253,10 +253,14 @@ async def _restarting(name: str, main: Main, ctx: ServiceContext) -> None:
                 # Cancelled because the server closed the connection; the service's cleanup then failed on
                 # the dead client, and that error must not swallow the cancellation.
                 raise asyncio.CancelledError from exc
-            delay = backoff.next()
-            ctx.set_not_ready(f"restarting after a bus failure: {type(exc).__name__}")
-            log.warning("%s: the bus failed under the service (%s: %s); starting it again in %.1fs", name,
-                        type(exc).__name__, exc or "", delay)
+            delay = 0.0 if isinstance(exc, bus.RestartService) else backoff.next()
+            if delay:
+                ctx.set_not_ready(f"restarting after a bus failure: {type(exc).__name__}")
+                log.warning("%s: the bus failed under the service (%s: %s); starting it again in %.1fs", name,
+                            type(exc).__name__, exc or "", delay)
+            else:
+                ctx.set_not_ready(f"restarting: {exc}")
+                log.info("%s: %s; starting it again", name, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
