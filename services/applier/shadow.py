@@ -89,7 +89,10 @@ class Shadow:
         (drift_slices.py); the others' lines are those of their last read (``divergences``' ``last``)."""
         checked, _ = self.slices.next(self.compared_services)
         table = await self.read(checked)  # first: it finds kube-ipvs0, whose addresses are not the node's own
-        plan, want = await self._want()
+        wanted = await self._want()
+        if wanted is None:  # the plan read short of the stream: no comparison against a partial plan
+            return self.divergences or ()
+        plan, want = wanted
         self.compared_services = len(want.ipvs)
         found = tuple(divergences(table, want, self.exclude_cidrs, reals_read=checked, last=self.real_lines))
         for line in sorted(set(found) - set(self.divergences or ())):
@@ -112,12 +115,13 @@ class Shadow:
         return found
 
 
-    async def _want(self) -> tuple[SharedPlan, NodeState]:
+    async def _want(self) -> tuple[SharedPlan, NodeState] | None:
         """The published plan and this node's state from it, following the deltas: the first comparison
         (or one after a gap, or once the plan stream was replaced: its identity, ``topology.replacement``)
         reads the snapshot and resolves every Service; later ones read only the deltas stored since and
         re-resolve only the Services they touched (every Service when this node's facts changed), as the
-        applier's core does."""
+        applier's core does. None when a fresh snapshot's deltas stopped at a gap (a chunked delta still
+        being published, a lost part): the plan would be partial; the next comparison loads it again."""
         identity = await topology.stream_identity(self.ctx.js, topology.PLAN_STREAM)
         touched: set[str] | None = None
         if self.plan is not None and self.desired is not None and identity is not None and \
@@ -127,8 +131,13 @@ class Shadow:
         if touched is None:  # (re)load: the snapshot, then every delta after it
             self.identity = identity
             self.plan, self.stream_seq = await plan_log.load_snapshot(self.ctx.js, self.reader)
-            self.stream_seq = (await plan_log.follow(self.ctx.js, self.reader, self.plan, self.stream_seq)).last
-            self.desired, self.facts = DesiredState(), None
+            followed = await plan_log.follow(self.ctx.js, self.reader, self.plan, self.stream_seq)
+            self.stream_seq, self.desired, self.facts = followed.last, DesiredState(), None
+            if followed.stopped:
+                log.warning("shadow: the published plan could not be read whole (a gap after its snapshot); "
+                            "comparing again at the next period")
+                self.plan = None
+                return None
         assert self.plan is not None and self.desired is not None
         facts = await self._facts(self.plan)
         if facts != self.facts or touched is None:
