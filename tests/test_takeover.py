@@ -137,3 +137,10 @@ def test_kube_proxy_syncs_over_the_ipsets_kipvs_made() -> None:
         kube_proxy.write_ipsets(netns, NodeState())  # raises, naming the set, when the kernel refuses one
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=True)
+
+
+def test_a_node_behind_only_by_its_paced_report_says_so() -> None:
+    shown = render([NodeStatus("node-a", applied_seq=3, behind=2, report_age_s=1.0),
+                    NodeStatus("node-b", applied_seq=5, behind=0, report_age_s=1.0)], 5)
+    rows = shown.splitlines()
+    assert rows[2].endswith("ok (behind by its last report, within --max-lag)") and rows[3].endswith(" ok"), shown

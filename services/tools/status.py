@@ -205,6 +205,12 @@ def _lagging(behind: int, applied: int, now_ns: int, max_behind: int, delta_time
     return f"{behind} deltas behind the planner for {waited:.0f}s (limit {max_lag:.0f}s)"
 
 
+def _ok(status: NodeStatus) -> str:
+    """A node within its limits; one behind by its last report says it is within them: reports are paced
+    (one a --report-interval, a --busy-report-interval under churn), so the newest deltas show late."""
+    return "ok (behind by its last report, within --max-lag)" if status.behind else "ok"
+
+
 def render(statuses: list[NodeStatus], newest: int, stage: pipeline.Stage | None = None) -> str:
     where = f"; {pipeline.render_stage(stage)}" if stage is not None else ""
     lines = [f"planner: shared plan delta {newest}{where}",
@@ -216,7 +222,7 @@ def render(statuses: list[NodeStatus], newest: int, stage: pipeline.Stage | None
         shadow = "-" if s.shadow is None else str(s.shadow)
         lines.append(f"{s.node:<24} {applied:>8} {behind:>7} {age:>10} {s.drift_repaired:>6} {shadow:>6}  "
                      f"{s.endpoint_marks or '-':<9} "
-                     f"{'not in the cluster (old reports)' if s.gone else 'ok' if s.ok else '; '.join(s.problems)}")
+                     f"{'not in the cluster (old reports)' if s.gone else _ok(s) if s.ok else '; '.join(s.problems)}")
         lines += [f"{'':<24} conflict: {c}" for c in s.conflicts]
         lines += [f"{'':<24} taken over from kube-proxy in place at {s.taken_over}"] if s.taken_over else []
         lines += [f"{'':<24} shadow: {d}" for d in s.shadow_found]
