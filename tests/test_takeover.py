@@ -143,4 +143,4 @@ def test_a_node_behind_only_by_its_paced_report_says_so() -> None:
     shown = render([NodeStatus("node-a", applied_seq=3, behind=2, report_age_s=1.0),
                     NodeStatus("node-b", applied_seq=5, behind=0, report_age_s=1.0)], 5)
     rows = shown.splitlines()
-    assert rows[2].endswith("ok (behind by its last report, within --max-lag)") and rows[3].endswith(" ok"), shown
+    assert rows[2].endswith("ok (behind by its last report, within the limits)") and rows[3].endswith(" ok"), shown

@@ -208,7 +208,7 @@ def _lagging(behind: int, applied: int, now_ns: int, max_behind: int, delta_time
 def _ok(status: NodeStatus) -> str:
     """A node within its limits; one behind by its last report says it is within them: reports are paced
     (one a --report-interval, a --busy-report-interval under churn), so the newest deltas show late."""
-    return "ok (behind by its last report, within --max-lag)" if status.behind else "ok"
+    return "ok (behind by its last report, within the limits)" if status.behind else "ok"
 
 
 def render(statuses: list[NodeStatus], newest: int, stage: pipeline.Stage | None = None) -> str:
