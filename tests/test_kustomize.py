@@ -18,6 +18,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "kubernetes"
 OVERLAY = ROOT / "deploy" / "kustomize-overlay-example"
+AFTER = ROOT / "deploy" / "after-kube-proxy"
+MIGRATION = ROOT / "deploy" / "kube-proxy-migration"
+APPLIER = ("DaemonSet", "kipvs-system", "kipvs-applier")
+SHADOW = ("DaemonSet", "kipvs-system", "kipvs-applier-shadow")
 IMAGE = "ghcr.io/kipvs/kipvs"
 
 Key = tuple[str, str, str]
@@ -96,6 +100,87 @@ def test_a_broken_overlay_fails_to_render(kubectl: str, tmp_path: Path) -> None:
     patch.write_text(patch.read_text().replace("name: kipvs-bootstrap", "name: kipvs-bootstrapp"))
     done = subprocess.run([kubectl, "kustomize", str(patch.parent)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "kipvs-bootstrapp" in done.stderr, done.stderr
+
+
+def _env(doc: dict[str, Any]) -> dict[str, Any]:
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_after_kube_proxy_keeps_its_node_port_addresses_only(kubectl: str) -> None:
+    """README, "Replacing kube-proxy": kube-proxy's IPVS mode serves NodePorts on every host address; so does
+    kipvs on a cluster that ran it, or the NodePort services there would stay foreign (never updated)."""
+    base, after = manifests(), render(kubectl, AFTER)
+    validate(after)
+    assert set(after) == set(base)
+    for key, doc in after.items():
+        if key != APPLIER:
+            assert doc == base[key], key
+    assert _env(after[APPLIER]) == {**_env(base[APPLIER]), "KIPVS_NODE_ADDRESSES": "interfaces"}
+    changed = yaml.safe_load(yaml.safe_dump(after[APPLIER]))
+    changed["spec"]["template"]["spec"]["containers"][0]["env"] = base[APPLIER]["spec"]["template"]["spec"][
+        "containers"][0]["env"]
+    assert changed == base[APPLIER]
+
+
+def _node_terms(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+
+
+def _runs_on(label: str | None, selector: dict[str, str] | None = None, terms: Any = None) -> bool:
+    """Whether a pod with this nodeSelector / node affinity runs on a node whose kipvs.io/proxy is ``label``
+    (None: unlabelled), as the scheduler reads them."""
+    if selector is not None and selector.get("kipvs.io/proxy") != label:
+        return False
+    for term in terms or [{"matchExpressions": []}]:
+        ok = True
+        for expr in term["matchExpressions"]:
+            assert expr["key"] == "kipvs.io/proxy"
+            if expr["operator"] == "In":
+                ok &= label in expr["values"]
+            elif expr["operator"] == "NotIn":
+                ok &= label not in expr["values"]
+            else:
+                raise AssertionError(expr)
+        if ok:
+            return True
+    return False
+
+
+def test_the_migration_overlay_puts_one_proxy_on_each_node(kubectl: str) -> None:
+    """deploy/kube-proxy-migration: per node label, kube-proxy (patched with kube-proxy-patch.yaml), the
+    shadow applier and the adopting applier never share a node where two would hold a port (9103 for the
+    two appliers, 10256 and the health-check node ports for kube-proxy and kipvs-applier); shadow nodes
+    run kube-proxy beside the shadow, unlabelled nodes kube-proxy alone, switched nodes kipvs alone."""
+    after, migration = render(kubectl, AFTER), render(kubectl, MIGRATION)
+    validate(migration)
+    assert set(migration) == set(after) | {SHADOW}
+    for key, doc in after.items():
+        if key != APPLIER:
+            assert doc == migration[key], key
+    adopt, shadow = migration[APPLIER], migration[SHADOW]
+    assert _env(adopt) == {**_env(after[APPLIER]), "KIPVS_ADOPT": "true"}
+    kube_proxy = yaml.safe_load((MIGRATION / "kube-proxy-patch.yaml").read_text())
+    kube_proxy_terms = _node_terms(kube_proxy)
+    shadow_selector = shadow["spec"]["template"]["spec"]["nodeSelector"]
+    running = {label: (_runs_on(label, terms=kube_proxy_terms), _runs_on(label, selector=shadow_selector),
+                       _runs_on(label, terms=_node_terms(adopt)))
+               for label in (None, "shadow", "none", "kipvs")}
+    assert running == {None: (True, False, False), "shadow": (True, True, False), "none": (False, False, False),
+                       "kipvs": (False, False, True)}
+    # the shadow is the applier, read-only: same identity, bus, settings and node addresses
+    assert _env(shadow) == {**{k: v for k, v in _env(adopt).items()
+                               if k not in ("KIPVS_ADOPT", "KIPVS_HEALTHZ_BIND_ADDRESS")}, "KIPVS_SHADOW": "true"}
+    (a,), (s,) = adopt["spec"]["template"]["spec"]["containers"], shadow["spec"]["template"]["spec"]["containers"]
+    assert s["image"] == a["image"] and s["securityContext"] == a["securityContext"] and s["ports"] == a["ports"]
+    cache = a["args"].index("--plan-cache")
+    assert s["args"] == a["args"][:cache] + a["args"][cache + 2:], "no plan cache: shadow mode programs nothing"
+    assert "initContainers" not in shadow["spec"]["template"]["spec"], "no modules or sysctls set"
+    for field in ("serviceAccountName", "automountServiceAccountToken", "hostNetwork", "dnsPolicy",
+                  "priorityClassName", "tolerations"):
+        assert shadow["spec"]["template"]["spec"][field] == adopt["spec"]["template"]["spec"][field], field
+    assert shadow["spec"]["selector"]["matchLabels"] != adopt["spec"]["selector"]["matchLabels"], "pods apart"
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
