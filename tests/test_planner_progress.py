@@ -100,6 +100,11 @@ async def test_the_planner_is_not_ready_while_the_plan_stream_refuses_its_deltas
         await nc.close()
 
 
+async def _master_status(port: int) -> float:
+    scrape = Scrape.parse((await _get(port, "/metrics"))[1])
+    return scrape.value("kipvs_planner_leader_election_master_status")
+
+
 async def _ready(port: int) -> bool:
     try:
         return (await _get(port, "/readyz"))[0] == 200
@@ -133,7 +138,7 @@ async def _churn(sim, stop: asyncio.Event) -> int:
 async def test_a_restarted_planner_turns_ready_while_the_churn_goes_on(nats_url: str, sim, tmp_path: Path) -> None:
     """Caught up is a position (the log's head when it began consuming), not "a fetch came back empty":
     a planner restarted during a steady churn was not ready until the churn ended (a rollout waiting on its
-    readiness would never finish)."""
+    readiness would never finish). A standby that takes over goes through the same ``ActivePlanner.consume``."""
     await sim.apply(kube.service("web", cluster_ip="10.96.0.10"))
     stack = await start_stack(nats_url, sim, tmp_path)
     stop_churn = asyncio.Event()
@@ -151,7 +156,7 @@ async def test_a_restarted_planner_turns_ready_while_the_churn_goes_on(nats_url:
         restarted = time.monotonic()
         task, stop = start_service("planner", cfg, plan)
         # Generous for a loaded machine; the churn goes on all the while (before the fix: never ready).
-        await until(lambda: _ready(port), "the restarted planner ready during the churn", within=40)
+        await until(lambda: _active_and_ready(port), "the restarted planner ready during the churn", within=40)
         assert not churn.done(), "the churn stopped"
         print(f"ready {time.monotonic() - restarted:.2f}s after the restart, during the churn")
     finally:
@@ -163,7 +168,11 @@ async def test_a_restarted_planner_turns_ready_while_the_churn_goes_on(nats_url:
         await stack.close()
 
 
-async def _ready(port: int) -> bool:
+async def _active_and_ready(port: int) -> bool:
+    """Ready, having consumed a record (so past its "catching up": consuming began under it)."""
     with contextlib.suppress(aiohttp.ClientError):
+        scrape = Scrape.parse((await _get(port, "/metrics"))[1])
+        if scrape.value("kipvs_planner_events_total") == 0:
+            return False
         return (await _get(port, "/readyz"))[0] == 200
     return False
