@@ -8,6 +8,8 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import time
+from pathlib import Path
 
 import aiohttp
 import nats
@@ -22,7 +24,7 @@ from shared.messaging.embedded_nats import free_loopback_port
 from shared.service import config
 from tests import kube
 from tests.helpers import publish_kube, start_service, until
-from tests.stack import Scrape
+from tests.stack import Scrape, start_stack
 
 
 def test_the_lag_clock_runs_only_while_the_log_stays_ahead() -> None:
@@ -98,6 +100,11 @@ async def test_the_planner_is_not_ready_while_the_plan_stream_refuses_its_deltas
         await nc.close()
 
 
+async def _master_status(port: int) -> float:
+    scrape = Scrape.parse((await _get(port, "/metrics"))[1])
+    return scrape.value("kipvs_planner_leader_election_master_status")
+
+
 async def _ready(port: int) -> bool:
     try:
         return (await _get(port, "/readyz"))[0] == 200
@@ -115,3 +122,57 @@ async def _metric(port: int, name: str, at_least: float) -> bool:
 
 async def _exactly(port: int, name: str, value: float) -> bool:
     return Scrape.parse((await _get(port, "/metrics"))[1]).value(name) == value
+
+
+async def _churn(sim, stop: asyncio.Event) -> int:
+    """One EndpointSlice change every 0.1 s (a rollout's pace) until ``stop``; returns how many."""
+    n = 0
+    while not stop.is_set():
+        n += 1
+        await sim.apply(kube.endpoint_slice("web-x", "web", [kube.endpoint(f"10.244.0.{n % 7 + 1}")]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+    return n
+
+
+async def test_a_restarted_planner_turns_ready_while_the_churn_goes_on(nats_url: str, sim, tmp_path: Path) -> None:
+    """Caught up is a position (the log's head when it began consuming), not "a fetch came back empty":
+    a planner restarted during a steady churn was not ready until the churn ended (a rollout waiting on its
+    readiness would never finish). A standby that takes over goes through the same ``ActivePlanner.consume``."""
+    await sim.apply(kube.service("web", cluster_ip="10.96.0.10"))
+    stack = await start_stack(nats_url, sim, tmp_path)
+    stop_churn = asyncio.Event()
+    churn = asyncio.create_task(_churn(sim, stop_churn))
+    port = free_loopback_port()
+    cfg = config.load(PlannerServiceConfig, {"nats_url": nats_url, "http_listen": f"127.0.0.1:{port}"}, {})
+    task, stop = None, asyncio.Event()
+    try:
+        await stack.until(lambda s: True, "the churn planned and applied", within=60)
+        old = stack.tasks.pop(1)  # the planner dies mid-churn, its batch in hand unacked (as kill -9)
+        old.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await old
+        await asyncio.sleep(1.0)  # the log runs ahead of the planner's ack floor
+        restarted = time.monotonic()
+        task, stop = start_service("planner", cfg, plan)
+        # Generous for a loaded machine; the churn goes on all the while (before the fix: never ready).
+        await until(lambda: _active_and_ready(port), "the restarted planner ready during the churn", within=40)
+        assert not churn.done(), "the churn stopped"
+        print(f"ready {time.monotonic() - restarted:.2f}s after the restart, during the churn")
+    finally:
+        stop_churn.set()
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, 30)
+        await churn
+        await stack.close()
+
+
+async def _active_and_ready(port: int) -> bool:
+    """Ready, having consumed a record (so past its "catching up": consuming began under it)."""
+    with contextlib.suppress(aiohttp.ClientError):
+        scrape = Scrape.parse((await _get(port, "/metrics"))[1])
+        if scrape.value("kipvs_planner_events_total") == 0:
+            return False
+        return (await _get(port, "/readyz"))[0] == 200
+    return False

@@ -34,6 +34,8 @@ from .service_config import PlannerServiceConfig
 
 log = logging.getLogger("kipvs.planner")
 
+CATCHING_UP = "catching up with the Kubernetes event log"
+
 
 async def plan(ctx: runtime.ServiceContext, planner: Planner | None = None, fence: Fence | None = None,
                deposed: asyncio.Event | None = None) -> None:
@@ -82,6 +84,9 @@ class ActivePlanner:
         self.publisher: PlanPublisher | None = None
         self.parked: set[str] = set()  # ids of deltas parked as unpublishable (once each)
         self.snapshot_seq, self.snapshot_at = -1, 0.0
+        # The log's last sequence when this term began consuming: planned and published up to it, the planner
+        # is caught up (ready) even while new records keep coming; None once reached.
+        self.catch_up_to: int | None = None
 
     def _declare_metrics(self, info_pending: int) -> None:
         m = self.ctx.metrics
@@ -182,7 +187,22 @@ class ActivePlanner:
             self.planning.observe(time.perf_counter() - t0)
             self.processed.inc()
         await self.flush()
+        self._check_caught_up(batch[-1] if batch else None)
         await self.snapshot()
+
+    def _check_caught_up(self, last: bus.Delivery | None) -> None:
+        """Ready once what the log held when this term began is planned and published (the outbox was just
+        flushed), or once a batch left nothing pending in the consumer: "caught up" is a position, not "a
+        fetch came back empty", which never happens while the cluster keeps changing (a restarted planner
+        stayed not ready for a whole churn). As the applier does: it is caught up once it has read the plan
+        stream up to where it stood at start (``plan_log.catch_up_to``). Only this transition: once caught up,
+        readiness follows the publishing (``progress.py``)."""
+        if self.catch_up_to is None:
+            return
+        if self.planner.source_seq >= self.catch_up_to or (last is not None and last.msg.metadata.num_pending == 0):
+            self.catch_up_to = None
+            if self.ctx.ready_reason == CATCHING_UP:
+                self.ctx.set_ready()
 
     async def idle(self) -> None:
         assert self.publisher is not None
@@ -192,6 +212,7 @@ class ActivePlanner:
             except bus.Retry as exc:
                 self.ctx.set_not_ready(f"{len(self.publisher.outbox)} planned deltas not yet published: {exc}")
                 return
+        self.catch_up_to = None
         self.ctx.set_ready()
         await self.snapshot()
 
@@ -201,7 +222,8 @@ class ActivePlanner:
         consumer = self.consumer = bus.DurableConsumer(ctx.js, topology.planner_consumer(), "planner", self.handle,
                                                        batch=self.cfg.batch, idle=self.idle)
         ctx.queued_since = consumer.queued_since
-        ctx.set_not_ready("catching up with the Kubernetes event log")
+        ctx.set_not_ready(CATCHING_UP)
+        self.catch_up_to = (await ctx.js.stream_info(topology.KUBE_STREAM)).state.last_seq
         await self.snapshot(force=True)
         runner = asyncio.create_task(consumer.run())
         checker = asyncio.create_task(self.progress.watch(ctx.js))
