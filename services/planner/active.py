@@ -197,7 +197,7 @@ class ActivePlanner:
         stayed not ready for a whole churn). As the applier does: it is caught up once it has read the plan
         stream up to where it stood at start (``plan_log.catch_up_to``). Only this transition: once caught up,
         readiness follows the publishing (``progress.py``)."""
-        if self.catch_up_to is None:
+        if self.catch_up_to is None or (self.publisher is not None and self.publisher.outbox):
             return
         if self.planner.source_seq >= self.catch_up_to or (last is not None and last.msg.metadata.num_pending == 0):
             self.catch_up_to = None
