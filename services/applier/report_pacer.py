@@ -8,9 +8,9 @@ out in the last ``interval`` seconds (a lone change is reported without delay), 
 publishes it when the interval has passed (a burst of changes is one report). Under sustained churn (three
 reports in a row held back) the pace widens to ``busy_interval`` (5 s), or a quiet ``interval`` after the newest
 offer when the churn ends, until a report goes out at once again:
-the second session's one report per node per second was still most of what a node cost the servers per
-change, and `kipvs status` needs a busy node's position within its --max-lag (30 s), not within a second
-(issue 27, third session). An ``ApplyReport`` that says
+one report per node per second was still most of what a node cost the servers per change, and
+`kipvs status` needs a busy node's position within its --max-lag (30 s), not within a second (issue 27).
+An ``ApplyReport`` that says
 what the last one said (the same plan delta and desired state, no operations, no errors) is not published
 at all. Drift reports (one per drift period) and everything else pass at the same pace.
 

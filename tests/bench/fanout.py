@@ -60,8 +60,8 @@ DESIGNS = {
     "feed-claim-poll": Design("feed", report_pacer.REPORT_INTERVAL, True, False),
     "feed": Design("feed", report_pacer.REPORT_INTERVAL, True, True),  # and the claim watched: the applier now
     "feed-core-reports": Design("feed", None, True, True),
-    # the reports' variants (issue 27, third session): paced wider under churn, or into an R1 status stream
-    # ... 1 s whatever the churn (the second session's applier), 2 s, 5 s
+    # the reports' variants (issue 27): paced wider under churn, or into an R1 status stream
+    # ... 1 s whatever the churn (the pace before --busy-report-interval), 2 s, 5 s
     "feed-1s": Design("feed", 1.0, True, True, busy_interval=1.0),
     "feed-2s": Design("feed", 2.0, True, True, busy_interval=2.0),
     "feed-5s": Design("feed", 5.0, True, True, busy_interval=5.0),
