@@ -14,7 +14,7 @@ from services.applier.core import ApplierCore
 from services.applier.drift import DriftCheck
 from services.applier.drift_slices import Checked, DriftSlices, parts_for
 from services.applier.kernel.backend import MemoryKernel, Observed
-from services.applier.kernel.rules import SETS, NftRules, RulesConfig
+from services.applier.kernel.rules import SETS, Listed, NftRules, RulesConfig
 from services.applier.ops import AddReal, diff, digest
 from shared.contract import events
 from shared.plan.node_state import NodeState, VirtualService
@@ -150,7 +150,7 @@ class _CountedRules(NftRules):
 
     listings = 0
 
-    async def listed(self) -> tuple[dict[str, set[str]], dict[str, int] | None]:
+    async def listed(self) -> Listed | None:
         self.listings += 1
         return await super().listed()
 
@@ -175,3 +175,32 @@ async def test_the_nftables_table_is_listed_only_after_an_nf_tables_transaction(
     await drift.check()
     await drift.check()
     assert sink.reports[-1].found == () and rules.listings == 4, "after the rewrite: listed once, then not"
+
+
+def _in_netns(netns: str, *nft: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "nft", *nft], check=True)
+
+
+async def test_a_changed_chain_or_a_deleted_table_is_rewritten(netns: str) -> None:
+    """Another program flushing one of kipvs's chains (masquerade gone), adding a rule, or deleting the whole
+    table (``nft flush ruleset``, as Debian's nftables.service runs) is drift: the next check rewrites it."""
+    core, kernel = await _programmed(20)
+    rules = NftRules(RulesConfig(), netns=netns)
+    want = core.desired.state().ipsets
+    await rules.install(want)
+    shape = rules.installed_shape
+    sink = _Collected()
+    drift = DriftCheck(core, kernel, rules, sink, sink, per_check=100)  # type: ignore[arg-type]
+    await drift.check()
+    assert sink.reports[-1].found == ()
+    chain = "nat_postrouting"  # the masquerade
+    for change, why in ((("flush", "chain", "inet", "kipvs", chain), "chains or rules differed"),
+                        (("add", "rule", "inet", "kipvs", chain, "accept"), "chains or rules differed"),
+                        (("flush", "ruleset"), "missing")):
+        _in_netns(netns, *change)
+        await drift.check()
+        assert sink.reports[-1].found == (f"nftables table inet kipvs: {why}; table rewritten",), change
+        listed = await rules.listed()
+        assert listed is not None and listed.shape == shape and listed.members == {**listed.members, **want}
+        await drift.check()
+        assert sink.reports[-1].found == (), "rewritten once, then it matches"

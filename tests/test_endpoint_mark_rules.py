@@ -153,6 +153,7 @@ async def test_packets_from_a_workload_interface_carry_its_mark(node: dict[str, 
     # The pod's mark changes (a mask re-allocation): element and chain changes, no table rewrite.
     await rules.set_endpoint_marks(marks(NEW_MARK), None)
     assert (await rules.installed_marks()) == {POD_IFACE: NEW_MARK}
+    assert rules.divergence(await rules.listed(), MEMBERS) == "", "its mark chains are no drift of the table"
     _nft(n, probe_table(NEW_MARK))
     send(node["pod"], [("tcp", NODE_IP, 30080)])
     assert counters(n)["pod_nodeport_tcp"] >= 1

@@ -3,9 +3,10 @@ and on SIGUSR1, never while a batch is being written).
 
 As kube-proxy's periodic full sync (pkg/proxy/ipvs/proxier.go, ``syncProxyRules`` every --ipvs-sync-period)
 but read-back first: the kernel is read (``observe``), diffed with the desired state and only what differs
-is written; the nftables table is rewritten when its set members or endpoint marks differ. With
---node-addresses interfaces, an interface address that came or went first moves the NodePorts. Every check
-ends with a drift report (``kipvs.status.<node>.drift``): what was found, desired and observed digests.
+is written; the nftables table is rewritten when it is missing or its set members, endpoint marks, chains
+or rules differ. With --node-addresses interfaces, an interface address that came or went first moves the
+NodePorts. Every check ends with a drift report (``kipvs.status.<node>.drift``): what was found, desired
+and observed digests.
 """
 
 from __future__ import annotations
@@ -88,9 +89,10 @@ class DriftCheck:
                 await self.rules.apply(ops)
 
     async def _check_rules(self, ipsets: dict[str, set[str]]) -> list[str]:
-        """The nftables table against ``ipsets`` and the endpoint marks: listed (an ``nft`` process, and
-        the whole table decoded) only when an nf_tables transaction happened since it last matched this
-        desired state, or the generation cannot be read."""
+        """The nftables table against ``ipsets``, the endpoint marks and the chains and rules kipvs wrote
+        (``NftRules.divergence``): listed (an ``nft`` process, and the whole table decoded) only when an
+        nf_tables transaction happened since it last matched this desired state, or the generation cannot be
+        read."""
         if self.rules is None:
             return []
         marks = self.rules.marks
@@ -98,13 +100,10 @@ class DriftCheck:
         if seen[0] is not None and seen == self.rules_matched:
             return []
         self.rules_matched = None
-        members, installed = await self.rules.listed()
-        if any(members.get(name, set()) != entries for name, entries in ipsets.items()):
+        why = self.rules.divergence(await self.rules.listed(), ipsets)
+        if why:
             await self.rules.install(ipsets)
-            return ["nftables table inet kipvs: set members differed; table rewritten"]
-        if installed != (marks.marks if marks is not None else None):
-            await self.rules.install(ipsets)
-            return ["nftables table inet kipvs: endpoint marks differed; table rewritten"]
+            return [f"nftables table inet kipvs: {why}; table rewritten"]
         self.rules_matched = seen
         return []
 

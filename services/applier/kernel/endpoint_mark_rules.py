@@ -76,8 +76,11 @@ def _clear(mask: int) -> str:
     return f"{~mask & 0xFFFFFFFF:#010x}"
 
 
+MARK_CHAIN_PREFIX = "em_"  # one chain per mark value: em_<mark in hex>
+
+
 def _mark_chain(mark: int) -> str:
-    return f"em_{mark:08x}"
+    return f"{MARK_CHAIN_PREFIX}{mark:08x}"
 
 
 def _mark_chain_body(marks: EndpointMarks, mark: int) -> str:

@@ -215,6 +215,7 @@ class NftRules:
         self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.marks: EndpointMarks | None = None  # the endpoint marks in the table (enforce mode), else None
         self.nfnl: DumpSocket | None = None  # for generation(), opened at first use in the table's netns
+        self.installed_shape: str | None = None  # table_shape() right after this adapter's last install
 
     async def _nft(self, *args: str, script: str | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -234,7 +235,10 @@ class NftRules:
             raise CapabilityError(f"this kernel cannot hold kipvs's nftables table: {exc}") from None
 
     async def install(self, members: dict[str, set[str]]) -> None:
+        """Write the whole table, then note its shape as the kernel lists it (``nft -t``: without set
+        members, so one short listing whatever the node's size): what a drift check holds it to."""
         await self._nft("-f", "-", script=ruleset(self.config, members, self.marks))
+        self.installed_shape = table_shape(json.loads(await self._nft("-t", "-j", "list", "table", "inet", TABLE)))
 
     async def set_endpoint_marks(self, marks: EndpointMarks | None, members: dict[str, set[str]] | None) -> None:
         """Make the table's endpoint-mark rules ``marks`` (None: none). Endpoint changes are element
@@ -258,14 +262,35 @@ class NftRules:
             await self._nft("-f", "-", script=script)
 
     async def members(self) -> dict[str, set[str]]:
-        """The nft sets' members, in ipset entry syntax."""
-        return (await self.listed())[0]
+        """The nft sets' members, in ipset entry syntax. KernelError when the table is missing."""
+        listed = await self.listed()
+        if listed is None:
+            raise KernelError(f"nftables table inet {TABLE} is missing")
+        return listed.members
 
-    async def listed(self) -> tuple[dict[str, set[str]], dict[str, int] | None]:
-        """The sets' members and the endpoint-mark pairs (``installed_marks``) of one ``nft -j list table``:
-        what a drift check compares."""
-        doc = json.loads(await self._nft("-j", "list", "table", "inet", TABLE))
-        return _members(doc), endpoint_mark_rules.parse_dispatch(doc)
+    async def listed(self) -> Listed | None:
+        """What a drift check compares, from one ``nft -j list table``; None when the table is missing (an
+        ``nft flush ruleset``, as Debian's nftables.service runs at every start and reload)."""
+        try:
+            doc = json.loads(await self._nft("-j", "list", "table", "inet", TABLE))
+        except KernelError as exc:
+            if "No such file" in str(exc):
+                return None
+            raise
+        return Listed(_members(doc), endpoint_mark_rules.parse_dispatch(doc), table_shape(doc))
+
+    def divergence(self, listed: Listed | None, members: dict[str, set[str]]) -> str:
+        """Why the table ``listed`` is not the one to hold ``members`` and this adapter's endpoint marks
+        ("" when it is): missing, set members, endpoint marks, then chains or rules (``table_shape``)."""
+        if listed is None:
+            return "missing"
+        if any(listed.members.get(name, set()) != entries for name, entries in members.items()):
+            return "set members differed"
+        if listed.marks != (self.marks.marks if self.marks is not None else None):
+            return "endpoint marks differed"
+        if self.installed_shape is not None and listed.shape != self.installed_shape:
+            return "chains or rules differed"
+        return ""
 
     async def generation(self) -> int:
         """The netns's nf_tables ruleset generation (NFT_MSG_GETGEN), which every committed nf_tables
@@ -294,6 +319,44 @@ def _socket_in(netns: str | None) -> DumpSocket:
         return DumpSocket(NETLINK_NETFILTER)
     finally:
         popns()
+
+
+@dataclass
+class Listed:
+    """The table as ``nft -j list table`` shows it: set members in ipset entry syntax, the endpoint-mark
+    pairs (``endpoint_mark_rules.parse_dispatch``) and its shape (``table_shape``)."""
+
+    members: dict[str, set[str]]
+    marks: dict[str, int] | None
+    shape: str
+
+
+_NOT_SHAPE = frozenset({"handle", "elem", "packets", "bytes"})
+
+
+def table_shape(doc: dict) -> str:
+    """The table's sets, chains and rules as the kernel holds them, without what changes in normal
+    operation: set and map members, object handles, counter values, and the per-mark chains of Calico's
+    endpoint marks (``em_*``, added and removed as endpoints come and go; the dispatch map's pairs, which
+    name them, are compared on their own). A chain flushed or a rule changed by another program changes
+    it; kube-proxy's IPVS mode repairs its iptables chains the same way, by rewriting them every sync."""
+    items = [_without(item, _NOT_SHAPE) for item in doc.get("nftables", []) if "metainfo" not in item
+             and not _in_mark_chain(item)]
+    return json.dumps(items, sort_keys=True, separators=(",", ":"))
+
+
+def _in_mark_chain(item: dict) -> bool:
+    body = item.get("chain") or item.get("rule") or {}
+    name = body.get("name") if "chain" in item else body.get("chain")
+    return isinstance(name, str) and name.startswith(endpoint_mark_rules.MARK_CHAIN_PREFIX)
+
+
+def _without(value: object, keys: frozenset[str]) -> object:
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
 
 
 def _members(doc: dict) -> dict[str, set[str]]:
