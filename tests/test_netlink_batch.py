@@ -9,15 +9,16 @@ import asyncio
 import errno
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from pyroute2.netns import popns, pushns
 
-from services.applier.kernel import address_wire, ipset_wire
+from services.applier.kernel import address_wire, ipset_wire, ipvs_wire
 from services.applier.kernel.backend import KernelError
-from services.applier.kernel.netlink_batch import NETLINK_NETFILTER, BatchSocket
+from services.applier.kernel.netlink_batch import NETLINK_NETFILTER, BatchSocket, attr
 from services.applier.kernel.netlink_dump import NETLINK_ROUTE
 from services.applier.kernel.netlink_writer import NetlinkKernel
 from services.applier.ops import AddEntry, DelEntry
@@ -70,6 +71,18 @@ def test_many_members_go_in_few_requests() -> None:
     assert len(requests) == 5 and starts == [0, 1024, 2048, 3000, 3001]
     assert all(len(body) < 40_000 for _, body in requests)
     assert requests[3] == ipset_wire.request(False, CLUSTER_IP, socket.AF_INET, changes[3000][3])
+
+
+@pytest.mark.parametrize("ip", ["10.244.1.5", "fd00::244:1"])
+def test_a_real_server_packed_at_once_is_the_attributes_one_by_one(ip: str) -> None:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    raw = socket.inet_pton(family, ip)
+    name = attr(ipvs_wire.DEST_ADDR, raw) + attr(ipvs_wire.DEST_PORT, (8080).to_bytes(2, "big"))
+    full = name + b"".join(attr(kind, value.to_bytes(4, sys.byteorder)) for kind, value in (
+        (ipvs_wire.DEST_FWD, ipvs_wire.MASQUERADE), (ipvs_wire.DEST_WEIGHT, 7), (ipvs_wire.DEST_UTHRESH, 0),
+        (ipvs_wire.DEST_LTHRESH, 0))) + attr(ipvs_wire.DEST_FAMILY, family.to_bytes(2, sys.byteorder))
+    assert ipvs_wire.dest(ip, 8080, 7) == attr(ipvs_wire.ATTR_DEST, full)
+    assert ipvs_wire.dest(ip, 8080, None) == attr(ipvs_wire.ATTR_DEST, name)
 
 
 def test_members_written_many_per_request_and_a_refused_one_named(netns: str) -> None:

@@ -63,19 +63,23 @@ def service_full(protocol: int, ip: str, port: int, scheduler: str, timeout: int
                 + attr(SVC_TIMEOUT, struct.pack("=I", timeout)) + attr(SVC_NETMASK, netmask))
 
 
-_MASQ_TAIL = (attr(DEST_FWD, struct.pack("=I", MASQUERADE)), attr(DEST_UTHRESH, struct.pack("=I", 0))
-              + attr(DEST_LTHRESH, struct.pack("=I", 0)))
+# A real server's IPVS_CMD_ATTR_DEST in one pack (a cold start encodes ~100,000 of them; attribute by
+# attribute it was ~2 us each on the host, ~50 us in the QEMU guest): address, port (network order: given
+# as htons), forwarding method, weight, upper and lower thresholds, address family.
+_SIZES = ((socket.AF_INET, 4), (socket.AF_INET6, 16))
+_DEST_FULL = {family: struct.Struct(f"=HH HH{size}s HHH2x HHI HHI HHI HHI HHH2x") for family, size in _SIZES}
+_DEST_NAME = {family: struct.Struct(f"=HH HH{size}s HHH2x") for family, size in _SIZES}
 
 
-@functools.lru_cache(maxsize=65536)
 def dest(ip: str, port: int, weight: int | None) -> bytes:
     """The IPVS_CMD_ATTR_DEST attribute: a full masquerade entry, or (weight None) just its name."""
     family, raw = _addr(ip)
-    out = attr(DEST_ADDR, raw) + attr(DEST_PORT, struct.pack("!H", port))
-    if weight is not None:
-        out += (_MASQ_TAIL[0] + attr(DEST_WEIGHT, struct.pack("=I", weight)) + _MASQ_TAIL[1]
-                + attr(DEST_FAMILY, struct.pack("=H", family)))
-    return attr(ATTR_DEST, out)
+    if weight is None:
+        return _DEST_NAME[family].pack(16 + len(raw), ATTR_DEST, 4 + len(raw), DEST_ADDR, raw, 6, DEST_PORT,
+                                       socket.htons(port))
+    return _DEST_FULL[family].pack(56 + len(raw), ATTR_DEST, 4 + len(raw), DEST_ADDR, raw, 6, DEST_PORT,
+                                   socket.htons(port), 8, DEST_FWD, MASQUERADE, 8, DEST_WEIGHT, weight, 8,
+                                   DEST_UTHRESH, 0, 8, DEST_LTHRESH, 0, 6, DEST_FAMILY, family)
 
 
 def body(cmd: int, service: bytes, dest_attr: bytes = b"") -> bytes:
