@@ -92,6 +92,25 @@ _IPVS: dict[type, Any] = {
 }
 
 
+def ipvs_requests(family: int, ops: list[Op]) -> list[tuple[int, bytes]]:
+    """:func:`ipvs_request` of each of ``ops``. A run of real servers added to one service (a cold start
+    is ~100,000 of them, ten or so per service) reuses the service's encoded header: the operations share
+    the key object, so an identity test replaces hashing it (a third of each one's encoding)."""
+    out = []
+    last: VSKey | None = None
+    head = b""
+    new_dest = _GENL[ipvs_wire.CMD_NEW_DEST]
+    dest = ipvs_wire.dest
+    for op in ops:
+        if type(op) is AddReal:
+            if op.service is not last:
+                last, head = op.service, new_dest + _service_key(op.service)
+            out.append((family, head + dest(*op.real, op.weight)))
+        else:
+            out.append(ipvs_request(family, op))
+    return out
+
+
 def ipvs_request(family: int, op: Op) -> tuple[int, bytes]:
     """The generic-netlink (family, body) request that performs one IPVS operation; KernelError for an
     operation that is not one."""
@@ -221,7 +240,7 @@ class NetlinkKernel(NetlinkReadBack):
         await self._send(self.address_writer, bodies, ops, address_wire.BENIGN)
 
     async def _ipvs_batch(self, ops: list[Op]) -> None:
-        await self._send(self.writer, [ipvs_request(self.ipvs_family, op) for op in ops], ops, frozenset())
+        await self._send(self.writer, ipvs_requests(self.ipvs_family, ops), ops, frozenset())
 
     async def _send(self, writer: BatchSocket | None, bodies: list[tuple[int, bytes]], ops: list[Any],
                     tolerated: frozenset[int]) -> None:
