@@ -102,6 +102,9 @@ def test_members_written_many_per_request_and_a_refused_one_named(netns: str) ->
 
     error = asyncio.run(write())
     assert "50000" in error and "30003" not in error, error
+    for bad in ("10.96.0.1,tcp:99999", "10.96.0.1,tcp:-1", "10.96.0.300,tcp:80", "10.96.0.1,xyz:80"):
+        with pytest.raises(KernelError, match="not an entry of KUBE-CLUSTER-IP"):  # a precise error, no crash
+            asyncio.run(kernel.apply([AddEntry(CLUSTER_IP, bad)]))
     # every other change applied, in order, the ones after the refused member too
     assert members(netns, NODE_PORTS) == {"30001", "30002", "30003", "30004"}
     assert members(netns, CLUSTER_IP) == {entry(i) for i in range(2, 2000)}

@@ -43,8 +43,22 @@ def _port(port: str) -> bytes:
     return attr(ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(port)))
 
 
+# An IPv4 hash:ip,port member (KUBE-CLUSTER-IP and the ownership sets: most of a node's members) in one
+# pack: the IPSET_ATTR_DATA nest, the address nest and its IPv4 attribute, the port (network order: given
+# as htons), the protocol.
+_IP_PORT_V4 = struct.Struct("=HHHHHH4sHHH2xHHB3x")
+
+
 def data(set_type: str, entry: str) -> bytes:
-    """The IPSET_ATTR_DATA attribute for one member of a set of ``set_type``; ValueError if malformed."""
+    """The IPSET_ATTR_DATA attribute for one member of a set of ``set_type``; ValueError, KeyError,
+    IndexError, OSError or OverflowError if malformed."""
+    if set_type == "hash:ip,port" and ":" not in entry.partition(",")[0]:
+        ip, _, rest = entry.partition(",")
+        protocol, _, port = rest.partition(":")
+        return _IP_PORT_V4.pack(32, ATTR_DATA | NLA_F_NESTED, 12, ATTR_IP | NLA_F_NESTED, 8,
+                                IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_pton(socket.AF_INET, ip), 6,
+                                ATTR_PORT | NLA_F_NET_BYTEORDER, socket.htons(int(port)), 5, ATTR_PROTO,
+                                PROTOCOLS[protocol.lower()])
     if set_type == "bitmap:port":
         inner = _port(entry)
     elif set_type == "hash:ip":

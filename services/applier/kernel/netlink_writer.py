@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,7 @@ class NetlinkKernel(NetlinkReadBack):
         for op in ops:
             try:
                 data = ipset_wire.data(set_type(op.set), op.entry)
-            except (ValueError, KeyError, IndexError, OSError) as exc:
+            except (ValueError, KeyError, IndexError, OSError, OverflowError, struct.error) as exc:
                 raise KernelError(f"{op}: not an entry of {op.set} ({exc})") from None
             changes.append((type(op) is AddEntry, op.set, set_family(op.set), data))
         requests, starts = ipset_wire.requests(changes)
