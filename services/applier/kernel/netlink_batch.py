@@ -44,10 +44,6 @@ def attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
-def header(length: int, kind: int, seq: int, flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
-    return _HEADER.pack(16 + length, kind, flags, seq, 0)
-
-
 class BatchError(Exception):
     """The kernel refused request ``index`` of a batch with errno ``code`` (the others were executed)."""
 
