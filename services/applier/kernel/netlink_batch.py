@@ -100,14 +100,24 @@ class BatchSocket:
         returns (index in ``requests``, errno) of every request the kernel refused, in order (the others
         were executed: a refusal does not stop the batch). OSError if the socket fails."""
         refused: list[tuple[int, int]] = []
-        start = 0
-        while start < len(requests):
-            end, size = start, 0
-            while end < len(requests) and end - start < self.batch_limit and (
-                    end == start or size + 16 + len(requests[end][1]) <= self.send_limit):
-                size += 16 + len(requests[end][1])
+        start, total = 0, len(requests)
+        while start < total:
+            first = (self.seq + 1) & 0xFFFFFFFF
+            parts: list[bytes] = []
+            size, end, stop = 0, start, min(total, start + self.batch_limit)
+            while end < stop:  # one pass: bounds, numbers and headers (the last one's redone below)
+                kind, body = requests[end]
+                size += 16 + len(body)
+                if size > self.send_limit and end > start:
+                    break
+                parts += (_HEADER.pack(16 + len(body), kind, NLM_F_REQUEST, (first + end - start) & 0xFFFFFFFF, 0),
+                          body)
                 end += 1
-            refused += [(start + index, code) for index, code in await self._round(requests[start:end])]
+            last = end - start - 1
+            kind, body = requests[end - 1]
+            parts[-2] = _HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, (first + last) & 0xFFFFFFFF, 0)
+            self.seq = (first + last) & 0xFFFFFFFF
+            refused += [(start + index, code) for index, code in await self._exchange(b"".join(parts), first, last)]
             start = end
         return refused
 
@@ -118,17 +128,10 @@ class BatchSocket:
             if code not in tolerated:
                 raise BatchError(index, code)
 
-    async def _round(self, requests: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
-        """One send of ``requests``, the last one acknowledged (the barrier); the refusals, read up to the
-        barrier's reply (the kernel queued every one before it: see the module docstring)."""
-        first = self.reserve(len(requests))
-        last = len(requests) - 1
-        parts = []
-        for index, (kind, body) in enumerate(requests):
-            flags = NLM_F_REQUEST | NLM_F_ACK if index == last else NLM_F_REQUEST
-            parts.append(_HEADER.pack(16 + len(body), kind, flags, (first + index) & 0xFFFFFFFF, 0))
-            parts.append(body)
-        data = b"".join(parts)
+    async def _exchange(self, data: bytes, first: int, last: int) -> list[tuple[int, int]]:
+        """One send of ``data``, requests numbered ``first`` to ``first + last``, only the last acknowledged
+        (the barrier); the refusals (index from ``first``, errno), read up to the barrier's reply (the
+        kernel queued every one before it: see the module docstring)."""
         sent = 0
         while sent < len(data):
             try:

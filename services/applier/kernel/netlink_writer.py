@@ -378,6 +378,7 @@ async def create_sets(ipset: AsyncIPSet) -> None:
     (ip_set_core.c ``ip_set_create``, ``same_set``), and otherwise fails every sync. So a node handed back
     to kube-proxy (``--hand-back``) after kipvs made its sets (a reboot, a node kube-proxy never ran on)
     is synced by kube-proxy at once."""
+    revisions: dict[tuple[str, int], int] = {}
     for name in (*ALL_IPSETS, *OWNED_SETS.values()):
         kind = set_type(name)
         extra: dict = {"bitmap_ports_range": (0, 65535)} if kind == "bitmap:port" else {}
@@ -388,8 +389,11 @@ async def create_sets(ipset: AsyncIPSet) -> None:
         family = set_family(name)
         try:
             # pyroute2 asks the kernel for the newest revision of a type for IPv4 only; ask for the set's
-            # own family (IPv6 revisions can differ, and the wrong one is EINVAL).
-            ipset._attr_revision = (await ipset.get_supported_revisions(kind, family=family))[1]
+            # own family (IPv6 revisions can differ, and the wrong one is EINVAL). Asked once per type and
+            # family: 36 sets share about a dozen (each question a round trip through pyroute2).
+            if (kind, family) not in revisions:
+                revisions[kind, family] = (await ipset.get_supported_revisions(kind, family=family))[1]
+            ipset._attr_revision = revisions[kind, family]
             await ipset.create(name, stype=kind, family=family, exclusive=False, **extra)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST and await _set_type_of(ipset, name) == kind:
