@@ -176,9 +176,10 @@ def diff(desired: NodeState, observed: NodeState, owned: set[VSKey],
     return ordered(ops)
 
 
-def _refcount(refs: Counter[K], old: set[K], new: set[K], removed: bool) -> list[K]:
+def _refcount(refs: Counter[K], old: set[K], new: set[K], removed: bool, order: bool = True) -> list[K]:
     """Move one holder's references from ``old`` to ``new``; the keys that lost their last holder
-    (``removed``) or gained their first (not ``removed``). Shared by addresses and set entries."""
+    (``removed``) or gained their first (not ``removed``), sorted if ``order``. Shared by addresses and
+    set entries."""
     if removed:
         gone = []
         for key in old - new:
@@ -186,13 +187,13 @@ def _refcount(refs: Counter[K], old: set[K], new: set[K], removed: bool) -> list
             if refs[key] <= 0:
                 del refs[key]
                 gone.append(key)
-        return sorted(gone, key=str)
+        return sorted(gone, key=str) if order else gone
     came = []
     for key in new - old:
         refs[key] += 1
         if refs[key] == 1:
             came.append(key)
-    return sorted(came, key=str)
+    return sorted(came, key=str) if order else came
 
 
 def _vs_keys(contribution: Contribution | None) -> set[VSKey]:
@@ -224,7 +225,7 @@ class DesiredState:
         """A node's desired state from the shared plan's Services (resolved with the node's facts)."""
         desired = cls(only=only)
         for key in sorted(services):
-            desired._replace(key, resolve_service(services[key], facts))
+            desired._replace(key, resolve_service(services[key], facts), build=False)
         return desired
 
     def digest(self) -> str:
@@ -241,11 +242,12 @@ class DesiredState:
             ops.extend(_service_ops(want, have))
         return ordered(ops)
 
-    def _replace(self, service: str, new: Contribution | None
+    def _replace(self, service: str, new: Contribution | None, build: bool = True
                  ) -> tuple[list[tuple[VirtualService | None, VirtualService | None]], list[Op]]:
         """:meth:`update`'s bookkeeping: the virtual services that changed, as (want, have) pairs, and the
-        address and set-entry operations. :meth:`of` builds a whole node this way without computing IPVS
-        operations it would throw away (the bootstrap diffs against the kernel instead)."""
+        address and set-entry operations (none without ``build``). :meth:`of` builds a whole node this way
+        without computing operations it would throw away (the bootstrap diffs against the kernel instead:
+        the address and entry operations were a fifth of a cold start's resolve)."""
         old = self.contributions.pop(service, None)
         if self.only is not None:
             new = self.only(new)
@@ -259,7 +261,7 @@ class DesiredState:
         for key in new_keys - old_keys:
             self.claimants.setdefault(key, set()).add(service)
         changed = [pair for key in sorted(old_keys | new_keys) if (pair := self._hold(key)) is not None]
-        return changed, self._references(old, new)
+        return changed, self._references(old, new, build)
 
     def _hold(self, key: VSKey) -> tuple[VirtualService | None, VirtualService | None] | None:
         """Give ``key`` to its smallest claimant; (want, have) when the virtual service changed, else None."""
@@ -283,23 +285,28 @@ class DesiredState:
             del self.owners[key]
         return want, have
 
-    def _references(self, old: Contribution | None, new: Contribution | None) -> list[Op]:
-        """The address and set-entry operations of one Service's contribution going from ``old`` to ``new``."""
+    def _references(self, old: Contribution | None, new: Contribution | None, build: bool = True) -> list[Op]:
+        """The address and set-entry operations of one Service's contribution going from ``old`` to ``new``
+        (the reference counts and digest moved; no operations without ``build``), in a stable order."""
         ops: list[Op] = []
         old_addresses, new_addresses = (old.addresses if old else set()), (new.addresses if new else set())
-        for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=True):
-            ops += [DelAddress(ip), DelEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+        for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=True, order=build):
             self._digest ^= _hash(f"addr {ip}")
-        for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=False):
-            ops += [AddAddress(ip), AddEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+            if build:
+                ops += [DelAddress(ip), DelEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
+        for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=False, order=build):
             self._digest ^= _hash(f"addr {ip}")
+            if build:
+                ops += [AddAddress(ip), AddEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
         old_entries, new_entries = (old.ipset_entries if old else set()), (new.ipset_entries if new else set())
-        for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=True):
-            ops.append(DelEntry(name, entry))
+        for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=True, order=build):
             self._digest ^= _hash(f"set {name} {entry}")
-        for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=False):
-            ops.append(AddEntry(name, entry))
+            if build:
+                ops.append(DelEntry(name, entry))
+        for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=False, order=build):
             self._digest ^= _hash(f"set {name} {entry}")
+            if build:
+                ops.append(AddEntry(name, entry))
         return ops
 
     def state(self) -> NodeState:

@@ -52,6 +52,9 @@ def report(f: dict[str, float]) -> None:
         print(f"  cold start's parts: setup (link, 36 ipsets, sysctls) {f['cold_setup_s']:.1f} s, read back "
               f"{f['cold_observe_s']:.1f} s, resolve + diff {f['cold_resolve_s']:.1f} s, "
               f"write {f['cold_write_s']:.1f} s, nftables table (nft -f) {f['cold_nft_s']:.1f} s")
+    if "cold_write_ipvs_s" in f:
+        print(f"  the write's parts: IPVS services and real servers {f['cold_write_ipvs_s']:.1f} s, kube-ipvs0 "
+              f"addresses {f['cold_write_addresses_s']:.1f} s, ipset members {f['cold_write_ipsets_s']:.1f} s")
     print(f"drift check, nothing drifted: {f['drift_clean_wall_s']:.2f} s wall, {f['drift_clean_cpu_s']:.2f} s CPU;"
           f" one object drifted: {f['drift_one_wall_s']:.2f} s wall, {f['drift_one_cpu_s']:.2f} s CPU, "
           f"{f['drift_one_repairs']:.0f} repair(s)")

@@ -1,12 +1,22 @@
-"""Netlink requests sent many per system call, acknowledgements read without the event loop.
+"""Netlink requests sent many per system call, only the last of each send acknowledged.
 
-The kernel executes a generic-netlink (IPVS) or nfnetlink (ipset) request inside the ``send`` that carries
-it and queues its acknowledgement before ``send`` returns, so a batch is: one non-blocking ``send`` of
-every encoded request, then draining the acknowledgements already waiting on the socket (an event-loop
-wait happens only if the kernel has not queued them all, which it does not do for these families).
-``NETLINK_CAP_ACK`` keeps each acknowledgement at 36 bytes instead of echoing the whole request.
+The kernel executes a generic-netlink (IPVS), nfnetlink (ipset) or rtnetlink (address) request inside the
+``send`` that carries it: ``netlink_unicast_kernel`` runs the family's input (``genl_rcv``,
+``nfnetlink_rcv``, ``rtnetlink_rcv``) in the sender's context, and each of them hands the datagram to
+``netlink_rcv_skb`` (net/netlink/af_netlink.c), which runs its messages one after the other, in order, and
+answers a message with an NLMSG_ERROR "if (nlh->nlmsg_flags & NLM_F_ACK || err)": a refused request is
+reported whether or not it asked for an acknowledgement, and a refusal does not stop the messages after it.
+So a batch is: one ``send`` of every encoded request, none asking for an acknowledgement but the last (the
+barrier); then reading the replies until the barrier's: every refusal before it is already queued, in
+order, naming its request by sequence number. The kernel builds and queues one acknowledgement per batch
+instead of one per request, and we parse one (each costs tens of microseconds in the QEMU guest).
+``NETLINK_CAP_ACK`` keeps an acknowledgement at 36 bytes instead of echoing the whole request.
 
-Encoding is in :mod:`.ipvs_wire` and :mod:`.ipset_wire` (include/uapi/linux/ip_vs.h, netfilter/ipset).
+Bounds: a send holds at most ``batch_limit`` requests (every one could be refused, and each refusal takes
+about 1 KiB of receive buffer) and at most ``send_limit`` bytes (``netlink_sendmsg`` refuses a datagram
+larger than the send buffer with EMSGSIZE).
+
+Encoding is in :mod:`.ipvs_wire`, :mod:`.ipset_wire` and :mod:`.address_wire`.
 """
 
 from __future__ import annotations
@@ -32,10 +42,6 @@ def attr(kind: int, payload: bytes) -> bytes:
     """One netlink attribute (type, length, payload padded to 4 bytes)."""
     length = 4 + len(payload)
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
-def header(length: int, kind: int, seq: int) -> bytes:
-    return _HEADER.pack(16 + length, kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
 
 
 class BatchError(Exception):
@@ -71,7 +77,11 @@ class BatchSocket:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         #: requests per send whose acks surely fit the receive buffer
-        self.batch_limit = max(16, min(1024, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2048))
+        rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self.batch_limit = max(16, min(1024, rcvbuf // 2048))
+        #: bytes per send: under the send buffer (netlink_sendmsg: EMSGSIZE above sk_sndbuf - 32), and half
+        #: the receive buffer, since a refusal may echo its whole request (ipset's, ip_set_core.c call_ad)
+        self.send_limit = min(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64, rcvbuf // 2)
         with contextlib.suppress(OSError):  # older kernels echo each request in its ack: larger reads only
             self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self.buffer = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per recv costs more than the syscall
@@ -85,11 +95,43 @@ class BatchSocket:
         self.seq = (self.seq + count) & 0xFFFFFFFF
         return first
 
-    async def send(self, messages: list[bytes], first_seq: int, tolerated: frozenset[int] = frozenset()) -> None:
-        """Send ``messages`` (sequence numbers first_seq, first_seq + 1, ...) and collect every ack.
-        Errors whose errno is in ``tolerated`` count as success. Raises BatchError naming the first request
-        the kernel refused otherwise."""
-        data = b"".join(messages)
+    async def write(self, requests: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
+        """Execute ``requests`` ((netlink message type, payload), in order), as few sends as the bounds allow;
+        returns (index in ``requests``, errno) of every request the kernel refused, in order (the others
+        were executed: a refusal does not stop the batch). OSError if the socket fails."""
+        refused: list[tuple[int, int]] = []
+        start, total = 0, len(requests)
+        while start < total:
+            first = (self.seq + 1) & 0xFFFFFFFF
+            parts: list[bytes] = []
+            size, end, stop = 0, start, min(total, start + self.batch_limit)
+            while end < stop:  # one pass: bounds, numbers and headers (the last one's redone below)
+                kind, body = requests[end]
+                size += 16 + len(body)
+                if size > self.send_limit and end > start:
+                    break
+                parts += (_HEADER.pack(16 + len(body), kind, NLM_F_REQUEST, (first + end - start) & 0xFFFFFFFF, 0),
+                          body)
+                end += 1
+            last = end - start - 1
+            kind, body = requests[end - 1]
+            parts[-2] = _HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, (first + last) & 0xFFFFFFFF, 0)
+            self.seq = (first + last) & 0xFFFFFFFF
+            refused += [(start + index, code) for index, code in await self._exchange(b"".join(parts), first, last)]
+            start = end
+        return refused
+
+    async def send(self, requests: list[tuple[int, bytes]], tolerated: frozenset[int] = frozenset()) -> None:
+        """:meth:`write`, then BatchError naming the first refused request whose errno is not in
+        ``tolerated`` (a tolerated refusal counts as success)."""
+        for index, code in await self.write(requests):
+            if code not in tolerated:
+                raise BatchError(index, code)
+
+    async def _exchange(self, data: bytes, first: int, last: int) -> list[tuple[int, int]]:
+        """One send of ``data``, requests numbered ``first`` to ``first + last``, only the last acknowledged
+        (the barrier); the refusals (index from ``first``, errno), read up to the barrier's reply (the
+        kernel queued every one before it: see the module docstring)."""
         sent = 0
         while sent < len(data):
             try:
@@ -97,21 +139,21 @@ class BatchSocket:
             except BlockingIOError:
                 await asyncio.get_running_loop().sock_sendall(self.sock, data[sent:])
                 sent = len(data)
-        pending = len(messages)
-        failure: BatchError | None = None
+        refused: list[tuple[int, int]] = []
         buffer = self.buffer
-        while pending:
+        while True:
             size = await recv_datagram(self.sock, buffer)
             offset = 0
             while offset + 20 <= size:
                 length, kind, _, seq, _, code = _ACK.unpack_from(buffer, offset)
-                if kind == NLMSG_ERROR:
-                    pending -= 1
-                    if code and -code not in tolerated and failure is None:
-                        failure = BatchError((seq - first_seq) & 0xFFFFFFFF, -code)
-                offset += (length + 3) & ~3
-        if failure is not None:
-            raise failure
+                index = (seq - first) & 0xFFFFFFFF
+                # index > last: a reply to an earlier batch abandoned half-read (a cancelled task)
+                if kind == NLMSG_ERROR and index <= last:
+                    if code:
+                        refused.append((index, -code))
+                    if index == last:
+                        return refused
+                offset += max((length + 3) & ~3, 20)
 
     async def query(self, kind: int, body: bytes) -> bytes:
         """One request that the kernel answers with one message (not a dump): that message's payload.
