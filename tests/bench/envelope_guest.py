@@ -168,6 +168,14 @@ async def cold_start(kernel: NetlinkKernel, services: int, endpoints: int, netns
     return desired, ops, times
 
 
+def summary(ops: list[Op]) -> str:
+    """What a diff holds, for a failure: operations counted by type, the first three of each."""
+    by_type: dict[str, list[Op]] = {}
+    for op in ops:
+        by_type.setdefault(type(op).__name__, []).append(op)
+    return "; ".join(f"{len(found)} {name} ({', '.join(map(str, found[:3]))})" for name, found in by_type.items())
+
+
 def show(figures: dict[str, float]) -> None:
     """Figures so far, for a long run watched by hand (the last line is the result)."""
     print("KIPVS-ENVELOPE-SO-FAR " + json.dumps(figures), flush=True)
@@ -205,7 +213,8 @@ async def main(services: int, endpoints: int) -> dict[str, float]:
     f["ops"] = len(ops)
     want = desired.state()
     observed, f["drift_clean_wall_s"], f["drift_clean_cpu_s"] = await timed(kernel.observe())
-    assert not diff(want, observed.state, observed.owned), "the kernel does not hold the plan after cold start"
+    missing = diff(want, observed.state, observed.owned)
+    assert not missing, f"the kernel does not hold the plan after cold start: {summary(missing)}"
     sh("ipvsadm -d -t 10.96.0.1:80 -r 10.64.0.1:8080")
     observed, f["drift_one_wall_s"], f["drift_one_cpu_s"] = await timed(kernel.observe())
     show(f)
