@@ -62,7 +62,7 @@ def kernel_dest(ip: str, port: int, weight: int, active: int, order: tuple[int, 
 def test_destinations_decode_alike_on_the_learned_layout_and_off_it() -> None:
     first = kernel_dest("10.244.1.5", 8080, 3, 7)
     general = kernel_decode.dest(first, socket.AF_INET)  # decoded attribute by attribute; teaches the layout
-    assert kernel_decode._learned
+    assert kernel_decode._dest_layout
     for message, want in [(first, ("10.244.1.5", 8080, 3, 7, 2)),
                           (kernel_dest("fd00::5", 443, 1, 0), ("fd00::5", 443, 1, 0, 2)),
                           (kernel_dest("10.244.1.6", 80, 9, 1, order=(2, 1, 4, 3, 7, 8, 11)),

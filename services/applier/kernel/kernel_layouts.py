@@ -1,0 +1,84 @@
+"""Decoding a dump message at the fixed layout its kernel's fill function always writes. Pure.
+
+The kernel builds every message of one kind with the same code: ``ip_vs_genl_fill_service`` and
+``ip_vs_genl_fill_dest`` (net/netfilter/ipvs/ip_vs_ctl.c) put the same plain attributes, in the same order
+and of the same sizes, before the nested counters of every service and every real server. So the
+attribute-by-attribute decoder (:mod:`.kernel_decode`) runs once, on the first message, and a
+:class:`Layout` learned from it reads every later message with two ``struct`` calls: one that reads
+each attribute's header (length and type) as one word and is compared with the learned ones as one tuple,
+and one that reads only the values wanted, skipping the rest. A message whose headers differ (another
+scheduler name's length, a firewall-mark service, a kernel that orders them otherwise) is not read at
+the layout: its caller decodes it attribute by attribute and learns its layout instead. Nothing is
+assumed that a message does not show: every header word of the fixed part is checked, and the outer
+attribute must hold that part (its length is read, not assumed).
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+_NLA, _WORD = struct.Struct("=HH"), struct.Struct("=I")
+NLA_F_NESTED = 0x8000
+
+
+class Layout(NamedTuple):
+    """One message kind's fixed part: ``headers.unpack_from(payload) == expected`` says a message has it;
+    then ``pick(values.unpack_from(payload))`` is (outer attribute's length, then each wanted attribute's
+    value in the order ``wanted`` names them), and the fixed part ends at ``end`` (the counters start
+    there)."""
+
+    headers: struct.Struct
+    expected: tuple[int, ...]
+    values: struct.Struct
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    end: int
+
+
+def learn(payload: bytes, wanted: dict[int, str]) -> Layout | None:
+    """The layout of ``payload`` (a generic netlink message's payload: 4-byte genl header, then one
+    attribute holding plain attributes, then nested ones), reading the types in ``wanted`` (type ->
+    struct format of its value; "s" alone: a string of the attribute's own length). None when the
+    message does not have every wanted type among its plain attributes, each at its format's size.
+    The caller has decoded ``payload`` attribute by attribute first: this trusts its outer attribute."""
+    if len(payload) < 8:
+        return None
+    header_fmt, value_fmt = "=6xH", "=4xH"  # the outer attribute's type; its length
+    expected: list[int] = [_NLA.unpack_from(payload, 4)[1]]
+    order: list[int] = []
+    header_at, value_at = 8, 6  # where each format has read up to
+    offset = 8
+    while offset + 4 <= len(payload):
+        length, kind = _NLA.unpack_from(payload, offset)
+        if kind & NLA_F_NESTED or length < 4 or offset + length > len(payload):
+            break
+        header_fmt += f"{offset - header_at}xI"
+        header_at = offset + 4
+        expected.append(_WORD.unpack_from(payload, offset)[0])
+        fmt = wanted.get(kind)
+        if fmt is not None:
+            fmt = f"{length - 4}s" if fmt == "s" else fmt
+            if struct.calcsize("=" + fmt) != length - 4:
+                return None
+            value_fmt += f"{offset + 4 - value_at}x{fmt}"
+            value_at = offset + length
+            order.append(kind)
+        offset += (length + 3) & ~3
+    if sorted(order) != sorted(wanted):
+        return None
+    pick = operator.itemgetter(0, *(1 + order.index(kind) for kind in wanted))
+    return Layout(struct.Struct(header_fmt), tuple(expected), struct.Struct(value_fmt), pick, offset)
+
+
+def read(layout: Layout, payload: bytes) -> tuple[Any, ...] | None:
+    """The wanted values of ``payload`` at ``layout`` (outer length first, then as ``wanted`` orders
+    them), or None when its headers are
+    not the layout's or its outer attribute does not hold the fixed part."""
+    if len(payload) < layout.end or layout.headers.unpack_from(payload) != layout.expected:
+        return None
+    values = layout.values.unpack_from(payload)
+    if not layout.end <= 4 + values[0] <= len(payload):
+        return None
+    return layout.pick(values)
