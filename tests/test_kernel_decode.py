@@ -74,6 +74,66 @@ def test_destinations_decode_alike_on_the_learned_layout_and_off_it() -> None:
     assert fast[:6] == general[:6] and kernel_decode.stats(fast.stats) == kernel_decode.stats(general.stats)
 
 
+def kernel_service(ip: str, port: int, scheduler: str, timeout: int, order: tuple[int, ...] | None = None) -> bytes:
+    """A service message laid out as Linux 6.1's ip_vs_genl_fill_service lays it out (or in ``order``)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    counters = b"".join(attr(i, struct.pack("=Q", i)) for i in range(1, 11))
+    plain = {1: attr(1, struct.pack("=H", family)), 2: attr(2, struct.pack("=H", socket.IPPROTO_TCP)),
+             3: attr(3, socket.inet_pton(family, ip).ljust(16, b"\0")), 4: attr(4, struct.pack("!H", port)),
+             6: attr(6, scheduler.encode() + b"\0"), 7: attr(7, struct.pack("=II", 1 if timeout else 0, 0xFFFFFFFF)),
+             8: attr(8, struct.pack("=I", timeout)), 9: attr(9, b"\xff\xff\xff\x00")}
+    inner = b"".join(plain[k] for k in order or plain) + attr(10 | 0x8000, counters) + attr(12 | 0x8000, counters)
+    return GENL + attr(1, inner)
+
+
+def test_services_decode_alike_at_the_learned_layout_and_off_it() -> None:
+    """The first message teaches the layout; one whose headers differ (another scheduler's name length, two
+    same-sized attributes swapped, a firewall-mark service) is decoded attribute by attribute."""
+    first = kernel_service("10.96.0.1", 80, "rr", 0)
+    kernel_decode.service(first)
+    assert kernel_decode._service_layout, "a kernel-shaped service message teaches its layout"
+    for message, want in [
+            (first, ("10.96.0.1", 80, "rr", 0)),
+            (kernel_service("fd00::1", 443, "rr", 600), ("fd00::1", 443, "rr", 600)),
+            (kernel_service("10.96.0.2", 53, "wlc", 0), ("10.96.0.2", 53, "wlc", 0)),
+            (kernel_service("10.96.0.1", 80, "rr", 0), ("10.96.0.1", 80, "rr", 0)),  # learnt again
+            (kernel_service("10.96.0.3", 80, "rr", 300, order=(1, 2, 3, 4, 6, 7, 9, 8)), ("10.96.0.3", 80, "rr", 300))]:
+        decoded = kernel_decode.service(message)
+        assert (decoded.address, decoded.port, decoded.scheduler, decoded.timeout) == want
+        assert decoded.netmask == b"\xff\xff\xff\x00"
+        family = socket.AF_INET6 if ":" in want[0] else socket.AF_INET
+        assert decoded.key == attr(1, attr(1, struct.pack("=H", family)) + attr(2, struct.pack("=H", 6))
+                                   + attr(3, socket.inet_pton(family, want[0]).ljust(16, b"\0"))
+                                   + attr(4, struct.pack("!H", want[1]))), "the key names the service as dumped"
+        assert kernel_decode.stats(decoded.stats)["outbps"] == 10
+    fwmark = GENL + attr(1, attr(1, struct.pack("=H", socket.AF_INET)) + attr(5, struct.pack("=I", 7))
+                         + attr(6, b"rr\0") + attr(7, struct.pack("=II", 0, 0xFFFFFFFF)) + attr(8, b"\0" * 4)
+                         + attr(9, b"\xff" * 4))
+    assert kernel_decode.service(fwmark)[:6] == (socket.AF_INET, 0, "", 0, 7, "rr")
+    with pytest.raises(kernel_decode.DecodeError):  # cut inside the fixed part: not read at the layout
+        kernel_decode.service(kernel_service("10.96.0.1", 80, "rr", 0)[:40])
+
+
+def test_real_server_weights_at_the_learned_layout_and_off_it() -> None:
+    """``dest_weights`` (the drift check's decode) reads the three attributes at the layout; a message
+    whose headers differ (weight and forwarding method swapped, an older kernel's shorter list) is read
+    attribute by attribute, and a message too short for the layout is an error, not a guess."""
+    messages = [kernel_dest("10.244.1.5", 8080, 3, 7), kernel_dest("fd00::5", 443, 1, 0),
+                kernel_dest("10.244.1.6", 80, 9, 1, order=(1, 2, 4, 3, 13, 14, 15, 5, 6, 7, 8, 9, 11)),
+                kernel_dest("10.244.1.7", 80, 4, 0, order=(1, 2, 3, 4, 5, 6, 7, 8, 9, 11)),
+                kernel_dest("10.244.1.8", 80, 5, 0)]
+    want = {("10.244.1.5", 8080): 3, ("fd00::5", 443): 1, ("10.244.1.6", 80): 9, ("10.244.1.7", 80): 4,
+            ("10.244.1.8", 80): 5}
+    assert kernel_decode.dest_weights(messages, socket.AF_INET) == want
+    assert kernel_decode.dest_weights(messages, socket.AF_INET) == want, "again, at the layout learnt last"
+    assert kernel_decode._weight_layout
+    with pytest.raises(kernel_decode.DecodeError):
+        kernel_decode.dest_weights([messages[0][:60]], socket.AF_INET)
+    short_outer = messages[0][:4] + struct.pack("=H", 8) + messages[0][6:]  # holds less than the fixed part
+    with pytest.raises(kernel_decode.DecodeError):
+        kernel_decode.dest_weights([short_outer], socket.AF_INET)
+
+
 def test_a_memo_decodes_only_messages_not_in_the_last_read() -> None:
     def message(i: int, counter: int = 0) -> bytes:
         svc = ipvs_wire.service_full(socket.IPPROTO_TCP, f"10.96.0.{i}", 80, "rr", 0)
