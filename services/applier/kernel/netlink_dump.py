@@ -41,6 +41,7 @@ class DumpSocket(BatchSocket):
 
     def __init__(self, protocol: int) -> None:
         super().__init__(protocol)
+        self.view = memoryview(self.buffer)
         if protocol == NETLINK_ROUTE:
             # Lets RTM_GETADDR filter by interface index in the kernel (Linux 4.20+); harmless where absent.
             with contextlib.suppress(OSError):
@@ -70,7 +71,7 @@ class DumpSocket(BatchSocket):
         payloads: list[bytes] = []
         interrupted = False
         total = 0
-        buffer = self.buffer
+        buffer, view, unpack = self.buffer, self.view, _HEADER.unpack_from
         while True:
             size = await recv_datagram(self.sock, buffer)
             total += size
@@ -79,7 +80,7 @@ class DumpSocket(BatchSocket):
                 raise DumpError(errno.EMSGSIZE, f"a dump of type {kind} is larger than {max_bytes} bytes")
             offset = 0
             while offset + 16 <= size:
-                length, reply_kind, flags, reply_seq, _ = _HEADER.unpack_from(buffer, offset)
+                length, reply_kind, flags, reply_seq, _ = unpack(buffer, offset)
                 if length < 16 or offset + length > size:
                     raise DumpError(errno.EBADMSG, f"a netlink message of {length} bytes in a read of {size}")
                 if reply_seq == seq:
@@ -90,8 +91,9 @@ class DumpSocket(BatchSocket):
                         if code:
                             raise DumpError(-code, os.strerror(-code))
                         return payloads, interrupted
-                    interrupted |= bool(flags & NLM_F_DUMP_INTR)
-                    payloads.append(bytes(buffer[offset + 16:offset + length]))
+                    if flags & NLM_F_DUMP_INTR:
+                        interrupted = True
+                    payloads.append(bytes(view[offset + 16:offset + length]))  # one copy (a bytearray slice is two)
                 offset += (length + 3) & ~3
 
     async def _drain(self, seq: int) -> None:
