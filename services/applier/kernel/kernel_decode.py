@@ -206,11 +206,12 @@ def service_probe(protocol: int, ip: str, port: int) -> Service:
     return Service(family, protocol, ip, port, 0, "", 0, 0, b"", b"", ipvs_wire.service_key(protocol, ip, port))
 
 
-# IPVS_DEST_ATTR_* the fast paths read (ip_vs_genl_fill_dest's order): everything, or the weight alone
-_WEIGHT_WANTED = {ipvs_wire.DEST_FAMILY: "H", ipvs_wire.DEST_ADDR: "16s", ipvs_wire.DEST_PORT: "H",
-                  ipvs_wire.DEST_WEIGHT: "I"}
-_DEST_WANTED = {**_WEIGHT_WANTED, ipvs_wire.DEST_FWD: "I", DEST_ACTIVE_CONNS: "I", DEST_INACT_CONNS: "I",
-                DEST_TUN_TYPE: "B"}
+# IPVS_DEST_ATTR_* the fast paths read, in ip_vs_genl_fill_dest's order: everything, or the weight alone
+_DEST_WANTED = {ipvs_wire.DEST_ADDR: "16s", ipvs_wire.DEST_PORT: "H", ipvs_wire.DEST_FWD: "I",
+                ipvs_wire.DEST_WEIGHT: "I", DEST_TUN_TYPE: "B", DEST_ACTIVE_CONNS: "I", DEST_INACT_CONNS: "I",
+                ipvs_wire.DEST_FAMILY: "H"}
+_WEIGHT_WANTED = {ipvs_wire.DEST_ADDR: "16s", ipvs_wire.DEST_PORT: "H", ipvs_wire.DEST_WEIGHT: "I",
+                  ipvs_wire.DEST_FAMILY: "H"}
 _dest_layout: list[kernel_layouts.Layout] = []
 _weight_layout: list[kernel_layouts.Layout] = []
 
@@ -223,7 +224,7 @@ def dest(payload: bytes, family: int) -> Dest:
         layout = _dest_layout[0]
         v = kernel_layouts.read(layout, payload)
         if v is not None:
-            nest, own, raw, port, weight, forward, active, inactive, tunnel = v
+            nest, raw, port, forward, weight, tunnel, active, inactive, own = v
             return Dest(socket.inet_ntop(own, raw[:4] if own == socket.AF_INET else raw), socket.ntohs(port),
                         forward, weight, active, inactive, _Counters(payload[layout.end:4 + nest]), tunnel)
     out = _dest_general(payload, family)
@@ -243,15 +244,17 @@ def dest_weights(payloads: list[bytes], family: int) -> dict[tuple[str, int], in
     ntop, ntohs, v4 = socket.inet_ntop, socket.ntohs, socket.AF_INET
     layout = _weight_layout[0] if _weight_layout else None
     for payload in payloads:
-        v = None if layout is None else kernel_layouts.read(layout, payload)
-        if v is None:
-            d = dest(payload, family)
-            out[(d.address, d.port)] = d.weight
-            layout = kernel_layouts.learn(payload, _WEIGHT_WANTED)
-            _weight_layout[:] = [layout] if layout is not None else []
-            continue
-        _, own, raw, port, weight = v
-        out[(ntop(own, raw[:4] if own == v4 else raw), ntohs(port))] = weight
+        # kernel_layouts.read, inlined: this runs once per real server of the node
+        if layout is not None and len(payload) >= layout.end and layout.headers.unpack_from(payload) == layout.expected:
+            nest, raw, port, weight, own = layout.values.unpack_from(payload) if layout.pick is None else \
+                layout.pick(layout.values.unpack_from(payload))
+            if layout.end <= 4 + nest <= len(payload):
+                out[(ntop(own, raw[:4] if own == v4 else raw), ntohs(port))] = weight
+                continue
+        d = dest(payload, family)
+        out[(d.address, d.port)] = d.weight
+        layout = kernel_layouts.learn(payload, _WEIGHT_WANTED)
+        _weight_layout[:] = [layout] if layout is not None else []
     return out
 
 

@@ -26,14 +26,14 @@ NLA_F_NESTED = 0x8000
 
 class Layout(NamedTuple):
     """One message kind's fixed part: ``headers.unpack_from(payload) == expected`` says a message has it;
-    then ``pick(values.unpack_from(payload))`` is (outer attribute's length, then each wanted attribute's
-    value in the order ``wanted`` names them), and the fixed part ends at ``end`` (the counters start
-    there)."""
+    then ``values.unpack_from(payload)`` through ``pick`` is (outer attribute's length, then each wanted
+    attribute's value in the order ``wanted`` names them), and the fixed part ends at ``end`` (the
+    counters start there)."""
 
     headers: struct.Struct
     expected: tuple[int, ...]
     values: struct.Struct
-    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None  # None: the message has them in that order
     end: int
 
 
@@ -68,7 +68,7 @@ def learn(payload: bytes, wanted: dict[int, str]) -> Layout | None:
         offset += (length + 3) & ~3
     if sorted(order) != sorted(wanted):
         return None
-    pick = operator.itemgetter(0, *(1 + order.index(kind) for kind in wanted))
+    pick = None if order == list(wanted) else operator.itemgetter(0, *(1 + order.index(kind) for kind in wanted))
     return Layout(struct.Struct(header_fmt), tuple(expected), struct.Struct(value_fmt), pick, offset)
 
 
@@ -81,4 +81,4 @@ def read(layout: Layout, payload: bytes) -> tuple[Any, ...] | None:
     values = layout.values.unpack_from(payload)
     if not layout.end <= 4 + values[0] <= len(payload):
         return None
-    return layout.pick(values)
+    return values if layout.pick is None else layout.pick(values)
