@@ -37,6 +37,30 @@ def test_ipset_members_in_kube_proxy_syntax() -> None:
     assert kernel_decode.ipset_members(struct.pack("=BBH", 2, 0, 0), "hash:ip") == []  # the header message
 
 
+def test_ipset_members_at_the_fixed_shape_and_off_it() -> None:
+    """A reply whose members all have the kernel's fixed shape is read in one pass; a member laid out
+    otherwise (port and protocol swapped, an extension such as a timeout), in one member or in all, sends
+    the whole reply through the member-by-member decoder."""
+    def swapped(entry: str) -> bytes:  # the same attributes and sizes, port and protocol in the other order
+        inner = ipset_wire.data("hash:ip,port", entry)[4:]
+        return attr(kernel_decode.ATTR_DATA | 0x8000, inner[:12] + inner[20:] + inner[12:20])
+
+    def reply(*members: bytes) -> bytes:
+        return struct.pack("=BBH", 2, 0, 0) + attr(kernel_decode.ATTR_ADT | 0x8000, b"".join(members))
+
+    v4 = ["10.96.0.1,tcp:80", "10.96.0.2,udp:53", "10.96.0.3,sctp:3868"]
+    plain = [ipset_wire.data("hash:ip,port", e) for e in v4]
+    timeout = attr(kernel_decode.ATTR_DATA | 0x8000, plain[1][4:] + attr(6 | 0x4000, struct.pack("!I", 300)))
+    for members in [plain, [plain[0], swapped(v4[1]), plain[2]], [swapped(e) for e in v4],
+                    [plain[0], timeout, plain[2]]]:
+        assert kernel_decode.ipset_members(reply(*members), "hash:ip,port") == v4
+    v6 = ["fd00::1,tcp:443", "fd00::2,udp:53"]
+    assert kernel_decode.ipset_members(reply(*(ipset_wire.data("hash:ip,port", e) for e in v6)), "hash:ip,port") == v6
+    ips = ["10.96.0.1", "fd00::1"]
+    for ip in ips:
+        assert kernel_decode.ipset_members(reply(ipset_wire.data("hash:ip", ip)), "hash:ip") == [ip]
+
+
 def test_an_attribute_overrunning_its_message_is_an_error() -> None:
     svc = ipvs_wire.service_full(socket.IPPROTO_UDP, "10.96.0.10", 53, "rr", 0)
     with pytest.raises(kernel_decode.DecodeError, match="overruns"):

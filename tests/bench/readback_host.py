@@ -97,7 +97,8 @@ class ReplayKernel:
         self.addresses = [address_message(f"10.96.{i // 250}.{i % 250 + 1}", LINK_INDEX) for i in range(services)]
         entries = [f"10.96.{i // 250}.{i % 250 + 1},tcp:80" for i in range(services)]
         self.sets = {"KUBE-CLUSTER-IP": ipset_messages("KUBE-CLUSTER-IP", "hash:ip,port", entries),
-                     OWNED_SETS[4]: ipset_messages(OWNED_SETS[4], "hash:ip,port", entries)}
+                     OWNED_SETS[4]: ipset_messages(OWNED_SETS[4], "hash:ip,port", entries),
+                     "KUBE-IPVS-IPS": ipset_messages("KUBE-IPVS-IPS", "hash:ip", [e.split(",")[0] for e in entries])}
         self.queue: deque[bytes] = deque()
         self.own_s = 0.0  # CPU seconds spent in this stand-in (not kipvs's), measured around each call
 

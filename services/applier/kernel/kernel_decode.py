@@ -334,7 +334,50 @@ def ipset_members(payload: bytes, set_type: str) -> list[str]:
     adt = attrs(payload, 4).get(ATTR_ADT)
     if adt is None:
         return []
+    for shape in _MEMBER_SHAPES.get(set_type, ()):
+        out = _members_at(shape, adt, set_type)
+        if out is not None:
+            return out
     return [_member(set_type, attrs(data)) for data in attr_list(adt)]
+
+
+class _Shape(NamedTuple):
+    """One fixed member layout (``hash_ipport4_data_list`` and kin in net/netfilter/ipset/: the nested
+    address, then port and protocol; no extensions), read in network order: ``headers`` reads each
+    attribute's header word, ``values`` (address, port, protocol) or (address,)."""
+
+    family: int
+    headers: struct.Struct
+    values: struct.Struct
+    with_port: bool
+
+
+_MEMBER_SHAPES = {
+    "hash:ip,port": (
+        _Shape(socket.AF_INET, struct.Struct("!III4xI4xI4x"), struct.Struct("!12x4s4xH2x4xB3x"), True),
+        _Shape(socket.AF_INET6, struct.Struct("!III16xI4xI4x"), struct.Struct("!12x16s4xH2x4xB3x"), True)),
+    "hash:ip": (_Shape(socket.AF_INET, struct.Struct("!III4x"), struct.Struct("!12x4s"), False),
+                _Shape(socket.AF_INET6, struct.Struct("!III16x"), struct.Struct("!12x16s"), False)),
+}
+
+
+def _members_at(shape: _Shape, adt: bytes, set_type: str) -> list[str] | None:
+    """Every member of one reply's ADT list when all have the first member's header words, the first
+    spans exactly ``shape``'s size and decodes attribute by attribute to what ``shape`` reads (so the
+    header words mean what the shape assumes); None otherwise (the caller decodes member by member)."""
+    size = shape.headers.size
+    if not adt or len(adt) % size or _NLA.unpack_from(adt)[0] != size:
+        return None
+    first = shape.headers.unpack_from(adt)
+    if not all(map(first.__eq__, shape.headers.iter_unpack(adt))):
+        return None
+    ntop, family, names = socket.inet_ntop, shape.family, PROTOCOL_NAMES
+    if shape.with_port:
+        out = [f"{ntop(family, ip)},{names.get(proto) or proto}:{port}"
+               for ip, port, proto in shape.values.iter_unpack(adt)]
+    else:
+        out = [ntop(family, ip) for (ip,) in shape.values.iter_unpack(adt)]
+    return out if out[0] == _member(set_type, attrs(adt[4:size])) else None
 
 
 def _member(set_type: str, found: dict[int, bytes]) -> str:
