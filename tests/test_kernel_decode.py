@@ -61,6 +61,23 @@ def test_ipset_members_at_the_fixed_shape_and_off_it() -> None:
         assert kernel_decode.ipset_members(reply(ipset_wire.data("hash:ip", ip)), "hash:ip") == [ip]
 
 
+def test_an_address_whatever_its_first_attribute() -> None:
+    """IFA_ADDRESS first (the kernel's usual order) is read directly; otherwise (an IPv6 address with a
+    peer: IFA_LOCAL first) the attributes are walked, and IFA_ADDRESS it is."""
+    def message(family: int, index: int, *attributes: bytes) -> bytes:
+        return struct.pack("=BBBBI", family, 32, 0, 0, index) + b"".join(attributes)
+
+    v4 = socket.inet_pton(socket.AF_INET, "10.96.0.1")
+    local, peer = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6, "fd00::2")
+    assert kernel_decode.address(message(socket.AF_INET, 7, attr(1, v4), attr(2, v4), attr(3, b"kube-ipvs0\0"))) \
+        == (7, "10.96.0.1")
+    assert kernel_decode.address(message(socket.AF_INET6, 3, attr(2, local), attr(1, peer))) == (3, "fd00::2")
+    assert kernel_decode.address(message(socket.AF_INET6, 3, attr(1, local))) == (3, "fd00::1")
+    assert kernel_decode.address(message(socket.AF_INET, 3, attr(2, v4))) is None
+    with pytest.raises(kernel_decode.DecodeError):
+        kernel_decode.address(message(socket.AF_INET, 3, attr(3, b"x")[:2] + b"\xff\x00"))
+
+
 def test_an_attribute_overrunning_its_message_is_an_error() -> None:
     svc = ipvs_wire.service_full(socket.IPPROTO_UDP, "10.96.0.10", 53, "rr", 0)
     with pytest.raises(kernel_decode.DecodeError, match="overruns"):

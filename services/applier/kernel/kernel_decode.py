@@ -295,14 +295,22 @@ def address_dump_request(index: int) -> bytes:
 
 
 def address(payload: bytes) -> tuple[int, str] | None:
-    """(interface index, address) of one RTM_NEWADDR message's payload; None without IFA_ADDRESS."""
+    """(interface index, address) of one RTM_NEWADDR message's payload; None without IFA_ADDRESS. The
+    kernel puts IFA_ADDRESS first (``inet_fill_ifaddr``; ``inet6_fill_ifaddr`` without a peer): when the
+    first attribute is one of the family's size, the rest is not walked."""
     if len(payload) < _IFADDRMSG.size:
         raise DecodeError(f"an address message of {len(payload)} bytes")
     family, _, _, _, index = _IFADDRMSG.unpack_from(payload)
+    size = _ADDRESS_SIZES.get(family, 0)
+    if size and len(payload) >= 12 + size and _NLA.unpack_from(payload, 8) == (4 + size, IFA_ADDRESS):
+        return index, socket.inet_ntop(family, payload[12:12 + size])
     raw = attrs(payload, _IFADDRMSG.size).get(IFA_ADDRESS)
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
         return None
     return index, _ip(family, raw)
+
+
+_ADDRESS_SIZES = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
 def ipset_list_request(name: str) -> tuple[int, bytes]:
