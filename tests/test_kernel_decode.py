@@ -96,7 +96,8 @@ def kernel_dest(ip: str, port: int, weight: int, active: int, order: tuple[int, 
              15: attr(15, b"\0\0"), 5: attr(5, b"\0" * 4), 6: attr(6, b"\0" * 4),
              7: attr(7, struct.pack("=I", active)), 8: attr(8, struct.pack("=I", 2)), 9: attr(9, b"\0" * 4),
              11: attr(11, struct.pack("=H", family))}
-    inner = b"".join(plain[k] for k in order or plain) + attr(10 | 0x8000, counters) + attr(12 | 0x8000, counters)
+    # the counters as the kernel nests them: nla_nest_start_noflag
+    inner = b"".join(plain[k] for k in order or plain) + attr(10, counters) + attr(12, counters)
     return GENL + attr(2 | 0x8000, inner)
 
 
@@ -123,7 +124,8 @@ def kernel_service(ip: str, port: int, scheduler: str, timeout: int, order: tupl
              3: attr(3, socket.inet_pton(family, ip).ljust(16, b"\0")), 4: attr(4, struct.pack("!H", port)),
              6: attr(6, scheduler.encode() + b"\0"), 7: attr(7, struct.pack("=II", 1 if timeout else 0, 0xFFFFFFFF)),
              8: attr(8, struct.pack("=I", timeout)), 9: attr(9, b"\xff\xff\xff\x00")}
-    inner = b"".join(plain[k] for k in order or plain) + attr(10 | 0x8000, counters) + attr(12 | 0x8000, counters)
+    # the counters as the kernel nests them: nla_nest_start_noflag
+    inner = b"".join(plain[k] for k in order or plain) + attr(10, counters) + attr(12, counters)
     return GENL + attr(1, inner)
 
 

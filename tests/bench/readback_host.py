@@ -40,7 +40,7 @@ GENL = struct.pack("=BBH", 1, 1, 0)
 def _counters(kind: int, wide: bool) -> bytes:
     """IPVS_*_ATTR_STATS (u32 each) or _STATS64 (u64 each), nested (``ip_vs_genl_fill_stats``)."""
     fmt = "=Q" if wide else "=I"
-    return attr(kind | NLA_F_NESTED, b"".join(attr(i, struct.pack(fmt, i * 3)) for i in range(1, 11)))
+    return attr(kind, b"".join(attr(i, struct.pack(fmt, i * 3)) for i in range(1, 11)))  # nla_nest_start_noflag
 
 
 def service_message(ip: str, port: int) -> bytes:

@@ -51,6 +51,9 @@ PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sc
 IPVS_PROTOCOLS = {number: name.upper() for number, name in PROTOCOL_NAMES.items()}  # the plan's names
 
 
+_COUNTERS = frozenset({SVC_STATS, SVC_STATS64, DEST_STATS, DEST_STATS64})  # where a fixed layout ends
+
+
 class DecodeError(OSError):
     """A reply is not what the kernel's own encoder produces (an attribute overruns its message, a
     required attribute is missing): the message says which."""
@@ -151,7 +154,7 @@ def service(payload: bytes) -> Service:
                            socket.ntohs(port), 0, _SCHEDULERS.get(scheduler) or _scheduler(scheduler), flags, timeout,
                            netmask, _Counters(payload[layout.end:4 + nest]), _KEY_HEAD + payload[8:_KEY_END])
     out = _service_general(payload)
-    layout = kernel_layouts.learn(payload, _SERVICE_WANTED)
+    layout = kernel_layouts.learn(payload, _SERVICE_WANTED, _COUNTERS)
     # the key is the message's first four attributes as they are: only a layout that starts with them
     _service_layout[:] = [layout] if layout is not None and layout.expected[1:5] == _KEY_HEADERS else []
     return out
@@ -228,7 +231,7 @@ def dest(payload: bytes, family: int) -> Dest:
             return Dest(socket.inet_ntop(own, raw[:4] if own == socket.AF_INET else raw), socket.ntohs(port),
                         forward, weight, active, inactive, _Counters(payload[layout.end:4 + nest]), tunnel)
     out = _dest_general(payload, family)
-    _dest_layout[:] = [layout] if (layout := kernel_layouts.learn(payload, _DEST_WANTED)) is not None else []
+    _dest_layout[:] = [layout] if (layout := kernel_layouts.learn(payload, _DEST_WANTED, _COUNTERS)) is not None else []
     return out
 
 
@@ -253,7 +256,7 @@ def dest_weights(payloads: list[bytes], family: int) -> dict[tuple[str, int], in
                 continue
         d = dest(payload, family)
         out[(d.address, d.port)] = d.weight
-        layout = kernel_layouts.learn(payload, _WEIGHT_WANTED)
+        layout = kernel_layouts.learn(payload, _WEIGHT_WANTED, _COUNTERS)
         _weight_layout[:] = [layout] if layout is not None else []
     return out
 

@@ -37,12 +37,14 @@ class Layout(NamedTuple):
     end: int
 
 
-def learn(payload: bytes, wanted: dict[int, str]) -> Layout | None:
+def learn(payload: bytes, wanted: dict[int, str], ends: frozenset[int]) -> Layout | None:
     """The layout of ``payload`` (a generic netlink message's payload: 4-byte genl header, then one
-    attribute holding plain attributes, then nested ones), reading the types in ``wanted`` (type ->
-    struct format of its value; "s" alone: a string of the attribute's own length). None when the
-    message does not have every wanted type among its plain attributes, each at its format's size.
-    The caller has decoded ``payload`` attribute by attribute first: this trusts its outer attribute."""
+    attribute holding plain attributes, then the counters), reading the types in ``wanted`` (type ->
+    struct format of its value; "s" alone: a string of the attribute's own length). The fixed part ends
+    at the first attribute whose type is in ``ends`` or that is flagged nested: the kernel opens the
+    counters with ``nla_nest_start_noflag``, so the flag alone does not show where they start. None when
+    the message does not have every wanted type in its fixed part, each at its format's size. The
+    caller has decoded ``payload`` attribute by attribute first: this trusts its outer attribute."""
     if len(payload) < 8:
         return None
     header_fmt, value_fmt = "=6xH", "=4xH"  # the outer attribute's type; its length
@@ -52,7 +54,7 @@ def learn(payload: bytes, wanted: dict[int, str]) -> Layout | None:
     offset = 8
     while offset + 4 <= len(payload):
         length, kind = _NLA.unpack_from(payload, offset)
-        if kind & NLA_F_NESTED or length < 4 or offset + length > len(payload):
+        if kind & NLA_F_NESTED or kind in ends or length < 4 or offset + length > len(payload):
             break
         header_fmt += f"{offset - header_at}xI"
         header_at = offset + 4
