@@ -3,6 +3,7 @@ output is checked in the guest (tests/guest/kernel_readback.py); here, the shape
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 
@@ -10,7 +11,8 @@ import pytest
 
 from services.applier.kernel import ipset_wire, ipvs_wire, kernel_decode
 from services.applier.kernel.decode_memo import DecodeMemo
-from services.applier.kernel.netlink_batch import attr
+from services.applier.kernel.netlink_batch import NETLINK_GENERIC, attr
+from services.applier.kernel.netlink_dump import DumpSocket
 
 GENL = struct.pack("=BBH", 1, 1, 0)
 
@@ -157,24 +159,42 @@ def test_services_decode_alike_at_the_learned_layout_and_off_it() -> None:
         kernel_decode.service(kernel_service("10.96.0.1", 80, "rr", 0)[:40])
 
 
+def runs(*payloads: bytes, together: bool = False) -> list[tuple[bytes, int]]:
+    """Dump replies as DumpSocket.dump_runs gives them: each message its own run, or (``together``, all
+    of one length) one run of them all."""
+    messages = [struct.pack("=IHHII", 16 + len(p), 0x1C, 2, 1, 0) + p for p in payloads]
+    if together:
+        return [(b"".join(messages), len(messages[0]))]
+    return [(m, len(m)) for m in messages]
+
+
 def test_real_server_weights_at_the_learned_layout_and_off_it() -> None:
-    """``dest_weights`` (the drift check's decode) reads the three attributes at the layout; a message
-    whose headers differ (weight and forwarding method swapped, an older kernel's shorter list) is read
-    attribute by attribute, and a message too short for the layout is an error, not a guess."""
+    """``dest_weights`` (the drift check's decode) reads the three attributes at the layout, a run of
+    same-length messages in one pass; a message whose headers differ (weight and forwarding method
+    swapped, an older kernel's shorter list), alone or inside a run, is read attribute by attribute, and
+    a message too short for the layout is an error, not a guess."""
     messages = [kernel_dest("10.244.1.5", 8080, 3, 7), kernel_dest("fd00::5", 443, 1, 0),
                 kernel_dest("10.244.1.6", 80, 9, 1, order=(1, 2, 4, 3, 13, 14, 15, 5, 6, 7, 8, 9, 11)),
                 kernel_dest("10.244.1.7", 80, 4, 0, order=(1, 2, 3, 4, 5, 6, 7, 8, 9, 11)),
                 kernel_dest("10.244.1.8", 80, 5, 0)]
     want = {("10.244.1.5", 8080): 3, ("fd00::5", 443): 1, ("10.244.1.6", 80): 9, ("10.244.1.7", 80): 4,
             ("10.244.1.8", 80): 5}
-    assert kernel_decode.dest_weights(messages, socket.AF_INET) == want
-    assert kernel_decode.dest_weights(messages, socket.AF_INET) == want, "again, at the layout learnt last"
+    assert kernel_decode.dest_weights(runs(*messages), socket.AF_INET) == want
+    assert kernel_decode.dest_weights(runs(*messages), socket.AF_INET) == want, "again, at the layout learnt last"
     assert kernel_decode._weight_layout
+    same_length = [messages[0], messages[1], messages[2], messages[4]]  # the third's headers differ
+    assert kernel_decode.dest_weights(runs(messages[0]), socket.AF_INET) == {("10.244.1.5", 8080): 3}
+    for batch in (same_length, [messages[0], messages[1], messages[4]]):
+        assert kernel_decode.dest_weights(runs(*batch, together=True), socket.AF_INET) == {
+            (d.address, d.port): d.weight for d in (kernel_decode.dest(m, socket.AF_INET) for m in batch)}
     with pytest.raises(kernel_decode.DecodeError):
-        kernel_decode.dest_weights([messages[0][:60]], socket.AF_INET)
+        kernel_decode.dest_weights(runs(messages[0][:60]), socket.AF_INET)
     short_outer = messages[0][:4] + struct.pack("=H", 8) + messages[0][6:]  # holds less than the fixed part
-    with pytest.raises(kernel_decode.DecodeError):
-        kernel_decode.dest_weights([short_outer], socket.AF_INET)
+    for batch in (runs(short_outer), runs(messages[0], short_outer, together=True),
+                  runs(short_outer, short_outer, together=True)):
+        kernel_decode.dest_weights(runs(messages[0]), socket.AF_INET)  # the layout learnt again
+        with pytest.raises(kernel_decode.DecodeError):
+            kernel_decode.dest_weights(batch, socket.AF_INET)
 
 
 def test_a_memo_decodes_only_messages_not_in_the_last_read() -> None:
@@ -193,3 +213,49 @@ def test_a_memo_decodes_only_messages_not_in_the_last_read() -> None:
     with pytest.raises(kernel_decode.DecodeError):
         memo([*first, b"\x01\x01\x00\x00\xff\x00\x01\x00"])
     assert list(memo.last) == second, "a bad read leaves the memo as it was"
+
+
+class _Replies:
+    """A netlink socket's stand-in: answers any request with the given reply buffers, one per recv."""
+
+    def __init__(self, *datagrams: bytes) -> None:
+        self.datagrams = list(datagrams)
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def recv_into(self, buffer: bytearray) -> int:
+        data = self.datagrams.pop(0)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def test_dump_runs_take_a_reply_buffer_whole_only_when_it_holds_nothing_but_same_shaped_data() -> None:
+    """A buffer of same-length data messages of this dump is one run; NLMSG_DONE after data in the same
+    buffer (kernels that append it), or a message of another sequence number, sends the buffer through
+    the message-by-message walk, which ends the dump at DONE and skips the stranger."""
+    def message(kind: int, seq: int, payload: bytes) -> bytes:
+        return struct.pack("=IHHII", 16 + len(payload), kind, 2, seq, 0) + payload
+
+    dump = DumpSocket(NETLINK_GENERIC)
+    dump.sock.close()
+    try:
+        for case in ("one run", "DONE appended", "a stranger"):
+            seq = dump.seq + 1  # the next dump's
+            data = [message(0x1C, seq, GENL + attr(1, struct.pack("=I", n))) for n in range(3)]
+            done = message(3, seq, b"\0" * 4)
+            if case == "one run":
+                dump.sock = _Replies(b"".join(data), done)  # type: ignore[assignment]
+                assert asyncio.run(dump.dump_runs(0x1C, b"")) == [(b"".join(data), len(data[0]))]
+            elif case == "DONE appended":
+                dump.sock = _Replies(b"".join(data) + done)  # type: ignore[assignment]
+                assert asyncio.run(dump.dump_runs(0x1C, b"")) == [(m, len(m)) for m in data]
+            else:
+                stranger = message(0x1C, seq + 5, GENL + attr(1, struct.pack("=I", 7)))
+                dump.sock = _Replies(data[0] + stranger + data[2], done)  # type: ignore[assignment]
+                assert asyncio.run(dump.dump(0x1C, b"")) == [data[0][16:], data[2][16:]]
+    finally:
+        dump.close()

@@ -24,6 +24,7 @@ import struct
 from typing import NamedTuple
 
 from . import ipvs_wire, kernel_layouts
+from .kernel_layouts import Runs, payloads_of
 from .netlink_batch import attr
 
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -235,30 +236,51 @@ def dest(payload: bytes, family: int) -> Dest:
     return out
 
 
-def dests(payloads: list[bytes], family: int) -> list[Dest]:
-    """Every real server of one destination dump's messages, in order (:func:`dest`)."""
-    return [dest(payload, family) for payload in payloads]
+def dests(runs: Runs, family: int) -> list[Dest]:
+    """Every real server of one destination dump's replies (:meth:`~.netlink_dump.DumpSocket.dump_runs`),
+    in order (:func:`dest`)."""
+    return [dest(payload, family) for payload in payloads_of(runs)]
 
 
-def dest_weights(payloads: list[bytes], family: int) -> dict[tuple[str, int], int]:
-    """(address, port) -> weight of one destination dump's messages (what the drift check compares), each
-    read at this kernel's layout of those three attributes when its headers match, else by :func:`dest`."""
-    out = {}
+def dest_weights(runs: Runs, family: int) -> dict[tuple[str, int], int]:
+    """(address, port) -> weight of one destination dump's replies (what the drift check compares). A
+    run of same-length messages is read in two ``struct.iter_unpack`` passes when every message has the
+    layout's header words (:func:`_run_weights`); any other message one by one at the layout, or by
+    :func:`dest` when its headers differ (its layout is learned then)."""
+    out: dict[tuple[str, int], int] = {}
     ntop, ntohs, v4 = socket.inet_ntop, socket.ntohs, socket.AF_INET
-    layout = _weight_layout[0] if _weight_layout else None
-    for payload in payloads:
-        # kernel_layouts.read, inlined: this runs once per real server of the node
-        if layout is not None and len(payload) >= layout.end and layout.headers.unpack_from(payload) == layout.expected:
-            nest, raw, port, weight, own = layout.values.unpack_from(payload) if layout.pick is None else \
-                layout.pick(layout.values.unpack_from(payload))
-            if layout.end <= 4 + nest <= len(payload):
+    for data, length in runs:
+        layout = _weight_layout[0] if _weight_layout else None
+        if layout is not None and len(data) > length and _run_weights(layout, data, length, out):
+            continue
+        for payload in payloads_of([(data, length)]):
+            v = None if layout is None else kernel_layouts.read(layout, payload)
+            if v is not None:
+                _, raw, port, weight, own = v
                 out[(ntop(own, raw[:4] if own == v4 else raw), ntohs(port))] = weight
                 continue
-        d = dest(payload, family)
-        out[(d.address, d.port)] = d.weight
-        layout = kernel_layouts.learn(payload, _WEIGHT_WANTED, _COUNTERS)
-        _weight_layout[:] = [layout] if layout is not None else []
+            d = dest(payload, family)
+            out[(d.address, d.port)] = d.weight
+            layout = kernel_layouts.learn(payload, _WEIGHT_WANTED, _COUNTERS)
+            _weight_layout[:] = [layout] if layout is not None else []
     return out
+
+
+def _run_weights(layout: kernel_layouts.Layout, data: bytes, length: int, out: dict[tuple[str, int], int]) -> bool:
+    """Every message of one run at ``layout`` into ``out``; False (``out`` untouched) unless all have its
+    header words and an outer attribute that holds the fixed part."""
+    readers = kernel_layouts.run_readers(layout, length)
+    if readers is None:
+        return False
+    headers, values = readers
+    first = headers.unpack_from(data)
+    if not (first[1:] == layout.expected and layout.end <= 4 + first[0] <= length - 16
+            and all(map(first.__eq__, headers.iter_unpack(data)))):
+        return False
+    ntop, ntohs, v4 = socket.inet_ntop, socket.ntohs, socket.AF_INET
+    for _, raw, port, weight, own in values.iter_unpack(data):
+        out[(ntop(own, raw[:4] if own == v4 else raw), ntohs(port))] = weight
+    return True
 
 
 class _Counters(bytes):

@@ -21,6 +21,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 _NLA, _WORD = struct.Struct("=HH"), struct.Struct("=I")
+Runs = list[tuple[bytes, int]]  # (whole netlink messages, each's length): netlink_dump.DumpSocket.dump_runs
+
+
+def payloads_of(runs: Runs) -> list[bytes]:
+    """Every message's payload (after its 16-byte netlink header) in ``runs``."""
+    return [data[offset + 16:offset + length] for data, length in runs for offset in range(0, len(data), length)]
 NLA_F_NESTED = 0x8000
 
 
@@ -84,3 +90,21 @@ def read(layout: Layout, payload: bytes) -> tuple[Any, ...] | None:
     if not layout.end <= 4 + values[0] <= len(payload):
         return None
     return values if layout.pick is None else layout.pick(values)
+
+
+_RUNS: dict[tuple[str, str, int], tuple[struct.Struct, struct.Struct] | None] = {}
+
+
+def run_readers(layout: Layout, length: int) -> tuple[struct.Struct, struct.Struct] | None:
+    """For a run of netlink messages of ``length`` bytes each (16-byte header, then a payload at
+    ``layout``): a Struct reading each message's (outer attribute's length, then the layout's header
+    words) and one reading its values as ``layout.values`` does, both ``length`` long, for
+    ``iter_unpack`` over the run. None when the layout reads past such a message or needs reordering."""
+    key = (layout.headers.format, layout.values.format, length)
+    if key not in _RUNS:
+        headers, values = layout.headers.format, layout.values.format
+        fits = layout.pick is None and 16 + max(layout.headers.size, layout.values.size, layout.end) <= length
+        # headers: "=6xH..." reads the outer type at payload offset 6; its length sits at offset 4
+        _RUNS[key] = (struct.Struct(f"=16x4xH{headers[3:]}{length - 16 - layout.headers.size}x"),
+                      struct.Struct(f"=16x{values[1:]}{length - 16 - layout.values.size}x")) if fits else None
+    return _RUNS[key]

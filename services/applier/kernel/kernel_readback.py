@@ -25,6 +25,7 @@ from .backend import Observed, parse_owned_entry
 from .decode_memo import DecodeMemo
 from .ipvs_wire import observed_scheduler
 from .kernel_decode import CMD_GET_DEST, CMD_GET_SERVICE, Dest, Service
+from .kernel_layouts import Runs
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER
 from .netlink_dump import NETLINK_ROUTE, DumpError, DumpSocket
 
@@ -59,16 +60,16 @@ class KernelReader:
     async def dests(self, service: Service) -> list[Dest]:
         """One service's real servers in the kernel's order (none if the service is gone meanwhile: the
         kernel's ``ip_vs_genl_dump_dests`` ends the dump empty then)."""
-        return kernel_decode.dests(await self._dest_payloads(service), service.family)
+        return kernel_decode.dests(await self._dest_runs(service), service.family)
 
-    async def _dest_payloads(self, service: Service) -> list[bytes]:
-        return await self.genl.dump(self.ipvs_family, kernel_decode.ipvs_dump_request(CMD_GET_DEST, service.key))
+    async def _dest_runs(self, service: Service) -> Runs:
+        return await self.genl.dump_runs(self.ipvs_family, kernel_decode.ipvs_dump_request(CMD_GET_DEST, service.key))
 
     async def table(self, wanted: Callable[[Service], bool] | None = None,
                     dests_of: Callable[[Service], bool] | None = None,
-                    decode: Callable[[list[bytes], int], T] = kernel_decode.dests) -> list[tuple[Service, T]]:
-        """Every service (or those ``wanted``) with its real servers as ``decode`` (payloads, the service's
-        family) makes them: :func:`~.kernel_decode.dests` in the kernel's order, or
+                    decode: Callable[[Runs, int], T] = kernel_decode.dests) -> list[tuple[Service, T]]:
+        """Every service (or those ``wanted``) with its real servers as ``decode`` (the destination dump's
+        runs, the service's family) makes them: :func:`~.kernel_decode.dests` in the kernel's order, or
         :func:`~.kernel_decode.dest_weights`. Only for the services ``dests_of`` accepts, if given; the
         others get ``decode([])``, unread. In the kernel's service order."""
         out: list[tuple[Service, T]] = []
@@ -77,7 +78,7 @@ class KernelReader:
                 await asyncio.sleep(0)
             if wanted is None or wanted(service):
                 read = dests_of is None or dests_of(service)
-                out.append((service, decode(await self._dest_payloads(service) if read else [], service.family)))
+                out.append((service, decode(await self._dest_runs(service) if read else [], service.family)))
         return out
 
     async def addresses(self, index: int = 0) -> list[tuple[int, str]]:
