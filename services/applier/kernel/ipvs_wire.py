@@ -43,13 +43,7 @@ def _addr(ip: str) -> tuple[int, bytes]:
     return family, socket.inet_pton(family, ip)
 
 
-# The encoding caches stay small: a write encodes a service's key once for its real servers, which come
-# right after it (ops.ordered); a cache as large as the table (65,536 entries each, as they were) kept
-# about 20 MiB of encodings alive after a 10,000 x 10 cold start for no hit (every real server is new).
-ENCODING_CACHE = 4096
-
-
-@functools.lru_cache(maxsize=ENCODING_CACHE)
+@functools.lru_cache(maxsize=65536)
 def service_key(protocol: int, ip: str, port: int) -> bytes:
     """The IPVS_CMD_ATTR_SERVICE attribute naming a service (cached: every real server repeats it)."""
     family, raw = _addr(ip)
@@ -73,7 +67,7 @@ _MASQ_TAIL = (attr(DEST_FWD, struct.pack("=I", MASQUERADE)), attr(DEST_UTHRESH, 
               + attr(DEST_LTHRESH, struct.pack("=I", 0)))
 
 
-@functools.lru_cache(maxsize=ENCODING_CACHE)
+@functools.lru_cache(maxsize=65536)
 def dest(ip: str, port: int, weight: int | None) -> bytes:
     """The IPVS_CMD_ATTR_DEST attribute: a full masquerade entry, or (weight None) just its name."""
     family, raw = _addr(ip)
