@@ -4,6 +4,7 @@ output is checked in the guest (tests/guest/kernel_readback.py); here, the shape
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 
@@ -257,5 +258,22 @@ def test_dump_runs_take_a_reply_buffer_whole_only_when_it_holds_nothing_but_same
                 stranger = message(0x1C, seq + 5, GENL + attr(1, struct.pack("=I", 7)))
                 dump.sock = _Replies(data[0] + stranger + data[2], done)  # type: ignore[assignment]
                 assert asyncio.run(dump.dump(0x1C, b"")) == [data[0][16:], data[2][16:]]
+    finally:
+        dump.close()
+
+
+def test_a_reply_buffer_that_fills_the_read_buffer_is_an_error_not_data() -> None:
+    """A reply as large as the read buffer may have been cut short (recv keeps what fits): the dump fails
+    with EMSGSIZE instead of returning the messages that fitted as if they were all."""
+    dump = DumpSocket(NETLINK_GENERIC)
+    dump.sock.close()
+    try:
+        seq = dump.seq + 1
+        message = struct.pack("=IHHII", 64, 0x1C, 2, seq, 0) + b"\0" * 48
+        full = message * (len(dump.buffer) // 64)
+        dump.sock = _Replies(full, struct.pack("=IHHII", 20, 3, 2, seq, 0) + b"\0" * 4)  # type: ignore[assignment]
+        with pytest.raises(OSError) as refused:
+            asyncio.run(dump.dump_runs(0x1C, b""))
+        assert refused.value.errno == errno.EMSGSIZE
     finally:
         dump.close()

@@ -30,6 +30,10 @@ _CODE = struct.Struct("=i")
 # One dump's bound. The largest kipvs reads: 10,000 IPVS services (about 2 MB of replies), an ipset of
 # 100,000 members (about 6 MB), 250 real servers of one service (about 90 kB).
 DUMP_MAX_BYTES = 64 << 20
+# One reply buffer: the kernel builds a dump's at most SKB_WITH_OVERHEAD(32768) bytes (netlink_recvmsg caps
+# max_recvmsg_len there) and a reply to a plain request is one small message; a reply that fills the
+# buffer may have been cut short and is an error (EMSGSIZE), never read as data.
+DUMP_BUFFER_BYTES = 64 << 10
 DUMP_RETRIES = 3  # a dump the kernel marks interrupted (NLM_F_DUMP_INTR: the table changed under it) is redone
 
 
@@ -58,6 +62,7 @@ class DumpSocket(BatchSocket):
 
     def __init__(self, protocol: int) -> None:
         super().__init__(protocol)
+        self.buffer = bytearray(DUMP_BUFFER_BYTES)  # instead of the batch writer's 1 MiB (resident: it is zeroed)
         self.view = memoryview(self.buffer)
         if protocol == NETLINK_ROUTE:
             # Lets RTM_GETADDR filter by interface index in the kernel (Linux 4.20+); harmless where absent.
@@ -99,6 +104,9 @@ class DumpSocket(BatchSocket):
         while True:
             size = await recv_datagram(self.sock, buffer)
             total += size
+            if size >= len(buffer):  # filled: maybe cut short (not drained: its DONE may have been cut off too;
+                # what is left of it is skipped by later reads, whose sequence numbers differ)
+                raise DumpError(errno.EMSGSIZE, f"a netlink reply of {size} bytes or more to a request of type {kind}")
             if total > max_bytes:
                 await self._drain(seq)
                 raise DumpError(errno.EMSGSIZE, f"a dump of type {kind} is larger than {max_bytes} bytes")
