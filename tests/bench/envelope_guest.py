@@ -19,6 +19,8 @@ from services.applier import heap
 from services.applier.core import ApplierCore
 from services.applier.drift import DriftCheck
 from services.applier.drift_slices import DriftSlices
+from services.applier.kernel import kernel_decode
+from services.applier.kernel.kernel_readback import KernelReader
 from services.applier.kernel.netlink_writer import NetlinkKernel
 from services.applier.kernel.rules import NftRules, RulesConfig, ruleset
 from services.applier.ops import AddAddress, AddEntry, AddReal, AddService, DesiredState, Op, diff
@@ -232,7 +234,7 @@ async def main(services: int, endpoints: int) -> dict[str, float]:
     f["python_loop_s"] = (loop_before + python_loop()) / 2
     show(f)
     _, f["kernel_table_wall_s"], f["kernel_table_cpu_s"] = await timed(kernel.kernel_table())
-    f["ipvsadm_Sn_s"] = sh("ipvsadm -S -n > /dev/null")
+    f.update(await ipvs_reads(kernel))
     show(f)
     small_changes, big_changes = await change_latencies(
         [(small, small_desired, 100), (kernel, desired, services)], endpoints)
@@ -244,7 +246,40 @@ async def main(services: int, endpoints: int) -> dict[str, float]:
     await kernel.close()
     await rules.remove()
     clean()
+    f.update(applier_rss(services, endpoints))
+    clean()
     return f
+
+
+async def ipvs_reads(kernel: NetlinkKernel) -> dict[str, float]:
+    """kipvs's read of IPVS alone (every service and its real servers, decoded as the drift check decodes
+    them: the work ``ipvsadm -Sn`` does) on a reader of its own (nothing memoised), then ``ipvsadm -Sn``,
+    one after the other: wall seconds, and user / system CPU of each (the kernel builds the dumps in the
+    reader's system calls, so system time is the kernel's share)."""
+    reader = KernelReader(kernel.ipvs_family)
+    before, wall = os.times(), time.perf_counter()
+    await reader.table(decode=kernel_decode.dest_weights)
+    wall, after = time.perf_counter() - wall, os.times()
+    reader.close()
+    out = {"read_ipvs_s": wall, "read_ipvs_user_s": after.user - before.user,
+           "read_ipvs_sys_s": after.system - before.system}
+    before = os.times()
+    out["ipvsadm_Sn_s"] = sh("ipvsadm -S -n > /dev/null")
+    after = os.times()
+    out.update(ipvsadm_Sn_user_s=after.children_user - before.children_user,
+               ipvsadm_Sn_sys_s=after.children_system - before.children_system)
+    return out
+
+
+def applier_rss(services: int, endpoints: int) -> dict[str, float]:
+    """What one node's applier holds (tests/bench/envelope_applier.py, a process of its own, on the emptied
+    kernel): its peak RSS after each step, MiB."""
+    done = subprocess.run([sys.executable, "-m", "tests.bench.envelope_applier", str(services), str(endpoints)],
+                          capture_output=True, text=True, check=False)
+    line = [x for x in done.stdout.splitlines() if x.startswith("KIPVS-APPLIER ")]
+    if done.returncode or not line:
+        raise RuntimeError(f"the applier's RSS run failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
+    return json.loads(line[0].split(" ", 1)[1])
 
 
 def baselines(ops: list[Op], members: dict[str, set[str]]) -> dict[str, float]:

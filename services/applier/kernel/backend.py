@@ -59,11 +59,11 @@ class KernelError(Exception):
 
 @dataclass
 class Observed:
-    """What was read back from the kernel."""
+    """What was read back from the kernel. Real servers' connection counts are not in it: only the drain
+    asks for them, of its few services (``Backend.connections``)."""
 
     state: NodeState
     owned: set[VSKey]
-    connections: dict[tuple[VSKey, RealKey], int] = field(default_factory=dict)  # active + inactive
 
 
 class Backend(Protocol):
@@ -164,7 +164,7 @@ class MemoryKernel:
         state.addresses = set(self.addresses)
         state.ipsets = {name: set(self.ipsets[name]) for name in ALL_IPSETS}
         owned = {parse_owned_entry(e) for name in OWNED_SETS.values() for e in self.ipsets[name]}
-        return Observed(state, owned, dict(self.conns))
+        return Observed(state, owned)
 
     async def connections(self, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
         return {k: v for k, v in self.conns.items() if k[0] in services}

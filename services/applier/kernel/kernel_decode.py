@@ -19,13 +19,12 @@ Every decoder checks lengths: an attribute that overruns its message raises :cla
 
 from __future__ import annotations
 
-import operator
 import socket
 import struct
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from . import ipvs_wire
+from . import ipvs_wire, kernel_layouts
+from .kernel_layouts import Runs, payloads_of
 from .netlink_batch import attr
 
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -51,6 +50,9 @@ IPADDR_IPV4, IPADDR_IPV6 = 1, 2
 NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NFTA_GEN_ID = 10, 16, 1
 PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}
 IPVS_PROTOCOLS = {number: name.upper() for number, name in PROTOCOL_NAMES.items()}  # the plan's names
+
+
+_COUNTERS = frozenset({SVC_STATS, SVC_STATS64, DEST_STATS, DEST_STATS64})  # where a fixed layout ends
 
 
 class DecodeError(OSError):
@@ -141,7 +143,44 @@ def ipvs_dump_request(cmd: int, service_key: bytes = b"") -> bytes:
 
 
 def service(payload: bytes) -> Service:
-    """One IPVS_CMD_NEW_SERVICE dump message's payload (after the netlink header)."""
+    """One IPVS_CMD_NEW_SERVICE dump message's payload (after the netlink header): at this kernel's
+    layout (:mod:`.kernel_layouts`, learned from the last message decoded attribute by attribute), else
+    attribute by attribute."""
+    if _service_layout:
+        layout = _service_layout[0]
+        v = kernel_layouts.read(layout, payload)
+        if v is not None:
+            nest, family, protocol, addr, port, scheduler, flags, timeout, netmask = v
+            return Service(family, protocol, socket.inet_ntop(family, addr[:4] if family == socket.AF_INET else addr),
+                           socket.ntohs(port), 0, _SCHEDULERS.get(scheduler) or _scheduler(scheduler), flags, timeout,
+                           netmask, _Counters(payload[layout.end:4 + nest]), _KEY_HEAD + payload[8:_KEY_END])
+    out = _service_general(payload)
+    layout = kernel_layouts.learn(payload, _SERVICE_WANTED, _COUNTERS)
+    # the key is the message's first four attributes as they are: only a layout that starts with them
+    _service_layout[:] = [layout] if layout is not None and layout.expected[1:5] == _KEY_HEADERS else []
+    return out
+
+
+# IPVS_SVC_ATTR_* the fast path reads (ip_vs_genl_fill_service's order); the key's attributes' header words
+_SERVICE_WANTED = {ipvs_wire.SVC_AF: "H", ipvs_wire.SVC_PROTOCOL: "H", ipvs_wire.SVC_ADDR: "16s",
+                   ipvs_wire.SVC_PORT: "H", ipvs_wire.SVC_SCHED: "s", ipvs_wire.SVC_FLAGS: "I4x",
+                   ipvs_wire.SVC_TIMEOUT: "I", ipvs_wire.SVC_NETMASK: "4s"}
+_KEY_HEADERS = tuple(_U32.unpack(struct.pack("=HH", length, kind))[0] for length, kind in (
+    (6, ipvs_wire.SVC_AF), (6, ipvs_wire.SVC_PROTOCOL), (20, ipvs_wire.SVC_ADDR), (6, ipvs_wire.SVC_PORT)))
+_KEY_END = 8 + 8 + 8 + 20 + 8
+_KEY_HEAD = struct.pack("=HH", 4 + _KEY_END - 8, ipvs_wire.ATTR_SERVICE)
+_service_layout: list[kernel_layouts.Layout] = []
+_SCHEDULERS: dict[bytes, str] = {}  # a scheduler attribute's bytes -> its name (few distinct)
+
+
+def _scheduler(raw: bytes) -> str:
+    name = raw.split(b"\0", 1)[0].decode(errors="replace")
+    if len(_SCHEDULERS) < 64:
+        _SCHEDULERS[raw] = name
+    return name
+
+
+def _service_general(payload: bytes) -> Service:
     found = attrs(_need(attrs(payload, 4), ipvs_wire.ATTR_SERVICE, "an IPVS service message"))
     af_raw = _need(found, ipvs_wire.SVC_AF, "an IPVS service")
     family = _U16.unpack(af_raw[:2])[0]
@@ -158,7 +197,7 @@ def service(payload: bytes) -> Service:
                + attr(ipvs_wire.SVC_ADDR, addr_raw) + attr(ipvs_wire.SVC_PORT, port_raw))
     flags = found.get(ipvs_wire.SVC_FLAGS, b"\0\0\0\0")
     return Service(family, protocol, address, port, fwmark,
-                   found.get(ipvs_wire.SVC_SCHED, b"").split(b"\0", 1)[0].decode(errors="replace"),
+                   _scheduler(found.get(ipvs_wire.SVC_SCHED, b"")),
                    _U32.unpack(flags[:4])[0], _u32(found, ipvs_wire.SVC_TIMEOUT),
                    found.get(ipvs_wire.SVC_NETMASK, b"\0\0\0\0")[:4],
                    found.get(SVC_STATS64) or found.get(SVC_STATS, b""), attr(ipvs_wire.ATTR_SERVICE, key))
@@ -171,70 +210,81 @@ def service_probe(protocol: int, ip: str, port: int) -> Service:
     return Service(family, protocol, ip, port, 0, "", 0, 0, b"", b"", ipvs_wire.service_key(protocol, ip, port))
 
 
-class _Layout(NamedTuple):
-    """The plain attributes one kernel's ``ip_vs_genl_fill_dest`` (net/netfilter/ipvs/ip_vs_ctl.c) puts
-    before the nested counters, always in the same order and sizes: one struct reads every header and
-    value at once. ``where`` maps an attribute type to its value's index in the unpacked tuple."""
-
-    reader: struct.Struct
-    headers: tuple[int, ...]  # (length, type) of each attribute, flattened
-    pick_headers: Callable[[tuple[Any, ...]], tuple[int, ...]]  # those of an unpacked message
-    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # family, address, port, forward, weight, active, inactive
-    tunnel: int  # index of IPVS_DEST_ATTR_TUN_TYPE's value, 0 if absent
-
-
-_VALUE_FORMATS = {20: "16s", 8: "I", 6: "H2x", 5: "B3x"}  # attribute length -> its padded value's format
-_learned: list[_Layout] = []  # this kernel's layout, learned from the first destination decoded
-
-
-def _learn(payload: bytes) -> _Layout | None:
-    fmt, headers, where = "=4xHH", [], {}
-    offset = 8  # after the genl header and IPVS_CMD_ATTR_DEST's header
-    while offset + 4 <= len(payload):
-        length, kind = _NLA.unpack_from(payload, offset)
-        if kind & ~NLA_TYPE_MASK or length not in _VALUE_FORMATS:
-            break
-        where[kind] = 4 + 3 * (len(headers) // 2)
-        fmt += "HH" + _VALUE_FORMATS[length]
-        headers += [length, kind]
-        offset += (length + 3) & ~3
-    needed = {ipvs_wire.DEST_ADDR, ipvs_wire.DEST_PORT, ipvs_wire.DEST_FWD, ipvs_wire.DEST_WEIGHT,
-              DEST_ACTIVE_CONNS, DEST_INACT_CONNS}
-    if not needed <= where.keys() or ipvs_wire.DEST_FAMILY not in where:
-        return None
-    indexes = [i for n in range(len(headers) // 2) for i in (2 + 3 * n, 3 + 3 * n)]
-    pick = operator.itemgetter(*(where[k] for k in (ipvs_wire.DEST_FAMILY, ipvs_wire.DEST_ADDR, ipvs_wire.DEST_PORT,
-                                                    ipvs_wire.DEST_FWD, ipvs_wire.DEST_WEIGHT, DEST_ACTIVE_CONNS,
-                                                    DEST_INACT_CONNS)))
-    return _Layout(struct.Struct(fmt), tuple(headers), operator.itemgetter(*indexes), pick,
-                   where.get(DEST_TUN_TYPE, 0))
+# IPVS_DEST_ATTR_* the fast paths read, in ip_vs_genl_fill_dest's order: everything, or the weight alone
+_DEST_WANTED = {ipvs_wire.DEST_ADDR: "16s", ipvs_wire.DEST_PORT: "H", ipvs_wire.DEST_FWD: "I",
+                ipvs_wire.DEST_WEIGHT: "I", DEST_TUN_TYPE: "B", DEST_ACTIVE_CONNS: "I", DEST_INACT_CONNS: "I",
+                ipvs_wire.DEST_FAMILY: "H"}
+_WEIGHT_WANTED = {ipvs_wire.DEST_ADDR: "16s", ipvs_wire.DEST_PORT: "H", ipvs_wire.DEST_WEIGHT: "I",
+                  ipvs_wire.DEST_FAMILY: "H"}
+_dest_layout: list[kernel_layouts.Layout] = []
+_weight_layout: list[kernel_layouts.Layout] = []
 
 
 def dest(payload: bytes, family: int) -> Dest:
     """One IPVS_CMD_NEW_DEST dump message's payload; ``family`` is its service's (a real server of another
-    family carries IPVS_DEST_ATTR_ADDR_FAMILY). Each message is checked against the layout learned from
-    the first (every attribute's type and length); one that differs is decoded attribute by attribute."""
-    if _learned:
-        layout = _learned[0]
-        size = layout.reader.size
-        if len(payload) >= size:
-            v = layout.reader.unpack_from(payload)
-            end = 4 + v[0]
-            if (v[1] & NLA_TYPE_MASK == ipvs_wire.ATTR_DEST and size <= end <= len(payload)
-                    and layout.pick_headers(v) == layout.headers):
-                own, raw, port, forward, weight, active, inactive = layout.pick(v)
-                return Dest(socket.inet_ntop(own, raw[:4] if own == socket.AF_INET else raw), socket.ntohs(port),
-                            forward, weight, active, inactive, _Counters(payload[size:end]),
-                            v[layout.tunnel] if layout.tunnel else 0)
+    family carries IPVS_DEST_ATTR_ADDR_FAMILY). Read at this kernel's layout (:mod:`.kernel_layouts`), or
+    attribute by attribute when its headers differ (then its layout is learned)."""
+    if _dest_layout:
+        layout = _dest_layout[0]
+        v = kernel_layouts.read(layout, payload)
+        if v is not None:
+            nest, raw, port, forward, weight, tunnel, active, inactive, own = v
+            return Dest(socket.inet_ntop(own, raw[:4] if own == socket.AF_INET else raw), socket.ntohs(port),
+                        forward, weight, active, inactive, _Counters(payload[layout.end:4 + nest]), tunnel)
     out = _dest_general(payload, family)
-    layout = _learn(payload)
-    if layout is not None:
-        _learned[:] = [layout]
+    _dest_layout[:] = [layout] if (layout := kernel_layouts.learn(payload, _DEST_WANTED, _COUNTERS)) is not None else []
     return out
 
 
+def dests(runs: Runs, family: int) -> list[Dest]:
+    """Every real server of one destination dump's replies (:meth:`~.netlink_dump.DumpSocket.dump_runs`),
+    in order (:func:`dest`)."""
+    return [dest(payload, family) for payload in payloads_of(runs)]
+
+
+def dest_weights(runs: Runs, family: int) -> dict[tuple[str, int], int]:
+    """(address, port) -> weight of one destination dump's replies (what the drift check compares). A
+    run of same-length messages is read in two ``struct.iter_unpack`` passes when every message has the
+    layout's header words (:func:`_run_weights`); any other message one by one at the layout, or by
+    :func:`dest` when its headers differ (its layout is learned then)."""
+    out: dict[tuple[str, int], int] = {}
+    ntop, ntohs, v4 = socket.inet_ntop, socket.ntohs, socket.AF_INET
+    for data, length in runs:
+        layout = _weight_layout[0] if _weight_layout else None
+        if layout is not None and len(data) > length and _run_weights(layout, data, length, out):
+            continue
+        for payload in payloads_of([(data, length)]):
+            v = None if layout is None else kernel_layouts.read(layout, payload)
+            if v is not None:
+                _, raw, port, weight, own = v
+                out[(ntop(own, raw[:4] if own == v4 else raw), ntohs(port))] = weight
+                continue
+            d = dest(payload, family)
+            out[(d.address, d.port)] = d.weight
+            layout = kernel_layouts.learn(payload, _WEIGHT_WANTED, _COUNTERS)
+            _weight_layout[:] = [layout] if layout is not None else []
+    return out
+
+
+def _run_weights(layout: kernel_layouts.Layout, data: bytes, length: int, out: dict[tuple[str, int], int]) -> bool:
+    """Every message of one run at ``layout`` into ``out``; False (``out`` untouched) unless all have its
+    header words and an outer attribute that holds the fixed part."""
+    readers = kernel_layouts.run_readers(layout, length)
+    if readers is None:
+        return False
+    headers, values = readers
+    first = headers.unpack_from(data)
+    if not (first[1:] == layout.expected and layout.end <= 4 + first[0] <= length - 16
+            and all(map(first.__eq__, headers.iter_unpack(data)))):
+        return False
+    ntop, ntohs, v4 = socket.inet_ntop, socket.ntohs, socket.AF_INET
+    for _, raw, port, weight, own in values.iter_unpack(data):
+        out[(ntop(own, raw[:4] if own == v4 else raw), ntohs(port))] = weight
+    return True
+
+
 class _Counters(bytes):
-    """The attributes after the plain ones (IPVS_DEST_ATTR_STATS, _STATS64), not decoded until asked."""
+    """The attributes after a layout's plain ones (IPVS_*_ATTR_STATS, _STATS64), not decoded until asked."""
 
 
 def _dest_general(payload: bytes, family: int) -> Dest:
@@ -252,7 +302,7 @@ def _dest_general(payload: bytes, family: int) -> Dest:
 
 def stats(raw: bytes) -> dict[str, int]:
     """IPVS counters (nested IPVS_STATS_ATTR_*, 32- or 64-bit each) by ``ipvsadm --stats`` name."""
-    if isinstance(raw, _Counters):  # a destination's undecoded tail: the 64-bit counters if there
+    if isinstance(raw, _Counters):  # a message's undecoded tail: the 64-bit counters if there
         found = attrs(raw)
         raw = found.get(DEST_STATS64) or found.get(DEST_STATS, b"")
     out = {}
@@ -270,14 +320,22 @@ def address_dump_request(index: int) -> bytes:
 
 
 def address(payload: bytes) -> tuple[int, str] | None:
-    """(interface index, address) of one RTM_NEWADDR message's payload; None without IFA_ADDRESS."""
+    """(interface index, address) of one RTM_NEWADDR message's payload; None without IFA_ADDRESS. The
+    kernel puts IFA_ADDRESS first (``inet_fill_ifaddr``; ``inet6_fill_ifaddr`` without a peer): when the
+    first attribute is one of the family's size, the rest is not walked."""
     if len(payload) < _IFADDRMSG.size:
         raise DecodeError(f"an address message of {len(payload)} bytes")
     family, _, _, _, index = _IFADDRMSG.unpack_from(payload)
+    size = _ADDRESS_SIZES.get(family, 0)
+    if size and len(payload) >= 12 + size and _NLA.unpack_from(payload, 8) == (4 + size, IFA_ADDRESS):
+        return index, socket.inet_ntop(family, payload[12:12 + size])
     raw = attrs(payload, _IFADDRMSG.size).get(IFA_ADDRESS)
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
         return None
     return index, _ip(family, raw)
+
+
+_ADDRESS_SIZES = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
 def ipset_list_request(name: str) -> tuple[int, bytes]:
@@ -309,7 +367,50 @@ def ipset_members(payload: bytes, set_type: str) -> list[str]:
     adt = attrs(payload, 4).get(ATTR_ADT)
     if adt is None:
         return []
+    for shape in _MEMBER_SHAPES.get(set_type, ()):
+        out = _members_at(shape, adt, set_type)
+        if out is not None:
+            return out
     return [_member(set_type, attrs(data)) for data in attr_list(adt)]
+
+
+class _Shape(NamedTuple):
+    """One fixed member layout (``hash_ipport4_data_list`` and kin in net/netfilter/ipset/: the nested
+    address, then port and protocol; no extensions), read in network order: ``headers`` reads each
+    attribute's header word, ``values`` (address, port, protocol) or (address,)."""
+
+    family: int
+    headers: struct.Struct
+    values: struct.Struct
+    with_port: bool
+
+
+_MEMBER_SHAPES = {
+    "hash:ip,port": (
+        _Shape(socket.AF_INET, struct.Struct("!III4xI4xI4x"), struct.Struct("!12x4s4xH2x4xB3x"), True),
+        _Shape(socket.AF_INET6, struct.Struct("!III16xI4xI4x"), struct.Struct("!12x16s4xH2x4xB3x"), True)),
+    "hash:ip": (_Shape(socket.AF_INET, struct.Struct("!III4x"), struct.Struct("!12x4s"), False),
+                _Shape(socket.AF_INET6, struct.Struct("!III16x"), struct.Struct("!12x16s"), False)),
+}
+
+
+def _members_at(shape: _Shape, adt: bytes, set_type: str) -> list[str] | None:
+    """Every member of one reply's ADT list when all have the first member's header words, the first
+    spans exactly ``shape``'s size and decodes attribute by attribute to what ``shape`` reads (so the
+    header words mean what the shape assumes); None otherwise (the caller decodes member by member)."""
+    size = shape.headers.size
+    if not adt or len(adt) % size or _NLA.unpack_from(adt)[0] != size:
+        return None
+    first = shape.headers.unpack_from(adt)
+    if not all(map(first.__eq__, shape.headers.iter_unpack(adt))):
+        return None
+    ntop, family, names = socket.inet_ntop, shape.family, PROTOCOL_NAMES
+    if shape.with_port:
+        out = [f"{ntop(family, ip)},{names.get(proto) or proto}:{port}"
+               for ip, port, proto in shape.values.iter_unpack(adt)]
+    else:
+        out = [ntop(family, ip) for (ip,) in shape.values.iter_unpack(adt)]
+    return out if out[0] == _member(set_type, attrs(adt[4:size])) else None
 
 
 def _member(set_type: str, found: dict[int, bytes]) -> str:

@@ -16,6 +16,7 @@ import asyncio
 import errno
 import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 from shared.plan.node_state import NodeState, RealKey, VirtualService, VSKey
 
@@ -24,6 +25,7 @@ from .backend import Observed, parse_owned_entry
 from .decode_memo import DecodeMemo
 from .ipvs_wire import observed_scheduler
 from .kernel_decode import CMD_GET_DEST, CMD_GET_SERVICE, Dest, Service
+from .kernel_layouts import Runs
 from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER
 from .netlink_dump import NETLINK_ROUTE, DumpError, DumpSocket
 
@@ -31,7 +33,7 @@ YIELD_EVERY = 200  # IPVS services read between two turns of the event loop
 PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
 IPVS_PROTOCOLS = kernel_decode.IPVS_PROTOCOLS
 
-Table = list[tuple[Service, list[Dest]]]
+T = TypeVar("T")
 
 
 class KernelReader:
@@ -58,20 +60,25 @@ class KernelReader:
     async def dests(self, service: Service) -> list[Dest]:
         """One service's real servers in the kernel's order (none if the service is gone meanwhile: the
         kernel's ``ip_vs_genl_dump_dests`` ends the dump empty then)."""
-        payloads = await self.genl.dump(self.ipvs_family, kernel_decode.ipvs_dump_request(CMD_GET_DEST, service.key))
-        return [kernel_decode.dest(p, service.family) for p in payloads]
+        return kernel_decode.dests(await self._dest_runs(service), service.family)
+
+    async def _dest_runs(self, service: Service) -> Runs:
+        return await self.genl.dump_runs(self.ipvs_family, kernel_decode.ipvs_dump_request(CMD_GET_DEST, service.key))
 
     async def table(self, wanted: Callable[[Service], bool] | None = None,
-                    dests_of: Callable[[Service], bool] | None = None) -> Table:
-        """Every service (or those ``wanted``) with its real servers (only for those ``dests_of`` accepts,
-        if given; the others' lists are empty), in the kernel's order."""
-        out: Table = []
+                    dests_of: Callable[[Service], bool] | None = None,
+                    decode: Callable[[Runs, int], T] = kernel_decode.dests) -> list[tuple[Service, T]]:
+        """Every service (or those ``wanted``) with its real servers as ``decode`` (the destination dump's
+        runs, the service's family) makes them: :func:`~.kernel_decode.dests` in the kernel's order, or
+        :func:`~.kernel_decode.dest_weights`. Only for the services ``dests_of`` accepts, if given; the
+        others get ``decode([])``, unread. In the kernel's service order."""
+        out: list[tuple[Service, T]] = []
         for n, service in enumerate(await self.services()):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             if wanted is None or wanted(service):
                 read = dests_of is None or dests_of(service)
-                out.append((service, await self.dests(service) if read else []))
+                out.append((service, decode(await self._dest_runs(service) if read else [], service.family)))
         return out
 
     async def addresses(self, index: int = 0) -> list[tuple[int, str]]:
@@ -113,20 +120,17 @@ def _key(service: Service) -> VSKey:
 
 async def observe(reader: KernelReader, link_index: int, sets: dict[str, str], owned_sets: tuple[str, ...],
                   checked: Callable[[VSKey], bool] | None = None) -> Observed:
-    """What the drift check compares with the plan: IPVS services of kipvs's shape with their weights and
-    connection counts (real servers only of the services ``checked`` accepts, if given), ``link_index``'s
+    """What the drift check compares with the plan: IPVS services of kipvs's shape with their real servers'
+    weights (only of the services ``checked`` accepts, if given), ``link_index``'s
     addresses, and the members of ``sets`` (name -> type); members of ``owned_sets`` are parsed as
     ownership markers. A set that does not exist reads as empty."""
     state = NodeState()
-    connections: dict[tuple[VSKey, RealKey], int] = {}
     dests_of = None if checked is None else (lambda service: checked(_key(service)))
-    for service, dests in await reader.table(_kipvs_shaped, dests_of):
+    for service, reals in await reader.table(_kipvs_shaped, dests_of, kernel_decode.dest_weights):
         key = _key(service)
         vs = VirtualService(key[0], key[1], key[2], observed_scheduler(service.scheduler, service.flags),
                             service.timeout if service.flags & PERSISTENT else 0)
-        for d in dests:
-            vs.reals[(d.address, d.port)] = d.weight
-            connections[(key, (d.address, d.port))] = d.active + d.inactive
+        vs.reals = reals
         state.ipvs[key] = vs
     state.addresses = {ip for _, ip in await reader.addresses(link_index)} if link_index else set()
     owned: set[VSKey] = set()
@@ -136,7 +140,7 @@ async def observe(reader: KernelReader, link_index: int, sets: dict[str, str], o
             owned |= {parse_owned_entry(e) for e in entries}
         else:
             state.ipsets[name] = entries
-    return Observed(state, owned, connections)
+    return Observed(state, owned)
 
 
 async def connections(reader: KernelReader, services: set[VSKey]) -> dict[tuple[VSKey, RealKey], int]:
