@@ -44,7 +44,7 @@ from pyroute2.netns import popns, pushns
 from shared.plan.node_state import ALL_IPSETS, IPSET_TYPES, ipset_name
 
 from ..ops import AddEntry, DelEntry, Op
-from . import endpoint_mark_rules, kernel_decode
+from . import endpoint_mark_rules, kernel_decode, nft_shape
 from .backend import CapabilityError, KernelError
 from .endpoint_mark_rules import EndpointMarks
 from .netlink_batch import NETLINK_NETFILTER
@@ -215,7 +215,7 @@ class NftRules:
         self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.marks: EndpointMarks | None = None  # the endpoint marks in the table (enforce mode), else None
         self.nfnl: DumpSocket | None = None  # for generation(), opened at first use in the table's netns
-        self.installed_shape: str | None = None  # table_shape() right after this adapter's last install
+        self.installed_shape: str | None = None  # nft_shape of the table right after this adapter's last install
 
     async def _nft(self, *args: str, script: str | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -235,10 +235,10 @@ class NftRules:
             raise CapabilityError(f"this kernel cannot hold kipvs's nftables table: {exc}") from None
 
     async def install(self, members: dict[str, set[str]]) -> None:
-        """Write the whole table, then note its shape as the kernel lists it (``nft -t``: without set
-        members, so one short listing whatever the node's size): what a drift check holds it to."""
+        """Write the whole table, then note its shape as the kernel holds it (``nft_shape``: two short
+        nfnetlink dumps whatever the node's size): what a drift check holds it to."""
         await self._nft("-f", "-", script=ruleset(self.config, members, self.marks))
-        self.installed_shape = table_shape(json.loads(await self._nft("-t", "-j", "list", "table", "inet", TABLE)))
+        self.installed_shape = await self.shape()
 
     async def set_endpoint_marks(self, marks: EndpointMarks | None, members: dict[str, set[str]] | None) -> None:
         """Make the table's endpoint-mark rules ``marks`` (None: none). Endpoint changes are element
@@ -277,11 +277,11 @@ class NftRules:
             if "No such file" in str(exc):
                 return None
             raise
-        return Listed(_members(doc), endpoint_mark_rules.parse_dispatch(doc), table_shape(doc))
+        return Listed(_members(doc), endpoint_mark_rules.parse_dispatch(doc), await self.shape())
 
     def divergence(self, listed: Listed | None, members: dict[str, set[str]]) -> str:
         """Why the table ``listed`` is not the one to hold ``members`` and this adapter's endpoint marks
-        ("" when it is): missing, set members, endpoint marks, then chains or rules (``table_shape``)."""
+        ("" when it is): missing, set members, endpoint marks, then chains or rules (``nft_shape``)."""
         if listed is None:
             return "missing"
         if any(listed.members.get(name, set()) != entries for name, entries in members.items()):
@@ -298,9 +298,17 @@ class NftRules:
         generations mean no table, set or element changed in between. libnftables keys its cache on it
         the same way (``mnl_genid_get`` in nftables' src/mnl.c). One netlink request, no ``nft`` process.
         Raises OSError (DumpError) when the kernel refuses it."""
+        return kernel_decode.nft_generation(await self._nfnl().request(*kernel_decode.nft_generation_request()))
+
+    async def shape(self) -> str:
+        """The table's chains and rules as the kernel holds them now (``nft_shape.read``: two nfnetlink
+        dumps, no ``nft`` process). Raises OSError (DumpError) when the kernel refuses a dump."""
+        return await nft_shape.read(self._nfnl(), TABLE, endpoint_mark_rules.MARK_CHAIN_PREFIX)
+
+    def _nfnl(self) -> DumpSocket:
         if self.nfnl is None:
             self.nfnl = _socket_in(self.netns)
-        return kernel_decode.nft_generation(await self.nfnl.request(*kernel_decode.nft_generation_request()))
+        return self.nfnl
 
     async def remove(self) -> None:
         try:
@@ -323,40 +331,12 @@ def _socket_in(netns: str | None) -> DumpSocket:
 
 @dataclass
 class Listed:
-    """The table as ``nft -j list table`` shows it: set members in ipset entry syntax, the endpoint-mark
-    pairs (``endpoint_mark_rules.parse_dispatch``) and its shape (``table_shape``)."""
+    """The table as a drift check compares it: set members in ipset entry syntax and the endpoint-mark pairs
+    (``endpoint_mark_rules.parse_dispatch``) from ``nft -j list table``, and its shape (``nft_shape``)."""
 
     members: dict[str, set[str]]
     marks: dict[str, int] | None
     shape: str
-
-
-_NOT_SHAPE = frozenset({"handle", "elem", "packets", "bytes"})
-
-
-def table_shape(doc: dict) -> str:
-    """The table's sets, chains and rules as the kernel holds them, without what changes in normal
-    operation: set and map members, object handles, counter values, and the per-mark chains of Calico's
-    endpoint marks (``em_*``, added and removed as endpoints come and go; the dispatch map's pairs, which
-    name them, are compared on their own). A chain flushed or a rule changed by another program changes
-    it; kube-proxy's IPVS mode repairs its iptables chains the same way, by rewriting them every sync."""
-    items = [_without(item, _NOT_SHAPE) for item in doc.get("nftables", []) if "metainfo" not in item
-             and not _in_mark_chain(item)]
-    return json.dumps(items, sort_keys=True, separators=(",", ":"))
-
-
-def _in_mark_chain(item: dict) -> bool:
-    body = item.get("chain") or item.get("rule") or {}
-    name = body.get("name") if "chain" in item else body.get("chain")
-    return isinstance(name, str) and name.startswith(endpoint_mark_rules.MARK_CHAIN_PREFIX)
-
-
-def _without(value: object, keys: frozenset[str]) -> object:
-    if isinstance(value, dict):
-        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
-    if isinstance(value, list):
-        return [_without(v, keys) for v in value]
-    return value
 
 
 def _members(doc: dict) -> dict[str, set[str]]:
