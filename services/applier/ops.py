@@ -215,22 +215,30 @@ class DesiredState:
     claimants: dict[VSKey, set[str]] = field(default_factory=dict)  # every Service that programs the key
     address_refs: Counter[str] = field(default_factory=Counter)
     entry_refs: Counter[tuple[str, str]] = field(default_factory=Counter)
-    _digest: int = 0  # XOR of the hashes of every desired object (see digest())
+    # XOR of the hashes of every desired object (see digest()); None: not computed yet (a build defers it)
+    _digest: int | None = 0
     # what of a contribution this node programs (--ipvs-exclude-cidrs: exclude.ExcludeCIDRs.contribution)
     only: Callable[[Contribution | None], Contribution | None] | None = None
 
     @classmethod
     def of(cls, services: dict[str, ServicePlan], facts: NodeFacts | None,
            only: Callable[[Contribution | None], Contribution | None] | None = None) -> DesiredState:
-        """A node's desired state from the shared plan's Services (resolved with the node's facts)."""
-        desired = cls(only=only)
+        """A node's desired state from the shared plan's Services (resolved with the node's facts). Its
+        digest is computed when first asked (after the bootstrap's write: a tenth of the resolve)."""
+        desired = cls(only=only, _digest=None)
         for key in sorted(services):
             desired._replace(key, resolve_service(services[key], facts), build=False)
         return desired
 
     def digest(self) -> str:
-        """``digest(self.state())``, kept up to date per change."""
+        """``digest(self.state())``, kept up to date per change once computed."""
+        if self._digest is None:
+            self._digest = int(digest(self.state()), 16)
         return f"{self._digest:016x}"
+
+    def _rehash(self, item: str) -> None:
+        if self._digest is not None:
+            self._digest ^= _hash(item)
 
     def update(self, service: str, new: Contribution | None) -> list[Op]:
         """Replace one Service's contribution; the operations that turns the old into the new.
@@ -276,10 +284,10 @@ class DesiredState:
                 self.services[key] = want
             return None
         if have is not None:
-            self._digest ^= _hash(_vs_item(have))
+            self._rehash(_vs_item(have))
         if want is not None:
             self.services[key] = want
-            self._digest ^= _hash(_vs_item(want))
+            self._rehash(_vs_item(want))
         else:
             del self.services[key]
             del self.owners[key]
@@ -291,20 +299,20 @@ class DesiredState:
         ops: list[Op] = []
         old_addresses, new_addresses = (old.addresses if old else set()), (new.addresses if new else set())
         for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=True, order=build):
-            self._digest ^= _hash(f"addr {ip}")
+            self._rehash(f"addr {ip}")
             if build:
                 ops += [DelAddress(ip), DelEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
         for ip in _refcount(self.address_refs, old_addresses, new_addresses, removed=False, order=build):
-            self._digest ^= _hash(f"addr {ip}")
+            self._rehash(f"addr {ip}")
             if build:
                 ops += [AddAddress(ip), AddEntry(ipset_name("KUBE-IPVS-IPS", family_of(ip)), ip)]
         old_entries, new_entries = (old.ipset_entries if old else set()), (new.ipset_entries if new else set())
         for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=True, order=build):
-            self._digest ^= _hash(f"set {name} {entry}")
+            self._rehash(f"set {name} {entry}")
             if build:
                 ops.append(DelEntry(name, entry))
         for name, entry in _refcount(self.entry_refs, old_entries, new_entries, removed=False, order=build):
-            self._digest ^= _hash(f"set {name} {entry}")
+            self._rehash(f"set {name} {entry}")
             if build:
                 ops.append(AddEntry(name, entry))
         return ops
