@@ -13,6 +13,7 @@ import uuid
 import pytest
 from pyroute2.netns import popns, pushns
 
+from services.applier.kernel import netlink_writer
 from services.applier.kernel.backend import KernelError
 from services.applier.kernel.netlink_writer import NetlinkKernel
 from services.applier.ops import AddReal, AddService, Op
@@ -66,3 +67,17 @@ async def test_a_refused_request_mid_batch_is_named_and_the_rest_applied(kernel)
     await k.apply([AddReal(service, real(REALS + 20), 1)])  # the socket reads this batch's reply, not an old one
     listed = sh(f"ip netns exec {netns} ipvsadm -Sn").splitlines()
     assert sum(line.startswith("-a -t 10.96.0.1:80 ") for line in listed) == REALS + 11
+
+
+async def test_a_write_encoded_in_chunks_runs_every_chunk_and_names_the_first_refusal(kernel, monkeypatch) -> None:
+    """Operations are encoded a chunk at a time (memory); a refusal in one chunk does not stop the next."""
+    monkeypatch.setattr(netlink_writer, "ENCODE_CHUNK", 500)
+    k, netns = kernel
+    service = ("TCP", "10.96.0.1", 80)
+    ops: list[Op] = [AddService(service, "rr", 0)] + [AddReal(service, real(i), 1) for i in range(REALS)]
+    ops.insert(300, AddReal(("TCP", "10.96.0.3", 80), real(0), 1))  # chunk 1: named
+    ops.insert(1100, AddReal(("TCP", "10.96.0.2", 80), real(0), 1))  # chunk 3: refused too, not named
+    with pytest.raises(KernelError, match=r"10\.96\.0\.3"):
+        await k.apply(ops)
+    listed = sh(f"ip netns exec {netns} ipvsadm -Sn").splitlines()
+    assert sum(line.startswith("-a -t 10.96.0.1:80 ") for line in listed) == REALS

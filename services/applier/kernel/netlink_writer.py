@@ -93,6 +93,9 @@ _IPVS: dict[type, Any] = {
 }
 
 
+ENCODE_CHUNK = 8192  # IPVS operations encoded per step of a write: a few sends' worth, ~1.5 MiB
+
+
 def ipvs_requests(family: int, ops: list[Op]) -> list[tuple[int, bytes]]:
     """:func:`ipvs_request` of each of ``ops``. A run of real servers added to one service (a cold start
     is ~100,000 of them, ten or so per service) reuses the service's encoded header: the operations share
@@ -241,7 +244,18 @@ class NetlinkKernel(NetlinkReadBack):
         await self._send(self.address_writer, bodies, ops, address_wire.BENIGN)
 
     async def _ipvs_batch(self, ops: list[Op]) -> None:
-        await self._send(self.writer, ipvs_requests(self.ipvs_family, ops), ops, frozenset())
+        """IPVS operations, encoded ``ENCODE_CHUNK`` at a time: a cold start's 110,000 requests encoded at
+        once were ~20 MiB of the applier's peak memory at 10,000 Services. Every operation is run;
+        KernelError naming the first the kernel refused."""
+        refused: KernelError | None = None
+        for start in range(0, len(ops), ENCODE_CHUNK):
+            chunk = ops[start:start + ENCODE_CHUNK]
+            try:
+                await self._send(self.writer, ipvs_requests(self.ipvs_family, chunk), chunk, frozenset())
+            except KernelError as exc:
+                refused = refused or exc
+        if refused is not None:
+            raise refused
 
     async def _send(self, writer: BatchSocket | None, bodies: list[tuple[int, bytes]], ops: list[Any],
                     tolerated: frozenset[int]) -> None:
