@@ -22,7 +22,7 @@ from shared.plan.node_state import NodeState
 
 from .core import ApplierCore
 from .drift_slices import SERVICES_PER_CHECK, Checked, DriftSlices
-from .kernel.backend import Backend, Observed
+from .kernel.backend import Backend, KernelError, Observed
 from .kernel.rules import NftRules
 from .ops import Op, digest
 from .reports import Reports
@@ -59,9 +59,13 @@ class DriftCheck:
         found = [describe_op(op) for op in ops]
         left: list[Op] = []
         if ops:
-            await self.kernel.apply(ops)
+            try:
+                await self.kernel.apply(ops)
+                log.warning("drift: repaired %d kernel objects", len(ops))
+            except KernelError as exc:  # all else applied; the report says what the kernel refused
+                found.append(str(exc))
+                log.warning("drift: repaired what the kernel took of %d kernel objects; %s", len(ops), exc)
             self.repairs.inc(len(ops))
-            log.warning("drift: repaired %d kernel objects", len(ops))
             observed = await self.kernel.observe(checked)
             left = self.core.repair(want, observed, checked)
         found += await self._check_rules(want.ipsets)

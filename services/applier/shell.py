@@ -237,10 +237,14 @@ class Applier:
             if self.rules is not None:
                 await self.rules.apply(ops)
         except KernelError as exc:
-            # The kernel is not what we thought (changed behind our back): read back and converge.
+            # The kernel is not what we thought (changed behind our back), or refuses an operation for
+            # good (a scheduler module it lacks): read back and converge, which applies all it accepts.
             errors.append(str(exc))
             log.warning("kernel write failed (%s); converging from a read-back", exc)
-            await self.converge()
+            try:
+                await self.converge()
+            except KernelError as again:  # reported, and tried again at every drift check
+                log.warning("the kernel still refuses (%s); the drift check tries again every period", again)
             if self.rules is not None:
                 await self.rules.install(self.core.desired.state().ipsets)
 

@@ -15,8 +15,8 @@ from pyroute2.netns import popns, pushns
 
 from services.applier.kernel import netlink_writer
 from services.applier.kernel.backend import KernelError
-from services.applier.kernel.netlink_writer import NetlinkKernel
-from services.applier.ops import AddReal, AddService, Op
+from services.applier.kernel.netlink_writer import NetlinkKernel, Refused
+from services.applier.ops import AddAddress, AddEntry, AddReal, AddService, Op
 
 REALS = 1500  # more than one send's requests (BatchSocket.batch_limit is at most 1,024)
 
@@ -81,3 +81,26 @@ async def test_a_write_encoded_in_chunks_runs_every_chunk_and_names_the_first_re
         await k.apply(ops)
     listed = sh(f"ip netns exec {netns} ipvsadm -Sn").splitlines()
     assert sum(line.startswith("-a -t 10.96.0.1:80 ") for line in listed) == REALS
+
+
+async def test_every_refusal_is_named_and_every_other_run_applied(kernel) -> None:
+    """A scheduler the kernel has no module for (Debian 6.1 has no ip_vs_twos), a real server of a service
+    someone deleted and a member of the wrong family: each named, with the scheduler's module; the address
+    and ipset runs after the refused IPVS run still written."""
+    k, netns = kernel
+    good, odd = ("TCP", "10.96.1.1", 80), ("TCP", "10.96.1.2", 80)
+    ops: list[Op] = [AddAddress("10.96.1.1"), AddService(good, "rr", 0), AddService(odd, "twos", 0),
+                     AddReal(("TCP", "10.96.1.3", 80), real(0), 1), AddReal(good, real(1), 1),
+                     AddEntry("KUBE-CLUSTER-IP", "10.96.1.1,tcp:80"), AddEntry("KUBE-CLUSTER-IP", "fd00::1,tcp:80"),
+                     AddEntry("KUBE-CLUSTER-IP", "10.96.1.4,tcp:80")]
+    with pytest.raises(Refused) as refused:
+        await k.apply(ops)
+    lines = refused.value.lines
+    assert len(lines) == 3, lines
+    assert "modprobe ip_vs_twos" in lines[0] and "10.96.1.3" in lines[1] and "fd00::1" in lines[2], lines
+    listed = sh(f"ip netns exec {netns} ipvsadm -Sn")
+    assert "-A -t 10.96.1.1:80 -s rr" in listed and "-a -t 10.96.1.1:80 -r 10.244.0.2:8080" in listed
+    assert "10.96.1.2" not in listed
+    members = sh(f"ip netns exec {netns} ipset list KUBE-CLUSTER-IP")
+    assert "10.96.1.1,tcp:80" in members and "10.96.1.4,tcp:80" in members
+    assert "10.96.1.1/32" in sh(f"ip -n {netns} addr show kube-ipvs0")

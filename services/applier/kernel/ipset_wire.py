@@ -26,6 +26,20 @@ PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
 # ipset's "element already exists" / "does not exist" (IPSET_ERR_EXIST) and the plain errnos: the member
 # is as wanted, not an error.
 IPSET_ERR_EXIST = 4103
+# ipset's own error codes (include/uapi/linux/netfilter/ipset/ip_set.h, ip_set_hash.h, ip_set_bitmap.h:
+# a type's codes start at IPSET_ERR_TYPE_SPECIFIC, 4352), named and said as ipset(8) says them
+ERROR_NAMES = {4097: "IPSET_ERR_PROTOCOL", 4098: "IPSET_ERR_FIND_TYPE", 4099: "IPSET_ERR_MAX_SETS",
+               4100: "IPSET_ERR_BUSY", 4102: "IPSET_ERR_TYPE_MISMATCH", 4103: "IPSET_ERR_EXIST",
+               4104: "IPSET_ERR_INVALID_CIDR", 4106: "IPSET_ERR_INVALID_FAMILY",
+               4352: "IPSET_ERR_HASH_FULL or IPSET_ERR_BITMAP_RANGE",
+               4353: "IPSET_ERR_HASH_ELEM", 4354: "IPSET_ERR_INVALID_PROTO", 4355: "IPSET_ERR_MISSING_PROTO"}
+ERROR_TEXTS = {4097: "kernel and ipset protocol versions differ", 4098: "set type not supported by the kernel",
+               4099: "the kernel's maximum number of sets is reached", 4100: "the set is in use",
+               4102: "the set's type is not the one asked for", 4103: "element exists or is missing",
+               4104: "invalid CIDR", 4106: "wrong address family for this set",
+               4352: "the set is full (a hash at its maxelem) or the entry is outside a bitmap's range",
+               4353: "element of the wrong type for this set",
+               4354: "invalid protocol", 4355: "protocol missing"}
 # The IPSET_ATTR_DATA bytes of one request: the IPSET_ATTR_ADT nest's length is 16 bits (65,535 bytes); a
 # hash:ip,port member takes 32 bytes, so 1,024 per request.
 ADT_BYTES = 32 << 10

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from . import address_wire, conntrack_netlink, ipset_wire, ipvs_wire
 from .backend import LINK, OWNED_SETS, CapabilityError, KernelError, owned_entry, parse_owned_entry
 from .ipvs_wire import PROTOCOL_NUMBERS
 from .kernel_readback import KernelReader
-from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchError, BatchSocket
+from .netlink_batch import NETLINK_GENERIC, NETLINK_NETFILTER, BatchSocket
 from .netlink_dump import NETLINK_ROUTE
 from .netlink_read_back import NetlinkReadBack, service_of, set_family, set_type
 
@@ -93,6 +94,31 @@ _IPVS: dict[type, Any] = {
 }
 
 
+REFUSALS_SHOWN = 5  # refused operations named in a KernelError's message; the rest are counted
+
+
+def refusal(op: object, code: int) -> str:
+    """Why the kernel refused ``op`` with errno ``code``, in one line: the errno's name, ipset's own codes
+    by their names (include/uapi/linux/netfilter/ipset/ip_set.h, ip_set_hash.h), and for a virtual
+    service the scheduler module the kernel lacks (``ip_vs_scheduler_get`` fails with ENOENT)."""
+    if code == errno.ENOENT and isinstance(op, AddService | EditService):
+        return f"{op}: the kernel has no IPVS scheduler {op.scheduler!r} (modprobe ip_vs_{op.scheduler})"
+    name = ipset_wire.ERROR_NAMES.get(code) or errno.errorcode.get(code, str(code))
+    reason = ipset_wire.ERROR_TEXTS.get(code) or os.strerror(code)
+    return f"{op}: {reason} ({name})"
+
+
+class Refused(KernelError):
+    """The kernel refused operations of a write (the others were applied): ``lines``, one ``refusal``
+    each; the message names the first ``REFUSALS_SHOWN`` and counts the others."""
+
+    def __init__(self, lines: list[str]) -> None:
+        shown = "; ".join(lines[:REFUSALS_SHOWN])
+        more = f"; and {len(lines) - REFUSALS_SHOWN} more" if len(lines) > REFUSALS_SHOWN else ""
+        super().__init__(f"the kernel refused {len(lines)} operation(s): {shown}{more}")
+        self.lines = lines
+
+
 ENCODE_CHUNK = 8192  # IPVS operations encoded per step of a write: a few sends' worth, ~1.5 MiB
 
 
@@ -124,7 +150,103 @@ def ipvs_request(family: int, op: Op) -> tuple[int, bytes]:
     return family, encode(op)
 
 
-class NetlinkKernel(NetlinkReadBack):
+class BatchedWrites:
+    """NetlinkKernel's writes of one run of operations of a kind (IPVS, kube-ipvs0 addresses, ipset
+    members) on its batch sockets; each raises ``Refused`` naming every operation the kernel refused."""
+
+    writer: BatchSocket | None  # IPVS (generic netlink)
+    ipset_writer: BatchSocket | None
+    address_writer: BatchSocket | None
+    ipvs_family: int
+    link_index: int
+
+    async def _flush(self, kind: str, ops: list[Op]) -> None:
+        if kind == "ipvs":
+            await self._ipvs_batch(ops)
+        elif kind == "ipset":
+            await self._ipset_batch(ops)  # type: ignore[arg-type]
+        else:
+            await self._address_batch(ops)  # type: ignore[arg-type]
+
+    async def _address_batch(self, ops: list[AddAddress | DelAddress]) -> None:
+        """kube-ipvs0 address changes, many per send; an address already as wanted is not an error."""
+        bodies, kept, unfit = [], [], []
+        for op in ops:
+            try:
+                bodies.append(address_wire.request(isinstance(op, AddAddress), op.ip, self.link_index))
+                kept.append(op)
+            except (ValueError, OSError) as exc:
+                unfit.append(f"{op}: not an IP address ({exc})")  # the others are still written
+        try:
+            if bodies:
+                await self._send(self.address_writer, bodies, kept, address_wire.BENIGN)
+        except Refused as exc:
+            unfit += exc.lines
+        if unfit:
+            raise Refused(unfit)
+
+    async def _ipvs_batch(self, ops: list[Op]) -> None:
+        """IPVS operations, encoded ``ENCODE_CHUNK`` at a time: a cold start's 110,000 requests encoded at
+        once were ~20 MiB of the applier's peak memory at 10,000 Services. Every operation is run;
+        KernelError naming the first the kernel refused."""
+        refused: list[str] = []
+        for start in range(0, len(ops), ENCODE_CHUNK):
+            chunk = ops[start:start + ENCODE_CHUNK]
+            try:
+                await self._send(self.writer, ipvs_requests(self.ipvs_family, chunk), chunk, frozenset())
+            except Refused as exc:
+                refused += exc.lines
+        if refused:
+            raise Refused(refused)
+
+    async def _send(self, writer: BatchSocket | None, bodies: list[tuple[int, bytes]], ops: list[Any],
+                    tolerated: frozenset[int]) -> None:
+        """Execute (kind, body) requests, ``ops[i]`` the operation of ``bodies[i]``: every one is run;
+        KernelError naming each the kernel refused with an errno not in ``tolerated`` (``refusal``)."""
+        assert writer is not None
+        refused = [refusal(ops[index], code) for index, code in await writer.write(bodies) if code not in tolerated]
+        if refused:
+            raise Refused(refused)
+
+    async def _ipset_batch(self, ops: list[AddEntry | DelEntry]) -> None:
+        """Member changes, many members per request (``ipset_wire.requests``) and many requests per send.
+        Adding a present member or deleting an absent one is not an error (the member is as wanted);
+        anything else is.
+
+        A refused request was stopped by the kernel at its refused member, the members after it not
+        applied (``ipset_wire``). Every change from the first refused request on is then replayed one
+        member per request, in order (harmless for the ones already applied: IPSET_FLAG_EXIST), which is
+        exactly the one-member-per-request outcome: every other change applied, each refused member (and
+        each that is no entry of its set) named by ``Refused``."""
+        changes, kept, unfit = [], [], []
+        for op in ops:
+            try:
+                data = ipset_wire.data(set_type(op.set), op.entry)
+            except (ValueError, KeyError, IndexError, OSError, OverflowError, struct.error) as exc:
+                unfit.append(f"{op}: not an entry of {op.set} ({exc})")  # the others are still written
+                continue
+            changes.append((type(op) is AddEntry, op.set, set_family(op.set), data))
+            kept.append(op)
+        requests, starts = ipset_wire.requests(changes)
+        refused = await self._ipset_writer().write(requests) if requests else []
+        if refused:
+            first = starts[refused[0][0]]
+            log.info("ipset request of %s refused (%s): replaying %d member changes one by one",
+                     kept[first].set, errno.errorcode.get(refused[0][1], refused[0][1]), len(kept) - first)
+            singles = [ipset_wire.request(*change) for change in changes[first:]]
+            try:
+                await self._send(self.ipset_writer, singles, kept[first:], IPSET_BENIGN)
+            except Refused as exc:
+                unfit += exc.lines
+        if unfit:
+            raise Refused(unfit)
+
+    def _ipset_writer(self) -> BatchSocket:
+        assert self.ipset_writer is not None, "setup() opens the writers"
+        return self.ipset_writer
+
+
+class NetlinkKernel(BatchedWrites, NetlinkReadBack):
     """The netlink writer (see the module docstring); the read-back half is ``NetlinkReadBack``."""
 
     label = "netlink (this host's kernel)"
@@ -204,95 +326,32 @@ class NetlinkKernel(NetlinkReadBack):
         of ipset member changes goes out as multi-message netlink sends, ipset members many per request.
 
         A service's ownership marker is written before the service exists and removed after it is gone,
-        so a crash in between never leaves a kipvs service that kipvs would not recognise as its own."""
+        so a crash in between never leaves a kipvs service that kipvs would not recognise as its own.
+
+        Every operation the kernel accepts is applied, whatever it refuses; ``Refused`` (a KernelError)
+        naming each refused operation and why, after the whole write."""
         owned_first = [AddEntry(OWNED_SETS[family_of(op.key[1])], owned_entry(op.key))
                        for op in ops if type(op) is AddService]
         owned_last = [DelEntry(OWNED_SETS[family_of(op.key[1])], owned_entry(op.key))
                       for op in ops if type(op) is DelService]
-        if owned_first:
-            await self._ipset_batch(owned_first)
-        run: list[Op] = []
-        kind = ""
+        runs: list[tuple[str, list[Op]]] = [("ipset", owned_first)] if owned_first else []
         for op in ops:
             op_kind = _kind(op)
-            if op_kind != kind and run:
-                await self._flush(kind, run)
-                run = []
-            kind = op_kind
-            run.append(op)
-        if run:
-            await self._flush(kind, run)
+            if not runs or runs[-1][0] != op_kind:
+                runs.append((op_kind, []))
+            runs[-1][1].append(op)
         if owned_last:
-            await self._ipset_batch(owned_last)
-
-    async def _flush(self, kind: str, ops: list[Op]) -> None:
-        if kind == "ipvs":
-            await self._ipvs_batch(ops)
-        elif kind == "ipset":
-            await self._ipset_batch(ops)  # type: ignore[arg-type]
-        else:
-            await self._address_batch(ops)  # type: ignore[arg-type]
-
-    async def _address_batch(self, ops: list[AddAddress | DelAddress]) -> None:
-        """kube-ipvs0 address changes, many per send; an address already as wanted is not an error."""
-        bodies = []
-        for op in ops:
+            runs.append(("ipset", owned_last))
+        refused: list[str] = []
+        for kind, run in runs:  # a refusal in one run does not keep the next from the kernel
             try:
-                bodies.append(address_wire.request(isinstance(op, AddAddress), op.ip, self.link_index))
-            except (ValueError, OSError) as exc:
-                raise KernelError(f"{op}: not an IP address ({exc})") from None
-        await self._send(self.address_writer, bodies, ops, address_wire.BENIGN)
-
-    async def _ipvs_batch(self, ops: list[Op]) -> None:
-        """IPVS operations, encoded ``ENCODE_CHUNK`` at a time: a cold start's 110,000 requests encoded at
-        once were ~20 MiB of the applier's peak memory at 10,000 Services. Every operation is run;
-        KernelError naming the first the kernel refused."""
-        refused: KernelError | None = None
-        for start in range(0, len(ops), ENCODE_CHUNK):
-            chunk = ops[start:start + ENCODE_CHUNK]
-            try:
-                await self._send(self.writer, ipvs_requests(self.ipvs_family, chunk), chunk, frozenset())
-            except KernelError as exc:
-                refused = refused or exc
-        if refused is not None:
-            raise refused
-
-    async def _send(self, writer: BatchSocket | None, bodies: list[tuple[int, bytes]], ops: list[Any],
-                    tolerated: frozenset[int]) -> None:
-        """Execute (kind, body) requests, ``ops[i]`` the operation of ``bodies[i]``: every one is run;
-        KernelError naming the first the kernel refused with an errno not in ``tolerated``."""
-        assert writer is not None
-        try:
-            await writer.send(bodies, tolerated)
-        except BatchError as exc:
-            raise KernelError(f"{ops[exc.index]}: {exc}") from None
-
-    async def _ipset_batch(self, ops: list[AddEntry | DelEntry]) -> None:
-        """Member changes, many members per request (``ipset_wire.requests``) and many requests per send.
-        Adding a present member or deleting an absent one is not an error (the member is as wanted);
-        anything else is.
-
-        A refused request was stopped by the kernel at its refused member, the members after it not
-        applied (``ipset_wire``). Every change from the first refused request on is then replayed one
-        member per request, in order (harmless for the ones already applied: IPSET_FLAG_EXIST), which is
-        exactly the one-member-per-request outcome: every other change applied, the refused member named
-        by the KernelError with its errno."""
-        changes = []
-        for op in ops:
-            try:
-                data = ipset_wire.data(set_type(op.set), op.entry)
-            except (ValueError, KeyError, IndexError, OSError, OverflowError, struct.error) as exc:
-                raise KernelError(f"{op}: not an entry of {op.set} ({exc})") from None
-            changes.append((type(op) is AddEntry, op.set, set_family(op.set), data))
-        requests, starts = ipset_wire.requests(changes)
-        assert self.ipset_writer is not None
-        refused = await self.ipset_writer.write(requests)
+                await self._flush(kind, run)
+            except Refused as exc:
+                refused += exc.lines
+            except KernelError as exc:  # an operation that cannot be encoded: its run's others are not sent
+                refused.append(str(exc))
         if refused:
-            first = starts[refused[0][0]]
-            log.info("ipset request of %s refused (%s): replaying %d member changes one by one",
-                     ops[first].set, errno.errorcode.get(refused[0][1], refused[0][1]), len(ops) - first)
-            singles = [ipset_wire.request(*change) for change in changes[first:]]
-            await self._send(self.ipset_writer, singles, ops[first:], IPSET_BENIGN)
+            raise Refused(refused)
 
     async def cleanup(self) -> None:
         """Remove everything kipvs owns (its services, link and sets) and nothing else."""
