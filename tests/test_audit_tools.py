@@ -337,3 +337,26 @@ async def test_replay_says_whether_the_log_is_missing_or_empty(nats_url: str, ca
     await nc.close()
     code, _, err = await kipvs("replay", "--nats-url", nats_url, capsys=capsys)
     assert code == 2 and "the Kubernetes log is empty: nothing to replay" in err, err
+
+
+def test_status_a_node_whose_kernel_refuses_an_operation_is_not_ok() -> None:
+    """A node that follows the log but whose kernel refuses part of it (a scheduler module it lacks) is red
+    while its newest report says so; a report without refusals clears it."""
+    from services.tools.status import collect
+
+    refused = "the kernel refused 1 operation(s): AddService(...): the kernel has no IPVS scheduler 'twos'"
+
+    def at(record: events.ApplyReport | events.DriftReport, time_ns: int) -> events.Envelope:
+        return events.Envelope(id=str(time_ns), time_ns=time_ns, producer="t", record=record)
+
+    now = 10**12
+    drift = events.DriftReport(node="a", plan_seq=5, found=("AddService ...", refused), repaired=True,
+                               desired_digest="d", observed_digest="o")
+    last = {"kipvs.status.a.applied": at(events.ApplyReport(node="a", plan_seq=5, operations=3, duration_ms=1,
+                                                            errors=(refused,)), now - 10),
+            "kipvs.status.a.drift": at(drift, now - 5)}
+    (status,) = collect(last, 5, {"a"}, now, 0, 300)
+    assert not status.ok and status.problems == [refused]
+    last["kipvs.status.a.applied"] = at(events.ApplyReport(node="a", plan_seq=5, operations=0, duration_ms=1), now)
+    (status,) = collect(last, 5, {"a"}, now, 0, 300)
+    assert status.ok, status.problems

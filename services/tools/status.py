@@ -64,6 +64,7 @@ class NodeStatus:
     shadow: int | None = None  # in shadow mode (its newest report is a shadow one): divergences from the plan
     shadow_found: list[str] = field(default_factory=list)
     taken_over: str = ""  # when kipvs took the node over from kube-proxy in place
+    refused: str = ""  # what the kernel refused at the node's newest apply or drift report ("" nothing)
 
     @property
     def ok(self) -> bool:
@@ -149,6 +150,7 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
             if envelope.time_ns >= newest_report.get(node, 0):
                 newest_report[node] = envelope.time_ns
                 status.applied_seq = record.plan_seq
+                status.refused = _refused(record)
             if isinstance(record, events.DriftReport):
                 status.drift_found = list(record.found)
                 status.drift_repaired = len(record.found)
@@ -186,7 +188,16 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
             status.problems.append(f"{len(status.conflicts)} conflicts")
         if status.shadow:
             status.problems.append(f"shadow: {status.shadow} divergences from kipvs's plan")
+        if status.refused:
+            status.problems.append(status.refused[:300])
     return [by_node[name] for name in sorted(by_node)]
+
+
+def _refused(record: events.ApplyReport | events.DriftReport) -> str:
+    """What the kernel refused according to a report (the netlink writer's ``Refused``: "the kernel
+    refused N operation(s): ..."), "" when nothing: the node follows the log but cannot program all of it."""
+    lines = record.errors if isinstance(record, events.ApplyReport) else record.found
+    return next((line for line in lines if line.startswith("the kernel refused")), "")
 
 
 def _lagging(behind: int, applied: int, now_ns: int, max_behind: int, delta_times: dict[int, int] | None,
