@@ -154,6 +154,10 @@ async def test_packets_from_a_workload_interface_carry_its_mark(node: dict[str, 
     await rules.set_endpoint_marks(marks(NEW_MARK), None)
     assert (await rules.installed_marks()) == {POD_IFACE: NEW_MARK}
     assert rules.divergence(await rules.listed(), MEMBERS) == "", "its mark chains are no drift of the table"
+    _nft(n, f"add rule inet kipvs em_{NEW_MARK:08x} accept")  # another program's rule in a mark chain
+    assert rules.divergence(await rules.listed(), MEMBERS) == "chains or rules differed"
+    await rules.set_endpoint_marks(marks(NEW_MARK), None)  # the same marks: nothing written
+    await rules.install(MEMBERS)
     _nft(n, probe_table(NEW_MARK))
     send(node["pod"], [("tcp", NODE_IP, 30080)])
     assert counters(n)["pod_nodeport_tcp"] >= 1

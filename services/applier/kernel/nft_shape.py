@@ -9,9 +9,9 @@ not grow with the node's Services: set members are not part of a rule (a rule na
 of 10,000 Services costs what one of 10 does, and no ``nft`` process runs.
 
 Left out: chain and rule handles, a chain's use count and counters and a rule's position (they change
-when the same table is written again), and Calico's per-mark chains ``em_*`` with their rules (added and
-removed as endpoints come and go; the endpoint-dispatch map's pairs, which name them, are compared on
-their own by the drift check). Set and map members are compared apart (``NftRules.listed``).
+when the same table is written again). Calico's per-mark chains ``em_*`` are in: kipvs notes the shape
+again after adding or removing one (``NftRules.set_endpoint_marks``). Set and map members are compared
+apart (``NftRules.listed``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from .netlink_dump import DumpSocket
 NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 4, 7
 NFPROTO_INET = 1
 NFTA_TABLE_NAME = 1  # NFTA_CHAIN_TABLE and NFTA_RULE_TABLE alike
-NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USE, NFTA_CHAIN_COUNTERS = 2, 3, 6, 8
-NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_POSITION = 2, 3, 6
+NFTA_CHAIN_HANDLE, NFTA_CHAIN_USE, NFTA_CHAIN_COUNTERS = 2, 6, 8
+NFTA_RULE_HANDLE, NFTA_RULE_POSITION = 3, 6
 _CHAIN_VOLATILE = frozenset({NFTA_CHAIN_HANDLE, NFTA_CHAIN_USE, NFTA_CHAIN_COUNTERS})
 _RULE_VOLATILE = frozenset({NFTA_RULE_HANDLE, NFTA_RULE_POSITION})
 
@@ -39,18 +39,16 @@ def request(message: int, table: str) -> tuple[int, bytes]:
     return (NFNL_SUBSYS_NFTABLES << 8) | message, body
 
 
-def shape(chains: list[bytes], rules: list[bytes], table: str, skip_chains: str) -> str:
+def shape(chains: list[bytes], rules: list[bytes], table: str) -> str:
     """A digest (hex) of the chains and rules of ``table`` in the dumps' payloads (after the netlink
-    header), in the kernel's order, without the volatile attributes and the chains whose name starts with
-    ``skip_chains``. DecodeError when a reply is malformed."""
+    header), in the kernel's order, without the volatile attributes. DecodeError when a reply is
+    malformed."""
     name = table.encode() + b"\0"
-    skip = skip_chains.encode()
     digest = hashlib.sha256()
-    for kind, payloads, chain_attr, volatile in ((b"C", chains, NFTA_CHAIN_NAME, _CHAIN_VOLATILE),
-                                                 (b"R", rules, NFTA_RULE_CHAIN, _RULE_VOLATILE)):
+    for kind, payloads, volatile in ((b"C", chains, _CHAIN_VOLATILE), (b"R", rules, _RULE_VOLATILE)):
         for payload in payloads:
             found = attrs(payload, 4)
-            if found.get(NFTA_TABLE_NAME) != name or found.get(chain_attr, b"").startswith(skip):
+            if found.get(NFTA_TABLE_NAME) != name:
                 continue
             digest.update(kind)
             for key, value in found.items():
@@ -59,9 +57,9 @@ def shape(chains: list[bytes], rules: list[bytes], table: str, skip_chains: str)
     return digest.hexdigest()
 
 
-async def read(sock: DumpSocket, table: str, skip_chains: str) -> str:
+async def read(sock: DumpSocket, table: str) -> str:
     """:func:`shape` of the table as the kernel holds it now (two dumps on ``sock``, an nfnetlink socket).
     DumpError (an OSError) when the kernel refuses a dump."""
     chains = await sock.dump(*request(NFT_MSG_GETCHAIN, table))
     rules = await sock.dump(*request(NFT_MSG_GETRULE, table))
-    return shape(chains, rules, table, skip_chains)
+    return shape(chains, rules, table)

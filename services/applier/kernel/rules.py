@@ -248,6 +248,7 @@ class NftRules:
             script = endpoint_mark_rules.changes(before, marks)
             if script:
                 await self._nft("-f", "-", script=script)
+                self.installed_shape = await self.shape()  # its em_* chains came or went
         elif marks != before:
             assert members is not None, "a rewrite needs the set members"
             await self.install(members)
@@ -303,7 +304,7 @@ class NftRules:
     async def shape(self) -> str:
         """The table's chains and rules as the kernel holds them now (``nft_shape.read``: two nfnetlink
         dumps, no ``nft`` process). Raises OSError (DumpError) when the kernel refuses a dump."""
-        return await nft_shape.read(self._nfnl(), TABLE, endpoint_mark_rules.MARK_CHAIN_PREFIX)
+        return await nft_shape.read(self._nfnl(), TABLE)
 
     def _nfnl(self) -> DumpSocket:
         if self.nfnl is None:
