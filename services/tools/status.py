@@ -188,8 +188,7 @@ def collect(last: dict[str, events.Envelope], newest: int, plan_nodes: set[str],
             status.problems.append(f"{len(status.conflicts)} conflicts")
         if status.shadow:
             status.problems.append(f"shadow: {status.shadow} divergences from kipvs's plan")
-        if status.refused:
-            status.problems.append(status.refused[:300])
+        status.problems += [status.refused[:300]] if status.refused else []  # the kernel refused part of the plan
     return [by_node[name] for name in sorted(by_node)]
 
 
